@@ -1,0 +1,1 @@
+//! Shim wire protocol (owned by the shim).

@@ -1,0 +1,1 @@
+//! Real-guest lab: libvirtd, QEMU, qemu-ga.

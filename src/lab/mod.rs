@@ -1,0 +1,3 @@
+//! The test world: never shipped in product images.
+pub mod apiserver;
+pub mod guest;
