@@ -1,0 +1,673 @@
+//! Request routing: discovery, OpenAPI, and the REST verbs on resources (incl. watch).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::Shared;
+use super::error::ApiError;
+use super::openapi;
+use super::patch::{self, PatchKind};
+use super::resources::ResourceType;
+use super::selector::{FieldSelector, LabelSelector};
+use super::store::{BusMsg, Filter};
+use super::table;
+
+/// Interval of BOOKMARK events on watches that allow them (the real server: about a minute).
+const BOOKMARK_INTERVAL: Duration = Duration::from_secs(2);
+/// Watches without timeoutSeconds end after this (the real server: 30-60 minutes).
+const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
+pub(crate) const GIT_VERSION: &str = "v1.33.0";
+
+type Params = HashMap<String, String>;
+
+fn json_response(code: StatusCode, body: &Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn ok(body: &Value) -> Response {
+    json_response(StatusCode::OK, body)
+}
+
+/// Parsed resource path: `/api/v1/...` or `/apis/<group>/<version>/...`.
+struct ResourcePath {
+    group: String,
+    version: String,
+    plural: String,
+    ns: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn parse_resource_path(group: &str, version: &str, rest: &[&str]) -> Option<ResourcePath> {
+    let namespaced_form = rest.len() >= 3
+        && rest[0] == "namespaces"
+        && !(rest.len() == 3 && matches!(rest[2], "status" | "finalize"));
+    let (ns, rest) = if namespaced_form {
+        (Some(rest[1].to_string()), &rest[2..])
+    } else {
+        (None, rest)
+    };
+    let (plural, name, sub) = match rest {
+        [p] => (*p, None, None),
+        [p, n] => (*p, Some(n.to_string()), None),
+        [p, n, s] => (*p, Some(n.to_string()), Some(s.to_string())),
+        _ => return None,
+    };
+    Some(ResourcePath {
+        group: group.to_string(),
+        version: version.to_string(),
+        plural: plural.to_string(),
+        ns,
+        name,
+        sub,
+    })
+}
+
+fn not_found_path() -> ApiError {
+    ApiError::new(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
+}
+
+/// The fallback handler: everything the emulator serves goes through here.
+pub(crate) async fn dispatch(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<Params>,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_string();
+    let response = match route(&shared, &method, &path, &headers, &params, body).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(%method, %path, code = e.code, reason = e.reason, "request failed");
+            e.into_response()
+        }
+    };
+    tracing::trace!(%method, %path, status = response.status().as_u16(), "request");
+    response
+}
+
+async fn route(
+    shared: &Arc<Shared>,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    params: &Params,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let discovery =
+        |f: &dyn Fn(&super::store::Inner) -> Option<Value>| -> Result<Response, ApiError> {
+            if *method != Method::GET {
+                return Err(ApiError::method_not_allowed("only GET is allowed here"));
+            }
+            check_discovery_accept(headers)?;
+            let inner = shared.lock();
+            f(&inner).map(|v| ok(&v)).ok_or_else(not_found_path)
+        };
+    match segs.as_slice() {
+        [] => discovery(&|_| {
+            Some(json!({"paths": ["/api", "/api/v1", "/apis", "/openapi/v3", "/version"]}))
+        }),
+        ["version"] => discovery(&|_| Some(version_body())),
+        ["healthz" | "livez" | "readyz"] => Ok((StatusCode::OK, "ok").into_response()),
+        ["api"] => discovery(&|_| {
+            Some(json!({"kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]}))
+        }),
+        ["apis"] => discovery(&|inner| Some(group_list(inner))),
+        ["apis", g] => discovery(&|inner| group(inner, g)),
+        ["api", "v1"] => discovery(&|inner| resource_list(inner, "", "v1")),
+        ["apis", g, v] => discovery(&|inner| resource_list(inner, g, v)),
+        ["openapi", "v3"] => discovery(&|inner| Some(openapi::index(inner))),
+        ["openapi", "v3", rest @ ..] => {
+            let gv = rest.join("/");
+            discovery(&|inner| openapi::document(inner, &gv))
+        }
+        ["api", "v1", rest @ ..] => match parse_resource_path("", "v1", rest) {
+            Some(rp) => resource(shared, method, headers, params, body, rp).await,
+            None => Err(not_found_path()),
+        },
+        ["apis", g, v, rest @ ..] => match parse_resource_path(g, v, rest) {
+            Some(rp) => resource(shared, method, headers, params, body, rp).await,
+            None => Err(not_found_path()),
+        },
+        _ => Err(not_found_path()),
+    }
+}
+
+/// Aggregated discovery (apidiscovery.k8s.io/v2) is not implemented: clients that also
+/// accept plain JSON get the legacy documents, clients that accept only v2 get 406 and
+/// fall back (kubectl and kube-rs both do).
+fn check_discovery_accept(headers: &HeaderMap) -> Result<(), ApiError> {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if accept.is_empty() {
+        return Ok(());
+    }
+    let plain = accept.split(',').any(|part| {
+        let part = part.trim();
+        let base = part.split(';').next().unwrap_or("").trim();
+        matches!(base, "application/json" | "*/*" | "application/*") && !part.contains("as=")
+    });
+    if plain {
+        Ok(())
+    } else {
+        Err(ApiError::not_acceptable())
+    }
+}
+
+fn version_body() -> Value {
+    json!({
+        "major": "1", "minor": "33", "gitVersion": GIT_VERSION,
+        "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
+        "buildDate": "2025-01-01T00:00:00Z", "goVersion": "go1.24.0", "compiler": "gc",
+        "platform": "linux/amd64",
+    })
+}
+
+fn group_versions(inner: &super::store::Inner, group: &str) -> Vec<String> {
+    let mut versions: Vec<String> = Vec::new();
+    for rt in inner.types().filter(|t| t.group == group) {
+        for v in &rt.versions {
+            if !versions.contains(&v.name) {
+                versions.push(v.name.clone());
+            }
+        }
+    }
+    versions.sort_by(|a, b| super::resources::compare_versions(a, b));
+    versions
+}
+
+fn group_body(group: &str, versions: &[String]) -> Value {
+    let vs: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{group}/{v}"), "version": v}))
+        .collect();
+    json!({
+        "name": group,
+        "versions": vs,
+        "preferredVersion": vs.first().cloned().unwrap_or(Value::Null),
+    })
+}
+
+fn group_list(inner: &super::store::Inner) -> Value {
+    let mut groups: Vec<&str> = inner
+        .types()
+        .map(|t| t.group.as_str())
+        .filter(|g| !g.is_empty())
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let groups: Vec<Value> = groups
+        .into_iter()
+        .map(|g| group_body(g, &group_versions(inner, g)))
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+fn group(inner: &super::store::Inner, group: &str) -> Option<Value> {
+    let versions = group_versions(inner, group);
+    if versions.is_empty() {
+        return None;
+    }
+    let mut body = group_body(group, &versions);
+    body["kind"] = json!("APIGroup");
+    body["apiVersion"] = json!("v1");
+    Some(body)
+}
+
+fn resource_list(inner: &super::store::Inner, group: &str, version: &str) -> Option<Value> {
+    let mut types: Vec<&Arc<ResourceType>> = inner
+        .types()
+        .filter(|t| t.group == group && t.version(version).is_some())
+        .collect();
+    if types.is_empty() {
+        return None;
+    }
+    types.sort_by(|a, b| a.plural.cmp(&b.plural));
+    let mut resources = Vec::new();
+    for rt in types {
+        let mut r = json!({
+            "name": rt.plural, "singularName": rt.singular, "namespaced": rt.namespaced,
+            "kind": rt.kind, "verbs": rt.verbs(),
+        });
+        if !rt.short_names.is_empty() {
+            r["shortNames"] = json!(rt.short_names);
+        }
+        if !rt.categories.is_empty() {
+            r["categories"] = json!(rt.categories);
+        }
+        resources.push(r);
+        if rt.has_status(version) {
+            resources.push(json!({
+                "name": format!("{}/status", rt.plural), "singularName": "",
+                "namespaced": rt.namespaced, "kind": rt.kind, "verbs": ["get", "patch", "update"],
+            }));
+        }
+    }
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+    )
+}
+
+fn param<'a>(params: &'a Params, key: &str) -> Option<&'a str> {
+    params
+        .get(key)
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+fn is_true(params: &Params, key: &str) -> bool {
+    matches!(param(params, key), Some("true" | "1"))
+}
+
+fn content_type(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+}
+
+/// Decodes a POST/PUT body (JSON or YAML; protobuf and others get 415).
+fn decode_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
+    let ct = content_type(headers);
+    let base = ct.split(';').next().unwrap_or("").trim();
+    let parsed = match base {
+        "" | "application/json" => serde_json::from_slice(body).map_err(|e| e.to_string()),
+        "application/yaml" => serde_yaml::from_slice(body).map_err(|e| e.to_string()),
+        _ => return Err(ApiError::unsupported_media_type(ct)),
+    };
+    parsed.map_err(|e| ApiError::bad_request(format!("error decoding request body: {e}")))
+}
+
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| {
+            a.split(',')
+                .next()
+                .is_some_and(|first| first.contains("as=Table"))
+        })
+}
+
+fn check_accept(headers: &HeaderMap) -> Result<(), ApiError> {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if accept.is_empty()
+        || accept.contains("json")
+        || accept.contains("*/*")
+        || accept.contains("yaml")
+    {
+        Ok(())
+    } else {
+        Err(ApiError::not_acceptable())
+    }
+}
+
+/// An object as served at `api_version` (storage keeps whatever version wrote it last).
+fn present(obj: &Value, api_version: &str) -> Value {
+    let mut o = obj.clone();
+    o["apiVersion"] = json!(api_version);
+    o
+}
+
+fn serialize_into(buf: &mut Vec<u8>, obj: &Value, api_version: &str) {
+    let same = obj.get("apiVersion").and_then(Value::as_str) == Some(api_version);
+    // Writing into a Vec cannot fail.
+    let _ = if same {
+        serde_json::to_writer(&mut *buf, obj)
+    } else {
+        serde_json::to_writer(&mut *buf, &present(obj, api_version))
+    };
+}
+
+fn filter_for(rt: &ResourceType, ns: Option<&str>, params: &Params) -> Result<Filter, ApiError> {
+    Ok(Filter {
+        res: rt.key(),
+        ns: if rt.namespaced {
+            ns.map(str::to_string)
+        } else {
+            None
+        },
+        labels: LabelSelector::parse(param(params, "labelSelector").unwrap_or(""))?,
+        fields: FieldSelector::parse(param(params, "fieldSelector").unwrap_or(""))?,
+    })
+}
+
+async fn resource(
+    shared: &Arc<Shared>,
+    method: &Method,
+    headers: &HeaderMap,
+    params: &Params,
+    body: Bytes,
+    rp: ResourcePath,
+) -> Result<Response, ApiError> {
+    let rt = shared
+        .lock()
+        .lookup(&rp.group, &rp.version, &rp.plural)
+        .ok_or_else(not_found_path)?;
+    if (rt.namespaced && rp.ns.is_none() && rp.name.is_some())
+        || (!rt.namespaced && rp.ns.is_some())
+    {
+        return Err(not_found_path());
+    }
+    let status_only = match rp.sub.as_deref() {
+        None => false,
+        Some("status") if rt.has_status(&rp.version) => true,
+        Some(_) => return Err(not_found_path()),
+    };
+    check_accept(headers)?;
+    let ns = rp.ns.as_deref().unwrap_or("");
+    let api_version = rt.api_version(&rp.version);
+    if rt.create_only && *method != Method::POST {
+        return Err(ApiError::method_not_allowed(format!(
+            "{} only supports create",
+            rt.qualified()
+        )));
+    }
+    let respond = |code: StatusCode, obj: &Value| -> Response {
+        if wants_table(headers) {
+            let inner = shared.lock();
+            let t = table::render(&rt, &rp.version, &[obj], inner.rv(), params);
+            return json_response(code, &t);
+        }
+        json_response(code, &present(obj, &api_version))
+    };
+    match (method.clone(), rp.name.as_deref()) {
+        (Method::GET, None) => {
+            let filter = filter_for(&rt, rp.ns.as_deref(), params)?;
+            if is_true(params, "watch") {
+                return watch(shared, rt.clone(), &rp.version, filter, params);
+            }
+            list(shared, &rt, &rp.version, &filter, headers, params)
+        }
+        (Method::GET, Some(name)) => {
+            let obj = shared.lock().get(&rt, ns, name)?;
+            Ok(respond(StatusCode::OK, &obj))
+        }
+        (Method::POST, None) => {
+            let obj = decode_body(headers, &body)?;
+            let created = shared
+                .lock()
+                .create(&rt, &rp.version, rp.ns.as_deref(), obj)?;
+            let code = if rt.create_only {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            Ok(respond(code, &created))
+        }
+        (Method::PUT, Some(name)) => {
+            let obj = decode_body(headers, &body)?;
+            if status_only {
+                shared.take_status_conflict(&rt, name)?;
+            }
+            let updated = shared
+                .lock()
+                .update(&rt, &rp.version, ns, name, obj, status_only)?;
+            Ok(respond(StatusCode::OK, &updated))
+        }
+        (Method::PATCH, Some(name)) => {
+            let ct = content_type(headers);
+            let kind = PatchKind::from_content_type(ct)
+                .ok_or_else(|| ApiError::unsupported_media_type(ct))?;
+            if kind == PatchKind::Apply && param(params, "fieldManager").is_none() {
+                return Err(ApiError::invalid(
+                    &rt.plural,
+                    &rt.group,
+                    name,
+                    "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                ));
+            }
+            let patch_body = patch::parse_body(kind, &body)?;
+            if status_only {
+                shared.take_status_conflict(&rt, name)?;
+            }
+            let patched =
+                shared
+                    .lock()
+                    .patch(&rt, &rp.version, ns, name, kind, &patch_body, status_only)?;
+            Ok(respond(StatusCode::OK, &patched))
+        }
+        (Method::DELETE, Some(name)) => {
+            let orphan = orphan_requested(params, &body);
+            let deleted = shared.lock().delete(&rt, ns, name, orphan)?;
+            Ok(respond(StatusCode::OK, &deleted))
+        }
+        (Method::DELETE, None) => {
+            let filter = filter_for(&rt, rp.ns.as_deref(), params)?;
+            let orphan = orphan_requested(params, &body);
+            let mut inner = shared.lock();
+            let deleted = inner.delete_collection(&rt, &filter, orphan);
+            let items: Vec<Value> = deleted.iter().map(|o| present(o, &api_version)).collect();
+            Ok(ok(&json!({
+                "kind": rt.list_kind, "apiVersion": api_version,
+                "metadata": {"resourceVersion": inner.rv().to_string()}, "items": items,
+            })))
+        }
+        _ => Err(ApiError::method_not_allowed(format!(
+            "{method} is not supported on this path"
+        ))),
+    }
+}
+
+fn orphan_requested(params: &Params, body: &[u8]) -> bool {
+    let from_body = serde_json::from_slice::<Value>(body).ok().and_then(|b| {
+        b.get("propagationPolicy")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| {
+                b.get("orphanDependents")
+                    .and_then(Value::as_bool)
+                    .map(|o| if o { "Orphan".into() } else { String::new() })
+            })
+    });
+    let policy = param(params, "propagationPolicy")
+        .map(str::to_string)
+        .or(from_body);
+    policy.as_deref() == Some("Orphan") || is_true(params, "orphanDependents")
+}
+
+fn list(
+    shared: &Arc<Shared>,
+    rt: &ResourceType,
+    version: &str,
+    filter: &Filter,
+    headers: &HeaderMap,
+    params: &Params,
+) -> Result<Response, ApiError> {
+    let (items, rv) = {
+        let inner = shared.lock();
+        (inner.list(filter), inner.rv())
+    };
+    if wants_table(headers) {
+        let objs: Vec<&Value> = items.iter().map(|o| o.as_ref()).collect();
+        return Ok(ok(&table::render(rt, version, &objs, rv, params)));
+    }
+    let api_version = rt.api_version(version);
+    let mut buf = Vec::with_capacity(256 + items.len() * 512);
+    let head = json!({"kind": rt.list_kind, "apiVersion": api_version,
+                      "metadata": {"resourceVersion": rv.to_string()}});
+    let head = head.to_string();
+    // `{...}` without its closing brace, then the items array.
+    buf.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
+    buf.extend_from_slice(b",\"items\":[");
+    for (i, obj) in items.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        serialize_into(&mut buf, obj, &api_version);
+    }
+    buf.extend_from_slice(b"]}");
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        buf,
+    )
+        .into_response())
+}
+
+fn event_line(ty: &str, obj: &Value, api_version: &str) -> Bytes {
+    let mut buf = Vec::with_capacity(512);
+    buf.extend_from_slice(b"{\"type\":\"");
+    buf.extend_from_slice(ty.as_bytes());
+    buf.extend_from_slice(b"\",\"object\":");
+    serialize_into(&mut buf, obj, api_version);
+    buf.extend_from_slice(b"}\n");
+    Bytes::from(buf)
+}
+
+fn error_line(e: &ApiError) -> Bytes {
+    let line = json!({"type": "ERROR", "object": e.status_body()});
+    Bytes::from(format!("{line}\n"))
+}
+
+fn bookmark(rt: &ResourceType, api_version: &str, rv: u64, initial_end: bool) -> Value {
+    let mut m = json!({"resourceVersion": rv.to_string()});
+    if initial_end {
+        m["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+    }
+    json!({"kind": rt.kind, "apiVersion": api_version, "metadata": m})
+}
+
+fn watch(
+    shared: &Arc<Shared>,
+    rt: Arc<ResourceType>,
+    version: &str,
+    filter: Filter,
+    params: &Params,
+) -> Result<Response, ApiError> {
+    let rv = match param(params, "resourceVersion") {
+        None => None,
+        Some(s) => Some(
+            s.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {s:?}")))?,
+        ),
+    };
+    let send_initial = is_true(params, "sendInitialEvents");
+    let bookmarks = is_true(params, "allowWatchBookmarks");
+    let timeout = param(params, "timeoutSeconds")
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_WATCH_TIMEOUT);
+    let api_version = rt.api_version(version);
+    // sendInitialEvents: the current state first (NotOlderThan), whatever rv says.
+    let start = shared
+        .lock()
+        .watch(&filter, if send_initial { None } else { rv });
+    let (mut tx, rx) = futures::channel::mpsc::channel::<Bytes>(256);
+    let body_stream = rx.map(Ok::<Bytes, Infallible>);
+    let start = match start {
+        Ok(s) => s,
+        Err(e) => {
+            // The real server answers an expired resourceVersion with 200 and one ERROR event.
+            let line = error_line(&e);
+            tokio::spawn(async move {
+                let _ = tx.send(line).await;
+            });
+            return Ok(stream_response(body_stream));
+        }
+    };
+    tokio::spawn(async move {
+        let mut bus = start.rx;
+        let mut last_rv = start.rv;
+        for (ty, obj) in start.initial {
+            if tx
+                .send(event_line(ty.as_str(), &obj, &api_version))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        if send_initial {
+            let bm = bookmark(&rt, &api_version, last_rv, true);
+            if tx
+                .send(event_line("BOOKMARK", &bm, &api_version))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut ticker = tokio::time::interval(BOOKMARK_INTERVAL);
+        ticker.tick().await;
+        loop {
+            let line = tokio::select! {
+                _ = &mut deadline => return,
+                _ = ticker.tick(), if bookmarks => {
+                    event_line("BOOKMARK", &bookmark(&rt, &api_version, last_rv, false), &api_version)
+                }
+                msg = bus.recv() => match msg {
+                    Ok(BusMsg::Event(rec)) => {
+                        last_rv = rec.rv;
+                        match filter.translate(&rec) {
+                            Some((ty, obj)) => event_line(ty.as_str(), &obj, &api_version),
+                            None => continue,
+                        }
+                    }
+                    Ok(BusMsg::Expire) | Err(RecvError::Lagged(_)) => {
+                        let _ = tx.send(error_line(&ApiError::gone(format!(
+                            "too old resource version: {last_rv}"
+                        )))).await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+            };
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(stream_response(body_stream))
+}
+
+fn stream_response<S>(stream: S) -> Response
+where
+    S: futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+{
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}

@@ -1,0 +1,194 @@
+//! Label and field selectors, parsed once per request and matched against stored JSON.
+
+use serde_json::Value;
+
+use super::error::ApiError;
+
+#[derive(Clone, Debug, PartialEq)]
+enum LabelReq {
+    Eq(String, String),
+    NotEq(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    NotExists(String),
+}
+
+/// A parsed `labelSelector` query: all requirements must hold.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct LabelSelector(Vec<LabelReq>);
+
+/// Splits on commas outside parentheses (`a in (x,y),b` is two requirements).
+fn split_top_level(s: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut depth = 0i32;
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    parts
+        .into_iter()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+fn parse_set(s: &str) -> Option<Vec<String>> {
+    let inner = s.trim().strip_prefix('(')?.strip_suffix(')')?;
+    Some(
+        inner
+            .split(',')
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .collect(),
+    )
+}
+
+fn valid_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+}
+
+impl LabelSelector {
+    pub fn parse(s: &str) -> Result<Self, ApiError> {
+        let bad = || ApiError::bad_request(format!("unable to parse requirement: {s:?}"));
+        let mut reqs = Vec::new();
+        for part in split_top_level(s) {
+            let req = if let Some(key) = part.strip_prefix('!') {
+                LabelReq::NotExists(key.trim().to_string())
+            } else if let Some((k, v)) = part.split_once("!=") {
+                LabelReq::NotEq(k.trim().to_string(), v.trim().to_string())
+            } else if let Some((k, v)) = part.split_once("==") {
+                LabelReq::Eq(k.trim().to_string(), v.trim().to_string())
+            } else if let Some((k, v)) = part.split_once('=') {
+                LabelReq::Eq(k.trim().to_string(), v.trim().to_string())
+            } else if let Some((k, set)) = part.split_once(" notin ") {
+                LabelReq::NotIn(k.trim().to_string(), parse_set(set).ok_or_else(bad)?)
+            } else if let Some((k, set)) = part.split_once(" in ") {
+                LabelReq::In(k.trim().to_string(), parse_set(set).ok_or_else(bad)?)
+            } else {
+                LabelReq::Exists(part.trim().to_string())
+            };
+            let key = match &req {
+                LabelReq::Eq(k, _)
+                | LabelReq::NotEq(k, _)
+                | LabelReq::In(k, _)
+                | LabelReq::NotIn(k, _)
+                | LabelReq::Exists(k)
+                | LabelReq::NotExists(k) => k,
+            };
+            if !valid_key(key) {
+                return Err(bad());
+            }
+            reqs.push(req);
+        }
+        Ok(Self(reqs))
+    }
+
+    pub fn matches(&self, obj: &Value) -> bool {
+        let labels = obj.pointer("/metadata/labels");
+        let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
+        self.0.iter().all(|r| match r {
+            LabelReq::Eq(k, v) => get(k) == Some(v.as_str()),
+            LabelReq::NotEq(k, v) => get(k) != Some(v.as_str()),
+            LabelReq::In(k, vs) => get(k).is_some_and(|x| vs.iter().any(|v| v == x)),
+            LabelReq::NotIn(k, vs) => !get(k).is_some_and(|x| vs.iter().any(|v| v == x)),
+            LabelReq::Exists(k) => get(k).is_some(),
+            LabelReq::NotExists(k) => get(k).is_none(),
+        })
+    }
+}
+
+/// Field paths every resource supports here (the real server's set differs per kind).
+const FIELDS: &[(&str, &str)] = &[
+    ("metadata.name", "/metadata/name"),
+    ("metadata.namespace", "/metadata/namespace"),
+    ("spec.nodeName", "/spec/nodeName"),
+    ("status.phase", "/status/phase"),
+];
+
+/// A parsed `fieldSelector` query.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct FieldSelector(Vec<(&'static str, bool, String)>);
+
+impl FieldSelector {
+    pub fn parse(s: &str) -> Result<Self, ApiError> {
+        let mut reqs = Vec::new();
+        for part in split_top_level(s) {
+            let (field, equal, value) = if let Some((f, v)) = part.split_once("!=") {
+                (f, false, v)
+            } else if let Some((f, v)) = part.split_once("==") {
+                (f, true, v)
+            } else if let Some((f, v)) = part.split_once('=') {
+                (f, true, v)
+            } else {
+                return Err(ApiError::bad_request(format!(
+                    "invalid selector: '{s}'; can't understand '{part}'"
+                )));
+            };
+            let field = field.trim();
+            let Some((_, pointer)) = FIELDS.iter().find(|(name, _)| *name == field) else {
+                return Err(ApiError::bad_request(format!(
+                    "field label not supported: {field}"
+                )));
+            };
+            reqs.push((*pointer, equal, value.trim().to_string()));
+        }
+        Ok(Self(reqs))
+    }
+
+    pub fn matches(&self, obj: &Value) -> bool {
+        self.0.iter().all(|(pointer, equal, value)| {
+            let actual = obj.pointer(pointer).and_then(Value::as_str).unwrap_or("");
+            (actual == value) == *equal
+        })
+    }
+
+    /// `metadata.name=x` lets a list or watch skip every other object.
+    pub fn exact_name(&self) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(p, eq, _)| *p == "/metadata/name" && *eq)
+            .map(|(_, _, v)| v.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn labelled(labels: Value) -> Value {
+        json!({"metadata": {"name": "x", "labels": labels}})
+    }
+
+    #[test]
+    fn set_based_requirements_match_like_the_real_server() {
+        let sel = LabelSelector::parse("tier in (db, web),env notin (prod),app,!legacy").unwrap();
+        assert!(sel.matches(&labelled(json!({"tier": "db", "app": "a"}))));
+        assert!(!sel.matches(&labelled(json!({"tier": "db", "app": "a", "env": "prod"}))));
+        assert!(!sel.matches(&labelled(json!({"tier": "db"}))));
+        assert!(!sel.matches(&labelled(json!({"tier": "db", "app": "a", "legacy": "1"}))));
+    }
+
+    #[test]
+    fn not_equal_matches_objects_without_the_label() {
+        let sel = LabelSelector::parse("env!=prod").unwrap();
+        assert!(sel.matches(&labelled(json!({}))));
+    }
+
+    #[test]
+    fn unsupported_field_is_rejected() {
+        assert_eq!(FieldSelector::parse("spec.foo=bar").unwrap_err().code, 400);
+    }
+}

@@ -1,0 +1,888 @@
+//! In-memory object store: objects indexed by (resource, namespace, name), a global
+//! resourceVersion, a bounded event history for watches, uid and owner indexes for GC.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use rand::Rng;
+use serde_json::{Map, Value, json};
+use tokio::sync::broadcast;
+
+use super::error::ApiError;
+use super::patch::{self, PatchKind};
+use super::resources::{
+    self, CRD_GROUP, CRD_PLURAL, ResKey, ResourceType, builtin_types, crd_to_type,
+};
+use super::selector::{FieldSelector, LabelSelector};
+
+/// Watch events kept for resuming watches from an older resourceVersion.
+pub(crate) const HISTORY_LIMIT: usize = 10_000;
+/// Messages a watcher may fall behind before it is told 410 Gone and must relist.
+pub(crate) const BUS_CAPACITY: usize = 16_384;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Added => "ADDED",
+            Self::Modified => "MODIFIED",
+            Self::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change, as remembered for watches. `old` lets filtered watches see objects leave.
+#[derive(Debug)]
+pub(crate) struct Record {
+    pub rv: u64,
+    pub res: ResKey,
+    pub ns: String,
+    pub ty: EventType,
+    pub object: Arc<Value>,
+    pub old: Option<Arc<Value>>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum BusMsg {
+    Event(Arc<Record>),
+    /// Test fault: every open watch ends with 410 Gone.
+    Expire,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub(crate) struct ObjKey {
+    pub res: ResKey,
+    pub ns: String,
+    pub name: String,
+}
+
+/// Which objects a list or watch sees.
+#[derive(Clone, Debug)]
+pub(crate) struct Filter {
+    pub res: ResKey,
+    pub ns: Option<String>,
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+}
+
+impl Filter {
+    pub fn matches(&self, ns: &str, obj: &Value) -> bool {
+        self.ns.as_deref().is_none_or(|n| n == ns)
+            && self.labels.matches(obj)
+            && self.fields.matches(obj)
+    }
+
+    /// What a watcher with this filter sees of a change: objects that stop matching are
+    /// DELETED for it and objects that start matching are ADDED, as on the real server.
+    pub fn translate(&self, rec: &Record) -> Option<(EventType, Arc<Value>)> {
+        if rec.res != self.res || self.ns.as_deref().is_some_and(|n| n != rec.ns) {
+            return None;
+        }
+        let now = self.matches(&rec.ns, &rec.object);
+        match rec.ty {
+            EventType::Modified => {
+                let before = rec.old.as_ref().is_some_and(|o| self.matches(&rec.ns, o));
+                match (before, now) {
+                    (true, true) => Some((EventType::Modified, rec.object.clone())),
+                    (false, true) => Some((EventType::Added, rec.object.clone())),
+                    (true, false) => Some((EventType::Deleted, rec.object.clone())),
+                    (false, false) => None,
+                }
+            }
+            ty => now.then(|| (ty, rec.object.clone())),
+        }
+    }
+}
+
+/// What a new watch starts with.
+pub(crate) struct WatchStart {
+    pub initial: Vec<(EventType, Arc<Value>)>,
+    pub rx: broadcast::Receiver<BusMsg>,
+    pub rv: u64,
+}
+
+pub(crate) struct Inner {
+    rv: u64,
+    types: HashMap<ResKey, Arc<ResourceType>>,
+    objects: HashMap<ResKey, BTreeMap<String, BTreeMap<String, Arc<Value>>>>,
+    uids: HashMap<String, ObjKey>,
+    dependents: HashMap<String, HashSet<ObjKey>>,
+    history: VecDeque<Arc<Record>>,
+    /// Every change with rv greater than this is in `history`.
+    history_from: u64,
+    bus: broadcast::Sender<BusMsg>,
+}
+
+pub(crate) fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn new_uid() -> String {
+    let b: [u8; 16] = rand::rng().random();
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
+fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    (0..5)
+        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+        .collect()
+}
+
+fn meta(obj: &mut Value) -> &mut Map<String, Value> {
+    if !obj.is_object() {
+        *obj = Value::Object(Map::new());
+    }
+    if !obj.get("metadata").is_some_and(Value::is_object) {
+        obj["metadata"] = json!({});
+    }
+    match obj.get_mut("metadata") {
+        Some(Value::Object(m)) => m,
+        // Unreachable: just made sure metadata is an object.
+        _ => unreachable!("metadata is an object"),
+    }
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
+    obj.get("metadata")?.get(field)?.as_str()
+}
+
+fn has_finalizers(obj: &Value) -> bool {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty())
+}
+
+fn owner_uids(obj: &Value) -> Vec<String> {
+    obj.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .map(|refs| {
+            refs.iter()
+                .filter_map(|r| r.get("uid").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The part of an object whose change bumps `metadata.generation`.
+fn spec_part(obj: &Value, status_subresource: bool) -> Value {
+    let mut v = obj.clone();
+    if let Value::Object(m) = &mut v {
+        m.remove("metadata");
+        if status_subresource {
+            m.remove("status");
+        }
+    }
+    v
+}
+
+fn rv_of(obj: &Value) -> Option<&str> {
+    meta_str(obj, "resourceVersion").filter(|s| !s.is_empty())
+}
+
+const NAMESPACES: (&str, &str) = ("", "namespaces");
+
+impl Inner {
+    pub fn new(bus: broadcast::Sender<BusMsg>) -> Self {
+        let mut inner = Self {
+            rv: 0,
+            types: HashMap::new(),
+            objects: HashMap::new(),
+            uids: HashMap::new(),
+            dependents: HashMap::new(),
+            history: VecDeque::new(),
+            history_from: 0,
+            bus,
+        };
+        for rt in builtin_types() {
+            inner.types.insert(rt.key(), Arc::new(rt));
+        }
+        inner
+    }
+
+    pub fn rv(&self) -> u64 {
+        self.rv
+    }
+
+    pub fn types(&self) -> impl Iterator<Item = &Arc<ResourceType>> {
+        self.types.values()
+    }
+
+    /// The type served at `group/version` under `plural`.
+    pub fn lookup(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceType>> {
+        self.types
+            .get(&(group.to_string(), plural.to_string()))
+            .filter(|rt| rt.version(version).is_some())
+            .cloned()
+    }
+
+    fn type_of(&self, res: &ResKey) -> Option<Arc<ResourceType>> {
+        self.types.get(res).cloned()
+    }
+
+    fn get_key(&self, key: &ObjKey) -> Option<Arc<Value>> {
+        self.objects
+            .get(&key.res)?
+            .get(&key.ns)?
+            .get(&key.name)
+            .cloned()
+    }
+
+    pub fn namespace_exists(&self, ns: &str) -> bool {
+        self.get_key(&ObjKey {
+            res: (NAMESPACES.0.into(), NAMESPACES.1.into()),
+            ns: String::new(),
+            name: ns.to_string(),
+        })
+        .is_some()
+    }
+
+    pub fn get(&self, rt: &ResourceType, ns: &str, name: &str) -> Result<Arc<Value>, ApiError> {
+        self.get_key(&key(rt, ns, name))
+            .ok_or_else(|| not_found(rt, name))
+    }
+
+    pub fn list(&self, filter: &Filter) -> Vec<Arc<Value>> {
+        let Some(by_ns) = self.objects.get(&filter.res) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut scan = |objs: &BTreeMap<String, Arc<Value>>, ns: &str| {
+            if let Some(name) = filter.fields.exact_name() {
+                if let Some(o) = objs.get(name).filter(|o| filter.matches(ns, o)) {
+                    out.push(o.clone());
+                }
+                return;
+            }
+            out.extend(objs.values().filter(|o| filter.matches(ns, o)).cloned());
+        };
+        match &filter.ns {
+            Some(ns) => {
+                if let Some(objs) = by_ns.get(ns) {
+                    scan(objs, ns);
+                }
+            }
+            None => {
+                for (ns, objs) in by_ns {
+                    scan(objs, ns);
+                }
+            }
+        }
+        out
+    }
+
+    fn next_rv(&mut self) -> u64 {
+        self.rv += 1;
+        self.rv
+    }
+
+    fn emit(&mut self, ty: EventType, k: &ObjKey, object: Arc<Value>, old: Option<Arc<Value>>) {
+        let rec = Arc::new(Record {
+            rv: self.rv,
+            res: k.res.clone(),
+            ns: k.ns.clone(),
+            ty,
+            object,
+            old,
+        });
+        self.history.push_back(rec.clone());
+        while self.history.len() > HISTORY_LIMIT {
+            if let Some(front) = self.history.pop_front() {
+                self.history_from = front.rv;
+            }
+        }
+        // No receivers is fine: nobody is watching.
+        let _ = self.bus.send(BusMsg::Event(rec));
+    }
+
+    fn index_add(&mut self, k: &ObjKey, obj: &Value) {
+        if let Some(uid) = meta_str(obj, "uid") {
+            self.uids.insert(uid.to_string(), k.clone());
+        }
+        for owner in owner_uids(obj) {
+            self.dependents.entry(owner).or_default().insert(k.clone());
+        }
+    }
+
+    fn index_remove(&mut self, k: &ObjKey, obj: &Value) {
+        if let Some(uid) = meta_str(obj, "uid") {
+            self.uids.remove(uid);
+        }
+        for owner in owner_uids(obj) {
+            if let Some(set) = self.dependents.get_mut(&owner) {
+                set.remove(k);
+                if set.is_empty() {
+                    self.dependents.remove(&owner);
+                }
+            }
+        }
+    }
+
+    fn put(&mut self, k: &ObjKey, obj: Arc<Value>, old: Option<Arc<Value>>) {
+        if let Some(o) = &old {
+            self.index_remove(k, o);
+        }
+        self.index_add(k, &obj);
+        self.objects
+            .entry(k.res.clone())
+            .or_default()
+            .entry(k.ns.clone())
+            .or_default()
+            .insert(k.name.clone(), obj.clone());
+        let ty = if old.is_some() {
+            EventType::Modified
+        } else {
+            EventType::Added
+        };
+        self.emit(ty, k, obj, old);
+    }
+
+    /// Removes an object for good; `obj` already carries the deletion's resourceVersion.
+    fn remove(&mut self, k: &ObjKey, obj: Arc<Value>, removed: &mut Vec<String>) {
+        let Some(old) = self
+            .objects
+            .get_mut(&k.res)
+            .and_then(|by_ns| by_ns.get_mut(&k.ns))
+            .and_then(|objs| objs.remove(&k.name))
+        else {
+            return;
+        };
+        self.index_remove(k, &old);
+        if let Some(uid) = meta_str(&obj, "uid") {
+            removed.push(uid.to_string());
+        }
+        self.emit(EventType::Deleted, k, obj.clone(), None);
+        if k.res.0 == CRD_GROUP && k.res.1 == CRD_PLURAL {
+            self.drop_crd(&obj, removed);
+        }
+    }
+
+    /// A deleted CRD takes its type and all its objects with it.
+    fn drop_crd(&mut self, crd: &Value, removed: &mut Vec<String>) {
+        let Ok(rt) = crd_to_type(crd) else { return };
+        let res = rt.key();
+        if self.types.get(&res).is_some_and(|t| t.from_crd) {
+            self.types.remove(&res);
+        }
+        let Some(by_ns) = self.objects.get(&res) else {
+            return;
+        };
+        let keys: Vec<ObjKey> = by_ns
+            .iter()
+            .flat_map(|(ns, objs)| objs.keys().map(move |n| (ns.clone(), n.clone())))
+            .map(|(ns, name)| ObjKey {
+                res: res.clone(),
+                ns,
+                name,
+            })
+            .collect();
+        for k in keys {
+            if let Some(obj) = self.get_key(&k) {
+                let stamped = self.stamp_rv(&obj);
+                self.remove(&k, stamped, removed);
+            }
+        }
+        self.objects.remove(&res);
+    }
+
+    fn stamp_rv(&mut self, obj: &Value) -> Arc<Value> {
+        let rv = self.next_rv();
+        let mut o = obj.clone();
+        meta(&mut o).insert("resourceVersion".into(), json!(rv.to_string()));
+        Arc::new(o)
+    }
+
+    pub fn create(
+        &mut self,
+        rt: &ResourceType,
+        version: &str,
+        path_ns: Option<&str>,
+        mut obj: Value,
+    ) -> Result<Arc<Value>, ApiError> {
+        if !obj.is_object() {
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object",
+            ));
+        }
+        let ns = if rt.namespaced {
+            let Some(ns) = path_ns else {
+                return Err(ApiError::bad_request(
+                    "a namespaced object must be created under /namespaces/<ns>/",
+                ));
+            };
+            if meta_str(&obj, "namespace").is_some_and(|b| !b.is_empty() && b != ns) {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            if !self.namespace_exists(ns) {
+                return Err(ApiError::not_found("namespaces", "namespaces", "", ns));
+            }
+            meta(&mut obj).insert("namespace".into(), json!(ns));
+            ns.to_string()
+        } else {
+            meta(&mut obj).remove("namespace");
+            String::new()
+        };
+        let name = match meta_str(&obj, "name").filter(|n| !n.is_empty()) {
+            Some(n) => n.to_string(),
+            None => {
+                let Some(prefix) = meta_str(&obj, "generateName").filter(|p| !p.is_empty()) else {
+                    return Err(ApiError::invalid(
+                        &rt.plural,
+                        &rt.group,
+                        "",
+                        "metadata.name: Required value: name or generateName is required",
+                    ));
+                };
+                let prefix = prefix.to_string();
+                let mut candidate = format!("{prefix}{}", random_suffix());
+                while self.get_key(&key(rt, &ns, &candidate)).is_some() {
+                    candidate = format!("{prefix}{}", random_suffix());
+                }
+                candidate
+            }
+        };
+        let k = key(rt, &ns, &name);
+        if self.get_key(&k).is_some() {
+            return Err(ApiError::already_exists(
+                &rt.qualified(),
+                &rt.plural,
+                &rt.group,
+                &name,
+            ));
+        }
+        obj["apiVersion"] = json!(rt.api_version(version));
+        obj["kind"] = json!(rt.kind);
+        let now = now_rfc3339();
+        // Like the real strategies: create cannot set status, except a Node's.
+        if rt.has_status(version) && rt.kind != "Node" {
+            if let Value::Object(m) = &mut obj {
+                m.remove("status");
+            }
+        }
+        {
+            let m = meta(&mut obj);
+            m.insert("name".into(), json!(name));
+            m.insert("uid".into(), json!(new_uid()));
+            m.insert("creationTimestamp".into(), json!(now));
+            m.insert("generation".into(), json!(1));
+            for f in [
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "managedFields",
+                "selfLink",
+            ] {
+                m.remove(f);
+            }
+        }
+        let crd_type = self.normalize(rt, &mut obj, None, &now)?;
+        if rt.create_only {
+            // Virtual resources (TokenReview) answer without being stored.
+            return Ok(Arc::new(obj));
+        }
+        let rv = self.next_rv();
+        meta(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
+        let obj = Arc::new(obj);
+        self.put(&k, obj.clone(), None);
+        if let Some(t) = crd_type {
+            self.types.insert(t.key(), Arc::new(t));
+        }
+        Ok(obj)
+    }
+
+    /// Kind-specific server behaviour. Returns the type a CRD object defines.
+    fn normalize(
+        &self,
+        rt: &ResourceType,
+        obj: &mut Value,
+        old: Option<&Value>,
+        now: &str,
+    ) -> Result<Option<ResourceType>, ApiError> {
+        match (rt.group.as_str(), rt.plural.as_str()) {
+            ("", "secrets") => {
+                if let Some(Value::Object(sd)) =
+                    obj.as_object_mut().and_then(|m| m.remove("stringData"))
+                {
+                    use base64::Engine as _;
+                    if !obj.get("data").is_some_and(Value::is_object) {
+                        obj["data"] = json!({});
+                    }
+                    for (k, v) in sd {
+                        let s = v.as_str().unwrap_or_default();
+                        obj["data"][k] =
+                            json!(base64::engine::general_purpose::STANDARD.encode(s.as_bytes()));
+                    }
+                }
+                if obj.get("type").is_none() {
+                    obj["type"] = json!("Opaque");
+                }
+            }
+            ("", "namespaces") => {
+                let name = meta_str(obj, "name").unwrap_or_default().to_string();
+                if obj.pointer("/status/phase").is_none() {
+                    obj["status"] = json!({"phase": "Active"});
+                }
+                let m = meta(obj);
+                if !m.get("labels").is_some_and(Value::is_object) {
+                    m.insert("labels".into(), json!({}));
+                }
+                m["labels"]["kubernetes.io/metadata.name"] = json!(name);
+            }
+            ("", "pods") if old.is_none() => {
+                obj["status"] = json!({"phase": "Pending"});
+            }
+            ("authentication.k8s.io", "tokenreviews") => {
+                obj["status"] = json!({
+                    "authenticated": false,
+                    "error": "the lab API server authenticates no tokens",
+                });
+            }
+            (CRD_GROUP, CRD_PLURAL) => {
+                let t = crd_to_type(obj)?;
+                if let Some(existing) = self.types.get(&t.key()).filter(|e| !e.from_crd) {
+                    return Err(ApiError::invalid(
+                        CRD_PLURAL,
+                        CRD_GROUP,
+                        meta_str(obj, "name").unwrap_or_default(),
+                        &format!(
+                            "spec.names: {} is a built-in resource",
+                            existing.qualified()
+                        ),
+                    ));
+                }
+                obj["status"] = resources::crd_status(obj, &t, now);
+                return Ok(Some(t));
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// PUT, and the last step of PATCH. `status_only` for the /status subresource.
+    pub fn update(
+        &mut self,
+        rt: &ResourceType,
+        version: &str,
+        ns: &str,
+        name: &str,
+        mut new: Value,
+        status_only: bool,
+    ) -> Result<Arc<Value>, ApiError> {
+        let k = key(rt, ns, name);
+        let old = self.get_key(&k).ok_or_else(|| not_found(rt, name))?;
+        if !new.is_object() {
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object",
+            ));
+        }
+        if let Some(body_name) = meta_str(&new, "name").filter(|n| !n.is_empty() && *n != name) {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        if let Some(rv) = rv_of(&new)
+            && Some(rv) != rv_of(&old)
+        {
+            return Err(ApiError::conflict(
+                &rt.qualified(),
+                &rt.plural,
+                &rt.group,
+                name,
+            ));
+        }
+        let status_sub = rt.has_status(version);
+        let mut result = if status_only {
+            let mut r = (*old).clone();
+            match new.get("status") {
+                Some(s) => r["status"] = s.clone(),
+                None => {
+                    if let Value::Object(m) = &mut r {
+                        m.remove("status");
+                    }
+                }
+            }
+            r
+        } else {
+            let old_meta = old.get("metadata").cloned().unwrap_or_default();
+            let m = meta(&mut new);
+            for f in [
+                "name",
+                "namespace",
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+                "resourceVersion",
+            ] {
+                match old_meta.get(f) {
+                    Some(v) => m.insert(f.into(), v.clone()),
+                    None => m.remove(f),
+                };
+            }
+            m.remove("managedFields");
+            if status_sub {
+                match old.get("status") {
+                    Some(s) => new["status"] = s.clone(),
+                    None => {
+                        if let Value::Object(o) = &mut new {
+                            o.remove("status");
+                        }
+                    }
+                }
+            }
+            new
+        };
+        result["apiVersion"] = json!(rt.api_version(version));
+        result["kind"] = json!(rt.kind);
+        let now = now_rfc3339();
+        let crd_type = if status_only {
+            None
+        } else {
+            self.normalize(rt, &mut result, Some(&old), &now)?
+        };
+        if result == *old {
+            // A no-op write changes nothing, not even the resourceVersion.
+            return Ok(old);
+        }
+        if spec_part(&result, status_sub) != spec_part(&old, status_sub) {
+            let generation = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            meta(&mut result).insert("generation".into(), json!(generation + 1));
+        }
+        let rv = self.next_rv();
+        meta(&mut result).insert("resourceVersion".into(), json!(rv.to_string()));
+        let result = Arc::new(result);
+        if result.pointer("/metadata/deletionTimestamp").is_some() && !has_finalizers(&result) {
+            // The last finalizer is gone: the pending deletion completes now.
+            let mut removed = Vec::new();
+            self.remove(&k, result.clone(), &mut removed);
+            self.collect_garbage(removed);
+            return Ok(result);
+        }
+        self.put(&k, result.clone(), Some(old));
+        if let Some(t) = crd_type {
+            self.types.insert(t.key(), Arc::new(t));
+        }
+        Ok(result)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn patch(
+        &mut self,
+        rt: &ResourceType,
+        version: &str,
+        ns: &str,
+        name: &str,
+        kind: PatchKind,
+        patch: &Value,
+        status_only: bool,
+    ) -> Result<Arc<Value>, ApiError> {
+        let k = key(rt, ns, name);
+        let Some(old) = self.get_key(&k) else {
+            if kind == PatchKind::Apply && !status_only && patch.is_object() {
+                // Server-side apply creates what does not exist yet.
+                let mut obj = patch.clone();
+                meta(&mut obj).insert("name".into(), json!(name));
+                let path_ns = rt.namespaced.then_some(ns);
+                return self.create(rt, version, path_ns, obj);
+            }
+            return Err(not_found(rt, name));
+        };
+        let mut patch = patch.clone();
+        if kind == PatchKind::Apply {
+            meta(&mut patch).remove("managedFields");
+        }
+        let mut doc = (*old).clone();
+        patch::apply(kind, &mut doc, &patch)?;
+        self.update(rt, version, ns, name, doc, status_only)
+    }
+
+    /// DELETE: objects with finalizers only get a deletionTimestamp; others go at once,
+    /// followed by their dependents (ownerReferences) unless orphaned.
+    pub fn delete(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        orphan: bool,
+    ) -> Result<Arc<Value>, ApiError> {
+        let k = key(rt, ns, name);
+        let mut removed = Vec::new();
+        let result = self.delete_one(&k, &mut removed)?;
+        if !orphan {
+            self.collect_garbage(removed);
+        }
+        Ok(result)
+    }
+
+    fn delete_one(
+        &mut self,
+        k: &ObjKey,
+        removed: &mut Vec<String>,
+    ) -> Result<Arc<Value>, ApiError> {
+        let Some(obj) = self.get_key(k) else {
+            return Err(match self.type_of(&k.res) {
+                Some(rt) => not_found(&rt, &k.name),
+                None => ApiError::new(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ),
+            });
+        };
+        if k.res.0.is_empty() && k.res.1 == NAMESPACES.1 {
+            self.delete_namespace_contents(&k.name, removed);
+        }
+        if has_finalizers(&obj) {
+            if obj.pointer("/metadata/deletionTimestamp").is_some() {
+                return Ok(obj);
+            }
+            let rv = self.next_rv();
+            let mut marked = (*obj).clone();
+            let m = meta(&mut marked);
+            m.insert("deletionTimestamp".into(), json!(now_rfc3339()));
+            m.insert("deletionGracePeriodSeconds".into(), json!(0));
+            m.insert("resourceVersion".into(), json!(rv.to_string()));
+            let marked = Arc::new(marked);
+            self.put(k, marked.clone(), Some(obj));
+            return Ok(marked);
+        }
+        let stamped = self.stamp_rv(&obj);
+        self.remove(k, stamped.clone(), removed);
+        Ok(stamped)
+    }
+
+    fn delete_namespace_contents(&mut self, ns: &str, removed: &mut Vec<String>) {
+        let keys: Vec<ObjKey> = self
+            .objects
+            .iter()
+            .filter_map(|(res, by_ns)| by_ns.get(ns).map(|objs| (res, objs)))
+            .flat_map(|(res, objs)| {
+                objs.keys().map(move |name| ObjKey {
+                    res: res.clone(),
+                    ns: ns.to_string(),
+                    name: name.clone(),
+                })
+            })
+            .collect();
+        for k in keys {
+            // Already gone through an earlier cascade: nothing to do.
+            let _ = self.delete_one(&k, removed);
+        }
+    }
+
+    /// Background cascading deletion of dependents whose owners are all gone.
+    fn collect_garbage(&mut self, mut removed: Vec<String>) {
+        while let Some(owner) = removed.pop() {
+            let Some(deps) = self.dependents.remove(&owner) else {
+                continue;
+            };
+            for dep in deps {
+                let Some(obj) = self.get_key(&dep) else {
+                    continue;
+                };
+                if obj.pointer("/metadata/deletionTimestamp").is_some() {
+                    continue;
+                }
+                let other_owner_alive = owner_uids(&obj)
+                    .iter()
+                    .any(|u| *u != owner && self.uids.contains_key(u));
+                if other_owner_alive {
+                    continue;
+                }
+                // Already gone through another path: nothing to do.
+                let _ = self.delete_one(&dep, &mut removed);
+            }
+        }
+    }
+
+    pub fn delete_collection(
+        &mut self,
+        rt: &ResourceType,
+        filter: &Filter,
+        orphan: bool,
+    ) -> Vec<Arc<Value>> {
+        let targets = self.list(filter);
+        let mut out = Vec::new();
+        for obj in targets {
+            let ns = meta_str(&obj, "namespace").unwrap_or_default().to_string();
+            let name = meta_str(&obj, "name").unwrap_or_default().to_string();
+            if let Ok(o) = self.delete(rt, &ns, &name, orphan) {
+                out.push(o);
+            }
+        }
+        out
+    }
+
+    /// Starts a watch: synthetic ADDED events for rv absent/"0", else replay after `rv`.
+    pub fn watch(&self, filter: &Filter, rv: Option<u64>) -> Result<WatchStart, ApiError> {
+        let rx = self.bus.subscribe();
+        let initial = match rv {
+            None | Some(0) => self
+                .list(filter)
+                .into_iter()
+                .map(|o| (EventType::Added, o))
+                .collect(),
+            Some(n) => {
+                if n < self.history_from {
+                    return Err(ApiError::gone(format!(
+                        "too old resource version: {n} ({})",
+                        self.history_from
+                    )));
+                }
+                self.history
+                    .iter()
+                    .filter(|r| r.rv > n)
+                    .filter_map(|r| filter.translate(r))
+                    .collect()
+            }
+        };
+        Ok(WatchStart {
+            initial,
+            rx,
+            rv: self.rv,
+        })
+    }
+
+    /// Test fault: forget history up to now and end every open watch with 410.
+    pub fn expire_watches(&mut self) {
+        self.history.clear();
+        self.history_from = self.rv;
+        let _ = self.bus.send(BusMsg::Expire);
+    }
+}
+
+fn key(rt: &ResourceType, ns: &str, name: &str) -> ObjKey {
+    ObjKey {
+        res: rt.key(),
+        ns: if rt.namespaced {
+            ns.to_string()
+        } else {
+            String::new()
+        },
+        name: name.to_string(),
+    }
+}
+
+fn not_found(rt: &ResourceType, name: &str) -> ApiError {
+    ApiError::not_found(&rt.qualified(), &rt.plural, &rt.group, name)
+}

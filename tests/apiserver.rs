@@ -1,0 +1,940 @@
+//! The lab API-server emulator, driven through kube-rs exactly like the controller uses it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use guestcred::lab::apiserver::ApiServer;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchEvent,
+    WatchParams,
+};
+use kube::core::{GroupVersionKind, ObjectMeta};
+use kube::runtime::watcher;
+use kube::{Client, CustomResource, CustomResourceExt, Resource, ResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[kube(
+    group = "test.guestcred.io",
+    version = "v1",
+    kind = "Widget",
+    namespaced,
+    status = "WidgetStatus",
+    shortname = "wdg",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#
+)]
+struct WidgetSpec {
+    size: i32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+struct WidgetStatus {
+    phase: String,
+}
+
+const STEP: Duration = Duration::from_secs(5);
+
+fn secret(name: &str, value: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "password".to_string(),
+            value.to_string(),
+        )])),
+        ..Default::default()
+    }
+}
+
+fn config_map(name: &str, labels: &[(&str, &str)]) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn widget(name: &str, size: i32) -> Widget {
+    Widget::new(name, WidgetSpec { size })
+}
+
+fn owned_by(owner: &impl Resource<DynamicType = ()>) -> OwnerReference {
+    owner
+        .controller_owner_ref(&())
+        .expect("owner has name and uid")
+}
+
+fn is_status(err: &kube::Error, code: u16, reason: &str) -> bool {
+    matches!(err, kube::Error::Api(s) if s.code == code && s.reason == reason)
+}
+
+async fn install_widget_crd(client: &Client) -> CustomResourceDefinition {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &Widget::crd())
+        .await
+        .expect("CRD is accepted")
+}
+
+async fn next_event<S, T>(stream: &mut S) -> T
+where
+    S: Stream<Item = T> + Unpin,
+{
+    tokio::time::timeout(STEP, stream.next())
+        .await
+        .expect("an event arrives in time")
+        .expect("the stream is still open")
+}
+
+/// Sends a raw request to the router (for what kube-rs cannot express).
+async fn raw(server: &ApiServer, req: http::Request<String>) -> (u16, Value) {
+    let (parts, body) = req.into_parts();
+    let req = http::Request::from_parts(parts, axum::body::Body::from(body));
+    let resp = server.router().oneshot(req).await.expect("router answers");
+    let code = resp.status().as_u16();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .expect("body is readable");
+    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn get(path: &str, accept: &str) -> http::Request<String> {
+    http::Request::get(path)
+        .header("accept", accept)
+        .body(String::new())
+        .expect("valid request")
+}
+
+#[tokio::test]
+async fn secret_create_get_replace_delete_round_trip() {
+    let server = ApiServer::new();
+    let secrets: Api<Secret> = Api::default_namespaced(server.client());
+
+    let created = secrets
+        .create(&PostParams::default(), &secret("db", "hunter2"))
+        .await
+        .unwrap();
+    assert!(created.metadata.uid.is_some());
+    assert!(created.metadata.creation_timestamp.is_some());
+    assert_eq!(created.type_.as_deref(), Some("Opaque"));
+    let data = created.data.clone().unwrap_or_default();
+    assert_eq!(data["password"].0, b"hunter2");
+
+    let mut fetched = secrets.get("db").await.unwrap();
+    assert_eq!(fetched.metadata.uid, created.metadata.uid);
+    fetched.string_data = Some(BTreeMap::from([("password".into(), "n3w".into())]));
+    let replaced = secrets
+        .replace("db", &PostParams::default(), &fetched)
+        .await
+        .unwrap();
+    assert_eq!(
+        replaced.data.clone().unwrap_or_default()["password"].0,
+        b"n3w"
+    );
+    let rv = |s: &Secret| s.resource_version().unwrap().parse::<u64>().unwrap();
+    assert!(rv(&replaced) > rv(&created));
+
+    secrets
+        .delete("db", &DeleteParams::default())
+        .await
+        .unwrap();
+    let err = secrets.get("db").await.unwrap_err();
+    assert!(is_status(&err, 404, "NotFound"), "{err:?}");
+}
+
+#[tokio::test]
+async fn creating_an_existing_name_is_409_already_exists() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    cms.create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap();
+    let err = cms
+        .create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap_err();
+    assert!(is_status(&err, 409, "AlreadyExists"), "{err:?}");
+}
+
+#[tokio::test]
+async fn generate_name_gives_distinct_names_with_the_prefix() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let mut cm = config_map("", &[]);
+    cm.metadata.name = None;
+    cm.metadata.generate_name = Some("job-".into());
+    let a = cms.create(&PostParams::default(), &cm).await.unwrap();
+    let b = cms.create(&PostParams::default(), &cm).await.unwrap();
+    assert!(a.name_any().starts_with("job-") && a.name_any().len() == 9);
+    assert_ne!(a.name_any(), b.name_any());
+}
+
+#[tokio::test]
+async fn creating_in_a_missing_namespace_is_404() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::namespaced(server.client(), "nowhere");
+    let err = cms
+        .create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap_err();
+    assert!(is_status(&err, 404, "NotFound"), "{err:?}");
+}
+
+#[tokio::test]
+async fn update_with_a_stale_resource_version_is_409_conflict() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let first = cms
+        .create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap();
+    let mut newer = first.clone();
+    newer.data = Some(BTreeMap::from([("k".into(), "1".into())]));
+    cms.replace("a", &PostParams::default(), &newer)
+        .await
+        .unwrap();
+
+    let mut stale = first;
+    stale.data = Some(BTreeMap::from([("k".into(), "2".into())]));
+    let err = cms
+        .replace("a", &PostParams::default(), &stale)
+        .await
+        .unwrap_err();
+    assert!(is_status(&err, 409, "Conflict"), "{err:?}");
+}
+
+#[tokio::test]
+async fn generation_bumps_on_spec_changes_only() {
+    let server = ApiServer::new();
+    let client = server.client();
+    install_widget_crd(&client).await;
+    let widgets: Api<Widget> = Api::default_namespaced(client);
+    let w = widgets
+        .create(&PostParams::default(), &widget("w", 1))
+        .await
+        .unwrap();
+    assert_eq!(w.metadata.generation, Some(1));
+    let pp = PatchParams::default();
+
+    let labelled = widgets
+        .patch(
+            "w",
+            &pp,
+            &Patch::Merge(json!({"metadata": {"labels": {"a": "b"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(labelled.metadata.generation, Some(1));
+
+    let status = widgets
+        .patch_status(
+            "w",
+            &pp,
+            &Patch::Merge(json!({"status": {"phase": "Running"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status.metadata.generation, Some(1));
+
+    let spec = widgets
+        .patch("w", &pp, &Patch::Merge(json!({"spec": {"size": 2}})))
+        .await
+        .unwrap();
+    assert_eq!(spec.metadata.generation, Some(2));
+}
+
+#[tokio::test]
+async fn status_subresource_isolates_spec_and_status_writes() {
+    let server = ApiServer::new();
+    let client = server.client();
+    install_widget_crd(&client).await;
+    let widgets: Api<Widget> = Api::default_namespaced(client);
+    let mut w = widget("w", 1);
+    w.status = Some(WidgetStatus {
+        phase: "Ignored".into(),
+    });
+    let created = widgets.create(&PostParams::default(), &w).await.unwrap();
+    assert_eq!(created.status, None, "create cannot set status");
+
+    let pp = PatchParams::default();
+    let after_status = widgets
+        .patch_status(
+            "w",
+            &pp,
+            &Patch::Merge(json!({"spec": {"size": 9}, "status": {"phase": "Running"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(after_status.spec.size, 1, "status writes ignore spec");
+    assert_eq!(after_status.status.unwrap().phase, "Running");
+
+    let after_main = widgets
+        .patch(
+            "w",
+            &pp,
+            &Patch::Merge(json!({"spec": {"size": 3}, "status": {"phase": "Hacked"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(after_main.spec.size, 3);
+    assert_eq!(
+        after_main.status.unwrap().phase,
+        "Running",
+        "main writes ignore status"
+    );
+}
+
+#[tokio::test]
+async fn merge_json_and_strategic_patches_apply() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let mut cm = config_map("a", &[]);
+    cm.data = Some(BTreeMap::from([
+        ("keep".into(), "1".into()),
+        ("drop".into(), "2".into()),
+    ]));
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let pp = PatchParams::default();
+
+    let merged = cms
+        .patch(
+            "a",
+            &pp,
+            &Patch::Merge(json!({"data": {"drop": null, "new": "3"}})),
+        )
+        .await
+        .unwrap();
+    let keys: Vec<String> = merged.data.unwrap().into_keys().collect();
+    assert_eq!(keys, ["keep", "new"]);
+
+    let ops: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "replace", "path": "/data/keep", "value": "10"},
+        {"op": "add", "path": "/metadata/labels", "value": {"x": "y"}}
+    ]))
+    .unwrap();
+    let patched = cms.patch("a", &pp, &Patch::<()>::Json(ops)).await.unwrap();
+    assert_eq!(patched.data.clone().unwrap()["keep"], "10");
+    assert_eq!(patched.labels()["x"], "y");
+
+    let strategic = cms
+        .patch("a", &pp, &Patch::Strategic(json!({"data": {"s": "1"}})))
+        .await
+        .unwrap();
+    assert_eq!(strategic.data.unwrap()["s"], "1");
+}
+
+#[tokio::test]
+async fn failing_json_patch_test_op_is_422_and_changes_nothing() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let created = cms
+        .create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap();
+    let ops: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/metadata/name", "value": "other"}
+    ]))
+    .unwrap();
+    let err = cms
+        .patch("a", &PatchParams::default(), &Patch::<()>::Json(ops))
+        .await
+        .unwrap_err();
+    assert!(is_status(&err, 422, "Invalid"), "{err:?}");
+    assert_eq!(
+        cms.get("a").await.unwrap().resource_version(),
+        created.resource_version()
+    );
+}
+
+#[tokio::test]
+async fn apply_patch_creates_then_merges() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let pp = PatchParams::apply("test-manager").force();
+    let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": "a"}, "data": {"one": "1"}});
+    let created = cms.patch("a", &pp, &Patch::Apply(&body)).await.unwrap();
+    assert_eq!(created.data.unwrap()["one"], "1");
+
+    let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": "a"}, "data": {"two": "2"}});
+    let merged = cms.patch("a", &pp, &Patch::Apply(&body)).await.unwrap();
+    assert_eq!(merged.data.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn apply_patch_without_field_manager_is_rejected() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}});
+    let err = cms
+        .patch("a", &PatchParams::default(), &Patch::Apply(&body))
+        .await
+        .unwrap_err();
+    assert!(is_status(&err, 422, "Invalid"), "{err:?}");
+}
+
+#[tokio::test]
+async fn patch_carrying_a_stale_resource_version_is_409() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let first = cms
+        .create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap();
+    let pp = PatchParams::default();
+    cms.patch("a", &pp, &Patch::Merge(json!({"data": {"k": "1"}})))
+        .await
+        .unwrap();
+    let stale = json!({"metadata": {"resourceVersion": first.resource_version()},
+                       "data": {"k": "2"}});
+    let err = cms.patch("a", &pp, &Patch::Merge(stale)).await.unwrap_err();
+    assert!(is_status(&err, 409, "Conflict"), "{err:?}");
+}
+
+#[tokio::test]
+async fn label_selectors_filter_lists() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    for (name, labels) in [
+        ("db", vec![("tier", "db"), ("env", "prod")]),
+        ("web", vec![("tier", "web"), ("env", "dev")]),
+        ("bare", vec![]),
+    ] {
+        cms.create(&PostParams::default(), &config_map(name, &labels))
+            .await
+            .unwrap();
+    }
+    let names = |sel: &'static str| {
+        let cms = cms.clone();
+        async move {
+            let list = cms.list(&ListParams::default().labels(sel)).await.unwrap();
+            list.items.iter().map(|c| c.name_any()).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(names("tier=db").await, ["db"]);
+    assert_eq!(names("tier==web").await, ["web"]);
+    assert_eq!(names("env!=prod").await, ["bare", "web"]);
+    assert_eq!(names("tier in (db,web)").await, ["db", "web"]);
+    assert_eq!(names("tier notin (db)").await, ["bare", "web"]);
+    assert_eq!(names("tier").await, ["db", "web"]);
+    assert_eq!(names("!tier").await, ["bare"]);
+}
+
+#[tokio::test]
+async fn field_selectors_filter_lists_across_namespaces() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some("other".into());
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    for ns in ["default", "other"] {
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+        cms.create(&PostParams::default(), &config_map("same", &[]))
+            .await
+            .unwrap();
+    }
+    let all: Api<ConfigMap> = Api::all(client);
+    let list = all
+        .list(&ListParams::default().fields("metadata.name=same"))
+        .await
+        .unwrap();
+    assert_eq!(list.items.len(), 2);
+    assert!(list.metadata.resource_version.is_some());
+    let other = all
+        .list(&ListParams::default().fields("metadata.namespace=other,metadata.name=same"))
+        .await
+        .unwrap();
+    assert_eq!(other.items.len(), 1);
+    let err = all
+        .list(&ListParams::default().fields("data.x=y"))
+        .await
+        .unwrap_err();
+    assert!(is_status(&err, 400, "BadRequest"), "{err:?}");
+}
+
+#[tokio::test]
+async fn deletion_waits_for_finalizers_then_removes_the_object() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let mut cm = config_map("a", &[]);
+    cm.metadata.finalizers = Some(vec!["test.guestcred.io/cleanup".into()]);
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+
+    cms.delete("a", &DeleteParams::default()).await.unwrap();
+    let pending = cms.get("a").await.unwrap();
+    assert!(pending.metadata.deletion_timestamp.is_some());
+
+    let mut stream = cms
+        .watch(
+            &WatchParams::default(),
+            &pending.resource_version().unwrap(),
+        )
+        .await
+        .unwrap()
+        .boxed();
+    cms.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    match next_event(&mut stream).await.unwrap() {
+        WatchEvent::Deleted(obj) => assert_eq!(obj.name_any(), "a"),
+        other => panic!("expected DELETED, got {other:?}"),
+    }
+    let err = cms.get("a").await.unwrap_err();
+    assert!(is_status(&err, 404, "NotFound"), "{err:?}");
+}
+
+#[tokio::test]
+async fn deleting_an_owner_deletes_its_dependents_in_cascade() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let secrets: Api<Secret> = Api::default_namespaced(client);
+    let owner = cms
+        .create(&PostParams::default(), &config_map("owner", &[]))
+        .await
+        .unwrap();
+    let mut child = config_map("child", &[]);
+    child.metadata.owner_references = Some(vec![owned_by(&owner)]);
+    let child = cms.create(&PostParams::default(), &child).await.unwrap();
+    let mut grandchild = secret("grandchild", "x");
+    grandchild.metadata.owner_references = Some(vec![owned_by(&child)]);
+    secrets
+        .create(&PostParams::default(), &grandchild)
+        .await
+        .unwrap();
+    let bystander = secrets
+        .create(&PostParams::default(), &secret("bystander", "y"))
+        .await
+        .unwrap();
+
+    cms.delete("owner", &DeleteParams::default()).await.unwrap();
+
+    assert!(cms.get_opt("child").await.unwrap().is_none());
+    assert!(secrets.get_opt("grandchild").await.unwrap().is_none());
+    assert_eq!(
+        secrets.get("bystander").await.unwrap().uid(),
+        bystander.uid()
+    );
+}
+
+#[tokio::test]
+async fn orphan_propagation_keeps_dependents() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let owner = cms
+        .create(&PostParams::default(), &config_map("owner", &[]))
+        .await
+        .unwrap();
+    let mut child = config_map("child", &[]);
+    child.metadata.owner_references = Some(vec![owned_by(&owner)]);
+    cms.create(&PostParams::default(), &child).await.unwrap();
+
+    cms.delete("owner", &DeleteParams::orphan()).await.unwrap();
+    assert!(cms.get_opt("child").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn crd_registration_serves_the_kind_in_discovery_and_typed_api() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let crd = install_widget_crd(&client).await;
+    let conditions = crd.status.unwrap().conditions.unwrap_or_default();
+    for ty in ["Established", "NamesAccepted"] {
+        assert!(
+            conditions
+                .iter()
+                .any(|c| c.type_ == ty && c.status == "True"),
+            "{ty} is True"
+        );
+    }
+
+    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
+    let gvk = GroupVersionKind::gvk("test.guestcred.io", "v1", "Widget");
+    let (ar, caps) = discovery.resolve_gvk(&gvk).expect("Widget is discovered");
+    assert_eq!(ar.plural, "widgets");
+    assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
+
+    let widgets: Api<Widget> = Api::default_namespaced(client.clone());
+    widgets
+        .create(&PostParams::default(), &widget("w", 4))
+        .await
+        .unwrap();
+    assert_eq!(widgets.get("w").await.unwrap().spec.size, 4);
+    let dynamic: Api<DynamicObject> = Api::default_namespaced_with(client, &ar);
+    assert_eq!(dynamic.get("w").await.unwrap().data["spec"]["size"], 4);
+}
+
+#[tokio::test]
+async fn deleting_a_crd_removes_its_objects_and_its_api() {
+    let server = ApiServer::new();
+    let client = server.client();
+    install_widget_crd(&client).await;
+    let widgets: Api<Widget> = Api::default_namespaced(client.clone());
+    widgets
+        .create(&PostParams::default(), &widget("w", 1))
+        .await
+        .unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.delete(&Widget::crd_name(), &DeleteParams::default())
+        .await
+        .unwrap();
+    let err = widgets.list(&ListParams::default()).await.unwrap_err();
+    assert!(is_status(&err, 404, "NotFound"), "{err:?}");
+
+    install_widget_crd(&client).await;
+    assert!(
+        widgets
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn kube_watcher_sees_init_then_apply_and_delete() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    cms.create(&PostParams::default(), &config_map("existing", &[]))
+        .await
+        .unwrap();
+    let mut events = watcher(cms.clone(), watcher::Config::default()).boxed();
+    assert!(matches!(
+        next_event(&mut events).await.unwrap(),
+        watcher::Event::Init
+    ));
+    match next_event(&mut events).await.unwrap() {
+        watcher::Event::InitApply(cm) => assert_eq!(cm.name_any(), "existing"),
+        other => panic!("expected InitApply, got {other:?}"),
+    }
+    assert!(matches!(
+        next_event(&mut events).await.unwrap(),
+        watcher::Event::InitDone
+    ));
+
+    cms.create(&PostParams::default(), &config_map("new", &[]))
+        .await
+        .unwrap();
+    match next_event(&mut events).await.unwrap() {
+        watcher::Event::Apply(cm) => assert_eq!(cm.name_any(), "new"),
+        other => panic!("expected Apply, got {other:?}"),
+    }
+    cms.delete("new", &DeleteParams::default()).await.unwrap();
+    match next_event(&mut events).await.unwrap() {
+        watcher::Event::Delete(cm) => assert_eq!(cm.name_any(), "new"),
+        other => panic!("expected Delete, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn streaming_list_watcher_gets_initial_events_then_changes() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    cms.create(&PostParams::default(), &config_map("existing", &[]))
+        .await
+        .unwrap();
+    let mut events = watcher(cms.clone(), watcher::Config::default().streaming_lists()).boxed();
+    assert!(matches!(
+        next_event(&mut events).await.unwrap(),
+        watcher::Event::Init
+    ));
+    assert!(matches!(
+        next_event(&mut events).await.unwrap(),
+        watcher::Event::InitApply(_)
+    ));
+    assert!(matches!(
+        next_event(&mut events).await.unwrap(),
+        watcher::Event::InitDone
+    ));
+    cms.create(&PostParams::default(), &config_map("new", &[]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut events).await.unwrap(),
+        watcher::Event::Apply(_)
+    ));
+}
+
+#[tokio::test]
+async fn watching_from_an_expired_resource_version_gets_410() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let old = cms
+        .create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap();
+    cms.create(&PostParams::default(), &config_map("b", &[]))
+        .await
+        .unwrap();
+    server.faults().expire_watches();
+    let mut stream = cms
+        .watch(&WatchParams::default(), &old.resource_version().unwrap())
+        .await
+        .unwrap()
+        .boxed();
+    match next_event(&mut stream).await.unwrap() {
+        WatchEvent::Error(e) => assert_eq!(e.code, 410),
+        other => panic!("expected a 410 ERROR event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn kube_watcher_relists_after_its_watch_expires() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let mut events = watcher(cms.clone(), watcher::Config::default()).boxed();
+    assert!(matches!(
+        next_event(&mut events).await.unwrap(),
+        watcher::Event::Init
+    ));
+    assert!(matches!(
+        next_event(&mut events).await.unwrap(),
+        watcher::Event::InitDone
+    ));
+    cms.create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut events).await.unwrap(),
+        watcher::Event::Apply(_)
+    ));
+
+    server.faults().expire_watches();
+    let err = next_event(&mut events).await.unwrap_err();
+    assert!(
+        matches!(err, watcher::Error::WatchError(ref s) if s.code == 410),
+        "{err:?}"
+    );
+    assert!(matches!(
+        next_event(&mut events).await.unwrap(),
+        watcher::Event::Init
+    ));
+    match next_event(&mut events).await.unwrap() {
+        watcher::Event::InitApply(cm) => assert_eq!(cm.name_any(), "a"),
+        other => panic!("expected InitApply after relist, got {other:?}"),
+    }
+    assert!(matches!(
+        next_event(&mut events).await.unwrap(),
+        watcher::Event::InitDone
+    ));
+}
+
+#[tokio::test]
+async fn filtered_watch_sees_objects_leave_their_selector_as_deleted() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    cms.create(&PostParams::default(), &config_map("a", &[("tier", "db")]))
+        .await
+        .unwrap();
+    let mut stream = cms
+        .watch(&WatchParams::default().labels("tier=db"), "0")
+        .await
+        .unwrap()
+        .boxed();
+    assert!(matches!(
+        next_event(&mut stream).await.unwrap(),
+        WatchEvent::Added(_)
+    ));
+    cms.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"tier": "web"}}})),
+    )
+    .await
+    .unwrap();
+    match next_event(&mut stream).await.unwrap() {
+        WatchEvent::Deleted(cm) => assert_eq!(cm.labels()["tier"], "web"),
+        other => panic!("expected DELETED, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn watch_ends_at_its_timeout() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let mut stream = cms
+        .watch(&WatchParams::default().timeout(1), "0")
+        .await
+        .unwrap()
+        .boxed();
+    let end = tokio::time::timeout(STEP, stream.next())
+        .await
+        .expect("the watch ends by itself");
+    assert!(end.is_none());
+}
+
+#[tokio::test]
+async fn injected_conflict_fails_the_next_status_write_only() {
+    let server = ApiServer::new();
+    let client = server.client();
+    install_widget_crd(&client).await;
+    let widgets: Api<Widget> = Api::default_namespaced(client);
+    widgets
+        .create(&PostParams::default(), &widget("w", 1))
+        .await
+        .unwrap();
+    server.faults().conflict_next_status_writes(1);
+    let patch = Patch::Merge(json!({"status": {"phase": "Running"}}));
+    let err = widgets
+        .patch_status("w", &PatchParams::default(), &patch)
+        .await
+        .unwrap_err();
+    assert!(is_status(&err, 409, "Conflict"), "{err:?}");
+    let ok = widgets
+        .patch_status("w", &PatchParams::default(), &patch)
+        .await
+        .unwrap();
+    assert_eq!(ok.status.unwrap().phase, "Running");
+}
+
+#[tokio::test]
+async fn protobuf_bodies_get_415_with_a_status() {
+    let server = ApiServer::new();
+    let req = http::Request::post("/api/v1/namespaces/default/configmaps")
+        .header("content-type", "application/vnd.kubernetes.protobuf")
+        .body("k8s\0".to_string())
+        .unwrap();
+    let (code, body) = raw(&server, req).await;
+    assert_eq!(code, 415);
+    assert_eq!(body["kind"], "Status");
+    assert_eq!(body["code"], 415);
+}
+
+#[tokio::test]
+async fn aggregated_discovery_only_requests_get_406() {
+    let server = ApiServer::new();
+    let (code, body) = raw(
+        &server,
+        get(
+            "/apis",
+            "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList",
+        ),
+    )
+    .await;
+    assert_eq!(code, 406);
+    assert_eq!(body["reason"], "NotAcceptable");
+}
+
+#[tokio::test]
+async fn table_requests_render_printer_columns() {
+    let server = ApiServer::new();
+    let client = server.client();
+    install_widget_crd(&client).await;
+    let widgets: Api<Widget> = Api::default_namespaced(client);
+    widgets
+        .create(&PostParams::default(), &widget("w", 1))
+        .await
+        .unwrap();
+    widgets
+        .patch_status(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running"}})),
+        )
+        .await
+        .unwrap();
+    let (code, table) = raw(
+        &server,
+        get(
+            "/apis/test.guestcred.io/v1/namespaces/default/widgets",
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+        ),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(table["kind"], "Table");
+    let columns: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(columns, ["Name", "Phase"]);
+    assert_eq!(table["rows"][0]["cells"], json!(["w", "Running"]));
+}
+
+#[tokio::test]
+async fn openapi_v3_documents_registered_crds() {
+    let server = ApiServer::new();
+    install_widget_crd(&server.client()).await;
+    let (_, index) = raw(&server, get("/openapi/v3", "application/json")).await;
+    let url = index["paths"]["apis/test.guestcred.io/v1"]["serverRelativeURL"]
+        .as_str()
+        .expect("the CRD's group-version is in the index");
+    let (code, doc) = raw(&server, get(url, "application/json")).await;
+    assert_eq!(code, 200);
+    let schema = &doc["components"]["schemas"]["io.guestcred.test.v1.Widget"];
+    assert_eq!(
+        schema["properties"]["spec"]["properties"]["size"]["type"],
+        "integer"
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_namespace_deletes_its_contents() {
+    let server = ApiServer::new();
+    let client = server.client();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some("doomed".into());
+    let created = namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    assert_eq!(created.status.unwrap().phase.as_deref(), Some("Active"));
+    let cms: Api<ConfigMap> = Api::namespaced(client, "doomed");
+    cms.create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap();
+    namespaces
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(namespaces.get_opt("doomed").await.unwrap().is_none());
+    assert!(cms.get_opt("a").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn no_op_updates_keep_the_resource_version() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let created = cms
+        .create(&PostParams::default(), &config_map("a", &[("x", "y")]))
+        .await
+        .unwrap();
+    let same = cms
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(same.resource_version(), created.resource_version());
+}
