@@ -1,0 +1,74 @@
+//! The guest agent abstraction the shim's handlers call. Backends: [`super::libvirt`] and
+//! [`super::qga`]. Arguments are the validated types of [`super::validate`], so input checks
+//! cannot be skipped by a backend.
+
+use async_trait::async_trait;
+
+use super::validate::{Password, PublicKeys, UserName, ValidDomain};
+use crate::api::wire::{ProbeResponse, ShimError};
+
+#[async_trait]
+pub trait GuestAgent: Send + Sync + 'static {
+    /// Agent version, enabled commands and OS info. A domain whose agent is not connected
+    /// answers `Ok` with `agent_connected: false`.
+    async fn probe(&self, domain: &ValidDomain) -> Result<ProbeResponse, ShimError>;
+
+    async fn set_password(
+        &self,
+        domain: &ValidDomain,
+        user: &UserName,
+        password: &Password,
+    ) -> Result<(), ShimError>;
+
+    /// The user's authorized keys; empty when the user has no authorized_keys file.
+    async fn get_ssh_keys(
+        &self,
+        domain: &ValidDomain,
+        user: &UserName,
+    ) -> Result<Vec<String>, ShimError>;
+
+    /// Append `keys` (duplicates are skipped by the agent); with `reset`, replace the file.
+    async fn add_ssh_keys(
+        &self,
+        domain: &ValidDomain,
+        user: &UserName,
+        keys: &PublicKeys,
+        reset: bool,
+    ) -> Result<(), ShimError>;
+
+    async fn remove_ssh_keys(
+        &self,
+        domain: &ValidDomain,
+        user: &UserName,
+        keys: &PublicKeys,
+    ) -> Result<(), ShimError>;
+
+    /// Whether the backend can serve requests at all (for `/readyz`).
+    async fn ready(&self) -> Result<(), ShimError> {
+        Ok(())
+    }
+}
+
+/// Expand `{namespace}` and `{name}` in a domain-name or socket-path template.
+pub fn expand_template(template: &str, domain: &ValidDomain) -> String {
+    template
+        .replace("{namespace}", domain.namespace())
+        .replace("{name}", domain.name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::wire::DomainRef;
+    use crate::shim::validate;
+
+    #[test]
+    fn template_expands_namespace_and_name() {
+        let d = validate::domain(&DomainRef::new("prod", "db-0")).unwrap();
+        assert_eq!(expand_template("{namespace}_{name}", &d), "prod_db-0");
+        assert_eq!(
+            expand_template("/var/run/qemu-server/{name}.qga", &d),
+            "/var/run/qemu-server/db-0.qga"
+        );
+    }
+}

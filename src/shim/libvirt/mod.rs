@@ -1,0 +1,451 @@
+//! `libvirt` backend: agent calls through the libvirt API (virt crate).
+//!
+//! libvirt calls block, so each runs on tokio's blocking pool, bounded by the agent timeout
+//! plus a margin. libvirt itself is told the agent timeout on every domain before each call
+//! (`virDomainAgentSetResponseTimeout`): without it a hung agent blocks a call for good.
+//! There is no lock of ours around calls, so a hung agent only delays its own domain.
+//!
+//! Connections are cached per target and re-opened when libvirtd went away (connection
+//! error codes or `is_alive() == false`): the call is then retried once, which is safe
+//! because every call re-sends the same value.
+
+pub mod ffi;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use virt::connect::Connect;
+use virt::domain::Domain;
+
+use super::agent::{GuestAgent, expand_template};
+use super::errors::{self, UserCheck};
+use super::qga::{parse_guest_info, parse_os_info};
+use super::validate::{Password, PublicKeys, UserName, ValidDomain};
+use crate::api::wire::{ProbeResponse, ShimError, ShimErrorReason};
+
+/// Default domain name: KubeVirt's `<namespace>_<name>`.
+pub const DEFAULT_DOMAIN_TEMPLATE: &str = "{namespace}_{name}";
+
+/// Where KubeVirt's per-launcher virtqemud socket lives below `<pods dir>/<pod UID>/`.
+pub const KUBEVIRT_SOCKET_SUBPATH: &str =
+    "volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock";
+
+/// Extra time beyond the agent timeout before we give up on a blocking libvirt call (it
+/// also covers lookup and connection setup).
+const CALL_MARGIN: Duration = Duration::from_secs(5);
+
+/// How the backend finds a domain's libvirt connection and name.
+#[derive(Clone, Debug)]
+pub enum Locator {
+    /// One libvirt URI for the node.
+    LibvirtUri {
+        uri: String,
+        domain_template: String,
+    },
+    /// KubeVirt: a virtqemud socket per virt-launcher pod (needs `launcherPodUid`).
+    Kubevirt {
+        kubelet_pods_dir: PathBuf,
+        domain_template: String,
+    },
+}
+
+/// A resolved target: the URIs to try (first that opens wins) and the domain name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Cache key: the URI, or the socket path for `kubevirt`.
+    pub key: String,
+    pub uris: Vec<String>,
+    pub domain_name: String,
+}
+
+impl Locator {
+    pub fn locate(&self, domain: &ValidDomain) -> Result<Target, ShimError> {
+        match self {
+            Self::LibvirtUri {
+                uri,
+                domain_template,
+            } => Ok(Target {
+                key: uri.clone(),
+                uris: vec![uri.clone()],
+                domain_name: expand_template(domain_template, domain),
+            }),
+            Self::Kubevirt {
+                kubelet_pods_dir,
+                domain_template,
+            } => {
+                let Some(uid) = domain.launcher_pod_uid() else {
+                    return Err(ShimError::invalid(
+                        "domain.launcherPodUid is required by the kubevirt locator",
+                    ));
+                };
+                let socket = kubelet_pods_dir.join(uid).join(KUBEVIRT_SOCKET_SUBPATH);
+                if !socket.exists() {
+                    return Err(ShimError::new(
+                        ShimErrorReason::DomainNotFound,
+                        format!(
+                            "no virt-launcher libvirt socket for pod {uid} on this node ({})",
+                            socket.display()
+                        ),
+                    ));
+                }
+                let socket = socket.display().to_string();
+                // Root launchers run a system-mode daemon, non-root ones a session-mode
+                // one; the daemon rejects the other mode's URI, so try both.
+                Ok(Target {
+                    uris: vec![
+                        format!("qemu+unix:///system?socket={socket}"),
+                        format!("qemu+unix:///session?socket={socket}"),
+                    ],
+                    key: socket,
+                    domain_name: expand_template(domain_template, domain),
+                })
+            }
+        }
+    }
+}
+
+/// Open connections by target key.
+#[derive(Default)]
+struct ConnCache {
+    conns: Mutex<HashMap<String, Connect>>,
+}
+
+impl ConnCache {
+    /// A live connection for `target` (blocking: may open one).
+    fn get(&self, target: &Target) -> Result<Connect, virt::error::Error> {
+        let cached = self.lock().get(&target.key).cloned();
+        if let Some(conn) = cached {
+            if conn.is_alive().unwrap_or(false) {
+                return Ok(conn);
+            }
+            self.forget(&target.key);
+        }
+        // Opened outside the map lock: a slow libvirtd must not stall other targets.
+        let mut last = None;
+        for uri in &target.uris {
+            match Connect::open(Some(uri)) {
+                Ok(conn) => {
+                    tracing::debug!(%uri, "opened libvirt connection");
+                    self.lock().insert(target.key.clone(), conn.clone());
+                    return Ok(conn);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(virt::error::Error::last_error))
+    }
+
+    fn forget(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Connect>> {
+        // The map stays consistent even if a holder panicked.
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn code_of(e: &virt::error::Error) -> u32 {
+    e.code().to_raw()
+}
+
+fn to_shim_error(e: &virt::error::Error) -> ShimError {
+    errors::from_libvirt(code_of(e), e.message())
+}
+
+pub struct LibvirtAgent {
+    locator: Locator,
+    timeout: Duration,
+    conns: Arc<ConnCache>,
+}
+
+impl LibvirtAgent {
+    pub fn new(locator: Locator, timeout: Duration) -> Self {
+        static QUIET: Once = Once::new();
+        // libvirt's default error handler prints every error on stderr.
+        QUIET.call_once(virt::error::clear_error_callback);
+        Self {
+            locator,
+            timeout,
+            conns: Arc::default(),
+        }
+    }
+
+    fn timeout_secs(&self) -> i32 {
+        i32::try_from(self.timeout.as_secs().max(1)).unwrap_or(i32::MAX)
+    }
+
+    /// Run `op` on the domain on the blocking pool, with the agent timeout set first.
+    async fn run<T, F>(&self, domain: &ValidDomain, op: F) -> Result<T, ShimError>
+    where
+        T: Send + 'static,
+        F: Fn(&Domain, i32) -> Result<T, virt::error::Error> + Send + 'static,
+    {
+        let target = self.locator.locate(domain)?;
+        let conns = self.conns.clone();
+        let secs = self.timeout_secs();
+        let task = tokio::task::spawn_blocking(move || call_blocking(&conns, &target, secs, &op));
+        match tokio::time::timeout(self.timeout + CALL_MARGIN, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(ShimError::internal(format!("libvirt call failed: {join}"))),
+            Err(_) => Err(ShimError::new(
+                ShimErrorReason::AgentTimeout,
+                format!(
+                    "libvirt call on {domain} did not return within {:?}; the call may still be applied",
+                    self.timeout + CALL_MARGIN
+                ),
+            )),
+        }
+    }
+}
+
+fn call_blocking<T>(
+    conns: &ConnCache,
+    target: &Target,
+    secs: i32,
+    op: &dyn Fn(&Domain, i32) -> Result<T, virt::error::Error>,
+) -> Result<T, ShimError> {
+    let mut retried = false;
+    loop {
+        let conn = conns.get(target).map_err(|e| {
+            ShimError::internal(format!(
+                "cannot connect to libvirt at {}: {}",
+                target.key,
+                e.message()
+            ))
+        })?;
+        let result = conn
+            .lookup_domain_by_name(&target.domain_name)
+            .and_then(|dom| {
+                ffi::set_agent_response_timeout(&dom, secs)?;
+                op(&dom, secs)
+            });
+        match result {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let dead =
+                    errors::is_connection_error(code_of(&e)) || !conn.is_alive().unwrap_or(false);
+                if dead && !retried {
+                    tracing::info!(key = %target.key, "libvirt connection lost; reconnecting");
+                    conns.forget(&target.key);
+                    retried = true;
+                    continue;
+                }
+                return Err(to_shim_error(&e));
+            }
+        }
+    }
+}
+
+fn agent_return(raw: &str) -> Result<Value, ShimError> {
+    let v: Value = serde_json::from_str(raw)
+        .map_err(|e| ShimError::internal(format!("guest agent sent invalid JSON: {e}")))?;
+    Ok(v.get("return").cloned().unwrap_or(Value::Null))
+}
+
+#[async_trait]
+impl GuestAgent for LibvirtAgent {
+    async fn probe(&self, domain: &ValidDomain) -> Result<ProbeResponse, ShimError> {
+        let result = self
+            .run(domain, |dom, secs| {
+                let info = dom.qemu_agent_command(r#"{"execute":"guest-info"}"#, secs, 0)?;
+                // OS info is a nicety: its failure must not fail the probe.
+                let os = dom
+                    .qemu_agent_command(r#"{"execute":"guest-get-osinfo"}"#, secs, 0)
+                    .ok();
+                Ok((info, os))
+            })
+            .await;
+        let (info, os) = match result {
+            Ok(v) => v,
+            Err(e) if e.reason == ShimErrorReason::AgentNotConnected => {
+                return Ok(ProbeResponse::default());
+            }
+            Err(e) => return Err(e),
+        };
+        let mut probe = parse_guest_info(&agent_return(&info)?);
+        if let Some(os) = os {
+            probe.os = agent_return(&os).ok().map(|v| parse_os_info(&v));
+        }
+        Ok(probe)
+    }
+
+    async fn set_password(
+        &self,
+        domain: &ValidDomain,
+        user: &UserName,
+        password: &Password,
+    ) -> Result<(), ShimError> {
+        let secret = password.secret().clone();
+        let name = user.as_str().to_owned();
+        // VIR_DOMAIN_PASSWORD_ENCRYPTED
+        let flags = u32::from(password.crypted());
+        let result = self
+            .run(domain, move |dom, _| {
+                dom.set_user_password(&name, secret.expose_secret(), flags)
+            })
+            .await;
+        match result {
+            Err(e) if e.reason == ShimErrorReason::UserNotFound => {
+                let check = UserCheck::from_get_keys(&self.get_ssh_keys(domain, user).await);
+                Err(errors::password_failure(e, check))
+            }
+            other => other,
+        }
+    }
+
+    async fn get_ssh_keys(
+        &self,
+        domain: &ValidDomain,
+        user: &UserName,
+    ) -> Result<Vec<String>, ShimError> {
+        let name = user.as_str().to_owned();
+        match self
+            .run(domain, move |dom, _| {
+                ffi::authorized_ssh_keys_get(dom, &name)
+            })
+            .await
+        {
+            Err(e) if errors::is_missing_authorized_keys(&e.message) => Ok(Vec::new()),
+            other => other,
+        }
+    }
+
+    async fn add_ssh_keys(
+        &self,
+        domain: &ValidDomain,
+        user: &UserName,
+        keys: &PublicKeys,
+        reset: bool,
+    ) -> Result<(), ShimError> {
+        if keys.is_empty() && !reset {
+            return Ok(());
+        }
+        let name = user.as_str().to_owned();
+        let keys = keys.as_slice().to_vec();
+        let flags = if reset {
+            ffi::SSH_KEYS_REPLACE
+        } else {
+            ffi::SSH_KEYS_APPEND
+        };
+        self.run(domain, move |dom, _| {
+            ffi::authorized_ssh_keys_set(dom, &name, &keys, flags)
+        })
+        .await
+    }
+
+    async fn remove_ssh_keys(
+        &self,
+        domain: &ValidDomain,
+        user: &UserName,
+        keys: &PublicKeys,
+    ) -> Result<(), ShimError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let name = user.as_str().to_owned();
+        let keys = keys.as_slice().to_vec();
+        match self
+            .run(domain, move |dom, _| {
+                ffi::authorized_ssh_keys_set(dom, &name, &keys, ffi::SSH_KEYS_REMOVE)
+            })
+            .await
+        {
+            Err(e) if errors::is_missing_authorized_keys(&e.message) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn ready(&self) -> Result<(), ShimError> {
+        let Locator::LibvirtUri { uri, .. } = &self.locator else {
+            // Per-launcher sockets come and go with VMs; nothing node-wide to check.
+            return Ok(());
+        };
+        let target = Target {
+            key: uri.clone(),
+            uris: vec![uri.clone()],
+            domain_name: String::new(),
+        };
+        let conns = self.conns.clone();
+        let task = tokio::task::spawn_blocking(move || conns.get(&target).map(drop));
+        match tokio::time::timeout(self.timeout + CALL_MARGIN, task).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(ShimError::internal(format!(
+                "libvirt not reachable: {}",
+                e.message()
+            ))),
+            Ok(Err(join)) => Err(ShimError::internal(format!(
+                "readiness check failed: {join}"
+            ))),
+            Err(_) => Err(ShimError::internal(
+                "libvirt did not answer the readiness check",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::wire::DomainRef;
+    use crate::shim::validate;
+
+    const UID: &str = "0b9c5a4e-8d7f-4f3a-9e2b-1c2d3e4f5a6b";
+
+    fn domain(uid: Option<&str>) -> ValidDomain {
+        let mut d = DomainRef::new("prod", "db-0");
+        d.launcher_pod_uid = uid.map(str::to_owned);
+        validate::domain(&d).unwrap()
+    }
+
+    fn kubevirt(pods: &std::path::Path) -> Locator {
+        Locator::Kubevirt {
+            kubelet_pods_dir: pods.to_path_buf(),
+            domain_template: DEFAULT_DOMAIN_TEMPLATE.into(),
+        }
+    }
+
+    #[test]
+    fn libvirt_uri_locator_uses_the_template() {
+        let l = Locator::LibvirtUri {
+            uri: "qemu:///system".into(),
+            domain_template: DEFAULT_DOMAIN_TEMPLATE.into(),
+        };
+        let t = l.locate(&domain(None)).unwrap();
+        assert_eq!(t.uris, ["qemu:///system"]);
+        assert_eq!(t.domain_name, "prod_db-0");
+    }
+
+    #[test]
+    fn kubevirt_locator_finds_the_launcher_socket() {
+        let pods = tempfile::tempdir().unwrap();
+        let sock = pods.path().join(UID).join(KUBEVIRT_SOCKET_SUBPATH);
+        std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+        std::fs::write(&sock, "").unwrap();
+        let t = kubevirt(pods.path()).locate(&domain(Some(UID))).unwrap();
+        assert_eq!(t.key, sock.display().to_string());
+        assert!(t.uris[0].starts_with("qemu+unix:///system?socket="));
+        assert_eq!(t.domain_name, "prod_db-0");
+    }
+
+    #[test]
+    fn kubevirt_locator_without_socket_is_domain_not_found() {
+        let pods = tempfile::tempdir().unwrap();
+        let e = kubevirt(pods.path())
+            .locate(&domain(Some(UID)))
+            .unwrap_err();
+        assert_eq!(e.reason, ShimErrorReason::DomainNotFound);
+    }
+
+    #[test]
+    fn kubevirt_locator_needs_the_launcher_pod_uid() {
+        let pods = tempfile::tempdir().unwrap();
+        let e = kubevirt(pods.path()).locate(&domain(None)).unwrap_err();
+        assert_eq!(e.reason, ShimErrorReason::InvalidArgument);
+    }
+}

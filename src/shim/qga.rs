@@ -1,0 +1,381 @@
+//! `qga-socket` backend: QGA JSON spoken directly on a per-VM unix socket (Proxmox-style
+//! `/var/run/qemu-server/<id>.qga`, or the lab's host qemu-ga instances).
+//!
+//! Hand-written instead of the `qapi` crate: qapi 0.15 synchronises with plain `guest-sync`
+//! and its line codec cannot skip the 0xFF sentinel of `guest-sync-delimited`, which is the
+//! only safe way to resynchronise with an agent that may still emit a stale answer. The
+//! protocol we need is five commands, and writing it ourselves also lets the password's
+//! JSON bytes live in a zeroized buffer.
+//!
+//! One fresh connection per call, serialised per socket (a QGA socket serves one client at
+//! a time), and the whole call including the wait for that lock bounded by the agent
+//! timeout. A hung agent therefore only delays calls to its own VM.
+//!
+//! Socket errors: no socket file → DomainNotFound (the VM is not running on this node: the
+//! hypervisor creates the socket with the VM); socket present but refused → AgentNotConnected.
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use secrecy::ExposeSecret;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use zeroize::Zeroizing;
+
+use super::agent::{GuestAgent, expand_template};
+use super::errors::{self, UserCheck};
+use super::validate::{Password, PublicKeys, UserName, ValidDomain};
+use crate::api::wire::{GuestOsInfo, ProbeResponse, ShimError, ShimErrorReason};
+
+/// Default socket path template (Proxmox layout).
+pub const DEFAULT_SOCKET_TEMPLATE: &str = "/var/run/qemu-server/{name}.qga";
+
+/// Cap on one agent response; a guest must not make the shim buffer without bound.
+const MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
+
+pub struct QgaSocketAgent {
+    template: String,
+    timeout: Duration,
+    locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl QgaSocketAgent {
+    /// `template` may use `{namespace}` and `{name}`.
+    pub fn new(template: impl Into<String>, timeout: Duration) -> Self {
+        Self {
+            template: template.into(),
+            timeout,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn socket_path(&self, domain: &ValidDomain) -> PathBuf {
+        PathBuf::from(expand_template(&self.template, domain))
+    }
+
+    fn lock_for(&self, path: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        // A poisoned map only means another thread panicked while inserting; the map
+        // itself is still usable.
+        let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, l| Arc::strong_count(l) > 1);
+        map.entry(path.to_path_buf()).or_default().clone()
+    }
+
+    /// Run one command and return its `return` value.
+    async fn call(
+        &self,
+        domain: &ValidDomain,
+        request: Zeroizing<Vec<u8>>,
+    ) -> Result<Value, ShimError> {
+        let path = self.socket_path(domain);
+        let lock = self.lock_for(&path);
+        let attempt = async {
+            let _turn = lock.lock().await;
+            exchange(&path, &request).await
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(ShimError::new(
+                ShimErrorReason::AgentTimeout,
+                format!(
+                    "guest agent of {domain} did not answer within {:?}; the call may still be applied when it resumes",
+                    self.timeout
+                ),
+            )),
+        }
+    }
+
+    async fn command(
+        &self,
+        domain: &ValidDomain,
+        execute: &str,
+        arguments: Value,
+    ) -> Result<Value, ShimError> {
+        let request = serde_json::to_vec(&json!({ "execute": execute, "arguments": arguments }))
+            .map_err(|e| ShimError::internal(format!("encoding {execute}: {e}")))?;
+        self.call(domain, Zeroizing::new(request)).await
+    }
+}
+
+#[derive(Serialize)]
+struct SetPasswordCommand<'a> {
+    execute: &'static str,
+    arguments: SetPasswordArguments<'a>,
+}
+
+#[derive(Serialize)]
+struct SetPasswordArguments<'a> {
+    username: &'a str,
+    password: &'a str,
+    crypted: bool,
+}
+
+fn connect_error(path: &Path, e: std::io::Error) -> ShimError {
+    match e.kind() {
+        ErrorKind::NotFound => ShimError::new(
+            ShimErrorReason::DomainNotFound,
+            format!("no guest agent socket at {}", path.display()),
+        ),
+        ErrorKind::ConnectionRefused => ShimError::new(
+            ShimErrorReason::AgentNotConnected,
+            format!(
+                "guest agent socket {} refused the connection",
+                path.display()
+            ),
+        ),
+        _ => ShimError::internal(format!("connecting to {}: {e}", path.display())),
+    }
+}
+
+fn io_error(e: std::io::Error) -> ShimError {
+    ShimError::new(
+        ShimErrorReason::AgentNotConnected,
+        format!("guest agent connection failed: {e}"),
+    )
+}
+
+/// Connect, synchronise with `guest-sync-delimited`, send `request`, read its answer.
+async fn exchange(path: &Path, request: &[u8]) -> Result<Value, ShimError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| connect_error(path, e))?;
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read.take(MAX_RESPONSE_BYTES));
+
+    let sync_id = rand::random::<u32>() & 0x7fff_ffff;
+    let sync = json!({"execute": "guest-sync-delimited", "arguments": {"id": sync_id}});
+    write
+        .write_all(format!("{sync}\n").as_bytes())
+        .await
+        .map_err(io_error)?;
+    // The agent answers with 0xFF, then {"return": id}; anything before it is stale.
+    let mut skipped = Vec::new();
+    read.read_until(0xFF, &mut skipped)
+        .await
+        .map_err(io_error)?;
+    if skipped.last() != Some(&0xFF) {
+        return Err(io_error(ErrorKind::UnexpectedEof.into()));
+    }
+    loop {
+        let reply = read_message(&mut read).await?;
+        if reply.get("return").and_then(Value::as_u64) == Some(u64::from(sync_id)) {
+            break;
+        }
+    }
+
+    let mut line = Zeroizing::new(Vec::with_capacity(request.len() + 1));
+    line.extend_from_slice(request);
+    line.push(b'\n');
+    write.write_all(&line).await.map_err(io_error)?;
+    let reply = read_message(&mut read).await?;
+    if let Some(value) = reply.get("return") {
+        return Ok(value.clone());
+    }
+    let desc = reply
+        .pointer("/error/desc")
+        .and_then(Value::as_str)
+        .unwrap_or("agent returned an error without description");
+    Err(errors::from_agent_text(desc))
+}
+
+/// Read one non-empty JSON line.
+async fn read_message<R: tokio::io::AsyncBufRead + Unpin>(
+    read: &mut R,
+) -> Result<Value, ShimError> {
+    loop {
+        let mut line = Vec::new();
+        let n = read.read_until(b'\n', &mut line).await.map_err(io_error)?;
+        if n == 0 {
+            return Err(io_error(ErrorKind::UnexpectedEof.into()));
+        }
+        let trimmed = line.trim_ascii();
+        if trimmed.is_empty() {
+            continue;
+        }
+        return serde_json::from_slice(trimmed)
+            .map_err(|e| ShimError::internal(format!("guest agent sent invalid JSON: {e}")));
+    }
+}
+
+fn string_list(value: &Value, key: &str) -> Result<Vec<String>, ShimError> {
+    let Some(items) = value.get(key).and_then(Value::as_array) else {
+        return Err(ShimError::internal(format!(
+            "guest agent answer has no '{key}' list"
+        )));
+    };
+    Ok(items
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect())
+}
+
+pub(crate) fn parse_guest_info(info: &Value) -> ProbeResponse {
+    let supported_commands = info
+        .get("supported_commands")
+        .and_then(Value::as_array)
+        .map(|cmds| {
+            cmds.iter()
+                .filter(|c| c.get("enabled").and_then(Value::as_bool).unwrap_or(false))
+                .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    ProbeResponse {
+        agent_connected: true,
+        agent_version: info
+            .get("version")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        supported_commands,
+        os: None,
+    }
+}
+
+pub(crate) fn parse_os_info(os: &Value) -> GuestOsInfo {
+    let field = |k: &str| os.get(k).and_then(Value::as_str).map(str::to_owned);
+    GuestOsInfo {
+        id: field("id"),
+        name: field("name"),
+        pretty_name: field("pretty-name"),
+        version_id: field("version-id"),
+        kernel_release: field("kernel-release"),
+    }
+}
+
+#[async_trait]
+impl GuestAgent for QgaSocketAgent {
+    async fn probe(&self, domain: &ValidDomain) -> Result<ProbeResponse, ShimError> {
+        let info = match self.command(domain, "guest-info", json!({})).await {
+            Ok(info) => info,
+            Err(e) if e.reason == ShimErrorReason::AgentNotConnected => {
+                return Ok(ProbeResponse::default());
+            }
+            Err(e) => return Err(e),
+        };
+        let mut probe = parse_guest_info(&info);
+        if probe
+            .supported_commands
+            .iter()
+            .any(|c| c == "guest-get-osinfo")
+        {
+            // OS info is a nicety: its failure must not fail the probe.
+            match self.command(domain, "guest-get-osinfo", json!({})).await {
+                Ok(os) => probe.os = Some(parse_os_info(&os)),
+                Err(e) => tracing::debug!(%domain, error = %e, "guest-get-osinfo failed"),
+            }
+        }
+        Ok(probe)
+    }
+
+    async fn set_password(
+        &self,
+        domain: &ValidDomain,
+        user: &UserName,
+        password: &Password,
+    ) -> Result<(), ShimError> {
+        let encoded = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD.encode(password.secret().expose_secret()),
+        );
+        let command = SetPasswordCommand {
+            execute: "guest-set-user-password",
+            arguments: SetPasswordArguments {
+                username: user.as_str(),
+                password: &encoded,
+                crypted: password.crypted(),
+            },
+        };
+        let request = Zeroizing::new(
+            serde_json::to_vec(&command)
+                .map_err(|e| ShimError::internal(format!("encoding request: {e}")))?,
+        );
+        match self.call(domain, request).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.reason == ShimErrorReason::UserNotFound => {
+                let check = UserCheck::from_get_keys(&self.get_ssh_keys(domain, user).await);
+                Err(errors::password_failure(e, check))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn get_ssh_keys(
+        &self,
+        domain: &ValidDomain,
+        user: &UserName,
+    ) -> Result<Vec<String>, ShimError> {
+        let args = json!({ "username": user.as_str() });
+        match self
+            .command(domain, "guest-ssh-get-authorized-keys", args)
+            .await
+        {
+            Ok(v) => string_list(&v, "keys"),
+            Err(e) if errors::is_missing_authorized_keys(&e.message) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn add_ssh_keys(
+        &self,
+        domain: &ValidDomain,
+        user: &UserName,
+        keys: &PublicKeys,
+        reset: bool,
+    ) -> Result<(), ShimError> {
+        let args = json!({ "username": user.as_str(), "keys": keys.as_slice(), "reset": reset });
+        self.command(domain, "guest-ssh-add-authorized-keys", args)
+            .await
+            .map(drop)
+    }
+
+    async fn remove_ssh_keys(
+        &self,
+        domain: &ValidDomain,
+        user: &UserName,
+        keys: &PublicKeys,
+    ) -> Result<(), ShimError> {
+        let args = json!({ "username": user.as_str(), "keys": keys.as_slice() });
+        match self
+            .command(domain, "guest-ssh-remove-authorized-keys", args)
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Nothing to remove from a file that does not exist.
+            Err(e) if errors::is_missing_authorized_keys(&e.message) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_info_lists_only_enabled_commands() {
+        let info = json!({"version": "7.2.22", "supported_commands": [
+            {"name": "guest-ping", "enabled": true},
+            {"name": "guest-exec", "enabled": false},
+        ]});
+        let p = parse_guest_info(&info);
+        assert!(p.agent_connected);
+        assert_eq!(p.agent_version.as_deref(), Some("7.2.22"));
+        assert_eq!(p.supported_commands, ["guest-ping"]);
+    }
+
+    #[test]
+    fn os_info_reads_dashed_qga_fields() {
+        let os = parse_os_info(
+            &json!({"id": "debian", "pretty-name": "Debian 12", "version-id": "12", "kernel-release": "6.1"}),
+        );
+        assert_eq!(os.pretty_name.as_deref(), Some("Debian 12"));
+        assert_eq!(os.version_id.as_deref(), Some("12"));
+        assert_eq!(os.kernel_release.as_deref(), Some("6.1"));
+    }
+}
