@@ -1,3 +1,4 @@
 //! The test world: never shipped in product images.
 pub mod apiserver;
 pub mod guest;
+pub mod hostqga;

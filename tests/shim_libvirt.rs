@@ -1,0 +1,380 @@
+//! The shim over HTTP with the `libvirt` backend against the real-guest lab: a private
+//! libvirtd, QEMU (TCG) guests and their real qemu-ga (`guestcred::lab::guest`).
+//!
+//! Needs root and scripts/install-deps.sh; the lab fails these tests with the reason when it
+//! cannot run, never skips. The shared lab's guests are shared by the tests of this file,
+//! so each test changes a (VM, user) pair no other test here touches.
+#![cfg(feature = "lab")]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guestcred::api::wire::{DomainRef, KeyOp, SetPasswordRequest, ShimErrorReason};
+use guestcred::lab::guest::{
+    self, GuestSpec, Libvirtd, TestLab, VM_A, VM_B, VM_HUNG, VM_NOAGENT, VM_OLDAGENT, shadow_entry,
+    shared_test_lab,
+};
+use guestcred::shim::auth::Auth;
+use guestcred::shim::libvirt::{
+    DEFAULT_DOMAIN_TEMPLATE, KUBEVIRT_SOCKET_SUBPATH, LibvirtAgent, Locator,
+};
+use guestcred::shim::server;
+use guestcred::shim::{ShimCallError, ShimClient};
+use secrecy::SecretString;
+
+const KEY1: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOglZHLWMUiFZKISTA02CLUEt1OFBDFgL3fufFHEpdbt user1@lab";
+const KEY2: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINXFgCFRWfuwTzj2HeO7BmTLkYNkBWnqJFF1z8Ysj2IQ user2@lab";
+const KEY3: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINcnEfdogNe+2gIjM/9tVUUrb4ZwUU5b3vnNoMb4Aywb user3@lab";
+const SHA512_HASH: &str = "$6$gcLabSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0";
+const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+async fn lab() -> &'static TestLab {
+    tokio::task::spawn_blocking(shared_test_lab)
+        .await
+        .expect("the real-guest lab must start")
+}
+
+/// An in-process shim on 127.0.0.1 using `locator`; returns its client.
+async fn shim(locator: Locator) -> ShimClient {
+    let agent = Arc::new(LibvirtAgent::new(locator, AGENT_TIMEOUT));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(server::serve(
+        listener,
+        server::router(agent, Auth::Disabled),
+        std::future::pending(),
+    ));
+    ShimClient::new(url, None, CLIENT_TIMEOUT).expect("client")
+}
+
+async fn lab_shim() -> (&'static TestLab, ShimClient) {
+    let lab = lab().await;
+    let client = shim(uri_locator(&lab.uri())).await;
+    (lab, client)
+}
+
+fn uri_locator(uri: &str) -> Locator {
+    Locator::LibvirtUri {
+        uri: uri.to_owned(),
+        domain_template: DEFAULT_DOMAIN_TEMPLATE.into(),
+    }
+}
+
+/// `default_vm-a` → namespace `default`, name `vm-a` (KubeVirt's naming).
+fn domain(libvirt_name: &str) -> DomainRef {
+    let (ns, name) = libvirt_name
+        .split_once('_')
+        .expect("lab domain names are ns_name");
+    DomainRef::new(ns, name)
+}
+
+fn password(vm: &str, user: &str, secret: &str, crypted: bool) -> SetPasswordRequest {
+    SetPasswordRequest {
+        domain: domain(vm),
+        user: user.into(),
+        password: SecretString::from(secret),
+        crypted,
+    }
+}
+
+fn reason(r: Result<impl std::fmt::Debug, ShimCallError>) -> ShimErrorReason {
+    match r {
+        Err(ShimCallError::Shim(e)) => e.reason,
+        other => panic!("expected a typed shim error, got {other:?}"),
+    }
+}
+
+async fn shadow(uri: &str, vm: &'static str, user: &'static str) -> String {
+    let uri = uri.to_owned();
+    tokio::task::spawn_blocking(move || shadow_entry(&uri, vm, user))
+        .await
+        .expect("join")
+        .expect("read the guest's /etc/shadow")
+}
+
+fn assert_same_keys(actual: &[String], expected: &[&str]) {
+    let mut a: Vec<&str> = actual.iter().map(String::as_str).collect();
+    let mut e = expected.to_vec();
+    a.sort_unstable();
+    e.sort_unstable();
+    assert_eq!(a, e);
+}
+
+/// Boot an extra guest on `libvirtd` and wait for its agent (blocking pool).
+async fn boot_guest(
+    libvirtd_uri: String,
+    start: impl FnOnce() -> Result<(), guest::LabError> + Send + 'static,
+    name: &'static str,
+) {
+    tokio::task::spawn_blocking(move || {
+        start().expect("start extra guest");
+        guest::wait_for_agent(&libvirtd_uri, name, BOOT_TIMEOUT).expect("extra guest's agent");
+    })
+    .await
+    .expect("join");
+}
+
+#[tokio::test]
+async fn crypted_password_is_stored_verbatim_in_the_guest() {
+    let (lab, c) = lab_shim().await;
+    c.set_password(&password(VM_A, "root", SHA512_HASH, true))
+        .await
+        .expect("set crypted");
+    assert_eq!(shadow(&lab.uri(), VM_A, "root").await, SHA512_HASH);
+}
+
+#[tokio::test]
+async fn plaintext_password_gives_a_new_guest_hash() {
+    let (lab, c) = lab_shim().await;
+    let before = shadow(&lab.uri(), VM_B, "alice").await;
+    c.set_password(&password(VM_B, "alice", "Correct horse 2", false))
+        .await
+        .expect("set plaintext");
+    let after = shadow(&lab.uri(), VM_B, "alice").await;
+    assert_ne!(after, before);
+    assert!(
+        after.starts_with("$y$") || after.starts_with("$6$"),
+        "{after}"
+    );
+}
+
+#[tokio::test]
+async fn ssh_keys_add_remove_replace_and_get_round_trip() {
+    let (_lab, c) = lab_shim().await;
+    let d = domain(VM_A);
+    let added = c
+        .ssh_keys(&d, "alice", KeyOp::Add, vec![KEY1.into(), KEY2.into()])
+        .await
+        .unwrap();
+    assert!(
+        added.iter().any(|k| k == KEY1) && added.iter().any(|k| k == KEY2),
+        "{added:?}"
+    );
+    let removed = c
+        .ssh_keys(&d, "alice", KeyOp::Remove, vec![KEY1.into()])
+        .await
+        .unwrap();
+    assert!(!removed.iter().any(|k| k == KEY1) && removed.iter().any(|k| k == KEY2));
+    let replaced = c
+        .ssh_keys(&d, "alice", KeyOp::Replace, vec![KEY3.into()])
+        .await
+        .unwrap();
+    assert_same_keys(&replaced, &[KEY3]);
+    assert_same_keys(&c.get_ssh_keys(&d, "alice").await.unwrap(), &[KEY3]);
+}
+
+#[tokio::test]
+async fn guest_without_agent_is_agent_not_connected() {
+    let (_lab, c) = lab_shim().await;
+    let probe = c.probe(&domain(VM_NOAGENT)).await.expect("probe answers");
+    assert!(!probe.agent_connected);
+    let r = c
+        .set_password(&password(VM_NOAGENT, "root", SHA512_HASH, true))
+        .await;
+    assert_eq!(reason(r), ShimErrorReason::AgentNotConnected);
+}
+
+#[tokio::test]
+async fn hung_agent_times_out_after_the_configured_timeout_while_another_domain_answers() {
+    let (_lab, c) = lab_shim().await;
+    let started = Instant::now();
+    let hung = {
+        let c = c.clone();
+        tokio::spawn(async move { c.get_ssh_keys(&domain(VM_HUNG), "root").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let probe = c
+        .probe(&domain(VM_B))
+        .await
+        .expect("the healthy domain answers");
+    assert!(probe.agent_connected);
+    assert!(
+        !hung.is_finished(),
+        "the hung call must still be pending while another domain answers"
+    );
+    let r = tokio::time::timeout(Duration::from_secs(60), hung)
+        .await
+        .expect("hung call ends")
+        .expect("join");
+    assert_eq!(reason(r), ShimErrorReason::AgentTimeout);
+    assert!(
+        started.elapsed() >= AGENT_TIMEOUT,
+        "timed out before the configured agent timeout"
+    );
+}
+
+#[tokio::test]
+async fn paused_domain_is_not_running() {
+    let lab = lab().await;
+    let c = shim(uri_locator(&lab.uri())).await;
+    const VM: &str = "default_vm-paused";
+    let (uri, work) = (lab.uri(), lab.work_dir.clone());
+    boot_guest(
+        uri.clone(),
+        move || guest::start_guest(&lab.libvirtd, &lab.image, &GuestSpec::new(VM), &work),
+        VM,
+    )
+    .await;
+    let u = uri.clone();
+    tokio::task::spawn_blocking(move || guest::pause_guest(&u, VM))
+        .await
+        .unwrap()
+        .expect("pause");
+    let r = c
+        .set_password(&password(VM, "root", SHA512_HASH, true))
+        .await;
+    let u = uri.clone();
+    tokio::task::spawn_blocking(move || guest::destroy_guest(&u, VM))
+        .await
+        .unwrap()
+        .expect("destroy");
+    assert_eq!(reason(r), ShimErrorReason::DomainNotRunning);
+}
+
+#[tokio::test]
+async fn unknown_domain_is_domain_not_found() {
+    let (_lab, c) = lab_shim().await;
+    assert_eq!(
+        reason(c.probe(&DomainRef::new("default", "no-such-vm")).await),
+        ShimErrorReason::DomainNotFound
+    );
+}
+
+#[tokio::test]
+async fn unknown_user_is_user_not_found() {
+    let (_lab, c) = lab_shim().await;
+    let r = c
+        .set_password(&password(VM_B, "bob", "pw-123456", false))
+        .await;
+    assert_eq!(reason(r), ShimErrorReason::UserNotFound);
+    assert_eq!(
+        reason(c.get_ssh_keys(&domain(VM_B), "bob").await),
+        ShimErrorReason::UserNotFound
+    );
+}
+
+#[tokio::test]
+async fn agent_with_ssh_commands_blocked_is_unsupported() {
+    let (_lab, c) = lab_shim().await;
+    let d = domain(VM_OLDAGENT);
+    let probe = c.probe(&d).await.unwrap();
+    assert!(probe.agent_connected && !probe.supports_ssh_keys());
+    assert_eq!(
+        reason(c.ssh_keys(&d, "alice", KeyOp::Add, vec![KEY1.into()]).await),
+        ShimErrorReason::Unsupported
+    );
+}
+
+#[tokio::test]
+async fn probe_reports_version_commands_and_os() {
+    let (_lab, c) = lab_shim().await;
+    let p = c.probe(&domain(VM_A)).await.unwrap();
+    assert!(p.agent_connected && p.supports_ssh_keys() && p.supports_set_password());
+    assert!(p.agent_version.is_some());
+    assert!(p.os.is_some(), "guest-get-osinfo answered");
+}
+
+#[tokio::test]
+async fn kubevirt_locator_reaches_the_domain_through_the_launcher_socket() {
+    let lab = lab().await;
+    let pods = tempfile::tempdir().unwrap();
+    let uid = "0b9c5a4e-8d7f-4f3a-9e2b-1c2d3e4f5a6b";
+    let sock = pods.path().join(uid).join(KUBEVIRT_SOCKET_SUBPATH);
+    std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+    // A plain libvirtd socket stands in for the launcher's virtqemud.
+    std::os::unix::fs::symlink(lab.libvirtd.socket_path(), &sock).unwrap();
+    let c = shim(Locator::Kubevirt {
+        kubelet_pods_dir: pods.path().to_path_buf(),
+        domain_template: DEFAULT_DOMAIN_TEMPLATE.into(),
+    })
+    .await;
+    let p = c
+        .probe(&domain(VM_A).with_launcher_pod_uid(uid))
+        .await
+        .expect("probe via kubevirt locator");
+    assert!(p.agent_connected);
+    let other_pod = domain(VM_A).with_launcher_pod_uid("11111111-2222-3333-4444-555555555555");
+    assert_eq!(
+        reason(c.probe(&other_pod).await),
+        ShimErrorReason::DomainNotFound
+    );
+}
+
+fn restart_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("guestcred-shim-restart-{}", std::process::id()))
+}
+
+fn start_libvirtd(dir: &Path) -> Libvirtd {
+    Libvirtd::start(dir, &guest::default_cache_dir()).unwrap_or_else(|e| {
+        panic!("cannot start libvirtd (run scripts/install-deps.sh as root): {e}")
+    })
+}
+
+#[tokio::test]
+async fn shim_reconnects_after_libvirtd_restarts() {
+    let lab = lab().await;
+    const VM: &str = "default_vm-restart";
+    let dir = restart_dir();
+    let first = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || start_libvirtd(&dir)
+    })
+    .await
+    .unwrap();
+    let uri = first.uri();
+    let c = shim(uri_locator(&uri)).await;
+    let boot = |d: Libvirtd| {
+        let work = dir.join("vms");
+        let uri = uri.clone();
+        async move {
+            let d = Arc::new(d);
+            let d2 = d.clone();
+            boot_guest(
+                uri,
+                move || guest::start_guest(&d2, &lab.image, &GuestSpec::new(VM), &work),
+                VM,
+            )
+            .await;
+            Arc::try_unwrap(d).expect("sole owner")
+        }
+    };
+    let first = boot(first).await;
+    assert!(
+        c.probe(&domain(VM))
+            .await
+            .expect("probe before restart")
+            .agent_connected
+    );
+
+    tokio::task::spawn_blocking(move || first.stop())
+        .await
+        .unwrap()
+        .expect("stop libvirtd");
+    let second = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || start_libvirtd(&dir)
+    })
+    .await
+    .unwrap();
+    assert_eq!(second.uri(), uri, "same socket after the restart");
+    let second = boot(second).await;
+
+    let p = c
+        .probe(&domain(VM))
+        .await
+        .expect("probe after restart reconnects");
+    assert!(p.agent_connected);
+    tokio::task::spawn_blocking(move || second.stop())
+        .await
+        .unwrap()
+        .expect("stop libvirtd");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,471 @@
+//! The shim over HTTP with the `qga-socket` backend against real qemu-ga instances
+//! (`guestcred::lab::hostqga`): the host's qemu-ga in private namespaces, no VM.
+//!
+//! Needs root, `unshare`, overlayfs and qemu-ga (scripts/install-deps.sh). Without them
+//! these tests fail with the reason; they never skip.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use guestcred::api::wire::{DomainRef, KeyOp, SetPasswordRequest, ShimErrorReason, paths};
+use guestcred::lab::hostqga::{HostQga, HostQgaOptions, SSH_COMMANDS};
+use guestcred::shim::auth::Auth;
+use guestcred::shim::qga::QgaSocketAgent;
+use guestcred::shim::server;
+use guestcred::shim::{ShimCallError, ShimClient};
+use secrecy::SecretString;
+use tempfile::TempDir;
+use tokio::net::UnixListener;
+
+const KEY1: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOglZHLWMUiFZKISTA02CLUEt1OFBDFgL3fufFHEpdbt user1@lab";
+const KEY2: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINXFgCFRWfuwTzj2HeO7BmTLkYNkBWnqJFF1z8Ysj2IQ user2@lab";
+const KEY3: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINcnEfdogNe+2gIjM/9tVUUrb4ZwUU5b3vnNoMb4Aywb user3@lab";
+const SHA512_HASH: &str = "$6$gcLabSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0";
+const TOKEN: &str = "lab-shim-token";
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A shim serving on 127.0.0.1 with the qga-socket backend, sockets under `dir`.
+struct Shim {
+    dir: TempDir,
+    url: String,
+}
+
+impl Shim {
+    async fn start(agent_timeout: Duration, auth: Auth) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("gcq")
+            .tempdir()
+            .expect("tempdir");
+        let template = format!("{}/{{name}}/qga.sock", dir.path().display());
+        let agent = Arc::new(QgaSocketAgent::new(template, agent_timeout));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let app = server::router(agent, auth);
+        tokio::spawn(server::serve(listener, app, std::future::pending()));
+        Self { dir, url }
+    }
+
+    async fn open() -> Self {
+        Self::start(Duration::from_secs(5), Auth::Disabled).await
+    }
+
+    fn client(&self) -> ShimClient {
+        ShimClient::new(&self.url, None, CLIENT_TIMEOUT).expect("client")
+    }
+
+    fn vm(&self, name: &str, opts: HostQgaOptions) -> HostQga {
+        HostQga::start_with(self.dir.path(), name, &opts).unwrap_or_else(|e| {
+            panic!("lab qemu-ga {name} must start (needs root, unshare, overlayfs, qemu-ga): {e}")
+        })
+    }
+
+    fn socket_dir(&self, name: &str) -> PathBuf {
+        let d = self.dir.path().join(name);
+        std::fs::create_dir_all(&d).expect("socket dir");
+        d
+    }
+}
+
+fn alice() -> HostQgaOptions {
+    HostQgaOptions::default().user("alice")
+}
+
+fn domain(name: &str) -> DomainRef {
+    DomainRef::new("lab", name)
+}
+
+fn password(vm: &str, user: &str, secret: &str, crypted: bool) -> SetPasswordRequest {
+    SetPasswordRequest {
+        domain: domain(vm),
+        user: user.into(),
+        password: SecretString::from(secret),
+        crypted,
+    }
+}
+
+fn reason(r: Result<impl std::fmt::Debug, ShimCallError>) -> ShimErrorReason {
+    match r {
+        Err(ShimCallError::Shim(e)) => e.reason,
+        other => panic!("expected a typed shim error, got {other:?}"),
+    }
+}
+
+/// A socket that accepts connections and never answers: a hung agent. Counts connections.
+fn silent_socket(path: &Path) -> Arc<AtomicUsize> {
+    let listener = UnixListener::bind(path).expect("bind silent socket");
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    count
+}
+
+#[tokio::test]
+async fn crypted_password_lands_verbatim_in_the_guest_shadow() {
+    let shim = Shim::open().await;
+    let vm = shim.vm("vm-crypt", alice());
+    shim.client()
+        .set_password(&password("vm-crypt", "alice", SHA512_HASH, true))
+        .await
+        .expect("set crypted password");
+    assert_eq!(
+        vm.shadow_hash("alice").unwrap().as_deref(),
+        Some(SHA512_HASH)
+    );
+}
+
+#[tokio::test]
+async fn plaintext_password_becomes_a_new_guest_hash() {
+    let shim = Shim::open().await;
+    let vm = shim.vm("vm-plain", alice());
+    let before = vm.shadow_hash("alice").unwrap();
+    shim.client()
+        .set_password(&password("vm-plain", "alice", "Correct horse 1", false))
+        .await
+        .expect("set plaintext password");
+    let after = vm.shadow_hash("alice").unwrap().expect("alice in shadow");
+    assert_ne!(Some(&after), before.as_ref());
+    assert!(
+        after.starts_with("$y$") || after.starts_with("$6$"),
+        "{after}"
+    );
+    assert!(!after.contains("Correct horse"));
+}
+
+#[tokio::test]
+async fn root_password_can_be_set() {
+    let shim = Shim::open().await;
+    let vm = shim.vm("vm-root", HostQgaOptions::default());
+    shim.client()
+        .set_password(&password("vm-root", "root", SHA512_HASH, true))
+        .await
+        .expect("set root password");
+    assert_eq!(
+        vm.shadow_hash("root").unwrap().as_deref(),
+        Some(SHA512_HASH)
+    );
+}
+
+#[tokio::test]
+async fn ssh_keys_add_remove_replace_and_get_round_trip() {
+    let shim = Shim::open().await;
+    let vm = shim.vm("vm-keys", alice());
+    let c = shim.client();
+    let d = domain("vm-keys");
+
+    assert!(
+        c.get_ssh_keys(&d, "alice").await.unwrap().is_empty(),
+        "no file yet = no keys"
+    );
+
+    let after_add = c
+        .ssh_keys(&d, "alice", KeyOp::Add, vec![KEY1.into(), KEY2.into()])
+        .await
+        .unwrap();
+    assert_same_keys(&after_add, &[KEY1, KEY2]);
+    assert_same_keys(&vm.authorized_keys("alice").unwrap(), &[KEY1, KEY2]);
+
+    let again = c
+        .ssh_keys(&d, "alice", KeyOp::Add, vec![KEY1.into()])
+        .await
+        .unwrap();
+    assert_same_keys(&again, &[KEY1, KEY2]);
+
+    let after_remove = c
+        .ssh_keys(&d, "alice", KeyOp::Remove, vec![KEY1.into()])
+        .await
+        .unwrap();
+    assert_same_keys(&after_remove, &[KEY2]);
+
+    let after_replace = c
+        .ssh_keys(&d, "alice", KeyOp::Replace, vec![KEY3.into()])
+        .await
+        .unwrap();
+    assert_same_keys(&after_replace, &[KEY3]);
+    assert_same_keys(&c.get_ssh_keys(&d, "alice").await.unwrap(), &[KEY3]);
+    assert_same_keys(&vm.authorized_keys("alice").unwrap(), &[KEY3]);
+}
+
+#[tokio::test]
+async fn adding_keys_keeps_keys_the_operator_never_added() {
+    let shim = Shim::open().await;
+    let vm = shim.vm("vm-seeded", alice());
+    vm.seed_authorized_keys("alice", &[KEY1]).unwrap();
+    let keys = shim
+        .client()
+        .ssh_keys(&domain("vm-seeded"), "alice", KeyOp::Add, vec![KEY2.into()])
+        .await
+        .unwrap();
+    assert_same_keys(&keys, &[KEY1, KEY2]);
+}
+
+fn assert_same_keys(actual: &[String], expected: &[&str]) {
+    let mut a: Vec<&str> = actual.iter().map(String::as_str).collect();
+    let mut e = expected.to_vec();
+    a.sort_unstable();
+    e.sort_unstable();
+    assert_eq!(a, e);
+}
+
+#[tokio::test]
+async fn unknown_user_is_user_not_found_for_passwords_and_keys() {
+    let shim = Shim::open().await;
+    let _vm = shim.vm("vm-nouser", alice());
+    let c = shim.client();
+    let d = domain("vm-nouser");
+    assert_eq!(
+        reason(
+            c.set_password(&password("vm-nouser", "bob", "pw-123456", false))
+                .await
+        ),
+        ShimErrorReason::UserNotFound
+    );
+    assert_eq!(
+        reason(c.get_ssh_keys(&d, "bob").await),
+        ShimErrorReason::UserNotFound
+    );
+    assert_eq!(
+        reason(c.ssh_keys(&d, "bob", KeyOp::Add, vec![KEY1.into()]).await),
+        ShimErrorReason::UserNotFound
+    );
+}
+
+#[tokio::test]
+async fn invalid_input_is_rejected_before_any_agent_connection() {
+    let shim = Shim::open().await;
+    let connections = silent_socket(&shim.socket_dir("vm-guarded").join("qga.sock"));
+    let c = shim.client();
+    let d = domain("vm-guarded");
+    let private = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----";
+
+    let cases: Vec<(&str, Result<Vec<String>, ShimCallError>)> = vec![
+        (
+            "user with ':'",
+            c.set_password(&password("vm-guarded", "ali:ce", "pw-123456", false))
+                .await
+                .map(|_| vec![]),
+        ),
+        ("user with space", c.get_ssh_keys(&d, "ali ce").await),
+        (
+            "newline in password",
+            c.set_password(&password("vm-guarded", "alice", "pw\nroot:x", false))
+                .await
+                .map(|_| vec![]),
+        ),
+        (
+            "plaintext as crypted",
+            c.set_password(&password("vm-guarded", "alice", "not-a-hash", true))
+                .await
+                .map(|_| vec![]),
+        ),
+        (
+            "garbage key",
+            c.ssh_keys(&d, "alice", KeyOp::Add, vec!["ssh-rsa not-a-key".into()])
+                .await,
+        ),
+        (
+            "private key",
+            c.ssh_keys(&d, "alice", KeyOp::Replace, vec![private.into()])
+                .await,
+        ),
+        (
+            "path in vm name",
+            c.get_ssh_keys(&DomainRef::new("lab", "../vm-guarded"), "alice")
+                .await,
+        ),
+    ];
+    for (what, result) in cases {
+        match result {
+            Err(ShimCallError::Shim(e)) => {
+                assert_eq!(e.reason, ShimErrorReason::InvalidArgument, "{what}");
+                assert!(
+                    !e.message.contains("pw\n") && !e.message.contains("not-a-hash"),
+                    "{what}: {}",
+                    e.message
+                );
+            }
+            other => panic!("{what}: expected InvalidArgument, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "no request may reach the agent"
+    );
+}
+
+#[tokio::test]
+async fn private_key_rejection_says_so() {
+    let shim = Shim::open().await;
+    let pem = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----";
+    match shim
+        .client()
+        .ssh_keys(&domain("vm-x"), "alice", KeyOp::Add, vec![pem.into()])
+        .await
+    {
+        Err(ShimCallError::Shim(e)) => assert!(e.message.contains("private key"), "{}", e.message),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn missing_agent_socket_is_domain_not_found() {
+    let shim = Shim::open().await;
+    let r = shim.client().probe(&domain("vm-absent")).await;
+    assert_eq!(reason(r), ShimErrorReason::DomainNotFound);
+}
+
+#[tokio::test]
+async fn hung_agent_times_out_while_another_vm_answers() {
+    let timeout = Duration::from_secs(3);
+    let shim = Shim::start(timeout, Auth::Disabled).await;
+    let vm = shim.vm("vm-ok", alice());
+    silent_socket(&shim.socket_dir("vm-hung").join("qga.sock"));
+    let c = shim.client();
+
+    let started = Instant::now();
+    let hung = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.set_password(&password("vm-hung", "alice", SHA512_HASH, true))
+                .await
+        })
+    };
+    // Two calls to the healthy VM complete while the hung call is still waiting.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.set_password(&password("vm-ok", "alice", SHA512_HASH, true))
+        .await
+        .expect("healthy VM answers");
+    let probe = c.probe(&domain("vm-ok")).await.expect("healthy VM probes");
+    assert!(probe.agent_connected);
+    assert!(
+        !hung.is_finished(),
+        "the hung call must still be pending while the other VM answers"
+    );
+    assert_eq!(
+        vm.shadow_hash("alice").unwrap().as_deref(),
+        Some(SHA512_HASH)
+    );
+
+    let r = tokio::time::timeout(Duration::from_secs(30), hung)
+        .await
+        .expect("hung call ends")
+        .expect("join");
+    assert_eq!(reason(r), ShimErrorReason::AgentTimeout);
+    assert!(
+        started.elapsed() >= timeout,
+        "timed out before the configured agent timeout"
+    );
+}
+
+#[tokio::test]
+async fn probe_reports_agent_version_commands_and_os() {
+    let shim = Shim::open().await;
+    let _vm = shim.vm("vm-probe", HostQgaOptions::default());
+    let p = shim
+        .client()
+        .probe(&domain("vm-probe"))
+        .await
+        .expect("probe");
+    assert!(p.agent_connected);
+    assert!(p.agent_version.as_deref().is_some_and(|v| !v.is_empty()));
+    assert!(p.supports_ssh_keys() && p.supports_set_password());
+    assert!(
+        !p.supported_commands.iter().any(|c| c == "guest-exec"),
+        "blocked commands are not listed"
+    );
+    assert!(
+        p.os.and_then(|o| o.id).is_some(),
+        "OS id from guest-get-osinfo"
+    );
+}
+
+#[tokio::test]
+async fn agent_without_ssh_commands_is_unsupported() {
+    let shim = Shim::open().await;
+    let _vm = shim.vm("vm-old", alice().block(SSH_COMMANDS));
+    let c = shim.client();
+    let d = domain("vm-old");
+    assert!(!c.probe(&d).await.unwrap().supports_ssh_keys());
+    assert_eq!(
+        reason(c.ssh_keys(&d, "alice", KeyOp::Add, vec![KEY1.into()]).await),
+        ShimErrorReason::Unsupported
+    );
+    assert_eq!(
+        reason(c.get_ssh_keys(&d, "alice").await),
+        ShimErrorReason::Unsupported
+    );
+}
+
+#[tokio::test]
+async fn unauthenticated_requests_are_refused() {
+    let shim = Shim::start(
+        Duration::from_secs(5),
+        Auth::bearer(SecretString::from(TOKEN)),
+    )
+    .await;
+    let _vm = shim.vm("vm-auth", HostQgaOptions::default());
+    let d = domain("vm-auth");
+
+    let anonymous = shim.client();
+    assert_eq!(
+        reason(anonymous.probe(&d).await),
+        ShimErrorReason::Unauthenticated
+    );
+    let wrong =
+        ShimClient::new(&shim.url, Some(SecretString::from("nope")), CLIENT_TIMEOUT).unwrap();
+    assert_eq!(
+        reason(wrong.probe(&d).await),
+        ShimErrorReason::Unauthenticated
+    );
+    let right =
+        ShimClient::new(&shim.url, Some(SecretString::from(TOKEN)), CLIENT_TIMEOUT).unwrap();
+    assert!(right.probe(&d).await.unwrap().agent_connected);
+
+    let health = reqwest::get(format!("{}{}", shim.url, paths::HEALTHZ))
+        .await
+        .unwrap();
+    assert!(
+        health.status().is_success(),
+        "health stays open for kubelet probes"
+    );
+}
+
+#[tokio::test]
+async fn malformed_body_is_invalid_argument_without_echoing_it() {
+    let shim = Shim::open().await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}{}", shim.url, paths::PASSWORD))
+        .header("content-type", "application/json")
+        .body(r#"{"domain":{"namespace":"lab","name":"vm"},"user":"root","password":"s3cr3t-zz","crypted":"s3cr3t-zz"}"#)
+        .send()
+        .await
+        .unwrap();
+    let body: guestcred::api::wire::ShimError = resp.json().await.unwrap();
+    assert_eq!(body.reason, ShimErrorReason::InvalidArgument);
+    assert!(!body.message.contains("s3cr3t"), "{}", body.message);
+}
+
+#[tokio::test]
+async fn unreachable_shim_is_reported_as_unreachable() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let c = ShimClient::new(url, None, Duration::from_secs(5)).unwrap();
+    assert!(matches!(
+        c.probe(&domain("vm")).await,
+        Err(ShimCallError::Unreachable(_))
+    ));
+}
