@@ -1,1 +1,24 @@
-//! Logging setup.
+//! Structured logging setup shared by all binaries.
+use clap::ValueEnum;
+use tracing_subscriber::{EnvFilter, fmt};
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Install the global tracing subscriber. `RUST_LOG` overrides the default `info` filter.
+/// Calling it twice is harmless (the second call is ignored).
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

@@ -1,1 +1,52 @@
-fn main() {}
+//! guestcred: the operator's controller, the node shim, and the CRD generator.
+use clap::{Parser, Subcommand};
+use guestcred::{controller, shim};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "guestcred",
+    version,
+    about = "Reset guest passwords and rotate SSH keys in running KubeVirt-style VMs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reconcile GuestPasswordReset and KeypairRebuild objects (runs in the cluster).
+    Controller(controller::ControllerArgs),
+    /// Serve the node-local agent API (one per virtualization node, a DaemonSet).
+    Shim(shim::ShimArgs),
+    /// Write the CustomResourceDefinitions generated from the Rust types.
+    Crdgen {
+        /// Directory to write one YAML file per CRD into; without it, print all to stdout.
+        #[arg(long, env = "GUESTCRED_CRDGEN_OUT")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Controller(args) => controller::run(args).await,
+        Command::Shim(args) => shim::run(args).await,
+        Command::Crdgen { out } => crdgen(out),
+    }
+}
+
+fn crdgen(out: Option<PathBuf>) -> anyhow::Result<()> {
+    for (file, crd) in guestcred::api::crds() {
+        let yaml = guestcred::api::crd_yaml(&crd)?;
+        match &out {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                std::fs::write(dir.join(file), yaml)?;
+            }
+            None => print!("---\n{yaml}"),
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,217 @@
-//! Controller.
+//! The controller: reconciles GuestPasswordReset and KeypairRebuild objects.
+//!
+//! Watches both kinds, VirtualMachineInstances (a target becoming Running or appearing)
+//! and Secrets (metadata only: a changed input Secret starts a new run), and drives each
+//! object's targets through the node shims (see `engine`).
+pub mod context;
+pub mod engine;
+pub mod error;
+pub mod keypair;
+pub mod password;
+pub mod secrets;
+pub mod shims;
+pub mod targets;
+
+use crate::api::kubevirt::VirtualMachineInstance;
+use crate::api::{GuestPasswordReset, KeypairRebuild, RunStatus, SecretKeyRef, TargetState};
+use crate::telemetry::LogFormat;
+use context::{Context, EngineSettings};
+use engine::RunKind;
+use error::Error;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use secrecy::SecretString;
+use shims::{ShimAccess, ShimDirectory};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Flags of `guestcred controller` (each also from a GUESTCRED_* environment variable).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ControllerArgs {
+    /// Namespace of the shim pods (empty: look in all namespaces).
+    #[arg(long, env = "GUESTCRED_SHIM_NAMESPACE", default_value = "")]
+    pub shim_namespace: String,
+    /// Port the shims listen on.
+    #[arg(long, env = "GUESTCRED_SHIM_PORT", default_value_t = 8443)]
+    pub shim_port: u16,
+    /// URL scheme for shims (http until TLS is configured).
+    #[arg(long, env = "GUESTCRED_SHIM_SCHEME", default_value = "http")]
+    pub shim_scheme: String,
+    /// File with the bearer token the shims expect.
+    #[arg(long, env = "GUESTCRED_SHIM_TOKEN_FILE")]
+    pub shim_token_file: Option<PathBuf>,
+    /// Bound on one shim request in seconds (keep it above the shim's agent timeout).
+    #[arg(
+        long,
+        env = "GUESTCRED_SHIM_REQUEST_TIMEOUT_SECONDS",
+        default_value_t = 15
+    )]
+    pub shim_request_timeout_seconds: u64,
+    /// Name reported as the source of Events.
+    #[arg(
+        long,
+        env = "GUESTCRED_CONTROLLER_NAME",
+        default_value = "guestcred-controller"
+    )]
+    pub controller_name: String,
+    /// Log format.
+    #[arg(long, env = "GUESTCRED_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `guestcred controller`: connect with the ambient kubeconfig / in-cluster config and run.
+pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
+    crate::telemetry::init(args.log_format);
+    let client = Client::try_default().await?;
+    let token = match &args.shim_token_file {
+        Some(p) => Some(SecretString::from(
+            std::fs::read_to_string(p)?.trim().to_string(),
+        )),
+        None => None,
+    };
+    let access = ShimAccess {
+        namespace: (!args.shim_namespace.is_empty()).then(|| args.shim_namespace.clone()),
+        port: args.shim_port,
+        scheme: args.shim_scheme.clone(),
+        token,
+        request_timeout: Duration::from_secs(args.shim_request_timeout_seconds),
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    start(
+        client,
+        access,
+        &args.controller_name,
+        EngineSettings::default(),
+        shutdown,
+    )
+    .await;
+    Ok(())
+}
+
+/// Run both controllers until `shutdown` resolves (then in-flight reconciles finish).
+pub async fn start(
+    client: Client,
+    access: ShimAccess,
+    controller_name: &str,
+    settings: EngineSettings,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (shims, shim_watch) = ShimDirectory::start(client.clone(), access);
+    let shim_task = tokio::spawn(shim_watch);
+
+    let resets = Controller::new(
+        Api::<GuestPasswordReset>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let rebuilds = Controller::new(
+        Api::<KeypairRebuild>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let reporter = Reporter {
+        controller: controller_name.to_string(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        shims,
+        settings,
+        resets: resets.store(),
+        rebuilds: rebuilds.store(),
+    });
+    let shutdown = shutdown.shared();
+    let resets = wire(
+        resets,
+        &client,
+        ctx.resets.clone(),
+        |r: &GuestPasswordReset| r.spec.password.secret_ref.clone(),
+    )
+    .graceful_shutdown_on(shutdown.clone())
+    .run(
+        reconcile::<GuestPasswordReset>,
+        error_policy::<GuestPasswordReset>,
+        ctx.clone(),
+    )
+    .for_each(|_| futures::future::ready(()));
+    let rebuilds = wire(
+        rebuilds,
+        &client,
+        ctx.rebuilds.clone(),
+        |r: &KeypairRebuild| r.spec.public_keys.secret_ref.clone(),
+    )
+    .graceful_shutdown_on(shutdown.clone())
+    .run(
+        reconcile::<KeypairRebuild>,
+        error_policy::<KeypairRebuild>,
+        ctx.clone(),
+    )
+    .for_each(|_| futures::future::ready(()));
+    ctx.shims.ready().await;
+    info!("controller started");
+    futures::join!(resets, rebuilds);
+    shim_task.abort();
+    info!("controller stopped");
+}
+
+/// Add the Secret and VMI watches that trigger reconciles of `K`.
+fn wire<K: RunKind>(
+    c: Controller<K>,
+    client: &Client,
+    store: Store<K>,
+    secret_ref: fn(&K) -> Option<SecretKeyRef>,
+) -> Controller<K> {
+    let by_secret = store.clone();
+    let secrets = Api::<PartialObjectMeta<Secret>>::all(client.clone());
+    let by_vmi = store;
+    let vmis = Api::<PartialObjectMeta<VirtualMachineInstance>>::all(client.clone());
+    c.watches(secrets, watcher::Config::default(), move |secret| {
+        let (ns, name) = (secret.namespace(), secret.name_any());
+        by_secret
+            .state()
+            .into_iter()
+            .filter(|o| o.namespace() == ns && secret_ref(o).is_some_and(|r| r.name == name))
+            .map(|o| ObjectRef::from_obj(o.as_ref()))
+            .collect::<Vec<_>>()
+    })
+    .watches(vmis, watcher::Config::default(), move |vmi| {
+        let (ns, name) = (vmi.namespace(), vmi.name_any());
+        by_vmi
+            .state()
+            .into_iter()
+            .filter(|o| {
+                o.namespace() == ns
+                    && waits_for(o.target().vm_name.as_deref(), o.run_status(), &name)
+            })
+            .map(|o| ObjectRef::from_obj(o.as_ref()))
+            .collect::<Vec<_>>()
+    })
+}
+
+/// Whether an object has unfinished business with VM `vm` (or names it and never ran).
+fn waits_for(vm_name: Option<&str>, status: Option<&RunStatus>, vm: &str) -> bool {
+    match status {
+        Some(s) if !s.targets.is_empty() => s.targets.iter().any(|t| {
+            t.vm == vm && !t.state.is_terminal() || t.vm == vm && t.state == TargetState::Pending
+        }),
+        _ => vm_name == Some(vm),
+    }
+}
+
+async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
+    engine::reconcile(obj, ctx).await
+}
+
+fn error_policy<K: RunKind>(obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(kind = %K::kind(&()), object = %obj.name_any(), error = %err, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}

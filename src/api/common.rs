@@ -1,0 +1,235 @@
+//! Spec and status pieces shared by both custom resources.
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// Which VirtualMachineInstances a request applies to, in the object's own namespace.
+/// Exactly one of `vmName` and `selector` must be set.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.vmName) != has(self.selector)").message("set exactly one of target.vmName and target.selector"))]
+pub struct TargetSpec {
+    /// Name of one VirtualMachineInstance in this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_name: Option<String>,
+    /// Label selector over VirtualMachineInstances in this namespace. The matching running
+    /// VMIs are resolved once when the run starts and frozen in `status.targets`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
+/// A key in a Secret. The Secret must live in the same namespace as the object that
+/// references it: cross-namespace references are refused.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    pub name: String,
+    /// Key inside the Secret's data.
+    pub key: String,
+    /// Must be empty or equal to this object's namespace; present only so that a
+    /// cross-namespace reference gets a clear error instead of being silently ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// How many targets run at once, how many failures are tolerated, and how long each may take.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// At most this many targets are in flight at once (1-1000).
+    #[serde(default = "default_max_concurrency")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_concurrency: u32,
+    /// Stop starting new targets once this many have failed; the rest are marked Skipped.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100000))]
+    pub max_failures: u32,
+    /// Per-target deadline in seconds (10-86400); a target still unfinished by then fails
+    /// with DeadlineExceeded.
+    #[serde(default = "default_deadline_seconds")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub deadline_seconds: u32,
+    /// While true, no new targets are started; targets in flight finish.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+pub fn default_max_concurrency() -> u32 {
+    10
+}
+pub fn default_deadline_seconds() -> u32 {
+    300
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            max_concurrency: default_max_concurrency(),
+            max_failures: 0,
+            deadline_seconds: default_deadline_seconds(),
+            paused: false,
+        }
+    }
+}
+
+/// Overall state of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum Phase {
+    Pending,
+    Running,
+    Succeeded,
+    PartiallySucceeded,
+    Failed,
+}
+
+/// State of one target.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum TargetState {
+    #[default]
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+}
+
+impl TargetState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Skipped)
+    }
+}
+
+/// Where the guest user name came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum UserSource {
+    /// `spec.user`.
+    Spec,
+    /// The VM's `guestcred.io/admin-user` annotation.
+    Annotation,
+    /// The guest OS reported by the agent (Windows: Administrator, else root).
+    GuestOS,
+}
+
+/// Counts over `status.targets`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub total: u32,
+    pub succeeded: u32,
+    pub failed: u32,
+    pub skipped: u32,
+    pub pending: u32,
+    pub running: u32,
+}
+
+/// Result for one VM.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetStatus {
+    /// VirtualMachineInstance name.
+    pub vm: String,
+    /// Node the VMI ran on when it was last called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Guest user that was (or will be) changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_source: Option<UserSource>,
+    pub state: TargetState,
+    /// CamelCase reason of the last outcome (e.g. Applied, VMNotFound, AgentTimeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable detail; never contains secret values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Number of agent calls made for this target.
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// Earliest time of the next retry after a transient failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_time: Option<Time>,
+    /// Generated passwords: the Secret holding this target's password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_secret: Option<String>,
+    /// Keypair rebuilds: how the keys were delivered (Live or Rebuild).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Keypair rebuilds: SHA256 fingerprints of the keys put in place.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    /// Keypair rebuilds: true once the keys were read back from the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
+    /// Keypair rebuilds with a TTL: when the added keys are removed again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+}
+
+/// Observed state common to both kinds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default)]
+    pub summary: Summary,
+    /// sha256 of the input (Secret value or key list), never the input: a change starts a new run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_hash: Option<String>,
+    /// `spec.target` as it was when the first run started; the target may not change after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_spec: Option<TargetSpec>,
+    /// The target list of the current run (frozen when the run starts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<TargetStatus>,
+    /// Ready, Progressing and Stalled, with observedGeneration.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Human-readable count of finished targets, e.g. "3/4" (for printer columns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+}
+
+impl RunStatus {
+    /// Recompute summary, progress and phase from the targets.
+    pub fn recount(&mut self) {
+        let mut s = Summary {
+            total: self.targets.len() as u32,
+            ..Summary::default()
+        };
+        for t in &self.targets {
+            match t.state {
+                TargetState::Pending => s.pending += 1,
+                TargetState::Running => s.running += 1,
+                TargetState::Succeeded => s.succeeded += 1,
+                TargetState::Failed => s.failed += 1,
+                TargetState::Skipped => s.skipped += 1,
+            }
+        }
+        let done = s.succeeded + s.failed + s.skipped;
+        self.progress = Some(format!("{done}/{}", s.total));
+        self.phase = Some(if s.total == 0 || (s.pending == s.total) {
+            Phase::Pending
+        } else if done < s.total {
+            Phase::Running
+        } else if s.succeeded == s.total {
+            Phase::Succeeded
+        } else if s.succeeded > 0 {
+            Phase::PartiallySucceeded
+        } else {
+            Phase::Failed
+        });
+        self.summary = s;
+    }
+}

@@ -1,0 +1,97 @@
+//! `KeypairRebuild`: put new SSH public keys into guests, live or by rebuilding the VM.
+use super::common::{RolloutSpec, RunStatus, SecretKeyRef, TargetSpec};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Desired keys: which VMs, which user, which keys, how they are delivered.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "guestcred.io",
+    version = "v1alpha1",
+    kind = "KeypairRebuild",
+    plural = "keypairrebuilds",
+    shortname = "kpr",
+    category = "guestcred",
+    namespaced,
+    status = "KeypairRebuildStatus",
+    cel,
+    doc = "Puts SSH public keys into a guest user's authorized_keys in one or many VMs, live through the QEMU guest agent (touching only keys guestcred added), and verifies them by reading them back. The declarative form of OpenStack Nova's rebuild with a new key_name.",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Targets","type":"string","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.spec.target == oldSelf.spec.target").message("spec.target is immutable; create a new object for other VMs")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct KeypairRebuildSpec {
+    /// The VM(s) that get the keys.
+    pub target: TargetSpec,
+    /// Guest user. Default: the VM's `guestcred.io/admin-user` annotation, else Administrator
+    /// for Windows guests and root for all others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    pub user: Option<String>,
+    /// The public keys to install.
+    pub public_keys: PublicKeySource,
+    /// Live (through the agent), Rebuild (new cloud-init keys and a restart) or Auto (Live
+    /// when the agent supports guest-ssh-*, else Rebuild).
+    #[serde(default)]
+    pub mode: KeyMode,
+    /// Replace: remove the keys this operator added before, keep keys added by hand.
+    /// Append: only add.
+    #[serde(default)]
+    pub strategy: KeyStrategy,
+    /// Make authorized_keys exactly the given keys (removes hand-added keys too).
+    #[serde(default)]
+    pub replace_all: bool,
+    /// Remove the added keys again after this many seconds (60-31536000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 31536000))]
+    pub ttl_seconds: Option<u32>,
+    /// Concurrency, failure budget, per-target deadline and pause.
+    #[serde(flatten)]
+    pub rollout: RolloutSpec,
+}
+
+/// Exactly one of `secretRef` and `inline`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.secretRef) != has(self.inline)").message("set exactly one of publicKeys.secretRef and publicKeys.inline"))]
+pub struct PublicKeySource {
+    /// Secret key holding keys in authorized_keys format (one per line, # comments allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    /// Public keys in OpenSSH format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<Vec<String>>,
+}
+
+/// How keys reach the guest.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum KeyMode {
+    #[default]
+    Auto,
+    Live,
+    Rebuild,
+}
+
+/// What happens to keys already in the guest.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum KeyStrategy {
+    #[default]
+    Replace,
+    Append,
+}
+
+/// Observed state of a KeypairRebuild.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeypairRebuildStatus {
+    #[serde(flatten)]
+    pub run: RunStatus,
+}

@@ -1,0 +1,95 @@
+//! `GuestPasswordReset`: set a guest user's password through the QEMU guest agent.
+use super::common::{RolloutSpec, RunStatus, SecretKeyRef, TargetSpec};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Desired password reset: which VMs, which user, which password, how fast.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "guestcred.io",
+    version = "v1alpha1",
+    kind = "GuestPasswordReset",
+    plural = "guestpasswordresets",
+    shortname = "gpr",
+    category = "guestcred",
+    namespaced,
+    status = "GuestPasswordResetStatus",
+    cel,
+    doc = "Sets a guest user's password in one or many running VMs through the QEMU guest agent (the declarative form of OpenStack Nova's set-admin-password). Each input is applied once: a run starts again only when the referenced Secret's value changes, never periodically, so hand-made changes in the guest are not overwritten.",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Targets","type":"string","jsonPath":".status.progress"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.spec.target == oldSelf.spec.target").message("spec.target is immutable; create a new object for other VMs")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestPasswordResetSpec {
+    /// The VM(s) whose guest password is set.
+    pub target: TargetSpec,
+    /// Guest user. Default: the VM's `guestcred.io/admin-user` annotation, else Administrator
+    /// for Windows guests and root for all others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    pub user: Option<String>,
+    /// Where the password comes from.
+    pub password: PasswordSource,
+    /// Concurrency, failure budget, per-target deadline and pause.
+    #[serde(flatten)]
+    pub rollout: RolloutSpec,
+}
+
+/// Exactly one of `secretRef` and `generate`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.secretRef) != has(self.generate)").message("set exactly one of password.secretRef and password.generate"))]
+#[x_kube(validation = Rule::new("!(has(self.generate) && self.crypted)").message("password.crypted applies only to secretRef"))]
+pub struct PasswordSource {
+    /// Secret key holding the password (same namespace only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    /// The Secret's value is already a crypt(3) hash (e.g. `$6$...`) and is set verbatim.
+    /// Not supported for Windows guests.
+    #[serde(default)]
+    pub crypted: bool,
+    /// Generate a random password per target; each is stored in its own Secret (owned by
+    /// this object) before it is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate: Option<GeneratePolicy>,
+}
+
+/// Parameters of generated passwords.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GeneratePolicy {
+    /// Password length (16-128).
+    #[serde(default = "default_length")]
+    #[schemars(range(min = 16, max = 128))]
+    pub length: u32,
+    /// Characters to draw from.
+    #[serde(default)]
+    pub charset: Charset,
+}
+
+fn default_length() -> u32 {
+    24
+}
+
+/// Character set for generated passwords.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum Charset {
+    /// A-Z, a-z, 0-9.
+    #[default]
+    Alphanumeric,
+    /// Alphanumeric plus shell-safe punctuation.
+    AlphanumericSymbols,
+}
+
+/// Observed state of a GuestPasswordReset.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestPasswordResetStatus {
+    #[serde(flatten)]
+    pub run: RunStatus,
+}

@@ -1,0 +1,642 @@
+//! The run engine shared by both kinds: validate → read the input → freeze the targets →
+//! drive them with bounded concurrency, retries, deadlines and a failure budget → write
+//! status (batched) and Events.
+//!
+//! A run lives inside one reconcile call; kube-runtime never reconciles the same object
+//! twice at once, and other objects proceed in parallel. A controller restart resumes the
+//! targets that were not finished: every agent call is idempotent for the same input, and
+//! generated passwords are stored before they are applied.
+use super::context::Context;
+use super::error::Error;
+use super::targets::{self, TargetCall};
+use crate::api::conditions::{self, PROGRESSING, READY, STALLED};
+use crate::api::{Phase, Reason, RolloutSpec, RunStatus, TargetSpec, TargetState, TargetStatus};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// What a successful target reports.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub reason: Option<Reason>,
+    pub message: String,
+    pub output_secret: Option<String>,
+    pub mode: Option<String>,
+    pub keys: Vec<String>,
+    pub verified: Option<bool>,
+    pub expires_at: Option<Time>,
+}
+
+/// One custom resource kind driven by the engine.
+pub trait RunKind:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + Debug
+    + DeserializeOwned
+    + Serialize
+    + Send
+    + Sync
+    + 'static
+{
+    /// Prepared input of a run (secret values live in `secrecy` types).
+    type Input: Send + Sync;
+
+    fn target(&self) -> &TargetSpec;
+    fn rollout(&self) -> &RolloutSpec;
+    fn spec_user(&self) -> Option<&str>;
+    fn run_status(&self) -> Option<&RunStatus>;
+    /// The latest copy of this object in the controller's cache.
+    fn latest(&self, ctx: &Context) -> Option<Arc<Self>>;
+    /// Spec checks: the CRD's CEL rules (the emulator and old clusters lack CEL) and ours.
+    fn validate(&self) -> Result<(), Error>;
+    /// Read and check the input; returns it with a keyed hash that changes with it.
+    fn prepare(
+        &self,
+        ctx: &Context,
+    ) -> impl Future<Output = Result<(Self::Input, String), Error>> + Send;
+    /// Apply the input to one target (one attempt).
+    fn apply(
+        &self,
+        ctx: &Context,
+        input: &Self::Input,
+        call: &TargetCall,
+    ) -> impl Future<Output = Result<Outcome, Error>> + Send;
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+/// Reconcile entry point for both kinds.
+pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if obj.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let mut status = obj.run_status().cloned().unwrap_or_default();
+    let generation = obj.meta().generation;
+
+    if let Err(e) = validate_target_immutable(obj.as_ref(), &status).and_then(|()| obj.validate()) {
+        stall(&ctx, obj.as_ref(), &mut status, &e).await?;
+        return Ok(Action::await_change());
+    }
+    let (input, hash) = match obj.prepare(&ctx).await {
+        Ok(v) => v,
+        Err(e @ Error::Kube(_)) => return Err(e),
+        Err(e) => {
+            // A missing or bad Secret: wait for the Secret to change (watched).
+            stall(&ctx, obj.as_ref(), &mut status, &e).await?;
+            return Ok(Action::requeue(Duration::from_secs(300)));
+        }
+    };
+    if status.input_hash.as_deref() != Some(hash.as_str()) {
+        let ns = obj.namespace().unwrap_or_default();
+        let vms = match targets::resolve(&ctx.client, &ns, obj.target()).await {
+            Ok(vms) => vms,
+            Err(e @ Error::Kube(_)) => return Err(e),
+            Err(e) => {
+                stall(&ctx, obj.as_ref(), &mut status, &e).await?;
+                return Ok(Action::requeue(Duration::from_secs(60)));
+            }
+        };
+        info!(object = %obj.name_any(), targets = vms.len(), "starting a run");
+        status.input_hash = Some(hash);
+        status.target_spec = Some(obj.target().clone());
+        status.targets = vms
+            .into_iter()
+            .map(|vm| TargetStatus {
+                vm,
+                ..TargetStatus::default()
+            })
+            .collect();
+    }
+    status.observed_generation = generation;
+    drive(obj, ctx, Arc::new(input), status).await
+}
+
+fn validate_target_immutable<K: RunKind>(obj: &K, status: &RunStatus) -> Result<(), Error> {
+    match &status.target_spec {
+        Some(started) if started != obj.target() => Err(Error::InvalidSpec(
+            "spec.target is immutable once a run started; create a new object for other VMs".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Mark the object Stalled with the error's reason and write it.
+async fn stall<K: RunKind>(
+    ctx: &Context,
+    obj: &K,
+    status: &mut RunStatus,
+    e: &Error,
+) -> Result<(), Error> {
+    let t = now();
+    let reason = e.reason();
+    let generation = obj.meta().generation;
+    let msg = e.to_string();
+    status.observed_generation = generation;
+    if status.targets.iter().all(|t| !t.state.is_terminal()) {
+        status.phase = Some(Phase::Failed);
+    }
+    conditions::set_condition(
+        &mut status.conditions,
+        STALLED,
+        true,
+        reason.as_str(),
+        &msg,
+        generation,
+        &t,
+    );
+    conditions::set_condition(
+        &mut status.conditions,
+        READY,
+        false,
+        reason.as_str(),
+        &msg,
+        generation,
+        &t,
+    );
+    conditions::set_condition(
+        &mut status.conditions,
+        PROGRESSING,
+        false,
+        reason.as_str(),
+        &msg,
+        generation,
+        &t,
+    );
+    let already = obj.run_status().is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == STALLED
+                && c.status == "True"
+                && c.reason == reason.as_str()
+                && c.message == msg
+        })
+    });
+    write_status(ctx, obj, status).await?;
+    if !already {
+        warn!(object = %obj.name_any(), %reason, "stalled");
+        publish(
+            ctx,
+            obj,
+            EventType::Warning,
+            reason.as_str(),
+            "Validate",
+            msg,
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Shared between the target tasks and the status flusher.
+struct RunState {
+    status: RunStatus,
+    dirty: bool,
+}
+
+type Shared = Arc<Mutex<RunState>>;
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, RunState> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn drive<K: RunKind>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    input: Arc<K::Input>,
+    status: RunStatus,
+) -> Result<Action, Error> {
+    let shared: Shared = Arc::new(Mutex::new(RunState {
+        status,
+        dirty: true,
+    }));
+    let mut in_flight = FuturesUnordered::new();
+    let mut next = 0usize;
+    let mut flush = tokio::time::interval(ctx.settings.status_flush_interval);
+    let mut stop_reason: Option<Reason> = None;
+
+    loop {
+        // Start as many targets as the (latest) rollout settings allow.
+        while stop_reason.is_none() {
+            let Some(latest) = obj.latest(&ctx) else {
+                // Deleted: start nothing new; calls in flight finish.
+                stop_reason = Some(Reason::Failed);
+                break;
+            };
+            let rollout = latest.rollout().clone();
+            if latest.meta().deletion_timestamp.is_some() {
+                stop_reason = Some(Reason::Failed);
+                break;
+            }
+            if latest.meta().generation != obj.meta().generation {
+                // The spec changed under us (pause, limits, input): finish what is in
+                // flight, then reconcile again with the new spec.
+                stop_reason = Some(Reason::InProgress);
+                break;
+            }
+            if rollout.paused {
+                stop_reason = Some(Reason::Paused);
+                break;
+            }
+            let failed = lock(&shared)
+                .status
+                .targets
+                .iter()
+                .filter(|t| t.state == TargetState::Failed)
+                .count();
+            if failed as u32 > rollout.max_failures {
+                skip_rest(&shared, next);
+                stop_reason = Some(Reason::FailureBudgetExhausted);
+                break;
+            }
+            if in_flight.len() >= rollout.max_concurrency.max(1) as usize {
+                break;
+            }
+            let idx = {
+                let st = lock(&shared);
+                (next..st.status.targets.len()).find(|&i| !st.status.targets[i].state.is_terminal())
+            };
+            let Some(idx) = idx else { break };
+            next = idx + 1;
+            in_flight.push(run_target(
+                obj.clone(),
+                ctx.clone(),
+                input.clone(),
+                shared.clone(),
+                idx,
+            ));
+        }
+        if in_flight.is_empty() {
+            break;
+        }
+        tokio::select! {
+            _ = in_flight.next() => {}
+            _ = flush.tick() => { flush_status(&ctx, obj.as_ref(), &shared).await; }
+        }
+    }
+
+    // Final status.
+    let mut status = lock(&shared).status.clone();
+    finish(&mut status, obj.meta().generation, stop_reason);
+    write_status(&ctx, obj.as_ref(), &status).await?;
+    Ok(match stop_reason {
+        Some(Reason::InProgress) => Action::requeue(Duration::from_millis(100)),
+        Some(Reason::Paused) => Action::await_change(),
+        _ if status.targets.iter().any(|t| !t.state.is_terminal()) => {
+            Action::requeue(Duration::from_secs(5))
+        }
+        _ => Action::await_change(),
+    })
+}
+
+fn skip_rest(shared: &Shared, from: usize) {
+    let mut st = lock(shared);
+    for t in st.status.targets.iter_mut().skip(from) {
+        if t.state == TargetState::Pending {
+            t.state = TargetState::Skipped;
+            t.reason = Some(Reason::FailureBudgetExhausted.as_str().into());
+            t.message = Some("not started: the failure budget (maxFailures) is exhausted".into());
+        }
+    }
+    st.dirty = true;
+}
+
+/// Summary, phase and conditions from the targets.
+fn finish(status: &mut RunStatus, generation: Option<i64>, stop: Option<Reason>) {
+    let t = now();
+    status.recount();
+    let s = status.summary.clone();
+    let (ready, progressing, reason, msg) = match status.phase {
+        Some(Phase::Succeeded) => (
+            true,
+            false,
+            Reason::Succeeded,
+            format!("all {} targets succeeded", s.total),
+        ),
+        Some(Phase::PartiallySucceeded) => (
+            false,
+            false,
+            Reason::PartiallySucceeded,
+            format!(
+                "{} of {} targets succeeded, {} failed, {} skipped",
+                s.succeeded, s.total, s.failed, s.skipped
+            ),
+        ),
+        Some(Phase::Failed) => (
+            false,
+            false,
+            Reason::Failed,
+            format!("{} failed, {} skipped of {}", s.failed, s.skipped, s.total),
+        ),
+        _ => match stop {
+            Some(Reason::Paused) => (
+                false,
+                false,
+                Reason::Paused,
+                "paused: no new targets are started".to_string(),
+            ),
+            _ => (
+                false,
+                true,
+                Reason::InProgress,
+                format!(
+                    "{}/{} targets finished",
+                    s.total - s.pending - s.running,
+                    s.total
+                ),
+            ),
+        },
+    };
+    conditions::set_condition(
+        &mut status.conditions,
+        READY,
+        ready,
+        reason.as_str(),
+        &msg,
+        generation,
+        &t,
+    );
+    conditions::set_condition(
+        &mut status.conditions,
+        PROGRESSING,
+        progressing,
+        reason.as_str(),
+        &msg,
+        generation,
+        &t,
+    );
+    let stalled = matches!(status.phase, Some(Phase::Failed));
+    conditions::set_condition(
+        &mut status.conditions,
+        STALLED,
+        stalled,
+        reason.as_str(),
+        &msg,
+        generation,
+        &t,
+    );
+}
+
+async fn flush_status<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared) {
+    let snapshot = {
+        let mut st = lock(shared);
+        if !st.dirty {
+            return;
+        }
+        st.dirty = false;
+        let mut s = st.status.clone();
+        s.recount();
+        let t = now();
+        let msg = format!(
+            "{}/{} targets finished",
+            s.summary.succeeded + s.summary.failed + s.summary.skipped,
+            s.summary.total
+        );
+        let g = obj.meta().generation;
+        conditions::set_condition(
+            &mut s.conditions,
+            PROGRESSING,
+            true,
+            Reason::InProgress.as_str(),
+            &msg,
+            g,
+            &t,
+        );
+        conditions::set_condition(
+            &mut s.conditions,
+            READY,
+            false,
+            Reason::InProgress.as_str(),
+            &msg,
+            g,
+            &t,
+        );
+        conditions::set_condition(
+            &mut s.conditions,
+            STALLED,
+            false,
+            Reason::InProgress.as_str(),
+            &msg,
+            g,
+            &t,
+        );
+        st.status.conditions = s.conditions.clone();
+        s
+    };
+    if let Err(e) = write_status(ctx, obj, &snapshot).await {
+        warn!(object = %obj.name_any(), error = %e, "status write failed; will retry");
+        lock(shared).dirty = true;
+    }
+}
+
+/// Merge-patch the whole status, retrying a few times on conflicts.
+async fn write_status<K: RunKind>(ctx: &Context, obj: &K, status: &RunStatus) -> Result<(), Error> {
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let patch = Patch::Merge(serde_json::json!({ "status": status }));
+    let mut attempt = 0;
+    loop {
+        match api
+            .patch_status(&obj.name_any(), &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            // Deleted while running: nothing left to report on.
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 && attempt < 5 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn publish<K: RunKind>(
+    ctx: &Context,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: action.to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+        warn!(object = %obj.name_any(), error = %e, "could not publish event");
+    }
+}
+
+/// Drive one target to a terminal state: retries transient failures with exponential
+/// backoff until its deadline (counted from its first start, so restarts don't extend it).
+async fn run_target<K: RunKind>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    input: Arc<K::Input>,
+    shared: Shared,
+    idx: usize,
+) {
+    let deadline_secs = obj.rollout().deadline_seconds;
+    let (vm, started) = {
+        let mut st = lock(&shared);
+        let t = &mut st.status.targets[idx];
+        t.state = TargetState::Running;
+        let started = t.start_time.get_or_insert_with(now).clone();
+        st.dirty = true;
+        (st.status.targets[idx].vm.clone(), started)
+    };
+    let deadline_at = started.0 + Duration::from_secs(deadline_secs.into());
+    let mut backoff = ctx.settings.initial_backoff;
+    loop {
+        let remaining = deadline_at.duration_since(Timestamp::now());
+        let remaining = Duration::try_from(remaining).unwrap_or(Duration::ZERO);
+        let last = lock(&shared).status.targets[idx]
+            .message
+            .clone()
+            .unwrap_or_default();
+        if remaining.is_zero() {
+            let e = Error::DeadlineExceeded {
+                seconds: deadline_secs,
+                last,
+            };
+            return fail(&ctx, obj.as_ref(), &shared, idx, &e).await;
+        }
+        lock(&shared).status.targets[idx].attempts += 1;
+        let attempt = attempt_once(obj.as_ref(), &ctx, &input, &shared, idx, &vm);
+        match tokio::time::timeout(remaining, attempt).await {
+            Err(_) => {
+                let e = Error::DeadlineExceeded {
+                    seconds: deadline_secs,
+                    last: "the last attempt did not finish in time".into(),
+                };
+                return fail(&ctx, obj.as_ref(), &shared, idx, &e).await;
+            }
+            Ok(Ok(outcome)) => return succeed(&ctx, obj.as_ref(), &shared, idx, outcome).await,
+            Ok(Err(e)) if e.is_transient() => {
+                let wait = backoff.min(remaining);
+                {
+                    let mut st = lock(&shared);
+                    let t = &mut st.status.targets[idx];
+                    t.reason = Some(e.reason().as_str().into());
+                    t.message = Some(format!("{e}; retrying"));
+                    t.next_attempt_time = Some(Time(Timestamp::now() + wait));
+                    st.dirty = true;
+                }
+                info!(object = %obj.name_any(), vm = %vm, reason = %e.reason(), "transient failure; retrying");
+                tokio::time::sleep(wait).await;
+                backoff = (backoff * 2).min(ctx.settings.max_backoff);
+            }
+            Ok(Err(e)) => return fail(&ctx, obj.as_ref(), &shared, idx, &e).await,
+        }
+    }
+}
+
+async fn attempt_once<K: RunKind>(
+    obj: &K,
+    ctx: &Context,
+    input: &K::Input,
+    shared: &Shared,
+    idx: usize,
+    vm: &str,
+) -> Result<Outcome, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let output_secret = lock(shared).status.targets[idx].output_secret.clone();
+    let call = targets::prepare_call(ctx, &ns, vm, obj.spec_user(), output_secret).await?;
+    {
+        let mut st = lock(shared);
+        let t = &mut st.status.targets[idx];
+        t.node = Some(call.node.clone());
+        t.user = Some(call.user.clone());
+        t.user_source = Some(call.user_source);
+        st.dirty = true;
+    }
+    if call.conflicts_with_access_credentials {
+        publish(
+            ctx,
+            obj,
+            EventType::Warning,
+            Reason::ConflictWithAccessCredentials.as_str(),
+            "Apply",
+            format!(
+                "VM {vm} propagates credentials for user {} through KubeVirt accessCredentials, which will overwrite this change",
+                call.user
+            ),
+        )
+        .await;
+    }
+    obj.apply(ctx, input, &call).await
+}
+
+async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize, o: Outcome) {
+    let reason = o.reason.unwrap_or(Reason::Applied);
+    let (vm, note) = {
+        let mut st = lock(shared);
+        let t = &mut st.status.targets[idx];
+        t.state = TargetState::Succeeded;
+        t.reason = Some(reason.as_str().into());
+        t.message = Some(o.message.clone());
+        t.completion_time = Some(now());
+        t.next_attempt_time = None;
+        t.output_secret = o.output_secret.or(t.output_secret.take());
+        t.mode = o.mode.or(t.mode.take());
+        t.keys = o.keys;
+        t.verified = o.verified;
+        t.expires_at = o.expires_at;
+        let vm = t.vm.clone();
+        st.dirty = true;
+        (vm, o.message)
+    };
+    info!(object = %obj.name_any(), vm = %vm, %reason, "target succeeded");
+    publish(
+        ctx,
+        obj,
+        EventType::Normal,
+        reason.as_str(),
+        "Apply",
+        format!("{vm}: {note}"),
+    )
+    .await;
+}
+
+async fn fail<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize, e: &Error) {
+    let reason = e.reason();
+    let vm = {
+        let mut st = lock(shared);
+        let t = &mut st.status.targets[idx];
+        t.state = TargetState::Failed;
+        t.reason = Some(reason.as_str().into());
+        t.message = Some(e.to_string());
+        t.completion_time = Some(now());
+        t.next_attempt_time = None;
+        let vm = t.vm.clone();
+        st.dirty = true;
+        vm
+    };
+    warn!(object = %obj.name_any(), vm = %vm, %reason, "target failed");
+    publish(
+        ctx,
+        obj,
+        EventType::Warning,
+        reason.as_str(),
+        "Apply",
+        format!("{vm}: {e}"),
+    )
+    .await;
+}

@@ -1,0 +1,134 @@
+//! Everything that can go wrong in a reconcile, mapped to a condition reason in one place.
+use crate::api::Reason;
+use crate::api::wire::ShimErrorReason;
+use crate::shim::client::ShimCallError;
+
+/// Controller errors. Messages say what to fix and never contain secret values.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidSpec(String),
+    #[error("Secret {0} not found in this namespace")]
+    SecretNotFound(String),
+    #[error("Secret {secret} has no key {key:?}")]
+    SecretKeyMissing { secret: String, key: String },
+    #[error("{0}")]
+    InvalidPassword(String),
+    #[error("{0}")]
+    InvalidPublicKey(String),
+    #[error("{0}")]
+    InvalidUser(String),
+    #[error("{0}")]
+    NoTargets(String),
+    #[error("{0}")]
+    UnsupportedForOs(String),
+    #[error("VirtualMachineInstance {0} not found")]
+    VmNotFound(String),
+    #[error("{0}")]
+    VmNotRunning(String),
+    #[error("{0}")]
+    ShimUnavailable(String),
+    #[error("{reason}: {message}")]
+    Shim {
+        reason: ShimErrorReason,
+        message: String,
+    },
+    #[error("{0}")]
+    VerificationFailed(String),
+    #[error("deadline of {seconds}s exceeded; last error: {last}")]
+    DeadlineExceeded { seconds: u32, last: String },
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    /// The reason users see for this error on the target and in conditions.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Self::InvalidSpec(_) => Reason::InvalidSpec,
+            Self::SecretNotFound(_) => Reason::SecretNotFound,
+            Self::SecretKeyMissing { .. } => Reason::SecretKeyMissing,
+            Self::InvalidPassword(_) => Reason::InvalidPassword,
+            Self::InvalidPublicKey(_) => Reason::InvalidPublicKey,
+            Self::InvalidUser(_) => Reason::InvalidUser,
+            Self::NoTargets(_) => Reason::NoTargets,
+            Self::UnsupportedForOs(_) => Reason::UnsupportedForOS,
+            Self::VmNotFound(_) => Reason::VMNotFound,
+            Self::VmNotRunning(_) => Reason::VMNotRunning,
+            Self::ShimUnavailable(_) => Reason::ShimUnavailable,
+            Self::Shim { reason, .. } => match reason {
+                ShimErrorReason::AgentNotConnected => Reason::AgentNotConnected,
+                ShimErrorReason::AgentTimeout => Reason::AgentTimeout,
+                ShimErrorReason::UserNotFound => Reason::UserNotFound,
+                // The VMI says Running on this node but the node has no such domain (yet):
+                // it is starting or migrating, so retry like a VM that is not running.
+                ShimErrorReason::DomainNotFound | ShimErrorReason::DomainNotRunning => {
+                    Reason::VMNotRunning
+                }
+                ShimErrorReason::Unsupported => Reason::UnsupportedByAgent,
+                ShimErrorReason::InvalidArgument => Reason::InvalidSpec,
+                ShimErrorReason::Unauthenticated
+                | ShimErrorReason::Forbidden
+                | ShimErrorReason::Internal => Reason::ShimError,
+            },
+            Self::VerificationFailed(_) => Reason::VerificationFailed,
+            Self::DeadlineExceeded { .. } => Reason::DeadlineExceeded,
+            // API hiccups are retried; they surface only when they outlast the deadline.
+            Self::Kube(_) => Reason::ShimError,
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Kube(_)) || self.reason().is_transient()
+    }
+}
+
+impl From<ShimCallError> for Error {
+    fn from(e: ShimCallError) -> Self {
+        match e {
+            ShimCallError::Unreachable(m) => {
+                Self::ShimUnavailable(format!("shim unreachable: {m}"))
+            }
+            ShimCallError::Shim(e) => Self::Shim {
+                reason: e.reason,
+                message: e.message,
+            },
+            ShimCallError::Protocol { status, message } => Self::Shim {
+                reason: ShimErrorReason::Internal,
+                message: format!("unexpected shim answer (HTTP {status}): {message}"),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_timeout_is_transient_and_keeps_its_name() {
+        let e = Error::Shim {
+            reason: ShimErrorReason::AgentTimeout,
+            message: "no answer".into(),
+        };
+        assert_eq!(e.reason(), Reason::AgentTimeout);
+        assert!(e.is_transient());
+    }
+
+    #[test]
+    fn unknown_user_is_permanent() {
+        let e = Error::Shim {
+            reason: ShimErrorReason::UserNotFound,
+            message: "no user bob".into(),
+        };
+        assert_eq!(e.reason(), Reason::UserNotFound);
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn unreachable_shim_maps_to_shim_unavailable() {
+        let e: Error = ShimCallError::Unreachable("connection refused".into()).into();
+        assert_eq!(e.reason(), Reason::ShimUnavailable);
+        assert!(e.is_transient());
+    }
+}

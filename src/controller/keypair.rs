@@ -1,0 +1,345 @@
+//! KeypairRebuild: put SSH public keys into guests live through the agent, touching only
+//! the keys this operator added, and verify them by reading them back.
+use super::context::Context;
+use super::engine::{Outcome, RunKind};
+use super::error::Error;
+use super::password::cel_message;
+use super::secrets;
+use super::targets::TargetCall;
+use crate::api::keypair::{KeyMode, KeyStrategy};
+use crate::api::kubevirt::VirtualMachine;
+use crate::api::wire::KeyOp;
+use crate::api::{KeypairRebuild, Reason, RolloutSpec, RunStatus, TargetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+use secrecy::ExposeSecret;
+use ssh_key::{HashAlg, PublicKey};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Annotation prefix on a VM recording the fingerprints guestcred added for a user, so a
+/// later Replace removes them even when the object that added them is gone.
+pub const MANAGED_KEYS_ANNOTATION_PREFIX: &str = "keys.guestcred.io/";
+
+/// One parsed public key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WantedKey {
+    pub line: String,
+    pub fingerprint: String,
+}
+
+/// Parse authorized_keys text: one key per line, blank lines and `#` comments skipped.
+/// Errors name the line number, never its content.
+pub fn parse_keys(text: &str) -> Result<Vec<WantedKey>, Error> {
+    let mut keys: Vec<WantedKey> = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        let n = n + 1;
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.contains("PRIVATE KEY") {
+            return Err(Error::InvalidPublicKey(format!(
+                "line {n} is part of a private key: put only public keys (the .pub file) here, and treat that private key as leaked"
+            )));
+        }
+        let key = PublicKey::from_openssh(line).map_err(|e| {
+            Error::InvalidPublicKey(format!("line {n} is not an OpenSSH public key ({e})"))
+        })?;
+        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+        if let Some(first) = keys.iter().position(|k| k.fingerprint == fingerprint) {
+            return Err(Error::InvalidPublicKey(format!(
+                "line {n} repeats the key of entry {} ({fingerprint})",
+                first + 1
+            )));
+        }
+        keys.push(WantedKey {
+            line: line.to_string(),
+            fingerprint,
+        });
+    }
+    if keys.is_empty() {
+        return Err(Error::InvalidPublicKey("no public keys given".into()));
+    }
+    Ok(keys)
+}
+
+fn fingerprint_of(line: &str) -> Option<String> {
+    PublicKey::from_openssh(line.trim())
+        .ok()
+        .map(|k| k.fingerprint(HashAlg::Sha256).to_string())
+}
+
+fn annotation_key(user: &str) -> String {
+    format!("{MANAGED_KEYS_ANNOTATION_PREFIX}{user}")
+}
+
+impl RunKind for KeypairRebuild {
+    type Input = Vec<WantedKey>;
+
+    fn target(&self) -> &TargetSpec {
+        &self.spec.target
+    }
+    fn rollout(&self) -> &RolloutSpec {
+        &self.spec.rollout
+    }
+    fn spec_user(&self) -> Option<&str> {
+        self.spec.user.as_deref()
+    }
+    fn run_status(&self) -> Option<&RunStatus> {
+        self.status.as_ref().map(|s| &s.run)
+    }
+    fn latest(&self, ctx: &Context) -> Option<Arc<Self>> {
+        ctx.rebuilds.get(&ObjectRef::from_obj(self))
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        self.validate_cel()
+            .map_err(|e| Error::InvalidSpec(cel_message(&e)))?;
+        let ns = self.namespace().unwrap_or_default();
+        if let Some(r) = &self.spec.public_keys.secret_ref {
+            secrets::check_same_namespace(r, &ns, "publicKeys.secretRef")?;
+        }
+        if let Some(u) = &self.spec.user {
+            crate::shim::validate::user(u)
+                .map_err(|e| Error::InvalidUser(format!("spec.user: {}", e.message)))?;
+        }
+        if self.spec.mode == KeyMode::Rebuild {
+            return Err(Error::InvalidSpec(
+                "mode Rebuild is not available in this version; use Live or Auto".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn prepare(&self, ctx: &Context) -> Result<(Vec<WantedKey>, String), Error> {
+        let ns = self.namespace().unwrap_or_default();
+        let text = match (
+            &self.spec.public_keys.secret_ref,
+            &self.spec.public_keys.inline,
+        ) {
+            (Some(r), None) => secrets::read_key(&ctx.client, &ns, r)
+                .await?
+                .expose_secret()
+                .to_string(),
+            (None, Some(list)) => list.join("\n"),
+            _ => {
+                return Err(Error::InvalidSpec(
+                    "set exactly one of publicKeys.secretRef and publicKeys.inline".into(),
+                ));
+            }
+        };
+        let keys = parse_keys(&text)?;
+        let fps: Vec<&[u8]> = keys.iter().map(|k| k.fingerprint.as_bytes()).collect();
+        let mut parts = fps;
+        let flags = format!(
+            "{:?}/{:?}/{}/{}",
+            self.spec.mode,
+            self.spec.strategy,
+            self.spec.replace_all,
+            self.spec.user.clone().unwrap_or_default()
+        );
+        parts.push(flags.as_bytes());
+        let hash = secrets::keyed_hash(&self.uid().unwrap_or_default(), &parts);
+        Ok((keys, hash))
+    }
+
+    async fn apply(
+        &self,
+        ctx: &Context,
+        wanted: &Vec<WantedKey>,
+        call: &TargetCall,
+    ) -> Result<Outcome, Error> {
+        let probe = call.shim.probe(&call.domain).await?;
+        if !probe.agent_connected {
+            return Err(Error::Shim {
+                reason: crate::api::wire::ShimErrorReason::AgentNotConnected,
+                message: format!("the guest agent of {} is not connected", call.vm),
+            });
+        }
+        if !probe.supports_ssh_keys() {
+            return Err(Error::Shim {
+                reason: crate::api::wire::ShimErrorReason::Unsupported,
+                message: format!(
+                    "the guest agent of {} lacks guest-ssh-* commands (qemu-ga 5.2 or newer, not blocked); Rebuild mode is not available in this version",
+                    call.vm
+                ),
+            });
+        }
+        let wanted_fps: BTreeSet<String> = wanted.iter().map(|k| k.fingerprint.clone()).collect();
+        let lines: Vec<String> = wanted.iter().map(|k| k.line.clone()).collect();
+        let previously_added = self.previously_added(call);
+        let mut removed: BTreeSet<String> = BTreeSet::new();
+        if self.spec.replace_all {
+            call.shim
+                .ssh_keys(&call.domain, &call.user, KeyOp::Replace, lines.clone())
+                .await?;
+        } else {
+            if self.spec.strategy == KeyStrategy::Replace {
+                let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
+                let stale: Vec<String> = current
+                    .into_iter()
+                    .filter(|l| {
+                        fingerprint_of(l).is_some_and(|fp| {
+                            previously_added.contains(&fp) && !wanted_fps.contains(&fp)
+                        })
+                    })
+                    .collect();
+                if !stale.is_empty() {
+                    removed = stale.iter().filter_map(|l| fingerprint_of(l)).collect();
+                    call.shim
+                        .ssh_keys(&call.domain, &call.user, KeyOp::Remove, stale)
+                        .await?;
+                }
+            }
+            call.shim
+                .ssh_keys(&call.domain, &call.user, KeyOp::Add, lines)
+                .await?;
+        }
+        // Verify by reading back.
+        let present: BTreeSet<String> = call
+            .shim
+            .get_ssh_keys(&call.domain, &call.user)
+            .await?
+            .iter()
+            .filter_map(|l| fingerprint_of(l))
+            .collect();
+        let missing: Vec<&String> = wanted_fps.difference(&present).collect();
+        let lingering: Vec<&String> = removed.intersection(&present).collect();
+        if !missing.is_empty() || !lingering.is_empty() {
+            return Err(Error::VerificationFailed(format!(
+                "read back from {}: missing {:?}, still present {:?}",
+                call.vm, missing, lingering
+            )));
+        }
+        let recorded: BTreeSet<String> = match self.spec.strategy {
+            KeyStrategy::Append => previously_added.union(&wanted_fps).cloned().collect(),
+            KeyStrategy::Replace => wanted_fps.clone(),
+        };
+        self.record_managed_keys(ctx, call, &recorded).await?;
+        let expires_at = self
+            .spec
+            .ttl_seconds
+            .map(|s| Time(Timestamp::now() + Duration::from_secs(s.into())));
+        let fps: Vec<String> = wanted.iter().map(|k| k.fingerprint.clone()).collect();
+        Ok(Outcome {
+            reason: Some(Reason::Verified),
+            message: format!(
+                "{} key(s) in place for user {} and verified{}",
+                fps.len(),
+                call.user,
+                if removed.is_empty() {
+                    String::new()
+                } else {
+                    format!("; removed {} key(s) guestcred added before", removed.len())
+                }
+            ),
+            mode: Some("Live".into()),
+            keys: fps,
+            verified: Some(true),
+            expires_at,
+            ..Outcome::default()
+        })
+    }
+}
+
+impl KeypairRebuild {
+    /// Fingerprints guestcred added earlier for this VM and user: from the VM annotation
+    /// (survives deleted objects) and from this object's last run.
+    fn previously_added(&self, call: &TargetCall) -> BTreeSet<String> {
+        let mut fps: BTreeSet<String> = call
+            .vm_object
+            .as_ref()
+            .and_then(|vm| vm.annotations().get(&annotation_key(&call.user)).cloned())
+            .map(|v| {
+                v.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(st) = &self.status {
+            for t in st
+                .run
+                .targets
+                .iter()
+                .filter(|t| t.vm == call.vm && t.user.as_deref() == Some(&call.user))
+            {
+                fps.extend(t.keys.iter().cloned());
+            }
+        }
+        fps
+    }
+
+    async fn record_managed_keys(
+        &self,
+        ctx: &Context,
+        call: &TargetCall,
+        fps: &BTreeSet<String>,
+    ) -> Result<(), Error> {
+        let Some(vm) = &call.vm_object else {
+            return Ok(());
+        };
+        let api: Api<VirtualMachine> =
+            Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+        let value = fps.iter().cloned().collect::<Vec<_>>().join(",");
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {annotation_key(&call.user): value}}});
+        api.patch(
+            &vm.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJF3X2of517d5Kg00cGhwfj7PqWgUgbbxnZyL96Twgi5 test@example";
+
+    #[test]
+    fn comments_and_blank_lines_are_skipped() {
+        let keys = parse_keys(&format!("# team keys\n\n{ED25519}\n")).expect("valid");
+        assert_eq!(keys.len(), 1);
+        assert!(keys[0].fingerprint.starts_with("SHA256:"));
+    }
+
+    #[test]
+    fn invalid_line_is_named_by_number_without_its_content() {
+        let err = parse_keys(&format!("{ED25519}\nssh-rsa notbase64 secretcomment"))
+            .expect_err("invalid");
+        let msg = err.to_string();
+        assert!(msg.contains("line 2"), "{msg}");
+        assert!(!msg.contains("secretcomment"), "{msg}");
+        assert_eq!(err.reason(), Reason::InvalidPublicKey);
+    }
+
+    #[test]
+    fn private_key_is_refused_with_a_warning() {
+        let err =
+            parse_keys("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaA==\n").expect_err("private");
+        assert!(err.to_string().contains("private key"));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let err = parse_keys(&format!("{ED25519}\n{ED25519}")).expect_err("dup");
+        assert!(err.to_string().contains("line 2 repeats"));
+    }
+
+    #[test]
+    fn empty_key_list_is_refused() {
+        assert!(matches!(
+            parse_keys("# nothing\n"),
+            Err(Error::InvalidPublicKey(_))
+        ));
+    }
+}

@@ -1,0 +1,160 @@
+//! GuestPasswordReset: set a guest user's password through the shim.
+use super::context::Context;
+use super::engine::{Outcome, RunKind};
+use super::error::Error;
+use super::secrets;
+use super::targets::TargetCall;
+use crate::api::password::Charset;
+use crate::api::wire::SetPasswordRequest;
+use crate::api::{GuestPasswordReset, Reason, RolloutSpec, RunStatus, TargetSpec};
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+use secrecy::{ExposeSecret, SecretString};
+use std::sync::Arc;
+
+/// Where the password of a run comes from.
+pub enum PasswordInput {
+    /// One value for every target (from a Secret).
+    Fixed { value: SecretString, crypted: bool },
+    /// A new random password per target, stored in an output Secret first.
+    Generate { length: u32, symbols: bool },
+}
+
+impl RunKind for GuestPasswordReset {
+    type Input = PasswordInput;
+
+    fn target(&self) -> &TargetSpec {
+        &self.spec.target
+    }
+    fn rollout(&self) -> &RolloutSpec {
+        &self.spec.rollout
+    }
+    fn spec_user(&self) -> Option<&str> {
+        self.spec.user.as_deref()
+    }
+    fn run_status(&self) -> Option<&RunStatus> {
+        self.status.as_ref().map(|s| &s.run)
+    }
+    fn latest(&self, ctx: &Context) -> Option<Arc<Self>> {
+        ctx.resets.get(&ObjectRef::from_obj(self))
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        self.validate_cel()
+            .map_err(|e| Error::InvalidSpec(cel_message(&e)))?;
+        let ns = self.namespace().unwrap_or_default();
+        if let Some(r) = &self.spec.password.secret_ref {
+            secrets::check_same_namespace(r, &ns, "password.secretRef")?;
+        }
+        if let Some(u) = &self.spec.user {
+            crate::shim::validate::user(u)
+                .map_err(|e| Error::InvalidUser(format!("spec.user: {}", e.message)))?;
+        }
+        Ok(())
+    }
+
+    async fn prepare(&self, ctx: &Context) -> Result<(PasswordInput, String), Error> {
+        let uid = self.uid().unwrap_or_default();
+        let user = self.spec.user.clone().unwrap_or_default();
+        let p = &self.spec.password;
+        match (&p.secret_ref, &p.generate) {
+            (Some(r), None) => {
+                let ns = self.namespace().unwrap_or_default();
+                let value = secrets::read_key(&ctx.client, &ns, r).await?;
+                crate::shim::validate::password(&value, p.crypted).map_err(|e| {
+                    Error::InvalidPassword(format!(
+                        "Secret {} key {:?}: {}",
+                        r.name, r.key, e.message
+                    ))
+                })?;
+                let hash = secrets::keyed_hash(
+                    &uid,
+                    &[
+                        value.expose_secret().as_bytes(),
+                        &[p.crypted as u8],
+                        user.as_bytes(),
+                    ],
+                );
+                Ok((
+                    PasswordInput::Fixed {
+                        value,
+                        crypted: p.crypted,
+                    },
+                    hash,
+                ))
+            }
+            (None, Some(g)) => {
+                let symbols = g.charset == Charset::AlphanumericSymbols;
+                let hash = secrets::keyed_hash(
+                    &uid,
+                    &[
+                        b"generate",
+                        &g.length.to_be_bytes(),
+                        &[symbols as u8],
+                        user.as_bytes(),
+                    ],
+                );
+                Ok((
+                    PasswordInput::Generate {
+                        length: g.length,
+                        symbols,
+                    },
+                    hash,
+                ))
+            }
+            _ => Err(Error::InvalidSpec(
+                "set exactly one of password.secretRef and password.generate".into(),
+            )),
+        }
+    }
+
+    async fn apply(
+        &self,
+        ctx: &Context,
+        input: &PasswordInput,
+        call: &TargetCall,
+    ) -> Result<Outcome, Error> {
+        let (password, crypted, output_secret) = match input {
+            PasswordInput::Fixed { value, crypted } => (value.clone(), *crypted, None),
+            PasswordInput::Generate { length, symbols } => {
+                let (name, value) = secrets::ensure_generated(&ctx.client, self, &call.vm, || {
+                    secrets::generate_password(*length, *symbols)
+                })
+                .await?;
+                (value, false, Some(name))
+            }
+        };
+        if crypted && call.windows {
+            return Err(Error::UnsupportedForOs(format!(
+                "{} is a Windows guest: Windows cannot take a crypt(3) hash; use a plaintext or generated password",
+                call.vm
+            )));
+        }
+        call.shim
+            .set_password(&SetPasswordRequest {
+                domain: call.domain.clone(),
+                user: call.user.clone(),
+                password,
+                crypted,
+            })
+            .await?;
+        let how = if crypted { "crypted hash" } else { "password" };
+        Ok(Outcome {
+            reason: Some(Reason::Applied),
+            message: match &output_secret {
+                Some(s) => format!(
+                    "generated password of user {} set; stored in Secret {s}",
+                    call.user
+                ),
+                None => format!("{how} of user {} set", call.user),
+            },
+            output_secret,
+            ..Outcome::default()
+        })
+    }
+}
+
+/// CEL failures as one line that names the rule's message.
+pub fn cel_message(e: &impl std::fmt::Display) -> String {
+    format!("spec is invalid: {e}")
+}

@@ -1,0 +1,196 @@
+//! Reading input Secrets, hashing inputs without revealing them, and storing generated
+//! passwords before they are applied.
+use super::error::Error;
+use crate::api::SecretKeyRef;
+use hmac::{Hmac, Mac};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::PostParams;
+use kube::{Api, Client, Resource, ResourceExt};
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::Sha256;
+use std::collections::BTreeMap;
+
+/// Key of the password inside an output Secret.
+pub const OUTPUT_PASSWORD_KEY: &str = "password";
+pub const RESET_LABEL: &str = "guestcred.io/reset";
+pub const VM_LABEL: &str = "guestcred.io/vm";
+
+/// Refuse references to another namespace (a namespaced object must not read others' Secrets).
+pub fn check_same_namespace(r: &SecretKeyRef, own_ns: &str, field: &str) -> Result<(), Error> {
+    match r.namespace.as_deref() {
+        Some(ns) if !ns.is_empty() && ns != own_ns => Err(Error::InvalidSpec(format!(
+            "{field}.namespace {ns:?} differs from this object's namespace {own_ns:?}: cross-namespace Secret references are refused; copy the Secret into {own_ns:?}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The value of one key of a Secret in `ns`, as a secret string (valid UTF-8 required).
+pub async fn read_key(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<SecretString, Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = api
+        .get_opt(&r.name)
+        .await?
+        .ok_or_else(|| Error::SecretNotFound(r.name.clone()))?;
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .map(|b| b.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(&r.key))
+                .map(|s| s.clone().into_bytes())
+        })
+        .ok_or_else(|| Error::SecretKeyMissing {
+            secret: r.name.clone(),
+            key: r.key.clone(),
+        })?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        Error::InvalidPassword(format!(
+            "Secret {} key {:?} is not valid UTF-8",
+            r.name, r.key
+        ))
+    })?;
+    Ok(SecretString::from(text))
+}
+
+/// "hmac-sha256:<hex>" of `parts`, keyed with the object's UID: it changes with the input
+/// but, unlike a bare sha256, cannot be looked up in a table of common passwords.
+pub fn keyed_hash(key: &str, parts: &[&[u8]]) -> String {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC accepts keys of any length");
+    for p in parts {
+        mac.update(&(p.len() as u64).to_be_bytes());
+        mac.update(p);
+    }
+    format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A random password from the OS RNG.
+pub fn generate_password(length: u32, symbols: bool) -> SecretString {
+    const SYMBOLS: &[u8] = b"-_.+=@%";
+    let mut rng = rand::rng();
+    let s: String = (0..length)
+        .map(|_| {
+            if symbols && rng.random_ratio(1, 6) {
+                SYMBOLS[rng.random_range(0..SYMBOLS.len())] as char
+            } else {
+                rng.sample(Alphanumeric) as char
+            }
+        })
+        .collect();
+    SecretString::from(s)
+}
+
+/// Name of the output Secret of one target.
+pub fn output_secret_name(owner: &str, vm: &str) -> String {
+    let mut name = format!("{owner}-{vm}-password");
+    name.truncate(253);
+    name.trim_end_matches(['-', '.']).to_string()
+}
+
+/// The stored generated password of a target, creating (and storing) it first if there is
+/// none yet. Returns the Secret's name and the password. Storing comes first so that a
+/// restart between "stored" and "applied" re-applies the same password.
+pub async fn ensure_generated<K: Resource<DynamicType = ()>>(
+    client: &Client,
+    owner: &K,
+    vm: &str,
+    make: impl FnOnce() -> SecretString,
+) -> Result<(String, SecretString), Error> {
+    let ns = owner.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let name = output_secret_name(&owner.name_any(), vm);
+    let r = SecretKeyRef {
+        name: name.clone(),
+        key: OUTPUT_PASSWORD_KEY.into(),
+        namespace: None,
+    };
+    if api.get_opt(&name).await?.is_some() {
+        return Ok((name, read_key(client, &ns, &r).await?));
+    }
+    let password = make();
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(ns.clone()),
+            labels: Some(BTreeMap::from([
+                (RESET_LABEL.to_string(), owner.name_any()),
+                (VM_LABEL.to_string(), vm.to_string()),
+                (
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "guestcred".to_string(),
+                ),
+            ])),
+            owner_references: owner.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            OUTPUT_PASSWORD_KEY.to_string(),
+            k8s_openapi::ByteString(password.expose_secret().as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok((name, password)),
+        // Someone (an earlier attempt) stored one first: use theirs, never a second one.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok((name, read_key(client, &ns, &r).await?)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_changes_with_the_input_and_the_key() {
+        let a = keyed_hash("uid-1", &[b"secret"]);
+        assert_ne!(a, keyed_hash("uid-1", &[b"secret2"]));
+        assert_ne!(a, keyed_hash("uid-2", &[b"secret"]));
+        assert_eq!(a, keyed_hash("uid-1", &[b"secret"]));
+        assert!(!a.contains("secret"));
+    }
+
+    #[test]
+    fn part_boundaries_matter() {
+        assert_ne!(
+            keyed_hash("k", &[b"ab", b"c"]),
+            keyed_hash("k", &[b"a", b"bc"])
+        );
+    }
+
+    #[test]
+    fn generated_passwords_have_the_requested_length_and_differ() {
+        let a = generate_password(24, false);
+        let b = generate_password(24, true);
+        assert_eq!(a.expose_secret().len(), 24);
+        assert_eq!(b.expose_secret().len(), 24);
+        assert_ne!(a.expose_secret(), b.expose_secret());
+        assert!(a.expose_secret().chars().all(|c| c.is_ascii_alphanumeric()));
+    }
+
+    #[test]
+    fn cross_namespace_reference_is_refused() {
+        let r = SecretKeyRef {
+            name: "s".into(),
+            key: "k".into(),
+            namespace: Some("other".into()),
+        };
+        assert!(matches!(
+            check_same_namespace(&r, "mine", "password.secretRef"),
+            Err(Error::InvalidSpec(_))
+        ));
+        let same = SecretKeyRef {
+            namespace: Some("mine".into()),
+            ..r
+        };
+        assert!(check_same_namespace(&same, "mine", "password.secretRef").is_ok());
+    }
+}

@@ -1,0 +1,272 @@
+//! Target resolution: which VMIs a spec names, where each runs, which shim serves it, and
+//! which guest user to change.
+use super::context::Context;
+use super::error::Error;
+use crate::api::kubevirt::{ADMIN_USER_ANNOTATION, VirtualMachine, VirtualMachineInstance};
+use crate::api::wire::DomainRef;
+use crate::api::{TargetSpec, UserSource};
+use crate::shim::client::ShimClient;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+
+/// Everything one agent call on one target needs.
+pub struct TargetCall {
+    pub vm: String,
+    pub node: String,
+    pub domain: DomainRef,
+    pub shim: ShimClient,
+    pub user: String,
+    pub user_source: UserSource,
+    pub windows: bool,
+    /// The VM asks KubeVirt to propagate credentials for this user through the agent.
+    pub conflicts_with_access_credentials: bool,
+    /// Generated passwords: the output Secret already recorded for this target.
+    pub output_secret: Option<String>,
+    pub vmi: VirtualMachineInstance,
+    pub vm_object: Option<VirtualMachine>,
+}
+
+/// The VM names of a run: the named VMI, or every running VMI matching the selector.
+pub async fn resolve(client: &Client, ns: &str, target: &TargetSpec) -> Result<Vec<String>, Error> {
+    match (&target.vm_name, &target.selector) {
+        (Some(name), None) => Ok(vec![name.clone()]),
+        (None, Some(selector)) => {
+            let api: Api<VirtualMachineInstance> = Api::namespaced(client.clone(), ns);
+            let query = selector_query(selector)?;
+            let list = api.list(&ListParams::default().labels(&query)).await?;
+            let mut names: Vec<String> = list
+                .items
+                .iter()
+                .filter(|vmi| vmi.is_running())
+                .map(|vmi| vmi.name_any())
+                .collect();
+            names.sort();
+            if names.is_empty() {
+                return Err(Error::NoTargets(format!(
+                    "no running VirtualMachineInstance in namespace {ns} matches selector {query:?}"
+                )));
+            }
+            Ok(names)
+        }
+        _ => Err(Error::InvalidSpec(
+            "set exactly one of target.vmName and target.selector".into(),
+        )),
+    }
+}
+
+/// A LabelSelector as a list query string.
+pub fn selector_query(selector: &LabelSelector) -> Result<String, Error> {
+    let mut parts: Vec<String> = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for LabelSelectorRequirement {
+        key,
+        operator,
+        values,
+    } in selector.match_expressions.iter().flatten()
+    {
+        let values = values.clone().unwrap_or_default().join(",");
+        parts.push(match operator.as_str() {
+            "In" => format!("{key} in ({values})"),
+            "NotIn" => format!("{key} notin ({values})"),
+            "Exists" => key.clone(),
+            "DoesNotExist" => format!("!{key}"),
+            other => {
+                return Err(Error::InvalidSpec(format!(
+                    "target.selector: unknown operator {other:?} (use In, NotIn, Exists, DoesNotExist)"
+                )));
+            }
+        });
+    }
+    if parts.is_empty() {
+        return Err(Error::InvalidSpec(
+            "target.selector is empty: it would match every VM; name the labels to match".into(),
+        ));
+    }
+    Ok(parts.join(","))
+}
+
+/// Read the VMI and VM, pick the shim on the VMI's node and the guest user.
+pub async fn prepare_call(
+    ctx: &Context,
+    ns: &str,
+    vm: &str,
+    spec_user: Option<&str>,
+    output_secret: Option<String>,
+) -> Result<TargetCall, Error> {
+    let vmis: Api<VirtualMachineInstance> = Api::namespaced(ctx.client.clone(), ns);
+    let vmi = vmis
+        .get_opt(vm)
+        .await?
+        .ok_or_else(|| Error::VmNotFound(format!("{ns}/{vm}")))?;
+    let phase = vmi
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_else(|| "Unknown".into());
+    if !vmi.is_running() {
+        return Err(Error::VmNotRunning(format!(
+            "VirtualMachineInstance {ns}/{vm} is {phase}, not Running"
+        )));
+    }
+    if is_paused(&vmi) {
+        return Err(Error::VmNotRunning(format!(
+            "VirtualMachineInstance {ns}/{vm} is paused"
+        )));
+    }
+    let node = vmi
+        .node_name()
+        .ok_or_else(|| {
+            Error::VmNotRunning(format!("VirtualMachineInstance {ns}/{vm} has no node yet"))
+        })?
+        .to_string();
+    let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), ns);
+    let vm_object = vms.get_opt(vm).await?;
+    let windows = vmi.is_windows();
+    let (user, user_source) = choose_user(spec_user, vm_object.as_ref(), &vmi, windows);
+    crate::shim::validate::user(&user)
+        .map_err(|e| Error::InvalidUser(format!("user {user:?}: {}", e.message)))?;
+    let conflicts_with_access_credentials = vm_object.as_ref().is_some_and(|v| {
+        v.access_credential_agent_users()
+            .iter()
+            .any(|u| u == &user || u == "*")
+    });
+    let shim = ctx.shims.for_node(&node)?;
+    let mut domain = DomainRef::new(ns, vm);
+    if let Some(uid) = vmi.launcher_pod_uid() {
+        domain = domain.with_launcher_pod_uid(uid);
+    }
+    Ok(TargetCall {
+        vm: vm.to_string(),
+        node,
+        domain,
+        shim,
+        user,
+        user_source,
+        windows,
+        conflicts_with_access_credentials,
+        output_secret,
+        vmi,
+        vm_object,
+    })
+}
+
+fn is_paused(vmi: &VirtualMachineInstance) -> bool {
+    vmi.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Paused" && c.status == "True")
+    })
+}
+
+/// spec.user, else the VM's (or VMI's) admin-user annotation, else by guest OS.
+pub fn choose_user(
+    spec_user: Option<&str>,
+    vm: Option<&VirtualMachine>,
+    vmi: &VirtualMachineInstance,
+    windows: bool,
+) -> (String, UserSource) {
+    if let Some(u) = spec_user {
+        return (u.to_string(), UserSource::Spec);
+    }
+    let annotated = vm
+        .and_then(|v| v.annotations().get(ADMIN_USER_ANNOTATION))
+        .or_else(|| vmi.annotations().get(ADMIN_USER_ANNOTATION));
+    if let Some(u) = annotated {
+        return (u.clone(), UserSource::Annotation);
+    }
+    let user = if windows { "Administrator" } else { "root" };
+    (user.to_string(), UserSource::GuestOS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::kubevirt::{GuestOsInfo, VmiStatus};
+    use std::collections::BTreeMap;
+
+    fn vmi_with_os(id: &str) -> VirtualMachineInstance {
+        let mut vmi = VirtualMachineInstance::new("vm", Default::default());
+        vmi.status = Some(VmiStatus {
+            guest_os_info: Some(GuestOsInfo {
+                id: Some(id.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        vmi
+    }
+
+    fn vm_annotated(user: &str) -> VirtualMachine {
+        let mut vm = VirtualMachine::new("vm", Default::default());
+        vm.metadata.annotations = Some(BTreeMap::from([(
+            ADMIN_USER_ANNOTATION.to_string(),
+            user.to_string(),
+        )]));
+        vm
+    }
+
+    #[test]
+    fn spec_user_wins_over_annotation() {
+        let (u, s) = choose_user(
+            Some("alice"),
+            Some(&vm_annotated("bob")),
+            &vmi_with_os("debian"),
+            false,
+        );
+        assert_eq!((u.as_str(), s), ("alice", UserSource::Spec));
+    }
+
+    #[test]
+    fn annotation_wins_over_guest_os() {
+        let (u, s) = choose_user(
+            None,
+            Some(&vm_annotated("cloud-user")),
+            &vmi_with_os("mswindows"),
+            true,
+        );
+        assert_eq!((u.as_str(), s), ("cloud-user", UserSource::Annotation));
+    }
+
+    #[test]
+    fn windows_guests_default_to_administrator() {
+        let vmi = vmi_with_os("mswindows");
+        let (u, s) = choose_user(None, None, &vmi, vmi.is_windows());
+        assert_eq!((u.as_str(), s), ("Administrator", UserSource::GuestOS));
+    }
+
+    #[test]
+    fn other_guests_default_to_root() {
+        let vmi = vmi_with_os("debian");
+        let (u, _) = choose_user(None, None, &vmi, vmi.is_windows());
+        assert_eq!(u, "root");
+    }
+
+    #[test]
+    fn selector_with_labels_and_expressions_becomes_a_query() {
+        let sel = LabelSelector {
+            match_labels: Some(BTreeMap::from([("tier".to_string(), "db".to_string())])),
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "zone".into(),
+                operator: "In".into(),
+                values: Some(vec!["a".into(), "b".into()]),
+            }]),
+        };
+        assert_eq!(
+            selector_query(&sel).expect("valid"),
+            "tier=db,zone in (a,b)"
+        );
+    }
+
+    #[test]
+    fn empty_selector_is_refused() {
+        assert!(matches!(
+            selector_query(&LabelSelector::default()),
+            Err(Error::InvalidSpec(_))
+        ));
+    }
+}

@@ -1,0 +1,14 @@
+//! crds/ must be exactly what `guestcred crdgen` writes from the Rust types.
+
+#[test]
+fn crds_directory_matches_the_rust_types() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+    for (file, crd) in guestcred::api::crds() {
+        let want = guestcred::api::crd_yaml(&crd).expect("crd serializes");
+        let have = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        assert!(
+            have == want,
+            "crds/{file} is out of date: run `cargo run -- crdgen --out crds`"
+        );
+    }
+}
