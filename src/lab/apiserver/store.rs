@@ -471,10 +471,11 @@ impl Inner {
         obj["kind"] = json!(rt.kind);
         let now = now_rfc3339();
         // Like the real strategies: create cannot set status, except a Node's.
-        if rt.has_status(version) && rt.kind != "Node" {
-            if let Value::Object(m) = &mut obj {
-                m.remove("status");
-            }
+        if rt.has_status(version)
+            && rt.kind != "Node"
+            && let Value::Object(m) = &mut obj
+        {
+            m.remove("status");
         }
         {
             let m = meta(&mut obj);

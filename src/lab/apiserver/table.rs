@@ -65,7 +65,9 @@ fn index<'a>(current: Vec<&'a Value>, inner: &str) -> Vec<&'a Value> {
                 .first()
                 .is_some_and(|v| match v {
                     Value::String(s) => s == value,
-                    other => other.to_string() == value,
+                    Value::Number(n) => n.to_string() == value,
+                    Value::Bool(b) => b.to_string() == value,
+                    _ => false,
                 })
         })
         .collect()

@@ -1,0 +1,258 @@
+//! The lab API-server emulator as a real kubectl sees it: a server on a loopback port, a
+//! kubeconfig in a temp dir, and the `kubectl` binary run as a process.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use guestcred::lab::apiserver::{ApiServer, write_kubeconfig};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::json;
+use tempfile::TempDir;
+
+const CRD_YAML: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gadgets.test.guestcred.io
+spec:
+  group: test.guestcred.io
+  scope: Namespaced
+  names:
+    plural: gadgets
+    singular: gadget
+    kind: Gadget
+    shortNames: [gdg]
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources:
+      status: {}
+    additionalPrinterColumns:
+    - name: Size
+      type: integer
+      jsonPath: .spec.size
+    - name: Phase
+      type: string
+      jsonPath: .status.phase
+    - name: Age
+      type: date
+      jsonPath: .metadata.creationTimestamp
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              size: {type: integer}
+          status:
+            type: object
+            properties:
+              phase: {type: string}
+"#;
+
+fn gadget_yaml(name: &str, size: u32, tier: &str) -> String {
+    format!(
+        "apiVersion: test.guestcred.io/v1\nkind: Gadget\nmetadata:\n  name: {name}\n  labels:\n    tier: {tier}\nspec:\n  size: {size}\n"
+    )
+}
+
+fn gadget_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk("test.guestcred.io", "v1", "Gadget"))
+}
+
+/// A served emulator plus a kubeconfig pointing at it.
+struct Lab {
+    server: ApiServer,
+    dir: TempDir,
+    kubeconfig: PathBuf,
+}
+
+async fn start_lab() -> Lab {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let url = format!("http://{}", listener.local_addr().expect("local address"));
+    let server = ApiServer::new();
+    let serving = server.clone();
+    tokio::spawn(async move { serving.serve(listener, axum::Router::new()).await });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    write_kubeconfig(&kubeconfig, &url).expect("kubeconfig written");
+    Lab {
+        server,
+        dir,
+        kubeconfig,
+    }
+}
+
+impl Lab {
+    fn file(&self, name: &str, content: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, content).expect("fixture written");
+        path
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("kubectl");
+        cmd.args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            // Keep kubectl's discovery cache private to this test.
+            .env("HOME", self.dir.path())
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("cache"))
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs kubectl to completion; panics with its stderr if it fails.
+    async fn kubectl(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        let run = self.command(args).output();
+        match tokio::time::timeout(Duration::from_secs(30), run).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "kubectl is not on PATH: these tests run the real kubectl binary \
+                 (scripts/install-deps.sh installs it)"
+            ),
+            Ok(Err(e)) => panic!("cannot run kubectl: {e}"),
+            Err(_) => panic!("kubectl {args:?} did not finish within 30 s"),
+        }
+    }
+
+    async fn apply_crd(&self) {
+        let crd = self.file("crd.yaml", CRD_YAML);
+        self.kubectl(&["apply", "-f", path_str(&crd)]).await;
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_applies_a_crd_and_waits_until_it_is_established() {
+    let lab = start_lab().await;
+    lab.apply_crd().await;
+    let out = lab
+        .kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=10s",
+            "crd/gadgets.test.guestcred.io",
+        ])
+        .await;
+    assert!(out.contains("condition met"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_applies_and_reads_a_custom_object() {
+    let lab = start_lab().await;
+    lab.apply_crd().await;
+    let obj = lab.file("g.yaml", &gadget_yaml("g1", 3, "db"));
+    lab.kubectl(&["apply", "-f", path_str(&obj)]).await;
+
+    let yaml = lab.kubectl(&["get", "gadget", "g1", "-o", "yaml"]).await;
+    let parsed: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("kubectl prints YAML");
+    assert_eq!(parsed["spec"]["size"], serde_yaml::Value::from(3));
+    assert_eq!(
+        parsed["metadata"]["namespace"],
+        serde_yaml::Value::from("default")
+    );
+
+    // A second apply with a change goes through kubectl's patch path.
+    let changed = lab.file("g2.yaml", &gadget_yaml("g1", 5, "db"));
+    lab.kubectl(&["apply", "-f", path_str(&changed)]).await;
+    let size = lab
+        .kubectl(&["get", "gdg", "g1", "-o", "jsonpath={.spec.size}"])
+        .await;
+    assert_eq!(size, "5");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_get_filters_by_label_and_shows_printer_columns() {
+    let lab = start_lab().await;
+    lab.apply_crd().await;
+    let objs = format!(
+        "{}---\n{}",
+        gadget_yaml("db-0", 1, "db"),
+        gadget_yaml("web-0", 2, "web")
+    );
+    let file = lab.file("gadgets.yaml", &objs);
+    lab.kubectl(&["apply", "-f", path_str(&file)]).await;
+    let gadgets: Api<DynamicObject> =
+        Api::default_namespaced_with(lab.server.client(), &gadget_resource());
+    gadgets
+        .patch_status(
+            "db-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running"}})),
+        )
+        .await
+        .expect("status written");
+
+    let out = lab.kubectl(&["get", "gadgets", "-l", "tier=db"]).await;
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines.len(), 2, "header and one row:\n{out}");
+    assert_eq!(lines[0], ["NAME", "SIZE", "PHASE", "AGE"]);
+    assert_eq!(&lines[1][..3], ["db-0", "1", "Running"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_delete_and_wait_for_delete_follow_finalizers() {
+    let lab = start_lab().await;
+    lab.apply_crd().await;
+    let file = lab.file("g.yaml", &gadget_yaml("g1", 1, "db"));
+    lab.kubectl(&["apply", "-f", path_str(&file)]).await;
+    let gadgets: Api<DynamicObject> =
+        Api::default_namespaced_with(lab.server.client(), &gadget_resource());
+    let finalizers = |f: serde_json::Value| Patch::Merge(json!({"metadata": {"finalizers": f}}));
+    gadgets
+        .patch(
+            "g1",
+            &PatchParams::default(),
+            &finalizers(json!(["test/hold"])),
+        )
+        .await
+        .expect("finalizer added");
+
+    lab.kubectl(&["delete", "gadget", "g1", "--wait=false"])
+        .await;
+    let waiting = lab
+        .command(&["wait", "--for=delete", "--timeout=20s", "gadget/g1"])
+        .output();
+    let release = async {
+        // The object stays while its finalizer does; releasing it completes the deletion.
+        let pending = gadgets.get("g1").await.expect("still there");
+        assert!(pending.metadata.deletion_timestamp.is_some());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gadgets
+            .patch("g1", &PatchParams::default(), &finalizers(json!(null)))
+            .await
+            .expect("finalizer removed");
+    };
+    let (out, ()) = tokio::join!(waiting, release);
+    let out = out.expect("kubectl wait ran");
+    assert!(
+        out.status.success(),
+        "kubectl wait --for=delete failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(gadgets.get_opt("g1").await.expect("get works").is_none());
+}
