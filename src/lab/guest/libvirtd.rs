@@ -54,14 +54,16 @@ exec libvirtd
 /// Waits for its owner (or libvirtd) to go away, then kills QEMU (by libvirt's pid files)
 /// and libvirtd, so a crashed or killed test process leaves nothing behind.
 const WATCHDOG_SCRIPT: &str = r#"owner=$1 lv=$2 d=$3 remove=$4
-while kill -0 "$owner" 2>/dev/null && kill -0 "$lv" 2>/dev/null; do sleep 1; done
+# A zombie is dead: kill -0 alone would wait for it to be reaped.
+alive() { [ -e "/proc/$1" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
+while alive "$owner" && alive "$lv"; do sleep 1; done
 for f in "$d"/run/libvirt/qemu/*.pid; do
     # driver.pid is libvirtd's own lock file, not a QEMU.
     [ -f "$f" ] && [ "${f##*/}" != driver.pid ] && kill -KILL "$(cat "$f")" 2>/dev/null
 done
 kill -TERM "$lv" 2>/dev/null
 i=0
-while kill -0 "$lv" 2>/dev/null && [ $i -lt 40 ]; do sleep 0.5; i=$((i + 1)); done
+while alive "$lv" && [ $i -lt 40 ]; do sleep 0.5; i=$((i + 1)); done
 kill -KILL "$lv" 2>/dev/null
 [ "$remove" = yes ] && rm -rf "$d"
 exit 0

@@ -72,3 +72,20 @@ pub(crate) fn ensure_tool(tool: &str) -> Result<(), LabError> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_host_tool_says_to_run_install_deps() {
+        let err = ensure_tool("guestcred-no-such-tool").expect_err("not installed");
+        assert!(matches!(err, LabError::Missing { .. }));
+        assert!(err.to_string().contains("scripts/install-deps.sh"), "{err}");
+    }
+
+    #[test]
+    fn an_installed_host_tool_is_found() {
+        ensure_tool("sh").expect("sh is everywhere");
+    }
+}
