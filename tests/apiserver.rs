@@ -600,7 +600,7 @@ async fn deleting_a_crd_removes_its_objects_and_its_api() {
         .await
         .unwrap();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.delete(&Widget::crd_name(), &DeleteParams::default())
+    crds.delete(Widget::crd_name(), &DeleteParams::default())
         .await
         .unwrap();
     let err = widgets.list(&ListParams::default()).await.unwrap_err();
@@ -937,4 +937,47 @@ async fn no_op_updates_keep_the_resource_version() {
         .await
         .unwrap();
     assert_eq!(same.resource_version(), created.resource_version());
+}
+
+#[tokio::test]
+async fn events_can_be_selected_by_involved_object() {
+    let server = ApiServer::new();
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::default_namespaced(server.client());
+    for (name, target) in [("e1", "db-0"), ("e2", "web-0")] {
+        let mut ev = k8s_openapi::api::core::v1::Event::default();
+        ev.metadata.name = Some(name.into());
+        ev.involved_object.name = Some(target.into());
+        ev.involved_object.kind = Some("Pod".into());
+        events.create(&PostParams::default(), &ev).await.unwrap();
+    }
+    let list = events
+        .list(&ListParams::default().fields("involvedObject.name=db-0,involvedObject.kind=Pod"))
+        .await
+        .unwrap();
+    let names: Vec<String> = list.items.iter().map(|e| e.name_any()).collect();
+    assert_eq!(names, ["e1"]);
+}
+
+#[tokio::test]
+async fn table_watches_send_one_row_tables() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    cms.create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap();
+    let req = get(
+        "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion=0&timeoutSeconds=1",
+        "application/json;as=Table;v=v1;g=meta.k8s.io",
+    );
+    let (parts, body) = req.into_parts();
+    let req = http::Request::from_parts(parts, axum::body::Body::from(body));
+    let resp = server.router().oneshot(req).await.unwrap();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let first: Value =
+        serde_json::from_slice(bytes.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(first["type"], "ADDED");
+    assert_eq!(first["object"]["kind"], "Table");
+    assert_eq!(first["object"]["rows"][0]["cells"][0], "a");
 }

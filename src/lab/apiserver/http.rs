@@ -18,7 +18,7 @@ use super::error::ApiError;
 use super::openapi;
 use super::patch::{self, PatchKind};
 use super::resources::ResourceType;
-use super::selector::{FieldSelector, LabelSelector};
+use super::selector::{FieldSelector, LabelSelector, kind_fields};
 use super::store::{BusMsg, Filter};
 use super::table;
 
@@ -365,7 +365,10 @@ fn filter_for(rt: &ResourceType, ns: Option<&str>, params: &Params) -> Result<Fi
             None
         },
         labels: LabelSelector::parse(param(params, "labelSelector").unwrap_or(""))?,
-        fields: FieldSelector::parse(param(params, "fieldSelector").unwrap_or(""))?,
+        fields: FieldSelector::parse(
+            param(params, "fieldSelector").unwrap_or(""),
+            kind_fields(&rt.group, &rt.plural),
+        )?,
     })
 }
 
@@ -412,7 +415,8 @@ async fn resource(
         (Method::GET, None) => {
             let filter = filter_for(&rt, rp.ns.as_deref(), params)?;
             if is_true(params, "watch") {
-                return watch(shared, rt.clone(), &rp.version, filter, params);
+                let table = wants_table(headers);
+                return watch(shared, rt.clone(), &rp.version, filter, params, table);
             }
             list(shared, &rt, &rp.version, &filter, headers, params)
         }
@@ -565,12 +569,33 @@ fn bookmark(rt: &ResourceType, api_version: &str, rv: u64, initial_end: bool) ->
     json!({"kind": rt.kind, "apiVersion": api_version, "metadata": m})
 }
 
+/// Renders watch events: objects, or one-row Tables for `kubectl get -w`.
+struct EventRenderer {
+    rt: Arc<ResourceType>,
+    version: String,
+    api_version: String,
+    table: bool,
+    params: Params,
+}
+
+impl EventRenderer {
+    fn line(&self, ty: &str, obj: &Value, rv: u64) -> Bytes {
+        if self.table && ty != "BOOKMARK" {
+            let t = table::render(&self.rt, &self.version, &[obj], rv, &self.params);
+            let line = json!({"type": ty, "object": t});
+            return Bytes::from(format!("{line}\n"));
+        }
+        event_line(ty, obj, &self.api_version)
+    }
+}
+
 fn watch(
     shared: &Arc<Shared>,
     rt: Arc<ResourceType>,
     version: &str,
     filter: Filter,
     params: &Params,
+    table: bool,
 ) -> Result<Response, ApiError> {
     let rv = match param(params, "resourceVersion") {
         None => None,
@@ -603,12 +628,19 @@ fn watch(
             return Ok(stream_response(body_stream));
         }
     };
+    let render = EventRenderer {
+        rt: rt.clone(),
+        version: version.to_string(),
+        api_version: api_version.clone(),
+        table,
+        params: params.clone(),
+    };
     tokio::spawn(async move {
         let mut bus = start.rx;
         let mut last_rv = start.rv;
         for (ty, obj) in start.initial {
             if tx
-                .send(event_line(ty.as_str(), &obj, &api_version))
+                .send(render.line(ty.as_str(), &obj, last_rv))
                 .await
                 .is_err()
             {
@@ -639,7 +671,7 @@ fn watch(
                     Ok(BusMsg::Event(rec)) => {
                         last_rv = rec.rv;
                         match filter.translate(&rec) {
-                            Some((ty, obj)) => event_line(ty.as_str(), &obj, &api_version),
+                            Some((ty, obj)) => render.line(ty.as_str(), &obj, rec.rv),
                             None => continue,
                         }
                     }

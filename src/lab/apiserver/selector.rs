@@ -110,19 +110,51 @@ impl LabelSelector {
 }
 
 /// Field paths every resource supports here (the real server's set differs per kind).
-const FIELDS: &[(&str, &str)] = &[
-    ("metadata.name", "/metadata/name"),
-    ("metadata.namespace", "/metadata/namespace"),
-    ("spec.nodeName", "/spec/nodeName"),
-    ("status.phase", "/status/phase"),
+const COMMON_FIELDS: &[&str] = &[
+    "metadata.name",
+    "metadata.namespace",
+    "spec.nodeName",
+    "status.phase",
 ];
+
+/// Extra field paths of some kinds, as the real server offers them (kubectl describe
+/// selects Events by `involvedObject.*`).
+pub(crate) fn kind_fields(group: &str, plural: &str) -> &'static [&'static str] {
+    match (group, plural) {
+        ("", "events") => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "type",
+        ],
+        ("events.k8s.io", "events") => &[
+            "regarding.kind",
+            "regarding.namespace",
+            "regarding.name",
+            "regarding.uid",
+            "regarding.apiVersion",
+            "reason",
+            "reportingController",
+            "type",
+        ],
+        ("", "secrets") => &["type"],
+        _ => &[],
+    }
+}
 
 /// A parsed `fieldSelector` query.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct FieldSelector(Vec<(&'static str, bool, String)>);
+pub(crate) struct FieldSelector(Vec<(String, bool, String)>);
 
 impl FieldSelector {
-    pub fn parse(s: &str) -> Result<Self, ApiError> {
+    /// `extra`: the kind's own field paths on top of the common ones.
+    pub fn parse(s: &str, extra: &[&str]) -> Result<Self, ApiError> {
         let mut reqs = Vec::new();
         for part in split_top_level(s) {
             let (field, equal, value) = if let Some((f, v)) = part.split_once("!=") {
@@ -137,12 +169,13 @@ impl FieldSelector {
                 )));
             };
             let field = field.trim();
-            let Some((_, pointer)) = FIELDS.iter().find(|(name, _)| *name == field) else {
+            if !COMMON_FIELDS.contains(&field) && !extra.contains(&field) {
                 return Err(ApiError::bad_request(format!(
                     "field label not supported: {field}"
                 )));
-            };
-            reqs.push((*pointer, equal, value.trim().to_string()));
+            }
+            let pointer = format!("/{}", field.replace('.', "/"));
+            reqs.push((pointer, equal, value.trim().to_string()));
         }
         Ok(Self(reqs))
     }
@@ -189,6 +222,9 @@ mod tests {
 
     #[test]
     fn unsupported_field_is_rejected() {
-        assert_eq!(FieldSelector::parse("spec.foo=bar").unwrap_err().code, 400);
+        assert_eq!(
+            FieldSelector::parse("spec.foo=bar", &[]).unwrap_err().code,
+            400
+        );
     }
 }
