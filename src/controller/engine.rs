@@ -148,7 +148,10 @@ async fn stall<K: RunKind>(
     let msg = e.to_string();
     status.observed_generation = generation;
     if status.targets.iter().all(|t| !t.state.is_terminal()) {
-        status.phase = Some(Phase::Failed);
+        // Waiting for something that may appear by itself (a Secret, a matching VM) is
+        // Pending; a spec the user must edit is Failed.
+        let waiting = matches!(reason, Reason::SecretNotFound | Reason::SecretKeyMissing | Reason::NoTargets);
+        status.phase = Some(if waiting { Phase::Pending } else { Phase::Failed });
     }
     conditions::set_condition(
         &mut status.conditions,

@@ -2,3 +2,5 @@
 pub mod apiserver;
 pub mod guest;
 pub mod hostqga;
+pub mod kubevirt;
+pub mod world;

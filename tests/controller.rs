@@ -1,0 +1,625 @@
+//! The controller against the API-server emulator, with real shims and real qemu-ga agents
+//! (host-run, one per VM; see `guestcred::lab::world`). Each test builds its own world.
+use guestcred::api::kubevirt::ADMIN_USER_ANNOTATION;
+use guestcred::api::password::{GeneratePolicy, PasswordSource};
+use guestcred::api::{
+    GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec,
+    TargetState, UserSource,
+};
+use guestcred::lab::hostqga::HostQgaOptions;
+use guestcred::lab::kubevirt::vm;
+use guestcred::lab::world::{World, WorldOptions};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::Api;
+use kube::api::{ObjectMeta, Patch, PatchParams};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const NS: &str = "default";
+const WAIT: Duration = Duration::from_secs(30);
+const SHA512: &str = "$6$gcTestSalt$U5mGf0Yd1K8Zz3n7u3f9p8m2q6E4rT1yW0xV5cB7nM9kL3jH2gF6dS4aQ8wE1rT5yU7iO9pA2sD4fG6hJ8kL0.";
+const PLAIN: &str = "correct-horse-battery-staple";
+
+fn secret(name: &str, key: &str, value: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            key.to_string(),
+            ByteString(value.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    }
+}
+
+fn from_secret(name: &str) -> PasswordSource {
+    PasswordSource {
+        secret_ref: Some(SecretKeyRef {
+            name: name.into(),
+            key: "password".into(),
+            namespace: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn reset(name: &str, target: TargetSpec, password: PasswordSource) -> GuestPasswordReset {
+    let mut r = GuestPasswordReset::new(
+        name,
+        GuestPasswordResetSpec {
+            target,
+            user: None,
+            password,
+            rollout: RolloutSpec::default(),
+        },
+    );
+    r.metadata.namespace = Some(NS.into());
+    r
+}
+
+fn vm_named(name: &str) -> TargetSpec {
+    TargetSpec {
+        vm_name: Some(name.into()),
+        selector: None,
+    }
+}
+
+fn selector(k: &str, v: &str) -> TargetSpec {
+    TargetSpec {
+        vm_name: None,
+        selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(k.to_string(), v.to_string())])),
+            match_expressions: None,
+        }),
+    }
+}
+
+fn finished(r: &GuestPasswordReset) -> bool {
+    r.status.as_ref().is_some_and(|s| {
+        matches!(
+            s.run.phase,
+            Some(Phase::Succeeded | Phase::Failed | Phase::PartiallySucceeded)
+        )
+    })
+}
+
+fn stalled_with(reason: &'static str) -> impl Fn(&GuestPasswordReset) -> bool {
+    move |r| {
+        r.status.as_ref().is_some_and(|s| {
+            s.run
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Stalled" && c.status == "True" && c.reason == reason)
+        })
+    }
+}
+
+async fn world() -> World {
+    World::start(WorldOptions::default())
+        .await
+        .expect("test world starts")
+}
+
+fn alice() -> HostQgaOptions {
+    HostQgaOptions::default().user("alice")
+}
+
+#[tokio::test]
+async fn missing_vm_is_reported_as_vm_not_found() {
+    let w = world().await;
+    w.apply(&secret("pw", "password", PLAIN))
+        .await
+        .expect("secret");
+    w.apply(&reset("r", vm_named("ghost"), from_secret("pw")))
+        .await
+        .expect("reset");
+    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    let t = &r.status.expect("status").run.targets[0];
+    assert_eq!(t.state, TargetState::Failed);
+    assert_eq!(t.reason.as_deref(), Some("VMNotFound"));
+}
+
+#[tokio::test]
+async fn both_vm_name_and_selector_is_invalid_spec() {
+    let w = world().await;
+    let mut target = selector("tier", "db");
+    target.vm_name = Some("db-0".into());
+    w.apply(&reset("r", target, from_secret("pw")))
+        .await
+        .expect("reset");
+    let r: GuestPasswordReset = w
+        .wait_for(NS, "r", WAIT, stalled_with("InvalidSpec"))
+        .await
+        .expect("stalled");
+    let c = r.status.expect("status").run.conditions;
+    let stalled = c.iter().find(|c| c.type_ == "Stalled").expect("Stalled");
+    assert!(
+        stalled
+            .message
+            .contains("exactly one of target.vmName and target.selector"),
+        "{}",
+        stalled.message
+    );
+}
+
+#[tokio::test]
+async fn cross_namespace_secret_reference_is_refused() {
+    let w = world().await;
+    let mut source = from_secret("pw");
+    if let Some(r) = source.secret_ref.as_mut() {
+        r.namespace = Some("kube-system".into());
+    }
+    w.apply(&reset("r", vm_named("vm-a"), source))
+        .await
+        .expect("reset");
+    let r: GuestPasswordReset = w
+        .wait_for(NS, "r", WAIT, stalled_with("InvalidSpec"))
+        .await
+        .expect("stalled");
+    let msg = &r.status.expect("status").run.conditions[0].message;
+    assert!(msg.contains("cross-namespace"), "{msg}");
+}
+
+#[tokio::test]
+async fn missing_secret_stalls_with_secret_not_found_and_recovers_when_created() {
+    let w = world().await;
+    let _qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm");
+    w.apply(&reset("r", vm_named("vm-a"), from_secret("pw")))
+        .await
+        .expect("reset");
+    w.wait_for(NS, "r", WAIT, stalled_with("SecretNotFound"))
+        .await
+        .expect("stalled");
+    w.apply(&secret("pw", "password", PLAIN))
+        .await
+        .expect("secret");
+    let r: GuestPasswordReset = w
+        .wait_for(NS, "r", WAIT, finished)
+        .await
+        .expect("finishes after the Secret appears");
+    assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
+}
+
+#[tokio::test]
+async fn missing_key_in_secret_is_secret_key_missing() {
+    let w = world().await;
+    w.apply(&secret("pw", "other", PLAIN))
+        .await
+        .expect("secret");
+    w.apply(&reset("r", vm_named("vm-a"), from_secret("pw")))
+        .await
+        .expect("reset");
+    w.wait_for(NS, "r", WAIT, stalled_with("SecretKeyMissing"))
+        .await
+        .expect("stalled");
+}
+
+#[tokio::test]
+async fn password_from_secret_is_set_in_the_guest() {
+    let w = world().await;
+    let qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    let before = qga.shadow_hash("root").expect("shadow");
+    w.apply(&secret("pw", "password", PLAIN))
+        .await
+        .expect("secret");
+    w.apply(&reset("r", vm_named("vm-a"), from_secret("pw")))
+        .await
+        .expect("reset");
+    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    let st = r.status.expect("status").run;
+    assert_eq!(st.phase, Some(Phase::Succeeded), "{st:#?}");
+    let t = &st.targets[0];
+    assert_eq!(
+        (t.user.as_deref(), t.user_source),
+        (Some("root"), Some(UserSource::GuestOS))
+    );
+    assert_eq!(t.node.as_deref(), Some("node-1"));
+    let after = qga
+        .shadow_hash("root")
+        .expect("shadow")
+        .expect("root has a hash");
+    assert_ne!(Some(after.clone()), before);
+    assert!(after.starts_with('$'), "a crypt hash, got {after}");
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    );
+}
+
+#[tokio::test]
+async fn crypted_hash_lands_verbatim() {
+    let w = world().await;
+    let qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    w.apply(&secret("pw", "password", SHA512))
+        .await
+        .expect("secret");
+    let mut source = from_secret("pw");
+    source.crypted = true;
+    let mut r = reset("r", vm_named("vm-a"), source);
+    r.spec.user = Some("alice".into());
+    w.apply(&r).await.expect("reset");
+    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
+    assert_eq!(
+        qga.shadow_hash("alice").expect("shadow").as_deref(),
+        Some(SHA512)
+    );
+}
+
+#[tokio::test]
+async fn admin_user_annotation_picks_the_user() {
+    let w = world().await;
+    let desc = vm(NS, "vm-a", "node-1").annotation(ADMIN_USER_ANNOTATION, "alice");
+    let qga = w
+        .add_vm(&desc, Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    w.apply(&secret("pw", "password", SHA512))
+        .await
+        .expect("secret");
+    let mut source = from_secret("pw");
+    source.crypted = true;
+    w.apply(&reset("r", vm_named("vm-a"), source))
+        .await
+        .expect("reset");
+    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    let t = &r.status.expect("status").run.targets[0];
+    assert_eq!(
+        (t.user.as_deref(), t.user_source),
+        (Some("alice"), Some(UserSource::Annotation))
+    );
+    assert_eq!(
+        qga.shadow_hash("alice").expect("shadow").as_deref(),
+        Some(SHA512)
+    );
+}
+
+#[tokio::test]
+async fn crypted_hash_for_a_windows_guest_is_unsupported_for_os() {
+    let w = world().await;
+    let _qga = w
+        .add_vm(&vm(NS, "win", "node-1").os("mswindows"), Some(alice()))
+        .await
+        .expect("vm");
+    w.apply(&secret("pw", "password", SHA512))
+        .await
+        .expect("secret");
+    let mut source = from_secret("pw");
+    source.crypted = true;
+    let mut r = reset("r", vm_named("win"), source);
+    r.spec.user = Some("alice".into());
+    w.apply(&r).await.expect("reset");
+    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    assert_eq!(
+        r.status.expect("status").run.targets[0].reason.as_deref(),
+        Some("UnsupportedForOS")
+    );
+}
+
+#[tokio::test]
+async fn unknown_guest_user_fails_at_once_with_user_not_found() {
+    let w = world().await;
+    let _qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm");
+    w.apply(&secret("pw", "password", PLAIN))
+        .await
+        .expect("secret");
+    let mut r = reset("r", vm_named("vm-a"), from_secret("pw"));
+    r.spec.user = Some("mallory".into());
+    w.apply(&r).await.expect("reset");
+    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    let t = &r.status.expect("status").run.targets[0];
+    assert_eq!(
+        (t.state, t.reason.as_deref(), t.attempts),
+        (TargetState::Failed, Some("UserNotFound"), 1)
+    );
+}
+
+#[tokio::test]
+async fn generated_password_is_stored_in_an_owned_secret_and_applied() {
+    let w = world().await;
+    let qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    let source = PasswordSource {
+        generate: Some(GeneratePolicy {
+            length: 20,
+            charset: Default::default(),
+        }),
+        ..Default::default()
+    };
+    w.apply(&reset("r", vm_named("vm-a"), source))
+        .await
+        .expect("reset");
+    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    let st = r.status.expect("status").run;
+    let name = st.targets[0]
+        .output_secret
+        .clone()
+        .expect("output secret named in status");
+    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), NS);
+    let s = secrets.get(&name).await.expect("output secret exists");
+    let owner = &s.metadata.owner_references.expect("owned")[0];
+    assert_eq!(owner.kind, "GuestPasswordReset");
+    let password = s.data.expect("data")["password"].0.clone();
+    assert_eq!(password.len(), 20);
+    assert!(qga.shadow_hash("root").expect("shadow").is_some());
+}
+
+#[tokio::test]
+async fn selector_targets_every_matching_running_vm_with_bounded_concurrency() {
+    let w = World::start(WorldOptions {
+        nodes: 2,
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("world");
+    let mut agents = Vec::new();
+    for (i, node) in ["node-1", "node-2", "node-1", "node-2"].iter().enumerate() {
+        let d = vm(NS, &format!("db-{i}"), node).label("tier", "db");
+        agents.push(
+            w.add_vm(&d, Some(alice()))
+                .await
+                .expect("vm")
+                .expect("agent"),
+        );
+    }
+    let _other = w
+        .add_vm(
+            &vm(NS, "web-0", "node-1").label("tier", "web"),
+            Some(alice()),
+        )
+        .await
+        .expect("vm");
+    w.apply(&secret("pw", "password", SHA512))
+        .await
+        .expect("secret");
+    let mut source = from_secret("pw");
+    source.crypted = true;
+    let mut r = reset("bulk", selector("tier", "db"), source);
+    r.spec.rollout.max_concurrency = 2;
+    w.apply(&r).await.expect("reset");
+    let r: GuestPasswordReset = w
+        .wait_for(NS, "bulk", WAIT, finished)
+        .await
+        .expect("finishes");
+    let st = r.status.expect("status").run;
+    assert_eq!(st.phase, Some(Phase::Succeeded));
+    let vms: Vec<&str> = st.targets.iter().map(|t| t.vm.as_str()).collect();
+    assert_eq!(vms, ["db-0", "db-1", "db-2", "db-3"]);
+    let nodes: std::collections::BTreeSet<_> =
+        st.targets.iter().filter_map(|t| t.node.clone()).collect();
+    assert_eq!(nodes.len(), 2);
+    for a in &agents {
+        assert_eq!(
+            a.shadow_hash("root").expect("shadow").as_deref(),
+            Some(SHA512)
+        );
+    }
+    assert_eq!(st.progress.as_deref(), Some("4/4"));
+}
+
+#[tokio::test]
+async fn failure_budget_skips_the_remaining_targets() {
+    let w = world().await;
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        let d = vm(NS, &format!("vm-{i}"), "node-1").label("tier", "db");
+        agents.push(w.add_vm(&d, Some(alice())).await.expect("vm"));
+    }
+    w.apply(&secret("pw", "password", PLAIN))
+        .await
+        .expect("secret");
+    let mut r = reset("r", selector("tier", "db"), from_secret("pw"));
+    r.spec.user = Some("mallory".into());
+    r.spec.rollout.max_concurrency = 1;
+    r.spec.rollout.max_failures = 0;
+    w.apply(&r).await.expect("reset");
+    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    let st = r.status.expect("status").run;
+    let states: Vec<TargetState> = st.targets.iter().map(|t| t.state).collect();
+    assert_eq!(
+        states,
+        [
+            TargetState::Failed,
+            TargetState::Skipped,
+            TargetState::Skipped
+        ]
+    );
+    assert_eq!(
+        st.targets[1].reason.as_deref(),
+        Some("FailureBudgetExhausted")
+    );
+    assert_eq!(st.phase, Some(Phase::Failed));
+}
+
+#[tokio::test]
+async fn paused_reset_starts_nothing_until_unpaused() {
+    let w = world().await;
+    let qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    w.apply(&secret("pw", "password", SHA512))
+        .await
+        .expect("secret");
+    let mut source = from_secret("pw");
+    source.crypted = true;
+    let mut r = reset("r", vm_named("vm-a"), source);
+    r.spec.rollout.paused = true;
+    w.apply(&r).await.expect("reset");
+    let paused: GuestPasswordReset = w
+        .wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
+            r.status
+                .as_ref()
+                .is_some_and(|s| s.run.conditions.iter().any(|c| c.reason == "Paused"))
+        })
+        .await
+        .expect("paused");
+    assert_eq!(
+        paused.status.expect("status").run.targets[0].state,
+        TargetState::Pending
+    );
+    assert_ne!(
+        qga.shadow_hash("root").expect("shadow").as_deref(),
+        Some(SHA512)
+    );
+    let api: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
+    api.patch(
+        "r",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"paused": false}})),
+    )
+    .await
+    .expect("unpause");
+    w.wait_for(NS, "r", WAIT, finished)
+        .await
+        .expect("finishes after unpause");
+    assert_eq!(
+        qga.shadow_hash("root").expect("shadow").as_deref(),
+        Some(SHA512)
+    );
+}
+
+#[tokio::test]
+async fn changed_secret_runs_again_once_and_unchanged_never() {
+    let w = world().await;
+    let qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    w.apply(&secret("pw", "password", SHA512))
+        .await
+        .expect("secret");
+    let mut source = from_secret("pw");
+    source.crypted = true;
+    w.apply(&reset("r", vm_named("vm-a"), source))
+        .await
+        .expect("reset");
+    let first: GuestPasswordReset = w
+        .wait_for(NS, "r", WAIT, finished)
+        .await
+        .expect("first run");
+    let first_hash = first.status.expect("status").run.input_hash.expect("hash");
+    // Touch the Secret without changing its value: no new run.
+    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), NS);
+    secrets
+        .patch(
+            "pw",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
+        .await
+        .expect("touch");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let api: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
+    let same = api.get("r").await.expect("get").status.expect("status").run;
+    assert_eq!(same.input_hash.as_deref(), Some(first_hash.as_str()));
+    assert_eq!(same.targets[0].attempts, 1);
+    // Change the value: one new run.
+    let rotated = SHA512.replace("gcTestSalt", "gcRotated1");
+    w.apply(&secret("pw", "password", &rotated))
+        .await
+        .expect("rotate");
+    let second: GuestPasswordReset = w
+        .wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
+            finished(r)
+                && r.status.as_ref().and_then(|s| s.run.input_hash.as_deref())
+                    != Some(first_hash.as_str())
+        })
+        .await
+        .expect("second run");
+    assert_eq!(second.status.expect("status").run.targets[0].attempts, 1);
+    assert_eq!(qga.shadow_hash("root").expect("shadow"), Some(rotated));
+}
+
+#[tokio::test]
+async fn vm_without_agent_retries_then_fails_with_the_deadline() {
+    let w = world().await;
+    // The VM exists but its agent socket does not: the shim reports it, we retry.
+    let _none = w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
+    w.apply(&secret("pw", "password", PLAIN))
+        .await
+        .expect("secret");
+    let mut r = reset("r", vm_named("vm-a"), from_secret("pw"));
+    r.spec.rollout.deadline_seconds = 10;
+    w.apply(&r).await.expect("reset");
+    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    let t = &r.status.expect("status").run.targets[0];
+    assert_eq!(t.reason.as_deref(), Some("DeadlineExceeded"));
+    assert!(t.attempts > 1, "retried: {t:?}");
+}
+
+#[tokio::test]
+async fn vm_not_running_is_reported_while_retrying() {
+    let w = world().await;
+    let _a = w
+        .add_vm(&vm(NS, "vm-a", "node-1").phase("Scheduling"), None)
+        .await
+        .expect("vm");
+    w.apply(&secret("pw", "password", PLAIN))
+        .await
+        .expect("secret");
+    w.apply(&reset("r", vm_named("vm-a"), from_secret("pw")))
+        .await
+        .expect("reset");
+    w.wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
+        r.status.as_ref().is_some_and(|s| {
+            s.run.targets.first().is_some_and(|t| {
+                t.reason.as_deref() == Some("VMNotRunning") && !t.state.is_terminal()
+            })
+        })
+    })
+    .await
+    .expect("VMNotRunning while retrying");
+}
+
+#[tokio::test]
+async fn dead_shim_is_reported_as_shim_unavailable() {
+    let w = world().await;
+    let _a = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm");
+    w.kill_shim("node-1");
+    w.apply(&secret("pw", "password", PLAIN))
+        .await
+        .expect("secret");
+    w.apply(&reset("r", vm_named("vm-a"), from_secret("pw")))
+        .await
+        .expect("reset");
+    w.wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
+        r.status.as_ref().is_some_and(|s| {
+            s.run
+                .targets
+                .first()
+                .is_some_and(|t| t.reason.as_deref() == Some("ShimUnavailable"))
+        })
+    })
+    .await
+    .expect("ShimUnavailable");
+}
