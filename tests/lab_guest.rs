@@ -207,6 +207,30 @@ fn paused_guest_refuses_agent_calls_with_code_55_until_resumed() {
 }
 
 #[test]
+fn guest_reports_the_os_id_it_was_booted_with() {
+    let lab = shared_test_lab();
+    let domain = "default_vm-ostest";
+    let spec = GuestSpec {
+        os_id: Some("ubuntu".into()),
+        ..GuestSpec::new(domain)
+    };
+    start_guest(&lab.libvirtd, &lab.image, &spec, &lab.work_dir).expect("start guest");
+    wait_for_agent(&lab.uri(), domain, AGENT_TIMEOUT).expect("agent up");
+    let info = agent_command(&lab.uri(), domain, &json!({"execute": "guest-get-osinfo"}));
+    destroy_guest(&lab.uri(), domain).expect("destroy");
+
+    assert_eq!(info.expect("guest-get-osinfo")["id"], "ubuntu");
+}
+
+#[test]
+fn shared_guests_report_the_lab_os_id_by_default() {
+    let lab = shared_test_lab();
+    let info = agent_command(&lab.uri(), VM_A, &json!({"execute": "guest-get-osinfo"}))
+        .expect("guest-get-osinfo");
+    assert_eq!(info["id"], "guestcred-lab");
+}
+
+#[test]
 fn rebooting_with_new_seed_keys_replaces_the_authorized_keys() {
     let lab = shared_test_lab();
     let domain = "default_vm-rebuildtest";

@@ -42,6 +42,9 @@ pub struct GuestSpec {
     /// Keys /init installs before the agent starts: user -> authorized_keys lines.
     pub authorized_keys: BTreeMap<String, Vec<String>>,
     pub memory_mib: u32,
+    /// `ID=` of the guest's /etc/os-release, as guest-get-osinfo reports it
+    /// (default `guestcred-lab`).
+    pub os_id: Option<String>,
 }
 
 impl GuestSpec {
@@ -53,6 +56,7 @@ impl GuestSpec {
             blocked_commands: Vec::new(),
             authorized_keys: BTreeMap::new(),
             memory_mib: 128,
+            os_id: None,
         }
     }
 }
@@ -78,7 +82,7 @@ pub fn start_guest(
         std::path::absolute(work_dir).map_err(|e| LabError::io("absolute work dir", e))?;
     let initrd = work_dir.join(format!("{}.initrd", spec.domain_name));
     let seed = Seed {
-        instance_id: format!("{}-{}", spec.domain_name, std::process::id()),
+        instance_id: instance_id(spec),
         hostname: hostname_for(&spec.domain_name),
         authorized_keys: spec.authorized_keys.clone(),
     };
@@ -153,6 +157,15 @@ fn validate(spec: &GuestSpec) -> Result<(), LabError> {
     if !spec.blocked_commands.iter().all(cmd_ok) {
         return Err(LabError::Invalid("blocked command names".into()));
     }
+    let os_ok = |id: &String| {
+        !id.is_empty()
+            && id.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+            })
+    };
+    if !spec.os_id.as_ref().is_none_or(os_ok) {
+        return Err(LabError::Invalid(format!("os id {:?}", spec.os_id)));
+    }
     if spec.memory_mib < 96 {
         return Err(LabError::Invalid(format!(
             "{} MiB of memory (the guest needs at least 96)",
@@ -160,6 +173,14 @@ fn validate(spec: &GuestSpec) -> Result<(), LabError> {
         )));
     }
     Ok(())
+}
+
+/// Stable for a given seed, like cloud-init's: changes when the keys change.
+fn instance_id(spec: &GuestSpec) -> String {
+    use sha2::{Digest, Sha256};
+    let keys = serde_json::to_vec(&spec.authorized_keys).unwrap_or_default();
+    let digest = hex::encode(Sha256::digest(keys));
+    format!("{}-{}", spec.domain_name, &digest[..12])
 }
 
 /// A valid hostname from a domain name (`default_vm-a` -> `default-vm-a`).
@@ -175,6 +196,10 @@ fn kernel_cmdline(spec: &GuestSpec) -> String {
     if !spec.blocked_commands.is_empty() {
         cmdline.push_str(" gc.block=");
         cmdline.push_str(&spec.blocked_commands.join(","));
+    }
+    if let Some(os) = &spec.os_id {
+        cmdline.push_str(" gc.os=");
+        cmdline.push_str(os);
     }
     cmdline
 }
@@ -256,6 +281,25 @@ mod tests {
         assert!(xml.contains("<initrd>/w/default_vm-a.initrd</initrd>"));
         assert!(xml.contains("name='org.qemu.guest_agent.0'"));
         assert!(!xml.contains("<interface"));
+    }
+
+    #[test]
+    fn instance_id_changes_with_the_seeded_keys_only() {
+        let mut spec = GuestSpec::new("default_vm-a");
+        let before = instance_id(&spec);
+        assert_eq!(before, instance_id(&GuestSpec::new("default_vm-a")));
+        spec.authorized_keys
+            .insert("root".into(), vec!["ssh-ed25519 AAAA k".into()]);
+        assert_ne!(before, instance_id(&spec));
+    }
+
+    #[test]
+    fn os_id_goes_on_the_kernel_command_line() {
+        let spec = GuestSpec {
+            os_id: Some("ubuntu".into()),
+            ..GuestSpec::new("default_vm-a")
+        };
+        assert!(kernel_cmdline(&spec).ends_with(" gc.os=ubuntu"));
     }
 
     #[test]
