@@ -29,12 +29,22 @@ kernel_pkg() {
     apt-cache depends linux-image-cloud-amd64 2>/dev/null |
         awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
 }
-kpkg=$(kernel_pkg || true)
+# Resolving the package takes ~1 s; reuse the answer until the apt lists change.
+lists_key=$(stat -c %Y /var/lib/apt/lists 2>/dev/null || echo none)
+kpkg=
+if [[ -f $cache/kernel-pkg && $(head -n1 "$cache/kernel-pkg") == "$lists_key" ]]; then
+    kpkg=$(sed -n 2p "$cache/kernel-pkg")
+fi
+if [[ -z $kpkg ]]; then
+    kpkg=$(kernel_pkg || true)
+fi
 if [[ -z $kpkg ]]; then
     apt-get update >/dev/null
+    lists_key=$(stat -c %Y /var/lib/apt/lists 2>/dev/null || echo none)
     kpkg=$(kernel_pkg || true)
 fi
 [[ -n $kpkg ]] || die "cannot resolve linux-image-cloud-amd64 (apt-get update failed?)"
+printf '%s\n%s\n' "$lists_key" "$kpkg" >"$cache/kernel-pkg"
 kver=${kpkg#linux-image-}
 
 stamp=$(
@@ -72,18 +82,18 @@ ln -s ../run "$root/var/run"
 chmod 1777 "$root/tmp"
 chmod 0700 "$root/root"
 
-cp /usr/bin/busybox "$root/bin/busybox"
+cp "$(command -v busybox)" "$root/bin/busybox"
 for applet in $(busybox --list); do
     # chpasswd must be shadow's (qemu-ga pipes "user:password" to it through PAM).
     [[ $applet == busybox || $applet == chpasswd ]] && continue
     ln -s busybox "$root/bin/$applet"
 done
-cp /usr/sbin/qemu-ga /usr/sbin/chpasswd "$root/usr/sbin/"
+cp "$(command -v qemu-ga)" "$(command -v chpasswd)" "$root/usr/sbin/"
 mkdir -p "$root$pamdir"
 cp "$pamdir/pam_unix.so" "$pamdir/pam_deny.so" "$pamdir/pam_permit.so" "$root$pamdir/"
 
 # Shared libraries: whatever ldd says the binaries and PAM modules need.
-for bin in /usr/sbin/qemu-ga /usr/sbin/chpasswd "$pamdir"/pam_unix.so "$pamdir"/pam_deny.so \
+for bin in "$(command -v qemu-ga)" "$(command -v chpasswd)" "$pamdir"/pam_unix.so "$pamdir"/pam_deny.so \
     "$pamdir"/pam_permit.so; do
     ldd "$bin" | awk '/=> \// { print $3 } /^\t\/lib64\// { print $1 }'
 done | sort -u | while read -r lib; do
