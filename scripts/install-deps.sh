@@ -34,6 +34,12 @@ need_apt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
     util-linux passwd libpam-modules libpam-runtime gzip
 
 # ---------------------------------------------------------------------------
+# Section: node shim tests (src/lab/hostqga.rs runs the host's qemu-ga in private
+# namespaces: unshare from util-linux, chpasswd from passwd, PAM for plaintext sets)
+# ---------------------------------------------------------------------------
+need_apt qemu-guest-agent util-linux passwd libpam-modules libpam-runtime
+
+# ---------------------------------------------------------------------------
 # Section: Kubernetes tooling (helm, manifest checks) -- added by their owners
 # ---------------------------------------------------------------------------
 

@@ -102,7 +102,11 @@ pub fn classify_libvirt(code: u32, message: &str) -> ShimErrorReason {
     let lower = message.to_ascii_lowercase();
     match code {
         AGENT_UNRESPONSIVE | AGENT_UNSYNCED => {
-            if lower.contains("not responding")
+            // libvirt 9 prefixes even "not connected" with "Guest agent is not responding:",
+            // so "not connected" wins over the timeout words.
+            if lower.contains("not connected") {
+                ShimErrorReason::AgentNotConnected
+            } else if lower.contains("not responding")
                 || lower.contains("timeout")
                 || lower.contains("timed out")
             {
@@ -132,6 +136,17 @@ pub fn from_libvirt(code: u32, message: &str) -> ShimError {
 mod tests {
     use super::*;
     use ShimErrorReason::*;
+
+    #[test]
+    fn agent_not_connected_wins_over_the_not_responding_prefix() {
+        assert_eq!(
+            classify_libvirt(
+                86,
+                "Guest agent is not responding: QEMU guest agent is not connected"
+            ),
+            AgentNotConnected
+        );
+    }
 
     #[test]
     fn agent_not_connected_is_code_86_without_timeout_words() {

@@ -93,6 +93,13 @@ pub struct ShimArgs {
         default_value = "/var/lib/kubelet/pods"
     )]
     pub kubelet_pods_dir: PathBuf,
+    /// Directory for short links to over-long launcher socket paths (`kubevirt` locator).
+    #[arg(
+        long,
+        env = "GUESTCRED_SHIM_SOCKET_LINK_DIR",
+        default_value = "/run/guestcred-shim"
+    )]
+    pub socket_link_dir: PathBuf,
     /// QGA socket path template for the `qga-socket` backend.
     #[arg(long, env = "GUESTCRED_SHIM_QGA_SOCKET_TEMPLATE", default_value = qga::DEFAULT_SOCKET_TEMPLATE)]
     pub qga_socket_template: String,
@@ -150,6 +157,7 @@ impl ShimArgs {
                     LocatorKind::Kubevirt => libvirt::Locator::Kubevirt {
                         kubelet_pods_dir: self.kubelet_pods_dir.clone(),
                         domain_template: self.domain_template.clone(),
+                        socket_link_dir: self.socket_link_dir.clone(),
                     },
                 };
                 Arc::new(libvirt::LibvirtAgent::new(locator, timeout))

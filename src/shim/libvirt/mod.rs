@@ -12,7 +12,7 @@
 pub mod ffi;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
@@ -51,6 +51,8 @@ pub enum Locator {
     Kubevirt {
         kubelet_pods_dir: PathBuf,
         domain_template: String,
+        /// Where short symlinks to over-long socket paths are made (see [`short_socket_path`]).
+        socket_link_dir: PathBuf,
     },
 }
 
@@ -77,6 +79,7 @@ impl Locator {
             Self::Kubevirt {
                 kubelet_pods_dir,
                 domain_template,
+                socket_link_dir,
             } => {
                 let Some(uid) = domain.launcher_pod_uid() else {
                     return Err(ShimError::invalid(
@@ -93,7 +96,10 @@ impl Locator {
                         ),
                     ));
                 }
-                let socket = socket.display().to_string();
+                let key = socket.display().to_string();
+                let socket = short_socket_path(socket_link_dir, &socket)?
+                    .display()
+                    .to_string();
                 // Root launchers run a system-mode daemon, non-root ones a session-mode
                 // one; the daemon rejects the other mode's URI, so try both.
                 Ok(Target {
@@ -101,12 +107,57 @@ impl Locator {
                         format!("qemu+unix:///system?socket={socket}"),
                         format!("qemu+unix:///session?socket={socket}"),
                     ],
-                    key: socket,
+                    key,
                     domain_name: expand_template(domain_template, domain),
                 })
             }
         }
     }
+}
+
+/// Longest socket path we hand to libvirt as is (`sun_path` holds 108 bytes).
+const MAX_SOCKET_PATH: usize = 100;
+
+/// A connectable path for `socket`. KubeVirt's launcher sockets
+/// (`/var/lib/kubelet/pods/<uid>/volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock`,
+/// 121 bytes) do not fit in a unix socket address, so longer paths get a short symlink in
+/// `link_dir` (0700, ours); the kernel follows it on connect without the length limit.
+pub fn short_socket_path(link_dir: &Path, socket: &Path) -> Result<PathBuf, ShimError> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::{DirBuilderExt, symlink};
+
+    if socket.as_os_str().len() <= MAX_SOCKET_PATH {
+        return Ok(socket.to_path_buf());
+    }
+    let fail = |what: &str, e: std::io::Error| {
+        ShimError::internal(format!("{what} in {}: {e}", link_dir.display()))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(link_dir)
+        .map_err(|e| fail("creating the socket link dir", e))?;
+    let digest = Sha256::digest(socket.as_os_str().as_encoded_bytes());
+    let link = link_dir.join(format!("{}.sock", hex::encode(&digest[..8])));
+    for _ in 0..2 {
+        match std::fs::read_link(&link) {
+            Ok(target) if target == socket => return Ok(link),
+            Ok(_) => {
+                let _ = std::fs::remove_file(&link);
+            }
+            Err(_) => {}
+        }
+        match symlink(socket, &link) {
+            Ok(()) => return Ok(link),
+            // Another request made it at the same moment: read it again.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(fail("linking a launcher socket", e)),
+        }
+    }
+    Err(ShimError::internal(format!(
+        "cannot make a stable socket link for {}",
+        socket.display()
+    )))
 }
 
 /// Open connections by target key.
@@ -407,6 +458,7 @@ mod tests {
         Locator::Kubevirt {
             kubelet_pods_dir: pods.to_path_buf(),
             domain_template: DEFAULT_DOMAIN_TEMPLATE.into(),
+            socket_link_dir: pods.join("links"),
         }
     }
 
@@ -430,6 +482,12 @@ mod tests {
         let t = kubevirt(pods.path()).locate(&domain(Some(UID))).unwrap();
         assert_eq!(t.key, sock.display().to_string());
         assert!(t.uris[0].starts_with("qemu+unix:///system?socket="));
+        let used = t.uris[0].split_once("socket=").unwrap().1;
+        assert!(used.len() <= MAX_SOCKET_PATH, "{used}");
+        assert_eq!(
+            std::fs::canonicalize(used).unwrap(),
+            std::fs::canonicalize(&sock).unwrap()
+        );
         assert_eq!(t.domain_name, "prod_db-0");
     }
 
@@ -447,5 +505,22 @@ mod tests {
         let pods = tempfile::tempdir().unwrap();
         let e = kubevirt(pods.path()).locate(&domain(None)).unwrap_err();
         assert_eq!(e.reason, ShimErrorReason::InvalidArgument);
+    }
+
+    #[test]
+    fn short_socket_paths_are_used_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Path::new("/run/libvirt/libvirt-sock");
+        assert_eq!(short_socket_path(dir.path(), p).unwrap(), p);
+    }
+
+    #[test]
+    fn long_socket_paths_get_a_stable_short_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = dir.path().join("x".repeat(120));
+        let a = short_socket_path(&dir.path().join("l"), &long).unwrap();
+        let b = short_socket_path(&dir.path().join("l"), &long).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(std::fs::read_link(&a).unwrap(), long);
     }
 }
