@@ -981,3 +981,103 @@ async fn table_watches_send_one_row_tables() {
     assert_eq!(first["object"]["kind"], "Table");
     assert_eq!(first["object"]["rows"][0]["cells"][0], "a");
 }
+
+#[tokio::test]
+async fn kube_runtime_finalizer_helper_adds_then_releases_its_finalizer() {
+    use kube::runtime::controller::Action;
+    use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+    use std::sync::Arc;
+
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let created = cms
+        .create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap();
+    let handle = |obj: ConfigMap| {
+        finalizer(
+            &cms,
+            "test.guestcred.io/cleanup",
+            Arc::new(obj),
+            |ev| async move {
+                match ev {
+                    Finalizer::Apply(_) | Finalizer::Cleanup(_) => {
+                        Ok::<_, std::convert::Infallible>(Action::await_change())
+                    }
+                }
+            },
+        )
+    };
+
+    handle(created).await.unwrap();
+    let guarded = cms.get("a").await.unwrap();
+    assert_eq!(guarded.finalizers(), ["test.guestcred.io/cleanup"]);
+
+    cms.delete("a", &DeleteParams::default()).await.unwrap();
+    let deleting = cms.get("a").await.unwrap();
+    assert!(deleting.metadata.deletion_timestamp.is_some());
+    handle(deleting).await.unwrap();
+    assert!(cms.get_opt("a").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn watches_that_allow_bookmarks_receive_them() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let mut stream = cms
+        .watch(&WatchParams::default(), "0") // kube-rs asks for bookmarks by default
+        .await
+        .unwrap()
+        .boxed();
+    match next_event(&mut stream).await.unwrap() {
+        WatchEvent::Bookmark(bm) => assert!(!bm.metadata.resource_version.is_empty()),
+        other => panic!("expected BOOKMARK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn delete_collection_deletes_only_selected_objects() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    for (name, tier) in [("a", "db"), ("b", "db"), ("c", "web")] {
+        cms.create(&PostParams::default(), &config_map(name, &[("tier", tier)]))
+            .await
+            .unwrap();
+    }
+    cms.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("tier=db"),
+    )
+    .await
+    .unwrap();
+    let left: Vec<String> = cms
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|c| c.name_any())
+        .collect();
+    assert_eq!(left, ["c"]);
+}
+
+#[tokio::test]
+async fn token_reviews_answer_unauthenticated_and_are_not_stored() {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let server = ApiServer::new();
+    let reviews: Api<TokenReview> = Api::all(server.client());
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some("opaque".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = reviews
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap();
+    assert_eq!(answer.status.unwrap().authenticated, Some(false));
+    let err = reviews.list(&ListParams::default()).await.unwrap_err();
+    assert!(is_status(&err, 405, "MethodNotAllowed"), "{err:?}");
+}

@@ -23,7 +23,7 @@ use super::store::{BusMsg, Filter};
 use super::table;
 
 /// Interval of BOOKMARK events on watches that allow them (the real server: about a minute).
-const BOOKMARK_INTERVAL: Duration = Duration::from_secs(2);
+const BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 /// Watches without timeoutSeconds end after this (the real server: 30-60 minutes).
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
 pub(crate) const GIT_VERSION: &str = "v1.33.0";

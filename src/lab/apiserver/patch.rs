@@ -47,8 +47,9 @@ pub(crate) fn apply(kind: PatchKind, doc: &mut Value, patch: &Value) -> Result<(
             Ok(())
         }
         PatchKind::Json => {
-            let ops: json_patch::Patch = serde_json::from_value(patch.clone())
-                .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+            let ops: json_patch::Patch =
+                serde_json::from_value(null_tests_on_missing_paths_pass(doc, patch))
+                    .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
             json_patch::patch(doc, &ops).map_err(|e| {
                 ApiError::new(
                     422,
@@ -58,6 +59,25 @@ pub(crate) fn apply(kind: PatchKind, doc: &mut Value, patch: &Value) -> Result<(
             })
         }
     }
+}
+
+/// The real server's JSON patch treats a missing path as null for `test` (kube-runtime's
+/// finalizer helper relies on it: `test /metadata/finalizers == null` before the first add);
+/// the json-patch crate fails such a test, so those ops are dropped up front.
+fn null_tests_on_missing_paths_pass(doc: &Value, patch: &Value) -> Value {
+    let Value::Array(ops) = patch else {
+        return patch.clone();
+    };
+    let keep = |op: &&Value| {
+        let is_null_test = op.get("op").and_then(Value::as_str) == Some("test")
+            && op.get("value").is_some_and(Value::is_null);
+        let missing = op
+            .get("path")
+            .and_then(Value::as_str)
+            .is_some_and(|p| doc.pointer(p).is_none());
+        !(is_null_test && missing)
+    };
+    Value::Array(ops.iter().filter(keep).cloned().collect())
 }
 
 /// Lists merged by key instead of replaced (the common `patchMergeKey`s of built-in types).

@@ -441,6 +441,8 @@ impl Inner {
         };
         let name = match meta_str(&obj, "name").filter(|n| !n.is_empty()) {
             Some(n) => n.to_string(),
+            // Virtual resources (TokenReview) need no name.
+            None if rt.create_only => String::new(),
             None => {
                 let Some(prefix) = meta_str(&obj, "generateName").filter(|p| !p.is_empty()) else {
                     return Err(ApiError::invalid(
