@@ -126,6 +126,15 @@ SHADOW
 chmod 0640 "$root/etc/shadow"
 chown 1000:1000 "$root/home/alice"
 chmod 0755 "$root/home/alice"
+# lab1..lab8: spare users with homes, so tests sharing a guest need not share a user.
+for i in 1 2 3 4 5 6 7 8; do
+    id=$((2000 + i))
+    echo "lab$i:x:$id:$id:Lab user $i:/home/lab$i:/bin/sh" >>"$root/etc/passwd"
+    echo "lab$i:x:$id:" >>"$root/etc/group"
+    echo "lab$i:!:19000:0:99999:7:::" >>"$root/etc/shadow"
+    mkdir -p "$root/home/lab$i"
+    chown "$id:$id" "$root/home/lab$i"
+done
 cat >"$root/etc/pam.d/chpasswd" <<'PAM'
 @include common-password
 PAM

@@ -113,6 +113,21 @@ fn seeded_alice_key_files_are_private_and_owned_by_alice() {
 }
 
 #[test]
+fn guest_has_a_user_whose_home_directory_does_not_exist() {
+    let lab = shared_test_lab();
+    let passwd = exec_ok(VM_A, &["cat", "/etc/passwd"]);
+    assert!(passwd.contains("nohome:x:1001:1001:"), "{passwd}");
+    let home = guest_exec(&lab.uri(), VM_A, &["test", "-e", "/home/nohome"]).expect("test -e");
+    assert_ne!(home.exit_code, 0, "/home/nohome must not exist");
+}
+
+#[test]
+fn guest_has_spare_users_lab1_to_lab8_with_homes() {
+    let stat = exec_ok(VM_A, &["stat", "-c", "%u", "/home/lab1", "/home/lab8"]);
+    assert_eq!(stat, "2001\n2008\n");
+}
+
+#[test]
 fn guest_without_agent_fails_agent_calls_with_code_86() {
     let lab = shared_test_lab();
     let err = agent_command(&lab.uri(), VM_NOAGENT, &ping()).expect_err("no agent");
