@@ -42,6 +42,7 @@ need_apt qemu-guest-agent util-linux passwd libpam-modules libpam-runtime
 # ---------------------------------------------------------------------------
 # Section: Kubernetes tooling (helm, manifest checks) -- added by their owners
 # ---------------------------------------------------------------------------
+bash "$(dirname "${BASH_SOURCE[0]}")/install-helm.sh"  # helm + hadolint into .lab/tools/bin
 
 if ((${#missing[@]} > 0)); then
     echo "install-deps: installing ${missing[*]}"

