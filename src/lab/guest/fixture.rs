@@ -32,7 +32,8 @@ pub const LAB_SEED_KEY_ALICE: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIRZmF
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The shared lab. Guests keep state between tests of one process: a test that changes
-/// a guest should use its own user or file instead of assuming an order.
+/// a guest should use its own user (the image has `lab1`..`lab8`, uids 2001..2008, with
+/// homes) or file instead of assuming an order.
 #[derive(Debug)]
 pub struct TestLab {
     pub libvirtd: Libvirtd,
