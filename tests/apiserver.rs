@@ -363,18 +363,19 @@ async fn failing_json_patch_test_op_is_422_and_changes_nothing() {
 }
 
 #[tokio::test]
-async fn apply_patch_creates_then_merges() {
+async fn apply_patch_creates_then_merges_another_managers_fields() {
     let server = ApiServer::new();
     let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
-    let pp = PatchParams::apply("test-manager").force();
+    let first = PatchParams::apply("first").force();
     let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
                       "metadata": {"name": "a"}, "data": {"one": "1"}});
-    let created = cms.patch("a", &pp, &Patch::Apply(&body)).await.unwrap();
+    let created = cms.patch("a", &first, &Patch::Apply(&body)).await.unwrap();
     assert_eq!(created.data.unwrap()["one"], "1");
 
+    let second = PatchParams::apply("second").force();
     let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
                       "metadata": {"name": "a"}, "data": {"two": "2"}});
-    let merged = cms.patch("a", &pp, &Patch::Apply(&body)).await.unwrap();
+    let merged = cms.patch("a", &second, &Patch::Apply(&body)).await.unwrap();
     assert_eq!(merged.data.unwrap().len(), 2);
 }
 
@@ -1080,4 +1081,35 @@ async fn token_reviews_answer_unauthenticated_and_are_not_stored() {
     assert_eq!(answer.status.unwrap().authenticated, Some(false));
     let err = reviews.list(&ListParams::default()).await.unwrap_err();
     assert!(is_status(&err, 405, "MethodNotAllowed"), "{err:?}");
+}
+
+#[tokio::test]
+async fn apply_removes_fields_the_same_manager_stops_applying() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let mine = PatchParams::apply("mine");
+    let body = |data: Value| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+                                     "metadata": {"name": "a"}, "data": data})
+    };
+    cms.patch("a", &mine, &Patch::Apply(body(json!({"x": "1", "y": "2"}))))
+        .await
+        .unwrap();
+    cms.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"other": "3"}})),
+    )
+    .await
+    .unwrap();
+    let after = cms
+        .patch("a", &mine, &Patch::Apply(body(json!({"x": "1"}))))
+        .await
+        .unwrap();
+    let keys: Vec<String> = after.data.unwrap().into_keys().collect();
+    assert_eq!(
+        keys,
+        ["other", "x"],
+        "y dropped, the other writer's key kept"
+    );
 }

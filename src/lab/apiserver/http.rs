@@ -462,10 +462,17 @@ async fn resource(
             if status_only {
                 shared.take_status_conflict(&rt, name)?;
             }
-            let patched =
-                shared
-                    .lock()
-                    .patch(&rt, &rp.version, ns, name, kind, &patch_body, status_only)?;
+            let manager = param(params, "fieldManager").unwrap_or("");
+            let patched = shared.lock().patch(
+                &rt,
+                &rp.version,
+                ns,
+                name,
+                kind,
+                &patch_body,
+                status_only,
+                manager,
+            )?;
             Ok(respond(StatusCode::OK, &patched))
         }
         (Method::DELETE, Some(name)) => {

@@ -24,16 +24,18 @@
 //!
 //! What it does NOT do (never rely on it): OpenAPI schema validation, pruning, defaulting,
 //! CEL (`x-kubernetes-validations`), version conversion (objects are served at the requested
-//! version unchanged), server-side-apply field ownership (apply = create-or-merge-patch;
-//! `fieldManager` is required and `force` accepted, but conflicts are never reported and
-//! fields are never removed by omission), managedFields, authentication/RBAC/admission
+//! version unchanged), server-side-apply field ownership (apply = create-or-merge-patch,
+//! and fields the same `fieldManager` applied before and omits now are removed; but no
+//! conflicts are ever reported, `force` is accepted and ignored, lists are atomic, and
+//! another manager's fields are never protected), managedFields, authentication/RBAC/admission
 //! (TokenReview always answers unauthenticated), protobuf (415), aggregated discovery,
 //! pagination (`limit`/`continue` ignored, everything in one page), dryRun, foreground
 //! deletion (treated as background), namespace termination waiting for finalizers, and the
 //! shared storage of core/v1 and events.k8s.io/v1 Events (they are separate here).
 //! Strategic merge patch merges keyed lists only for well-known fields (containers, env,
 //! volumes, conditions, ...). Field selectors: metadata.name, metadata.namespace,
-//! spec.nodeName and status.phase on every kind; anything else is 400.
+//! spec.nodeName and status.phase on every kind, plus Events' `involvedObject.*` /
+//! `regarding.*`, `reason`, `type` and Secrets' `type`; anything else is 400.
 
 mod error;
 mod http;

@@ -61,6 +61,29 @@ pub(crate) fn apply(kind: PatchKind, doc: &mut Value, patch: &Value) -> Result<(
     }
 }
 
+/// What a field manager's apply means relative to its previous apply: fields it applied
+/// before and omits now become `null` (removed by the merge that follows). Lists are
+/// atomic here, as without `x-kubernetes-list-type: map` on the real server.
+pub(crate) fn with_removals(last: &Value, new: &Value) -> Value {
+    match (last, new) {
+        (Value::Object(l), Value::Object(n)) => {
+            let mut out = Map::new();
+            for (k, nv) in n {
+                let v = match l.get(k) {
+                    Some(lv) => with_removals(lv, nv),
+                    None => nv.clone(),
+                };
+                out.insert(k.clone(), v);
+            }
+            for k in l.keys().filter(|k| !n.contains_key(*k)) {
+                out.insert(k.clone(), Value::Null);
+            }
+            Value::Object(out)
+        }
+        _ => new.clone(),
+    }
+}
+
 /// The real server's JSON patch treats a missing path as null for `test` (kube-runtime's
 /// finalizer helper relies on it: `test /metadata/finalizers == null` before the first add);
 /// the json-patch crate fails such a test, so those ops are dropped up front.

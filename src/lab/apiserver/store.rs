@@ -117,6 +117,9 @@ pub(crate) struct Inner {
     /// Every change with rv greater than this is in `history`.
     history_from: u64,
     bus: broadcast::Sender<BusMsg>,
+    /// Server-side apply: what each field manager last applied, per object uid and
+    /// (manager, status subresource), so fields it stops applying are removed.
+    applied: HashMap<String, HashMap<(String, bool), Value>>,
 }
 
 pub(crate) fn now_rfc3339() -> String {
@@ -208,6 +211,7 @@ impl Inner {
             history: VecDeque::new(),
             history_from: 0,
             bus,
+            applied: HashMap::new(),
         };
         for rt in builtin_types() {
             inner.types.insert(rt.key(), Arc::new(rt));
@@ -364,6 +368,7 @@ impl Inner {
         };
         self.index_remove(k, &old);
         if let Some(uid) = meta_str(&obj, "uid") {
+            self.applied.remove(uid);
             removed.push(uid.to_string());
         }
         self.emit(EventType::Deleted, k, obj.clone(), None);
@@ -698,25 +703,56 @@ impl Inner {
         kind: PatchKind,
         patch: &Value,
         status_only: bool,
+        field_manager: &str,
     ) -> Result<Arc<Value>, ApiError> {
         let k = key(rt, ns, name);
-        let Some(old) = self.get_key(&k) else {
-            if kind == PatchKind::Apply && !status_only && patch.is_object() {
-                // Server-side apply creates what does not exist yet.
-                let mut obj = patch.clone();
-                meta(&mut obj).insert("name".into(), json!(name));
-                let path_ns = rt.namespaced.then_some(ns);
-                return self.create(rt, version, path_ns, obj);
-            }
-            return Err(not_found(rt, name));
-        };
         let mut patch = patch.clone();
         if kind == PatchKind::Apply {
             meta(&mut patch).remove("managedFields");
         }
+        let applied_key = (field_manager.to_string(), status_only);
+        let Some(old) = self.get_key(&k) else {
+            if kind == PatchKind::Apply && !status_only {
+                // Server-side apply creates what does not exist yet.
+                let mut obj = patch.clone();
+                meta(&mut obj).insert("name".into(), json!(name));
+                let path_ns = rt.namespaced.then_some(ns);
+                let created = self.create(rt, version, path_ns, obj)?;
+                self.remember_applied(&created, applied_key, patch);
+                return Ok(created);
+            }
+            return Err(not_found(rt, name));
+        };
         let mut doc = (*old).clone();
-        patch::apply(kind, &mut doc, &patch)?;
-        self.update(rt, version, ns, name, doc, status_only)
+        if kind == PatchKind::Apply {
+            let last = meta_str(&old, "uid")
+                .and_then(|uid| self.applied.get(uid))
+                .and_then(|m| m.get(&applied_key));
+            let effective = match last {
+                Some(last) => patch::with_removals(last, &patch),
+                None => patch.clone(),
+            };
+            patch::apply(kind, &mut doc, &effective)?;
+        } else {
+            patch::apply(kind, &mut doc, &patch)?;
+        }
+        let result = self.update(rt, version, ns, name, doc, status_only)?;
+        if kind == PatchKind::Apply {
+            self.remember_applied(&result, applied_key, patch);
+        }
+        Ok(result)
+    }
+
+    fn remember_applied(&mut self, obj: &Value, key: (String, bool), applied: Value) {
+        // Objects gone already (last finalizer removed) need no memory.
+        if let Some(uid) = meta_str(obj, "uid")
+            && self.uids.contains_key(uid)
+        {
+            self.applied
+                .entry(uid.to_string())
+                .or_default()
+                .insert(key, applied);
+        }
     }
 
     /// DELETE: objects with finalizers only get a deletionTimestamp; others go at once,
