@@ -469,3 +469,44 @@ async fn unreachable_shim_is_reported_as_unreachable() {
         Err(ShimCallError::Unreachable(_))
     ));
 }
+
+#[tokio::test]
+async fn many_vms_are_served_concurrently_each_with_its_own_result() {
+    const VMS: usize = 24;
+    let shim = Shim::open().await;
+    let vms: Vec<HostQga> = (0..VMS)
+        .map(|i| shim.vm(&format!("vm-many-{i}"), alice()))
+        .collect();
+    let c = shim.client();
+    let calls = (0..VMS).map(|i| {
+        let c = c.clone();
+        async move {
+            let d = domain(&format!("vm-many-{i}"));
+            c.set_password(&password(
+                &format!("vm-many-{i}"),
+                "alice",
+                SHA512_HASH,
+                true,
+            ))
+            .await?;
+            c.ssh_keys(
+                &d,
+                "alice",
+                KeyOp::Replace,
+                vec![[KEY1, KEY2, KEY3][i % 3].into()],
+            )
+            .await
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    for (i, (vm, result)) in vms.iter().zip(results).enumerate() {
+        assert_same_keys(
+            &result.expect("every VM answers"),
+            &[[KEY1, KEY2, KEY3][i % 3]],
+        );
+        assert_eq!(
+            vm.shadow_hash("alice").unwrap().as_deref(),
+            Some(SHA512_HASH)
+        );
+    }
+}
