@@ -18,7 +18,9 @@ struct Served {
 }
 
 async fn serve_with_controller() -> Served {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let server = ApiServer::new();
     let serving = server.clone();
@@ -31,9 +33,13 @@ async fn serve_with_controller() -> Served {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in kubevirt_crds() {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        crds.patch(&name, &PatchParams::apply("test").force(), &Patch::Apply(&crd))
-            .await
-            .expect("kubevirt crd");
+        crds.patch(
+            &name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("kubevirt crd");
     }
     let access = ShimAccess {
         namespace: None,
@@ -42,8 +48,17 @@ async fn serve_with_controller() -> Served {
         token: None,
         request_timeout: Duration::from_secs(2),
     };
-    tokio::spawn(guestcred::controller::start(client, access, "test", EngineSettings::default(), std::future::pending()));
-    Served { _dir: dir, kubeconfig }
+    tokio::spawn(guestcred::controller::start(
+        client,
+        access,
+        "test",
+        EngineSettings::default(),
+        std::future::pending(),
+    ));
+    Served {
+        _dir: dir,
+        kubeconfig,
+    }
 }
 
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
@@ -63,7 +78,10 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
 }
 
 fn repo(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(path)
+        .display()
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,8 +90,21 @@ async fn crds_and_every_example_apply_and_show_their_status() {
     let k = s.kubeconfig.clone();
     tokio::task::spawn_blocking(move || {
         kubectl(&k, &["apply", "-f", &repo("crds")]);
-        kubectl(&k, &["wait", "--for=condition=Established", "crd/guestpasswordresets.guestcred.io", "crd/keypairrebuilds.guestcred.io", "--timeout=10s"]);
-        let mut examples: Vec<_> = std::fs::read_dir(repo("examples")).expect("examples").flatten().map(|e| e.path()).collect();
+        kubectl(
+            &k,
+            &[
+                "wait",
+                "--for=condition=Established",
+                "crd/guestpasswordresets.guestcred.io",
+                "crd/keypairrebuilds.guestcred.io",
+                "--timeout=10s",
+            ],
+        );
+        let mut examples: Vec<_> = std::fs::read_dir(repo("examples"))
+            .expect("examples")
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         examples.sort();
         assert!(examples.len() >= 6, "one example per use case");
         for e in &examples {
@@ -82,11 +113,23 @@ async fn crds_and_every_example_apply_and_show_their_status() {
         // The missing VM db-0 shows up as VMNotFound within a second or so.
         let start = Instant::now();
         loop {
-            let reason = kubectl(&k, &["get", "guestpasswordreset", "db-0-root", "-o", "jsonpath={.status.targets[0].reason}"]);
+            let reason = kubectl(
+                &k,
+                &[
+                    "get",
+                    "guestpasswordreset",
+                    "db-0-root",
+                    "-o",
+                    "jsonpath={.status.targets[0].reason}",
+                ],
+            );
             if reason == "VMNotFound" {
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(10), "no VMNotFound yet (got {reason:?})");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no VMNotFound yet (got {reason:?})"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let table = kubectl(&k, &["get", "gpr"]);
@@ -96,7 +139,10 @@ async fn crds_and_every_example_apply_and_show_their_status() {
         }
         assert!(table.contains("db-0-root"), "{table}");
         let rebuilds = kubectl(&k, &["get", "keypairrebuilds"]);
-        assert!(rebuilds.lines().next().unwrap_or_default().contains("MODE"), "{rebuilds}");
+        assert!(
+            rebuilds.lines().next().unwrap_or_default().contains("MODE"),
+            "{rebuilds}"
+        );
     })
     .await
     .expect("kubectl steps");

@@ -62,6 +62,32 @@ pub fn default_deadline_seconds() -> u32 {
     300
 }
 
+impl RolloutSpec {
+    /// The schema's ranges, checked again by the controller: API servers without schema
+    /// validation (and old objects) must not get past them either.
+    pub fn check(&self) -> Result<(), String> {
+        if !(1..=1000).contains(&self.max_concurrency) {
+            return Err(format!(
+                "maxConcurrency must be 1-1000, got {}",
+                self.max_concurrency
+            ));
+        }
+        if self.max_failures > 100_000 {
+            return Err(format!(
+                "maxFailures must be 0-100000, got {}",
+                self.max_failures
+            ));
+        }
+        if !(10..=86_400).contains(&self.deadline_seconds) {
+            return Err(format!(
+                "deadlineSeconds must be 10-86400, got {}",
+                self.deadline_seconds
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for RolloutSpec {
     fn default() -> Self {
         Self {

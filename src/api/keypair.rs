@@ -45,9 +45,9 @@ pub struct KeypairRebuildSpec {
     /// Make authorized_keys exactly the given keys (removes hand-added keys too).
     #[serde(default)]
     pub replace_all: bool,
-    /// Remove the added keys again after this many seconds (60-31536000).
+    /// Remove the added keys again after this many seconds (10-31536000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 60, max = 31536000))]
+    #[schemars(range(min = 10, max = 31536000))]
     pub ttl_seconds: Option<u32>,
     /// Concurrency, failure budget, per-target deadline and pause.
     #[serde(flatten)]

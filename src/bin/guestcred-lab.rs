@@ -4,7 +4,11 @@ use guestcred::lab::apiserver;
 use guestcred::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "guestcred-lab", version, about = "guestcred's test world: a Kubernetes API-server emulator and a lab of real QEMU guests")]
+#[command(
+    name = "guestcred-lab",
+    version,
+    about = "guestcred's test world: a Kubernetes API-server emulator and a lab of real QEMU guests"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "GUESTCRED_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

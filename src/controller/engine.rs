@@ -67,6 +67,16 @@ pub trait RunKind:
         &self,
         ctx: &Context,
     ) -> impl Future<Output = Result<(Self::Input, String), Error>> + Send;
+    /// Undo a succeeded target's change once its `expiresAt` passed (keys with a TTL).
+    /// Returns what was done, for status and the Event.
+    fn expire(
+        &self,
+        _ctx: &Context,
+        _call: &TargetCall,
+        _target: &TargetStatus,
+    ) -> impl Future<Output = Result<String, Error>> + Send {
+        async { Ok(String::new()) }
+    }
     /// Apply the input to one target (one attempt).
     fn apply(
         &self,
@@ -88,7 +98,10 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
     let mut status = obj.run_status().cloned().unwrap_or_default();
     let generation = obj.meta().generation;
 
-    if let Err(e) = validate_target_immutable(obj.as_ref(), &status).and_then(|()| obj.validate()) {
+    let checked = validate_target_immutable(obj.as_ref(), &status)
+        .and_then(|()| obj.rollout().check().map_err(Error::InvalidSpec))
+        .and_then(|()| obj.validate());
+    if let Err(e) = checked {
         stall(&ctx, obj.as_ref(), &mut status, &e).await?;
         return Ok(Action::await_change());
     }
@@ -150,8 +163,15 @@ async fn stall<K: RunKind>(
     if status.targets.iter().all(|t| !t.state.is_terminal()) {
         // Waiting for something that may appear by itself (a Secret, a matching VM) is
         // Pending; a spec the user must edit is Failed.
-        let waiting = matches!(reason, Reason::SecretNotFound | Reason::SecretKeyMissing | Reason::NoTargets);
-        status.phase = Some(if waiting { Phase::Pending } else { Phase::Failed });
+        let waiting = matches!(
+            reason,
+            Reason::SecretNotFound | Reason::SecretKeyMissing | Reason::NoTargets
+        );
+        status.phase = Some(if waiting {
+            Phase::Pending
+        } else {
+            Phase::Failed
+        });
     }
     conditions::set_condition(
         &mut status.conditions,
@@ -294,6 +314,7 @@ async fn drive<K: RunKind>(
     // Final status.
     let mut status = lock(&shared).status.clone();
     finish(&mut status, obj.meta().generation, stop_reason);
+    let next_expiry = expire_due(obj.as_ref(), &ctx, &mut status).await;
     write_status(&ctx, obj.as_ref(), &status).await?;
     Ok(match stop_reason {
         Some(Reason::InProgress) => Action::requeue(Duration::from_millis(100)),
@@ -301,8 +322,65 @@ async fn drive<K: RunKind>(
         _ if status.targets.iter().any(|t| !t.state.is_terminal()) => {
             Action::requeue(Duration::from_secs(5))
         }
-        _ => Action::await_change(),
+        _ => match next_expiry {
+            Some(wait) => Action::requeue(wait),
+            None => Action::await_change(),
+        },
     })
+}
+
+/// Undo the targets whose TTL ran out; returns how long until the next one is due. The
+/// deadline lives in status (`expiresAt`), so a controller restart does not lose it.
+async fn expire_due<K: RunKind>(
+    obj: &K,
+    ctx: &Context,
+    status: &mut RunStatus,
+) -> Option<Duration> {
+    let ns = obj.namespace().unwrap_or_default();
+    let mut next: Option<Duration> = None;
+    for t in status.targets.iter_mut() {
+        let Some(at) = t.expires_at.clone() else {
+            continue;
+        };
+        if t.state != TargetState::Succeeded
+            || t.reason.as_deref() == Some(Reason::Expired.as_str())
+        {
+            continue;
+        }
+        let left =
+            Duration::try_from(at.0.duration_since(Timestamp::now())).unwrap_or(Duration::ZERO);
+        if !left.is_zero() {
+            next = Some(next.map_or(left, |n| n.min(left)));
+            continue;
+        }
+        let user = t.user.clone();
+        let result = match targets::prepare_call(ctx, &ns, &t.vm, user.as_deref(), None).await {
+            Ok(call) => obj.expire(ctx, &call, t).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(done) => {
+                t.reason = Some(Reason::Expired.as_str().into());
+                t.message = Some(done.clone());
+                t.verified = None;
+                publish(
+                    ctx,
+                    obj,
+                    EventType::Normal,
+                    Reason::Expired.as_str(),
+                    "Expire",
+                    format!("{}: {done}", t.vm),
+                )
+                .await;
+            }
+            Err(e) => {
+                t.message = Some(format!("removing expired keys failed: {e}; retrying"));
+                let retry = Duration::from_secs(10);
+                next = Some(next.map_or(retry, |n| n.min(retry)));
+            }
+        }
+    }
+    next
 }
 
 fn skip_rest(shared: &Shared, from: usize) {

@@ -9,7 +9,7 @@ use super::targets::TargetCall;
 use crate::api::keypair::{KeyMode, KeyStrategy};
 use crate::api::kubevirt::VirtualMachine;
 use crate::api::wire::KeyOp;
-use crate::api::{KeypairRebuild, Reason, RolloutSpec, RunStatus, TargetSpec};
+use crate::api::{KeypairRebuild, Reason, RolloutSpec, RunStatus, TargetSpec, TargetStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -108,6 +108,13 @@ impl RunKind for KeypairRebuild {
             crate::shim::validate::user(u)
                 .map_err(|e| Error::InvalidUser(format!("spec.user: {}", e.message)))?;
         }
+        if let Some(ttl) = self.spec.ttl_seconds
+            && !(10..=31_536_000).contains(&ttl)
+        {
+            return Err(Error::InvalidSpec(format!(
+                "ttlSeconds must be 10-31536000, got {ttl}"
+            )));
+        }
         if self.spec.mode == KeyMode::Rebuild {
             return Err(Error::InvalidSpec(
                 "mode Rebuild is not available in this version; use Live or Auto".into(),
@@ -146,6 +153,15 @@ impl RunKind for KeypairRebuild {
         parts.push(flags.as_bytes());
         let hash = secrets::keyed_hash(&self.uid().unwrap_or_default(), &parts);
         Ok((keys, hash))
+    }
+
+    async fn expire(
+        &self,
+        ctx: &Context,
+        call: &TargetCall,
+        target: &TargetStatus,
+    ) -> Result<String, Error> {
+        self.expire_keys(ctx, call, target).await
     }
 
     async fn apply(
@@ -248,6 +264,37 @@ impl RunKind for KeypairRebuild {
 }
 
 impl KeypairRebuild {
+    /// Remove the keys a TTL'd run added (by fingerprint) and forget them on the VM.
+    async fn expire_keys(
+        &self,
+        ctx: &Context,
+        call: &TargetCall,
+        target: &TargetStatus,
+    ) -> Result<String, Error> {
+        let added: BTreeSet<String> = target.keys.iter().cloned().collect();
+        let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
+        let expired: Vec<String> = current
+            .into_iter()
+            .filter(|l| fingerprint_of(l).is_some_and(|fp| added.contains(&fp)))
+            .collect();
+        if !expired.is_empty() {
+            call.shim
+                .ssh_keys(&call.domain, &call.user, KeyOp::Remove, expired.clone())
+                .await?;
+        }
+        let left: BTreeSet<String> = self
+            .previously_added(call)
+            .difference(&added)
+            .cloned()
+            .collect();
+        self.record_managed_keys(ctx, call, &left).await?;
+        Ok(format!(
+            "TTL passed: removed {} key(s) from user {}",
+            expired.len(),
+            call.user
+        ))
+    }
+
     /// Fingerprints guestcred added earlier for this VM and user: from the VM annotation
     /// (survives deleted objects) and from this object's last run.
     fn previously_added(&self, call: &TargetCall) -> BTreeSet<String> {

@@ -13,7 +13,7 @@ pub mod shims;
 pub mod targets;
 
 use crate::api::kubevirt::VirtualMachineInstance;
-use crate::api::{GuestPasswordReset, KeypairRebuild, RunStatus, SecretKeyRef, TargetState};
+use crate::api::{GuestPasswordReset, KeypairRebuild, RunStatus, SecretKeyRef};
 use crate::telemetry::LogFormat;
 use context::{Context, EngineSettings};
 use engine::RunKind;
@@ -200,9 +200,10 @@ fn wire<K: RunKind>(
 /// Whether an object has unfinished business with VM `vm` (or names it and never ran).
 fn waits_for(vm_name: Option<&str>, status: Option<&RunStatus>, vm: &str) -> bool {
     match status {
-        Some(s) if !s.targets.is_empty() => s.targets.iter().any(|t| {
-            t.vm == vm && !t.state.is_terminal() || t.vm == vm && t.state == TargetState::Pending
-        }),
+        Some(s) if !s.targets.is_empty() => s
+            .targets
+            .iter()
+            .any(|t| t.vm == vm && !t.state.is_terminal()),
         _ => vm_name == Some(vm),
     }
 }

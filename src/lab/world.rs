@@ -207,10 +207,10 @@ impl World {
         let start = Instant::now();
         loop {
             let last = api.get_opt(name).await?;
-            if let Some(o) = &last {
-                if pred(o) {
-                    return Ok(o.clone());
-                }
+            if let Some(o) = &last
+                && pred(o)
+            {
+                return Ok(o.clone());
             }
             if start.elapsed() > timeout {
                 anyhow::bail!(

@@ -1,0 +1,293 @@
+//! KeypairRebuild live mode through the controller, real shims and real qemu-ga agents.
+use guestcred::api::keypair::{KeyMode, KeyStrategy, PublicKeySource};
+use guestcred::api::kubevirt::VirtualMachine;
+use guestcred::api::{
+    KeypairRebuild, KeypairRebuildSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec, TargetState,
+};
+use guestcred::controller::keypair::MANAGED_KEYS_ANNOTATION_PREFIX;
+use guestcred::lab::hostqga::{HostQgaOptions, SSH_COMMANDS};
+use guestcred::lab::kubevirt::vm;
+use guestcred::lab::world::{World, WorldOptions};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ObjectMeta;
+use kube::{Api, ResourceExt};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const NS: &str = "default";
+const WAIT: Duration = Duration::from_secs(30);
+const KEY1: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ+B4jIlELcMrHzsE1Ryt7XpT2gUKy/XZ+lbyfbQ9TZh key1@test";
+const KEY2: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMJKojGo/i5K/TGJ8PutquWzCrCg7RrbK5WgjGBkcoBs key2@test";
+const KEY3: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJa3PH3SleLEIeaV6/YdAeg2y6IwCiDdUdQBQKWyLES0 key3@test";
+const HAND: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOimy32Onc7iJCyVgWcE+d/LHx1OCqkqfeeXY5QKiYXE hand@added";
+
+fn keys_inline(keys: &[&str]) -> PublicKeySource {
+    PublicKeySource {
+        secret_ref: None,
+        inline: Some(keys.iter().map(|k| k.to_string()).collect()),
+    }
+}
+
+fn rebuild(name: &str, vm_name: &str, keys: PublicKeySource) -> KeypairRebuild {
+    let mut r = KeypairRebuild::new(
+        name,
+        KeypairRebuildSpec {
+            target: TargetSpec {
+                vm_name: Some(vm_name.into()),
+                selector: None,
+            },
+            user: Some("alice".into()),
+            public_keys: keys,
+            mode: KeyMode::Live,
+            strategy: KeyStrategy::Replace,
+            replace_all: false,
+            ttl_seconds: None,
+            rollout: RolloutSpec::default(),
+        },
+    );
+    r.metadata.namespace = Some(NS.into());
+    r
+}
+
+fn finished(r: &KeypairRebuild) -> bool {
+    r.status.as_ref().is_some_and(|s| {
+        matches!(
+            s.run.phase,
+            Some(Phase::Succeeded | Phase::Failed | Phase::PartiallySucceeded)
+        )
+    })
+}
+
+fn alice() -> HostQgaOptions {
+    HostQgaOptions::default().user("alice")
+}
+
+fn comments(keys: &[String]) -> Vec<String> {
+    let mut c: Vec<String> = keys
+        .iter()
+        .filter_map(|k| k.split_whitespace().nth(2).map(str::to_string))
+        .collect();
+    c.sort();
+    c
+}
+
+async fn world() -> World {
+    World::start(WorldOptions::default())
+        .await
+        .expect("test world starts")
+}
+
+#[tokio::test]
+async fn live_keys_are_added_verified_and_fingerprinted() {
+    let w = world().await;
+    let qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    w.apply(&rebuild("k", "vm-a", keys_inline(&[KEY1, KEY2])))
+        .await
+        .expect("apply");
+    let r: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
+    let st = r.status.expect("status").run;
+    assert_eq!(st.phase, Some(Phase::Succeeded), "{st:#?}");
+    let t = &st.targets[0];
+    assert_eq!(
+        (t.verified, t.mode.as_deref(), t.reason.as_deref()),
+        (Some(true), Some("Live"), Some("Verified"))
+    );
+    assert_eq!(t.keys.len(), 2);
+    assert!(t.keys.iter().all(|k| k.starts_with("SHA256:")));
+    assert_eq!(
+        comments(&qga.authorized_keys("alice").expect("keys")),
+        ["key1@test", "key2@test"]
+    );
+}
+
+#[tokio::test]
+async fn replace_removes_only_keys_guestcred_added_and_keeps_hand_added_ones() {
+    let w = world().await;
+    let qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    qga.seed_authorized_keys("alice", &[HAND])
+        .expect("hand-added key");
+    w.apply(&rebuild("k1", "vm-a", keys_inline(&[KEY1])))
+        .await
+        .expect("apply");
+    w.wait_for(NS, "k1", WAIT, finished)
+        .await
+        .expect("first rotation");
+    // A second object (e.g. next quarter's rotation) replaces key1 with key2.
+    w.apply(&rebuild("k2", "vm-a", keys_inline(&[KEY2])))
+        .await
+        .expect("apply");
+    let r: KeypairRebuild = w
+        .wait_for(NS, "k2", WAIT, finished)
+        .await
+        .expect("second rotation");
+    assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
+    assert_eq!(
+        comments(&qga.authorized_keys("alice").expect("keys")),
+        ["hand@added", "key2@test"]
+    );
+    // The VM remembers what guestcred manages, so the next Replace works without k1.
+    let vms: Api<VirtualMachine> = Api::namespaced(w.client.clone(), NS);
+    let ann = vms
+        .get("vm-a")
+        .await
+        .expect("vm")
+        .annotations()
+        .get(&format!("{MANAGED_KEYS_ANNOTATION_PREFIX}alice"))
+        .cloned();
+    assert_eq!(ann.map(|a| a.split(',').count()), Some(1));
+}
+
+#[tokio::test]
+async fn replace_all_makes_the_file_exactly_the_given_keys() {
+    let w = world().await;
+    let qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    qga.seed_authorized_keys("alice", &[HAND])
+        .expect("hand-added key");
+    let mut r = rebuild("k", "vm-a", keys_inline(&[KEY3]));
+    r.spec.replace_all = true;
+    w.apply(&r).await.expect("apply");
+    w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
+    assert_eq!(
+        comments(&qga.authorized_keys("alice").expect("keys")),
+        ["key3@test"]
+    );
+}
+
+#[tokio::test]
+async fn append_keeps_earlier_keys() {
+    let w = world().await;
+    let qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    w.apply(&rebuild("k1", "vm-a", keys_inline(&[KEY1])))
+        .await
+        .expect("apply");
+    w.wait_for(NS, "k1", WAIT, finished).await.expect("first");
+    let mut r = rebuild("k2", "vm-a", keys_inline(&[KEY2]));
+    r.spec.strategy = KeyStrategy::Append;
+    w.apply(&r).await.expect("apply");
+    w.wait_for(NS, "k2", WAIT, finished).await.expect("second");
+    assert_eq!(
+        comments(&qga.authorized_keys("alice").expect("keys")),
+        ["key1@test", "key2@test"]
+    );
+}
+
+#[tokio::test]
+async fn agent_without_ssh_commands_is_unsupported_by_agent() {
+    let w = world().await;
+    let old = alice().block(SSH_COMMANDS);
+    let _qga = w
+        .add_vm(&vm(NS, "vm-old", "node-1"), Some(old))
+        .await
+        .expect("vm");
+    w.apply(&rebuild("k", "vm-old", keys_inline(&[KEY1])))
+        .await
+        .expect("apply");
+    let r: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
+    let t = &r.status.expect("status").run.targets[0];
+    assert_eq!(
+        (t.state, t.reason.as_deref()),
+        (TargetState::Failed, Some("UnsupportedByAgent"))
+    );
+}
+
+#[tokio::test]
+async fn invalid_key_line_in_a_secret_names_the_line_and_nothing_else() {
+    let w = world().await;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("keys".into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "authorized_keys".to_string(),
+            format!("# team\n{KEY1}\nssh-ed25519 AAAAnotakey topsecretcomment\n"),
+        )])),
+        ..Default::default()
+    };
+    w.apply(&secret).await.expect("secret");
+    let source = PublicKeySource {
+        secret_ref: Some(SecretKeyRef {
+            name: "keys".into(),
+            key: "authorized_keys".into(),
+            namespace: None,
+        }),
+        inline: None,
+    };
+    w.apply(&rebuild("k", "vm-a", source)).await.expect("apply");
+    let r: KeypairRebuild = w
+        .wait_for(NS, "k", WAIT, |r: &KeypairRebuild| {
+            r.status.as_ref().is_some_and(|s| {
+                s.run
+                    .conditions
+                    .iter()
+                    .any(|c| c.reason == "InvalidPublicKey")
+            })
+        })
+        .await
+        .expect("InvalidPublicKey");
+    let c = &r.status.expect("status").run.conditions[0];
+    assert!(c.message.contains("line 3"), "{}", c.message);
+    assert!(!c.message.contains("topsecretcomment"), "{}", c.message);
+}
+
+#[tokio::test]
+async fn keys_with_a_ttl_are_removed_after_it() {
+    let w = world().await;
+    let qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    qga.seed_authorized_keys("alice", &[HAND])
+        .expect("hand-added key");
+    let mut r = rebuild("k", "vm-a", keys_inline(&[KEY1]));
+    r.spec.ttl_seconds = Some(10);
+    w.apply(&r).await.expect("apply");
+    let done: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
+    assert!(
+        done.status.expect("status").run.targets[0]
+            .expires_at
+            .is_some()
+    );
+    assert_eq!(
+        comments(&qga.authorized_keys("alice").expect("keys")),
+        ["hand@added", "key1@test"]
+    );
+    let expired: KeypairRebuild = w
+        .wait_for(NS, "k", Duration::from_secs(40), |r: &KeypairRebuild| {
+            r.status
+                .as_ref()
+                .is_some_and(|s| s.run.targets[0].reason.as_deref() == Some("Expired"))
+        })
+        .await
+        .expect("expires");
+    assert_eq!(
+        comments(&qga.authorized_keys("alice").expect("keys")),
+        ["hand@added"]
+    );
+    assert_eq!(
+        expired.status.expect("status").run.targets[0].state,
+        TargetState::Succeeded
+    );
+}
