@@ -14,6 +14,7 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{PermissionsExt, chown};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -69,6 +70,51 @@ pub enum HostQgaError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HostQgaError {
     let what = what.into();
     move |source| HostQgaError::Io { what, source }
+}
+
+/// Kills this process's qemu-ga instances once the process is gone (even by SIGKILL, when
+/// no Drop runs). One watchdog per process; it kills only pids whose command line still
+/// names the instance's socket, so a reused pid is left alone.
+const WATCHDOG_SCRIPT: &str = r#"
+owner=$1 registry=$2
+while kill -0 "$owner" 2>/dev/null; do sleep 1; done
+[ -f "$registry" ] || exit 0
+while read -r pid sock; do
+    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$sock"; then
+        kill -KILL "$pid" 2>/dev/null
+    fi
+done <"$registry"
+rm -f "$registry"
+"#;
+
+fn register_for_watchdog(pid: u32, socket: &Path) -> Result<(), HostQgaError> {
+    use std::sync::OnceLock;
+    static REGISTRY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let registry = REGISTRY.get_or_init(|| {
+        let path =
+            std::env::temp_dir().join(format!("guestcred-hostqga-{}.pids", std::process::id()));
+        Command::new("sh")
+            .args(["-c", WATCHDOG_SCRIPT, "sh"])
+            .arg(std::process::id().to_string())
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map(|_| path)
+            .map_err(|e| format!("spawning the hostqga watchdog: {e}"))
+    });
+    let path = registry.as_ref().map_err(|e| HostQgaError::Io {
+        what: e.clone(),
+        source: std::io::Error::other("watchdog"),
+    })?;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io("opening the watchdog registry"))?;
+    writeln!(f, "{pid} {}", socket.display()).map_err(io("writing the watchdog registry"))
 }
 
 /// Options for [`HostQga::start_with`].
@@ -239,6 +285,8 @@ exec qemu-ga -m unix-listen -p "$5" -f "$6" -t "$7" -b "$8"
             users: opts.users.clone(),
             child: Some(child),
         };
+        // On error `me` drops, which stops the instance.
+        register_for_watchdog(pid, &me.socket_path)?;
         me.wait_for_socket()?;
         Ok(me)
     }
