@@ -1117,3 +1117,37 @@ async fn apply_removes_fields_the_same_manager_stops_applying() {
         "y dropped, the other writer's key kept"
     );
 }
+
+#[tokio::test]
+async fn no_finalizer_can_be_added_to_an_object_being_deleted() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let mut cm = config_map("a", &[]);
+    cm.metadata.finalizers = Some(vec!["first".into()]);
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    cms.delete("a", &DeleteParams::default()).await.unwrap();
+    let err = cms
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": ["first", "second"]}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(is_status(&err, 422, "Invalid"), "{err:?}");
+}
+
+#[tokio::test]
+async fn creating_with_a_resource_version_is_refused() {
+    let server = ApiServer::new();
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    let fetched = cms
+        .create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap();
+    let mut copy = fetched.clone();
+    copy.metadata.name = Some("b".into());
+    copy.metadata.uid = None;
+    let err = cms.create(&PostParams::default(), &copy).await.unwrap_err();
+    assert!(is_status(&err, 500, "InternalError"), "{err:?}");
+}

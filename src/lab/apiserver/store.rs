@@ -171,6 +171,17 @@ fn has_finalizers(obj: &Value) -> bool {
         .is_some_and(|f| !f.is_empty())
 }
 
+fn finalizers(obj: &Value) -> Vec<String> {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .map(|f| {
+            f.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn owner_uids(obj: &Value) -> Vec<String> {
     obj.pointer("/metadata/ownerReferences")
         .and_then(Value::as_array)
@@ -424,6 +435,14 @@ impl Inner {
                 "the request body must be a JSON object",
             ));
         }
+        if rv_of(&obj).is_some() {
+            // The real server answers this with an internal error too.
+            return Err(ApiError::new(
+                500,
+                "InternalError",
+                "resourceVersion should not be set on objects to be created",
+            ));
+        }
         let ns = if rt.namespaced {
             let Some(ns) = path_ns else {
                 return Err(ApiError::bad_request(
@@ -614,6 +633,19 @@ impl Inner {
                 name,
             ));
         }
+        if old.pointer("/metadata/deletionTimestamp").is_some() && !status_only {
+            let before = finalizers(&old);
+            if let Some(added) = finalizers(&new).into_iter().find(|f| !before.contains(f)) {
+                return Err(ApiError::invalid(
+                    &rt.plural,
+                    &rt.group,
+                    name,
+                    &format!(
+                        "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers [\"{added}\"]"
+                    ),
+                ));
+            }
+        }
         let status_sub = rt.has_status(version);
         let mut result = if status_only {
             let mut r = (*old).clone();
@@ -716,6 +748,7 @@ impl Inner {
                 // Server-side apply creates what does not exist yet.
                 let mut obj = patch.clone();
                 meta(&mut obj).insert("name".into(), json!(name));
+                meta(&mut obj).remove("resourceVersion");
                 let path_ns = rt.namespaced.then_some(ns);
                 let created = self.create(rt, version, path_ns, obj)?;
                 self.remember_applied(&created, applied_key, patch);
