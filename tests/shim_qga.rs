@@ -510,3 +510,71 @@ async fn many_vms_are_served_concurrently_each_with_its_own_result() {
         );
     }
 }
+
+/// `guestcred shim ...` as a process, with the environment cleared of shim settings.
+fn shim_process(args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_guestcred"));
+    cmd.arg("shim").args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("GUESTCRED_SHIM_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+#[test]
+fn shim_binary_refuses_to_start_without_authentication() {
+    let out = shim_process(&["--listen", "127.0.0.1:0", "--backend", "qga-socket"])
+        .output()
+        .expect("run guestcred shim");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--auth-token-file"), "{stderr}");
+}
+
+#[tokio::test]
+async fn shim_binary_serves_with_a_token_file_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let template = format!("{}/{{name}}/qga.sock", dir.path().display());
+    let mut child = shim_process(&["--listen", &listen, "--backend", "qga-socket"])
+        .arg("--qga-socket-template")
+        .arg(&template)
+        .env("GUESTCRED_SHIM_AUTH_TOKEN_FILE", &token_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn guestcred shim");
+    let _vm = HostQga::start(dir.path(), "vm-bin").expect("lab qemu-ga must start");
+
+    let url = format!("http://{listen}");
+    let client = ShimClient::new(&url, Some(SecretString::from(TOKEN)), CLIENT_TIMEOUT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let probe = loop {
+        match client.probe(&domain("vm-bin")).await {
+            Err(ShimCallError::Unreachable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other,
+        }
+    };
+    assert!(probe.expect("probe through the binary").agent_connected);
+
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+}
