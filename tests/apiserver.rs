@@ -832,18 +832,36 @@ async fn protobuf_bodies_get_415_with_a_status() {
 }
 
 #[tokio::test]
-async fn aggregated_discovery_only_requests_get_406() {
+async fn discovery_in_unsupported_formats_gets_406() {
     let server = ApiServer::new();
     let (code, body) = raw(
         &server,
         get(
             "/apis",
-            "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList",
+            "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList",
         ),
     )
     .await;
     assert_eq!(code, 406);
     assert_eq!(body["reason"], "NotAcceptable");
+}
+
+#[tokio::test]
+async fn aggregated_discovery_serves_builtin_and_crd_kinds() {
+    let server = ApiServer::new();
+    let client = server.client();
+    install_widget_crd(&client).await;
+    let discovery = kube::Discovery::new(client).run_aggregated().await.unwrap();
+    for gvk in [
+        GroupVersionKind::gvk("", "v1", "Secret"),
+        GroupVersionKind::gvk("apps", "v1", "Deployment"),
+        GroupVersionKind::gvk("test.guestcred.io", "v1", "Widget"),
+    ] {
+        assert!(
+            discovery.resolve_gvk(&gvk).is_some(),
+            "{gvk:?} is discovered"
+        );
+    }
 }
 
 #[tokio::test]

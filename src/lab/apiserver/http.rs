@@ -129,7 +129,21 @@ async fn route(
             let inner = shared.lock();
             f(&inner).map(|v| ok(&v)).ok_or_else(not_found_path)
         };
+    let aggregated = |core: bool| -> Result<Response, ApiError> {
+        if *method != Method::GET {
+            return Err(ApiError::method_not_allowed("only GET is allowed here"));
+        }
+        let body = aggregated_discovery(&shared.lock(), core);
+        Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, AGGREGATED_V2)],
+            body.to_string(),
+        )
+            .into_response())
+    };
     match segs.as_slice() {
+        ["api"] if wants_aggregated(headers) => aggregated(true),
+        ["apis"] if wants_aggregated(headers) => aggregated(false),
         [] => discovery(&|_| {
             Some(json!({"paths": ["/api", "/api/v1", "/apis", "/openapi/v3", "/version"]}))
         }),
@@ -160,9 +174,82 @@ async fn route(
     }
 }
 
-/// Aggregated discovery (apidiscovery.k8s.io/v2) is not implemented: clients that also
-/// accept plain JSON get the legacy documents, clients that accept only v2 get 406 and
-/// fall back (kubectl and kube-rs both do).
+const AGGREGATED_V2: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+
+/// Aggregated discovery v2 is served when asked for (kubectl asks first, kube-rs's
+/// `Discovery::run_aggregated` only); v2beta1 is not, clients then take the legacy lists.
+fn wants_aggregated(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| {
+            accept.split(',').any(|part| {
+                let params: Vec<&str> = part.split(';').map(str::trim).collect();
+                params.contains(&"g=apidiscovery.k8s.io")
+                    && params.contains(&"v=v2")
+                    && params.contains(&"as=APIGroupDiscoveryList")
+            })
+        })
+}
+
+/// apidiscovery.k8s.io/v2 APIGroupDiscoveryList for /api (`core`) or /apis.
+fn aggregated_discovery(inner: &super::store::Inner, core: bool) -> Value {
+    let mut groups: Vec<&str> = inner
+        .types()
+        .map(|t| t.group.as_str())
+        .filter(|g| g.is_empty() == core)
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let items: Vec<Value> = groups
+        .into_iter()
+        .map(|g| {
+            let versions: Vec<Value> = group_versions(inner, g)
+                .into_iter()
+                .map(|v| {
+                    let mut types: Vec<&Arc<ResourceType>> = inner
+                        .types()
+                        .filter(|t| t.group == g && t.version(&v).is_some())
+                        .collect();
+                    types.sort_by(|a, b| a.plural.cmp(&b.plural));
+                    let resources: Vec<Value> =
+                        types.iter().map(|rt| aggregated_resource(rt, &v)).collect();
+                    json!({"version": v, "resources": resources, "freshness": "Current"})
+                })
+                .collect();
+            let metadata = if g.is_empty() {
+                json!({})
+            } else {
+                json!({"name": g})
+            };
+            json!({"metadata": metadata, "versions": versions})
+        })
+        .collect();
+    json!({"kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2",
+           "metadata": {}, "items": items})
+}
+
+fn aggregated_resource(rt: &ResourceType, version: &str) -> Value {
+    let kind = json!({"group": rt.group, "version": version, "kind": rt.kind});
+    let mut r = json!({
+        "resource": rt.plural, "responseKind": kind,
+        "scope": if rt.namespaced { "Namespaced" } else { "Cluster" },
+        "singularResource": rt.singular, "verbs": rt.verbs(),
+    });
+    if !rt.short_names.is_empty() {
+        r["shortNames"] = json!(rt.short_names);
+    }
+    if !rt.categories.is_empty() {
+        r["categories"] = json!(rt.categories);
+    }
+    if rt.has_status(version) {
+        r["subresources"] = json!([{"subresource": "status", "responseKind": kind,
+                                    "verbs": ["get", "patch", "update"]}]);
+    }
+    r
+}
+
+/// Legacy discovery documents: for clients that accept plain JSON; others get 406.
 fn check_discovery_accept(headers: &HeaderMap) -> Result<(), ApiError> {
     let accept = headers
         .get(header::ACCEPT)

@@ -3,8 +3,9 @@
 //! (`guestcred-lab apiserver`).
 //!
 //! What it does:
-//! - discovery (`/version`, `/api`, `/api/v1`, `/apis`, `/apis/<g>`, `/apis/<g>/<v>`; legacy
-//!   documents only: aggregated-discovery-only requests get 406, clients fall back) and
+//! - discovery (`/version`, `/api`, `/api/v1`, `/apis`, `/apis/<g>`, `/apis/<g>/<v>`; the
+//!   legacy documents, and aggregated discovery apidiscovery.k8s.io/v2 on /api and /apis
+//!   when the Accept header asks for it; v2beta1-only requests get 406) and
 //!   `/openapi/v3` (index + one document per group-version, CRD schemas included);
 //! - built-in kinds listed in `resources.rs` (one line each) and kinds from CRDs: applying a
 //!   CRD serves its versions, sets `NamesAccepted`/`Established`, honours scope, shortNames,
@@ -28,8 +29,8 @@
 //! and fields the same `fieldManager` applied before and omits now are removed; but no
 //! conflicts are ever reported, `force` is accepted and ignored, lists are atomic, and
 //! another manager's fields are never protected), managedFields, authentication/RBAC/admission
-//! (TokenReview always answers unauthenticated), protobuf (415), aggregated discovery,
-//! pagination (`limit`/`continue` ignored, everything in one page), dryRun, foreground
+//! (TokenReview always answers unauthenticated), protobuf (415), aggregated discovery
+//! v2beta1, pagination (`limit`/`continue` ignored, everything in one page), dryRun, foreground
 //! deletion (treated as background), namespace termination waiting for finalizers, and the
 //! shared storage of core/v1 and events.k8s.io/v1 Events (they are separate here).
 //! Strategic merge patch merges keyed lists only for well-known fields (containers, env,
