@@ -195,7 +195,11 @@ pub fn write_kubeconfig(path: &Path, server_url: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(path, yaml)
+    // Write then rename: whoever waits for the file never reads half of it.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, yaml)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// `guestcred-lab apiserver` arguments.
