@@ -1,0 +1,46 @@
+# syntax=docker/dockerfile:1
+# guestcred product images. Two targets from one build:
+#   docker build --target controller -t guestcred-controller .
+#   docker build --target shim       -t guestcred-shim .
+# Both hold the same `guestcred` binary, built without the `lab` feature (the API-server
+# emulator and guest lab are test tooling and never ship).
+
+FROM rust:1-bookworm AS builder
+# The `virt` crate links libvirt through pkg-config.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libvirt-dev pkg-config \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+# Cache mounts keep the registry and target dir between builds; the binary is copied out
+# of the cache because the next stage cannot see a cache mount.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --no-default-features --bins \
+    && install -D -m 0755 target/release/guestcred /out/guestcred
+
+# The controller needs only libc/libgcc (rustls, no OpenSSL) ... and libvirt, because the
+# one binary also contains the shim: it is linked against libvirt0 even if it never calls
+# it. distroless/cc has no libvirt0, so the controller is debian-slim too, as non-root.
+FROM debian:bookworm-slim AS runtime-base
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libvirt0 ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=builder /out/guestcred /usr/local/bin/guestcred
+
+FROM runtime-base AS shim
+# Runs as root in the DaemonSet only where the host's sockets need it, with capabilities
+# dropped there (see charts/guestcred and docs/install.md). The image default stays root
+# because a non-root default cannot open root-owned libvirt sockets at all.
+# hadolint ignore=DL3002
+USER 0
+ENTRYPOINT ["/usr/local/bin/guestcred", "shim"]
+
+FROM runtime-base AS controller
+# Same uid as distroless "nonroot"; the chart's securityContext runs it as 65532 too.
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/guestcred"]
+CMD ["controller"]

@@ -1,0 +1,101 @@
+{{/* Chart name (overridable). */}}
+{{- define "guestcred.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Resource name prefix: the release name, plus the chart name unless it is already in it. */}}
+{{- define "guestcred.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels of one component (dict "root" $ "component" "shim"). The name label is
+fixed to "guestcred" (not nameOverride): the controller finds shim pods by exactly
+app.kubernetes.io/name=guestcred,app.kubernetes.io/component=shim (src/controller/shims.rs).
+*/}}
+{{- define "guestcred.selectorLabels" -}}
+app.kubernetes.io/name: guestcred
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Labels on every object of one component (dict "root" $ "component" "shim"). */}}
+{{- define "guestcred.labels" -}}
+{{ include "guestcred.selectorLabels" . }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+app.kubernetes.io/part-of: guestcred
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "guestcred.controller.fullname" -}}
+{{- printf "%s-controller" (include "guestcred.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "guestcred.shim.fullname" -}}
+{{- printf "%s-shim" (include "guestcred.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "guestcred.image" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
+{{- end }}
+
+{{/* The Secret holding the shared shim bearer token (key "token"). */}}
+{{- define "guestcred.shimTokenSecret" -}}
+{{- default (printf "%s-shim-token" (include "guestcred.fullname" .)) .Values.shim.auth.existingSecret }}
+{{- end }}
+
+{{/* Where both components read the shim token. */}}
+{{- define "guestcred.shimTokenDir" -}}/var/run/secrets/guestcred/shim-token{{- end }}
+
+{{/* Host directory the shim's locator needs (the only hostPath it mounts). */}}
+{{- define "guestcred.shim.hostDir" -}}
+{{- if eq .Values.shim.locator "kubevirt" }}
+{{- .Values.shim.kubevirt.kubeletPodsDir }}
+{{- else if eq .Values.shim.locator "libvirt-uri" }}
+{{- .Values.shim.libvirtUri.socketDir }}
+{{- else if eq .Values.shim.locator "qga-socket" }}
+{{- .Values.shim.qgaSocket.socketDir }}
+{{- else }}
+{{- fail (printf "shim.locator %q: expected kubevirt, libvirt-uri or qga-socket" .Values.shim.locator) }}
+{{- end }}
+{{- end }}
+
+{{/* Capabilities the shim keeps after dropping ALL. */}}
+{{- define "guestcred.shim.capabilities" -}}
+{{- if kindIs "slice" .Values.shim.capabilities }}
+{{- toJson .Values.shim.capabilities }}
+{{- else if eq .Values.shim.locator "kubevirt" }}
+{{- toJson (list "DAC_OVERRIDE") }}
+{{- else }}
+{{- toJson (list) }}
+{{- end }}
+{{- end }}
+
+{{/* Cross-field checks the JSON schema cannot express. */}}
+{{- define "guestcred.validate" -}}
+{{- if le (int .Values.controller.shimRequestTimeoutSeconds) (int .Values.shim.agentTimeoutSeconds) }}
+{{- fail "controller.shimRequestTimeoutSeconds must be greater than shim.agentTimeoutSeconds (a shim call includes one agent call)" }}
+{{- end }}
+{{- if and .Values.serviceMonitor.enabled (not .Values.metrics.enabled) }}
+{{- fail "serviceMonitor.enabled needs metrics.enabled (it scrapes the metrics Service)" }}
+{{- end }}
+{{- if and (gt (int .Values.controller.replicas) 1) (not .Values.controller.leaderElection.enabled) }}
+{{- fail "controller.replicas > 1 needs controller.leaderElection.enabled (two active controllers would race)" }}
+{{- end }}
+{{- if and (eq .Values.shim.locator "qga-socket") (not (hasPrefix (printf "%s/" (trimSuffix "/" .Values.shim.qgaSocket.socketDir)) .Values.shim.qgaSocket.socketTemplate)) }}
+{{- fail "shim.qgaSocket.socketTemplate must lie inside shim.qgaSocket.socketDir (only that directory is mounted)" }}
+{{- end }}
+{{- end }}

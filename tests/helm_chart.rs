@@ -1,0 +1,770 @@
+//! The production install as an operator of a cluster meets it: the Helm chart lints and
+//! renders with the real `helm` binary, what it renders is what the binaries accept
+//! (flags parsed by the real ControllerArgs/ShimArgs, shim labels matched by the
+//! controller's selector), the security settings are there, the manifests apply with the
+//! real `kubectl` to the API-server emulator, and the Dockerfile passes hadolint.
+//!
+//! helm and hadolint come from scripts/install-deps.sh (into .lab/tools/bin).
+#![cfg(feature = "lab")]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use clap::Parser;
+use guestcred::controller::ControllerArgs;
+use guestcred::controller::shims::SHIM_POD_SELECTOR;
+use guestcred::lab::apiserver::{ApiServer, write_kubeconfig};
+use guestcred::shim::{BackendKind, LocatorKind, ShimArgs};
+use serde::Deserialize;
+use serde_yaml::Value;
+
+const NAMESPACE: &str = "guestcred-system";
+const RELEASE: &str = "gc";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart_dir() -> PathBuf {
+    repo().join("charts/guestcred")
+}
+
+/// A tool installed by scripts/install-helm.sh; fails the test with the fix if missing.
+fn tool(name: &str) -> PathBuf {
+    let dir = std::env::var_os("GUESTCRED_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".lab/tools"));
+    let path = dir.join("bin").join(name);
+    assert!(
+        path.is_file(),
+        "{name} not found at {}: run scripts/install-deps.sh (it installs helm and hadolint)",
+        path.display()
+    );
+    path
+}
+
+fn run(program: &Path, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
+}
+
+fn stdout_of(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `helm template` with `--set` overrides; the raw output.
+fn helm_template(sets: &[&str]) -> Output {
+    let chart = chart_dir();
+    let mut args = vec![
+        "template",
+        RELEASE,
+        chart.to_str().expect("UTF-8 path"),
+        "--namespace",
+        NAMESPACE,
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    run(&tool("helm"), &args)
+}
+
+/// Rendered objects (CRDs excluded: helm renders crds/ only on install).
+fn render(sets: &[&str]) -> Vec<Value> {
+    let text = stdout_of(&helm_template(sets), "helm template");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("helm renders valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn kind_of(v: &Value) -> &str {
+    v["kind"].as_str().unwrap_or_default()
+}
+
+fn only<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
+    let found: Vec<&Value> = objects.iter().filter(|o| kind_of(o) == kind).collect();
+    assert_eq!(found.len(), 1, "expected exactly one {kind}");
+    found[0]
+}
+
+fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| kind_of(o) == kind && o["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} named {name}"))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn container(workload: &Value) -> &Value {
+    &workload["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn host_paths(daemonset: &Value) -> Vec<String> {
+    daemonset["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .filter_map(|v| v["hostPath"]["path"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn shim_for_locator(locator: &str) -> Value {
+    only(&render(&[&format!("shim.locator={locator}")]), "DaemonSet").clone()
+}
+
+/// The shim container's args as the real `guestcred shim` parses them.
+fn parsed_shim_args(daemonset: &Value) -> ShimArgs {
+    let mut argv = vec!["guestcred-shim".to_string()];
+    argv.extend(strings(&container(daemonset)["args"]));
+    ShimArgs::try_parse_from(&argv).unwrap_or_else(|e| panic!("shim args {argv:?}: {e}"))
+}
+
+#[derive(Parser)]
+struct ControllerCli {
+    #[command(flatten)]
+    args: ControllerArgs,
+}
+
+fn rules_for<'a>(role: &'a Value, group: &str, resource: &str) -> BTreeSet<String> {
+    role["rules"]
+        .as_sequence()
+        .expect("rules")
+        .iter()
+        .filter(|r| strings(&r["apiGroups"]).iter().any(|g| g == group))
+        .filter(|r| strings(&r["resources"]).iter().any(|x| x == resource))
+        .flat_map(|r: &'a Value| strings(&r["verbs"]))
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn helm_lint_passes_strictly() {
+    let chart = chart_dir();
+    let out = run(
+        &tool("helm"),
+        &["lint", "--strict", chart.to_str().expect("UTF-8 path")],
+    );
+    stdout_of(&out, "helm lint --strict");
+}
+
+#[test]
+fn default_values_render_every_component() {
+    let kinds: BTreeSet<String> = render(&[]).iter().map(|o| kind_of(o).to_string()).collect();
+    assert_eq!(
+        kinds,
+        set(&[
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "Deployment",
+            "NetworkPolicy",
+            "Role",
+            "RoleBinding",
+            "Secret",
+            "Service",
+            "ServiceAccount",
+        ])
+    );
+}
+
+#[test]
+fn chart_app_version_is_the_crate_version() {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Chart {
+        app_version: String,
+    }
+    let text = std::fs::read_to_string(chart_dir().join("Chart.yaml")).expect("Chart.yaml");
+    let chart: Chart = serde_yaml::from_str(&text).expect("Chart.yaml parses");
+    assert_eq!(chart.app_version, env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn chart_crds_are_identical_to_the_generated_crds() {
+    let names = |dir: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let generated = repo().join("crds");
+    let shipped = chart_dir().join("crds");
+    assert_eq!(
+        names(&shipped),
+        names(&generated),
+        "charts/guestcred/crds must hold exactly the files of crds/ (cp crds/*.yaml charts/guestcred/crds/)"
+    );
+    for name in names(&generated) {
+        let a = std::fs::read(generated.join(&name)).expect("generated crd");
+        let b = std::fs::read(shipped.join(&name)).expect("chart crd");
+        assert!(
+            a == b,
+            "charts/guestcred/crds/{name} differs from crds/{name}: cp crds/*.yaml charts/guestcred/crds/"
+        );
+    }
+}
+
+#[test]
+fn kubevirt_locator_mounts_only_the_kubelet_pods_dir() {
+    let ds = shim_for_locator("kubevirt");
+    assert_eq!(host_paths(&ds), ["/var/lib/kubelet/pods"]);
+}
+
+#[test]
+fn libvirt_uri_locator_mounts_only_the_libvirt_socket_dir() {
+    let ds = shim_for_locator("libvirt-uri");
+    assert_eq!(host_paths(&ds), ["/run/libvirt"]);
+}
+
+#[test]
+fn qga_socket_locator_mounts_only_the_qga_socket_dir() {
+    let ds = shim_for_locator("qga-socket");
+    assert_eq!(host_paths(&ds), ["/var/run/qemu-server"]);
+}
+
+#[test]
+fn host_directories_are_mounted_read_only() {
+    for locator in ["kubevirt", "libvirt-uri", "qga-socket"] {
+        let ds = shim_for_locator(locator);
+        let mount = container(&ds)["volumeMounts"]
+            .as_sequence()
+            .expect("mounts")
+            .iter()
+            .find(|m| m["name"].as_str() == Some("host-sockets"))
+            .cloned()
+            .expect("host-sockets mount");
+        assert_eq!(mount["readOnly"].as_bool(), Some(true), "{locator}");
+    }
+}
+
+#[test]
+fn kubevirt_shim_args_select_the_libvirt_backend_with_the_kubevirt_locator() {
+    let args = parsed_shim_args(&shim_for_locator("kubevirt"));
+    assert_eq!(args.backend, BackendKind::Libvirt);
+    assert_eq!(args.locator, LocatorKind::Kubevirt);
+    assert_eq!(
+        args.kubelet_pods_dir,
+        PathBuf::from("/var/lib/kubelet/pods")
+    );
+    assert_eq!(args.listen, "0.0.0.0:8443");
+    assert_eq!(args.node_name, "$(NODE_NAME)");
+}
+
+#[test]
+fn libvirt_uri_shim_args_select_the_node_libvirt_uri() {
+    let args = parsed_shim_args(&shim_for_locator("libvirt-uri"));
+    assert_eq!(args.backend, BackendKind::Libvirt);
+    assert_eq!(args.locator, LocatorKind::LibvirtUri);
+    assert_eq!(args.libvirt_uri, "qemu:///system");
+}
+
+#[test]
+fn qga_socket_shim_args_select_the_qga_socket_backend() {
+    let args = parsed_shim_args(&shim_for_locator("qga-socket"));
+    assert_eq!(args.backend, BackendKind::QgaSocket);
+    assert_eq!(args.qga_socket_template, "/var/run/qemu-server/{name}.qga");
+}
+
+#[test]
+fn shim_authenticates_with_the_token_the_controller_sends() {
+    let objects = render(&[]);
+    let shim = parsed_shim_args(only(&objects, "DaemonSet"));
+    let controller = parsed_controller_args(only(&objects, "Deployment"));
+    assert!(!shim.insecure_no_auth);
+    let token_file = shim.auth_token_file.expect("shim --auth-token-file");
+    assert_eq!(controller.shim_token_file, Some(token_file));
+    let secret = only(&objects, "Secret");
+    let token = secret["data"]["token"].as_str().expect("token data");
+    assert!(token.len() >= 48, "a generated token of 48 characters");
+}
+
+#[test]
+fn node_name_comes_from_the_pod_spec() {
+    let ds = shim_for_locator("kubevirt");
+    let env = container(&ds)["env"].as_sequence().expect("env").clone();
+    let node = env
+        .iter()
+        .find(|e| e["name"].as_str() == Some("NODE_NAME"))
+        .expect("NODE_NAME env");
+    assert_eq!(
+        node["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        Some("spec.nodeName")
+    );
+}
+
+fn parsed_controller_args(deployment: &Value) -> ControllerArgs {
+    let args = strings(&container(deployment)["args"]);
+    assert_eq!(
+        args.first().map(String::as_str),
+        Some("controller"),
+        "subcommand"
+    );
+    let mut argv = vec!["guestcred-controller".to_string()];
+    argv.extend(args.into_iter().skip(1));
+    ControllerCli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("controller args {argv:?}: {e}"))
+        .args
+}
+
+#[test]
+fn controller_args_point_at_the_shims_of_the_release() {
+    let args = parsed_controller_args(only(&render(&[]), "Deployment"));
+    assert_eq!(args.shim_namespace, NAMESPACE);
+    assert_eq!(args.shim_port, 8443);
+    assert!(
+        args.shim_request_timeout_seconds > 5,
+        "above the agent timeout"
+    );
+}
+
+#[test]
+fn shim_pod_labels_match_the_controllers_shim_selector() {
+    let ds = shim_for_locator("kubevirt");
+    let labels = &ds["spec"]["template"]["metadata"]["labels"];
+    for pair in SHIM_POD_SELECTOR.split(',') {
+        let (key, value) = pair.split_once('=').expect("key=value selector");
+        assert_eq!(labels[key].as_str(), Some(value), "pod label {key}");
+    }
+}
+
+#[test]
+fn shim_is_scheduled_on_kubevirt_nodes() {
+    let ds = shim_for_locator("kubevirt");
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["nodeSelector"]["kubevirt.io/schedulable"].as_str(),
+        Some("true")
+    );
+}
+
+#[test]
+fn controller_runs_non_root_with_a_read_only_root_and_no_capabilities() {
+    let objects = render(&[]);
+    let deployment = only(&objects, "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"]["securityContext"];
+    assert_eq!(pod["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(
+        pod["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    let c = &container(deployment)["securityContext"];
+    assert_eq!(c["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(c["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(strings(&c["capabilities"]["drop"]), ["ALL"]);
+    assert!(c["capabilities"]["add"].is_null());
+}
+
+#[test]
+fn controller_has_two_replicas_and_health_probes() {
+    let objects = render(&[]);
+    let deployment = only(&objects, "Deployment");
+    assert_eq!(deployment["spec"]["replicas"].as_i64(), Some(2));
+    let c = container(deployment);
+    assert_eq!(
+        c["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        c["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    let pod_name = c["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"].as_str() == Some("POD_NAME"))
+        .cloned()
+        .expect("POD_NAME env");
+    assert_eq!(
+        pod_name["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        Some("metadata.name")
+    );
+}
+
+#[test]
+fn shim_drops_every_capability_but_the_kubevirt_socket_override() {
+    let kubevirt = shim_for_locator("kubevirt");
+    let c = &container(&kubevirt)["securityContext"];
+    assert_eq!(strings(&c["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(strings(&c["capabilities"]["add"]), ["DAC_OVERRIDE"]);
+    assert_eq!(c["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(c["readOnlyRootFilesystem"].as_bool(), Some(true));
+    let libvirt = shim_for_locator("libvirt-uri");
+    assert!(container(&libvirt)["securityContext"]["capabilities"]["add"].is_null());
+}
+
+#[test]
+fn shim_can_run_as_a_non_root_user_in_the_libvirt_group() {
+    let objects = render(&[
+        "shim.locator=libvirt-uri",
+        "shim.runAsUser=1000",
+        "shim.supplementalGroups={64055}",
+    ]);
+    let pod = &only(&objects, "DaemonSet")["spec"]["template"]["spec"]["securityContext"];
+    assert_eq!(pod["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(pod["runAsUser"].as_i64(), Some(1000));
+    assert_eq!(pod["supplementalGroups"][0].as_i64(), Some(64055));
+}
+
+#[test]
+fn shim_gets_no_kubernetes_api_access() {
+    let objects = render(&[]);
+    let ds = only(&objects, "DaemonSet");
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["automountServiceAccountToken"].as_bool(),
+        Some(false)
+    );
+    let shim_sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .expect("shim service account");
+    let bound = objects
+        .iter()
+        .filter(|o| matches!(kind_of(o), "RoleBinding" | "ClusterRoleBinding"))
+        .flat_map(|b| b["subjects"].as_sequence().cloned().unwrap_or_default())
+        .any(|s| s["name"].as_str() == Some(shim_sa));
+    assert!(!bound, "no role is bound to the shim's service account");
+}
+
+#[test]
+fn controller_may_read_and_create_secrets_but_never_change_or_delete_them() {
+    let objects = render(&[]);
+    let role = named(&objects, "ClusterRole", "gc-guestcred-controller");
+    assert_eq!(
+        rules_for(role, "", "secrets"),
+        set(&["create", "get", "list", "watch"])
+    );
+}
+
+#[test]
+fn controller_role_covers_its_kubevirt_calls() {
+    let objects = render(&[]);
+    let role = named(&objects, "ClusterRole", "gc-guestcred-controller");
+    assert_eq!(
+        rules_for(role, "kubevirt.io", "virtualmachineinstances"),
+        set(&["get", "list", "watch"])
+    );
+    assert_eq!(
+        rules_for(role, "kubevirt.io", "virtualmachines"),
+        set(&["get", "list", "patch", "watch"])
+    );
+    assert_eq!(
+        rules_for(role, "subresources.kubevirt.io", "virtualmachines/restart"),
+        set(&["update"])
+    );
+    assert_eq!(
+        rules_for(role, "guestcred.io", "guestpasswordresets/status"),
+        set(&["get", "list", "patch", "update", "watch"])
+    );
+    assert_eq!(
+        rules_for(role, "events.k8s.io", "events"),
+        set(&["create", "patch"])
+    );
+}
+
+#[test]
+fn leader_election_lease_is_granted_only_in_the_release_namespace() {
+    let objects = render(&[]);
+    let role = only(&objects, "Role");
+    assert_eq!(role["metadata"]["namespace"].as_str(), Some(NAMESPACE));
+    assert_eq!(
+        rules_for(role, "coordination.k8s.io", "leases"),
+        set(&["create", "get", "patch", "update"])
+    );
+}
+
+#[test]
+fn editor_and_viewer_roles_aggregate_into_edit_and_view() {
+    let objects = render(&[]);
+    let editor = named(&objects, "ClusterRole", "gc-guestcred-editor");
+    let viewer = named(&objects, "ClusterRole", "gc-guestcred-viewer");
+    assert_eq!(
+        editor["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"].as_str(),
+        Some("true")
+    );
+    assert_eq!(
+        viewer["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"].as_str(),
+        Some("true")
+    );
+    assert_eq!(
+        rules_for(viewer, "guestcred.io", "keypairrebuilds"),
+        set(&["get", "list", "watch"])
+    );
+    assert!(rules_for(editor, "guestcred.io", "guestpasswordresets").contains("create"));
+}
+
+#[test]
+fn network_policy_admits_only_controller_pods_on_the_shim_port() {
+    let objects = render(&[]);
+    let policy = only(&objects, "NetworkPolicy");
+    let spec = &policy["spec"];
+    assert_eq!(
+        spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"].as_str(),
+        Some("shim")
+    );
+    assert_eq!(strings(&spec["policyTypes"]), ["Ingress"]);
+    let rules = spec["ingress"].as_sequence().expect("ingress rules");
+    assert_eq!(rules.len(), 1);
+    let from = rules[0]["from"].as_sequence().expect("from");
+    assert_eq!(from.len(), 1);
+    let controller_labels = &only(&objects, "Deployment")["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in from[0]["podSelector"]["matchLabels"]
+        .as_mapping()
+        .expect("pod selector")
+    {
+        let key = k.as_str().expect("label key");
+        assert_eq!(controller_labels[key], *v, "controller pods carry {key}");
+    }
+    assert!(
+        from[0]["namespaceSelector"].is_null(),
+        "same namespace only"
+    );
+    assert_eq!(rules[0]["ports"][0]["port"].as_i64(), Some(8443));
+}
+
+#[test]
+fn network_policy_can_be_turned_off() {
+    let kinds: Vec<String> = render(&["networkPolicy.enabled=false"])
+        .iter()
+        .map(|o| kind_of(o).to_string())
+        .collect();
+    assert!(!kinds.iter().any(|k| k == "NetworkPolicy"));
+}
+
+#[test]
+fn service_monitor_renders_only_when_enabled() {
+    let off = render(&[]);
+    assert!(!off.iter().any(|o| kind_of(o) == "ServiceMonitor"));
+    let on = render(&["serviceMonitor.enabled=true"]);
+    let monitor = only(&on, "ServiceMonitor");
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["port"].as_str(),
+        Some("metrics")
+    );
+}
+
+#[test]
+fn existing_token_secret_replaces_the_generated_one() {
+    let objects = render(&["shim.auth.existingSecret=shim-token-from-vault"]);
+    assert!(!objects.iter().any(|o| kind_of(o) == "Secret"));
+    let ds = only(&objects, "DaemonSet");
+    let volume = ds["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"].as_str() == Some("shim-token"))
+        .cloned()
+        .expect("token volume");
+    assert_eq!(
+        volume["secret"]["secretName"].as_str(),
+        Some("shim-token-from-vault")
+    );
+}
+
+fn assert_render_fails(sets: &[&str], expected: &str) {
+    let out = helm_template(sets);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{sets:?} must be rejected");
+    assert!(
+        stderr.contains(expected),
+        "{sets:?}: expected {expected:?} in: {stderr}"
+    );
+}
+
+#[test]
+fn schema_rejects_negative_replicas() {
+    assert_render_fails(&["controller.replicas=-1"], "replicas");
+}
+
+#[test]
+fn schema_rejects_an_unknown_locator() {
+    assert_render_fails(&["shim.locator=ssh"], "locator");
+}
+
+#[test]
+fn schema_rejects_an_unknown_value_key() {
+    assert_render_fails(&["shim.lokator=kubevirt"], "lokator");
+}
+
+#[test]
+fn request_timeout_must_exceed_the_agent_timeout() {
+    assert_render_fails(
+        &["shim.agentTimeoutSeconds=20"],
+        "shimRequestTimeoutSeconds must be greater",
+    );
+}
+
+#[test]
+fn two_replicas_without_leader_election_are_refused() {
+    assert_render_fails(
+        &["controller.leaderElection.enabled=false"],
+        "needs controller.leaderElection.enabled",
+    );
+}
+
+/// The rendered manifests, minus kinds the emulator does not serve.
+fn served_manifests(sets: &[&str]) -> String {
+    render(sets)
+        .into_iter()
+        .filter(|o| kind_of(o) != "ServiceMonitor")
+        .map(|o| serde_yaml::to_string(&o).expect("YAML"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+async fn kubectl(kubeconfig: &Path, home: &Path, args: &[&str]) -> String {
+    let run = tokio::process::Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("HOME", home)
+        .arg("--cache-dir")
+        .arg(home.join("cache"))
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(Duration::from_secs(60), run).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("kubectl is not on PATH: run scripts/install-deps.sh")
+        }
+        Ok(Err(e)) => panic!("cannot run kubectl: {e}"),
+        Err(_) => panic!("kubectl {args:?} did not finish within 60 s"),
+    };
+    stdout_of(&out, &format!("kubectl {args:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_manifests_apply_to_the_api_server_with_kubectl() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let url = format!("http://{}", listener.local_addr().expect("local address"));
+    let server = ApiServer::new();
+    let serving = server.clone();
+    tokio::spawn(async move { serving.serve(listener, axum::Router::new()).await });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    write_kubeconfig(&kubeconfig, &url).expect("kubeconfig written");
+    let home = dir.path();
+
+    let crds = chart_dir().join("crds");
+    let namespace = dir.path().join("namespace.yaml");
+    std::fs::write(
+        &namespace,
+        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n"),
+    )
+    .expect("namespace manifest");
+    let manifests = dir.path().join("release.yaml");
+    // Every optional part on, so it is applied too.
+    std::fs::write(
+        &manifests,
+        served_manifests(&["serviceMonitor.enabled=true"]),
+    )
+    .expect("rendered manifests");
+
+    let path = |p: &Path| p.to_str().expect("UTF-8 path").to_string();
+    kubectl(&kubeconfig, home, &["apply", "-f", &path(&namespace)]).await;
+    kubectl(&kubeconfig, home, &["apply", "-f", &path(&crds)]).await;
+    let applied = kubectl(&kubeconfig, home, &["apply", "-f", &path(&manifests)]).await;
+    assert!(
+        applied.contains("daemonset.apps/gc-guestcred-shim created"),
+        "{applied}"
+    );
+
+    let got = kubectl(
+        &kubeconfig,
+        home,
+        &[
+            "get",
+            "-n",
+            NAMESPACE,
+            "deployments,daemonsets,networkpolicies,services,serviceaccounts,secrets,roles,rolebindings",
+            "-o",
+            "name",
+        ],
+    )
+    .await;
+    for name in [
+        "deployment.apps/gc-guestcred-controller",
+        "daemonset.apps/gc-guestcred-shim",
+        "networkpolicy.networking.k8s.io/gc-guestcred-shim",
+        "service/gc-guestcred-controller-metrics",
+        "serviceaccount/gc-guestcred-shim",
+        "secret/gc-guestcred-shim-token",
+        "role.rbac.authorization.k8s.io/gc-guestcred-controller-leader-election",
+    ] {
+        assert!(got.lines().any(|l| l == name), "{name} missing in:\n{got}");
+    }
+    let cluster = kubectl(
+        &kubeconfig,
+        home,
+        &["get", "clusterroles,clusterrolebindings", "-o", "name"],
+    )
+    .await;
+    assert!(
+        cluster
+            .lines()
+            .any(|l| l == "clusterrole.rbac.authorization.k8s.io/gc-guestcred-editor"),
+        "{cluster}"
+    );
+}
+
+#[test]
+fn dockerfile_passes_hadolint() {
+    let out = run(
+        &tool("hadolint"),
+        &["--failure-threshold", "warning", "Dockerfile"],
+    );
+    stdout_of(&out, "hadolint Dockerfile");
+}
+
+#[test]
+fn dockerfile_builds_the_product_binary_without_the_lab_feature() {
+    let text = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
+    assert!(text.contains("cargo build --release --locked --no-default-features --bins"));
+    for target in ["AS controller", "AS shim", "AS builder"] {
+        assert!(text.contains(target), "Dockerfile stage {target}");
+    }
+}
+
+/// What the image build compiles (`--no-default-features`: no lab), checked cheaply in a
+/// target dir of its own so it does not wait on the shared one.
+#[test]
+fn product_binary_compiles_without_the_lab_feature() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "check",
+            "--quiet",
+            "--locked",
+            "--no-default-features",
+            "--bin",
+            "guestcred",
+        ])
+        .env("CARGO_TARGET_DIR", repo().join("target/no-lab"))
+        .current_dir(repo())
+        .output()
+        .expect("run cargo");
+    stdout_of(&out, "cargo check --no-default-features --bin guestcred");
+}
