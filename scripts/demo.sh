@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# guestcred demo (run by `make demo`): bring up the lab (emulated API server with
+# kubevirt-lite, one private libvirtd and two tiny QEMU guests per node, a real shim per
+# node, the real controller), then reset passwords and rotate keys with kubectl and check
+# the result inside the guests. Leaves the lab running; DEMO_DOWN=1 stops it at the end.
+#
+# Environment: GUESTCRED_LAB_STATE (state dir, default .lab/run), DEMO_TIMEOUT (per wait,
+# default 180s), DEMO_DOWN=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TIMEOUT=${DEMO_TIMEOUT:-180s}
+LAB=target/debug/guestcred-lab
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
+
+if [ "$(id -u)" = 0 ]; then bash scripts/install-deps.sh; else sudo bash scripts/install-deps.sh; fi
+if [ ! -x "$LAB" ] || [ ! -x target/debug/guestcred ]; then
+    cargo build --bins
+fi
+
+step "Bring up the lab: 2 nodes x 2 VMs, shims, controller"
+export_line=$("$LAB" up --with-controller)
+eval "$export_line"
+echo "$export_line"
+
+step "What the cluster looks like"
+run kubectl get nodes
+run kubectl get vm --show-labels
+run kubectl get vmi
+run kubectl get pods -n guestcred-system -o wide
+
+step "Install guestcred's CRDs"
+run kubectl apply -f crds/
+run kubectl wait --for=condition=Established crd/guestpasswordresets.guestcred.io \
+    crd/keypairrebuilds.guestcred.io --timeout="$TIMEOUT"
+
+step "Apply the demo objects"
+NEW_KEY="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJF3X2of517d5Kg00cGhwfj7PqWgUgbbxnZyL96Twgi5 demo@guestcred"
+CRYPTED='$6$exampleSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0'
+FLEET_PASSWORD="rotate-me-quarterly-2026"
+cat <<EOF | tee /dev/stderr | kubectl apply -f -
+# 1. root on vm-1-2 from a Secret
+apiVersion: v1
+kind: Secret
+metadata: {name: web-root-password, namespace: default}
+stringData: {password: "change-me-0n-first-login"}
+---
+apiVersion: guestcred.io/v1alpha1
+kind: GuestPasswordReset
+metadata: {name: vm-1-2-root, namespace: default}
+spec:
+  target: {vmName: vm-1-2}
+  user: root
+  password: {secretRef: {name: web-root-password, key: password}}
+---
+# 2. alice on vm-2-2 from a crypt(3) hash: the plaintext never reaches the cluster
+apiVersion: v1
+kind: Secret
+metadata: {name: web-alice-hash, namespace: default}
+stringData: {hash: '$CRYPTED'}
+---
+apiVersion: guestcred.io/v1alpha1
+kind: GuestPasswordReset
+metadata: {name: vm-2-2-alice, namespace: default}
+spec:
+  target: {vmName: vm-2-2}
+  user: alice
+  password: {secretRef: {name: web-alice-hash, key: hash}, crypted: true}
+---
+# 3. a generated password for alice on vm-2-1, kept in an owned Secret
+apiVersion: guestcred.io/v1alpha1
+kind: GuestPasswordReset
+metadata: {name: vm-2-1-generated, namespace: default}
+spec:
+  target: {vmName: vm-2-1}
+  user: alice
+  password: {generate: {length: 24}}
+---
+# 4. root on every VM labelled tier=db, two at a time
+apiVersion: v1
+kind: Secret
+metadata: {name: fleet-root-password, namespace: default}
+stringData: {password: "$FLEET_PASSWORD"}
+---
+apiVersion: guestcred.io/v1alpha1
+kind: GuestPasswordReset
+metadata: {name: db-fleet-root, namespace: default}
+spec:
+  target: {selector: {matchLabels: {tier: db}}}
+  user: root
+  password: {secretRef: {name: fleet-root-password, key: password}}
+  maxConcurrency: 2
+  maxFailures: 0
+  deadlineSeconds: 120
+---
+# 5. live SSH key rotation for root on vm-2-2, verified by reading the keys back
+apiVersion: v1
+kind: Secret
+metadata: {name: web-authorized-keys, namespace: default}
+stringData:
+  authorized_keys: |
+    $NEW_KEY
+---
+apiVersion: guestcred.io/v1alpha1
+kind: KeypairRebuild
+metadata: {name: vm-2-2-keys, namespace: default}
+spec:
+  target: {vmName: vm-2-2}
+  user: root
+  publicKeys: {secretRef: {name: web-authorized-keys, key: authorized_keys}}
+  mode: Live
+  strategy: Replace
+EOF
+
+step "Wait until each one is Ready"
+run kubectl wait --for=condition=Ready --timeout="$TIMEOUT" \
+    gpr/vm-1-2-root gpr/vm-2-2-alice gpr/vm-2-1-generated gpr/db-fleet-root kpr/vm-2-2-keys
+# Ready is the GitOps contract; the phase shows the whole run has finished too.
+run kubectl wait --for=jsonpath='{.status.phase}'=Succeeded --timeout="$TIMEOUT" \
+    gpr/vm-1-2-root gpr/vm-2-2-alice gpr/vm-2-1-generated gpr/db-fleet-root kpr/vm-2-2-keys
+run kubectl get gpr,kpr
+run kubectl describe gpr db-fleet-root
+
+step "Check inside the guests"
+fail() { echo "demo: $*" >&2; exit 1; }
+for vm in vm-1-1 vm-2-1; do
+    line=$("$LAB" exec "$vm" -- grep '^root:' /etc/shadow)
+    echo "$vm: $line"
+    case "$line" in
+        *"$FLEET_PASSWORD"*) fail "$vm stores root's password in plain text" ;;
+        'root:$y$'* | 'root:$6$'*) ;;
+        *) fail "$vm: root has no password hash" ;;
+    esac
+done
+line=$("$LAB" exec vm-2-2 -- grep '^alice:' /etc/shadow)
+echo "vm-2-2: $line"
+[ "$(echo "$line" | cut -d: -f2)" = "$CRYPTED" ] || fail "vm-2-2: alice does not have the crypted hash"
+echo "vm-2-2: /root/.ssh/authorized_keys:"
+keys=$("$LAB" exec vm-2-2 -- cat /root/.ssh/authorized_keys)
+echo "$keys"
+grep -qF "$NEW_KEY" <<<"$keys" || fail "vm-2-2: the rotated key is not in root's authorized_keys"
+run kubectl get secrets
+
+step "Done"
+if [ "${DEMO_DOWN:-0}" = 1 ]; then
+    "$LAB" down
+else
+    echo "The lab is still running:"
+    echo "  $export_line"
+    echo "  $LAB status                  # nodes, shims, guests, agents"
+    echo "  $LAB exec vm-1-1 -- id       # run a command in a guest"
+    echo "  $LAB down                    # stop everything"
+fi
