@@ -634,77 +634,99 @@ fn served_manifests(sets: &[&str]) -> String {
         .join("---\n")
 }
 
-async fn kubectl(kubeconfig: &Path, home: &Path, args: &[&str]) -> String {
-    let run = tokio::process::Command::new("kubectl")
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .env("HOME", home)
-        .arg("--cache-dir")
-        .arg(home.join("cache"))
-        .kill_on_drop(true)
-        .output();
-    let out = match tokio::time::timeout(Duration::from_secs(60), run).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-            panic!("kubectl is not on PATH: run scripts/install-deps.sh")
-        }
-        Ok(Err(e)) => panic!("cannot run kubectl: {e}"),
-        Err(_) => panic!("kubectl {args:?} did not finish within 60 s"),
-    };
-    stdout_of(&out, &format!("kubectl {args:?}"))
+/// The API-server emulator served on a loopback port, with a kubeconfig for kubectl and
+/// helm (discovery caches and helm state stay in the temp dir).
+struct Served {
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rendered_manifests_apply_to_the_api_server_with_kubectl() {
+async fn serve_emulator() -> Served {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind a loopback port");
     let url = format!("http://{}", listener.local_addr().expect("local address"));
     let server = ApiServer::new();
-    let serving = server.clone();
-    tokio::spawn(async move { serving.serve(listener, axum::Router::new()).await });
+    tokio::spawn(async move { server.serve(listener, axum::Router::new()).await });
     let dir = tempfile::tempdir().expect("temp dir");
     let kubeconfig = dir.path().join("kubeconfig");
     write_kubeconfig(&kubeconfig, &url).expect("kubeconfig written");
-    let home = dir.path();
+    let served = Served { dir, kubeconfig };
+    let namespace = served.file(
+        "namespace.yaml",
+        &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n"),
+    );
+    served.kubectl(&["apply", "-f", &namespace]).await;
+    served
+}
 
+impl Served {
+    /// Writes a file into the temp dir; returns its path as a string for command lines.
+    fn file(&self, name: &str, content: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, content).expect("file written");
+        path.to_str().expect("UTF-8 temp path").to_string()
+    }
+
+    async fn run(&self, program: &Path, args: &[&str]) -> Output {
+        let run = tokio::process::Command::new(program)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", self.dir.path())
+            .env("HELM_CACHE_HOME", self.dir.path().join("helm-cache"))
+            .env("HELM_CONFIG_HOME", self.dir.path().join("helm-config"))
+            .env("HELM_DATA_HOME", self.dir.path().join("helm-data"))
+            .current_dir(repo())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(Duration::from_secs(60), run).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "{} is not installed: run scripts/install-deps.sh",
+                program.display()
+            ),
+            Ok(Err(e)) => panic!("cannot run {}: {e}", program.display()),
+            Err(_) => panic!("{} {args:?} did not finish within 60 s", program.display()),
+        }
+    }
+
+    async fn kubectl(&self, args: &[&str]) -> String {
+        let cache = self.dir.path().join("kube-cache");
+        let mut all = args.to_vec();
+        all.extend(["--cache-dir", cache.to_str().expect("UTF-8 temp path")]);
+        let out = self.run(Path::new("kubectl"), &all).await;
+        stdout_of(&out, &format!("kubectl {args:?}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_manifests_apply_to_the_api_server_with_kubectl() {
+    let lab = serve_emulator().await;
     let crds = chart_dir().join("crds");
-    let namespace = dir.path().join("namespace.yaml");
-    std::fs::write(
-        &namespace,
-        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n"),
-    )
-    .expect("namespace manifest");
-    let manifests = dir.path().join("release.yaml");
     // Every optional part on, so it is applied too.
-    std::fs::write(
-        &manifests,
-        served_manifests(&["serviceMonitor.enabled=true"]),
-    )
-    .expect("rendered manifests");
+    let manifests = lab.file(
+        "release.yaml",
+        &served_manifests(&["serviceMonitor.enabled=true"]),
+    );
 
-    let path = |p: &Path| p.to_str().expect("UTF-8 path").to_string();
-    kubectl(&kubeconfig, home, &["apply", "-f", &path(&namespace)]).await;
-    kubectl(&kubeconfig, home, &["apply", "-f", &path(&crds)]).await;
-    let applied = kubectl(&kubeconfig, home, &["apply", "-f", &path(&manifests)]).await;
+    lab.kubectl(&["apply", "-f", crds.to_str().expect("UTF-8 path")])
+        .await;
+    let applied = lab.kubectl(&["apply", "-f", &manifests]).await;
     assert!(
         applied.contains("daemonset.apps/gc-guestcred-shim created"),
         "{applied}"
     );
 
-    let got = kubectl(
-        &kubeconfig,
-        home,
-        &[
+    let got = lab
+        .kubectl(&[
             "get",
             "-n",
             NAMESPACE,
             "deployments,daemonsets,networkpolicies,services,serviceaccounts,secrets,roles,rolebindings",
             "-o",
             "name",
-        ],
-    )
-    .await;
+        ])
+        .await;
     for name in [
         "deployment.apps/gc-guestcred-controller",
         "daemonset.apps/gc-guestcred-shim",
@@ -716,17 +738,54 @@ async fn rendered_manifests_apply_to_the_api_server_with_kubectl() {
     ] {
         assert!(got.lines().any(|l| l == name), "{name} missing in:\n{got}");
     }
-    let cluster = kubectl(
-        &kubeconfig,
-        home,
-        &["get", "clusterroles,clusterrolebindings", "-o", "name"],
-    )
-    .await;
+    let cluster = lab
+        .kubectl(&["get", "clusterroles,clusterrolebindings", "-o", "name"])
+        .await;
     assert!(
         cluster
             .lines()
             .any(|l| l == "clusterrole.rbac.authorization.k8s.io/gc-guestcred-editor"),
         "{cluster}"
+    );
+}
+
+/// What an earlier `helm install` left: the token Secret, owned by the release.
+fn installed_token_secret(token_b64: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: gc-guestcred-shim-token\n  namespace: {NAMESPACE}\n  labels:\n    app.kubernetes.io/managed-by: Helm\n  annotations:\n    meta.helm.sh/release-name: {RELEASE}\n    meta.helm.sh/release-namespace: {NAMESPACE}\ndata:\n  token: {token_b64}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_keeps_the_generated_shim_token() {
+    let lab = serve_emulator().await;
+    let kept = "a2VwdC1hY3Jvc3MtdXBncmFkZXM="; // base64 of kept-across-upgrades
+    let secret = lab.file("secret.yaml", &installed_token_secret(kept));
+    lab.kubectl(&["apply", "-f", &secret]).await;
+
+    // --dry-run=server lets the chart's `lookup` see the cluster, as upgrade does.
+    let chart = chart_dir();
+    let out = lab
+        .run(
+            &tool("helm"),
+            &[
+                "template",
+                RELEASE,
+                chart.to_str().expect("UTF-8 path"),
+                "--namespace",
+                NAMESPACE,
+                "--dry-run=server",
+            ],
+        )
+        .await;
+    let text = stdout_of(&out, "helm template --dry-run=server");
+    let rendered: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("helm renders valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect();
+    assert_eq!(
+        only(&rendered, "Secret")["data"]["token"].as_str(),
+        Some(kept)
     );
 }
 
