@@ -12,7 +12,7 @@ use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchEvent,
     WatchParams,
 };
-use kube::core::{GroupVersionKind, ObjectMeta};
+use kube::core::{ApiResource, GroupVersionKind, ObjectMeta};
 use kube::runtime::watcher;
 use kube::{Client, CustomResource, CustomResourceExt, Resource, ResourceExt};
 use schemars::JsonSchema;
@@ -1243,4 +1243,28 @@ async fn run_serves_on_the_bound_port_and_writes_a_kubeconfig() {
         .collect();
     assert_eq!(names, ["default", "kube-public", "kube-system"]);
     task.abort();
+}
+
+#[tokio::test]
+async fn fields_missing_from_the_crd_schema_are_pruned() {
+    let server = ApiServer::new();
+    let client = server.client();
+    install_widget_crd(&client).await;
+    let ar = ApiResource::erase::<Widget>(&());
+    let widgets: Api<DynamicObject> = Api::default_namespaced_with(client, &ar);
+    let mut obj = DynamicObject::new("w", &ar);
+    obj.data = json!({"spec": {"size": 1, "colour": "red"}, "extra": true});
+    let created = widgets.create(&PostParams::default(), &obj).await.unwrap();
+    assert_eq!(created.data["spec"], json!({"size": 1}));
+    assert!(created.data.get("extra").is_none());
+
+    let status = widgets
+        .patch_status(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running", "undeclared": 1}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status.data["status"], json!({"phase": "Running"}));
 }

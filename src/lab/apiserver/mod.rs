@@ -23,7 +23,11 @@
 //! - `Table` rendering for `kubectl get` (`Accept: ...;as=Table`);
 //! - test faults ([`Faults`]): injected 409s on status writes, expired watches.
 //!
-//! What it does NOT do (never rely on it): OpenAPI schema validation, pruning, defaulting,
+//! - pruning: custom objects lose fields their CRD's structural schema does not declare
+//!   (properties, additionalProperties, items, x-kubernetes-preserve-unknown-fields,
+//!   x-kubernetes-embedded-resource), on every write, as on a real cluster.
+//!
+//! What it does NOT do (never rely on it): OpenAPI schema validation, defaulting,
 //! CEL (`x-kubernetes-validations`), version conversion (objects are served at the requested
 //! version unchanged), server-side-apply field ownership (apply = create-or-merge-patch,
 //! and fields the same `fieldManager` applied before and omits now are removed; but no
@@ -42,6 +46,7 @@ mod error;
 mod http;
 mod openapi;
 mod patch;
+mod prune;
 mod resources;
 mod selector;
 mod store;

@@ -10,6 +10,7 @@ use tokio::sync::broadcast;
 
 use super::error::ApiError;
 use super::patch::{self, PatchKind};
+use super::prune;
 use super::resources::{
     self, CRD_GROUP, CRD_PLURAL, ResKey, ResourceType, builtin_types, crd_to_type,
 };
@@ -519,6 +520,7 @@ impl Inner {
             }
         }
         let crd_type = self.normalize(rt, &mut obj, None, &now)?;
+        prune_custom(rt, version, &mut obj);
         if rt.create_only {
             // Virtual resources (TokenReview) answer without being stored.
             return Ok(Arc::new(obj));
@@ -697,6 +699,7 @@ impl Inner {
         } else {
             self.normalize(rt, &mut result, Some(&old), &now)?
         };
+        prune_custom(rt, version, &mut result);
         if result == *old {
             // A no-op write changes nothing, not even the resourceVersion.
             return Ok(old);
@@ -940,6 +943,17 @@ impl Inner {
         self.history.clear();
         self.history_from = self.rv;
         let _ = self.bus.send(BusMsg::Expire);
+    }
+}
+
+/// Custom objects lose the fields their version's schema does not declare.
+fn prune_custom(rt: &ResourceType, version: &str, obj: &mut Value) {
+    if let Some(schema) = rt
+        .version(version)
+        .filter(|_| rt.from_crd)
+        .and_then(|v| v.schema.as_ref())
+    {
+        prune::prune_object(obj, schema);
     }
 }
 
