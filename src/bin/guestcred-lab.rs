@@ -87,6 +87,9 @@ struct UpArgs {
     /// Do not run scripts/install-deps.sh when a host tool is missing.
     #[arg(long)]
     no_install_deps: bool,
+    /// Take the lab down (and delete the state dir) once this process exits.
+    #[arg(long)]
+    owner_pid: Option<u32>,
 }
 
 #[derive(Args)]
@@ -204,6 +207,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         guestcred_bin: args.guestcred_bin,
         lab_bin: None,
         install_deps: !args.no_install_deps,
+        owner_pid: args.owner_pid,
     };
     let state = match cluster::up(&opts).await? {
         UpOutcome::AlreadyUp(state) => {

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::ClusterError;
 use super::kubevirt_lite::{DomainObs, observe_domain, probe_agent};
@@ -104,6 +104,9 @@ pub struct UpOptions {
     pub lab_bin: Option<PathBuf>,
     /// Run scripts/install-deps.sh when a host tool is missing.
     pub install_deps: bool,
+    /// Tie the lab to this process: once it exits, the lab goes down by itself and its
+    /// state directory is deleted (tests pass `std::process::id()`).
+    pub owner_pid: Option<u32>,
 }
 
 impl Default for UpOptions {
@@ -119,6 +122,7 @@ impl Default for UpOptions {
             guestcred_bin: None,
             lab_bin: None,
             install_deps: true,
+            owner_pid: None,
         }
     }
 }
@@ -294,6 +298,7 @@ pub async fn up(opts: &UpOptions) -> Result<UpOutcome, ClusterError> {
         nodes,
         vms,
         error: None,
+        owner_pid: opts.owner_pid,
     };
     state.save()?;
     match finish_up(state, &lab_bin, &guestcred, opts.with_controller).await {
@@ -675,7 +680,7 @@ fn stop_everything(state: &LabState) -> (Vec<String>, Vec<String>) {
 }
 
 /// One node as `status` sees it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub name: String,
     pub libvirt_uri: Option<String>,
@@ -687,7 +692,7 @@ pub struct NodeStatus {
 }
 
 /// One guest as `status` sees it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GuestStatus {
     pub namespace: String,
     pub name: String,
@@ -700,7 +705,7 @@ pub struct GuestStatus {
     pub agent_connected: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LabStatus {
     pub phase: Phase,
     pub kubeconfig: PathBuf,

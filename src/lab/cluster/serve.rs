@@ -8,12 +8,12 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::api::PostParams;
 
-use super::ClusterError;
 use super::kubevirt_lite::{CONSOLE_READY, Lite, LiteNode, guest_spec, initial_keys};
 use super::state::{AgentKind, LabState, Phase, ProcessInfo, SHIM_NAMESPACE};
+use super::{ClusterError, procs};
 use crate::lab::apiserver::{ApiServer, write_kubeconfig};
 use crate::lab::guest::{
-    GuestImage, LabError, Libvirtd, start_guest, wait_for_agent, wait_for_console,
+    GuestImage, LabError, Libvirtd, process_alive, start_guest, wait_for_agent, wait_for_console,
 };
 use crate::lab::kubevirt::{create_node_with_shim, install_crds};
 
@@ -44,15 +44,46 @@ pub async fn run(state_dir: &Path) -> Result<(), ClusterError> {
         }
     };
     let pollers = lite.spawn_pollers();
-    tracing::info!("lab up; waiting for SIGTERM");
-    wait_for_stop_signal().await;
-    tracing::info!("stopping the lab");
+    tracing::info!(owner = ?state.owner_pid, "lab up; waiting for SIGTERM");
+    let owner_gone = tokio::select! {
+        () = wait_for_stop_signal() => false,
+        () = wait_for_exit(state.owner_pid) => true,
+    };
+    tracing::info!(owner_gone, "stopping the lab");
     for poller in pollers {
         poller.abort();
     }
     api_task.abort();
+    if owner_gone {
+        // Nobody will run `down`: stop what `up` started too.
+        let recorded = LabState::load(state_dir).unwrap_or(state);
+        let _ = tokio::task::spawn_blocking(move || {
+            let pids = recorded
+                .controller
+                .iter()
+                .chain(recorded.nodes.iter().filter_map(|n| n.shim.as_ref()))
+                .map(|p| p.pid);
+            for pid in pids {
+                procs::stop(pid, Duration::from_secs(10));
+            }
+        })
+        .await;
+    }
     stop_nodes(&nodes).await;
+    if owner_gone && let Err(e) = std::fs::remove_dir_all(state_dir) {
+        tracing::warn!(error = %e, "removing the state directory");
+    }
     Ok(())
+}
+
+/// Resolves once `pid` has exited; never without a pid.
+async fn wait_for_exit(pid: Option<u32>) {
+    let Some(pid) = pid else {
+        return std::future::pending().await;
+    };
+    while process_alive(pid) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 async fn start(

@@ -153,6 +153,10 @@ pub struct LabState {
     pub vms: Vec<VmState>,
     /// Why `serve` failed (phase `Failed`).
     pub error: Option<String>,
+    /// When this process exits, `serve` takes the whole lab down and deletes the state
+    /// directory (tests tie a lab to their own process this way).
+    #[serde(default)]
+    pub owner_pid: Option<u32>,
 }
 
 impl LabState {
@@ -267,6 +271,7 @@ mod tests {
                 })
                 .collect(),
             error: None,
+            owner_pid: None,
         }
     }
 
