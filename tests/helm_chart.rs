@@ -4,7 +4,8 @@
 //! controller's selector), the security settings are there, the manifests apply with the
 //! real `kubectl` to the API-server emulator, and the Dockerfile passes hadolint.
 //!
-//! helm and hadolint come from scripts/install-deps.sh (into .lab/tools/bin).
+//! helm, hadolint and kubernetes-validate come from scripts/install-deps.sh (into
+//! .lab/tools/bin).
 #![cfg(feature = "lab")]
 
 use std::collections::BTreeSet;
@@ -39,7 +40,7 @@ fn tool(name: &str) -> PathBuf {
     let path = dir.join("bin").join(name);
     assert!(
         path.is_file(),
-        "{name} not found at {}: run scripts/install-deps.sh (it installs helm and hadolint)",
+        "{name} not found at {}: run scripts/install-deps.sh (it installs helm, hadolint and kubernetes-validate)",
         path.display()
     );
     path
@@ -787,6 +788,52 @@ async fn upgrade_keeps_the_generated_shim_token() {
         only(&rendered, "Secret")["data"]["token"].as_str(),
         Some(kept)
     );
+}
+
+/// Rendered manifests checked strictly (unknown fields rejected) against the Kubernetes
+/// 1.33 OpenAPI schemas: the emulator does not validate built-in kinds.
+fn assert_schema_valid(name: &str, manifests: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join(name);
+    std::fs::write(&path, manifests).expect("manifests written");
+    let out = run(
+        &tool("kubernetes-validate"),
+        &[
+            "--strict",
+            "--quiet",
+            "-k",
+            "1.33.0",
+            path.to_str().expect("UTF-8 path"),
+        ],
+    );
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !report.contains("ERROR") && !report.contains("WARN"),
+        "{name}: {report}"
+    );
+}
+
+#[test]
+fn rendered_manifests_match_the_kubernetes_schemas_for_every_locator() {
+    for locator in ["kubevirt", "libvirt-uri", "qga-socket"] {
+        let manifests = render(&[&format!("shim.locator={locator}")])
+            .into_iter()
+            .map(|o| serde_yaml::to_string(&o).expect("YAML"))
+            .collect::<Vec<_>>()
+            .join("---\n");
+        assert_schema_valid(&format!("{locator}.yaml"), &manifests);
+    }
+}
+
+#[test]
+fn chart_crds_match_the_kubernetes_schemas() {
+    for entry in std::fs::read_dir(chart_dir().join("crds")).expect("chart crds") {
+        let path = entry.expect("crd entry").path();
+        let text = std::fs::read_to_string(&path).expect("crd file");
+        let name = path.file_name().expect("file name").to_string_lossy();
+        assert_schema_valid(&name, &text);
+    }
 }
 
 #[test]
