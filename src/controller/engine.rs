@@ -86,6 +86,9 @@ pub trait RunKind:
     ) -> impl Future<Output = Result<Outcome, Error>> + Send;
 }
 
+/// Suffix of a target message while a transient failure is being retried.
+const RETRYING: &str = "; retrying";
+
 fn now() -> Time {
     Time(Timestamp::now())
 }
@@ -590,8 +593,10 @@ async fn run_target<K: RunKind>(
         let remaining = Duration::try_from(remaining).unwrap_or(Duration::ZERO);
         let last = lock(&shared).status.targets[idx]
             .message
-            .clone()
-            .unwrap_or_default();
+            .as_deref()
+            .unwrap_or_default()
+            .trim_end_matches(RETRYING)
+            .to_string();
         if remaining.is_zero() {
             let e = Error::DeadlineExceeded {
                 seconds: deadline_secs,
@@ -603,9 +608,14 @@ async fn run_target<K: RunKind>(
         let attempt = attempt_once(obj.as_ref(), &ctx, &input, &shared, idx, &vm);
         match tokio::time::timeout(remaining, attempt).await {
             Err(_) => {
+                let last = if last.is_empty() {
+                    "the only attempt did not finish in time".to_string()
+                } else {
+                    format!("the last attempt did not finish in time; before it: {last}")
+                };
                 let e = Error::DeadlineExceeded {
                     seconds: deadline_secs,
-                    last: "the last attempt did not finish in time".into(),
+                    last,
                 };
                 return fail(&ctx, obj.as_ref(), &shared, idx, &e).await;
             }
@@ -616,7 +626,7 @@ async fn run_target<K: RunKind>(
                     let mut st = lock(&shared);
                     let t = &mut st.status.targets[idx];
                     t.reason = Some(e.reason().as_str().into());
-                    t.message = Some(format!("{e}; retrying"));
+                    t.message = Some(format!("{e}{RETRYING}"));
                     t.next_attempt_time = Some(Time(Timestamp::now() + wait));
                     st.dirty = true;
                 }

@@ -130,6 +130,15 @@ fn connect_error(path: &Path, e: std::io::Error) -> ShimError {
                 path.display()
             ),
         ),
+        // The listen backlog is full: the agent stopped accepting (hung or frozen), the
+        // same situation libvirt reports as "not responding".
+        ErrorKind::WouldBlock => ShimError::new(
+            ShimErrorReason::AgentTimeout,
+            format!(
+                "guest agent socket {} is not accepting connections (agent hung?)",
+                path.display()
+            ),
+        ),
         _ => ShimError::internal(format!("connecting to {}: {e}", path.display())),
     }
 }
