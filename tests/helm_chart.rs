@@ -836,6 +836,82 @@ fn chart_crds_match_the_kubernetes_schemas() {
     }
 }
 
+fn argo_health_script() -> PathBuf {
+    chart_dir().join("argocd/health.lua")
+}
+
+/// One condition as a Lua table literal, as Argo CD hands the object to the script.
+fn lua_condition(type_: &str, status: &str, reason: &str, observed_generation: i64) -> String {
+    format!(
+        "{{type = {type_:?}, status = {status:?}, reason = {reason:?}, message = \"m\", observedGeneration = {observed_generation}}}"
+    )
+}
+
+/// Runs the shipped Argo CD health script on an object; returns (status, message).
+fn argo_health(generation: i64, conditions: Option<&[String]>) -> (String, String) {
+    let status = match conditions {
+        Some(c) => format!("status = {{conditions = {{{}}}}}", c.join(", ")),
+        None => String::new(),
+    };
+    let harness = format!(
+        "local f = assert(loadfile({script:?}))\n\
+         setfenv(f, setmetatable({{obj = {{metadata = {{generation = {generation}}}, {status}}}}}, {{__index = _G}}))\n\
+         local r = f()\n\
+         io.write(r.status, \"\\n\", r.message or \"\")\n",
+        script = argo_health_script().to_str().expect("UTF-8 path"),
+    );
+    let out = Command::new("lua5.1")
+        .args(["-e", &harness])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run lua5.1 ({e}): run scripts/install-deps.sh"));
+    let text = stdout_of(&out, "lua5.1 health.lua");
+    let (status, message) = text.split_once('\n').expect("status and message lines");
+    (status.to_string(), message.to_string())
+}
+
+#[test]
+fn argo_health_is_progressing_before_the_controller_wrote_status() {
+    assert_eq!(argo_health(1, None).0, "Progressing");
+}
+
+#[test]
+fn argo_health_is_healthy_when_ready_for_the_current_generation() {
+    let conditions = [
+        lua_condition("Ready", "True", "Succeeded", 2),
+        lua_condition("Stalled", "False", "Succeeded", 2),
+    ];
+    assert_eq!(argo_health(2, Some(&conditions)).0, "Healthy");
+}
+
+#[test]
+fn argo_health_is_degraded_with_the_reason_when_stalled() {
+    let conditions = [
+        lua_condition("Ready", "False", "SecretNotFound", 2),
+        lua_condition("Stalled", "True", "SecretNotFound", 2),
+    ];
+    let (status, message) = argo_health(2, Some(&conditions));
+    assert_eq!(status, "Degraded");
+    assert!(message.starts_with("SecretNotFound"), "{message}");
+}
+
+#[test]
+fn argo_health_ignores_conditions_of_an_older_generation() {
+    let conditions = [lua_condition("Ready", "True", "Succeeded", 1)];
+    assert_eq!(argo_health(2, Some(&conditions)).0, "Progressing");
+}
+
+#[test]
+fn install_docs_show_the_shipped_argo_health_script() {
+    let script = std::fs::read_to_string(argo_health_script()).expect("health.lua");
+    let docs = std::fs::read_to_string(repo().join("docs/install.md")).expect("install.md");
+    for line in script.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            docs.contains(&format!("    {line}")),
+            "docs/install.md lacks the health.lua line {line:?}"
+        );
+    }
+}
+
 #[test]
 fn dockerfile_passes_hadolint() {
     let out = run(
