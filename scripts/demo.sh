@@ -31,8 +31,8 @@ run kubectl get vm --show-labels
 run kubectl get vmi
 run kubectl get pods -n guestcred-system -o wide
 
-step "Install guestcred's CRDs"
-run kubectl apply -f crds/
+step "guestcred's CRDs (up installs crds/ with KubeVirt's; in a real cluster: kubectl apply -f crds/)"
+run kubectl get crd
 run kubectl wait --for=condition=Established crd/guestpasswordresets.guestcred.io \
     crd/keypairrebuilds.guestcred.io --timeout="$TIMEOUT"
 
