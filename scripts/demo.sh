@@ -40,7 +40,7 @@ step "Apply the demo objects"
 NEW_KEY="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJF3X2of517d5Kg00cGhwfj7PqWgUgbbxnZyL96Twgi5 demo@guestcred"
 CRYPTED='$6$exampleSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0'
 FLEET_PASSWORD="rotate-me-quarterly-2026"
-cat <<EOF | tee /dev/stderr | kubectl apply -f -
+objects=$(cat <<EOF
 # 1. root on vm-1-2 from a Secret
 apiVersion: v1
 kind: Secret
@@ -113,6 +113,9 @@ spec:
   mode: Live
   strategy: Replace
 EOF
+)
+printf '%s\n' "$objects"
+printf '%s\n' "$objects" | kubectl apply -f -
 
 step "Wait until each one is Ready"
 run kubectl wait --for=condition=Ready --timeout="$TIMEOUT" \
