@@ -99,7 +99,6 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
         return Ok(Action::await_change());
     }
     let mut status = obj.run_status().cloned().unwrap_or_default();
-    let generation = obj.meta().generation;
 
     let checked = validate_target_immutable(obj.as_ref(), &status)
         .and_then(|()| obj.rollout().check().map_err(Error::InvalidSpec))
@@ -117,6 +116,18 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
             return Ok(Action::requeue(Duration::from_secs(300)));
         }
     };
+    let mut obj = obj;
+    if has_work(&status, &hash) {
+        // The cache may lag behind our own last status write (a reconcile queued during a
+        // run sees the object as it was mid-run). Never act on that: read it fresh.
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+        match api.get_opt(&obj.name_any()).await? {
+            Some(fresh) if fresh.meta().deletion_timestamp.is_none() => obj = Arc::new(fresh),
+            _ => return Ok(Action::await_change()),
+        }
+        status = obj.run_status().cloned().unwrap_or_default();
+    }
+    let generation = obj.meta().generation;
     if status.input_hash.as_deref() != Some(hash.as_str()) {
         let ns = obj.namespace().unwrap_or_default();
         let vms = match targets::resolve(&ctx.client, &ns, obj.target()).await {
@@ -128,7 +139,7 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
             }
         };
         info!(object = %obj.name_any(), targets = vms.len(), "starting a run");
-        status.input_hash = Some(hash);
+        status.input_hash = Some(hash.clone());
         status.target_spec = Some(obj.target().clone());
         status.targets = vms
             .into_iter()
@@ -139,7 +150,23 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
             .collect();
     }
     status.observed_generation = generation;
+    if !has_work(&status, &hash) {
+        // Finished: only TTL expiries and a refreshed observedGeneration remain.
+        let before = obj.run_status().cloned().unwrap_or_default();
+        finish(&mut status, generation, None);
+        let next_expiry = expire_due(obj.as_ref(), &ctx, &mut status).await;
+        if status != before {
+            write_status(&ctx, obj.as_ref(), &status).await?;
+        }
+        return Ok(next_expiry.map_or_else(Action::await_change, Action::requeue));
+    }
     drive(obj, ctx, Arc::new(input), status).await
+}
+
+/// A run to start (new input) or to continue (unfinished targets).
+fn has_work(status: &RunStatus, hash: &str) -> bool {
+    status.input_hash.as_deref() != Some(hash)
+        || status.targets.iter().any(|t| !t.state.is_terminal())
 }
 
 fn validate_target_immutable<K: RunKind>(obj: &K, status: &RunStatus) -> Result<(), Error> {
@@ -267,7 +294,7 @@ async fn drive<K: RunKind>(
                 stop_reason = Some(Reason::Failed);
                 break;
             }
-            if latest.meta().generation != obj.meta().generation {
+            if latest.meta().generation > obj.meta().generation {
                 // The spec changed under us (pause, limits, input): finish what is in
                 // flight, then reconcile again with the new spec.
                 stop_reason = Some(Reason::InProgress);

@@ -68,7 +68,7 @@ pub fn parse_keys(text: &str) -> Result<Vec<WantedKey>, Error> {
     Ok(keys)
 }
 
-fn fingerprint_of(line: &str) -> Option<String> {
+pub(crate) fn fingerprint_of(line: &str) -> Option<String> {
     PublicKey::from_openssh(line.trim())
         .ok()
         .map(|k| k.fingerprint(HashAlg::Sha256).to_string())
@@ -114,11 +114,6 @@ impl RunKind for KeypairRebuild {
             return Err(Error::InvalidSpec(format!(
                 "ttlSeconds must be 10-31536000, got {ttl}"
             )));
-        }
-        if self.spec.mode == KeyMode::Rebuild {
-            return Err(Error::InvalidSpec(
-                "mode Rebuild is not available in this version; use Live or Auto".into(),
-            ));
         }
         Ok(())
     }
@@ -171,20 +166,43 @@ impl RunKind for KeypairRebuild {
         call: &TargetCall,
     ) -> Result<Outcome, Error> {
         let probe = call.shim.probe(&call.domain).await?;
-        if !probe.agent_connected {
-            return Err(Error::Shim {
-                reason: crate::api::wire::ShimErrorReason::AgentNotConnected,
-                message: format!("the guest agent of {} is not connected", call.vm),
-            });
-        }
-        if !probe.supports_ssh_keys() {
-            return Err(Error::Shim {
-                reason: crate::api::wire::ShimErrorReason::Unsupported,
-                message: format!(
-                    "the guest agent of {} lacks guest-ssh-* commands (qemu-ga 5.2 or newer, not blocked); Rebuild mode is not available in this version",
-                    call.vm
-                ),
-            });
+        let live = match self.spec.mode {
+            KeyMode::Rebuild => false,
+            // Auto: live when the agent can do it, else rebuild. An agent that is not
+            // connected (yet) is retried rather than taken as "cannot".
+            KeyMode::Auto if probe.agent_connected => probe.supports_ssh_keys(),
+            KeyMode::Auto | KeyMode::Live => {
+                if !probe.agent_connected {
+                    return Err(Error::Shim {
+                        reason: crate::api::wire::ShimErrorReason::AgentNotConnected,
+                        message: format!("the guest agent of {} is not connected", call.vm),
+                    });
+                }
+                if !probe.supports_ssh_keys() {
+                    return Err(Error::Shim {
+                        reason: crate::api::wire::ShimErrorReason::Unsupported,
+                        message: format!(
+                            "the guest agent of {} lacks the guest-ssh-* commands (qemu-ga 5.2+, not blocked); use mode Rebuild or Auto",
+                            call.vm
+                        ),
+                    });
+                }
+                true
+            }
+        };
+        if !live {
+            let previously_added = self.previously_added(call);
+            let outcome =
+                super::rebuild::rebuild(ctx, self, call, wanted, &previously_added).await?;
+            let recorded: BTreeSet<String> = match self.spec.strategy {
+                KeyStrategy::Append => previously_added
+                    .union(&outcome.keys.iter().cloned().collect())
+                    .cloned()
+                    .collect(),
+                KeyStrategy::Replace => outcome.keys.iter().cloned().collect(),
+            };
+            self.record_managed_keys(ctx, call, &recorded).await?;
+            return Ok(outcome);
         }
         let wanted_fps: BTreeSet<String> = wanted.iter().map(|k| k.fingerprint.clone()).collect();
         let lines: Vec<String> = wanted.iter().map(|k| k.line.clone()).collect();

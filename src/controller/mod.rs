@@ -7,7 +7,9 @@ pub mod context;
 pub mod engine;
 pub mod error;
 pub mod keypair;
+pub mod lenient;
 pub mod password;
+pub mod rebuild;
 pub mod secrets;
 pub mod shims;
 pub mod targets;
@@ -109,21 +111,19 @@ pub async fn start(
     let (shims, shim_watch) = ShimDirectory::start(client.clone(), access);
     let shim_task = tokio::spawn(shim_watch);
 
-    let resets = Controller::new(
-        Api::<GuestPasswordReset>::all(client.clone()),
-        watcher::Config::default(),
-    );
-    let rebuilds = Controller::new(
-        Api::<KeypairRebuild>::all(client.clone()),
-        watcher::Config::default(),
-    );
     let reporter = Reporter {
         controller: controller_name.to_string(),
         instance: std::env::var("POD_NAME").ok(),
     };
+    let recorder = Recorder::new(client.clone(), reporter);
+    // Untyped watches: one object that does not match the types must not stop the kind.
+    let (store, stream) = lenient::watch::<GuestPasswordReset>(client.clone(), recorder.clone());
+    let resets = Controller::for_stream(stream, store);
+    let (store, stream) = lenient::watch::<KeypairRebuild>(client.clone(), recorder.clone());
+    let rebuilds = Controller::for_stream(stream, store);
     let ctx = Arc::new(Context {
         client: client.clone(),
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder,
         shims,
         settings,
         resets: resets.store(),

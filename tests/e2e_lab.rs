@@ -1,0 +1,492 @@
+//! End to end on the lab, as a user works: the emulated API server, real libvirtds with
+//! real QEMU guests running qemu-ga, the real shim and controller binaries as separate
+//! processes, and objects applied with kubectl. Verification happens inside the guests.
+use guestcred::api::keypair::{KeyMode, KeyStrategy, PublicKeySource};
+use guestcred::api::password::PasswordSource;
+use guestcred::api::{
+    GuestPasswordReset, GuestPasswordResetSpec, KeypairRebuild, KeypairRebuildSpec, RolloutSpec,
+    SecretKeyRef, TargetSpec,
+};
+use guestcred::lab::cluster::LabState;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::ObjectMeta;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const LAB: &str = env!("CARGO_BIN_EXE_guestcred-lab");
+const GUESTCRED: &str = env!("CARGO_BIN_EXE_guestcred");
+const NS: &str = "default";
+const WAIT: Duration = Duration::from_secs(180);
+const PLAIN: &str = "E2e-Canary-Password-4711";
+const SHA512: &str = "$6$e2eSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0";
+const KEY1: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ+B4jIlELcMrHzsE1Ryt7XpT2gUKy/XZ+lbyfbQ9TZh key1@e2e";
+const KEY2: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMJKojGo/i5K/TGJ8PutquWzCrCg7RrbK5WgjGBkcoBs key2@e2e";
+
+struct Lab {
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+/// One lab for this test binary: 2 nodes x 2 VMs, plus guests with no agent, a hung agent
+/// and an old agent (no guest-ssh-*), and the controller. It goes down with this process.
+fn lab() -> &'static Lab {
+    static LAB_ONCE: OnceLock<Result<Lab, String>> = OnceLock::new();
+    let lab = LAB_ONCE.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("gce2e")
+            .tempdir()
+            .map_err(|e| e.to_string())?
+            .keep();
+        let owner = std::process::id().to_string();
+        let d = dir.display().to_string();
+        let out = Command::new(LAB)
+            .args([
+                "up",
+                "--state-dir",
+                &d,
+                "--shim-port",
+                "0",
+                "--owner-pid",
+                &owner,
+                "--guestcred-bin",
+                GUESTCRED,
+                "--with-controller",
+            ])
+            .args([
+                "--extra-vm",
+                "vm-noagent:node-1:agent=off",
+                "--extra-vm",
+                "vm-hung:node-1:agent=hung",
+            ])
+            .args([
+                "--extra-vm",
+                "vm-old:node-2:agent=old",
+                "--extra-vm",
+                "vm-paused:node-2",
+            ])
+            .output()
+            .map_err(|e| format!("cannot run {LAB}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "the lab must come up (root, scripts/install-deps.sh):\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let state = LabState::load(&dir).map_err(|e| e.to_string())?;
+        Ok(Lab {
+            dir,
+            kubeconfig: state.kubeconfig,
+        })
+    });
+    match lab {
+        Ok(l) => l,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn kubectl(args: &[&str], stdin: Option<&str>) -> String {
+    let mut child = Command::new("kubectl")
+        .env("KUBECONFIG", &lab().kubeconfig)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl is installed (scripts/install-deps.sh)");
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).expect("stdin");
+    }
+    let out = child.wait_with_output().expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn apply<T: Serialize>(obj: &T) {
+    kubectl(
+        &["apply", "-f", "-"],
+        Some(&serde_yaml::to_string(obj).expect("yaml")),
+    );
+}
+
+fn jsonpath(kind: &str, name: &str, path: &str) -> String {
+    kubectl(
+        &["get", kind, name, "-o", &format!("jsonpath={{{path}}}")],
+        None,
+    )
+}
+
+/// Poll a jsonpath until it equals `want`; the last value is in the panic message.
+fn wait_until(kind: &str, name: &str, path: &str, want: &str) {
+    let start = Instant::now();
+    loop {
+        let got = jsonpath(kind, name, path);
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{kind}/{name} {path}: want {want:?}, got {got:?}\n{}",
+            kubectl(&["get", kind, name, "-o", "yaml"], None)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn guest(vm: &str, argv: &[&str]) -> String {
+    let d = lab().dir.display().to_string();
+    let out = Command::new(LAB)
+        .args(["exec", "--state-dir", &d, vm, "--"])
+        .args(argv)
+        .output()
+        .expect("exec");
+    assert!(
+        out.status.success(),
+        "exec {vm} {argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn shadow_hash(vm: &str, user: &str) -> String {
+    guest(vm, &["grep", &format!("^{user}:"), "/etc/shadow"])
+        .split(':')
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn secret(name: &str, key: &str, value: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(key.to_string(), value.to_string())])),
+        ..Default::default()
+    }
+}
+
+fn vm_target(vm: &str) -> TargetSpec {
+    TargetSpec {
+        vm_name: Some(vm.into()),
+        selector: None,
+    }
+}
+
+fn reset(
+    name: &str,
+    target: TargetSpec,
+    user: &str,
+    secret: &str,
+    crypted: bool,
+) -> GuestPasswordReset {
+    let mut r = GuestPasswordReset::new(
+        name,
+        GuestPasswordResetSpec {
+            target,
+            user: Some(user.into()),
+            password: PasswordSource {
+                secret_ref: Some(SecretKeyRef {
+                    name: secret.into(),
+                    key: "password".into(),
+                    namespace: None,
+                }),
+                crypted,
+                generate: None,
+            },
+            rollout: RolloutSpec::default(),
+        },
+    );
+    r.metadata.namespace = Some(NS.into());
+    r
+}
+
+fn keys(name: &str, vm: &str, user: &str, mode: KeyMode, lines: &[&str]) -> KeypairRebuild {
+    let mut k = KeypairRebuild::new(
+        name,
+        KeypairRebuildSpec {
+            target: vm_target(vm),
+            user: Some(user.into()),
+            public_keys: PublicKeySource {
+                secret_ref: None,
+                inline: Some(lines.iter().map(|l| l.to_string()).collect()),
+            },
+            mode,
+            strategy: KeyStrategy::Replace,
+            replace_all: false,
+            ttl_seconds: None,
+            rollout: RolloutSpec::default(),
+        },
+    );
+    k.metadata.namespace = Some(NS.into());
+    k
+}
+
+#[test]
+fn plaintext_password_from_a_secret_changes_the_guests_shadow_hash() {
+    lab();
+    let before = shadow_hash("vm-1-1", "lab1");
+    apply(&secret("e2e-plain", "password", PLAIN));
+    apply(&reset(
+        "e2e-plain",
+        vm_target("vm-1-1"),
+        "lab1",
+        "e2e-plain",
+        false,
+    ));
+    kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "gpr/e2e-plain",
+            "--timeout=180s",
+        ],
+        None,
+    );
+    let after = shadow_hash("vm-1-1", "lab1");
+    assert_ne!(after, before);
+    assert!(
+        after.starts_with("$y$") || after.starts_with("$6$"),
+        "a crypt hash: {after}"
+    );
+    assert_eq!(
+        jsonpath("gpr", "e2e-plain", ".status.targets[0].node"),
+        "node-1"
+    );
+}
+
+#[test]
+fn crypted_hash_lands_verbatim_in_the_guest() {
+    lab();
+    apply(&secret("e2e-hash", "password", SHA512));
+    apply(&reset(
+        "e2e-hash",
+        vm_target("vm-2-1"),
+        "lab2",
+        "e2e-hash",
+        true,
+    ));
+    kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "gpr/e2e-hash",
+            "--timeout=180s",
+        ],
+        None,
+    );
+    assert_eq!(shadow_hash("vm-2-1", "lab2"), SHA512);
+}
+
+#[test]
+fn bulk_reset_by_selector_reaches_every_db_vm_on_both_nodes_one_at_a_time() {
+    lab();
+    apply(&secret("e2e-bulk", "password", SHA512));
+    let mut r = reset(
+        "e2e-bulk",
+        TargetSpec {
+            vm_name: None,
+            selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([("tier".to_string(), "db".to_string())])),
+                match_expressions: None,
+            }),
+        },
+        "lab3",
+        "e2e-bulk",
+        true,
+    );
+    r.spec.rollout.max_concurrency = 1;
+    apply(&r);
+    kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "gpr/e2e-bulk",
+            "--timeout=180s",
+        ],
+        None,
+    );
+    let vms = jsonpath("gpr", "e2e-bulk", ".status.targets[*].vm");
+    assert_eq!(vms, "vm-1-1 vm-2-1");
+    assert_eq!(
+        jsonpath("gpr", "e2e-bulk", ".status.targets[*].node"),
+        "node-1 node-2"
+    );
+    for vm in ["vm-1-1", "vm-2-1"] {
+        assert_eq!(shadow_hash(vm, "lab3"), SHA512);
+    }
+}
+
+#[test]
+fn live_key_rotation_is_verified_in_the_guest() {
+    lab();
+    apply(&keys("e2e-live", "vm-1-2", "lab4", KeyMode::Live, &[KEY1]));
+    kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "kpr/e2e-live",
+            "--timeout=180s",
+        ],
+        None,
+    );
+    assert_eq!(
+        jsonpath("kpr", "e2e-live", ".status.targets[0].verified"),
+        "true"
+    );
+    assert!(jsonpath("kpr", "e2e-live", ".status.targets[0].keys[0]").starts_with("SHA256:"));
+    let file = guest("vm-1-2", &["cat", "/home/lab4/.ssh/authorized_keys"]);
+    assert!(file.contains("key1@e2e"), "{file}");
+}
+
+#[test]
+fn auto_mode_rebuilds_a_vm_whose_agent_lacks_ssh_commands() {
+    lab();
+    let old_uid = jsonpath("vmi", "vm-old", ".metadata.uid");
+    apply(&keys(
+        "e2e-rebuild",
+        "vm-old",
+        "root",
+        KeyMode::Auto,
+        &[KEY2],
+    ));
+    kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "kpr/e2e-rebuild",
+            "--timeout=180s",
+        ],
+        None,
+    );
+    assert_eq!(
+        jsonpath("kpr", "e2e-rebuild", ".status.targets[0].mode"),
+        "Rebuild"
+    );
+    assert_ne!(
+        jsonpath("vmi", "vm-old", ".metadata.uid"),
+        old_uid,
+        "a new VMI after the restart"
+    );
+    let file = guest("vm-old", &["cat", "/root/.ssh/authorized_keys"]);
+    assert!(file.contains("key2@e2e"), "{file}");
+}
+
+#[test]
+fn a_vm_without_an_agent_reports_agent_not_connected_while_retrying() {
+    lab();
+    apply(&secret("e2e-noagent", "password", PLAIN));
+    apply(&reset(
+        "e2e-noagent",
+        vm_target("vm-noagent"),
+        "root",
+        "e2e-noagent",
+        false,
+    ));
+    wait_until(
+        "gpr",
+        "e2e-noagent",
+        ".status.targets[0].reason",
+        "AgentNotConnected",
+    );
+}
+
+#[test]
+fn a_hung_agent_reports_agent_timeout() {
+    lab();
+    apply(&secret("e2e-hung", "password", PLAIN));
+    apply(&reset(
+        "e2e-hung",
+        vm_target("vm-hung"),
+        "root",
+        "e2e-hung",
+        false,
+    ));
+    wait_until(
+        "gpr",
+        "e2e-hung",
+        ".status.targets[0].reason",
+        "AgentTimeout",
+    );
+}
+
+#[test]
+fn a_paused_vm_reports_vm_not_running_and_finishes_after_resume() {
+    lab();
+    let d = lab().dir.display().to_string();
+    let paused = Command::new(LAB)
+        .args(["pause", "--state-dir", &d, "vm-paused"])
+        .status()
+        .expect("pause");
+    assert!(paused.success());
+    // kubevirt-lite reflects the pause on the VMI.
+    wait_until(
+        "vmi",
+        "vm-paused",
+        r#".status.conditions[?(@.type=="Paused")].status"#,
+        "True",
+    );
+    apply(&secret("e2e-paused", "password", SHA512));
+    apply(&reset(
+        "e2e-paused",
+        vm_target("vm-paused"),
+        "lab5",
+        "e2e-paused",
+        true,
+    ));
+    wait_until(
+        "gpr",
+        "e2e-paused",
+        ".status.targets[0].reason",
+        "VMNotRunning",
+    );
+    let resumed = Command::new(LAB)
+        .args(["resume", "--state-dir", &d, "vm-paused"])
+        .status()
+        .expect("resume");
+    assert!(resumed.success());
+    kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "gpr/e2e-paused",
+            "--timeout=180s",
+        ],
+        None,
+    );
+    assert_eq!(shadow_hash("vm-paused", "lab5"), SHA512);
+}
+
+#[test]
+fn unknown_guest_user_fails_with_user_not_found() {
+    lab();
+    apply(&secret("e2e-nouser", "password", PLAIN));
+    apply(&reset(
+        "e2e-nouser",
+        vm_target("vm-2-2"),
+        "mallory",
+        "e2e-nouser",
+        false,
+    ));
+    wait_until(
+        "gpr",
+        "e2e-nouser",
+        ".status.targets[0].reason",
+        "UserNotFound",
+    );
+    assert_eq!(jsonpath("gpr", "e2e-nouser", ".status.phase"), "Failed");
+}
