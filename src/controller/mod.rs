@@ -9,6 +9,7 @@ pub mod error;
 pub mod keypair;
 pub mod lenient;
 pub mod password;
+pub mod rebuild;
 pub mod secrets;
 pub mod shims;
 pub mod targets;
