@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod controller;
+pub mod metrics;
 pub mod shim;
 pub mod telemetry;
 

@@ -30,6 +30,10 @@ pub struct DomainRef {
     /// UID of the virt-launcher pod; required by the `kubevirt` locator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launcher_pod_uid: Option<String>,
+    /// Node the caller believes the VM runs on; a shim on another node refuses with
+    /// `Forbidden` (a misrouted or replayed request never reaches a guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl DomainRef {
@@ -38,7 +42,13 @@ impl DomainRef {
             namespace: namespace.into(),
             name: name.into(),
             launcher_pod_uid: None,
+            node: None,
         }
+    }
+
+    pub fn with_node(mut self, node: impl Into<String>) -> Self {
+        self.node = Some(node.into());
+        self
     }
 
     pub fn with_launcher_pod_uid(mut self, uid: impl Into<String>) -> Self {

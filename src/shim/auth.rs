@@ -1,8 +1,13 @@
 //! Request authentication for the shim API.
 //!
-//! Interim scheme until mutual TLS lands: one shared bearer token, read from a file (a
-//! mounted Secret). The check is a real one; `Disabled` exists only for tests and needs an
-//! explicit `--insecure-no-auth`. Health endpoints stay open for kubelet probes.
+//! Default: mutual TLS ([`Auth::ClientCert`]). The TLS layer ([`super::tls`]) only accepts
+//! certificates chained to the configured client CA; this layer then requires that a
+//! certificate was presented (401 otherwise) and that it names an allowed client as a DNS
+//! SAN (403 otherwise). A bearer token can be required on top.
+//!
+//! [`Auth::BearerToken`] alone is the older shared-token scheme (plain HTTP; kept for the
+//! lab cluster and charts that have not moved to mTLS). `Disabled` exists only for tests and
+//! needs an explicit `--insecure-no-auth`. Health endpoints stay open for kubelet probes.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,14 +16,27 @@ use std::sync::Arc;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use rustls::pki_types::CertificateDer;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use super::server::ApiError;
 use crate::api::wire::{ShimError, ShimErrorReason};
+use crate::metrics::{Refusal, ShimMetrics};
+
+/// The client certificate of the connection a request came on (set by the TLS server
+/// loop; absent on plain HTTP). Only certificates chained to the client CA get here.
+#[derive(Clone, Debug)]
+pub struct PeerCertificate(pub Option<CertificateDer<'static>>);
 
 #[derive(Clone)]
 pub enum Auth {
+    /// Mutual TLS: a client certificate naming one of `allowed` (DNS SAN), and, when
+    /// `token` is set, that bearer token too.
+    ClientCert {
+        allowed: Arc<[String]>,
+        token: Option<Arc<SecretString>>,
+    },
     /// `Authorization: Bearer <token>` must carry this token.
     BearerToken(Arc<SecretString>),
     /// No authentication (tests only).
@@ -43,40 +61,98 @@ impl Auth {
 
     /// Read the token from a file; surrounding whitespace (a trailing newline) is ignored.
     pub fn from_token_file(path: &Path) -> Result<Self, AuthConfigError> {
-        let raw = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
-            AuthConfigError::Read {
-                path: path.display().to_string(),
-                source,
-            }
-        })?);
-        let token = raw.trim();
-        if token.is_empty() {
-            return Err(AuthConfigError::Empty {
-                path: path.display().to_string(),
-            });
-        }
-        Ok(Self::bearer(SecretString::from(token)))
+        read_token_file(path).map(Self::bearer)
     }
 
-    fn check(&self, header: Option<&str>) -> Result<(), ShimError> {
-        let expected = match self {
-            Self::Disabled => return Ok(()),
-            Self::BearerToken(t) => t,
-        };
-        let Some(presented) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
-            return Err(ShimError::new(
-                ShimErrorReason::Unauthenticated,
-                "missing bearer token",
-            ));
-        };
-        if digest_eq(presented.trim(), expected.expose_secret()) {
-            Ok(())
-        } else {
-            Err(ShimError::new(
-                ShimErrorReason::Unauthenticated,
-                "invalid bearer token",
-            ))
+    /// Mutual TLS accepting clients whose certificate names one of `allowed`.
+    pub fn client_cert(allowed: Vec<String>, token: Option<SecretString>) -> Self {
+        Self::ClientCert {
+            allowed: allowed.into(),
+            token: token.map(Arc::new),
         }
+    }
+
+    /// Whether this scheme needs the TLS listener.
+    pub fn needs_tls(&self) -> bool {
+        matches!(self, Self::ClientCert { .. })
+    }
+
+    fn check(&self, header: Option<&str>, peer: Option<&PeerCertificate>) -> Result<(), Refused> {
+        match self {
+            Self::Disabled => Ok(()),
+            Self::BearerToken(t) => check_token(header, t),
+            Self::ClientCert { allowed, token } => {
+                let Some(cert) = peer.and_then(|p| p.0.as_ref()) else {
+                    return Err(Refused::new(
+                        Refusal::Unauthenticated,
+                        ShimErrorReason::Unauthenticated,
+                        "no client certificate",
+                    ));
+                };
+                if !super::tls::client_identity_allowed(cert, allowed) {
+                    return Err(Refused::new(
+                        Refusal::ClientNotAllowed,
+                        ShimErrorReason::Forbidden,
+                        "the client certificate does not name an allowed client",
+                    ));
+                }
+                match token {
+                    Some(t) => check_token(header, t),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Read a bearer token from a file (a mounted Secret), trimmed; empty is an error.
+pub fn read_token_file(path: &Path) -> Result<SecretString, AuthConfigError> {
+    let raw = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+        AuthConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        }
+    })?);
+    let token = raw.trim();
+    if token.is_empty() {
+        return Err(AuthConfigError::Empty {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(SecretString::from(token))
+}
+
+/// A refused request: the metric's reason and the typed answer.
+#[derive(Debug)]
+struct Refused {
+    why: Refusal,
+    error: ShimError,
+}
+
+impl Refused {
+    fn new(why: Refusal, reason: ShimErrorReason, message: &str) -> Self {
+        Self {
+            why,
+            error: ShimError::new(reason, message),
+        }
+    }
+}
+
+fn check_token(header: Option<&str>, expected: &SecretString) -> Result<(), Refused> {
+    let unauthenticated = |m| {
+        Refused::new(
+            Refusal::Unauthenticated,
+            ShimErrorReason::Unauthenticated,
+            m,
+        )
+    };
+    let Some(presented) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        return Err(unauthenticated("missing bearer token"));
+    };
+    if digest_eq(presented.trim(), expected.expose_secret()) {
+        Ok(())
+    } else {
+        Err(unauthenticated("invalid bearer token"))
     }
 }
 
@@ -89,15 +165,29 @@ fn digest_eq(a: &str, b: &str) -> bool {
         == 0
 }
 
-/// axum middleware: refuse unauthenticated requests (401) and log them without bodies.
-pub async fn require_auth(State(auth): State<Auth>, request: Request, next: Next) -> Response {
+/// State of [`require_auth`].
+#[derive(Clone)]
+pub struct AuthState {
+    pub auth: Auth,
+    pub metrics: Arc<ShimMetrics>,
+}
+
+/// axum middleware: refuse unauthenticated (401) and unauthorized (403) requests, count
+/// them, and log them without bodies.
+pub async fn require_auth(
+    State(state): State<AuthState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let header = request
         .headers()
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match auth.check(header) {
+    let peer_cert = request.extensions().get::<PeerCertificate>();
+    match state.auth.check(header, peer_cert) {
         Ok(()) => next.run(request).await,
-        Err(e) => {
+        Err(Refused { why, error: e }) => {
+            state.metrics.refused(why);
             let peer = request
                 .extensions()
                 .get::<ConnectInfo<SocketAddr>>()
@@ -108,7 +198,7 @@ pub async fn require_auth(State(auth): State<Auth>, request: Request, next: Next
                 path = %request.uri().path(),
                 %peer,
                 reason = %e.message,
-                "refused unauthenticated shim request"
+                "refused shim request"
             );
             ApiError(e).into_response()
         }
@@ -125,7 +215,7 @@ mod tests {
 
     #[test]
     fn matching_bearer_token_passes() {
-        assert!(token_auth().check(Some("Bearer t0ken")).is_ok());
+        assert!(token_auth().check(Some("Bearer t0ken"), None).is_ok());
     }
 
     #[test]
@@ -136,14 +226,36 @@ mod tests {
             Some("Basic t0ken"),
             Some("t0ken"),
         ] {
-            let e = token_auth().check(h).unwrap_err();
-            assert_eq!(e.reason, ShimErrorReason::Unauthenticated);
+            let e = token_auth().check(h, None).unwrap_err();
+            assert_eq!(e.error.reason, ShimErrorReason::Unauthenticated);
         }
     }
 
     #[test]
     fn disabled_auth_lets_everything_through() {
-        assert!(Auth::Disabled.check(None).is_ok());
+        assert!(Auth::Disabled.check(None, None).is_ok());
+    }
+
+    fn mtls() -> Auth {
+        Auth::client_cert(vec!["guestcred-controller".into()], None)
+    }
+
+    #[test]
+    fn client_cert_auth_without_a_certificate_is_unauthenticated() {
+        let no_tls = mtls().check(None, None).unwrap_err();
+        assert_eq!(no_tls.error.reason, ShimErrorReason::Unauthenticated);
+        let no_cert = mtls()
+            .check(None, Some(&PeerCertificate(None)))
+            .unwrap_err();
+        assert_eq!(no_cert.error.reason, ShimErrorReason::Unauthenticated);
+    }
+
+    #[test]
+    fn client_cert_auth_with_an_unparsable_certificate_is_forbidden() {
+        let junk = PeerCertificate(Some(CertificateDer::from(vec![1u8, 2, 3])));
+        let e = mtls().check(None, Some(&junk)).unwrap_err();
+        assert_eq!(e.error.reason, ShimErrorReason::Forbidden);
+        assert_eq!(e.why, Refusal::ClientNotAllowed);
     }
 
     #[test]
@@ -154,7 +266,7 @@ mod tests {
         assert!(
             Auth::from_token_file(&path)
                 .unwrap()
-                .check(Some("Bearer t0ken"))
+                .check(Some("Bearer t0ken"), None)
                 .is_ok()
         );
         std::fs::write(&path, "  \n").unwrap();

@@ -1,8 +1,9 @@
-//! Node shim: a small authenticated HTTP API on each node that turns one request into
+//! Node shim: a small authenticated HTTPS API on each node that turns one request into
 //! guest agent calls on one domain of that node.
 //!
 //! - [`server`]: routes (`/v1/password`, `/v1/ssh-keys`, `/v1/ssh-keys/get`, `/v1/probe`,
-//!   `/healthz`, `/readyz`), [`auth`]: bearer-token check (mTLS comes later).
+//!   `/healthz`, `/readyz`), node check, metrics, graceful shutdown; [`auth`]: client
+//!   certificate identity (or bearer token) check; [`tls`]: reloading rustls configs.
 //! - [`agent::GuestAgent`]: the backend trait; [`libvirt`] and [`qga`] implement it.
 //! - [`validate`]: the single input gate; [`errors`]: agent/libvirt error → wire reason.
 //! - [`client::ShimClient`]: what the controller uses to call a shim.
@@ -14,6 +15,7 @@ pub mod errors;
 pub mod libvirt;
 pub mod qga;
 pub mod server;
+pub mod tls;
 pub mod validate;
 
 use std::path::PathBuf;
@@ -58,7 +60,7 @@ pub struct ShimArgs {
     /// Address to listen on.
     #[arg(long, env = "GUESTCRED_SHIM_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: String,
-    /// Name of this node (for logs).
+    /// Name of this node; requests naming another node are refused (Forbidden).
     #[arg(long, env = "GUESTCRED_SHIM_NODE_NAME", default_value = "")]
     pub node_name: String,
     #[arg(
@@ -110,12 +112,46 @@ pub struct ShimArgs {
         default_value_t = 5
     )]
     pub agent_timeout_seconds: u64,
-    /// File holding the shared bearer token clients must present.
+    /// The shim's TLS certificate (PEM, SAN `guestcred-shim`); with `--tls-key-file` and
+    /// `--client-ca-file` the shim serves HTTPS with mutual TLS. Reloaded on change.
+    #[arg(long, env = "GUESTCRED_SHIM_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The shim's TLS private key (PEM).
+    #[arg(long, env = "GUESTCRED_SHIM_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// CA (PEM) whose client certificates may connect.
+    #[arg(long, env = "GUESTCRED_SHIM_CLIENT_CA_FILE")]
+    pub client_ca_file: Option<PathBuf>,
+    /// DNS SAN a client certificate must carry (repeat or comma-separate for several).
+    #[arg(
+        long,
+        env = "GUESTCRED_SHIM_ALLOWED_CLIENT",
+        value_delimiter = ',',
+        default_value = tls::DEFAULT_ALLOWED_CLIENT
+    )]
+    pub allowed_client: Vec<String>,
+    /// File holding a bearer token clients must present: on top of mutual TLS when the
+    /// TLS flags are set, else alone over plain HTTP (legacy; prefer mutual TLS).
     #[arg(long, env = "GUESTCRED_SHIM_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
-    /// Serve without authentication (tests only).
+    /// Serve plain HTTP without authentication (tests only).
     #[arg(long, env = "GUESTCRED_SHIM_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// Plain-HTTP address for `/metrics`, `/healthz` and `/readyz` (kubelet probes and
+    /// Prometheus present no client certificate); empty to disable.
+    #[arg(
+        long,
+        env = "GUESTCRED_SHIM_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
+    pub metrics_listen: String,
+    /// On SIGTERM, how long to wait for in-flight agent calls before exiting.
+    #[arg(
+        long,
+        env = "GUESTCRED_SHIM_SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 10
+    )]
+    pub shutdown_grace_seconds: u64,
     #[arg(
         long,
         env = "GUESTCRED_SHIM_LOG_FORMAT",
@@ -130,14 +166,67 @@ impl ShimArgs {
         Duration::from_secs(self.agent_timeout_seconds.max(1))
     }
 
+    /// The TLS files, when all three are given; an error when only some are.
+    pub fn tls_files(&self) -> anyhow::Result<Option<tls::ServerTlsFiles>> {
+        match (
+            &self.tls_cert_file,
+            &self.tls_key_file,
+            &self.client_ca_file,
+        ) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(tls::ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: ca.clone(),
+            })),
+            (None, None, None) => Ok(None),
+            _ => anyhow::bail!(
+                "mutual TLS needs all of --tls-cert-file, --tls-key-file and --client-ca-file"
+            ),
+        }
+    }
+
     /// The authentication the flags ask for; refuses to run open unless told to.
     pub fn auth(&self) -> anyhow::Result<auth::Auth> {
-        match (&self.auth_token_file, self.insecure_no_auth) {
-            (Some(path), _) => Ok(auth::Auth::from_token_file(path)?),
-            (None, true) => Ok(auth::Auth::Disabled),
-            (None, false) => anyhow::bail!(
-                "no --auth-token-file given; refusing to serve without authentication (use --insecure-no-auth for tests)"
+        let tls = self.tls_files()?;
+        let token = match &self.auth_token_file {
+            Some(path) => Some(Arc::new(auth::read_token_file(path)?)),
+            None => None,
+        };
+        match (tls, token, self.insecure_no_auth) {
+            (Some(_), _, true) => {
+                anyhow::bail!("--insecure-no-auth contradicts the TLS flags; drop one of them")
+            }
+            (Some(_), token, false) => {
+                let allowed: Vec<String> = self
+                    .allowed_client
+                    .iter()
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if allowed.is_empty() {
+                    anyhow::bail!("--allowed-client must name at least one client");
+                }
+                Ok(auth::Auth::ClientCert {
+                    allowed: allowed.into(),
+                    token,
+                })
+            }
+            (None, Some(token), _) => Ok(auth::Auth::BearerToken(token)),
+            (None, None, true) => Ok(auth::Auth::Disabled),
+            (None, None, false) => anyhow::bail!(
+                "no authentication configured; refusing to serve. Give --tls-cert-file, --tls-key-file and --client-ca-file (mutual TLS), or --auth-token-file (legacy bearer token), or --insecure-no-auth for tests"
             ),
+        }
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_seconds)
+    }
+
+    fn backend_label(&self) -> &'static str {
+        match self.backend {
+            BackendKind::Libvirt => "libvirt",
+            BackendKind::QgaSocket => "qga-socket",
         }
     }
 
@@ -206,22 +295,81 @@ async fn shutdown_signal() {
 pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let auth = args.auth()?;
-    if matches!(auth, auth::Auth::Disabled) {
-        tracing::warn!("serving WITHOUT authentication (--insecure-no-auth)");
+    let tls = match args.tls_files()? {
+        Some(files) => Some(Arc::new(
+            tls::ReloadingServerConfig::new(files).context("loading the TLS files")?,
+        )),
+        None => None,
+    };
+    match &auth {
+        auth::Auth::Disabled => {
+            tracing::warn!("serving plain HTTP WITHOUT authentication (--insecure-no-auth)")
+        }
+        auth::Auth::BearerToken(_) => tracing::warn!(
+            "serving plain HTTP with a bearer token only; configure mutual TLS (--tls-cert-file, --tls-key-file, --client-ca-file)"
+        ),
+        auth::Auth::ClientCert { .. } => {}
+    }
+    if args.node_name.is_empty() {
+        tracing::warn!("no --node-name: requests naming a node are not checked against it");
     }
     let agent = args.agent()?;
+    let app = server::ShimApp::new(agent, auth)
+        .node(&args.node_name)
+        .backend(args.backend_label());
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let ops = spawn_ops_server(&args.metrics_listen, app.ops_router(), stopped).await;
     tracing::info!(
         listen = %listener.local_addr()?,
+        tls = tls.is_some(),
+        metrics = %args.metrics_listen,
         node = %args.node_name,
         backend = ?args.backend,
         locator = ?args.locator,
         "guestcred shim serving"
     );
-    server::serve(listener, server::router(agent, auth), shutdown_signal()).await?;
+    let opts = server::ServeOptions {
+        tls,
+        metrics: Some(app.metrics()),
+        grace: Some(args.shutdown_grace()),
+    };
+    server::serve_with(listener, app.router(), opts, shutdown_signal()).await?;
+    let _ = stop.send(true);
+    if let Some(ops) = ops {
+        let _ = ops.await;
+    }
     Ok(())
+}
+
+/// Serve the ops router (metrics, health) until `stopped` turns true. A port that cannot
+/// be bound is logged, not fatal: the API still serves, and the kubelet's probes on that
+/// port make the problem visible.
+async fn spawn_ops_server(
+    listen: &str,
+    router: axum::Router,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if listen.is_empty() {
+        return None;
+    }
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%listen, error = %e, "cannot bind the metrics/health port; serving without it");
+            return None;
+        }
+    };
+    Some(tokio::spawn(async move {
+        let stop = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        if let Err(e) = crate::metrics::serve_ops(listener, router, stop).await {
+            tracing::error!(error = %e, "metrics/health server failed");
+        }
+    }))
 }
 
 #[cfg(test)]
@@ -237,6 +385,62 @@ mod tests {
     #[test]
     fn no_token_and_no_insecure_flag_refuses_to_start() {
         assert!(parse(&[]).auth().is_err());
+    }
+
+    fn tls_flags() -> Vec<&'static str> {
+        vec![
+            "--tls-cert-file",
+            "/c.pem",
+            "--tls-key-file",
+            "/k.pem",
+            "--client-ca-file",
+            "/ca.pem",
+        ]
+    }
+
+    #[test]
+    fn tls_flags_select_client_certificate_auth_for_the_controller() {
+        match parse(&tls_flags()).auth().unwrap() {
+            auth::Auth::ClientCert { allowed, token } => {
+                assert_eq!(&*allowed, ["guestcred-controller".to_string()]);
+                assert!(token.is_none());
+            }
+            _ => panic!("expected client certificate auth"),
+        }
+    }
+
+    #[test]
+    fn allowed_clients_can_be_comma_separated() {
+        let mut argv = tls_flags();
+        argv.extend(["--allowed-client", "a.example,b.example"]);
+        match parse(&argv).auth().unwrap() {
+            auth::Auth::ClientCert { allowed, .. } => {
+                assert_eq!(
+                    &*allowed,
+                    ["a.example".to_string(), "b.example".to_string()]
+                )
+            }
+            _ => panic!("expected client certificate auth"),
+        }
+    }
+
+    #[test]
+    fn some_tls_flags_without_the_others_are_refused() {
+        assert!(parse(&["--tls-cert-file", "/c.pem"]).auth().is_err());
+    }
+
+    #[test]
+    fn tls_and_insecure_together_are_refused() {
+        let mut argv = tls_flags();
+        argv.push("--insecure-no-auth");
+        assert!(parse(&argv).auth().is_err());
+    }
+
+    #[test]
+    fn metrics_port_and_grace_have_defaults() {
+        let a = parse(&[]);
+        assert_eq!(a.metrics_listen, "0.0.0.0:9090");
+        assert_eq!(a.shutdown_grace(), Duration::from_secs(10));
     }
 
     #[test]
