@@ -7,6 +7,7 @@ pub mod context;
 pub mod engine;
 pub mod error;
 pub mod keypair;
+pub mod leader;
 pub mod lenient;
 pub mod password;
 pub mod rebuild;
@@ -67,6 +68,57 @@ pub struct ControllerArgs {
     /// Log format.
     #[arg(long, env = "GUESTCRED_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Reconcile only while holding a Lease (required with more than one replica).
+    #[arg(long, env = "GUESTCRED_LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "GUESTCRED_LEASE_NAME",
+        default_value = "guestcred-controller"
+    )]
+    pub lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace, POD_NAMESPACE, else "default").
+    #[arg(long, env = "GUESTCRED_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Seconds a lease stays valid without renewal (a dead leader is replaced after this).
+    #[arg(long, env = "GUESTCRED_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+}
+
+impl ControllerArgs {
+    /// Lease settings when leader election is on.
+    pub fn lease(&self) -> Option<leader::LeaseSettings> {
+        self.leader_election.then(|| leader::LeaseSettings {
+            name: self.lease_name.clone(),
+            namespace: self
+                .lease_namespace
+                .clone()
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "default".into()),
+            identity: std::env::var("POD_NAME")
+                .unwrap_or_else(|_| format!("{}-{}", self.controller_name, std::process::id())),
+            duration_seconds: self.lease_duration_seconds,
+            grace_seconds: (self.lease_duration_seconds / 3).max(1),
+        })
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or ctrl-c.
+pub async fn termination() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// `guestcred controller`: connect with the ambient kubeconfig / in-cluster config and run.
@@ -86,17 +138,46 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         token,
         request_timeout: Duration::from_secs(args.shim_request_timeout_seconds),
     };
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    let Some(lease) = args.lease() else {
+        start(
+            client,
+            access,
+            &args.controller_name,
+            EngineSettings::default(),
+            termination(),
+        )
+        .await;
+        return Ok(());
+    };
+    let (lost, elector) = tokio::select! {
+        acquired = leader::acquire(client.clone(), &lease) => acquired?,
+        _ = termination() => return Ok(()),
+    };
+    let lost = futures::FutureExt::shared(lost);
+    let stop = {
+        let lost = lost.clone();
+        async move {
+            tokio::select! {
+                _ = lost => {}
+                _ = termination() => {}
+            }
+        }
     };
     start(
         client,
         access,
         &args.controller_name,
         EngineSettings::default(),
-        shutdown,
+        stop,
     )
     .await;
+    elector.abort();
+    if futures::FutureExt::now_or_never(lost).is_some() {
+        anyhow::bail!(
+            "lost the leader lease {}; exiting so a follower takes over",
+            lease.name
+        );
+    }
     Ok(())
 }
 

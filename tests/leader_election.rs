@@ -1,0 +1,155 @@
+//! Two controller replicas against one API server: only the lease holder reconciles, and
+//! when it dies without releasing the lease the other takes over after the lease expires.
+use guestcred::api::password::{GeneratePolicy, PasswordSource};
+use guestcred::api::{GuestPasswordReset, GuestPasswordResetSpec, RolloutSpec, TargetSpec};
+use guestcred::controller::context::EngineSettings;
+use guestcred::controller::leader::{LeaseSettings, acquire};
+use guestcred::controller::shims::ShimAccess;
+use guestcred::lab::apiserver::ApiServer;
+use guestcred::lab::kubevirt::install_crds;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use std::time::{Duration, Instant};
+
+fn lease(identity: &str) -> LeaseSettings {
+    LeaseSettings {
+        name: "guestcred-controller".into(),
+        namespace: "default".into(),
+        identity: identity.into(),
+        duration_seconds: 3,
+        grace_seconds: 1,
+    }
+}
+
+/// One replica: elect, then run the controllers (events reported as `identity`).
+fn replica(client: Client, identity: &'static str) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Ok((lost, _elector)) = acquire(client.clone(), &lease(identity)).await else {
+            return;
+        };
+        let access = ShimAccess {
+            namespace: None,
+            port: 1,
+            scheme: "http".into(),
+            token: None,
+            request_timeout: Duration::from_secs(1),
+        };
+        guestcred::controller::start(client, access, identity, EngineSettings::default(), lost)
+            .await;
+    })
+}
+
+fn reset_for_missing_vm(name: &str) -> GuestPasswordReset {
+    let mut r = GuestPasswordReset::new(
+        name,
+        GuestPasswordResetSpec {
+            target: TargetSpec {
+                vm_name: Some("ghost".into()),
+                selector: None,
+            },
+            user: Some("root".into()),
+            password: PasswordSource {
+                generate: Some(GeneratePolicy {
+                    length: 20,
+                    charset: Default::default(),
+                }),
+                ..Default::default()
+            },
+            rollout: RolloutSpec::default(),
+        },
+    );
+    r.metadata.namespace = Some("default".into());
+    r
+}
+
+async fn holder(client: &Client) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    leases
+        .get_opt("guestcred-controller")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+}
+
+/// Reporters of the Events about `object`, waiting until at least one exists.
+async fn reporters(client: &Client, object: &str) -> Vec<String> {
+    let events: Api<Event> = Api::all(client.clone());
+    let start = Instant::now();
+    loop {
+        let list = events.list(&ListParams::default()).await.expect("events");
+        let found: Vec<String> = list
+            .items
+            .iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
+            .filter_map(|e| e.reporting_controller.clone())
+            .collect();
+        if !found.is_empty() {
+            return found;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no event about {object}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_reconciles_and_a_follower_takes_over_when_it_dies() {
+    let api = ApiServer::new();
+    let client = api.client();
+    install_crds(&client).await.expect("crds");
+    let a = replica(client.clone(), "replica-a");
+    let b = replica(client.clone(), "replica-b");
+    let start = Instant::now();
+    let first = loop {
+        if let Some(h) = holder(&client).await {
+            break h;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "nobody took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let resets: Api<GuestPasswordReset> = Api::namespaced(client.clone(), "default");
+    let pp = PatchParams::apply("test").force();
+    resets
+        .patch("one", &pp, &Patch::Apply(reset_for_missing_vm("one")))
+        .await
+        .expect("apply");
+    let who = reporters(&client, "one").await;
+    assert!(
+        who.iter().all(|r| *r == first),
+        "only the leader {first} reports: {who:?}"
+    );
+
+    // The leader dies without releasing the lease.
+    let (dead, survivor) = if first == "replica-a" {
+        (a, "replica-b")
+    } else {
+        (b, "replica-a")
+    };
+    dead.abort();
+    let start = Instant::now();
+    while holder(&client).await.as_deref() != Some(survivor) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{survivor} never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    resets
+        .patch("two", &pp, &Patch::Apply(reset_for_missing_vm("two")))
+        .await
+        .expect("apply");
+    let who = reporters(&client, "two").await;
+    assert!(
+        who.iter().all(|r| r == survivor),
+        "the new leader {survivor} reports: {who:?}"
+    );
+}
