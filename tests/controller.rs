@@ -623,3 +623,32 @@ async fn dead_shim_is_reported_as_shim_unavailable() {
     .await
     .expect("ShimUnavailable");
 }
+
+#[tokio::test]
+async fn kubevirt_access_credentials_for_the_same_user_are_flagged_as_a_conflict() {
+    let w = world().await;
+    let desc = vm(NS, "vm-a", "node-1").access_credentials_for("root");
+    let _qga = w.add_vm(&desc, Some(alice())).await.expect("vm");
+    w.apply(&secret("pw", "password", SHA512))
+        .await
+        .expect("secret");
+    let mut source = from_secret("pw");
+    source.crypted = true;
+    w.apply(&reset("r", vm_named("vm-a"), source))
+        .await
+        .expect("reset");
+    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    let t = &r.status.expect("status").run.targets[0];
+    assert_eq!(t.state, TargetState::Succeeded);
+    let msg = t.message.clone().unwrap_or_default();
+    assert!(msg.contains("ConflictWithAccessCredentials"), "{msg}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(w.client.clone(), NS);
+    let list = events.list(&Default::default()).await.expect("events");
+    assert!(
+        list.items.iter().any(
+            |e| e.reason.as_deref() == Some("ConflictWithAccessCredentials")
+                && e.type_.as_deref() == Some("Warning")
+        ),
+        "a Warning event names the conflict"
+    );
+}

@@ -685,21 +685,32 @@ async fn attempt_once<K: RunKind>(
         t.user_source = Some(call.user_source);
         st.dirty = true;
     }
-    if call.conflicts_with_access_credentials {
+    let conflict = call.conflicts_with_access_credentials.then(|| {
+        format!(
+            "{}: VM {vm} propagates credentials for user {} through KubeVirt accessCredentials, which will overwrite this change",
+            Reason::ConflictWithAccessCredentials,
+            call.user
+        )
+    });
+    if let Some(warning) = &conflict {
         publish(
             ctx,
             obj,
             EventType::Warning,
             Reason::ConflictWithAccessCredentials.as_str(),
             "Apply",
-            format!(
-                "VM {vm} propagates credentials for user {} through KubeVirt accessCredentials, which will overwrite this change",
-                call.user
-            ),
+            warning.clone(),
         )
         .await;
     }
-    obj.apply(ctx, input, &call).await
+    let mut outcome = obj
+        .apply(ctx, input, &call)
+        .await
+        .map_err(|e| e.for_user(&call.user, vm))?;
+    if let Some(warning) = conflict {
+        outcome.message = format!("{}; warning: {warning}", outcome.message);
+    }
+    Ok(outcome)
 }
 
 async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize, o: Outcome) {
