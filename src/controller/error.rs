@@ -22,7 +22,7 @@ pub enum Error {
     NoTargets(String),
     #[error("{0}")]
     UnsupportedForOs(String),
-    #[error("VirtualMachineInstance {0} not found")]
+    #[error("VirtualMachineInstance {0} not found; check spec.target (kubectl get vmi)")]
     VmNotFound(String),
     #[error("{0}")]
     VmNotRunning(String),
@@ -75,6 +75,23 @@ impl Error {
             Self::DeadlineExceeded { .. } => Reason::DeadlineExceeded,
             // API hiccups are retried; they surface only when they outlast the deadline.
             Self::Kube(_) => Reason::ShimError,
+        }
+    }
+
+    /// Name the user and the fix when the guest has no such user (the agent's own text
+    /// says only that chpasswd failed).
+    pub fn for_user(self, user: &str, vm: &str) -> Self {
+        match self {
+            Self::Shim {
+                reason: ShimErrorReason::UserNotFound,
+                message,
+            } => Self::Shim {
+                reason: ShimErrorReason::UserNotFound,
+                message: format!(
+                    "user {user:?} does not exist in the guest of {vm} ({message}); create it in the guest or set spec.user (or the VM's guestcred.io/admin-user annotation)"
+                ),
+            },
+            other => other,
         }
     }
 

@@ -50,6 +50,15 @@ impl RunKind for GuestPasswordReset {
             crate::shim::validate::user(u)
                 .map_err(|e| Error::InvalidUser(format!("spec.user: {}", e.message)))?;
         }
+        // The schema's range, checked again (API servers without schema validation).
+        if let Some(g) = &self.spec.password.generate
+            && !(16..=128).contains(&g.length)
+        {
+            return Err(Error::InvalidSpec(format!(
+                "password.generate.length must be 16-128, got {}",
+                g.length
+            )));
+        }
         Ok(())
     }
 
