@@ -424,6 +424,42 @@ pub async fn serve_ops(
         .await
 }
 
+/// Serve `router` on `listen` in the background until `shutdown` resolves; `None` when
+/// `listen` is empty or cannot be bound. Not fatal: the main API still serves, and the
+/// kubelet's probes on that port make the problem visible (logged as an error here).
+pub async fn spawn_ops_server(
+    listen: &str,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if listen.is_empty() {
+        return None;
+    }
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%listen, error = %e, "cannot bind the metrics/health port; serving without it");
+            return None;
+        }
+    };
+    tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
+    Some(tokio::spawn(async move {
+        if let Err(e) = serve_ops(listener, router, shutdown).await {
+            tracing::error!(error = %e, "metrics/health server failed");
+        }
+    }))
+}
+
+/// The controller's `--metrics-listen` and (when different and set) `--health-listen`
+/// ports, each with `/metrics`, `/healthz` and `/readyz`, for the life of the process.
+pub async fn serve_controller_ops(metrics_listen: &str, health_listen: &str) {
+    let pending = std::future::pending::<()>;
+    spawn_ops_server(metrics_listen, controller_router(), pending()).await;
+    if health_listen != metrics_listen {
+        spawn_ops_server(health_listen, controller_router(), pending()).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

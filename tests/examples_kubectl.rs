@@ -46,6 +46,7 @@ async fn serve_with_controller() -> Served {
         port: 1,
         scheme: "http".into(),
         token: None,
+        tls: None,
         request_timeout: Duration::from_secs(2),
     };
     tokio::spawn(guestcred::controller::start(

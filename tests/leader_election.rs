@@ -34,6 +34,7 @@ fn replica(client: Client, identity: &'static str) -> tokio::task::JoinHandle<()
             port: 1,
             scheme: "http".into(),
             token: None,
+            tls: None,
             request_timeout: Duration::from_secs(1),
         };
         guestcred::controller::start(client, access, identity, EngineSettings::default(), lost)

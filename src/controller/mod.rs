@@ -51,6 +51,25 @@ pub struct ControllerArgs {
     /// File with the bearer token the shims expect.
     #[arg(long, env = "GUESTCRED_SHIM_TOKEN_FILE")]
     pub shim_token_file: Option<PathBuf>,
+    /// CA (PEM) that issued the shims' certificates; when set, shims are called over
+    /// https with mutual TLS (files are re-read when they change).
+    #[arg(long, env = "GUESTCRED_SHIM_CA_FILE")]
+    pub shim_ca_file: Option<PathBuf>,
+    /// The controller's client certificate (PEM, SAN `guestcred-controller`).
+    #[arg(long, env = "GUESTCRED_SHIM_CLIENT_CERT_FILE")]
+    pub shim_client_cert_file: Option<PathBuf>,
+    /// The controller's client key (PEM).
+    #[arg(long, env = "GUESTCRED_SHIM_CLIENT_KEY_FILE")]
+    pub shim_client_key_file: Option<PathBuf>,
+    /// DNS name the shims' certificates carry (checked instead of the pod IP).
+    #[arg(long, env = "GUESTCRED_SHIM_SERVER_NAME", default_value = crate::shim::tls::DEFAULT_SHIM_SERVER_NAME)]
+    pub shim_server_name: String,
+    /// Plain-HTTP address for /metrics, /healthz and /readyz; empty to disable.
+    #[arg(long, env = "GUESTCRED_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
+    pub metrics_listen: String,
+    /// A second address for /healthz and /readyz (kubelet probes); empty: none.
+    #[arg(long, env = "GUESTCRED_HEALTH_LISTEN", default_value = "")]
+    pub health_listen: String,
     /// Bound on one shim request in seconds (keep it above the shim's agent timeout).
     #[arg(
         long,
@@ -131,11 +150,30 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         )),
         None => None,
     };
+    let tls = args
+        .shim_ca_file
+        .clone()
+        .map(|ca| crate::shim::tls::ClientTlsFiles {
+            ca,
+            cert: args.shim_client_cert_file.clone(),
+            key: args.shim_client_key_file.clone(),
+            server_name: args.shim_server_name.clone(),
+        });
+    if let Some(files) = &tls {
+        // Fail at start on unusable files, not on the first target.
+        crate::shim::tls::ReloadingHttpClient::new(files.clone(), Duration::from_secs(5))?;
+    }
+    crate::metrics::serve_controller_ops(&args.metrics_listen, &args.health_listen).await;
     let access = ShimAccess {
         namespace: (!args.shim_namespace.is_empty()).then(|| args.shim_namespace.clone()),
         port: args.shim_port,
-        scheme: args.shim_scheme.clone(),
+        scheme: if tls.is_some() {
+            "https".into()
+        } else {
+            args.shim_scheme.clone()
+        },
         token,
+        tls,
         request_timeout: Duration::from_secs(args.shim_request_timeout_seconds),
     };
     let Some(lease) = args.lease() else {
@@ -149,6 +187,9 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .await;
         return Ok(());
     };
+    // A standby is healthy and ready while it waits for the lease (a rollout of two
+    // replicas must not wait for the follower to become leader).
+    crate::metrics::controller().set_ready(true);
     let (lost, elector) = tokio::select! {
         acquired = leader::acquire(client.clone(), &lease) => acquired?,
         _ = termination() => return Ok(()),
@@ -239,7 +280,12 @@ pub async fn start(
     .for_each(|_| futures::future::ready(()));
     ctx.shims.ready().await;
     info!("controller started");
-    futures::join!(resets, rebuilds);
+    let synced = async {
+        let _ = ctx.resets.wait_until_ready().await;
+        let _ = ctx.rebuilds.wait_until_ready().await;
+        crate::metrics::controller().set_ready(true);
+    };
+    futures::join!(resets, rebuilds, synced);
     shim_task.abort();
     info!("controller stopped");
 }

@@ -3,6 +3,7 @@
 //! bulk run does not list pods once per target.
 use super::error::Error;
 use crate::shim::client::ShimClient;
+use crate::shim::tls::{ClientTlsFiles, ReloadingHttpClient};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -22,9 +23,12 @@ pub struct ShimAccess {
     /// Namespace of the shim pods; None = all namespaces.
     pub namespace: Option<String>,
     pub port: u16,
-    /// "http" until the shim serves TLS.
+    /// "http" or "https"; `tls` set means https.
     pub scheme: String,
     pub token: Option<SecretString>,
+    /// Mutual TLS to the shims (CA, client certificate, expected shim name); reloaded
+    /// when the files change.
+    pub tls: Option<ClientTlsFiles>,
     /// Bound for one shim request (above the shim's agent timeout).
     pub request_timeout: Duration,
 }
@@ -33,6 +37,7 @@ pub struct ShimDirectory {
     store: reflector::Store<Pod>,
     access: ShimAccess,
     clients: Mutex<HashMap<String, ShimClient>>,
+    tls: Option<ReloadingHttpClient>,
 }
 
 impl ShimDirectory {
@@ -53,10 +58,17 @@ impl ShimDirectory {
         .default_backoff()
         .applied_objects()
         .for_each(|_| futures::future::ready(()));
+        // Unreadable TLS files are reported per call (ShimUnavailable) until they appear.
+        let tls = access.tls.clone().and_then(|files| {
+            ReloadingHttpClient::new(files, access.request_timeout)
+                .inspect_err(|e| tracing::error!(error = %e, "cannot load the shim TLS files"))
+                .ok()
+        });
         let dir = Self {
             store,
             access,
             clients: Mutex::new(HashMap::new()),
+            tls,
         };
         (dir, stream)
     }
@@ -84,6 +96,9 @@ impl ShimDirectory {
             .ok_or_else(|| {
                 Error::ShimUnavailable(format!("no running guestcred shim pod on node {node}"))
             })?;
+        if let Some(files) = &self.access.tls {
+            return self.tls_client(files, &ip);
+        }
         let base = format!("{}://{}:{}", self.access.scheme, ip, self.access.port);
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(&base) {
@@ -96,5 +111,28 @@ impl ShimDirectory {
         )?;
         clients.insert(base, c.clone());
         Ok(c)
+    }
+
+    /// An HTTPS client for the shim at `ip`: the reloading client hands out a new
+    /// connection pool whenever the certificate files changed.
+    fn tls_client(&self, files: &ClientTlsFiles, ip: &str) -> Result<ShimClient, Error> {
+        // IPv6 pod IPs need brackets in a URL.
+        let host = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        };
+        let base = format!("https://{host}:{}", self.access.port);
+        let http = match &self.tls {
+            Some(t) => t.http(),
+            None => ReloadingHttpClient::new(files.clone(), self.access.request_timeout)
+                .and_then(|t| t.http()),
+        }
+        .map_err(|e| Error::ShimUnavailable(format!("shim TLS client: {e}")))?;
+        Ok(ShimClient::with_http_client(
+            base,
+            self.access.token.clone(),
+            http,
+        ))
     }
 }

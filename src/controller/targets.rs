@@ -136,7 +136,7 @@ pub async fn prepare_call(
             .any(|u| u == &user || u == "*")
     });
     let shim = ctx.shims.for_node(&node)?;
-    let mut domain = DomainRef::new(ns, vm);
+    let mut domain = DomainRef::new(ns, vm).with_node(&node);
     if let Some(uid) = vmi.launcher_pod_uid() {
         domain = domain.with_launcher_pod_uid(uid);
     }

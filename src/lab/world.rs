@@ -82,7 +82,11 @@ impl World {
             port = listener.local_addr()?.port();
             let template = format!("{}/{{namespace}}_{{name}}/qga.sock", sockets.display());
             let agent = Arc::new(QgaSocketAgent::new(template, opts.agent_timeout));
-            let app = server::router(agent, Auth::Disabled);
+            // The node check is on, as in production: the controller names the node.
+            let app = server::ShimApp::new(agent, Auth::Disabled)
+                .node(&name)
+                .backend("qga-socket")
+                .router();
             let shim = tokio::spawn(async move {
                 let _ = server::serve(listener, app, std::future::pending()).await;
             });
@@ -98,6 +102,7 @@ impl World {
             port,
             scheme: "http".into(),
             token: None,
+            tls: None,
             request_timeout: opts.agent_timeout + Duration::from_secs(5),
         };
         let (shutdown, _) = watch::channel(false);

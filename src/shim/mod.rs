@@ -320,8 +320,12 @@ pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let ops = spawn_ops_server(&args.metrics_listen, app.ops_router(), stopped).await;
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let ops_stopped = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let ops =
+        crate::metrics::spawn_ops_server(&args.metrics_listen, app.ops_router(), ops_stopped).await;
     tracing::info!(
         listen = %listener.local_addr()?,
         tls = tls.is_some(),
@@ -342,34 +346,6 @@ pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
         let _ = ops.await;
     }
     Ok(())
-}
-
-/// Serve the ops router (metrics, health) until `stopped` turns true. A port that cannot
-/// be bound is logged, not fatal: the API still serves, and the kubelet's probes on that
-/// port make the problem visible.
-async fn spawn_ops_server(
-    listen: &str,
-    router: axum::Router,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) -> Option<tokio::task::JoinHandle<()>> {
-    if listen.is_empty() {
-        return None;
-    }
-    let listener = match tokio::net::TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%listen, error = %e, "cannot bind the metrics/health port; serving without it");
-            return None;
-        }
-    };
-    Some(tokio::spawn(async move {
-        let stop = async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        };
-        if let Err(e) = crate::metrics::serve_ops(listener, router, stop).await {
-            tracing::error!(error = %e, "metrics/health server failed");
-        }
-    }))
 }
 
 #[cfg(test)]
