@@ -490,3 +490,47 @@ fn unknown_guest_user_fails_with_user_not_found() {
     );
     assert_eq!(jsonpath("gpr", "e2e-nouser", ".status.phase"), "Failed");
 }
+
+#[test]
+fn controller_and_shim_logs_events_and_status_never_contain_the_password() {
+    lab();
+    const CANARY: &str = "Log-Scan-Canary-9c1e";
+    apply(&secret("e2e-canary", "password", CANARY));
+    apply(&reset(
+        "e2e-canary",
+        vm_target("vm-2-2"),
+        "lab6",
+        "e2e-canary",
+        false,
+    ));
+    kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "gpr/e2e-canary",
+            "--timeout=180s",
+        ],
+        None,
+    );
+    let mut haystack = String::new();
+    for entry in std::fs::read_dir(&lab().dir).expect("state dir").flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            haystack.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+        }
+    }
+    assert!(
+        haystack.contains("e2e-canary"),
+        "the logs mention the object (the scan reads real logs)"
+    );
+    haystack.push_str(&kubectl(&["get", "gpr", "-o", "yaml"], None));
+    haystack.push_str(&kubectl(
+        &["get", "events.events.k8s.io", "-A", "-o", "yaml"],
+        None,
+    ));
+    haystack.push_str(&kubectl(&["describe", "gpr", "e2e-canary"], None));
+    assert!(
+        !haystack.contains(CANARY),
+        "the password leaked into logs, Events or status"
+    );
+}
