@@ -68,6 +68,12 @@ pub fn parse_keys(text: &str) -> Result<Vec<WantedKey>, Error> {
     Ok(keys)
 }
 
+/// Fingerprints of the keys the guest has for the call's user, read through the agent.
+pub(crate) async fn present_fingerprints(call: &TargetCall) -> Result<BTreeSet<String>, Error> {
+    let lines = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
+    Ok(lines.iter().filter_map(|l| fingerprint_of(l)).collect())
+}
+
 pub(crate) fn fingerprint_of(line: &str) -> Option<String> {
     PublicKey::from_openssh(line.trim())
         .ok()
@@ -235,13 +241,7 @@ impl RunKind for KeypairRebuild {
                 .await?;
         }
         // Verify by reading back.
-        let present: BTreeSet<String> = call
-            .shim
-            .get_ssh_keys(&call.domain, &call.user)
-            .await?
-            .iter()
-            .filter_map(|l| fingerprint_of(l))
-            .collect();
+        let present = present_fingerprints(call).await?;
         let missing: Vec<&String> = wanted_fps.difference(&present).collect();
         let lingering: Vec<&String> = removed.intersection(&present).collect();
         if !missing.is_empty() || !lingering.is_empty() {

@@ -11,7 +11,7 @@
 use super::context::Context;
 use super::engine::Outcome;
 use super::error::Error;
-use super::keypair::{WantedKey, fingerprint_of};
+use super::keypair::{WantedKey, fingerprint_of, present_fingerprints};
 use super::secrets::keyed_hash;
 use super::targets::{self, TargetCall};
 use crate::api::keypair::KeyStrategy;
@@ -74,13 +74,7 @@ pub async fn rebuild(
     let fps: Vec<String> = wanted.iter().map(|k| k.fingerprint.clone()).collect();
     let probe = call.shim.probe(&call.domain).await?;
     let verified = if probe.supports_ssh_keys() {
-        let present: BTreeSet<String> = call
-            .shim
-            .get_ssh_keys(&call.domain, &call.user)
-            .await?
-            .iter()
-            .filter_map(|l| fingerprint_of(l))
-            .collect();
+        let present = present_fingerprints(&call).await?;
         let missing: Vec<&String> = fps.iter().filter(|f| !present.contains(*f)).collect();
         if !missing.is_empty() {
             return Err(Error::VerificationFailed(format!(
