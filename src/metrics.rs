@@ -231,6 +231,15 @@ struct KindLabels {
     kind: &'static str,
 }
 
+/// The `kind` label: one of the two resource kinds (a closed set, whatever is passed).
+fn kind_label(kind: &str) -> &'static str {
+    match kind {
+        "GuestPasswordReset" => "GuestPasswordReset",
+        "KeypairRebuild" => "KeypairRebuild",
+        _ => "other",
+    }
+}
+
 /// The controller's metrics: one per process (see [`controller`]), because the engine
 /// records from deep inside reconciles that have no handle of their own.
 #[derive(Debug)]
@@ -281,20 +290,20 @@ impl ControllerMetrics {
     }
 
     /// Count one reconcile of `kind` (`GuestPasswordReset`, `KeypairRebuild`).
-    pub fn reconcile(&self, kind: &'static str, ok: bool) {
+    pub fn reconcile(&self, kind: &str, ok: bool) {
         self.reconciles
             .get_or_create(&KindResultLabels {
-                kind,
+                kind: kind_label(kind),
                 result: if ok { "ok" } else { "error" },
             })
             .inc();
     }
 
     /// Count one finished target; `reason` is a condition reason (CamelCase constant).
-    pub fn target(&self, kind: &'static str, succeeded: bool, reason: &str) {
+    pub fn target(&self, kind: &str, succeeded: bool, reason: &str) {
         self.targets
             .get_or_create(&TargetLabels {
-                kind,
+                kind: kind_label(kind),
                 result: if succeeded { "succeeded" } else { "failed" },
                 reason: reason.to_owned(),
             })
@@ -302,20 +311,22 @@ impl ControllerMetrics {
     }
 
     /// Count a target as in flight until the guard drops.
-    pub fn target_started(&'static self, kind: &'static str) -> InFlightGuard {
+    pub fn target_started(&'static self, kind: &str) -> InFlightGuard {
         let gauge = self
             .targets_in_flight
-            .get_or_create(&KindLabels { kind })
+            .get_or_create(&KindLabels {
+                kind: kind_label(kind),
+            })
             .clone();
         gauge.inc();
         InFlightGuard { gauge }
     }
 
     /// Time one run; the duration is recorded when the guard drops.
-    pub fn run_started(&'static self, kind: &'static str) -> RunTimer {
+    pub fn run_started(&'static self, kind: &str) -> RunTimer {
         RunTimer {
             metrics: self,
-            kind,
+            kind: kind_label(kind),
             started: Instant::now(),
         }
     }

@@ -272,6 +272,7 @@ async fn drive<K: RunKind>(
     input: Arc<K::Input>,
     status: RunStatus,
 ) -> Result<Action, Error> {
+    let _run_timer = crate::metrics::controller().run_started(&K::kind(&()));
     let shared: Shared = Arc::new(Mutex::new(RunState {
         status,
         dirty: true,
@@ -604,6 +605,7 @@ async fn run_target<K: RunKind>(
     shared: Shared,
     idx: usize,
 ) {
+    let _in_flight = crate::metrics::controller().target_started(&K::kind(&()));
     let deadline_secs = obj.rollout().deadline_seconds;
     let (vm, started) = {
         let mut st = lock(&shared);
@@ -715,6 +717,7 @@ async fn attempt_once<K: RunKind>(
 
 async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize, o: Outcome) {
     let reason = o.reason.unwrap_or(Reason::Applied);
+    crate::metrics::controller().target(&K::kind(&()), true, reason.as_str());
     let (vm, note) = {
         let mut st = lock(shared);
         let t = &mut st.status.targets[idx];
@@ -746,6 +749,7 @@ async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize
 
 async fn fail<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize, e: &Error) {
     let reason = e.reason();
+    crate::metrics::controller().target(&K::kind(&()), false, reason.as_str());
     let vm = {
         let mut st = lock(shared);
         let t = &mut st.status.targets[idx];

@@ -336,7 +336,9 @@ fn waits_for(vm_name: Option<&str>, status: Option<&RunStatus>, vm: &str) -> boo
 }
 
 async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
-    engine::reconcile(obj, ctx).await
+    let result = engine::reconcile(obj, ctx).await;
+    crate::metrics::controller().reconcile(&K::kind(&()), result.is_ok());
+    result
 }
 
 fn error_policy<K: RunKind>(obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
