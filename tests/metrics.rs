@@ -1,0 +1,283 @@
+//! Prometheus metrics of the shim and the controller, read from their `/metrics`
+//! endpoints after real calls (host-run qemu-ga agents, the lab world for the controller).
+//! The label sets are closed: no VM, user, namespace or secret may ever show up.
+//!
+//! Needs root, `unshare`, overlayfs and qemu-ga (scripts/install-deps.sh). Without them
+//! these tests fail with the reason; they never skip.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use guestcred::api::password::PasswordSource;
+use guestcred::api::wire::{DomainRef, SetPasswordRequest, ShimErrorReason};
+use guestcred::api::{
+    GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec,
+};
+use guestcred::lab::hostqga::{HostQga, HostQgaOptions};
+use guestcred::lab::kubevirt::vm;
+use guestcred::lab::world::{World, WorldOptions};
+use guestcred::shim::auth::Auth;
+use guestcred::shim::qga::QgaSocketAgent;
+use guestcred::shim::server::{ShimApp, serve};
+use guestcred::shim::{ShimCallError, ShimClient};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ObjectMeta;
+use secrecy::SecretString;
+
+const SHA512: &str = "$6$gcMetricSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0";
+const PLAIN: &str = "plain-Zebra-secret-9";
+const VM: &str = "vm-metrics-zebra";
+const USER: &str = "alice";
+const NS: &str = "default";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Serve `router` on 127.0.0.1 and return its base URL.
+async fn serve_on_loopback(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(serve(listener, router, std::future::pending()));
+    url
+}
+
+async fn get(url: &str) -> (u16, String, String) {
+    let r = reqwest::get(url).await.expect("GET");
+    let status = r.status().as_u16();
+    let content_type = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (status, content_type, r.text().await.expect("body"))
+}
+
+/// The value of the sample line that starts with `series` (name and labels).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+fn assert_no_private_data(text: &str) {
+    for private in [VM, USER, SHA512, "gcMetricSalt", PLAIN, NS] {
+        assert!(
+            !text.contains(private),
+            "{private:?} leaked into metrics:\n{text}"
+        );
+    }
+}
+
+fn password(user: &str, node: Option<&str>) -> SetPasswordRequest {
+    let mut domain = DomainRef::new("lab", VM);
+    if let Some(n) = node {
+        domain = domain.with_node(n);
+    }
+    SetPasswordRequest {
+        domain,
+        user: user.into(),
+        password: SecretString::from(SHA512),
+        crypted: true,
+    }
+}
+
+#[tokio::test]
+async fn shim_metrics_count_calls_by_operation_and_result_and_refusals_by_reason() {
+    let dir = tempfile::Builder::new().prefix("gcm").tempdir().unwrap();
+    let _vm = HostQga::start_with(dir.path(), VM, &HostQgaOptions::default().user(USER))
+        .unwrap_or_else(|e| {
+            panic!("lab qemu-ga must start (needs root, unshare, overlayfs, qemu-ga): {e}")
+        });
+    let template = format!("{}/{{name}}/qga.sock", dir.path().display());
+    let agent = Arc::new(QgaSocketAgent::new(template, Duration::from_secs(5)));
+    let app = ShimApp::new(agent, Auth::Disabled)
+        .node("node-1")
+        .backend("qga-socket");
+    let api = serve_on_loopback(app.router()).await;
+    let ops = serve_on_loopback(app.ops_router()).await;
+    let client = ShimClient::new(&api, None, WAIT).unwrap();
+
+    assert!(
+        client
+            .probe(&DomainRef::new("lab", VM))
+            .await
+            .unwrap()
+            .agent_connected
+    );
+    client
+        .set_password(&password(USER, Some("node-1")))
+        .await
+        .unwrap();
+    let mut unknown_user = password("bob", None);
+    unknown_user.password = SecretString::from(PLAIN);
+    unknown_user.crypted = false;
+    match client.set_password(&unknown_user).await {
+        Err(ShimCallError::Shim(e)) => assert_eq!(e.reason, ShimErrorReason::UserNotFound),
+        other => panic!("expected UserNotFound, got {other:?}"),
+    }
+    match client.set_password(&password(USER, Some("node-2"))).await {
+        Err(ShimCallError::Shim(e)) => assert_eq!(e.reason, ShimErrorReason::Forbidden),
+        other => panic!("expected Forbidden, got {other:?}"),
+    }
+
+    let (status, content_type, text) = get(&format!("{ops}/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    let calls = |op: &str, result: &str| {
+        sample(
+            &text,
+            &format!(
+                r#"guestcred_shim_agent_calls_total{{operation="{op}",backend="qga-socket",result="{result}"}}"#
+            ),
+        )
+    };
+    assert_eq!(calls("probe", "ok"), Some(1.0), "{text}");
+    assert_eq!(calls("set-password", "ok"), Some(1.0), "{text}");
+    assert_eq!(calls("set-password", "UserNotFound"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"guestcred_shim_agent_call_duration_seconds_count{operation="set-password",backend="qga-socket"}"#
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    let total = sample(
+        &text,
+        r#"guestcred_shim_agent_call_duration_seconds_sum{operation="set-password",backend="qga-socket"}"#,
+    )
+    .expect("duration sum");
+    assert!(total > 0.0 && total < 60.0, "{total}");
+    assert_eq!(
+        sample(&text, "guestcred_shim_in_flight_calls"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"guestcred_shim_requests_refused_total{reason="wrong_node"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_no_private_data(&text);
+
+    assert_eq!(get(&format!("{ops}/healthz")).await.0, 200);
+    assert_eq!(get(&format!("{ops}/readyz")).await.0, 200);
+}
+
+fn password_secret() -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some("pw-metrics".into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "password".to_string(),
+            ByteString(SHA512.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    }
+}
+
+fn crypted_reset() -> GuestPasswordReset {
+    let mut r = GuestPasswordReset::new(
+        "reset-metrics",
+        GuestPasswordResetSpec {
+            target: TargetSpec {
+                vm_name: Some(VM.into()),
+                selector: None,
+            },
+            user: Some(USER.into()),
+            password: PasswordSource {
+                secret_ref: Some(SecretKeyRef {
+                    name: "pw-metrics".into(),
+                    key: "password".into(),
+                    namespace: None,
+                }),
+                crypted: true,
+                ..Default::default()
+            },
+            rollout: RolloutSpec::default(),
+        },
+    );
+    r.metadata.namespace = Some(NS.into());
+    r
+}
+
+#[tokio::test]
+async fn controller_metrics_count_reconciles_and_targets_and_report_ready() {
+    let w = World::start(WorldOptions::default())
+        .await
+        .expect("test world starts");
+    let _qga = w
+        .add_vm(
+            &vm(NS, VM, "node-1"),
+            Some(HostQgaOptions::default().user(USER)),
+        )
+        .await
+        .expect("vm")
+        .expect("agent");
+    w.apply(&password_secret()).await.expect("secret");
+    w.apply(&crypted_reset()).await.expect("reset");
+    let r: GuestPasswordReset = w
+        .wait_for(NS, "reset-metrics", WAIT, |r: &GuestPasswordReset| {
+            r.status
+                .as_ref()
+                .is_some_and(|s| s.run.phase == Some(Phase::Succeeded))
+        })
+        .await
+        .expect("the reset succeeds");
+    assert!(r.status.is_some());
+
+    let ops = serve_on_loopback(guestcred::metrics::controller_router()).await;
+    let (status, content_type, text) = get(&format!("{ops}/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    let ok_reconciles = sample(
+        &text,
+        r#"guestcred_reconciles_total{kind="GuestPasswordReset",result="ok"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(ok_reconciles >= 1.0, "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"guestcred_targets_total{kind="GuestPasswordReset",result="succeeded",reason="Applied"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"guestcred_targets_in_flight{kind="GuestPasswordReset"}"#
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    let runs = sample(
+        &text,
+        r#"guestcred_run_duration_seconds_count{kind="GuestPasswordReset"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(runs >= 1.0, "{text}");
+    assert_no_private_data(&text);
+
+    assert_eq!(get(&format!("{ops}/healthz")).await.0, 200);
+    assert_eq!(
+        get(&format!("{ops}/readyz")).await.0,
+        200,
+        "caches synced by now"
+    );
+}
