@@ -10,8 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use guestcred::api::password::PasswordSource;
 use guestcred::api::wire::{DomainRef, SetPasswordRequest, ShimErrorReason};
+use guestcred::api::{
+    GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec,
+};
 use guestcred::lab::hostqga::{HostQga, HostQgaOptions};
+use guestcred::lab::kubevirt::vm;
+use guestcred::lab::world::{World, WorldOptions, WorldTls};
 use guestcred::metrics::ShimMetrics;
 use guestcred::shim::auth::Auth;
 use guestcred::shim::qga::QgaSocketAgent;
@@ -20,11 +26,15 @@ use guestcred::shim::tls::{
     ClientTlsFiles, ReloadingHttpClient, ReloadingServerConfig, ServerTlsFiles,
 };
 use guestcred::shim::{ShimCallError, ShimClient};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ObjectMeta;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
 use secrecy::SecretString;
+use std::collections::BTreeMap;
 use tempfile::TempDir;
 use tokio::net::UnixListener;
 
@@ -559,4 +569,97 @@ async fn shim_binary_serves_mutual_tls_and_drains_in_flight_calls_on_sigterm() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
+}
+
+fn crypted_password_secret(ns: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some("pw".into()),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "password".to_string(),
+            ByteString(SHA512_HASH.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    }
+}
+
+fn crypted_reset(ns: &str, vm_name: &str) -> GuestPasswordReset {
+    let mut r = GuestPasswordReset::new(
+        "reset",
+        GuestPasswordResetSpec {
+            target: TargetSpec {
+                vm_name: Some(vm_name.into()),
+                selector: None,
+            },
+            user: Some("alice".into()),
+            password: PasswordSource {
+                secret_ref: Some(SecretKeyRef {
+                    name: "pw".into(),
+                    key: "password".into(),
+                    namespace: None,
+                }),
+                crypted: true,
+                ..Default::default()
+            },
+            rollout: RolloutSpec::default(),
+        },
+    );
+    r.metadata.namespace = Some(ns.into());
+    r
+}
+
+/// The real controller finds the shim pod, dials its IP over https, presents its client
+/// certificate, checks the shim's by name, and the password lands in the guest.
+#[tokio::test]
+async fn controller_resets_a_password_through_mutual_tls_shims() {
+    let ca = Ca::new("cluster CA");
+    let dir = tempfile::Builder::new().prefix("gctw").tempdir().unwrap();
+    let [cert, key, client_ca] = write_server_files(dir.path(), &ca);
+    let controller = Controller::new(dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let opts = WorldOptions {
+        mtls: Some(WorldTls {
+            shim: ServerTlsFiles {
+                cert,
+                key,
+                client_ca,
+            },
+            allowed_clients: vec![CONTROLLER_NAME.into()],
+            controller: controller.files.clone(),
+        }),
+        ..WorldOptions::default()
+    };
+    let w = World::start(opts)
+        .await
+        .expect("test world with mTLS shims");
+    let qga = w
+        .add_vm(
+            &vm("default", "vm-tls", "node-1"),
+            Some(HostQgaOptions::default().user("alice")),
+        )
+        .await
+        .expect("vm")
+        .expect("agent");
+    w.apply(&crypted_password_secret("default"))
+        .await
+        .expect("secret");
+    w.apply(&crypted_reset("default", "vm-tls"))
+        .await
+        .expect("reset");
+
+    let r: GuestPasswordReset = w
+        .wait_for("default", "reset", TIMEOUT, |r: &GuestPasswordReset| {
+            r.status
+                .as_ref()
+                .is_some_and(|s| matches!(s.run.phase, Some(Phase::Succeeded | Phase::Failed)))
+        })
+        .await
+        .expect("the reset finishes");
+    assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
+    assert_eq!(
+        qga.shadow_hash("alice").unwrap().as_deref(),
+        Some(SHA512_HASH)
+    );
 }

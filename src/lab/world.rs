@@ -10,6 +10,7 @@ use crate::controller::shims::ShimAccess;
 use crate::shim::auth::Auth;
 use crate::shim::qga::QgaSocketAgent;
 use crate::shim::server;
+use crate::shim::tls::{ClientTlsFiles, ReloadingServerConfig, ServerTlsFiles};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource};
 use serde::Serialize;
@@ -28,6 +29,18 @@ pub struct WorldOptions {
     pub nodes: usize,
     pub agent_timeout: Duration,
     pub settings: EngineSettings,
+    /// Mutual TLS between the controller and the shims (every shim serves the same
+    /// certificate, as the chart's DaemonSet does); plain HTTP without auth when `None`.
+    pub mtls: Option<WorldTls>,
+}
+
+/// Certificate files for [`WorldOptions::mtls`].
+#[derive(Clone, Debug)]
+pub struct WorldTls {
+    pub shim: ServerTlsFiles,
+    /// Allowed client identities (DNS SANs) of the shims.
+    pub allowed_clients: Vec<String>,
+    pub controller: ClientTlsFiles,
 }
 
 impl Default for WorldOptions {
@@ -40,6 +53,7 @@ impl Default for WorldOptions {
                 max_backoff: Duration::from_secs(1),
                 status_flush_interval: Duration::from_millis(50),
             },
+            mtls: None,
         }
     }
 }
@@ -82,13 +96,23 @@ impl World {
             port = listener.local_addr()?.port();
             let template = format!("{}/{{namespace}}_{{name}}/qga.sock", sockets.display());
             let agent = Arc::new(QgaSocketAgent::new(template, opts.agent_timeout));
+            let (auth, serve_opts) = match &opts.mtls {
+                Some(tls) => (
+                    Auth::client_cert(tls.allowed_clients.clone(), None),
+                    server::ServeOptions {
+                        tls: Some(Arc::new(ReloadingServerConfig::new(tls.shim.clone())?)),
+                        ..Default::default()
+                    },
+                ),
+                None => (Auth::Disabled, server::ServeOptions::default()),
+            };
             // The node check is on, as in production: the controller names the node.
-            let app = server::ShimApp::new(agent, Auth::Disabled)
+            let app = server::ShimApp::new(agent, auth)
                 .node(&name)
                 .backend("qga-socket")
                 .router();
             let shim = tokio::spawn(async move {
-                let _ = server::serve(listener, app, std::future::pending()).await;
+                let _ = server::serve_with(listener, app, serve_opts, std::future::pending()).await;
             });
             create_node_with_shim(&client, &name, SHIM_NAMESPACE, &ip).await?;
             nodes.push(LabNode {
@@ -100,9 +124,9 @@ impl World {
         let access = ShimAccess {
             namespace: Some(SHIM_NAMESPACE.into()),
             port,
-            scheme: "http".into(),
+            scheme: if opts.mtls.is_some() { "https" } else { "http" }.into(),
             token: None,
-            tls: None,
+            tls: opts.mtls.as_ref().map(|t| t.controller.clone()),
             request_timeout: opts.agent_timeout + Duration::from_secs(5),
         };
         let (shutdown, _) = watch::channel(false);
