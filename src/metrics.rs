@@ -279,6 +279,13 @@ impl ControllerMetrics {
             "Duration of one drive of an object's targets (a reconcile's agent work)",
             run_duration.clone(),
         );
+        // Series that exist from the start, so rate() and alerts see zeros, not gaps.
+        for kind in ["GuestPasswordReset", "KeypairRebuild"] {
+            for result in ["ok", "error"] {
+                reconciles.get_or_create(&KindResultLabels { kind, result });
+            }
+            targets_in_flight.get_or_create(&KindLabels { kind });
+        }
         Self {
             registry,
             reconciles,
