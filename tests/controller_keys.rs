@@ -291,3 +291,80 @@ async fn keys_with_a_ttl_are_removed_after_it() {
         TargetState::Succeeded
     );
 }
+
+/// A fault injector between the shim and a real qemu-ga: everything is passed through,
+/// except that key lists the agent returns lose the keys whose comment is `dropped`, as if
+/// the guest had removed them right after they were added.
+async fn key_dropping_proxy(
+    listen: std::path::PathBuf,
+    upstream: std::path::PathBuf,
+    dropped: &'static str,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let _ = std::fs::create_dir_all(listen.parent().expect("parent"));
+    let listener = tokio::net::UnixListener::bind(&listen).expect("proxy listens");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::UnixStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut client_rd, mut client_wr) = client.into_split();
+            let (mut server_rd, mut server_wr) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_rd, &mut server_wr).await;
+            });
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(&mut server_rd);
+                let mut buf = Vec::new();
+                while lines.read_until(b'\n', &mut buf).await.unwrap_or(0) > 0 {
+                    let out = match serde_json::from_slice::<serde_json::Value>(&buf) {
+                        Ok(mut v) => {
+                            if let Some(keys) =
+                                v.pointer_mut("/return/keys").and_then(|k| k.as_array_mut())
+                            {
+                                keys.retain(|k| !k.as_str().is_some_and(|s| s.ends_with(dropped)));
+                            }
+                            let mut line = serde_json::to_vec(&v).expect("json");
+                            line.push(b'\n');
+                            line
+                        }
+                        // The guest-sync-delimited sentinel and anything else: as is.
+                        Err(_) => buf.clone(),
+                    };
+                    if client_wr.write_all(&out).await.is_err() {
+                        break;
+                    }
+                    buf.clear();
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn verification_fails_when_the_guest_drops_a_key() {
+    let w = world().await;
+    let dir = w.agent_socket_dir("node-1").expect("node-1").to_path_buf();
+    // The real agent runs under another name; the VM's socket is the proxy.
+    let real = guestcred::lab::hostqga::HostQga::start_with(&dir, "real-agent", &alice())
+        .expect("qemu-ga");
+    key_dropping_proxy(
+        dir.join("default_vm-a/qga.sock"),
+        real.socket_path().to_path_buf(),
+        "key2@test",
+    )
+    .await;
+    w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
+    w.apply(&rebuild("k", "vm-a", keys_inline(&[KEY1, KEY2])))
+        .await
+        .expect("apply");
+    let r: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
+    let t = &r.status.expect("status").run.targets[0];
+    assert_eq!(
+        (t.state, t.reason.as_deref()),
+        (TargetState::Failed, Some("VerificationFailed"))
+    );
+    let msg = t.message.clone().unwrap_or_default();
+    assert!(msg.contains("missing"), "{msg}");
+    assert_ne!(t.verified, Some(true));
+}

@@ -250,6 +250,15 @@ impl World {
         }
     }
 
+    /// Where node `node`'s shim looks for agent sockets (`<dir>/<ns>_<name>/qga.sock`), for
+    /// tests that put something of their own between the shim and an agent.
+    pub fn agent_socket_dir(&self, node: &str) -> Option<&std::path::Path> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map(|n| n.sockets.as_path())
+    }
+
     pub fn temp_dir(&self) -> &std::path::Path {
         self.dir.path()
     }
