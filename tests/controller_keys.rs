@@ -368,3 +368,45 @@ async fn verification_fails_when_the_guest_drops_a_key() {
     assert!(msg.contains("missing"), "{msg}");
     assert_ne!(t.verified, Some(true));
 }
+
+#[tokio::test]
+async fn keys_reach_every_vm_of_a_selector_across_two_nodes() {
+    let w = World::start(WorldOptions {
+        nodes: 2,
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("world");
+    let mut agents = Vec::new();
+    for (i, node) in ["node-1", "node-2", "node-2"].iter().enumerate() {
+        let d = vm(NS, &format!("web-{i}"), node).label("tier", "web");
+        agents.push(
+            w.add_vm(&d, Some(alice()))
+                .await
+                .expect("vm")
+                .expect("agent"),
+        );
+    }
+    let mut r = rebuild("k", "unused", keys_inline(&[KEY1]));
+    r.spec.target = TargetSpec {
+        vm_name: None,
+        selector: Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_labels: Some(BTreeMap::from([("tier".to_string(), "web".to_string())])),
+                match_expressions: None,
+            },
+        ),
+    };
+    r.spec.rollout.max_concurrency = 2;
+    w.apply(&r).await.expect("apply");
+    let done: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
+    let st = done.status.expect("status").run;
+    assert_eq!(st.phase, Some(Phase::Succeeded));
+    assert!(st.targets.iter().all(|t| t.verified == Some(true)));
+    for a in &agents {
+        assert_eq!(
+            comments(&a.authorized_keys("alice").expect("keys")),
+            ["key1@test"]
+        );
+    }
+}
