@@ -282,9 +282,9 @@ impl ControllerMetrics {
         // Series that exist from the start, so rate() and alerts see zeros, not gaps.
         for kind in ["GuestPasswordReset", "KeypairRebuild"] {
             for result in ["ok", "error"] {
-                reconciles.get_or_create(&KindResultLabels { kind, result });
+                let _ = reconciles.get_or_create(&KindResultLabels { kind, result });
             }
-            targets_in_flight.get_or_create(&KindLabels { kind });
+            let _ = targets_in_flight.get_or_create(&KindLabels { kind });
         }
         Self {
             registry,
