@@ -31,3 +31,9 @@ test: deps fmt-check clippy
 
 demo: build
 	bash scripts/demo.sh
+
+# Soak (docs/bad-input.md): rounds of bulk runs under shim/controller kills, 409s and 410s.
+# GUESTCRED_SOAK_ROUNDS / GUESTCRED_SOAK_VMS scale it.
+.PHONY: soak
+soak: deps
+	$(CARGO) test --test soak -- --ignored --nocapture

@@ -1,0 +1,105 @@
+//! Soak: rounds of bulk generated-password runs over many VMs while the shim is killed and
+//! restarted, the controller is killed and restarted, status writes get 409s and watches
+//! expire. Each round checks the same invariants as tests/faults.rs: every object reaches
+//! a terminal state within its deadline, each VM's stored password is applied (it
+//! verifies in the guest) and never rewritten, and no password leaks.
+//!
+//! Ignored by default (minutes, not seconds): `make soak` runs it with `--ignored`.
+//! `GUESTCRED_SOAK_ROUNDS` and `GUESTCRED_SOAK_VMS` scale it (defaults 5 and 12).
+mod fault_lab;
+
+use fault_lab::*;
+use guestcred::api::Phase;
+use guestcred::lab::kubevirt::vm;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: run with `make soak`"]
+async fn bulk_runs_survive_repeated_faults_with_every_password_applied_once() {
+    let rounds = env_or("GUESTCRED_SOAK_ROUNDS", 5);
+    let vms = env_or("GUESTCRED_SOAK_VMS", 12);
+    let mut lab = FaultLab::start().await;
+    let mut agents = BTreeMap::new();
+    for i in 0..vms {
+        let name = format!("vm-{i:03}");
+        let d = vm(NS, &name, NODE).label("bulk", "soak");
+        agents.insert(name, lab.add_vm(&d).await);
+    }
+    let mut all_passwords: Vec<String> = Vec::new();
+    for round in 0..rounds {
+        let name = format!("soak-{round}");
+        let mut r = reset(&name, labelled("soak"), generated());
+        r.spec.rollout.max_concurrency = 3;
+        r.spec.rollout.deadline_seconds = 120;
+        lab.apply(&r).await;
+        lab.wait_for(&name, "a third of the targets done", |r| {
+            r.status
+                .as_ref()
+                .is_some_and(|s| s.run.summary.succeeded as usize >= vms / 3)
+        })
+        .await;
+        // A different fault mix each round; every round kills something mid-run.
+        match round % 4 {
+            0 => {
+                lab.kill_shim();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                lab.restart_shim().await;
+            }
+            1 => {
+                lab.kill_controller();
+                lab.start_controller();
+            }
+            2 => {
+                lab.api.faults().conflict_next_status_writes(10);
+                lab.api.faults().expire_watches();
+            }
+            _ => {
+                lab.kill_controller();
+                lab.kill_shim();
+                lab.api.faults().expire_watches();
+                lab.restart_shim().await;
+                lab.start_controller();
+            }
+        }
+        let before = lab.output_passwords_of(&name).await;
+        let done = lab.wait_finished(&name).await;
+        assert_eq!(
+            phase(&done),
+            Some(Phase::Succeeded),
+            "round {round}: {:#?}",
+            done.status
+        );
+        let after = lab.output_passwords_of(&name).await;
+        assert_eq!(
+            after.len(),
+            vms,
+            "round {round}: one stored password per VM"
+        );
+        for (vm, stored) in &before {
+            assert_eq!(
+                after.get(vm),
+                Some(stored),
+                "round {round}: {vm}'s stored password was never rewritten"
+            );
+        }
+        for (vm, qga) in &agents {
+            let (_, pw) = &after[vm];
+            assert!(
+                verifies(pw, &hash_of(qga)),
+                "round {round}: {vm} has its stored password"
+            );
+        }
+        all_passwords.extend(after.into_values().map(|(_, p)| p));
+        assert!(lab.controller_alive(), "round {round}: controller running");
+    }
+    let canaries: Vec<&str> = all_passwords.iter().map(String::as_str).collect();
+    lab.assert_not_leaked(&canaries).await;
+}
