@@ -256,3 +256,52 @@ async fn kubectl_delete_and_wait_for_delete_follow_finalizers() {
     );
     assert!(gadgets.get_opt("g1").await.expect("get works").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_describe_lists_events_a_kube_recorder_wrote() {
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+
+    let lab = start_lab().await;
+    lab.apply_crd().await;
+    let file = lab.file("g.yaml", &gadget_yaml("g1", 1, "db"));
+    lab.kubectl(&["apply", "-f", path_str(&file)]).await;
+    let gadgets: Api<DynamicObject> =
+        Api::default_namespaced_with(lab.server.client(), &gadget_resource());
+    let gadget = gadgets.get("g1").await.expect("gadget exists");
+    let recorder = Recorder::new(
+        lab.server.client(),
+        Reporter {
+            controller: "guestcred-test".into(),
+            instance: Some("lab-0".into()),
+        },
+    );
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "PasswordResetFailed".into(),
+        note: Some("guest agent not responding".into()),
+        action: "Reset".into(),
+        secondary: None,
+    };
+    // Twice: the second publish patches the Event's series (events.k8s.io/v1).
+    for _ in 0..2 {
+        recorder
+            .publish(&event, &gadget.object_ref(&gadget_resource()))
+            .await
+            .expect("event published");
+    }
+
+    let out = lab.kubectl(&["describe", "gadget", "g1"]).await;
+    let events = out
+        .split_once("Events:")
+        .map(|(_, events)| events)
+        .unwrap_or_else(|| panic!("no Events section:\n{out}"));
+    let row = events
+        .lines()
+        .find(|l| l.contains("PasswordResetFailed"))
+        .unwrap_or_else(|| panic!("no row for the Event:\n{out}"));
+    assert!(row.contains("Warning"), "{row}");
+    assert!(row.contains("guest agent not responding"), "{row}");
+    assert!(row.contains("guestcred-test"), "{row}");
+    assert!(row.contains("x2"), "the repeat count shows: {row}");
+}

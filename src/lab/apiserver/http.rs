@@ -21,6 +21,7 @@ use super::resources::ResourceType;
 use super::selector::{FieldSelector, LabelSelector, kind_fields};
 use super::store::{BusMsg, Filter};
 use super::table;
+use super::views::View;
 
 /// Interval of BOOKMARK events on watches that allow them (the real server: about a minute).
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
@@ -426,37 +427,64 @@ fn check_accept(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// An object as served at `api_version` (storage keeps whatever version wrote it last).
-fn present(obj: &Value, api_version: &str) -> Value {
-    let mut o = obj.clone();
-    o["apiVersion"] = json!(api_version);
-    o
-}
-
-fn serialize_into(buf: &mut Vec<u8>, obj: &Value, api_version: &str) {
-    let same = obj.get("apiVersion").and_then(Value::as_str) == Some(api_version);
+fn serialize_into(buf: &mut Vec<u8>, obj: &Value) {
     // Writing into a Vec cannot fail.
-    let _ = if same {
-        serde_json::to_writer(&mut *buf, obj)
-    } else {
-        serde_json::to_writer(&mut *buf, &present(obj, api_version))
-    };
+    let _ = serde_json::to_writer(&mut *buf, obj);
 }
 
-fn filter_for(rt: &ResourceType, ns: Option<&str>, params: &Params) -> Result<Filter, ApiError> {
-    Ok(Filter {
-        res: rt.key(),
-        ns: if rt.namespaced {
-            ns.map(str::to_string)
-        } else {
-            None
-        },
-        labels: LabelSelector::parse(param(params, "labelSelector").unwrap_or(""))?,
-        fields: FieldSelector::parse(
+/// The type a request names and where its objects are stored: the same type, except for
+/// events.k8s.io Events, a view of the core ones (see `views.rs`).
+struct Served {
+    rt: Arc<ResourceType>,
+    version: String,
+    view: View,
+    store_rt: Arc<ResourceType>,
+    store_version: String,
+}
+
+impl Served {
+    fn resolve(shared: &Shared, rp: &ResourcePath) -> Result<Self, ApiError> {
+        let inner = shared.lock();
+        let rt = inner
+            .lookup(&rp.group, &rp.version, &rp.plural)
+            .ok_or_else(not_found_path)?;
+        let view = View::of(&rt);
+        let (store_rt, store_version) = match view.storage_type() {
+            Some((group, version, plural)) => (
+                inner
+                    .lookup(group, version, plural)
+                    .ok_or_else(not_found_path)?,
+                version.to_string(),
+            ),
+            None => (rt.clone(), rp.version.clone()),
+        };
+        Ok(Self {
+            rt,
+            version: rp.version.clone(),
+            view,
+            store_rt,
+            store_version,
+        })
+    }
+
+    /// Which stored objects a list, watch or deletecollection sees; selectors use the
+    /// served type's field names.
+    fn filter(&self, ns: Option<&str>, params: &Params) -> Result<Filter, ApiError> {
+        let fields = FieldSelector::parse(
             param(params, "fieldSelector").unwrap_or(""),
-            kind_fields(&rt.group, &rt.plural),
-        )?,
-    })
+            kind_fields(&self.rt.group, &self.rt.plural),
+        )?;
+        Ok(Filter {
+            res: self.store_rt.key(),
+            ns: if self.rt.namespaced {
+                ns.map(str::to_string)
+            } else {
+                None
+            },
+            labels: LabelSelector::parse(param(params, "labelSelector").unwrap_or(""))?,
+            fields: fields.renamed(|f| self.view.storage_field(f)),
+        })
+    }
 }
 
 async fn resource(
@@ -467,10 +495,10 @@ async fn resource(
     body: Bytes,
     rp: ResourcePath,
 ) -> Result<Response, ApiError> {
-    let rt = shared
-        .lock()
-        .lookup(&rp.group, &rp.version, &rp.plural)
-        .ok_or_else(not_found_path)?;
+    let served = Served::resolve(shared, &rp)?;
+    let rt = &served.rt;
+    let (store_rt, store_version) = (&served.store_rt, served.store_version.as_str());
+    let view = served.view;
     if (rt.namespaced && rp.ns.is_none() && rp.name.is_some())
         || (!rt.namespaced && rp.ns.is_some())
     {
@@ -490,32 +518,33 @@ async fn resource(
             rt.qualified()
         )));
     }
-    let respond = |code: StatusCode, obj: &Value| -> Response {
+    let respond = |code: StatusCode, stored: &Value| -> Response {
+        let obj = view.present(stored, &api_version);
         if wants_table(headers) {
             let inner = shared.lock();
-            let t = table::render(&rt, &rp.version, &[obj], inner.rv(), params);
+            let t = table::render(rt, &rp.version, &[&obj], inner.rv(), params);
             return json_response(code, &t);
         }
-        json_response(code, &present(obj, &api_version))
+        json_response(code, &obj)
     };
     match (method.clone(), rp.name.as_deref()) {
         (Method::GET, None) => {
-            let filter = filter_for(&rt, rp.ns.as_deref(), params)?;
+            let filter = served.filter(rp.ns.as_deref(), params)?;
             if is_true(params, "watch") {
                 let table = wants_table(headers);
-                return watch(shared, rt.clone(), &rp.version, filter, params, table);
+                return watch(shared, &served, filter, params, table);
             }
-            list(shared, &rt, &rp.version, &filter, headers, params)
+            list(shared, &served, &filter, headers, params)
         }
         (Method::GET, Some(name)) => {
-            let obj = shared.lock().get(&rt, ns, name)?;
+            let obj = shared.lock().get(store_rt, ns, name)?;
             Ok(respond(StatusCode::OK, &obj))
         }
         (Method::POST, None) => {
-            let obj = decode_body(headers, &body)?;
+            let obj = view.to_storage(decode_body(headers, &body)?);
             let created = shared
                 .lock()
-                .create(&rt, &rp.version, rp.ns.as_deref(), obj)?;
+                .create(store_rt, store_version, rp.ns.as_deref(), obj)?;
             let code = if rt.create_only {
                 StatusCode::OK
             } else {
@@ -524,13 +553,14 @@ async fn resource(
             Ok(respond(code, &created))
         }
         (Method::PUT, Some(name)) => {
-            let obj = decode_body(headers, &body)?;
+            let obj = view.to_storage(decode_body(headers, &body)?);
             if status_only {
-                shared.take_status_conflict(&rt, name)?;
+                shared.take_status_conflict(rt, name)?;
             }
-            let updated = shared
-                .lock()
-                .update(&rt, &rp.version, ns, name, obj, status_only)?;
+            let updated =
+                shared
+                    .lock()
+                    .update(store_rt, store_version, ns, name, obj, status_only)?;
             Ok(respond(StatusCode::OK, &updated))
         }
         (Method::PATCH, Some(name)) => {
@@ -547,32 +577,36 @@ async fn resource(
             }
             let patch_body = patch::parse_body(kind, &body)?;
             if status_only {
-                shared.take_status_conflict(&rt, name)?;
+                shared.take_status_conflict(rt, name)?;
             }
             let manager = param(params, "fieldManager").unwrap_or("");
             let patched = shared.lock().patch(
-                &rt,
-                &rp.version,
+                store_rt,
+                store_version,
                 ns,
                 name,
                 kind,
                 &patch_body,
                 status_only,
                 manager,
+                view,
             )?;
             Ok(respond(StatusCode::OK, &patched))
         }
         (Method::DELETE, Some(name)) => {
             let orphan = orphan_requested(params, &body);
-            let deleted = shared.lock().delete(&rt, ns, name, orphan)?;
+            let deleted = shared.lock().delete(store_rt, ns, name, orphan)?;
             Ok(respond(StatusCode::OK, &deleted))
         }
         (Method::DELETE, None) => {
-            let filter = filter_for(&rt, rp.ns.as_deref(), params)?;
+            let filter = served.filter(rp.ns.as_deref(), params)?;
             let orphan = orphan_requested(params, &body);
             let mut inner = shared.lock();
-            let deleted = inner.delete_collection(&rt, &filter, orphan);
-            let items: Vec<Value> = deleted.iter().map(|o| present(o, &api_version)).collect();
+            let deleted = inner.delete_collection(store_rt, &filter, orphan);
+            let items: Vec<Value> = deleted
+                .iter()
+                .map(|o| view.present(o, &api_version).into_owned())
+                .collect();
             Ok(ok(&json!({
                 "kind": rt.list_kind, "apiVersion": api_version,
                 "metadata": {"resourceVersion": inner.rv().to_string()}, "items": items,
@@ -603,21 +637,25 @@ fn orphan_requested(params: &Params, body: &[u8]) -> bool {
 
 fn list(
     shared: &Arc<Shared>,
-    rt: &ResourceType,
-    version: &str,
+    served: &Served,
     filter: &Filter,
     headers: &HeaderMap,
     params: &Params,
 ) -> Result<Response, ApiError> {
+    let (rt, version, view) = (&served.rt, served.version.as_str(), served.view);
+    let api_version = rt.api_version(version);
     let (items, rv) = {
         let inner = shared.lock();
         (inner.list(filter), inner.rv())
     };
     if wants_table(headers) {
-        let objs: Vec<&Value> = items.iter().map(|o| o.as_ref()).collect();
+        let shown: Vec<_> = items
+            .iter()
+            .map(|o| view.present(o, &api_version))
+            .collect();
+        let objs: Vec<&Value> = shown.iter().map(|o| o.as_ref()).collect();
         return Ok(ok(&table::render(rt, version, &objs, rv, params)));
     }
-    let api_version = rt.api_version(version);
     let mut buf = Vec::with_capacity(256 + items.len() * 512);
     let head = json!({"kind": rt.list_kind, "apiVersion": api_version,
                       "metadata": {"resourceVersion": rv.to_string()}});
@@ -629,7 +667,7 @@ fn list(
         if i > 0 {
             buf.push(b',');
         }
-        serialize_into(&mut buf, obj, &api_version);
+        serialize_into(&mut buf, &view.present(obj, &api_version));
     }
     buf.extend_from_slice(b"]}");
     Ok((
@@ -640,12 +678,13 @@ fn list(
         .into_response())
 }
 
-fn event_line(ty: &str, obj: &Value, api_version: &str) -> Bytes {
+/// One watch event line; `obj` is as served.
+fn event_line(ty: &str, obj: &Value) -> Bytes {
     let mut buf = Vec::with_capacity(512);
     buf.extend_from_slice(b"{\"type\":\"");
     buf.extend_from_slice(ty.as_bytes());
     buf.extend_from_slice(b"\",\"object\":");
-    serialize_into(&mut buf, obj, api_version);
+    serialize_into(&mut buf, obj);
     buf.extend_from_slice(b"}\n");
     Bytes::from(buf)
 }
@@ -668,29 +707,32 @@ struct EventRenderer {
     rt: Arc<ResourceType>,
     version: String,
     api_version: String,
+    view: View,
     table: bool,
     params: Params,
 }
 
 impl EventRenderer {
+    /// The line for a change of stored object `obj`.
     fn line(&self, ty: &str, obj: &Value, rv: u64) -> Bytes {
-        if self.table && ty != "BOOKMARK" {
-            let t = table::render(&self.rt, &self.version, &[obj], rv, &self.params);
+        let shown = self.view.present(obj, &self.api_version);
+        if self.table {
+            let t = table::render(&self.rt, &self.version, &[&shown], rv, &self.params);
             let line = json!({"type": ty, "object": t});
             return Bytes::from(format!("{line}\n"));
         }
-        event_line(ty, obj, &self.api_version)
+        event_line(ty, &shown)
     }
 }
 
 fn watch(
     shared: &Arc<Shared>,
-    rt: Arc<ResourceType>,
-    version: &str,
+    served: &Served,
     filter: Filter,
     params: &Params,
     table: bool,
 ) -> Result<Response, ApiError> {
+    let (rt, version) = (served.rt.clone(), served.version.as_str());
     let rv = match param(params, "resourceVersion") {
         None => None,
         Some(s) => Some(
@@ -726,6 +768,7 @@ fn watch(
         rt: rt.clone(),
         version: version.to_string(),
         api_version: api_version.clone(),
+        view: served.view,
         table,
         params: params.clone(),
     };
@@ -743,11 +786,7 @@ fn watch(
         }
         if send_initial {
             let bm = bookmark(&rt, &api_version, last_rv, true);
-            if tx
-                .send(event_line("BOOKMARK", &bm, &api_version))
-                .await
-                .is_err()
-            {
+            if tx.send(event_line("BOOKMARK", &bm)).await.is_err() {
                 return;
             }
         }
@@ -759,7 +798,7 @@ fn watch(
             let line = tokio::select! {
                 _ = &mut deadline => return,
                 _ = ticker.tick(), if bookmarks => {
-                    event_line("BOOKMARK", &bookmark(&rt, &api_version, last_rv, false), &api_version)
+                    event_line("BOOKMARK", &bookmark(&rt, &api_version, last_rv, false))
                 }
                 msg = bus.recv() => match msg {
                     Ok(BusMsg::Event(rec)) => {

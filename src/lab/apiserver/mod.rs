@@ -21,6 +21,17 @@
 //!   last 10k events, 410 Gone when older, `sendInitialEvents`, timeoutSeconds, filtered
 //!   watches see objects leave (DELETED) and enter (ADDED) their selector;
 //! - `Table` rendering for `kubectl get` (`Accept: ...;as=Table`);
+//! - Events: core/v1 and events.k8s.io/v1 Events are one store with two views, as on the
+//!   real server: an Event written through either API is read, listed, watched (field
+//!   selectors included), patched and deleted through both. events.k8s.io `regarding`,
+//!   `note`, `reportingController`, `deprecatedSource`, `deprecatedCount`,
+//!   `deprecatedFirstTimestamp`, `deprecatedLastTimestamp` are core `involvedObject`,
+//!   `message`, `reportingComponent`, `source`, `count`, `firstTimestamp`, `lastTimestamp`;
+//!   other fields share their names. Unlike the real server, reads also fill unset fields
+//!   from the other shape's (core `count` from `series.count`, `first/lastTimestamp` from
+//!   `eventTime`/`series`, `source` from `reportingComponent`/`reportingInstance`, and the
+//!   reverse), so `kubectl describe` lists kube-rs `Recorder` Events with their counts; see
+//!   `views.rs`;
 //! - test faults ([`Faults`]): injected 409s on status writes, expired watches.
 //!
 //! - pruning: custom objects lose fields their CRD's structural schema does not declare
@@ -35,8 +46,8 @@
 //! another manager's fields are never protected), managedFields, authentication/RBAC/admission
 //! (TokenReview always answers unauthenticated), protobuf (415), aggregated discovery
 //! v2beta1, pagination (`limit`/`continue` ignored, everything in one page), dryRun, foreground
-//! deletion (treated as background), namespace termination waiting for finalizers, and the
-//! shared storage of core/v1 and events.k8s.io/v1 Events (they are separate here).
+//! deletion (treated as background), namespace termination waiting for finalizers, and
+//! naming events.k8s.io in errors about its Events (they say `events "x"`, as core's do).
 //! Strategic merge patch merges keyed lists only for well-known fields (containers, env,
 //! volumes, conditions, ...). Field selectors: metadata.name, metadata.namespace,
 //! spec.nodeName and status.phase on every kind, plus Events' `involvedObject.*` /
@@ -51,6 +62,7 @@ mod resources;
 mod selector;
 mod store;
 mod table;
+mod views;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -180,6 +180,18 @@ impl FieldSelector {
         Ok(Self(reqs))
     }
 
+    /// The same requirements with fields renamed (`rename` answers None to keep a name):
+    /// a view's field names to the stored ones.
+    pub fn renamed(mut self, rename: impl Fn(&str) -> Option<String>) -> Self {
+        for (pointer, _, _) in &mut self.0 {
+            let field = pointer[1..].replace('/', ".");
+            if let Some(stored) = rename(&field) {
+                *pointer = format!("/{}", stored.replace('.', "/"));
+            }
+        }
+        self
+    }
+
     pub fn matches(&self, obj: &Value) -> bool {
         self.0.iter().all(|(pointer, equal, value)| {
             let actual = obj.pointer(pointer).and_then(Value::as_str).unwrap_or("");

@@ -15,6 +15,7 @@ use super::resources::{
     self, CRD_GROUP, CRD_PLURAL, ResKey, ResourceType, builtin_types, crd_to_type,
 };
 use super::selector::{FieldSelector, LabelSelector};
+use super::views::View;
 
 /// Watch events kept for resuming watches from an older resourceVersion.
 pub(crate) const HISTORY_LIMIT: usize = 10_000;
@@ -604,6 +605,7 @@ impl Inner {
     }
 
     /// PUT, and the last step of PATCH. `status_only` for the /status subresource.
+    /// `new` is in the stored shape (see [`View::to_storage`]).
     pub fn update(
         &mut self,
         rt: &ResourceType,
@@ -728,6 +730,7 @@ impl Inner {
         Ok(result)
     }
 
+    /// PATCH of the object stored under `rt`; the patch is written against its `view`.
     #[allow(clippy::too_many_arguments)]
     pub fn patch(
         &mut self,
@@ -739,6 +742,7 @@ impl Inner {
         patch: &Value,
         status_only: bool,
         field_manager: &str,
+        view: View,
     ) -> Result<Arc<Value>, ApiError> {
         let k = key(rt, ns, name);
         let mut patch = patch.clone();
@@ -753,13 +757,14 @@ impl Inner {
                 meta(&mut obj).insert("name".into(), json!(name));
                 meta(&mut obj).remove("resourceVersion");
                 let path_ns = rt.namespaced.then_some(ns);
-                let created = self.create(rt, version, path_ns, obj)?;
+                let created = self.create(rt, version, path_ns, view.to_storage(obj))?;
                 self.remember_applied(&created, applied_key, patch);
                 return Ok(created);
             }
             return Err(not_found(rt, name));
         };
-        let mut doc = (*old).clone();
+        // Patches apply to the object as the client sees it (`view`), then it is stored.
+        let mut doc = view.to_shape(&old);
         if kind == PatchKind::Apply {
             let last = meta_str(&old, "uid")
                 .and_then(|uid| self.applied.get(uid))
@@ -772,6 +777,7 @@ impl Inner {
         } else {
             patch::apply(kind, &mut doc, &patch)?;
         }
+        let doc = view.to_storage(doc);
         let result = self.update(rt, version, ns, name, doc, status_only)?;
         if kind == PatchKind::Apply {
             self.remember_applied(&result, applied_key, patch);
