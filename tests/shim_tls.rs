@@ -111,6 +111,11 @@ struct TlsShim {
 
 impl TlsShim {
     async fn start(ca: &Ca) -> Self {
+        Self::start_with_token(ca, None).await
+    }
+
+    /// Like [`TlsShim::start`], also requiring `token` as a bearer token on top.
+    async fn start_with_token(ca: &Ca, token: Option<&str>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("gct")
             .tempdir()
@@ -132,9 +137,11 @@ impl TlsShim {
         let tls = ReloadingServerConfig::new(shim.server_files.clone()).expect("TLS config");
         let template = format!("{}/{{name}}/qga.sock", shim.dir.path().display());
         let agent = Arc::new(QgaSocketAgent::new(template, Duration::from_secs(5)));
-        let app = ShimApp::new(agent, Auth::client_cert(vec![CONTROLLER_NAME.into()], None))
-            .node(NODE)
-            .backend("qga-socket");
+        let auth = Auth::client_cert(
+            vec![CONTROLLER_NAME.into()],
+            token.map(|t| SecretString::from(t.to_owned())),
+        );
+        let app = ShimApp::new(agent, auth).node(NODE).backend("qga-socket");
         let metrics = app.metrics();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -283,6 +290,46 @@ async fn controller_certificate_reaches_the_guest() {
         vm.shadow_hash("alice").unwrap().as_deref(),
         Some(SHA512_HASH)
     );
+}
+
+#[tokio::test]
+async fn bearer_token_on_top_of_mutual_tls_is_required_in_addition_to_the_certificate() {
+    let ca = Ca::new("cluster CA");
+    let shim = TlsShim::start_with_token(&ca, Some("extra-t0ken")).await;
+    let _vm = shim.vm("vm-token");
+    let agent_connections = shim.counting_vm("vm-token-guarded");
+    let with_cert = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let anonymous = Controller::new(shim.dir.path(), &ca, None);
+    let call = |c: &Controller, token: Option<&str>| {
+        let http = c.reloading().http().expect("HTTPS client");
+        ShimClient::with_http_client(
+            &shim.url,
+            token.map(|t| SecretString::from(t.to_owned())),
+            http,
+        )
+    };
+
+    for (who, client) in [
+        ("certificate, no token", call(&with_cert, None)),
+        ("certificate, wrong token", call(&with_cert, Some("nope"))),
+        (
+            "token, no certificate",
+            call(&anonymous, Some("extra-t0ken")),
+        ),
+    ] {
+        let r = client
+            .set_password(&password("vm-token-guarded", None))
+            .await;
+        assert_eq!(reason(r), ShimErrorReason::Unauthenticated, "{who}");
+    }
+    assert_eq!(agent_connections.load(Ordering::SeqCst), 0);
+
+    let both = call(&with_cert, Some("extra-t0ken"));
+    let probe = both
+        .probe(&DomainRef::new("lab", "vm-token"))
+        .await
+        .expect("certificate and token together get in");
+    assert!(probe.agent_connected);
 }
 
 #[tokio::test]

@@ -3,11 +3,11 @@
 //! Default: mutual TLS ([`Auth::ClientCert`]). The TLS layer ([`super::tls`]) only accepts
 //! certificates chained to the configured client CA; this layer then requires that a
 //! certificate was presented (401 otherwise) and that it names an allowed client as a DNS
-//! SAN (403 otherwise). A bearer token can be required on top.
+//! SAN (403 otherwise). A bearer token can be required on top, never instead: a token
+//! alone would travel over plain HTTP, so there is no token-only mode.
 //!
-//! [`Auth::BearerToken`] alone is the older shared-token scheme (plain HTTP; kept for the
-//! lab cluster and charts that have not moved to mTLS). `Disabled` exists only for tests and
-//! needs an explicit `--insecure-no-auth`. Health endpoints stay open for kubelet probes.
+//! `Disabled` exists only for tests and needs an explicit `--insecure-no-auth`. Health
+//! endpoints stay open for kubelet probes.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -37,8 +37,6 @@ pub enum Auth {
         allowed: Arc<[String]>,
         token: Option<Arc<SecretString>>,
     },
-    /// `Authorization: Bearer <token>` must carry this token.
-    BearerToken(Arc<SecretString>),
     /// No authentication (tests only).
     Disabled,
 }
@@ -55,15 +53,6 @@ pub enum AuthConfigError {
 }
 
 impl Auth {
-    pub fn bearer(token: SecretString) -> Self {
-        Self::BearerToken(Arc::new(token))
-    }
-
-    /// Read the token from a file; surrounding whitespace (a trailing newline) is ignored.
-    pub fn from_token_file(path: &Path) -> Result<Self, AuthConfigError> {
-        read_token_file(path).map(Self::bearer)
-    }
-
     /// Mutual TLS accepting clients whose certificate names one of `allowed`.
     pub fn client_cert(allowed: Vec<String>, token: Option<SecretString>) -> Self {
         Self::ClientCert {
@@ -80,7 +69,6 @@ impl Auth {
     fn check(&self, header: Option<&str>, peer: Option<&PeerCertificate>) -> Result<(), Refused> {
         match self {
             Self::Disabled => Ok(()),
-            Self::BearerToken(t) => check_token(header, t),
             Self::ClientCert { allowed, token } => {
                 let Some(cert) = peer.and_then(|p| p.0.as_ref()) else {
                     return Err(Refused::new(
@@ -209,13 +197,13 @@ pub async fn require_auth(
 mod tests {
     use super::*;
 
-    fn token_auth() -> Auth {
-        Auth::bearer(SecretString::from("t0ken"))
+    fn token() -> SecretString {
+        SecretString::from("t0ken")
     }
 
     #[test]
     fn matching_bearer_token_passes() {
-        assert!(token_auth().check(Some("Bearer t0ken"), None).is_ok());
+        assert!(check_token(Some("Bearer t0ken"), &token()).is_ok());
     }
 
     #[test]
@@ -226,9 +214,17 @@ mod tests {
             Some("Basic t0ken"),
             Some("t0ken"),
         ] {
-            let e = token_auth().check(h, None).unwrap_err();
+            let e = check_token(h, &token()).unwrap_err();
             assert_eq!(e.error.reason, ShimErrorReason::Unauthenticated);
         }
+    }
+
+    #[test]
+    fn a_token_on_top_of_client_certificates_does_not_replace_the_certificate() {
+        let auth = Auth::client_cert(vec!["guestcred-controller".into()], Some(token()));
+        let e = auth.check(Some("Bearer t0ken"), None).unwrap_err();
+        assert_eq!(e.error.reason, ShimErrorReason::Unauthenticated);
+        assert_eq!(e.why, Refusal::Unauthenticated);
     }
 
     #[test]
@@ -263,15 +259,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         std::fs::write(&path, "t0ken\n").unwrap();
-        assert!(
-            Auth::from_token_file(&path)
-                .unwrap()
-                .check(Some("Bearer t0ken"), None)
-                .is_ok()
-        );
+        let read = read_token_file(&path).unwrap();
+        assert!(check_token(Some("Bearer t0ken"), &read).is_ok());
         std::fs::write(&path, "  \n").unwrap();
         assert!(matches!(
-            Auth::from_token_file(&path),
+            read_token_file(&path),
             Err(AuthConfigError::Empty { .. })
         ));
     }

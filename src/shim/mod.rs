@@ -28,6 +28,9 @@ use clap::{Parser, ValueEnum};
 pub use agent::GuestAgent;
 pub use client::{ShimCallError, ShimClient};
 
+/// What the shim says when it is asked to serve without mutual TLS.
+const HTTPS_ONLY: &str = "the shim serves HTTPS only: give --tls-cert-file/--tls-key-file/--client-ca-file, or --insecure-no-auth for a test lab";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
     /// libvirt API (virt crate) on the node's libvirtd or per-launcher virtqemud.
@@ -130,8 +133,9 @@ pub struct ShimArgs {
         default_value = tls::DEFAULT_ALLOWED_CLIENT
     )]
     pub allowed_client: Vec<String>,
-    /// File holding a bearer token clients must present: on top of mutual TLS when the
-    /// TLS flags are set, else alone over plain HTTP (legacy; prefer mutual TLS).
+    /// File holding a bearer token clients must present in addition to their client
+    /// certificate (defence in depth). Only together with the TLS flags: the shim serves
+    /// HTTPS only, and a token alone would cross the network in clear text.
     #[arg(long, env = "GUESTCRED_SHIM_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
     /// Serve plain HTTP without authentication (tests only).
@@ -185,18 +189,28 @@ impl ShimArgs {
         }
     }
 
-    /// The authentication the flags ask for; refuses to run open unless told to.
+    /// The authentication the flags ask for; refuses to run open unless told to, and
+    /// refuses a bearer token without mutual TLS (it would travel over plain HTTP).
     pub fn auth(&self) -> anyhow::Result<auth::Auth> {
         let tls = self.tls_files()?;
-        let token = match &self.auth_token_file {
-            Some(path) => Some(Arc::new(auth::read_token_file(path)?)),
-            None => None,
-        };
-        match (tls, token, self.insecure_no_auth) {
-            (Some(_), _, true) => {
+        match (
+            tls.is_some(),
+            self.auth_token_file.is_some(),
+            self.insecure_no_auth,
+        ) {
+            (true, _, true) => {
                 anyhow::bail!("--insecure-no-auth contradicts the TLS flags; drop one of them")
             }
-            (Some(_), token, false) => {
+            (false, true, _) => anyhow::bail!("--auth-token-file needs mutual TLS: {HTTPS_ONLY}"),
+            (false, false, false) => {
+                anyhow::bail!("no authentication configured; refusing to serve. {HTTPS_ONLY}")
+            }
+            (false, false, true) => Ok(auth::Auth::Disabled),
+            (true, _, false) => {
+                let token = match &self.auth_token_file {
+                    Some(path) => Some(auth::read_token_file(path)?),
+                    None => None,
+                };
                 let allowed: Vec<String> = self
                     .allowed_client
                     .iter()
@@ -206,16 +220,8 @@ impl ShimArgs {
                 if allowed.is_empty() {
                     anyhow::bail!("--allowed-client must name at least one client");
                 }
-                Ok(auth::Auth::ClientCert {
-                    allowed: allowed.into(),
-                    token,
-                })
+                Ok(auth::Auth::client_cert(allowed, token))
             }
-            (None, Some(token), _) => Ok(auth::Auth::BearerToken(token)),
-            (None, None, true) => Ok(auth::Auth::Disabled),
-            (None, None, false) => anyhow::bail!(
-                "no authentication configured; refusing to serve. Give --tls-cert-file, --tls-key-file and --client-ca-file (mutual TLS), or --auth-token-file (legacy bearer token), or --insecure-no-auth for tests"
-            ),
         }
     }
 
@@ -305,9 +311,6 @@ pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
         auth::Auth::Disabled => {
             tracing::warn!("serving plain HTTP WITHOUT authentication (--insecure-no-auth)")
         }
-        auth::Auth::BearerToken(_) => tracing::warn!(
-            "serving plain HTTP with a bearer token only; configure mutual TLS (--tls-cert-file, --tls-key-file, --client-ca-file)"
-        ),
         auth::Auth::ClientCert { .. } => {}
     }
     if args.node_name.is_empty() {
@@ -358,9 +361,43 @@ mod tests {
         ShimArgs::try_parse_from(argv).unwrap()
     }
 
+    fn refusal(argv: &[&str]) -> String {
+        match parse(argv).auth() {
+            Ok(_) => panic!("{argv:?} must be refused"),
+            Err(e) => e.to_string(),
+        }
+    }
+
     #[test]
-    fn no_token_and_no_insecure_flag_refuses_to_start() {
-        assert!(parse(&[]).auth().is_err());
+    fn no_authentication_flags_refuse_to_start_and_say_https_only() {
+        assert!(refusal(&[]).contains(HTTPS_ONLY));
+    }
+
+    #[test]
+    fn a_token_file_without_tls_is_refused_as_plain_http() {
+        let message = refusal(&["--auth-token-file", "/t"]);
+        assert!(message.contains("the shim serves HTTPS only"), "{message}");
+        assert!(message.contains("--insecure-no-auth"), "{message}");
+    }
+
+    #[test]
+    fn a_token_file_with_insecure_no_auth_is_still_refused() {
+        let message = refusal(&["--auth-token-file", "/t", "--insecure-no-auth"]);
+        assert!(message.contains("the shim serves HTTPS only"), "{message}");
+    }
+
+    #[test]
+    fn a_token_file_on_top_of_tls_is_required_in_addition_to_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken\n").unwrap();
+        let mut argv: Vec<&str> = tls_flags();
+        let token_arg = token.to_str().unwrap();
+        argv.extend(["--auth-token-file", token_arg]);
+        match parse(&argv).auth().unwrap() {
+            auth::Auth::ClientCert { token, .. } => assert!(token.is_some()),
+            _ => panic!("expected client certificate auth"),
+        }
     }
 
     fn tls_flags() -> Vec<&'static str> {

@@ -1,7 +1,6 @@
 //! The client side of the lab: `up`, `down`, `status`, `exec`, `pause`, `resume`.
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
@@ -19,13 +18,17 @@ use super::state::{
     AGENT_LABEL, AgentKind, LabState, NODE_LABEL, NodeState, Phase, ProcessInfo, SHIM_NAMESPACE,
     VmState, default_state_dir,
 };
+use super::tls::LabTls;
 use crate::lab::guest::{
     ExecOutput, GuestImage, LabError, default_cache_dir, destroy_guest, guest_exec, pause_guest,
     process_alive, resume_guest,
 };
+use crate::shim::tls::{DEFAULT_ALLOWED_CLIENT, DEFAULT_SHIM_SERVER_NAME};
 
 /// How long `serve` may take to boot every guest (image check, libvirtds, agents).
 const SERVE_READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Where shims serve /metrics, /healthz and /readyz (the chart's port), per node IP.
+const SHIM_METRICS_PORT: u16 = 9090;
 /// How long a shim may take to answer /healthz.
 const SHIM_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Grace after SIGTERM for `serve` (it destroys guests and stops libvirtds).
@@ -276,12 +279,17 @@ pub async fn up(opts: &UpOptions) -> Result<UpOutcome, ClusterError> {
     }
     let cache = cache_dir.clone();
     blocking(move || GuestImage::ensure(&cache).map_err(ClusterError::from)).await?;
-    let shim_port = match opts.shim_port {
-        0 => free_port(&nodes)?,
-        p => p,
+    // A fixed shim port (the default) gets the chart's fixed metrics port; a picked one
+    // (labs side by side) gets a picked metrics port too.
+    let (shim_port, shim_metrics_port) = match opts.shim_port {
+        0 => {
+            let shim = free_port(&nodes, &[])?;
+            (shim, free_port(&nodes, &[shim])?)
+        }
+        p => (p, SHIM_METRICS_PORT),
     };
-    let token_file = state_dir.join("shim-token");
-    write_token(&token_file)?;
+    let tls = LabTls::new(state_dir.join("tls"));
+    tls.mint()?;
 
     let state = LabState {
         version: 1,
@@ -289,8 +297,9 @@ pub async fn up(opts: &UpOptions) -> Result<UpOutcome, ClusterError> {
         state_dir: state_dir.clone(),
         cache_dir,
         kubeconfig: state_dir.join("kubeconfig"),
-        shim_token_file: token_file,
+        tls_dir: tls.dir.clone(),
         shim_port,
+        shim_metrics_port,
         shim_namespace: SHIM_NAMESPACE.into(),
         apiserver_url: None,
         serve: None,
@@ -327,6 +336,7 @@ async fn finish_up(
     // serve records itself; keep our view in case it could not.
     state.serve.get_or_insert(serve);
 
+    let shim_tls = state.tls().shim_server_files();
     for i in 0..state.nodes.len() {
         let node = &state.nodes[i];
         let uri = node.libvirt_uri.clone().ok_or_else(|| {
@@ -341,8 +351,16 @@ async fn finish_up(
             .arg(&uri)
             .arg("--node-name")
             .arg(&node.name)
-            .arg("--auth-token-file")
-            .arg(&state.shim_token_file);
+            .arg("--metrics-listen")
+            .arg(format!("{}:{}", node.ip, state.shim_metrics_port))
+            .arg("--tls-cert-file")
+            .arg(&shim_tls.cert)
+            .arg("--tls-key-file")
+            .arg(&shim_tls.key)
+            .arg("--client-ca-file")
+            .arg(&shim_tls.client_ca)
+            .arg("--allowed-client")
+            .arg(DEFAULT_ALLOWED_CLIENT);
         let log = dir.join(format!("shim-{}.log", node.name));
         let shim = spawn_detached(cmd, &log)?;
         state.nodes[i].shim = Some(shim);
@@ -351,18 +369,25 @@ async fn finish_up(
     }
     for node in &state.nodes {
         if let Some(shim) = &node.shim {
-            wait_healthy(&format!("{}:{}", node.ip, state.shim_port), shim).await?;
+            wait_healthy(&format!("{}:{}", node.ip, state.shim_metrics_port), shim).await?;
         }
     }
     if with_controller {
+        let controller_tls = state.tls().controller();
         let mut cmd = Command::new(guestcred);
         cmd.arg("controller")
             .arg("--shim-namespace")
             .arg(&state.shim_namespace)
             .arg("--shim-port")
             .arg(state.shim_port.to_string())
-            .arg("--shim-token-file")
-            .arg(&state.shim_token_file)
+            .arg("--shim-ca-file")
+            .arg(&controller_tls.ca)
+            .arg("--shim-client-cert-file")
+            .arg(&controller_tls.cert)
+            .arg("--shim-client-key-file")
+            .arg(&controller_tls.key)
+            .arg("--shim-server-name")
+            .arg(DEFAULT_SHIM_SERVER_NAME)
             .env("KUBECONFIG", &state.kubeconfig);
         let log = dir.join("controller.log");
         let controller = spawn_detached(cmd, &log)?;
@@ -452,8 +477,8 @@ async fn wait_healthy(address: &str, shim: &ProcessInfo) -> Result<(), ClusterEr
 }
 
 /// A port free on every node address (so all shims can share it, as the controller's
-/// `--shim-port` expects).
-fn free_port(nodes: &[NodeState]) -> Result<u16, ClusterError> {
+/// `--shim-port` expects), other than `taken`.
+fn free_port(nodes: &[NodeState], taken: &[u16]) -> Result<u16, ClusterError> {
     for _ in 0..20 {
         let first = nodes.first().map(|n| n.ip.as_str()).unwrap_or("127.0.0.1");
         let probe = std::net::TcpListener::bind((first, 0))
@@ -462,10 +487,11 @@ fn free_port(nodes: &[NodeState]) -> Result<u16, ClusterError> {
             .local_addr()
             .map_err(|e| ClusterError::io("probe address", e))?
             .port();
-        let all_free = nodes
-            .iter()
-            .skip(1)
-            .all(|n| std::net::TcpListener::bind((n.ip.as_str(), port)).is_ok());
+        let all_free = !taken.contains(&port)
+            && nodes
+                .iter()
+                .skip(1)
+                .all(|n| std::net::TcpListener::bind((n.ip.as_str(), port)).is_ok());
         if all_free {
             return Ok(port);
         }
@@ -473,15 +499,6 @@ fn free_port(nodes: &[NodeState]) -> Result<u16, ClusterError> {
     Err(ClusterError::Failed(
         "no port is free on every node address".into(),
     ))
-}
-
-fn write_token(path: &Path) -> Result<(), ClusterError> {
-    let bytes: [u8; 32] = rand::random();
-    let token = zeroize::Zeroizing::new(hex::encode(bytes));
-    fs::write(path, token.as_bytes())
-        .map_err(|e| ClusterError::io(format!("write {}", path.display()), e))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-        .map_err(|e| ClusterError::io(format!("chmod {}", path.display()), e))
 }
 
 fn lab_binary(explicit: Option<&Path>) -> Result<PathBuf, ClusterError> {
@@ -556,7 +573,7 @@ pub struct DownReport {
 /// Stops everything the lab recorded (controller, shims, guests, serve with its
 /// libvirtds), checks that no recorded process, QEMU or private mount is left, and removes
 /// the run state: the whole state directory with `remove_all`, else only lab.json, the
-/// kubeconfig and the token (logs stay for debugging). Leftovers are an error and keep
+/// kubeconfig and the certificates (logs stay for debugging). Leftovers are an error and keep
 /// lab.json, so `down` can be retried.
 pub async fn down(state_dir: &Path, remove_all: bool) -> Result<DownReport, ClusterError> {
     let state = match LabState::load(state_dir) {
@@ -573,12 +590,12 @@ pub async fn down(state_dir: &Path, remove_all: bool) -> Result<DownReport, Clus
         fs::remove_dir_all(&state.state_dir)
             .map_err(|e| ClusterError::io(format!("remove {}", state.state_dir.display()), e))?;
     } else {
-        for path in [
-            LabState::path(&state.state_dir),
-            state.kubeconfig.clone(),
-            state.shim_token_file.clone(),
-        ] {
+        for path in [LabState::path(&state.state_dir), state.kubeconfig.clone()] {
             let _ = fs::remove_file(path);
+        }
+        // An old lab.json has no tls_dir: never remove the state dir itself by accident.
+        if !state.tls_dir.as_os_str().is_empty() && state.tls_dir != state.state_dir {
+            let _ = fs::remove_dir_all(&state.tls_dir);
         }
     }
     Ok(DownReport {
@@ -685,9 +702,13 @@ pub struct NodeStatus {
     pub name: String,
     pub libvirt_uri: Option<String>,
     pub libvirtd_running: bool,
+    /// The shim's API (HTTPS, mutual TLS).
     pub shim_address: String,
+    /// The shim's plain-HTTP /metrics, /healthz and /readyz.
+    #[serde(default)]
+    pub shim_metrics_address: String,
     pub shim_running: bool,
-    /// The shim answered GET /healthz.
+    /// The shim answered GET /healthz on its metrics port.
     pub shim_healthy: bool,
 }
 
@@ -731,13 +752,15 @@ pub async fn status(state_dir: &Path) -> Result<LabStatus, ClusterError> {
     let mut nodes = Vec::new();
     for node in &state.nodes {
         let address = format!("{}:{}", node.ip, state.shim_port);
+        let metrics_address = format!("{}:{}", node.ip, state.shim_metrics_port);
         let shim_running = node.shim.as_ref().is_some_and(|s| process_alive(s.pid));
         nodes.push(NodeStatus {
             name: node.name.clone(),
             libvirt_uri: node.libvirt_uri.clone(),
             libvirtd_running: node.libvirtd_pid.is_some_and(process_alive),
-            shim_healthy: shim_running && healthz(&address).await,
+            shim_healthy: shim_running && healthz(&metrics_address).await,
             shim_address: address,
+            shim_metrics_address: metrics_address,
             shim_running,
         });
     }
@@ -932,13 +955,17 @@ mod tests {
         assert!(!vms[0].labels.contains_key("tier"));
     }
 
+    fn lab_nodes(count: usize) -> Vec<NodeState> {
+        plan(&options(count, 0, &[]), Path::new("/s"))
+            .expect("valid plan")
+            .0
+    }
+
     #[test]
-    fn the_shim_token_file_is_private() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("token");
-        write_token(&path).expect("written");
-        let mode = fs::metadata(&path).expect("exists").permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(fs::read_to_string(&path).expect("readable").len(), 64);
+    fn a_picked_metrics_port_differs_from_the_picked_shim_port() {
+        let nodes = lab_nodes(2);
+        let shim = free_port(&nodes, &[]).expect("a free port");
+        let metrics = free_port(&nodes, &[shim]).expect("another free port");
+        assert_ne!(shim, metrics);
     }
 }

@@ -2,6 +2,8 @@
 //! (API-server emulator + kubevirt-lite + the nodes' private libvirtds and their guests),
 //! one real `guestcred shim` per node on 127.0.0.<10+i>, and optionally the real
 //! `guestcred controller`, all detached and recorded in `<state>/lab.json` ([`LabState`]).
+//! Shims serve mutual TLS only, with certificates minted at `up` ([`tls::LabTls`]);
+//! their health and metrics are on a plain-HTTP port of their own.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), guestcred::lab::cluster::ClusterError> {
@@ -18,6 +20,7 @@ pub mod kubevirt_lite;
 pub mod procs;
 pub mod serve;
 pub mod state;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -103,7 +103,7 @@ pub struct NodeState {
     /// Filled in by `serve`.
     pub libvirt_uri: Option<String>,
     pub libvirtd_pid: Option<u32>,
-    /// Filled in by `up` once the shim answers /healthz.
+    /// Filled in by `up` once the shim answers /healthz on its metrics port.
     pub shim: Option<ProcessInfo>,
 }
 
@@ -140,9 +140,14 @@ pub struct LabState {
     pub state_dir: PathBuf,
     pub cache_dir: PathBuf,
     pub kubeconfig: PathBuf,
-    /// Bearer token the shims require and the controller presents.
-    pub shim_token_file: PathBuf,
+    /// The lab's CA and the shim/controller certificates (`<state>/tls`, see
+    /// [`super::tls::LabTls`]): shims serve mutual TLS only.
+    #[serde(default)]
+    pub tls_dir: PathBuf,
     pub shim_port: u16,
+    /// Plain-HTTP port of every shim's /metrics, /healthz and /readyz (on the node IP).
+    #[serde(default = "default_shim_metrics_port")]
+    pub shim_metrics_port: u16,
     pub shim_namespace: String,
     /// `http://127.0.0.1:<port>`, filled in by `serve`.
     pub apiserver_url: Option<String>,
@@ -159,7 +164,16 @@ pub struct LabState {
     pub owner_pid: Option<u32>,
 }
 
+fn default_shim_metrics_port() -> u16 {
+    9090
+}
+
 impl LabState {
+    /// The lab's certificate files.
+    pub fn tls(&self) -> super::tls::LabTls {
+        super::tls::LabTls::new(&self.tls_dir)
+    }
+
     pub fn path(state_dir: &Path) -> PathBuf {
         state_dir.join(STATE_FILE)
     }
@@ -252,8 +266,9 @@ mod tests {
             state_dir: "/tmp/x".into(),
             cache_dir: "/tmp/c".into(),
             kubeconfig: "/tmp/x/kubeconfig".into(),
-            shim_token_file: "/tmp/x/shim-token".into(),
+            tls_dir: "/tmp/x/tls".into(),
             shim_port: 8443,
+            shim_metrics_port: 9090,
             shim_namespace: SHIM_NAMESPACE.into(),
             apiserver_url: None,
             serve: None,
