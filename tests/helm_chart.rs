@@ -290,17 +290,197 @@ fn qga_socket_shim_args_select_the_qga_socket_backend() {
     assert_eq!(args.qga_socket_template, "/var/run/qemu-server/{name}.qga");
 }
 
+/// The secret volume mounted at `dir` in a workload's pod: (volume, mount).
+fn secret_mount<'a>(workload: &'a Value, dir: &str) -> (&'a Value, &'a Value) {
+    let mount = container(workload)["volumeMounts"]
+        .as_sequence()
+        .expect("mounts")
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some(dir))
+        .unwrap_or_else(|| panic!("nothing mounted at {dir}"));
+    let volume = workload["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the mount's volume");
+    (volume, mount)
+}
+
+/// The directory of a file path, as a string.
+fn dir_of(path: &Path) -> String {
+    path.parent()
+        .and_then(Path::to_str)
+        .expect("a UTF-8 parent directory")
+        .to_string()
+}
+
+/// A file a flag names must come from a whole Secret volume (no subPath, no items: kubelet
+/// updates those on renewal) holding that key; returns the Secret's name.
+fn assert_from_whole_secret(workload: &Value, path: &Path, key: &str) -> String {
+    assert_eq!(path.file_name().and_then(|n| n.to_str()), Some(key));
+    let (volume, mount) = secret_mount(workload, &dir_of(path));
+    assert!(mount["subPath"].is_null(), "{path:?}: no subPath");
+    assert_eq!(mount["readOnly"].as_bool(), Some(true), "{path:?}");
+    assert!(
+        volume["secret"]["items"].is_null(),
+        "{path:?}: whole Secret"
+    );
+    volume["secret"]["secretName"]
+        .as_str()
+        .expect("a Secret volume")
+        .to_string()
+}
+
 #[test]
-fn shim_authenticates_with_the_token_the_controller_sends() {
+fn shim_args_select_mutual_tls_from_the_mounted_shim_secret() {
     let objects = render(&[]);
+    let ds = only(&objects, "DaemonSet");
+    let shim = parsed_shim_args(ds);
+    assert!(!shim.insecure_no_auth);
+    assert!(shim.auth_token_file.is_none(), "no token by default");
+    let files = shim.tls_files().expect("complete").expect("TLS flags");
+    for (path, key) in [
+        (&files.cert, "tls.crt"),
+        (&files.key, "tls.key"),
+        (&files.client_ca, "ca.crt"),
+    ] {
+        assert_eq!(
+            assert_from_whole_secret(ds, path, key),
+            "gc-guestcred-shim-tls"
+        );
+    }
+    assert_eq!(shim.allowed_client, ["guestcred-controller"]);
+}
+
+#[test]
+fn controller_args_call_shims_over_https_with_the_mounted_controller_secret() {
+    let objects = render(&[]);
+    let deployment = only(&objects, "Deployment");
+    let controller = parsed_controller_args(deployment);
+    assert!(controller.shim_token_file.is_none(), "no token by default");
+    assert_eq!(controller.shim_server_name, "guestcred-shim");
+    let args = strings(&container(deployment)["args"]);
+    assert!(
+        !args.iter().any(|a| a.starts_with("--shim-scheme")),
+        "https follows from --shim-ca-file: {args:?}"
+    );
+    for (path, key) in [
+        (controller.shim_ca_file.expect("--shim-ca-file"), "ca.crt"),
+        (
+            controller
+                .shim_client_cert_file
+                .expect("--shim-client-cert-file"),
+            "tls.crt",
+        ),
+        (
+            controller
+                .shim_client_key_file
+                .expect("--shim-client-key-file"),
+            "tls.key",
+        ),
+    ] {
+        assert_eq!(
+            assert_from_whole_secret(deployment, &path, key),
+            "gc-guestcred-controller-tls"
+        );
+    }
+}
+
+#[test]
+fn the_controllers_key_is_mounted_only_into_the_controller() {
+    let objects = render(&[]);
+    let secret_names = |w: &Value| -> Vec<String> {
+        w["spec"]["template"]["spec"]["volumes"]
+            .as_sequence()
+            .expect("volumes")
+            .iter()
+            .filter_map(|v| v["secret"]["secretName"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(
+        secret_names(only(&objects, "DaemonSet")),
+        ["gc-guestcred-shim-tls"]
+    );
+    assert_eq!(
+        secret_names(only(&objects, "Deployment")),
+        ["gc-guestcred-controller-tls"]
+    );
+}
+
+#[test]
+fn generated_secrets_hold_one_ca_and_a_ca_secret_without_a_key() {
+    let objects = render(&[]);
+    let shim = named(&objects, "Secret", "gc-guestcred-shim-tls");
+    let controller = named(&objects, "Secret", "gc-guestcred-controller-tls");
+    let ca = named(&objects, "Secret", "gc-guestcred-ca");
+    for s in [shim, controller] {
+        assert_eq!(s["type"].as_str(), Some("kubernetes.io/tls"));
+        for key in ["tls.crt", "tls.key", "ca.crt"] {
+            assert!(
+                s["data"][key].as_str().is_some_and(|v| !v.is_empty()),
+                "{key}"
+            );
+        }
+    }
+    assert_eq!(shim["data"]["ca.crt"], controller["data"]["ca.crt"]);
+    assert_eq!(ca["data"]["ca.crt"], shim["data"]["ca.crt"]);
+    let keys: Vec<&str> = ca["data"]
+        .as_mapping()
+        .expect("data")
+        .keys()
+        .filter_map(|k| k.as_str())
+        .collect();
+    assert_eq!(keys, ["ca.crt"]);
+    assert_ne!(shim["data"]["tls.crt"], controller["data"]["tls.crt"]);
+}
+
+#[test]
+fn extra_bearer_token_is_required_on_top_of_mutual_tls() {
+    let objects = render(&["shim.auth.extraBearerToken=true"]);
     let shim = parsed_shim_args(only(&objects, "DaemonSet"));
     let controller = parsed_controller_args(only(&objects, "Deployment"));
-    assert!(!shim.insecure_no_auth);
+    assert!(shim.tls_files().expect("complete").is_some(), "still mTLS");
+    assert!(controller.shim_ca_file.is_some(), "still https");
     let token_file = shim.auth_token_file.expect("shim --auth-token-file");
     assert_eq!(controller.shim_token_file, Some(token_file));
-    let secret = only(&objects, "Secret");
+    let secret = named(&objects, "Secret", "gc-guestcred-shim-token");
     let token = secret["data"]["token"].as_str().expect("token data");
     assert!(token.len() >= 48, "a generated token of 48 characters");
+}
+
+#[test]
+fn shim_probes_use_the_plain_metrics_port() {
+    let ds = shim_for_locator("kubevirt");
+    let c = container(&ds);
+    assert_eq!(parsed_shim_args(&ds).metrics_listen, "0.0.0.0:9090");
+    let metrics = c["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"].as_str() == Some("metrics"))
+        .cloned()
+        .expect("metrics port");
+    assert_eq!(metrics["containerPort"].as_i64(), Some(9090));
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(
+            c[probe]["httpGet"]["port"].as_str(),
+            Some("metrics"),
+            "{probe}"
+        );
+        assert!(c[probe]["httpGet"]["scheme"].is_null(), "{probe}: HTTP");
+    }
+}
+
+#[test]
+fn shim_grace_periods_are_ordered_kill_above_drain_above_agent_timeout() {
+    let ds = shim_for_locator("kubevirt");
+    let args = parsed_shim_args(&ds);
+    let kill = ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds");
+    assert!(kill > args.shutdown_grace_seconds);
+    assert!(args.shutdown_grace_seconds > args.agent_timeout_seconds);
 }
 
 #[test]
@@ -527,7 +707,7 @@ fn network_policy_admits_only_controller_pods_on_the_shim_port() {
     );
     assert_eq!(strings(&spec["policyTypes"]), ["Ingress"]);
     let rules = spec["ingress"].as_sequence().expect("ingress rules");
-    assert_eq!(rules.len(), 1);
+    assert_eq!(rules.len(), 2, "the API port and the metrics port");
     let from = rules[0]["from"].as_sequence().expect("from");
     assert_eq!(from.len(), 1);
     let controller_labels = &only(&objects, "Deployment")["spec"]["template"]["metadata"]["labels"];
@@ -543,6 +723,41 @@ fn network_policy_admits_only_controller_pods_on_the_shim_port() {
         "same namespace only"
     );
     assert_eq!(rules[0]["ports"][0]["port"].as_i64(), Some(8443));
+}
+
+#[test]
+fn network_policy_lets_only_the_release_namespace_scrape_shim_metrics_by_default() {
+    let objects = render(&[]);
+    let rule = &only(&objects, "NetworkPolicy")["spec"]["ingress"][1];
+    assert_eq!(rule["ports"][0]["port"].as_i64(), Some(9090));
+    let from = rule["from"].as_sequence().expect("from");
+    assert_eq!(from.len(), 1);
+    assert_eq!(
+        from[0]["podSelector"].as_mapping().map(|m| m.len()),
+        Some(0),
+        "every pod of the namespace"
+    );
+    assert!(
+        from[0]["namespaceSelector"].is_null(),
+        "this namespace only"
+    );
+}
+
+#[test]
+fn network_policy_lets_the_configured_namespaces_scrape_shim_metrics() {
+    let objects = render(&["networkPolicy.metricsNamespaces={monitoring,observability}"]);
+    let rule = &only(&objects, "NetworkPolicy")["spec"]["ingress"][1];
+    let selector = &rule["from"][0]["namespaceSelector"]["matchExpressions"][0];
+    assert_eq!(
+        selector["key"].as_str(),
+        Some("kubernetes.io/metadata.name")
+    );
+    assert_eq!(selector["operator"].as_str(), Some("In"));
+    assert_eq!(
+        strings(&selector["values"]),
+        ["monitoring", "observability"]
+    );
+    assert_eq!(rule["ports"][0]["port"].as_i64(), Some(9090));
 }
 
 #[test]
@@ -568,8 +783,15 @@ fn service_monitor_renders_only_when_enabled() {
 
 #[test]
 fn existing_token_secret_replaces_the_generated_one() {
-    let objects = render(&["shim.auth.existingSecret=shim-token-from-vault"]);
-    assert!(!objects.iter().any(|o| kind_of(o) == "Secret"));
+    let objects = render(&[
+        "shim.auth.extraBearerToken=true",
+        "shim.auth.existingTokenSecret=shim-token-from-vault",
+    ]);
+    assert!(
+        !objects
+            .iter()
+            .any(|o| o["metadata"]["name"].as_str() == Some("gc-guestcred-shim-token"))
+    );
     let ds = only(&objects, "DaemonSet");
     let volume = ds["spec"]["template"]["spec"]["volumes"]
         .as_sequence()
@@ -610,9 +832,72 @@ fn schema_rejects_an_unknown_value_key() {
 }
 
 #[test]
+fn schema_rejects_an_unknown_auth_mode() {
+    assert_render_fails(&["shim.auth.mode=token"], "/shim/auth/mode");
+}
+
+#[test]
+fn schema_rejects_an_unknown_tls_source() {
+    assert_render_fails(&["tls.source=vault"], "/tls/source");
+}
+
+#[test]
+fn existing_tls_source_needs_both_secret_names() {
+    assert_render_fails(
+        &["tls.source=existing", "tls.existing.controllerSecret=c"],
+        "tls.existing.shimSecret is required",
+    );
+}
+
+#[test]
+fn existing_tls_secrets_are_mounted_and_nothing_is_generated() {
+    let objects = render(&[
+        "tls.source=existing",
+        "tls.existing.shimSecret=my-shim-tls",
+        "tls.existing.controllerSecret=my-controller-tls",
+    ]);
+    assert!(!objects.iter().any(|o| kind_of(o) == "Secret"));
+    let shim = parsed_shim_args(only(&objects, "DaemonSet"));
+    let files = shim.tls_files().expect("complete").expect("TLS flags");
+    assert_eq!(
+        assert_from_whole_secret(only(&objects, "DaemonSet"), &files.cert, "tls.crt"),
+        "my-shim-tls"
+    );
+    let controller = parsed_controller_args(only(&objects, "Deployment"));
+    assert_eq!(
+        assert_from_whole_secret(
+            only(&objects, "Deployment"),
+            &controller.shim_ca_file.expect("--shim-ca-file"),
+            "ca.crt"
+        ),
+        "my-controller-tls"
+    );
+}
+
+#[test]
+fn shutdown_grace_must_exceed_the_agent_timeout() {
+    assert_render_fails(
+        &["shim.shutdownGraceSeconds=5"],
+        "shim.shutdownGraceSeconds must be greater than shim.agentTimeoutSeconds",
+    );
+}
+
+#[test]
+fn termination_grace_must_exceed_the_shutdown_grace() {
+    assert_render_fails(
+        &["shim.terminationGracePeriodSeconds=10"],
+        "shim.terminationGracePeriodSeconds must be greater than shim.shutdownGraceSeconds",
+    );
+}
+
+#[test]
 fn request_timeout_must_exceed_the_agent_timeout() {
     assert_render_fails(
-        &["shim.agentTimeoutSeconds=20"],
+        &[
+            "shim.agentTimeoutSeconds=20",
+            "shim.shutdownGraceSeconds=25",
+            "shim.terminationGracePeriodSeconds=40",
+        ],
         "shimRequestTimeoutSeconds must be greater",
     );
 }
@@ -734,7 +1019,9 @@ async fn rendered_manifests_apply_to_the_api_server_with_kubectl() {
         "networkpolicy.networking.k8s.io/gc-guestcred-shim",
         "service/gc-guestcred-controller-metrics",
         "serviceaccount/gc-guestcred-shim",
-        "secret/gc-guestcred-shim-token",
+        "secret/gc-guestcred-ca",
+        "secret/gc-guestcred-shim-tls",
+        "secret/gc-guestcred-controller-tls",
         "role.rbac.authorization.k8s.io/gc-guestcred-controller-leader-election",
     ] {
         assert!(got.lines().any(|l| l == name), "{name} missing in:\n{got}");
@@ -757,6 +1044,31 @@ fn installed_token_secret(token_b64: &str) -> String {
     )
 }
 
+impl Served {
+    /// `helm template --dry-run=server`: the chart's `lookup` sees the emulator, as an
+    /// upgrade does.
+    async fn render_against_cluster(&self, sets: &[&str]) -> Vec<Value> {
+        let chart = chart_dir();
+        let mut args = vec![
+            "template",
+            RELEASE,
+            chart.to_str().expect("UTF-8 path"),
+            "--namespace",
+            NAMESPACE,
+            "--dry-run=server",
+        ];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let out = self.run(&tool("helm"), &args).await;
+        let text = stdout_of(&out, "helm template --dry-run=server");
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|doc| Value::deserialize(doc).expect("helm renders valid YAML"))
+            .filter(|v| !v.is_null())
+            .collect()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_keeps_the_generated_shim_token() {
     let lab = serve_emulator().await;
@@ -764,30 +1076,325 @@ async fn upgrade_keeps_the_generated_shim_token() {
     let secret = lab.file("secret.yaml", &installed_token_secret(kept));
     lab.kubectl(&["apply", "-f", &secret]).await;
 
-    // --dry-run=server lets the chart's `lookup` see the cluster, as upgrade does.
-    let chart = chart_dir();
-    let out = lab
-        .run(
-            &tool("helm"),
-            &[
-                "template",
-                RELEASE,
-                chart.to_str().expect("UTF-8 path"),
-                "--namespace",
-                NAMESPACE,
-                "--dry-run=server",
-            ],
-        )
+    let rendered = lab
+        .render_against_cluster(&["shim.auth.extraBearerToken=true"])
         .await;
-    let text = stdout_of(&out, "helm template --dry-run=server");
-    let rendered: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).expect("helm renders valid YAML"))
-        .filter(|v| !v.is_null())
-        .collect();
     assert_eq!(
-        only(&rendered, "Secret")["data"]["token"].as_str(),
+        named(&rendered, "Secret", "gc-guestcred-shim-token")["data"]["token"].as_str(),
         Some(kept)
     );
+}
+
+/// A rendered object as `helm install` leaves it: owned by the release.
+fn as_installed(object: &Value) -> String {
+    let mut object = object.clone();
+    object["metadata"]["annotations"] = serde_yaml::from_str(&format!(
+        "{{meta.helm.sh/release-name: {RELEASE}, meta.helm.sh/release-namespace: {NAMESPACE}}}"
+    ))
+    .expect("annotations");
+    serde_yaml::to_string(&object).expect("YAML")
+}
+
+fn tls_secret_names() -> [&'static str; 3] {
+    [
+        "gc-guestcred-ca",
+        "gc-guestcred-shim-tls",
+        "gc-guestcred-controller-tls",
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_keeps_the_generated_certificates() {
+    let lab = serve_emulator().await;
+    let installed = render(&[]);
+    let secrets: Vec<&Value> = tls_secret_names()
+        .iter()
+        .map(|name| named(&installed, "Secret", name))
+        .collect();
+    let manifest = secrets
+        .iter()
+        .map(|o| as_installed(o))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let file = lab.file("installed-tls.yaml", &manifest);
+    lab.kubectl(&["apply", "-f", &file]).await;
+
+    let upgraded = lab.render_against_cluster(&[]).await;
+    for (name, before) in tls_secret_names().iter().zip(&secrets) {
+        assert_eq!(
+            named(&upgraded, "Secret", name)["data"],
+            before["data"],
+            "{name} kept"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_installed_certificate_pair_is_replaced_as_a_whole() {
+    let lab = serve_emulator().await;
+    let installed = render(&[]);
+    let shim_only = named(&installed, "Secret", "gc-guestcred-shim-tls");
+    let file = lab.file("shim-tls.yaml", &as_installed(shim_only));
+    lab.kubectl(&["apply", "-f", &file]).await;
+
+    let upgraded = lab.render_against_cluster(&[]).await;
+    let shim = named(&upgraded, "Secret", "gc-guestcred-shim-tls");
+    let controller = named(&upgraded, "Secret", "gc-guestcred-controller-tls");
+    assert_ne!(shim["data"], shim_only["data"], "a fresh pair");
+    assert_eq!(
+        shim["data"]["ca.crt"], controller["data"]["ca.crt"],
+        "one CA for both sides"
+    );
+}
+
+#[test]
+fn cert_manager_source_renders_a_ca_issuer_chain_and_two_certificates() {
+    let objects = render(&["tls.source=cert-manager"]);
+    assert!(
+        !objects.iter().any(|o| kind_of(o) == "Secret"),
+        "cert-manager writes the Secrets"
+    );
+    let issuers: BTreeSet<String> = objects
+        .iter()
+        .filter(|o| kind_of(o) == "Issuer")
+        .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        issuers,
+        set(&["gc-guestcred-ca", "gc-guestcred-selfsigned"])
+    );
+    let ca = named(&objects, "Certificate", "gc-guestcred-ca");
+    assert_eq!(ca["spec"]["isCA"].as_bool(), Some(true));
+    assert_eq!(
+        ca["spec"]["issuerRef"]["name"].as_str(),
+        Some("gc-guestcred-selfsigned")
+    );
+    for (name, dns, usage, workload) in [
+        (
+            "gc-guestcred-shim-tls",
+            "guestcred-shim",
+            "server auth",
+            "DaemonSet",
+        ),
+        (
+            "gc-guestcred-controller-tls",
+            "guestcred-controller",
+            "client auth",
+            "Deployment",
+        ),
+    ] {
+        let cert = named(&objects, "Certificate", name);
+        assert_eq!(cert["spec"]["secretName"].as_str(), Some(name));
+        assert_eq!(strings(&cert["spec"]["dnsNames"]), [dns]);
+        assert!(strings(&cert["spec"]["usages"]).iter().any(|u| u == usage));
+        assert_eq!(
+            cert["spec"]["issuerRef"]["name"].as_str(),
+            Some("gc-guestcred-ca")
+        );
+        let mounted: Vec<String> = only(&objects, workload)["spec"]["template"]["spec"]["volumes"]
+            .as_sequence()
+            .expect("volumes")
+            .iter()
+            .filter_map(|v| v["secret"]["secretName"].as_str().map(str::to_string))
+            .collect();
+        assert_eq!(
+            mounted,
+            [name],
+            "{workload} mounts the Certificate's Secret"
+        );
+    }
+}
+
+#[test]
+fn cert_manager_with_an_issuer_ref_renders_only_the_two_certificates() {
+    let objects = render(&[
+        "tls.source=cert-manager",
+        "tls.certManager.issuerRef.name=corp-ca",
+        "tls.certManager.issuerRef.kind=ClusterIssuer",
+    ]);
+    assert!(!objects.iter().any(|o| kind_of(o) == "Issuer"));
+    let certs: Vec<&Value> = objects
+        .iter()
+        .filter(|o| kind_of(o) == "Certificate")
+        .collect();
+    assert_eq!(certs.len(), 2);
+    for c in certs {
+        assert_eq!(c["spec"]["issuerRef"]["name"].as_str(), Some("corp-ca"));
+        assert_eq!(
+            c["spec"]["issuerRef"]["kind"].as_str(),
+            Some("ClusterIssuer")
+        );
+    }
+}
+
+/// Writes every Secret volume a workload mounts (from the rendered Secrets) under `root`,
+/// at its mount path, as kubelet would.
+fn materialise_secret_volumes(objects: &[Value], workload: &Value, root: &Path) {
+    let volumes = workload["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .expect("volumes");
+    for mount in container(workload)["volumeMounts"]
+        .as_sequence()
+        .expect("mounts")
+    {
+        let Some(volume) = volumes.iter().find(|v| v["name"] == mount["name"]) else {
+            continue;
+        };
+        let Some(secret) = volume["secret"]["secretName"].as_str() else {
+            continue;
+        };
+        let dir = root.join(
+            mount["mountPath"]
+                .as_str()
+                .expect("mountPath")
+                .trim_start_matches('/'),
+        );
+        std::fs::create_dir_all(&dir).expect("mount dir");
+        for (key, value) in named(objects, "Secret", secret)["data"]
+            .as_mapping()
+            .expect("secret data")
+        {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(value.as_str().expect("base64 string"))
+                .expect("valid base64");
+            std::fs::write(dir.join(key.as_str().expect("key")), bytes).expect("written");
+        }
+    }
+}
+
+/// `path` as seen from a pod whose volumes are materialised under `root`.
+fn under(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// The best proof that the generated certificates are right: the real shim binary, run
+/// with the rendered DaemonSet args and the rendered shim Secret's files, answers the
+/// controller's TLS client built from the rendered Deployment args and controller
+/// Secret (chain to the one CA, shim SAN guestcred-shim, controller SAN
+/// guestcred-controller), and refuses a client without the controller's certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_certificates_let_the_rendered_controller_call_the_rendered_shim() {
+    use guestcred::api::wire::{DomainRef, ShimErrorReason};
+    use guestcred::lab::hostqga::HostQga;
+    use guestcred::shim::ShimCallError;
+    use guestcred::shim::tls::{ClientTlsFiles, ReloadingHttpClient};
+
+    let objects = render(&["shim.locator=qga-socket"]);
+    let ds = only(&objects, "DaemonSet");
+    let deployment = only(&objects, "Deployment");
+    let dir = tempfile::Builder::new()
+        .prefix("gch")
+        .tempdir()
+        .expect("temp dir");
+    let (shim_root, controller_root) = (dir.path().join("shim"), dir.path().join("ctl"));
+    materialise_secret_volumes(&objects, ds, &shim_root);
+    materialise_secret_volumes(&objects, deployment, &controller_root);
+
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port")
+    };
+    let (port, metrics_port) = (free_port(), free_port());
+    let template = format!("{}/{{name}}/qga.sock", dir.path().display());
+    // The rendered args, with what kubelet and the node provide filled in: the node name,
+    // the mounted files' location, and loopback addresses.
+    let argv: Vec<String> = strings(&container(ds)["args"])
+        .into_iter()
+        .map(|arg| {
+            let (flag, value) = arg.split_once('=').unwrap_or((arg.as_str(), ""));
+            match flag {
+                "--listen" => format!("--listen=127.0.0.1:{port}"),
+                "--metrics-listen" => format!("--metrics-listen=127.0.0.1:{metrics_port}"),
+                "--node-name" => "--node-name=node-a".into(),
+                "--qga-socket-template" => format!("--qga-socket-template={template}"),
+                _ if value.starts_with("/etc/") => {
+                    format!("{flag}={}", under(&shim_root, Path::new(value)).display())
+                }
+                _ => arg,
+            }
+        })
+        .collect();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestcred"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("GUESTCRED_SHIM_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut shim = cmd
+        .arg("shim")
+        .args(&argv)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn guestcred shim");
+    let _vm = HostQga::start(dir.path(), "vm-helm")
+        .expect("lab qemu-ga must start (needs root, unshare, overlayfs, qemu-ga)");
+
+    let controller = parsed_controller_args(deployment);
+    let files = ClientTlsFiles {
+        ca: under(&controller_root, &controller.shim_ca_file.expect("CA flag")),
+        cert: controller
+            .shim_client_cert_file
+            .map(|p| under(&controller_root, &p)),
+        key: controller
+            .shim_client_key_file
+            .map(|p| under(&controller_root, &p)),
+        server_name: controller.shim_server_name.clone(),
+    };
+    let timeout = Duration::from_secs(30);
+    let client_for = |files: ClientTlsFiles| {
+        let http = ReloadingHttpClient::new(files, timeout)
+            .expect("controller TLS client from the rendered files")
+            .http()
+            .expect("HTTPS client");
+        guestcred::shim::ShimClient::with_http_client(
+            format!("https://127.0.0.1:{port}"),
+            None,
+            http,
+        )
+    };
+    let client = client_for(files.clone());
+    let domain = DomainRef::new("lab", "vm-helm").with_node("node-a");
+    let deadline = std::time::Instant::now() + timeout;
+    let probe = loop {
+        match client.probe(&domain).await {
+            Err(ShimCallError::Unreachable(_)) if std::time::Instant::now() < deadline => {
+                if let Ok(Some(status)) = shim.try_wait() {
+                    let mut err = String::new();
+                    if let Some(mut e) = shim.stderr.take() {
+                        use tokio::io::AsyncReadExt;
+                        let _ = e.read_to_string(&mut err).await;
+                    }
+                    panic!("the shim exited ({status}) with the rendered args {argv:?}:\n{err}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other,
+        }
+    };
+    assert!(
+        probe.expect("probe over mutual TLS").agent_connected,
+        "the rendered controller reaches the guest agent through the rendered shim"
+    );
+
+    let anonymous = client_for(ClientTlsFiles {
+        cert: None,
+        key: None,
+        ..files
+    });
+    match anonymous.probe(&domain).await {
+        Err(ShimCallError::Shim(e)) => assert_eq!(e.reason, ShimErrorReason::Unauthenticated),
+        other => panic!("a client without the controller certificate got {other:?}"),
+    }
+    let health = reqwest::get(format!("http://127.0.0.1:{metrics_port}/healthz"))
+        .await
+        .expect("the probes' port answers");
+    assert!(health.status().is_success());
+    shim.kill().await.expect("stop the shim");
 }
 
 /// Rendered manifests checked strictly (unknown fields rejected) against the Kubernetes

@@ -52,13 +52,48 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
 {{- end }}
 
-{{/* The Secret holding the shared shim bearer token (key "token"). */}}
+{{/* The Secret holding the optional extra bearer token (key "token"). */}}
 {{- define "guestcred.shimTokenSecret" -}}
-{{- default (printf "%s-shim-token" (include "guestcred.fullname" .)) .Values.shim.auth.existingSecret }}
+{{- default (printf "%s-shim-token" (include "guestcred.fullname" .)) .Values.shim.auth.existingTokenSecret }}
 {{- end }}
 
-{{/* Where both components read the shim token. */}}
+{{/* Where both components read the extra bearer token. */}}
 {{- define "guestcred.shimTokenDir" -}}/var/run/secrets/guestcred/shim-token{{- end }}
+
+{{/*
+mTLS names (docs/security.md): the shim's certificate names guestcred-shim, the
+controller's guestcred-controller; the binaries default to the same names.
+*/}}
+{{- define "guestcred.shimServerName" -}}guestcred-shim{{- end }}
+{{- define "guestcred.controllerClientName" -}}guestcred-controller{{- end }}
+
+{{/* Secret with the shim's server certificate (tls.crt, tls.key, ca.crt). */}}
+{{- define "guestcred.shimTlsSecret" -}}
+{{- if eq .Values.tls.source "existing" }}
+{{- required "tls.existing.shimSecret is required with tls.source=existing" .Values.tls.existing.shimSecret }}
+{{- else }}
+{{- printf "%s-shim-tls" (include "guestcred.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Secret with the controller's client certificate (tls.crt, tls.key, ca.crt). */}}
+{{- define "guestcred.controllerTlsSecret" -}}
+{{- if eq .Values.tls.source "existing" }}
+{{- required "tls.existing.controllerSecret is required with tls.source=existing" .Values.tls.existing.controllerSecret }}
+{{- else }}
+{{- printf "%s-controller-tls" (include "guestcred.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The release CA: ca.crt only (helm), or the CA key pair cert-manager's CA Issuer uses. */}}
+{{- define "guestcred.caSecret" -}}
+{{- printf "%s-ca" (include "guestcred.fullname" .) }}
+{{- end }}
+
+{{/* Mount points of the two Secret volumes (whole Secrets, never subPath: kubelet does
+not update subPath mounts, so a renewal would never reach the pod). */}}
+{{- define "guestcred.shimTlsDir" -}}/etc/guestcred/tls{{- end }}
+{{- define "guestcred.controllerTlsDir" -}}/etc/guestcred/shim-tls{{- end }}
 
 {{/* Host directory the shim's locator needs (the only hostPath it mounts). */}}
 {{- define "guestcred.shim.hostDir" -}}
@@ -91,6 +126,15 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- end }}
 {{- if and .Values.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "serviceMonitor.enabled needs metrics.enabled (it scrapes the metrics Service)" }}
+{{- end }}
+{{- if le (int .Values.shim.shutdownGraceSeconds) (int .Values.shim.agentTimeoutSeconds) }}
+{{- fail "shim.shutdownGraceSeconds must be greater than shim.agentTimeoutSeconds (a draining shim lets its agent calls finish)" }}
+{{- end }}
+{{- if le (int .Values.shim.terminationGracePeriodSeconds) (int .Values.shim.shutdownGraceSeconds) }}
+{{- fail "shim.terminationGracePeriodSeconds must be greater than shim.shutdownGraceSeconds (else the kubelet kills the shim while it drains)" }}
+{{- end }}
+{{- if eq (int .Values.shim.metricsPort) (int .Values.shim.port) }}
+{{- fail "shim.metricsPort must differ from shim.port (the API port serves mutual TLS only)" }}
 {{- end }}
 {{- if and (gt (int .Values.controller.replicas) 1) (not .Values.controller.leaderElection.enabled) }}
 {{- fail "controller.replicas > 1 needs controller.leaderElection.enabled (two active controllers would race)" }}
