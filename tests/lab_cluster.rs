@@ -1,5 +1,6 @@
 //! `guestcred-lab up/status/exec/pause/resume/down` and kubevirt-lite, end to end with the
-//! built binaries: real libvirtds, real QEMU guests with qemu-ga, real shims.
+//! built binaries: real libvirtds, real QEMU guests with qemu-ga, real shims (mutual TLS
+//! with the certificates `up` mints).
 //!
 //! One lab (2 nodes x 2 VMs plus an agent-less guest and two guests that tests change) is shared by the tests of this binary
 //! and tied to this process (`--owner-pid`): it goes down by itself when the tests end.
@@ -11,8 +12,11 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use guestcred::api::kubevirt::{VirtualMachine, VirtualMachineInstance};
+use guestcred::api::wire::{DomainRef, ShimErrorReason};
 use guestcred::lab::cluster::{LabState, LabStatus, procs};
 use guestcred::lab::guest::process_alive;
+use guestcred::shim::ShimClient;
+use guestcred::shim::tls::{ClientTlsFiles, ReloadingHttpClient};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
@@ -296,6 +300,57 @@ async fn an_extra_vm_without_an_agent_runs_with_its_agent_disconnected() {
     assert_eq!(condition(&vmi, "AgentConnected").as_deref(), Some("False"));
 }
 
+/// The lab's shims run as the chart's do: HTTPS with mutual TLS only, using the
+/// certificates `up` minted; health on the plain metrics port.
+#[tokio::test]
+async fn shims_admit_the_labs_controller_certificate_and_nothing_else() {
+    let lab = shared_lab();
+    let node = &lab.state.nodes[0];
+    let api = format!("{}:{}", node.ip, lab.state.shim_port);
+    let domain = DomainRef::new("default", "vm-1-1").with_node(&node.name);
+    let files = lab.state.tls().controller_client_files();
+    let client_with = |files: ClientTlsFiles| {
+        let http = ReloadingHttpClient::new(files, Duration::from_secs(30))
+            .expect("the lab's controller files load")
+            .http()
+            .expect("HTTPS client");
+        ShimClient::with_http_client(format!("https://{api}"), None, http)
+    };
+
+    let probe = client_with(files.clone())
+        .probe(&domain)
+        .await
+        .expect("the controller's certificate gets in");
+    assert!(probe.agent_connected);
+
+    let anonymous = client_with(ClientTlsFiles {
+        cert: None,
+        key: None,
+        ..files
+    });
+    assert_eq!(
+        anonymous
+            .probe(&domain)
+            .await
+            .err()
+            .and_then(|e| e.reason()),
+        Some(ShimErrorReason::Unauthenticated)
+    );
+    let plain =
+        ShimClient::new(format!("http://{api}"), None, Duration::from_secs(10)).expect("client");
+    assert!(
+        plain.probe(&domain).await.is_err(),
+        "no plain-HTTP API on the shim port"
+    );
+    let health = reqwest::get(format!(
+        "http://{}:{}/healthz",
+        node.ip, lab.state.shim_metrics_port
+    ))
+    .await
+    .expect("the metrics port answers");
+    assert!(health.status().is_success());
+}
+
 #[test]
 fn exec_prints_what_the_guest_command_printed() {
     let lab = shared_lab();
@@ -440,4 +495,9 @@ fn down_stops_every_recorded_process_and_leaves_no_mount_or_state() {
     assert!(alive.is_empty(), "still running after down: {alive:?}");
     assert!(procs::mounts_under(&lab.dir).is_empty());
     assert!(!Path::new(&lab.dir).join("lab.json").exists());
+    assert!(
+        lab.state.tls_dir.starts_with(&lab.dir) && !lab.state.tls_dir.exists(),
+        "the lab's certificates and keys are removed: {}",
+        lab.state.tls_dir.display()
+    );
 }
