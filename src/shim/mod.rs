@@ -201,7 +201,9 @@ impl ShimArgs {
             (true, _, true) => {
                 anyhow::bail!("--insecure-no-auth contradicts the TLS flags; drop one of them")
             }
-            (false, true, _) => anyhow::bail!("--auth-token-file is only accepted on top of mutual TLS; {HTTPS_ONLY}"),
+            (false, true, _) => anyhow::bail!(
+                "--auth-token-file is only accepted on top of mutual TLS; {HTTPS_ONLY}"
+            ),
             (false, false, false) => {
                 anyhow::bail!("no authentication configured; refusing to serve. {HTTPS_ONLY}")
             }
