@@ -96,7 +96,7 @@ struct UpArgs {
 struct DownArgs {
     #[command(flatten)]
     state: StateDir,
-    /// Keep the logs and node trees (remove only lab.json, kubeconfig and the token).
+    /// Keep the logs and node trees (remove only lab.json, kubeconfig and the TLS keys).
     #[arg(long)]
     keep_logs: bool,
 }

@@ -45,7 +45,8 @@ pub struct ControllerArgs {
     /// Port the shims listen on.
     #[arg(long, env = "GUESTCRED_SHIM_PORT", default_value_t = 8443)]
     pub shim_port: u16,
-    /// URL scheme for shims (http until TLS is configured).
+    /// URL scheme for shims without TLS settings: only for test labs whose shims run with
+    /// --insecure-no-auth. With --shim-ca-file the scheme is always https.
     #[arg(long, env = "GUESTCRED_SHIM_SCHEME", default_value = "http")]
     pub shim_scheme: String,
     /// File with the bearer token the shims expect.
