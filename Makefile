@@ -32,6 +32,12 @@ test: deps fmt-check clippy
 demo: build
 	bash scripts/demo.sh
 
+# Benchmarks P1-P5 (docs/benchmarks.md): release build, then bench/results.md and
+# bench/results.json. Needs root (private libvirtd, qemu-ga namespaces); ~5 minutes.
+bench: deps
+	$(CARGO) build --release --bin guestcred --bin guestcred-bench
+	target/release/guestcred-bench --out bench
+
 # Soak (docs/bad-input.md): rounds of bulk runs under shim/controller kills, 409s and 410s.
 # GUESTCRED_SOAK_ROUNDS / GUESTCRED_SOAK_VMS scale it.
 .PHONY: soak

@@ -1,0 +1,245 @@
+//! guestcred-bench: the numbers behind `make bench` (see docs/benchmarks.md).
+//!
+//! P1 single reset latency on a real guest, P2 bulk throughput over a fleet of host qemu-ga
+//! agents, P3 controller scale (10k VMIs, 1k finished resets, restart), P4 shim footprint,
+//! P5 hung agent isolation. The controller and the shims run as separate release processes
+//! (CPU and RSS from /proc); the API server is the lab emulator served over loopback HTTP
+//! from this process. Writes `<out>/results.json` and `<out>/results.md`.
+mod cluster;
+mod fleet;
+mod p1;
+mod p3;
+mod procs;
+mod report;
+mod stats;
+
+use anyhow::Context as _;
+use clap::Parser;
+use procs::Proc;
+use stats::Section;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "guestcred-bench",
+    about = "guestcred benchmarks (P1-P5); needs root and scripts/install-deps.sh"
+)]
+struct Args {
+    /// Where results.json and results.md go.
+    #[arg(long, default_value = "bench")]
+    out: PathBuf,
+    /// Run only these benchmarks (comma-separated: p1,p2,p3,p4,p5); results are still written.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// P1 rounds (each: API, kubectl, direct libvirt, virsh).
+    #[arg(long, default_value_t = 20)]
+    p1_rounds: usize,
+    /// P2 rounds (each: a controller run and a direct run over the whole fleet).
+    #[arg(long, default_value_t = 5)]
+    p2_rounds: usize,
+    /// Fleet size (host qemu-ga instances) and nodes for P2/P4/P5.
+    #[arg(long, default_value_t = 500)]
+    vms: usize,
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// P3 scale.
+    #[arg(long, default_value_t = 10_000)]
+    p3_vmis: usize,
+    #[arg(long, default_value_t = 100)]
+    p3_nodes: usize,
+    #[arg(long, default_value_t = 1_000)]
+    p3_resets: usize,
+    #[arg(long, default_value_t = 3)]
+    p3_rounds: usize,
+    /// P5 rounds (each: 20 resets without, then with, a hung agent).
+    #[arg(long, default_value_t = 3)]
+    p5_rounds: usize,
+    /// Keep the scratch directory (logs of every process) instead of deleting it.
+    #[arg(long)]
+    keep: bool,
+    /// Seconds of load per P4 sample.
+    #[arg(long, default_value_t = 3)]
+    load_secs: u64,
+}
+
+/// What every benchmark needs.
+pub struct Ctx {
+    /// Scratch directory (short: agent socket paths live below it).
+    pub dir: PathBuf,
+    pub guestcred: PathBuf,
+    pub kubectl: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let wants =
+        |p: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(p));
+    let started = Instant::now();
+    let machine = report::Machine::probe();
+    let tmp = tempfile::Builder::new().prefix("gcb").tempdir_in("/tmp")?;
+    let dir = if args.keep {
+        let kept = tmp.keep();
+        tracing::info!(dir = %kept.display(), "keeping the scratch directory");
+        kept
+    } else {
+        tmp.path().to_path_buf()
+    };
+    let ctx = Ctx {
+        dir,
+        guestcred: procs::sibling_binary("guestcred")?,
+        kubectl: which("kubectl").context("kubectl is needed for P1 (scripts/install-deps.sh)")?,
+    };
+    let mut sections: Vec<Section> = Vec::new();
+    let mut p4 = Section::new(
+        "P4",
+        "Shim footprint: RSS idle and under 50 concurrent requests",
+    );
+
+    if wants("p1") || wants("p4") {
+        tracing::info!("P1: real guest");
+        let r = p1::run(&ctx, args.p1_rounds, args.load_secs)
+            .await
+            .context("P1")?;
+        if wants("p1") {
+            sections.push(r.p1);
+        }
+        p4.figures.extend(r.p4_libvirt);
+    }
+    if wants("p2") || wants("p3") || wants("p4") || wants("p5") {
+        tracing::info!(
+            vms = args.vms,
+            nodes = args.nodes,
+            "starting the agent fleet"
+        );
+        let fleet = fleet::Fleet::start(&ctx, args.nodes, args.vms)
+            .await
+            .context("fleet")?;
+        if wants("p2") || wants("p4") || wants("p5") {
+            tracing::info!("P2, P4, P5: fleet");
+            let r = fleet::run(&ctx, &fleet, args.p2_rounds, args.p5_rounds, args.load_secs)
+                .await
+                .context("P2/P4/P5")?;
+            if wants("p2") {
+                sections.push(r.p2);
+            }
+            p4.figures.extend(r.p4_qga);
+            if wants("p5") {
+                sections.push(r.p5);
+            }
+        }
+        if wants("p3") {
+            tracing::info!("P3: scale");
+            let scale = p3::Scale {
+                vmis: args.p3_vmis,
+                nodes: args.p3_nodes,
+                resets: args.p3_resets,
+            };
+            sections.push(
+                p3::run(&ctx, &fleet, &scale, args.p3_rounds)
+                    .await
+                    .context("P3")?,
+            );
+        }
+    }
+    if wants("p4") {
+        p4.notes.push(format!(
+            "RSS sampled every 10 ms while 50 workers each keep one request in flight for {} s (3 samples per backend); idle is read before any load. Targets: idle ≤ 20 MiB, under load ≤ 40 MiB.",
+            args.load_secs
+        ));
+        sections.push(p4);
+    }
+    sections.sort_by(|a, b| a.id.cmp(&b.id));
+
+    let report = report::Report {
+        date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        git_commit: git_commit(),
+        machine,
+        duration_s: started.elapsed().as_secs_f64(),
+        scale: serde_json::json!({
+            "p1_rounds": args.p1_rounds, "p2_rounds": args.p2_rounds, "vms": args.vms,
+            "nodes": args.nodes, "p3_vmis": args.p3_vmis, "p3_nodes": args.p3_nodes,
+            "p3_resets": args.p3_resets, "p3_rounds": args.p3_rounds,
+            "p5_rounds": args.p5_rounds, "load_secs": args.load_secs,
+        }),
+        sections,
+    };
+    report.write(&args.out)?;
+    println!("{}", report.markdown());
+    println!(
+        "written: {}/results.md, {}/results.json",
+        args.out.display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.is_file())
+    })
+}
+
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=10"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Peak RSS of `proc` (sampled every 10 ms) while `workers` tasks each keep calling `call`
+/// for `duration`. Fails if any call failed.
+pub async fn sample_rss_under<F, Fut>(
+    proc: &Proc,
+    workers: usize,
+    duration: Duration,
+    call: F,
+) -> anyhow::Result<f64>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let call = Arc::new(call);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let (call, stop, done) = (call.clone(), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    call(w).await?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    let end = Instant::now() + duration;
+    let mut peak = proc.rss_mib()?;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        peak = peak.max(proc.rss_mib()?);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    tracing::info!(requests = done.load(Ordering::Relaxed), peak_mib = peak, name = %proc.name, "load sample");
+    Ok(peak)
+}

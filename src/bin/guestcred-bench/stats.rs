@@ -1,0 +1,189 @@
+//! Figures, their min/median/max over repeated runs, ratios and targets.
+use serde::Serialize;
+
+/// min / median / max of one figure's samples.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stat {
+    pub n: usize,
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    /// None for an empty sample set (a figure that was not measured).
+    pub fn of(samples: &[f64]) -> Option<Stat> {
+        let mut s: Vec<f64> = samples.iter().copied().filter(|v| v.is_finite()).collect();
+        if s.is_empty() {
+            return None;
+        }
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        let median = if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            (s[n / 2 - 1] + s[n / 2]) / 2.0
+        };
+        Some(Stat {
+            n,
+            min: s[0],
+            median,
+            max: s[n - 1],
+        })
+    }
+}
+
+/// What a figure must stay under.
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    /// Human-readable, e.g. "median ≤ 1.3× direct libvirt".
+    pub text: String,
+    /// The checked value (the ratio or the median/max of the figure).
+    pub value: f64,
+    pub limit: f64,
+    pub met: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    pub id: String,
+    pub title: String,
+    pub unit: String,
+    pub stat: Option<Stat>,
+    pub samples: Vec<f64>,
+    /// Id of the same-run baseline this figure is compared with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
+    /// median / baseline median.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
+}
+
+impl Figure {
+    pub fn new(id: &str, title: &str, unit: &str, samples: Vec<f64>) -> Figure {
+        Figure {
+            id: id.into(),
+            title: title.into(),
+            unit: unit.into(),
+            stat: Stat::of(&samples),
+            samples,
+            baseline: None,
+            ratio: None,
+            target: None,
+        }
+    }
+
+    pub fn median(&self) -> Option<f64> {
+        self.stat.as_ref().map(|s| s.median)
+    }
+
+    pub fn max(&self) -> Option<f64> {
+        self.stat.as_ref().map(|s| s.max)
+    }
+
+    /// Compare the median with `base`'s median (same run).
+    pub fn against(mut self, base: &Figure) -> Figure {
+        self.baseline = Some(base.id.clone());
+        self.ratio = match (self.median(), base.median()) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        self
+    }
+
+    /// Target on the ratio to the baseline.
+    pub fn ratio_at_most(mut self, limit: f64, text: &str) -> Figure {
+        self.target = self.ratio.map(|r| Target {
+            text: text.into(),
+            value: r,
+            limit,
+            met: r <= limit,
+        });
+        self
+    }
+
+    /// Target on the median.
+    pub fn median_at_most(mut self, limit: f64, text: &str) -> Figure {
+        self.target = self.median().map(|v| Target {
+            text: text.into(),
+            value: v,
+            limit,
+            met: v <= limit,
+        });
+        self
+    }
+
+    /// Target on the worst sample.
+    pub fn max_at_most(mut self, limit: f64, text: &str) -> Figure {
+        self.target = self.max().map(|v| Target {
+            text: text.into(),
+            value: v,
+            limit,
+            met: v <= limit,
+        });
+        self
+    }
+}
+
+/// One benchmark (P1..P5): its figures and what the reader must know about the method.
+#[derive(Clone, Debug, Serialize)]
+pub struct Section {
+    pub id: String,
+    pub title: String,
+    pub figures: Vec<Figure>,
+    pub notes: Vec<String>,
+}
+
+impl Section {
+    pub fn new(id: &str, title: &str) -> Section {
+        Section {
+            id: id.into(),
+            title: title.into(),
+            figures: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        let s = Stat::of(&[4.0, 1.0, 3.0, 2.0]).expect("samples");
+        assert_eq!((s.min, s.median, s.max, s.n), (1.0, 2.5, 4.0, 4));
+    }
+
+    #[test]
+    fn median_of_an_odd_count_is_the_middle_sample() {
+        let s = Stat::of(&[9.0, 1.0, 5.0]).expect("samples");
+        assert_eq!(s.median, 5.0);
+    }
+
+    #[test]
+    fn no_samples_give_no_stat() {
+        assert!(Stat::of(&[]).is_none());
+    }
+
+    #[test]
+    fn the_ratio_compares_medians_with_the_baseline() {
+        let base = Figure::new("b", "base", "ms", vec![10.0, 10.0, 30.0]);
+        let f = Figure::new("f", "fig", "ms", vec![12.0, 13.0, 11.0])
+            .against(&base)
+            .ratio_at_most(1.3, "median ≤ 1.3× base");
+        assert_eq!(f.ratio, Some(1.2));
+        assert!(f.target.expect("target").met);
+    }
+
+    #[test]
+    fn a_ratio_above_its_limit_is_not_met() {
+        let base = Figure::new("b", "base", "ms", vec![10.0]);
+        let f = Figure::new("f", "fig", "ms", vec![20.0])
+            .against(&base)
+            .ratio_at_most(1.5, "x");
+        assert!(!f.target.expect("target").met);
+    }
+}
