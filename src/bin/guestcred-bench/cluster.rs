@@ -306,18 +306,26 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// `guestcred shim` on `addr` with extra backend flags; returns once it listens.
+/// `guestcred shim` on `addr` with extra backend flags, serving mutual TLS with the bench's
+/// certificates as the chart deploys it; returns once it listens.
 pub async fn spawn_shim(
-    guestcred: &Path,
+    ctx: &crate::Ctx,
     node: &str,
     addr: std::net::SocketAddr,
     backend_args: &[String],
     dir: &Path,
 ) -> anyhow::Result<crate::procs::Proc> {
-    let mut cmd = std::process::Command::new(guestcred);
+    let files = ctx.tls.shim_server_files();
+    let mut cmd = std::process::Command::new(&ctx.guestcred);
     cmd.arg("shim")
         .args(["--listen", &addr.to_string(), "--node-name", node])
-        .args(["--insecure-no-auth", "--agent-timeout-seconds", "3"])
+        .arg("--tls-cert-file")
+        .arg(&files.cert)
+        .arg("--tls-key-file")
+        .arg(&files.key)
+        .arg("--client-ca-file")
+        .arg(&files.client_ca)
+        .args(["--agent-timeout-seconds", "3"])
         // Metrics on the shim's own address (the default 0.0.0.0:9090 is shared by all).
         .args(["--metrics-listen", &format!("{}:0", addr.ip())])
         .args(backend_args)
@@ -331,25 +339,59 @@ pub async fn spawn_shim(
     Ok(p)
 }
 
-/// `guestcred controller` against `api`; returns once it has synced its shim directory.
-pub async fn spawn_controller(
-    guestcred: &Path,
+/// `guestcred controller` against `api`, calling shims over mutual TLS.
+pub fn controller_command(
+    ctx: &crate::Ctx,
     api: &BenchApi,
     shim_port: u16,
-    log: &Path,
-) -> anyhow::Result<crate::procs::Proc> {
-    let mut cmd = std::process::Command::new(guestcred);
+) -> std::process::Command {
+    let files = ctx.tls.controller();
+    let mut cmd = std::process::Command::new(&ctx.guestcred);
     cmd.arg("controller")
         .args(["--shim-namespace", SHIM_NAMESPACE])
         .args(["--shim-port", &shim_port.to_string()])
         .args(["--shim-request-timeout-seconds", "10"])
+        .arg("--shim-ca-file")
+        .arg(&files.ca)
+        .arg("--shim-client-cert-file")
+        .arg(&files.cert)
+        .arg("--shim-client-key-file")
+        .arg(&files.key)
         .args(["--metrics-listen", "127.0.0.1:0"])
         .env("KUBECONFIG", &api.kubeconfig)
         .env("RUST_LOG", "info");
+    cmd
+}
+
+/// The controller process; returns once it has synced its shim directory.
+pub async fn spawn_controller(
+    ctx: &crate::Ctx,
+    api: &BenchApi,
+    shim_port: u16,
+    log: &Path,
+) -> anyhow::Result<crate::procs::Proc> {
+    let cmd = controller_command(ctx, api, shim_port);
     let mut p = crate::procs::Proc::spawn("controller", cmd, log)?;
     p.wait_for_log("controller started", Duration::from_secs(60))
         .await?;
     Ok(p)
+}
+
+/// A client for the shim at `addr` with the controller's client certificate.
+pub fn shim_client(
+    ctx: &crate::Ctx,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<guestcred::shim::ShimClient> {
+    let http = guestcred::shim::tls::ReloadingHttpClient::new(
+        ctx.tls.controller_client_files(),
+        Duration::from_secs(30),
+    )?
+    .http()?;
+    Ok(guestcred::shim::ShimClient::with_http_client(
+        format!("https://{addr}"),
+        None,
+        http,
+    ))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use crate::cluster::{
 };
 use crate::procs::Proc;
 use crate::stats::{Figure, Section};
-use crate::{Ctx, sample_rss_under};
+use crate::{Ctx, Footprint, sample_rss_under};
 use anyhow::{Context as _, bail};
 use futures::StreamExt;
 use guestcred::api::wire::{DomainRef, SetPasswordRequest};
@@ -16,7 +16,6 @@ use guestcred::lab::hostqga::HostQga;
 use guestcred::lab::kubevirt::{create_node_with_shim, vm};
 use guestcred::lab::world::SHIM_NAMESPACE;
 use guestcred::shim::GuestAgent;
-use guestcred::shim::ShimClient;
 use guestcred::shim::qga::QgaSocketAgent;
 use guestcred::shim::validate;
 use kube::api::PostParams;
@@ -71,7 +70,7 @@ impl Fleet {
                 template,
             ];
             let addr = format!("{ip}:{port}").parse()?;
-            let shim = spawn_shim(&ctx.guestcred, &name, addr, &args, &dir).await?;
+            let shim = spawn_shim(ctx, &name, addr, &args, &dir).await?;
             fleet_nodes.push(FleetNode {
                 name,
                 ip,
@@ -181,18 +180,18 @@ pub async fn run(
     let dir = fleet.dir.join("api");
     let api = BenchApi::start(&dir).await?;
     fleet.register(&api).await?;
-    let shim_idle: Vec<f64> = fleet
-        .nodes
-        .iter()
-        .map(|n| n.shim.rss_mib())
-        .collect::<anyhow::Result<_>>()?;
-    let mut controller = spawn_controller(
-        &ctx.guestcred,
-        &api,
-        fleet.port,
-        &fleet.dir.join("controller.log"),
-    )
-    .await?;
+    let mut footprint = Footprint {
+        idle: Vec::new(),
+        idle_anon: Vec::new(),
+        peaks: Vec::new(),
+        hwm: 0.0,
+    };
+    for n in &fleet.nodes {
+        footprint.idle.push(n.shim.rss_mib()?);
+        footprint.idle_anon.push(n.shim.anon_mib()?);
+    }
+    let mut controller =
+        spawn_controller(ctx, &api, fleet.port, &fleet.dir.join("controller.log")).await?;
     let n = fleet.agents.len();
     let resets: Api<GuestPasswordReset> = Api::namespaced(api.http.clone(), NS);
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(api.local.clone(), NS);
@@ -294,11 +293,7 @@ pub async fn run(
 
     // P4, qga-socket backend: 50 concurrent password sets on node-1's shim, 50 distinct VMs.
     let node1 = &fleet.nodes[0];
-    let client = ShimClient::new(
-        format!("http://{}:{}", node1.ip, fleet.port),
-        None,
-        Duration::from_secs(30),
-    )?;
+    let client = cluster::shim_client(ctx, format!("{}:{}", node1.ip, fleet.port).parse()?)?;
     let node1_vms: Arc<Vec<String>> = Arc::new(
         (0..n)
             .step_by(fleet.nodes.len())
@@ -306,7 +301,6 @@ pub async fn run(
             .map(vm_name)
             .collect(),
     );
-    let mut load_rss = Vec::new();
     for round in 0..3 {
         let c = client.clone();
         let vms = node1_vms.clone();
@@ -326,36 +320,16 @@ pub async fn run(
             }
         })
         .await?;
-        load_rss.push(peak);
+        footprint.peaks.push(peak);
     }
-    let idle = Figure::new(
-        "P4.qga.idle",
-        "shim RSS idle (qga-socket backend, each of the fleet's shims)",
-        "MiB",
-        shim_idle,
-    );
-    let load = Figure::new(
-        "P4.qga.load",
-        "shim peak RSS under 50 concurrent /v1/password requests (qga-socket backend)",
-        "MiB",
-        load_rss,
-    )
-    .against(&idle)
-    .max_at_most(40.0, "peak ≤ 40 MiB");
-    let idle = idle.max_at_most(20.0, "≤ 20 MiB");
-    let hwm = Figure::new(
-        "P4.qga.hwm",
-        "node-1 shim VmHWM after P2 and the load",
-        "MiB",
-        vec![node1.shim.hwm_mib()?],
-    );
+    footprint.hwm = node1.shim.hwm_mib()?;
 
     // P5: 20 VMs on node-1; runs without and with one hung agent, alternating.
     let p5 = p5(fleet, &api, &resets, &secrets, p5_rounds).await?;
     controller.check_alive()?;
     Ok(FleetResult {
         p2,
-        p4_qga: vec![idle, load, hwm],
+        p4_qga: footprint.figures("qga", "qga-socket", "/v1/password requests to 50 agents"),
         p5,
     })
 }

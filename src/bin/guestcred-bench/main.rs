@@ -72,6 +72,8 @@ pub struct Ctx {
     pub dir: PathBuf,
     pub guestcred: PathBuf,
     pub kubectl: PathBuf,
+    /// CA, shim server and controller client certificates (mutual TLS, as deployed).
+    pub tls: guestcred::lab::cluster::tls::LabTls,
 }
 
 #[tokio::main]
@@ -96,7 +98,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         tmp.path().to_path_buf()
     };
+    let tls = guestcred::lab::cluster::tls::LabTls::new(dir.join("tls"));
+    tls.mint()?;
     let ctx = Ctx {
+        tls,
         dir,
         guestcred: procs::sibling_binary("guestcred")?,
         kubectl: which("kubectl").context("kubectl is needed for P1 (scripts/install-deps.sh)")?,
@@ -203,14 +208,75 @@ fn git_commit() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Peak RSS of `proc` (sampled every 10 ms) while `workers` tasks each keep calling `call`
-/// for `duration`. Fails if any call failed.
+/// Idle and loaded memory of one shim backend, as P4's figures.
+pub struct Footprint {
+    pub idle: Vec<f64>,
+    pub idle_anon: Vec<f64>,
+    pub peaks: Vec<Peak>,
+    pub hwm: f64,
+}
+
+impl Footprint {
+    /// `P4.<key>.*` figures; `load` says what the 50 concurrent requests were.
+    pub fn figures(self, key: &str, backend: &str, load: &str) -> Vec<stats::Figure> {
+        use stats::Figure;
+        let idle = Figure::new(
+            &format!("P4.{key}.idle"),
+            &format!("shim RSS idle ({backend} backend)"),
+            "MiB",
+            self.idle,
+        );
+        let loaded = Figure::new(
+            &format!("P4.{key}.load"),
+            &format!("shim peak RSS under 50 concurrent {load} ({backend} backend)"),
+            "MiB",
+            self.peaks.iter().map(|p| p.rss).collect(),
+        )
+        .against(&idle)
+        .max_at_most(40.0, "peak ≤ 40 MiB");
+        let idle_anon = Figure::new(
+            &format!("P4.{key}.idle_anon"),
+            "  of which anonymous (RssAnon: heap, stacks; the rest is the binary and shared libraries)",
+            "MiB",
+            self.idle_anon,
+        );
+        let load_anon = Figure::new(
+            &format!("P4.{key}.load_anon"),
+            "  peak anonymous RSS under that load",
+            "MiB",
+            self.peaks.iter().map(|p| p.anon).collect(),
+        )
+        .against(&idle_anon);
+        let hwm = Figure::new(
+            &format!("P4.{key}.hwm"),
+            "shim VmHWM at the end",
+            "MiB",
+            vec![self.hwm],
+        );
+        vec![
+            idle.max_at_most(20.0, "≤ 20 MiB"),
+            idle_anon,
+            loaded,
+            load_anon,
+            hwm,
+        ]
+    }
+}
+
+/// Peaks seen while sampling.
+pub struct Peak {
+    pub rss: f64,
+    pub anon: f64,
+}
+
+/// Peak RSS (and anonymous RSS) of `proc`, sampled every 10 ms while `workers` tasks each
+/// keep calling `call` for `duration`. Fails if any call failed.
 pub async fn sample_rss_under<F, Fut>(
     proc: &Proc,
     workers: usize,
     duration: Duration,
     call: F,
-) -> anyhow::Result<f64>
+) -> anyhow::Result<Peak>
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -231,15 +297,19 @@ where
         })
         .collect();
     let end = Instant::now() + duration;
-    let mut peak = proc.rss_mib()?;
+    let mut peak = Peak {
+        rss: proc.rss_mib()?,
+        anon: proc.anon_mib()?,
+    };
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(10)).await;
-        peak = peak.max(proc.rss_mib()?);
+        peak.rss = peak.rss.max(proc.rss_mib()?);
+        peak.anon = peak.anon.max(proc.anon_mib()?);
     }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await??;
     }
-    tracing::info!(requests = done.load(Ordering::Relaxed), peak_mib = peak, name = %proc.name, "load sample");
+    tracing::info!(requests = done.load(Ordering::Relaxed), peak_mib = peak.rss, name = %proc.name, "load sample");
     Ok(peak)
 }

@@ -6,7 +6,7 @@ use crate::cluster::{
     spawn_shim,
 };
 use crate::stats::{Figure, Section};
-use crate::{Ctx, sample_rss_under};
+use crate::{Ctx, Footprint, sample_rss_under};
 use anyhow::{Context as _, bail};
 use guestcred::api::RolloutSpec;
 use guestcred::api::wire::DomainRef;
@@ -15,7 +15,6 @@ use guestcred::lab::guest::{
 };
 use guestcred::lab::kubevirt::{create_node_with_shim, vm};
 use guestcred::lab::world::SHIM_NAMESPACE;
-use guestcred::shim::ShimClient;
 use kube::Api;
 use kube::api::PostParams;
 use std::sync::Arc;
@@ -86,10 +85,14 @@ pub async fn run(ctx: &Ctx, rounds: usize, load_secs: u64) -> anyhow::Result<P1R
         .map(|s| s.to_string())
         .chain(["--libvirt-uri".to_string(), uri.clone()])
         .collect();
-    let shim = spawn_shim(&ctx.guestcred, "node-1", addr, &shim_args, &dir).await?;
-    let shim_idle_start = shim.rss_mib()?;
-    let controller =
-        spawn_controller(&ctx.guestcred, &api, port, &dir.join("controller.log")).await?;
+    let shim = spawn_shim(ctx, "node-1", addr, &shim_args, &dir).await?;
+    let mut footprint = Footprint {
+        idle: vec![shim.rss_mib()?],
+        idle_anon: vec![shim.anon_mib()?],
+        peaks: Vec::new(),
+        hwm: 0.0,
+    };
+    let controller = spawn_controller(ctx, &api, port, &dir.join("controller.log")).await?;
     let direct = Arc::new(
         tokio::task::spawn_blocking({
             let uri = uri.clone();
@@ -173,9 +176,9 @@ pub async fn run(ctx: &Ctx, rounds: usize, load_secs: u64) -> anyhow::Result<P1R
     }
 
     // P4, libvirt backend: idle, then 50 concurrent probes (each a blocking libvirt call).
-    let shim_idle = shim.rss_mib()?;
-    let client = ShimClient::new(format!("http://{addr}"), None, Duration::from_secs(30))?;
-    let mut load_rss = Vec::new();
+    footprint.idle.push(shim.rss_mib()?);
+    footprint.idle_anon.push(shim.anon_mib()?);
+    let client = cluster::shim_client(ctx, addr)?;
     for _ in 0..3 {
         let c = client.clone();
         let peak = sample_rss_under(&shim, 50, Duration::from_secs(load_secs), move |_| {
@@ -188,9 +191,9 @@ pub async fn run(ctx: &Ctx, rounds: usize, load_secs: u64) -> anyhow::Result<P1R
             }
         })
         .await?;
-        load_rss.push(peak);
+        footprint.peaks.push(peak);
     }
-    let hwm = shim.hwm_mib()?;
+    footprint.hwm = shim.hwm_mib()?;
     drop(controller);
     drop(shim);
     drop(direct);
@@ -248,30 +251,9 @@ pub async fn run(ctx: &Ctx, rounds: usize, load_secs: u64) -> anyhow::Result<P1R
     ));
     p1.notes.push("Controller and shim are separate release processes; the shim uses the libvirt backend against the same private libvirtd the baselines use. The API server is the lab emulator served over loopback HTTP.".into());
 
-    let idle = Figure::new(
-        "P4.libvirt.idle",
-        "shim RSS idle (libvirt backend)",
-        "MiB",
-        vec![shim_idle_start, shim_idle],
-    );
-    let load = Figure::new(
-        "P4.libvirt.load",
-        "shim peak RSS under 50 concurrent /v1/probe requests (libvirt backend)",
-        "MiB",
-        load_rss,
-    )
-    .against(&idle)
-    .max_at_most(40.0, "peak ≤ 40 MiB");
-    let idle = idle.max_at_most(20.0, "≤ 20 MiB");
-    let hwm = Figure::new(
-        "P4.libvirt.hwm",
-        "shim VmHWM at the end (libvirt backend)",
-        "MiB",
-        vec![hwm],
-    );
     Ok(P1Result {
         p1,
-        p4_libvirt: vec![idle, load, hwm],
+        p4_libvirt: footprint.figures("libvirt", "libvirt", "/v1/probe requests to one TCG guest"),
     })
 }
 

@@ -36,13 +36,8 @@ pub async fn run(
     // Baseline: the same controller against an empty cluster (only the shim pods).
     let empty = BenchApi::start(&dir.join("empty")).await?;
     add_nodes(&empty.local, fleet, scale.nodes).await?;
-    let idle_ctl = spawn_controller(
-        &ctx.guestcred,
-        &empty,
-        fleet.port,
-        &dir.join("controller-empty.log"),
-    )
-    .await?;
+    let idle_ctl =
+        spawn_controller(ctx, &empty, fleet.port, &dir.join("controller-empty.log")).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let empty_rss = idle_ctl.rss_mib()?;
     drop(idle_ctl);
@@ -87,13 +82,8 @@ pub async fn run(
 
     // First run: the controller finishes all resets (real agent calls).
     let first = Instant::now();
-    let mut controller = spawn_controller(
-        &ctx.guestcred,
-        &api,
-        fleet.port,
-        &dir.join("controller-0.log"),
-    )
-    .await?;
+    let mut controller =
+        spawn_controller(ctx, &api, fleet.port, &dir.join("controller-0.log")).await?;
     wait_all_ready(&resets, scale.resets, Duration::from_secs(300)).await?;
     let first_run = first.elapsed();
     controller.kill();
@@ -102,13 +92,7 @@ pub async fn run(
     for round in 1..=rounds {
         api.requests.clear();
         let t0 = Instant::now();
-        let mut cmd = std::process::Command::new(&ctx.guestcred);
-        cmd.arg("controller")
-            .args(["--shim-namespace", SHIM_NAMESPACE])
-            .args(["--shim-port", &fleet.port.to_string()])
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .env("KUBECONFIG", &api.kubeconfig)
-            .env("RUST_LOG", "info");
+        let cmd = cluster::controller_command(ctx, &api, fleet.port);
         let mut c = crate::procs::Proc::spawn(
             "controller",
             cmd,

@@ -106,6 +106,12 @@ impl Proc {
         status_kib(self.pid(), "VmRSS:").map(kib_to_mib)
     }
 
+    /// The anonymous part of RSS (heap, stacks): the process's own memory, without the
+    /// file-backed pages of its binary and shared libraries.
+    pub fn anon_mib(&self) -> anyhow::Result<f64> {
+        status_kib(self.pid(), "RssAnon:").map(kib_to_mib)
+    }
+
     /// Peak RSS since start (VmHWM).
     pub fn hwm_mib(&self) -> anyhow::Result<f64> {
         status_kib(self.pid(), "VmHWM:").map(kib_to_mib)
