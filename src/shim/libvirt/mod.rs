@@ -213,6 +213,11 @@ pub struct LibvirtAgent {
     locator: Locator,
     timeout: Duration,
     conns: Arc<ConnCache>,
+    /// One agent call per domain inside libvirt at a time. libvirt queues calls to one
+    /// domain anyway, and each queued call holds one of the connection's few request slots
+    /// (libvirtd's max_client_requests, default 5): without this gate a handful of calls to
+    /// one hung guest would stall every other domain on the same connection.
+    gates: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl LibvirtAgent {
@@ -224,6 +229,7 @@ impl LibvirtAgent {
             locator,
             timeout,
             conns: Arc::default(),
+            gates: Default::default(),
         }
     }
 
@@ -240,7 +246,28 @@ impl LibvirtAgent {
         let target = self.locator.locate(domain)?;
         let conns = self.conns.clone();
         let secs = self.timeout_secs();
-        let task = tokio::task::spawn_blocking(move || call_blocking(&conns, &target, secs, &op));
+        let gate = {
+            let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+            gates
+                .entry(domain.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
+                .clone()
+        };
+        let permit =
+            match tokio::time::timeout(self.timeout + CALL_MARGIN, gate.acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    return Err(ShimError::new(
+                        ShimErrorReason::AgentTimeout,
+                        format!("an earlier agent call on {domain} is still running (agent hung?)"),
+                    ));
+                }
+            };
+        // The permit lives as long as the blocking call, even if we stop waiting for it.
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            call_blocking(&conns, &target, secs, &op)
+        });
         match tokio::time::timeout(self.timeout + CALL_MARGIN, task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(ShimError::internal(format!("libvirt call failed: {join}"))),
