@@ -112,15 +112,26 @@ async fn main() -> anyhow::Result<()> {
         "Shim footprint: RSS idle and under 50 concurrent requests",
     );
 
+    // A benchmark that fails is reported as failed; the others still run and are written.
+    let mut failed: Vec<String> = Vec::new();
+    let mut fail = |id: &str, e: anyhow::Error, sections: &mut Vec<Section>| {
+        tracing::error!(benchmark = id, error = format!("{e:#}"), "benchmark failed");
+        let mut s = Section::new(id, "FAILED");
+        s.notes.push(format!("FAILED: {e:#}"));
+        sections.push(s);
+        failed.push(id.to_string());
+    };
     if wants("p1") || wants("p4") {
         tracing::info!("P1: real guest");
-        let r = p1::run(&ctx, args.p1_rounds, args.load_secs)
-            .await
-            .context("P1")?;
-        if wants("p1") {
-            sections.push(r.p1);
+        match p1::run(&ctx, args.p1_rounds, args.load_secs).await {
+            Ok(r) => {
+                if wants("p1") {
+                    sections.push(r.p1);
+                }
+                p4.figures.extend(r.p4_libvirt);
+            }
+            Err(e) => fail("P1", e, &mut sections),
         }
-        p4.figures.extend(r.p4_libvirt);
     }
     if wants("p2") || wants("p3") || wants("p4") || wants("p5") {
         tracing::info!(
@@ -133,15 +144,17 @@ async fn main() -> anyhow::Result<()> {
             .context("fleet")?;
         if wants("p2") || wants("p4") || wants("p5") {
             tracing::info!("P2, P4, P5: fleet");
-            let r = fleet::run(&ctx, &fleet, args.p2_rounds, args.p5_rounds, args.load_secs)
-                .await
-                .context("P2/P4/P5")?;
-            if wants("p2") {
-                sections.push(r.p2);
-            }
-            p4.figures.extend(r.p4_qga);
-            if wants("p5") {
-                sections.push(r.p5);
+            match fleet::run(&ctx, &fleet, args.p2_rounds, args.p5_rounds, args.load_secs).await {
+                Ok(r) => {
+                    if wants("p2") {
+                        sections.push(r.p2);
+                    }
+                    p4.figures.extend(r.p4_qga);
+                    if wants("p5") {
+                        sections.push(r.p5);
+                    }
+                }
+                Err(e) => fail("P2", e, &mut sections),
             }
         }
         if wants("p3") {
@@ -151,11 +164,10 @@ async fn main() -> anyhow::Result<()> {
                 nodes: args.p3_nodes,
                 resets: args.p3_resets,
             };
-            sections.push(
-                p3::run(&ctx, &fleet, &scale, args.p3_rounds)
-                    .await
-                    .context("P3")?,
-            );
+            match p3::run(&ctx, &fleet, &scale, args.p3_rounds).await {
+                Ok(s) => sections.push(s),
+                Err(e) => fail("P3", e, &mut sections),
+            }
         }
     }
     if wants("p4") {
@@ -187,6 +199,9 @@ async fn main() -> anyhow::Result<()> {
         args.out.display(),
         args.out.display()
     );
+    if !failed.is_empty() {
+        anyhow::bail!("benchmarks failed: {} (see the report)", failed.join(", "));
+    }
     Ok(())
 }
 
