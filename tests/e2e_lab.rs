@@ -534,3 +534,25 @@ fn controller_and_shim_logs_events_and_status_never_contain_the_password() {
         "the password leaked into logs, Events or status"
     );
 }
+
+#[test]
+fn keys_for_a_user_without_a_home_directory_fail_with_user_home_missing() {
+    lab();
+    apply(&keys(
+        "e2e-nohome",
+        "vm-1-2",
+        "nohome",
+        KeyMode::Live,
+        &[KEY1],
+    ));
+    wait_until(
+        "kpr",
+        "e2e-nohome",
+        ".status.targets[0].reason",
+        "UserHomeMissing",
+    );
+    assert_eq!(
+        jsonpath("kpr", "e2e-nohome", ".status.targets[0].state"),
+        "Failed"
+    );
+}

@@ -183,6 +183,8 @@ pub enum ShimErrorReason {
     /// Unknown outcome: the guest may still apply the call when its agent wakes up.
     AgentTimeout,
     UserNotFound,
+    /// The user exists but has no home directory, so it cannot hold authorized_keys.
+    UserHomeMissing,
     DomainNotFound,
     DomainNotRunning,
     /// The agent lacks (or has disabled) the command.
@@ -199,6 +201,7 @@ impl ShimErrorReason {
             Self::AgentNotConnected => "AgentNotConnected",
             Self::AgentTimeout => "AgentTimeout",
             Self::UserNotFound => "UserNotFound",
+            Self::UserHomeMissing => "UserHomeMissing",
             Self::DomainNotFound => "DomainNotFound",
             Self::DomainNotRunning => "DomainNotRunning",
             Self::Unsupported => "Unsupported",
@@ -216,6 +219,7 @@ impl ShimErrorReason {
             Self::Unauthenticated => 401,
             Self::Forbidden => 403,
             Self::DomainNotFound | Self::UserNotFound => 404,
+            Self::UserHomeMissing => 422,
             Self::DomainNotRunning | Self::AgentNotConnected => 409,
             Self::Unsupported => 501,
             Self::AgentTimeout => 504,

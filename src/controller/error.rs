@@ -60,6 +60,7 @@ impl Error {
                 ShimErrorReason::AgentNotConnected => Reason::AgentNotConnected,
                 ShimErrorReason::AgentTimeout => Reason::AgentTimeout,
                 ShimErrorReason::UserNotFound => Reason::UserNotFound,
+                ShimErrorReason::UserHomeMissing => Reason::UserHomeMissing,
                 // The VMI says Running on this node but the node has no such domain (yet):
                 // it is starting or migrating, so retry like a VM that is not running.
                 ShimErrorReason::DomainNotFound | ShimErrorReason::DomainNotRunning => {

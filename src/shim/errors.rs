@@ -21,6 +21,9 @@ pub fn classify_agent_text(text: &str) -> ShimErrorReason {
         ShimErrorReason::Unsupported
     } else if t.contains("failed to lookup user") || t.contains("failed to set user password") {
         ShimErrorReason::UserNotFound
+    } else if t.contains("failed to create directory") && t.contains("/.ssh") {
+        // qemu-ga creates ~/.ssh but not the home directory itself.
+        ShimErrorReason::UserHomeMissing
     } else {
         ShimErrorReason::Internal
     }
@@ -251,5 +254,11 @@ mod tests {
         assert!(is_connection_error(38));
         assert!(is_connection_error(39));
         assert!(!is_connection_error(42));
+    }
+
+    #[test]
+    fn missing_home_directory_is_its_own_reason() {
+        let text = "failed to create directory '/home/nohome/.ssh': No such file or directory";
+        assert_eq!(classify_agent_text(text), ShimErrorReason::UserHomeMissing);
     }
 }
