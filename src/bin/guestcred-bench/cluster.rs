@@ -359,7 +359,8 @@ pub fn controller_command(
         .arg(&files.key)
         .args(["--metrics-listen", "127.0.0.1:0"])
         .env("KUBECONFIG", &api.kubeconfig)
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        .envs(ctx.controller_env.iter().map(|(k, v)| (k, v)));
     cmd
 }
 

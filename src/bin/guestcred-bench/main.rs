@@ -58,6 +58,10 @@ struct Args {
     /// P5 rounds (each: 20 resets without, then with, a hung agent).
     #[arg(long, default_value_t = 3)]
     p5_rounds: usize,
+    /// Extra environment for every controller process (KEY=VALUE, repeatable), for
+    /// experiments such as allocator settings.
+    #[arg(long = "controller-env", value_name = "KEY=VALUE")]
+    controller_env: Vec<String>,
     /// Keep the scratch directory (logs of every process) instead of deleting it.
     #[arg(long)]
     keep: bool,
@@ -74,6 +78,7 @@ pub struct Ctx {
     pub kubectl: PathBuf,
     /// CA, shim server and controller client certificates (mutual TLS, as deployed).
     pub tls: guestcred::lab::cluster::tls::LabTls,
+    pub controller_env: Vec<(String, String)>,
 }
 
 #[tokio::main]
@@ -100,7 +105,17 @@ async fn main() -> anyhow::Result<()> {
     };
     let tls = guestcred::lab::cluster::tls::LabTls::new(dir.join("tls"));
     tls.mint()?;
+    let controller_env = args
+        .controller_env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--controller-env {kv:?} is not KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let ctx = Ctx {
+        controller_env,
         tls,
         dir,
         guestcred: procs::sibling_binary("guestcred")?,
@@ -189,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
             "nodes": args.nodes, "p3_vmis": args.p3_vmis, "p3_nodes": args.p3_nodes,
             "p3_resets": args.p3_resets, "p3_rounds": args.p3_rounds,
             "p5_rounds": args.p5_rounds, "load_secs": args.load_secs,
+            "controller_env": args.controller_env,
         }),
         sections,
     };

@@ -93,7 +93,8 @@ pub async fn run(
     let first_run = first.elapsed();
     controller.kill();
 
-    let (mut resync, mut rss, mut hwm, mut reqs) = (vec![], vec![], vec![], vec![]);
+    let (mut resync, mut rss, mut anon, mut hwm, mut reqs) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for round in 1..=rounds {
         api.requests.clear();
         let t0 = Instant::now();
@@ -122,6 +123,7 @@ pub async fn run(
         };
         resync.push((synced_at - t0).as_secs_f64());
         rss.push(c.rss_mib()?);
+        anon.push(c.anon_mib()?);
         hwm.push(c.hwm_mib()?);
         wait_all_ready(&resets, scale.resets, Duration::from_secs(10)).await?;
         c.kill();
@@ -146,6 +148,12 @@ pub async fn run(
             .against(&base)
             .max_at_most(64.0, "≤ 64 MiB"),
     );
+    s.figures.push(Figure::new(
+        "P3.rss_anon",
+        "  of which anonymous (RssAnon)",
+        "MiB",
+        anon,
+    ));
     s.figures.push(
         Figure::new(
             "P3.hwm",
