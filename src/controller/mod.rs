@@ -241,9 +241,9 @@ pub async fn start(
     let recorder = Recorder::new(client.clone(), reporter);
     // Untyped watches: one object that does not match the types must not stop the kind.
     let (store, stream) = lenient::watch::<GuestPasswordReset>(client.clone(), recorder.clone());
-    let resets = Controller::for_stream(stream, store);
+    let resets = Controller::for_stream(stream, store).with_config(reconcile_limit());
     let (store, stream) = lenient::watch::<KeypairRebuild>(client.clone(), recorder.clone());
-    let rebuilds = Controller::for_stream(stream, store);
+    let rebuilds = Controller::for_stream(stream, store).with_config(reconcile_limit());
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder,
@@ -289,6 +289,17 @@ pub async fn start(
     futures::join!(resets, rebuilds, synced);
     shim_task.abort();
     info!("controller stopped");
+}
+
+/// Reconciles of one kind running at once. Unbounded, a restart with N finished objects
+/// reconciled them all at once: N concurrent API requests, so N connections to the API
+/// server kept in the client's pool (1,000 objects: ~580 connections, +45 MiB RSS). A
+/// bulk run is one reconcile, so this does not limit targets; it only queues objects
+/// beyond it (e.g. many single-VM resets waiting on hung agents until their deadlines).
+const MAX_CONCURRENT_RECONCILES: u16 = 128;
+
+fn reconcile_limit() -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES)
 }
 
 /// Add the Secret and VMI watches that trigger reconciles of `K`.
