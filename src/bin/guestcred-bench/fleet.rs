@@ -462,7 +462,12 @@ async fn p5(
     let hung_pid = fleet.agents[hung_vm].pid().to_string();
     let (mut without, mut with, mut timeouts, mut failed) = (vec![], vec![], vec![], vec![]);
     for round in 0..=rounds {
-        let a = p5_round(fleet, resets, secrets, &format!("p5a-{round}"), None).await?;
+        // Odd rounds run the hung case first, so neither case always comes second.
+        let hung_first = round % 2 == 1;
+        let mut a = None;
+        if !hung_first {
+            a = Some(p5_round(fleet, resets, secrets, &format!("p5a-{round}"), None).await?);
+        }
         signal(&hung_pid, "-STOP")?;
         let b = p5_round(
             fleet,
@@ -474,6 +479,14 @@ async fn p5(
         .await;
         signal(&hung_pid, "-CONT")?;
         let b = b?;
+        let a = match a {
+            Some(a) => a,
+            None => {
+                // Let the resumed agent drain what was queued while it was stopped.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                p5_round(fleet, resets, secrets, &format!("p5a-{round}"), None).await?
+            }
+        };
         if round > 0 {
             without.extend(a.healthy);
             with.extend(b.healthy);
@@ -523,7 +536,7 @@ async fn p5(
         .max_at_most(11.0, "≤ deadline + 1 s"),
     );
     s.notes.push(format!(
-        "{rounds} rounds after a warm-up; each round runs the 20 resets without, then with, agent {} frozen. Latency is create → Ready=True seen by a watch, per object.",
+        "{rounds} rounds after a warm-up; each round runs the 20 resets without and with agent {} frozen (the order alternates). Latency is create → Ready=True seen by a watch, per object.",
         vm_name(hung_vm)
     ));
     Ok(s)

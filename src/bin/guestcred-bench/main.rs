@@ -55,8 +55,8 @@ struct Args {
     p3_resets: usize,
     #[arg(long, default_value_t = 3)]
     p3_rounds: usize,
-    /// P5 rounds (each: 20 resets without, then with, a hung agent).
-    #[arg(long, default_value_t = 3)]
+    /// P5 rounds (each: 20 resets without and with a hung agent).
+    #[arg(long, default_value_t = 5)]
     p5_rounds: usize,
     /// Extra environment for every controller process (KEY=VALUE, repeatable), for
     /// experiments such as allocator settings.

@@ -199,7 +199,7 @@ pub async fn run(
         "{rounds} restarts (SIGKILL, then a new process). The resync ends with the last non-watch API request the new controller makes; the bench makes none meanwhile, and checks afterwards that all {} resets are still Ready. RSS is read right then.",
         scale.resets
     ));
-    s.notes.push("The emulator ignores metadata-only list/watch requests (as=PartialObjectMetadata) and sends whole VMIs; the controller keeps only their metadata, but parses full objects, so its peak is higher here than against a real API server.".into());
+    s.notes.push("The bench's front answers metadata-only lists (the controller's Secret and VMI watches) with metadata only, as kube-apiserver does; the emulator does not paginate (limit/continue), so each initial list arrives in one piece, a pessimistic peak.".into());
     Ok(s)
 }
 
