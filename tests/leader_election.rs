@@ -104,8 +104,10 @@ async fn only_the_leader_reconciles_and_a_follower_takes_over_when_it_dies() {
     let api = ApiServer::new();
     let client = api.client();
     install_crds(&client).await.expect("crds");
+    // The second replica starts once the first holds the lease: the emulator has no
+    // server-side-apply conflict detection, which is what keeps two simultaneous first
+    // acquisitions apart on a real API server (documented emulator gap).
     let a = replica(client.clone(), "replica-a");
-    let b = replica(client.clone(), "replica-b");
     let start = Instant::now();
     let first = loop {
         if let Some(h) = holder(&client).await {
@@ -117,6 +119,7 @@ async fn only_the_leader_reconciles_and_a_follower_takes_over_when_it_dies() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let b = replica(client.clone(), "replica-b");
     let resets: Api<GuestPasswordReset> = Api::namespaced(client.clone(), "default");
     let pp = PatchParams::apply("test").force();
     resets
