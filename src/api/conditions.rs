@@ -40,6 +40,40 @@ pub fn set_condition(
     }
 }
 
+/// The three standard conditions of a run, all with one reason and message.
+#[derive(Clone, Copy, Debug)]
+pub struct RunConditions {
+    pub ready: bool,
+    pub progressing: bool,
+    pub stalled: bool,
+}
+
+/// Set Ready, Progressing and Stalled together (see [`set_condition`]).
+pub fn set_run_conditions(
+    conditions: &mut Vec<Condition>,
+    state: RunConditions,
+    reason: &str,
+    message: &str,
+    observed_generation: Option<i64>,
+    now: &Time,
+) {
+    for (type_, status) in [
+        (READY, state.ready),
+        (PROGRESSING, state.progressing),
+        (STALLED, state.stalled),
+    ] {
+        set_condition(
+            conditions,
+            type_,
+            status,
+            reason,
+            message,
+            observed_generation,
+            now,
+        );
+    }
+}
+
 /// True when condition `type_` is present with status "True".
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     conditions

@@ -9,7 +9,7 @@
 use super::context::Context;
 use super::error::Error;
 use super::targets::{self, TargetCall};
-use crate::api::conditions::{self, PROGRESSING, READY, STALLED};
+use crate::api::conditions::{self, RunConditions, STALLED};
 use crate::api::{Phase, Reason, RolloutSpec, RunStatus, TargetSpec, TargetState, TargetStatus};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -203,28 +203,13 @@ async fn stall<K: RunKind>(
             Phase::Failed
         });
     }
-    conditions::set_condition(
+    conditions::set_run_conditions(
         &mut status.conditions,
-        STALLED,
-        true,
-        reason.as_str(),
-        &msg,
-        generation,
-        &t,
-    );
-    conditions::set_condition(
-        &mut status.conditions,
-        READY,
-        false,
-        reason.as_str(),
-        &msg,
-        generation,
-        &t,
-    );
-    conditions::set_condition(
-        &mut status.conditions,
-        PROGRESSING,
-        false,
+        RunConditions {
+            ready: false,
+            progressing: false,
+            stalled: true,
+        },
         reason.as_str(),
         &msg,
         generation,
@@ -472,29 +457,14 @@ fn finish(status: &mut RunStatus, generation: Option<i64>, stop: Option<Reason>)
             ),
         },
     };
-    conditions::set_condition(
-        &mut status.conditions,
-        READY,
-        ready,
-        reason.as_str(),
-        &msg,
-        generation,
-        &t,
-    );
-    conditions::set_condition(
-        &mut status.conditions,
-        PROGRESSING,
-        progressing,
-        reason.as_str(),
-        &msg,
-        generation,
-        &t,
-    );
     let stalled = matches!(status.phase, Some(Phase::Failed));
-    conditions::set_condition(
+    conditions::set_run_conditions(
         &mut status.conditions,
-        STALLED,
-        stalled,
+        RunConditions {
+            ready,
+            progressing,
+            stalled,
+        },
         reason.as_str(),
         &msg,
         generation,
@@ -518,28 +488,13 @@ async fn flush_status<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared) {
             s.summary.total
         );
         let g = obj.meta().generation;
-        conditions::set_condition(
+        conditions::set_run_conditions(
             &mut s.conditions,
-            PROGRESSING,
-            true,
-            Reason::InProgress.as_str(),
-            &msg,
-            g,
-            &t,
-        );
-        conditions::set_condition(
-            &mut s.conditions,
-            READY,
-            false,
-            Reason::InProgress.as_str(),
-            &msg,
-            g,
-            &t,
-        );
-        conditions::set_condition(
-            &mut s.conditions,
-            STALLED,
-            false,
+            RunConditions {
+                ready: false,
+                progressing: true,
+                stalled: false,
+            },
             Reason::InProgress.as_str(),
             &msg,
             g,
