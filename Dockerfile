@@ -2,8 +2,10 @@
 # guestcred product images. Two targets from one build:
 #   docker build --target controller -t guestcred-controller .
 #   docker build --target shim       -t guestcred-shim .
-# Both hold the same `guestcred` binary, built without the `lab` feature (the API-server
-# emulator and guest lab are test tooling and never ship).
+# Built without the `lab` feature (the API-server emulator and guest lab are test tooling
+# and never ship). The controller image runs `guestcred controller`; the shim image runs
+# `guestcred-shim`, a binary with only the shim's code in it (a smaller resident set on
+# every node).
 
 FROM rust:1-bookworm AS builder
 # The `virt` crate links libvirt through pkg-config.
@@ -19,27 +21,29 @@ COPY src ./src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --no-default-features --bins \
-    && install -D -m 0755 target/release/guestcred /out/guestcred
+    && install -D -m 0755 target/release/guestcred /out/guestcred \
+    && install -D -m 0755 target/release/guestcred-shim /out/guestcred-shim
 
 # The controller needs only libc/libgcc (rustls, no OpenSSL) ... and libvirt, because the
-# one binary also contains the shim: it is linked against libvirt0 even if it never calls
-# it. distroless/cc has no libvirt0, so the controller is debian-slim too, as non-root.
+# `guestcred` binary also contains the shim: it is linked against libvirt0 even if it never
+# calls it. distroless/cc has no libvirt0, so the controller is debian-slim too, as non-root.
 FROM debian:bookworm-slim AS runtime-base
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libvirt0 ca-certificates \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=builder /out/guestcred /usr/local/bin/guestcred
 
 FROM runtime-base AS shim
+COPY --from=builder /out/guestcred-shim /usr/local/bin/guestcred-shim
 # Runs as root in the DaemonSet only where the host's sockets need it, with capabilities
 # dropped there (see charts/guestcred and docs/install.md). The image default stays root
 # because a non-root default cannot open root-owned libvirt sockets at all.
 # hadolint ignore=DL3002
 USER 0
-ENTRYPOINT ["/usr/local/bin/guestcred", "shim"]
+ENTRYPOINT ["/usr/local/bin/guestcred-shim"]
 
 FROM runtime-base AS controller
+COPY --from=builder /out/guestcred /usr/local/bin/guestcred
 # Same uid as distroless "nonroot"; the chart's securityContext runs it as 65532 too.
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/guestcred"]

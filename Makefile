@@ -35,7 +35,7 @@ demo: build
 # Benchmarks P1-P5 (docs/benchmarks.md): release build, then bench/results.md and
 # bench/results.json. Needs root (private libvirtd, qemu-ga namespaces); ~5 minutes.
 bench: deps
-	$(CARGO) build --release --bin guestcred --bin guestcred-bench
+	$(CARGO) build --release --bin guestcred --bin guestcred-shim --bin guestcred-bench
 	target/release/guestcred-bench --out bench
 
 # Soak (docs/bad-input.md): rounds of bulk runs under shim/controller kills, 409s and 410s.

@@ -1317,20 +1317,19 @@ async fn rendered_certificates_let_the_rendered_controller_call_the_rendered_shi
             }
         })
         .collect();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestcred"));
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestcred-shim"));
     for (k, _) in std::env::vars() {
         if k.starts_with("GUESTCRED_SHIM_") {
             cmd.env_remove(k);
         }
     }
     let mut shim = cmd
-        .arg("shim")
         .args(&argv)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("spawn guestcred shim");
+        .expect("spawn guestcred-shim");
     let _vm = HostQga::start(dir.path(), "vm-helm")
         .expect("lab qemu-ga must start (needs root, unshare, overlayfs, qemu-ga)");
 
@@ -1535,6 +1534,10 @@ fn dockerfile_builds_the_product_binary_without_the_lab_feature() {
     for target in ["AS controller", "AS shim", "AS builder"] {
         assert!(text.contains(target), "Dockerfile stage {target}");
     }
+    assert!(
+        text.contains(r#"ENTRYPOINT ["/usr/local/bin/guestcred-shim"]"#),
+        "the shim image runs the shim-only binary"
+    );
 }
 
 /// What the image build compiles (`--no-default-features`: no lab), checked cheaply in a

@@ -28,11 +28,12 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Controller(args) => controller::run(args).await,
-        Command::Shim(args) => shim::run(args).await,
+        Command::Controller(args) => {
+            tokio::runtime::Runtime::new()?.block_on(controller::run(args))
+        }
+        Command::Shim(args) => shim::main(args),
         Command::Crdgen { out } => crdgen(out),
     }
 }

@@ -57,7 +57,8 @@ pub enum LogFormat {
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "guestcred-shim",
-    about = "guestcred node shim (guest agent bridge)"
+    version,
+    about = "guestcred node shim: serves the guest-agent API of this node's VMs to the controller"
 )]
 pub struct ShimArgs {
     /// Address to listen on.
@@ -163,6 +164,13 @@ pub struct ShimArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// Async worker threads. The shim mostly waits on guests, so a small fixed number keeps
+    /// its footprint the same on a 2-core and a 128-core node (tokio's default is one per core).
+    #[arg(long, env = "GUESTCRED_SHIM_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub worker_threads: u16,
+    /// Threads for blocking libvirt calls: one per call in flight, further calls queue.
+    #[arg(long, env = "GUESTCRED_SHIM_MAX_BLOCKING_THREADS", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub max_blocking_threads: u16,
 }
 
 impl ShimArgs {
@@ -299,6 +307,19 @@ async fn shutdown_signal() {
     tracing::info!("shutdown requested; draining in-flight requests");
 }
 
+/// Build the shim's runtime (sized by `--worker-threads`, `--max-blocking-threads`) and
+/// run the shim on it until SIGTERM or ctrl-c.
+pub fn main(args: ShimArgs) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.worker_threads))
+        .max_blocking_threads(usize::from(args.max_blocking_threads))
+        .thread_name("guestcred-shim")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(args))
+}
+
 /// Run the shim until SIGTERM or ctrl-c.
 pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
@@ -368,6 +389,14 @@ mod tests {
             Ok(_) => panic!("{argv:?} must be refused"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn runtime_is_two_workers_whatever_the_core_count_and_refuses_zero() {
+        let args = parse(&[]);
+        assert_eq!((args.worker_threads, args.max_blocking_threads), (2, 64));
+        assert!(ShimArgs::try_parse_from(["shim", "--worker-threads", "0"]).is_err());
+        assert!(ShimArgs::try_parse_from(["shim", "--max-blocking-threads", "0"]).is_err());
     }
 
     #[test]

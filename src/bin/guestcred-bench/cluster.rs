@@ -348,7 +348,7 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// `guestcred shim` on `addr` with extra backend flags, serving mutual TLS with the bench's
+/// `guestcred-shim` on `addr` with extra backend flags, serving mutual TLS with the bench's
 /// certificates as the chart deploys it; returns once it listens.
 pub async fn spawn_shim(
     ctx: &crate::Ctx,
@@ -358,9 +358,8 @@ pub async fn spawn_shim(
     dir: &Path,
 ) -> anyhow::Result<crate::procs::Proc> {
     let files = ctx.tls.shim_server_files();
-    let mut cmd = std::process::Command::new(&ctx.guestcred);
-    cmd.arg("shim")
-        .args(["--listen", &addr.to_string(), "--node-name", node])
+    let mut cmd = std::process::Command::new(&ctx.shim);
+    cmd.args(["--listen", &addr.to_string(), "--node-name", node])
         .arg("--tls-cert-file")
         .arg(&files.cert)
         .arg("--tls-key-file")

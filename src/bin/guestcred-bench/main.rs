@@ -75,6 +75,8 @@ pub struct Ctx {
     /// Scratch directory (short: agent socket paths live below it).
     pub dir: PathBuf,
     pub guestcred: PathBuf,
+    /// The shim as the DaemonSet image runs it (`guestcred-shim`).
+    pub shim: PathBuf,
     pub kubectl: PathBuf,
     /// CA, shim server and controller client certificates (mutual TLS, as deployed).
     pub tls: guestcred::lab::cluster::tls::LabTls,
@@ -119,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
         tls,
         dir,
         guestcred: procs::sibling_binary("guestcred")?,
+        shim: procs::sibling_binary("guestcred-shim")?,
         kubectl: which("kubectl").context("kubectl is needed for P1 (scripts/install-deps.sh)")?,
     };
     let mut sections: Vec<Section> = Vec::new();
