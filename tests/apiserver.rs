@@ -122,6 +122,30 @@ fn get(path: &str, accept: &str) -> http::Request<String> {
 }
 
 #[tokio::test]
+async fn answered_requests_are_counted_by_method_and_exact_path() {
+    let server = ApiServer::new();
+    let secrets: Api<Secret> = Api::default_namespaced(server.client());
+    secrets
+        .create(&PostParams::default(), &secret("pw", "x"))
+        .await
+        .expect("create");
+    secrets.get("pw").await.expect("get");
+    let _ = secrets.get_opt("missing").await.expect("get missing");
+    secrets.get("pw").await.expect("get again");
+    let path = "/api/v1/namespaces/default/secrets/pw";
+    assert_eq!(server.requests("GET", path), 2);
+    assert_eq!(
+        server.requests("POST", "/api/v1/namespaces/default/secrets"),
+        1
+    );
+    assert_eq!(
+        server.requests("GET", "/api/v1/namespaces/default/secrets/missing"),
+        1
+    );
+    assert_eq!(server.requests("DELETE", path), 0);
+}
+
+#[tokio::test]
 async fn secret_create_get_replace_delete_round_trip() {
     let server = ApiServer::new();
     let secrets: Api<Secret> = Api::default_namespaced(server.client());

@@ -504,6 +504,97 @@ async fn paused_reset_starts_nothing_until_unpaused() {
     );
 }
 
+/// A crypted reset of `vm` from Secret `secret` (both created), run to the end.
+async fn finished_reset_from_secret(w: &World, name: &str, vm_name: &str, secret_name: &str) {
+    w.apply(&secret(secret_name, "password", SHA512))
+        .await
+        .expect("secret");
+    let mut source = from_secret(secret_name);
+    source.crypted = true;
+    w.apply(&reset(name, vm_named(vm_name), source))
+        .await
+        .expect("reset");
+    w.wait_for(NS, name, WAIT, finished)
+        .await
+        .expect("first run finishes");
+}
+
+fn secret_path(name: &str) -> String {
+    format!("/api/v1/namespaces/{NS}/secrets/{name}")
+}
+
+#[tokio::test]
+async fn restarted_controller_resyncs_a_finished_reset_without_reading_its_unchanged_secret() {
+    let mut w = world().await;
+    let _a = w.add_vm(&vm(NS, "vm-a", "node-1"), Some(alice())).await;
+    let _b = w.add_vm(&vm(NS, "vm-b", "node-1"), Some(alice())).await;
+    finished_reset_from_secret(&w, "done", "vm-a", "pw").await;
+    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), NS);
+    let version = secrets
+        .get("pw")
+        .await
+        .expect("secret")
+        .metadata
+        .resource_version;
+    let api: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
+    let status = api.get("done").await.expect("get").status.expect("status");
+    assert_eq!(status.run.input_secret_version, version);
+
+    w.kill_controller();
+    let reads_before = w.api.requests("GET", &secret_path("pw"));
+    // Work for the restarted controller: once it is done, the resync has happened.
+    w.apply(&secret("pw2", "password", SHA512))
+        .await
+        .expect("secret");
+    let mut source = from_secret("pw2");
+    source.crypted = true;
+    w.apply(&reset("new", vm_named("vm-b"), source))
+        .await
+        .expect("reset");
+    w.start_controller();
+    w.wait_for(NS, "new", WAIT, finished)
+        .await
+        .expect("new reset runs");
+
+    assert_eq!(w.api.requests("GET", &secret_path("pw")), reads_before);
+    let after = api.get("done").await.expect("get").status.expect("status");
+    assert_eq!(after.run.input_hash, status.run.input_hash);
+    assert_eq!(after.run.targets[0].attempts, 1);
+}
+
+#[tokio::test]
+async fn secret_rotated_while_the_controller_was_down_runs_again_after_restart() {
+    let mut w = world().await;
+    let qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    finished_reset_from_secret(&w, "r", "vm-a", "pw").await;
+    let api: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
+    let first_hash = api
+        .get("r")
+        .await
+        .expect("get")
+        .status
+        .expect("status")
+        .run
+        .input_hash;
+
+    w.kill_controller();
+    let rotated = SHA512.replace("gcTestSalt", "gcWhileDown");
+    w.apply(&secret("pw", "password", &rotated))
+        .await
+        .expect("rotate");
+    w.start_controller();
+    w.wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
+        finished(r) && r.status.as_ref().map(|s| &s.run.input_hash) != Some(&first_hash)
+    })
+    .await
+    .expect("a second run after the restart");
+    assert_eq!(qga.shadow_hash("root").expect("shadow"), Some(rotated));
+}
+
 #[tokio::test]
 async fn changed_secret_runs_again_once_and_unchanged_never() {
     let w = world().await;

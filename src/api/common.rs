@@ -210,9 +210,15 @@ pub struct RunStatus {
     pub phase: Option<Phase>,
     #[serde(default)]
     pub summary: Summary,
-    /// sha256 of the input (Secret value or key list), never the input: a change starts a new run.
+    /// HMAC-SHA256 of the input (Secret value or key list, user, mode) keyed with this
+    /// object's UID, never the input: a change starts a new run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_hash: Option<String>,
+    /// resourceVersion of the referenced Secret when `inputHash` was computed. While the
+    /// Secret keeps it, a restarted controller knows the input is unchanged without reading
+    /// the Secret again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_secret_version: Option<String>,
     /// `spec.target` as it was when the first run started; the target may not change after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_spec: Option<TargetSpec>,

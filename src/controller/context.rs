@@ -1,9 +1,11 @@
 //! State shared by every reconcile.
 use super::shims::ShimDirectory;
 use crate::api::{GuestPasswordReset, KeypairRebuild};
+use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use std::time::Duration;
 
 /// Tunables of the run engine.
@@ -34,4 +36,16 @@ pub struct Context {
     /// Latest view of the objects, to notice pause, spec changes and deletion mid-run.
     pub resets: Store<GuestPasswordReset>,
     pub rebuilds: Store<KeypairRebuild>,
+    /// Secrets' names and resourceVersions (metadata watch, everything else dropped).
+    pub secret_versions: Store<PartialObjectMeta<Secret>>,
+}
+
+impl Context {
+    /// The resourceVersion of Secret `ns/name` as last seen by the watch.
+    pub fn secret_version(&self, ns: &str, name: &str) -> Option<String> {
+        let key = ObjectRef::new(name).within(ns);
+        self.secret_versions
+            .get(&key)
+            .and_then(|s| s.metadata.resource_version.clone())
+    }
 }

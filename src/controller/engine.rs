@@ -10,7 +10,9 @@ use super::context::Context;
 use super::error::Error;
 use super::targets::{self, TargetCall};
 use crate::api::conditions::{self, RunConditions, STALLED};
-use crate::api::{Phase, Reason, RolloutSpec, RunStatus, TargetSpec, TargetState, TargetStatus};
+use crate::api::{
+    Phase, Reason, RolloutSpec, RunStatus, SecretKeyRef, TargetSpec, TargetState, TargetStatus,
+};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use k8s_openapi::NamespaceResourceScope;
@@ -40,6 +42,26 @@ pub struct Outcome {
     pub expires_at: Option<Time>,
 }
 
+/// A run's input as `RunKind::prepare` read it.
+pub struct Prepared<I> {
+    pub input: I,
+    /// Keyed hash that changes with the input (see `RunStatus::input_hash`).
+    pub hash: String,
+    /// resourceVersion of the Secret the input was read from, if any.
+    pub secret_version: Option<String>,
+}
+
+impl<I> Prepared<I> {
+    /// An input read from no Secret (inline or generated).
+    pub fn inline(input: I, hash: String) -> Self {
+        Self {
+            input,
+            hash,
+            secret_version: None,
+        }
+    }
+}
+
 /// One custom resource kind driven by the engine.
 pub trait RunKind:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -57,6 +79,8 @@ pub trait RunKind:
     fn target(&self) -> &TargetSpec;
     fn rollout(&self) -> &RolloutSpec;
     fn spec_user(&self) -> Option<&str>;
+    /// The Secret the input comes from, if any (watched: a change starts a new run).
+    fn input_secret(&self) -> Option<&SecretKeyRef>;
     fn run_status(&self) -> Option<&RunStatus>;
     /// The latest copy of this object in the controller's cache.
     fn latest(&self, ctx: &Context) -> Option<Arc<Self>>;
@@ -66,7 +90,7 @@ pub trait RunKind:
     fn prepare(
         &self,
         ctx: &Context,
-    ) -> impl Future<Output = Result<(Self::Input, String), Error>> + Send;
+    ) -> impl Future<Output = Result<Prepared<Self::Input>, Error>> + Send;
     /// Undo a succeeded target's change once its `expiresAt` passed (keys with a TTL).
     /// Returns what was done, for status and the Event.
     fn expire(
@@ -107,7 +131,11 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
         stall(&ctx, obj.as_ref(), &mut status, &e).await?;
         return Ok(Action::await_change());
     }
-    let (input, hash) = match obj.prepare(&ctx).await {
+    if input_unchanged_since_run(obj.as_ref(), &ctx, &status) {
+        // Finished, same spec, same Secret: nothing to read (a restart resyncs in memory).
+        return finished(obj.as_ref(), &ctx, status).await;
+    }
+    let prepared = match obj.prepare(&ctx).await {
         Ok(v) => v,
         Err(e @ Error::Kube(_)) => return Err(e),
         Err(e) => {
@@ -116,8 +144,9 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
             return Ok(Action::requeue(Duration::from_secs(300)));
         }
     };
+    let hash = prepared.hash.as_str();
     let mut obj = obj;
-    if has_work(&status, &hash) {
+    if has_work(&status, hash) {
         // The cache may lag behind our own last status write (a reconcile queued during a
         // run sees the object as it was mid-run). Never act on that: read it fresh.
         let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
@@ -128,7 +157,7 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
         status = obj.run_status().cloned().unwrap_or_default();
     }
     let generation = obj.meta().generation;
-    if status.input_hash.as_deref() != Some(hash.as_str()) {
+    if status.input_hash.as_deref() != Some(hash) {
         let ns = obj.namespace().unwrap_or_default();
         let vms = match targets::resolve(&ctx.client, &ns, obj.target()).await {
             Ok(vms) => vms,
@@ -139,7 +168,7 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
             }
         };
         info!(object = %obj.name_any(), targets = vms.len(), "starting a run");
-        status.input_hash = Some(hash.clone());
+        status.input_hash = Some(hash.to_string());
         status.target_spec = Some(obj.target().clone());
         status.targets = vms
             .into_iter()
@@ -149,18 +178,46 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
             })
             .collect();
     }
+    // The hash matches this version of the Secret (also when only its metadata changed).
+    status.input_secret_version = prepared.secret_version;
     status.observed_generation = generation;
-    if !has_work(&status, &hash) {
-        // Finished: only TTL expiries and a refreshed observedGeneration remain.
-        let before = obj.run_status().cloned().unwrap_or_default();
-        finish(&mut status, generation, None);
-        let next_expiry = expire_due(obj.as_ref(), &ctx, &mut status).await;
-        if status != before {
-            write_status(&ctx, obj.as_ref(), &status).await?;
-        }
-        return Ok(next_expiry.map_or_else(Action::await_change, Action::requeue));
+    if !has_work(&status, hash) {
+        return finished(obj.as_ref(), &ctx, status).await;
     }
-    drive(obj, ctx, Arc::new(input), status).await
+    drive(obj, ctx, Arc::new(prepared.input), status).await
+}
+
+/// A finished object: only TTL expiries and a refreshed observedGeneration remain.
+async fn finished<K: RunKind>(
+    obj: &K,
+    ctx: &Context,
+    mut status: RunStatus,
+) -> Result<Action, Error> {
+    let generation = obj.meta().generation;
+    status.observed_generation = generation;
+    let before = obj.run_status().cloned().unwrap_or_default();
+    finish(&mut status, generation, None);
+    let next_expiry = expire_due(obj, ctx, &mut status).await;
+    if status != before {
+        write_status(ctx, obj, &status).await?;
+    }
+    Ok(next_expiry.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Whether a finished run's input is known unchanged without reading it: the spec is the
+/// one the run saw and the Secret (in the controller's metadata cache) still has the
+/// resourceVersion the input hash was computed from. Anything unknown means "read it".
+fn input_unchanged_since_run<K: RunKind>(obj: &K, ctx: &Context, status: &RunStatus) -> bool {
+    let (Some(secret), Some(version)) = (obj.input_secret(), &status.input_secret_version) else {
+        return false;
+    };
+    let finished = status.input_hash.is_some()
+        && status.targets.iter().all(|t| t.state.is_terminal())
+        && status.observed_generation == obj.meta().generation;
+    finished
+        && ctx
+            .secret_version(&obj.namespace().unwrap_or_default(), &secret.name)
+            .is_some_and(|v| v == *version)
 }
 
 /// A run to start (new input) or to continue (unfinished targets).

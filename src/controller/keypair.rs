@@ -1,7 +1,7 @@
 //! KeypairRebuild: put SSH public keys into guests live through the agent, touching only
 //! the keys this operator added, and verify them by reading them back.
 use super::context::Context;
-use super::engine::{Outcome, RunKind};
+use super::engine::{Outcome, Prepared, RunKind};
 use super::error::Error;
 use super::password::cel_message;
 use super::secrets;
@@ -9,7 +9,9 @@ use super::targets::TargetCall;
 use crate::api::keypair::{KeyMode, KeyStrategy};
 use crate::api::kubevirt::VirtualMachine;
 use crate::api::wire::KeyOp;
-use crate::api::{KeypairRebuild, Reason, RolloutSpec, RunStatus, TargetSpec, TargetStatus};
+use crate::api::{
+    KeypairRebuild, Reason, RolloutSpec, RunStatus, SecretKeyRef, TargetSpec, TargetStatus,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -96,6 +98,9 @@ impl RunKind for KeypairRebuild {
     fn spec_user(&self) -> Option<&str> {
         self.spec.user.as_deref()
     }
+    fn input_secret(&self) -> Option<&SecretKeyRef> {
+        self.spec.public_keys.secret_ref.as_ref()
+    }
     fn run_status(&self) -> Option<&RunStatus> {
         self.status.as_ref().map(|s| &s.run)
     }
@@ -124,17 +129,20 @@ impl RunKind for KeypairRebuild {
         Ok(())
     }
 
-    async fn prepare(&self, ctx: &Context) -> Result<(Vec<WantedKey>, String), Error> {
+    async fn prepare(&self, ctx: &Context) -> Result<Prepared<Vec<WantedKey>>, Error> {
         let ns = self.namespace().unwrap_or_default();
-        let text = match (
+        let (text, secret_version) = match (
             &self.spec.public_keys.secret_ref,
             &self.spec.public_keys.inline,
         ) {
-            (Some(r), None) => secrets::read_key(&ctx.client, &ns, r)
-                .await?
-                .expose_secret()
-                .to_string(),
-            (None, Some(list)) => list.join("\n"),
+            (Some(r), None) => {
+                let read = secrets::read_key(&ctx.client, &ns, r).await?;
+                (
+                    read.value.expose_secret().to_string(),
+                    read.resource_version,
+                )
+            }
+            (None, Some(list)) => (list.join("\n"), None),
             _ => {
                 return Err(Error::InvalidSpec(
                     "set exactly one of publicKeys.secretRef and publicKeys.inline".into(),
@@ -153,7 +161,11 @@ impl RunKind for KeypairRebuild {
         );
         parts.push(flags.as_bytes());
         let hash = secrets::keyed_hash(&self.uid().unwrap_or_default(), &parts);
-        Ok((keys, hash))
+        Ok(Prepared {
+            input: keys,
+            hash,
+            secret_version,
+        })
     }
 
     async fn expire(

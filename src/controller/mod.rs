@@ -16,18 +16,19 @@ pub mod shims;
 pub mod targets;
 
 use crate::api::kubevirt::VirtualMachineInstance;
-use crate::api::{GuestPasswordReset, KeypairRebuild, RunStatus, SecretKeyRef};
+use crate::api::{GuestPasswordReset, KeypairRebuild, RunStatus};
 use crate::telemetry::LogFormat;
 use context::{Context, EngineSettings};
 use engine::RunKind;
 use error::Error;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use secrecy::SecretString;
 use shims::{ShimAccess, ShimDirectory};
@@ -244,6 +245,8 @@ pub async fn start(
     let resets = Controller::for_stream(stream, store).with_config(reconcile_limit());
     let (store, stream) = lenient::watch::<KeypairRebuild>(client.clone(), recorder.clone());
     let rebuilds = Controller::for_stream(stream, store).with_config(reconcile_limit());
+    let (secret_versions, secret_watch) = secret_versions(client.clone());
+    let secret_task = tokio::spawn(secret_watch);
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder,
@@ -251,34 +254,28 @@ pub async fn start(
         settings,
         resets: resets.store(),
         rebuilds: rebuilds.store(),
+        secret_versions,
     });
+    // Finished objects whose Secret kept its resourceVersion resync without reading it:
+    // give that cache a moment to fill before the first reconciles (a miss only costs a GET).
+    let _ = tokio::time::timeout(SECRET_CACHE_WAIT, ctx.secret_versions.wait_until_ready()).await;
     let shutdown = shutdown.shared();
-    let resets = wire(
-        resets,
-        &client,
-        ctx.resets.clone(),
-        |r: &GuestPasswordReset| r.spec.password.secret_ref.clone(),
-    )
-    .graceful_shutdown_on(shutdown.clone())
-    .run(
-        reconcile::<GuestPasswordReset>,
-        error_policy::<GuestPasswordReset>,
-        ctx.clone(),
-    )
-    .for_each(|_| futures::future::ready(()));
-    let rebuilds = wire(
-        rebuilds,
-        &client,
-        ctx.rebuilds.clone(),
-        |r: &KeypairRebuild| r.spec.public_keys.secret_ref.clone(),
-    )
-    .graceful_shutdown_on(shutdown.clone())
-    .run(
-        reconcile::<KeypairRebuild>,
-        error_policy::<KeypairRebuild>,
-        ctx.clone(),
-    )
-    .for_each(|_| futures::future::ready(()));
+    let resets = wire(resets, &client, ctx.resets.clone())
+        .graceful_shutdown_on(shutdown.clone())
+        .run(
+            reconcile::<GuestPasswordReset>,
+            error_policy::<GuestPasswordReset>,
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
+    let rebuilds = wire(rebuilds, &client, ctx.rebuilds.clone())
+        .graceful_shutdown_on(shutdown.clone())
+        .run(
+            reconcile::<KeypairRebuild>,
+            error_policy::<KeypairRebuild>,
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
     ctx.shims.ready().await;
     info!("controller started");
     let synced = async {
@@ -288,6 +285,7 @@ pub async fn start(
     };
     futures::join!(resets, rebuilds, synced);
     shim_task.abort();
+    secret_task.abort();
     info!("controller stopped");
 }
 
@@ -302,13 +300,42 @@ fn reconcile_limit() -> kube::runtime::controller::Config {
     kube::runtime::controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES)
 }
 
+/// How long a starting controller waits for the Secret metadata cache.
+const SECRET_CACHE_WAIT: Duration = Duration::from_secs(5);
+
+/// A cache of every Secret's name and resourceVersion, and the watch that fills it. Only
+/// those are kept: labels and annotations can be large (or, like kubectl's
+/// last-applied-configuration, hold the Secret's data).
+fn secret_versions(
+    client: Client,
+) -> (
+    Store<PartialObjectMeta<Secret>>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (store, writer) = reflector::store();
+    let api = Api::<PartialObjectMeta<Secret>>::all(client);
+    let watch = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|s| {
+            s.metadata = ObjectMeta {
+                name: s.metadata.name.take(),
+                namespace: s.metadata.namespace.take(),
+                resource_version: s.metadata.resource_version.take(),
+                ..ObjectMeta::default()
+            };
+        })
+        .reflect(writer)
+        .for_each(|event| {
+            if let Err(e) = event {
+                warn!(error = %e, "Secret metadata watch failed; retrying");
+            }
+            futures::future::ready(())
+        });
+    (store, watch)
+}
+
 /// Add the Secret and VMI watches that trigger reconciles of `K`.
-fn wire<K: RunKind>(
-    c: Controller<K>,
-    client: &Client,
-    store: Store<K>,
-    secret_ref: fn(&K) -> Option<SecretKeyRef>,
-) -> Controller<K> {
+fn wire<K: RunKind>(c: Controller<K>, client: &Client, store: Store<K>) -> Controller<K> {
     let by_secret = store.clone();
     let secrets = Api::<PartialObjectMeta<Secret>>::all(client.clone());
     let by_vmi = store;
@@ -318,7 +345,7 @@ fn wire<K: RunKind>(
         by_secret
             .state()
             .into_iter()
-            .filter(|o| o.namespace() == ns && secret_ref(o).is_some_and(|r| r.name == name))
+            .filter(|o| o.namespace() == ns && o.input_secret().is_some_and(|r| r.name == name))
             .map(|o| ObjectRef::from_obj(o.as_ref()))
             .collect::<Vec<_>>()
     })

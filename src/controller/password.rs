@@ -1,12 +1,12 @@
 //! GuestPasswordReset: set a guest user's password through the shim.
 use super::context::Context;
-use super::engine::{Outcome, RunKind};
+use super::engine::{Outcome, Prepared, RunKind};
 use super::error::Error;
 use super::secrets;
 use super::targets::TargetCall;
 use crate::api::password::Charset;
 use crate::api::wire::SetPasswordRequest;
-use crate::api::{GuestPasswordReset, Reason, RolloutSpec, RunStatus, TargetSpec};
+use crate::api::{GuestPasswordReset, Reason, RolloutSpec, RunStatus, SecretKeyRef, TargetSpec};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use secrecy::{ExposeSecret, SecretString};
@@ -31,6 +31,9 @@ impl RunKind for GuestPasswordReset {
     }
     fn spec_user(&self) -> Option<&str> {
         self.spec.user.as_deref()
+    }
+    fn input_secret(&self) -> Option<&SecretKeyRef> {
+        self.spec.password.secret_ref.as_ref()
     }
     fn run_status(&self) -> Option<&RunStatus> {
         self.status.as_ref().map(|s| &s.run)
@@ -62,14 +65,17 @@ impl RunKind for GuestPasswordReset {
         Ok(())
     }
 
-    async fn prepare(&self, ctx: &Context) -> Result<(PasswordInput, String), Error> {
+    async fn prepare(&self, ctx: &Context) -> Result<Prepared<PasswordInput>, Error> {
         let uid = self.uid().unwrap_or_default();
         let user = self.spec.user.clone().unwrap_or_default();
         let p = &self.spec.password;
         match (&p.secret_ref, &p.generate) {
             (Some(r), None) => {
                 let ns = self.namespace().unwrap_or_default();
-                let value = secrets::read_key(&ctx.client, &ns, r).await?;
+                let secrets::KeyValue {
+                    value,
+                    resource_version,
+                } = secrets::read_key(&ctx.client, &ns, r).await?;
                 crate::shim::validate::password(&value, p.crypted).map_err(|e| {
                     Error::InvalidPassword(format!(
                         "Secret {} key {:?}: {}",
@@ -84,13 +90,14 @@ impl RunKind for GuestPasswordReset {
                         user.as_bytes(),
                     ],
                 );
-                Ok((
-                    PasswordInput::Fixed {
+                Ok(Prepared {
+                    input: PasswordInput::Fixed {
                         value,
                         crypted: p.crypted,
                     },
                     hash,
-                ))
+                    secret_version: resource_version,
+                })
             }
             (None, Some(g)) => {
                 let symbols = g.charset == Charset::AlphanumericSymbols;
@@ -103,7 +110,7 @@ impl RunKind for GuestPasswordReset {
                         user.as_bytes(),
                     ],
                 );
-                Ok((
+                Ok(Prepared::inline(
                     PasswordInput::Generate {
                         length: g.length,
                         symbols,

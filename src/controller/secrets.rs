@@ -27,8 +27,14 @@ pub fn check_same_namespace(r: &SecretKeyRef, own_ns: &str, field: &str) -> Resu
     }
 }
 
+/// One key of a Secret, and the Secret's resourceVersion when it was read.
+pub struct KeyValue {
+    pub value: SecretString,
+    pub resource_version: Option<String>,
+}
+
 /// The value of one key of a Secret in `ns`, as a secret string (valid UTF-8 required).
-pub async fn read_key(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<SecretString, Error> {
+pub async fn read_key(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<KeyValue, Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let secret = api
         .get_opt(&r.name)
@@ -56,7 +62,10 @@ pub async fn read_key(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<Sec
             r.name, r.key
         ))
     })?;
-    Ok(SecretString::from(text))
+    Ok(KeyValue {
+        value: SecretString::from(text),
+        resource_version: secret.metadata.resource_version,
+    })
 }
 
 /// "hmac-sha256:<hex>" of `parts`, keyed with the object's UID: it changes with the input
@@ -112,7 +121,7 @@ pub async fn ensure_generated<K: Resource<DynamicType = ()>>(
         namespace: None,
     };
     if api.get_opt(&name).await?.is_some() {
-        return Ok((name, read_key(client, &ns, &r).await?));
+        return Ok((name, read_key(client, &ns, &r).await?.value));
     }
     let password = make();
     let secret = Secret {
@@ -140,7 +149,9 @@ pub async fn ensure_generated<K: Resource<DynamicType = ()>>(
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok((name, password)),
         // Someone (an earlier attempt) stored one first: use theirs, never a second one.
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok((name, read_key(client, &ns, &r).await?)),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            Ok((name, read_key(client, &ns, &r).await?.value))
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -97,6 +97,7 @@ pub(crate) async fn dispatch(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_string();
+    shared.count_request(method.as_str(), &path);
     let response = match route(&shared, &method, &path, &headers, &params, body).await {
         Ok(r) => r,
         Err(e) => {

@@ -64,6 +64,7 @@ mod store;
 mod table;
 mod views;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -79,9 +80,16 @@ use store::{BUS_CAPACITY, Inner};
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
     status_conflicts: AtomicU32,
+    /// Requests answered, by "METHOD /path" (no query), for tests that count API traffic.
+    requests: Mutex<HashMap<String, u64>>,
 }
 
 impl Shared {
+    pub(crate) fn count_request(&self, method: &str, path: &str) {
+        let mut counts = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *counts.entry(format!("{method} {path}")).or_default() += 1;
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves consistent data (writes are single steps).
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -156,6 +164,7 @@ impl ApiServer {
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
             status_conflicts: AtomicU32::new(0),
+            requests: Mutex::default(),
         });
         Self {
             state: Arc::new(State {
@@ -191,6 +200,17 @@ impl ApiServer {
 
     pub fn faults(&self) -> &Faults {
         &self.state.faults
+    }
+
+    /// How many `method` requests to exactly `path` (no query string) were answered so far,
+    /// e.g. `requests("GET", "/api/v1/namespaces/default/secrets/pw")`.
+    pub fn requests(&self, method: &str, path: &str) -> u64 {
+        let counts = self.state.shared.requests.lock();
+        let counts = counts.unwrap_or_else(|e| e.into_inner());
+        counts
+            .get(&format!("{method} {path}"))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
