@@ -23,6 +23,7 @@ clippy: deps
 
 crds:
 	$(CARGO) run -q --bin guestcred -- crdgen --out crds
+	cp crds/*.yaml charts/guestcred/crds/
 
 # Tests run with `cargo test` (not nextest) on purpose: the lab fixture boots its guests
 # once per test binary and shares them between the tests of that binary.

@@ -217,7 +217,7 @@ fn chart_crds_are_identical_to_the_generated_crds() {
     assert_eq!(
         names(&shipped),
         names(&generated),
-        "charts/guestcred/crds must hold exactly the files of crds/ (cp crds/*.yaml charts/guestcred/crds/)"
+        "charts/guestcred/crds must hold exactly the files of crds/ (make crds)"
     );
     for name in names(&generated) {
         let a = std::fs::read(generated.join(&name)).expect("generated crd");
