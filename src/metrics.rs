@@ -219,6 +219,28 @@ struct KindResultLabels {
     result: &'static str,
 }
 
+/// How a target ended, as the `result` label of `guestcred_targets_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetResult {
+    Succeeded,
+    Failed,
+    /// Not started: the failure budget ran out.
+    Skipped,
+    /// A succeeded target's change undone when its TTL ran out.
+    Expired,
+}
+
+impl TargetResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+            Self::Expired => "expired",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetLabels {
     kind: &'static str,
@@ -266,7 +288,7 @@ impl ControllerMetrics {
         );
         registry.register(
             "guestcred_targets",
-            "Finished targets by kind, result (succeeded or failed) and condition reason",
+            "Finished targets by kind, result (succeeded, failed, skipped, expired) and condition reason",
             targets.clone(),
         );
         registry.register(
@@ -307,11 +329,11 @@ impl ControllerMetrics {
     }
 
     /// Count one finished target; `reason` is a condition reason (CamelCase constant).
-    pub fn target(&self, kind: &str, succeeded: bool, reason: &str) {
+    pub fn target(&self, kind: &str, result: TargetResult, reason: &str) {
         self.targets
             .get_or_create(&TargetLabels {
                 kind: kind_label(kind),
-                result: if succeeded { "succeeded" } else { "failed" },
+                result: result.as_str(),
                 reason: reason.to_owned(),
             })
             .inc();

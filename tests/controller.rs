@@ -453,6 +453,12 @@ async fn failure_budget_skips_the_remaining_targets() {
         Some("FailureBudgetExhausted")
     );
     assert_eq!(st.phase, Some(Phase::Failed));
+    // No other test here exhausts a budget: these two are this run's.
+    let metrics = guestcred::metrics::controller().encode();
+    assert!(
+        metrics.contains(r#"guestcred_targets_total{kind="GuestPasswordReset",result="skipped",reason="FailureBudgetExhausted"} 2"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

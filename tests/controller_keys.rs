@@ -290,6 +290,13 @@ async fn keys_with_a_ttl_are_removed_after_it() {
         expired.status.expect("status").run.targets[0].state,
         TargetState::Succeeded
     );
+    let metrics = guestcred::metrics::controller().encode();
+    assert!(
+        metrics.contains(
+            r#"guestcred_targets_total{kind="KeypairRebuild",result="expired",reason="Expired"}"#
+        ),
+        "{metrics}"
+    );
 }
 
 /// A fault injector between the shim and a real qemu-ga: everything is passed through,

@@ -13,6 +13,7 @@ use crate::api::conditions::{self, RunConditions, STALLED};
 use crate::api::{
     Phase, Reason, RolloutSpec, RunStatus, SecretKeyRef, TargetSpec, TargetState, TargetStatus,
 };
+use crate::metrics::TargetResult;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use k8s_openapi::NamespaceResourceScope;
@@ -354,7 +355,7 @@ async fn drive<K: RunKind>(
                 .filter(|t| t.state == TargetState::Failed)
                 .count();
             if failed as u32 > rollout.max_failures {
-                skip_rest(&shared, next);
+                skip_rest::<K>(&shared, next);
                 stop_reason = Some(Reason::FailureBudgetExhausted);
                 break;
             }
@@ -433,6 +434,11 @@ async fn expire_due<K: RunKind>(
         };
         match result {
             Ok(done) => {
+                crate::metrics::controller().target(
+                    &K::kind(&()),
+                    TargetResult::Expired,
+                    Reason::Expired.as_str(),
+                );
                 t.reason = Some(Reason::Expired.as_str().into());
                 t.message = Some(done.clone());
                 t.verified = None;
@@ -456,10 +462,15 @@ async fn expire_due<K: RunKind>(
     next
 }
 
-fn skip_rest(shared: &Shared, from: usize) {
+fn skip_rest<K: RunKind>(shared: &Shared, from: usize) {
     let mut st = lock(shared);
     for t in st.status.targets.iter_mut().skip(from) {
         if t.state == TargetState::Pending {
+            crate::metrics::controller().target(
+                &K::kind(&()),
+                TargetResult::Skipped,
+                Reason::FailureBudgetExhausted.as_str(),
+            );
             t.state = TargetState::Skipped;
             t.reason = Some(Reason::FailureBudgetExhausted.as_str().into());
             t.message = Some("not started: the failure budget (maxFailures) is exhausted".into());
@@ -729,7 +740,7 @@ async fn attempt_once<K: RunKind>(
 
 async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize, o: Outcome) {
     let reason = o.reason.unwrap_or(Reason::Applied);
-    crate::metrics::controller().target(&K::kind(&()), true, reason.as_str());
+    crate::metrics::controller().target(&K::kind(&()), TargetResult::Succeeded, reason.as_str());
     let (vm, note) = {
         let mut st = lock(shared);
         let t = &mut st.status.targets[idx];
@@ -761,7 +772,7 @@ async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize
 
 async fn fail<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize, e: &Error) {
     let reason = e.reason();
-    crate::metrics::controller().target(&K::kind(&()), false, reason.as_str());
+    crate::metrics::controller().target(&K::kind(&()), TargetResult::Failed, reason.as_str());
     let vm = {
         let mut st = lock(shared);
         let t = &mut st.status.targets[idx];
