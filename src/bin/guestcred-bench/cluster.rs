@@ -385,6 +385,7 @@ pub fn controller_command(
     ctx: &crate::Ctx,
     api: &BenchApi,
     shim_port: u16,
+    metrics_listen: &str,
 ) -> std::process::Command {
     let files = ctx.tls.controller();
     let mut cmd = std::process::Command::new(&ctx.guestcred);
@@ -398,7 +399,7 @@ pub fn controller_command(
         .arg(&files.cert)
         .arg("--shim-client-key-file")
         .arg(&files.key)
-        .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", metrics_listen])
         .env("KUBECONFIG", &api.kubeconfig)
         .env("RUST_LOG", "info")
         .envs(ctx.controller_env.iter().map(|(k, v)| (k, v)));
@@ -412,7 +413,7 @@ pub async fn spawn_controller(
     shim_port: u16,
     log: &Path,
 ) -> anyhow::Result<crate::procs::Proc> {
-    let cmd = controller_command(ctx, api, shim_port);
+    let cmd = controller_command(ctx, api, shim_port, "127.0.0.1:0");
     let mut p = crate::procs::Proc::spawn("controller", cmd, log)?;
     p.wait_for_log("controller started", Duration::from_secs(60))
         .await?;
