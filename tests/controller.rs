@@ -48,6 +48,14 @@ fn from_secret(name: &str) -> PasswordSource {
     }
 }
 
+/// Like [`from_secret`], with the value a crypt(3) hash (`crypted: true`).
+fn from_crypted_secret(name: &str) -> PasswordSource {
+    PasswordSource {
+        crypted: true,
+        ..from_secret(name)
+    }
+}
+
 fn reset(name: &str, target: TargetSpec, password: PasswordSource) -> GuestPasswordReset {
     let mut r = GuestPasswordReset::new(
         name,
@@ -250,9 +258,7 @@ async fn crypted_hash_lands_verbatim() {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    let mut source = from_secret("pw");
-    source.crypted = true;
-    let mut r = reset("r", vm_named("vm-a"), source);
+    let mut r = reset("r", vm_named("vm-a"), from_crypted_secret("pw"));
     r.spec.user = Some("alice".into());
     w.apply(&r).await.expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
@@ -275,9 +281,7 @@ async fn admin_user_annotation_picks_the_user() {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    let mut source = from_secret("pw");
-    source.crypted = true;
-    w.apply(&reset("r", vm_named("vm-a"), source))
+    w.apply(&reset("r", vm_named("vm-a"), from_crypted_secret("pw")))
         .await
         .expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
@@ -302,9 +306,7 @@ async fn crypted_hash_for_a_windows_guest_is_unsupported_for_os() {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    let mut source = from_secret("pw");
-    source.crypted = true;
-    let mut r = reset("r", vm_named("win"), source);
+    let mut r = reset("r", vm_named("win"), from_crypted_secret("pw"));
     r.spec.user = Some("alice".into());
     w.apply(&r).await.expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
@@ -396,9 +398,7 @@ async fn selector_targets_every_matching_running_vm_with_bounded_concurrency() {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    let mut source = from_secret("pw");
-    source.crypted = true;
-    let mut r = reset("bulk", selector("tier", "db"), source);
+    let mut r = reset("bulk", selector("tier", "db"), from_crypted_secret("pw"));
     r.spec.rollout.max_concurrency = 2;
     w.apply(&r).await.expect("reset");
     let r: GuestPasswordReset = w
@@ -472,9 +472,7 @@ async fn paused_reset_starts_nothing_until_unpaused() {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    let mut source = from_secret("pw");
-    source.crypted = true;
-    let mut r = reset("r", vm_named("vm-a"), source);
+    let mut r = reset("r", vm_named("vm-a"), from_crypted_secret("pw"));
     r.spec.rollout.paused = true;
     w.apply(&r).await.expect("reset");
     let paused: GuestPasswordReset = w
@@ -515,11 +513,13 @@ async fn finished_reset_from_secret(w: &World, name: &str, vm_name: &str, secret
     w.apply(&secret(secret_name, "password", SHA512))
         .await
         .expect("secret");
-    let mut source = from_secret(secret_name);
-    source.crypted = true;
-    w.apply(&reset(name, vm_named(vm_name), source))
-        .await
-        .expect("reset");
+    w.apply(&reset(
+        name,
+        vm_named(vm_name),
+        from_crypted_secret(secret_name),
+    ))
+    .await
+    .expect("reset");
     w.wait_for(NS, name, WAIT, finished)
         .await
         .expect("first run finishes");
@@ -552,9 +552,7 @@ async fn restarted_controller_resyncs_a_finished_reset_without_reading_its_uncha
     w.apply(&secret("pw2", "password", SHA512))
         .await
         .expect("secret");
-    let mut source = from_secret("pw2");
-    source.crypted = true;
-    w.apply(&reset("new", vm_named("vm-b"), source))
+    w.apply(&reset("new", vm_named("vm-b"), from_crypted_secret("pw2")))
         .await
         .expect("reset");
     w.start_controller();
@@ -612,9 +610,7 @@ async fn changed_secret_runs_again_once_and_unchanged_never() {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    let mut source = from_secret("pw");
-    source.crypted = true;
-    w.apply(&reset("r", vm_named("vm-a"), source))
+    w.apply(&reset("r", vm_named("vm-a"), from_crypted_secret("pw")))
         .await
         .expect("reset");
     let first: GuestPasswordReset = w
@@ -729,9 +725,7 @@ async fn kubevirt_access_credentials_for_the_same_user_are_flagged_as_a_conflict
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    let mut source = from_secret("pw");
-    source.crypted = true;
-    w.apply(&reset("r", vm_named("vm-a"), source))
+    w.apply(&reset("r", vm_named("vm-a"), from_crypted_secret("pw")))
         .await
         .expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
