@@ -600,6 +600,29 @@ async fn secret_rotated_while_the_controller_was_down_runs_again_after_restart()
 }
 
 #[tokio::test]
+async fn rapid_secret_rotations_end_with_the_last_value_in_the_guest() {
+    let w = world().await;
+    let qga = w
+        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    finished_reset_from_secret(&w, "r", "vm-a", "pw").await;
+    let mut last = String::new();
+    for i in 0..5 {
+        last = SHA512.replace("gcTestSalt", &format!("gcRapid{i:03}"));
+        w.apply(&secret("pw", "password", &last))
+            .await
+            .expect("rotate");
+    }
+    w.wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
+        finished(r) && qga.shadow_hash("root").ok().flatten().as_deref() == Some(last.as_str())
+    })
+    .await
+    .expect("the last value is applied");
+}
+
+#[tokio::test]
 async fn changed_secret_runs_again_once_and_unchanged_never() {
     let w = world().await;
     let qga = w

@@ -21,6 +21,7 @@ use crate::telemetry::LogFormat;
 use context::{Context, EngineSettings};
 use engine::RunKind;
 use error::Error;
+use futures::channel::mpsc::UnboundedSender;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -245,7 +246,13 @@ pub async fn start(
     let resets = Controller::for_stream(stream, store).with_config(reconcile_limit());
     let (store, stream) = lenient::watch::<KeypairRebuild>(client.clone(), recorder.clone());
     let rebuilds = Controller::for_stream(stream, store).with_config(reconcile_limit());
-    let (secret_versions, secret_watch) = secret_versions(client.clone());
+    let (reset_triggers, reset_secret_changes) = futures::channel::mpsc::unbounded();
+    let (rebuild_triggers, rebuild_secret_changes) = futures::channel::mpsc::unbounded();
+    let triggers = SecretTriggers {
+        resets: (resets.store(), reset_triggers),
+        rebuilds: (rebuilds.store(), rebuild_triggers),
+    };
+    let (secret_versions, secret_watch) = secret_versions(client.clone(), triggers);
     let secret_task = tokio::spawn(secret_watch);
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -260,7 +267,8 @@ pub async fn start(
     // give that cache a moment to fill before the first reconciles (a miss only costs a GET).
     let _ = tokio::time::timeout(SECRET_CACHE_WAIT, ctx.secret_versions.wait_until_ready()).await;
     let shutdown = shutdown.shared();
-    let resets = wire(resets, &client, ctx.resets.clone())
+    let resets = watch_vmis(resets, &client, ctx.resets.clone())
+        .reconcile_on(reset_secret_changes)
         .graceful_shutdown_on(shutdown.clone())
         .run(
             reconcile::<GuestPasswordReset>,
@@ -268,7 +276,8 @@ pub async fn start(
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
-    let rebuilds = wire(rebuilds, &client, ctx.rebuilds.clone())
+    let rebuilds = watch_vmis(rebuilds, &client, ctx.rebuilds.clone())
+        .reconcile_on(rebuild_secret_changes)
         .graceful_shutdown_on(shutdown.clone())
         .run(
             reconcile::<KeypairRebuild>,
@@ -303,11 +312,47 @@ fn reconcile_limit() -> kube::runtime::controller::Config {
 /// How long a starting controller waits for the Secret metadata cache.
 const SECRET_CACHE_WAIT: Duration = Duration::from_secs(5);
 
-/// A cache of every Secret's name and resourceVersion, and the watch that fills it. Only
-/// those are kept: labels and annotations can be large (or, like kubectl's
-/// last-applied-configuration, hold the Secret's data).
+/// Where a Secret change is sent: the objects of each kind that reference it.
+struct SecretTriggers {
+    resets: (
+        Store<GuestPasswordReset>,
+        UnboundedSender<ObjectRef<GuestPasswordReset>>,
+    ),
+    rebuilds: (
+        Store<KeypairRebuild>,
+        UnboundedSender<ObjectRef<KeypairRebuild>>,
+    ),
+}
+
+impl SecretTriggers {
+    fn fire(&self, secret: &PartialObjectMeta<Secret>) {
+        let (ns, name) = (secret.namespace(), secret.name_any());
+        send_referencing(&self.resets, ns.as_deref(), &name);
+        send_referencing(&self.rebuilds, ns.as_deref(), &name);
+    }
+}
+
+fn send_referencing<K: RunKind>(
+    (store, to): &(Store<K>, UnboundedSender<ObjectRef<K>>),
+    ns: Option<&str>,
+    secret: &str,
+) {
+    for o in store.state() {
+        if o.namespace().as_deref() == ns && o.input_secret().is_some_and(|r| r.name == secret) {
+            // Closed only when the controller stopped.
+            let _ = to.unbounded_send(ObjectRef::from_obj(o.as_ref()));
+        }
+    }
+}
+
+/// A cache of every Secret's name and resourceVersion, and the watch that fills it and
+/// then (so a reconcile never sees the cache older than its trigger) asks for reconciles
+/// of the objects that reference a changed Secret. Only those fields are kept: labels
+/// and annotations can be large (or, like kubectl's last-applied-configuration, hold the
+/// Secret's data).
 fn secret_versions(
     client: Client,
+    triggers: SecretTriggers,
 ) -> (
     Store<PartialObjectMeta<Secret>>,
     impl std::future::Future<Output = ()> + Send + 'static,
@@ -325,31 +370,22 @@ fn secret_versions(
             };
         })
         .reflect(writer)
-        .for_each(|event| {
-            if let Err(e) = event {
-                warn!(error = %e, "Secret metadata watch failed; retrying");
+        .touched_objects()
+        .for_each(move |secret| {
+            match secret {
+                Ok(secret) => triggers.fire(&secret),
+                Err(e) => warn!(error = %e, "Secret metadata watch failed; retrying"),
             }
             futures::future::ready(())
         });
     (store, watch)
 }
 
-/// Add the Secret and VMI watches that trigger reconciles of `K`.
-fn wire<K: RunKind>(c: Controller<K>, client: &Client, store: Store<K>) -> Controller<K> {
-    let by_secret = store.clone();
-    let secrets = Api::<PartialObjectMeta<Secret>>::all(client.clone());
+/// Add the VMI watch that triggers reconciles of `K`.
+fn watch_vmis<K: RunKind>(c: Controller<K>, client: &Client, store: Store<K>) -> Controller<K> {
     let by_vmi = store;
     let vmis = Api::<PartialObjectMeta<VirtualMachineInstance>>::all(client.clone());
-    c.watches(secrets, watcher::Config::default(), move |secret| {
-        let (ns, name) = (secret.namespace(), secret.name_any());
-        by_secret
-            .state()
-            .into_iter()
-            .filter(|o| o.namespace() == ns && o.input_secret().is_some_and(|r| r.name == name))
-            .map(|o| ObjectRef::from_obj(o.as_ref()))
-            .collect::<Vec<_>>()
-    })
-    .watches(vmis, watcher::Config::default(), move |vmi| {
+    c.watches(vmis, watcher::Config::default(), move |vmi| {
         let (ns, name) = (vmi.namespace(), vmi.name_any());
         by_vmi
             .state()
