@@ -63,54 +63,12 @@ async fn record(State(log): State<Arc<RequestLog>>, req: Request, next: Next) ->
         .uri()
         .query()
         .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
-    let metadata_list = !watch
-        && req
-            .headers()
-            .get(http::header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.contains("as=PartialObjectMetadataList"));
     let start = Instant::now();
-    let mut resp = next.run(req).await;
-    if metadata_list && resp.status().is_success() {
-        resp = metadata_only(resp).await;
-    }
+    let resp = next.run(req).await;
     if !watch {
         log.push(start, Instant::now());
     }
     resp
-}
-
-/// A list as kube-apiserver answers `Accept: ...;as=PartialObjectMetadataList`: every item
-/// reduced to its metadata. The emulator sends whole objects; without this, a client that
-/// asks for metadata only (and its memory) would be measured against full objects.
-async fn metadata_only(resp: Response) -> Response {
-    let (mut parts, body) = resp.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
-        return Response::from_parts(parts, axum::body::Body::empty());
-    };
-    let reduced = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|mut list| {
-            let items = list.get_mut("items")?.as_array_mut()?;
-            for item in items.iter_mut() {
-                let metadata = item.get_mut("metadata").map(serde_json::Value::take);
-                *item = serde_json::json!({
-                    "apiVersion": "meta.k8s.io/v1",
-                    "kind": "PartialObjectMetadata",
-                    "metadata": metadata,
-                });
-            }
-            list["apiVersion"] = "meta.k8s.io/v1".into();
-            list["kind"] = "PartialObjectMetadataList".into();
-            serde_json::to_vec(&list).ok()
-        });
-    match reduced {
-        Some(body) => {
-            parts.headers.remove(http::header::CONTENT_LENGTH);
-            Response::from_parts(parts, axum::body::Body::from(body))
-        }
-        None => Response::from_parts(parts, axum::body::Body::from(bytes)),
-    }
 }
 
 pub struct BenchApi {
@@ -445,25 +403,6 @@ mod tests {
     fn crypt_strings_pass_the_shims_crypted_password_check() {
         let value = secrecy::SecretString::from(crypt_string("round-1"));
         guestcred::shim::validate::password(&value, true).expect("looks like crypt(3)");
-    }
-
-    #[tokio::test]
-    async fn metadata_list_answers_keep_only_each_items_metadata() {
-        let full = serde_json::json!({
-            "kind": "SecretList", "apiVersion": "v1", "metadata": {"resourceVersion": "7"},
-            "items": [{"metadata": {"name": "s"}, "data": {"password": "c2VjcmV0"}}]
-        });
-        let resp = Response::new(axum::body::Body::from(full.to_string()));
-        let body = metadata_only(resp).await.into_body();
-        let bytes = axum::body::to_bytes(body, usize::MAX).await.expect("body");
-        let list: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
-        assert_eq!(list["kind"], "PartialObjectMetadataList");
-        assert_eq!(list["metadata"]["resourceVersion"], "7");
-        assert_eq!(
-            list["items"][0],
-            serde_json::json!({"apiVersion": "meta.k8s.io/v1",
-                               "kind": "PartialObjectMetadata", "metadata": {"name": "s"}})
-        );
     }
 
     #[test]

@@ -401,15 +401,38 @@ fn decode_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
     parsed.map_err(|e| ApiError::bad_request(format!("error decoding request body: {e}")))
 }
 
-fn wants_table(headers: &HeaderMap) -> bool {
-    headers
+/// How objects are served, from the first media type of `Accept`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    Full,
+    /// `as=Table` (kubectl get).
+    Table,
+    /// `as=PartialObjectMetadata[List]`: metadata only, as metadata watches and lists get.
+    Metadata,
+}
+
+fn shape(headers: &HeaderMap) -> Shape {
+    let first = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| {
-            a.split(',')
-                .next()
-                .is_some_and(|first| first.contains("as=Table"))
-        })
+        .and_then(|a| a.split(',').next())
+        .unwrap_or("");
+    if first.contains("as=Table") {
+        Shape::Table
+    } else if first.contains("as=PartialObjectMetadata") {
+        Shape::Metadata
+    } else {
+        Shape::Full
+    }
+}
+
+/// An object as a PartialObjectMetadata (apiVersion meta.k8s.io/v1).
+fn metadata_only(obj: &Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": obj.get("metadata").cloned().unwrap_or(Value::Null),
+    })
 }
 
 fn check_accept(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -521,19 +544,21 @@ async fn resource(
     }
     let respond = |code: StatusCode, stored: &Value| -> Response {
         let obj = view.present(stored, &api_version);
-        if wants_table(headers) {
-            let inner = shared.lock();
-            let t = table::render(rt, &rp.version, &[&obj], inner.rv(), params);
-            return json_response(code, &t);
+        match shape(headers) {
+            Shape::Table => {
+                let inner = shared.lock();
+                let t = table::render(rt, &rp.version, &[&obj], inner.rv(), params);
+                json_response(code, &t)
+            }
+            Shape::Metadata => json_response(code, &metadata_only(&obj)),
+            Shape::Full => json_response(code, &obj),
         }
-        json_response(code, &obj)
     };
     match (method.clone(), rp.name.as_deref()) {
         (Method::GET, None) => {
             let filter = served.filter(rp.ns.as_deref(), params)?;
             if is_true(params, "watch") {
-                let table = wants_table(headers);
-                return watch(shared, &served, filter, params, table);
+                return watch(shared, &served, filter, params, shape(headers));
             }
             list(shared, &served, &filter, headers, params)
         }
@@ -649,7 +674,8 @@ fn list(
         let inner = shared.lock();
         (inner.list(filter), inner.rv())
     };
-    if wants_table(headers) {
+    let shape = shape(headers);
+    if shape == Shape::Table {
         let shown: Vec<_> = items
             .iter()
             .map(|o| view.present(o, &api_version))
@@ -657,8 +683,14 @@ fn list(
         let objs: Vec<&Value> = shown.iter().map(|o| o.as_ref()).collect();
         return Ok(ok(&table::render(rt, version, &objs, rv, params)));
     }
+    let metadata = shape == Shape::Metadata;
+    let (list_kind, list_api_version) = if metadata {
+        ("PartialObjectMetadataList", "meta.k8s.io/v1")
+    } else {
+        (rt.list_kind.as_str(), api_version.as_str())
+    };
     let mut buf = Vec::with_capacity(256 + items.len() * 512);
-    let head = json!({"kind": rt.list_kind, "apiVersion": api_version,
+    let head = json!({"kind": list_kind, "apiVersion": list_api_version,
                       "metadata": {"resourceVersion": rv.to_string()}});
     let head = head.to_string();
     // `{...}` without its closing brace, then the items array.
@@ -668,7 +700,12 @@ fn list(
         if i > 0 {
             buf.push(b',');
         }
-        serialize_into(&mut buf, &view.present(obj, &api_version));
+        let shown = view.present(obj, &api_version);
+        if metadata {
+            serialize_into(&mut buf, &metadata_only(&shown));
+        } else {
+            serialize_into(&mut buf, &shown);
+        }
     }
     buf.extend_from_slice(b"]}");
     Ok((
@@ -703,13 +740,13 @@ fn bookmark(rt: &ResourceType, api_version: &str, rv: u64, initial_end: bool) ->
     json!({"kind": rt.kind, "apiVersion": api_version, "metadata": m})
 }
 
-/// Renders watch events: objects, or one-row Tables for `kubectl get -w`.
+/// Renders watch events: objects, their metadata, or one-row Tables for `kubectl get -w`.
 struct EventRenderer {
     rt: Arc<ResourceType>,
     version: String,
     api_version: String,
     view: View,
-    table: bool,
+    shape: Shape,
     params: Params,
 }
 
@@ -717,12 +754,15 @@ impl EventRenderer {
     /// The line for a change of stored object `obj`.
     fn line(&self, ty: &str, obj: &Value, rv: u64) -> Bytes {
         let shown = self.view.present(obj, &self.api_version);
-        if self.table {
-            let t = table::render(&self.rt, &self.version, &[&shown], rv, &self.params);
-            let line = json!({"type": ty, "object": t});
-            return Bytes::from(format!("{line}\n"));
+        match self.shape {
+            Shape::Table => {
+                let t = table::render(&self.rt, &self.version, &[&shown], rv, &self.params);
+                let line = json!({"type": ty, "object": t});
+                Bytes::from(format!("{line}\n"))
+            }
+            Shape::Metadata => event_line(ty, &metadata_only(&shown)),
+            Shape::Full => event_line(ty, &shown),
         }
-        event_line(ty, &shown)
     }
 }
 
@@ -731,7 +771,7 @@ fn watch(
     served: &Served,
     filter: Filter,
     params: &Params,
-    table: bool,
+    shape: Shape,
 ) -> Result<Response, ApiError> {
     let (rt, version) = (served.rt.clone(), served.version.as_str());
     let rv = match param(params, "resourceVersion") {
@@ -770,7 +810,7 @@ fn watch(
         version: version.to_string(),
         api_version: api_version.clone(),
         view: served.view,
-        table,
+        shape,
         params: params.clone(),
     };
     tokio::spawn(async move {

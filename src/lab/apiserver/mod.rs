@@ -20,7 +20,8 @@
 //! - watch: ADDED/MODIFIED/DELETED/BOOKMARK/ERROR, resume from a resourceVersion within the
 //!   last 10k events, 410 Gone when older, `sendInitialEvents`, timeoutSeconds, filtered
 //!   watches see objects leave (DELETED) and enter (ADDED) their selector;
-//! - `Table` rendering for `kubectl get` (`Accept: ...;as=Table`);
+//! - `Table` rendering for `kubectl get` (`Accept: ...;as=Table`), and metadata-only gets,
+//!   lists and watches (`as=PartialObjectMetadata[List]`, kube-rs `PartialObjectMeta`);
 //! - Events: core/v1 and events.k8s.io/v1 Events are one store with two views, as on the
 //!   real server: an Event written through either API is read, listed, watched (field
 //!   selectors included), patched and deleted through both. events.k8s.io `regarding`,
@@ -32,7 +33,8 @@
 //!   `eventTime`/`series`, `source` from `reportingComponent`/`reportingInstance`, and the
 //!   reverse), so `kubectl describe` lists kube-rs `Recorder` Events with their counts; see
 //!   `views.rs`;
-//! - test faults ([`Faults`]): injected 409s on status writes, expired watches.
+//! - test faults ([`Faults`]): injected 409s on status writes, expired watches; a count of
+//!   answered requests by method and path ([`ApiServer::requests`]).
 //!
 //! - pruning: custom objects lose fields their CRD's structural schema does not declare
 //!   (properties, additionalProperties, items, x-kubernetes-preserve-unknown-fields,
