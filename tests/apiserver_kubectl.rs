@@ -305,3 +305,38 @@ async fn kubectl_describe_lists_events_a_kube_recorder_wrote() {
     assert!(row.contains("guestcred-test"), "{row}");
     assert!(row.contains("x2"), "the repeat count shows: {row}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_get_follows_continue_tokens_across_pages() {
+    let lab = start_lab().await;
+    let maps: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|name| format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n"))
+        .collect();
+    let file = lab.file("maps.yaml", &maps.join("---\n"));
+    lab.kubectl(&["apply", "-f", path_str(&file)]).await;
+    let path = "/api/v1/namespaces/default/configmaps";
+    let before = lab.server.requests("GET", path);
+
+    let table = lab
+        .kubectl(&["get", "configmaps", "--chunk-size=1", "--no-headers"])
+        .await;
+    let rows: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(rows, ["a", "b", "c"], "{table}");
+    assert_eq!(
+        lab.server.requests("GET", path) - before,
+        3,
+        "one GET a page"
+    );
+
+    let names = lab
+        .kubectl(&["get", "configmaps", "--chunk-size=2", "-o", "name"])
+        .await;
+    assert_eq!(
+        names.lines().collect::<Vec<_>>(),
+        ["configmap/a", "configmap/b", "configmap/c"]
+    );
+}

@@ -16,10 +16,11 @@ use tokio::sync::broadcast::error::RecvError;
 use super::Shared;
 use super::error::ApiError;
 use super::openapi;
+use super::paging::{self, ListCursor, PageRequest};
 use super::patch::{self, PatchKind};
 use super::resources::ResourceType;
 use super::selector::{FieldSelector, LabelSelector, kind_fields};
-use super::store::{BusMsg, Filter};
+use super::store::{BusMsg, Filter, ListPage};
 use super::table;
 use super::views::View;
 
@@ -670,10 +671,19 @@ fn list(
 ) -> Result<Response, ApiError> {
     let (rt, version, view) = (&served.rt, served.version.as_str(), served.view);
     let api_version = rt.api_version(version);
-    let (items, rv) = {
+    let (page, rv) = {
         let inner = shared.lock();
-        (inner.list(filter), inner.rv())
+        let request = PageRequest::parse(
+            param(params, "limit"),
+            param(params, "continue"),
+            param(params, "resourceVersion"),
+            inner.history_from(),
+        )?;
+        let page = inner.list_page(filter, request.after(), request.limit);
+        (page, request.list_rv(inner.rv()))
     };
+    let list_meta = list_meta(&page, filter, rv);
+    let items = page.items;
     let shape = shape(headers);
     if shape == Shape::Table {
         let shown: Vec<_> = items
@@ -681,7 +691,9 @@ fn list(
             .map(|o| view.present(o, &api_version))
             .collect();
         let objs: Vec<&Value> = shown.iter().map(|o| o.as_ref()).collect();
-        return Ok(ok(&table::render(rt, version, &objs, rv, params)));
+        let mut table = table::render(rt, version, &objs, rv, params);
+        table["metadata"] = list_meta;
+        return Ok(ok(&table));
     }
     let metadata = shape == Shape::Metadata;
     let (list_kind, list_api_version) = if metadata {
@@ -691,7 +703,7 @@ fn list(
     };
     let mut buf = Vec::with_capacity(256 + items.len() * 512);
     let head = json!({"kind": list_kind, "apiVersion": list_api_version,
-                      "metadata": {"resourceVersion": rv.to_string()}});
+                      "metadata": list_meta});
     let head = head.to_string();
     // `{...}` without its closing brace, then the items array.
     buf.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
@@ -714,6 +726,28 @@ fn list(
         buf,
     )
         .into_response())
+}
+
+/// A list's metadata: its resourceVersion and, when keys follow the page, the token that
+/// continues it (and how many objects follow, when no selector makes that a guess).
+fn list_meta(page: &ListPage, filter: &Filter, rv: u64) -> Value {
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    let last = page.items.last().filter(|_| page.keys_after > 0);
+    if let Some(last) = last {
+        let cursor = ListCursor {
+            ns: str_at(last, "/metadata/namespace").to_string(),
+            name: str_at(last, "/metadata/name").to_string(),
+        };
+        meta["continue"] = json!(paging::encode(rv, &cursor));
+        if filter.is_unfiltered() {
+            meta["remainingItemCount"] = json!(page.keys_after);
+        }
+    }
+    meta
+}
+
+fn str_at<'a>(obj: &'a Value, pointer: &str) -> &'a str {
+    obj.pointer(pointer).and_then(Value::as_str).unwrap_or("")
 }
 
 /// One watch event line; `obj` is as served.

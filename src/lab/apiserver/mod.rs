@@ -47,7 +47,8 @@
 //! conflicts are ever reported, `force` is accepted and ignored, lists are atomic, and
 //! another manager's fields are never protected), managedFields, authentication/RBAC/admission
 //! (TokenReview always answers unauthenticated), protobuf (415), aggregated discovery
-//! v2beta1, pagination (`limit`/`continue` ignored, everything in one page), dryRun, foreground
+//! v2beta1, list snapshots (pages after the first are read from the current state, at the first
+//! page's resourceVersion: see `paging`), dryRun, foreground
 //! deletion (treated as background), namespace termination waiting for finalizers, and
 //! naming events.k8s.io in errors about its Events (they say `events "x"`, as core's do).
 //! Strategic merge patch merges keyed lists only for well-known fields (containers, env,
@@ -58,6 +59,7 @@
 mod error;
 mod http;
 mod openapi;
+mod paging;
 mod patch;
 mod prune;
 mod resources;

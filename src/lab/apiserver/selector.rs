@@ -60,6 +60,10 @@ fn valid_key(k: &str) -> bool {
 }
 
 impl LabelSelector {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn parse(s: &str) -> Result<Self, ApiError> {
         let bad = || ApiError::bad_request(format!("unable to parse requirement: {s:?}"));
         let mut reqs = Vec::new();
@@ -153,6 +157,10 @@ pub(crate) fn kind_fields(group: &str, plural: &str) -> &'static [&'static str] 
 pub(crate) struct FieldSelector(Vec<(String, bool, String)>);
 
 impl FieldSelector {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// `extra`: the kind's own field paths on top of the common ones.
     pub fn parse(s: &str, extra: &[&str]) -> Result<Self, ApiError> {
         let mut reqs = Vec::new();

@@ -2,6 +2,7 @@
 //! resourceVersion, a bounded event history for watches, uid and owner indexes for GC.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use rand::Rng;
@@ -9,6 +10,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 
 use super::error::ApiError;
+use super::paging::ListCursor;
 use super::patch::{self, PatchKind};
 use super::prune;
 use super::resources::{
@@ -64,6 +66,15 @@ pub(crate) struct ObjKey {
     pub name: String,
 }
 
+/// One page of a list.
+#[derive(Debug, Default)]
+pub(crate) struct ListPage {
+    pub items: Vec<Arc<Value>>,
+    /// Keys after the last object served, matching the filter or not: a real server bases
+    /// `continue` on keys too, so a filtered page may be short and still continue.
+    pub keys_after: usize,
+}
+
 /// Which objects a list or watch sees.
 #[derive(Clone, Debug)]
 pub(crate) struct Filter {
@@ -74,6 +85,11 @@ pub(crate) struct Filter {
 }
 
 impl Filter {
+    /// No label or field selector: every key in range is an item of the list.
+    pub fn is_unfiltered(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
+    }
+
     pub fn matches(&self, ns: &str, obj: &Value) -> bool {
         self.ns.as_deref().is_none_or(|n| n == ns)
             && self.labels.matches(obj)
@@ -275,32 +291,65 @@ impl Inner {
     }
 
     pub fn list(&self, filter: &Filter) -> Vec<Arc<Value>> {
+        self.list_page(filter, None, None).items
+    }
+
+    /// Up to `limit` matching objects after `after`, in key order (namespace, then name).
+    pub fn list_page(
+        &self,
+        filter: &Filter,
+        after: Option<&ListCursor>,
+        limit: Option<usize>,
+    ) -> ListPage {
+        let mut page = ListPage::default();
         let Some(by_ns) = self.objects.get(&filter.res) else {
-            return Vec::new();
+            return page;
         };
-        let mut out = Vec::new();
-        let mut scan = |objs: &BTreeMap<String, Arc<Value>>, ns: &str| {
+        let limit = limit.unwrap_or(usize::MAX);
+        type ByName = BTreeMap<String, Arc<Value>>;
+        let namespaces: Box<dyn Iterator<Item = (&String, &ByName)>> = match (&filter.ns, after) {
+            (Some(ns), _) => Box::new(by_ns.get_key_value(ns).into_iter()),
+            (None, Some(c)) => {
+                Box::new(by_ns.range::<str, _>((Bound::Included(c.ns.as_str()), Bound::Unbounded)))
+            }
+            (None, None) => Box::new(by_ns.iter()),
+        };
+        for (ns, objs) in namespaces {
+            let from = match after {
+                Some(c) if c.ns == *ns => Bound::Excluded(c.name.as_str()),
+                Some(c) if c.ns > *ns => continue,
+                _ => Bound::Unbounded,
+            };
             if let Some(name) = filter.fields.exact_name() {
-                if let Some(o) = objs.get(name).filter(|o| filter.matches(ns, o)) {
-                    out.push(o.clone());
+                let after_cursor = match from {
+                    Bound::Excluded(last) => name > last,
+                    _ => true,
+                };
+                if let Some(o) = objs
+                    .get(name)
+                    .filter(|o| after_cursor && filter.matches(ns, o))
+                {
+                    page.items.push(o.clone());
                 }
-                return;
+                continue;
             }
-            out.extend(objs.values().filter(|o| filter.matches(ns, o)).cloned());
-        };
-        match &filter.ns {
-            Some(ns) => {
-                if let Some(objs) = by_ns.get(ns) {
-                    scan(objs, ns);
-                }
-            }
-            None => {
-                for (ns, objs) in by_ns {
-                    scan(objs, ns);
+            for o in objs
+                .range::<str, _>((from, Bound::Unbounded))
+                .map(|(_, o)| o)
+            {
+                if page.items.len() == limit {
+                    page.keys_after += 1;
+                } else if filter.matches(ns, o) {
+                    page.items.push(o.clone());
                 }
             }
         }
-        out
+        page
+    }
+
+    /// Every change after this resourceVersion can still be replayed to a watch.
+    pub fn history_from(&self) -> u64 {
+        self.history_from
     }
 
     fn next_rv(&mut self) -> u64 {
