@@ -22,7 +22,7 @@ use super::resources::ResourceType;
 use super::selector::{FieldSelector, LabelSelector, kind_fields};
 use super::store::{BusMsg, Filter, ListPage};
 use super::table;
-use super::views::View;
+use super::views::{View, text};
 
 /// Interval of BOOKMARK events on watches that allow them (the real server: about a minute).
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
@@ -735,8 +735,8 @@ fn list_meta(page: &ListPage, filter: &Filter, rv: u64) -> Value {
     let last = page.items.last().filter(|_| page.keys_after > 0);
     if let Some(last) = last {
         let cursor = ListCursor {
-            ns: str_at(last, "/metadata/namespace").to_string(),
-            name: str_at(last, "/metadata/name").to_string(),
+            ns: text(last, "/metadata/namespace").unwrap_or_default(),
+            name: text(last, "/metadata/name").unwrap_or_default(),
         };
         meta["continue"] = json!(paging::encode(rv, &cursor));
         if filter.is_unfiltered() {
@@ -744,10 +744,6 @@ fn list_meta(page: &ListPage, filter: &Filter, rv: u64) -> Value {
         }
     }
     meta
-}
-
-fn str_at<'a>(obj: &'a Value, pointer: &str) -> &'a str {
-    obj.pointer(pointer).and_then(Value::as_str).unwrap_or("")
 }
 
 /// One watch event line; `obj` is as served.

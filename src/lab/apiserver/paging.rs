@@ -69,15 +69,16 @@ impl PageRequest {
         };
         let Some(token) = continue_token else {
             // resourceVersion=0 is served from kube-apiserver's watch cache, which ignores
-            // `limit` and answers in one page (kubernetes#70735): kube-rs watchers with
-            // ListSemantic::Any get their lists whole there, and here.
+            // `limit` and answers in one page (kubernetes#70735): client-go reflectors ask
+            // so (kube-rs leaves resourceVersion=0 out when it sets a limit).
             let any_version = resource_version == Some("0");
             return Ok(Self {
                 limit: limit.filter(|_| !any_version),
                 resume: None,
             });
         };
-        if resource_version.is_some_and(|rv| !rv.is_empty() && rv != "0") {
+        // Callers pass absent for an empty parameter, as `http::param` does.
+        if resource_version.is_some_and(|rv| rv != "0") {
             return Err(ApiError::bad_request(
                 "specifying resource version is not allowed when using continue",
             ));

@@ -171,7 +171,7 @@ fn set_if_unset(m: &mut Map<String, Value>, field: &str, value: Option<Value>) {
 }
 
 /// The string at `pointer`, if set.
-fn text(obj: &Value, pointer: &str) -> Option<String> {
+pub(super) fn text(obj: &Value, pointer: &str) -> Option<String> {
     obj.pointer(pointer)
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
