@@ -5,6 +5,7 @@ pub mod keypair;
 pub mod kubevirt;
 pub mod password;
 pub mod reasons;
+pub mod rules;
 pub mod wire;
 
 pub use common::*;

@@ -109,8 +109,7 @@ impl RunKind for KeypairRebuild {
     }
 
     fn validate(&self) -> Result<(), Error> {
-        self.validate_cel()
-            .map_err(|e| Error::InvalidSpec(cel_message(&e)))?;
+        crate::api::rules::check_rebuild(self).map_err(|e| Error::InvalidSpec(cel_message(&e)))?;
         let ns = self.namespace().unwrap_or_default();
         if let Some(r) = &self.spec.public_keys.secret_ref {
             secrets::check_same_namespace(r, &ns, "publicKeys.secretRef")?;

@@ -43,8 +43,7 @@ impl RunKind for GuestPasswordReset {
     }
 
     fn validate(&self) -> Result<(), Error> {
-        self.validate_cel()
-            .map_err(|e| Error::InvalidSpec(cel_message(&e)))?;
+        crate::api::rules::check_reset(self).map_err(|e| Error::InvalidSpec(cel_message(&e)))?;
         let ns = self.namespace().unwrap_or_default();
         if let Some(r) = &self.spec.password.secret_ref {
             secrets::check_same_namespace(r, &ns, "password.secretRef")?;

@@ -325,7 +325,7 @@ pub async fn run(
     footprint.hwm = node1.shim.hwm_mib()?;
 
     // P5: 20 VMs on node-1; runs without and with one hung agent, alternating.
-    let p5 = p5(fleet, &api, &resets, &secrets, p5_rounds).await?;
+    let p5 = p5(fleet, &controller, &resets, &secrets, p5_rounds).await?;
     controller.check_alive()?;
     Ok(FleetResult {
         p2,
@@ -378,6 +378,7 @@ struct P5Round {
 
 async fn p5_round(
     fleet: &Fleet,
+    controller: &Proc,
     resets: &Api<GuestPasswordReset>,
     secrets: &Api<k8s_openapi::api::core::v1::Secret>,
     tag: &str,
@@ -392,18 +393,39 @@ async fn p5_round(
         .await?;
     let mut stream = cluster::open_watch(resets, None, Some(&format!("bench-round={tag}"))).await?;
     let hung_name = hung.map(|i| format!("{tag}-{}", vm_name(i)));
-    let mut started = BTreeMap::new();
-    for &i in &vms {
-        let name = format!("{tag}-{}", vm_name(i));
-        let rollout = RolloutSpec {
-            deadline_seconds: 10,
-            ..RolloutSpec::default()
-        };
-        let mut obj = reset(&name, one_vm(&vm_name(i)), "root", tag, rollout);
-        obj.metadata.labels = Some(BTreeMap::from([("bench-round".into(), tag.into())]));
-        started.insert(name, (vm_name(i), Instant::now()));
-        resets.create(&PostParams::default(), &obj).await?;
-    }
+    let cpu = || -> anyhow::Result<[f64; 4]> {
+        let agents: Duration = vms
+            .iter()
+            .map(|&i| crate::procs::cpu_time(fleet.agents[i].pid()))
+            .sum::<anyhow::Result<Duration>>()?;
+        Ok([
+            controller.cpu()?.as_secs_f64() * 1e3,
+            fleet.nodes[0].shim.cpu()?.as_secs_f64() * 1e3,
+            crate::procs::cpu_time(std::process::id())?.as_secs_f64() * 1e3,
+            agents.as_secs_f64() * 1e3,
+        ])
+    };
+    let cpu0 = cpu()?;
+    // Creation and the watch run side by side, so each outcome is timed when it arrives,
+    // not when the last create has returned.
+    let started = std::sync::Mutex::new(BTreeMap::new());
+    let create_all = async {
+        for &i in &vms {
+            let name = format!("{tag}-{}", vm_name(i));
+            let rollout = RolloutSpec {
+                deadline_seconds: 10,
+                ..RolloutSpec::default()
+            };
+            let mut obj = reset(&name, one_vm(&vm_name(i)), "root", tag, rollout);
+            obj.metadata.labels = Some(BTreeMap::from([("bench-round".into(), tag.into())]));
+            if let Ok(mut started) = started.lock() {
+                started.insert(name.clone(), (vm_name(i), Instant::now()));
+            }
+            resets.create(&PostParams::default(), &obj).await?;
+            tracing::debug!(object = %name, "created");
+        }
+        anyhow::Ok(())
+    };
     let mut out = P5Round {
         healthy: vec![],
         hung_timeout: None,
@@ -411,12 +433,12 @@ async fn p5_round(
     };
     let mut done = BTreeMap::new();
     let total = vms.len();
-    cluster::follow(&mut stream, Duration::from_secs(60), |o, now| {
+    let follow_all = cluster::follow(&mut stream, Duration::from_secs(60), |o, now| {
         let name = o.name_any();
-        let Some((vm, t0)) = started.get(&name) else {
+        let Some((vm, t0)) = started.lock().ok().and_then(|s| s.get(&name).cloned()) else {
             return Ok(false);
         };
-        let secs = (now - *t0).as_secs_f64();
+        let secs = (now - t0).as_secs_f64();
         if Some(&name) == hung_name.as_ref() {
             let reason = o
                 .status
@@ -437,8 +459,20 @@ async fn p5_round(
                 bail!("the hung VM's reset became Ready");
             }
         } else if cluster::is_ready(o) && !done.contains_key(&name) {
-            out.healthy.push((vm.clone(), secs * 1e3));
+            tracing::debug!(object = %name, ms = secs * 1e3, "ready seen");
+            out.healthy.push((vm, secs * 1e3));
             done.insert(name, ());
+            if out.healthy.len() + 1 == total {
+                let c = cpu()?;
+                tracing::debug!(
+                    round = tag,
+                    controller = c[0] - cpu0[0],
+                    shim = c[1] - cpu0[1],
+                    bench = c[2] - cpu0[2],
+                    agents = c[3] - cpu0[3],
+                    "cpu ms until the healthy ones are done"
+                );
+            }
         } else if cluster::is_finished_badly(o) {
             bail!(
                 "{name} failed: {}",
@@ -446,15 +480,14 @@ async fn p5_round(
             );
         }
         Ok(done.len() == total)
-    })
-    .await
-    .with_context(|| format!("P5 round {tag}"))?;
+    });
+    futures::try_join!(create_all, follow_all).with_context(|| format!("P5 round {tag}"))?;
     Ok(out)
 }
 
 async fn p5(
     fleet: &Fleet,
-    _api: &BenchApi,
+    controller: &Proc,
     resets: &Api<GuestPasswordReset>,
     secrets: &Api<k8s_openapi::api::core::v1::Secret>,
     rounds: usize,
@@ -467,11 +500,22 @@ async fn p5(
         let hung_first = round % 2 == 1;
         let mut a = None;
         if !hung_first {
-            a = Some(p5_round(fleet, resets, secrets, &format!("p5a-{round}"), None).await?);
+            a = Some(
+                p5_round(
+                    fleet,
+                    controller,
+                    resets,
+                    secrets,
+                    &format!("p5a-{round}"),
+                    None,
+                )
+                .await?,
+            );
         }
         signal(&hung_pid, "-STOP")?;
         let b = p5_round(
             fleet,
+            controller,
             resets,
             secrets,
             &format!("p5b-{round}"),
@@ -485,7 +529,15 @@ async fn p5(
             None => {
                 // Let the resumed agent drain what was queued while it was stopped.
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                p5_round(fleet, resets, secrets, &format!("p5a-{round}"), None).await?
+                p5_round(
+                    fleet,
+                    controller,
+                    resets,
+                    secrets,
+                    &format!("p5a-{round}"),
+                    None,
+                )
+                .await?
             }
         };
         if round > 0 {
