@@ -422,6 +422,33 @@ async fn selector_targets_every_matching_running_vm_with_bounded_concurrency() {
 }
 
 #[tokio::test]
+async fn selector_waiting_for_vms_runs_as_soon_as_a_matching_vm_appears() {
+    let w = world().await;
+    w.apply(&secret("pw", "password", SHA512))
+        .await
+        .expect("secret");
+    w.apply(&reset("r", selector("tier", "db"), from_crypted_secret("pw")))
+        .await
+        .expect("reset");
+    w.wait_for(NS, "r", WAIT, stalled_with("NoTargets"))
+        .await
+        .expect("waits with NoTargets");
+    let agent = w
+        .add_vm(&vm(NS, "db-0", "node-1").label("tier", "db"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    // The NoTargets retry is a minute away: finishing within WAIT means the VMI watch
+    // triggered the run.
+    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
+    assert_eq!(
+        agent.shadow_hash("root").expect("shadow").as_deref(),
+        Some(SHA512)
+    );
+}
+
+#[tokio::test]
 async fn failure_budget_skips_the_remaining_targets() {
     let w = world().await;
     let mut agents = Vec::new();

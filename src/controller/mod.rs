@@ -16,7 +16,7 @@ pub mod shims;
 pub mod targets;
 
 use crate::api::kubevirt::VirtualMachineInstance;
-use crate::api::{GuestPasswordReset, KeypairRebuild, RunStatus};
+use crate::api::{GuestPasswordReset, KeypairRebuild, RunStatus, TargetSpec};
 use crate::telemetry::LogFormat;
 use context::{Context, EngineSettings};
 use engine::RunKind;
@@ -25,7 +25,7 @@ use futures::channel::mpsc::UnboundedSender;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::core::PartialObjectMeta;
+use kube::core::{PartialObjectMeta, Selector, SelectorExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -33,6 +33,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use secrecy::SecretString;
 use shims::{ShimAccess, ShimDirectory};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -246,14 +247,15 @@ pub async fn start(
     let resets = Controller::for_stream(stream, store).with_config(reconcile_limit());
     let (store, stream) = lenient::watch::<KeypairRebuild>(client.clone(), recorder.clone());
     let rebuilds = Controller::for_stream(stream, store).with_config(reconcile_limit());
-    let (reset_triggers, reset_secret_changes) = futures::channel::mpsc::unbounded();
-    let (rebuild_triggers, rebuild_secret_changes) = futures::channel::mpsc::unbounded();
-    let triggers = SecretTriggers {
+    let (reset_triggers, reset_changes) = futures::channel::mpsc::unbounded();
+    let (rebuild_triggers, rebuild_changes) = futures::channel::mpsc::unbounded();
+    let triggers = Triggers {
         resets: (resets.store(), reset_triggers),
         rebuilds: (rebuilds.store(), rebuild_triggers),
     };
-    let (secret_versions, secret_watch) = secret_versions(client.clone(), triggers);
+    let (secret_versions, secret_watch) = secret_versions(client.clone(), triggers.clone());
     let secret_task = tokio::spawn(secret_watch);
+    let vmi_task = tokio::spawn(vmi_changes(client.clone(), triggers));
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder,
@@ -267,8 +269,8 @@ pub async fn start(
     // give that cache a moment to fill before the first reconciles (a miss only costs a GET).
     let _ = tokio::time::timeout(SECRET_CACHE_WAIT, ctx.secret_versions.wait_until_ready()).await;
     let shutdown = shutdown.shared();
-    let resets = watch_vmis(resets, &client, ctx.resets.clone())
-        .reconcile_on(reset_secret_changes)
+    let resets = resets
+        .reconcile_on(reset_changes)
         .graceful_shutdown_on(shutdown.clone())
         .run(
             reconcile::<GuestPasswordReset>,
@@ -276,8 +278,8 @@ pub async fn start(
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
-    let rebuilds = watch_vmis(rebuilds, &client, ctx.rebuilds.clone())
-        .reconcile_on(rebuild_secret_changes)
+    let rebuilds = rebuilds
+        .reconcile_on(rebuild_changes)
         .graceful_shutdown_on(shutdown.clone())
         .run(
             reconcile::<KeypairRebuild>,
@@ -295,6 +297,7 @@ pub async fn start(
     futures::join!(resets, rebuilds, synced);
     shim_task.abort();
     secret_task.abort();
+    vmi_task.abort();
     info!("controller stopped");
 }
 
@@ -312,8 +315,10 @@ fn reconcile_limit() -> kube::runtime::controller::Config {
 /// How long a starting controller waits for the Secret metadata cache.
 const SECRET_CACHE_WAIT: Duration = Duration::from_secs(5);
 
-/// Where a Secret change is sent: the objects of each kind that reference it.
-struct SecretTriggers {
+/// Where a watched Secret or VMI change is sent: to each kind's controller, as reconciles
+/// of the objects the change concerns.
+#[derive(Clone)]
+struct Triggers {
     resets: (
         Store<GuestPasswordReset>,
         UnboundedSender<ObjectRef<GuestPasswordReset>>,
@@ -324,21 +329,37 @@ struct SecretTriggers {
     ),
 }
 
-impl SecretTriggers {
-    fn fire(&self, secret: &PartialObjectMeta<Secret>) {
+impl Triggers {
+    /// The objects whose input is this Secret (their run starts again if its value changed).
+    fn secret_changed(&self, secret: &PartialObjectMeta<Secret>) {
         let (ns, name) = (secret.namespace(), secret.name_any());
-        send_referencing(&self.resets, ns.as_deref(), &name);
-        send_referencing(&self.rebuilds, ns.as_deref(), &name);
+        send_matching(&self.resets, |o| uses_secret(o, ns.as_deref(), &name));
+        send_matching(&self.rebuilds, |o| uses_secret(o, ns.as_deref(), &name));
+    }
+
+    /// The objects waiting for this VMI (it appeared, started, moved node, or its agent
+    /// connected).
+    fn vmi_changed(&self, vmi: &PartialObjectMeta<VirtualMachineInstance>) {
+        send_matching(&self.resets, |o| waits_for_vmi(o, vmi));
+        send_matching(&self.rebuilds, |o| waits_for_vmi(o, vmi));
     }
 }
 
-fn send_referencing<K: RunKind>(
+fn uses_secret<K: RunKind>(o: &K, ns: Option<&str>, secret: &str) -> bool {
+    o.namespace().as_deref() == ns && o.input_secret().is_some_and(|r| r.name == secret)
+}
+
+fn waits_for_vmi<K: RunKind>(o: &K, vmi: &PartialObjectMeta<VirtualMachineInstance>) -> bool {
+    o.namespace() == vmi.namespace()
+        && waits_for(o.target(), o.run_status(), &vmi.name_any(), vmi.labels())
+}
+
+fn send_matching<K: RunKind>(
     (store, to): &(Store<K>, UnboundedSender<ObjectRef<K>>),
-    ns: Option<&str>,
-    secret: &str,
+    matches: impl Fn(&K) -> bool,
 ) {
     for o in store.state() {
-        if o.namespace().as_deref() == ns && o.input_secret().is_some_and(|r| r.name == secret) {
+        if matches(o.as_ref()) {
             // Closed only when the controller stopped.
             let _ = to.unbounded_send(ObjectRef::from_obj(o.as_ref()));
         }
@@ -347,12 +368,13 @@ fn send_referencing<K: RunKind>(
 
 /// A cache of every Secret's name and resourceVersion, and the watch that fills it and
 /// then (so a reconcile never sees the cache older than its trigger) asks for reconciles
-/// of the objects that reference a changed Secret. Only those fields are kept: labels
-/// and annotations can be large (or, like kubectl's last-applied-configuration, hold the
-/// Secret's data).
+/// of the objects that reference a changed Secret. The watch is metadata-only (no
+/// Secret's data crosses the wire), and of the metadata only those fields are kept:
+/// labels and annotations can be large (or, like kubectl's last-applied-configuration,
+/// hold the Secret's data).
 fn secret_versions(
     client: Client,
-    triggers: SecretTriggers,
+    triggers: Triggers,
 ) -> (
     Store<PartialObjectMeta<Secret>>,
     impl std::future::Future<Output = ()> + Send + 'static,
@@ -373,7 +395,7 @@ fn secret_versions(
         .touched_objects()
         .for_each(move |secret| {
             match secret {
-                Ok(secret) => triggers.fire(&secret),
+                Ok(secret) => triggers.secret_changed(&secret),
                 Err(e) => warn!(error = %e, "Secret metadata watch failed; retrying"),
             }
             futures::future::ready(())
@@ -381,32 +403,42 @@ fn secret_versions(
     (store, watch)
 }
 
-/// Add the VMI watch that triggers reconciles of `K`.
-fn watch_vmis<K: RunKind>(c: Controller<K>, client: &Client, store: Store<K>) -> Controller<K> {
-    let by_vmi = store;
-    let vmis = Api::<PartialObjectMeta<VirtualMachineInstance>>::all(client.clone());
-    c.watches(vmis, watcher::Config::default(), move |vmi| {
-        let (ns, name) = (vmi.namespace(), vmi.name_any());
-        by_vmi
-            .state()
-            .into_iter()
-            .filter(|o| {
-                o.namespace() == ns
-                    && waits_for(o.target().vm_name.as_deref(), o.run_status(), &name)
-            })
-            .map(|o| ObjectRef::from_obj(o.as_ref()))
-            .collect::<Vec<_>>()
-    })
+/// One metadata-only VMI watch for both kinds (nothing of it is cached: a reconcile reads
+/// the VMIs it needs), triggering the objects that wait for a changed VMI.
+fn vmi_changes(client: Client, triggers: Triggers) -> impl std::future::Future<Output = ()> {
+    let api = Api::<PartialObjectMeta<VirtualMachineInstance>>::all(client);
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .touched_objects()
+        .for_each(move |vmi| {
+            match vmi {
+                Ok(vmi) => triggers.vmi_changed(&vmi),
+                Err(e) => warn!(error = %e, "VMI metadata watch failed; retrying"),
+            }
+            futures::future::ready(())
+        })
 }
 
-/// Whether an object has unfinished business with VM `vm` (or names it and never ran).
-fn waits_for(vm_name: Option<&str>, status: Option<&RunStatus>, vm: &str) -> bool {
+/// Whether an object has unfinished business with this VMI: one of its run's targets is
+/// it and not finished, or the object has no targets yet and names it or selects it.
+fn waits_for(
+    target: &TargetSpec,
+    status: Option<&RunStatus>,
+    vmi: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
     match status {
         Some(s) if !s.targets.is_empty() => s
             .targets
             .iter()
-            .any(|t| t.vm == vm && !t.state.is_terminal()),
-        _ => vm_name == Some(vm),
+            .any(|t| t.vm == vmi && !t.state.is_terminal()),
+        _ => match (&target.vm_name, &target.selector) {
+            (Some(name), _) => name == vmi,
+            (None, Some(selector)) => {
+                Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels))
+            }
+            (None, None) => false,
+        },
     }
 }
 
@@ -419,4 +451,74 @@ async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action,
 fn error_policy<K: RunKind>(obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
     warn!(kind = %K::kind(&()), object = %obj.name_any(), error = %err, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{TargetState, TargetStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    fn named(vm: &str) -> TargetSpec {
+        TargetSpec {
+            vm_name: Some(vm.into()),
+            selector: None,
+        }
+    }
+
+    fn selecting(key: &str, value: &str) -> TargetSpec {
+        TargetSpec {
+            vm_name: None,
+            selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(key.into(), value.into())])),
+                match_expressions: None,
+            }),
+        }
+    }
+
+    fn labels(key: &str, value: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([(key.into(), value.into())])
+    }
+
+    fn run_with(vm: &str, state: TargetState) -> RunStatus {
+        RunStatus {
+            targets: vec![TargetStatus {
+                vm: vm.into(),
+                state,
+                ..TargetStatus::default()
+            }],
+            ..RunStatus::default()
+        }
+    }
+
+    #[test]
+    fn an_object_without_targets_waits_for_the_vmi_it_names() {
+        assert!(waits_for(&named("a"), None, "a", &BTreeMap::new()));
+        assert!(!waits_for(&named("a"), None, "b", &BTreeMap::new()));
+    }
+
+    #[test]
+    fn an_object_without_targets_waits_for_vmis_its_selector_matches() {
+        let idle = RunStatus::default();
+        let target = selecting("tier", "db");
+        assert!(waits_for(&target, Some(&idle), "x", &labels("tier", "db")));
+        assert!(!waits_for(
+            &target,
+            Some(&idle),
+            "x",
+            &labels("tier", "web")
+        ));
+    }
+
+    #[test]
+    fn a_run_waits_only_for_its_unfinished_targets() {
+        let target = selecting("tier", "db");
+        let pending = run_with("a", TargetState::Pending);
+        let done = run_with("a", TargetState::Succeeded);
+        let db = labels("tier", "db");
+        assert!(waits_for(&target, Some(&pending), "a", &db));
+        assert!(!waits_for(&target, Some(&done), "a", &db));
+        // A VM that matches later does not join a run already under way.
+        assert!(!waits_for(&target, Some(&pending), "b", &db));
+    }
 }
