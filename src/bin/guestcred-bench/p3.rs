@@ -258,7 +258,7 @@ pub async fn run(
         "{rounds} restarts (SIGKILL, then a new process). The resync ends with the later of the new controller's last non-watch API request and its last reconcile (its own guestcred_reconciles_total, scraped every 50 ms; at least one per reset), after which neither happens for 1.5 s; the bench makes no API requests meanwhile, and checks afterwards that all {} resets are still Ready. RSS is read right then.",
         scale.resets
     ));
-    s.notes.push("The emulator answers metadata-only lists and watches (the controller's Secret and VMI watches) with metadata only, as kube-apiserver does; it pages lists as kube-apiserver does (kube-rs watchers ask for 500 objects a page), so each of the two VMI watches (one per kind) lists the 10000 VMIs in 20 requests: 40 of a resync's 45.".into());
+    s.notes.push("The emulator answers metadata-only lists and watches (the controller's Secret and VMI watches) with metadata only, as kube-apiserver does; it pages lists as kube-apiserver does (kube-rs watchers ask for 500 objects a page), so the one VMI watch (shared by both kinds) lists the 10000 VMIs in 20 requests.".into());
     Ok(s)
 }
 
