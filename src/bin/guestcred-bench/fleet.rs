@@ -376,6 +376,9 @@ struct P5Round {
     hung_failed: Option<f64>,
 }
 
+/// Quiet time before each P5 case.
+const P5_SETTLE: Duration = Duration::from_secs(1);
+
 async fn p5_round(
     fleet: &Fleet,
     controller: &Proc,
@@ -495,50 +498,27 @@ async fn p5(
     let hung_vm = 0usize;
     let hung_pid = fleet.agents[hung_vm].pid().to_string();
     let (mut without, mut with, mut timeouts, mut failed) = (vec![], vec![], vec![], vec![]);
+    // Every case starts from the same quiet state: the previous case's trailing work
+    // (final reconciles, Events, a resumed agent draining its queue) is over.
+    let hung_pid = &hung_pid;
+    let case = |tag: String, hung: bool| async move {
+        tokio::time::sleep(P5_SETTLE).await;
+        if !hung {
+            return p5_round(fleet, controller, resets, secrets, &tag, None).await;
+        }
+        signal(hung_pid, "-STOP")?;
+        let round = p5_round(fleet, controller, resets, secrets, &tag, Some(hung_vm)).await;
+        signal(hung_pid, "-CONT")?;
+        round
+    };
     for round in 0..=rounds {
         // Odd rounds run the hung case first, so neither case always comes second.
-        let hung_first = round % 2 == 1;
-        let mut a = None;
-        if !hung_first {
-            a = Some(
-                p5_round(
-                    fleet,
-                    controller,
-                    resets,
-                    secrets,
-                    &format!("p5a-{round}"),
-                    None,
-                )
-                .await?,
-            );
-        }
-        signal(&hung_pid, "-STOP")?;
-        let b = p5_round(
-            fleet,
-            controller,
-            resets,
-            secrets,
-            &format!("p5b-{round}"),
-            Some(hung_vm),
-        )
-        .await;
-        signal(&hung_pid, "-CONT")?;
-        let b = b?;
-        let a = match a {
-            Some(a) => a,
-            None => {
-                // Let the resumed agent drain what was queued while it was stopped.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                p5_round(
-                    fleet,
-                    controller,
-                    resets,
-                    secrets,
-                    &format!("p5a-{round}"),
-                    None,
-                )
-                .await?
-            }
+        let (a, b) = if round % 2 == 1 {
+            let b = case(format!("p5b-{round}"), true).await?;
+            (case(format!("p5a-{round}"), false).await?, b)
+        } else {
+            let a = case(format!("p5a-{round}"), false).await?;
+            (a, case(format!("p5b-{round}"), true).await?)
         };
         if round > 0 {
             // The same 19 VMs on both sides: the baseline leaves out the VM that hangs.
@@ -553,8 +533,6 @@ async fn p5(
             timeouts.extend(b.hung_timeout);
             failed.extend(b.hung_failed);
         }
-        // Let the resumed agent drain what was queued while it was stopped.
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let base = Figure::new(
         "P5.without_hung",
@@ -596,7 +574,7 @@ async fn p5(
         .max_at_most(11.0, "≤ deadline + 1 s"),
     );
     s.notes.push(format!(
-        "{rounds} rounds after a warm-up; each round runs the 20 resets without and with agent {} frozen (the order alternates). Latency is create → Ready=True seen by a watch, per object; both figures are over the same 19 VMs (the baseline leaves out {}'s reset).",
+        "{rounds} rounds after a warm-up; each round runs the 20 resets without and with agent {} frozen (the order alternates; each case starts after 1 s of quiet). Latency is create → Ready=True seen by the watch that runs while the objects are created, per object; both figures are over the same 19 VMs (the baseline leaves out {}'s reset).",
         vm_name(hung_vm),
         vm_name(hung_vm)
     ));
