@@ -427,9 +427,13 @@ async fn selector_waiting_for_vms_runs_as_soon_as_a_matching_vm_appears() {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    w.apply(&reset("r", selector("tier", "db"), from_crypted_secret("pw")))
-        .await
-        .expect("reset");
+    w.apply(&reset(
+        "r",
+        selector("tier", "db"),
+        from_crypted_secret("pw"),
+    ))
+    .await
+    .expect("reset");
     w.wait_for(NS, "r", WAIT, stalled_with("NoTargets"))
         .await
         .expect("waits with NoTargets");
