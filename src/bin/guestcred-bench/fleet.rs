@@ -465,7 +465,7 @@ async fn p5_round(
             tracing::debug!(object = %name, ms = secs * 1e3, "ready seen");
             out.healthy.push((vm, secs * 1e3));
             done.insert(name, ());
-            if out.healthy.len() + 1 == total {
+            if out.healthy.len() == total - usize::from(hung.is_some()) {
                 let c = cpu()?;
                 tracing::debug!(
                     round = tag,
