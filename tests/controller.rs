@@ -453,6 +453,51 @@ async fn selector_waiting_for_vms_runs_as_soon_as_a_matching_vm_appears() {
 }
 
 #[tokio::test]
+async fn a_waiting_object_retriggered_without_news_writes_no_status() {
+    let w = world().await;
+    w.apply(&secret("pw", "password", SHA512))
+        .await
+        .expect("secret");
+    w.apply(&reset(
+        "r",
+        selector("tier", "db"),
+        from_crypted_secret("pw"),
+    ))
+    .await
+    .expect("reset");
+    w.wait_for(NS, "r", WAIT, stalled_with("NoTargets"))
+        .await
+        .expect("waits with NoTargets");
+    let status_path =
+        format!("/apis/guestcred.io/v1alpha1/namespaces/{NS}/guestpasswordresets/r/status");
+    let vmi_lists = format!("/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances");
+    let (writes, lists) = (
+        w.api.requests("PATCH", &status_path),
+        w.api.requests("GET", &vmi_lists),
+    );
+    // A matching VMI that is not running: the object is reconciled, and still has no targets.
+    w.add_vm(
+        &vm(NS, "db-0", "node-1")
+            .label("tier", "db")
+            .phase("Scheduling"),
+        None,
+    )
+    .await
+    .expect("vm");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while w.api.requests("GET", &vmi_lists) == lists {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reconcile after the VMI appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let that reconcile finish whatever it would write.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.api.requests("PATCH", &status_path), writes);
+}
+
+#[tokio::test]
 async fn failure_budget_skips_the_remaining_targets() {
     let w = world().await;
     let mut agents = Vec::new();

@@ -281,7 +281,11 @@ async fn stall<K: RunKind>(
                 && c.message == msg
         })
     });
-    write_status(ctx, obj, status).await?;
+    // Re-triggered while still stuck on the same thing (e.g. a VMI update for a selector
+    // that still matches nothing running): the status is unchanged, so write nothing.
+    if obj.run_status() != Some(&*status) {
+        write_status(ctx, obj, status).await?;
+    }
     if !already {
         warn!(object = %obj.name_any(), %reason, "stalled");
         publish(
