@@ -421,9 +421,8 @@ async fn selector_targets_every_matching_running_vm_with_bounded_concurrency() {
     assert_eq!(st.progress.as_deref(), Some("4/4"));
 }
 
-#[tokio::test]
-async fn selector_waiting_for_vms_runs_as_soon_as_a_matching_vm_appears() {
-    let w = world().await;
+/// A crypted reset "r" selecting `tier=db` in a world with no such VM: it waits with NoTargets.
+async fn reset_waiting_for_db_vms(w: &World) {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
@@ -437,6 +436,12 @@ async fn selector_waiting_for_vms_runs_as_soon_as_a_matching_vm_appears() {
     w.wait_for(NS, "r", WAIT, stalled_with("NoTargets"))
         .await
         .expect("waits with NoTargets");
+}
+
+#[tokio::test]
+async fn selector_waiting_for_vms_runs_as_soon_as_a_matching_vm_appears() {
+    let w = world().await;
+    reset_waiting_for_db_vms(&w).await;
     let agent = w
         .add_vm(&vm(NS, "db-0", "node-1").label("tier", "db"), Some(alice()))
         .await
@@ -455,19 +460,7 @@ async fn selector_waiting_for_vms_runs_as_soon_as_a_matching_vm_appears() {
 #[tokio::test]
 async fn a_waiting_object_retriggered_without_news_writes_no_status() {
     let w = world().await;
-    w.apply(&secret("pw", "password", SHA512))
-        .await
-        .expect("secret");
-    w.apply(&reset(
-        "r",
-        selector("tier", "db"),
-        from_crypted_secret("pw"),
-    ))
-    .await
-    .expect("reset");
-    w.wait_for(NS, "r", WAIT, stalled_with("NoTargets"))
-        .await
-        .expect("waits with NoTargets");
+    reset_waiting_for_db_vms(&w).await;
     let status_path =
         format!("/apis/guestcred.io/v1alpha1/namespaces/{NS}/guestpasswordresets/r/status");
     let vmi_lists = format!("/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances");
