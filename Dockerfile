@@ -2,8 +2,9 @@
 # guestcred product images. Two targets from one build:
 #   docker build --target controller -t guestcred-controller .
 #   docker build --target shim       -t guestcred-shim .
-# Built without the `lab` feature (the API-server emulator and guest lab are test tooling
-# and never ship). The controller image runs `guestcred controller`; the shim image runs
+# Only the product package is built (`-p guestcred`): the test world (`lab/`, the
+# API-server emulator and guest lab) and the benchmarks are other workspace packages and
+# never ship. The controller image runs `guestcred controller`; the shim image runs
 # `guestcred-shim`, a binary with only the shim's code in it (a smaller resident set on
 # every node).
 
@@ -14,13 +15,14 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libvirt-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY src ./src
+# The whole workspace is copied because cargo reads every member's manifest; only the
+# product package is compiled (.dockerignore keeps target/ and .lab/ out).
+COPY . .
 # Cache mounts keep the registry and target dir between builds; the binary is copied out
 # of the cache because the next stage cannot see a cache mount.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --no-default-features --bins \
+    cargo build --release --locked -p guestcred --bins \
     && install -D -m 0755 target/release/guestcred /out/guestcred \
     && install -D -m 0755 target/release/guestcred-shim /out/guestcred-shim
 

@@ -13,22 +13,22 @@ deps:
 	@if [ "$$(id -u)" = 0 ]; then bash scripts/install-deps.sh; else sudo bash scripts/install-deps.sh; fi
 
 build: deps
-	$(CARGO) build --bins
+	$(CARGO) build --workspace --bins
 
 fmt-check:
 	$(CARGO) fmt --check
 
 clippy: deps
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 crds:
-	$(CARGO) run -q --bin guestcred -- crdgen --out crds
+	$(CARGO) run -q -p guestcred --bin guestcred -- crdgen --out crds
 	cp crds/*.yaml charts/guestcred/crds/
 
 # Tests run with `cargo test` (not nextest) on purpose: the lab fixture boots its guests
 # once per test binary and shares them between the tests of that binary.
 test: deps fmt-check clippy
-	$(CARGO) test --all-targets -- --test-threads=4
+	$(CARGO) test --workspace --all-targets -- --test-threads=4
 
 demo: build
 	bash scripts/demo.sh
@@ -36,11 +36,12 @@ demo: build
 # Benchmarks P1-P5 (docs/benchmarks.md): release build, then bench/results.md and
 # bench/results.json. Needs root (private libvirtd, qemu-ga namespaces); ~5 minutes.
 bench: deps
-	$(CARGO) build --release --bin guestcred --bin guestcred-shim --bin guestcred-bench
+	$(CARGO) build --release -p guestcred --bins
+	$(CARGO) build --release -p guestcred-bench
 	target/release/guestcred-bench --out bench
 
 # Soak (docs/bad-input.md): rounds of bulk runs under shim/controller kills, 409s and 410s.
 # GUESTCRED_SOAK_ROUNDS / GUESTCRED_SOAK_VMS scale it.
 .PHONY: soak
 soak: deps
-	$(CARGO) test --test soak -- --ignored --nocapture
+	$(CARGO) test -p guestcred --test soak -- --ignored --nocapture

@@ -1,15 +1,16 @@
 //! guestcred: reset guest passwords and rotate SSH keys inside running KubeVirt-style VMs.
 //!
-//! Architecture (see README): `api` holds the custom resources and the shim wire types,
-//! `controller` reconciles them, `shim` is the node-local agent bridge, and `lab` (feature
-//! `lab`, never shipped) is the test world: an API-server emulator and a real-guest lab.
+//! Architecture (see README): `api` (the `guestcred-api` package, re-exported here) holds
+//! the custom resources, the shim wire types and the input rules both sides check;
+//! `controller` reconciles the resources; `shim` is the node-local agent bridge; `runtime`
+//! is what both binaries share (logging, signals, health and metrics endpoints). The test
+//! world lives in the `guestcred-lab` package and is never part of this one.
 #![deny(unsafe_code)]
 
-pub mod api;
+pub use guestcred_api as api;
+
 pub mod controller;
 pub mod metrics;
+pub mod runtime;
 pub mod shim;
-pub mod telemetry;
-
-#[cfg(feature = "lab")]
-pub mod lab;
+pub mod tls;

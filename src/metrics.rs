@@ -4,14 +4,10 @@
 //! Labels are closed sets (operation, backend, kind, result, reason). Never a VM, user,
 //! namespace or secret: those would leak data and explode cardinality.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use axum::Router;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -262,8 +258,8 @@ fn kind_label(kind: &str) -> &'static str {
     }
 }
 
-/// The controller's metrics: one per process (see [`controller`]), because the engine
-/// records from deep inside reconciles that have no handle of their own.
+/// The controller's metrics: one registry per controller, carried in its context and
+/// served on its admin port.
 #[derive(Debug)]
 pub struct ControllerMetrics {
     registry: Registry,
@@ -274,8 +270,14 @@ pub struct ControllerMetrics {
     ready: AtomicBool,
 }
 
+impl Default for ControllerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ControllerMetrics {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let mut registry = Registry::default();
         let reconciles = Family::<KindResultLabels, Counter>::default();
         let targets = Family::<TargetLabels, Counter>::default();
@@ -340,7 +342,7 @@ impl ControllerMetrics {
     }
 
     /// Count a target as in flight until the guard drops.
-    pub fn target_started(&'static self, kind: &str) -> InFlightGuard {
+    pub fn target_started(&self, kind: &str) -> InFlightGuard {
         let gauge = self
             .targets_in_flight
             .get_or_create(&KindLabels {
@@ -352,9 +354,9 @@ impl ControllerMetrics {
     }
 
     /// Time one run; the duration is recorded when the guard drops.
-    pub fn run_started(&'static self, kind: &str) -> RunTimer {
+    pub fn run_started(&self, kind: &str) -> RunTimer {
         RunTimer {
-            metrics: self,
+            run_duration: self.run_duration.clone(),
             kind: kind_label(kind),
             started: Instant::now(),
         }
@@ -387,116 +389,16 @@ impl Drop for InFlightGuard {
 
 /// Records `guestcred_run_duration_seconds` when dropped.
 pub struct RunTimer {
-    metrics: &'static ControllerMetrics,
+    run_duration: HistogramFamily<KindLabels>,
     kind: &'static str,
     started: Instant,
 }
 
 impl Drop for RunTimer {
     fn drop(&mut self) {
-        self.metrics
-            .run_duration
+        self.run_duration
             .get_or_create(&KindLabels { kind: self.kind })
             .observe(self.started.elapsed().as_secs_f64());
-    }
-}
-
-/// The process-wide controller metrics.
-pub fn controller() -> &'static ControllerMetrics {
-    static METRICS: OnceLock<ControllerMetrics> = OnceLock::new();
-    METRICS.get_or_init(ControllerMetrics::new)
-}
-
-/// `/metrics`, `/healthz` and `/readyz` on a plain-HTTP port (kubelet probes and
-/// Prometheus scrapes do not present client certificates). `ready` answers `Err(why)`
-/// while not ready.
-pub fn ops_router<M, R, F>(metrics: M, ready: R) -> Router
-where
-    M: Fn() -> String + Clone + Send + Sync + 'static,
-    R: Fn() -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = Result<(), String>> + Send + 'static,
-{
-    Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let text = metrics();
-                async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], text) }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let check = ready();
-                async move {
-                    match check.await {
-                        Ok(()) => (StatusCode::OK, "ok".to_string()).into_response(),
-                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
-                    }
-                }
-            }),
-        )
-}
-
-/// The controller's ops router: its metrics, and ready once caches synced.
-pub fn controller_router() -> Router {
-    ops_router(
-        || controller().encode(),
-        || async {
-            if controller().is_ready() {
-                Ok(())
-            } else {
-                Err("caches not synced yet".to_string())
-            }
-        },
-    )
-}
-
-/// Serve `router` on `listener` until `shutdown` resolves.
-pub async fn serve_ops(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-/// Serve `router` on `listen` in the background until `shutdown` resolves; `None` when
-/// `listen` is empty or cannot be bound. Not fatal: the main API still serves, and the
-/// kubelet's probes on that port make the problem visible (logged as an error here).
-pub async fn spawn_ops_server(
-    listen: &str,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Option<tokio::task::JoinHandle<()>> {
-    if listen.is_empty() {
-        return None;
-    }
-    let listener = match tokio::net::TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%listen, error = %e, "cannot bind the metrics/health port; serving without it");
-            return None;
-        }
-    };
-    tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
-    Some(tokio::spawn(async move {
-        if let Err(e) = serve_ops(listener, router, shutdown).await {
-            tracing::error!(error = %e, "metrics/health server failed");
-        }
-    }))
-}
-
-/// The controller's `--metrics-listen` and (when different and set) `--health-listen`
-/// ports, each with `/metrics`, `/healthz` and `/readyz`, for the life of the process.
-pub async fn serve_controller_ops(metrics_listen: &str, health_listen: &str) {
-    let pending = std::future::pending::<()>;
-    spawn_ops_server(metrics_listen, controller_router(), pending()).await;
-    if health_listen != metrics_listen {
-        spawn_ops_server(health_listen, controller_router(), pending()).await;
     }
 }
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use guestcred::lab::apiserver::ApiServer;
+use guestcred_lab::apiserver::ApiServer;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -1295,7 +1295,7 @@ async fn serve_answers_kube_clients_and_extra_routes() {
     tokio::spawn(async move { serving.serve(listener, extra).await });
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    guestcred::lab::apiserver::write_kubeconfig(&kubeconfig, &url).unwrap();
+    guestcred_lab::apiserver::write_kubeconfig(&kubeconfig, &url).unwrap();
 
     let client = kube_client_from(&kubeconfig).await;
     assert_eq!(client.default_namespace(), "default");
@@ -1319,7 +1319,7 @@ async fn serve_answers_kube_clients_and_extra_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_on_the_bound_port_and_writes_a_kubeconfig() {
-    use guestcred::lab::apiserver::{ApiServerArgs, run};
+    use guestcred_lab::apiserver::{ApiServerArgs, run};
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("lab").join("kubeconfig");
     let args = ApiServerArgs {

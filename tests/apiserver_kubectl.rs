@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use guestcred::lab::apiserver::{ApiServer, write_kubeconfig};
+use guestcred_lab::apiserver::{ApiServer, write_kubeconfig};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;

@@ -11,12 +11,12 @@
 use base64::Engine;
 use guestcred::controller::context::EngineSettings;
 use guestcred::controller::shims::ShimAccess;
-use guestcred::lab::apiserver::{ApiServer, write_kubeconfig};
-use guestcred::lab::hostqga::{HostQga, HostQgaOptions};
-use guestcred::lab::kubevirt::{VmDescription, create_node_with_shim, install_crds, vm};
 use guestcred::shim::auth::Auth;
 use guestcred::shim::qga::QgaSocketAgent;
 use guestcred::shim::server;
+use guestcred_lab::apiserver::{ApiServer, write_kubeconfig};
+use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
+use guestcred_lab::kubevirt::{VmDescription, create_node_with_shim, install_crds, vm};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -160,6 +160,7 @@ async fn start_lab() -> anyhow::Result<LabParts> {
         access,
         "guestcred-bad-input",
         settings,
+        Default::default(),
         std::future::pending(),
     ));
     Ok((kubeconfig, controller, dir, agents))

@@ -1,14 +1,14 @@
 //! The controller against the API-server emulator, with real shims and real qemu-ga agents
-//! (host-run, one per VM; see `guestcred::lab::world`). Each test builds its own world.
+//! (host-run, one per VM; see `guestcred_lab::world`). Each test builds its own world.
 use guestcred::api::kubevirt::ADMIN_USER_ANNOTATION;
 use guestcred::api::password::{GeneratePolicy, PasswordSource};
 use guestcred::api::{
     GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec,
     TargetState, UserSource,
 };
-use guestcred::lab::hostqga::HostQgaOptions;
-use guestcred::lab::kubevirt::vm;
-use guestcred::lab::world::{World, WorldOptions};
+use guestcred_lab::hostqga::HostQgaOptions;
+use guestcred_lab::kubevirt::vm;
+use guestcred_lab::world::{World, WorldOptions};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -523,7 +523,7 @@ async fn failure_budget_skips_the_remaining_targets() {
     );
     assert_eq!(st.phase, Some(Phase::Failed));
     // No other test here exhausts a budget: these two are this run's.
-    let metrics = guestcred::metrics::controller().encode();
+    let metrics = w.metrics.encode();
     assert!(
         metrics.contains(r#"guestcred_targets_total{kind="GuestPasswordReset",result="skipped",reason="FailureBudgetExhausted"} 2"#),
         "{metrics}"

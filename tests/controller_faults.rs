@@ -4,9 +4,9 @@ use guestcred::api::password::{GeneratePolicy, PasswordSource};
 use guestcred::api::{
     GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec,
 };
-use guestcred::lab::hostqga::{HostQga, HostQgaOptions};
-use guestcred::lab::kubevirt::vm;
-use guestcred::lab::world::{World, WorldOptions};
+use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
+use guestcred_lab::kubevirt::vm;
+use guestcred_lab::world::{World, WorldOptions};
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::Api;
 use kube::api::{ListParams, ObjectMeta};

@@ -5,9 +5,9 @@ use guestcred::api::{
     KeypairRebuild, KeypairRebuildSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec, TargetState,
 };
 use guestcred::controller::keypair::MANAGED_KEYS_ANNOTATION_PREFIX;
-use guestcred::lab::hostqga::{HostQgaOptions, SSH_COMMANDS};
-use guestcred::lab::kubevirt::vm;
-use guestcred::lab::world::{World, WorldOptions};
+use guestcred_lab::hostqga::{HostQgaOptions, SSH_COMMANDS};
+use guestcred_lab::kubevirt::vm;
+use guestcred_lab::world::{World, WorldOptions};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ObjectMeta;
 use kube::{Api, ResourceExt};
@@ -290,7 +290,7 @@ async fn keys_with_a_ttl_are_removed_after_it() {
         expired.status.expect("status").run.targets[0].state,
         TargetState::Succeeded
     );
-    let metrics = guestcred::metrics::controller().encode();
+    let metrics = w.metrics.encode();
     assert!(
         metrics.contains(
             r#"guestcred_targets_total{kind="KeypairRebuild",result="expired",reason="Expired"}"#
@@ -353,8 +353,8 @@ async fn verification_fails_when_the_guest_drops_a_key() {
     let w = world().await;
     let dir = w.agent_socket_dir("node-1").expect("node-1").to_path_buf();
     // The real agent runs under another name; the VM's socket is the proxy.
-    let real = guestcred::lab::hostqga::HostQga::start_with(&dir, "real-agent", &alice())
-        .expect("qemu-ga");
+    let real =
+        guestcred_lab::hostqga::HostQga::start_with(&dir, "real-agent", &alice()).expect("qemu-ga");
     key_dropping_proxy(
         dir.join("default_vm-a/qga.sock"),
         real.socket_path().to_path_buf(),

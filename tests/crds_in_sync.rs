@@ -6,9 +6,6 @@ fn crds_directory_matches_the_rust_types() {
     for (file, crd) in guestcred::api::crds() {
         let want = guestcred::api::crd_yaml(&crd).expect("crd serializes");
         let have = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-        assert!(
-            have == want,
-            "crds/{file} is out of date: run `cargo run -- crdgen --out crds`"
-        );
+        assert!(have == want, "crds/{file} is out of date: run `make crds`");
     }
 }

@@ -7,7 +7,7 @@ use guestcred::api::{
     GuestPasswordReset, GuestPasswordResetSpec, KeypairRebuild, KeypairRebuildSpec, RolloutSpec,
     SecretKeyRef, TargetSpec,
 };
-use guestcred::lab::cluster::LabState;
+use guestcred_lab::cluster::LabState;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::ObjectMeta;
@@ -19,7 +19,11 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const LAB: &str = env!("CARGO_BIN_EXE_guestcred-lab");
+/// The lab binary is another workspace package's: `make test` builds every binary first.
+static LAB: std::sync::LazyLock<std::path::PathBuf> = std::sync::LazyLock::new(|| {
+    guestcred_lab::cluster::lab_binary(None)
+        .expect("the guestcred-lab binary (cargo build --workspace --bins)")
+});
 const GUESTCRED: &str = env!("CARGO_BIN_EXE_guestcred");
 const NS: &str = "default";
 const WAIT: Duration = Duration::from_secs(180);
@@ -47,7 +51,7 @@ fn lab() -> &'static Lab {
             .keep();
         let owner = std::process::id().to_string();
         let d = dir.display().to_string();
-        let out = Command::new(LAB)
+        let out = Command::new(&*LAB)
             .args([
                 "up",
                 "--state-dir",
@@ -73,7 +77,7 @@ fn lab() -> &'static Lab {
                 "vm-paused:node-2",
             ])
             .output()
-            .map_err(|e| format!("cannot run {LAB}: {e}"))?;
+            .map_err(|e| format!("cannot run {}: {e}", LAB.display()))?;
         if !out.status.success() {
             return Err(format!(
                 "the lab must come up (root, scripts/install-deps.sh):\n{}{}",
@@ -147,7 +151,7 @@ fn wait_until(kind: &str, name: &str, path: &str, want: &str) {
 
 fn guest(vm: &str, argv: &[&str]) -> String {
     let d = lab().dir.display().to_string();
-    let out = Command::new(LAB)
+    let out = Command::new(&*LAB)
         .args(["exec", "--state-dir", &d, vm, "--"])
         .args(argv)
         .output()
@@ -428,7 +432,7 @@ fn a_hung_agent_reports_agent_timeout() {
 fn a_paused_vm_reports_vm_not_running_and_finishes_after_resume() {
     lab();
     let d = lab().dir.display().to_string();
-    let paused = Command::new(LAB)
+    let paused = Command::new(&*LAB)
         .args(["pause", "--state-dir", &d, "vm-paused"])
         .status()
         .expect("pause");
@@ -454,7 +458,7 @@ fn a_paused_vm_reports_vm_not_running_and_finishes_after_resume() {
         ".status.targets[0].reason",
         "VMNotRunning",
     );
-    let resumed = Command::new(LAB)
+    let resumed = Command::new(&*LAB)
         .args(["resume", "--state-dir", &d, "vm-paused"])
         .status()
         .expect("resume");

@@ -3,8 +3,8 @@
 //! columns, and a reset for a VM that does not exist says VMNotFound.
 use guestcred::controller::context::EngineSettings;
 use guestcred::controller::shims::ShimAccess;
-use guestcred::lab::apiserver::{ApiServer, write_kubeconfig};
-use guestcred::lab::kubevirt::kubevirt_crds;
+use guestcred_lab::apiserver::{ApiServer, write_kubeconfig};
+use guestcred_lab::kubevirt::kubevirt_crds;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -54,6 +54,7 @@ async fn serve_with_controller() -> Served {
         access,
         "test",
         EngineSettings::default(),
+        Default::default(),
         std::future::pending(),
     ));
     Served {

@@ -14,7 +14,7 @@ mod fault_lab;
 use fault_lab::*;
 use guestcred::api::kubevirt::VirtualMachineInstance;
 use guestcred::api::{Phase, TargetState};
-use guestcred::lab::kubevirt::vm;
+use guestcred_lab::kubevirt::vm;
 use kube::Api;
 use kube::api::DeleteParams;
 use serde_json::json;

@@ -6,7 +6,6 @@
 //!
 //! helm, hadolint and kubernetes-validate come from scripts/install-deps.sh (into
 //! .lab/tools/bin).
-#![cfg(feature = "lab")]
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -16,8 +15,8 @@ use std::time::Duration;
 use clap::Parser;
 use guestcred::controller::ControllerArgs;
 use guestcred::controller::shims::SHIM_POD_SELECTOR;
-use guestcred::lab::apiserver::{ApiServer, write_kubeconfig};
 use guestcred::shim::{BackendKind, LocatorKind, ShimArgs};
+use guestcred_lab::apiserver::{ApiServer, write_kubeconfig};
 use serde::Deserialize;
 use serde_yaml::Value;
 
@@ -1276,9 +1275,9 @@ fn under(root: &Path, path: &Path) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rendered_certificates_let_the_rendered_controller_call_the_rendered_shim() {
     use guestcred::api::wire::{DomainRef, ShimErrorReason};
-    use guestcred::lab::hostqga::HostQga;
-    use guestcred::shim::ShimCallError;
-    use guestcred::shim::tls::{ClientTlsFiles, ReloadingHttpClient};
+    use guestcred::controller::shim_client::{ShimApi as _, ShimCallError};
+    use guestcred::tls::client::{ClientTlsFiles, ReloadingHttpClient};
+    use guestcred_lab::hostqga::HostQga;
 
     let objects = render(&["shim.locator=qga-socket"]);
     let ds = only(&objects, "DaemonSet");
@@ -1350,7 +1349,7 @@ async fn rendered_certificates_let_the_rendered_controller_call_the_rendered_shi
             .expect("controller TLS client from the rendered files")
             .http()
             .expect("HTTPS client");
-        guestcred::shim::ShimClient::with_http_client(
+        guestcred::controller::shim_client::ShimClient::with_http_client(
             format!("https://127.0.0.1:{port}"),
             None,
             http,
@@ -1528,9 +1527,9 @@ fn dockerfile_passes_hadolint() {
 }
 
 #[test]
-fn dockerfile_builds_the_product_binary_without_the_lab_feature() {
+fn dockerfile_builds_only_the_product_package() {
     let text = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
-    assert!(text.contains("cargo build --release --locked --no-default-features --bins"));
+    assert!(text.contains("cargo build --release --locked -p guestcred --bins"));
     for target in ["AS controller", "AS shim", "AS builder"] {
         assert!(text.contains(target), "Dockerfile stage {target}");
     }
@@ -1540,23 +1539,53 @@ fn dockerfile_builds_the_product_binary_without_the_lab_feature() {
     );
 }
 
-/// What the image build compiles (`--no-default-features`: no lab), checked cheaply in a
-/// target dir of its own so it does not wait on the shared one.
+/// What the image build compiles: the product package, whose normal dependency tree holds
+/// no test-world package, checked cheaply in a target dir of its own so it does not wait
+/// on the shared one.
 #[test]
-fn product_binary_compiles_without_the_lab_feature() {
+fn product_package_depends_on_no_test_world_package() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .args([
+            "tree",
+            "--locked",
+            "-p",
+            "guestcred",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .current_dir(repo())
+        .output()
+        .expect("run cargo tree");
+    let tree = stdout_of(&out, "cargo tree -p guestcred -e normal");
+    for lab in [
+        "guestcred-lab",
+        "guestcred-bench",
+        "json-patch",
+        "rcgen",
+        "tempfile",
+    ] {
+        assert!(
+            !tree.lines().any(|l| l.starts_with(&format!("{lab} "))),
+            "the product links {lab}:\n{tree}"
+        );
+    }
+    assert!(
+        tree.lines().any(|l| l.starts_with("guestcred-api ")),
+        "{tree}"
+    );
+}
+
+#[test]
+fn product_binaries_compile_alone() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args([
-            "check",
-            "--quiet",
-            "--locked",
-            "--no-default-features",
-            "--bin",
-            "guestcred",
-        ])
-        .env("CARGO_TARGET_DIR", repo().join("target/no-lab"))
+        .args(["check", "--quiet", "--locked", "-p", "guestcred", "--bins"])
+        .env("CARGO_TARGET_DIR", repo().join("target/product-only"))
         .current_dir(repo())
         .output()
         .expect("run cargo");
-    stdout_of(&out, "cargo check --no-default-features --bin guestcred");
+    stdout_of(&out, "cargo check -p guestcred --bins");
 }

@@ -13,16 +13,20 @@ use std::time::{Duration, Instant};
 
 use guestcred::api::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use guestcred::api::wire::{DomainRef, ShimErrorReason};
-use guestcred::lab::cluster::{LabState, LabStatus, procs};
-use guestcred::lab::guest::process_alive;
-use guestcred::shim::ShimClient;
-use guestcred::shim::tls::{ClientTlsFiles, ReloadingHttpClient};
+use guestcred::controller::shim_client::{ShimApi as _, ShimClient};
+use guestcred::tls::client::{ClientTlsFiles, ReloadingHttpClient};
+use guestcred_lab::cluster::{LabState, LabStatus, procs};
+use guestcred_lab::guest::process_alive;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 
-const LAB: &str = env!("CARGO_BIN_EXE_guestcred-lab");
+/// The lab binary is another workspace package's: `make test` builds every binary first.
+static LAB: std::sync::LazyLock<std::path::PathBuf> = std::sync::LazyLock::new(|| {
+    guestcred_lab::cluster::lab_binary(None)
+        .expect("the guestcred-lab binary (cargo build --workspace --bins)")
+});
 const GUESTCRED: &str = env!("CARGO_BIN_EXE_guestcred");
 /// kubevirt-lite polls every 2 s; a restarted guest boots in seconds under TCG, slower on a
 /// busy machine.
@@ -35,10 +39,10 @@ struct SharedLab {
 }
 
 fn lab_command(args: &[&str]) -> Output {
-    Command::new(LAB)
+    Command::new(&*LAB)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {LAB}: {e}"))
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", LAB.display()))
 }
 
 fn text(out: &Output) -> String {

@@ -1,14 +1,13 @@
 //! The real-guest lab, end to end: real libvirtd, QEMU (TCG) and qemu-ga guests.
 //! Run with `cargo test --test lab_guest` as root after `scripts/install-deps.sh`.
 //! Tests fail (never skip) when the lab cannot run, saying what to install.
-#![cfg(feature = "lab")]
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use guestcred::lab::guest::*;
+use guestcred_lab::guest::*;
 use serde_json::json;
 
 const AGENT_TIMEOUT: Duration = Duration::from_secs(180);

@@ -5,8 +5,8 @@ use guestcred::api::{GuestPasswordReset, GuestPasswordResetSpec, RolloutSpec, Ta
 use guestcred::controller::context::EngineSettings;
 use guestcred::controller::leader::{LeaseSettings, acquire};
 use guestcred::controller::shims::ShimAccess;
-use guestcred::lab::apiserver::ApiServer;
-use guestcred::lab::kubevirt::install_crds;
+use guestcred_lab::apiserver::ApiServer;
+use guestcred_lab::kubevirt::install_crds;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -37,8 +37,15 @@ fn replica(client: Client, identity: &'static str) -> tokio::task::JoinHandle<()
             tls: None,
             request_timeout: Duration::from_secs(1),
         };
-        guestcred::controller::start(client, access, identity, EngineSettings::default(), lost)
-            .await;
+        guestcred::controller::start(
+            client,
+            access,
+            identity,
+            EngineSettings::default(),
+            Default::default(),
+            lost,
+        )
+        .await;
     })
 }
 

@@ -14,13 +14,13 @@ use guestcred::api::wire::{DomainRef, SetPasswordRequest, ShimErrorReason};
 use guestcred::api::{
     GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec,
 };
-use guestcred::lab::hostqga::{HostQga, HostQgaOptions};
-use guestcred::lab::kubevirt::vm;
-use guestcred::lab::world::{World, WorldOptions};
+use guestcred::controller::shim_client::{ShimApi, ShimCallError, ShimClient};
 use guestcred::shim::auth::Auth;
 use guestcred::shim::qga::QgaSocketAgent;
 use guestcred::shim::server::{ShimApp, serve};
-use guestcred::shim::{ShimCallError, ShimClient};
+use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
+use guestcred_lab::kubevirt::vm;
+use guestcred_lab::world::{World, WorldOptions};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ObjectMeta;
@@ -237,7 +237,10 @@ async fn controller_metrics_count_reconciles_and_targets_and_report_ready() {
         .expect("the reset succeeds");
     assert!(r.status.is_some());
 
-    let ops = serve_on_loopback(guestcred::metrics::controller_router()).await;
+    let ops = serve_on_loopback(guestcred::runtime::admin::controller_router(
+        w.metrics.clone(),
+    ))
+    .await;
     let (status, content_type, text) = get(&format!("{ops}/metrics")).await;
     assert_eq!(status, 200);
     assert!(
@@ -293,8 +296,8 @@ fn free_port() -> u16 {
 /// 200 on the health port once its caches synced, and `/metrics` starts with zeros.
 #[tokio::test]
 async fn controller_binary_serves_metrics_and_readiness_on_its_ports() {
-    let api = guestcred::lab::apiserver::ApiServer::new();
-    guestcred::lab::kubevirt::install_crds(&api.client())
+    let api = guestcred_lab::apiserver::ApiServer::new();
+    guestcred_lab::kubevirt::install_crds(&api.client())
         .await
         .expect("CRDs");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -305,7 +308,7 @@ async fn controller_binary_serves_metrics_and_readiness_on_its_ports() {
     tokio::spawn(async move { serving.serve(listener, axum::Router::new()).await });
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    guestcred::lab::apiserver::write_kubeconfig(&kubeconfig, &url).expect("kubeconfig");
+    guestcred_lab::apiserver::write_kubeconfig(&kubeconfig, &url).expect("kubeconfig");
     let (metrics_port, health_port) = (free_port(), free_port());
 
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestcred"))

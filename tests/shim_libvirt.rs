@@ -1,26 +1,25 @@
 //! The shim over HTTP with the `libvirt` backend against the real-guest lab: a private
-//! libvirtd, QEMU (TCG) guests and their real qemu-ga (`guestcred::lab::guest`).
+//! libvirtd, QEMU (TCG) guests and their real qemu-ga (`guestcred_lab::guest`).
 //!
 //! Needs root and scripts/install-deps.sh; the lab fails these tests with the reason when it
 //! cannot run, never skips. The shared lab's guests are shared by the tests of this file,
 //! so each test changes a (VM, user) pair no other test here touches.
-#![cfg(feature = "lab")]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guestcred::api::wire::{DomainRef, KeyOp, SetPasswordRequest, ShimErrorReason};
-use guestcred::lab::guest::{
-    self, GuestSpec, Libvirtd, TestLab, VM_A, VM_B, VM_HUNG, VM_NOAGENT, VM_OLDAGENT, shadow_entry,
-    shared_test_lab,
-};
+use guestcred::controller::shim_client::{ShimApi, ShimCallError, ShimClient};
 use guestcred::shim::auth::Auth;
 use guestcred::shim::libvirt::{
     DEFAULT_DOMAIN_TEMPLATE, KUBEVIRT_SOCKET_SUBPATH, LibvirtAgent, Locator,
 };
 use guestcred::shim::server;
-use guestcred::shim::{ShimCallError, ShimClient};
+use guestcred_lab::guest::{
+    self, GuestSpec, Libvirtd, TestLab, VM_A, VM_B, VM_HUNG, VM_NOAGENT, VM_OLDAGENT, shadow_entry,
+    shared_test_lab,
+};
 use secrecy::SecretString;
 
 const KEY1: &str =

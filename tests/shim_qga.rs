@@ -1,6 +1,6 @@
 //! The shim over plain HTTP without authentication (`--insecure-no-auth`, tests only; mutual
 //! TLS is in tests/shim_tls.rs) with the `qga-socket` backend against real qemu-ga instances
-//! (`guestcred::lab::hostqga`): the host's qemu-ga in private namespaces, no VM.
+//! (`guestcred_lab::hostqga`): the host's qemu-ga in private namespaces, no VM.
 //!
 //! Needs root, `unshare`, overlayfs and qemu-ga (scripts/install-deps.sh). Without them
 //! these tests fail with the reason; they never skip.
@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use guestcred::api::wire::{DomainRef, KeyOp, SetPasswordRequest, ShimErrorReason, paths};
-use guestcred::lab::hostqga::{HostQga, HostQgaOptions, SSH_COMMANDS};
+use guestcred::controller::shim_client::{ShimApi, ShimCallError, ShimClient};
 use guestcred::shim::auth::Auth;
 use guestcred::shim::qga::QgaSocketAgent;
 use guestcred::shim::server;
-use guestcred::shim::{ShimCallError, ShimClient};
+use guestcred_lab::hostqga::{HostQga, HostQgaOptions, SSH_COMMANDS};
 use secrecy::SecretString;
 use tempfile::TempDir;
 use tokio::net::UnixListener;

@@ -1,4 +1,4 @@
-//! The shim over mutual TLS, against real qemu-ga instances (`guestcred::lab::hostqga`):
+//! The shim over mutual TLS, against real qemu-ga instances (`guestcred_lab::hostqga`):
 //! who gets in, who is refused before any agent call, the node check, and certificate
 //! rotation without a restart. Certificates are generated at run time with `rcgen`.
 //!
@@ -15,17 +15,16 @@ use guestcred::api::wire::{DomainRef, SetPasswordRequest, ShimErrorReason};
 use guestcred::api::{
     GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec,
 };
-use guestcred::lab::hostqga::{HostQga, HostQgaOptions};
-use guestcred::lab::kubevirt::vm;
-use guestcred::lab::world::{World, WorldOptions, WorldTls};
+use guestcred::controller::shim_client::{ShimApi, ShimCallError, ShimClient};
 use guestcred::metrics::ShimMetrics;
 use guestcred::shim::auth::Auth;
 use guestcred::shim::qga::QgaSocketAgent;
 use guestcred::shim::server::{ServeOptions, ShimApp, serve_with};
-use guestcred::shim::tls::{
-    ClientTlsFiles, ReloadingHttpClient, ReloadingServerConfig, ServerTlsFiles,
-};
-use guestcred::shim::{ShimCallError, ShimClient};
+use guestcred::tls::client::{ClientTlsFiles, ReloadingHttpClient};
+use guestcred::tls::server::{ReloadingServerConfig, ServerTlsFiles};
+use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
+use guestcred_lab::kubevirt::vm;
+use guestcred_lab::world::{World, WorldOptions, WorldTls};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ObjectMeta;

@@ -10,7 +10,7 @@ mod fault_lab;
 
 use fault_lab::*;
 use guestcred::api::Phase;
-use guestcred::lab::kubevirt::vm;
+use guestcred_lab::kubevirt::vm;
 use std::collections::BTreeMap;
 use std::time::Duration;
 

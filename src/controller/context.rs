@@ -1,11 +1,13 @@
 //! State shared by every reconcile.
 use super::shims::ShimDirectory;
 use crate::api::{GuestPasswordReset, KeypairRebuild};
+use crate::metrics::ControllerMetrics;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Tunables of the run engine.
@@ -33,6 +35,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub shims: ShimDirectory,
     pub settings: EngineSettings,
+    /// Where reconciles and targets are counted (served on the admin port).
+    pub metrics: Arc<ControllerMetrics>,
     /// Latest view of the objects, to notice pause, spec changes and deletion mid-run.
     pub resets: Store<GuestPasswordReset>,
     pub rebuilds: Store<KeypairRebuild>,

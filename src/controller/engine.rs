@@ -319,7 +319,7 @@ async fn drive<K: RunKind>(
     input: Arc<K::Input>,
     status: RunStatus,
 ) -> Result<Action, Error> {
-    let _run_timer = crate::metrics::controller().run_started(&K::kind(&()));
+    let _run_timer = ctx.metrics.run_started(&K::kind(&()));
     let shared: Shared = Arc::new(Mutex::new(RunState {
         status,
         dirty: true,
@@ -359,7 +359,7 @@ async fn drive<K: RunKind>(
                 .filter(|t| t.state == TargetState::Failed)
                 .count();
             if failed as u32 > rollout.max_failures {
-                skip_rest::<K>(&shared, next);
+                skip_rest::<K>(&ctx, &shared, next);
                 stop_reason = Some(Reason::FailureBudgetExhausted);
                 break;
             }
@@ -438,7 +438,7 @@ async fn expire_due<K: RunKind>(
         };
         match result {
             Ok(done) => {
-                crate::metrics::controller().target(
+                ctx.metrics.target(
                     &K::kind(&()),
                     TargetResult::Expired,
                     Reason::Expired.as_str(),
@@ -466,11 +466,11 @@ async fn expire_due<K: RunKind>(
     next
 }
 
-fn skip_rest<K: RunKind>(shared: &Shared, from: usize) {
+fn skip_rest<K: RunKind>(ctx: &Context, shared: &Shared, from: usize) {
     let mut st = lock(shared);
     for t in st.status.targets.iter_mut().skip(from) {
         if t.state == TargetState::Pending {
-            crate::metrics::controller().target(
+            ctx.metrics.target(
                 &K::kind(&()),
                 TargetResult::Skipped,
                 Reason::FailureBudgetExhausted.as_str(),
@@ -632,7 +632,7 @@ async fn run_target<K: RunKind>(
     shared: Shared,
     idx: usize,
 ) {
-    let _in_flight = crate::metrics::controller().target_started(&K::kind(&()));
+    let _in_flight = ctx.metrics.target_started(&K::kind(&()));
     let deadline_secs = obj.rollout().deadline_seconds;
     let (vm, started) = {
         let mut st = lock(&shared);
@@ -744,7 +744,8 @@ async fn attempt_once<K: RunKind>(
 
 async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize, o: Outcome) {
     let reason = o.reason.unwrap_or(Reason::Applied);
-    crate::metrics::controller().target(&K::kind(&()), TargetResult::Succeeded, reason.as_str());
+    ctx.metrics
+        .target(&K::kind(&()), TargetResult::Succeeded, reason.as_str());
     let (vm, note) = {
         let mut st = lock(shared);
         let t = &mut st.status.targets[idx];
@@ -776,7 +777,8 @@ async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize
 
 async fn fail<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize, e: &Error) {
     let reason = e.reason();
-    crate::metrics::controller().target(&K::kind(&()), TargetResult::Failed, reason.as_str());
+    ctx.metrics
+        .target(&K::kind(&()), TargetResult::Failed, reason.as_str());
     let vm = {
         let mut st = lock(shared);
         let t = &mut st.status.targets[idx];

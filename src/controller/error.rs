@@ -1,7 +1,7 @@
 //! Everything that can go wrong in a reconcile, mapped to a condition reason in one place.
+use super::shim_client::ShimCallError;
 use crate::api::Reason;
 use crate::api::wire::ShimErrorReason;
-use crate::shim::client::ShimCallError;
 
 /// Controller errors. Messages say what to fix and never contain secret values.
 #[derive(Debug, thiserror::Error)]

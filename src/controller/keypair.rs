@@ -3,6 +3,7 @@
 use super::context::Context;
 use super::engine::{Outcome, Prepared, RunKind};
 use super::error::Error;
+use super::keys::{WantedKey, fingerprint_of, parse_keys, present_fingerprints};
 use super::password::cel_message;
 use super::secrets;
 use super::targets::TargetCall;
@@ -18,7 +19,6 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use secrecy::ExposeSecret;
-use ssh_key::{HashAlg, PublicKey};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,61 +26,6 @@ use std::time::Duration;
 /// Annotation prefix on a VM recording the fingerprints guestcred added for a user, so a
 /// later Replace removes them even when the object that added them is gone.
 pub const MANAGED_KEYS_ANNOTATION_PREFIX: &str = "keys.guestcred.io/";
-
-/// One parsed public key.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WantedKey {
-    pub line: String,
-    pub fingerprint: String,
-}
-
-/// Parse authorized_keys text: one key per line, blank lines and `#` comments skipped.
-/// Errors name the line number, never its content.
-pub fn parse_keys(text: &str) -> Result<Vec<WantedKey>, Error> {
-    let mut keys: Vec<WantedKey> = Vec::new();
-    for (n, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        let n = n + 1;
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if line.contains("PRIVATE KEY") {
-            return Err(Error::InvalidPublicKey(format!(
-                "line {n} is part of a private key: put only public keys (the .pub file) here, and treat that private key as leaked"
-            )));
-        }
-        let key = PublicKey::from_openssh(line).map_err(|e| {
-            Error::InvalidPublicKey(format!("line {n} is not an OpenSSH public key ({e})"))
-        })?;
-        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
-        if let Some(first) = keys.iter().position(|k| k.fingerprint == fingerprint) {
-            return Err(Error::InvalidPublicKey(format!(
-                "line {n} repeats the key of entry {} ({fingerprint})",
-                first + 1
-            )));
-        }
-        keys.push(WantedKey {
-            line: line.to_string(),
-            fingerprint,
-        });
-    }
-    if keys.is_empty() {
-        return Err(Error::InvalidPublicKey("no public keys given".into()));
-    }
-    Ok(keys)
-}
-
-/// Fingerprints of the keys the guest has for the call's user, read through the agent.
-pub(crate) async fn present_fingerprints(call: &TargetCall) -> Result<BTreeSet<String>, Error> {
-    let lines = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
-    Ok(lines.iter().filter_map(|l| fingerprint_of(l)).collect())
-}
-
-pub(crate) fn fingerprint_of(line: &str) -> Option<String> {
-    PublicKey::from_openssh(line.trim())
-        .ok()
-        .map(|k| k.fingerprint(HashAlg::Sha256).to_string())
-}
 
 fn annotation_key(user: &str) -> String {
     format!("{MANAGED_KEYS_ANNOTATION_PREFIX}{user}")
@@ -115,7 +60,7 @@ impl RunKind for KeypairRebuild {
             secrets::check_same_namespace(r, &ns, "publicKeys.secretRef")?;
         }
         if let Some(u) = &self.spec.user {
-            crate::shim::validate::user(u)
+            crate::api::validate::user(u)
                 .map_err(|e| Error::InvalidUser(format!("spec.user: {}", e.message)))?;
         }
         if let Some(ttl) = self.spec.ttl_seconds
@@ -292,7 +237,24 @@ impl RunKind for KeypairRebuild {
     }
 }
 
-impl KeypairRebuild {
+/// The managed-key bookkeeping of a KeypairRebuild (the type lives in the api package).
+trait ManagedKeys {
+    async fn expire_keys(
+        &self,
+        ctx: &Context,
+        call: &TargetCall,
+        target: &TargetStatus,
+    ) -> Result<String, Error>;
+    fn previously_added(&self, call: &TargetCall) -> BTreeSet<String>;
+    async fn record_managed_keys(
+        &self,
+        ctx: &Context,
+        call: &TargetCall,
+        fps: &BTreeSet<String>,
+    ) -> Result<(), Error>;
+}
+
+impl ManagedKeys for KeypairRebuild {
     /// Remove the keys a TTL'd run added (by fingerprint) and forget them on the VM.
     async fn expire_keys(
         &self,

@@ -7,17 +7,20 @@ pub mod context;
 pub mod engine;
 pub mod error;
 pub mod keypair;
+pub mod keys;
 pub mod leader;
 pub mod lenient;
 pub mod password;
 pub mod rebuild;
 pub mod secrets;
+pub mod shim_client;
 pub mod shims;
 pub mod targets;
 
 use crate::api::kubevirt::VirtualMachineInstance;
 use crate::api::{GuestPasswordReset, KeypairRebuild, RunStatus, TargetSpec};
-use crate::telemetry::LogFormat;
+use crate::metrics::ControllerMetrics;
+use crate::runtime::LogFormat;
 use context::{Context, EngineSettings};
 use engine::RunKind;
 use error::Error;
@@ -66,7 +69,7 @@ pub struct ControllerArgs {
     #[arg(long, env = "GUESTCRED_SHIM_CLIENT_KEY_FILE")]
     pub shim_client_key_file: Option<PathBuf>,
     /// DNS name the shims' certificates carry (checked instead of the pod IP).
-    #[arg(long, env = "GUESTCRED_SHIM_SERVER_NAME", default_value = crate::shim::tls::DEFAULT_SHIM_SERVER_NAME)]
+    #[arg(long, env = "GUESTCRED_SHIM_SERVER_NAME", default_value = crate::tls::DEFAULT_SHIM_SERVER_NAME)]
     pub shim_server_name: String,
     /// Plain-HTTP address for /metrics, /healthz and /readyz; empty to disable.
     #[arg(long, env = "GUESTCRED_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
@@ -127,26 +130,10 @@ impl ControllerArgs {
     }
 }
 
-/// Resolves on SIGTERM (Kubernetes stopping the pod) or ctrl-c.
-pub async fn termination() {
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 /// `guestcred controller`: connect with the ambient kubeconfig / in-cluster config and run.
 pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
-    crate::telemetry::init(args.log_format);
+    crate::runtime::logging::init(args.log_format);
+    let metrics = Arc::new(ControllerMetrics::new());
     let client = Client::try_default().await?;
     let token = match &args.shim_token_file {
         Some(p) => Some(SecretString::from(
@@ -157,7 +144,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let tls = args
         .shim_ca_file
         .clone()
-        .map(|ca| crate::shim::tls::ClientTlsFiles {
+        .map(|ca| crate::tls::client::ClientTlsFiles {
             ca,
             cert: args.shim_client_cert_file.clone(),
             key: args.shim_client_key_file.clone(),
@@ -165,9 +152,14 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         });
     if let Some(files) = &tls {
         // Fail at start on unusable files, not on the first target.
-        crate::shim::tls::ReloadingHttpClient::new(files.clone(), Duration::from_secs(5))?;
+        crate::tls::client::ReloadingHttpClient::new(files.clone(), Duration::from_secs(5))?;
     }
-    crate::metrics::serve_controller_ops(&args.metrics_listen, &args.health_listen).await;
+    crate::runtime::admin::serve_controller_ops(
+        &metrics,
+        &args.metrics_listen,
+        &args.health_listen,
+    )
+    .await;
     let access = ShimAccess {
         namespace: (!args.shim_namespace.is_empty()).then(|| args.shim_namespace.clone()),
         port: args.shim_port,
@@ -186,17 +178,18 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             access,
             &args.controller_name,
             EngineSettings::default(),
-            termination(),
+            metrics,
+            crate::runtime::signals::shutdown_signal(),
         )
         .await;
         return Ok(());
     };
     // A standby is healthy and ready while it waits for the lease (a rollout of two
     // replicas must not wait for the follower to become leader).
-    crate::metrics::controller().set_ready(true);
+    metrics.set_ready(true);
     let (lost, elector) = tokio::select! {
         acquired = leader::acquire(client.clone(), &lease) => acquired?,
-        _ = termination() => return Ok(()),
+        _ = crate::runtime::signals::shutdown_signal() => return Ok(()),
     };
     let lost = futures::FutureExt::shared(lost);
     let stop = {
@@ -204,7 +197,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         async move {
             tokio::select! {
                 _ = lost => {}
-                _ = termination() => {}
+                _ = crate::runtime::signals::shutdown_signal() => {}
             }
         }
     };
@@ -213,6 +206,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         access,
         &args.controller_name,
         EngineSettings::default(),
+        metrics,
         stop,
     )
     .await;
@@ -232,6 +226,7 @@ pub async fn start(
     access: ShimAccess,
     controller_name: &str,
     settings: EngineSettings,
+    metrics: Arc<ControllerMetrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (shims, shim_watch) = ShimDirectory::start(client.clone(), access);
@@ -261,6 +256,7 @@ pub async fn start(
         recorder,
         shims,
         settings,
+        metrics,
         resets: resets.store(),
         rebuilds: rebuilds.store(),
         secret_versions,
@@ -292,7 +288,7 @@ pub async fn start(
     let synced = async {
         let _ = ctx.resets.wait_until_ready().await;
         let _ = ctx.rebuilds.wait_until_ready().await;
-        crate::metrics::controller().set_ready(true);
+        ctx.metrics.set_ready(true);
     };
     futures::join!(resets, rebuilds, synced);
     shim_task.abort();
@@ -443,8 +439,8 @@ fn waits_for(
 }
 
 async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let result = engine::reconcile(obj, ctx).await;
-    crate::metrics::controller().reconcile(&K::kind(&()), result.is_ok());
+    let result = engine::reconcile(obj, ctx.clone()).await;
+    ctx.metrics.reconcile(&K::kind(&()), result.is_ok());
     result
 }
 

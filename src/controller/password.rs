@@ -49,7 +49,7 @@ impl RunKind for GuestPasswordReset {
             secrets::check_same_namespace(r, &ns, "password.secretRef")?;
         }
         if let Some(u) = &self.spec.user {
-            crate::shim::validate::user(u)
+            crate::api::validate::user(u)
                 .map_err(|e| Error::InvalidUser(format!("spec.user: {}", e.message)))?;
         }
         // The schema's range, checked again (API servers without schema validation).
@@ -75,7 +75,7 @@ impl RunKind for GuestPasswordReset {
                     value,
                     resource_version,
                 } = secrets::read_key(&ctx.client, &ns, r).await?;
-                crate::shim::validate::password(&value, p.crypted).map_err(|e| {
+                crate::api::validate::password(&value, p.crypted).map_err(|e| {
                     Error::InvalidPassword(format!(
                         "Secret {} key {:?}: {}",
                         r.name, r.key, e.message

@@ -11,7 +11,7 @@
 use super::context::Context;
 use super::engine::Outcome;
 use super::error::Error;
-use super::keypair::{WantedKey, fingerprint_of, present_fingerprints};
+use super::keys::{WantedKey, fingerprint_of, present_fingerprints};
 use super::secrets::keyed_hash;
 use super::targets::{self, TargetCall};
 use crate::api::keypair::KeyStrategy;

@@ -2,14 +2,15 @@
 //! Running with a pod IP. A small reflector keeps the (few) shim pods in memory, so a
 //! bulk run does not list pods once per target.
 use super::error::Error;
-use crate::shim::client::ShimClient;
-use crate::shim::tls::{ClientTlsFiles, ReloadingHttpClient};
+use super::shim_client::{ShimApi, ShimClient};
+use crate::tls::client::{ClientTlsFiles, ReloadingHttpClient};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use secrecy::SecretString;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -79,7 +80,7 @@ impl ShimDirectory {
     }
 
     /// The shim client for `node`, or ShimUnavailable saying why there is none.
-    pub fn for_node(&self, node: &str) -> Result<ShimClient, Error> {
+    pub fn for_node(&self, node: &str) -> Result<Arc<dyn ShimApi>, Error> {
         let ip = self
             .store
             .state()
@@ -97,12 +98,12 @@ impl ShimDirectory {
                 Error::ShimUnavailable(format!("no running guestcred shim pod on node {node}"))
             })?;
         if let Some(files) = &self.access.tls {
-            return self.tls_client(files, &ip);
+            return Ok(Arc::new(self.tls_client(files, &ip)?));
         }
         let base = format!("{}://{}:{}", self.access.scheme, ip, self.access.port);
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(&base) {
-            return Ok(c.clone());
+            return Ok(Arc::new(c.clone()));
         }
         let c = ShimClient::new(
             base.clone(),
@@ -110,7 +111,7 @@ impl ShimDirectory {
             self.access.request_timeout,
         )?;
         clients.insert(base, c.clone());
-        Ok(c)
+        Ok(Arc::new(c))
     }
 
     /// An HTTPS client for the shim at `ip`: the reloading client hands out a new

@@ -2,20 +2,21 @@
 //! which guest user to change.
 use super::context::Context;
 use super::error::Error;
+use super::shim_client::ShimApi;
 use crate::api::kubevirt::{ADMIN_USER_ANNOTATION, VirtualMachine, VirtualMachineInstance};
 use crate::api::wire::DomainRef;
 use crate::api::{TargetSpec, UserSource};
-use crate::shim::client::ShimClient;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
+use std::sync::Arc;
 
 /// Everything one agent call on one target needs.
 pub struct TargetCall {
     pub vm: String,
     pub node: String,
     pub domain: DomainRef,
-    pub shim: ShimClient,
+    pub shim: Arc<dyn ShimApi>,
     pub user: String,
     pub user_source: UserSource,
     pub windows: bool,
@@ -128,7 +129,7 @@ pub async fn prepare_call(
     let vm_object = vms.get_opt(vm).await?;
     let windows = vmi.is_windows();
     let (user, user_source) = choose_user(spec_user, vm_object.as_ref(), &vmi, windows);
-    crate::shim::validate::user(&user)
+    crate::api::validate::user(&user)
         .map_err(|e| Error::InvalidUser(format!("user {user:?}: {}", e.message)))?;
     let conflicts_with_access_credentials = vm_object.as_ref().is_some_and(|v| {
         v.access_credential_agent_users()

@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 
-use super::validate::{Password, PublicKeys, UserName, ValidDomain};
+use crate::api::validate::{Password, PublicKeys, UserName, ValidDomain};
 use crate::api::wire::{ProbeResponse, ShimError};
 
 #[async_trait]
@@ -59,8 +59,8 @@ pub fn expand_template(template: &str, domain: &ValidDomain) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::validate;
     use crate::api::wire::DomainRef;
-    use crate::shim::validate;
 
     #[test]
     fn template_expands_namespace_and_name() {

@@ -1,6 +1,6 @@
 //! Request authentication for the shim API.
 //!
-//! Default: mutual TLS ([`Auth::ClientCert`]). The TLS layer ([`super::tls`]) only accepts
+//! Default: mutual TLS ([`Auth::ClientCert`]). The TLS layer ([`crate::tls::server`]) only accepts
 //! certificates chained to the configured client CA; this layer then requires that a
 //! certificate was presented (401 otherwise) and that it names an allowed client as a DNS
 //! SAN (403 otherwise). A bearer token can be required on top, never instead: a token
@@ -20,7 +20,7 @@ use rustls::pki_types::CertificateDer;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
-use super::server::ApiError;
+use super::errors::ApiError;
 use crate::api::wire::{ShimError, ShimErrorReason};
 use crate::metrics::{Refusal, ShimMetrics};
 
@@ -77,7 +77,7 @@ impl Auth {
                         "no client certificate",
                     ));
                 };
-                if !super::tls::client_identity_allowed(cert, allowed) {
+                if !crate::tls::server::client_identity_allowed(cert, allowed) {
                     return Err(Refused::new(
                         Refusal::ClientNotAllowed,
                         ShimErrorReason::Forbidden,

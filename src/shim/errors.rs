@@ -12,6 +12,9 @@
 //! - "Command X has been disabled" / "The command X has not been found": old or locked-down
 //!   agent: Unsupported.
 
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
 use crate::api::wire::{ShimError, ShimErrorReason};
 
 /// Reason for an error text reported by the guest agent itself.
@@ -133,6 +136,24 @@ pub fn from_libvirt(code: u32, message: &str) -> ShimError {
         classify_libvirt(code, message),
         format!("libvirt error {code}: {message}"),
     )
+}
+
+/// A [`ShimError`] as an HTTP response: advisory status, typed JSON body.
+#[derive(Debug)]
+pub struct ApiError(pub ShimError);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.reason.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(self.0)).into_response()
+    }
+}
+
+impl From<ShimError> for ApiError {
+    fn from(e: ShimError) -> Self {
+        Self(e)
+    }
 }
 
 #[cfg(test)]

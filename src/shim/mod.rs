@@ -3,20 +3,20 @@
 //!
 //! - [`server`]: routes (`/v1/password`, `/v1/ssh-keys`, `/v1/ssh-keys/get`, `/v1/probe`,
 //!   `/healthz`, `/readyz`), node check, metrics, graceful shutdown; [`auth`]: client
-//!   certificate identity (or bearer token) check; [`tls`]: reloading rustls configs.
+//!   certificate identity (or bearer token) check; [`crate::tls::server`]: the reloading
+//!   rustls config.
 //! - [`agent::GuestAgent`]: the backend trait; [`libvirt`] and [`qga`] implement it.
-//! - [`validate`]: the single input gate; [`errors`]: agent/libvirt error → wire reason.
-//! - [`client::ShimClient`]: what the controller uses to call a shim.
+//! - [`crate::api::validate`]: the single input gate (shared with the controller);
+//!   [`errors`]: agent/libvirt error → wire reason, and its HTTP answer.
+//!
+//! The controller's side of this API is `crate::controller::shim_client`.
 
 pub mod agent;
 pub mod auth;
-pub mod client;
 pub mod errors;
 pub mod libvirt;
 pub mod qga;
 pub mod server;
-pub mod tls;
-pub mod validate;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,7 +26,6 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 
 pub use agent::GuestAgent;
-pub use client::{ShimCallError, ShimClient};
 
 /// What the shim says when it is asked to serve without mutual TLS.
 const HTTPS_ONLY: &str = "the shim serves HTTPS only: give --tls-cert-file/--tls-key-file/--client-ca-file, or --insecure-no-auth for a test lab";
@@ -45,12 +44,6 @@ pub enum LocatorKind {
     LibvirtUri,
     /// KubeVirt: one virtqemud socket per launcher pod under `--kubelet-pods-dir`.
     Kubevirt,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// Command line (and `GUESTCRED_SHIM_*` environment) of the node shim.
@@ -131,7 +124,7 @@ pub struct ShimArgs {
         long,
         env = "GUESTCRED_SHIM_ALLOWED_CLIENT",
         value_delimiter = ',',
-        default_value = tls::DEFAULT_ALLOWED_CLIENT
+        default_value = crate::tls::DEFAULT_ALLOWED_CLIENT
     )]
     pub allowed_client: Vec<String>,
     /// File holding a bearer token clients must present in addition to their client
@@ -163,7 +156,7 @@ pub struct ShimArgs {
         value_enum,
         default_value = "text"
     )]
-    pub log_format: LogFormat,
+    pub log_format: crate::runtime::LogFormat,
     /// Async worker threads. The shim mostly waits on guests, so a small fixed number keeps
     /// its footprint the same on a 2-core and a 128-core node (tokio's default is one per core).
     #[arg(long, env = "GUESTCRED_SHIM_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -179,13 +172,13 @@ impl ShimArgs {
     }
 
     /// The TLS files, when all three are given; an error when only some are.
-    pub fn tls_files(&self) -> anyhow::Result<Option<tls::ServerTlsFiles>> {
+    pub fn tls_files(&self) -> anyhow::Result<Option<crate::tls::server::ServerTlsFiles>> {
         match (
             &self.tls_cert_file,
             &self.tls_key_file,
             &self.client_ca_file,
         ) {
-            (Some(cert), Some(key), Some(ca)) => Ok(Some(tls::ServerTlsFiles {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(crate::tls::server::ServerTlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: ca.clone(),
@@ -271,42 +264,6 @@ impl ShimArgs {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    // A subscriber may already be installed (embedding binary, tests): keep it.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for ctrl-c");
-            std::future::pending::<()>().await;
-        }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutdown requested; draining in-flight requests");
-}
-
 /// Build the shim's runtime (sized by `--worker-threads`, `--max-blocking-threads`) and
 /// run the shim on it until SIGTERM or ctrl-c.
 pub fn main(args: ShimArgs) -> anyhow::Result<()> {
@@ -322,11 +279,12 @@ pub fn main(args: ShimArgs) -> anyhow::Result<()> {
 
 /// Run the shim until SIGTERM or ctrl-c.
 pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+    crate::runtime::logging::init(args.log_format);
     let auth = args.auth()?;
     let tls = match args.tls_files()? {
         Some(files) => Some(Arc::new(
-            tls::ReloadingServerConfig::new(files).context("loading the TLS files")?,
+            crate::tls::server::ReloadingServerConfig::new(files)
+                .context("loading the TLS files")?,
         )),
         None => None,
     };
@@ -350,8 +308,12 @@ pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
     let ops_stopped = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
-    let ops =
-        crate::metrics::spawn_ops_server(&args.metrics_listen, app.ops_router(), ops_stopped).await;
+    let ops = crate::runtime::admin::spawn_ops_server(
+        &args.metrics_listen,
+        app.ops_router(),
+        ops_stopped,
+    )
+    .await;
     tracing::info!(
         listen = %listener.local_addr()?,
         tls = tls.is_some(),
@@ -366,7 +328,13 @@ pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
         metrics: Some(app.metrics()),
         grace: Some(args.shutdown_grace()),
     };
-    server::serve_with(listener, app.router(), opts, shutdown_signal()).await?;
+    server::serve_with(
+        listener,
+        app.router(),
+        opts,
+        crate::runtime::signals::shutdown_signal(),
+    )
+    .await?;
     let _ = stop.send(true);
     if let Some(ops) = ops {
         let _ = ops.await;

@@ -31,7 +31,7 @@ use zeroize::Zeroizing;
 
 use super::agent::{GuestAgent, expand_template};
 use super::errors::{self, UserCheck};
-use super::validate::{Password, PublicKeys, UserName, ValidDomain};
+use crate::api::validate::{Password, PublicKeys, UserName, ValidDomain};
 use crate::api::wire::{GuestOsInfo, ProbeResponse, ShimError, ShimErrorReason};
 
 /// Default socket path template (Proxmox layout).

@@ -2,7 +2,7 @@
 //!
 //! [`ShimApp`] builds the API router (auth layer, node check, metered agent) and the ops
 //! router (`/metrics`, `/healthz`, `/readyz` for the plain-HTTP metrics port). [`serve_with`]
-//! runs either router over plain TCP or TLS ([`super::tls::ReloadingServerConfig`]), hands
+//! runs either router over plain TCP or TLS ([`crate::tls::server::ReloadingServerConfig`]), hands
 //! the client certificate to the auth layer, and drains in-flight requests on shutdown
 //! within a grace period.
 //!
@@ -17,8 +17,7 @@ use async_trait::async_trait;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, FromRequest, Request, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -30,36 +29,19 @@ use tokio::net::TcpListener;
 
 use super::agent::GuestAgent;
 use super::auth::{Auth, AuthState, PeerCertificate, require_auth};
-use super::tls::ReloadingServerConfig;
-use super::validate::{self, Password, PublicKeys, UserName, ValidDomain};
+pub use super::errors::ApiError;
+use crate::api::validate::{self, Password, PublicKeys, UserName, ValidDomain};
 use crate::api::wire::{
     DomainRef, GetSshKeysRequest, KeyOp, ProbeRequest, ProbeResponse, SetPasswordRequest,
     SetPasswordResponse, ShimError, ShimErrorReason, SshKeysRequest, SshKeysResponse, paths,
 };
 use crate::metrics::{Refusal, ShimMetrics};
+use crate::tls::server::ReloadingServerConfig;
 
 /// How long shutdown waits for in-flight requests (and their agent calls) by default.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A [`ShimError`] as an HTTP response: advisory status, typed JSON body.
-#[derive(Debug)]
-pub struct ApiError(pub ShimError);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.reason.http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(self.0)).into_response()
-    }
-}
-
-impl From<ShimError> for ApiError {
-    fn from(e: ShimError) -> Self {
-        Self(e)
-    }
-}
 
 /// JSON body extractor whose rejections are typed `InvalidArgument` errors that never
 /// quote the body (serde's "invalid type" messages can contain the offending value).
@@ -172,7 +154,7 @@ impl ShimApp {
     pub fn ops_router(&self) -> Router {
         let metrics = self.metrics.clone();
         let agent = self.agent.clone();
-        crate::metrics::ops_router(
+        crate::runtime::admin::ops_router(
             move || metrics.encode(),
             move || {
                 let agent = agent.clone();

@@ -10,12 +10,12 @@ use guestcred::api::{
 };
 use guestcred::controller::context::EngineSettings;
 use guestcred::controller::shims::ShimAccess;
-use guestcred::lab::apiserver::ApiServer;
-use guestcred::lab::hostqga::{HostQga, HostQgaOptions};
-use guestcred::lab::kubevirt::{VmDescription, create_node_with_shim, install_crds};
 use guestcred::shim::auth::Auth;
 use guestcred::shim::qga::QgaSocketAgent;
 use guestcred::shim::server::{self, ShimApp};
+use guestcred_lab::apiserver::ApiServer;
+use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
+use guestcred_lab::kubevirt::{VmDescription, create_node_with_shim, install_crds};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
@@ -45,6 +45,7 @@ pub struct FaultLab {
     shim: Option<tokio::runtime::Runtime>,
     pub shim_app: ShimApp,
     controller: Option<tokio::task::JoinHandle<()>>,
+    metrics: std::sync::Arc<guestcred::metrics::ControllerMetrics>,
     pub access: ShimAccess,
 }
 
@@ -102,6 +103,7 @@ impl FaultLab {
             shim: None,
             shim_app,
             controller: None,
+            metrics: Default::default(),
             access,
         };
         lab.serve_shim(listener);
@@ -159,6 +161,7 @@ impl FaultLab {
             self.access.clone(),
             "guestcred-faults",
             settings,
+            self.metrics.clone(),
             std::future::pending(),
         )));
     }
@@ -324,7 +327,7 @@ impl FaultLab {
             all.push_str(&serde_json::to_string(&e).expect("json"));
         }
         all.push_str(&self.shim_app.metrics().encode());
-        all.push_str(&guestcred::metrics::controller().encode());
+        all.push_str(&self.metrics.encode());
         all
     }
 

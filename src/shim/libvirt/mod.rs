@@ -25,7 +25,7 @@ use virt::domain::Domain;
 use super::agent::{GuestAgent, expand_template};
 use super::errors::{self, UserCheck};
 use super::qga::{parse_guest_info, parse_os_info};
-use super::validate::{Password, PublicKeys, UserName, ValidDomain};
+use crate::api::validate::{Password, PublicKeys, UserName, ValidDomain};
 use crate::api::wire::{ProbeResponse, ShimError, ShimErrorReason};
 
 /// Default domain name: KubeVirt's `<namespace>_<name>`.
@@ -470,8 +470,8 @@ impl GuestAgent for LibvirtAgent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::validate;
     use crate::api::wire::DomainRef;
-    use crate::shim::validate;
 
     const UID: &str = "0b9c5a4e-8d7f-4f3a-9e2b-1c2d3e4f5a6b";
 

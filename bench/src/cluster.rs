@@ -1,0 +1,414 @@
+//! The bench's Kubernetes: the lab API-server emulator served over loopback HTTP (so the
+//! controller process and kubectl reach it like a real one), a log of the requests it
+//! answered, and the objects every benchmark needs.
+use anyhow::{Context as _, bail};
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use futures::{StreamExt, TryStreamExt};
+use guestcred::api::password::PasswordSource;
+use guestcred::api::{
+    GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec,
+};
+use guestcred_lab::apiserver::{ApiServer, write_kubeconfig};
+use guestcred_lab::kubevirt::install_crds;
+use guestcred_lab::world::SHIM_NAMESPACE;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config, ResourceExt};
+use sha2::{Digest, Sha512};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const NS: &str = "default";
+
+/// Non-watch requests the emulator answered: (start, end).
+#[derive(Default)]
+pub struct RequestLog {
+    spans: Mutex<Vec<(Instant, Instant)>>,
+}
+
+impl RequestLog {
+    fn push(&self, start: Instant, end: Instant) {
+        self.lock().push((start, end));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Instant, Instant)>> {
+        self.spans.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// (number of requests, end of the last one) since the last `clear`.
+    pub fn summary(&self) -> (usize, Option<Instant>) {
+        let spans = self.lock();
+        (spans.len(), spans.iter().map(|s| s.1).max())
+    }
+
+    /// Start of the latest request.
+    pub fn last_start(&self) -> Option<Instant> {
+        self.lock().iter().map(|s| s.0).max()
+    }
+}
+
+async fn record(State(log): State<Arc<RequestLog>>, req: Request, next: Next) -> Response {
+    let watch = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    if !watch {
+        log.push(start, Instant::now());
+    }
+    resp
+}
+
+pub struct BenchApi {
+    pub kubeconfig: PathBuf,
+    /// In-process client for setup (no sockets).
+    pub local: Client,
+    /// Client over loopback HTTP: what users, kubectl and the controller go through.
+    pub http: Client,
+    pub requests: Arc<RequestLog>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl BenchApi {
+    /// Serve a fresh emulator on 127.0.0.1, write its kubeconfig to `dir`, install the CRDs
+    /// and the shim namespace.
+    pub async fn start(dir: &Path) -> anyhow::Result<BenchApi> {
+        std::fs::create_dir_all(dir)?;
+        let api = ApiServer::new();
+        let requests = Arc::new(RequestLog::default());
+        let app = api
+            .router()
+            .layer(middleware::from_fn_with_state(requests.clone(), record));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let server = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "bench API server stopped");
+            }
+        });
+        let kubeconfig = dir.join("kubeconfig");
+        write_kubeconfig(&kubeconfig, &url)?;
+        let config = Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(&kubeconfig)?,
+            &KubeConfigOptions::default(),
+        )
+        .await?;
+        let http = Client::try_from(config)?;
+        let local = api.client();
+        install_crds(&local).await?;
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": SHIM_NAMESPACE}}))?;
+        Api::<Namespace>::all(local.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        tracing::debug!(%url, "bench API server");
+        Ok(BenchApi {
+            kubeconfig,
+            local,
+            http,
+            requests,
+            server,
+        })
+    }
+}
+
+impl Drop for BenchApi {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A syntactically valid SHA-512 crypt string derived from `tag`. Agents store crypted
+/// passwords verbatim (`chpasswd -e`), so it need not be the hash of anything; a distinct
+/// value per round lets the bench check afterwards that the last round really landed.
+pub fn crypt_string(tag: &str) -> String {
+    const ALPHABET: &[u8] = b"./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let digest = Sha512::digest(tag.as_bytes());
+    let chars = |n: usize, skip: usize| -> String {
+        (0..n)
+            .map(|i| ALPHABET[(digest[(i + skip) % digest.len()] % 64) as usize] as char)
+            .collect()
+    };
+    format!("$6${}${}", chars(16, 7), chars(86, 0))
+}
+
+pub fn secret(name: &str, value: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "password".to_string(),
+            ByteString(value.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// A crypted reset of `user` from Secret `secret` (key `password`).
+pub fn reset(
+    name: &str,
+    target: TargetSpec,
+    user: &str,
+    secret: &str,
+    rollout: RolloutSpec,
+) -> GuestPasswordReset {
+    let mut r = GuestPasswordReset::new(
+        name,
+        GuestPasswordResetSpec {
+            target,
+            user: Some(user.into()),
+            password: PasswordSource {
+                secret_ref: Some(SecretKeyRef {
+                    name: secret.into(),
+                    key: "password".into(),
+                    namespace: None,
+                }),
+                crypted: true,
+                generate: None,
+            },
+            rollout,
+        },
+    );
+    r.metadata.namespace = Some(NS.into());
+    r
+}
+
+pub fn one_vm(name: &str) -> TargetSpec {
+    TargetSpec {
+        vm_name: Some(name.into()),
+        selector: None,
+    }
+}
+
+pub fn labelled(key: &str, value: &str) -> TargetSpec {
+    TargetSpec {
+        vm_name: None,
+        selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(key.to_string(), value.to_string())])),
+            match_expressions: None,
+        }),
+    }
+}
+
+pub fn is_ready(r: &GuestPasswordReset) -> bool {
+    r.status.as_ref().is_some_and(|s| {
+        s.run
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+pub fn is_finished_badly(r: &GuestPasswordReset) -> bool {
+    r.status
+        .as_ref()
+        .is_some_and(|s| matches!(s.run.phase, Some(Phase::Failed | Phase::PartiallySucceeded)))
+}
+
+/// A watch on the resets matching `fields`/`labels`, opened from the current
+/// resourceVersion, so nothing that happens after this returns is missed.
+pub async fn open_watch(
+    api: &Api<GuestPasswordReset>,
+    fields: Option<&str>,
+    labels: Option<&str>,
+) -> anyhow::Result<futures::stream::BoxStream<'static, kube::Result<WatchEvent<GuestPasswordReset>>>>
+{
+    let mut lp = ListParams::default();
+    let mut wp = WatchParams::default().timeout(290);
+    if let Some(f) = fields {
+        lp = lp.fields(f);
+        wp = wp.fields(f);
+    }
+    if let Some(l) = labels {
+        lp = lp.labels(l);
+        wp = wp.labels(l);
+    }
+    let rv = api
+        .list(&lp)
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default();
+    Ok(api.watch(&wp, &rv).await?.boxed())
+}
+
+/// Feed every object the watch delivers to `seen` until it returns true.
+pub async fn follow(
+    stream: &mut futures::stream::BoxStream<'static, kube::Result<WatchEvent<GuestPasswordReset>>>,
+    timeout: Duration,
+    mut seen: impl FnMut(&GuestPasswordReset, Instant) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, stream.try_next())
+            .await
+            .with_context(|| format!("no outcome within {timeout:?}"))??;
+        match ev {
+            Some(WatchEvent::Added(o)) | Some(WatchEvent::Modified(o)) => {
+                if seen(&o, Instant::now())? {
+                    return Ok(());
+                }
+            }
+            Some(WatchEvent::Error(e)) => bail!("watch error: {e:?}"),
+            Some(_) => {}
+            None => bail!("the watch ended early"),
+        }
+    }
+}
+
+/// Create `obj` and return the time until a watch sees it Ready=True.
+pub async fn create_until_ready(
+    api: &Api<GuestPasswordReset>,
+    obj: &GuestPasswordReset,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let name = obj.name_any();
+    let mut stream = open_watch(api, Some(&format!("metadata.name={name}")), None).await?;
+    let t0 = Instant::now();
+    api.create(&PostParams::default(), obj).await?;
+    let mut at = None;
+    follow(&mut stream, timeout, |o, now| {
+        if is_ready(o) {
+            at = Some(now);
+            return Ok(true);
+        }
+        if is_finished_badly(o) {
+            bail!(
+                "{name} finished without Ready: {}",
+                serde_json::to_string(&o.status).unwrap_or_default()
+            );
+        }
+        Ok(false)
+    })
+    .await
+    .with_context(|| format!("waiting for {name} to become Ready"))?;
+    Ok(at.map_or(Duration::ZERO, |t| t - t0))
+}
+
+/// A free TCP port on 127.0.0.1 (all lab shims share one port on their own loopback IPs).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// `guestcred-shim` on `addr` with extra backend flags, serving mutual TLS with the bench's
+/// certificates as the chart deploys it; returns once it listens.
+pub async fn spawn_shim(
+    ctx: &crate::Ctx,
+    node: &str,
+    addr: std::net::SocketAddr,
+    backend_args: &[String],
+    dir: &Path,
+) -> anyhow::Result<crate::procs::Proc> {
+    let files = ctx.tls.shim_server_files();
+    let mut cmd = std::process::Command::new(&ctx.shim);
+    cmd.args(["--listen", &addr.to_string(), "--node-name", node])
+        .arg("--tls-cert-file")
+        .arg(&files.cert)
+        .arg("--tls-key-file")
+        .arg(&files.key)
+        .arg("--client-ca-file")
+        .arg(&files.client_ca)
+        .args(["--agent-timeout-seconds", "3"])
+        // Metrics on the shim's own address (the default 0.0.0.0:9090 is shared by all).
+        .args(["--metrics-listen", &format!("{}:0", addr.ip())])
+        .args(backend_args)
+        .env("RUST_LOG", "info");
+    let mut p = crate::procs::Proc::spawn(
+        &format!("shim on {node}"),
+        cmd,
+        &dir.join(format!("shim-{node}.log")),
+    )?;
+    p.wait_for_port(addr, Duration::from_secs(30)).await?;
+    Ok(p)
+}
+
+/// `guestcred controller` against `api`, calling shims over mutual TLS.
+pub fn controller_command(
+    ctx: &crate::Ctx,
+    api: &BenchApi,
+    shim_port: u16,
+    metrics_listen: &str,
+) -> std::process::Command {
+    let files = ctx.tls.controller();
+    let mut cmd = std::process::Command::new(&ctx.guestcred);
+    cmd.arg("controller")
+        .args(["--shim-namespace", SHIM_NAMESPACE])
+        .args(["--shim-port", &shim_port.to_string()])
+        .args(["--shim-request-timeout-seconds", "10"])
+        .arg("--shim-ca-file")
+        .arg(&files.ca)
+        .arg("--shim-client-cert-file")
+        .arg(&files.cert)
+        .arg("--shim-client-key-file")
+        .arg(&files.key)
+        .args(["--metrics-listen", metrics_listen])
+        .env("KUBECONFIG", &api.kubeconfig)
+        .env("RUST_LOG", "info")
+        .envs(ctx.controller_env.iter().map(|(k, v)| (k, v)));
+    cmd
+}
+
+/// The controller process; returns once it has synced its shim directory.
+pub async fn spawn_controller(
+    ctx: &crate::Ctx,
+    api: &BenchApi,
+    shim_port: u16,
+    log: &Path,
+) -> anyhow::Result<crate::procs::Proc> {
+    let cmd = controller_command(ctx, api, shim_port, "127.0.0.1:0");
+    let mut p = crate::procs::Proc::spawn("controller", cmd, log)?;
+    p.wait_for_log("controller started", Duration::from_secs(60))
+        .await?;
+    Ok(p)
+}
+
+/// A client for the shim at `addr` with the controller's client certificate.
+pub fn shim_client(
+    ctx: &crate::Ctx,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<guestcred::controller::shim_client::ShimClient> {
+    let http = guestcred::tls::client::ReloadingHttpClient::new(
+        ctx.tls.controller_client_files(),
+        Duration::from_secs(30),
+    )?
+    .http()?;
+    Ok(
+        guestcred::controller::shim_client::ShimClient::with_http_client(
+            format!("https://{addr}"),
+            None,
+            http,
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crypt_strings_pass_the_shims_crypted_password_check() {
+        let value = secrecy::SecretString::from(crypt_string("round-1"));
+        guestcred::api::validate::password(&value, true).expect("looks like crypt(3)");
+    }
+
+    #[test]
+    fn crypt_strings_differ_per_tag() {
+        assert_ne!(crypt_string("a"), crypt_string("b"));
+    }
+}

@@ -1,0 +1,275 @@
+//! Kubernetes API-server emulator: an in-memory API server as an axum `Router`, used
+//! in-process by controller tests (`ApiServer::client()`) and as a process by kubectl
+//! (`guestcred-lab apiserver`).
+//!
+//! What it does:
+//! - discovery (`/version`, `/api`, `/api/v1`, `/apis`, `/apis/<g>`, `/apis/<g>/<v>`; the
+//!   legacy documents, and aggregated discovery apidiscovery.k8s.io/v2 on /api and /apis
+//!   when the Accept header asks for it; v2beta1-only requests get 406) and
+//!   `/openapi/v3` (index + one document per group-version, CRD schemas included);
+//! - built-in kinds listed in `resources.rs` (one line each) and kinds from CRDs: applying a
+//!   CRD serves its versions, sets `NamesAccepted`/`Established`, honours scope, shortNames,
+//!   categories, `subresources.status` and `additionalPrinterColumns`; deleting it deletes
+//!   its objects;
+//! - create (generateName, 409 AlreadyExists, namespace must exist), get, list (label and
+//!   field selectors), update (409 on a stale resourceVersion), status subresource, merge /
+//!   JSON / strategic (approximate) / apply patches, delete with finalizers
+//!   (deletionTimestamp, removed when the last finalizer goes), ownerReference GC
+//!   (background cascade; Orphan honoured), deletecollection, namespace deletion deletes its
+//!   contents;
+//! - watch: ADDED/MODIFIED/DELETED/BOOKMARK/ERROR, resume from a resourceVersion within the
+//!   last 10k events, 410 Gone when older, `sendInitialEvents`, timeoutSeconds, filtered
+//!   watches see objects leave (DELETED) and enter (ADDED) their selector;
+//! - `Table` rendering for `kubectl get` (`Accept: ...;as=Table`), and metadata-only gets,
+//!   lists and watches (`as=PartialObjectMetadata[List]`, kube-rs `PartialObjectMeta`);
+//! - Events: core/v1 and events.k8s.io/v1 Events are one store with two views, as on the
+//!   real server: an Event written through either API is read, listed, watched (field
+//!   selectors included), patched and deleted through both. events.k8s.io `regarding`,
+//!   `note`, `reportingController`, `deprecatedSource`, `deprecatedCount`,
+//!   `deprecatedFirstTimestamp`, `deprecatedLastTimestamp` are core `involvedObject`,
+//!   `message`, `reportingComponent`, `source`, `count`, `firstTimestamp`, `lastTimestamp`;
+//!   other fields share their names. Unlike the real server, reads also fill unset fields
+//!   from the other shape's (core `count` from `series.count`, `first/lastTimestamp` from
+//!   `eventTime`/`series`, `source` from `reportingComponent`/`reportingInstance`, and the
+//!   reverse), so `kubectl describe` lists kube-rs `Recorder` Events with their counts; see
+//!   `views.rs`;
+//! - test faults ([`Faults`]): injected 409s on status writes, expired watches; a count of
+//!   answered requests by method and path ([`ApiServer::requests`]).
+//!
+//! - pruning: custom objects lose fields their CRD's structural schema does not declare
+//!   (properties, additionalProperties, items, x-kubernetes-preserve-unknown-fields,
+//!   x-kubernetes-embedded-resource), on every write, as on a real cluster.
+//!
+//! What it does NOT do (never rely on it): OpenAPI schema validation, defaulting,
+//! CEL (`x-kubernetes-validations`), version conversion (objects are served at the requested
+//! version unchanged), server-side-apply field ownership (apply = create-or-merge-patch,
+//! and fields the same `fieldManager` applied before and omits now are removed; but no
+//! conflicts are ever reported, `force` is accepted and ignored, lists are atomic, and
+//! another manager's fields are never protected), managedFields, authentication/RBAC/admission
+//! (TokenReview always answers unauthenticated), protobuf (415), aggregated discovery
+//! v2beta1, list snapshots (pages after the first are read from the current state, at the first
+//! page's resourceVersion: see `paging`), dryRun, foreground
+//! deletion (treated as background), namespace termination waiting for finalizers, and
+//! naming events.k8s.io in errors about its Events (they say `events "x"`, as core's do).
+//! Strategic merge patch merges keyed lists only for well-known fields (containers, env,
+//! volumes, conditions, ...). Field selectors: metadata.name, metadata.namespace,
+//! spec.nodeName and status.phase on every kind, plus Events' `involvedObject.*` /
+//! `regarding.*`, `reason`, `type` and Secrets' `type`; anything else is 400.
+
+mod error;
+mod http;
+mod openapi;
+mod paging;
+mod patch;
+mod prune;
+mod resources;
+mod selector;
+mod store;
+mod table;
+mod views;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::broadcast;
+
+/// The Kubernetes release the emulator claims to be (`/version`, OpenAPI info).
+pub(crate) const GIT_VERSION: &str = "v1.33.0";
+
+use error::ApiError;
+use resources::ResourceType;
+use store::{BUS_CAPACITY, Inner};
+
+/// State shared by all requests.
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+    status_conflicts: AtomicU32,
+    /// Requests answered, by "METHOD /path" (no query), for tests that count API traffic.
+    requests: Mutex<HashMap<String, u64>>,
+}
+
+impl Shared {
+    pub(crate) fn count_request(&self, method: &str, path: &str) {
+        let mut counts = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *counts.entry(format!("{method} {path}")).or_default() += 1;
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (writes are single steps).
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Consumes one injected status-write conflict, if any is pending.
+    fn take_status_conflict(&self, rt: &ResourceType, name: &str) -> Result<(), ApiError> {
+        let took = self
+            .status_conflicts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if took {
+            return Err(ApiError::conflict(
+                &rt.qualified(),
+                &rt.plural,
+                &rt.group,
+                name,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Fault injection for tests.
+pub struct Faults {
+    shared: Arc<Shared>,
+}
+
+impl Faults {
+    /// The next `n` status writes (PUT/PATCH on `/status`) answer 409 Conflict.
+    pub fn conflict_next_status_writes(&self, n: u32) {
+        self.shared.status_conflicts.store(n, Ordering::SeqCst);
+    }
+
+    /// Ends every open watch with a 410 Gone ERROR event and forgets the event history, so
+    /// resuming from any earlier resourceVersion gets 410 too (clients must relist).
+    pub fn expire_watches(&self) {
+        self.shared.lock().expire_watches();
+    }
+}
+
+struct State {
+    shared: Arc<Shared>,
+    faults: Faults,
+}
+
+/// The emulated API server. Cheap to clone; clones share the same objects.
+#[derive(Clone)]
+pub struct ApiServer {
+    state: Arc<State>,
+}
+
+impl Default for ApiServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApiServer {
+    /// A server with namespaces `default`, `kube-system` and `kube-public`.
+    pub fn new() -> Self {
+        let (bus, _) = broadcast::channel(BUS_CAPACITY);
+        let mut inner = Inner::new(bus);
+        for ns in ["default", "kube-system", "kube-public"] {
+            if let Some(rt) = inner.lookup("", "v1", "namespaces") {
+                let obj = serde_json::json!({"metadata": {"name": ns}});
+                if let Err(e) = inner.create(&rt, "v1", None, obj) {
+                    tracing::error!(error = %e, namespace = ns, "cannot pre-create namespace");
+                }
+            }
+        }
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(inner),
+            status_conflicts: AtomicU32::new(0),
+            requests: Mutex::default(),
+        });
+        Self {
+            state: Arc::new(State {
+                faults: Faults {
+                    shared: shared.clone(),
+                },
+                shared,
+            }),
+        }
+    }
+
+    /// The whole API as a router (merge extra routes before the fallback takes them).
+    pub fn router(&self) -> axum::Router {
+        axum::Router::new()
+            .fallback(http::dispatch)
+            .with_state(self.state.shared.clone())
+    }
+
+    /// An in-process client: requests go straight to the router, no sockets.
+    pub fn client(&self) -> kube::Client {
+        kube::Client::new(self.router(), "default")
+    }
+
+    /// Serves the API (plus `extra` routes, e.g. KubeVirt subresources) on `listener`.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        extra: axum::Router,
+    ) -> std::io::Result<()> {
+        let app = extra.merge(self.router());
+        axum::serve(listener, app).await
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.state.faults
+    }
+
+    /// How many `method` requests to exactly `path` (no query string) were answered so far,
+    /// e.g. `requests("GET", "/api/v1/namespaces/default/secrets/pw")`.
+    pub fn requests(&self, method: &str, path: &str) -> u64 {
+        let counts = self.state.shared.requests.lock();
+        let counts = counts.unwrap_or_else(|e| e.into_inner());
+        counts
+            .get(&format!("{method} {path}"))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Writes a kubeconfig (context `guestcred-lab`, namespace `default`, no credentials)
+/// that both kubectl and kube-rs accept.
+pub fn write_kubeconfig(path: &Path, server_url: &str) -> std::io::Result<()> {
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "guestcred-lab", "cluster": {"server": server_url}}],
+        "users": [{"name": "guestcred-lab", "user": {}}],
+        "contexts": [{"name": "guestcred-lab",
+                      "context": {"cluster": "guestcred-lab", "user": "guestcred-lab",
+                                  "namespace": "default"}}],
+        "current-context": "guestcred-lab",
+        "preferences": {},
+    });
+    let yaml = serde_yaml::to_string(&config).map_err(std::io::Error::other)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Write then rename: whoever waits for the file never reads half of it.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, yaml)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// `guestcred-lab apiserver` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiServerArgs {
+    /// Address to listen on (plain HTTP; keep it on loopback).
+    #[arg(
+        long,
+        default_value = "127.0.0.1:6443",
+        env = "GUESTCRED_LAB_APISERVER_LISTEN"
+    )]
+    pub listen: SocketAddr,
+    /// Write a kubeconfig pointing at this server here.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// Runs the emulator as a process until it is killed.
+pub async fn run(args: ApiServerArgs) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let url = format!("http://{addr}");
+    if let Some(path) = &args.kubeconfig {
+        write_kubeconfig(path, &url)?;
+        tracing::info!(kubeconfig = %path.display(), "kubeconfig written");
+    }
+    tracing::info!(%url, "lab API server listening");
+    ApiServer::new().serve(listener, axum::Router::new()).await
+}

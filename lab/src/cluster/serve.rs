@@ -1,0 +1,258 @@
+//! `guestcred-lab serve`: the API-server emulator plus kubevirt-lite in one process, which
+//! also owns the nodes' libvirtds (their watchdogs clean up if this process dies).
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
+use kube::api::PostParams;
+
+use super::kubevirt_lite::{CONSOLE_READY, Lite, LiteNode, guest_spec, initial_keys};
+use super::state::{AgentKind, LabState, Phase, ProcessInfo, SHIM_NAMESPACE};
+use super::{ClusterError, procs};
+use crate::apiserver::{ApiServer, write_kubeconfig};
+use crate::guest::{
+    GuestImage, LabError, Libvirtd, process_alive, start_guest, wait_for_agent, wait_for_console,
+};
+use crate::kubevirt::{create_node_with_shim, install_crds};
+
+/// Agents of a handful of guests booting at once under TCG on two cores: ~10-40 s.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Log file of the serve process inside the state directory.
+pub const SERVE_LOG: &str = "serve.log";
+
+/// Runs until SIGTERM/SIGINT, then stops the guests and libvirtds. On a failed start it
+/// records the reason in lab.json (phase `Failed`) for `up` to report.
+pub async fn run(state_dir: &Path) -> Result<(), ClusterError> {
+    let mut state = LabState::load(state_dir)?;
+    state.serve = Some(ProcessInfo {
+        pid: std::process::id(),
+        log: state.state_dir.join(SERVE_LOG),
+    });
+    let mut nodes: Vec<Arc<LiteNode>> = Vec::new();
+    let (lite, api_task) = match start(&mut state, &mut nodes).await {
+        Ok(started) => started,
+        Err(e) => {
+            tracing::error!(error = %e, "lab start failed");
+            state.phase = Phase::Failed;
+            state.error = Some(e.to_string());
+            let _ = state.save();
+            stop_nodes(&nodes).await;
+            return Err(e);
+        }
+    };
+    let pollers = lite.spawn_pollers();
+    tracing::info!(owner = ?state.owner_pid, "lab up; waiting for SIGTERM");
+    let owner_gone = tokio::select! {
+        () = wait_for_stop_signal() => false,
+        () = wait_for_exit(state.owner_pid) => true,
+    };
+    tracing::info!(owner_gone, "stopping the lab");
+    for poller in pollers {
+        poller.abort();
+    }
+    api_task.abort();
+    if owner_gone {
+        // Nobody will run `down`: stop what `up` started too.
+        let recorded = LabState::load(state_dir).unwrap_or(state);
+        let _ = tokio::task::spawn_blocking(move || {
+            let pids = recorded
+                .controller
+                .iter()
+                .chain(recorded.nodes.iter().filter_map(|n| n.shim.as_ref()))
+                .map(|p| p.pid);
+            for pid in pids {
+                procs::stop(pid, Duration::from_secs(10));
+            }
+        })
+        .await;
+    }
+    stop_nodes(&nodes).await;
+    if owner_gone && let Err(e) = std::fs::remove_dir_all(state_dir) {
+        tracing::warn!(error = %e, "removing the state directory");
+    }
+    Ok(())
+}
+
+/// Resolves once `pid` has exited; never without a pid.
+async fn wait_for_exit(pid: Option<u32>) {
+    let Some(pid) = pid else {
+        return std::future::pending().await;
+    };
+    while process_alive(pid) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn start(
+    state: &mut LabState,
+    nodes: &mut Vec<Arc<LiteNode>>,
+) -> Result<(Arc<Lite>, tokio::task::JoinHandle<std::io::Result<()>>), ClusterError> {
+    let api = ApiServer::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| ClusterError::io("bind the API server on 127.0.0.1", e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ClusterError::io("API server address", e))?;
+    let url = format!("http://{addr}");
+    write_kubeconfig(&state.kubeconfig, &url)
+        .map_err(|e| ClusterError::io(format!("write {}", state.kubeconfig.display()), e))?;
+    state.apiserver_url = Some(url);
+    let client = api.client();
+    install_crds(&client).await?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": SHIM_NAMESPACE}}))
+            .map_err(|e| ClusterError::Failed(format!("namespace object: {e}")))?;
+    namespaces.create(&PostParams::default(), &ns).await?;
+
+    let cache = state.cache_dir.clone();
+    let image = blocking(move || GuestImage::ensure(&cache)).await?;
+
+    // The libvirtds start side by side (each probes QEMU's capabilities once).
+    let starts: Vec<_> = state
+        .nodes
+        .iter()
+        .map(|n| {
+            let (dir, cache) = (n.dir.clone(), state.cache_dir.clone());
+            blocking(move || Libvirtd::start(&dir, &cache))
+        })
+        .collect();
+    let mut first_error = None;
+    for (node, started) in state
+        .nodes
+        .iter_mut()
+        .zip(futures::future::join_all(starts).await)
+    {
+        match started {
+            Ok(libvirtd) => {
+                node.libvirt_uri = Some(libvirtd.uri());
+                node.libvirtd_pid = Some(libvirtd.pid());
+                nodes.push(Arc::new(LiteNode {
+                    name: node.name.clone(),
+                    uri: libvirtd.uri(),
+                    vm_dir: node.vm_dir(),
+                    libvirtd: Mutex::new(Some(libvirtd)),
+                }));
+            }
+            Err(e) => {
+                first_error.get_or_insert(ClusterError::Failed(format!(
+                    "libvirtd for {}: {e}",
+                    node.name
+                )));
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    // Recorded now, so `down` finds the libvirtds even if booting fails below.
+    state.save()?;
+
+    boot_guests(state, nodes, &image).await?;
+
+    for node in &state.nodes {
+        create_node_with_shim(&client, &node.name, SHIM_NAMESPACE, &node.ip).await?;
+    }
+    let lite = Arc::new(Lite::new(client, image, nodes, &state.vms)?);
+    lite.create_objects().await?;
+    let extra = lite.router();
+    let api_task = tokio::spawn(async move { api.serve(listener, extra).await });
+    state.phase = Phase::GuestsReady;
+    state.save()?;
+    Ok((lite, api_task))
+}
+
+/// Starts every guest, then waits for all of them together: agents for guests that have
+/// one, /init's ready line on the console for the others.
+async fn boot_guests(
+    state: &LabState,
+    nodes: &[Arc<LiteNode>],
+    image: &GuestImage,
+) -> Result<(), ClusterError> {
+    let node_of = |name: &str| {
+        nodes
+            .iter()
+            .find(|n| n.name == name)
+            .cloned()
+            .ok_or_else(|| ClusterError::Invalid(format!("no node {name}")))
+    };
+    for vm in &state.vms {
+        let node = node_of(&vm.node)?;
+        let spec = guest_spec(vm, initial_keys());
+        let image = image.clone();
+        blocking(move || {
+            let guard = node.libvirtd.lock().unwrap_or_else(|e| e.into_inner());
+            let libvirtd = guard
+                .as_ref()
+                .ok_or_else(|| LabError::Invalid("libvirtd already stopped".into()))?;
+            start_guest(libvirtd, &image, &spec, &node.vm_dir)
+        })
+        .await?;
+    }
+    let mut waits = Vec::new();
+    for vm in &state.vms {
+        let node = node_of(&vm.node)?;
+        let (domain, agent) = (vm.domain.clone(), vm.agent);
+        waits.push(blocking(move || match agent {
+            AgentKind::On | AgentKind::Old => wait_for_agent(&node.uri, &domain, BOOT_TIMEOUT),
+            AgentKind::Off | AgentKind::Hung => {
+                wait_for_console(&node.vm_dir, &domain, CONSOLE_READY, BOOT_TIMEOUT)
+            }
+        }));
+    }
+    for result in futures::future::join_all(waits).await {
+        result?;
+    }
+    Ok(())
+}
+
+async fn stop_nodes(nodes: &[Arc<LiteNode>]) {
+    let stops = nodes.iter().map(|node| {
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || {
+            let taken = node
+                .libvirtd
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(libvirtd) = taken
+                && let Err(e) = libvirtd.stop()
+            {
+                tracing::warn!(node = %node.name, error = %e, "stopping libvirtd");
+            }
+        })
+    });
+    futures::future::join_all(stops).await;
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        _ => {
+            tracing::warn!("cannot install signal handlers; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, LabError> + Send + 'static,
+) -> Result<T, ClusterError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ClusterError::Failed(format!("lab worker panicked: {e}")))?
+        .map_err(ClusterError::from)
+}

@@ -1,0 +1,126 @@
+//! Mutual TLS between the controller and the shims (rustls with the `ring` provider):
+//! the PEM loading both halves share; [`server`] is the shim's half, [`client`] the
+//! controller's.
+//!
+//! Server side: [`server::ReloadingServerConfig`] re-reads the shim's certificate, key and client CA
+//! on every handshake and rebuilds the rustls config when their bytes changed, so a rotated
+//! Secret (kubelet swaps the files in place) takes effect for new connections without a
+//! restart. A broken intermediate state (a half-written file) keeps the last good config.
+//!
+//! Client side: [`client::ReloadingHttpClient`] does the same for the controller's reqwest client.
+//! The controller dials shims by pod IP, which no certificate issued at install time can
+//! name, so it verifies the shim's chain against the CA and the certificate against one
+//! fixed DNS name (`--shim-server-name`, default [`DEFAULT_SHIM_SERVER_NAME`]) instead of
+//! the IP.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+
+pub mod client;
+pub mod server;
+
+/// DNS name (SAN) the shim's server certificate carries and the controller checks.
+pub const DEFAULT_SHIM_SERVER_NAME: &str = "guestcred-shim";
+/// DNS name (SAN) the controller's client certificate carries and the shim accepts.
+pub const DEFAULT_ALLOWED_CLIENT: &str = "guestcred-controller";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM certificate found")]
+    NoCertificate { path: String },
+    #[error("{path}: no PEM private key found")]
+    NoKey { path: String },
+    #[error("{what}: {message}")]
+    Invalid { what: String, message: String },
+    #[error("building the HTTPS client: {0}")]
+    Client(String),
+}
+
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+pub(crate) fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Invalid {
+            what: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The key's parse error is not quoted: it could echo key material.
+pub(crate) fn key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|_| TlsError::NoKey {
+        path: path.display().to_string(),
+    })
+}
+
+pub(crate) fn roots(path: &Path, pem: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for cert in certs(path, pem)? {
+        store.add(cert).map_err(|e| TlsError::Invalid {
+            what: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(Arc::new(store))
+}
+
+pub(crate) fn invalid(what: &str) -> impl FnOnce(rustls::Error) -> TlsError + '_ {
+    move |e| TlsError::Invalid {
+        what: what.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Files read together; `digest` tells whether any of them changed.
+pub(crate) struct Snapshot {
+    pub(crate) contents: Vec<zeroize::Zeroizing<Vec<u8>>>,
+    pub(crate) digest: [u8; 32],
+}
+
+pub(crate) fn snapshot(paths: &[&Path]) -> Result<Snapshot, TlsError> {
+    let mut hasher = Sha256::new();
+    let mut contents = Vec::with_capacity(paths.len());
+    for p in paths {
+        let bytes = zeroize::Zeroizing::new(read(p)?);
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(&*bytes);
+        contents.push(bytes);
+    }
+    Ok(Snapshot {
+        contents,
+        digest: hasher.finalize().into(),
+    })
+}
+
+/// A value built from files, with the digest of the bytes it was built from.
+pub(crate) struct Loaded<T> {
+    pub(crate) digest: [u8; 32],
+    pub(crate) value: T,
+}
