@@ -1,0 +1,706 @@
+//! The engine's decisions, as pure functions of status, spec and the current time: which
+//! target starts next and why a run stops, whether there is work, the phase of a stalled
+//! object, how a run finishes, when to look again, and how long to wait before a retry.
+//! Everything here is unit-tested without a cluster, a socket, a sleep or a clock.
+use crate::api::conditions::{self, RunConditions};
+use crate::api::{Phase, Reason, RolloutSpec, RunStatus, TargetSpec, TargetState, TargetStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use std::time::Duration;
+
+/// Why a run stops starting targets (calls already in flight still finish).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The object is gone or being deleted.
+    Deleted,
+    /// The spec changed under the run: reconcile again with the new one.
+    SpecChanged,
+    /// `spec.paused` was set.
+    Paused,
+    /// More targets failed than `maxFailures` allows: the rest are skipped.
+    FailureBudgetExhausted,
+}
+
+/// What the scheduler does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Start target `idx`.
+    Start(usize),
+    /// Start nothing now: wait for a call in flight to finish (or, with none in flight,
+    /// the run is over).
+    Wait,
+    Stop(Stop),
+}
+
+/// The latest copy of the object as the scheduler sees it before each start.
+#[derive(Clone, Debug)]
+pub struct Latest<'a> {
+    pub deleting: bool,
+    /// Its generation is newer than the one the run started from.
+    pub spec_changed: bool,
+    pub rollout: &'a RolloutSpec,
+}
+
+/// The next step of a run: checks the object (gone, changed, paused), the failure budget
+/// and the concurrency limit, then picks the first unfinished target at or after `cursor`
+/// (targets before it were started already).
+pub fn next_step(
+    latest: Option<&Latest<'_>>,
+    targets: &[TargetStatus],
+    cursor: usize,
+    in_flight: usize,
+) -> Next {
+    let Some(latest) = latest else {
+        return Next::Stop(Stop::Deleted);
+    };
+    if latest.deleting {
+        return Next::Stop(Stop::Deleted);
+    }
+    if latest.spec_changed {
+        return Next::Stop(Stop::SpecChanged);
+    }
+    if latest.rollout.paused {
+        return Next::Stop(Stop::Paused);
+    }
+    let failed = targets
+        .iter()
+        .filter(|t| t.state == TargetState::Failed)
+        .count();
+    if failed > latest.rollout.max_failures as usize {
+        return Next::Stop(Stop::FailureBudgetExhausted);
+    }
+    if in_flight >= latest.rollout.max_concurrency.max(1) as usize {
+        return Next::Wait;
+    }
+    targets
+        .iter()
+        .enumerate()
+        .skip(cursor)
+        .find(|(_, t)| !t.state.is_terminal())
+        .map_or(Next::Wait, |(idx, _)| Next::Start(idx))
+}
+
+/// A run to start (the input changed) or to continue (unfinished targets).
+pub fn has_work(status: &RunStatus, hash: &str) -> bool {
+    status.input_hash.as_deref() != Some(hash)
+        || status.targets.iter().any(|t| !t.state.is_terminal())
+}
+
+/// Whether a finished run's input is known unchanged without reading it: the spec is the
+/// one the run saw, and the input Secret's resourceVersion in the controller's cache is the
+/// one the run recorded. Anything unknown (no Secret, no cache entry) means "read it".
+pub fn input_unchanged_since_run(
+    status: &RunStatus,
+    generation: Option<i64>,
+    cached_secret_version: Option<&str>,
+) -> bool {
+    let Some(recorded) = status.input_secret_version.as_deref() else {
+        return false;
+    };
+    status.input_hash.is_some()
+        && status.targets.iter().all(|t| t.state.is_terminal())
+        && status.observed_generation == generation
+        && cached_secret_version == Some(recorded)
+}
+
+/// `spec.target` may not change once a run froze its targets.
+pub fn target_unchanged(status: &RunStatus, current: &TargetSpec) -> Result<(), String> {
+    match &status.target_spec {
+        Some(started) if started != current => Err(
+            "spec.target is immutable once a run started; create a new object for other VMs".into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The phase of an object stalled for `reason`, when none of its targets finished yet:
+/// waiting for something that may appear by itself (a Secret, a matching VM) is Pending,
+/// a spec the user must edit is Failed. `None`: keep the phase its targets give.
+pub fn stalled_phase(reason: Reason, targets: &[TargetStatus]) -> Option<Phase> {
+    if targets.iter().any(|t| t.state.is_terminal()) {
+        return None;
+    }
+    let waiting = matches!(
+        reason,
+        Reason::SecretNotFound | Reason::SecretKeyMissing | Reason::NoTargets
+    );
+    Some(if waiting {
+        Phase::Pending
+    } else {
+        Phase::Failed
+    })
+}
+
+/// "finished/total" for messages (skipped and failed targets are finished too).
+pub fn progress_message(status: &RunStatus) -> String {
+    let s = &status.summary;
+    format!(
+        "{}/{} targets finished",
+        s.succeeded + s.failed + s.skipped,
+        s.total
+    )
+}
+
+/// Recount, then set phase-derived Ready/Progressing/Stalled with one reason and message.
+/// A run that is not over is Progressing, unless it stopped for `Paused`.
+pub fn finish(status: &mut RunStatus, generation: Option<i64>, stop: Option<Stop>, now: &Time) {
+    status.recount();
+    let s = status.summary.clone();
+    let (ready, progressing, reason, msg) = match status.phase {
+        Some(Phase::Succeeded) => (
+            true,
+            false,
+            Reason::Succeeded,
+            format!("all {} targets succeeded", s.total),
+        ),
+        Some(Phase::PartiallySucceeded) => (
+            false,
+            false,
+            Reason::PartiallySucceeded,
+            format!(
+                "{} of {} targets succeeded, {} failed, {} skipped",
+                s.succeeded, s.total, s.failed, s.skipped
+            ),
+        ),
+        Some(Phase::Failed) => (
+            false,
+            false,
+            Reason::Failed,
+            format!("{} failed, {} skipped of {}", s.failed, s.skipped, s.total),
+        ),
+        _ if stop == Some(Stop::Paused) => (
+            false,
+            false,
+            Reason::Paused,
+            "paused: no new targets are started".to_string(),
+        ),
+        _ => (false, true, Reason::InProgress, progress_message(status)),
+    };
+    let stalled = matches!(status.phase, Some(Phase::Failed));
+    conditions::set_run_conditions(
+        &mut status.conditions,
+        RunConditions {
+            ready,
+            progressing,
+            stalled,
+        },
+        reason.as_str(),
+        &msg,
+        generation,
+        now,
+    );
+}
+
+/// Mark every target not started yet as skipped by the failure budget; returns how many.
+pub fn skip_pending(targets: &mut [TargetStatus], from: usize) -> usize {
+    let mut skipped = 0;
+    for t in targets.iter_mut().skip(from) {
+        if t.state == TargetState::Pending {
+            t.state = TargetState::Skipped;
+            t.reason = Some(Reason::FailureBudgetExhausted.as_str().into());
+            t.message = Some("not started: the failure budget (maxFailures) is exhausted".into());
+            skipped += 1;
+        }
+    }
+    skipped
+}
+
+/// When the engine looks at an object again after a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requeue {
+    After(Duration),
+    /// Only when the object (or a watched input) changes.
+    OnChange,
+}
+
+/// After a run: a changed spec is picked up at once; a paused object waits for its spec;
+/// unfinished targets (e.g. the object was gone mid-run) are looked at again in a few
+/// seconds; otherwise the next TTL expiry, if any.
+pub fn requeue_after_run(
+    stop: Option<Stop>,
+    unfinished: bool,
+    next_expiry: Option<Duration>,
+) -> Requeue {
+    match stop {
+        Some(Stop::SpecChanged) => Requeue::After(Duration::from_millis(100)),
+        Some(Stop::Paused) => Requeue::OnChange,
+        _ if unfinished => Requeue::After(Duration::from_secs(5)),
+        _ => next_expiry.map_or(Requeue::OnChange, Requeue::After),
+    }
+}
+
+/// Where a succeeded target stands with its TTL (`expiresAt`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// No TTL, not succeeded, or already expired.
+    None,
+    DueIn(Duration),
+    Due,
+}
+
+pub fn expiry(target: &TargetStatus, now: Timestamp) -> Expiry {
+    let Some(at) = &target.expires_at else {
+        return Expiry::None;
+    };
+    if target.state != TargetState::Succeeded
+        || target.reason.as_deref() == Some(Reason::Expired.as_str())
+    {
+        return Expiry::None;
+    }
+    match remaining(at.0, now) {
+        left if left.is_zero() => Expiry::Due,
+        left => Expiry::DueIn(left),
+    }
+}
+
+/// Time from `now` until `at`, zero once it passed.
+pub fn remaining(at: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
+}
+
+/// A target's deadline, counted from its first start (a restart does not extend it).
+pub fn deadline(started: Timestamp, deadline_seconds: u32) -> Timestamp {
+    started + Duration::from_secs(deadline_seconds.into())
+}
+
+/// The wait before the next attempt after a transient failure: "equal jitter" on the
+/// current backoff (half of it fixed, half spread by `jitter` in [0, 1)), so a thousand
+/// targets failing together do not retry in lockstep; never past the deadline.
+pub fn retry_wait(backoff: Duration, jitter: f64, remaining: Duration) -> Duration {
+    let jitter = if jitter.is_finite() {
+        jitter.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let half = backoff / 2;
+    (half + half.mul_f64(jitter)).min(remaining)
+}
+
+/// Exponential backoff: doubles, up to `max`.
+pub fn next_backoff(backoff: Duration, max: Duration) -> Duration {
+    backoff.saturating_mul(2).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Summary;
+
+    fn target(state: TargetState) -> TargetStatus {
+        TargetStatus {
+            vm: "vm".into(),
+            state,
+            ..TargetStatus::default()
+        }
+    }
+
+    fn targets(states: &[TargetState]) -> Vec<TargetStatus> {
+        states.iter().copied().map(target).collect()
+    }
+
+    fn rollout(max_concurrency: u32, max_failures: u32) -> RolloutSpec {
+        RolloutSpec {
+            max_concurrency,
+            max_failures,
+            ..RolloutSpec::default()
+        }
+    }
+
+    fn latest(rollout: &RolloutSpec) -> Latest<'_> {
+        Latest {
+            deleting: false,
+            spec_changed: false,
+            rollout,
+        }
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).expect("valid")
+    }
+
+    use TargetState::{Failed, Pending, Running, Skipped, Succeeded};
+
+    #[test]
+    fn the_first_unfinished_target_at_or_after_the_cursor_starts_next() {
+        let r = rollout(10, 0);
+        let ts = targets(&[Succeeded, Running, Pending, Pending]);
+        assert_eq!(next_step(Some(&latest(&r)), &ts, 2, 1), Next::Start(2));
+    }
+
+    #[test]
+    fn a_target_before_the_cursor_is_not_started_again() {
+        let r = rollout(10, 0);
+        let ts = targets(&[Running, Succeeded]);
+        assert_eq!(next_step(Some(&latest(&r)), &ts, 1, 1), Next::Wait);
+    }
+
+    #[test]
+    fn nothing_starts_beyond_max_concurrency() {
+        let r = rollout(2, 0);
+        let ts = targets(&[Running, Running, Pending]);
+        assert_eq!(next_step(Some(&latest(&r)), &ts, 2, 2), Next::Wait);
+    }
+
+    #[test]
+    fn a_zero_concurrency_still_runs_one_target_at_a_time() {
+        let r = rollout(0, 0);
+        let ts = targets(&[Pending]);
+        assert_eq!(next_step(Some(&latest(&r)), &ts, 0, 0), Next::Start(0));
+    }
+
+    #[test]
+    fn a_deleted_or_deleting_object_starts_nothing() {
+        let r = rollout(10, 0);
+        let ts = targets(&[Pending]);
+        assert_eq!(next_step(None, &ts, 0, 0), Next::Stop(Stop::Deleted));
+        let deleting = Latest {
+            deleting: true,
+            ..latest(&r)
+        };
+        assert_eq!(
+            next_step(Some(&deleting), &ts, 0, 0),
+            Next::Stop(Stop::Deleted)
+        );
+    }
+
+    #[test]
+    fn a_changed_spec_stops_the_run_before_pause_is_considered() {
+        let r = RolloutSpec {
+            paused: true,
+            ..rollout(10, 0)
+        };
+        let changed = Latest {
+            spec_changed: true,
+            ..latest(&r)
+        };
+        let ts = targets(&[Pending]);
+        assert_eq!(
+            next_step(Some(&changed), &ts, 0, 0),
+            Next::Stop(Stop::SpecChanged)
+        );
+    }
+
+    #[test]
+    fn a_paused_object_starts_nothing() {
+        let r = RolloutSpec {
+            paused: true,
+            ..rollout(10, 0)
+        };
+        let ts = targets(&[Pending]);
+        assert_eq!(
+            next_step(Some(&latest(&r)), &ts, 0, 0),
+            Next::Stop(Stop::Paused)
+        );
+    }
+
+    #[test]
+    fn failures_up_to_the_budget_keep_the_run_going() {
+        let r = rollout(10, 1);
+        let ts = targets(&[Failed, Pending]);
+        assert_eq!(next_step(Some(&latest(&r)), &ts, 1, 0), Next::Start(1));
+    }
+
+    #[test]
+    fn one_failure_past_the_budget_stops_the_run() {
+        let r = rollout(10, 1);
+        let ts = targets(&[Failed, Failed, Pending]);
+        assert_eq!(
+            next_step(Some(&latest(&r)), &ts, 2, 0),
+            Next::Stop(Stop::FailureBudgetExhausted)
+        );
+    }
+
+    #[test]
+    fn skipping_marks_only_targets_not_started() {
+        let mut ts = targets(&[Failed, Running, Pending, Pending]);
+        assert_eq!(skip_pending(&mut ts, 1), 2);
+        let states: Vec<_> = ts.iter().map(|t| t.state).collect();
+        assert_eq!(states, [Failed, Running, Skipped, Skipped]);
+        assert_eq!(ts[2].reason.as_deref(), Some("FailureBudgetExhausted"));
+    }
+
+    fn status(hash: Option<&str>, states: &[TargetState]) -> RunStatus {
+        RunStatus {
+            input_hash: hash.map(Into::into),
+            targets: targets(states),
+            ..RunStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_new_input_is_work() {
+        assert!(has_work(&status(Some("old"), &[Succeeded]), "new"));
+        assert!(has_work(&status(None, &[]), "new"));
+    }
+
+    #[test]
+    fn an_unfinished_target_is_work() {
+        assert!(has_work(&status(Some("h"), &[Succeeded, Running]), "h"));
+    }
+
+    #[test]
+    fn a_finished_run_of_the_same_input_is_no_work() {
+        assert!(!has_work(
+            &status(Some("h"), &[Succeeded, Failed, Skipped]),
+            "h"
+        ));
+    }
+
+    fn finished_with_secret(version: &str, generation: i64) -> RunStatus {
+        RunStatus {
+            input_secret_version: Some(version.into()),
+            observed_generation: Some(generation),
+            ..status(Some("h"), &[Succeeded])
+        }
+    }
+
+    #[test]
+    fn a_finished_run_whose_secret_kept_its_version_is_unchanged() {
+        let st = finished_with_secret("7", 2);
+        assert!(input_unchanged_since_run(&st, Some(2), Some("7")));
+    }
+
+    #[test]
+    fn a_new_secret_version_a_new_generation_or_an_empty_cache_mean_read_it() {
+        let st = finished_with_secret("7", 2);
+        assert!(!input_unchanged_since_run(&st, Some(2), Some("8")));
+        assert!(!input_unchanged_since_run(&st, Some(3), Some("7")));
+        assert!(!input_unchanged_since_run(&st, Some(2), None));
+    }
+
+    #[test]
+    fn an_unfinished_run_or_one_without_a_secret_is_never_known_unchanged() {
+        let mut running = finished_with_secret("7", 2);
+        running.targets[0].state = Running;
+        assert!(!input_unchanged_since_run(&running, Some(2), Some("7")));
+        let inline = status(Some("h"), &[Succeeded]);
+        assert!(!input_unchanged_since_run(&inline, None, None));
+    }
+
+    #[test]
+    fn the_target_may_not_change_once_a_run_froze_it() {
+        let a = TargetSpec {
+            vm_name: Some("a".into()),
+            selector: None,
+        };
+        let b = TargetSpec {
+            vm_name: Some("b".into()),
+            selector: None,
+        };
+        let mut st = RunStatus::default();
+        assert!(target_unchanged(&st, &b).is_ok());
+        st.target_spec = Some(a.clone());
+        assert!(target_unchanged(&st, &a).is_ok());
+        let err = target_unchanged(&st, &b).expect_err("changed target");
+        assert!(err.contains("immutable"), "{err}");
+    }
+
+    #[test]
+    fn waiting_for_an_input_or_a_vm_is_pending_and_a_bad_spec_is_failed() {
+        let ts = targets(&[Pending]);
+        for waiting in [
+            Reason::SecretNotFound,
+            Reason::SecretKeyMissing,
+            Reason::NoTargets,
+        ] {
+            assert_eq!(stalled_phase(waiting, &ts), Some(Phase::Pending));
+        }
+        assert_eq!(stalled_phase(Reason::InvalidSpec, &ts), Some(Phase::Failed));
+    }
+
+    #[test]
+    fn a_stall_after_some_targets_finished_keeps_their_phase() {
+        let ts = targets(&[Succeeded, Pending]);
+        assert_eq!(stalled_phase(Reason::SecretNotFound, &ts), None);
+    }
+
+    fn condition<'a>(st: &'a RunStatus, type_: &str) -> (&'a str, &'a str) {
+        let c = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .expect("condition");
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn an_all_succeeded_run_finishes_ready() {
+        let mut st = status(Some("h"), &[Succeeded, Succeeded]);
+        finish(&mut st, Some(3), None, &Time(at(0)));
+        assert_eq!(st.phase, Some(Phase::Succeeded));
+        assert_eq!(condition(&st, "Ready"), ("True", "Succeeded"));
+        assert_eq!(condition(&st, "Progressing"), ("False", "Succeeded"));
+        assert_eq!(condition(&st, "Stalled"), ("False", "Succeeded"));
+        assert_eq!(st.conditions[0].observed_generation, Some(3));
+        assert_eq!(
+            st.summary,
+            Summary {
+                total: 2,
+                succeeded: 2,
+                ..Summary::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_run_with_no_success_finishes_failed_and_stalled() {
+        let mut st = status(Some("h"), &[Failed, Skipped]);
+        finish(
+            &mut st,
+            None,
+            Some(Stop::FailureBudgetExhausted),
+            &Time(at(0)),
+        );
+        assert_eq!(st.phase, Some(Phase::Failed));
+        assert_eq!(condition(&st, "Ready"), ("False", "Failed"));
+        assert_eq!(condition(&st, "Stalled"), ("True", "Failed"));
+    }
+
+    #[test]
+    fn a_mixed_run_finishes_partially_succeeded_and_not_stalled() {
+        let mut st = status(Some("h"), &[Succeeded, Failed]);
+        finish(&mut st, None, None, &Time(at(0)));
+        assert_eq!(st.phase, Some(Phase::PartiallySucceeded));
+        assert_eq!(condition(&st, "Ready"), ("False", "PartiallySucceeded"));
+        assert_eq!(condition(&st, "Stalled"), ("False", "PartiallySucceeded"));
+    }
+
+    #[test]
+    fn a_paused_run_is_neither_ready_nor_progressing() {
+        let mut st = status(Some("h"), &[Succeeded, Pending]);
+        finish(&mut st, None, Some(Stop::Paused), &Time(at(0)));
+        assert_eq!(condition(&st, "Ready"), ("False", "Paused"));
+        assert_eq!(condition(&st, "Progressing"), ("False", "Paused"));
+    }
+
+    #[test]
+    fn an_unfinished_run_is_progressing_with_its_count() {
+        let mut st = status(Some("h"), &[Succeeded, Running, Pending]);
+        finish(&mut st, None, None, &Time(at(0)));
+        assert_eq!(condition(&st, "Progressing"), ("True", "InProgress"));
+        let msg = &st.conditions[1].message;
+        assert_eq!(msg, "1/3 targets finished");
+    }
+
+    #[test]
+    fn finishing_twice_keeps_the_transition_time() {
+        let mut st = status(Some("h"), &[Succeeded]);
+        finish(&mut st, None, None, &Time(at(0)));
+        finish(&mut st, None, None, &Time(at(60)));
+        assert_eq!(st.conditions[0].last_transition_time, Time(at(0)));
+    }
+
+    #[test]
+    fn a_changed_spec_is_picked_up_at_once() {
+        assert_eq!(
+            requeue_after_run(Some(Stop::SpecChanged), true, None),
+            Requeue::After(Duration::from_millis(100))
+        );
+    }
+
+    #[test]
+    fn a_paused_object_waits_for_its_spec_even_with_work_left() {
+        assert_eq!(
+            requeue_after_run(Some(Stop::Paused), true, Some(Duration::from_secs(1))),
+            Requeue::OnChange
+        );
+    }
+
+    #[test]
+    fn unfinished_targets_are_looked_at_again_soon() {
+        assert_eq!(
+            requeue_after_run(Some(Stop::Deleted), true, None),
+            Requeue::After(Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn a_finished_run_waits_for_its_next_expiry_or_a_change() {
+        let ttl = Duration::from_secs(3600);
+        assert_eq!(
+            requeue_after_run(None, false, Some(ttl)),
+            Requeue::After(ttl)
+        );
+        assert_eq!(requeue_after_run(None, false, None), Requeue::OnChange);
+    }
+
+    fn with_ttl(state: TargetState, expires: Timestamp, reason: Option<&str>) -> TargetStatus {
+        TargetStatus {
+            expires_at: Some(Time(expires)),
+            reason: reason.map(Into::into),
+            ..target(state)
+        }
+    }
+
+    #[test]
+    fn a_grant_expires_when_its_time_comes() {
+        let t = with_ttl(Succeeded, at(100), Some("Verified"));
+        assert_eq!(expiry(&t, at(40)), Expiry::DueIn(Duration::from_secs(60)));
+        assert_eq!(expiry(&t, at(100)), Expiry::Due);
+        assert_eq!(expiry(&t, at(500)), Expiry::Due);
+    }
+
+    #[test]
+    fn an_expired_a_failed_or_a_ttl_less_target_has_no_expiry() {
+        assert_eq!(
+            expiry(&with_ttl(Succeeded, at(0), Some("Expired")), at(9)),
+            Expiry::None
+        );
+        assert_eq!(expiry(&with_ttl(Failed, at(0), None), at(9)), Expiry::None);
+        assert_eq!(expiry(&target(Succeeded), at(9)), Expiry::None);
+    }
+
+    #[test]
+    fn the_deadline_counts_from_the_first_start() {
+        assert_eq!(deadline(at(0), 300), at(300));
+        assert_eq!(remaining(at(300), at(100)), Duration::from_secs(200));
+        assert_eq!(remaining(at(300), at(301)), Duration::ZERO);
+    }
+
+    #[test]
+    fn retries_wait_between_half_and_all_of_the_backoff() {
+        let b = Duration::from_secs(8);
+        let long = Duration::from_secs(100);
+        assert_eq!(retry_wait(b, 0.0, long), Duration::from_secs(4));
+        assert_eq!(retry_wait(b, 0.5, long), Duration::from_secs(6));
+        assert!(retry_wait(b, 0.999, long) < b);
+    }
+
+    #[test]
+    fn jittered_waits_of_many_targets_spread_out() {
+        let b = Duration::from_secs(8);
+        let long = Duration::from_secs(100);
+        let waits: std::collections::BTreeSet<Duration> = (0..100)
+            .map(|i| retry_wait(b, f64::from(i) / 100.0, long))
+            .collect();
+        assert_eq!(waits.len(), 100, "no two of 100 targets retry at once");
+    }
+
+    #[test]
+    fn a_retry_never_waits_past_the_deadline() {
+        let b = Duration::from_secs(8);
+        assert_eq!(
+            retry_wait(b, 0.9, Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn a_nonsense_jitter_value_falls_back_to_half_the_backoff() {
+        let b = Duration::from_secs(8);
+        let long = Duration::from_secs(100);
+        assert_eq!(retry_wait(b, f64::NAN, long), Duration::from_secs(4));
+        assert_eq!(retry_wait(b, 7.0, long), b);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let max = Duration::from_secs(30);
+        assert_eq!(
+            next_backoff(Duration::from_secs(1), max),
+            Duration::from_secs(2)
+        );
+        assert_eq!(next_backoff(Duration::from_secs(20), max), max);
+        assert_eq!(next_backoff(Duration::MAX, max), max);
+    }
+}

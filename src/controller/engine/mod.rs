@@ -1,0 +1,245 @@
+//! The run engine shared by both kinds: validate → read the input → freeze the targets →
+//! drive them with bounded concurrency, retries, deadlines and a failure budget → write
+//! status (batched) and Events.
+//!
+//! - [`reconcile`] (this file): the flow of one reconcile;
+//! - [`decide`]: every decision as a pure function (what starts next, why a run stops,
+//!   whether there is work, the phase of a stall, finishing a run, requeue, retry waits);
+//! - [`schedule`]: one run's loop, TTL expiries;
+//! - [`target`]: one target's attempts;
+//! - [`status`]: status writes, the Stalled condition and Events.
+//!
+//! A run lives inside one reconcile call; kube-runtime never reconciles the same object
+//! twice at once, and other objects proceed in parallel. A controller restart resumes the
+//! targets that were not finished: every agent call is idempotent for the same input, and
+//! generated passwords are stored before they are applied.
+//!
+//! # The life of a password
+//! A user applies a GuestPasswordReset whose `spec.password.secretRef` names a Secret. The
+//! kind's watch (or, later, the Secret watch in `controller/mod.rs`, `secret_versions`)
+//! queues the object, and [`reconcile`] runs: `RunKind::validate` (`password.rs`: the CRD's
+//! CEL rules compiled once in `api::rules`, plus ranges) and then `RunKind::prepare`
+//! (`password.rs`) reads the Secret with `secrets::read_key`, checks the value with
+//! `api::validate::password` and keys a hash of it (`secrets::keyed_hash`), so status can
+//! tell a new input from an applied one without holding the value. A new hash freezes the
+//! targets (`targets::resolve` lists the VMIs) into status. [`schedule::drive`] starts
+//! targets as [`decide::next_step`] allows; each runs [`target::run_target`]:
+//! `targets::prepare_call` finds the VMI's node, the shim pod on that node
+//! (`shims::ShimDirectory`) and the guest user; `RunKind::apply` (`password.rs`) — for a
+//! generated password, first storing it in an owned Secret (`secrets::ensure_generated`) —
+//! sends `POST /v1/password` through `shim_client::ShimApi::set_password`. On the node,
+//! `shim::server` checks the caller's certificate (`shim::auth`) and the node, validates
+//! the request again (`api::validate`), and the backend (`shim::libvirt`:
+//! virDomainSetUserPassword, or `shim::qga`: guest-set-user-password) reaches qemu-ga in
+//! the guest, which runs chpasswd. The answer comes back as a typed reason
+//! (`shim::errors`), is mapped to a condition reason in one place (`controller::error`),
+//! and lands in status ([`status::flush`], then [`decide::finish`]) and in an Event
+//! ([`status::publish`]).
+pub mod decide;
+mod schedule;
+mod status;
+mod target;
+
+use super::context::Context;
+use super::error::Error;
+use super::targets::{self, TargetCall};
+use crate::api::{RolloutSpec, RunStatus, SecretKeyRef, TargetSpec, TargetStatus};
+use decide::Requeue;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::info;
+
+/// What a successful target reports.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub reason: Option<crate::api::Reason>,
+    pub message: String,
+    pub output_secret: Option<String>,
+    pub mode: Option<String>,
+    pub keys: Vec<String>,
+    pub verified: Option<bool>,
+    pub expires_at: Option<Time>,
+}
+
+/// A run's input as `RunKind::prepare` read it.
+pub struct Prepared<I> {
+    pub input: I,
+    /// Keyed hash that changes with the input (see `RunStatus::input_hash`).
+    pub hash: String,
+    /// resourceVersion of the Secret the input was read from, if any.
+    pub secret_version: Option<String>,
+}
+
+impl<I> Prepared<I> {
+    /// An input read from no Secret (inline or generated).
+    pub fn inline(input: I, hash: String) -> Self {
+        Self {
+            input,
+            hash,
+            secret_version: None,
+        }
+    }
+}
+
+/// One custom resource kind driven by the engine.
+pub trait RunKind:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + Debug
+    + DeserializeOwned
+    + Serialize
+    + Send
+    + Sync
+    + 'static
+{
+    /// Prepared input of a run (secret values live in `secrecy` types).
+    type Input: Send + Sync;
+
+    fn target(&self) -> &TargetSpec;
+    fn rollout(&self) -> &RolloutSpec;
+    fn spec_user(&self) -> Option<&str>;
+    /// The Secret the input comes from, if any (watched: a change starts a new run).
+    fn input_secret(&self) -> Option<&SecretKeyRef>;
+    fn run_status(&self) -> Option<&RunStatus>;
+    /// The latest copy of this object in the controller's cache.
+    fn latest(&self, ctx: &Context) -> Option<Arc<Self>>;
+    /// Spec checks: the CRD's CEL rules (the emulator and old clusters lack CEL) and ours.
+    fn validate(&self) -> Result<(), Error>;
+    /// Read and check the input; returns it with a keyed hash that changes with it.
+    fn prepare(
+        &self,
+        ctx: &Context,
+    ) -> impl Future<Output = Result<Prepared<Self::Input>, Error>> + Send;
+    /// Undo a succeeded target's change once its `expiresAt` passed (keys with a TTL).
+    /// Returns what was done, for status and the Event.
+    fn expire(
+        &self,
+        _ctx: &Context,
+        _call: &TargetCall,
+        _target: &TargetStatus,
+    ) -> impl Future<Output = Result<String, Error>> + Send {
+        async { Ok(String::new()) }
+    }
+    /// Apply the input to one target (one attempt).
+    fn apply(
+        &self,
+        ctx: &Context,
+        input: &Self::Input,
+        call: &TargetCall,
+    ) -> impl Future<Output = Result<Outcome, Error>> + Send;
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+fn action(requeue: Requeue) -> Action {
+    match requeue {
+        Requeue::After(wait) => Action::requeue(wait),
+        Requeue::OnChange => Action::await_change(),
+    }
+}
+
+/// Reconcile entry point for both kinds.
+pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if obj.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let mut status = obj.run_status().cloned().unwrap_or_default();
+
+    let checked = decide::target_unchanged(&status, obj.target())
+        .map_err(Error::InvalidSpec)
+        .and_then(|()| obj.rollout().check().map_err(Error::InvalidSpec))
+        .and_then(|()| obj.validate());
+    if let Err(e) = checked {
+        status::stall(&ctx, obj.as_ref(), &mut status, &e).await?;
+        return Ok(Action::await_change());
+    }
+    let cached_secret_version = obj
+        .input_secret()
+        .and_then(|s| ctx.secret_version(&obj.namespace().unwrap_or_default(), &s.name));
+    if decide::input_unchanged_since_run(
+        &status,
+        obj.meta().generation,
+        cached_secret_version.as_deref(),
+    ) {
+        // Finished, same spec, same Secret: nothing to read (a restart resyncs in memory).
+        return finished(obj.as_ref(), &ctx, status).await;
+    }
+    let prepared = match obj.prepare(&ctx).await {
+        Ok(v) => v,
+        Err(e @ Error::Kube(_)) => return Err(e),
+        Err(e) => {
+            // A missing or bad Secret: wait for the Secret to change (watched).
+            status::stall(&ctx, obj.as_ref(), &mut status, &e).await?;
+            return Ok(Action::requeue(Duration::from_secs(300)));
+        }
+    };
+    let hash = prepared.hash.as_str();
+    let mut obj = obj;
+    if decide::has_work(&status, hash) {
+        // The cache may lag behind our own last status write (a reconcile queued during a
+        // run sees the object as it was mid-run). Never act on that: read it fresh.
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+        match api.get_opt(&obj.name_any()).await? {
+            Some(fresh) if fresh.meta().deletion_timestamp.is_none() => obj = Arc::new(fresh),
+            _ => return Ok(Action::await_change()),
+        }
+        status = obj.run_status().cloned().unwrap_or_default();
+    }
+    let generation = obj.meta().generation;
+    if status.input_hash.as_deref() != Some(hash) {
+        let ns = obj.namespace().unwrap_or_default();
+        let vms = match targets::resolve(&ctx.client, &ns, obj.target()).await {
+            Ok(vms) => vms,
+            Err(e @ Error::Kube(_)) => return Err(e),
+            Err(e) => {
+                status::stall(&ctx, obj.as_ref(), &mut status, &e).await?;
+                return Ok(Action::requeue(Duration::from_secs(60)));
+            }
+        };
+        info!(object = %obj.name_any(), targets = vms.len(), "starting a run");
+        status.input_hash = Some(hash.to_string());
+        status.target_spec = Some(obj.target().clone());
+        status.targets = vms
+            .into_iter()
+            .map(|vm| TargetStatus {
+                vm,
+                ..TargetStatus::default()
+            })
+            .collect();
+    }
+    // The hash matches this version of the Secret (also when only its metadata changed).
+    status.input_secret_version = prepared.secret_version;
+    status.observed_generation = generation;
+    if !decide::has_work(&status, hash) {
+        return finished(obj.as_ref(), &ctx, status).await;
+    }
+    schedule::drive(obj, ctx, Arc::new(prepared.input), status).await
+}
+
+/// A finished object: only TTL expiries and a refreshed observedGeneration remain.
+async fn finished<K: RunKind>(
+    obj: &K,
+    ctx: &Context,
+    mut status: RunStatus,
+) -> Result<Action, Error> {
+    let generation = obj.meta().generation;
+    status.observed_generation = generation;
+    let before = obj.run_status().cloned().unwrap_or_default();
+    decide::finish(&mut status, generation, None, &now());
+    let next_expiry = schedule::expire_due(obj, ctx, &mut status).await;
+    if status != before {
+        status::write(ctx, obj, &status).await?;
+    }
+    Ok(next_expiry.map_or_else(Action::await_change, Action::requeue))
+}

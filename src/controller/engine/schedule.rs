@@ -1,0 +1,152 @@
+//! One run's loop: start targets as [`decide::next_step`] allows, flush status on a timer,
+//! then finish; and the TTL expiries of finished targets.
+use super::decide::{self, Expiry, Latest, Next, Stop};
+use super::status::{self, RunState, Shared, lock};
+use super::target::run_target;
+use super::{RunKind, action, now};
+use crate::api::{Reason, RunStatus};
+use crate::controller::context::Context;
+use crate::controller::error::Error;
+use crate::controller::targets;
+use crate::metrics::TargetResult;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Drive a run until no target is left to start and none is in flight.
+pub(super) async fn drive<K: RunKind>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    input: Arc<K::Input>,
+    status: RunStatus,
+) -> Result<Action, Error> {
+    let _run_timer = ctx.metrics.run_started(&K::kind(&()));
+    let shared: Shared = Arc::new(Mutex::new(RunState {
+        status,
+        dirty: true,
+    }));
+    let mut in_flight = FuturesUnordered::new();
+    let mut cursor = 0usize;
+    let mut flush = tokio::time::interval(ctx.settings.status_flush_interval);
+    let mut stop: Option<Stop> = None;
+
+    loop {
+        // Start as many targets as the (latest) rollout settings allow.
+        while stop.is_none() {
+            let latest = obj.latest(&ctx);
+            let view = latest.as_ref().map(|l| Latest {
+                deleting: l.meta().deletion_timestamp.is_some(),
+                spec_changed: l.meta().generation > obj.meta().generation,
+                rollout: l.rollout(),
+            });
+            let next = {
+                let st = lock(&shared);
+                decide::next_step(view.as_ref(), &st.status.targets, cursor, in_flight.len())
+            };
+            match next {
+                Next::Start(idx) => {
+                    cursor = idx + 1;
+                    in_flight.push(run_target(
+                        obj.clone(),
+                        ctx.clone(),
+                        input.clone(),
+                        shared.clone(),
+                        idx,
+                    ));
+                }
+                Next::Wait => break,
+                Next::Stop(why) => {
+                    if why == Stop::FailureBudgetExhausted {
+                        let mut st = lock(&shared);
+                        let skipped = decide::skip_pending(&mut st.status.targets, cursor);
+                        st.dirty = true;
+                        for _ in 0..skipped {
+                            ctx.metrics.target(
+                                &K::kind(&()),
+                                TargetResult::Skipped,
+                                Reason::FailureBudgetExhausted.as_str(),
+                            );
+                        }
+                    }
+                    stop = Some(why);
+                }
+            }
+        }
+        if in_flight.is_empty() {
+            break;
+        }
+        tokio::select! {
+            _ = in_flight.next() => {}
+            _ = flush.tick() => { status::flush(&ctx, obj.as_ref(), &shared).await; }
+        }
+    }
+
+    let mut status = lock(&shared).status.clone();
+    decide::finish(&mut status, obj.meta().generation, stop, &now());
+    let next_expiry = expire_due(obj.as_ref(), &ctx, &mut status).await;
+    status::write(&ctx, obj.as_ref(), &status).await?;
+    let unfinished = status.targets.iter().any(|t| !t.state.is_terminal());
+    Ok(action(decide::requeue_after_run(
+        stop,
+        unfinished,
+        next_expiry,
+    )))
+}
+
+/// Undo the targets whose TTL ran out; returns how long until the next one is due. The
+/// deadline lives in status (`expiresAt`), so a controller restart does not lose it.
+pub(super) async fn expire_due<K: RunKind>(
+    obj: &K,
+    ctx: &Context,
+    status: &mut RunStatus,
+) -> Option<Duration> {
+    let ns = obj.namespace().unwrap_or_default();
+    let mut next: Option<Duration> = None;
+    let mut sooner = |wait: Duration| next = Some(next.map_or(wait, |n: Duration| n.min(wait)));
+    for t in status.targets.iter_mut() {
+        match decide::expiry(t, Timestamp::now()) {
+            Expiry::None => continue,
+            Expiry::DueIn(left) => {
+                sooner(left);
+                continue;
+            }
+            Expiry::Due => {}
+        }
+        let user = t.user.clone();
+        let result = match targets::prepare_call(ctx, &ns, &t.vm, user.as_deref(), None).await {
+            Ok(call) => obj.expire(ctx, &call, t).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(done) => {
+                ctx.metrics.target(
+                    &K::kind(&()),
+                    TargetResult::Expired,
+                    Reason::Expired.as_str(),
+                );
+                t.reason = Some(Reason::Expired.as_str().into());
+                t.message = Some(done.clone());
+                t.verified = None;
+                status::publish(
+                    ctx,
+                    obj,
+                    EventType::Normal,
+                    Reason::Expired.as_str(),
+                    "Expire",
+                    format!("{}: {done}", t.vm),
+                )
+                .await;
+            }
+            Err(e) => {
+                t.message = Some(format!("removing expired keys failed: {e}; retrying"));
+                sooner(Duration::from_secs(10));
+            }
+        }
+    }
+    next
+}
