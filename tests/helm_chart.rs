@@ -644,7 +644,7 @@ fn controller_role_covers_its_kubevirt_calls() {
     let role = named(&objects, "ClusterRole", "gc-guestcred-controller");
     assert_eq!(
         rules_for(role, "kubevirt.io", "virtualmachineinstances"),
-        set(&["get", "list", "watch"])
+        set(&["get", "list", "patch", "watch"])
     );
     assert_eq!(
         rules_for(role, "kubevirt.io", "virtualmachines"),

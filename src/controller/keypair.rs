@@ -3,12 +3,13 @@
 use super::context::Context;
 use super::engine::{Outcome, Prepared, RunKind};
 use super::error::Error;
+use super::key_ownership;
 use super::keys::{WantedKey, fingerprint_of, parse_keys, present_fingerprints};
 use super::password::cel_message;
 use super::secrets;
 use super::targets::TargetCall;
 use crate::api::keypair::{KeyMode, KeyStrategy};
-use crate::api::kubevirt::VirtualMachine;
+use crate::api::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::api::wire::KeyOp;
 use crate::api::{
     KeypairRebuild, Reason, RolloutSpec, RunStatus, SecretKeyRef, TargetSpec, TargetStatus,
@@ -168,34 +169,38 @@ impl RunKind for KeypairRebuild {
         }
         let wanted_fps: BTreeSet<String> = wanted.iter().map(|k| k.fingerprint.clone()).collect();
         let lines: Vec<String> = wanted.iter().map(|k| k.line.clone()).collect();
-        let previously_added = self.previously_added(call);
-        let mut removed: BTreeSet<String> = BTreeSet::new();
+        let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
+        let present_before: BTreeSet<String> =
+            current.iter().filter_map(|l| fingerprint_of(l)).collect();
+        let plan = key_ownership::plan_live(
+            &wanted_fps,
+            &present_before,
+            &self.previously_added(call),
+            self.spec.strategy,
+            self.spec.replace_all,
+        );
+        // Record first what may become ours, so a crash after the change loses nothing.
+        self.record_managed_keys(ctx, call, &plan.owned_while_applying)
+            .await?;
         if self.spec.replace_all {
             call.shim
                 .ssh_keys(&call.domain, &call.user, KeyOp::Replace, lines.clone())
                 .await?;
         } else {
-            if self.spec.strategy == KeyStrategy::Replace {
-                let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
-                let stale: Vec<String> = current
-                    .into_iter()
-                    .filter(|l| {
-                        fingerprint_of(l).is_some_and(|fp| {
-                            previously_added.contains(&fp) && !wanted_fps.contains(&fp)
-                        })
-                    })
-                    .collect();
-                if !stale.is_empty() {
-                    removed = stale.iter().filter_map(|l| fingerprint_of(l)).collect();
-                    call.shim
-                        .ssh_keys(&call.domain, &call.user, KeyOp::Remove, stale)
-                        .await?;
-                }
+            let stale: Vec<String> = current
+                .into_iter()
+                .filter(|l| fingerprint_of(l).is_some_and(|fp| plan.stale.contains(&fp)))
+                .collect();
+            if !stale.is_empty() {
+                call.shim
+                    .ssh_keys(&call.domain, &call.user, KeyOp::Remove, stale)
+                    .await?;
             }
             call.shim
                 .ssh_keys(&call.domain, &call.user, KeyOp::Add, lines)
                 .await?;
         }
+        let removed = &plan.stale;
         // Verify by reading back.
         let present = present_fingerprints(call).await?;
         let missing: Vec<&String> = wanted_fps.difference(&present).collect();
@@ -206,11 +211,8 @@ impl RunKind for KeypairRebuild {
                 call.vm, missing, lingering
             )));
         }
-        let recorded: BTreeSet<String> = match self.spec.strategy {
-            KeyStrategy::Append => previously_added.union(&wanted_fps).cloned().collect(),
-            KeyStrategy::Replace => wanted_fps.clone(),
-        };
-        self.record_managed_keys(ctx, call, &recorded).await?;
+        self.record_managed_keys(ctx, call, &plan.owned_after)
+            .await?;
         let expires_at = self
             .spec
             .ttl_seconds
@@ -262,7 +264,10 @@ impl ManagedKeys for KeypairRebuild {
         call: &TargetCall,
         target: &TargetStatus,
     ) -> Result<String, Error> {
-        let added: BTreeSet<String> = target.keys.iter().cloned().collect();
+        let owned = self.previously_added(call);
+        let granted: BTreeSet<String> = target.keys.iter().cloned().collect();
+        // Only the granted keys guestcred itself added: a key the person had before stays.
+        let added = key_ownership::expiring(&granted, &owned);
         let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
         let expired: Vec<String> = current
             .into_iter()
@@ -273,11 +278,7 @@ impl ManagedKeys for KeypairRebuild {
                 .ssh_keys(&call.domain, &call.user, KeyOp::Remove, expired.clone())
                 .await?;
         }
-        let left: BTreeSet<String> = self
-            .previously_added(call)
-            .difference(&added)
-            .cloned()
-            .collect();
+        let left: BTreeSet<String> = owned.difference(&added).cloned().collect();
         self.record_managed_keys(ctx, call, &left).await?;
         Ok(format!(
             "TTL passed: removed {} key(s) from user {}",
@@ -286,31 +287,23 @@ impl ManagedKeys for KeypairRebuild {
         ))
     }
 
-    /// Fingerprints guestcred added earlier for this VM and user: from the VM annotation
-    /// (survives deleted objects) and from this object's last run.
+    /// Fingerprints guestcred itself added to this VM for this user (the VM annotation:
+    /// survives deleted objects; see `key_ownership`).
     fn previously_added(&self, call: &TargetCall) -> BTreeSet<String> {
-        let mut fps: BTreeSet<String> = call
-            .vm_object
-            .as_ref()
-            .and_then(|vm| vm.annotations().get(&annotation_key(&call.user)).cloned())
+        let annotations = match &call.vm_object {
+            Some(vm) => vm.annotations(),
+            None => call.vmi.annotations(),
+        };
+        annotations
+            .get(&annotation_key(&call.user))
+            .cloned()
             .map(|v| {
                 v.split(',')
                     .filter(|s| !s.is_empty())
                     .map(str::to_string)
                     .collect()
             })
-            .unwrap_or_default();
-        if let Some(st) = &self.status {
-            for t in st
-                .run
-                .targets
-                .iter()
-                .filter(|t| t.vm == call.vm && t.user.as_deref() == Some(&call.user))
-            {
-                fps.extend(t.keys.iter().cloned());
-            }
-        }
-        fps
+            .unwrap_or_default()
     }
 
     async fn record_managed_keys(
@@ -319,20 +312,20 @@ impl ManagedKeys for KeypairRebuild {
         call: &TargetCall,
         fps: &BTreeSet<String>,
     ) -> Result<(), Error> {
-        let Some(vm) = &call.vm_object else {
-            return Ok(());
-        };
-        let api: Api<VirtualMachine> =
-            Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
         let value = fps.iter().cloned().collect::<Vec<_>>().join(",");
         let patch =
             serde_json::json!({"metadata": {"annotations": {annotation_key(&call.user): value}}});
-        api.patch(
-            &vm.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+        // On the VM, else (a VMI without a VM) on the VMI itself.
+        let ns = call.vmi.namespace().unwrap_or_default();
+        if call.vm_object.is_none() {
+            let api: Api<VirtualMachineInstance> = Api::namespaced(ctx.client.clone(), &ns);
+            api.patch(&call.vm, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            return Ok(());
+        }
+        let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch(&call.vm, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
         Ok(())
     }
 }

@@ -7,6 +7,7 @@ pub mod context;
 pub mod engine;
 pub mod error;
 pub mod keypair;
+pub mod key_ownership;
 pub mod keys;
 pub mod leader;
 pub mod lenient;
