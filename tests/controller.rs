@@ -1,120 +1,22 @@
 //! The controller against the API-server emulator, with real shims and real qemu-ga agents
 //! (host-run, one per VM; see `guestcred_lab::world`). Each test builds its own world.
 use guestcred::api::kubevirt::ADMIN_USER_ANNOTATION;
-use guestcred::api::password::{GeneratePolicy, PasswordSource};
-use guestcred::api::{
-    GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec,
-    TargetState, UserSource,
-};
-use guestcred_lab::hostqga::HostQgaOptions;
+use guestcred::api::{GuestPasswordReset, Phase, TargetState, UserSource};
 use guestcred_lab::kubevirt::vm;
+use guestcred_lab::testing::*;
 use guestcred_lab::world::{World, WorldOptions};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::Api;
-use kube::api::{ObjectMeta, Patch, PatchParams};
-use std::collections::BTreeMap;
+use kube::api::{Patch, PatchParams};
 use std::time::Duration;
 
-const NS: &str = "default";
 const WAIT: Duration = Duration::from_secs(30);
-const SHA512: &str = "$6$gcTestSalt$U5mGf0Yd1K8Zz3n7u3f9p8m2q6E4rT1yW0xV5cB7nM9kL3jH2gF6dS4aQ8wE1rT5yU7iO9pA2sD4fG6hJ8kL0.";
 const PLAIN: &str = "correct-horse-battery-staple";
-
-fn secret(name: &str, key: &str, value: &str) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(NS.into()),
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([(
-            key.to_string(),
-            ByteString(value.as_bytes().to_vec()),
-        )])),
-        ..Default::default()
-    }
-}
-
-fn from_secret(name: &str) -> PasswordSource {
-    PasswordSource {
-        secret_ref: Some(SecretKeyRef {
-            name: name.into(),
-            key: "password".into(),
-            namespace: None,
-        }),
-        ..Default::default()
-    }
-}
-
-/// Like [`from_secret`], with the value a crypt(3) hash (`crypted: true`).
-fn from_crypted_secret(name: &str) -> PasswordSource {
-    PasswordSource {
-        crypted: true,
-        ..from_secret(name)
-    }
-}
-
-fn reset(name: &str, target: TargetSpec, password: PasswordSource) -> GuestPasswordReset {
-    let mut r = GuestPasswordReset::new(
-        name,
-        GuestPasswordResetSpec {
-            target,
-            user: None,
-            password,
-            rollout: RolloutSpec::default(),
-        },
-    );
-    r.metadata.namespace = Some(NS.into());
-    r
-}
-
-fn vm_named(name: &str) -> TargetSpec {
-    TargetSpec {
-        vm_name: Some(name.into()),
-        selector: None,
-    }
-}
-
-fn selector(k: &str, v: &str) -> TargetSpec {
-    TargetSpec {
-        vm_name: None,
-        selector: Some(LabelSelector {
-            match_labels: Some(BTreeMap::from([(k.to_string(), v.to_string())])),
-            match_expressions: None,
-        }),
-    }
-}
-
-fn finished(r: &GuestPasswordReset) -> bool {
-    r.status.as_ref().is_some_and(|s| {
-        matches!(
-            s.run.phase,
-            Some(Phase::Succeeded | Phase::Failed | Phase::PartiallySucceeded)
-        )
-    })
-}
-
-fn stalled_with(reason: &'static str) -> impl Fn(&GuestPasswordReset) -> bool {
-    move |r| {
-        r.status.as_ref().is_some_and(|s| {
-            s.run
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Stalled" && c.status == "True" && c.reason == reason)
-        })
-    }
-}
 
 async fn world() -> World {
     World::start(WorldOptions::default())
         .await
         .expect("test world starts")
-}
-
-fn alice() -> HostQgaOptions {
-    HostQgaOptions::default().user("alice")
 }
 
 #[tokio::test]
@@ -123,7 +25,7 @@ async fn missing_vm_is_reported_as_vm_not_found() {
     w.apply(&secret("pw", "password", PLAIN))
         .await
         .expect("secret");
-    w.apply(&reset("r", vm_named("ghost"), from_secret("pw")))
+    w.apply(&GuestPasswordReset::test("r").vm("ghost").from_secret("pw"))
         .await
         .expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
@@ -135,11 +37,11 @@ async fn missing_vm_is_reported_as_vm_not_found() {
 #[tokio::test]
 async fn both_vm_name_and_selector_is_invalid_spec() {
     let w = world().await;
-    let mut target = selector("tier", "db");
-    target.vm_name = Some("db-0".into());
-    w.apply(&reset("r", target, from_secret("pw")))
-        .await
-        .expect("reset");
+    let mut r = GuestPasswordReset::test("r")
+        .selector("tier", "db")
+        .from_secret("pw");
+    r.spec.target.vm_name = Some("db-0".into());
+    w.apply(&r).await.expect("reset");
     let r: GuestPasswordReset = w
         .wait_for(NS, "r", WAIT, stalled_with("InvalidSpec"))
         .await
@@ -158,13 +60,12 @@ async fn both_vm_name_and_selector_is_invalid_spec() {
 #[tokio::test]
 async fn cross_namespace_secret_reference_is_refused() {
     let w = world().await;
-    let mut source = from_secret("pw");
-    if let Some(r) = source.secret_ref.as_mut() {
-        r.namespace = Some("kube-system".into());
-    }
-    w.apply(&reset("r", vm_named("vm-a"), source))
-        .await
-        .expect("reset");
+    let r = GuestPasswordReset::test("r").vm("vm-a").from_secret_key(
+        "pw",
+        "password",
+        Some("kube-system"),
+    );
+    w.apply(&r).await.expect("reset");
     let r: GuestPasswordReset = w
         .wait_for(NS, "r", WAIT, stalled_with("InvalidSpec"))
         .await
@@ -180,10 +81,10 @@ async fn missing_secret_stalls_with_secret_not_found_and_recovers_when_created()
         .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
         .await
         .expect("vm");
-    w.apply(&reset("r", vm_named("vm-a"), from_secret("pw")))
+    w.apply(&GuestPasswordReset::test("r").vm("vm-a").from_secret("pw"))
         .await
         .expect("reset");
-    w.wait_for(NS, "r", WAIT, stalled_with("SecretNotFound"))
+    w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, stalled_with("SecretNotFound"))
         .await
         .expect("stalled");
     w.apply(&secret("pw", "password", PLAIN))
@@ -202,10 +103,10 @@ async fn missing_key_in_secret_is_secret_key_missing() {
     w.apply(&secret("pw", "other", PLAIN))
         .await
         .expect("secret");
-    w.apply(&reset("r", vm_named("vm-a"), from_secret("pw")))
+    w.apply(&GuestPasswordReset::test("r").vm("vm-a").from_secret("pw"))
         .await
         .expect("reset");
-    w.wait_for(NS, "r", WAIT, stalled_with("SecretKeyMissing"))
+    w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, stalled_with("SecretKeyMissing"))
         .await
         .expect("stalled");
 }
@@ -222,7 +123,7 @@ async fn password_from_secret_is_set_in_the_guest() {
     w.apply(&secret("pw", "password", PLAIN))
         .await
         .expect("secret");
-    w.apply(&reset("r", vm_named("vm-a"), from_secret("pw")))
+    w.apply(&GuestPasswordReset::test("r").vm("vm-a").from_secret("pw"))
         .await
         .expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
@@ -258,9 +159,15 @@ async fn crypted_hash_lands_verbatim() {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    let mut r = reset("r", vm_named("vm-a"), from_crypted_secret("pw"));
-    r.spec.user = Some("alice".into());
-    w.apply(&r).await.expect("reset");
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .vm("vm-a")
+            .from_secret("pw")
+            .crypted()
+            .user("alice"),
+    )
+    .await
+    .expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
     assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
     assert_eq!(
@@ -281,9 +188,14 @@ async fn admin_user_annotation_picks_the_user() {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    w.apply(&reset("r", vm_named("vm-a"), from_crypted_secret("pw")))
-        .await
-        .expect("reset");
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .vm("vm-a")
+            .from_secret("pw")
+            .crypted(),
+    )
+    .await
+    .expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
     let t = &r.status.expect("status").run.targets[0];
     assert_eq!(
@@ -306,9 +218,15 @@ async fn crypted_hash_for_a_windows_guest_is_unsupported_for_os() {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    let mut r = reset("r", vm_named("win"), from_crypted_secret("pw"));
-    r.spec.user = Some("alice".into());
-    w.apply(&r).await.expect("reset");
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .vm("win")
+            .from_secret("pw")
+            .crypted()
+            .user("alice"),
+    )
+    .await
+    .expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
     assert_eq!(
         r.status.expect("status").run.targets[0].reason.as_deref(),
@@ -326,9 +244,14 @@ async fn unknown_guest_user_fails_at_once_with_user_not_found() {
     w.apply(&secret("pw", "password", PLAIN))
         .await
         .expect("secret");
-    let mut r = reset("r", vm_named("vm-a"), from_secret("pw"));
-    r.spec.user = Some("mallory".into());
-    w.apply(&r).await.expect("reset");
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .vm("vm-a")
+            .from_secret("pw")
+            .user("mallory"),
+    )
+    .await
+    .expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
     let t = &r.status.expect("status").run.targets[0];
     assert_eq!(
@@ -345,14 +268,7 @@ async fn generated_password_is_stored_in_an_owned_secret_and_applied() {
         .await
         .expect("vm")
         .expect("agent");
-    let source = PasswordSource {
-        generate: Some(GeneratePolicy {
-            length: 20,
-            charset: Default::default(),
-        }),
-        ..Default::default()
-    };
-    w.apply(&reset("r", vm_named("vm-a"), source))
+    w.apply(&GuestPasswordReset::test("r").vm("vm-a").generate(20))
         .await
         .expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
@@ -398,9 +314,15 @@ async fn selector_targets_every_matching_running_vm_with_bounded_concurrency() {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    let mut r = reset("bulk", selector("tier", "db"), from_crypted_secret("pw"));
-    r.spec.rollout.max_concurrency = 2;
-    w.apply(&r).await.expect("reset");
+    w.apply(
+        &GuestPasswordReset::test("bulk")
+            .selector("tier", "db")
+            .from_secret("pw")
+            .crypted()
+            .max_concurrency(2),
+    )
+    .await
+    .expect("reset");
     let r: GuestPasswordReset = w
         .wait_for(NS, "bulk", WAIT, finished)
         .await
@@ -426,14 +348,15 @@ async fn reset_waiting_for_db_vms(w: &World) {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    w.apply(&reset(
-        "r",
-        selector("tier", "db"),
-        from_crypted_secret("pw"),
-    ))
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .selector("tier", "db")
+            .from_secret("pw")
+            .crypted(),
+    )
     .await
     .expect("reset");
-    w.wait_for(NS, "r", WAIT, stalled_with("NoTargets"))
+    w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, stalled_with("NoTargets"))
         .await
         .expect("waits with NoTargets");
 }
@@ -465,8 +388,8 @@ async fn a_waiting_object_retriggered_without_news_writes_no_status() {
         format!("/apis/guestcred.io/v1alpha1/namespaces/{NS}/guestpasswordresets/r/status");
     let vmi_lists = format!("/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances");
     let (writes, lists) = (
-        w.api.requests("PATCH", &status_path),
-        w.api.requests("GET", &vmi_lists),
+        w.api().requests("PATCH", &status_path),
+        w.api().requests("GET", &vmi_lists),
     );
     // A matching VMI that is not running: the object is reconciled, and still has no targets.
     w.add_vm(
@@ -478,7 +401,7 @@ async fn a_waiting_object_retriggered_without_news_writes_no_status() {
     .await
     .expect("vm");
     let deadline = tokio::time::Instant::now() + WAIT;
-    while w.api.requests("GET", &vmi_lists) == lists {
+    while w.api().requests("GET", &vmi_lists) == lists {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no reconcile after the VMI appeared"
@@ -487,7 +410,7 @@ async fn a_waiting_object_retriggered_without_news_writes_no_status() {
     }
     // Let that reconcile finish whatever it would write.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(w.api.requests("PATCH", &status_path), writes);
+    assert_eq!(w.api().requests("PATCH", &status_path), writes);
 }
 
 #[tokio::test]
@@ -501,10 +424,12 @@ async fn failure_budget_skips_the_remaining_targets() {
     w.apply(&secret("pw", "password", PLAIN))
         .await
         .expect("secret");
-    let mut r = reset("r", selector("tier", "db"), from_secret("pw"));
-    r.spec.user = Some("mallory".into());
-    r.spec.rollout.max_concurrency = 1;
-    r.spec.rollout.max_failures = 0;
+    let r = GuestPasswordReset::test("r")
+        .selector("tier", "db")
+        .from_secret("pw")
+        .user("mallory")
+        .max_concurrency(1)
+        .max_failures(0);
     w.apply(&r).await.expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
     let st = r.status.expect("status").run;
@@ -541,15 +466,17 @@ async fn paused_reset_starts_nothing_until_unpaused() {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    let mut r = reset("r", vm_named("vm-a"), from_crypted_secret("pw"));
-    r.spec.rollout.paused = true;
-    w.apply(&r).await.expect("reset");
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .vm("vm-a")
+            .from_secret("pw")
+            .crypted()
+            .paused(),
+    )
+    .await
+    .expect("reset");
     let paused: GuestPasswordReset = w
-        .wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
-            r.status
-                .as_ref()
-                .is_some_and(|s| s.run.conditions.iter().any(|c| c.reason == "Paused"))
-        })
+        .wait_for(NS, "r", WAIT, condition_reason("Paused"))
         .await
         .expect("paused");
     assert_eq!(
@@ -568,7 +495,7 @@ async fn paused_reset_starts_nothing_until_unpaused() {
     )
     .await
     .expect("unpause");
-    w.wait_for(NS, "r", WAIT, finished)
+    w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
         .await
         .expect("finishes after unpause");
     assert_eq!(
@@ -582,14 +509,15 @@ async fn finished_reset_from_secret(w: &World, name: &str, vm_name: &str, secret
     w.apply(&secret(secret_name, "password", SHA512))
         .await
         .expect("secret");
-    w.apply(&reset(
-        name,
-        vm_named(vm_name),
-        from_crypted_secret(secret_name),
-    ))
+    w.apply(
+        &GuestPasswordReset::test(name)
+            .vm(vm_name)
+            .from_secret(secret_name)
+            .crypted(),
+    )
     .await
     .expect("reset");
-    w.wait_for(NS, name, WAIT, finished)
+    w.wait_for::<GuestPasswordReset>(NS, name, WAIT, finished)
         .await
         .expect("first run finishes");
 }
@@ -616,20 +544,25 @@ async fn restarted_controller_resyncs_a_finished_reset_without_reading_its_uncha
     assert_eq!(status.run.input_secret_version, version);
 
     w.kill_controller();
-    let reads_before = w.api.requests("GET", &secret_path("pw"));
+    let reads_before = w.api().requests("GET", &secret_path("pw"));
     // Work for the restarted controller: once it is done, the resync has happened.
     w.apply(&secret("pw2", "password", SHA512))
         .await
         .expect("secret");
-    w.apply(&reset("new", vm_named("vm-b"), from_crypted_secret("pw2")))
-        .await
-        .expect("reset");
+    w.apply(
+        &GuestPasswordReset::test("new")
+            .vm("vm-b")
+            .from_secret("pw2")
+            .crypted(),
+    )
+    .await
+    .expect("reset");
     w.start_controller();
-    w.wait_for(NS, "new", WAIT, finished)
+    w.wait_for::<GuestPasswordReset>(NS, "new", WAIT, finished)
         .await
         .expect("new reset runs");
 
-    assert_eq!(w.api.requests("GET", &secret_path("pw")), reads_before);
+    assert_eq!(w.api().requests("GET", &secret_path("pw")), reads_before);
     let after = api.get("done").await.expect("get").status.expect("status");
     assert_eq!(after.run.input_hash, status.run.input_hash);
     assert_eq!(after.run.targets[0].attempts, 1);
@@ -702,9 +635,14 @@ async fn changed_secret_runs_again_once_and_unchanged_never() {
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    w.apply(&reset("r", vm_named("vm-a"), from_crypted_secret("pw")))
-        .await
-        .expect("reset");
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .vm("vm-a")
+            .from_secret("pw")
+            .crypted(),
+    )
+    .await
+    .expect("reset");
     let first: GuestPasswordReset = w
         .wait_for(NS, "r", WAIT, finished)
         .await
@@ -750,9 +688,14 @@ async fn vm_without_agent_retries_then_fails_with_the_deadline() {
     w.apply(&secret("pw", "password", PLAIN))
         .await
         .expect("secret");
-    let mut r = reset("r", vm_named("vm-a"), from_secret("pw"));
-    r.spec.rollout.deadline_seconds = 10;
-    w.apply(&r).await.expect("reset");
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .vm("vm-a")
+            .from_secret("pw")
+            .deadline_seconds(10),
+    )
+    .await
+    .expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
     let t = &r.status.expect("status").run.targets[0];
     assert_eq!(t.reason.as_deref(), Some("DeadlineExceeded"));
@@ -769,18 +712,12 @@ async fn vm_not_running_is_reported_while_retrying() {
     w.apply(&secret("pw", "password", PLAIN))
         .await
         .expect("secret");
-    w.apply(&reset("r", vm_named("vm-a"), from_secret("pw")))
+    w.apply(&GuestPasswordReset::test("r").vm("vm-a").from_secret("pw"))
         .await
         .expect("reset");
-    w.wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
-        r.status.as_ref().is_some_and(|s| {
-            s.run.targets.first().is_some_and(|t| {
-                t.reason.as_deref() == Some("VMNotRunning") && !t.state.is_terminal()
-            })
-        })
-    })
-    .await
-    .expect("VMNotRunning while retrying");
+    w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, retrying_with("VMNotRunning"))
+        .await
+        .expect("VMNotRunning while retrying");
 }
 
 #[tokio::test]
@@ -794,19 +731,12 @@ async fn dead_shim_is_reported_as_shim_unavailable() {
     w.apply(&secret("pw", "password", PLAIN))
         .await
         .expect("secret");
-    w.apply(&reset("r", vm_named("vm-a"), from_secret("pw")))
+    w.apply(&GuestPasswordReset::test("r").vm("vm-a").from_secret("pw"))
         .await
         .expect("reset");
-    w.wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
-        r.status.as_ref().is_some_and(|s| {
-            s.run
-                .targets
-                .first()
-                .is_some_and(|t| t.reason.as_deref() == Some("ShimUnavailable"))
-        })
-    })
-    .await
-    .expect("ShimUnavailable");
+    w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("ShimUnavailable"))
+        .await
+        .expect("ShimUnavailable");
 }
 
 #[tokio::test]
@@ -817,9 +747,14 @@ async fn kubevirt_access_credentials_for_the_same_user_are_flagged_as_a_conflict
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
-    w.apply(&reset("r", vm_named("vm-a"), from_crypted_secret("pw")))
-        .await
-        .expect("reset");
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .vm("vm-a")
+            .from_secret("pw")
+            .crypted(),
+    )
+    .await
+    .expect("reset");
     let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
     let t = &r.status.expect("status").run.targets[0];
     assert_eq!(t.state, TargetState::Succeeded);

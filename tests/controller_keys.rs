@@ -1,20 +1,16 @@
 //! KeypairRebuild live mode through the controller, real shims and real qemu-ga agents.
-use guestcred::api::keypair::{KeyMode, KeyStrategy, PublicKeySource};
+use guestcred::api::keypair::KeyStrategy;
 use guestcred::api::kubevirt::VirtualMachine;
-use guestcred::api::{
-    KeypairRebuild, KeypairRebuildSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec, TargetState,
-};
+use guestcred::api::{KeypairRebuild, Phase, TargetState};
 use guestcred::controller::keypair::MANAGED_KEYS_ANNOTATION_PREFIX;
-use guestcred_lab::hostqga::{HostQgaOptions, SSH_COMMANDS};
+use guestcred_lab::hostqga::SSH_COMMANDS;
 use guestcred_lab::kubevirt::vm;
+use guestcred_lab::testing::*;
 use guestcred_lab::world::{World, WorldOptions};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::ObjectMeta;
 use kube::{Api, ResourceExt};
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-const NS: &str = "default";
 const WAIT: Duration = Duration::from_secs(30);
 const KEY1: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ+B4jIlELcMrHzsE1Ryt7XpT2gUKy/XZ+lbyfbQ9TZh key1@test";
@@ -24,56 +20,6 @@ const KEY3: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJa3PH3SleLEIeaV6/YdAeg2y6IwCiDdUdQBQKWyLES0 key3@test";
 const HAND: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOimy32Onc7iJCyVgWcE+d/LHx1OCqkqfeeXY5QKiYXE hand@added";
-
-fn keys_inline(keys: &[&str]) -> PublicKeySource {
-    PublicKeySource {
-        secret_ref: None,
-        inline: Some(keys.iter().map(|k| k.to_string()).collect()),
-    }
-}
-
-fn rebuild(name: &str, vm_name: &str, keys: PublicKeySource) -> KeypairRebuild {
-    let mut r = KeypairRebuild::new(
-        name,
-        KeypairRebuildSpec {
-            target: TargetSpec {
-                vm_name: Some(vm_name.into()),
-                selector: None,
-            },
-            user: Some("alice".into()),
-            public_keys: keys,
-            mode: KeyMode::Live,
-            strategy: KeyStrategy::Replace,
-            replace_all: false,
-            ttl_seconds: None,
-            rollout: RolloutSpec::default(),
-        },
-    );
-    r.metadata.namespace = Some(NS.into());
-    r
-}
-
-fn finished(r: &KeypairRebuild) -> bool {
-    r.status.as_ref().is_some_and(|s| {
-        matches!(
-            s.run.phase,
-            Some(Phase::Succeeded | Phase::Failed | Phase::PartiallySucceeded)
-        )
-    })
-}
-
-fn alice() -> HostQgaOptions {
-    HostQgaOptions::default().user("alice")
-}
-
-fn comments(keys: &[String]) -> Vec<String> {
-    let mut c: Vec<String> = keys
-        .iter()
-        .filter_map(|k| k.split_whitespace().nth(2).map(str::to_string))
-        .collect();
-    c.sort();
-    c
-}
 
 async fn world() -> World {
     World::start(WorldOptions::default())
@@ -89,9 +35,14 @@ async fn live_keys_are_added_verified_and_fingerprinted() {
         .await
         .expect("vm")
         .expect("agent");
-    w.apply(&rebuild("k", "vm-a", keys_inline(&[KEY1, KEY2])))
-        .await
-        .expect("apply");
+    w.apply(
+        &KeypairRebuild::test("k")
+            .vm("vm-a")
+            .user("alice")
+            .inline_keys([KEY1, KEY2]),
+    )
+    .await
+    .expect("apply");
     let r: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
     let st = r.status.expect("status").run;
     assert_eq!(st.phase, Some(Phase::Succeeded), "{st:#?}");
@@ -103,7 +54,7 @@ async fn live_keys_are_added_verified_and_fingerprinted() {
     assert_eq!(t.keys.len(), 2);
     assert!(t.keys.iter().all(|k| k.starts_with("SHA256:")));
     assert_eq!(
-        comments(&qga.authorized_keys("alice").expect("keys")),
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
         ["key1@test", "key2@test"]
     );
 }
@@ -118,23 +69,33 @@ async fn replace_removes_only_keys_guestcred_added_and_keeps_hand_added_ones() {
         .expect("agent");
     qga.seed_authorized_keys("alice", &[HAND])
         .expect("hand-added key");
-    w.apply(&rebuild("k1", "vm-a", keys_inline(&[KEY1])))
-        .await
-        .expect("apply");
-    w.wait_for(NS, "k1", WAIT, finished)
+    w.apply(
+        &KeypairRebuild::test("k1")
+            .vm("vm-a")
+            .user("alice")
+            .inline_keys([KEY1]),
+    )
+    .await
+    .expect("apply");
+    w.wait_for::<KeypairRebuild>(NS, "k1", WAIT, finished)
         .await
         .expect("first rotation");
     // A second object (e.g. next quarter's rotation) replaces key1 with key2.
-    w.apply(&rebuild("k2", "vm-a", keys_inline(&[KEY2])))
-        .await
-        .expect("apply");
+    w.apply(
+        &KeypairRebuild::test("k2")
+            .vm("vm-a")
+            .user("alice")
+            .inline_keys([KEY2]),
+    )
+    .await
+    .expect("apply");
     let r: KeypairRebuild = w
         .wait_for(NS, "k2", WAIT, finished)
         .await
         .expect("second rotation");
     assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
     assert_eq!(
-        comments(&qga.authorized_keys("alice").expect("keys")),
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
         ["hand@added", "key2@test"]
     );
     // The VM remembers what guestcred manages, so the next Replace works without k1.
@@ -159,12 +120,17 @@ async fn replace_all_makes_the_file_exactly_the_given_keys() {
         .expect("agent");
     qga.seed_authorized_keys("alice", &[HAND])
         .expect("hand-added key");
-    let mut r = rebuild("k", "vm-a", keys_inline(&[KEY3]));
-    r.spec.replace_all = true;
+    let r = KeypairRebuild::test("k")
+        .vm("vm-a")
+        .user("alice")
+        .inline_keys([KEY3])
+        .replace_all();
     w.apply(&r).await.expect("apply");
-    w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
+    w.wait_for::<KeypairRebuild>(NS, "k", WAIT, finished)
+        .await
+        .expect("finishes");
     assert_eq!(
-        comments(&qga.authorized_keys("alice").expect("keys")),
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
         ["key3@test"]
     );
 }
@@ -177,16 +143,28 @@ async fn append_keeps_earlier_keys() {
         .await
         .expect("vm")
         .expect("agent");
-    w.apply(&rebuild("k1", "vm-a", keys_inline(&[KEY1])))
+    w.apply(
+        &KeypairRebuild::test("k1")
+            .vm("vm-a")
+            .user("alice")
+            .inline_keys([KEY1]),
+    )
+    .await
+    .expect("apply");
+    w.wait_for::<KeypairRebuild>(NS, "k1", WAIT, finished)
         .await
-        .expect("apply");
-    w.wait_for(NS, "k1", WAIT, finished).await.expect("first");
-    let mut r = rebuild("k2", "vm-a", keys_inline(&[KEY2]));
-    r.spec.strategy = KeyStrategy::Append;
+        .expect("first");
+    let r = KeypairRebuild::test("k2")
+        .vm("vm-a")
+        .user("alice")
+        .inline_keys([KEY2])
+        .strategy(KeyStrategy::Append);
     w.apply(&r).await.expect("apply");
-    w.wait_for(NS, "k2", WAIT, finished).await.expect("second");
+    w.wait_for::<KeypairRebuild>(NS, "k2", WAIT, finished)
+        .await
+        .expect("second");
     assert_eq!(
-        comments(&qga.authorized_keys("alice").expect("keys")),
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
         ["key1@test", "key2@test"]
     );
 }
@@ -199,9 +177,14 @@ async fn agent_without_ssh_commands_is_unsupported_by_agent() {
         .add_vm(&vm(NS, "vm-old", "node-1"), Some(old))
         .await
         .expect("vm");
-    w.apply(&rebuild("k", "vm-old", keys_inline(&[KEY1])))
-        .await
-        .expect("apply");
+    w.apply(
+        &KeypairRebuild::test("k")
+            .vm("vm-old")
+            .user("alice")
+            .inline_keys([KEY1]),
+    )
+    .await
+    .expect("apply");
     let r: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
     let t = &r.status.expect("status").run.targets[0];
     assert_eq!(
@@ -213,37 +196,18 @@ async fn agent_without_ssh_commands_is_unsupported_by_agent() {
 #[tokio::test]
 async fn invalid_key_line_in_a_secret_names_the_line_and_nothing_else() {
     let w = world().await;
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some("keys".into()),
-            namespace: Some(NS.into()),
-            ..Default::default()
-        },
-        string_data: Some(BTreeMap::from([(
-            "authorized_keys".to_string(),
-            format!("# team\n{KEY1}\nssh-ed25519 AAAAnotakey topsecretcomment\n"),
-        )])),
-        ..Default::default()
-    };
+    let secret = Secret::test("keys").string_data(
+        "authorized_keys",
+        &format!("# team\n{KEY1}\nssh-ed25519 AAAAnotakey topsecretcomment\n"),
+    );
     w.apply(&secret).await.expect("secret");
-    let source = PublicKeySource {
-        secret_ref: Some(SecretKeyRef {
-            name: "keys".into(),
-            key: "authorized_keys".into(),
-            namespace: None,
-        }),
-        inline: None,
-    };
-    w.apply(&rebuild("k", "vm-a", source)).await.expect("apply");
+    let r = KeypairRebuild::test("k")
+        .vm("vm-a")
+        .user("alice")
+        .keys_from_secret("keys", "authorized_keys");
+    w.apply(&r).await.expect("apply");
     let r: KeypairRebuild = w
-        .wait_for(NS, "k", WAIT, |r: &KeypairRebuild| {
-            r.status.as_ref().is_some_and(|s| {
-                s.run
-                    .conditions
-                    .iter()
-                    .any(|c| c.reason == "InvalidPublicKey")
-            })
-        })
+        .wait_for(NS, "k", WAIT, condition_reason("InvalidPublicKey"))
         .await
         .expect("InvalidPublicKey");
     let c = &r.status.expect("status").run.conditions[0];
@@ -261,8 +225,11 @@ async fn keys_with_a_ttl_are_removed_after_it() {
         .expect("agent");
     qga.seed_authorized_keys("alice", &[HAND])
         .expect("hand-added key");
-    let mut r = rebuild("k", "vm-a", keys_inline(&[KEY1]));
-    r.spec.ttl_seconds = Some(10);
+    let r = KeypairRebuild::test("k")
+        .vm("vm-a")
+        .user("alice")
+        .inline_keys([KEY1])
+        .ttl(10);
     w.apply(&r).await.expect("apply");
     let done: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
     assert!(
@@ -271,7 +238,7 @@ async fn keys_with_a_ttl_are_removed_after_it() {
             .is_some()
     );
     assert_eq!(
-        comments(&qga.authorized_keys("alice").expect("keys")),
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
         ["hand@added", "key1@test"]
     );
     let expired: KeypairRebuild = w
@@ -283,7 +250,7 @@ async fn keys_with_a_ttl_are_removed_after_it() {
         .await
         .expect("expires");
     assert_eq!(
-        comments(&qga.authorized_keys("alice").expect("keys")),
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
         ["hand@added"]
     );
     assert_eq!(
@@ -362,9 +329,14 @@ async fn verification_fails_when_the_guest_drops_a_key() {
     )
     .await;
     w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
-    w.apply(&rebuild("k", "vm-a", keys_inline(&[KEY1, KEY2])))
-        .await
-        .expect("apply");
+    w.apply(
+        &KeypairRebuild::test("k")
+            .vm("vm-a")
+            .user("alice")
+            .inline_keys([KEY1, KEY2]),
+    )
+    .await
+    .expect("apply");
     let r: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
     let t = &r.status.expect("status").run.targets[0];
     assert_eq!(
@@ -394,17 +366,11 @@ async fn keys_reach_every_vm_of_a_selector_across_two_nodes() {
                 .expect("agent"),
         );
     }
-    let mut r = rebuild("k", "unused", keys_inline(&[KEY1]));
-    r.spec.target = TargetSpec {
-        vm_name: None,
-        selector: Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
-                match_labels: Some(BTreeMap::from([("tier".to_string(), "web".to_string())])),
-                match_expressions: None,
-            },
-        ),
-    };
-    r.spec.rollout.max_concurrency = 2;
+    let r = KeypairRebuild::test("k")
+        .selector("tier", "web")
+        .user("alice")
+        .inline_keys([KEY1])
+        .max_concurrency(2);
     w.apply(&r).await.expect("apply");
     let done: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
     let st = done.status.expect("status").run;
@@ -412,7 +378,7 @@ async fn keys_reach_every_vm_of_a_selector_across_two_nodes() {
     assert!(st.targets.iter().all(|t| t.verified == Some(true)));
     for a in &agents {
         assert_eq!(
-            comments(&a.authorized_keys("alice").expect("keys")),
+            key_comments(&a.authorized_keys("alice").expect("keys")),
             ["key1@test"]
         );
     }

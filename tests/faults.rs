@@ -6,59 +6,77 @@
 //! metrics or panic output. (libvirtd restarts: `shim_reconnects_after_libvirtd_restarts`
 //! in tests/shim_libvirt.rs, on the real-guest lab.)
 //!
-//! Each test has its own fault lab (`FaultLab`): the emulator, one node whose shim can be
-//! killed and restarted on the same address, real qemu-ga agents, and a controller that
-//! can be killed and restarted.
-mod fault_lab;
-
-use fault_lab::*;
+//! Each test has its own fault lab (`WorldOptions::fault_lab()`): the emulator, one node
+//! whose shim can be killed and restarted on the same address, real qemu-ga agents, and a
+//! controller that can be killed and restarted.
 use guestcred::api::kubevirt::VirtualMachineInstance;
-use guestcred::api::{Phase, TargetState};
+use guestcred::api::{GuestPasswordReset, Phase, TargetState};
 use guestcred_lab::kubevirt::vm;
+use guestcred_lab::testing::*;
+use guestcred_lab::world::{World, WorldOptions};
 use kube::Api;
 use kube::api::DeleteParams;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+const NODE: &str = "node-1";
+const WAIT: Duration = Duration::from_secs(90);
+
 // ---------------------------------------------------------------------------------------
 // The shim.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shim_killed_mid_call_and_restarted_finishes_every_target() {
-    let mut lab = FaultLab::start().await;
+    let lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
     let mut agents = Vec::new();
     for i in 0..3 {
         let d = vm(NS, &format!("vm-{i}"), NODE).label("bulk", "shim");
-        agents.push(lab.add_vm(&d).await);
+        agents.push(lab.add_guest(&d).await);
     }
     const PW: &str = "Shim-Restart-Canary-31f0";
-    lab.apply(&secret("pw", PW)).await;
+    lab.apply(&secret("pw", "password", PW))
+        .await
+        .expect("apply");
     // The first agent hangs, so the kill lands while its call is in the shim.
     signal(&agents[0], "-STOP");
-    let mut r = reset("bulk", labelled("shim"), from_secret("pw"));
+    let mut r = GuestPasswordReset::test("bulk")
+        .selector("bulk", "shim")
+        .user("alice")
+        .from_secret("pw");
     r.spec.rollout.max_concurrency = 1;
     r.spec.rollout.deadline_seconds = 60;
-    lab.apply(&r).await;
-    lab.wait_for("bulk", "a call in flight", |r| {
+    lab.apply(&r).await.expect("apply");
+    lab.wait_for::<GuestPasswordReset>(NS, "bulk", WAIT, |r| {
         r.status
             .as_ref()
             .is_some_and(|s| s.run.targets.first().is_some_and(|t| t.attempts >= 1))
     })
-    .await;
+    .await
+    .expect("a call in flight");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    lab.kill_shim();
+    lab.kill_shim(NODE);
     signal(&agents[0], "-CONT");
-    lab.wait_for("bulk", "ShimUnavailable while the shim is down", |r| {
-        first_target_reason(r).as_deref() == Some("ShimUnavailable")
-            || first_target_reason(r).as_deref() == Some("AgentTimeout")
+    lab.wait_for::<GuestPasswordReset>(NS, "bulk", WAIT, |r| {
+        reason(r).as_deref() == Some("ShimUnavailable")
+            || reason(r).as_deref() == Some("AgentTimeout")
     })
-    .await;
-    lab.restart_shim().await;
-    let done = lab.wait_finished("bulk").await;
+    .await
+    .expect("ShimUnavailable while the shim is down");
+    lab.restart_shim(NODE).await;
+    let done = lab
+        .wait_for::<GuestPasswordReset>(NS, "bulk", WAIT, finished)
+        .await
+        .expect("a terminal phase");
     assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
     for a in &agents {
-        assert!(verifies(PW, &hash_of(a)), "{} has the password", a.name());
+        assert!(
+            verifies(PW, &alice_hash(a)),
+            "{} has the password",
+            a.name()
+        );
     }
     assert!(lab.controller_alive());
     lab.assert_not_leaked(&[PW]).await;
@@ -66,48 +84,65 @@ async fn a_shim_killed_mid_call_and_restarted_finishes_every_target() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_shim_is_retried_until_it_is_back() {
-    let lab = FaultLab::start().await;
-    let a = lab.add_vm(&vm(NS, "vm-a", NODE)).await;
+    let lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
+    let a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
     const PW: &str = "Unreachable-Shim-Canary-9c4e";
-    lab.apply(&secret("pw", PW)).await;
-    lab.set_shim_pod_ip("127.0.3.250").await;
-    lab.apply(&reset("r", one("vm-a"), from_secret("pw"))).await;
+    lab.apply(&secret("pw", "password", PW))
+        .await
+        .expect("apply");
+    lab.set_shim_pod_ip(NODE, "127.0.3.250").await;
+    lab.apply(
+        &GuestPasswordReset::test("r")
+            .vm("vm-a")
+            .user("alice")
+            .from_secret("pw"),
+    )
+    .await
+    .expect("apply");
     let r = lab
-        .wait_for("r", "ShimUnavailable; retrying", |r| {
-            first_target_reason(r).as_deref() == Some("ShimUnavailable")
-        })
+        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("ShimUnavailable"))
+        .await
+        .expect("ShimUnavailable; retrying");
+    assert!(message(&r).ends_with("; retrying"), "{}", message(&r));
+    lab.set_shim_pod_ip(NODE, &lab.shim_ip(NODE).to_string())
         .await;
-    assert!(
-        first_target_message(&r).ends_with("; retrying"),
-        "{}",
-        first_target_message(&r)
-    );
-    lab.set_shim_pod_ip(&lab.shim_ip.clone()).await;
-    let done = lab.wait_finished("r").await;
+    let done = lab
+        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
+        .await
+        .expect("a terminal phase");
     assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
-    assert!(verifies(PW, &hash_of(&a)));
+    assert!(verifies(PW, &alice_hash(&a)));
     lab.assert_not_leaked(&[PW]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shim_gone_for_longer_than_the_deadline_fails_with_deadline_exceeded() {
-    let mut lab = FaultLab::start().await;
-    let _a = lab.add_vm(&vm(NS, "vm-a", NODE)).await;
-    lab.apply(&secret("pw", "Gone-Shim-Canary-0b8d")).await;
-    lab.kill_shim();
-    let mut r = reset("r", one("vm-a"), from_secret("pw"));
+    let lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
+    let _a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
+    lab.apply(&secret("pw", "password", "Gone-Shim-Canary-0b8d"))
+        .await
+        .expect("apply");
+    lab.kill_shim(NODE);
+    let mut r = GuestPasswordReset::test("r")
+        .vm("vm-a")
+        .user("alice")
+        .from_secret("pw");
     r.spec.rollout.deadline_seconds = 10;
-    lab.apply(&r).await;
-    let done = lab.wait_finished("r").await;
+    lab.apply(&r).await.expect("apply");
+    let done = lab
+        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
+        .await
+        .expect("a terminal phase");
     assert_eq!(phase(&done), Some(Phase::Failed));
-    assert_eq!(
-        first_target_reason(&done).as_deref(),
-        Some("DeadlineExceeded")
-    );
+    assert_eq!(reason(&done).as_deref(), Some("DeadlineExceeded"));
     assert!(
-        first_target_message(&done).contains("shim unreachable"),
+        message(&done).contains("shim unreachable"),
         "{}",
-        first_target_message(&done)
+        message(&done)
     );
     assert!(lab.controller_alive());
 }
@@ -117,26 +152,28 @@ async fn a_shim_gone_for_longer_than_the_deadline_fails_with_deadline_exceeded()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_killed_mid_bulk_applies_each_generated_password_once() {
-    let mut lab = FaultLab::start().await;
+    let mut lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
     let mut agents = BTreeMap::new();
     for i in 0..6 {
         let name = format!("vm-{i}");
         let d = vm(NS, &name, NODE).label("bulk", "gen");
-        agents.insert(name, lab.add_vm(&d).await);
+        agents.insert(name, lab.add_guest(&d).await);
     }
-    let mut r = reset("gen", labelled("gen"), generated());
+    let mut r = GuestPasswordReset::test("gen")
+        .selector("bulk", "gen")
+        .user("alice")
+        .generate(24);
     r.spec.rollout.max_concurrency = 1;
-    lab.apply(&r).await;
-    lab.wait_for("gen", "two targets done", |r| {
-        r.status
-            .as_ref()
-            .is_some_and(|s| s.run.summary.succeeded >= 2)
-    })
-    .await;
+    lab.apply(&r).await.expect("apply");
+    lab.wait_for::<GuestPasswordReset>(NS, "gen", WAIT, succeeded_at_least(2))
+        .await
+        .expect("two targets done");
     lab.kill_controller();
-    let before = lab.output_passwords().await;
+    let before = lab.output_passwords(NS, "guestcred.io/reset").await;
     let done_before: Vec<String> = lab
-        .reset("gen")
+        .get::<GuestPasswordReset>(NS, "gen")
         .await
         .status
         .expect("status")
@@ -148,13 +185,16 @@ async fn a_controller_killed_mid_bulk_applies_each_generated_password_once() {
         .collect();
     let hashes_before: BTreeMap<String, String> = done_before
         .iter()
-        .map(|vm| (vm.clone(), hash_of(&agents[vm])))
+        .map(|vm| (vm.clone(), alice_hash(&agents[vm])))
         .collect();
     lab.start_controller();
-    let done = lab.wait_finished("gen").await;
+    let done = lab
+        .wait_for::<GuestPasswordReset>(NS, "gen", WAIT, finished)
+        .await
+        .expect("a terminal phase");
     assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
 
-    let after = lab.output_passwords().await;
+    let after = lab.output_passwords(NS, "guestcred.io/reset").await;
     assert_eq!(
         after.len(),
         agents.len(),
@@ -170,7 +210,7 @@ async fn a_controller_killed_mid_bulk_applies_each_generated_password_once() {
     }
     for (vm, hash) in &hashes_before {
         assert_eq!(
-            &hash_of(&agents[vm]),
+            &alice_hash(&agents[vm]),
             hash,
             "{vm}: finished before the crash, not applied again"
         );
@@ -178,7 +218,7 @@ async fn a_controller_killed_mid_bulk_applies_each_generated_password_once() {
     for (vm, qga) in &agents {
         let (_, pw) = &after[vm];
         assert!(
-            verifies(pw, &hash_of(qga)),
+            verifies(pw, &alice_hash(qga)),
             "{vm}: guest has its stored password"
         );
     }
@@ -191,114 +231,148 @@ async fn a_controller_killed_mid_bulk_applies_each_generated_password_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_agent_times_out_and_the_target_finishes_after_resume() {
-    let lab = FaultLab::start().await;
-    let a = lab.add_vm(&vm(NS, "vm-a", NODE)).await;
+    let lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
+    let a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
     const PW: &str = "Paused-Agent-Canary-e51a";
-    lab.apply(&secret("pw", PW)).await;
+    lab.apply(&secret("pw", "password", PW))
+        .await
+        .expect("apply");
     signal(&a, "-STOP");
-    let mut r = reset("r", one("vm-a"), from_secret("pw"));
+    let mut r = GuestPasswordReset::test("r")
+        .vm("vm-a")
+        .user("alice")
+        .from_secret("pw");
     r.spec.rollout.deadline_seconds = 60;
-    lab.apply(&r).await;
-    lab.wait_for("r", "AgentTimeout; retrying", |r| {
-        first_target_reason(r).as_deref() == Some("AgentTimeout")
-    })
-    .await;
+    lab.apply(&r).await.expect("apply");
+    lab.wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("AgentTimeout"))
+        .await
+        .expect("AgentTimeout; retrying");
     signal(&a, "-CONT");
-    let done = lab.wait_finished("r").await;
+    let done = lab
+        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
+        .await
+        .expect("a terminal phase");
     assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
-    assert!(verifies(PW, &hash_of(&a)));
+    assert!(verifies(PW, &alice_hash(&a)));
     lab.assert_not_leaked(&[PW]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_paused_mid_operation_is_retried_until_it_resumes() {
-    let lab = FaultLab::start().await;
+    let lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
     let d = vm(NS, "vm-a", NODE);
-    let a = lab.add_vm(&d).await;
+    let a = lab.add_guest(&d).await;
     const PW: &str = "Paused-Vm-Canary-44d2";
-    lab.apply(&secret("pw", PW)).await;
+    lab.apply(&secret("pw", "password", PW))
+        .await
+        .expect("apply");
     let paused = json!({"conditions": [
         {"type": "AgentConnected", "status": "True"},
         {"type": "Paused", "status": "True", "reason": "PausedByUser"}
     ]});
-    lab.set_vmi_status("vm-a", paused).await;
+    lab.set_vmi_status(NS, "vm-a", paused).await;
     signal(&a, "-STOP");
-    let mut r = reset("r", one("vm-a"), from_secret("pw"));
+    let mut r = GuestPasswordReset::test("r")
+        .vm("vm-a")
+        .user("alice")
+        .from_secret("pw");
     r.spec.rollout.deadline_seconds = 60;
-    lab.apply(&r).await;
+    lab.apply(&r).await.expect("apply");
     let r = lab
-        .wait_for("r", "VMNotRunning (paused)", |r| {
-            first_target_reason(r).as_deref() == Some("VMNotRunning")
-        })
-        .await;
-    assert!(
-        first_target_message(&r).contains("is paused"),
-        "{}",
-        first_target_message(&r)
-    );
+        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("VMNotRunning"))
+        .await
+        .expect("VMNotRunning (paused)");
+    assert!(message(&r).contains("is paused"), "{}", message(&r));
     signal(&a, "-CONT");
-    lab.set_vmi_status("vm-a", json!({"conditions": d.vmi_status().conditions}))
+    lab.set_vmi_status(NS, "vm-a", json!({"conditions": d.vmi_status().conditions}))
         .await;
-    let done = lab.wait_finished("r").await;
+    let done = lab
+        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
+        .await
+        .expect("a terminal phase");
     assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
-    assert!(verifies(PW, &hash_of(&a)));
+    assert!(verifies(PW, &alice_hash(&a)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_deleted_mid_operation_fails_with_vm_not_found() {
-    let lab = FaultLab::start().await;
+    let lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
     let d = vm(NS, "vm-a", NODE).phase("Scheduling");
     d.create(&lab.client).await.expect("vm");
-    lab.apply(&secret("pw", "Deleted-Vm-Canary-7a10")).await;
-    let mut r = reset("r", one("vm-a"), from_secret("pw"));
+    lab.apply(&secret("pw", "password", "Deleted-Vm-Canary-7a10"))
+        .await
+        .expect("apply");
+    let mut r = GuestPasswordReset::test("r")
+        .vm("vm-a")
+        .user("alice")
+        .from_secret("pw");
     r.spec.rollout.deadline_seconds = 60;
-    lab.apply(&r).await;
-    lab.wait_for("r", "VMNotRunning while it starts", |r| {
-        first_target_reason(r).as_deref() == Some("VMNotRunning")
-    })
-    .await;
+    lab.apply(&r).await.expect("apply");
+    lab.wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("VMNotRunning"))
+        .await
+        .expect("VMNotRunning while it starts");
     let vmis: Api<VirtualMachineInstance> = Api::namespaced(lab.client.clone(), NS);
     vmis.delete("vm-a", &DeleteParams::default())
         .await
         .expect("delete vmi");
-    let done = lab.wait_finished("r").await;
+    let done = lab
+        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
+        .await
+        .expect("a terminal phase");
     assert_eq!(phase(&done), Some(Phase::Failed));
-    assert_eq!(first_target_reason(&done).as_deref(), Some("VMNotFound"));
+    assert_eq!(reason(&done).as_deref(), Some("VMNotFound"));
     assert!(lab.controller_alive());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_restarted_mid_operation_gets_the_password_after_it_is_back() {
-    let lab = FaultLab::start().await;
+    let lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
     let d = vm(NS, "vm-a", NODE);
-    let mut old = lab.add_vm(&d).await;
+    let mut old = lab.add_guest(&d).await;
     const PW: &str = "Restarted-Vm-Canary-c3b9";
-    lab.apply(&secret("pw", PW)).await;
+    lab.apply(&secret("pw", "password", PW))
+        .await
+        .expect("apply");
     // The VM goes down: agent gone, VMI Scheduling again.
     old.stop().expect("stop the old agent");
     lab.set_vmi_status(
+        NS,
         "vm-a",
         json!({"phase": "Scheduling", "activePods": null, "conditions": [
             {"type": "AgentConnected", "status": "False"}]}),
     )
     .await;
-    let mut r = reset("r", one("vm-a"), from_secret("pw"));
+    let mut r = GuestPasswordReset::test("r")
+        .vm("vm-a")
+        .user("alice")
+        .from_secret("pw");
     r.spec.rollout.deadline_seconds = 60;
-    lab.apply(&r).await;
-    lab.wait_for("r", "VMNotRunning while it restarts", |r| {
-        first_target_reason(r).as_deref() == Some("VMNotRunning")
-    })
-    .await;
+    lab.apply(&r).await.expect("apply");
+    lab.wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("VMNotRunning"))
+        .await
+        .expect("VMNotRunning while it restarts");
     // Back: a fresh agent and a Running VMI.
-    let fresh = lab.start_agent(&d);
+    let fresh = lab.start_agent(&d, &alice()).expect("a fresh agent");
     lab.set_vmi_status(
+        NS,
         "vm-a",
         serde_json::to_value(d.vmi_status()).expect("status"),
     )
     .await;
-    let done = lab.wait_finished("r").await;
+    let done = lab
+        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
+        .await
+        .expect("a terminal phase");
     assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
-    assert!(verifies(PW, &hash_of(&fresh)));
+    assert!(verifies(PW, &alice_hash(&fresh)));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -306,31 +380,57 @@ async fn a_vm_restarted_mid_operation_gets_the_password_after_it_is_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_write_conflicts_are_retried() {
-    let lab = FaultLab::start().await;
-    let a = lab.add_vm(&vm(NS, "vm-a", NODE)).await;
+    let lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
+    let a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
     const PW: &str = "Conflict-Canary-2dd7";
-    lab.apply(&secret("pw", PW)).await;
-    lab.api.faults().conflict_next_status_writes(3);
-    lab.apply(&reset("r", one("vm-a"), from_secret("pw"))).await;
-    let done = lab.wait_finished("r").await;
+    lab.apply(&secret("pw", "password", PW))
+        .await
+        .expect("apply");
+    lab.api().faults().conflict_next_status_writes(3);
+    lab.apply(
+        &GuestPasswordReset::test("r")
+            .vm("vm-a")
+            .user("alice")
+            .from_secret("pw"),
+    )
+    .await
+    .expect("apply");
+    let done = lab
+        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
+        .await
+        .expect("a terminal phase");
     assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
-    assert!(verifies(PW, &hash_of(&a)));
+    assert!(verifies(PW, &alice_hash(&a)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_status_conflicts_never_apply_a_second_generated_password() {
-    let lab = FaultLab::start().await;
-    let a = lab.add_vm(&vm(NS, "vm-a", NODE)).await;
+    let lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
+    let a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
     // More 409s than one status write retries: the reconcile fails and runs again.
-    lab.api.faults().conflict_next_status_writes(15);
-    lab.apply(&reset("gen", one("vm-a"), generated())).await;
-    let done = lab.wait_finished("gen").await;
+    lab.api().faults().conflict_next_status_writes(15);
+    lab.apply(
+        &GuestPasswordReset::test("gen")
+            .vm("vm-a")
+            .user("alice")
+            .generate(24),
+    )
+    .await
+    .expect("apply");
+    let done = lab
+        .wait_for::<GuestPasswordReset>(NS, "gen", WAIT, finished)
+        .await
+        .expect("a terminal phase");
     assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
-    let stored = lab.output_passwords().await;
+    let stored = lab.output_passwords(NS, "guestcred.io/reset").await;
     assert_eq!(stored.len(), 1);
     let (_, pw) = &stored["vm-a"];
     assert!(
-        verifies(pw, &hash_of(&a)),
+        verifies(pw, &alice_hash(&a)),
         "the guest has the stored password"
     );
     lab.assert_not_leaked(&[pw.as_str()]).await;
@@ -338,19 +438,38 @@ async fn many_status_conflicts_never_apply_a_second_generated_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_watches_are_relisted_and_work_continues() {
-    let lab = FaultLab::start().await;
-    let a = lab.add_vm(&vm(NS, "vm-a", NODE)).await;
-    let b = lab.add_vm(&vm(NS, "vm-b", NODE)).await;
+    let lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
+    let a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
+    let b = lab.add_guest(&vm(NS, "vm-b", NODE)).await;
     const PW: &str = "Expired-Watch-Canary-5e6f";
-    lab.apply(&secret("pw", PW)).await;
-    lab.apply(&reset("first", one("vm-a"), from_secret("pw")))
-        .await;
-    lab.api.faults().expire_watches();
-    lab.apply(&reset("second", one("vm-b"), from_secret("pw")))
-        .await;
-    lab.api.faults().expire_watches();
+    lab.apply(&secret("pw", "password", PW))
+        .await
+        .expect("apply");
+    lab.apply(
+        &GuestPasswordReset::test("first")
+            .vm("vm-a")
+            .user("alice")
+            .from_secret("pw"),
+    )
+    .await
+    .expect("apply");
+    lab.api().faults().expire_watches();
+    lab.apply(
+        &GuestPasswordReset::test("second")
+            .vm("vm-b")
+            .user("alice")
+            .from_secret("pw"),
+    )
+    .await
+    .expect("apply");
+    lab.api().faults().expire_watches();
     for name in ["first", "second"] {
-        let done = lab.wait_finished(name).await;
+        let done = lab
+            .wait_for::<GuestPasswordReset>(NS, name, WAIT, finished)
+            .await
+            .expect("a terminal phase");
         assert_eq!(
             phase(&done),
             Some(Phase::Succeeded),
@@ -358,20 +477,33 @@ async fn expired_watches_are_relisted_and_work_continues() {
             done.status
         );
     }
-    assert!(verifies(PW, &hash_of(&a)));
-    assert!(verifies(PW, &hash_of(&b)));
+    assert!(verifies(PW, &alice_hash(&a)));
+    assert!(verifies(PW, &alice_hash(&b)));
     assert!(lab.controller_alive());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_panic_was_seen_in_this_binary_so_far() {
     // Runs alongside the others; every panic message is also scanned for secrets.
-    let lab = FaultLab::start().await;
-    let _a = lab.add_vm(&vm(NS, "vm-a", NODE)).await;
-    lab.apply(&secret("pw", "Panic-Scan-Canary-18ab")).await;
-    lab.apply(&reset("r", one("vm-a"), from_secret("pw"))).await;
-    lab.wait_finished("r").await;
-    let panics = panic_output().lock().expect("panics").clone();
+    let lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
+    let _a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
+    lab.apply(&secret("pw", "password", "Panic-Scan-Canary-18ab"))
+        .await
+        .expect("apply");
+    lab.apply(
+        &GuestPasswordReset::test("r")
+            .vm("vm-a")
+            .user("alice")
+            .from_secret("pw"),
+    )
+    .await
+    .expect("apply");
+    lab.wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
+        .await
+        .expect("a terminal phase");
+    let panics = LogCapture::get().panics();
     let ours: Vec<&String> = panics
         .iter()
         .filter(|p| !p.contains("tests/faults.rs"))

@@ -1,18 +1,17 @@
 //! Two controller replicas against one API server: only the lease holder reconciles, and
 //! when it dies without releasing the lease the other takes over after the lease expires.
-use guestcred::api::password::{GeneratePolicy, PasswordSource};
-use guestcred::api::{GuestPasswordReset, GuestPasswordResetSpec, RolloutSpec, TargetSpec};
+use guestcred::api::GuestPasswordReset;
 use guestcred::controller::context::EngineSettings;
-use guestcred::controller::leader::{LeaseSettings, acquire};
-use guestcred::controller::shims::ShimAccess;
-use guestcred_lab::apiserver::ApiServer;
-use guestcred_lab::kubevirt::install_crds;
+use guestcred::controller::leader::LeaseSettings;
+use guestcred_lab::testing::*;
+use guestcred_lab::world::{World, WorldOptions};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::{Api, Client};
 use std::time::{Duration, Instant};
 
+/// The lease both replicas compete for; `identity` names the replica (and its Events).
 fn lease(identity: &str) -> LeaseSettings {
     LeaseSettings {
         name: "guestcred-controller".into(),
@@ -23,53 +22,11 @@ fn lease(identity: &str) -> LeaseSettings {
     }
 }
 
-/// One replica: elect, then run the controllers (events reported as `identity`).
-fn replica(client: Client, identity: &'static str) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let Ok((lost, _elector)) = acquire(client.clone(), &lease(identity)).await else {
-            return;
-        };
-        let access = ShimAccess {
-            namespace: None,
-            port: 1,
-            scheme: "http".into(),
-            token: None,
-            tls: None,
-            request_timeout: Duration::from_secs(1),
-        };
-        guestcred::controller::start(
-            client,
-            access,
-            identity,
-            EngineSettings::default(),
-            Default::default(),
-            lost,
-        )
-        .await;
-    })
-}
-
 fn reset_for_missing_vm(name: &str) -> GuestPasswordReset {
-    let mut r = GuestPasswordReset::new(
-        name,
-        GuestPasswordResetSpec {
-            target: TargetSpec {
-                vm_name: Some("ghost".into()),
-                selector: None,
-            },
-            user: Some("root".into()),
-            password: PasswordSource {
-                generate: Some(GeneratePolicy {
-                    length: 20,
-                    charset: Default::default(),
-                }),
-                ..Default::default()
-            },
-            rollout: RolloutSpec::default(),
-        },
-    );
-    r.metadata.namespace = Some("default".into());
-    r
+    GuestPasswordReset::test(name)
+        .vm("ghost")
+        .user("root")
+        .generate(20)
 }
 
 async fn holder(client: &Client) -> Option<String> {
@@ -108,13 +65,21 @@ async fn reporters(client: &Client, object: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leader_reconciles_and_a_follower_takes_over_when_it_dies() {
-    let api = ApiServer::new();
-    let client = api.client();
-    install_crds(&client).await.expect("crds");
+    // No controller of its own: the replicas are the controllers.
+    let w = World::start(WorldOptions {
+        nodes: 0,
+        start_controller: false,
+        settings: EngineSettings::default(),
+        request_timeout: Some(Duration::from_secs(1)),
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("world");
+    let client = w.client.clone();
     // The second replica starts once the first holds the lease: the emulator has no
     // server-side-apply conflict detection, which is what keeps two simultaneous first
     // acquisitions apart on a real API server (documented emulator gap).
-    let a = replica(client.clone(), "replica-a");
+    let a = w.spawn_replica(lease("replica-a"));
     let start = Instant::now();
     let first = loop {
         if let Some(h) = holder(&client).await {
@@ -126,13 +91,8 @@ async fn only_the_leader_reconciles_and_a_follower_takes_over_when_it_dies() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let b = replica(client.clone(), "replica-b");
-    let resets: Api<GuestPasswordReset> = Api::namespaced(client.clone(), "default");
-    let pp = PatchParams::apply("test").force();
-    resets
-        .patch("one", &pp, &Patch::Apply(reset_for_missing_vm("one")))
-        .await
-        .expect("apply");
+    let b = w.spawn_replica(lease("replica-b"));
+    w.apply(&reset_for_missing_vm("one")).await.expect("apply");
     let who = reporters(&client, "one").await;
     assert!(
         who.iter().all(|r| *r == first),
@@ -154,10 +114,7 @@ async fn only_the_leader_reconciles_and_a_follower_takes_over_when_it_dies() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    resets
-        .patch("two", &pp, &Patch::Apply(reset_for_missing_vm("two")))
-        .await
-        .expect("apply");
+    w.apply(&reset_for_missing_vm("two")).await.expect("apply");
     let who = reporters(&client, "two").await;
     assert!(
         who.iter().all(|r| r == survivor),

@@ -6,13 +6,15 @@
 //!
 //! Ignored by default (minutes, not seconds): `make soak` runs it with `--ignored`.
 //! `GUESTCRED_SOAK_ROUNDS` and `GUESTCRED_SOAK_VMS` scale it (defaults 5 and 12).
-mod fault_lab;
-
-use fault_lab::*;
-use guestcred::api::Phase;
+use guestcred::api::{GuestPasswordReset, Phase};
 use guestcred_lab::kubevirt::vm;
+use guestcred_lab::testing::*;
+use guestcred_lab::world::{World, WorldOptions};
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+const NODE: &str = "node-1";
+const WAIT: Duration = Duration::from_secs(90);
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -26,58 +28,67 @@ fn env_or(name: &str, default: usize) -> usize {
 async fn bulk_runs_survive_repeated_faults_with_every_password_applied_once() {
     let rounds = env_or("GUESTCRED_SOAK_ROUNDS", 5);
     let vms = env_or("GUESTCRED_SOAK_VMS", 12);
-    let mut lab = FaultLab::start().await;
+    let mut lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
     let mut agents = BTreeMap::new();
     for i in 0..vms {
         let name = format!("vm-{i:03}");
         let d = vm(NS, &name, NODE).label("bulk", "soak");
-        agents.insert(name, lab.add_vm(&d).await);
+        agents.insert(name, lab.add_guest(&d).await);
     }
     let mut all_passwords: Vec<String> = Vec::new();
     for round in 0..rounds {
         let name = format!("soak-{round}");
-        let mut r = reset(&name, labelled("soak"), generated());
+        let mut r = GuestPasswordReset::test(&name)
+            .selector("bulk", "soak")
+            .user("alice")
+            .generate(24);
         r.spec.rollout.max_concurrency = 3;
         r.spec.rollout.deadline_seconds = 120;
-        lab.apply(&r).await;
-        lab.wait_for(&name, "a third of the targets done", |r| {
-            r.status
-                .as_ref()
-                .is_some_and(|s| s.run.summary.succeeded as usize >= vms / 3)
-        })
-        .await;
+        lab.apply(&r).await.expect("apply");
+        lab.wait_for::<GuestPasswordReset>(NS, &name, WAIT, succeeded_at_least(vms / 3))
+            .await
+            .expect("a third of the targets done");
         // A different fault mix each round; every round kills something mid-run.
         match round % 4 {
             0 => {
-                lab.kill_shim();
+                lab.kill_shim(NODE);
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                lab.restart_shim().await;
+                lab.restart_shim(NODE).await;
             }
             1 => {
                 lab.kill_controller();
                 lab.start_controller();
             }
             2 => {
-                lab.api.faults().conflict_next_status_writes(10);
-                lab.api.faults().expire_watches();
+                lab.api().faults().conflict_next_status_writes(10);
+                lab.api().faults().expire_watches();
             }
             _ => {
                 lab.kill_controller();
-                lab.kill_shim();
-                lab.api.faults().expire_watches();
-                lab.restart_shim().await;
+                lab.kill_shim(NODE);
+                lab.api().faults().expire_watches();
+                lab.restart_shim(NODE).await;
                 lab.start_controller();
             }
         }
-        let before = lab.output_passwords_of(&name).await;
-        let done = lab.wait_finished(&name).await;
+        let before = lab
+            .output_passwords(NS, &format!("guestcred.io/reset={name}"))
+            .await;
+        let done = lab
+            .wait_for::<GuestPasswordReset>(NS, &name, WAIT, finished)
+            .await
+            .expect("a terminal phase");
         assert_eq!(
             phase(&done),
             Some(Phase::Succeeded),
             "round {round}: {:#?}",
             done.status
         );
-        let after = lab.output_passwords_of(&name).await;
+        let after = lab
+            .output_passwords(NS, &format!("guestcred.io/reset={name}"))
+            .await;
         assert_eq!(
             after.len(),
             vms,
@@ -93,7 +104,7 @@ async fn bulk_runs_survive_repeated_faults_with_every_password_applied_once() {
         for (vm, qga) in &agents {
             let (_, pw) = &after[vm];
             assert!(
-                verifies(pw, &hash_of(qga)),
+                verifies(pw, &alice_hash(qga)),
                 "round {round}: {vm} has its stored password"
             );
         }

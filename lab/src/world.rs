@@ -1,39 +1,132 @@
-//! An in-process test world: the API-server emulator, KubeVirt's CRDs, lab nodes each with
-//! a real shim (qga-socket backend) on its own loopback address, real qemu-ga instances as
-//! the guests' agents, and the real controller. Only the VMs themselves are replaced (by
-//! host-run qemu-ga, see `hostqga`); everything the operator talks to is the real thing.
-use super::apiserver::ApiServer;
+//! An in-process test world: an API server (the emulator; see [`ControlPlane`]), KubeVirt's
+//! CRDs, lab nodes each with a real shim (qga-socket backend) on its own loopback address,
+//! real qemu-ga instances as the guests' agents, and the real controller. Only the VMs
+//! themselves are replaced (by host-run qemu-ga, see `hostqga`); everything the operator
+//! talks to is the real thing.
+//!
+//! Every test binary that runs a controller starts it through [`World`]; what a test needs
+//! beyond the defaults is a [`WorldOptions`] field or a method here (a kubeconfig served
+//! over TCP for kubectl, log capture for the secret scan, shims killed and restarted on
+//! their address, leader-elected replicas, a world on its own runtime for `#[test]`s).
+use super::apiserver::{ApiServer, write_kubeconfig};
 use super::hostqga::{HostQga, HostQgaError, HostQgaOptions};
-use super::kubevirt::{VmDescription, create_node_with_shim, install_crds};
+use super::kubevirt::{VmDescription, create_node_with_shim, install_crds, kubevirt_crds};
+use super::testing::{Kubectl, LogCapture};
+use guestcred::api::kubevirt::VirtualMachineInstance;
+use guestcred::api::{GuestPasswordReset, KeypairRebuild};
 use guestcred::controller::context::EngineSettings;
+use guestcred::controller::leader::{LeaseSettings, acquire};
 use guestcred::controller::shims::ShimAccess;
 use guestcred::metrics::ControllerMetrics;
 use guestcred::shim::auth::Auth;
 use guestcred::shim::qga::QgaSocketAgent;
-use guestcred::shim::server;
+use guestcred::shim::server::{self, ShimApp};
 use guestcred::tls::client::ClientTlsFiles;
 use guestcred::tls::server::{ReloadingServerConfig, ServerTlsFiles};
-use kube::api::{Patch, PatchParams};
-use kube::{Api, Client, Resource};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// Namespace of the lab's shim pods.
 pub const SHIM_NAMESPACE: &str = "guestcred-system";
 
+/// Which API server a world runs against, from `GUESTCRED_CONTROL_PLANE`: `emulator` (the
+/// default) is the in-process emulator; `real` (a real kube-apiserver, lab/controlplane) is
+/// not wired in yet and fails the world's start with a message saying so.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ControlPlaneKind {
+    #[default]
+    Emulator,
+    Real,
+}
+
+impl ControlPlaneKind {
+    pub fn from_env() -> anyhow::Result<Self> {
+        match std::env::var("GUESTCRED_CONTROL_PLANE").as_deref() {
+            Err(_) | Ok("") | Ok("emulator") => Ok(Self::Emulator),
+            Ok("real") => Ok(Self::Real),
+            Ok(other) => anyhow::bail!("GUESTCRED_CONTROL_PLANE={other}: use emulator or real"),
+        }
+    }
+}
+
+/// The running API server of a world. Everything a world does goes through `client` (and
+/// the kubeconfig when served); only emulator-specific checks (request counters, injected
+/// faults) need [`ControlPlane::emulator`].
+pub enum ControlPlane {
+    Emulator(ApiServer),
+}
+
+impl ControlPlane {
+    /// Starts the API server of `kind`; with `serve`, also reachable over TCP, and the
+    /// returned URL is where.
+    async fn start(
+        kind: ControlPlaneKind,
+        serve: bool,
+    ) -> anyhow::Result<(Self, Client, Option<String>)> {
+        match kind {
+            ControlPlaneKind::Emulator => {
+                let api = ApiServer::new();
+                let client = api.client();
+                let url = if serve {
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    let url = format!("http://{}", listener.local_addr()?);
+                    let serving = api.clone();
+                    tokio::spawn(async move { serving.serve(listener, axum::Router::new()).await });
+                    Some(url)
+                } else {
+                    None
+                };
+                Ok((ControlPlane::Emulator(api), client, url))
+            }
+            ControlPlaneKind::Real => anyhow::bail!(
+                "GUESTCRED_CONTROL_PLANE=real: a real kube-apiserver is not wired into World yet"
+            ),
+        }
+    }
+
+    pub fn emulator(&self) -> Option<&ApiServer> {
+        match self {
+            ControlPlane::Emulator(api) => Some(api),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct WorldOptions {
     pub nodes: usize,
     pub agent_timeout: Duration,
+    /// The controller's timeout for one shim call; `None`: the agent timeout plus 5 s.
+    pub request_timeout: Option<Duration>,
     pub settings: EngineSettings,
     /// Mutual TLS between the controller and the shims (every shim serves the same
     /// certificate, as the chart's DaemonSet does); plain HTTP without auth when `None`.
     pub mtls: Option<WorldTls>,
+    /// The controller's name (the reporter of its Events).
+    pub controller_name: String,
+    /// Start the controller with the world (else [`World::start_controller`] or
+    /// [`World::spawn_replica`] later).
+    pub start_controller: bool,
+    /// Install guestcred's CRDs (KubeVirt's are always there), as after `kubectl apply -f
+    /// crds/`; `false` leaves that to the test.
+    pub guestcred_crds: bool,
+    /// Namespaces to create besides `default` and the shims' namespace.
+    pub namespaces: Vec<String>,
+    /// Serve the API over TCP and write a kubeconfig, for kubectl and processes.
+    pub serve: bool,
+    /// Capture the process's logs and panics, for [`World::assert_not_leaked`].
+    pub capture_logs: bool,
+    pub control_plane: ControlPlaneKind,
 }
 
 /// Certificate files for [`WorldOptions::mtls`].
@@ -45,108 +138,270 @@ pub struct WorldTls {
     pub controller: ClientTlsFiles,
 }
 
+/// The engine settings of tests: short backoffs, frequent status flushes.
+pub fn fast_settings() -> EngineSettings {
+    EngineSettings {
+        initial_backoff: Duration::from_millis(200),
+        max_backoff: Duration::from_secs(1),
+        status_flush_interval: Duration::from_millis(50),
+    }
+}
+
 impl Default for WorldOptions {
     fn default() -> Self {
         Self {
             nodes: 1,
             agent_timeout: Duration::from_secs(3),
-            settings: EngineSettings {
-                initial_backoff: Duration::from_millis(200),
-                max_backoff: Duration::from_secs(1),
-                status_flush_interval: Duration::from_millis(50),
-            },
+            request_timeout: None,
+            settings: fast_settings(),
             mtls: None,
+            controller_name: "guestcred-test".into(),
+            start_controller: true,
+            guestcred_crds: true,
+            namespaces: Vec::new(),
+            serve: false,
+            capture_logs: false,
+            control_plane: ControlPlaneKind::from_env().unwrap_or_default(),
+        }
+    }
+}
+
+impl WorldOptions {
+    /// The fault lab of tests/faults.rs and tests/soak.rs: agent calls time out after 2 s,
+    /// shim calls after 6 s, and logs and panics are captured for the secret scan.
+    pub fn fault_lab() -> Self {
+        Self {
+            agent_timeout: Duration::from_secs(2),
+            request_timeout: Some(Duration::from_secs(6)),
+            controller_name: "guestcred-faults".into(),
+            capture_logs: true,
+            ..Self::default()
         }
     }
 }
 
 pub struct World {
-    pub api: ApiServer,
+    control_plane: ControlPlane,
     pub client: Client,
     dir: tempfile::TempDir,
+    kubeconfig: Option<PathBuf>,
     nodes: Vec<LabNode>,
+    port: u16,
+    tls: Option<WorldTls>,
     shutdown: watch::Sender<bool>,
     controller: Option<tokio::task::JoinHandle<()>>,
     /// The controller's metrics (kept across controller restarts, like a scrape history).
     pub metrics: Arc<ControllerMetrics>,
     access: ShimAccess,
     settings: EngineSettings,
+    controller_name: String,
+    logs: Option<LogCapture>,
+    runtime: tokio::runtime::Handle,
 }
 
 struct LabNode {
     name: String,
+    ip: String,
     sockets: PathBuf,
-    shim: tokio::task::JoinHandle<()>,
+    app: ShimApp,
+    /// The shim "process": its own runtime, so killing it drops every connection too.
+    process: Mutex<Option<tokio::runtime::Runtime>>,
+}
+
+/// Each node of each world gets its own loopback address, so a killed shim can come back
+/// on its address and port while other worlds of the process run side by side.
+fn next_node_ip() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    format!("127.0.{}.{}", 2 + n / 200, 10 + n % 200)
 }
 
 impl World {
-    /// Start the emulator, `opts.nodes` nodes with shims, and the controller.
+    /// Start the API server, `opts.nodes` nodes with shims, and (unless told not to) the
+    /// controller.
     pub async fn start(opts: WorldOptions) -> anyhow::Result<World> {
-        let api = ApiServer::new();
-        let client = api.client();
-        install_crds(&client).await?;
-        let ns_api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-        let ns = serde_json::from_value(serde_json::json!({"metadata": {"name": SHIM_NAMESPACE}}))?;
-        ns_api.create(&Default::default(), &ns).await?;
+        let logs = opts.capture_logs.then(LogCapture::get);
+        let (control_plane, client, url) =
+            ControlPlane::start(opts.control_plane, opts.serve).await?;
         let dir = tempfile::Builder::new().prefix("gcw").tempdir()?;
-        let mut nodes = Vec::new();
+        let kubeconfig = match url {
+            Some(url) => {
+                let path = dir.path().join("kubeconfig");
+                write_kubeconfig(&path, &url)?;
+                Some(path)
+            }
+            None => None,
+        };
+        if opts.guestcred_crds {
+            install_crds(&client).await?;
+        } else {
+            let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+            for crd in kubevirt_crds() {
+                let pp = PatchParams::apply("test").force();
+                crds.patch(&crd.name_any(), &pp, &Patch::Apply(&crd))
+                    .await?;
+            }
+        }
+        let ns_api: Api<Namespace> = Api::all(client.clone());
+        for name in
+            std::iter::once(SHIM_NAMESPACE).chain(opts.namespaces.iter().map(String::as_str))
+        {
+            let ns = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+            ns_api.create(&Default::default(), &ns).await?;
+        }
         let mut port = 0u16;
+        let mut world = World {
+            control_plane,
+            client,
+            dir,
+            kubeconfig,
+            nodes: Vec::new(),
+            port,
+            tls: opts.mtls.clone(),
+            shutdown: watch::channel(false).0,
+            controller: None,
+            metrics: Arc::new(ControllerMetrics::new()),
+            access: ShimAccess {
+                namespace: Some(SHIM_NAMESPACE.into()),
+                port,
+                scheme: if opts.mtls.is_some() { "https" } else { "http" }.into(),
+                token: None,
+                tls: opts.mtls.as_ref().map(|t| t.controller.clone()),
+                request_timeout: opts
+                    .request_timeout
+                    .unwrap_or(opts.agent_timeout + Duration::from_secs(5)),
+            },
+            settings: opts.settings,
+            controller_name: opts.controller_name,
+            logs,
+            runtime: tokio::runtime::Handle::current(),
+        };
         for i in 0..opts.nodes {
             let name = format!("node-{}", i + 1);
-            let ip = format!("127.0.0.{}", 10 + i);
-            let sockets = dir.path().join(&name);
+            let ip = next_node_ip();
+            let sockets = world.dir.path().join(&name);
             std::fs::create_dir_all(&sockets)?;
             let listener = tokio::net::TcpListener::bind((ip.as_str(), port)).await?;
             port = listener.local_addr()?.port();
             let template = format!("{}/{{namespace}}_{{name}}/qga.sock", sockets.display());
             let agent = Arc::new(QgaSocketAgent::new(template, opts.agent_timeout));
-            let (auth, serve_opts) = match &opts.mtls {
-                Some(tls) => (
-                    Auth::client_cert(tls.allowed_clients.clone(), None),
-                    server::ServeOptions {
-                        tls: Some(Arc::new(ReloadingServerConfig::new(tls.shim.clone())?)),
-                        ..Default::default()
-                    },
-                ),
-                None => (Auth::Disabled, server::ServeOptions::default()),
+            let auth = match &opts.mtls {
+                Some(tls) => Auth::client_cert(tls.allowed_clients.clone(), None),
+                None => Auth::Disabled,
             };
             // The node check is on, as in production: the controller names the node.
-            let app = server::ShimApp::new(agent, auth)
-                .node(&name)
-                .backend("qga-socket")
-                .router();
-            let shim = tokio::spawn(async move {
-                let _ = server::serve_with(listener, app, serve_opts, std::future::pending()).await;
-            });
-            create_node_with_shim(&client, &name, SHIM_NAMESPACE, &ip).await?;
-            nodes.push(LabNode {
+            let app = ShimApp::new(agent, auth).node(&name).backend("qga-socket");
+            create_node_with_shim(&world.client, &name, SHIM_NAMESPACE, &ip).await?;
+            let node = LabNode {
                 name,
+                ip,
                 sockets,
-                shim,
-            });
+                app,
+                process: Mutex::new(None),
+            };
+            world.serve_shim(&node, listener)?;
+            world.nodes.push(node);
         }
-        let access = ShimAccess {
-            namespace: Some(SHIM_NAMESPACE.into()),
-            port,
-            scheme: if opts.mtls.is_some() { "https" } else { "http" }.into(),
-            token: None,
-            tls: opts.mtls.as_ref().map(|t| t.controller.clone()),
-            request_timeout: opts.agent_timeout + Duration::from_secs(5),
-        };
-        let (shutdown, _) = watch::channel(false);
-        let mut world = World {
-            api,
-            client,
-            dir,
-            nodes,
-            shutdown,
-            controller: None,
-            metrics: Arc::new(ControllerMetrics::new()),
-            access,
-            settings: opts.settings,
-        };
-        world.start_controller();
+        world.port = port;
+        world.access.port = port;
+        if opts.start_controller {
+            world.start_controller();
+        }
         Ok(world)
+    }
+
+    /// [`World::start`] on a runtime of its own (threads `lab-main` and `lab-worker`) that
+    /// runs until the process exits: for a world shared by the `#[test]`s of a binary.
+    /// Use [`World::block_on`] to run async work on it.
+    pub fn start_detached(opts: WorldOptions) -> anyhow::Result<World> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("lab-main".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("lab-worker")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let _ = tx.send(rt.block_on(World::start(opts)));
+                rt.block_on(std::future::pending::<()>());
+            })?;
+        rx.recv()?
+    }
+
+    /// Runs `work` on the world's runtime, from a thread outside any runtime.
+    pub fn block_on<F: std::future::Future>(&self, work: F) -> F::Output {
+        self.runtime.block_on(work)
+    }
+
+    /// The API server behind this world.
+    pub fn control_plane(&self) -> &ControlPlane {
+        &self.control_plane
+    }
+
+    /// The emulator, for its request counters and injected faults.
+    pub fn api(&self) -> &ApiServer {
+        self.control_plane
+            .emulator()
+            .expect("this test needs the API-server emulator (GUESTCRED_CONTROL_PLANE=emulator)")
+    }
+
+    /// The kubeconfig of a world started with `serve`.
+    pub fn kubeconfig(&self) -> &Path {
+        self.kubeconfig
+            .as_deref()
+            .expect("start the world with WorldOptions { serve: true, .. } to get a kubeconfig")
+    }
+
+    /// kubectl against this world (needs `serve`).
+    pub fn kubectl(&self) -> Kubectl {
+        Kubectl::new(self.kubeconfig())
+    }
+
+    fn serve_shim(&self, node: &LabNode, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+        let opts = match &self.tls {
+            Some(tls) => server::ServeOptions {
+                tls: Some(Arc::new(ReloadingServerConfig::new(tls.shim.clone())?)),
+                ..Default::default()
+            },
+            None => server::ServeOptions::default(),
+        };
+        let app = node.app.router();
+        let listener = listener.into_std()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("lab-shim-{}", node.name))
+            .enable_all()
+            .build()?;
+        rt.spawn(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            let _ = server::serve_with(listener, app, opts, std::future::pending()).await;
+        });
+        if let Some(old) = node
+            .process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(rt)
+        {
+            old.shutdown_background();
+        }
+        Ok(())
+    }
+
+    fn node(&self, node: &str) -> &LabNode {
+        self.nodes
+            .iter()
+            .find(|n| n.name == node)
+            .unwrap_or_else(|| panic!("no lab node {node}"))
     }
 
     /// (Re)start the controller, as after a crash: nothing survives but the API objects.
@@ -160,9 +415,9 @@ impl World {
         let access = self.access.clone();
         let settings = self.settings.clone();
         let metrics = self.metrics.clone();
-        self.controller = Some(tokio::spawn(async move {
-            guestcred::controller::start(client, access, "guestcred-test", settings, metrics, stop)
-                .await;
+        let name = self.controller_name.clone();
+        self.controller = Some(self.runtime.spawn(async move {
+            guestcred::controller::start(client, access, &name, settings, metrics, stop).await;
         }));
     }
 
@@ -173,11 +428,75 @@ impl World {
         }
     }
 
-    /// Stop a node's shim process (its pod stays: the controller sees a dead shim).
+    /// The controller task runs (it did not crash or exit).
+    pub fn controller_alive(&self) -> bool {
+        self.controller.as_ref().is_some_and(|c| !c.is_finished())
+    }
+
+    /// One leader-elected replica of the controller: it takes the lease `lease` (its
+    /// identity is its name), then runs until it loses the lease or is aborted.
+    pub fn spawn_replica(&self, lease: LeaseSettings) -> tokio::task::JoinHandle<()> {
+        let client = self.client.clone();
+        let access = self.access.clone();
+        let settings = self.settings.clone();
+        let metrics = self.metrics.clone();
+        self.runtime.spawn(async move {
+            let Ok((lost, _elector)) = acquire(client.clone(), &lease).await else {
+                return;
+            };
+            guestcred::controller::start(client, access, &lease.identity, settings, metrics, lost)
+                .await;
+        })
+    }
+
+    /// Kill a node's shim process: its listener closes and calls in flight are cut off
+    /// (its pod stays: the controller sees a dead shim).
     pub fn kill_shim(&self, node: &str) {
-        if let Some(n) = self.nodes.iter().find(|n| n.name == node) {
-            n.shim.abort();
+        if let Some(rt) = self
+            .node(node)
+            .process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            rt.shutdown_background();
         }
+    }
+
+    /// Start a killed shim again on the same address, as the DaemonSet's restarted pod
+    /// would.
+    pub async fn restart_shim(&self, node: &str) {
+        let n = self.node(node);
+        let start = Instant::now();
+        let listener = loop {
+            match tokio::net::TcpListener::bind((n.ip.as_str(), self.port)).await {
+                Ok(l) => break l,
+                Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                    tracing::debug!(error = %e, "shim address still busy");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("rebinding the shim address: {e}"),
+            }
+        };
+        self.serve_shim(n, listener).expect("the shim serves again");
+    }
+
+    /// The address node `node`'s shim listens on (its pod's IP).
+    pub fn shim_ip(&self, node: &str) -> &str {
+        &self.node(node).ip
+    }
+
+    /// Point node `node`'s shim pod at `ip` (where nothing may listen), as after a network
+    /// partition.
+    pub async fn set_shim_pod_ip(&self, node: &str, ip: &str) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), SHIM_NAMESPACE);
+        pods.patch_status(
+            &format!("guestcred-shim-{node}"),
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"podIP": ip}})),
+        )
+        .await
+        .expect("pod status");
     }
 
     /// Create a VM (VM + VMI objects) and, unless it has no agent, a real qemu-ga for it on
@@ -189,16 +508,44 @@ impl World {
     ) -> anyhow::Result<Option<HostQga>> {
         vm.create(&self.client).await?;
         let Some(opts) = agent else { return Ok(None) };
+        self.start_agent(vm, &opts).map(Some)
+    }
+
+    /// A VM with a real agent whose guest has user alice; fails the test if it cannot start.
+    pub async fn add_guest(&self, vm: &VmDescription) -> HostQga {
+        self.add_vm(vm, Some(super::testing::alice()))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
+            .expect("an agent")
+    }
+
+    /// A (new) real qemu-ga for an existing VM, as after the VM restarted.
+    pub fn start_agent(
+        &self,
+        vm: &VmDescription,
+        opts: &HostQgaOptions,
+    ) -> anyhow::Result<HostQga> {
         let node = self
             .nodes
             .iter()
             .find(|n| n.name == vm.node)
             .ok_or_else(|| anyhow::anyhow!("no lab node {}", vm.node))?;
         let name = format!("{}_{}", vm.namespace, vm.name);
-        let qga = HostQga::start_with(&node.sockets, &name, &opts).map_err(|e: HostQgaError| {
+        HostQga::start_with(&node.sockets, &name, opts).map_err(|e: HostQgaError| {
             anyhow::anyhow!("qemu-ga for {name} must start (needs root, unshare, overlayfs, qemu-ga: scripts/install-deps.sh): {e}")
-        })?;
-        Ok(Some(qga))
+        })
+    }
+
+    /// Merge `status` into VMI `ns/vm`'s status, as KubeVirt would report a change.
+    pub async fn set_vmi_status(&self, ns: &str, vm: &str, status: serde_json::Value) {
+        let vmis: Api<VirtualMachineInstance> = Api::namespaced(self.client.clone(), ns);
+        vmis.patch_status(
+            vm,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": status })),
+        )
+        .await
+        .expect("vmi status");
     }
 
     /// Create or update any object with server-side apply, as `kubectl apply` would.
@@ -223,6 +570,20 @@ impl World {
             &Patch::Apply(obj),
         )
         .await
+    }
+
+    /// The object `ns/name`; fails the test if it cannot be read.
+    pub async fn get<K>(&self, ns: &str, name: &str) -> K
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + Debug
+            + DeserializeOwned,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), ns);
+        api.get(name)
+            .await
+            .unwrap_or_else(|e| panic!("get {ns}/{name}: {e}"))
     }
 
     /// Poll `ns/name` until `pred` holds; fails with the last seen object after `timeout`.
@@ -257,6 +618,84 @@ impl World {
         }
     }
 
+    /// Generated passwords in namespace `ns` by VM, from the output Secrets that match the
+    /// label selector `selector` (e.g. `guestcred.io/reset=gen`): (resourceVersion, value).
+    pub async fn output_passwords(
+        &self,
+        ns: &str,
+        selector: &str,
+    ) -> BTreeMap<String, (String, String)> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let list = secrets
+            .list(&ListParams::default().labels(selector))
+            .await
+            .expect("output secrets");
+        list.items
+            .into_iter()
+            .map(|s| {
+                let vm = s
+                    .labels()
+                    .get("guestcred.io/vm")
+                    .cloned()
+                    .unwrap_or_default();
+                let rv = s.resource_version().unwrap_or_default();
+                let pw = s
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get("password"))
+                    .map(|b| String::from_utf8_lossy(&b.0).to_string())
+                    .unwrap_or_default();
+                (vm, (rv, pw))
+            })
+            .collect()
+    }
+
+    /// The password stored in output Secret `ns/name`.
+    pub async fn output_password(&self, ns: &str, name: &str) -> String {
+        let s: Secret = self.get(ns, name).await;
+        String::from_utf8(s.data.expect("data")["password"].0.clone()).expect("utf-8")
+    }
+
+    /// Everything the operator wrote that a user or a log pipeline can read: the captured
+    /// logs and panic messages, the status of both kinds, Events of both APIs, and the
+    /// metrics of the controller and every shim.
+    pub async fn everything_visible(&self) -> String {
+        let logs = self
+            .logs
+            .as_ref()
+            .expect("start the world with WorldOptions { capture_logs: true, .. } to scan logs");
+        let mut all = logs.logs();
+        all.push_str(&logs.panics().join("\n"));
+        // Untyped: objects a typed list could not even read (bad input) are scanned too.
+        let kinds = [
+            ApiResource::erase::<GuestPasswordReset>(&()),
+            ApiResource::erase::<KeypairRebuild>(&()),
+            ApiResource::erase::<k8s_openapi::api::events::v1::Event>(&()),
+            ApiResource::erase::<k8s_openapi::api::core::v1::Event>(&()),
+        ];
+        for kind in &kinds {
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), kind);
+            for o in api.list(&ListParams::default()).await.expect("list") {
+                all.push_str(&serde_json::to_string(&o).expect("json"));
+            }
+        }
+        for n in &self.nodes {
+            all.push_str(&n.app.metrics().encode());
+        }
+        all.push_str(&self.metrics.encode());
+        all
+    }
+
+    /// None of `secrets` appears (plaintext or base64) in [`World::everything_visible`].
+    pub async fn assert_not_leaked(&self, secrets: &[&str]) {
+        let all = self.everything_visible().await;
+        super::testing::assert_not_leaked(
+            &all,
+            "logs, Events, status, metrics or panic output",
+            secrets,
+        );
+    }
+
     /// Where node `node`'s shim looks for agent sockets (`<dir>/<ns>_<name>/qga.sock`), for
     /// tests that put something of their own between the shim and an agent.
     pub fn agent_socket_dir(&self, node: &str) -> Option<&std::path::Path> {
@@ -276,7 +715,9 @@ impl Drop for World {
         let _ = self.shutdown.send(true);
         self.kill_controller();
         for n in &self.nodes {
-            n.shim.abort();
+            if let Some(rt) = n.process.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                rt.shutdown_background();
+            }
         }
     }
 }

@@ -1,0 +1,312 @@
+//! Builders for the objects tests apply, as extension traits on the API types themselves
+//! (they live in guestcred-api): each `test(name)` gives a valid-looking object in
+//! namespace `default`, and every setter returns the object, so a chain is the object:
+//!
+//! ```ignore
+//! let r = GuestPasswordReset::test("r").vm("vm-a").from_secret("pw").crypted().user("alice");
+//! let k = KeypairRebuild::test("k").selector("tier", "web").inline_keys([KEY1]).ttl(10);
+//! let s = secret("pw", "password", "hunter2");
+//! ```
+use super::NS;
+use guestcred::api::keypair::{KeyMode, KeyStrategy, PublicKeySource};
+use guestcred::api::password::{GeneratePolicy, PasswordSource};
+use guestcred::api::{
+    GuestPasswordReset, GuestPasswordResetSpec, KeypairRebuild, KeypairRebuildSpec, RolloutSpec,
+    SecretKeyRef, TargetSpec,
+};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::ObjectMeta;
+use std::collections::BTreeMap;
+
+/// `Kind::test(name)`: the start of a builder chain.
+pub trait TestObject: Sized {
+    fn test(name: &str) -> Self;
+}
+
+/// What both kinds share: target, user, rollout, namespace.
+pub trait TargetedTest: Sized {
+    fn parts(
+        &mut self,
+    ) -> (
+        &mut ObjectMeta,
+        &mut TargetSpec,
+        &mut Option<String>,
+        &mut RolloutSpec,
+    );
+
+    /// Target one VM by name (replaces a selector).
+    fn vm(mut self, name: &str) -> Self {
+        *self.parts().1 = TargetSpec {
+            vm_name: Some(name.into()),
+            selector: None,
+        };
+        self
+    }
+    /// Target the VMs labelled `key=value` (replaces a VM name).
+    fn selector(mut self, key: &str, value: &str) -> Self {
+        *self.parts().1 = TargetSpec {
+            vm_name: None,
+            selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(key.to_string(), value.to_string())])),
+                match_expressions: None,
+            }),
+        };
+        self
+    }
+    /// Set the target as given, e.g. both a VM name and a selector.
+    fn target(mut self, target: TargetSpec) -> Self {
+        *self.parts().1 = target;
+        self
+    }
+    fn user(mut self, user: &str) -> Self {
+        *self.parts().2 = Some(user.into());
+        self
+    }
+    fn max_concurrency(mut self, n: u32) -> Self {
+        self.parts().3.max_concurrency = n;
+        self
+    }
+    fn max_failures(mut self, n: u32) -> Self {
+        self.parts().3.max_failures = n;
+        self
+    }
+    fn deadline_seconds(mut self, seconds: u32) -> Self {
+        self.parts().3.deadline_seconds = seconds;
+        self
+    }
+    fn paused(mut self) -> Self {
+        self.parts().3.paused = true;
+        self
+    }
+    fn in_namespace(mut self, ns: &str) -> Self {
+        self.parts().0.namespace = Some(ns.into());
+        self
+    }
+}
+
+fn secret_ref(name: &str, key: &str) -> SecretKeyRef {
+    SecretKeyRef {
+        name: name.into(),
+        key: key.into(),
+        namespace: None,
+    }
+}
+
+impl TestObject for GuestPasswordReset {
+    /// No target and no password source yet; user from the VM (annotation or guest OS).
+    fn test(name: &str) -> Self {
+        let mut r = GuestPasswordReset::new(
+            name,
+            GuestPasswordResetSpec {
+                target: TargetSpec {
+                    vm_name: None,
+                    selector: None,
+                },
+                user: None,
+                password: PasswordSource::default(),
+                rollout: RolloutSpec::default(),
+            },
+        );
+        r.metadata.namespace = Some(NS.into());
+        r
+    }
+}
+
+impl TargetedTest for GuestPasswordReset {
+    fn parts(
+        &mut self,
+    ) -> (
+        &mut ObjectMeta,
+        &mut TargetSpec,
+        &mut Option<String>,
+        &mut RolloutSpec,
+    ) {
+        let spec = &mut self.spec;
+        (
+            &mut self.metadata,
+            &mut spec.target,
+            &mut spec.user,
+            &mut spec.rollout,
+        )
+    }
+}
+
+/// Password sources of a [`GuestPasswordReset`].
+pub trait ResetTest: Sized {
+    /// The password is key `password` of Secret `name` (same namespace).
+    fn from_secret(self, name: &str) -> Self;
+    /// The password is key `key` of Secret `name`, in namespace `namespace` if given.
+    fn from_secret_key(self, name: &str, key: &str, namespace: Option<&str>) -> Self;
+    /// A generated password of `length` characters per target.
+    fn generate(self, length: u32) -> Self;
+    /// The Secret's value is a crypt(3) hash, set verbatim.
+    fn crypted(self) -> Self;
+}
+
+impl ResetTest for GuestPasswordReset {
+    fn from_secret(self, name: &str) -> Self {
+        self.from_secret_key(name, "password", None)
+    }
+    fn from_secret_key(mut self, name: &str, key: &str, namespace: Option<&str>) -> Self {
+        let mut r = secret_ref(name, key);
+        r.namespace = namespace.map(str::to_string);
+        self.spec.password.secret_ref = Some(r);
+        self
+    }
+    fn generate(mut self, length: u32) -> Self {
+        self.spec.password.generate = Some(GeneratePolicy {
+            length,
+            charset: Default::default(),
+        });
+        self
+    }
+    fn crypted(mut self) -> Self {
+        self.spec.password.crypted = true;
+        self
+    }
+}
+
+impl TestObject for KeypairRebuild {
+    /// Live mode, Replace strategy, no keys and no target yet.
+    fn test(name: &str) -> Self {
+        let mut r = KeypairRebuild::new(
+            name,
+            KeypairRebuildSpec {
+                target: TargetSpec {
+                    vm_name: None,
+                    selector: None,
+                },
+                user: None,
+                public_keys: PublicKeySource::default(),
+                mode: KeyMode::Live,
+                strategy: KeyStrategy::Replace,
+                replace_all: false,
+                ttl_seconds: None,
+                rollout: RolloutSpec::default(),
+            },
+        );
+        r.metadata.namespace = Some(NS.into());
+        r
+    }
+}
+
+impl TargetedTest for KeypairRebuild {
+    fn parts(
+        &mut self,
+    ) -> (
+        &mut ObjectMeta,
+        &mut TargetSpec,
+        &mut Option<String>,
+        &mut RolloutSpec,
+    ) {
+        let spec = &mut self.spec;
+        (
+            &mut self.metadata,
+            &mut spec.target,
+            &mut spec.user,
+            &mut spec.rollout,
+        )
+    }
+}
+
+/// Keys, mode and strategy of a [`KeypairRebuild`].
+pub trait KeysTest: Sized {
+    fn inline_keys<I, S>(self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>;
+    /// The keys are key `key` of Secret `name` (authorized_keys format).
+    fn keys_from_secret(self, name: &str, key: &str) -> Self;
+    fn mode(self, mode: KeyMode) -> Self;
+    fn strategy(self, strategy: KeyStrategy) -> Self;
+    fn replace_all(self) -> Self;
+    fn ttl(self, seconds: u32) -> Self;
+}
+
+impl KeysTest for KeypairRebuild {
+    fn inline_keys<I, S>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.spec.public_keys = PublicKeySource {
+            secret_ref: None,
+            inline: Some(keys.into_iter().map(|k| k.as_ref().to_string()).collect()),
+        };
+        self
+    }
+    fn keys_from_secret(mut self, name: &str, key: &str) -> Self {
+        self.spec.public_keys = PublicKeySource {
+            secret_ref: Some(secret_ref(name, key)),
+            inline: None,
+        };
+        self
+    }
+    fn mode(mut self, mode: KeyMode) -> Self {
+        self.spec.mode = mode;
+        self
+    }
+    fn strategy(mut self, strategy: KeyStrategy) -> Self {
+        self.spec.strategy = strategy;
+        self
+    }
+    fn replace_all(mut self) -> Self {
+        self.spec.replace_all = true;
+        self
+    }
+    fn ttl(mut self, seconds: u32) -> Self {
+        self.spec.ttl_seconds = Some(seconds);
+        self
+    }
+}
+
+impl TestObject for Secret {
+    /// An empty Opaque Secret in `default`.
+    fn test(name: &str) -> Self {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(NS.into()),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Contents of a [`Secret`].
+pub trait SecretTest: Sized {
+    /// `data[key] = value` (any bytes).
+    fn data(self, key: &str, value: impl AsRef<[u8]>) -> Self;
+    /// `stringData[key] = value`, merged into `data` by the API server.
+    fn string_data(self, key: &str, value: &str) -> Self;
+    /// No namespace: the client's default namespace applies.
+    fn without_namespace(self) -> Self;
+}
+
+impl SecretTest for Secret {
+    fn data(mut self, key: &str, value: impl AsRef<[u8]>) -> Self {
+        self.data
+            .get_or_insert_with(Default::default)
+            .insert(key.into(), ByteString(value.as_ref().to_vec()));
+        self
+    }
+    fn string_data(mut self, key: &str, value: &str) -> Self {
+        self.string_data
+            .get_or_insert_with(Default::default)
+            .insert(key.into(), value.into());
+        self
+    }
+    fn without_namespace(mut self) -> Self {
+        self.metadata.namespace = None;
+        self
+    }
+}
+
+/// Secret `name` in `default` holding `value` (any bytes) under `key`.
+pub fn secret(name: &str, key: &str, value: impl AsRef<[u8]>) -> Secret {
+    Secret::test(name).data(key, value)
+}

@@ -1,0 +1,68 @@
+//! The test support layer every test binary shares: object builders in the style of
+//! `GuestPasswordReset::test("r").vm("a").from_secret("pw")`, the common predicates, one
+//! kubectl runner, one log capture and one secret scan. The in-process world they run
+//! against is [`crate::world::World`].
+//!
+//! `use guestcred_lab::testing::*;` brings all of it in.
+pub mod builders;
+pub mod kubectl;
+pub mod logs;
+pub mod predicates;
+
+pub use builders::{KeysTest, ResetTest, SecretTest, TargetedTest, TestObject, secret};
+pub use kubectl::Kubectl;
+pub use logs::{LogCapture, assert_not_leaked, leaks};
+pub use predicates::*;
+
+/// The namespace test objects live in unless they say otherwise.
+pub const NS: &str = "default";
+
+/// A crypt(3) SHA-512 hash (`$6$gcTestSalt$…`) that tests set verbatim.
+pub const SHA512: &str = "$6$gcTestSalt$U5mGf0Yd1K8Zz3n7u3f9p8m2q6E4rT1yW0xV5cB7nM9kL3jH2gF6dS4aQ8wE1rT5yU7iO9pA2sD4fG6hJ8kL0.";
+
+/// A guest agent whose guest has user `alice` (besides root), as most tests want.
+pub fn alice() -> crate::hostqga::HostQgaOptions {
+    crate::hostqga::HostQgaOptions::default().user("alice")
+}
+
+/// Sends `sig` (e.g. `-STOP`, `-CONT`) to a host-run qemu-ga, to freeze or thaw the agent.
+pub fn signal(qga: &crate::hostqga::HostQga, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &qga.pid().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {}", qga.pid());
+}
+
+/// Does `hash` (from /etc/shadow) verify `password`? Uses the system's crypt(3).
+pub fn verifies(password: &str, hash: &str) -> bool {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-W",
+            "ignore",
+            "-c",
+            "import crypt,sys; print(crypt.crypt(sys.argv[1], sys.argv[2]) == sys.argv[2])",
+            password,
+            hash,
+        ])
+        .output()
+        .expect("python3 with the crypt module verifies hashes");
+    String::from_utf8_lossy(&out.stdout).trim() == "True"
+}
+
+/// alice's password hash in the guest of `qga` ("" when she has none).
+pub fn alice_hash(qga: &crate::hostqga::HostQga) -> String {
+    qga.shadow_hash("alice")
+        .expect("shadow")
+        .unwrap_or_default()
+}
+
+/// The comments (third field) of authorized_keys lines, sorted: which keys are there.
+pub fn key_comments(keys: &[String]) -> Vec<String> {
+    let mut c: Vec<String> = keys
+        .iter()
+        .filter_map(|k| k.split_whitespace().nth(2).map(str::to_string))
+        .collect();
+    c.sort();
+    c
+}
