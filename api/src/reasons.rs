@@ -19,6 +19,9 @@ pub enum Reason {
     NoTargets,
     UnsupportedForOS,
     // Target problems.
+    /// A generated password's output Secret name is taken by a Secret this object does
+    /// not own: it is neither reused nor overwritten.
+    OutputSecretConflict,
     VMNotFound,
     VMNotRunning,
     AgentNotConnected,
@@ -55,6 +58,7 @@ impl Reason {
             Self::InvalidUser => "InvalidUser",
             Self::NoTargets => "NoTargets",
             Self::UnsupportedForOS => "UnsupportedForOS",
+            Self::OutputSecretConflict => "OutputSecretConflict",
             Self::VMNotFound => "VMNotFound",
             Self::VMNotRunning => "VMNotRunning",
             Self::AgentNotConnected => "AgentNotConnected",

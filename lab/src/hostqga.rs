@@ -361,6 +361,15 @@ exec qemu-ga -m unix-listen -p "$5" -f "$6" -t "$7" -b "$8"
             .and_then(|l| l.split(':').nth(1).map(str::to_owned)))
     }
 
+    /// Whether `password` is what `user`'s shadow hash was made from (the system's own
+    /// crypt(3), through perl, with the password on stdin, never in argv).
+    pub fn password_matches(&self, user: &str, password: &str) -> Result<bool, HostQgaError> {
+        let Some(hash) = self.shadow_hash(user)? else {
+            return Ok(false);
+        };
+        Ok(crypt_matches(password, &hash)?)
+    }
+
     /// Host-side path of `user`'s authorized_keys inside the instance.
     pub fn authorized_keys_path(&self, user: &str) -> PathBuf {
         let home = if user == "root" {
@@ -403,4 +412,22 @@ impl Drop for HostQga {
     fn drop(&mut self) {
         let _ = self.stop();
     }
+}
+
+/// Whether crypt(3) of `password` with the setting `hash` gives `hash` (libxcrypt knows
+/// every scheme the guests use: yescrypt, sha512crypt, ...). The password goes on stdin.
+pub fn crypt_matches(password: &str, hash: &str) -> Result<bool, HostQgaError> {
+    let mut child = Command::new("perl")
+        .args(["-e", "my $p = <STDIN>; chomp $p; print crypt($p, $ARGV[0]) // ''"])
+        .arg(hash)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(io("running perl for crypt(3)"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        writeln!(stdin, "{password}").map_err(io("writing to perl"))?;
+    }
+    let out = child.wait_with_output().map_err(io("waiting for perl"))?;
+    Ok(out.status.success() && out.stdout == hash.as_bytes())
 }

@@ -35,6 +35,8 @@ pub enum Error {
     },
     #[error("{0}")]
     VerificationFailed(String),
+    #[error("{0}")]
+    OutputSecretConflict(String),
     #[error("deadline of {seconds}s exceeded; last error: {last}")]
     DeadlineExceeded { seconds: u32, last: String },
     #[error("Kubernetes API error: {0}")]
@@ -73,6 +75,7 @@ impl Error {
                 | ShimErrorReason::Internal => Reason::ShimError,
             },
             Self::VerificationFailed(_) => Reason::VerificationFailed,
+            Self::OutputSecretConflict(_) => Reason::OutputSecretConflict,
             Self::DeadlineExceeded { .. } => Reason::DeadlineExceeded,
             // API hiccups are retried; they surface only when they outlast the deadline.
             Self::Kube(_) => Reason::ShimError,

@@ -17,7 +17,12 @@ pub enum PasswordInput {
     /// One value for every target (from a Secret).
     Fixed { value: SecretString, crypted: bool },
     /// A new random password per target, stored in an output Secret first.
-    Generate { length: u32, symbols: bool },
+    Generate {
+        length: u32,
+        symbols: bool,
+        /// The run's keyed input hash: each run stores its passwords in Secrets of its own.
+        run: String,
+    },
 }
 
 impl RunKind for GuestPasswordReset {
@@ -113,6 +118,7 @@ impl RunKind for GuestPasswordReset {
                     PasswordInput::Generate {
                         length: g.length,
                         symbols,
+                        run: hash.clone(),
                     },
                     hash,
                 ))
@@ -131,11 +137,16 @@ impl RunKind for GuestPasswordReset {
     ) -> Result<Outcome, Error> {
         let (password, crypted, output_secret) = match input {
             PasswordInput::Fixed { value, crypted } => (value.clone(), *crypted, None),
-            PasswordInput::Generate { length, symbols } => {
-                let (name, value) = secrets::ensure_generated(&ctx.client, self, &call.vm, || {
-                    secrets::generate_password(*length, *symbols)
-                })
-                .await?;
+            PasswordInput::Generate {
+                length,
+                symbols,
+                run,
+            } => {
+                let (name, value) =
+                    secrets::ensure_generated(&ctx.client, self, &call.vm, run, || {
+                        secrets::generate_password(*length, *symbols)
+                    })
+                    .await?;
                 (value, false, Some(name))
             }
         };

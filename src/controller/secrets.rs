@@ -96,34 +96,59 @@ pub fn generate_password(length: u32, symbols: bool) -> SecretString {
     SecretString::from(s)
 }
 
-/// Name of the output Secret of one target.
-pub fn output_secret_name(owner: &str, vm: &str) -> String {
-    let mut name = format!("{owner}-{vm}-password");
-    name.truncate(253);
-    name.trim_end_matches(['-', '.']).to_string()
+/// Name of the output Secret of one target in one run: readable (`<reset>-<vm>-…`) and
+/// unique. The digest covers the run (its keyed input hash, which includes the object's
+/// UID) and the VM, so two objects or VMs whose names join to the same text (`a-b` + `c`
+/// and `a` + `b-c`), a recreated object of the same name, and a new run after a spec
+/// change never share a Secret. Each readable part is cut so the name stays a valid DNS
+/// subdomain of at most 253 characters.
+pub fn output_secret_name(owner: &str, vm: &str, run: &str) -> String {
+    use sha2::Digest;
+    let mut h = Sha256::new();
+    for part in [run, vm] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = hex::encode(&h.finalize()[..6]);
+    let part = |s: &str| -> String {
+        let mut s = s.to_string();
+        s.truncate(100);
+        s.trim_end_matches(['-', '.']).to_string()
+    };
+    format!("{}-{}-pw-{digest}", part(owner), part(vm))
 }
 
-/// The stored generated password of a target, creating (and storing) it first if there is
-/// none yet. Returns the Secret's name and the password. Storing comes first so that a
-/// restart between "stored" and "applied" re-applies the same password.
+/// Label on an output Secret naming the run it was generated for (the digest in its name).
+pub const RUN_LABEL: &str = "guestcred.io/run";
+
+/// The stored generated password of a target in this run, creating (and storing) it first
+/// if there is none yet. Returns the Secret's name and the password. Storing comes first so
+/// that a restart between "stored" and "applied" re-applies the same password. A Secret of
+/// that name is reused only when this object (by UID) owns it; any other is refused, never
+/// overwritten or adopted. Secrets of earlier runs are kept (owned, so deleted with the
+/// object): the guest may still hold one of their passwords if this run does not finish.
 pub async fn ensure_generated<K: Resource<DynamicType = ()>>(
     client: &Client,
     owner: &K,
     vm: &str,
+    run: &str,
     make: impl FnOnce() -> SecretString,
 ) -> Result<(String, SecretString), Error> {
     let ns = owner.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let name = output_secret_name(&owner.name_any(), vm);
+    let name = output_secret_name(&owner.name_any(), vm, run);
+    let uid = owner.uid().unwrap_or_default();
     let r = SecretKeyRef {
         name: name.clone(),
         key: OUTPUT_PASSWORD_KEY.into(),
         namespace: None,
     };
-    if api.get_opt(&name).await?.is_some() {
+    if let Some(existing) = api.get_opt(&name).await? {
+        check_owned(&existing, &uid)?;
         return Ok((name, read_key(client, &ns, &r).await?.value));
     }
     let password = make();
+    let run_label = name.rsplit('-').next().unwrap_or_default().to_string();
     let secret = Secret {
         metadata: kube::api::ObjectMeta {
             name: Some(name.clone()),
@@ -131,6 +156,7 @@ pub async fn ensure_generated<K: Resource<DynamicType = ()>>(
             labels: Some(BTreeMap::from([
                 (RESET_LABEL.to_string(), owner.name_any()),
                 (VM_LABEL.to_string(), vm.to_string()),
+                (RUN_LABEL.to_string(), run_label),
                 (
                     "app.kubernetes.io/managed-by".to_string(),
                     "guestcred".to_string(),
@@ -150,15 +176,72 @@ pub async fn ensure_generated<K: Resource<DynamicType = ()>>(
         Ok(_) => Ok((name, password)),
         // Someone (an earlier attempt) stored one first: use theirs, never a second one.
         Err(kube::Error::Api(s)) if s.code == 409 => {
+            if let Some(existing) = api.get_opt(&name).await? {
+                check_owned(&existing, &uid)?;
+            }
             Ok((name, read_key(client, &ns, &r).await?.value))
         }
         Err(e) => Err(e.into()),
     }
 }
 
+/// An output Secret is this object's only if its controller owner reference has our UID.
+fn check_owned(secret: &Secret, uid: &str) -> Result<(), Error> {
+    let owned = secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == uid);
+    if owned {
+        Ok(())
+    } else {
+        Err(Error::OutputSecretConflict(format!(
+            "Secret {} exists and is not owned by this object: it is neither reused nor overwritten; delete or rename it",
+            secret.metadata.name.as_deref().unwrap_or_default()
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_secret_names_of_different_objects_or_vms_never_collide() {
+        let a = output_secret_name("a-b", "c", "run-of-a-b");
+        let b = output_secret_name("a", "b-c", "run-of-a");
+        assert_ne!(a, b);
+        // Even with the same run hash, the VM part keeps them apart.
+        assert_ne!(
+            output_secret_name("a-b", "c", "run"),
+            output_secret_name("a", "b-c", "run")
+        );
+    }
+
+    #[test]
+    fn a_new_run_gets_a_new_output_secret() {
+        assert_ne!(
+            output_secret_name("r", "vm", "run-1"),
+            output_secret_name("r", "vm", "run-2")
+        );
+        assert_eq!(
+            output_secret_name("r", "vm", "run-1"),
+            output_secret_name("r", "vm", "run-1")
+        );
+    }
+
+    #[test]
+    fn output_secret_names_stay_valid_for_the_longest_names() {
+        let long = "x".repeat(253);
+        let name = output_secret_name(&long, &format!("{}-.", "y".repeat(99)), "run");
+        assert!(name.len() <= 253, "{}", name.len());
+        let dns = name
+            .split('.')
+            .all(|l| !l.is_empty() && !l.starts_with('-') && !l.ends_with('-'));
+        assert!(dns, "{name}");
+        assert!(name.starts_with(&"x".repeat(100)));
+    }
 
     #[test]
     fn hash_changes_with_the_input_and_the_key() {
