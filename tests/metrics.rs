@@ -5,25 +5,19 @@
 //! Needs root, `unshare`, overlayfs and qemu-ga (scripts/install-deps.sh). Without them
 //! these tests fail with the reason; they never skip.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use guestcred::api::password::PasswordSource;
 use guestcred::api::wire::{DomainRef, SetPasswordRequest, ShimErrorReason};
-use guestcred::api::{
-    GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec,
-};
+use guestcred::api::{GuestPasswordReset, Phase};
 use guestcred::controller::shim_client::{ShimApi, ShimCallError, ShimClient};
 use guestcred::shim::auth::Auth;
 use guestcred::shim::qga::QgaSocketAgent;
 use guestcred::shim::server::{ShimApp, serve};
 use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
 use guestcred_lab::kubevirt::vm;
+use guestcred_lab::testing::{ResetTest, TargetedTest, TestObject, secret};
 use guestcred_lab::world::{World, WorldOptions};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::ObjectMeta;
 use secrecy::SecretString;
 
 const SHA512: &str = "$6$gcMetricSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0";
@@ -172,46 +166,6 @@ async fn shim_metrics_count_calls_by_operation_and_result_and_refusals_by_reason
     assert_eq!(get(&format!("{ops}/readyz")).await.0, 200);
 }
 
-fn password_secret() -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some("pw-metrics".into()),
-            namespace: Some(NS.into()),
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([(
-            "password".to_string(),
-            ByteString(SHA512.as_bytes().to_vec()),
-        )])),
-        ..Default::default()
-    }
-}
-
-fn crypted_reset() -> GuestPasswordReset {
-    let mut r = GuestPasswordReset::new(
-        "reset-metrics",
-        GuestPasswordResetSpec {
-            target: TargetSpec {
-                vm_name: Some(VM.into()),
-                selector: None,
-            },
-            user: Some(USER.into()),
-            password: PasswordSource {
-                secret_ref: Some(SecretKeyRef {
-                    name: "pw-metrics".into(),
-                    key: "password".into(),
-                    namespace: None,
-                }),
-                crypted: true,
-                ..Default::default()
-            },
-            rollout: RolloutSpec::default(),
-        },
-    );
-    r.metadata.namespace = Some(NS.into());
-    r
-}
-
 #[tokio::test]
 async fn controller_metrics_count_reconciles_and_targets_and_report_ready() {
     let w = World::start(WorldOptions::default())
@@ -225,8 +179,15 @@ async fn controller_metrics_count_reconciles_and_targets_and_report_ready() {
         .await
         .expect("vm")
         .expect("agent");
-    w.apply(&password_secret()).await.expect("secret");
-    w.apply(&crypted_reset()).await.expect("reset");
+    w.apply(&secret("pw-metrics", "password", SHA512))
+        .await
+        .expect("secret");
+    let reset = GuestPasswordReset::test("reset-metrics")
+        .vm(VM)
+        .user(USER)
+        .from_secret("pw-metrics")
+        .crypted();
+    w.apply(&reset).await.expect("reset");
     let r: GuestPasswordReset = w
         .wait_for(NS, "reset-metrics", WAIT, |r: &GuestPasswordReset| {
             r.status
@@ -296,26 +257,22 @@ fn free_port() -> u16 {
 /// 200 on the health port once its caches synced, and `/metrics` starts with zeros.
 #[tokio::test]
 async fn controller_binary_serves_metrics_and_readiness_on_its_ports() {
-    let api = guestcred_lab::apiserver::ApiServer::new();
-    guestcred_lab::kubevirt::install_crds(&api.client())
-        .await
-        .expect("CRDs");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let serving = api.clone();
-    tokio::spawn(async move { serving.serve(listener, axum::Router::new()).await });
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    guestcred_lab::apiserver::write_kubeconfig(&kubeconfig, &url).expect("kubeconfig");
+    // The emulator served with the CRDs; the controller is the process under test.
+    let w = World::start(WorldOptions {
+        nodes: 0,
+        serve: true,
+        start_controller: false,
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("the served emulator starts");
     let (metrics_port, health_port) = (free_port(), free_port());
 
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestcred"))
         .arg("controller")
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .args(["--health-listen", &format!("127.0.0.1:{health_port}")])
-        .env("KUBECONFIG", &kubeconfig)
+        .env("KUBECONFIG", w.kubeconfig())
         .env_remove("GUESTCRED_METRICS_LISTEN")
         .env_remove("GUESTCRED_HEALTH_LISTEN")
         .env_remove("GUESTCRED_LEADER_ELECTION")

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guestcred::api::wire::{DomainRef, KeyOp, SetPasswordRequest, ShimErrorReason};
-use guestcred::controller::shim_client::{ShimApi, ShimCallError, ShimClient};
+use guestcred::controller::shim_client::{ShimApi, ShimClient};
 use guestcred::shim::auth::Auth;
 use guestcred::shim::libvirt::{
     DEFAULT_DOMAIN_TEMPLATE, KUBEVIRT_SOCKET_SUBPATH, LibvirtAgent, Locator,
@@ -20,7 +20,7 @@ use guestcred_lab::guest::{
     self, GuestSpec, Libvirtd, TestLab, VM_A, VM_B, VM_HUNG, VM_NOAGENT, VM_OLDAGENT, shadow_entry,
     shared_test_lab,
 };
-use secrecy::SecretString;
+use guestcred_lab::testing::{assert_same_keys, password_request, shim_reason};
 
 const KEY1: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOglZHLWMUiFZKISTA02CLUEt1OFBDFgL3fufFHEpdbt user1@lab";
@@ -83,19 +83,7 @@ fn domain(libvirt_name: &str) -> DomainRef {
 }
 
 fn password(vm: &str, user: &str, secret: &str, crypted: bool) -> SetPasswordRequest {
-    SetPasswordRequest {
-        domain: domain(vm),
-        user: user.into(),
-        password: SecretString::from(secret),
-        crypted,
-    }
-}
-
-fn reason(r: Result<impl std::fmt::Debug, ShimCallError>) -> ShimErrorReason {
-    match r {
-        Err(ShimCallError::Shim(e)) => e.reason,
-        other => panic!("expected a typed shim error, got {other:?}"),
-    }
+    password_request(domain(vm), user, secret, crypted)
 }
 
 async fn shadow(uri: &str, vm: &'static str, user: &'static str) -> String {
@@ -104,14 +92,6 @@ async fn shadow(uri: &str, vm: &'static str, user: &'static str) -> String {
         .await
         .expect("join")
         .expect("read the guest's /etc/shadow")
-}
-
-fn assert_same_keys(actual: &[String], expected: &[&str]) {
-    let mut a: Vec<&str> = actual.iter().map(String::as_str).collect();
-    let mut e = expected.to_vec();
-    a.sort_unstable();
-    e.sort_unstable();
-    assert_eq!(a, e);
 }
 
 /// Boot an extra guest on `libvirtd` and wait for its agent (blocking pool).
@@ -185,7 +165,7 @@ async fn guest_without_agent_is_agent_not_connected() {
     let r = c
         .set_password(&password(VM_NOAGENT, "root", SHA512_HASH, true))
         .await;
-    assert_eq!(reason(r), ShimErrorReason::AgentNotConnected);
+    assert_eq!(shim_reason(r), ShimErrorReason::AgentNotConnected);
 }
 
 #[tokio::test]
@@ -221,7 +201,7 @@ async fn hung_agent_times_out_after_the_configured_timeout_while_another_domain_
             .await
             .expect("hung call ends")
             .expect("join");
-        assert_eq!(reason(r), ShimErrorReason::AgentTimeout);
+        assert_eq!(shim_reason(r), ShimErrorReason::AgentTimeout);
     }
     assert!(
         started.elapsed() >= AGENT_TIMEOUT,
@@ -254,14 +234,14 @@ async fn paused_domain_is_not_running() {
         .await
         .unwrap()
         .expect("destroy");
-    assert_eq!(reason(r), ShimErrorReason::DomainNotRunning);
+    assert_eq!(shim_reason(r), ShimErrorReason::DomainNotRunning);
 }
 
 #[tokio::test]
 async fn unknown_domain_is_domain_not_found() {
     let (_lab, c) = lab_shim().await;
     assert_eq!(
-        reason(c.probe(&DomainRef::new("default", "no-such-vm")).await),
+        shim_reason(c.probe(&DomainRef::new("default", "no-such-vm")).await),
         ShimErrorReason::DomainNotFound
     );
 }
@@ -272,9 +252,9 @@ async fn unknown_user_is_user_not_found() {
     let r = c
         .set_password(&password(VM_B, "bob", "pw-123456", false))
         .await;
-    assert_eq!(reason(r), ShimErrorReason::UserNotFound);
+    assert_eq!(shim_reason(r), ShimErrorReason::UserNotFound);
     assert_eq!(
-        reason(c.get_ssh_keys(&domain(VM_B), "bob").await),
+        shim_reason(c.get_ssh_keys(&domain(VM_B), "bob").await),
         ShimErrorReason::UserNotFound
     );
 }
@@ -286,7 +266,7 @@ async fn agent_with_ssh_commands_blocked_is_unsupported() {
     let probe = c.probe(&d).await.unwrap();
     assert!(probe.agent_connected && !probe.supports_ssh_keys());
     assert_eq!(
-        reason(c.ssh_keys(&d, "alice", KeyOp::Add, vec![KEY1.into()]).await),
+        shim_reason(c.ssh_keys(&d, "alice", KeyOp::Add, vec![KEY1.into()]).await),
         ShimErrorReason::Unsupported
     );
 }
@@ -322,7 +302,7 @@ async fn kubevirt_locator_reaches_the_domain_through_the_launcher_socket() {
     assert!(p.agent_connected);
     let other_pod = domain(VM_A).with_launcher_pod_uid("11111111-2222-3333-4444-555555555555");
     assert_eq!(
-        reason(c.probe(&other_pod).await),
+        shim_reason(c.probe(&other_pod).await),
         ShimErrorReason::DomainNotFound
     );
 }

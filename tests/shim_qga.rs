@@ -16,7 +16,7 @@ use guestcred::shim::auth::Auth;
 use guestcred::shim::qga::QgaSocketAgent;
 use guestcred::shim::server;
 use guestcred_lab::hostqga::{HostQga, HostQgaOptions, SSH_COMMANDS};
-use secrecy::SecretString;
+use guestcred_lab::testing::{alice, assert_same_keys, password_request, shim_reason};
 use tempfile::TempDir;
 use tokio::net::UnixListener;
 
@@ -73,28 +73,12 @@ impl Shim {
     }
 }
 
-fn alice() -> HostQgaOptions {
-    HostQgaOptions::default().user("alice")
-}
-
 fn domain(name: &str) -> DomainRef {
     DomainRef::new("lab", name)
 }
 
 fn password(vm: &str, user: &str, secret: &str, crypted: bool) -> SetPasswordRequest {
-    SetPasswordRequest {
-        domain: domain(vm),
-        user: user.into(),
-        password: SecretString::from(secret),
-        crypted,
-    }
-}
-
-fn reason(r: Result<impl std::fmt::Debug, ShimCallError>) -> ShimErrorReason {
-    match r {
-        Err(ShimCallError::Shim(e)) => e.reason,
-        other => panic!("expected a typed shim error, got {other:?}"),
-    }
+    password_request(domain(vm), user, secret, crypted)
 }
 
 /// A socket that accepts connections and never answers: a hung agent. Counts connections.
@@ -211,14 +195,6 @@ async fn adding_keys_keeps_keys_the_operator_never_added() {
     assert_same_keys(&keys, &[KEY1, KEY2]);
 }
 
-fn assert_same_keys(actual: &[String], expected: &[&str]) {
-    let mut a: Vec<&str> = actual.iter().map(String::as_str).collect();
-    let mut e = expected.to_vec();
-    a.sort_unstable();
-    e.sort_unstable();
-    assert_eq!(a, e);
-}
-
 #[tokio::test]
 async fn unknown_user_is_user_not_found_for_passwords_and_keys() {
     let shim = Shim::open().await;
@@ -226,18 +202,18 @@ async fn unknown_user_is_user_not_found_for_passwords_and_keys() {
     let c = shim.client();
     let d = domain("vm-nouser");
     assert_eq!(
-        reason(
+        shim_reason(
             c.set_password(&password("vm-nouser", "bob", "pw-123456", false))
                 .await
         ),
         ShimErrorReason::UserNotFound
     );
     assert_eq!(
-        reason(c.get_ssh_keys(&d, "bob").await),
+        shim_reason(c.get_ssh_keys(&d, "bob").await),
         ShimErrorReason::UserNotFound
     );
     assert_eq!(
-        reason(c.ssh_keys(&d, "bob", KeyOp::Add, vec![KEY1.into()]).await),
+        shim_reason(c.ssh_keys(&d, "bob", KeyOp::Add, vec![KEY1.into()]).await),
         ShimErrorReason::UserNotFound
     );
 }
@@ -324,7 +300,7 @@ async fn private_key_rejection_says_so() {
 async fn missing_agent_socket_is_domain_not_found() {
     let shim = Shim::open().await;
     let r = shim.client().probe(&domain("vm-absent")).await;
-    assert_eq!(reason(r), ShimErrorReason::DomainNotFound);
+    assert_eq!(shim_reason(r), ShimErrorReason::DomainNotFound);
 }
 
 #[tokio::test]
@@ -363,7 +339,7 @@ async fn hung_agent_times_out_while_another_vm_answers() {
         .await
         .expect("hung call ends")
         .expect("join");
-    assert_eq!(reason(r), ShimErrorReason::AgentTimeout);
+    assert_eq!(shim_reason(r), ShimErrorReason::AgentTimeout);
     assert!(
         started.elapsed() >= timeout,
         "timed out before the configured agent timeout"
@@ -400,11 +376,11 @@ async fn agent_without_ssh_commands_is_unsupported() {
     let d = domain("vm-old");
     assert!(!c.probe(&d).await.unwrap().supports_ssh_keys());
     assert_eq!(
-        reason(c.ssh_keys(&d, "alice", KeyOp::Add, vec![KEY1.into()]).await),
+        shim_reason(c.ssh_keys(&d, "alice", KeyOp::Add, vec![KEY1.into()]).await),
         ShimErrorReason::Unsupported
     );
     assert_eq!(
-        reason(c.get_ssh_keys(&d, "alice").await),
+        shim_reason(c.get_ssh_keys(&d, "alice").await),
         ShimErrorReason::Unsupported
     );
 }

@@ -10,11 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use guestcred::api::password::PasswordSource;
 use guestcred::api::wire::{DomainRef, SetPasswordRequest, ShimErrorReason};
-use guestcred::api::{
-    GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec,
-};
+use guestcred::api::{GuestPasswordReset, Phase};
 use guestcred::controller::shim_client::{ShimApi, ShimCallError, ShimClient};
 use guestcred::metrics::ShimMetrics;
 use guestcred::shim::auth::Auth;
@@ -24,16 +21,15 @@ use guestcred::tls::client::{ClientTlsFiles, ReloadingHttpClient};
 use guestcred::tls::server::{ReloadingServerConfig, ServerTlsFiles};
 use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
 use guestcred_lab::kubevirt::vm;
+use guestcred_lab::testing::{
+    ResetTest, TargetedTest, TestObject, password_request, secret, shim_reason,
+};
 use guestcred_lab::world::{World, WorldOptions, WorldTls};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::ObjectMeta;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
 use secrecy::SecretString;
-use std::collections::BTreeMap;
 use tempfile::TempDir;
 use tokio::net::UnixListener;
 
@@ -257,19 +253,7 @@ fn password(vm: &str, domain_node: Option<&str>) -> SetPasswordRequest {
     if let Some(n) = domain_node {
         domain = domain.with_node(n);
     }
-    SetPasswordRequest {
-        domain,
-        user: "alice".into(),
-        password: SecretString::from(SHA512_HASH),
-        crypted: true,
-    }
-}
-
-fn reason(r: Result<impl std::fmt::Debug, ShimCallError>) -> ShimErrorReason {
-    match r {
-        Err(ShimCallError::Shim(e)) => e.reason,
-        other => panic!("expected a typed shim error, got {other:?}"),
-    }
+    password_request(domain, "alice", SHA512_HASH, true)
 }
 
 #[tokio::test]
@@ -319,7 +303,7 @@ async fn bearer_token_on_top_of_mutual_tls_is_required_in_addition_to_the_certif
         let r = client
             .set_password(&password("vm-token-guarded", None))
             .await;
-        assert_eq!(reason(r), ShimErrorReason::Unauthenticated, "{who}");
+        assert_eq!(shim_reason(r), ShimErrorReason::Unauthenticated, "{who}");
     }
     assert_eq!(agent_connections.load(Ordering::SeqCst), 0);
 
@@ -343,7 +327,7 @@ async fn request_without_client_certificate_is_unauthenticated_and_never_reaches
         .set_password(&password("vm-guarded", None))
         .await;
 
-    assert_eq!(reason(r), ShimErrorReason::Unauthenticated);
+    assert_eq!(shim_reason(r), ShimErrorReason::Unauthenticated);
     assert_eq!(agent_connections.load(Ordering::SeqCst), 0);
     assert!(
         shim.metrics_text()
@@ -389,7 +373,7 @@ async fn certificate_naming_another_client_is_forbidden() {
         .set_password(&password("vm-guarded", None))
         .await;
 
-    assert_eq!(reason(r), ShimErrorReason::Forbidden);
+    assert_eq!(shim_reason(r), ShimErrorReason::Forbidden);
     assert_eq!(agent_connections.load(Ordering::SeqCst), 0);
 }
 
@@ -405,7 +389,7 @@ async fn request_naming_another_node_is_forbidden() {
         .set_password(&password("vm-elsewhere", Some("node-b")))
         .await;
 
-    assert_eq!(reason(r), ShimErrorReason::Forbidden);
+    assert_eq!(shim_reason(r), ShimErrorReason::Forbidden);
     assert_eq!(agent_connections.load(Ordering::SeqCst), 0);
     assert!(
         shim.metrics_text()
@@ -617,46 +601,6 @@ async fn shim_binary_serves_mutual_tls_and_drains_in_flight_calls_on_sigterm() {
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
 }
 
-fn crypted_password_secret(ns: &str) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some("pw".into()),
-            namespace: Some(ns.into()),
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([(
-            "password".to_string(),
-            ByteString(SHA512_HASH.as_bytes().to_vec()),
-        )])),
-        ..Default::default()
-    }
-}
-
-fn crypted_reset(ns: &str, vm_name: &str) -> GuestPasswordReset {
-    let mut r = GuestPasswordReset::new(
-        "reset",
-        GuestPasswordResetSpec {
-            target: TargetSpec {
-                vm_name: Some(vm_name.into()),
-                selector: None,
-            },
-            user: Some("alice".into()),
-            password: PasswordSource {
-                secret_ref: Some(SecretKeyRef {
-                    name: "pw".into(),
-                    key: "password".into(),
-                    namespace: None,
-                }),
-                crypted: true,
-                ..Default::default()
-            },
-            rollout: RolloutSpec::default(),
-        },
-    );
-    r.metadata.namespace = Some(ns.into());
-    r
-}
-
 /// The real controller finds the shim pod, dials its IP over https, presents its client
 /// certificate, checks the shim's by name, and the password lands in the guest.
 #[tokio::test]
@@ -688,12 +632,15 @@ async fn controller_resets_a_password_through_mutual_tls_shims() {
         .await
         .expect("vm")
         .expect("agent");
-    w.apply(&crypted_password_secret("default"))
+    w.apply(&secret("pw", "password", SHA512_HASH))
         .await
         .expect("secret");
-    w.apply(&crypted_reset("default", "vm-tls"))
-        .await
-        .expect("reset");
+    let reset = GuestPasswordReset::test("reset")
+        .vm("vm-tls")
+        .user("alice")
+        .from_secret("pw")
+        .crypted();
+    w.apply(&reset).await.expect("reset");
 
     let r: GuestPasswordReset = w
         .wait_for("default", "reset", TIMEOUT, |r: &GuestPasswordReset| {

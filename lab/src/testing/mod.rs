@@ -8,11 +8,13 @@ pub mod builders;
 pub mod kubectl;
 pub mod logs;
 pub mod predicates;
+pub mod shim;
 
 pub use builders::{KeysTest, ResetTest, SecretTest, TargetedTest, TestObject, secret};
 pub use kubectl::Kubectl;
 pub use logs::{LogCapture, assert_not_leaked, leaks};
 pub use predicates::*;
+pub use shim::{assert_same_keys, password_request, shim_reason};
 
 /// The namespace test objects live in unless they say otherwise.
 pub const NS: &str = "default";
