@@ -367,7 +367,7 @@ exec qemu-ga -m unix-listen -p "$5" -f "$6" -t "$7" -b "$8"
         let Some(hash) = self.shadow_hash(user)? else {
             return Ok(false);
         };
-        Ok(crypt_matches(password, &hash)?)
+        crypt_matches(password, &hash)
     }
 
     /// Host-side path of `user`'s authorized_keys inside the instance.
