@@ -2,14 +2,14 @@
 //! kubeconfig in a temp dir, and the `kubectl` binary run as a process.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
-use guestcred_lab::apiserver::{ApiServer, write_kubeconfig};
+use guestcred_lab::apiserver::ApiServer;
+use guestcred_lab::testing::Kubectl;
+use guestcred_lab::world::{World, WorldOptions};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
-use tempfile::TempDir;
 
 const CRD_YAML: &str = r#"
 apiVersion: apiextensions.k8s.io/v1
@@ -64,73 +64,44 @@ fn gadget_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk("test.guestcred.io", "v1", "Gadget"))
 }
 
-/// A served emulator plus a kubeconfig pointing at it.
+/// A served emulator (no controller) and kubectl pointed at it, with a private HOME and
+/// discovery cache and a 30 s bound on each run.
 struct Lab {
-    server: ApiServer,
-    dir: TempDir,
-    kubeconfig: PathBuf,
+    world: World,
+    k: Kubectl,
 }
 
 async fn start_lab() -> Lab {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind a loopback port");
-    let url = format!("http://{}", listener.local_addr().expect("local address"));
-    let server = ApiServer::new();
-    let serving = server.clone();
-    tokio::spawn(async move { serving.serve(listener, axum::Router::new()).await });
-    let dir = tempfile::tempdir().expect("temp dir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    write_kubeconfig(&kubeconfig, &url).expect("kubeconfig written");
-    Lab {
-        server,
-        dir,
-        kubeconfig,
-    }
+    let world = World::start(WorldOptions {
+        nodes: 0,
+        serve: true,
+        start_controller: false,
+        guestcred_crds: false,
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("the served emulator starts");
+    let k = world
+        .kubectl()
+        .private_home(world.temp_dir())
+        .timeout(Duration::from_secs(30));
+    Lab { world, k }
 }
 
 impl Lab {
+    fn server(&self) -> &ApiServer {
+        self.world.api()
+    }
+
     fn file(&self, name: &str, content: &str) -> PathBuf {
-        let path = self.dir.path().join(name);
+        let path = self.world.temp_dir().join(name);
         std::fs::write(&path, content).expect("fixture written");
         path
     }
 
-    fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new("kubectl");
-        cmd.args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            // Keep kubectl's discovery cache private to this test.
-            .env("HOME", self.dir.path())
-            .arg("--cache-dir")
-            .arg(self.dir.path().join("cache"))
-            .kill_on_drop(true);
-        cmd
-    }
-
     /// Runs kubectl to completion; panics with its stderr if it fails.
     async fn kubectl(&self, args: &[&str]) -> String {
-        let out = self.run(args).await;
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    async fn run(&self, args: &[&str]) -> Output {
-        let run = self.command(args).output();
-        match tokio::time::timeout(Duration::from_secs(30), run).await {
-            Ok(Ok(out)) => out,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                "kubectl is not on PATH: these tests run the real kubectl binary \
-                 (scripts/install-deps.sh installs it)"
-            ),
-            Ok(Err(e)) => panic!("cannot run kubectl: {e}"),
-            Err(_) => panic!("kubectl {args:?} did not finish within 30 s"),
-        }
+        self.k.run_async(args).await
     }
 
     async fn apply_crd(&self) {
@@ -194,7 +165,7 @@ async fn kubectl_get_filters_by_label_and_shows_printer_columns() {
     let file = lab.file("gadgets.yaml", &objs);
     lab.kubectl(&["apply", "-f", path_str(&file)]).await;
     let gadgets: Api<DynamicObject> =
-        Api::default_namespaced_with(lab.server.client(), &gadget_resource());
+        Api::default_namespaced_with(lab.server().client(), &gadget_resource());
     gadgets
         .patch_status(
             "db-0",
@@ -221,7 +192,7 @@ async fn kubectl_delete_and_wait_for_delete_follow_finalizers() {
     let file = lab.file("g.yaml", &gadget_yaml("g1", 1, "db"));
     lab.kubectl(&["apply", "-f", path_str(&file)]).await;
     let gadgets: Api<DynamicObject> =
-        Api::default_namespaced_with(lab.server.client(), &gadget_resource());
+        Api::default_namespaced_with(lab.server().client(), &gadget_resource());
     let finalizers = |f: serde_json::Value| Patch::Merge(json!({"metadata": {"finalizers": f}}));
     gadgets
         .patch(
@@ -235,8 +206,8 @@ async fn kubectl_delete_and_wait_for_delete_follow_finalizers() {
     lab.kubectl(&["delete", "gadget", "g1", "--wait=false"])
         .await;
     let waiting = lab
-        .command(&["wait", "--for=delete", "--timeout=20s", "gadget/g1"])
-        .output();
+        .k
+        .output_async(&["wait", "--for=delete", "--timeout=20s", "gadget/g1"]);
     let release = async {
         // The object stays while its finalizer does; releasing it completes the deletion.
         let pending = gadgets.get("g1").await.expect("still there");
@@ -248,11 +219,10 @@ async fn kubectl_delete_and_wait_for_delete_follow_finalizers() {
             .expect("finalizer removed");
     };
     let (out, ()) = tokio::join!(waiting, release);
-    let out = out.expect("kubectl wait ran");
     assert!(
-        out.status.success(),
+        out.success(),
         "kubectl wait --for=delete failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        out.stderr
     );
     assert!(gadgets.get_opt("g1").await.expect("get works").is_none());
 }
@@ -267,10 +237,10 @@ async fn kubectl_describe_lists_events_a_kube_recorder_wrote() {
     let file = lab.file("g.yaml", &gadget_yaml("g1", 1, "db"));
     lab.kubectl(&["apply", "-f", path_str(&file)]).await;
     let gadgets: Api<DynamicObject> =
-        Api::default_namespaced_with(lab.server.client(), &gadget_resource());
+        Api::default_namespaced_with(lab.server().client(), &gadget_resource());
     let gadget = gadgets.get("g1").await.expect("gadget exists");
     let recorder = Recorder::new(
-        lab.server.client(),
+        lab.server().client(),
         Reporter {
             controller: "guestcred-test".into(),
             instance: Some("lab-0".into()),
@@ -316,7 +286,7 @@ async fn kubectl_get_follows_continue_tokens_across_pages() {
     let file = lab.file("maps.yaml", &maps.join("---\n"));
     lab.kubectl(&["apply", "-f", path_str(&file)]).await;
     let path = "/api/v1/namespaces/default/configmaps";
-    let before = lab.server.requests("GET", path);
+    let before = lab.server().requests("GET", path);
 
     let table = lab
         .kubectl(&["get", "configmaps", "--chunk-size=1", "--no-headers"])
@@ -327,7 +297,7 @@ async fn kubectl_get_follows_continue_tokens_across_pages() {
         .collect();
     assert_eq!(rows, ["a", "b", "c"], "{table}");
     assert_eq!(
-        lab.server.requests("GET", path) - before,
+        lab.server().requests("GET", path) - before,
         3,
         "one GET a page"
     );

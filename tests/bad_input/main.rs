@@ -168,7 +168,9 @@ fn rebuild(name: &str) -> Obj {
 
 /// A Secret with one key holding exactly `value` (any bytes).
 fn secret(name: &str, key: &str, value: &[u8]) -> Value {
-    serde_json::to_value(testing::secret(name, key, value)).expect("json")
+    let mut s = testing::secret(name, key, value);
+    s.type_ = Some("Opaque".into());
+    serde_json::to_value(s).expect("json")
 }
 
 /// The reset `name` and its Secret `<name>-pw` holding `password`.

@@ -263,7 +263,7 @@ impl KeysTest for KeypairRebuild {
 }
 
 impl TestObject for Secret {
-    /// An empty Opaque Secret in `default`.
+    /// An empty Secret in `default` (no type: the API server defaults it to Opaque).
     fn test(name: &str) -> Self {
         Secret {
             metadata: ObjectMeta {
@@ -271,7 +271,6 @@ impl TestObject for Secret {
                 namespace: Some(NS.into()),
                 ..Default::default()
             },
-            type_: Some("Opaque".into()),
             ..Default::default()
         }
     }
