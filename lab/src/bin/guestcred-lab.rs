@@ -75,6 +75,14 @@ struct UpArgs {
     /// Also run the real controller against the lab.
     #[arg(long)]
     with_controller: bool,
+    /// Controller replicas (leader-elected on the chart's Lease when more than one).
+    #[arg(long, default_value_t = 1)]
+    controller_replicas: usize,
+    /// The API server: the project's emulator, or a real kube-apiserver + etcd +
+    /// kube-controller-manager (lab/controlplane, built by scripts/build-controlplane.sh)
+    /// with the Helm chart installed and the controller running as its ServiceAccount.
+    #[arg(long, value_enum, default_value_t = cluster::ControlPlane::Emulator)]
+    control_plane: cluster::ControlPlane,
     /// Port every shim listens on (0: pick a free one, for labs side by side).
     #[arg(long, default_value_t = 8443)]
     shim_port: u16,
@@ -208,6 +216,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         lab_bin: None,
         install_deps: !args.no_install_deps,
         owner_pid: args.owner_pid,
+        control_plane: args.control_plane,
+        controller_replicas: args.controller_replicas,
     };
     let state = match cluster::up(&opts).await? {
         UpOutcome::AlreadyUp(state) => {
@@ -219,9 +229,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         UpOutcome::Started(state) => {
             eprintln!(
-                "lab up: {} nodes, {} VMs, API server {}{}",
+                "lab up: {} nodes, {} VMs, {} API server {}{}",
                 state.nodes.len(),
                 state.vms.len(),
+                state.control_plane.as_str(),
                 state.apiserver_url.as_deref().unwrap_or("?"),
                 if state.controller.is_some() {
                     ", controller running"

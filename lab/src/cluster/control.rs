@@ -13,6 +13,7 @@ use super::kubevirt_lite::{DomainObs, observe_domain, probe_agent};
 use super::procs::{
     guestcred_binary, log_tail, mounts_under, qemu_pids, signal, spawn_detached, stop, wait_gone,
 };
+use super::real::{self, ControlPlane};
 use super::serve::SERVE_LOG;
 use super::state::{
     AGENT_LABEL, AgentKind, LabState, NODE_LABEL, NodeState, Phase, ProcessInfo, SHIM_NAMESPACE,
@@ -34,6 +35,8 @@ const SHIM_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Grace after SIGTERM for `serve` (it destroys guests and stops libvirtds).
 const SERVE_STOP_GRACE: Duration = Duration::from_secs(60);
 const PROCESS_STOP_GRACE: Duration = Duration::from_secs(10);
+/// Grace for `controlplane up` (it gives each of its three children 20 s).
+const CONTROLPLANE_STOP_GRACE: Duration = Duration::from_secs(70);
 /// Lab guests have 128 MiB each; more than this many is surely a typo on 24 GiB.
 const MAX_VMS: usize = 40;
 const MAX_NODES: usize = 20;
@@ -110,6 +113,12 @@ pub struct UpOptions {
     /// Tie the lab to this process: once it exits, the lab goes down by itself and its
     /// state directory is deleted (tests pass `std::process::id()`).
     pub owner_pid: Option<u32>,
+    /// The API server: the emulator, or a real kube-apiserver + etcd +
+    /// kube-controller-manager with the chart installed by helm (see [`real`]).
+    pub control_plane: ControlPlane,
+    /// Controller replicas (with `with_controller`); more than one, or a real control
+    /// plane, runs them with leader election on the chart's Lease.
+    pub controller_replicas: usize,
 }
 
 impl Default for UpOptions {
@@ -126,6 +135,8 @@ impl Default for UpOptions {
             lab_bin: None,
             install_deps: true,
             owner_pid: None,
+            control_plane: ControlPlane::Emulator,
+            controller_replicas: 1,
         }
     }
 }
@@ -291,7 +302,7 @@ pub async fn up(opts: &UpOptions) -> Result<UpOutcome, ClusterError> {
     let tls = LabTls::new(state_dir.join("tls"));
     tls.mint()?;
 
-    let state = LabState {
+    let mut state = LabState {
         version: 1,
         phase: Phase::Starting,
         state_dir: state_dir.clone(),
@@ -304,13 +315,28 @@ pub async fn up(opts: &UpOptions) -> Result<UpOutcome, ClusterError> {
         apiserver_url: None,
         serve: None,
         controller: None,
+        controller_replicas: Vec::new(),
+        control_plane: opts.control_plane,
+        controlplane: None,
+        lab_net: None,
         nodes,
         vms,
         error: None,
         owner_pid: opts.owner_pid,
     };
     state.save()?;
-    match finish_up(state, &lab_bin, &guestcred, opts.with_controller).await {
+    let replicas = if opts.with_controller {
+        opts.controller_replicas.max(1)
+    } else {
+        0
+    };
+    let started = async {
+        if opts.control_plane == ControlPlane::Real {
+            start_real_control_plane(&mut state).await?;
+        }
+        finish_up(state, &lab_bin, &guestcred, replicas).await
+    };
+    match started.await {
         Ok(state) => Ok(UpOutcome::Started(state)),
         Err(e) => {
             if let Err(cleanup) = down(&state_dir, false).await {
@@ -321,11 +347,111 @@ pub async fn up(opts: &UpOptions) -> Result<UpOutcome, ClusterError> {
     }
 }
 
+/// Builds (cached) and starts the real control plane, installs the chart's release with
+/// helm and writes the ServiceAccount kubeconfigs; `<state>/kubeconfig` is the admin's.
+async fn start_real_control_plane(state: &mut LabState) -> Result<(), ClusterError> {
+    let (bin, took) = blocking(real::build).await?;
+    eprintln!(
+        "guestcred-lab: control plane build (scripts/build-controlplane.sh) took {:.1}s",
+        took.as_secs_f64()
+    );
+    let dir = real::controlplane_dir(&state.state_dir);
+    let t0 = Instant::now();
+    let started = {
+        let (bin, dir) = (bin.clone(), dir.clone());
+        blocking(move || real::start(&bin, &dir)).await
+    };
+    // Recorded at once so `down` stops it even if what follows fails.
+    state.controlplane = Some(started?);
+    state.save()?;
+    eprintln!(
+        "guestcred-lab: real control plane ready in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let admin = dir.join("admin.kubeconfig");
+    fs::copy(&admin, &state.kubeconfig)
+        .map_err(|e| ClusterError::io(format!("copy {}", admin.display()), e))?;
+    state.apiserver_url = fs::read_to_string(dir.join("ready"))
+        .ok()
+        .map(|s| s.trim().to_string());
+    let client = real::client_from(&admin).await?;
+    real::install_crds(&client).await?;
+    let (kc, ns) = (admin.clone(), state.shim_namespace.clone());
+    blocking(move || real::install_release(&kc, &ns)).await?;
+    real::write_component_kubeconfigs(&state.state_dir, &admin, &state.shim_namespace).await?;
+    state.save()
+}
+
+/// Starts one more controller replica for the lab in `state_dir` (recorded in lab.json,
+/// stopped by `down`). Leader election decides which replica reconciles.
+pub async fn start_controller_replica(
+    state_dir: &Path,
+    guestcred_bin: Option<&Path>,
+) -> Result<ProcessInfo, ClusterError> {
+    let mut state = LabState::load(state_dir)?;
+    let guestcred = guestcred_binary(guestcred_bin)?;
+    let index = 1 + usize::from(state.controller.is_some()) + state.controller_replicas.len();
+    let replica = spawn_controller(&state, &guestcred, index, true)?;
+    state.controller_replicas.push(replica.clone());
+    state.save()?;
+    Ok(replica)
+}
+
+/// The controller as the chart runs it: on a real control plane with the controller
+/// ServiceAccount's kubeconfig, with leader election on the chart's Lease when asked.
+fn spawn_controller(
+    state: &LabState,
+    guestcred: &Path,
+    index: usize,
+    leader_election: bool,
+) -> Result<ProcessInfo, ClusterError> {
+    let controller_tls = state.tls().controller();
+    let kubeconfig = match state.control_plane {
+        ControlPlane::Real => real::sa_kubeconfig(&state.state_dir, "controller"),
+        ControlPlane::Emulator => state.kubeconfig.clone(),
+    };
+    let identity = format!("guestcred-controller-lab-{index}");
+    let mut cmd = Command::new(guestcred);
+    cmd.arg("controller")
+        .arg("--shim-namespace")
+        .arg(&state.shim_namespace)
+        .arg("--shim-port")
+        .arg(state.shim_port.to_string())
+        .arg("--shim-ca-file")
+        .arg(&controller_tls.ca)
+        .arg("--shim-client-cert-file")
+        .arg(&controller_tls.cert)
+        .arg("--shim-client-key-file")
+        .arg(&controller_tls.key)
+        .arg("--shim-server-name")
+        .arg(DEFAULT_SHIM_SERVER_NAME)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAME", &identity)
+        .env("POD_NAMESPACE", &state.shim_namespace);
+    if index > 1 {
+        // The first replica keeps the default metrics address; others would collide.
+        cmd.arg("--metrics-listen=");
+    }
+    if leader_election {
+        cmd.arg("--leader-election=true")
+            .arg("--lease-name")
+            .arg(real::LEASE_NAME)
+            .arg("--lease-namespace")
+            .arg(&state.shim_namespace);
+    }
+    let log = if index == 1 {
+        state.state_dir.join("controller.log")
+    } else {
+        state.state_dir.join(format!("controller-{index}.log"))
+    };
+    spawn_detached(cmd, &log)
+}
+
 async fn finish_up(
     state: LabState,
     lab_bin: &Path,
     guestcred: &Path,
-    with_controller: bool,
+    controller_replicas: usize,
 ) -> Result<LabState, ClusterError> {
     let dir = state.state_dir.clone();
     let mut cmd = Command::new(lab_bin);
@@ -361,6 +487,10 @@ async fn finish_up(
             .arg(&shim_tls.client_ca)
             .arg("--allowed-client")
             .arg(DEFAULT_ALLOWED_CLIENT);
+        if state.control_plane == ControlPlane::Real {
+            // The chart's shim ServiceAccount (no RBAC; the shim never calls the API).
+            cmd.env("KUBECONFIG", real::sa_kubeconfig(&state.state_dir, "shim"));
+        }
         let log = dir.join(format!("shim-{}.log", node.name));
         let shim = spawn_detached(cmd, &log)?;
         state.nodes[i].shim = Some(shim);
@@ -372,26 +502,14 @@ async fn finish_up(
             wait_healthy(&format!("{}:{}", node.ip, state.shim_metrics_port), shim).await?;
         }
     }
-    if with_controller {
-        let controller_tls = state.tls().controller();
-        let mut cmd = Command::new(guestcred);
-        cmd.arg("controller")
-            .arg("--shim-namespace")
-            .arg(&state.shim_namespace)
-            .arg("--shim-port")
-            .arg(state.shim_port.to_string())
-            .arg("--shim-ca-file")
-            .arg(&controller_tls.ca)
-            .arg("--shim-client-cert-file")
-            .arg(&controller_tls.cert)
-            .arg("--shim-client-key-file")
-            .arg(&controller_tls.key)
-            .arg("--shim-server-name")
-            .arg(DEFAULT_SHIM_SERVER_NAME)
-            .env("KUBECONFIG", &state.kubeconfig);
-        let log = dir.join("controller.log");
-        let controller = spawn_detached(cmd, &log)?;
-        state.controller = Some(controller.clone());
+    let leader_election = controller_replicas > 1 || state.control_plane == ControlPlane::Real;
+    for index in 1..=controller_replicas {
+        let controller = spawn_controller(&state, guestcred, index, leader_election)?;
+        if index == 1 {
+            state.controller = Some(controller.clone());
+        } else {
+            state.controller_replicas.push(controller.clone());
+        }
         state.save()?;
         // It has nothing to report readiness on; make sure it did not die on start.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -633,6 +751,13 @@ fn stop_everything(state: &LabState) -> (Vec<String>, Vec<String>) {
     if let Some(c) = &state.controller {
         t.stop("controller".into(), c.pid, PROCESS_STOP_GRACE);
     }
+    for (i, c) in state.controller_replicas.iter().enumerate() {
+        t.stop(
+            format!("controller replica {}", i + 2),
+            c.pid,
+            PROCESS_STOP_GRACE,
+        );
+    }
     for node in &state.nodes {
         if let Some(s) = &node.shim {
             t.stop(format!("shim {}", node.name), s.pid, PROCESS_STOP_GRACE);
@@ -654,6 +779,19 @@ fn stop_everything(state: &LabState) -> (Vec<String>, Vec<String>) {
     }
     if let Some(s) = &state.serve {
         t.stop("serve".into(), s.pid, SERVE_STOP_GRACE);
+    }
+    if let Some(cp) = &state.controlplane {
+        // `controlplane up` stops its children in reverse order (20 s grace each).
+        t.stop("real control plane".into(), cp.pid, CONTROLPLANE_STOP_GRACE);
+    }
+    if let Some(net) = &state.lab_net {
+        net.remove();
+        if net.exists() {
+            t.leftovers.push(format!(
+                "network namespace {} / link {}",
+                net.netns, net.host_if
+            ));
+        }
     }
     // With serve gone, each libvirtd's watchdog stops it; give them time, then insist.
     for node in &state.nodes {

@@ -18,6 +18,7 @@
 mod control;
 pub mod kubevirt_lite;
 pub mod procs;
+pub mod real;
 pub mod serve;
 pub mod state;
 pub mod tls;
@@ -27,8 +28,9 @@ use std::time::Duration;
 
 pub use control::{
     DownReport, ExtraVm, GuestStatus, LabStatus, NodeStatus, UpOptions, UpOutcome, down, exec,
-    lab_binary, pause, resume, status, up,
+    lab_binary, pause, resume, start_controller_replica, status, up,
 };
+pub use real::ControlPlane;
 pub use state::{
     AGENT_LABEL, AgentKind, LabState, NODE_LABEL, NodeState, Phase, ProcessInfo, SHIM_NAMESPACE,
     STATE_ENV, STATE_FILE, VmState, default_state_dir,

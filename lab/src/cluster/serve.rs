@@ -9,6 +9,7 @@ use kube::Api;
 use kube::api::PostParams;
 
 use super::kubevirt_lite::{CONSOLE_READY, Lite, LiteNode, guest_spec, initial_keys};
+use super::real::{self, ControlPlane, LabNet};
 use super::state::{AgentKind, LabState, Phase, ProcessInfo, SHIM_NAMESPACE};
 use super::{ClusterError, procs};
 use crate::apiserver::{ApiServer, write_kubeconfig};
@@ -54,6 +55,9 @@ pub async fn run(state_dir: &Path) -> Result<(), ClusterError> {
         poller.abort();
     }
     api_task.abort();
+    if let Some(net) = &state.lab_net {
+        net.remove();
+    }
     if owner_gone {
         // Nobody will run `down`: stop what `up` started too.
         let recorded = LabState::load(state_dir).unwrap_or(state);
@@ -61,10 +65,14 @@ pub async fn run(state_dir: &Path) -> Result<(), ClusterError> {
             let pids = recorded
                 .controller
                 .iter()
+                .chain(&recorded.controller_replicas)
                 .chain(recorded.nodes.iter().filter_map(|n| n.shim.as_ref()))
                 .map(|p| p.pid);
             for pid in pids {
                 procs::stop(pid, Duration::from_secs(10));
+            }
+            if let Some(cp) = &recorded.controlplane {
+                procs::stop(cp.pid, Duration::from_secs(70));
             }
         })
         .await;
@@ -86,28 +94,48 @@ async fn wait_for_exit(pid: Option<u32>) {
     }
 }
 
+/// The API server `serve` talks to: the emulator it runs itself (served once the guests
+/// are up), or the real control plane `up` started (CRDs and the chart's release are
+/// installed already).
+enum Server {
+    Emulator(ApiServer, tokio::net::TcpListener),
+    Real,
+}
+
 async fn start(
     state: &mut LabState,
     nodes: &mut Vec<Arc<LiteNode>>,
-) -> Result<(Arc<Lite>, tokio::task::JoinHandle<std::io::Result<()>>), ClusterError> {
-    let api = ApiServer::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| ClusterError::io("bind the API server on 127.0.0.1", e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| ClusterError::io("API server address", e))?;
-    let url = format!("http://{addr}");
-    write_kubeconfig(&state.kubeconfig, &url)
-        .map_err(|e| ClusterError::io(format!("write {}", state.kubeconfig.display()), e))?;
-    state.apiserver_url = Some(url);
-    let client = api.client();
-    install_crds(&client).await?;
+) -> Result<(Arc<Lite>, tokio::task::JoinHandle<()>), ClusterError> {
+    let (server, client) = match state.control_plane {
+        ControlPlane::Emulator => {
+            let api = ApiServer::new();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| ClusterError::io("bind the API server on 127.0.0.1", e))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| ClusterError::io("API server address", e))?;
+            let url = format!("http://{addr}");
+            write_kubeconfig(&state.kubeconfig, &url).map_err(|e| {
+                ClusterError::io(format!("write {}", state.kubeconfig.display()), e)
+            })?;
+            state.apiserver_url = Some(url);
+            let client = api.client();
+            install_crds(&client).await?;
+            (Server::Emulator(api, listener), client)
+        }
+        ControlPlane::Real => (Server::Real, real::client_from(&state.kubeconfig).await?),
+    };
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace =
         serde_json::from_value(serde_json::json!({"metadata": {"name": SHIM_NAMESPACE}}))
             .map_err(|e| ClusterError::Failed(format!("namespace object: {e}")))?;
-    namespaces.create(&PostParams::default(), &ns).await?;
+    match namespaces.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        // helm install --create-namespace made it (real control plane).
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
 
     let cache = state.cache_dir.clone();
     let image = blocking(move || GuestImage::ensure(&cache)).await?;
@@ -155,12 +183,38 @@ async fn start(
     boot_guests(state, nodes, &image).await?;
 
     for node in &state.nodes {
-        create_node_with_shim(&client, &node.name, SHIM_NAMESPACE, &node.ip).await?;
+        match state.control_plane {
+            ControlPlane::Emulator => {
+                create_node_with_shim(&client, &node.name, SHIM_NAMESPACE, &node.ip).await?
+            }
+            ControlPlane::Real => {
+                real::create_node_with_shim(&client, &node.name, SHIM_NAMESPACE, &node.ip).await?
+            }
+        }
     }
-    let lite = Arc::new(Lite::new(client, image, nodes, &state.vms)?);
+    let lite = Arc::new(Lite::new(client.clone(), image, nodes, &state.vms)?);
     lite.create_objects().await?;
     let extra = lite.router();
-    let api_task = tokio::spawn(async move { api.serve(listener, extra).await });
+    let api_task = match server {
+        Server::Emulator(api, listener) => tokio::spawn(async move {
+            if let Err(e) = api.serve(listener, extra).await {
+                tracing::error!(error = %e, "the API-server emulator stopped");
+            }
+        }),
+        Server::Real => {
+            let net = LabNet::for_state_dir(&state.state_dir);
+            // Recorded before it exists, so `down` removes it even if creating fails.
+            state.lab_net = Some(net.clone());
+            state.save()?;
+            let created = net.clone();
+            tokio::task::spawn_blocking(move || created.create())
+                .await
+                .map_err(|e| ClusterError::Failed(format!("lab net worker: {e}")))??;
+            let restart = real::serve_restart_api(&client, net, extra).await?;
+            tracing::info!(port = restart.port, ip = %restart.net.host_ip, "aggregated restart API available");
+            restart.task
+        }
+    };
     state.phase = Phase::GuestsReady;
     state.save()?;
     Ok((lite, api_task))

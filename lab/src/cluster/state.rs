@@ -152,6 +152,18 @@ pub struct LabState {
     /// The API server + kubevirt-lite process (it also owns the libvirtds).
     pub serve: Option<ProcessInfo>,
     pub controller: Option<ProcessInfo>,
+    /// Further controller replicas (leader election decides which one reconciles).
+    #[serde(default)]
+    pub controller_replicas: Vec<ProcessInfo>,
+    /// The API server the lab runs: the emulator (inside `serve`) or a real control plane.
+    #[serde(default)]
+    pub control_plane: super::real::ControlPlane,
+    /// `controlplane up` (real control plane only).
+    #[serde(default)]
+    pub controlplane: Option<ProcessInfo>,
+    /// The lab network namespace of the aggregated `restart` API (real control plane).
+    #[serde(default)]
+    pub lab_net: Option<super::real::LabNet>,
     pub nodes: Vec<NodeState>,
     pub vms: Vec<VmState>,
     /// Why `serve` failed (phase `Failed`).
@@ -241,6 +253,12 @@ impl LabState {
         if let Some(p) = &self.controller {
             pids.push(("controller".to_string(), p.pid));
         }
+        for (i, p) in self.controller_replicas.iter().enumerate() {
+            pids.push((format!("controller replica {}", i + 2), p.pid));
+        }
+        if let Some(p) = &self.controlplane {
+            pids.push(("controlplane".to_string(), p.pid));
+        }
         for n in &self.nodes {
             if let Some(pid) = n.libvirtd_pid {
                 pids.push((format!("libvirtd {}", n.name), pid));
@@ -271,6 +289,10 @@ mod tests {
             apiserver_url: None,
             serve: None,
             controller: None,
+            controller_replicas: vec![],
+            control_plane: Default::default(),
+            controlplane: None,
+            lab_net: None,
             nodes: vec![],
             vms: names
                 .iter()
