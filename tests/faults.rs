@@ -106,8 +106,7 @@ async fn an_unreachable_shim_is_retried_until_it_is_back() {
         .await
         .expect("ShimUnavailable; retrying");
     assert!(message(&r).ends_with("; retrying"), "{}", message(&r));
-    lab.set_shim_pod_ip(NODE, &lab.shim_ip(NODE).to_string())
-        .await;
+    lab.set_shim_pod_ip(NODE, lab.shim_ip(NODE)).await;
     let done = lab
         .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
         .await

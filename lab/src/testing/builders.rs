@@ -134,6 +134,8 @@ impl TargetedTest for GuestPasswordReset {
 }
 
 /// Password sources of a [`GuestPasswordReset`].
+// `.from_secret(..)` reads as the spec does (`password: {secretRef: ..}`), not a conversion.
+#[allow(clippy::wrong_self_convention)]
 pub trait ResetTest: Sized {
     /// The password is key `password` of Secret `name` (same namespace).
     fn from_secret(self, name: &str) -> Self;
