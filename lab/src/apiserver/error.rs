@@ -111,6 +111,12 @@ impl ApiError {
             "reason": self.reason,
             "code": self.code,
         });
+        if self.reason.is_empty() {
+            // Errors passed through from etcd carry no reason on the real server either.
+            if let Some(m) = body.as_object_mut() {
+                m.remove("reason");
+            }
+        }
         if let Some(d) = &self.details {
             body["details"] = d.clone();
         }

@@ -14,9 +14,12 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::error::ApiError;
+use super::limits;
 use super::openapi;
+use super::openapi_v2;
 use super::paging::{self, ListCursor, PageRequest};
 use super::patch::{self, PatchKind};
+use super::protobuf;
 use super::resources::ResourceType;
 use super::selector::{FieldSelector, LabelSelector, kind_fields};
 use super::store::{BusMsg, Filter, ListPage};
@@ -98,7 +101,11 @@ pub(crate) async fn dispatch(
 ) -> Response {
     let path = uri.path().to_string();
     shared.count_request(method.as_str(), &path);
-    let response = match route(&shared, &method, &path, &headers, &params, body).await {
+    let routed = match limits::check_body(body.len()) {
+        Ok(()) => route(&shared, &method, &path, &headers, &params, body).await,
+        Err(e) => Err(e),
+    };
+    let response = match routed {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(%method, %path, code = e.code, reason = e.reason, "request failed");
@@ -147,7 +154,9 @@ async fn route(
         ["api"] if wants_aggregated(headers) => aggregated(true),
         ["apis"] if wants_aggregated(headers) => aggregated(false),
         [] => discovery(&|_| {
-            Some(json!({"paths": ["/api", "/api/v1", "/apis", "/openapi/v3", "/version"]}))
+            Some(
+                json!({"paths": ["/api", "/api/v1", "/apis", "/openapi/v2", "/openapi/v3", "/version"]}),
+            )
         }),
         ["version"] => discovery(&|_| Some(version_body())),
         ["healthz" | "livez" | "readyz"] => Ok((StatusCode::OK, "ok").into_response()),
@@ -159,6 +168,12 @@ async fn route(
         ["apis", g] => discovery(&|inner| group(inner, g)),
         ["api", "v1"] => discovery(&|inner| resource_list(inner, "", "v1")),
         ["apis", g, v] => discovery(&|inner| resource_list(inner, g, v)),
+        ["openapi", "v2"] => {
+            if *method != Method::GET {
+                return Err(ApiError::method_not_allowed("only GET is allowed here"));
+            }
+            openapi_v2(shared, headers)
+        }
         ["openapi", "v3"] => discovery(&|inner| Some(openapi::index(inner))),
         ["openapi", "v3", rest @ ..] => {
             let gv = rest.join("/");
@@ -174,6 +189,26 @@ async fn route(
         },
         _ => Err(not_found_path()),
     }
+}
+
+/// /openapi/v2: protobuf when the client asks for it first (kubectl does), else JSON.
+fn openapi_v2(shared: &Arc<Shared>, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let doc = openapi_v2::document(&shared.lock());
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let first = accept.split(',').next().unwrap_or("").trim();
+    if first.starts_with(openapi_v2::PROTOBUF_ACCEPT) {
+        return Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, openapi_v2::PROTOBUF_CONTENT_TYPE)],
+            openapi_v2::protobuf(&doc),
+        )
+            .into_response());
+    }
+    check_discovery_accept(headers)?;
+    Ok(ok(&doc))
 }
 
 const AGGREGATED_V2: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
@@ -389,13 +424,15 @@ fn content_type(headers: &HeaderMap) -> &str {
         .unwrap_or("application/json")
 }
 
-/// Decodes a POST/PUT body (JSON or YAML; protobuf and others get 415).
+/// Decodes a POST/PUT body (JSON, YAML, or protobuf for the kinds `protobuf` knows;
+/// others get 415).
 fn decode_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
     let ct = content_type(headers);
     let base = ct.split(';').next().unwrap_or("").trim();
     let parsed = match base {
         "" | "application/json" => serde_json::from_slice(body).map_err(|e| e.to_string()),
         "application/yaml" => serde_yaml::from_slice(body).map_err(|e| e.to_string()),
+        protobuf::MEDIA_TYPE => return protobuf::decode(body),
         _ => return Err(ApiError::unsupported_media_type(ct)),
     };
     parsed.map_err(|e| ApiError::bad_request(format!("error decoding request body: {e}")))
@@ -571,12 +608,8 @@ async fn resource(
             let created = shared
                 .lock()
                 .create(store_rt, store_version, rp.ns.as_deref(), obj)?;
-            let code = if rt.create_only {
-                StatusCode::OK
-            } else {
-                StatusCode::CREATED
-            };
-            Ok(respond(code, &created))
+            // Virtual resources (reviews) answer 201 too, as on the real server.
+            Ok(respond(StatusCode::CREATED, &created))
         }
         (Method::PUT, Some(name)) => {
             let obj = view.to_storage(decode_body(headers, &body)?);

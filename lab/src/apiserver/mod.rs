@@ -58,9 +58,12 @@
 
 mod error;
 mod http;
+mod limits;
 mod openapi;
+mod openapi_v2;
 mod paging;
 mod patch;
+mod protobuf;
 mod prune;
 mod resources;
 mod selector;
@@ -187,6 +190,8 @@ impl ApiServer {
     pub fn router(&self) -> axum::Router {
         axum::Router::new()
             .fallback(http::dispatch)
+            // Bodies are limited as on the real server (`limits`), not by axum's 2 MB default.
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(self.state.shared.clone())
     }
 

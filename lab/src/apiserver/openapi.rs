@@ -54,6 +54,11 @@ fn schema_id(rt: &ResourceType, version: &str) -> String {
     format!("{}.{version}.{}", reversed.join("."), rt.kind)
 }
 
+/// A kind's schema for the OpenAPI v2 definitions: the same as in v3.
+pub(crate) fn schema_for_v2(rt: &ResourceType, version: &str) -> Value {
+    schema_for(rt, version)
+}
+
 fn schema_for(rt: &ResourceType, version: &str) -> Value {
     let gvk = json!({"group": rt.group, "version": version, "kind": rt.kind});
     let mut schema = rt
@@ -93,6 +98,13 @@ pub(crate) fn document(inner: &Inner, gv: &str) -> Option<Value> {
         } else {
             format!("/{gv}/{}/{{name}}", rt.plural)
         };
+        // The collection paths too, as the real server has them (namespaced kinds are also
+        // listed across namespaces): kubectl 1.27's explain finds a kind's GVK only under
+        // `/<gv>/<plural>`.
+        let mut collections = vec![format!("/{gv}/{}", rt.plural)];
+        if rt.namespaced {
+            collections.push(format!("/{gv}/namespaces/{{namespace}}/{}", rt.plural));
+        }
         let reference = json!({"$ref": format!("#/components/schemas/{id}")});
         let response = json!({"200": {"description": "OK", "content": {"application/json": {"schema": reference}}}});
         let query = |name: &str| json!({"name": name, "in": "query", "schema": {"type": "string"}});
@@ -107,6 +119,13 @@ pub(crate) fn document(inner: &Inner, gv: &str) -> Option<Value> {
                           "responses": response},
             }),
         );
+        for collection in collections {
+            paths.insert(
+                collection,
+                json!({"get": {"x-kubernetes-group-version-kind": gvk, "x-kubernetes-action": "list",
+                               "responses": {"200": {"description": "OK"}}}}),
+            );
+        }
         schemas.insert(id, schema_for(rt, &version));
     }
     Some(json!({

@@ -47,6 +47,7 @@ pub(crate) fn apply(kind: PatchKind, doc: &mut Value, patch: &Value) -> Result<(
             Ok(())
         }
         PatchKind::Json => {
+            super::limits::check_json_patch_copies(doc, patch)?;
             let ops: json_patch::Patch =
                 serde_json::from_value(null_tests_on_missing_paths_pass(doc, patch))
                     .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;

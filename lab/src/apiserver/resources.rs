@@ -134,6 +134,7 @@ const BUILTINS: &[Builtin] = &[
     Builtin { group: "rbac.authorization.k8s.io", version: "v1", kind: "ClusterRoleBinding", plural: "clusterrolebindings", namespaced: CLUSTER, status: NO_STATUS, short_names: &[], categories: &[], columns: &[("Role", ".roleRef.name")] },
     Builtin { group: "networking.k8s.io", version: "v1", kind: "NetworkPolicy", plural: "networkpolicies", namespaced: NAMESPACED, status: NO_STATUS, short_names: &["netpol"], categories: &[], columns: &[] },
     Builtin { group: "authentication.k8s.io", version: "v1", kind: "TokenReview", plural: "tokenreviews", namespaced: CLUSTER, status: NO_STATUS, short_names: &[], categories: &[], columns: &[] },
+    Builtin { group: "authorization.k8s.io", version: "v1", kind: "SelfSubjectAccessReview", plural: "selfsubjectaccessreviews", namespaced: CLUSTER, status: NO_STATUS, short_names: &[], categories: &[], columns: &[] },
 ];
 
 pub(crate) const CRD_GROUP: &str = "apiextensions.k8s.io";
@@ -179,7 +180,7 @@ pub(crate) fn builtin_types() -> Vec<ResourceType> {
                     columns,
                     schema: None,
                 }],
-                create_only: b.plural == "tokenreviews",
+                create_only: matches!(b.plural, "tokenreviews" | "selfsubjectaccessreviews"),
                 from_crd: false,
             }
         })
