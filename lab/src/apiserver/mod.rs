@@ -6,7 +6,14 @@
 //! - discovery (`/version`, `/api`, `/api/v1`, `/apis`, `/apis/<g>`, `/apis/<g>/<v>`; the
 //!   legacy documents, and aggregated discovery apidiscovery.k8s.io/v2 on /api and /apis
 //!   when the Accept header asks for it; v2beta1-only requests get 406) and
-//!   `/openapi/v3` (index + one document per group-version, CRD schemas included);
+//!   `/openapi/v3` (index + one document per group-version, CRD schemas included) and
+//!   `/openapi/v2` (JSON, or gnostic protobuf when asked first, as kubectl 1.27 does);
+//! - protobuf request bodies for Namespace, Secret, ConfigMap, ServiceAccount and
+//!   SelfSubjectAccessReview (what kubectl 1.32+ sends; other kinds 415), answered as JSON;
+//! - SelfSubjectAccessReview: always allowed, with a reason saying there is no RBAC;
+//! - the real server's size limits and answers (`limits.rs`): 413 over 3 MiB bodies, 422
+//!   for Secret/ConfigMap data over 1 MiB and JSON-patch copies over 3 MiB, etcd's 500s for
+//!   stored objects over 1.5 MiB / 2 MiB (estimated from the emulator's JSON);
 //! - built-in kinds listed in `resources.rs` (one line each) and kinds from CRDs: applying a
 //!   CRD serves its versions, sets `NamesAccepted`/`Established`, honours scope, shortNames,
 //!   categories, `subresources.status` and `additionalPrinterColumns`; deleting it deletes
@@ -46,7 +53,8 @@
 //! and fields the same `fieldManager` applied before and omits now are removed; but no
 //! conflicts are ever reported, `force` is accepted and ignored, lists are atomic, and
 //! another manager's fields are never protected), managedFields, authentication/RBAC/admission
-//! (TokenReview always answers unauthenticated), protobuf (415), aggregated discovery
+//! (TokenReview always answers unauthenticated), protobuf responses and protobuf bodies of
+//! other kinds (415), aggregated discovery
 //! v2beta1, list snapshots (pages after the first are read from the current state, at the first
 //! page's resourceVersion: see `paging`), dryRun, foreground
 //! deletion (treated as background), namespace termination waiting for finalizers, and
