@@ -1,5 +1,14 @@
 //! In-memory object store: objects indexed by (resource, namespace, name), a global
-//! resourceVersion, a bounded event history for watches, uid and owner indexes for GC.
+//! resourceVersion, and the writes (create, update, patch, apply) with each kind's server
+//! behaviour. Split by concern: `watch` (the change bus, its bounded history, filters,
+//! watch starts) and `delete` (deletion, finalizers, namespace contents, the uid and owner
+//! indexes and ownerReference garbage collection).
+
+mod delete;
+mod watch;
+
+use watch::Record;
+pub(crate) use watch::{BUS_CAPACITY, BusMsg, EventType, Filter};
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
@@ -17,48 +26,7 @@ use super::prune;
 use super::resources::{
     self, CRD_GROUP, CRD_PLURAL, ResKey, ResourceType, builtin_types, crd_to_type,
 };
-use super::selector::{FieldSelector, LabelSelector};
 use super::views::View;
-
-/// Watch events kept for resuming watches from an older resourceVersion.
-pub(crate) const HISTORY_LIMIT: usize = 10_000;
-/// Messages a watcher may fall behind before it is told 410 Gone and must relist.
-pub(crate) const BUS_CAPACITY: usize = 16_384;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum EventType {
-    Added,
-    Modified,
-    Deleted,
-}
-
-impl EventType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Added => "ADDED",
-            Self::Modified => "MODIFIED",
-            Self::Deleted => "DELETED",
-        }
-    }
-}
-
-/// One change, as remembered for watches. `old` lets filtered watches see objects leave.
-#[derive(Debug)]
-pub(crate) struct Record {
-    pub rv: u64,
-    pub res: ResKey,
-    pub ns: String,
-    pub ty: EventType,
-    pub object: Arc<Value>,
-    pub old: Option<Arc<Value>>,
-}
-
-#[derive(Clone, Debug)]
-pub(crate) enum BusMsg {
-    Event(Arc<Record>),
-    /// Test fault: every open watch ends with 410 Gone.
-    Expire,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub(crate) struct ObjKey {
@@ -91,56 +59,6 @@ pub(crate) struct ListPage {
     /// Keys after the last object served, matching the filter or not: a real server bases
     /// `continue` on keys too, so a filtered page may be short and still continue.
     pub keys_after: usize,
-}
-
-/// Which objects a list or watch sees.
-#[derive(Clone, Debug)]
-pub(crate) struct Filter {
-    pub res: ResKey,
-    pub ns: Option<String>,
-    pub labels: LabelSelector,
-    pub fields: FieldSelector,
-}
-
-impl Filter {
-    /// No label or field selector: every key in range is an item of the list.
-    pub fn is_unfiltered(&self) -> bool {
-        self.labels.is_empty() && self.fields.is_empty()
-    }
-
-    pub fn matches(&self, ns: &str, obj: &Value) -> bool {
-        self.ns.as_deref().is_none_or(|n| n == ns)
-            && self.labels.matches(obj)
-            && self.fields.matches(obj)
-    }
-
-    /// What a watcher with this filter sees of a change: objects that stop matching are
-    /// DELETED for it and objects that start matching are ADDED, as on the real server.
-    pub fn translate(&self, rec: &Record) -> Option<(EventType, Arc<Value>)> {
-        if rec.res != self.res || self.ns.as_deref().is_some_and(|n| n != rec.ns) {
-            return None;
-        }
-        let now = self.matches(&rec.ns, &rec.object);
-        match rec.ty {
-            EventType::Modified => {
-                let before = rec.old.as_ref().is_some_and(|o| self.matches(&rec.ns, o));
-                match (before, now) {
-                    (true, true) => Some((EventType::Modified, rec.object.clone())),
-                    (false, true) => Some((EventType::Added, rec.object.clone())),
-                    (true, false) => Some((EventType::Deleted, rec.object.clone())),
-                    (false, false) => None,
-                }
-            }
-            ty => now.then(|| (ty, rec.object.clone())),
-        }
-    }
-}
-
-/// What a new watch starts with.
-pub(crate) struct WatchStart {
-    pub initial: Vec<(EventType, Arc<Value>)>,
-    pub rx: broadcast::Receiver<BusMsg>,
-    pub rv: u64,
 }
 
 pub(crate) struct Inner {
@@ -365,56 +283,9 @@ impl Inner {
         page
     }
 
-    /// Every change after this resourceVersion can still be replayed to a watch.
-    pub fn history_from(&self) -> u64 {
-        self.history_from
-    }
-
     fn next_rv(&mut self) -> u64 {
         self.rv += 1;
         self.rv
-    }
-
-    fn emit(&mut self, ty: EventType, k: &ObjKey, object: Arc<Value>, old: Option<Arc<Value>>) {
-        let rec = Arc::new(Record {
-            rv: self.rv,
-            res: k.res.clone(),
-            ns: k.ns.clone(),
-            ty,
-            object,
-            old,
-        });
-        self.history.push_back(rec.clone());
-        while self.history.len() > HISTORY_LIMIT {
-            if let Some(front) = self.history.pop_front() {
-                self.history_from = front.rv;
-            }
-        }
-        // No receivers is fine: nobody is watching.
-        let _ = self.bus.send(BusMsg::Event(rec));
-    }
-
-    fn index_add(&mut self, k: &ObjKey, obj: &Value) {
-        if let Some(uid) = meta_str(obj, "uid") {
-            self.uids.insert(uid.to_string(), k.clone());
-        }
-        for owner in owner_uids(obj) {
-            self.dependents.entry(owner).or_default().insert(k.clone());
-        }
-    }
-
-    fn index_remove(&mut self, k: &ObjKey, obj: &Value) {
-        if let Some(uid) = meta_str(obj, "uid") {
-            self.uids.remove(uid);
-        }
-        for owner in owner_uids(obj) {
-            if let Some(set) = self.dependents.get_mut(&owner) {
-                set.remove(k);
-                if set.is_empty() {
-                    self.dependents.remove(&owner);
-                }
-            }
-        }
     }
 
     fn put(&mut self, k: &ObjKey, obj: Arc<Value>, old: Option<Arc<Value>>) {
@@ -434,55 +305,6 @@ impl Inner {
             EventType::Added
         };
         self.emit(ty, k, obj, old);
-    }
-
-    /// Removes an object for good; `obj` already carries the deletion's resourceVersion.
-    fn remove(&mut self, k: &ObjKey, obj: Arc<Value>, removed: &mut Vec<String>) {
-        let Some(old) = self
-            .objects
-            .get_mut(&k.res)
-            .and_then(|by_ns| by_ns.get_mut(&k.ns))
-            .and_then(|objs| objs.remove(&k.name))
-        else {
-            return;
-        };
-        self.index_remove(k, &old);
-        if let Some(uid) = meta_str(&obj, "uid") {
-            self.applied.remove(uid);
-            removed.push(uid.to_string());
-        }
-        self.emit(EventType::Deleted, k, obj.clone(), None);
-        if k.res.0 == CRD_GROUP && k.res.1 == CRD_PLURAL {
-            self.drop_crd(&obj, removed);
-        }
-    }
-
-    /// A deleted CRD takes its type and all its objects with it.
-    fn drop_crd(&mut self, crd: &Value, removed: &mut Vec<String>) {
-        let Ok(rt) = crd_to_type(crd) else { return };
-        let res = rt.key();
-        if self.types.get(&res).is_some_and(|t| t.from_crd) {
-            self.types.remove(&res);
-        }
-        let Some(by_ns) = self.objects.get(&res) else {
-            return;
-        };
-        let keys: Vec<ObjKey> = by_ns
-            .iter()
-            .flat_map(|(ns, objs)| objs.keys().map(move |n| (ns.clone(), n.clone())))
-            .map(|(ns, name)| ObjKey {
-                res: res.clone(),
-                ns,
-                name,
-            })
-            .collect();
-        for k in keys {
-            if let Some(obj) = self.get_key(&k) {
-                let stamped = self.stamp_rv(&obj);
-                self.remove(&k, stamped, removed);
-            }
-        }
-        self.objects.remove(&res);
     }
 
     fn stamp_rv(&mut self, obj: &Value) -> Arc<Value> {
@@ -880,160 +702,6 @@ impl Inner {
                 .or_default()
                 .insert(key, applied);
         }
-    }
-
-    /// DELETE: objects with finalizers only get a deletionTimestamp; others go at once,
-    /// followed by their dependents (ownerReferences) unless orphaned.
-    pub fn delete(
-        &mut self,
-        rt: &ResourceType,
-        ns: &str,
-        name: &str,
-        orphan: bool,
-    ) -> Result<Arc<Value>, ApiError> {
-        let k = key(rt, ns, name);
-        let mut removed = Vec::new();
-        let result = self.delete_one(&k, &mut removed)?;
-        if !orphan {
-            self.collect_garbage(removed);
-        }
-        Ok(result)
-    }
-
-    fn delete_one(
-        &mut self,
-        k: &ObjKey,
-        removed: &mut Vec<String>,
-    ) -> Result<Arc<Value>, ApiError> {
-        let Some(obj) = self.get_key(k) else {
-            return Err(match self.type_of(&k.res) {
-                Some(rt) => not_found(&rt, &k.name),
-                None => ApiError::new(
-                    404,
-                    "NotFound",
-                    "the server could not find the requested resource",
-                ),
-            });
-        };
-        if k.res.0.is_empty() && k.res.1 == NAMESPACES.1 {
-            self.delete_namespace_contents(&k.name, removed);
-        }
-        if has_finalizers(&obj) {
-            if obj.pointer("/metadata/deletionTimestamp").is_some() {
-                return Ok(obj);
-            }
-            let rv = self.next_rv();
-            let mut marked = (*obj).clone();
-            let m = meta(&mut marked);
-            m.insert("deletionTimestamp".into(), json!(now_rfc3339()));
-            m.insert("deletionGracePeriodSeconds".into(), json!(0));
-            m.insert("resourceVersion".into(), json!(rv.to_string()));
-            let marked = Arc::new(marked);
-            self.put(k, marked.clone(), Some(obj));
-            return Ok(marked);
-        }
-        let stamped = self.stamp_rv(&obj);
-        self.remove(k, stamped.clone(), removed);
-        Ok(stamped)
-    }
-
-    fn delete_namespace_contents(&mut self, ns: &str, removed: &mut Vec<String>) {
-        let keys: Vec<ObjKey> = self
-            .objects
-            .iter()
-            .filter_map(|(res, by_ns)| by_ns.get(ns).map(|objs| (res, objs)))
-            .flat_map(|(res, objs)| {
-                objs.keys().map(move |name| ObjKey {
-                    res: res.clone(),
-                    ns: ns.to_string(),
-                    name: name.clone(),
-                })
-            })
-            .collect();
-        for k in keys {
-            // Already gone through an earlier cascade: nothing to do.
-            let _ = self.delete_one(&k, removed);
-        }
-    }
-
-    /// Background cascading deletion of dependents whose owners are all gone.
-    fn collect_garbage(&mut self, mut removed: Vec<String>) {
-        while let Some(owner) = removed.pop() {
-            let Some(deps) = self.dependents.remove(&owner) else {
-                continue;
-            };
-            for dep in deps {
-                let Some(obj) = self.get_key(&dep) else {
-                    continue;
-                };
-                if obj.pointer("/metadata/deletionTimestamp").is_some() {
-                    continue;
-                }
-                let other_owner_alive = owner_uids(&obj)
-                    .iter()
-                    .any(|u| *u != owner && self.uids.contains_key(u));
-                if other_owner_alive {
-                    continue;
-                }
-                // Already gone through another path: nothing to do.
-                let _ = self.delete_one(&dep, &mut removed);
-            }
-        }
-    }
-
-    pub fn delete_collection(
-        &mut self,
-        rt: &ResourceType,
-        filter: &Filter,
-        orphan: bool,
-    ) -> Vec<Arc<Value>> {
-        let targets = self.list(filter);
-        let mut out = Vec::new();
-        for obj in targets {
-            let ns = meta_str(&obj, "namespace").unwrap_or_default().to_string();
-            let name = meta_str(&obj, "name").unwrap_or_default().to_string();
-            if let Ok(o) = self.delete(rt, &ns, &name, orphan) {
-                out.push(o);
-            }
-        }
-        out
-    }
-
-    /// Starts a watch: synthetic ADDED events for rv absent/"0", else replay after `rv`.
-    pub fn watch(&self, filter: &Filter, rv: Option<u64>) -> Result<WatchStart, ApiError> {
-        let rx = self.bus.subscribe();
-        let initial = match rv {
-            None | Some(0) => self
-                .list(filter)
-                .into_iter()
-                .map(|o| (EventType::Added, o))
-                .collect(),
-            Some(n) => {
-                if n < self.history_from {
-                    return Err(ApiError::gone(format!(
-                        "too old resource version: {n} ({})",
-                        self.history_from
-                    )));
-                }
-                self.history
-                    .iter()
-                    .filter(|r| r.rv > n)
-                    .filter_map(|r| filter.translate(r))
-                    .collect()
-            }
-        };
-        Ok(WatchStart {
-            initial,
-            rx,
-            rv: self.rv,
-        })
-    }
-
-    /// Test fault: forget history up to now and end every open watch with 410.
-    pub fn expire_watches(&mut self) {
-        self.history.clear();
-        self.history_from = self.rv;
-        let _ = self.bus.send(BusMsg::Expire);
     }
 }
 
