@@ -193,7 +193,10 @@ async fn a_new_run_after_a_spec_change_generates_stores_and_applies_a_new_passwo
         .await
         .expect("second run");
     let (second_secret, second_pw) = stored_password(&w, &second).await;
-    assert_ne!(first_secret, second_secret, "a new run stores in a new Secret");
+    assert_ne!(
+        first_secret, second_secret,
+        "a new run stores in a new Secret"
+    );
     assert_eq!(second_pw.len(), 24);
     assert!(qga.password_matches("root", &second_pw).expect("crypt"));
     // The earlier Secret is kept (owned): the guest held its password until this run.
@@ -239,7 +242,9 @@ async fn a_recreated_reset_stores_its_password_in_a_secret_of_its_own() {
         .delete("r", &DeleteParams::default())
         .await
         .expect("delete");
-    w.apply(&generated("r", "vm-a", 20)).await.expect("recreate");
+    w.apply(&generated("r", "vm-a", 20))
+        .await
+        .expect("recreate");
     let second: GuestPasswordReset = w
         .wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
             r.metadata.uid != first.metadata.uid && reset_succeeded_with_length(20)(r)
@@ -249,4 +254,246 @@ async fn a_recreated_reset_stores_its_password_in_a_secret_of_its_own() {
     let (second_secret, second_pw) = stored_password(&w, &second).await;
     assert_ne!(first_secret, second_secret);
     assert!(qga.password_matches("root", &second_pw).expect("crypt"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Runs: pause, deletion, a newer input and a lost lease stop agent calls at once.
+// ---------------------------------------------------------------------------------------
+use guestcred::controller::leader::{Leadership, LeaseGuard, LeaseSettings};
+use guestcred_lab::testing::{
+    ResetTest, TargetedTest, TestObject, condition_reason, secret, target0,
+};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Patch, PatchParams};
+use std::sync::Arc;
+
+/// Two real sha512crypt hashes (`openssl passwd -6`), set verbatim.
+const V1: &str = guestcred_lab::testing::SHA512;
+const V2: &str = "$6$gcOtherSalt$Dfhoo.Ig5KpAmTILCxhCnH.cnUbciLGe5wzO6JSWH/VywU5AcFbYXOf/krhYB8h4yAwZ.Yyi0FSamGvCY9rWH1";
+
+/// A crypted reset "r" of `vm` from Secret "pw" holding `value`, with a long deadline.
+async fn crypted_reset(w: &World, vm: &str, value: &str) {
+    w.apply(&secret("pw", "password", value))
+        .await
+        .expect("secret");
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .vm(vm)
+            .from_secret("pw")
+            .crypted()
+            .deadline_seconds(300),
+    )
+    .await
+    .expect("reset");
+}
+
+fn attempts_at_least(n: u32) -> impl Fn(&GuestPasswordReset) -> bool {
+    move |r: &GuestPasswordReset| target0(r).is_some_and(|t| t.attempts >= n)
+}
+
+async fn attempts(w: &World) -> u32 {
+    let r: GuestPasswordReset = w.get(NS, "r").await;
+    target0(&r).map_or(0, |t| t.attempts)
+}
+
+#[tokio::test]
+async fn pausing_stops_the_retries_of_a_target_already_in_flight() {
+    let w = World::start(WorldOptions::default()).await.expect("world");
+    // No agent: the target fails transiently and is retried.
+    w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
+    crypted_reset(&w, "vm-a", V1).await;
+    w.wait_for(NS, "r", WAIT, attempts_at_least(2))
+        .await
+        .expect("retrying");
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .vm("vm-a")
+            .from_secret("pw")
+            .crypted()
+            .deadline_seconds(300)
+            .paused(),
+    )
+    .await
+    .expect("pause");
+    w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, condition_reason("Paused"))
+        .await
+        .expect("the run stopped for the pause");
+    let calls = w.agent_calls("set-password");
+    let seen = attempts(&w).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(attempts(&w).await, seen, "no attempt after the pause");
+    assert_eq!(
+        w.agent_calls("set-password"),
+        calls,
+        "no agent call after the pause"
+    );
+}
+
+#[tokio::test]
+async fn deleting_stops_the_retries_of_a_target_already_in_flight() {
+    let w = World::start(WorldOptions::default()).await.expect("world");
+    w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
+    crypted_reset(&w, "vm-a", V1).await;
+    w.wait_for(NS, "r", WAIT, attempts_at_least(2))
+        .await
+        .expect("retrying");
+    let resets: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
+    resets
+        .delete("r", &DeleteParams::default())
+        .await
+        .expect("delete");
+    // A call already sent may still finish; none starts after it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls = w.agent_calls("set-password");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        w.agent_calls("set-password"),
+        calls,
+        "no agent call after deletion"
+    );
+}
+
+#[tokio::test]
+async fn a_secret_rotated_mid_run_is_the_only_value_later_targets_get() {
+    let w = World::start(WorldOptions {
+        nodes: 2,
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("world");
+    let a = w
+        .add_vm(
+            &vm(NS, "vm-a", "node-1").label("tier", "db"),
+            Some(HostQgaOptions::default()),
+        )
+        .await
+        .expect("vm")
+        .expect("agent");
+    // vm-b has no agent yet: the run waits on it (retrying) with vm-c not started.
+    w.add_vm(&vm(NS, "vm-b", "node-1").label("tier", "db"), None)
+        .await
+        .expect("vm");
+    let c = w
+        .add_vm(
+            &vm(NS, "vm-c", "node-2").label("tier", "db"),
+            Some(HostQgaOptions::default()),
+        )
+        .await
+        .expect("vm")
+        .expect("agent");
+    w.apply(&secret("pw", "password", V1))
+        .await
+        .expect("secret");
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .selector("tier", "db")
+            .from_secret("pw")
+            .crypted()
+            .max_concurrency(1)
+            .deadline_seconds(300),
+    )
+    .await
+    .expect("reset");
+    w.wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
+        r.status.as_ref().is_some_and(|s| {
+            s.run
+                .targets
+                .iter()
+                .any(|t| t.vm == "vm-b" && t.attempts >= 2)
+        })
+    })
+    .await
+    .expect("vm-b retrying");
+    assert_eq!(a.shadow_hash("root").expect("shadow").as_deref(), Some(V1));
+    w.apply(&secret("pw", "password", V2))
+        .await
+        .expect("rotate");
+    // Give the controller time to see the new version, then let vm-b answer.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = w
+        .start_agent(&vm(NS, "vm-b", "node-1"), &HostQgaOptions::default())
+        .expect("agent");
+    let done: GuestPasswordReset = w
+        .wait_for(
+            NS,
+            "r",
+            Duration::from_secs(60),
+            |r: &GuestPasswordReset| {
+                r.status.as_ref().is_some_and(|s| {
+                    s.run.phase == Some(Phase::Succeeded)
+                        && s.run.observed_generation == r.metadata.generation
+                        && s.run.targets.len() == 3
+                }) && a.shadow_hash("root").ok().flatten().as_deref() == Some(V2)
+            },
+        )
+        .await
+        .expect("the run finishes with the new value");
+    for (vm, agent) in [("vm-a", &a), ("vm-b", &b), ("vm-c", &c)] {
+        assert_eq!(
+            agent.shadow_hash("root").expect("shadow").as_deref(),
+            Some(V2),
+            "{vm} ends with the newest value"
+        );
+    }
+    // vm-c (alone on node-2) was not started before the rotation: it got V2 only, once.
+    assert_eq!(w.agent_calls_on("node-2", "set-password"), 1, "{done:#?}");
+}
+
+#[tokio::test]
+async fn a_replica_whose_lease_ran_out_starts_no_agent_call() {
+    let mut w = World::start(WorldOptions {
+        start_controller: false,
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("world");
+    // The test plays the elector: the Lease names "old" until it runs out.
+    let leases: Api<Lease> = Api::namespaced(w.client.clone(), NS);
+    let hold = |holder: &str| Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some("gc-lease".into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(4),
+            renew_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            ..Default::default()
+        }),
+    };
+    let pp = PatchParams::apply("test-elector").force();
+    leases
+        .patch("gc-lease", &pp, &Patch::Apply(hold("old")))
+        .await
+        .expect("lease");
+    let settings = LeaseSettings {
+        name: "gc-lease".into(),
+        namespace: NS.into(),
+        identity: "old".into(),
+        duration_seconds: 4,
+        grace_seconds: 1,
+    };
+    w.start_controller_with(Leadership::Lease(Arc::new(LeaseGuard::new(
+        w.client.clone(),
+        &settings,
+    ))));
+    w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
+    crypted_reset(&w, "vm-a", V1).await;
+    w.wait_for(NS, "r", WAIT, attempts_at_least(1))
+        .await
+        .expect("calls while leading");
+    // "old" stops renewing; once the lease ran out, "new" takes it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    leases
+        .patch("gc-lease", &pp, &Patch::Apply(hold("new")))
+        .await
+        .expect("takeover");
+    let calls = w.agent_calls("set-password");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        w.agent_calls("set-password"),
+        calls,
+        "the old leader called an agent after the new one took over"
+    );
 }

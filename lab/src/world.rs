@@ -406,6 +406,12 @@ impl World {
 
     /// (Re)start the controller, as after a crash: nothing survives but the API objects.
     pub fn start_controller(&mut self) {
+        self.start_controller_with(Default::default());
+    }
+
+    /// (Re)start the controller with `leadership` checked before each agent call (a test
+    /// can play the elector by writing the Lease itself).
+    pub fn start_controller_with(&mut self, leadership: guestcred::controller::leader::Leadership) {
         let mut rx = self.shutdown.subscribe();
         let _ = self.shutdown.send(false);
         let stop = async move {
@@ -417,7 +423,15 @@ impl World {
         let metrics = self.metrics.clone();
         let name = self.controller_name.clone();
         self.controller = Some(self.runtime.spawn(async move {
-            guestcred::controller::start(client, access, &name, settings, metrics, stop).await;
+            let setup = guestcred::controller::Setup {
+                client,
+                access,
+                name,
+                settings,
+                metrics,
+                leadership,
+            };
+            guestcred::controller::start(setup, stop).await;
         }));
     }
 
@@ -441,11 +455,18 @@ impl World {
         let settings = self.settings.clone();
         let metrics = self.metrics.clone();
         self.runtime.spawn(async move {
-            let Ok((lost, _elector)) = acquire(client.clone(), &lease).await else {
+            let Ok((lost, _elector, leadership)) = acquire(client.clone(), &lease).await else {
                 return;
             };
-            guestcred::controller::start(client, access, &lease.identity, settings, metrics, lost)
-                .await;
+            let setup = guestcred::controller::Setup {
+                client,
+                access,
+                name: lease.identity.clone(),
+                settings,
+                metrics,
+                leadership,
+            };
+            guestcred::controller::start(setup, lost).await;
         })
     }
 
@@ -656,9 +677,40 @@ impl World {
         String::from_utf8(s.data.expect("data")["password"].0.clone()).expect("utf-8")
     }
 
+    /// Guest agent calls the shims of every node finished for `operation` (e.g.
+    /// `set-password`, `ssh-keys-get`), whatever their result, read from their metrics.
+    pub fn agent_calls(&self, operation: &str) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| self.agent_calls_on(&n.name, operation))
+            .sum()
+    }
+
+    /// Like [`World::agent_calls`], for the shim of one node.
+    pub fn agent_calls_on(&self, node: &str, operation: &str) -> u64 {
+        let label = format!("operation=\"{operation}\"");
+        self.nodes
+            .iter()
+            .filter(|n| n.name == node)
+            .flat_map(|n| {
+                n.app
+                    .metrics()
+                    .encode()
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("guestcred_shim_agent_calls_total{") && l.contains(&label)
+                    })
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
     /// Everything the operator wrote that a user or a log pipeline can read: the captured
     /// logs and panic messages, the status of both kinds, Events of both APIs, and the
     /// metrics of the controller and every shim.
+    ///
+    /// (See [`World::agent_calls`] for counting calls.)
     pub async fn everything_visible(&self) -> String {
         let logs = self
             .logs

@@ -6,8 +6,8 @@
 pub mod context;
 pub mod engine;
 pub mod error;
-pub mod keypair;
 pub mod key_ownership;
+pub mod keypair;
 pub mod keys;
 pub mod leader;
 pub mod lenient;
@@ -35,6 +35,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
+use leader::Leadership;
 use secrecy::SecretString;
 use shims::{ShimAccess, ShimDirectory};
 use std::collections::BTreeMap;
@@ -173,13 +174,17 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         tls,
         request_timeout: Duration::from_secs(args.shim_request_timeout_seconds),
     };
+    let setup = |client: Client, leadership| Setup {
+        client,
+        access,
+        name: args.controller_name.clone(),
+        settings: EngineSettings::default(),
+        metrics: metrics.clone(),
+        leadership,
+    };
     let Some(lease) = args.lease() else {
         start(
-            client,
-            access,
-            &args.controller_name,
-            EngineSettings::default(),
-            metrics,
+            setup(client, Leadership::Always),
             crate::runtime::signals::shutdown_signal(),
         )
         .await;
@@ -188,7 +193,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     // A standby is healthy and ready while it waits for the lease (a rollout of two
     // replicas must not wait for the follower to become leader).
     metrics.set_ready(true);
-    let (lost, elector) = tokio::select! {
+    let (lost, elector, leadership) = tokio::select! {
         acquired = leader::acquire(client.clone(), &lease) => acquired?,
         _ = crate::runtime::signals::shutdown_signal() => return Ok(()),
     };
@@ -202,15 +207,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             }
         }
     };
-    start(
-        client,
-        access,
-        &args.controller_name,
-        EngineSettings::default(),
-        metrics,
-        stop,
-    )
-    .await;
+    start(setup(client, leadership), stop).await;
     elector.abort();
     if futures::FutureExt::now_or_never(lost).is_some() {
         anyhow::bail!(
@@ -221,15 +218,32 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Run both controllers until `shutdown` resolves (then in-flight reconciles finish).
+/// What a controller runs with.
+pub struct Setup {
+    pub client: Client,
+    pub access: ShimAccess,
+    /// Name reported as the source of Events.
+    pub name: String,
+    pub settings: EngineSettings,
+    pub metrics: Arc<ControllerMetrics>,
+    /// Checked before each agent call.
+    pub leadership: Leadership,
+}
+
+/// Run both controllers until `shutdown` resolves (then in-flight reconciles finish, but
+/// start no agent call once leadership is lost).
 pub async fn start(
-    client: Client,
-    access: ShimAccess,
-    controller_name: &str,
-    settings: EngineSettings,
-    metrics: Arc<ControllerMetrics>,
+    setup: Setup,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let Setup {
+        client,
+        access,
+        name: controller_name,
+        settings,
+        metrics,
+        leadership,
+    } = setup;
     let (shims, shim_watch) = ShimDirectory::start(client.clone(), access);
     let shim_task = tokio::spawn(shim_watch);
 
@@ -258,6 +272,7 @@ pub async fn start(
         shims,
         settings,
         metrics,
+        leadership,
         resets: resets.store(),
         rebuilds: rebuilds.store(),
         secret_versions,

@@ -15,10 +15,29 @@ pub enum Stop {
     Deleted,
     /// The spec changed under the run: reconcile again with the new one.
     SpecChanged,
+    /// The input Secret changed under the run: no call with the older value starts; the
+    /// run starts again with the newest value.
+    InputChanged,
+    /// This replica no longer holds the leader Lease: another one drives the object now.
+    LostLeadership,
     /// `spec.paused` was set.
     Paused,
     /// More targets failed than `maxFailures` allows: the rest are skipped.
     FailureBudgetExhausted,
+}
+
+impl Stop {
+    /// Why, for a target's message.
+    pub fn note(self) -> &'static str {
+        match self {
+            Self::Deleted => "the object is being deleted",
+            Self::SpecChanged => "the spec changed; the next run uses the new one",
+            Self::InputChanged => "the input Secret changed; the next run uses the new value",
+            Self::LostLeadership => "this controller replica is no longer the leader",
+            Self::Paused => "paused",
+            Self::FailureBudgetExhausted => "the failure budget (maxFailures) is exhausted",
+        }
+    }
 }
 
 /// What the scheduler does next.
@@ -38,11 +57,38 @@ pub struct Latest<'a> {
     pub deleting: bool,
     /// Its generation is newer than the one the run started from.
     pub spec_changed: bool,
+    /// The input Secret's resourceVersion (in the controller's cache) is not the one the
+    /// run read.
+    pub input_changed: bool,
+    /// This replica holds the leader Lease (always, without leader election).
+    pub leading: bool,
     pub rollout: &'a RolloutSpec,
 }
 
-/// The next step of a run: checks the object (gone, changed, paused), the failure budget
-/// and the concurrency limit, then picks the first unfinished target at or after `cursor`
+/// Whether no agent call may start now for this object (a new target or a retry): it is
+/// gone or being deleted, this replica lost the lease, its spec or input changed, or it
+/// is paused. Calls already sent finish (or time out).
+pub fn halt(latest: Option<&Latest<'_>>) -> Option<Stop> {
+    let Some(latest) = latest else {
+        return Some(Stop::Deleted);
+    };
+    if latest.deleting {
+        Some(Stop::Deleted)
+    } else if !latest.leading {
+        Some(Stop::LostLeadership)
+    } else if latest.spec_changed {
+        Some(Stop::SpecChanged)
+    } else if latest.input_changed {
+        Some(Stop::InputChanged)
+    } else if latest.rollout.paused {
+        Some(Stop::Paused)
+    } else {
+        None
+    }
+}
+
+/// The next step of a run: checks the object ([`halt`]), the failure budget and the
+/// concurrency limit, then picks the first unfinished target at or after `cursor`
 /// (targets before it were started already).
 pub fn next_step(
     latest: Option<&Latest<'_>>,
@@ -50,18 +96,12 @@ pub fn next_step(
     cursor: usize,
     in_flight: usize,
 ) -> Next {
+    if let Some(stop) = halt(latest) {
+        return Next::Stop(stop);
+    }
     let Some(latest) = latest else {
         return Next::Stop(Stop::Deleted);
     };
-    if latest.deleting {
-        return Next::Stop(Stop::Deleted);
-    }
-    if latest.spec_changed {
-        return Next::Stop(Stop::SpecChanged);
-    }
-    if latest.rollout.paused {
-        return Next::Stop(Stop::Paused);
-    }
     let failed = targets
         .iter()
         .filter(|t| t.state == TargetState::Failed)
@@ -213,7 +253,8 @@ pub enum Requeue {
     OnChange,
 }
 
-/// After a run: a changed spec is picked up at once; a paused object waits for its spec;
+/// After a run: a changed spec or input is picked up at once; a paused object waits for
+/// its spec; a replica that lost the lease leaves the object to the new leader;
 /// unfinished targets (e.g. the object was gone mid-run) are looked at again in a few
 /// seconds; otherwise the next TTL expiry, if any.
 pub fn requeue_after_run(
@@ -222,8 +263,8 @@ pub fn requeue_after_run(
     next_expiry: Option<Duration>,
 ) -> Requeue {
     match stop {
-        Some(Stop::SpecChanged) => Requeue::After(Duration::from_millis(100)),
-        Some(Stop::Paused) => Requeue::OnChange,
+        Some(Stop::SpecChanged | Stop::InputChanged) => Requeue::After(Duration::from_millis(100)),
+        Some(Stop::Paused | Stop::LostLeadership) => Requeue::OnChange,
         _ if unfinished => Requeue::After(Duration::from_secs(5)),
         _ => next_expiry.map_or(Requeue::OnChange, Requeue::After),
     }
@@ -310,6 +351,8 @@ mod tests {
         Latest {
             deleting: false,
             spec_changed: false,
+            input_changed: false,
+            leading: true,
             rollout,
         }
     }
@@ -378,6 +421,41 @@ mod tests {
             next_step(Some(&changed), &ts, 0, 0),
             Next::Stop(Stop::SpecChanged)
         );
+    }
+
+    #[test]
+    fn a_changed_input_secret_stops_the_run() {
+        let r = rollout(10, 0);
+        let changed = Latest {
+            input_changed: true,
+            ..latest(&r)
+        };
+        let ts = targets(&[Pending]);
+        assert_eq!(
+            next_step(Some(&changed), &ts, 0, 0),
+            Next::Stop(Stop::InputChanged)
+        );
+    }
+
+    #[test]
+    fn a_replica_without_the_lease_starts_nothing_whatever_else_holds() {
+        let r = RolloutSpec {
+            paused: true,
+            ..rollout(10, 0)
+        };
+        let follower = Latest {
+            leading: false,
+            spec_changed: true,
+            input_changed: true,
+            ..latest(&r)
+        };
+        assert_eq!(halt(Some(&follower)), Some(Stop::LostLeadership));
+    }
+
+    #[test]
+    fn nothing_halts_a_leading_unchanged_unpaused_object() {
+        let r = rollout(10, 0);
+        assert_eq!(halt(Some(&latest(&r))), None);
     }
 
     #[test]
@@ -591,10 +669,20 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_spec_is_picked_up_at_once() {
+    fn a_changed_spec_or_input_is_picked_up_at_once() {
+        for stop in [Stop::SpecChanged, Stop::InputChanged] {
+            assert_eq!(
+                requeue_after_run(Some(stop), true, None),
+                Requeue::After(Duration::from_millis(100))
+            );
+        }
+    }
+
+    #[test]
+    fn a_replica_that_lost_the_lease_leaves_the_object_alone() {
         assert_eq!(
-            requeue_after_run(Some(Stop::SpecChanged), true, None),
-            Requeue::After(Duration::from_millis(100))
+            requeue_after_run(Some(Stop::LostLeadership), true, None),
+            Requeue::OnChange
         );
     }
 

@@ -18,6 +18,48 @@ use kube::runtime::events::EventType;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The object as an agent call about to start sees it: its latest cached copy, whether
+/// this replica leads, whether the input Secret moved on from the run's version.
+pub(super) struct Observed<K> {
+    latest: Option<Arc<K>>,
+    leading: bool,
+    input_changed: bool,
+    started_generation: Option<i64>,
+}
+
+impl<K: RunKind> Observed<K> {
+    /// `run_secret_version`: the input Secret's resourceVersion the run read (None for
+    /// inputs not read from a Secret). A Secret missing from the cache (not synced, or
+    /// not listable) counts as unchanged: only a newer version seen stops the run.
+    pub(super) async fn now(obj: &K, ctx: &Context, run_secret_version: Option<&str>) -> Self {
+        let ns = obj.namespace().unwrap_or_default();
+        let input_changed = obj.input_secret().is_some_and(|s| {
+            ctx.secret_version(&ns, &s.name)
+                .is_some_and(|seen| Some(seen.as_str()) != run_secret_version)
+        });
+        Self {
+            latest: obj.latest(ctx),
+            leading: ctx.leadership.is_leading().await,
+            input_changed,
+            started_generation: obj.meta().generation,
+        }
+    }
+
+    pub(super) fn view(&self) -> Option<Latest<'_>> {
+        self.latest.as_ref().map(|l| Latest {
+            deleting: l.meta().deletion_timestamp.is_some(),
+            spec_changed: l.meta().generation > self.started_generation,
+            input_changed: self.input_changed,
+            leading: self.leading,
+            rollout: l.rollout(),
+        })
+    }
+
+    pub(super) fn halt(&self) -> Option<Stop> {
+        decide::halt(self.view().as_ref())
+    }
+}
+
 /// Drive a run until no target is left to start and none is in flight.
 pub(super) async fn drive<K: RunKind>(
     obj: Arc<K>,
@@ -34,18 +76,15 @@ pub(super) async fn drive<K: RunKind>(
     let mut cursor = 0usize;
     let mut flush = tokio::time::interval(ctx.settings.status_flush_interval);
     let mut stop: Option<Stop> = None;
+    let run_secret_version = lock(&shared).status.input_secret_version.clone();
 
     loop {
         // Start as many targets as the (latest) rollout settings allow.
         while stop.is_none() {
-            let latest = obj.latest(&ctx);
-            let view = latest.as_ref().map(|l| Latest {
-                deleting: l.meta().deletion_timestamp.is_some(),
-                spec_changed: l.meta().generation > obj.meta().generation,
-                rollout: l.rollout(),
-            });
+            let observed = Observed::now(obj.as_ref(), &ctx, run_secret_version.as_deref()).await;
             let next = {
                 let st = lock(&shared);
+                let view = observed.view();
                 decide::next_step(view.as_ref(), &st.status.targets, cursor, in_flight.len())
             };
             match next {
@@ -57,6 +96,7 @@ pub(super) async fn drive<K: RunKind>(
                         input.clone(),
                         shared.clone(),
                         idx,
+                        run_secret_version.clone(),
                     ));
                 }
                 Next::Wait => break,
@@ -87,6 +127,10 @@ pub(super) async fn drive<K: RunKind>(
     }
 
     let mut status = lock(&shared).status.clone();
+    if stop == Some(Stop::LostLeadership) {
+        // The new leader owns the object's status now.
+        return Ok(Action::await_change());
+    }
     decide::finish(&mut status, obj.meta().generation, stop, &now());
     let next_expiry = expire_due(obj.as_ref(), &ctx, &mut status).await;
     status::write(&ctx, obj.as_ref(), &status).await?;

@@ -1,6 +1,7 @@
 //! One target's attempts: find its node, shim and user, apply, retry transient failures
 //! with jittered exponential backoff until the target's deadline, and record the outcome.
 use super::decide;
+use super::schedule::Observed;
 use super::status::{self, Shared, lock};
 use super::{Outcome, RunKind, now};
 use crate::api::{Reason, TargetState};
@@ -26,6 +27,7 @@ pub(super) async fn run_target<K: RunKind>(
     input: Arc<K::Input>,
     shared: Shared,
     idx: usize,
+    run_secret_version: Option<String>,
 ) {
     let _in_flight = ctx.metrics.target_started(&K::kind(&()));
     let deadline_secs = obj.rollout().deadline_seconds;
@@ -53,6 +55,18 @@ pub(super) async fn run_target<K: RunKind>(
                 last,
             };
             return fail(&ctx, obj.as_ref(), &shared, idx, &e).await;
+        }
+        // Pause, deletion, a newer spec or input, or a lost lease: no new agent call, not
+        // even a retry; the target waits for the next run (a call sent already finished).
+        let observed = Observed::now(obj.as_ref(), &ctx, run_secret_version.as_deref()).await;
+        if let Some(stop) = observed.halt() {
+            let mut st = lock(&shared);
+            let t = &mut st.status.targets[idx];
+            t.state = TargetState::Pending;
+            t.next_attempt_time = None;
+            t.message = Some(format!("not started again: {}", stop.note()));
+            st.dirty = true;
+            return;
         }
         lock(&shared).status.targets[idx].attempts += 1;
         let attempt = attempt_once(obj.as_ref(), &ctx, &input, &shared, idx, &vm);
