@@ -418,7 +418,10 @@ impl Drop for HostQga {
 /// every scheme the guests use: yescrypt, sha512crypt, ...). The password goes on stdin.
 pub fn crypt_matches(password: &str, hash: &str) -> Result<bool, HostQgaError> {
     let mut child = Command::new("perl")
-        .args(["-e", "my $p = <STDIN>; chomp $p; print crypt($p, $ARGV[0]) // ''"])
+        .args([
+            "-e",
+            "my $p = <STDIN>; chomp $p; print crypt($p, $ARGV[0]) // ''",
+        ])
         .arg(hash)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -36,20 +36,10 @@ pub fn signal(qga: &crate::hostqga::HostQga, sig: &str) {
     assert!(ok, "kill {sig} {}", qga.pid());
 }
 
-/// Does `hash` (from /etc/shadow) verify `password`? Uses the system's crypt(3).
+/// Does `hash` (from /etc/shadow) verify `password`? Uses the system's crypt(3), with the
+/// password on stdin (never in a process argument).
 pub fn verifies(password: &str, hash: &str) -> bool {
-    let out = std::process::Command::new("python3")
-        .args([
-            "-W",
-            "ignore",
-            "-c",
-            "import crypt,sys; print(crypt.crypt(sys.argv[1], sys.argv[2]) == sys.argv[2])",
-            password,
-            hash,
-        ])
-        .output()
-        .expect("python3 with the crypt module verifies hashes");
-    String::from_utf8_lossy(&out.stdout).trim() == "True"
+    crate::hostqga::crypt_matches(password, hash).expect("perl's crypt(3) verifies hashes")
 }
 
 /// alice's password hash in the guest of `qga` ("" when she has none).
