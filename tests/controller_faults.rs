@@ -32,7 +32,7 @@ async fn a_restart_between_storing_and_applying_applies_the_stored_password() {
     w.wait_for::<GuestPasswordReset>(NS, "gen", WAIT, target_reason("AgentTimeout"))
         .await
         .expect("AgentTimeout while the agent is frozen");
-    let stored = w.output_password(NS, "gen-vm-a-password").await;
+    let stored = w.output_password(NS, "gen", "vm-a").await;
     w.kill_controller();
     signal(&qga, "-CONT");
     w.start_controller();
@@ -42,7 +42,7 @@ async fn a_restart_between_storing_and_applying_applies_the_stored_password() {
         .expect("finishes after restart");
     assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
     assert_eq!(
-        w.output_password(NS, "gen-vm-a-password").await,
+        w.output_password(NS, "gen", "vm-a").await,
         stored,
         "never a second password"
     );
@@ -134,7 +134,7 @@ async fn no_secret_appears_in_logs_events_or_status() {
     w.wait_for::<GuestPasswordReset>(NS, "bad", WAIT, condition_reason("InvalidPassword"))
         .await
         .expect("bad password refused");
-    let generated_pw = w.output_password(NS, "gen-vm-a-password").await;
+    let generated_pw = w.output_password(NS, "gen", "vm-a").await;
 
     let haystack = w.everything_visible().await;
     let events: Api<Event> = Api::all(w.client.clone());

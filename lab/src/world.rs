@@ -671,9 +671,17 @@ impl World {
             .collect()
     }
 
-    /// The password stored in output Secret `ns/name`.
-    pub async fn output_password(&self, ns: &str, name: &str) -> String {
-        let s: Secret = self.get(ns, name).await;
+    /// The password stored for VM `vm` by reset `reset`: asserts there is exactly one
+    /// output Secret for them (one run, never a second password).
+    pub async fn output_password(&self, ns: &str, reset: &str, vm: &str) -> String {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let selector = format!("guestcred.io/reset={reset},guestcred.io/vm={vm}");
+        let list = secrets
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .expect("output secrets");
+        assert_eq!(list.items.len(), 1, "one output Secret for {reset}/{vm}");
+        let s = list.items.into_iter().next().expect("one");
         String::from_utf8(s.data.expect("data")["password"].0.clone()).expect("utf-8")
     }
 
