@@ -760,3 +760,47 @@ async fn register_restart_api(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lab_net_is_a_private_slash_30_with_short_interface_names() {
+        let net = LabNet::for_state_dir(Path::new("/tmp/some-lab"));
+        let host: std::net::Ipv4Addr = net.host_ip.parse().expect("IPv4");
+        let peer: std::net::Ipv4Addr = net.peer_ip.parse().expect("IPv4");
+        assert_eq!(host.octets()[..2], [10, 250]);
+        assert_eq!(u32::from(host) & !3, u32::from(peer) & !3, "one /30");
+        assert_eq!(u32::from(host) & 3, 1);
+        assert_eq!(u32::from(peer) & 3, 2);
+        // IFNAMSIZ: 15 bytes, including the temporary peer name.
+        assert!(net.host_if.len() < 15, "{}", net.host_if);
+        assert_ne!(net, LabNet::for_state_dir(Path::new("/tmp/other-lab")));
+    }
+
+    #[test]
+    fn a_component_kubeconfig_carries_the_admin_cluster_and_only_a_token() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let admin = dir.path().join("admin.kubeconfig");
+        fs::write(
+            &admin,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://127.0.0.1:6443\n    certificate-authority-data: Q0E=\nusers:\n- name: admin\n  user:\n    client-certificate-data: eA==\n    client-key-data: eQ==\n",
+        )
+        .expect("write");
+        let out = dir.path().join("sa/controller.kubeconfig");
+        write_token_kubeconfig(&admin, &out, "system:serviceaccount:ns:sa", "tok")
+            .expect("written");
+        let kc: Value =
+            serde_yaml::from_str(&fs::read_to_string(&out).expect("read")).expect("YAML");
+        assert_eq!(
+            kc["clusters"][0]["cluster"]["server"],
+            "https://127.0.0.1:6443"
+        );
+        assert_eq!(
+            kc["clusters"][0]["cluster"]["certificate-authority-data"],
+            "Q0E="
+        );
+        assert_eq!(kc["users"][0]["user"], json!({"token": "tok"}));
+    }
+}

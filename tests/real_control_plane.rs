@@ -1,0 +1,1416 @@
+//! The operator on a REAL control plane: kube-apiserver + etcd + kube-controller-manager
+//! v1.37 (lab/controlplane, built by scripts/build-controlplane.sh), the Helm chart
+//! installed for real, the controller running as the chart's ServiceAccount with exactly
+//! the chart's RBAC (a TokenRequest token), real shims, real guests with qemu-ga, and
+//! kubevirt-lite's `restart` subresource as an aggregated API.
+//!
+//! One lab (`guestcred-lab up --control-plane real`, 1 node, 2 guests, 2 controller
+//! replicas) per test binary, shared by the tests; each test works in its own namespace,
+//! except the guest flows: lab guests live in `default`, and a reset lives with its VM.
+//! A control plane that cannot be built or started FAILS every test (never skips).
+//!
+//! Needs root (libvirtd, network namespaces) and scripts/install-deps.sh (helm, Go).
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use guestcred_lab::cluster::{self, ControlPlane, LabState, UpOptions, real};
+use guestcred_lab::guest::default_cache_dir;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+
+const NODES: usize = 1;
+const REPLICAS: usize = 2;
+/// A guest flow: shim + agent + a 128 MiB TCG guest, with a leader change in between.
+const FLOW_TIMEOUT: Duration = Duration::from_secs(240);
+
+struct Lab {
+    state: LabState,
+    admin: PathBuf,
+}
+
+static LAB: tokio::sync::OnceCell<Result<Lab, String>> = tokio::sync::OnceCell::const_new();
+
+/// The shared lab; every test fails with the reason when it could not start.
+async fn lab() -> &'static Lab {
+    let lab = LAB
+        .get_or_init(|| async {
+            let t0 = Instant::now();
+            let dir =
+                std::env::temp_dir().join(format!("guestcred-real-cp-{}", std::process::id()));
+            let opts = UpOptions {
+                nodes: NODES,
+                vms_per_node: 2,
+                state_dir: dir.clone(),
+                cache_dir: default_cache_dir(),
+                with_controller: true,
+                controller_replicas: REPLICAS,
+                shim_port: 0,
+                guestcred_bin: Some(env!("CARGO_BIN_EXE_guestcred").into()),
+                lab_bin: Some(lab_bin()),
+                owner_pid: Some(std::process::id()),
+                control_plane: ControlPlane::Real,
+                ..UpOptions::default()
+            };
+            let state = cluster::up(&opts)
+                .await
+                .map_err(|e| format!("the real control plane lab did not come up: {e}"))?
+                .into_state();
+            eprintln!(
+                "real control plane lab up in {:.1}s ({})",
+                t0.elapsed().as_secs_f64(),
+                dir.display()
+            );
+            Ok(Lab {
+                admin: state.kubeconfig.clone(),
+                state,
+            })
+        })
+        .await;
+    match lab {
+        Ok(lab) => lab,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// guestcred-lab is a binary of another package: next to the test's target dir.
+fn lab_bin() -> PathBuf {
+    let guestcred = PathBuf::from(env!("CARGO_BIN_EXE_guestcred"));
+    let bin = guestcred.with_file_name("guestcred-lab");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p guestcred-lab` (make test does)",
+        bin.display()
+    );
+    bin
+}
+
+async fn admin() -> Client {
+    real::client_from(&lab().await.admin)
+        .await
+        .expect("admin client")
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+async fn namespace(client: &Client, name: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    api.create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+}
+
+fn gvk(kind: &str) -> ApiResource {
+    let plural = match kind {
+        "GuestPasswordReset" => "guestpasswordresets",
+        "KeypairRebuild" => "keypairrebuilds",
+        other => panic!("{other}"),
+    };
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("guestcred.io", "v1alpha1", kind),
+        plural,
+    )
+}
+
+fn objects(client: &Client, ns: &str, kind: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), ns, &gvk(kind))
+}
+
+fn object(kind: &str, ns: &str, name: &str, spec: Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "guestcred.io/v1alpha1", "kind": kind,
+        "metadata": {"name": name, "namespace": ns}, "spec": spec,
+    }))
+    .expect("object")
+}
+
+async fn create(client: &Client, ns: &str, kind: &str, name: &str, spec: Value) -> DynamicObject {
+    objects(client, ns, kind)
+        .create(&PostParams::default(), &object(kind, ns, name, spec))
+        .await
+        .unwrap_or_else(|e| panic!("create {kind} {ns}/{name}: {e}"))
+}
+
+async fn secret(client: &Client, ns: &str, name: &str, data: &[(&str, &str)]) {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let string_data: BTreeMap<&str, &str> = data.iter().copied().collect();
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns}, "stringData": string_data,
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &s)
+        .await
+        .expect("create secret");
+}
+
+/// Polls `f` until it returns Some, or panics naming `what` and the last value seen.
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+fn ready(obj: &DynamicObject) -> Option<&Value> {
+    obj.data
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)?
+        .iter()
+        .find(|c| c["type"] == "Ready")
+}
+
+/// Waits until the object's Ready condition is True; returns it.
+async fn wait_ready(client: &Client, ns: &str, kind: &str, name: &str) -> DynamicObject {
+    let api = objects(client, ns, kind);
+    eventually(&format!("{kind} {ns}/{name} Ready"), FLOW_TIMEOUT, || {
+        let api = api.clone();
+        async move {
+            let obj = api.get(name).await.map_err(|e| e.to_string())?;
+            match ready(&obj) {
+                Some(c) if c["status"] == "True" => Ok(obj),
+                _ => Err(obj.data["status"].to_string()),
+            }
+        }
+    })
+    .await
+}
+
+/// What a guest shows, read through its agent (guest-exec).
+async fn guest_file(vm: &str, path: &str) -> String {
+    let out = cluster::exec(
+        &lab().await.state.state_dir,
+        vm,
+        &["cat".to_string(), path.to_string()],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("read {path} in {vm}: {e}"));
+    assert_eq!(out.exit_code, 0, "cat {path} in {vm}: {}", out.stderr);
+    out.stdout
+}
+
+async fn root_hash(vm: &str) -> String {
+    let shadow = guest_file(vm, "/etc/shadow").await;
+    shadow
+        .lines()
+        .find_map(|l| l.strip_prefix("root:"))
+        .and_then(|rest| rest.split(':').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Does `hash` verify `password`? (The system's crypt(3), through python3.)
+fn verifies(password: &str, hash: &str) -> bool {
+    guestcred_lab::testing::verifies(password, hash)
+}
+
+// ---- the audit log --------------------------------------------------------------------
+
+/// One request as the API server's audit log shows it (last stage per auditID).
+#[derive(Clone, Debug)]
+struct Audited {
+    user: String,
+    verb: String,
+    group: String,
+    resource: String,
+    subresource: String,
+    name: String,
+    namespace: String,
+    code: u16,
+    /// responseStatus.message: tells an RBAC denial ("cannot <verb> resource") from an
+    /// admission refusal with the same 403 (e.g. a terminating namespace).
+    message: String,
+}
+
+impl Audited {
+    fn rbac_denied(&self) -> bool {
+        self.code == 403 && self.message.contains(" cannot ")
+    }
+}
+
+fn audit() -> Vec<Audited> {
+    let path = real::audit_log(
+        &LAB.get()
+            .and_then(|l| l.as_ref().ok())
+            .expect("lab")
+            .state
+            .state_dir,
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut by_id: BTreeMap<String, Audited> = BTreeMap::new();
+    for line in text.lines() {
+        let Ok(e) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let s = |p: &str| {
+            e.pointer(p)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let a = Audited {
+            user: s("/user/username"),
+            verb: s("/verb"),
+            group: s("/objectRef/apiGroup"),
+            resource: s("/objectRef/resource"),
+            subresource: s("/objectRef/subresource"),
+            name: s("/objectRef/name"),
+            namespace: s("/objectRef/namespace"),
+            code: e
+                .pointer("/responseStatus/code")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as u16,
+            message: s("/responseStatus/message"),
+        };
+        by_id.insert(s("/auditID"), a);
+    }
+    by_id.into_values().collect()
+}
+
+fn sa_user(ns: &str, sa: &str) -> String {
+    format!("system:serviceaccount:{ns}:{sa}")
+}
+
+/// (group, resource[/subresource], verb) triples the rules grant (no wildcards in the chart).
+fn grants(rules: &[PolicyRule]) -> Vec<(String, String, String, Vec<String>)> {
+    let mut out = Vec::new();
+    for r in rules {
+        for g in r.api_groups.clone().unwrap_or_default() {
+            for res in r.resources.clone().unwrap_or_default() {
+                for v in &r.verbs {
+                    out.push((
+                        g.clone(),
+                        res.clone(),
+                        v.clone(),
+                        r.resource_names.clone().unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Rules of the chart's controller ClusterRole/Role that the flows here never exercise,
+/// each with why ("dead": nothing in the controller ever sends it; reported, not removed
+/// from the chart). The audit test fails when this list is wrong either way.
+const UNEXERCISED: &[(&str, &str, &str, &str)] = &[
+    (
+        "guestcred.io",
+        "guestpasswordresets",
+        "patch",
+        "dead: the controller writes only status (no finalizers, no spec or metadata writes)",
+    ),
+    (
+        "guestcred.io",
+        "guestpasswordresets",
+        "update",
+        "dead: as above",
+    ),
+    ("guestcred.io", "keypairrebuilds", "patch", "dead: as above"),
+    (
+        "guestcred.io",
+        "keypairrebuilds",
+        "update",
+        "dead: as above",
+    ),
+    (
+        "guestcred.io",
+        "guestpasswordresets/status",
+        "get",
+        "dead: one rule grants get/list/watch/patch/update on the kinds AND their status; status is only ever patched",
+    ),
+    (
+        "guestcred.io",
+        "guestpasswordresets/status",
+        "list",
+        "dead: as above",
+    ),
+    (
+        "guestcred.io",
+        "guestpasswordresets/status",
+        "watch",
+        "dead: as above",
+    ),
+    (
+        "guestcred.io",
+        "guestpasswordresets/status",
+        "update",
+        "dead: status is merge-patched, never PUT",
+    ),
+    (
+        "guestcred.io",
+        "keypairrebuilds/status",
+        "get",
+        "dead: as for guestpasswordresets/status",
+    ),
+    (
+        "guestcred.io",
+        "keypairrebuilds/status",
+        "list",
+        "dead: as above",
+    ),
+    (
+        "guestcred.io",
+        "keypairrebuilds/status",
+        "watch",
+        "dead: as above",
+    ),
+    (
+        "guestcred.io",
+        "keypairrebuilds/status",
+        "update",
+        "dead: as above",
+    ),
+    (
+        "guestcred.io",
+        "guestpasswordresets/finalizers",
+        "update",
+        "needed, but invisible here: OwnerReferencesPermissionEnforcement checks it when the controller creates an output Secret with blockOwnerDeletion; an authorization check inside admission, not a request, so the audit log cannot show it",
+    ),
+    (
+        "guestcred.io",
+        "keypairrebuilds/finalizers",
+        "update",
+        "dead: KeypairRebuild owns no objects",
+    ),
+    (
+        "kubevirt.io",
+        "virtualmachineinstances",
+        "patch",
+        "not exercised: used only for a VMI without a VirtualMachine (the key record annotation); every lab guest has a VM",
+    ),
+    (
+        "kubevirt.io",
+        "virtualmachines",
+        "list",
+        "dead: VMs are read with get only (no VM watch)",
+    ),
+    ("kubevirt.io", "virtualmachines", "watch", "dead: as above"),
+    (
+        "",
+        "pods",
+        "get",
+        "dead: shim Pods are found through the pod list/watch only",
+    ),
+    (
+        "",
+        "events",
+        "create",
+        "dead: kube-rs's Recorder publishes events.k8s.io/v1 Events only",
+    ),
+    ("", "events", "patch", "dead: as above"),
+    (
+        "events.k8s.io",
+        "events",
+        "patch",
+        "not exercised: the Recorder patches an Event only when the same one repeats (series); no flow here repeats one",
+    ),
+    (
+        "coordination.k8s.io",
+        "leases",
+        "update",
+        "dead: the lease manager renews and takes over with patch, never PUT",
+    ),
+];
+
+// ---- tests ----------------------------------------------------------------------------
+
+/// The CRDs from crds/ are accepted and their CEL rules are enforced by the API server
+/// itself: the refusal is the create/patch response (HTTP 422 with the rule's message),
+/// and the audit log shows the API server answered it to the admin, with no controller
+/// request on the object.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_server_enforces_the_crds_cel_rules() {
+    let client = admin().await;
+    let ns = unique("cel");
+    namespace(&client, &ns).await;
+    let api = objects(&client, &ns, "GuestPasswordReset");
+    let both = object(
+        "GuestPasswordReset",
+        &ns,
+        "both-targets",
+        json!({"target": {"vmName": "a", "selector": {"matchLabels": {"x": "y"}}},
+               "password": {"generate": {"length": 20}}}),
+    );
+    let err = api
+        .create(&PostParams::default(), &both)
+        .await
+        .expect_err("a one-of violation is refused");
+    let kube::Error::Api(status) = &err else {
+        panic!("expected an API refusal, got {err}")
+    };
+    assert_eq!(status.code, 422, "{status:?}");
+    assert!(
+        status
+            .message
+            .contains("set exactly one of target.vmName and target.selector"),
+        "{}",
+        status.message
+    );
+    let err = api
+        .create(
+            &PostParams::default(),
+            &object(
+                "GuestPasswordReset",
+                &ns,
+                "both-passwords",
+                json!({"target": {"vmName": "a"},
+                       "password": {"generate": {"length": 20}, "secretRef": {"name": "s", "key": "k"}}}),
+            ),
+        )
+        .await
+        .expect_err("a password one-of violation is refused");
+    assert!(
+        err.to_string()
+            .contains("set exactly one of password.secretRef and password.generate"),
+        "{err}"
+    );
+
+    // A valid object, then an edit of spec.target: the transition rule refuses it.
+    create(
+        &client,
+        &ns,
+        "GuestPasswordReset",
+        "fixed-target",
+        json!({"target": {"vmName": "no-such-vm"}, "password": {"generate": {"length": 20}}}),
+    )
+    .await;
+    let err = api
+        .patch(
+            "fixed-target",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"target": {"vmName": "other-vm"}}})),
+        )
+        .await
+        .expect_err("spec.target is immutable");
+    assert!(
+        err.to_string().contains("spec.target is immutable"),
+        "{err}"
+    );
+    let kpr = objects(&client, &ns, "KeypairRebuild");
+    let err = kpr
+        .create(
+            &PostParams::default(),
+            &object(
+                "KeypairRebuild",
+                &ns,
+                "no-keys",
+                json!({"target": {"vmName": "a"}, "user": "root",
+                       "publicKeys": {"inline": ["ssh-ed25519 AAAA x"], "secretRef": {"name": "s", "key": "k"}}}),
+            ),
+        )
+        .await
+        .expect_err("a publicKeys one-of violation is refused");
+    assert!(
+        err.to_string()
+            .contains("set exactly one of publicKeys.secretRef and publicKeys.inline"),
+        "{err}"
+    );
+
+    // The audit log: the API server answered 422 to the admin; no controller touched
+    // the refused objects (they never existed).
+    let log = audit();
+    let refused: Vec<&Audited> = log
+        .iter()
+        .filter(|a| a.namespace == ns && a.code == 422)
+        .collect();
+    assert_eq!(refused.len(), 4, "{refused:#?}");
+    assert!(
+        refused
+            .iter()
+            .all(|a| !a.user.starts_with("system:serviceaccount:"))
+    );
+    let controller = sa_user(&lab().await.state.shim_namespace, real::CONTROLLER_SA);
+    assert!(
+        !log.iter().any(|a| a.namespace == ns
+            && a.user == controller
+            && ["both-targets", "both-passwords", "no-keys"].contains(&a.name.as_str())),
+        "the controller saw a refused object"
+    );
+}
+
+fn helm_manifest(release: &str, ns: &str) -> String {
+    real::helm(
+        &lab_admin_path(),
+        &["get", "manifest", release, "--namespace", ns],
+    )
+    .expect("helm get manifest")
+}
+
+fn lab_admin_path() -> PathBuf {
+    LAB.get()
+        .and_then(|l| l.as_ref().ok())
+        .expect("lab")
+        .admin
+        .clone()
+}
+
+/// `kubectl get -f -` of a manifest: (kind/name, labels, annotations) of each object found.
+fn kubectl_get(manifest: &str) -> Vec<Value> {
+    use std::io::Write as _;
+    let mut child = Command::new("kubectl")
+        .args(["get", "-f", "-", "-o", "json", "--ignore-not-found"])
+        .arg("--kubeconfig")
+        .arg(lab_admin_path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(manifest.as_bytes())
+        .expect("write manifest");
+    let out = child.wait_with_output().expect("kubectl get");
+    assert!(
+        out.status.success(),
+        "kubectl get -f: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return Vec::new();
+    }
+    let v: Value = serde_json::from_str(&text).expect("kubectl JSON");
+    match v.get("items") {
+        Some(items) => items.as_array().cloned().unwrap_or_default(),
+        None => vec![v],
+    }
+}
+
+fn manifest_objects(manifest: &str) -> Vec<(String, String)> {
+    use serde::Deserialize as _;
+    serde_yaml::Deserializer::from_str(manifest)
+        .filter_map(|d| serde_yaml::Value::deserialize(d).ok())
+        .filter(|v| !v.is_null())
+        .map(|v| {
+            (
+                v["kind"].as_str().unwrap_or_default().to_string(),
+                v["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+/// helm install, upgrade (a values change) and uninstall of charts/guestcred against the
+/// real API server: every rendered object exists, is owned by the release, follows the
+/// upgrade, and is gone after the uninstall.
+#[tokio::test(flavor = "multi_thread")]
+async fn helm_install_upgrade_and_uninstall_for_real() {
+    let _ = lab().await;
+    let ns = unique("helm");
+    let release = "hx";
+    let kc = lab_admin_path();
+    let chart = guestcred_lab::repo_dir().join("charts/guestcred");
+    let chart = chart.to_str().expect("UTF-8");
+    let t0 = Instant::now();
+    real::helm(
+        &kc,
+        &[
+            "install",
+            release,
+            chart,
+            "--namespace",
+            &ns,
+            "--create-namespace",
+        ],
+    )
+    .expect("helm install");
+    eprintln!("helm install: {:.1}s", t0.elapsed().as_secs_f64());
+    let manifest = helm_manifest(release, &ns);
+    let want = manifest_objects(&manifest);
+    assert!(want.len() >= 10, "{want:?}");
+    let found = kubectl_get(&manifest);
+    let found_names: BTreeSet<(String, String)> = found
+        .iter()
+        .map(|o| {
+            (
+                o["kind"].as_str().unwrap_or_default().to_string(),
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    for w in &want {
+        assert!(found_names.contains(w), "{w:?} was not created");
+    }
+    for o in &found {
+        assert_eq!(
+            o["metadata"]["labels"]["app.kubernetes.io/managed-by"], "Helm",
+            "{}",
+            o["metadata"]["name"]
+        );
+        assert_eq!(
+            o["metadata"]["annotations"]["meta.helm.sh/release-name"], release,
+            "{}",
+            o["metadata"]["name"]
+        );
+        assert_eq!(
+            o["metadata"]["annotations"]["meta.helm.sh/release-namespace"],
+            ns.as_str()
+        );
+    }
+
+    // Upgrade: a values change reaches the DaemonSet's flags.
+    real::helm(
+        &kc,
+        &[
+            "upgrade",
+            release,
+            chart,
+            "--namespace",
+            &ns,
+            "--reuse-values",
+            "--set",
+            "shim.agentTimeoutSeconds=7",
+            "--set",
+            "shim.shutdownGraceSeconds=12",
+        ],
+    )
+    .expect("helm upgrade");
+    let client = admin().await;
+    let ds: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(client.clone(), &ns);
+    let ds = ds
+        .get(&format!("{release}-guestcred-shim"))
+        .await
+        .expect("DaemonSet");
+    let args = ds
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod spec")
+        .containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        args.contains(&"--agent-timeout-seconds=7".to_string()),
+        "{args:?}"
+    );
+    let history = real::helm(&kc, &["history", release, "--namespace", &ns, "-o", "json"])
+        .expect("helm history");
+    let history: Value = serde_json::from_str(&history).expect("JSON");
+    assert_eq!(history.as_array().map(Vec::len), Some(2), "{history}");
+    // The TLS Secrets survive the upgrade (the chart keeps them with `lookup`).
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let before = found
+        .iter()
+        .find(|o| {
+            o["kind"] == "Secret"
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("-shim-tls"))
+        })
+        .map(|o| o["data"]["tls.crt"].clone());
+    if let Some(before) = before {
+        let after = secrets
+            .get(&format!("{release}-guestcred-shim-tls"))
+            .await
+            .expect("shim TLS secret");
+        let after =
+            serde_json::to_value(after.data.unwrap_or_default()).unwrap()["tls.crt"].clone();
+        assert_eq!(before, after, "helm upgrade re-minted the shim certificate");
+    }
+
+    real::helm(&kc, &["uninstall", release, "--namespace", &ns, "--wait"]).expect("helm uninstall");
+    let left = kubectl_get(&manifest);
+    let left: Vec<String> = left
+        .iter()
+        .filter(|o| o["metadata"]["deletionTimestamp"].is_null())
+        .map(|o| format!("{}/{}", o["kind"], o["metadata"]["name"]))
+        .collect();
+    assert!(left.is_empty(), "left after uninstall: {left:?}");
+}
+
+/// The guest flows with the controller as the chart's ServiceAccount (chart RBAC only):
+/// a reset from a Secret, a generated one, a live key rotation and a Rebuild through the
+/// aggregated `restart` API; each reaches Ready and the guest really changed. The
+/// generated password's Secret is deleted with its reset by the real garbage collector.
+/// Then the audit log: every controller request came from its ServiceAccount, none was
+/// denied, every chart rule was used (or is listed in UNEXERCISED with why), and the
+/// shim's ServiceAccount made no request at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn guest_flows_as_the_chart_service_account_and_what_the_audit_log_shows() {
+    let lab = lab().await;
+    let client = admin().await;
+    let ns = "default";
+    let t0 = Instant::now();
+
+    // 1. From a Secret.
+    let pw = "Real-control-plane-1";
+    let sname = unique("real-pw");
+    secret(&client, ns, &sname, &[("password", pw)]).await;
+    let r1 = unique("real-from-secret");
+    create(
+        &client,
+        ns,
+        "GuestPasswordReset",
+        &r1,
+        json!({"target": {"vmName": "vm-1-1"}, "user": "root",
+               "password": {"secretRef": {"name": sname, "key": "password"}}}),
+    )
+    .await;
+    wait_ready(&client, ns, "GuestPasswordReset", &r1).await;
+    assert!(
+        verifies(pw, &root_hash("vm-1-1").await),
+        "vm-1-1 root password not set"
+    );
+    eprintln!(
+        "reset from a Secret: Ready and applied at {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // 2. Generated: the output Secret is owned by the reset and holds what the guest has.
+    let r2 = unique("real-generated");
+    create(
+        &client,
+        ns,
+        "GuestPasswordReset",
+        &r2,
+        json!({"target": {"vmName": "vm-1-2"}, "user": "root",
+               "password": {"generate": {"length": 24}}}),
+    )
+    .await;
+    let done = wait_ready(&client, ns, "GuestPasswordReset", &r2).await;
+    let out_name = done
+        .data
+        .pointer("/status/targets/0/outputSecret")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no outputSecret: {}", done.data["status"]))
+        .to_string();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let out = secrets.get(&out_name).await.expect("output Secret");
+    let owner = out.owner_references().first().cloned().expect("owned");
+    assert_eq!(owner.kind, "GuestPasswordReset");
+    assert_eq!(owner.uid, done.uid().unwrap_or_default());
+    let generated = out
+        .data
+        .as_ref()
+        .and_then(|d| d.values().next())
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .expect("a password in the output Secret");
+    assert!(
+        verifies(&generated, &root_hash("vm-1-2").await),
+        "vm-1-2 has not the generated password"
+    );
+    eprintln!(
+        "generated reset: Ready and applied at {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // Garbage collection by kube-controller-manager: the reset goes, its Secret follows.
+    objects(&client, ns, "GuestPasswordReset")
+        .delete(&r2, &DeleteParams::default())
+        .await
+        .expect("delete reset");
+    eventually(
+        "the output Secret to be garbage-collected",
+        Duration::from_secs(60),
+        || {
+            let secrets = secrets.clone();
+            let out_name = out_name.clone();
+            async move {
+                match secrets
+                    .get_opt(&out_name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    None => Ok(()),
+                    Some(_) => Err("still there".into()),
+                }
+            }
+        },
+    )
+    .await;
+    let gc = audit()
+        .into_iter()
+        .find(|a| a.verb == "delete" && a.resource == "secrets" && a.name == out_name)
+        .expect("the Secret's deletion is in the audit log");
+    assert_eq!(
+        gc.user, "system:serviceaccount:kube-system:generic-garbage-collector",
+        "{gc:?}"
+    );
+
+    // 3. Keys, live.
+    let k1 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJF3X2of517d5Kg00cGhwfj7PqWgUgbbxnZyL96Twgi5 real-live@gc";
+    let r3 = unique("real-keys-live");
+    create(
+        &client,
+        ns,
+        "KeypairRebuild",
+        &r3,
+        json!({"target": {"vmName": "vm-1-1"}, "user": "root", "mode": "Live",
+               "publicKeys": {"inline": [k1]}}),
+    )
+    .await;
+    wait_ready(&client, ns, "KeypairRebuild", &r3).await;
+    assert!(
+        guest_file("vm-1-1", "/root/.ssh/authorized_keys")
+            .await
+            .contains("real-live@gc"),
+        "key not in vm-1-1"
+    );
+    eprintln!(
+        "live keys: Ready and verified at {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // 4. Keys by Rebuild: VM spec patched, restart through the aggregated API.
+    let k2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBFIFW0uj2nPVbs2ROGbGkL4LAYWyunmSb0x+QcX5x7N real-rebuild@gc";
+    let r4 = unique("real-keys-rebuild");
+    create(
+        &client,
+        ns,
+        "KeypairRebuild",
+        &r4,
+        json!({"target": {"vmName": "vm-1-2"}, "user": "root", "mode": "Rebuild",
+               "publicKeys": {"inline": [k2]}}),
+    )
+    .await;
+    wait_ready(&client, ns, "KeypairRebuild", &r4).await;
+    assert!(
+        guest_file("vm-1-2", "/root/.ssh/authorized_keys")
+            .await
+            .contains("real-rebuild@gc"),
+        "key not in vm-1-2 after the rebuild"
+    );
+    eprintln!(
+        "rebuild: Ready and verified at {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // ---- the audit log ----
+    let sa_ns = lab.state.shim_namespace.clone();
+    let controller = sa_user(&sa_ns, real::CONTROLLER_SA);
+    let log = audit();
+    let mine: Vec<&Audited> = log.iter().filter(|a| a.user == controller).collect();
+    assert!(!mine.is_empty());
+    let denied: Vec<&&Audited> = mine.iter().filter(|a| a.rbac_denied()).collect();
+    assert!(denied.is_empty(), "RBAC denied the controller: {denied:#?}");
+    // Other 403s are admission refusals, not RBAC: Events published into a namespace
+    // that is being deleted (NamespaceLifecycle), which the emulator accepts.
+    let refused: Vec<&&Audited> = mine
+        .iter()
+        .filter(|a| a.code == 403 && !a.rbac_denied())
+        .collect();
+    eprintln!("403s that are not RBAC denials: {refused:#?}");
+    assert!(
+        refused
+            .iter()
+            .all(|a| a.message.contains("because it is being terminated")),
+        "{refused:#?}"
+    );
+    // The restart went through the aggregator as the controller's ServiceAccount.
+    assert!(
+        mine.iter().any(|a| a.group == "subresources.kubevirt.io"
+            && a.subresource == "restart"
+            && a.verb == "update"
+            && a.code < 300),
+        "no restart by the controller in the audit log"
+    );
+    // The shim never calls the API (the chart mounts no token for it).
+    let shim = sa_user(&sa_ns, real::SHIM_SA);
+    assert!(
+        !log.iter().any(|a| a.user == shim),
+        "the shim's ServiceAccount made requests"
+    );
+    // The processes run with exactly the ServiceAccount kubeconfigs (token only).
+    let state = LabState::load(&lab.state.state_dir).expect("lab state");
+    for pid in state
+        .controller
+        .iter()
+        .chain(&state.controller_replicas)
+        .map(|p| p.pid)
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if env.is_empty() {
+            continue; // the leader killed by the leader-election test (a zombie)
+        }
+        let want = format!(
+            "KUBECONFIG={}",
+            real::sa_kubeconfig(&state.state_dir, "controller").display()
+        );
+        assert!(
+            env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()),
+            "controller pid {pid} does not run with the ServiceAccount kubeconfig"
+        );
+    }
+    let kc = std::fs::read_to_string(real::sa_kubeconfig(&state.state_dir, "controller"))
+        .expect("controller kubeconfig");
+    assert!(kc.contains("token:") && !kc.contains("client-key"), "{kc}");
+
+    // Every rule of the chart's controller ClusterRole and leader-election Role.
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    let cr = roles
+        .get(real::CONTROLLER_SA)
+        .await
+        .expect("controller ClusterRole");
+    let le: Api<k8s_openapi::api::rbac::v1::Role> = Api::namespaced(client.clone(), &sa_ns);
+    let le = le
+        .get(&format!("{}-leader-election", real::CONTROLLER_SA))
+        .await
+        .expect("leader-election Role");
+    let mut unused = Vec::new();
+    for (group, res, verb, names) in grants(&cr.rules.unwrap_or_default())
+        .into_iter()
+        .chain(grants(&le.rules.unwrap_or_default()))
+    {
+        let (resource, sub) = res.split_once('/').unwrap_or((res.as_str(), ""));
+        let used = mine.iter().any(|a| {
+            a.group == group
+                && a.resource == resource
+                && a.subresource == sub
+                && a.verb == verb
+                && (names.is_empty() || names.contains(&a.name))
+        });
+        if !used {
+            unused.push((group, res.clone(), verb));
+        }
+    }
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for a in &mine {
+        let res = if a.subresource.is_empty() {
+            a.resource.clone()
+        } else {
+            format!("{}/{}", a.resource, a.subresource)
+        };
+        *counts
+            .entry(format!("{} {}/{} {}", a.verb, a.group, res, a.code))
+            .or_default() += 1;
+    }
+    eprintln!("controller requests by verb/resource/code: {counts:#?}");
+    eprintln!("chart rules never exercised: {unused:#?}");
+    let known: BTreeSet<(String, String, String)> = UNEXERCISED
+        .iter()
+        .map(|(g, r, v, _)| (g.to_string(), r.to_string(), v.to_string()))
+        .collect();
+    let unused: BTreeSet<(String, String, String)> = unused.into_iter().collect();
+    assert_eq!(
+        unused, known,
+        "chart rules never exercised differ from UNEXERCISED (left: found, right: listed)"
+    );
+}
+
+/// Namespace deletion is done by the real namespace controller: a namespace holding a
+/// reset (with its status written by the controller) and a Secret goes away whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_namespace_controller_deletes_a_namespace_with_resets() {
+    let client = admin().await;
+    let ns = unique("nsdel");
+    namespace(&client, &ns).await;
+    secret(&client, &ns, "pw", &[("password", "Whatever-123")]).await;
+    create(
+        &client,
+        &ns,
+        "GuestPasswordReset",
+        "r",
+        json!({"target": {"vmName": "no-such-vm"},
+               "password": {"secretRef": {"name": "pw", "key": "password"}}}),
+    )
+    .await;
+    let api = objects(&client, &ns, "GuestPasswordReset");
+    eventually("the controller to report VMNotFound", FLOW_TIMEOUT, || {
+        let api = api.clone();
+        async move {
+            let o = api.get("r").await.map_err(|e| e.to_string())?;
+            let reason = o.data.pointer("/status/targets/0/reason").cloned();
+            if o.data.to_string().contains("VMNotFound") {
+                Ok(())
+            } else {
+                Err(format!("{reason:?} {}", o.data["status"]))
+            }
+        }
+    })
+    .await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .expect("delete namespace");
+    eventually("the namespace to be gone", Duration::from_secs(90), || {
+        let namespaces = namespaces.clone();
+        let ns = ns.clone();
+        async move {
+            match namespaces.get_opt(&ns).await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(n) => Err(format!("{:?}", n.status)),
+            }
+        }
+    })
+    .await;
+    let log = audit();
+    let by = |resource: &str| {
+        log.iter()
+            .find(|a| a.namespace == ns && a.resource == resource && a.verb == "deletecollection")
+            .map(|a| a.user.clone())
+    };
+    assert_eq!(
+        by("guestpasswordresets").as_deref(),
+        Some("system:serviceaccount:kube-system:namespace-controller")
+    );
+    assert_eq!(
+        by("secrets").as_deref(),
+        Some("system:serviceaccount:kube-system:namespace-controller")
+    );
+}
+
+fn lease_holder(lease: &Lease) -> Option<String> {
+    lease.spec.as_ref()?.holder_identity.clone()
+}
+
+fn pid_of_identity(state: &LabState, identity: &str) -> Option<u32> {
+    let index: usize = identity.rsplit('-').next()?.parse().ok()?;
+    if index == 1 {
+        state.controller.as_ref().map(|p| p.pid)
+    } else {
+        state.controller_replicas.get(index - 2).map(|p| p.pid)
+    }
+}
+
+/// Two controller replicas on the chart's Lease (real coordination.k8s.io, chart RBAC
+/// limited to that Lease name): one leads, the other waits; the leader is killed without
+/// releasing and the other takes the Lease over and reconciles. A fresh replica then
+/// waits behind the new leader.
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_election_on_a_real_lease_with_two_replicas() {
+    let lab = lab().await;
+    let client = admin().await;
+    let sa_ns = lab.state.shim_namespace.clone();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &sa_ns);
+    let first = eventually("a lease holder", Duration::from_secs(60), || {
+        let leases = leases.clone();
+        async move {
+            let l = leases
+                .get(real::LEASE_NAME)
+                .await
+                .map_err(|e| e.to_string())?;
+            lease_holder(&l).ok_or_else(|| "no holder".to_string())
+        }
+    })
+    .await;
+    let state = LabState::load(&lab.state.state_dir).expect("state");
+    let leader_pid = pid_of_identity(&state, &first).expect("leader is a lab replica");
+    let follower = state
+        .controller
+        .iter()
+        .chain(&state.controller_replicas)
+        .find(|p| p.pid != leader_pid)
+        .cloned()
+        .expect("a second replica");
+    let follower_log = std::fs::read_to_string(&follower.log).unwrap_or_default();
+    assert!(
+        follower_log.contains("waiting for leadership"),
+        "{follower_log}"
+    );
+    assert!(!follower_log.contains("became leader"), "{follower_log}");
+
+    // The leader dies without releasing the Lease.
+    let t0 = Instant::now();
+    cluster::procs::signal(leader_pid, "KILL");
+    let second = eventually(
+        "another replica to take the lease",
+        Duration::from_secs(90),
+        || {
+            let leases = leases.clone();
+            let first = first.clone();
+            async move {
+                let l = leases
+                    .get(real::LEASE_NAME)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match lease_holder(&l) {
+                    Some(h) if h != first => Ok(h),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "lease taken over by {second} {:.1}s after {first} was killed",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(pid_of_identity(&state, &second), Some(follower.pid));
+
+    // The new leader reconciles.
+    let ns = unique("leader");
+    namespace(&client, &ns).await;
+    create(
+        &client,
+        &ns,
+        "GuestPasswordReset",
+        "r",
+        json!({"target": {"vmName": "no-such-vm"}, "password": {"generate": {"length": 20}}}),
+    )
+    .await;
+    let api = objects(&client, &ns, "GuestPasswordReset");
+    eventually(
+        "the new leader to reconcile",
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                let o = api.get("r").await.map_err(|e| e.to_string())?;
+                if o.data.to_string().contains("VMNotFound") {
+                    Ok(())
+                } else {
+                    Err(o.data["status"].to_string())
+                }
+            }
+        },
+    )
+    .await;
+
+    // A fresh replica waits behind it; its Lease requests are the chart Role's only.
+    let replica = cluster::start_controller_replica(
+        &lab.state.state_dir,
+        Some(Path::new(env!("CARGO_BIN_EXE_guestcred"))),
+    )
+    .await
+    .expect("a third replica");
+    eventually(
+        "the new replica to wait for the lease",
+        Duration::from_secs(30),
+        || {
+            let log = replica.log.clone();
+            async move {
+                let text = std::fs::read_to_string(&log).map_err(|e| e.to_string())?;
+                if text.contains("waiting for leadership") {
+                    Ok(())
+                } else {
+                    Err(text)
+                }
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let text = std::fs::read_to_string(&replica.log).unwrap_or_default();
+    assert!(!text.contains("became leader"), "{text}");
+    let l = leases.get(real::LEASE_NAME).await.expect("lease");
+    assert_eq!(lease_holder(&l).as_deref(), Some(second.as_str()));
+    let controller = sa_user(&sa_ns, real::CONTROLLER_SA);
+    let lease_codes: BTreeMap<String, usize> = audit()
+        .iter()
+        .filter(|a| a.user == controller && a.resource == "leases")
+        .fold(BTreeMap::new(), |mut m, a| {
+            *m.entry(format!("{} {}", a.verb, a.code)).or_default() += 1;
+            m
+        });
+    eprintln!("Lease requests by the replicas (verb code: count): {lease_codes:?}");
+    assert!(
+        !lease_codes.keys().any(|k| k.ends_with(" 403")),
+        "{lease_codes:?}"
+    );
+}
+
+/// With `patch` removed from the status subresources in a copy of the chart's
+/// ClusterRole (its own ServiceAccount, binding and namespace), the controller cannot
+/// write status: what does it report? The API server answers 403 Forbidden (audit log);
+/// the controller must name Forbidden, the verb and the resource in its log or on the
+/// object.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_verb_removed_from_the_cluster_role_is_reported_as_forbidden() {
+    let lab = lab().await;
+    let client = admin().await;
+    let ns = unique("forbid");
+    namespace(&client, &ns).await;
+    let sa_name = "forbid-controller";
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": sa_name}})).unwrap(),
+    )
+    .await
+    .expect("ServiceAccount");
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    let chart_role = roles
+        .get(real::CONTROLLER_SA)
+        .await
+        .expect("chart ClusterRole");
+    let mut rules = Vec::new();
+    for r in chart_role.rules.clone().unwrap_or_default() {
+        let resources = r.resources.clone().unwrap_or_default();
+        let status: Vec<String> = resources
+            .iter()
+            .filter(|x| x.ends_with("/status"))
+            .cloned()
+            .collect();
+        if status.is_empty() {
+            rules.push(r);
+            continue;
+        }
+        let rest: Vec<String> = resources
+            .iter()
+            .filter(|x| !x.ends_with("/status"))
+            .cloned()
+            .collect();
+        rules.push(PolicyRule {
+            resources: Some(rest),
+            ..r.clone()
+        });
+        rules.push(PolicyRule {
+            resources: Some(status),
+            verbs: r.verbs.iter().filter(|v| *v != "patch").cloned().collect(),
+            ..r.clone()
+        });
+    }
+    let role_name = format!("{ns}-controller");
+    let role: ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": role_name}, "rules": rules,
+    }))
+    .unwrap();
+    roles
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("ClusterRole");
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": role_name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name},
+        "subjects": [{"kind": "ServiceAccount", "name": sa_name, "namespace": ns}],
+    }))
+    .unwrap();
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("binding");
+    let token = real::mint_token(&client, &ns, sa_name)
+        .await
+        .expect("token");
+    let kc = lab.state.state_dir.join(format!("{ns}.kubeconfig"));
+    real::write_token_kubeconfig(&lab.admin, &kc, &sa_user(&ns, sa_name), &token)
+        .expect("kubeconfig");
+
+    // Its own controller, reconciling alone? No: the lab's leader runs too, so the object
+    // lives where the lab's controller also works; what matters is what THIS one says.
+    let log_path = lab.state.state_dir.join(format!("{ns}-controller.log"));
+    let log_file = std::fs::File::create(&log_path).expect("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_guestcred"))
+        .args([
+            "controller",
+            "--metrics-listen=",
+            "--shim-namespace",
+            &lab.state.shim_namespace,
+        ])
+        .env("KUBECONFIG", &kc)
+        .env("POD_NAME", "forbid-test")
+        .stdout(log_file.try_clone().expect("log"))
+        .stderr(log_file)
+        .spawn()
+        .expect("controller");
+    let guard = KillOnDrop(&mut child);
+    create(
+        &client,
+        &ns,
+        "GuestPasswordReset",
+        "r",
+        json!({"target": {"vmName": "no-such-vm"}, "password": {"generate": {"length": 20}}}),
+    )
+    .await;
+    let forbidden_user = sa_user(&ns, sa_name);
+    let refused = eventually(
+        "a 403 for the status patch",
+        Duration::from_secs(60),
+        || {
+            let user = forbidden_user.clone();
+            async move {
+                audit()
+                    .into_iter()
+                    .find(|a| a.user == user && a.code == 403)
+                    .ok_or_else(|| "none yet".to_string())
+            }
+        },
+    )
+    .await;
+    eprintln!("the API server refused: {refused:?}");
+    assert_eq!(refused.verb, "patch");
+    assert_eq!(refused.subresource, "status");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    drop(guard);
+    // What it published about it: Events on the object (it may create Events).
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let published: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .iter()
+        .filter(|e| e.reporting_instance.as_deref() == Some("forbid-test"))
+        .map(|e| format!("{:?}: {:?}", e.reason, e.note))
+        .collect();
+    eprintln!("Events by the controller without the verb: {published:#?}");
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("403") || l.contains("Forbidden") || l.contains("forbidden"))
+        .collect();
+    eprintln!("what the controller logged about it:\n{}", lines.join("\n"));
+    // Today the log carries the API server's message (it names the verb and the resource:
+    // `... cannot patch resource "guestpasswordresets/status" ...`), as a warning that the
+    // status write failed and will be retried; no status can carry a reason (that is the
+    // verb removed). The reason such an error maps to is asserted in the report: see
+    // src/controller/error.rs, `Self::Kube(_) => Reason::ShimError`.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("Forbidden") || l.contains("forbidden")),
+        "the controller's log does not name Forbidden:\n{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("patch") && l.contains("guestpasswordresets")),
+        "the controller's log does not name the verb and the resource:\n{text}"
+    );
+    // KNOWN GAP (reported): with its status write refused, the only place a reason can
+    // reach the user is an Event, and today no Event names Forbidden: the controller
+    // maps the API's 403 to `Error::Kube` → reason ShimError (src/controller/error.rs),
+    // treats it as transient and retries forever; the Event it publishes is the target's
+    // VMNotFound. When the controller reports Forbidden, turn this into the positive check.
+    assert!(
+        !published.iter().any(|e| e.contains("Forbidden")),
+        "the controller now publishes a Forbidden Event: make this test require it"
+    );
+    let _ = roles.delete(&role_name, &DeleteParams::default()).await;
+    let _ = bindings.delete(&role_name, &DeleteParams::default()).await;
+}
+
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
