@@ -44,6 +44,31 @@ need_apt qemu-guest-agent util-linux passwd libpam-modules libpam-runtime
 # ---------------------------------------------------------------------------
 bash "$(dirname "${BASH_SOURCE[0]}")/install-helm.sh"  # helm + hadolint into .lab/tools/bin
 
+# ---------------------------------------------------------------------------
+# Section: the real control plane (lab/controlplane, Go; scripts/build-controlplane.sh)
+# kube-apiserver + etcd + kube-controller-manager built from the Kubernetes Go modules
+# through the Go module proxy. Needs the Go toolchain its go.mod names (go 1.26.0 for
+# k8s.io/kubernetes v1.37): preinstalled on the lab machines (/usr/local/go). Debian's
+# golang is far older and no registry here serves a Go bootstrap toolchain, so a
+# missing or too old Go is an error with the fix, never a silent skip. iproute2 gives
+# `ip netns` / veth for the aggregated API's address (lab/src/cluster/real.rs).
+# ---------------------------------------------------------------------------
+need_apt iproute2
+go_bin=$(command -v go || true)
+[[ -z "$go_bin" && -x /usr/local/go/bin/go ]] && go_bin=/usr/local/go/bin/go
+cp_mod="$(dirname "${BASH_SOURCE[0]}")/../lab/controlplane/go.mod"
+go_want=$(sed -n 's/^go \([0-9.]*\).*/\1/p' "$cp_mod")
+if [[ -z "$go_bin" ]]; then
+    echo "install-deps: Go $go_want or newer is needed for the real control plane (lab/controlplane) and is not installed; install it to /usr/local/go (https://go.dev/doc/install) and put /usr/local/go/bin on PATH" >&2
+    exit 1
+fi
+go_have=$("$go_bin" env GOVERSION | sed 's/^go//')
+if [[ "$(printf '%s\n%s\n' "$go_want" "$go_have" | sort -V | head -n1)" != "$go_want" ]]; then
+    echo "install-deps: Go $go_have is older than the $go_want lab/controlplane/go.mod needs" >&2
+    exit 1
+fi
+echo "install-deps: Go $go_have ($go_bin) for lab/controlplane"
+
 if ((${#missing[@]} > 0)); then
     echo "install-deps: installing ${missing[*]}"
     apt-get update
