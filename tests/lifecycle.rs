@@ -497,3 +497,39 @@ async fn a_replica_whose_lease_ran_out_starts_no_agent_call() {
         "the old leader called an agent after the new one took over"
     );
 }
+
+#[tokio::test]
+async fn a_run_never_writes_over_status_someone_else_wrote_meanwhile() {
+    let w = World::start(WorldOptions::default()).await.expect("world");
+    w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
+    crypted_reset(&w, "vm-a", V1).await;
+    let running: GuestPasswordReset = w
+        .wait_for(NS, "r", WAIT, attempts_at_least(2))
+        .await
+        .expect("retrying");
+    // Another writer (a newer leader) finished this same run meanwhile.
+    let mut finished = running.status.expect("status").run;
+    finished.targets[0].state = guestcred::api::TargetState::Succeeded;
+    finished.targets[0].reason = Some("Applied".into());
+    finished.recount();
+    let resets: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
+    let newer = serde_json::json!({ "status": finished });
+    resets
+        .patch_status("r", &PatchParams::default(), &Patch::Merge(&newer))
+        .await
+        .expect("newer status");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let calls = w.agent_calls("set-password");
+    let r: GuestPasswordReset = w.get(NS, "r").await;
+    assert_eq!(
+        target0(&r).map(|t| t.state),
+        Some(guestcred::api::TargetState::Succeeded),
+        "the stale run put a finished target back: {r:#?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        w.agent_calls("set-password"),
+        calls,
+        "the superseded run stopped"
+    );
+}

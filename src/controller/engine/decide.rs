@@ -20,6 +20,9 @@ pub enum Stop {
     InputChanged,
     /// This replica no longer holds the leader Lease: another one drives the object now.
     LostLeadership,
+    /// Someone else wrote the object's status since this run last read or wrote it (a
+    /// newer leader, or a cache that lagged): that newer state wins, this run stops.
+    Superseded,
     /// `spec.paused` was set.
     Paused,
     /// More targets failed than `maxFailures` allows: the rest are skipped.
@@ -34,6 +37,7 @@ impl Stop {
             Self::SpecChanged => "the spec changed; the next run uses the new one",
             Self::InputChanged => "the input Secret changed; the next run uses the new value",
             Self::LostLeadership => "this controller replica is no longer the leader",
+            Self::Superseded => "the object's status was written by someone else meanwhile",
             Self::Paused => "paused",
             Self::FailureBudgetExhausted => "the failure budget (maxFailures) is exhausted",
         }
@@ -264,7 +268,7 @@ pub fn requeue_after_run(
 ) -> Requeue {
     match stop {
         Some(Stop::SpecChanged | Stop::InputChanged) => Requeue::After(Duration::from_millis(100)),
-        Some(Stop::Paused | Stop::LostLeadership) => Requeue::OnChange,
+        Some(Stop::Paused | Stop::LostLeadership | Stop::Superseded) => Requeue::OnChange,
         _ if unfinished => Requeue::After(Duration::from_secs(5)),
         _ => next_expiry.map_or(Requeue::OnChange, Requeue::After),
     }
@@ -679,11 +683,10 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_that_lost_the_lease_leaves_the_object_alone() {
-        assert_eq!(
-            requeue_after_run(Some(Stop::LostLeadership), true, None),
-            Requeue::OnChange
-        );
+    fn a_replica_that_lost_the_lease_or_was_superseded_leaves_the_object_alone() {
+        for stop in [Stop::LostLeadership, Stop::Superseded] {
+            assert_eq!(requeue_after_run(Some(stop), true, None), Requeue::OnChange);
+        }
     }
 
     #[test]

@@ -239,7 +239,7 @@ async fn finished<K: RunKind>(
     decide::finish(&mut status, generation, None, &now());
     let next_expiry = schedule::expire_due(obj, ctx, &mut status).await;
     if status != before {
-        status::write(ctx, obj, &status).await?;
+        status::write(ctx, obj, &status, &mut status::Basis::of(obj)).await?;
     }
     Ok(next_expiry.map_or_else(Action::await_change, Action::requeue))
 }

@@ -1,7 +1,7 @@
 //! One run's loop: start targets as [`decide::next_step`] allows, flush status on a timer,
 //! then finish; and the TTL expiries of finished targets.
 use super::decide::{self, Expiry, Latest, Next, Stop};
-use super::status::{self, RunState, Shared, lock};
+use super::status::{self, Basis, RunState, Shared, Written, lock};
 use super::target::run_target;
 use super::{RunKind, action, now};
 use crate::api::{Reason, RunStatus};
@@ -68,9 +68,12 @@ pub(super) async fn drive<K: RunKind>(
     status: RunStatus,
 ) -> Result<Action, Error> {
     let _run_timer = ctx.metrics.run_started(&K::kind(&()));
+    // `obj` was read fresh when this run was decided on: its resourceVersion is the basis.
     let shared: Shared = Arc::new(Mutex::new(RunState {
         status,
         dirty: true,
+        basis: Basis::of(obj.as_ref()),
+        superseded: false,
     }));
     let mut in_flight = FuturesUnordered::new();
     let mut cursor = 0usize;
@@ -85,7 +88,11 @@ pub(super) async fn drive<K: RunKind>(
             let next = {
                 let st = lock(&shared);
                 let view = observed.view();
-                decide::next_step(view.as_ref(), &st.status.targets, cursor, in_flight.len())
+                if st.superseded {
+                    Next::Stop(Stop::Superseded)
+                } else {
+                    decide::next_step(view.as_ref(), &st.status.targets, cursor, in_flight.len())
+                }
             };
             match next {
                 Next::Start(idx) => {
@@ -126,14 +133,19 @@ pub(super) async fn drive<K: RunKind>(
         }
     }
 
-    let mut status = lock(&shared).status.clone();
-    if stop == Some(Stop::LostLeadership) {
-        // The new leader owns the object's status now.
+    let (mut status, mut basis, superseded) = {
+        let st = lock(&shared);
+        (st.status.clone(), st.basis.clone(), st.superseded)
+    };
+    if superseded || matches!(stop, Some(Stop::LostLeadership | Stop::Superseded)) {
+        // A new leader, or newer state, owns the object's status now.
         return Ok(Action::await_change());
     }
     decide::finish(&mut status, obj.meta().generation, stop, &now());
     let next_expiry = expire_due(obj.as_ref(), &ctx, &mut status).await;
-    status::write(&ctx, obj.as_ref(), &status).await?;
+    if status::write(&ctx, obj.as_ref(), &status, &mut basis).await? != Written::Done {
+        return Ok(Action::await_change());
+    }
     let unfinished = status.targets.iter().any(|t| !t.state.is_terminal());
     Ok(action(decide::requeue_after_run(
         stop,

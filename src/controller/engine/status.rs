@@ -10,14 +10,44 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, ResourceExt};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 use tracing::warn;
+
+/// What a status write is computed from: the object's resourceVersion and status as this
+/// controller last read or wrote them. Every write carries that resourceVersion, so it can
+/// never land over newer state: the API server refuses it (409) when anything changed.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Basis {
+    pub resource_version: Option<String>,
+    pub status: Option<RunStatus>,
+}
+
+impl Basis {
+    pub fn of<K: RunKind>(obj: &K) -> Self {
+        Self {
+            resource_version: obj.meta().resource_version.clone(),
+            status: obj.run_status().cloned(),
+        }
+    }
+}
+
+/// How a status write ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Written {
+    Done,
+    /// Someone else wrote the status since our basis: nothing was written.
+    Superseded,
+    /// The object is gone.
+    Gone,
+}
 
 /// One run's status, shared between the target tasks and the status flusher.
 pub(super) struct RunState {
     pub status: RunStatus,
     /// Changed since the last write.
     pub dirty: bool,
+    pub basis: Basis,
+    /// A write found newer status from someone else: start no more agent calls.
+    pub superseded: bool,
 }
 
 pub(super) type Shared = Arc<Mutex<RunState>>;
@@ -63,8 +93,11 @@ pub(super) async fn stall<K: RunKind>(
     });
     // Re-triggered while still stuck on the same thing (e.g. a VMI update for a selector
     // that still matches nothing running): the status is unchanged, so write nothing.
-    if obj.run_status() != Some(&*status) {
-        write(ctx, obj, status).await?;
+    if obj.run_status() != Some(&*status)
+        && write(ctx, obj, status, &mut Basis::of(obj)).await? != Written::Done
+    {
+        // Newer state (or none): the next event reconciles again from it.
+        return Ok(());
     }
     if !already {
         warn!(object = %obj.name_any(), %reason, "stalled");
@@ -84,7 +117,7 @@ pub(super) async fn stall<K: RunKind>(
 /// Write a running run's status if it changed since the last write (Progressing, with
 /// the count of finished targets).
 pub(super) async fn flush<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared) {
-    let snapshot = {
+    let (snapshot, mut basis) = {
         let mut st = lock(shared);
         if !st.dirty {
             return;
@@ -106,38 +139,66 @@ pub(super) async fn flush<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared) {
             &now(),
         );
         st.status.conditions = s.conditions.clone();
-        s
+        (s, st.basis.clone())
     };
-    if let Err(e) = write(ctx, obj, &snapshot).await {
-        warn!(object = %obj.name_any(), error = %e, "status write failed; will retry");
-        lock(shared).dirty = true;
+    let result = write(ctx, obj, &snapshot, &mut basis).await;
+    let mut st = lock(shared);
+    st.basis = basis;
+    match result {
+        Ok(Written::Done) => {}
+        Ok(Written::Superseded | Written::Gone) => st.superseded = true,
+        Err(e) => {
+            warn!(object = %obj.name_any(), error = %e, "status write failed; will retry");
+            st.dirty = true;
+        }
     }
 }
 
-/// Merge-patch the whole status, retrying a few times on conflicts.
+/// Merge-patch the whole status with the basis's resourceVersion as a precondition. On a
+/// conflict the object is read fresh: if only other parts changed (a spec edit, labels),
+/// the write is retried on the fresh resourceVersion; if the status itself changed, this
+/// write is stale and is dropped (`Superseded`).
 pub(super) async fn write<K: RunKind>(
     ctx: &Context,
     obj: &K,
     status: &RunStatus,
-) -> Result<(), Error> {
+    basis: &mut Basis,
+) -> Result<Written, Error> {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    let patch = Patch::Merge(serde_json::json!({ "status": status }));
-    let mut attempt = 0;
-    loop {
+    let name = obj.name_any();
+    for _ in 0..5 {
+        let mut patch = serde_json::json!({ "status": status });
+        if let Some(rv) = &basis.resource_version {
+            patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
+        }
         match api
-            .patch_status(&obj.name_any(), &PatchParams::default(), &patch)
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => return Ok(()),
+            Ok(written) => {
+                basis.resource_version = written.meta().resource_version.clone();
+                basis.status = Some(status.clone());
+                return Ok(Written::Done);
+            }
             // Deleted while running: nothing left to report on.
-            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 409 && attempt < 5 => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Written::Gone),
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                let Some(fresh) = api.get_opt(&name).await? else {
+                    return Ok(Written::Gone);
+                };
+                if fresh.run_status() != basis.status.as_ref() {
+                    warn!(object = %name, "status changed by someone else meanwhile; this write is dropped");
+                    return Ok(Written::Superseded);
+                }
+                basis.resource_version = fresh.meta().resource_version.clone();
             }
             Err(e) => return Err(e.into()),
         }
     }
+    // The resourceVersion kept moving: drop this write rather than guess; the next
+    // reconcile starts from a fresh read.
+    warn!(object = %name, "status kept conflicting; this write is dropped");
+    Ok(Written::Superseded)
 }
 
 /// Publish an Event about `obj` (a failure to publish is logged, never fatal).

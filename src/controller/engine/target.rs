@@ -59,7 +59,8 @@ pub(super) async fn run_target<K: RunKind>(
         // Pause, deletion, a newer spec or input, or a lost lease: no new agent call, not
         // even a retry; the target waits for the next run (a call sent already finished).
         let observed = Observed::now(obj.as_ref(), &ctx, run_secret_version.as_deref()).await;
-        if let Some(stop) = observed.halt() {
+        let superseded = lock(&shared).superseded.then_some(decide::Stop::Superseded);
+        if let Some(stop) = superseded.or_else(|| observed.halt()) {
             let mut st = lock(&shared);
             let t = &mut st.status.targets[idx];
             t.state = TargetState::Pending;
