@@ -425,9 +425,12 @@ fn spawn_controller(
         .arg(&controller_tls.key)
         .arg("--shim-server-name")
         .arg(DEFAULT_SHIM_SERVER_NAME)
-        .env("KUBECONFIG", &kubeconfig)
-        .env("POD_NAME", &identity)
-        .env("POD_NAMESPACE", &state.shim_namespace);
+        .env("KUBECONFIG", &kubeconfig);
+    if leader_election || state.control_plane == ControlPlane::Real {
+        // As the chart's Deployment sets them: Event instance and Lease identity.
+        cmd.env("POD_NAME", &identity)
+            .env("POD_NAMESPACE", &state.shim_namespace);
+    }
     if index > 1 {
         // The first replica keeps the default metrics address; others would collide.
         cmd.arg("--metrics-listen=");

@@ -5,6 +5,10 @@
 //! Shims serve mutual TLS only, with certificates minted at `up` ([`tls::LabTls`]);
 //! their health and metrics are on a plain-HTTP port of their own.
 //!
+//! With [`ControlPlane::Real`] (`up --control-plane real`) a real kube-apiserver, etcd and
+//! kube-controller-manager (`lab/controlplane`) replace the emulator, the chart is
+//! installed by helm and the controller runs as its ServiceAccount (see [`real`]).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), guestcred_lab::cluster::ClusterError> {
 //! use guestcred_lab::cluster::*;
