@@ -533,3 +533,45 @@ async fn a_run_never_writes_over_status_someone_else_wrote_meanwhile() {
         "the superseded run stopped"
     );
 }
+
+#[tokio::test]
+async fn an_update_that_makes_the_spec_unreadable_stops_the_run_with_invalid_spec() {
+    let w = World::start(WorldOptions::default()).await.expect("world");
+    w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
+    crypted_reset(&w, "vm-a", V1).await;
+    w.wait_for(NS, "r", WAIT, attempts_at_least(2))
+        .await
+        .expect("retrying");
+    // An API server without schema validation (the emulator, an old cluster) lets this in.
+    let dynamic = kube::api::ApiResource::erase::<GuestPasswordReset>(&());
+    let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(w.client.clone(), NS, &dynamic);
+    let bad = serde_json::json!({"spec": {"maxConcurrency": -1}});
+    raw.patch("r", &PatchParams::default(), &Patch::Merge(&bad))
+        .await
+        .expect("unreadable update");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let o = raw.get("r").await.expect("get");
+        let stalled = o.data["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["type"] == "Stalled" && c["status"] == "True" && c["reason"] == "InvalidSpec"
+            })
+        });
+        if stalled {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no InvalidSpec: {o:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls = w.agent_calls("set-password");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        w.agent_calls("set-password"),
+        calls,
+        "the old spec is still driven"
+    );
+}

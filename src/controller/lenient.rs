@@ -32,13 +32,17 @@ where
     let ar = ApiResource::erase::<K>(&());
     let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
     let (reader, writer) = reflector::store::<K>();
+    let known = reader.clone();
     let typed = watcher(api, watcher::Config::default())
         .default_backoff()
         .filter_map(move |event| {
             let (client, recorder, ar) = (client.clone(), recorder.clone(), ar.clone());
+            let known = known.clone();
             async move {
                 match event {
-                    Ok(e) => typed_event::<K>(e, &client, &recorder, &ar).await.map(Ok),
+                    Ok(e) => typed_event::<K>(e, &client, &recorder, &ar, &known)
+                        .await
+                        .map(Ok),
                     Err(e) => Some(Err(e)),
                 }
             }
@@ -47,18 +51,29 @@ where
     (reader, stream)
 }
 
-async fn typed_event<K: Resource<DynamicType = ()> + DeserializeOwned>(
+async fn typed_event<K: Resource<DynamicType = ()> + DeserializeOwned + Clone>(
     event: watcher::Event<DynamicObject>,
     client: &Client,
     recorder: &Recorder,
     ar: &ApiResource,
+    known: &Store<K>,
 ) -> Option<watcher::Event<K>> {
     use watcher::Event as E;
     match event {
         E::Init => Some(E::Init),
         E::InitDone => Some(E::InitDone),
         E::InitApply(o) => typed(o, client, recorder, ar).await.map(E::InitApply),
-        E::Apply(o) => typed(o, client, recorder, ar).await.map(E::Apply),
+        // An update that makes a known object unreadable takes it out of the store, as if
+        // deleted: a run of its older spec stops starting agent calls (it sees the object
+        // gone), and nothing drives it until a readable spec comes back.
+        E::Apply(o) => {
+            let key = reflector::ObjectRef::<K>::new(&o.name_any())
+                .within(&o.namespace().unwrap_or_default());
+            match typed(o, client, recorder, ar).await {
+                Some(k) => Some(E::Apply(k)),
+                None => known.get(&key).map(|old| E::Delete(old.as_ref().clone())),
+            }
+        }
         // An unreadable object that is deleted was never in the store: nothing to forget.
         E::Delete(o) => parse::<K>(&o).ok().map(E::Delete),
     }

@@ -33,7 +33,7 @@ impl Stop {
     /// Why, for a target's message.
     pub fn note(self) -> &'static str {
         match self {
-            Self::Deleted => "the object is being deleted",
+            Self::Deleted => "the object was deleted, or an update made its spec unreadable",
             Self::SpecChanged => "the spec changed; the next run uses the new one",
             Self::InputChanged => "the input Secret changed; the next run uses the new value",
             Self::LostLeadership => "this controller replica is no longer the leader",
