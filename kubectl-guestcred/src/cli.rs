@@ -1,0 +1,407 @@
+//! The command line: `kubectl guestcred <command>`, with help laid out like kubectl's
+//! (summary, description, Examples, Options, Usage).
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// kubectl's help layout: description, Examples, Options, then Usage.
+const TEMPLATE: &str = "\
+{about-with-newline}{after-help}
+{all-args}
+
+Usage:
+  {usage}
+";
+
+const ROOT_EXAMPLES: &str = "\
+Examples:
+  # Set root's password in VM db-0 from a prompt (the input is not echoed)
+  kubectl guestcred set-password db-0 --stdin
+
+  # Generate a password for user alice in every VM labelled tier=db, 5 at a time
+  kubectl guestcred set-password -l tier=db --user alice --generate --max-concurrency 5
+
+  # Show the generated password of VM db-0
+  kubectl guestcred show-password db-0-pw-x7k2q
+
+  # Add an SSH key for cloud-user to VM web-0, removed again after one hour
+  kubectl guestcred add-key web-0 --user cloud-user -f ~/.ssh/id_ed25519.pub --ttl 1h
+
+  # Show every reset and key rebuild in the namespace, one line per VM
+  kubectl guestcred status
+";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubectl-guestcred",
+    bin_name = "kubectl guestcred",
+    version,
+    about = "Reset guest passwords and add SSH keys in running VMs through guestcred.",
+    long_about = "Reset guest passwords and add SSH keys in running VMs through guestcred.
+
+ Each command creates a GuestPasswordReset or KeypairRebuild object, exactly as `kubectl \
+apply` of the same YAML would, and follows it until every targeted VM has a result. The \
+plugin talks only to the Kubernetes API server, with your kubeconfig and your permissions.",
+    help_template = TEMPLATE,
+    after_help = ROOT_EXAMPLES,
+    subcommand_help_heading = "Commands",
+    disable_help_subcommand = true,
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How to reach the cluster: the same flags and environment as kubectl.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Global {
+    /// Path to the kubeconfig file to use (default: $KUBECONFIG, else ~/.kube/config).
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        help_heading = "Global Options"
+    )]
+    pub kubeconfig: Option<PathBuf>,
+    /// The name of the kubeconfig context to use.
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        help_heading = "Global Options"
+    )]
+    pub context: Option<String>,
+    /// The namespace scope for this request (default: the context's namespace).
+    #[arg(
+        short = 'n',
+        long,
+        global = true,
+        value_name = "NAMESPACE",
+        help_heading = "Global Options"
+    )]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    SetPassword(SetPassword),
+    Status(Status),
+    ShowPassword(ShowPassword),
+    AddKey(AddKey),
+    RemoveKey(RemoveKey),
+    ListKeys(ListKeys),
+    Completion(Completion),
+}
+
+/// Output formats of `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Whether to follow the created object until it finishes.
+#[derive(Debug, Clone, Args)]
+pub struct Follow {
+    /// Follow the run until every VM has a result (the default).
+    #[arg(long, overrides_with = "no_wait")]
+    pub wait: bool,
+    /// Create the object and return at once.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up following after this long (e.g. 90s, 5m, 1h); the run itself goes on.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = crate::util::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+impl Follow {
+    pub fn enabled(&self) -> bool {
+        !self.no_wait
+    }
+}
+
+/// Concurrency, failure budget and deadline of a run.
+#[derive(Debug, Clone, Args)]
+pub struct Rollout {
+    /// At most this many VMs are changed at once (1-1000).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub max_concurrency: u32,
+    /// Stop starting new VMs once this many have failed.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_failures: u32,
+    /// How long each VM may take before it fails with DeadlineExceeded (10s-24h).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::util::parse_duration)]
+    pub deadline: std::time::Duration,
+}
+
+const SET_PASSWORD_EXAMPLES: &str = "\
+Examples:
+  # Read the new password from a prompt (not echoed) or a pipe; it is stored in a Secret
+  # owned by the reset and never passes through the command line
+  kubectl guestcred set-password db-0 --user root --stdin
+  printf %s \"$PW\" | kubectl guestcred set-password db-0 --stdin
+
+  # Generate a 32-character password and show it afterwards
+  kubectl guestcred set-password db-0 --generate --length 32
+  kubectl guestcred show-password <reset-name>
+
+  # Use a password (or crypt(3) hash) already in Secret db-root, key password
+  kubectl guestcred set-password db-0 --from-secret db-root/password --crypted
+
+  # List the VMs a selector would reach, and their nodes, without changing anything
+  kubectl guestcred set-password -l tier=db --generate --dry-run
+
+  # Every VM labelled tier=db, 5 at a time, stopping after 2 failures
+  kubectl guestcred set-password -l tier=db --generate --max-concurrency 5 --max-failures 2
+";
+
+/// Set a guest user's password in one VM or in every VM matching a selector.
+#[derive(Debug, Args)]
+#[command(
+    about = "Set a guest user's password in a running VM, or in every VM matching a selector.",
+    long_about = "Set a guest user's password in a running VM, or in every VM matching a selector.
+
+ Creates a GuestPasswordReset named <vm>-pw-<random> and follows it until every targeted \
+VM has a result. Exits 0 when every VM succeeded; otherwise it prints each failed VM's \
+reason and message and exits 1 (3 when --timeout passes first; the run goes on).
+
+ With --stdin the value is read from standard input (from a terminal, without echo). The \
+reset is created paused, then a Secret owned by it receives the value, then the reset is \
+unpaused: the value never appears in a process argument, a log or the terminal.",
+    help_template = TEMPLATE,
+    after_help = SET_PASSWORD_EXAMPLES,
+    override_usage = "kubectl guestcred set-password (VM | -l SELECTOR) (--generate [--length N] | --from-secret NAME[/KEY] | --stdin) [--crypted] [options]",
+    group(ArgGroup::new("source").required(true).args(["generate", "from_secret", "stdin"])),
+    group(ArgGroup::new("targets").required(true).args(["vm", "selector"])),
+)]
+pub struct SetPassword {
+    /// The VirtualMachineInstance to change.
+    pub vm: Option<String>,
+    /// Change every running VM whose labels match this selector (e.g. tier=db,env!=prod).
+    #[arg(short = 'l', long, value_name = "SELECTOR")]
+    pub selector: Option<String>,
+    /// Guest user (default: the VM's guestcred.io/admin-user annotation, else root, or
+    /// Administrator on Windows).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Generate a random password per VM (stored in a Secret owned by the reset).
+    #[arg(long)]
+    pub generate: bool,
+    /// Length of generated passwords (16-128).
+    #[arg(long, value_name = "N", default_value_t = 24, requires = "generate")]
+    pub length: u32,
+    /// Use a password already in a Secret of this namespace: NAME or NAME/KEY (key
+    /// default: password).
+    #[arg(long, value_name = "NAME[/KEY]")]
+    pub from_secret: Option<String>,
+    /// Read the password from standard input.
+    #[arg(long)]
+    pub stdin: bool,
+    /// The value is a crypt(3) hash (e.g. $6$...), set verbatim.
+    #[arg(long, conflicts_with = "generate")]
+    pub crypted: bool,
+    /// Show what would be done (the VMs that would be targeted and their nodes) and change
+    /// nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub rollout: Rollout,
+    #[command(flatten)]
+    pub follow: Follow,
+}
+
+const STATUS_EXAMPLES: &str = "\
+Examples:
+  # Every reset and key rebuild in the current namespace, one line per VM
+  kubectl guestcred status
+
+  # One object, as YAML
+  kubectl guestcred status db-0-pw-x7k2q -o yaml
+
+  # Objects carrying a label
+  kubectl guestcred status -l team=dba
+";
+
+/// Show per-VM results of resets and key rebuilds.
+#[derive(Debug, Args)]
+#[command(
+    about = "Show the per-VM state of password resets and key rebuilds.",
+    long_about = "Show the per-VM state of password resets and key rebuilds.
+
+ One line per targeted VM: its state, reason, attempts and node; for key rebuilds also the \
+delivery mode, the key fingerprints and when the keys expire. Without a name, every \
+GuestPasswordReset and KeypairRebuild in the namespace is shown.",
+    help_template = TEMPLATE,
+    after_help = STATUS_EXAMPLES,
+)]
+pub struct Status {
+    /// A GuestPasswordReset or KeypairRebuild name.
+    #[arg(conflicts_with = "selector")]
+    pub name: Option<String>,
+    /// Only objects whose labels match this selector.
+    #[arg(short = 'l', long, value_name = "SELECTOR")]
+    pub selector: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+const SHOW_PASSWORD_EXAMPLES: &str = "\
+Examples:
+  # The generated password of the only VM of a reset
+  kubectl guestcred show-password db-0-pw-x7k2q
+
+  # One VM of a bulk reset
+  kubectl guestcred show-password bulk-pw-4mz8d --vm db-3
+
+  # Into a file (not a terminal): --force is required
+  kubectl guestcred show-password db-0-pw-x7k2q --force > pw.txt
+";
+
+/// Print a generated password.
+#[derive(Debug, Args)]
+#[command(
+    about = "Print a password that a reset generated.",
+    long_about = "Print a password that a reset generated.
+
+ Reads the Secret named in the target's status.outputSecret. The password is printed once, \
+to a terminal; to print it into a pipe or a file, add --force.",
+    help_template = TEMPLATE,
+    after_help = SHOW_PASSWORD_EXAMPLES,
+)]
+pub struct ShowPassword {
+    /// The GuestPasswordReset.
+    pub reset: String,
+    /// The VM, when the reset has more than one.
+    #[arg(long, value_name = "VM")]
+    pub vm: Option<String>,
+    /// Print even when standard output is not a terminal.
+    #[arg(long)]
+    pub force: bool,
+}
+
+const ADD_KEY_EXAMPLES: &str = "\
+Examples:
+  # Add a key for cloud-user in VM web-0, live through the guest agent
+  kubectl guestcred add-key web-0 --user cloud-user -f ~/.ssh/id_ed25519.pub
+
+  # Add it for one hour only
+  kubectl guestcred add-key web-0 --user cloud-user -f key.pub --ttl 1h
+
+  # Replace the keys guestcred added before (keys added by hand stay)
+  kubectl guestcred add-key web-0 --user cloud-user -f key.pub --replace
+";
+
+/// Add SSH public keys to a guest user.
+#[derive(Debug, Args)]
+#[command(
+    about = "Add SSH public keys to a guest user's authorized_keys in a running VM.",
+    long_about = "Add SSH public keys to a guest user's authorized_keys in a running VM.
+
+ Creates a KeypairRebuild named <vm>-key-<random> with the keys inline and follows it: \
+the keys are added through the guest agent and read back (mode Auto falls back to a \
+rebuild when the agent cannot edit keys). With --replace, the keys guestcred added \
+earlier are removed; keys added by hand are never touched.",
+    help_template = TEMPLATE,
+    after_help = ADD_KEY_EXAMPLES,
+    override_usage = "kubectl guestcred add-key VM --user USER -f KEYFILE [--ttl DURATION] [--replace] [options]",
+)]
+pub struct AddKey {
+    /// The VirtualMachineInstance.
+    pub vm: String,
+    /// Guest user whose authorized_keys changes.
+    #[arg(long, value_name = "USER", required = true)]
+    pub user: String,
+    /// File with public keys in authorized_keys format ('-' for standard input).
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "KEYFILE",
+        required = true
+    )]
+    pub file: PathBuf,
+    /// Remove the keys again after this long (e.g. 30m, 1h; 10s to 365d).
+    #[arg(long, value_name = "DURATION", value_parser = crate::util::parse_duration)]
+    pub ttl: Option<std::time::Duration>,
+    /// Remove keys guestcred added before (Replace); default: only add (Append).
+    #[arg(long)]
+    pub replace: bool,
+    /// How the keys reach the guest.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+    #[command(flatten)]
+    pub follow: Follow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Live when the agent can edit keys, else Rebuild.
+    Auto,
+    /// Through the guest agent only.
+    Live,
+}
+
+/// Remove an SSH key by fingerprint (needs an API addition).
+#[derive(Debug, Args)]
+#[command(
+    about = "Remove an SSH key from a guest user by fingerprint (not supported yet).",
+    long_about = "Remove an SSH key from a guest user by fingerprint.
+
+ Not supported by this guestcred version yet: KeypairRebuild cannot remove a key by \
+fingerprint. The command exits 2 until the API has it.",
+    help_template = TEMPLATE,
+    after_help = "Examples:\n  kubectl guestcred remove-key web-0 --user cloud-user --fingerprint SHA256:...\n",
+)]
+pub struct RemoveKey {
+    pub vm: String,
+    #[arg(long, value_name = "USER", required = true)]
+    pub user: String,
+    #[arg(long, value_name = "SHA256:...", required = true)]
+    pub fingerprint: String,
+}
+
+/// List a guest user's keys (needs an API addition).
+#[derive(Debug, Args)]
+#[command(
+    about = "List a guest user's SSH keys as read from the guest (not supported yet).",
+    long_about = "List a guest user's SSH keys as read back from the guest, which of them guestcred manages and when each expires.
+
+ Not supported by this guestcred version yet: KeypairRebuild has no read-only mode that \
+reports the guest's key fingerprints. The command exits 2 until the API has it.",
+    help_template = TEMPLATE,
+    after_help = "Examples:\n  kubectl guestcred list-keys web-0 --user cloud-user\n",
+)]
+pub struct ListKeys {
+    pub vm: String,
+    #[arg(long, value_name = "USER", required = true)]
+    pub user: String,
+}
+
+/// Print a shell completion script.
+#[derive(Debug, Args)]
+#[command(
+    about = "Print a shell completion script for kubectl-guestcred (bash, zsh or fish).",
+    long_about = "Print a shell completion script for kubectl-guestcred (bash, zsh or fish).
+
+ The script completes commands and flags of the kubectl-guestcred binary. For `kubectl \
+guestcred ...` kubectl (1.26 or newer) itself asks the kubectl_complete-guestcred helper, \
+installed beside the plugin, which also completes namespaces, VM names and resets from \
+the cluster.",
+    help_template = TEMPLATE,
+    after_help = "Examples:\n  # Load completions in the current bash\n  source <(kubectl guestcred completion bash)\n\n  # zsh, permanently\n  kubectl guestcred completion zsh > \"${fpath[1]}/_kubectl-guestcred\"\n\n  # fish\n  kubectl guestcred completion fish > ~/.config/fish/completions/kubectl-guestcred.fish\n",
+)]
+pub struct Completion {
+    #[arg(value_enum)]
+    pub shell: Shell,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}

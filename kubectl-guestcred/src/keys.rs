@@ -1,0 +1,163 @@
+//! `add-key`, and `remove-key` / `list-keys`, which need an API this guestcred version does
+//! not have yet.
+use crate::cli::{AddKey, Global, ListKeys, Mode, RemoveKey};
+use crate::follow::{self, Outcome, conclude};
+use crate::password::CREATED_BY;
+use crate::util::{Call, REBUILDS, connect, exit, fail, object_name};
+use guestcred_api::keypair::{KeyMode, KeyStrategy, PublicKeySource};
+use guestcred_api::{KeypairRebuild, KeypairRebuildSpec, RolloutSpec, TargetSpec};
+use kube::Api;
+use kube::api::PostParams;
+use std::collections::BTreeMap;
+use std::io::Read;
+
+/// The keys of an authorized_keys-format text (blank lines and # comments skipped), each
+/// checked; an error names the line.
+pub fn parse_keys(text: &str, source: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let key = ssh_key::PublicKey::from_openssh(line).map_err(|e| {
+            fail(
+                exit::USAGE,
+                format!("{source}, line {}: not an OpenSSH public key ({e})", i + 1),
+            )
+        })?;
+        let fp = key.fingerprint(ssh_key::HashAlg::Sha256).to_string();
+        keys.push((line.to_string(), fp));
+    }
+    if keys.is_empty() {
+        return Err(fail(exit::USAGE, format!("{source}: no public keys")));
+    }
+    Ok(keys)
+}
+
+pub async fn add_key(g: &Global, a: AddKey) -> anyhow::Result<()> {
+    let (text, source) = if a.file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        (s, "standard input".to_string())
+    } else {
+        let s = std::fs::read_to_string(&a.file)
+            .map_err(|e| fail(exit::USAGE, format!("{}: {e}", a.file.display())))?;
+        (s, a.file.display().to_string())
+    };
+    let keys = parse_keys(&text, &source)?;
+    let ttl_seconds = match a.ttl {
+        None => None,
+        Some(d) if (10..=31_536_000).contains(&d.as_secs()) => Some(d.as_secs() as u32),
+        Some(_) => return Err(fail(exit::USAGE, "--ttl must be 10s to 365d")),
+    };
+    let (client, ns) = connect(g).await?;
+    let name = object_name(&a.vm, "key");
+    let mut obj = KeypairRebuild::new(
+        &name,
+        KeypairRebuildSpec {
+            target: TargetSpec {
+                vm_name: Some(a.vm.clone()),
+                selector: None,
+            },
+            user: Some(a.user.clone()),
+            public_keys: PublicKeySource {
+                secret_ref: None,
+                inline: Some(keys.iter().map(|(k, _)| k.clone()).collect()),
+            },
+            mode: match a.mode {
+                Mode::Auto => KeyMode::Auto,
+                Mode::Live => KeyMode::Live,
+            },
+            strategy: if a.replace {
+                KeyStrategy::Replace
+            } else {
+                KeyStrategy::Append
+            },
+            replace_all: false,
+            ttl_seconds,
+            rollout: RolloutSpec::default(),
+        },
+    );
+    obj.metadata.namespace = Some(ns.clone());
+    obj.metadata.labels = Some(BTreeMap::from([(
+        CREATED_BY.0.to_string(),
+        CREATED_BY.1.to_string(),
+    )]));
+    let api: Api<KeypairRebuild> = Api::namespaced(client, &ns);
+    api.create(&PostParams::default(), &obj)
+        .await
+        .map_err(|e| {
+            Call {
+                verb: "create",
+                resource: REBUILDS,
+                namespace: &ns,
+            }
+            .error(e)
+        })?;
+    println!("keypairrebuild.guestcred.io/{name} created");
+    for (_, fp) in &keys {
+        println!("  key {fp}");
+    }
+    if !a.follow.enabled() {
+        return Ok(());
+    }
+    let outcome = follow::follow(&api, &ns, &name, a.follow.timeout).await?;
+    if let Outcome::Finished(run) = &outcome {
+        for t in run.targets.iter().filter(|t| t.verified == Some(true)) {
+            let expiry = t
+                .expires_at
+                .as_ref()
+                .map_or(String::new(), |e| format!(", removed again at {}", e.0));
+            println!(
+                "{}: {} key(s) verified in the guest ({}){expiry}",
+                t.vm,
+                t.keys.len(),
+                t.mode.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    conclude::<KeypairRebuild>(&name, outcome)
+}
+
+const NOT_YET: &str = "not supported by this guestcred version yet";
+
+pub fn remove_key(a: RemoveKey) -> anyhow::Result<()> {
+    Err(fail(
+        exit::USAGE,
+        format!(
+            "remove-key is {NOT_YET}: KeypairRebuild cannot remove a key by fingerprint ({} for {}@{} was not changed). \
+Keys guestcred added are removed by a KeypairRebuild with strategy Replace or by its ttlSeconds.",
+            a.fingerprint, a.user, a.vm
+        ),
+    ))
+}
+
+pub fn list_keys(a: ListKeys) -> anyhow::Result<()> {
+    Err(fail(
+        exit::USAGE,
+        format!(
+            "list-keys is {NOT_YET}: KeypairRebuild has no read-only mode that reports the keys of {}@{}. \
+`kubectl guestcred status` shows the fingerprints of the keys guestcred added.",
+            a.user, a.vm
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_checked_by_line() {
+        let ok = "# mine\n\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHhBi1jBX9Ym7ChMW8hNbdC0Y9eVU1uYpcBrIhWGr2Mh me@x\n";
+        let keys = parse_keys(ok, "f").unwrap();
+        assert_eq!(keys.len(), 1);
+        assert!(keys[0].1.starts_with("SHA256:"), "{}", keys[0].1);
+        let err = parse_keys("ssh-ed25519 AAAA\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("f, line 1"), "{err}");
+        assert!(parse_keys("# only a comment\n", "f").is_err());
+    }
+}

@@ -1,0 +1,402 @@
+//! `set-password` and `show-password`.
+use crate::cli::{Global, SetPassword, ShowPassword};
+use crate::follow::{self, conclude};
+use crate::util::{Call, RESETS, SECRETS, VMIS, connect, exit, fail, object_name};
+use guestcred_api::kubevirt::VirtualMachineInstance;
+use guestcred_api::password::{GeneratePolicy, PasswordSource};
+use guestcred_api::{
+    GuestPasswordReset, GuestPasswordResetSpec, RolloutSpec, SecretKeyRef, TargetSpec,
+};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read};
+
+pub const CREATED_BY: (&str, &str) = ("app.kubernetes.io/created-by", "kubectl-guestcred");
+
+pub async fn set_password(g: &Global, a: SetPassword) -> anyhow::Result<()> {
+    let rollout = RolloutSpec {
+        max_concurrency: a.rollout.max_concurrency,
+        max_failures: a.rollout.max_failures,
+        deadline_seconds: u32::try_from(a.rollout.deadline.as_secs()).unwrap_or(u32::MAX),
+        paused: a.stdin,
+    };
+    rollout.check().map_err(|e| fail(exit::USAGE, e))?;
+    if a.generate && !(16..=128).contains(&a.length) {
+        return Err(fail(exit::USAGE, "--length must be 16-128"));
+    }
+    let target = match (&a.vm, &a.selector) {
+        (Some(vm), None) => TargetSpec {
+            vm_name: Some(vm.clone()),
+            selector: None,
+        },
+        (None, Some(sel)) => TargetSpec {
+            vm_name: None,
+            selector: Some(crate::selector::parse(sel).map_err(|e| fail(exit::USAGE, e))?),
+        },
+        _ => {
+            return Err(fail(
+                exit::USAGE,
+                "give either a VM name or -l SELECTOR, not both",
+            ));
+        }
+    };
+    let (client, ns) = connect(g).await?;
+    if a.dry_run {
+        return dry_run(&client, &ns, &a).await;
+    }
+    // Read the value before anything is created: nothing half-made when stdin is empty.
+    let value = if a.stdin {
+        Some(read_password(&a)?)
+    } else {
+        None
+    };
+    let name = object_name(a.vm.as_deref().unwrap_or("bulk"), "pw");
+    let input_secret = format!("{name}-input");
+    let secret_ref = match (&a.from_secret, a.stdin) {
+        (Some(s), _) => {
+            let (n, k) = s.split_once('/').unwrap_or((s, "password"));
+            if n.is_empty() || k.is_empty() {
+                return Err(fail(exit::USAGE, "--from-secret takes NAME or NAME/KEY"));
+            }
+            Some(SecretKeyRef {
+                name: n.into(),
+                key: k.into(),
+                namespace: None,
+            })
+        }
+        (None, true) => Some(SecretKeyRef {
+            name: input_secret.clone(),
+            key: "password".into(),
+            namespace: None,
+        }),
+        (None, false) => None,
+    };
+    let mut reset = GuestPasswordReset::new(
+        &name,
+        GuestPasswordResetSpec {
+            target,
+            user: a.user.clone(),
+            password: PasswordSource {
+                secret_ref,
+                crypted: a.crypted,
+                generate: a.generate.then_some(GeneratePolicy {
+                    length: a.length,
+                    charset: Default::default(),
+                }),
+            },
+            rollout,
+        },
+    );
+    reset.metadata.namespace = Some(ns.clone());
+    reset.metadata.labels = Some(BTreeMap::from([(
+        CREATED_BY.0.to_string(),
+        CREATED_BY.1.to_string(),
+    )]));
+    let resets: Api<GuestPasswordReset> = Api::namespaced(client.clone(), &ns);
+    let call = Call {
+        verb: "create",
+        resource: RESETS,
+        namespace: &ns,
+    };
+    let created = resets
+        .create(&PostParams::default(), &reset)
+        .await
+        .map_err(|e| call.error(e))?;
+    println!("guestpasswordreset.guestcred.io/{name} created");
+    if let Some(value) = value {
+        if let Err(e) = store_input(&client, &ns, &created, &input_secret, value).await {
+            // Leave nothing behind that waits for a Secret that will never come.
+            let _ = resets.delete(&name, &DeleteParams::default()).await;
+            return Err(e);
+        }
+        let unpause = Patch::Merge(serde_json::json!({"spec": {"paused": false}}));
+        resets
+            .patch(&name, &PatchParams::default(), &unpause)
+            .await
+            .map_err(|e| {
+                Call {
+                    verb: "patch",
+                    ..call
+                }
+                .error(e)
+            })?;
+    }
+    if !a.follow.enabled() {
+        return Ok(());
+    }
+    let outcome = follow::follow(&resets, &ns, &name, a.follow.timeout).await?;
+    let generated = a.generate && matches!(outcome, follow::Outcome::Finished(_));
+    let result = conclude::<GuestPasswordReset>(&name, outcome);
+    if generated {
+        let hint = if a.vm.is_some() {
+            format!("kubectl guestcred show-password {name}")
+        } else {
+            format!("kubectl guestcred show-password {name} --vm VM")
+        };
+        eprintln!("To see the generated password: {hint}");
+    }
+    result
+}
+
+/// The Secret holding the `--stdin` value, owned by the reset (deleted with it).
+async fn store_input(
+    client: &Client,
+    ns: &str,
+    reset: &GuestPasswordReset,
+    name: &str,
+    value: Vec<u8>,
+) -> anyhow::Result<()> {
+    let owner = OwnerReference {
+        api_version: "guestcred.io/v1alpha1".into(),
+        kind: "GuestPasswordReset".into(),
+        name: reset.name_any(),
+        uid: reset.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    };
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            owner_references: Some(vec![owner]),
+            labels: Some(BTreeMap::from([(
+                CREATED_BY.0.to_string(),
+                CREATED_BY.1.to_string(),
+            )])),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([("password".into(), ByteString(value))])),
+        ..Default::default()
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .map_err(|e| {
+            Call {
+                verb: "create",
+                resource: SECRETS,
+                namespace: ns,
+            }
+            .error(e)
+        })?;
+    println!("secret/{name} created (owned by the reset)");
+    Ok(())
+}
+
+/// The password from stdin: from a terminal without echo (asked twice), else all of stdin
+/// less one trailing newline.
+fn read_password(a: &SetPassword) -> anyhow::Result<Vec<u8>> {
+    let who = format!(
+        "{}@{}",
+        a.user.as_deref().unwrap_or("<default user>"),
+        a.vm.as_deref().unwrap_or("<selected VMs>")
+    );
+    let value = if std::io::stdin().is_terminal() {
+        let term = console::Term::stderr();
+        eprint!("New password for {who}: ");
+        let first = term.read_secure_line()?;
+        eprint!("Retype it: ");
+        let second = term.read_secure_line()?;
+        if first != second {
+            return Err(fail(
+                exit::USAGE,
+                "the two passwords differ; nothing was changed",
+            ));
+        }
+        first.into_bytes()
+    } else {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf)?;
+        if buf.ends_with(b"\n") {
+            buf.pop();
+            if buf.ends_with(b"\r") {
+                buf.pop();
+            }
+        }
+        buf
+    };
+    if value.is_empty() {
+        return Err(fail(
+            exit::USAGE,
+            "--stdin: empty password; nothing was changed",
+        ));
+    }
+    Ok(value)
+}
+
+/// The VMs a run would target (running VMIs only, as the controller picks them) and their
+/// nodes; nothing is created.
+async fn dry_run(client: &Client, ns: &str, a: &SetPassword) -> anyhow::Result<()> {
+    let vmis: Api<VirtualMachineInstance> = Api::namespaced(client.clone(), ns);
+    let call = Call {
+        verb: "list",
+        resource: VMIS,
+        namespace: ns,
+    };
+    let found: Vec<VirtualMachineInstance> = match (&a.vm, &a.selector) {
+        (Some(vm), _) => vmis
+            .get_opt(vm)
+            .await
+            .map_err(|e| {
+                Call {
+                    verb: "get",
+                    ..call
+                }
+                .error(e)
+            })?
+            .into_iter()
+            .collect(),
+        (None, Some(sel)) => {
+            vmis.list(&ListParams::default().labels(sel))
+                .await
+                .map_err(|e| call.error(e))?
+                .items
+        }
+        (None, None) => Vec::new(),
+    };
+    let mut rows = vec![vec![
+        "VM".to_string(),
+        "NODE".into(),
+        "PHASE".into(),
+        "AGENT".into(),
+        "TARGETED".into(),
+    ]];
+    let mut targeted = 0;
+    for v in &found {
+        let running = v.is_running();
+        targeted += usize::from(running);
+        rows.push(vec![
+            v.name_any(),
+            v.node_name().unwrap_or("-").into(),
+            v.status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_else(|| "-".into()),
+            if v.agent_connected() {
+                "Connected"
+            } else {
+                "NotConnected"
+            }
+            .into(),
+            if running { "yes" } else { "no (not running)" }.into(),
+        ]);
+    }
+    if found.is_empty() {
+        println!("No VirtualMachineInstances match in namespace {ns}.");
+    } else {
+        print!("{}", crate::status::table(&rows));
+    }
+    println!(
+        "{targeted} VM(s) would be targeted in namespace {ns} (dry run: nothing was created)."
+    );
+    if targeted == 0 {
+        return Err(fail(
+            exit::FAILED,
+            "no running VM would be targeted (NoTargets)",
+        ));
+    }
+    Ok(())
+}
+
+pub async fn show_password(g: &Global, a: ShowPassword) -> anyhow::Result<()> {
+    if !a.force && !std::io::stdout().is_terminal() {
+        return Err(fail(
+            exit::FAILED,
+            "refusing to print a password to a non-terminal (pipe or file); add --force if that is what you want",
+        ));
+    }
+    let (client, ns) = connect(g).await?;
+    let resets: Api<GuestPasswordReset> = Api::namespaced(client.clone(), &ns);
+    let reset = resets.get(&a.reset).await.map_err(|e| {
+        Call {
+            verb: "get",
+            resource: RESETS,
+            namespace: &ns,
+        }
+        .error(e)
+    })?;
+    if reset.spec.password.generate.is_none() {
+        return Err(fail(
+            exit::FAILED,
+            format!(
+                "{} does not generate passwords: its password comes from a Secret you provided",
+                a.reset
+            ),
+        ));
+    }
+    let targets = reset.status.map(|s| s.run.targets).unwrap_or_default();
+    let with_output: Vec<_> = targets
+        .iter()
+        .filter(|t| a.vm.as_deref().is_none_or(|vm| t.vm == vm))
+        .collect();
+    let target = match (with_output.as_slice(), &a.vm) {
+        ([t], _) => *t,
+        ([], Some(vm)) => {
+            return Err(fail(
+                exit::FAILED,
+                format!("{} has no target VM {vm}", a.reset),
+            ));
+        }
+        ([], None) => {
+            return Err(fail(
+                exit::FAILED,
+                format!("{} has no targets yet", a.reset),
+            ));
+        }
+        (many, _) => {
+            let vms: Vec<&str> = many.iter().map(|t| t.vm.as_str()).collect();
+            return Err(fail(
+                exit::USAGE,
+                format!(
+                    "{} has {} VMs; choose one with --vm ({})",
+                    a.reset,
+                    vms.len(),
+                    vms.join(", ")
+                ),
+            ));
+        }
+    };
+    let Some(secret_name) = &target.output_secret else {
+        return Err(fail(
+            exit::FAILED,
+            format!(
+                "no password stored for VM {} yet (state {:?})",
+                target.vm, target.state
+            ),
+        ));
+    };
+    let secrets: Api<Secret> = Api::namespaced(client, &ns);
+    let secret = secrets.get(secret_name).await.map_err(|e| {
+        Call {
+            verb: "get",
+            resource: SECRETS,
+            namespace: &ns,
+        }
+        .error(e)
+    })?;
+    let value = secret
+        .data
+        .and_then(|mut d| d.remove("password"))
+        .ok_or_else(|| {
+            fail(
+                exit::FAILED,
+                format!("Secret {secret_name} has no password"),
+            )
+        })?;
+    let value = String::from_utf8(value.0)
+        .map_err(|_| fail(exit::FAILED, "the stored password is not UTF-8"))?;
+    if target.state != guestcred_api::TargetState::Succeeded {
+        eprintln!(
+            "warning: VM {} is {:?}: the guest may not have this password yet",
+            target.vm, target.state
+        );
+    }
+    println!("{value}");
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! `status`: one line per targeted VM of resets and key rebuilds.
+use crate::cli::{Global, Output, Status};
+use crate::follow::RunObject;
+use crate::util::{Call, REBUILDS, RESETS, connect, exit, fail};
+use guestcred_api::{GuestPasswordReset, KeypairRebuild, RunStatus};
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+
+/// Columns padded like kubectl's tables (three spaces between columns).
+pub fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[c]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}...", s.chars().take(n - 3).collect::<String>())
+    }
+}
+
+/// Rows of one object: one per target, or one summary row while it has none.
+fn rows(name: &str, run: Option<&RunStatus>, keys: bool) -> Vec<Vec<String>> {
+    let dash = || "-".to_string();
+    let Some(run) = run.filter(|r| !r.targets.is_empty()) else {
+        let stalled = run.and_then(|r| {
+            r.conditions
+                .iter()
+                .find(|c| c.type_ == guestcred_api::conditions::STALLED && c.status == "True")
+        });
+        let phase = run
+            .and_then(|r| r.phase)
+            .map_or("Pending".to_string(), |p| format!("{p:?}"));
+        let mut row = vec![
+            name.to_string(),
+            dash(),
+            dash(),
+            phase,
+            stalled.map_or_else(dash, |c| c.reason.clone()),
+            "0".into(),
+        ];
+        if keys {
+            row.extend([dash(), dash(), dash()]);
+        }
+        row.push(stalled.map_or_else(String::new, |c| truncate(&c.message, 60)));
+        return vec![row];
+    };
+    run.targets
+        .iter()
+        .map(|t| {
+            let mut row = vec![
+                name.to_string(),
+                t.vm.clone(),
+                t.node.clone().unwrap_or_else(dash),
+                format!("{:?}", t.state),
+                t.reason.clone().unwrap_or_else(dash),
+                t.attempts.to_string(),
+            ];
+            if keys {
+                row.push(t.mode.clone().unwrap_or_else(dash));
+                row.push(if t.keys.is_empty() {
+                    dash()
+                } else {
+                    t.keys.join(",")
+                });
+                row.push(t.expires_at.as_ref().map_or_else(dash, |e| e.0.to_string()));
+            }
+            row.push(truncate(t.message.as_deref().unwrap_or(""), 60));
+            row
+        })
+        .collect()
+}
+
+async fn objects<K: RunObject + serde::Serialize>(
+    client: &Client,
+    ns: &str,
+    a: &Status,
+) -> anyhow::Result<Vec<K>> {
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    if let Some(name) = &a.name {
+        return api
+            .get_opt(name)
+            .await
+            .map(|o| o.into_iter().collect())
+            .map_err(|e| {
+                Call {
+                    verb: "get",
+                    resource: K::RESOURCE,
+                    namespace: ns,
+                }
+                .error(e)
+            });
+    }
+    let mut lp = ListParams::default();
+    if let Some(sel) = &a.selector {
+        lp = lp.labels(sel);
+    }
+    let mut items = api
+        .list(&lp)
+        .await
+        .map_err(|e| {
+            Call {
+                verb: "list",
+                resource: K::RESOURCE,
+                namespace: ns,
+            }
+            .error(e)
+        })?
+        .items;
+    items.sort_by_key(|o| o.name_any());
+    Ok(items)
+}
+
+pub async fn status(g: &Global, a: Status) -> anyhow::Result<()> {
+    let (client, ns) = connect(g).await?;
+    let resets: Vec<GuestPasswordReset> = objects(&client, &ns, &a).await?;
+    let rebuilds: Vec<KeypairRebuild> = objects(&client, &ns, &a).await?;
+    if let Some(name) = &a.name
+        && resets.is_empty()
+        && rebuilds.is_empty()
+    {
+        return Err(fail(
+            exit::FAILED,
+            format!("no {RESETS} or {REBUILDS} named {name:?} in namespace {ns:?}"),
+        ));
+    }
+    let mut items: Vec<serde_json::Value> = Vec::new();
+    for r in &resets {
+        items.push(serde_json::to_value(r)?);
+    }
+    for r in &rebuilds {
+        items.push(serde_json::to_value(r)?);
+    }
+    let doc = if a.name.is_some() && items.len() == 1 {
+        items.remove(0)
+    } else {
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items, "metadata": {}})
+    };
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(&doc)?),
+        Output::Table => {
+            if resets.is_empty() && rebuilds.is_empty() {
+                println!("No resources found in {ns} namespace.");
+                return Ok(());
+            }
+            let mut out = Vec::new();
+            if !resets.is_empty() {
+                let mut t = vec![
+                    [
+                        "RESET", "VM", "NODE", "STATE", "REASON", "ATTEMPTS", "MESSAGE",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                ];
+                for r in &resets {
+                    t.extend(rows(&r.name_any(), r.run(), false));
+                }
+                out.push(table(&t));
+            }
+            if !rebuilds.is_empty() {
+                let mut t = vec![
+                    [
+                        "REBUILD", "VM", "NODE", "STATE", "REASON", "ATTEMPTS", "MODE", "KEYS",
+                        "EXPIRES", "MESSAGE",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                ];
+                for r in &rebuilds {
+                    t.extend(rows(&r.name_any(), r.run(), true));
+                }
+                out.push(table(&t));
+            }
+            print!("{}", out.join("\n"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_line_up() {
+        let t = table(&[
+            vec!["A".into(), "BB".into(), "C".into()],
+            vec!["aaaa".into(), "b".into(), "".into()],
+        ]);
+        assert_eq!(t, "A      BB   C\naaaa   b\n");
+    }
+}
