@@ -575,3 +575,54 @@ async fn an_update_that_makes_the_spec_unreadable_stops_the_run_with_invalid_spe
         "the old spec is still driven"
     );
 }
+
+#[tokio::test]
+async fn a_ttl_grant_is_removed_on_time_although_a_spec_change_started_a_new_run() {
+    use guestcred_lab::testing::KeysTest;
+    let w = World::start(WorldOptions::default()).await.expect("world");
+    let qga = w
+        .add_vm(
+            &vm(NS, "vm-a", "node-1"),
+            Some(HostQgaOptions::default().user("alice")),
+        )
+        .await
+        .expect("vm")
+        .expect("agent");
+    let grant = |keys: &[&str], ttl: Option<u32>| {
+        let k = KeypairRebuild::test("k")
+            .vm("vm-a")
+            .user("alice")
+            .inline_keys(keys.iter().copied())
+            .mode(KeyMode::Live)
+            .strategy(KeyStrategy::Append);
+        match ttl {
+            Some(s) => k.ttl(s),
+            None => k,
+        }
+    };
+    w.apply(&grant(&[KEY1], Some(10))).await.expect("ttl grant");
+    w.wait_for(NS, "k", WAIT, succeeded).await.expect("granted");
+    // A new run for another key, without a TTL, before KEY1's TTL passed.
+    w.apply(&grant(&[KEY2], None)).await.expect("spec change");
+    w.wait_for(NS, "k", WAIT, |r: &KeypairRebuild| {
+        succeeded(r)
+            && r.status
+                .as_ref()
+                .is_some_and(|s| s.run.observed_generation == r.metadata.generation)
+    })
+    .await
+    .expect("second run");
+    assert_eq!(
+        comments(&qga.authorized_keys("alice").expect("keys")),
+        ["key1@test", "key2@test"]
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while comments(&qga.authorized_keys("alice").expect("keys")) != ["key2@test"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "KEY1 outlived its TTL: {:?}",
+            qga.authorized_keys("alice")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -231,6 +231,22 @@ pub struct RunStatus {
     /// Human-readable count of finished targets, e.g. "3/4" (for printer columns).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
+    /// Grants of earlier runs whose TTL has not passed yet: their keys are removed at
+    /// `expiresAt` even though a newer run (a spec or input change) replaced the targets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_expiries: Vec<PendingExpiry>,
+}
+
+/// Keys an earlier run added with a TTL, still to be removed from one VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingExpiry {
+    pub vm: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// SHA256 fingerprints of the keys to remove.
+    pub keys: Vec<String>,
+    pub expires_at: Time,
 }
 
 impl RunStatus {

@@ -274,6 +274,50 @@ pub fn requeue_after_run(
     }
 }
 
+/// The TTL grants of a run's targets that must outlive the run when a new one replaces its
+/// targets: succeeded, with an `expiresAt`, not expired yet.
+pub fn carry_expiries(targets: &[TargetStatus]) -> Vec<crate::api::PendingExpiry> {
+    targets
+        .iter()
+        .filter(|t| t.state == TargetState::Succeeded && !t.keys.is_empty())
+        .filter(|t| t.reason.as_deref() != Some(Reason::Expired.as_str()))
+        .filter_map(|t| {
+            Some(crate::api::PendingExpiry {
+                vm: t.vm.clone(),
+                user: t.user.clone(),
+                keys: t.keys.clone(),
+                expires_at: t.expires_at.clone()?,
+            })
+        })
+        .collect()
+}
+
+/// The keys of a pending expiry to remove now: minus those the current run grants for
+/// longer on the same VM and user (no TTL, or a later one).
+pub fn keys_to_expire(
+    pending: &crate::api::PendingExpiry,
+    current: &[TargetStatus],
+) -> Vec<String> {
+    let kept: std::collections::BTreeSet<&String> = current
+        .iter()
+        .filter(|t| t.vm == pending.vm && t.user == pending.user)
+        .filter(|t| t.state != TargetState::Failed && t.state != TargetState::Skipped)
+        .filter(|t| t.reason.as_deref() != Some(Reason::Expired.as_str()))
+        .filter(|t| {
+            t.expires_at
+                .as_ref()
+                .is_none_or(|at| at.0 > pending.expires_at.0)
+        })
+        .flat_map(|t| t.keys.iter())
+        .collect();
+    pending
+        .keys
+        .iter()
+        .filter(|k| !kept.contains(k))
+        .cloned()
+        .collect()
+}
+
 /// Where a succeeded target stands with its TTL (`expiresAt`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expiry {
@@ -739,6 +783,48 @@ mod tests {
         );
         assert_eq!(expiry(&with_ttl(Failed, at(0), None), at(9)), Expiry::None);
         assert_eq!(expiry(&target(Succeeded), at(9)), Expiry::None);
+    }
+
+    #[test]
+    fn a_new_run_carries_the_unexpired_grants_of_the_old_one() {
+        let granted = TargetStatus {
+            keys: vec!["SHA256:a".into()],
+            ..with_ttl(Succeeded, at(100), Some("Verified"))
+        };
+        let expired = TargetStatus {
+            keys: vec!["SHA256:b".into()],
+            ..with_ttl(Succeeded, at(0), Some("Expired"))
+        };
+        let permanent = TargetStatus {
+            keys: vec!["SHA256:c".into()],
+            ..target(Succeeded)
+        };
+        let carried = carry_expiries(&[granted, expired, permanent]);
+        assert_eq!(carried.len(), 1);
+        assert_eq!(carried[0].keys, ["SHA256:a"]);
+        assert_eq!(carried[0].expires_at, Time(at(100)));
+    }
+
+    #[test]
+    fn a_pending_expiry_spares_keys_the_current_run_grants_for_longer() {
+        let pending = crate::api::PendingExpiry {
+            vm: "vm".into(),
+            user: None,
+            keys: vec!["SHA256:a".into(), "SHA256:b".into(), "SHA256:c".into()],
+            expires_at: Time(at(100)),
+        };
+        let forever = TargetStatus {
+            keys: vec!["SHA256:a".into()],
+            ..target(Succeeded)
+        };
+        let sooner = TargetStatus {
+            keys: vec!["SHA256:b".into()],
+            ..with_ttl(Succeeded, at(50), Some("Verified"))
+        };
+        assert_eq!(
+            keys_to_expire(&pending, &[forever, sooner]),
+            ["SHA256:b", "SHA256:c"]
+        );
     }
 
     #[test]

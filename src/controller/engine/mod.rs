@@ -208,6 +208,9 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
             }
         };
         info!(object = %obj.name_any(), targets = vms.len(), "starting a run");
+        // TTL grants of the run being replaced keep their expiry.
+        let carried = decide::carry_expiries(&status.targets);
+        status.pending_expiries.extend(carried);
         status.input_hash = Some(hash.to_string());
         status.target_spec = Some(obj.target().clone());
         status.targets = vms

@@ -4,7 +4,7 @@ use super::decide::{self, Expiry, Latest, Next, Stop};
 use super::status::{self, Basis, RunState, Shared, Written, lock};
 use super::target::run_target;
 use super::{RunKind, action, now};
-use crate::api::{Reason, RunStatus};
+use crate::api::{Reason, RunStatus, TargetStatus};
 use crate::controller::context::Context;
 use crate::controller::error::Error;
 use crate::controller::targets;
@@ -204,5 +204,53 @@ pub(super) async fn expire_due<K: RunKind>(
             }
         }
     }
+    // Grants of replaced runs: removed when due, then forgotten.
+    let mut still_pending = Vec::new();
+    for pending in std::mem::take(&mut status.pending_expiries) {
+        let left = decide::remaining(pending.expires_at.0, Timestamp::now());
+        if !left.is_zero() {
+            sooner(left);
+            still_pending.push(pending);
+            continue;
+        }
+        let granted = TargetStatus {
+            vm: pending.vm.clone(),
+            user: pending.user.clone(),
+            keys: decide::keys_to_expire(&pending, &status.targets),
+            ..TargetStatus::default()
+        };
+        let result =
+            match targets::prepare_call(ctx, &ns, &pending.vm, pending.user.as_deref(), None).await
+            {
+                Ok(call) => obj.expire(ctx, &call, &granted).await,
+                // The VM is gone: so are the keys in it.
+                Err(Error::VmNotFound(_)) => Ok("the VM is gone".to_string()),
+                Err(e) => Err(e),
+            };
+        match result {
+            Ok(done) => {
+                ctx.metrics.target(
+                    &K::kind(&()),
+                    TargetResult::Expired,
+                    Reason::Expired.as_str(),
+                );
+                status::publish(
+                    ctx,
+                    obj,
+                    EventType::Normal,
+                    Reason::Expired.as_str(),
+                    "Expire",
+                    format!("{} (an earlier run's grant): {done}", pending.vm),
+                )
+                .await;
+            }
+            Err(e) => {
+                tracing::warn!(object = %obj.name_any(), vm = %pending.vm, error = %e, "removing an earlier run's expired keys failed; retrying");
+                sooner(Duration::from_secs(10));
+                still_pending.push(pending);
+            }
+        }
+    }
+    status.pending_expiries = still_pending;
     next
 }
