@@ -626,3 +626,76 @@ async fn a_ttl_grant_is_removed_on_time_although_a_spec_change_started_a_new_run
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// status.inputHash: keyed with a key only the controller holds.
+// ---------------------------------------------------------------------------------------
+
+/// The hash an older controller recorded: keyed with the object's UID (readable by anyone
+/// who can read the object).
+fn uid_keyed(r: &GuestPasswordReset, value: &str) -> String {
+    guestcred::controller::secrets::keyed_hash(
+        r.metadata.uid.as_deref().expect("uid"),
+        &[value.as_bytes(), &[1], b""],
+    )
+}
+
+#[tokio::test]
+async fn a_guessed_password_cannot_be_checked_against_the_status_hash() {
+    let w = World::start(WorldOptions::default()).await.expect("world");
+    let _a = guest(&w, "vm-a").await;
+    crypted_reset(&w, "vm-a", V1).await;
+    let r: GuestPasswordReset = w
+        .wait_for(NS, "r", WAIT, guestcred_lab::testing::finished)
+        .await
+        .expect("finishes");
+    let recorded = r
+        .status
+        .as_ref()
+        .and_then(|s| s.run.input_hash.clone())
+        .expect("hash");
+    // A reader of the object who guessed the value right cannot confirm the guess.
+    assert_ne!(recorded, uid_keyed(&r, V1));
+    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), NS);
+    let key = secrets
+        .get(guestcred::controller::INPUT_KEY_SECRET)
+        .await
+        .expect("the controller's key Secret");
+    assert_eq!(key.data.expect("data")["key"].0.len(), 32);
+}
+
+#[tokio::test]
+async fn a_status_hash_from_before_the_key_is_taken_as_the_same_input() {
+    let mut w = World::start(WorldOptions::default()).await.expect("world");
+    let _a = guest(&w, "vm-a").await;
+    crypted_reset(&w, "vm-a", V1).await;
+    let r: GuestPasswordReset = w
+        .wait_for(NS, "r", WAIT, guestcred_lab::testing::finished)
+        .await
+        .expect("finishes");
+    w.kill_controller();
+    // As an older controller left it.
+    let resets: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
+    let old =
+        serde_json::json!({"status": {"inputHash": uid_keyed(&r, V1), "inputSecretVersion": null}});
+    resets
+        .patch_status("r", &PatchParams::default(), &Patch::Merge(&old))
+        .await
+        .expect("old status");
+    let calls = w.agent_calls("set-password");
+    w.start_controller();
+    let migrated: GuestPasswordReset = w
+        .wait_for(NS, "r", WAIT, |o: &GuestPasswordReset| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.run.input_hash.as_deref())
+                .is_some_and(|h| h.starts_with("hmac-sha256k:"))
+        })
+        .await
+        .expect("rewritten with the keyed hash");
+    assert_eq!(
+        w.agent_calls("set-password"),
+        calls,
+        "no re-run: {migrated:#?}"
+    );
+}

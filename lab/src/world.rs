@@ -430,6 +430,10 @@ impl World {
                 settings,
                 metrics,
                 leadership,
+                input_key_secret: (
+                    "default".into(),
+                    guestcred::controller::INPUT_KEY_SECRET.into(),
+                ),
             };
             guestcred::controller::start(setup, stop).await;
         }));
@@ -465,6 +469,10 @@ impl World {
                 settings,
                 metrics,
                 leadership,
+                input_key_secret: (
+                    "default".into(),
+                    guestcred::controller::INPUT_KEY_SECRET.into(),
+                ),
             };
             guestcred::controller::start(setup, lost).await;
         })

@@ -37,6 +37,8 @@ pub struct Context {
     pub settings: EngineSettings,
     /// Where reconciles and targets are counted (served on the admin port).
     pub metrics: Arc<ControllerMetrics>,
+    /// Hashes password inputs for status (see `secrets::InputKey`).
+    pub input_key: super::secrets::InputKey,
     /// Whether this replica may start agent calls (checked before each one).
     pub leadership: super::leader::Leadership,
     /// Latest view of the objects, to notice pause, spec changes and deletion mid-run.

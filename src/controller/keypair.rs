@@ -109,6 +109,7 @@ impl RunKind for KeypairRebuild {
         Ok(Prepared {
             input: keys,
             hash,
+            legacy_hash: None,
             secret_version,
         })
     }

@@ -181,6 +181,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         settings: EngineSettings::default(),
         metrics: metrics.clone(),
         leadership,
+        input_key_secret: (own_namespace(), INPUT_KEY_SECRET.to_string()),
     };
     let Some(lease) = args.lease() else {
         start(
@@ -218,6 +219,15 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The controller's own namespace: the pod's (POD_NAMESPACE, set by the chart), else
+/// "default".
+pub fn own_namespace() -> String {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or_else(|| "default".into())
+}
+
 /// What a controller runs with.
 pub struct Setup {
     pub client: Client,
@@ -228,7 +238,13 @@ pub struct Setup {
     pub metrics: Arc<ControllerMetrics>,
     /// Checked before each agent call.
     pub leadership: Leadership,
+    /// Where the key that password hashes in status are keyed with lives (namespace,
+    /// name): created once by the controller, readable by it alone.
+    pub input_key_secret: (String, String),
 }
+
+/// The default name of the input-key Secret, in the controller's namespace.
+pub const INPUT_KEY_SECRET: &str = "guestcred-input-hash-key";
 
 /// Run both controllers until `shutdown` resolves (then in-flight reconciles finish, but
 /// start no agent call once leadership is lost).
@@ -243,7 +259,17 @@ pub async fn start(
         settings,
         metrics,
         leadership,
+        input_key_secret,
     } = setup;
+    let input_key = loop {
+        match secrets::InputKey::ensure(&client, &input_key_secret.0, &input_key_secret.1).await {
+            Ok(key) => break key,
+            Err(e) => {
+                warn!(namespace = %input_key_secret.0, secret = %input_key_secret.1, error = %e, "cannot read or create the input-hash key; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
     let (shims, shim_watch) = ShimDirectory::start(client.clone(), access);
     let shim_task = tokio::spawn(shim_watch);
 
@@ -273,6 +299,7 @@ pub async fn start(
         settings,
         metrics,
         leadership,
+        input_key,
         resets: resets.store(),
         rebuilds: rebuilds.store(),
         secret_versions,

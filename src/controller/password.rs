@@ -86,20 +86,21 @@ impl RunKind for GuestPasswordReset {
                         r.name, r.key, e.message
                     ))
                 })?;
-                let hash = secrets::keyed_hash(
-                    &uid,
-                    &[
-                        value.expose_secret().as_bytes(),
-                        &[p.crypted as u8],
-                        user.as_bytes(),
-                    ],
-                );
+                let parts: [&[u8]; 3] = [
+                    value.expose_secret().as_bytes(),
+                    &[p.crypted as u8],
+                    user.as_bytes(),
+                ];
+                let hash = ctx.input_key.hash(&uid, &parts);
+                // Status written before the controller had its key: same input, no re-run.
+                let legacy_hash = Some(secrets::keyed_hash(&uid, &parts));
                 Ok(Prepared {
                     input: PasswordInput::Fixed {
                         value,
                         crypted: p.crypted,
                     },
                     hash,
+                    legacy_hash,
                     secret_version: resource_version,
                 })
             }

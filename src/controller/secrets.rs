@@ -68,8 +68,88 @@ pub async fn read_key(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<Key
     })
 }
 
-/// "hmac-sha256:<hex>" of `parts`, keyed with the object's UID: it changes with the input
-/// but, unlike a bare sha256, cannot be looked up in a table of common passwords.
+/// The key that passwords are hashed with before their hash goes into status: 32 random
+/// bytes in a Secret of the controller's own namespace that only the controller reads.
+/// Created once and kept (never part of a Helm render, which would change it on every
+/// upgrade and re-run every object). Anyone who can read an object's status, but not that
+/// Secret, cannot test guesses of the password against `status.inputHash` offline (with
+/// a key anyone can read, such as the object's UID, they could).
+pub struct InputKey(zeroize::Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for InputKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InputKey([REDACTED])")
+    }
+}
+
+/// Key of the input key inside its Secret.
+pub const INPUT_KEY_DATA: &str = "key";
+
+impl InputKey {
+    #[cfg(test)]
+    pub fn fixed(bytes: &[u8]) -> Self {
+        Self(zeroize::Zeroizing::new(bytes.to_vec()))
+    }
+
+    /// "hmac-sha256k:<hex>" of the object's UID and `parts`, keyed with this key.
+    pub fn hash(&self, uid: &str, parts: &[&[u8]]) -> String {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC accepts keys of any length");
+        for p in std::iter::once(uid.as_bytes()).chain(parts.iter().copied()) {
+            mac.update(&(p.len() as u64).to_be_bytes());
+            mac.update(p);
+        }
+        format!("hmac-sha256k:{}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    /// The key in Secret `ns/name`, creating the Secret with a new random key if there is
+    /// none (a concurrent creator's key wins: the create answers 409 and it is read).
+    pub async fn ensure(client: &Client, ns: &str, name: &str) -> Result<Self, Error> {
+        let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let read = |s: Secret| -> Result<Self, Error> {
+            s.data
+                .and_then(|mut d| d.remove(INPUT_KEY_DATA))
+                .filter(|b| b.0.len() >= 32)
+                .map(|b| Self(zeroize::Zeroizing::new(b.0)))
+                .ok_or_else(|| {
+                    Error::InvalidSpec(format!(
+                        "Secret {ns}/{name} has no {INPUT_KEY_DATA:?} of at least 32 bytes; delete it to have a new key made"
+                    ))
+                })
+        };
+        if let Some(s) = api.get_opt(name).await? {
+            return read(s);
+        }
+        let mut key = zeroize::Zeroizing::new(vec![0u8; 32]);
+        rand::Rng::fill(&mut rand::rng(), key.as_mut_slice());
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "guestcred".to_string(),
+                )])),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(BTreeMap::from([(
+                INPUT_KEY_DATA.to_string(),
+                k8s_openapi::ByteString(key.to_vec()),
+            )])),
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => Ok(Self(key)),
+            Err(kube::Error::Api(s)) if s.code == 409 => read(api.get(name).await?),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// "hmac-sha256:<hex>" of `parts`, keyed with `key` (the object's UID): it changes with
+/// the input. For inputs that are not secret (key fingerprints, generate settings), and to
+/// recognise password hashes status recorded before the controller had an [`InputKey`].
 pub fn keyed_hash(key: &str, parts: &[&[u8]]) -> String {
     let mut mac =
         Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC accepts keys of any length");
@@ -241,6 +321,24 @@ mod tests {
             .all(|l| !l.is_empty() && !l.starts_with('-') && !l.ends_with('-'));
         assert!(dns, "{name}");
         assert!(name.starts_with(&"x".repeat(100)));
+    }
+
+    #[test]
+    fn input_key_hashes_change_with_the_key_the_object_and_the_input() {
+        let k1 = InputKey::fixed(&[1; 32]);
+        let k2 = InputKey::fixed(&[2; 32]);
+        let a = k1.hash("uid-1", &[b"secret"]);
+        assert!(a.starts_with("hmac-sha256k:"));
+        assert_ne!(
+            a,
+            k2.hash("uid-1", &[b"secret"]),
+            "without the key, no guess verifies"
+        );
+        assert_ne!(a, k1.hash("uid-2", &[b"secret"]));
+        assert_ne!(a, k1.hash("uid-1", &[b"secret2"]));
+        assert_eq!(a, k1.hash("uid-1", &[b"secret"]));
+        assert_ne!(a, keyed_hash("uid-1", &[b"secret"]));
+        assert!(!format!("{k1:?}").contains('1'));
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub struct Prepared<I> {
     pub input: I,
     /// Keyed hash that changes with the input (see `RunStatus::input_hash`).
     pub hash: String,
+    /// The same input's hash as an older controller recorded it, if it hashed differently:
+    /// a status holding it is taken as this input, and rewritten with `hash`.
+    pub legacy_hash: Option<String>,
     /// resourceVersion of the Secret the input was read from, if any.
     pub secret_version: Option<String>,
 }
@@ -85,6 +88,7 @@ impl<I> Prepared<I> {
         Self {
             input,
             hash,
+            legacy_hash: None,
             secret_version: None,
         }
     }
@@ -185,6 +189,12 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
         }
     };
     let hash = prepared.hash.as_str();
+    let adopt_legacy = |status: &mut RunStatus| {
+        if prepared.legacy_hash.is_some() && status.input_hash == prepared.legacy_hash {
+            status.input_hash = Some(hash.to_string());
+        }
+    };
+    adopt_legacy(&mut status);
     let mut obj = obj;
     if decide::has_work(&status, hash) {
         // The cache may lag behind our own last status write (a reconcile queued during a
@@ -195,6 +205,7 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
             _ => return Ok(Action::await_change()),
         }
         status = obj.run_status().cloned().unwrap_or_default();
+        adopt_legacy(&mut status);
     }
     let generation = obj.meta().generation;
     if status.input_hash.as_deref() != Some(hash) {
