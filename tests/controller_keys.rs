@@ -1,5 +1,5 @@
 //! KeypairRebuild live mode through the controller, real shims and real qemu-ga agents.
-use guestcred::api::keypair::KeyStrategy;
+use guestcred::api::keypair::{KeyMode, KeyStrategy};
 use guestcred::api::kubevirt::VirtualMachine;
 use guestcred::api::{KeypairRebuild, Phase, TargetState};
 use guestcred::controller::keypair::MANAGED_KEYS_ANNOTATION_PREFIX;
@@ -382,4 +382,80 @@ async fn keys_reach_every_vm_of_a_selector_across_two_nodes() {
             ["key1@test"]
         );
     }
+}
+
+/// The uid of VMI `name` (a restart replaces the VMI, so a new uid means a restart).
+async fn vmi_uid(w: &World, name: &str) -> String {
+    w.get::<guestcred::api::kubevirt::VirtualMachineInstance>(NS, name)
+        .await
+        .uid()
+        .expect("uid")
+}
+
+#[tokio::test]
+async fn ttl_with_mode_rebuild_is_refused_with_invalid_spec() {
+    let w = world().await;
+    let _qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let before = vmi_uid(&w, "vm-a").await;
+    let r = KeypairRebuild::test("k")
+        .vm("vm-a")
+        .user("alice")
+        .inline_keys([KEY1])
+        .mode(KeyMode::Rebuild)
+        .ttl(60);
+    w.apply(&r).await.expect("apply");
+    let r: KeypairRebuild = w
+        .wait_for(NS, "k", WAIT, condition_reason("InvalidSpec"))
+        .await
+        .expect("InvalidSpec");
+    let st = r.status.expect("status").run;
+    let c = st
+        .conditions
+        .iter()
+        .find(|c| c.reason == "InvalidSpec")
+        .expect("condition");
+    assert!(c.message.contains("ttlSeconds"), "{}", c.message);
+    assert!(st.targets.iter().all(|t| t.attempts == 0), "{st:#?}");
+    assert_eq!(
+        vmi_uid(&w, "vm-a").await,
+        before,
+        "the VM was not restarted"
+    );
+}
+
+#[tokio::test]
+async fn ttl_with_auto_that_would_rebuild_fails_the_target_with_invalid_spec() {
+    let w = world().await;
+    let _qga = w
+        .add_vm(
+            &vm(NS, "vm-old", "node-1"),
+            Some(alice().block(SSH_COMMANDS)),
+        )
+        .await
+        .expect("vm");
+    let before = vmi_uid(&w, "vm-old").await;
+    let r = KeypairRebuild::test("k")
+        .vm("vm-old")
+        .user("alice")
+        .inline_keys([KEY1])
+        .mode(KeyMode::Auto)
+        .ttl(60);
+    w.apply(&r).await.expect("apply");
+    let r: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
+    let t = &r.status.expect("status").run.targets[0];
+    assert_eq!(
+        (t.state, t.reason.as_deref()),
+        (TargetState::Failed, Some("InvalidSpec")),
+        "{t:#?}"
+    );
+    let msg = t.message.clone().unwrap_or_default();
+    assert!(
+        msg.contains("ttlSeconds") && msg.contains("guest-ssh-"),
+        "{msg}"
+    );
+    assert_eq!(
+        vmi_uid(&w, "vm-old").await,
+        before,
+        "the VM was not restarted"
+    );
 }

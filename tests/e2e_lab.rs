@@ -233,6 +233,7 @@ fn keys(name: &str, vm: &str, user: &str, mode: KeyMode, lines: &[&str]) -> Keyp
             strategy: KeyStrategy::Replace,
             replace_all: false,
             ttl_seconds: None,
+            on_delete: Default::default(),
             rollout: RolloutSpec::default(),
         },
     );

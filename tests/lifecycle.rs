@@ -41,6 +41,7 @@ fn rebuild(keys: &[&str]) -> KeypairRebuild {
             strategy: KeyStrategy::Replace,
             replace_all: false,
             ttl_seconds: None,
+            on_delete: Default::default(),
             rollout: RolloutSpec::default(),
         },
     );

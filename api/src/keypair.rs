@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("self.spec.target == oldSelf.spec.target").message("spec.target is immutable; create a new object for other VMs")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.ttlSeconds) || !has(self.mode) || self.mode != 'Rebuild'").message("ttlSeconds needs mode Live (or Auto on guests whose agent has guest-ssh-*): keys written by a rebuild into cloud-init user data cannot be removed on time"))]
 pub struct KeypairRebuildSpec {
     /// The VM(s) that get the keys.
     pub target: TargetSpec,
@@ -45,10 +46,19 @@ pub struct KeypairRebuildSpec {
     /// Make authorized_keys exactly the given keys (removes hand-added keys too).
     #[serde(default)]
     pub replace_all: bool,
-    /// Remove the added keys again after this many seconds (10-31536000).
+    /// Remove the added keys again after this many seconds (10-31536000). Live delivery
+    /// only: refused with mode Rebuild, and a target that Auto delivers by rebuilding
+    /// fails with InvalidSpec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 10, max = 31536000))]
     pub ttl_seconds: Option<u32>,
+    /// What deleting this object does to the keys it added. Remove (the default): the
+    /// controller removes them from every VM where they were put in place (only keys
+    /// guestcred added itself; a VM that is gone or unreachable is given up after a
+    /// bounded wait, with a Warning Event naming the keys left behind). Keep: the keys
+    /// stay in the guests.
+    #[serde(default)]
+    pub on_delete: OnDelete,
     /// Concurrency, failure budget, per-target deadline and pause.
     #[serde(flatten)]
     pub rollout: RolloutSpec,
@@ -76,6 +86,18 @@ pub enum KeyMode {
     Auto,
     Live,
     Rebuild,
+}
+
+/// What deleting a KeypairRebuild does to the keys it added.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum OnDelete {
+    /// Remove the keys this object added (that guestcred owns) from the guests.
+    #[default]
+    Remove,
+    /// Leave the keys in the guests.
+    Keep,
 }
 
 /// What happens to keys already in the guest.

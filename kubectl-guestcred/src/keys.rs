@@ -76,6 +76,7 @@ pub async fn add_key(g: &Global, a: AddKey) -> anyhow::Result<()> {
             },
             replace_all: false,
             ttl_seconds,
+            on_delete: Default::default(),
             rollout: RolloutSpec::default(),
         },
     );

@@ -155,6 +155,15 @@ impl RunKind for KeypairRebuild {
             }
         };
         if !live {
+            // A rebuild writes the keys into cloud-init user data; without guest-ssh-* no
+            // one can remove them on time. Mode Rebuild is refused by validate (CEL); Auto
+            // only finds out here, per VM, before anything changes.
+            if let Some(ttl) = self.spec.ttl_seconds {
+                return Err(Error::InvalidSpec(format!(
+                    "ttlSeconds ({ttl}) needs live delivery, but the guest agent of {} lacks the guest-ssh-* commands, so mode Auto would rebuild the VM and the keys could not be removed on time; drop ttlSeconds or update the agent (qemu-ga 5.2+)",
+                    call.vm
+                )));
+            }
             let previously_added = self.previously_added(call);
             let outcome =
                 super::rebuild::rebuild(ctx, self, call, wanted, &previously_added).await?;

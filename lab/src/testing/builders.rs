@@ -186,6 +186,7 @@ impl TestObject for KeypairRebuild {
                 strategy: KeyStrategy::Replace,
                 replace_all: false,
                 ttl_seconds: None,
+                on_delete: Default::default(),
                 rollout: RolloutSpec::default(),
             },
         );
