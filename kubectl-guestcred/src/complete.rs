@@ -14,7 +14,9 @@ use kube::{Api, Client, ResourceExt};
 use std::time::Duration;
 
 pub fn script(shell: Shell, out: &mut dyn std::io::Write) {
-    let mut cmd = Cli::command();
+    // The scripts complete the binary's own name (kubectl completes `kubectl guestcred`
+    // through kubectl_complete-guestcred).
+    let mut cmd = Cli::command().bin_name("kubectl-guestcred");
     let shell = match shell {
         Shell::Bash => clap_complete::Shell::Bash,
         Shell::Zsh => clap_complete::Shell::Zsh,

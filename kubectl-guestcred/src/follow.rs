@@ -58,7 +58,7 @@ pub fn init_colours() {
 /// How a followed run ended.
 pub enum Outcome {
     /// Every target has a result (the run's phase is terminal).
-    Finished(RunStatus),
+    Finished(Box<RunStatus>),
     /// The run cannot go on without a change: the Stalled condition's reason and message.
     Stalled { reason: String, message: String },
     /// `--timeout` passed first.
@@ -195,7 +195,7 @@ pub async fn follow<K: RunObject>(
                 )
             {
                 finish(&view);
-                return Ok(Outcome::Finished(run.clone()));
+                return Ok(Outcome::Finished(Box::new(run.clone())));
             }
             if let Some(c) = run.conditions.iter().find(|c| {
                 c.type_ == guestcred_api::conditions::STALLED

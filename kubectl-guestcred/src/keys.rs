@@ -4,8 +4,8 @@ use crate::cli::{AddKey, Global, ListKeys, Mode, RemoveKey};
 use crate::follow::{self, Outcome, conclude};
 use crate::password::CREATED_BY;
 use crate::util::{Call, REBUILDS, connect, exit, fail, object_name};
-use guestcred_api::keypair::{KeyMode, KeyStrategy, PublicKeySource};
-use guestcred_api::{KeypairRebuild, KeypairRebuildSpec, RolloutSpec, TargetSpec};
+use guestcred_api::keypair::{KeyMode, KeyStrategy};
+use guestcred_api::{KeypairRebuild, KeypairRebuildSpec};
 use kube::Api;
 use kube::api::PostParams;
 use std::collections::BTreeMap;
@@ -53,33 +53,20 @@ pub async fn add_key(g: &Global, a: AddKey) -> anyhow::Result<()> {
     };
     let (client, ns) = connect(g).await?;
     let name = object_name(&a.vm, "key");
-    let mut obj = KeypairRebuild::new(
-        &name,
-        KeypairRebuildSpec {
-            target: TargetSpec {
-                vm_name: Some(a.vm.clone()),
-                selector: None,
-            },
-            user: Some(a.user.clone()),
-            public_keys: PublicKeySource {
-                secret_ref: None,
-                inline: Some(keys.iter().map(|(k, _)| k.clone()).collect()),
-            },
-            mode: match a.mode {
-                Mode::Auto => KeyMode::Auto,
-                Mode::Live => KeyMode::Live,
-            },
-            strategy: if a.replace {
-                KeyStrategy::Replace
-            } else {
-                KeyStrategy::Append
-            },
-            replace_all: false,
-            ttl_seconds,
-            on_delete: Default::default(),
-            rollout: RolloutSpec::default(),
+    // From JSON rather than a struct literal: fields the API gains later take their
+    // defaults here, as they would in `kubectl apply` of the same YAML.
+    let spec: KeypairRebuildSpec = serde_json::from_value(serde_json::json!({
+        "target": {"vmName": a.vm},
+        "user": a.user,
+        "publicKeys": {"inline": keys.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()},
+        "mode": match a.mode {
+            Mode::Auto => KeyMode::Auto,
+            Mode::Live => KeyMode::Live,
         },
-    );
+        "strategy": if a.replace { KeyStrategy::Replace } else { KeyStrategy::Append },
+        "ttlSeconds": ttl_seconds,
+    }))?;
+    let mut obj = KeypairRebuild::new(&name, spec);
     obj.metadata.namespace = Some(ns.clone());
     obj.metadata.labels = Some(BTreeMap::from([(
         CREATED_BY.0.to_string(),

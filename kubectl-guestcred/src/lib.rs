@@ -25,8 +25,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::RemoveKey(a) => keys::remove_key(a),
         Command::ListKeys(a) => keys::list_keys(a),
         Command::Completion(a) => {
-            complete::script(a.shell, &mut std::io::stdout());
-            Ok(())
+            let mut script = Vec::new();
+            complete::script(a.shell, &mut script);
+            // A closed pipe (`… | head`) is not an error worth a panic.
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
         }
     }
 }

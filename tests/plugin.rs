@@ -1,0 +1,935 @@
+//! `kubectl guestcred` (the kubectl-guestcred package) end to end: the plugin binary as a
+//! user runs it, with a kubeconfig, against the served emulator, the real controller, real
+//! shims and real qemu-ga agents. Each command, a failing target (exit 1 with the reason),
+//! `--stdin` (the value in no process argument, log, Event or output), progress on a
+//! pseudo-terminal (script(1)) and in a pipe, Ctrl-C pausing a run, a 403 naming the missing
+//! permission, completions (static scripts, and kubectl itself calling
+//! kubectl_complete-guestcred), and the krew manifest through krew's validator.
+//!
+//! The plugin is another package's binary: `make test` builds the whole workspace first;
+//! alone, run `cargo build -p kubectl-guestcred` before `cargo test --test plugin`.
+use guestcred::api::{GuestPasswordReset, KeypairRebuild, Phase, TargetState};
+use guestcred_lab::kubevirt::vm;
+use guestcred_lab::repo_dir;
+use guestcred_lab::testing::*;
+use guestcred_lab::world::{World, WorldOptions};
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const KEY1: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ+B4jIlELcMrHzsE1Ryt7XpT2gUKy/XZ+lbyfbQ9TZh key1@test";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// target/debug (or wherever this test binary was built): the plugin's binaries are there.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| repo_dir().join("target/debug"));
+    for b in ["kubectl-guestcred", "kubectl_complete-guestcred"] {
+        assert!(
+            dir.join(b).is_file(),
+            "{} missing: build the plugin first (cargo build -p kubectl-guestcred; make test builds the workspace)",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+fn plugin_path() -> PathBuf {
+    bin_dir().join("kubectl-guestcred")
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// The plugin with `KUBECONFIG` set (as most users have it), output through pipes.
+fn command(kubeconfig: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(plugin_path());
+    c.args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn finish(child: std::process::Child) -> Out {
+    let o = child.wait_with_output().expect("plugin runs");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+async fn plugin(w: &World, args: &[&str]) -> Out {
+    let mut c = command(w.kubeconfig(), args);
+    tokio::task::spawn_blocking(move || finish(c.spawn().expect("spawn plugin")))
+        .await
+        .expect("plugin thread")
+}
+
+/// The object name from "guestpasswordreset.guestcred.io/<name> created".
+fn created_name(out: &Out) -> String {
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_suffix(" created")?.split_once(".guestcred.io/"))
+        .map(|(_, n)| n.to_string())
+        .unwrap_or_else(|| panic!("no created line: {out:?}"))
+}
+
+fn assert_plain(out: &Out) {
+    assert!(
+        !out.all().contains('\u{1b}'),
+        "escape codes in piped output: {out:?}"
+    );
+}
+
+async fn served(capture_logs: bool) -> World {
+    World::start(WorldOptions {
+        serve: true,
+        capture_logs,
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("served world starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_password_then_status_and_show_password() {
+    let w = served(false).await;
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let out = plugin(
+        &w,
+        &["set-password", "vm-a", "--user", "alice", "--generate"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_plain(&out);
+    let name = created_name(&out);
+    assert!(name.starts_with("vm-a-pw-") && name.len() == 13, "{name}");
+    assert!(
+        out.stdout
+            .contains("vm-a: Succeeded (Applied) on node-1 after 1 attempt"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("gpr/{name}: Succeeded (1/1 VMs)")),
+        "{out:?}"
+    );
+    // Progress in a pipe: plain lines on stderr, one per change.
+    assert!(
+        out.stderr
+            .contains(&format!("gpr/{name}: Succeeded, 1/1 done, 0 failed")),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains("kubectl guestcred show-password"),
+        "{out:?}"
+    );
+
+    let status = plugin(&w, &["status", &name]).await;
+    assert_eq!(status.code, 0, "{status:?}");
+    let header = status.stdout.lines().next().unwrap_or_default().to_string();
+    for col in ["RESET", "VM", "NODE", "STATE", "REASON", "ATTEMPTS"] {
+        assert!(header.contains(col), "{status:?}");
+    }
+    let row: Vec<&str> = status
+        .stdout
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row[..6],
+        [name.as_str(), "vm-a", "node-1", "Succeeded", "Applied", "1"],
+        "{status:?}"
+    );
+    let json = plugin(&w, &["status", &name, "-o", "json"]).await;
+    let obj: GuestPasswordReset =
+        serde_json::from_str(&json.stdout).expect("status -o json is the object");
+    assert_eq!(
+        obj.status.expect("status").run.phase,
+        Some(Phase::Succeeded)
+    );
+    let yaml = plugin(&w, &["status", "-o", "yaml"]).await;
+    let list: serde_json::Value = serde_yaml::from_str(&yaml.stdout).expect("yaml");
+    assert_eq!(list["kind"], "List");
+    assert_eq!(list["items"][0]["metadata"]["name"], name.as_str());
+
+    // Into a pipe: refused without --force, printed with it.
+    let refused = plugin(&w, &["show-password", &name]).await;
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("refusing to print a password to a non-terminal"),
+        "{refused:?}"
+    );
+    assert!(refused.stdout.is_empty(), "{refused:?}");
+    let shown = plugin(&w, &["show-password", &name, "--force"]).await;
+    assert_eq!(shown.code, 0, "{shown:?}");
+    let password = shown.stdout.trim_end().to_string();
+    assert_eq!(password.len(), 24);
+    assert_eq!(password, w.output_password(NS, &name, "vm-a").await);
+    assert!(
+        qga.password_matches("alice", &password).expect("shadow"),
+        "the guest has the shown password"
+    );
+
+    // On a terminal (script(1) gives it a pty): printed without --force.
+    let kubeconfig = w.kubeconfig().to_path_buf();
+    let cmdline = format!(
+        "{} --kubeconfig {} show-password {name}",
+        plugin_path().display(),
+        kubeconfig.display()
+    );
+    let tty = tokio::task::spawn_blocking(move || {
+        Command::new("script")
+            .args(["-qfec", &cmdline, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("script(1)")
+    })
+    .await
+    .expect("thread");
+    let text = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{text}");
+    assert!(text.contains(&password), "printed to a terminal: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_targets_exit_nonzero_with_their_reason() {
+    let w = served(false).await;
+    let _qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    // A user the guest does not have: the real agent refuses, the plugin exits 1.
+    let out = plugin(
+        &w,
+        &["set-password", "vm-a", "--user", "mallory", "--generate"],
+    )
+    .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("vm-a: UserNotFound"), "{out:?}");
+    assert!(
+        out.stdout.contains("vm-a: Failed (UserNotFound)"),
+        "{out:?}"
+    );
+    // A VM that does not exist.
+    let out = plugin(&w, &["set-password", "ghost", "--generate"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("ghost: VMNotFound"), "{out:?}");
+    // A Secret that does not exist: the run stalls, the plugin says why and exits 1.
+    let out = plugin(
+        &w,
+        &[
+            "set-password",
+            "vm-a",
+            "--from-secret",
+            "nope/pw",
+            "--timeout",
+            "30s",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("is stalled: SecretNotFound"), "{out:?}");
+    // --timeout passes first: exit 3, the run goes on.
+    let qga_less = vm(NS, "vm-b", "node-1");
+    w.add_vm(&qga_less, None).await.expect("vm without agent");
+    let out = plugin(
+        &w,
+        &["set-password", "vm-b", "--generate", "--timeout", "2s"],
+    )
+    .await;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("timed out following"), "{out:?}");
+    // Usage errors exit 2 before anything is created.
+    let out = plugin(&w, &["set-password", "vm-a", "--generate", "--length", "8"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    let out = plugin(&w, &["set-password", "vm-a"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_password_is_in_no_argument_log_event_or_output() {
+    const PW: &str = "Plugin-Stdin-Secret-4711";
+    let w = served(true).await;
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let mut c = command(
+        w.kubeconfig(),
+        &["set-password", "vm-a", "--user", "alice", "--stdin"],
+    );
+    c.stdin(Stdio::piped());
+    let (out, seen) = tokio::task::spawn_blocking(move || {
+        let mut child = c.spawn().expect("spawn");
+        let pid = child.id();
+        let mut stdin = child.stdin.take().expect("stdin");
+        // Every process's argv, scanned while the plugin runs (before, during and after
+        // the value was written).
+        let scan = || -> Vec<String> {
+            let mut hits = Vec::new();
+            for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                if let Ok(raw) = std::fs::read(e.path().join("cmdline"))
+                    && String::from_utf8_lossy(&raw).contains(PW)
+                {
+                    hits.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+            hits
+        };
+        let mut seen = scan();
+        stdin
+            .write_all(format!("{PW}\n").as_bytes())
+            .expect("write");
+        drop(stdin);
+        let mut scans = 1;
+        while std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|_| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+        }) {
+            seen.extend(scan());
+            scans += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            scans > 3,
+            "the scan ran while the plugin did ({scans} scans)"
+        );
+        (finish(child), seen)
+    })
+    .await
+    .expect("thread");
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        seen.is_empty(),
+        "the password was in the argv of processes {seen:?}"
+    );
+    assert!(!out.all().contains(PW), "the password was printed: {out:?}");
+    assert!(
+        qga.password_matches("alice", PW).expect("shadow"),
+        "the guest has it"
+    );
+    let name = created_name(&out);
+    // The reset was unpaused after its Secret was stored; the Secret is owned by the reset.
+    let reset: GuestPasswordReset = w.get(NS, &name).await;
+    assert!(!reset.spec.rollout.paused);
+    let secret: k8s_openapi::api::core::v1::Secret = w.get(NS, &format!("{name}-input")).await;
+    let owner = &secret.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("GuestPasswordReset", name.as_str())
+    );
+    assert_eq!(Some(owner.uid.clone()), reset.uid());
+    w.assert_not_leaked(&[PW]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_dry_run_lists_targets_and_a_run_reports_each_vm() {
+    let w = World::start(WorldOptions {
+        serve: true,
+        nodes: 2,
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("world");
+    let _a = w
+        .add_guest(&vm(NS, "db-a", "node-1").label("tier", "db"))
+        .await;
+    let _b = w
+        .add_guest(&vm(NS, "db-b", "node-2").label("tier", "db"))
+        .await;
+    // Labelled, but no agent answers: retried until its 10 s deadline.
+    w.add_vm(&vm(NS, "db-c", "node-2").label("tier", "db"), None)
+        .await
+        .expect("vm");
+    w.add_guest(&vm(NS, "web-a", "node-1").label("tier", "web"))
+        .await;
+    w.add_vm(
+        &vm(NS, "db-off", "node-1")
+            .label("tier", "db")
+            .phase("Succeeded"),
+        None,
+    )
+    .await
+    .expect("vm");
+
+    let dry = plugin(
+        &w,
+        &["set-password", "-l", "tier=db", "--generate", "--dry-run"],
+    )
+    .await;
+    assert_eq!(dry.code, 0, "{dry:?}");
+    let rows: Vec<Vec<&str>> = dry
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0][..5],
+        ["VM", "NODE", "PHASE", "AGENT", "TARGETED"],
+        "{dry:?}"
+    );
+    let targeted: Vec<(&str, &str)> = rows[1..]
+        .iter()
+        .filter(|r| r.get(4) == Some(&"yes"))
+        .map(|r| (r[0], r[1]))
+        .collect();
+    assert_eq!(
+        targeted,
+        [("db-a", "node-1"), ("db-b", "node-2"), ("db-c", "node-2")],
+        "{dry:?}"
+    );
+    assert!(
+        dry.stdout.contains("db-off") && dry.stdout.contains("no (not running)"),
+        "{dry:?}"
+    );
+    assert!(!dry.stdout.contains("web-a"), "{dry:?}");
+    assert!(dry.stdout.contains("3 VM(s) would be targeted"), "{dry:?}");
+    let resets: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
+    assert!(
+        resets
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .is_empty(),
+        "dry run created nothing"
+    );
+
+    let out = plugin(
+        &w,
+        &[
+            "set-password",
+            "-l",
+            "tier=db",
+            "--user",
+            "alice",
+            "--generate",
+            "--max-concurrency",
+            "2",
+            "--max-failures",
+            "1",
+            "--deadline",
+            "10s",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_plain(&out);
+    let name = created_name(&out);
+    assert!(name.starts_with("bulk-pw-"), "{name}");
+    for v in ["db-a", "db-b"] {
+        assert!(
+            out.stdout.contains(&format!("{v}: Succeeded (Applied)")),
+            "{out:?}"
+        );
+    }
+    assert!(
+        out.stderr.contains("PartiallySucceeded, 1 of 3 VMs failed"),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("db-c: DeadlineExceeded"), "{out:?}");
+    let r: GuestPasswordReset = w.get(NS, &name).await;
+    let spec = r.spec.rollout;
+    assert_eq!(
+        (
+            spec.max_concurrency,
+            spec.max_failures,
+            spec.deadline_seconds
+        ),
+        (2, 1, 10)
+    );
+    // show-password of a bulk reset needs --vm.
+    let many = plugin(&w, &["show-password", &name, "--force"]).await;
+    assert_eq!(many.code, 2, "{many:?}");
+    assert!(
+        many.stderr
+            .contains("choose one with --vm (db-a, db-b, db-c)"),
+        "{many:?}"
+    );
+    let one = plugin(&w, &["show-password", &name, "--vm", "db-b", "--force"]).await;
+    assert_eq!(
+        one.stdout.trim_end(),
+        w.output_password(NS, &name, "db-b").await
+    );
+}
+
+/// Text without ANSI escape sequences (CSI and two-byte escapes).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        if chars.next_if_eq(&'[').is_some() {
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            chars.next();
+        }
+    }
+    out
+}
+
+/// The plugin on a pseudo-terminal: script(1) gives it one, forwards what is written to
+/// its stdin as typed keys (Ctrl-C included) and copies the terminal's output.
+struct Pty {
+    child: std::process::Child,
+    keys: std::process::ChildStdin,
+    screen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Pty {
+    fn start(cmdline: &str) -> Pty {
+        let mut child = Command::new("script")
+            .args(["-qfec", cmdline, "/dev/null"])
+            .env("TERM", "xterm-256color")
+            .env("COLUMNS", "150")
+            .env_remove("NO_COLOR")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("script(1)");
+        let keys = child.stdin.take().expect("stdin");
+        let mut out = child.stdout.take().expect("stdout");
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = screen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().expect("screen").extend_from_slice(&buf[..n]);
+            }
+        });
+        Pty {
+            child,
+            keys,
+            screen,
+        }
+    }
+    fn raw(&self) -> String {
+        String::from_utf8_lossy(&self.screen.lock().expect("screen")).into_owned()
+    }
+    fn wait_for(&self, what: &str) {
+        let start = Instant::now();
+        while !strip_ansi(&self.raw()).contains(what) {
+            assert!(
+                start.elapsed() < WAIT,
+                "waiting for {what:?}; terminal:\n{}",
+                strip_ansi(&self.raw())
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    fn type_keys(&mut self, keys: &[u8]) {
+        self.keys.write_all(keys).expect("keys");
+        self.keys.flush().expect("flush");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_shows_live_progress_and_ctrl_c_pauses_the_run() {
+    let w = served(false).await;
+    let _a = w
+        .add_guest(&vm(NS, "fast", "node-1").label("tier", "t"))
+        .await;
+    // No agent: retried until the 5 min deadline, so the run stays at 1/2.
+    w.add_vm(&vm(NS, "stuck", "node-1").label("tier", "t"), None)
+        .await
+        .expect("vm");
+    let cmdline = format!(
+        "{} --kubeconfig {} set-password -l tier=t --user alice --generate",
+        plugin_path().display(),
+        w.kubeconfig().display()
+    );
+    let (raw, code) = tokio::task::spawn_blocking(move || {
+        let mut pty = Pty::start(&cmdline);
+        pty.wait_for("1/2 VMs");
+        pty.wait_for("/s");
+        pty.type_keys(b"\x03");
+        pty.wait_for("Pause gpr/");
+        pty.type_keys(b"y\n");
+        let status = pty.child.wait().expect("script exits");
+        std::thread::sleep(Duration::from_millis(200));
+        (pty.raw(), status.code())
+    })
+    .await
+    .expect("pty steps");
+    let text = strip_ansi(&raw);
+    // The live bar: done/total, failures, rate, ETA; the finished VM's line above it.
+    assert!(
+        text.contains("1/2 VMs") && text.contains("0 failed") && text.contains("ETA"),
+        "{text}"
+    );
+    assert!(
+        text.contains("✔ fast Succeeded Applied on node-1"),
+        "{text}"
+    );
+    assert!(
+        raw.contains("\u{1b}[32m") || raw.contains("\u{1b}[38;5;2m"),
+        "green on a terminal: {raw:?}"
+    );
+    assert!(
+        text.contains("paused; resume with: kubectl patch gpr"),
+        "{text}"
+    );
+    assert_eq!(code, Some(130), "{text}");
+    let list: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
+    let r = list.list(&ListParams::default()).await.expect("list").items;
+    assert_eq!(r.len(), 1);
+    assert!(r[0].spec.rollout.paused, "y paused the run");
+    assert_eq!(vms_in_state(&r[0], TargetState::Succeeded), ["fast"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_key_is_verified_in_the_guest_and_shown_by_status() {
+    let w = served(false).await;
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let keyfile = dir.path().join("key.pub");
+    std::fs::write(&keyfile, format!("# my laptop\n{KEY1}\n")).expect("key file");
+    let kf = keyfile.display().to_string();
+    let out = plugin(
+        &w,
+        &[
+            "add-key", "vm-a", "--user", "alice", "-f", &kf, "--ttl", "1h",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_plain(&out);
+    let name = created_name(&out);
+    assert!(name.starts_with("vm-a-key-"), "{name}");
+    assert!(
+        out.stdout
+            .contains("vm-a: 1 key(s) verified in the guest (Live), removed again at"),
+        "{out:?}"
+    );
+    assert_eq!(
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
+        ["key1@test"]
+    );
+    let k: KeypairRebuild = w.get(NS, &name).await;
+    assert_eq!(k.spec.ttl_seconds, Some(3600));
+    let fp = &k.status.expect("status").run.targets[0].keys[0];
+    assert!(out.stdout.contains(&format!("key {fp}")), "{out:?}");
+    let status = plugin(&w, &["status"]).await;
+    let header = status
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("REBUILD"))
+        .expect("rebuild table")
+        .to_string();
+    for col in ["MODE", "KEYS", "EXPIRES"] {
+        assert!(header.contains(col), "{status:?}");
+    }
+    let row = status
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&name))
+        .expect("row");
+    assert!(
+        row.contains("Succeeded")
+            && row.contains("Verified")
+            && row.contains("Live")
+            && row.contains(fp.as_str()),
+        "{row}"
+    );
+    // A bad key file is refused before anything is created, naming the line.
+    std::fs::write(&keyfile, "ssh-ed25519 AAAA broken\n").expect("bad key");
+    let bad = plugin(&w, &["add-key", "vm-a", "--user", "alice", "-f", &kf]).await;
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(
+        bad.stderr.contains("line 1: not an OpenSSH public key"),
+        "{bad:?}"
+    );
+    // A user the guest does not have: exit 1 with the reason.
+    std::fs::write(&keyfile, KEY1).expect("key");
+    let fail = plugin(&w, &["add-key", "vm-a", "--user", "mallory", "-f", &kf]).await;
+    assert_eq!(fail.code, 1, "{fail:?}");
+    assert!(fail.stderr.contains("vm-a: UserNotFound"), "{fail:?}");
+}
+
+#[test]
+fn remove_key_and_list_keys_say_they_are_not_supported_yet() {
+    let nowhere = Path::new("/nonexistent/kubeconfig");
+    for args in [
+        &[
+            "remove-key",
+            "vm-a",
+            "--user",
+            "alice",
+            "--fingerprint",
+            "SHA256:abc",
+        ][..],
+        &["list-keys", "vm-a", "--user", "alice"][..],
+    ] {
+        let out = finish(command(nowhere, args).spawn().expect("spawn"));
+        assert_eq!(out.code, 2, "{out:?}");
+        assert!(
+            out.stderr
+                .contains("not supported by this guestcred version yet"),
+            "{out:?}"
+        );
+    }
+}
+
+#[test]
+fn help_reads_like_kubectl() {
+    let nowhere = Path::new("/nonexistent/kubeconfig");
+    for sub in [
+        "set-password",
+        "status",
+        "show-password",
+        "add-key",
+        "remove-key",
+        "list-keys",
+        "completion",
+    ] {
+        let out = finish(command(nowhere, &[sub, "--help"]).spawn().expect("spawn"));
+        assert_eq!(out.code, 0, "{out:?}");
+        let ex = out
+            .stdout
+            .find("\nExamples:\n  ")
+            .unwrap_or_else(|| panic!("{sub}: {out:?}"));
+        let opts = out.stdout.find("\nOptions:\n").expect("options");
+        let usage = out
+            .stdout
+            .find(&format!("\nUsage:\n  kubectl guestcred {sub}"))
+            .expect("usage");
+        assert!(ex < opts && opts < usage, "{sub}: kubectl's order: {out:?}");
+        assert!(out.stdout.contains("Global Options:\n"), "{out:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_requests_name_the_missing_permission() {
+    // An API server that refuses everything, as a real one does for a user without RBAC.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let app = axum::Router::new().fallback(|req: axum::extract::Request| async move {
+        let body = serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("forbidden: User \"bob\" cannot {} {}", req.method(), req.uri().path()),
+            "reason": "Forbidden", "code": 403,
+        });
+        (axum::http::StatusCode::FORBIDDEN, axum::Json(body))
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().expect("dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    guestcred_lab::apiserver::write_kubeconfig(&kubeconfig, &url).expect("kubeconfig");
+    let run = |args: &'static [&'static str]| {
+        let mut c = command(&kubeconfig, args);
+        c.env("KUBECONFIG", "/nonexistent")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig);
+        tokio::task::spawn_blocking(move || finish(c.spawn().expect("spawn")))
+    };
+    let out = run(&["set-password", "vm-a", "--generate", "-n", "team-a"])
+        .await
+        .expect("run");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("permission denied: you need RBAC permission to create guestpasswordresets.guestcred.io in namespace \"team-a\" (the guestcred-editor role grants it"),
+        "{out:?}"
+    );
+    let out = run(&["status"]).await.expect("run");
+    assert!(
+        out.stderr
+            .contains("to list guestpasswordresets.guestcred.io in namespace \"default\""),
+        "{out:?}"
+    );
+    let out = run(&["set-password", "-l", "tier=db", "--generate", "--dry-run"])
+        .await
+        .expect("run");
+    assert!(
+        out.stderr
+            .contains("to list virtualmachineinstances.kubevirt.io"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn completion_scripts_for_each_shell() {
+    let nowhere = Path::new("/nonexistent/kubeconfig");
+    for (shell, marker) in [
+        ("bash", "-o default kubectl-guestcred"),
+        ("zsh", "#compdef kubectl-guestcred"),
+        ("fish", "complete -c kubectl-guestcred"),
+    ] {
+        let out = finish(
+            command(nowhere, &["completion", shell])
+                .spawn()
+                .expect("spawn"),
+        );
+        assert_eq!(out.code, 0, "{out:?}");
+        assert!(out.stdout.contains(marker), "{shell}: {}", out.stdout);
+        for sub in ["set-password", "show-password", "add-key"] {
+            assert!(out.stdout.contains(sub), "{shell} completes {sub}");
+        }
+        assert!(
+            out.stdout.contains("max-concurrency"),
+            "{shell} completes flags"
+        );
+        // The script parses in its shell, where that shell is installed (bash always is).
+        let installed = Command::new("sh")
+            .args(["-c", &format!("command -v {shell}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if installed || shell == "bash" {
+            let mut check = Command::new(shell)
+                .arg("-n")
+                .stdin(Stdio::piped())
+                .spawn()
+                .expect("shell");
+            check
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(out.stdout.as_bytes())
+                .expect("write");
+            assert!(
+                check.wait().expect("shell").success(),
+                "{shell} -n accepts the script"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_completes_namespaces_vms_and_resets_through_the_helper() {
+    let w = World::start(WorldOptions {
+        serve: true,
+        namespaces: vec!["team-a".into()],
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("world");
+    w.add_vm(&vm(NS, "db-0", "node-1"), None).await.expect("vm");
+    w.add_vm(&vm(NS, "web-0", "node-1"), None)
+        .await
+        .expect("vm");
+    w.add_vm(&vm("team-a", "other-0", "node-1"), None)
+        .await
+        .expect("vm");
+    w.apply(
+        &GuestPasswordReset::test("db-0-pw-abcde")
+            .vm("db-0")
+            .generate(24),
+    )
+    .await
+    .expect("reset");
+    w.apply(
+        &KeypairRebuild::test("db-0-key-fghij")
+            .vm("db-0")
+            .inline_keys([KEY1]),
+    )
+    .await
+    .expect("rebuild");
+    let path = format!(
+        "{}:{}",
+        bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let kubeconfig = w.kubeconfig().to_path_buf();
+    // kubectl's hidden __complete command is what every shell's kubectl completion calls.
+    let complete = move |words: &[&str]| -> Vec<String> {
+        let out = Command::new("kubectl")
+            .arg("__complete")
+            .arg("guestcred")
+            .args(words)
+            .env("PATH", &path)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .expect("kubectl");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with(':'))
+            .map(str::to_string)
+            .collect()
+    };
+    let got = tokio::task::spawn_blocking(move || {
+        [
+            complete(&["set-"]),
+            complete(&["set-password", ""]),
+            complete(&["add-key", "w"]),
+            complete(&["-n", "team-a", "set-password", ""]),
+            complete(&["set-password", "-n", ""]),
+            complete(&["status", ""]),
+            complete(&["show-password", ""]),
+            complete(&["add-key", "db-0", "--t"]),
+        ]
+    })
+    .await
+    .expect("kubectl");
+    assert_eq!(got[0], ["set-password"]);
+    assert_eq!(got[1], ["db-0", "web-0"]);
+    assert_eq!(got[2], ["web-0"]);
+    assert_eq!(got[3], ["other-0"]);
+    for ns in ["default", "team-a"] {
+        assert!(got[4].contains(&ns.to_string()), "{:?}", got[4]);
+    }
+    assert_eq!(got[5], ["db-0-key-fghij", "db-0-pw-abcde"]);
+    assert_eq!(got[6], ["db-0-pw-abcde"]);
+    assert_eq!(got[7], ["--ttl", "--timeout"]);
+}
+
+#[test]
+fn krew_manifest_passes_krews_validator_and_installs() {
+    let script = repo_dir().join("kubectl-guestcred/krew/validate.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(bin_dir())
+        .output()
+        .expect("validate.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("structural validation OK"), "{text}");
+    assert!(
+        text.contains("all 1 spec.platforms installed fine"),
+        "{text}"
+    );
+}
