@@ -19,6 +19,11 @@ if [ "$(id -u)" = 0 ]; then bash scripts/install-deps.sh; else sudo bash scripts
 if [ ! -x "$LAB" ] || [ ! -x target/debug/guestcred ]; then
     cargo build --bins
 fi
+if [ ! -x target/debug/kubectl-guestcred ]; then
+    cargo build -p kubectl-guestcred
+fi
+# kubectl finds plugins on PATH: `kubectl guestcred` runs target/debug/kubectl-guestcred.
+export PATH="$PWD/target/debug:$PATH"
 
 step "Bring up the lab: 2 nodes x 2 VMs, shims, controller"
 export_line=$("$LAB" up --with-controller)
@@ -145,6 +150,16 @@ keys=$("$LAB" exec vm-2-2 -- cat /root/.ssh/authorized_keys)
 echo "$keys"
 grep -qF "$NEW_KEY" <<<"$keys" || fail "vm-2-2: the rotated key is not in root's authorized_keys"
 run kubectl get secrets
+
+step "The same without YAML: kubectl guestcred (the plugin creates a GuestPasswordReset and follows it)"
+before=$("$LAB" exec vm-1-1 -- grep '^root:' /etc/shadow)
+# The password goes through stdin into a Secret owned by the reset: never in argv or logs.
+printf '$ printf %%s "$NEW_ROOT_PASSWORD" | kubectl guestcred set-password vm-1-1 --user root --stdin\n'
+printf '%s' "plugin-demo-$RANDOM-$RANDOM" | kubectl guestcred set-password vm-1-1 --user root --stdin --timeout "$TIMEOUT"
+run kubectl guestcred status
+after=$("$LAB" exec vm-1-1 -- grep '^root:' /etc/shadow)
+echo "vm-1-1: $after"
+[ "$before" != "$after" ] || fail "vm-1-1: kubectl guestcred set-password did not change root's password"
 
 step "Done"
 if [ "${DEMO_DOWN:-0}" = 1 ]; then
