@@ -167,14 +167,12 @@ impl RunKind for KeypairRebuild {
             let previously_added = self.previously_added(call);
             let outcome =
                 super::rebuild::rebuild(ctx, self, call, wanted, &previously_added).await?;
-            let recorded: BTreeSet<String> = match self.spec.strategy {
-                KeyStrategy::Append => previously_added
-                    .union(&outcome.keys.iter().cloned().collect())
-                    .cloned()
-                    .collect(),
-                KeyStrategy::Replace => outcome.keys.iter().cloned().collect(),
+            let added: BTreeSet<String> = outcome.keys.iter().cloned().collect();
+            let released: BTreeSet<String> = match self.spec.strategy {
+                KeyStrategy::Append => BTreeSet::new(),
+                KeyStrategy::Replace => previously_added.difference(&added).cloned().collect(),
             };
-            self.record_managed_keys(ctx, call, &recorded).await?;
+            update_managed_keys(ctx, call, &added, &released).await?;
             return Ok(outcome);
         }
         let wanted_fps: BTreeSet<String> = wanted.iter().map(|k| k.fingerprint.clone()).collect();
@@ -182,16 +180,16 @@ impl RunKind for KeypairRebuild {
         let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
         let present_before: BTreeSet<String> =
             current.iter().filter_map(|l| fingerprint_of(l)).collect();
+        let owned_before = self.previously_added(call);
         let plan = key_ownership::plan_live(
             &wanted_fps,
             &present_before,
-            &self.previously_added(call),
+            &owned_before,
             self.spec.strategy,
             self.spec.replace_all,
         );
         // Record first what may become ours, so a crash after the change loses nothing.
-        self.record_managed_keys(ctx, call, &plan.owned_while_applying)
-            .await?;
+        update_managed_keys(ctx, call, &plan.to_add, &BTreeSet::new()).await?;
         if self.spec.replace_all {
             call.shim
                 .ssh_keys(&call.domain, &call.user, KeyOp::Replace, lines.clone())
@@ -221,8 +219,14 @@ impl RunKind for KeypairRebuild {
                 call.vm, missing, lingering
             )));
         }
-        self.record_managed_keys(ctx, call, &plan.owned_after)
-            .await?;
+        // Release what left the guest (Replace), or, with replaceAll, everything of ours
+        // the file no longer has.
+        let released: BTreeSet<String> = if self.spec.replace_all {
+            owned_before.difference(&wanted_fps).cloned().collect()
+        } else {
+            plan.stale.clone()
+        };
+        update_managed_keys(ctx, call, &BTreeSet::new(), &released).await?;
         let expires_at = self
             .spec
             .ttl_seconds
@@ -258,12 +262,6 @@ trait ManagedKeys {
         target: &TargetStatus,
     ) -> Result<String, Error>;
     fn previously_added(&self, call: &TargetCall) -> BTreeSet<String>;
-    async fn record_managed_keys(
-        &self,
-        ctx: &Context,
-        call: &TargetCall,
-        fps: &BTreeSet<String>,
-    ) -> Result<(), Error>;
 }
 
 impl ManagedKeys for KeypairRebuild {
@@ -288,8 +286,7 @@ impl ManagedKeys for KeypairRebuild {
                 .ssh_keys(&call.domain, &call.user, KeyOp::Remove, expired.clone())
                 .await?;
         }
-        let left: BTreeSet<String> = owned.difference(&added).cloned().collect();
-        self.record_managed_keys(ctx, call, &left).await?;
+        update_managed_keys(ctx, call, &BTreeSet::new(), &added).await?;
         Ok(format!(
             "TTL passed: removed {} key(s) from user {}",
             expired.len(),
@@ -304,40 +301,82 @@ impl ManagedKeys for KeypairRebuild {
             Some(vm) => vm.annotations(),
             None => call.vmi.annotations(),
         };
-        annotations
-            .get(&annotation_key(&call.user))
-            .cloned()
-            .map(|v| {
-                v.split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default()
+        parse_record(annotations.get(&annotation_key(&call.user)))
     }
+}
 
-    async fn record_managed_keys(
-        &self,
-        ctx: &Context,
-        call: &TargetCall,
-        fps: &BTreeSet<String>,
-    ) -> Result<(), Error> {
-        let value = fps.iter().cloned().collect::<Vec<_>>().join(",");
-        let patch =
-            serde_json::json!({"metadata": {"annotations": {annotation_key(&call.user): value}}});
-        // On the VM, else (a VMI without a VM) on the VMI itself.
-        let ns = call.vmi.namespace().unwrap_or_default();
-        if call.vm_object.is_none() {
-            let api: Api<VirtualMachineInstance> = Api::namespaced(ctx.client.clone(), &ns);
-            api.patch(&call.vm, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
-            return Ok(());
-        }
-        let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch(&call.vm, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        Ok(())
+/// Change the record of keys guestcred added to a VM (see `key_ownership`) by a delta:
+/// `add` joins it, `release` leaves it. Read fresh and written with the resourceVersion it
+/// was read at, retried on conflicts: several objects (and runs) record keys on the same
+/// VM and user at once, and none may lose another's update (a lost record would leave a
+/// key no TTL or deletion ever removes). On the VM, else (a VMI without a VM) on the VMI.
+async fn update_managed_keys(
+    ctx: &Context,
+    call: &TargetCall,
+    add: &BTreeSet<String>,
+    release: &BTreeSet<String>,
+) -> Result<(), Error> {
+    if add.is_empty() && release.is_empty() {
+        return Ok(());
     }
+    let ns = call.vmi.namespace().unwrap_or_default();
+    let key = annotation_key(&call.user);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = if call.vm_object.is_some() {
+            let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
+            patch_record(&api, &call.vm, &key, add, release).await
+        } else {
+            let api: Api<VirtualMachineInstance> = Api::namespaced(ctx.client.clone(), &ns);
+            patch_record(&api, &call.vm, &key, add, release).await
+        };
+        match result {
+            Err(kube::Error::Api(s)) if s.code == 409 && attempt < 10 => continue,
+            other => return other.map_err(Error::from),
+        }
+    }
+}
+
+async fn patch_record<K>(
+    api: &Api<K>,
+    name: &str,
+    key: &str,
+    add: &BTreeSet<String>,
+    release: &BTreeSet<String>,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let fresh = api.get(name).await?;
+    let before: BTreeSet<String> = parse_record(fresh.annotations().get(key));
+    let after: BTreeSet<String> = before
+        .union(add)
+        .filter(|fp| !release.contains(*fp))
+        .cloned()
+        .collect();
+    if after == before {
+        return Ok(());
+    }
+    let value = after.into_iter().collect::<Vec<_>>().join(",");
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": fresh.resource_version(),
+        "annotations": {key: value},
+    }});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(drop)
+}
+
+fn parse_record(value: Option<&String>) -> BTreeSet<String> {
+    value
+        .map(|v| {
+            v.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
