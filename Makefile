@@ -51,5 +51,9 @@ bench: deps
 # Soak (docs/bad-input.md): rounds of bulk runs under shim/controller kills, 409s and 410s.
 # GUESTCRED_SOAK_ROUNDS / GUESTCRED_SOAK_VMS scale it.
 .PHONY: soak
+# FAULT_SEEDS: how many seeds of the randomized fault run (tests/fault_random.rs; make test
+# runs seeds 1-5).
+FAULT_SEEDS ?= 50
 soak: deps
 	$(CARGO) test -p guestcred --test soak -- --ignored --nocapture
+	GUESTCRED_FAULT_SEEDS=$$(seq -s, 1 $(FAULT_SEEDS)) $(CARGO) test -p guestcred --test fault_random -- --nocapture
