@@ -24,6 +24,12 @@ need_apt() {
 need_apt libvirt-dev pkg-config
 
 # ---------------------------------------------------------------------------
+# Section: crypt(3) checks (api/tests/crypt_system.rs): mkpasswd from whois makes real
+# hashes of every scheme with the system's libxcrypt, which the tests must accept
+# ---------------------------------------------------------------------------
+need_apt whois
+
+# ---------------------------------------------------------------------------
 # Section: real-guest lab (libvirtd + QEMU TCG + tiny guests with qemu-ga)
 # See src/lab/guest and scripts/build-guest.sh. util-linux gives unshare/setsid,
 # passwd gives chpasswd, libpam-modules gives pam_unix/pam_deny/pam_permit, which are
