@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod guest;
 pub mod hostqga;
 pub mod kubevirt;
+pub mod simagent;
 pub mod testing;
 pub mod world;
 
