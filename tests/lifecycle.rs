@@ -700,3 +700,79 @@ async fn a_status_hash_from_before_the_key_is_taken_as_the_same_input() {
         "no re-run: {migrated:#?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Events stay bounded per run.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn per_target_events_are_capped_per_run_and_the_rest_summed_per_reason() {
+    let w = World::start(WorldOptions {
+        settings: guestcred::controller::context::EngineSettings {
+            max_target_events: 3,
+            ..guestcred_lab::world::fast_settings()
+        },
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("world");
+    let mut agents = Vec::new();
+    for i in 0..8 {
+        let d = vm(NS, &format!("bulk-{i}"), "node-1").label("tier", "bulk");
+        agents.push(w.add_guest(&d).await);
+    }
+    w.apply(&secret("pw", "password", V1))
+        .await
+        .expect("secret");
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .selector("tier", "bulk")
+            .user("alice")
+            .from_secret("pw")
+            .crypted()
+            .max_concurrency(2),
+    )
+    .await
+    .expect("reset");
+    let done: GuestPasswordReset = w
+        .wait_for(NS, "r", WAIT, guestcred_lab::testing::finished)
+        .await
+        .expect("finishes");
+    assert_eq!(done.status.expect("status").run.summary.succeeded, 8);
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(w.client.clone(), NS);
+    // The summary Event is published before the final status write.
+    let about_r: Vec<_> = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("r"))
+        .collect();
+    // The Recorder folds repeats of one reason and action into a series: count publishes.
+    let published = |action: &str| -> u32 {
+        about_r
+            .iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some("Applied") && e.action.as_deref() == Some(action)
+            })
+            .map(|e| e.series.as_ref().map_or(1, |s| s.count.max(1) as u32))
+            .sum()
+    };
+    assert_eq!(
+        published("Apply"),
+        3,
+        "one by one up to the cap: {about_r:#?}"
+    );
+    let summary: Vec<&str> = about_r
+        .iter()
+        .filter(|e| e.action.as_deref() == Some("Summary"))
+        .filter_map(|e| e.note.as_deref())
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "5 more target(s): Applied (per-target Events are capped at 3 per run; status and metrics count every target)"
+        ]
+    );
+}

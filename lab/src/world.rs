@@ -11,17 +11,19 @@
 use super::apiserver::{ApiServer, write_kubeconfig};
 use super::hostqga::{HostQga, HostQgaError, HostQgaOptions};
 use super::kubevirt::{VmDescription, create_node_with_shim, install_crds, kubevirt_crds};
+use super::simagent::{SimAgent, SimAgentOptions};
 use super::testing::{Kubectl, LogCapture};
 use guestcred::api::kubevirt::VirtualMachineInstance;
 use guestcred::api::{GuestPasswordReset, KeypairRebuild};
 use guestcred::controller::context::EngineSettings;
 use guestcred::controller::leader::{LeaseSettings, acquire};
-use guestcred::controller::shims::ShimAccess;
+use guestcred::controller::shims::{DEFAULT_SHIM_DAEMONSET, ShimAccess, ShimTransport};
 use guestcred::metrics::ControllerMetrics;
+use guestcred::shim::agent::GuestAgent;
 use guestcred::shim::auth::Auth;
 use guestcred::shim::qga::QgaSocketAgent;
 use guestcred::shim::server::{self, ShimApp};
-use guestcred::tls::client::ClientTlsFiles;
+use guestcred::tls::client::{ClientTlsFiles, ReloadingHttpClient};
 use guestcred::tls::server::{ReloadingServerConfig, ServerTlsFiles};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -110,7 +112,8 @@ pub struct WorldOptions {
     pub request_timeout: Option<Duration>,
     pub settings: EngineSettings,
     /// Mutual TLS between the controller and the shims (every shim serves the same
-    /// certificate, as the chart's DaemonSet does); plain HTTP without auth when `None`.
+    /// certificate, as the chart's DaemonSet does); plain HTTP without auth when `None`
+    /// (served by [`serve_plain_http`], lab code: the shim binary has no such mode).
     pub mtls: Option<WorldTls>,
     /// The controller's name (the reporter of its Events).
     pub controller_name: String,
@@ -127,6 +130,11 @@ pub struct WorldOptions {
     /// Capture the process's logs and panics, for [`World::assert_not_leaked`].
     pub capture_logs: bool,
     pub control_plane: ControlPlaneKind,
+    /// Back every node's shim with a simulated guest agent ([`SimAgent`], one per node)
+    /// instead of host qemu-ga sockets: for scale tests only (real qemu-ga stays the proof
+    /// of correctness). Its `timeout` is replaced by `agent_timeout`, and its `seed` is
+    /// offset by the node's index. Add VMs with [`World::add_sim_vm`].
+    pub sim_agent: Option<SimAgentOptions>,
 }
 
 /// Certificate files for [`WorldOptions::mtls`].
@@ -144,6 +152,8 @@ pub fn fast_settings() -> EngineSettings {
         initial_backoff: Duration::from_millis(200),
         max_backoff: Duration::from_secs(1),
         status_flush_interval: Duration::from_millis(50),
+        cleanup_wait: Duration::from_secs(60),
+        max_target_events: 20,
     }
 }
 
@@ -162,6 +172,7 @@ impl Default for WorldOptions {
             serve: false,
             capture_logs: false,
             control_plane: ControlPlaneKind::from_env().unwrap_or_default(),
+            sim_agent: None,
         }
     }
 }
@@ -204,6 +215,10 @@ struct LabNode {
     ip: String,
     sockets: PathBuf,
     app: ShimApp,
+    /// The simulated agent behind the shim ([`WorldOptions::sim_agent`]).
+    sim: Option<Arc<SimAgent>>,
+    /// The shim's authentication; `None`: plain HTTP without auth (lab only).
+    auth: Option<Auth>,
     /// The shim "process": its own runtime, so killing it drops every connection too.
     process: Mutex<Option<tokio::runtime::Runtime>>,
 }
@@ -214,6 +229,19 @@ fn next_node_ip() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::SeqCst);
     format!("127.0.{}.{}", 2 + n / 200, 10 + n % 200)
+}
+
+/// Serve a shim's router over plain HTTP without authentication: the lab's in-process
+/// shims when a world runs without mutual TLS, and shim tests that are not about TLS. Lab
+/// code on purpose: the product's shim serves mutual TLS only.
+pub async fn serve_plain_http(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 impl World {
@@ -250,6 +278,9 @@ impl World {
             ns_api.create(&Default::default(), &ns).await?;
         }
         let mut port = 0u16;
+        let request_timeout = opts
+            .request_timeout
+            .unwrap_or(opts.agent_timeout + Duration::from_secs(5));
         let mut world = World {
             control_plane,
             client,
@@ -262,14 +293,17 @@ impl World {
             controller: None,
             metrics: Arc::new(ControllerMetrics::new()),
             access: ShimAccess {
-                namespace: Some(SHIM_NAMESPACE.into()),
+                namespace: SHIM_NAMESPACE.into(),
+                daemonset: DEFAULT_SHIM_DAEMONSET.into(),
                 port,
-                scheme: if opts.mtls.is_some() { "https" } else { "http" }.into(),
                 token: None,
-                tls: opts.mtls.as_ref().map(|t| t.controller.clone()),
-                request_timeout: opts
-                    .request_timeout
-                    .unwrap_or(opts.agent_timeout + Duration::from_secs(5)),
+                transport: match &opts.mtls {
+                    Some(t) => ShimTransport::MutualTls(Arc::new(
+                        ReloadingHttpClient::load(t.controller.clone(), request_timeout).await?,
+                    )),
+                    None => ShimTransport::PlainHttpForTestWorlds,
+                },
+                request_timeout,
             },
             settings: opts.settings,
             controller_name: opts.controller_name,
@@ -284,19 +318,34 @@ impl World {
             let listener = tokio::net::TcpListener::bind((ip.as_str(), port)).await?;
             port = listener.local_addr()?.port();
             let template = format!("{}/{{namespace}}_{{name}}/qga.sock", sockets.display());
-            let agent = Arc::new(QgaSocketAgent::new(template, opts.agent_timeout));
-            let auth = match &opts.mtls {
-                Some(tls) => Auth::client_cert(tls.allowed_clients.clone(), None),
-                None => Auth::Disabled,
+            let sim = opts.sim_agent.as_ref().map(|o| {
+                Arc::new(SimAgent::new(SimAgentOptions {
+                    timeout: opts.agent_timeout,
+                    seed: o.seed.wrapping_add(i as u64),
+                    ..o.clone()
+                }))
+            });
+            let (agent, backend): (Arc<dyn GuestAgent>, _) = match &sim {
+                Some(sim) => (sim.clone(), "simulated"),
+                None => (
+                    Arc::new(QgaSocketAgent::new(template, opts.agent_timeout)),
+                    "qga-socket",
+                ),
             };
+            let auth = opts
+                .mtls
+                .as_ref()
+                .map(|tls| Auth::client_cert(tls.allowed_clients.clone(), None));
             // The node check is on, as in production: the controller names the node.
-            let app = ShimApp::new(agent, auth).node(&name).backend("qga-socket");
+            let app = ShimApp::new(agent, &name).backend(backend);
             create_node_with_shim(&world.client, &name, SHIM_NAMESPACE, &ip).await?;
             let node = LabNode {
                 name,
                 ip,
                 sockets,
                 app,
+                sim,
+                auth,
                 process: Mutex::new(None),
             };
             world.serve_shim(&node, listener)?;
@@ -366,14 +415,14 @@ impl World {
     }
 
     fn serve_shim(&self, node: &LabNode, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
-        let opts = match &self.tls {
-            Some(tls) => server::ServeOptions {
-                tls: Some(Arc::new(ReloadingServerConfig::new(tls.shim.clone())?)),
-                ..Default::default()
-            },
-            None => server::ServeOptions::default(),
+        let tls = match &self.tls {
+            Some(tls) => Some(server::ServeOptions::new(Arc::new(
+                ReloadingServerConfig::new(tls.shim.clone())?,
+            ))),
+            None => None,
         };
-        let app = node.app.router();
+        let app = node.app.clone();
+        let auth = node.auth.clone();
         let listener = listener.into_std()?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -384,7 +433,17 @@ impl World {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                 return;
             };
-            let _ = server::serve_with(listener, app, opts, std::future::pending()).await;
+            match (tls, auth) {
+                (Some(opts), Some(auth)) => {
+                    let router = app.router(auth);
+                    let _ =
+                        server::serve_with(listener, router, opts, std::future::pending()).await;
+                }
+                _ => {
+                    let router = app.router_without_auth_for_test_worlds();
+                    let _ = serve_plain_http(listener, router, std::future::pending()).await;
+                }
+            }
         });
         if let Some(old) = node
             .process
@@ -771,6 +830,25 @@ impl World {
             .iter()
             .find(|n| n.name == node)
             .map(|n| n.sockets.as_path())
+    }
+
+    /// The simulated agent of node `node`'s shim, in a world with
+    /// [`WorldOptions::sim_agent`].
+    pub fn sim_agent(&self, node: &str) -> Option<&Arc<SimAgent>> {
+        self.node(node).sim.as_ref()
+    }
+
+    /// Create a VM (VM + VMI objects) whose guest is simulated by its node's [`SimAgent`].
+    pub async fn add_sim_vm(&self, vm: &VmDescription) -> anyhow::Result<()> {
+        let sim = self.sim_agent(&vm.node).ok_or_else(|| {
+            anyhow::anyhow!(
+                "node {} has no simulated agent (WorldOptions::sim_agent)",
+                vm.node
+            )
+        })?;
+        vm.create(&self.client).await?;
+        sim.add_domain(&vm.namespace, &vm.name);
+        Ok(())
     }
 
     pub fn temp_dir(&self) -> &std::path::Path {

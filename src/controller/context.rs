@@ -18,6 +18,12 @@ pub struct EngineSettings {
     pub max_backoff: Duration,
     /// Status of a running bulk run is written at most this often (batched).
     pub status_flush_interval: Duration,
+    /// How long, from an object's deletionTimestamp, its cleanup waits for a VM that is gone
+    /// or unreachable before giving up on it (a Warning Event names what was left behind).
+    pub cleanup_wait: Duration,
+    /// Per-target Events published one by one per run; the rest are summed per reason
+    /// into one Event each at the end of the run.
+    pub max_target_events: u32,
 }
 
 impl Default for EngineSettings {
@@ -26,6 +32,8 @@ impl Default for EngineSettings {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             status_flush_interval: Duration::from_millis(250),
+            cleanup_wait: Duration::from_secs(60),
+            max_target_events: 20,
         }
     }
 }

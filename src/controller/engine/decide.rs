@@ -365,6 +365,45 @@ pub fn retry_wait(backoff: Duration, jitter: f64, remaining: Duration) -> Durati
     (half + half.mul_f64(jitter)).min(remaining)
 }
 
+/// Per-target Events of one run, capped: the first `limit` are published one by one; the
+/// rest are counted per reason and published once each when the run ends, so a bulk run
+/// over 100,000 VMs writes a bounded number of Events.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    limit: u32,
+    sent: u32,
+    held: std::collections::BTreeMap<String, u32>,
+}
+
+impl EventBudget {
+    pub fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a per-target Event with `reason` is published now (else it is counted).
+    pub fn admit(&mut self, reason: &str) -> bool {
+        if self.sent < self.limit {
+            self.sent += 1;
+            true
+        } else {
+            *self.held.entry(reason.to_string()).or_default() += 1;
+            false
+        }
+    }
+
+    /// The held Events: how many per reason, to publish as one Event each.
+    pub fn held(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.held.iter().map(|(r, n)| (r.as_str(), *n))
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+}
+
 /// Exponential backoff: doubles, up to `max`.
 pub fn next_backoff(backoff: Duration, max: Duration) -> Duration {
     backoff.saturating_mul(2).min(max)
@@ -868,6 +907,25 @@ mod tests {
         let long = Duration::from_secs(100);
         assert_eq!(retry_wait(b, f64::NAN, long), Duration::from_secs(4));
         assert_eq!(retry_wait(b, 7.0, long), b);
+    }
+
+    #[test]
+    fn per_target_events_beyond_the_cap_are_counted_per_reason() {
+        let mut b = EventBudget::new(2);
+        assert!(b.admit("Applied"));
+        assert!(b.admit("UserNotFound"));
+        assert!(!b.admit("Applied"));
+        assert!(!b.admit("Applied"));
+        assert!(!b.admit("UserNotFound"));
+        let held: Vec<(&str, u32)> = b.held().collect();
+        assert_eq!(held, [("Applied", 2), ("UserNotFound", 1)]);
+    }
+
+    #[test]
+    fn a_zero_cap_publishes_no_per_target_event() {
+        let mut b = EventBudget::new(0);
+        assert!(!b.admit("Applied"));
+        assert_eq!(b.held().count(), 1);
     }
 
     #[test]

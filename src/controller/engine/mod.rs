@@ -36,6 +36,7 @@
 //! and lands in status ([`status::flush`], then [`decide::finish`]) and in an Event
 //! ([`status::publish`]).
 pub mod decide;
+mod finalize;
 mod schedule;
 mod status;
 mod target;
@@ -57,6 +58,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::info;
+
+pub use finalize::Cleanup;
 
 /// What a successful target reports.
 #[derive(Debug, Default)]
@@ -133,6 +136,15 @@ pub trait RunKind:
     ) -> impl Future<Output = Result<String, Error>> + Send {
         async { Ok(String::new()) }
     }
+    /// The finalizer this kind's objects carry when deleting one undoes something (see
+    /// `finalize`); `None`: deletion just stops the run.
+    fn finalizer() -> Option<&'static str> {
+        None
+    }
+    /// Undo what the object did, once it is being deleted (kinds with a finalizer).
+    fn cleanup(&self, _ctx: &Context) -> impl Future<Output = Result<Cleanup, Error>> + Send {
+        async { Ok(Cleanup::Done) }
+    }
     /// Apply the input to one target (one attempt).
     fn apply(
         &self,
@@ -153,8 +165,13 @@ fn action(requeue: Requeue) -> Action {
     }
 }
 
-/// Reconcile entry point for both kinds.
+/// Reconcile entry point for both kinds (through the finalizer helper for kinds with one).
 pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
+    finalize::reconcile(obj, ctx).await
+}
+
+/// One reconcile of an object that is not being cleaned up.
+async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
     if obj.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }

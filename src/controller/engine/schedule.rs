@@ -74,6 +74,7 @@ pub(super) async fn drive<K: RunKind>(
         dirty: true,
         basis: Basis::of(obj.as_ref()),
         superseded: false,
+        events: decide::EventBudget::new(ctx.settings.max_target_events),
     }));
     let mut in_flight = FuturesUnordered::new();
     let mut cursor = 0usize;
@@ -133,10 +134,16 @@ pub(super) async fn drive<K: RunKind>(
         }
     }
 
-    let (mut status, mut basis, superseded) = {
+    let (mut status, mut basis, superseded, events) = {
         let st = lock(&shared);
-        (st.status.clone(), st.basis.clone(), st.superseded)
+        (
+            st.status.clone(),
+            st.basis.clone(),
+            st.superseded,
+            st.events.clone(),
+        )
     };
+    status::publish_held(&ctx, obj.as_ref(), &events).await;
     if superseded || matches!(stop, Some(Stop::LostLeadership | Stop::Superseded)) {
         // A new leader, or newer state, owns the object's status now.
         return Ok(Action::await_change());

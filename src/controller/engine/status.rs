@@ -48,6 +48,7 @@ pub(super) struct RunState {
     pub basis: Basis,
     /// A write found newer status from someone else: start no more agent calls.
     pub superseded: bool,
+    pub events: decide::EventBudget,
 }
 
 pub(super) type Shared = Arc<Mutex<RunState>>;
@@ -199,6 +200,42 @@ pub(super) async fn write<K: RunKind>(
     // reconcile starts from a fresh read.
     warn!(object = %name, "status kept conflicting; this write is dropped");
     Ok(Written::Superseded)
+}
+
+/// A per-target Event, within the run's Event budget (see `decide::EventBudget`).
+pub(super) async fn publish_target<K: RunKind>(
+    ctx: &Context,
+    obj: &K,
+    shared: &Shared,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let admitted = lock(shared).events.admit(reason);
+    if admitted {
+        publish(ctx, obj, type_, reason, "Apply", note).await;
+    }
+}
+
+/// One Event per reason for the per-target Events the budget held back.
+pub(super) async fn publish_held<K: RunKind>(ctx: &Context, obj: &K, budget: &decide::EventBudget) {
+    for (reason, n) in budget.held() {
+        let fine = [crate::api::Reason::Applied, crate::api::Reason::Verified]
+            .iter()
+            .any(|r| r.as_str() == reason);
+        let type_ = if fine {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        let note = format!(
+            "{n} more target(s): {reason} (per-target Events are capped at {} per run; status and metrics count every target)",
+            budget.limit()
+        );
+        // Its own action: the Recorder folds Events of one object, reason and action into
+        // one series, which would keep only the first note.
+        publish(ctx, obj, type_, reason, "Summary", note).await;
+    }
 }
 
 /// Publish an Event about `obj` (a failure to publish is logged, never fatal).

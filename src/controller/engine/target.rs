@@ -131,12 +131,12 @@ async fn attempt_once<K: RunKind>(
         )
     });
     if let Some(warning) = &conflict {
-        status::publish(
+        status::publish_target(
             ctx,
             obj,
+            shared,
             EventType::Warning,
             Reason::ConflictWithAccessCredentials.as_str(),
-            "Apply",
             warning.clone(),
         )
         .await;
@@ -173,12 +173,12 @@ async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize
         (vm, o.message)
     };
     info!(object = %obj.name_any(), vm = %vm, %reason, "target succeeded");
-    status::publish(
+    status::publish_target(
         ctx,
         obj,
+        shared,
         EventType::Normal,
         reason.as_str(),
-        "Apply",
         format!("{vm}: {note}"),
     )
     .await;
@@ -201,12 +201,12 @@ async fn fail<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize, e
         vm
     };
     warn!(object = %obj.name_any(), vm = %vm, %reason, "target failed");
-    status::publish(
+    status::publish_target(
         ctx,
         obj,
+        shared,
         EventType::Warning,
         reason.as_str(),
-        "Apply",
         format!("{vm}: {e}"),
     )
     .await;
