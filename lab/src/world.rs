@@ -17,13 +17,13 @@ use guestcred::api::kubevirt::VirtualMachineInstance;
 use guestcred::api::{GuestPasswordReset, KeypairRebuild};
 use guestcred::controller::context::EngineSettings;
 use guestcred::controller::leader::{LeaseSettings, acquire};
-use guestcred::controller::shims::ShimAccess;
+use guestcred::controller::shims::{DEFAULT_SHIM_DAEMONSET, ShimAccess, ShimTransport};
 use guestcred::metrics::ControllerMetrics;
 use guestcred::shim::agent::GuestAgent;
 use guestcred::shim::auth::Auth;
 use guestcred::shim::qga::QgaSocketAgent;
 use guestcred::shim::server::{self, ShimApp};
-use guestcred::tls::client::ClientTlsFiles;
+use guestcred::tls::client::{ClientTlsFiles, ReloadingHttpClient};
 use guestcred::tls::server::{ReloadingServerConfig, ServerTlsFiles};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -112,7 +112,8 @@ pub struct WorldOptions {
     pub request_timeout: Option<Duration>,
     pub settings: EngineSettings,
     /// Mutual TLS between the controller and the shims (every shim serves the same
-    /// certificate, as the chart's DaemonSet does); plain HTTP without auth when `None`.
+    /// certificate, as the chart's DaemonSet does); plain HTTP without auth when `None`
+    /// (served by [`serve_plain_http`], lab code: the shim binary has no such mode).
     pub mtls: Option<WorldTls>,
     /// The controller's name (the reporter of its Events).
     pub controller_name: String,
@@ -151,6 +152,8 @@ pub fn fast_settings() -> EngineSettings {
         initial_backoff: Duration::from_millis(200),
         max_backoff: Duration::from_secs(1),
         status_flush_interval: Duration::from_millis(50),
+        cleanup_wait: Duration::from_secs(60),
+        max_target_events: 20,
     }
 }
 
@@ -214,6 +217,8 @@ struct LabNode {
     app: ShimApp,
     /// The simulated agent behind the shim ([`WorldOptions::sim_agent`]).
     sim: Option<Arc<SimAgent>>,
+    /// The shim's authentication; `None`: plain HTTP without auth (lab only).
+    auth: Option<Auth>,
     /// The shim "process": its own runtime, so killing it drops every connection too.
     process: Mutex<Option<tokio::runtime::Runtime>>,
 }
@@ -224,6 +229,19 @@ fn next_node_ip() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::SeqCst);
     format!("127.0.{}.{}", 2 + n / 200, 10 + n % 200)
+}
+
+/// Serve a shim's router over plain HTTP without authentication: the lab's in-process
+/// shims when a world runs without mutual TLS, and shim tests that are not about TLS. Lab
+/// code on purpose: the product's shim serves mutual TLS only.
+pub async fn serve_plain_http(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 impl World {
@@ -260,6 +278,9 @@ impl World {
             ns_api.create(&Default::default(), &ns).await?;
         }
         let mut port = 0u16;
+        let request_timeout = opts
+            .request_timeout
+            .unwrap_or(opts.agent_timeout + Duration::from_secs(5));
         let mut world = World {
             control_plane,
             client,
@@ -272,14 +293,17 @@ impl World {
             controller: None,
             metrics: Arc::new(ControllerMetrics::new()),
             access: ShimAccess {
-                namespace: Some(SHIM_NAMESPACE.into()),
+                namespace: SHIM_NAMESPACE.into(),
+                daemonset: DEFAULT_SHIM_DAEMONSET.into(),
                 port,
-                scheme: if opts.mtls.is_some() { "https" } else { "http" }.into(),
                 token: None,
-                tls: opts.mtls.as_ref().map(|t| t.controller.clone()),
-                request_timeout: opts
-                    .request_timeout
-                    .unwrap_or(opts.agent_timeout + Duration::from_secs(5)),
+                transport: match &opts.mtls {
+                    Some(t) => ShimTransport::MutualTls(Arc::new(
+                        ReloadingHttpClient::load(t.controller.clone(), request_timeout).await?,
+                    )),
+                    None => ShimTransport::PlainHttpForTestWorlds,
+                },
+                request_timeout,
             },
             settings: opts.settings,
             controller_name: opts.controller_name,
@@ -308,12 +332,12 @@ impl World {
                     "qga-socket",
                 ),
             };
-            let auth = match &opts.mtls {
-                Some(tls) => Auth::client_cert(tls.allowed_clients.clone(), None),
-                None => Auth::Disabled,
-            };
+            let auth = opts
+                .mtls
+                .as_ref()
+                .map(|tls| Auth::client_cert(tls.allowed_clients.clone(), None));
             // The node check is on, as in production: the controller names the node.
-            let app = ShimApp::new(agent, auth).node(&name).backend(backend);
+            let app = ShimApp::new(agent, &name).backend(backend);
             create_node_with_shim(&world.client, &name, SHIM_NAMESPACE, &ip).await?;
             let node = LabNode {
                 name,
@@ -321,6 +345,7 @@ impl World {
                 sockets,
                 app,
                 sim,
+                auth,
                 process: Mutex::new(None),
             };
             world.serve_shim(&node, listener)?;
@@ -390,14 +415,14 @@ impl World {
     }
 
     fn serve_shim(&self, node: &LabNode, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
-        let opts = match &self.tls {
-            Some(tls) => server::ServeOptions {
-                tls: Some(Arc::new(ReloadingServerConfig::new(tls.shim.clone())?)),
-                ..Default::default()
-            },
-            None => server::ServeOptions::default(),
+        let tls = match &self.tls {
+            Some(tls) => Some(server::ServeOptions::new(Arc::new(
+                ReloadingServerConfig::new(tls.shim.clone())?,
+            ))),
+            None => None,
         };
-        let app = node.app.router();
+        let app = node.app.clone();
+        let auth = node.auth.clone();
         let listener = listener.into_std()?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -408,7 +433,17 @@ impl World {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                 return;
             };
-            let _ = server::serve_with(listener, app, opts, std::future::pending()).await;
+            match (tls, auth) {
+                (Some(opts), Some(auth)) => {
+                    let router = app.router(auth);
+                    let _ =
+                        server::serve_with(listener, router, opts, std::future::pending()).await;
+                }
+                _ => {
+                    let router = app.router_without_auth_for_test_worlds();
+                    let _ = serve_plain_http(listener, router, std::future::pending()).await;
+                }
+            }
         });
         if let Some(old) = node
             .process
