@@ -1,4 +1,5 @@
 //! Custom resources, KubeVirt types we read, condition reasons and the shim wire protocol.
+pub mod authorized_keys;
 pub mod common;
 pub mod conditions;
 pub mod keypair;

@@ -18,7 +18,7 @@ pub const MAX_PASSWORD_BYTES: usize = 256;
 /// Most keys accepted in one request.
 pub const MAX_KEYS: usize = 256;
 /// Longest single public key line accepted, in bytes (RSA 16384 is ~2.8 KiB).
-pub const MAX_KEY_BYTES: usize = 8192;
+pub const MAX_KEY_BYTES: usize = crate::authorized_keys::MAX_LINE_BYTES;
 
 /// A domain reference whose parts are safe to put into paths and libvirt names.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,8 +77,9 @@ impl Password {
     }
 }
 
-/// OpenSSH public key lines that parsed, trimmed but otherwise as given (qemu-ga removes
-/// keys by exact line match, so we must not rewrite them).
+/// authorized_keys lines that parsed (options included, by sshd's rules: see
+/// [`crate::authorized_keys`]), trimmed but otherwise as given (qemu-ga removes keys by
+/// exact line match, so we must not rewrite them).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PublicKeys(Vec<String>);
 
@@ -183,6 +184,9 @@ pub fn password(secret: &SecretString, crypted: bool) -> Result<Password, ShimEr
     })
 }
 
+/// The keys of a request: each one authorized_keys line, parsed by the same
+/// [`crate::authorized_keys::parse_line`] the controller uses, so both ends accept and
+/// refuse the same lines.
 pub fn public_keys(keys: &[String]) -> Result<PublicKeys, ShimError> {
     if keys.len() > MAX_KEYS {
         return Err(ShimError::invalid(format!(
@@ -191,31 +195,23 @@ pub fn public_keys(keys: &[String]) -> Result<PublicKeys, ShimError> {
     }
     let mut out = Vec::with_capacity(keys.len());
     for (i, raw) in keys.iter().enumerate() {
-        let line = raw.trim();
-        if looks_like_private_key(line) {
+        if looks_like_private_key(raw.trim()) {
             return Err(ShimError::invalid(format!(
                 "keys[{i}] is a private key; send only the public key (the .pub file)"
             )));
         }
-        if line.is_empty() {
-            return Err(ShimError::invalid(format!("keys[{i}] is empty")));
+        match crate::authorized_keys::parse_line(raw) {
+            Ok(Some(entry)) => out.push(entry.line),
+            Ok(None) if raw.trim().is_empty() => {
+                return Err(ShimError::invalid(format!("keys[{i}] is empty")));
+            }
+            Ok(None) => {
+                return Err(ShimError::invalid(format!(
+                    "keys[{i}] is a comment, not a key"
+                )));
+            }
+            Err(e) => return Err(ShimError::invalid(format!("keys[{i}] {e}"))),
         }
-        if line.len() > MAX_KEY_BYTES {
-            return Err(ShimError::invalid(format!(
-                "keys[{i}] is longer than {MAX_KEY_BYTES} bytes"
-            )));
-        }
-        if line.chars().any(char::is_control) {
-            return Err(ShimError::invalid(format!(
-                "keys[{i}] must be a single line without control characters"
-            )));
-        }
-        if let Err(e) = ssh_key::PublicKey::from_openssh(line) {
-            return Err(ShimError::invalid(format!(
-                "keys[{i}] is not an OpenSSH public key ({e}); authorized_keys options are not supported"
-            )));
-        }
-        out.push(line.to_owned());
     }
     Ok(PublicKeys(out))
 }
@@ -332,6 +328,30 @@ mod tests {
         let pem = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----";
         let msg = invalid_message(public_keys(&[pem.into()]));
         assert!(msg.contains("private key"), "{msg}");
+    }
+
+    #[test]
+    fn key_with_from_option_is_accepted_as_given() {
+        let line = format!("from=\"10.0.0.0/8\",no-agent-forwarding {ED25519}");
+        let keys = public_keys(std::slice::from_ref(&line)).unwrap();
+        assert_eq!(keys.as_slice(), [line]);
+    }
+
+    #[test]
+    fn key_lines_are_refused_exactly_as_the_controller_refuses_them() {
+        for bad in [
+            format!("no-such-option {ED25519}"),
+            format!("command=\"unterminated {ED25519}"),
+            "restrict".to_string(),
+            "# just a comment".to_string(),
+        ] {
+            let msg = invalid_message(public_keys(std::slice::from_ref(&bad)));
+            assert!(msg.starts_with("keys[0] "), "{msg}");
+            assert!(
+                crate::authorized_keys::parse(&bad).is_err(),
+                "the controller accepts what the shim refuses: {bad}"
+            );
+        }
     }
 
     #[test]

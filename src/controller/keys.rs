@@ -2,50 +2,33 @@
 //! and fingerprinting what the guest has.
 use super::error::Error;
 use super::targets::TargetCall;
-use ssh_key::{HashAlg, PublicKey};
+use crate::api::authorized_keys;
 use std::collections::BTreeSet;
 
 /// One parsed public key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WantedKey {
+    /// The line as given (trimmed), authorized_keys options included: this is what the
+    /// guest gets.
     pub line: String,
+    /// SHA256 fingerprint of the key alone (options and comment ignored).
     pub fingerprint: String,
 }
 
-/// Parse authorized_keys text: one key per line, blank lines and `#` comments skipped.
-/// Errors name the line number, never its content.
+/// Parse authorized_keys text as sshd reads it (options before the key, quoted values,
+/// CRLF, blank lines and `#` comments): see [`authorized_keys::parse`], which the shim's
+/// input validation shares. Errors name the line number, never its content; a private
+/// key, a repeated key or an empty list is refused.
 pub fn parse_keys(text: &str) -> Result<Vec<WantedKey>, Error> {
-    let mut keys: Vec<WantedKey> = Vec::new();
-    for (n, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        let n = n + 1;
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if line.contains("PRIVATE KEY") {
-            return Err(Error::InvalidPublicKey(format!(
-                "line {n} is part of a private key: put only public keys (the .pub file) here, and treat that private key as leaked"
-            )));
-        }
-        let key = PublicKey::from_openssh(line).map_err(|e| {
-            Error::InvalidPublicKey(format!("line {n} is not an OpenSSH public key ({e})"))
-        })?;
-        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
-        if let Some(first) = keys.iter().position(|k| k.fingerprint == fingerprint) {
-            return Err(Error::InvalidPublicKey(format!(
-                "line {n} repeats the key of entry {} ({fingerprint})",
-                first + 1
-            )));
-        }
-        keys.push(WantedKey {
-            line: line.to_string(),
-            fingerprint,
-        });
-    }
-    if keys.is_empty() {
-        return Err(Error::InvalidPublicKey("no public keys given".into()));
-    }
-    Ok(keys)
+    let entries =
+        authorized_keys::parse(text).map_err(|e| Error::InvalidPublicKey(e.to_string()))?;
+    Ok(entries
+        .into_iter()
+        .map(|e| WantedKey {
+            line: e.line,
+            fingerprint: e.fingerprint,
+        })
+        .collect())
 }
 
 /// Fingerprints of the keys the guest has for the call's user, read through the agent.
@@ -54,8 +37,41 @@ pub(crate) async fn present_fingerprints(call: &TargetCall) -> Result<BTreeSet<S
     Ok(lines.iter().filter_map(|l| fingerprint_of(l)).collect())
 }
 
+/// The fingerprint of a guest line's key, whatever its options and comment.
 pub(crate) fn fingerprint_of(line: &str) -> Option<String> {
-    PublicKey::from_openssh(line.trim())
-        .ok()
-        .map(|k| k.fingerprint(HashAlg::Sha256).to_string())
+    authorized_keys::fingerprint(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJF3X2of517d5Kg00cGhwfj7PqWgUgbbxnZyL96Twgi5 test@example";
+
+    #[test]
+    fn a_key_with_a_from_option_is_accepted_and_keeps_its_options() {
+        let line = format!("from=\"10.0.0.0/8\",no-agent-forwarding {ED25519}");
+        let keys = parse_keys(&line).expect("sshd accepts options before the key");
+        assert_eq!(keys[0].line, line);
+        assert_eq!(Some(keys[0].fingerprint.clone()), fingerprint_of(ED25519));
+    }
+
+    #[test]
+    fn a_bad_option_is_an_invalid_public_key_naming_the_line() {
+        let err = parse_keys(&format!(
+            "{ED25519}
+no-such-option {ED25519}"
+        ))
+        .expect_err("bad");
+        assert!(matches!(&err, Error::InvalidPublicKey(m) if m.starts_with("line 2 ")));
+        assert!(!err.to_string().contains("no-such-option"), "{err}");
+    }
+
+    #[test]
+    fn a_guest_line_with_options_has_the_fingerprint_of_its_key() {
+        assert_eq!(
+            fingerprint_of(&format!("restrict,command=\"a b\" {ED25519}")),
+            fingerprint_of(ED25519)
+        );
+    }
 }
