@@ -1,5 +1,5 @@
 //! KeypairRebuild live mode through the controller, real shims and real qemu-ga agents.
-use guestcred::api::keypair::{KeyMode, KeyStrategy};
+use guestcred::api::keypair::{KeyMode, KeyStrategy, OnDelete};
 use guestcred::api::kubevirt::VirtualMachine;
 use guestcred::api::{KeypairRebuild, Phase, TargetState};
 use guestcred::controller::keypair::MANAGED_KEYS_ANNOTATION_PREFIX;
@@ -8,6 +8,7 @@ use guestcred_lab::kubevirt::vm;
 use guestcred_lab::testing::*;
 use guestcred_lab::world::{World, WorldOptions};
 use k8s_openapi::api::core::v1::Secret;
+use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
 use std::time::Duration;
 
@@ -457,5 +458,187 @@ async fn ttl_with_auto_that_would_rebuild_fails_the_target_with_invalid_spec() {
         vmi_uid(&w, "vm-old").await,
         before,
         "the VM was not restarted"
+    );
+}
+
+async fn delete_rebuild(w: &World, name: &str) {
+    let api: Api<KeypairRebuild> = Api::namespaced(w.client.clone(), NS);
+    api.delete(name, &DeleteParams::default())
+        .await
+        .expect("delete");
+}
+
+/// Waits until KeypairRebuild `name` is gone; fails with what it still looks like.
+async fn gone(w: &World, name: &str, within: Duration) {
+    let api: Api<KeypairRebuild> = Api::namespaced(w.client.clone(), NS);
+    let start = std::time::Instant::now();
+    while let Some(o) = api.get_opt(name).await.expect("get") {
+        assert!(start.elapsed() < within, "{name} still there: {o:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn managed(vm: &VirtualMachine, user: &str) -> Vec<String> {
+    vm.annotations()
+        .get(&format!("{MANAGED_KEYS_ANNOTATION_PREFIX}{user}"))
+        .map(|v| {
+            v.split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn deleting_a_keypair_rebuild_removes_the_keys_it_added_and_nothing_else() {
+    let w = world().await;
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    qga.seed_authorized_keys("alice", &[HAND])
+        .expect("hand-added key");
+    // Another object's grant on the same VM stays.
+    w.apply(
+        &KeypairRebuild::test("other")
+            .vm("vm-a")
+            .user("alice")
+            .inline_keys([KEY3])
+            .strategy(KeyStrategy::Append),
+    )
+    .await
+    .expect("apply");
+    w.wait_for::<KeypairRebuild>(NS, "other", WAIT, finished)
+        .await
+        .expect("other finishes");
+    // A TTL grant (KEY1) replaced by a new run (KEY2): KEY1 waits in pendingExpiries.
+    let k = KeypairRebuild::test("k")
+        .vm("vm-a")
+        .user("alice")
+        .inline_keys([HAND, KEY1])
+        .strategy(KeyStrategy::Append)
+        .ttl(3600);
+    w.apply(&k).await.expect("apply");
+    w.wait_for::<KeypairRebuild>(NS, "k", WAIT, finished)
+        .await
+        .expect("first run");
+    w.apply(&k.clone().inline_keys([KEY2]))
+        .await
+        .expect("apply");
+    let r: KeypairRebuild = w
+        .wait_for(NS, "k", WAIT, |r: &KeypairRebuild| {
+            finished(r)
+                && r.status
+                    .as_ref()
+                    .is_some_and(|s| s.run.targets[0].keys.len() == 1)
+        })
+        .await
+        .expect("second run");
+    let st = r.status.expect("status").run;
+    assert_eq!(st.pending_expiries.len(), 1, "{st:#?}");
+    assert!(
+        r.metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&"guestcred.io/keys".to_string())
+    );
+    assert_eq!(
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
+        ["hand@added", "key1@test", "key2@test", "key3@test"]
+    );
+
+    delete_rebuild(&w, "k").await;
+    gone(&w, "k", WAIT).await;
+    assert_eq!(
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
+        ["hand@added", "key3@test"],
+        "the deleted object's keys are gone; the hand-added key and the other object's stay"
+    );
+    let vm_obj: VirtualMachine = w.get(NS, "vm-a").await;
+    assert_eq!(
+        managed(&vm_obj, "alice").len(),
+        1,
+        "only the other object's key stays recorded"
+    );
+}
+
+#[tokio::test]
+async fn on_delete_keep_leaves_the_keys_in_the_guest() {
+    let w = world().await;
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let mut k = KeypairRebuild::test("k")
+        .vm("vm-a")
+        .user("alice")
+        .inline_keys([KEY1]);
+    k.spec.on_delete = OnDelete::Keep;
+    w.apply(&k).await.expect("apply");
+    w.wait_for::<KeypairRebuild>(NS, "k", WAIT, finished)
+        .await
+        .expect("finishes");
+    delete_rebuild(&w, "k").await;
+    gone(&w, "k", WAIT).await;
+    assert_eq!(
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
+        ["key1@test"]
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_vm_holds_deletion_only_for_the_bounded_wait_then_names_the_keys_left() {
+    let w = World::start(WorldOptions {
+        settings: guestcred::controller::context::EngineSettings {
+            cleanup_wait: Duration::from_secs(4),
+            ..guestcred_lab::world::fast_settings()
+        },
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("world");
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    w.apply(
+        &KeypairRebuild::test("k")
+            .vm("vm-a")
+            .user("alice")
+            .inline_keys([KEY1]),
+    )
+    .await
+    .expect("apply");
+    let done: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
+    let fp = done.status.expect("status").run.targets[0].keys[0].clone();
+    // The guest's agent goes away (the VMI stays Running: only the agent is unreachable).
+    drop(qga);
+    let start = std::time::Instant::now();
+    delete_rebuild(&w, "k").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let api: Api<KeypairRebuild> = Api::namespaced(w.client.clone(), NS);
+    assert!(
+        api.get_opt("k").await.expect("get").is_some(),
+        "still waiting for the VM"
+    );
+    gone(&w, "k", Duration::from_secs(20)).await;
+    // The bound counts from the deletionTimestamp (whole seconds).
+    assert!(
+        start.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(w.client.clone(), NS);
+    let left: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("KeysLeftBehind"))
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e.type_.unwrap_or_default(),
+                e.note.unwrap_or_default()
+            )
+        })
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(
+        left[0].starts_with("Warning: ") && left[0].contains("vm-a") && left[0].contains(&fp),
+        "{left:?}"
     );
 }

@@ -1,7 +1,7 @@
 //! KeypairRebuild: put SSH public keys into guests live through the agent, touching only
 //! the keys this operator added, and verify them by reading them back.
 use super::context::Context;
-use super::engine::{Outcome, Prepared, RunKind};
+use super::engine::{Cleanup, Outcome, Prepared, RunKind};
 use super::error::Error;
 use super::key_ownership;
 use super::keys::{WantedKey, fingerprint_of, parse_keys, present_fingerprints};
@@ -23,6 +23,10 @@ use secrecy::ExposeSecret;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
+
+mod cleanup;
+
+pub use cleanup::{KEYS_FINALIZER, KEYS_LEFT_BEHIND};
 
 /// Annotation prefix on a VM recording the fingerprints guestcred added for a user, so a
 /// later Replace removes them even when the object that added them is gone.
@@ -112,6 +116,14 @@ impl RunKind for KeypairRebuild {
             legacy_hash: None,
             secret_version,
         })
+    }
+
+    fn finalizer() -> Option<&'static str> {
+        Some(KEYS_FINALIZER)
+    }
+
+    async fn cleanup(&self, ctx: &Context) -> Result<Cleanup, Error> {
+        cleanup::remove_granted_keys(self, ctx).await
     }
 
     async fn expire(
