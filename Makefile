@@ -57,3 +57,19 @@ FAULT_SEEDS ?= 50
 soak: deps
 	$(CARGO) test -p guestcred --test soak -- --ignored --nocapture
 	GUESTCRED_FAULT_SEEDS=$$(seq -s, 1 $(FAULT_SEEDS)) $(CARGO) test -p guestcred --test fault_random -- --nocapture
+
+# Fuzzing (fuzz/README.md): each cargo-fuzz target for FUZZ_SECONDS (default 60), on the
+# nightly toolchain cargo-fuzz needs. New corpus entries go to fuzz/target-corpus/, not
+# the committed seeds; crashes stop the run and land in fuzz/artifacts/. `make test` only
+# replays the committed corpus (api/tests/fuzz_corpus.rs).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := shim_request authorized_keys crypt
+.PHONY: fuzz
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		mkdir -p target-corpus/$$t && \
+		cargo +nightly fuzz run $$t target-corpus/$$t corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -max_len=16384 -timeout=10 || exit 1; \
+	done

@@ -2,6 +2,8 @@
 pub mod authorized_keys;
 pub mod common;
 pub mod conditions;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keypair;
 pub mod kubevirt;
 pub mod password;
