@@ -2,6 +2,7 @@
 //! (summary, description, Examples, Options, Usage).
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// kubectl's help layout: description, Examples, Options, then Usage.
 const TEMPLATE: &str = "\
@@ -114,7 +115,7 @@ pub struct Follow {
     #[arg(long)]
     pub no_wait: bool,
     /// Give up following after this long (e.g. 90s, 5m, 1h); the run itself goes on.
-    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = crate::util::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     pub timeout: std::time::Duration,
 }
 
@@ -134,7 +135,7 @@ pub struct Rollout {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub max_failures: u32,
     /// How long each VM may take before it fails with DeadlineExceeded (10s-24h).
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = crate::util::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     pub deadline: std::time::Duration,
 }
 
@@ -325,7 +326,7 @@ pub struct AddKey {
     )]
     pub file: PathBuf,
     /// Remove the keys again after this long (e.g. 30m, 1h; 10s to 365d).
-    #[arg(long, value_name = "DURATION", value_parser = crate::util::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub ttl: Option<std::time::Duration>,
     /// Remove keys guestcred added before (Replace); default: only add (Append).
     #[arg(long)]
@@ -404,4 +405,52 @@ pub enum Shell {
     Bash,
     Zsh,
     Fish,
+}
+
+/// `90s`, `5m`, `1h`, `2d`, `1h30m` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(n));
+    }
+    let mut total = 0u64;
+    let mut num = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?} (use e.g. 90s, 5m, 1h)"))?;
+        num.clear();
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(format!("invalid duration {s:?} (use e.g. 90s, 5m, 1h)")),
+        };
+        total = total.saturating_add(n.saturating_mul(unit));
+    }
+    if !num.is_empty() || s.is_empty() {
+        return Err(format!("invalid duration {s:?} (use e.g. 90s, 5m, 1h)"));
+    }
+    Ok(Duration::from_secs(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172800)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("5m3").is_err());
+        assert!(parse_duration("").is_err());
+    }
 }

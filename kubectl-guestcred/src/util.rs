@@ -4,7 +4,6 @@ use crate::cli::Global;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use std::fmt;
-use std::time::Duration;
 
 /// Exit codes: 0 every VM succeeded; 1 a VM failed or the API refused; 2 a usage error or a
 /// command this guestcred version does not support; 3 --timeout passed (the run goes on);
@@ -37,38 +36,6 @@ pub fn fail(code: i32, message: impl Into<String>) -> anyhow::Error {
         message: message.into(),
     }
     .into()
-}
-
-/// `90s`, `5m`, `1h`, `2d`, `1h30m` or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if let Ok(n) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(n));
-    }
-    let mut total = 0u64;
-    let mut num = String::new();
-    for c in s.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?} (use e.g. 90s, 5m, 1h)"))?;
-        num.clear();
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86400,
-            _ => return Err(format!("invalid duration {s:?} (use e.g. 90s, 5m, 1h)")),
-        };
-        total = total.saturating_add(n.saturating_mul(unit));
-    }
-    if !num.is_empty() || s.is_empty() {
-        return Err(format!("invalid duration {s:?} (use e.g. 90s, 5m, 1h)"));
-    }
-    Ok(Duration::from_secs(total))
 }
 
 /// Five characters as in Kubernetes' generateName (no vowels, no look-alikes).
@@ -181,17 +148,6 @@ impl Call<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172800)));
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("5m3").is_err());
-        assert!(parse_duration("").is_err());
-    }
 
     #[test]
     fn names_fit_a_label_value() {

@@ -6,8 +6,15 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::ClusterError;
-use super::state::ProcessInfo;
 use crate::guest::process_alive;
+
+/// A detached process the lab started.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    /// Its stdout + stderr.
+    pub log: std::path::PathBuf,
+}
 
 /// Starts `cmd` in its own process group (a Ctrl-C aimed at `up` must not reach it), with
 /// stdin closed and stdout + stderr appended to `log`. It outlives the caller.

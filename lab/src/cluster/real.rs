@@ -32,8 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::ClusterError;
-use super::procs::{log_tail, spawn_detached};
-use super::state::ProcessInfo;
+use super::procs::{ProcessInfo, log_tail, spawn_detached};
 use crate::guest::process_alive;
 
 /// Which API server the lab runs.

@@ -82,13 +82,7 @@ impl FromStr for AgentKind {
     }
 }
 
-/// A detached process the lab started.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessInfo {
-    pub pid: u32,
-    /// Its stdout + stderr.
-    pub log: PathBuf,
-}
+pub use super::procs::ProcessInfo;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeState {

@@ -37,6 +37,7 @@
 //! ([`status::publish`]).
 pub mod decide;
 mod finalize;
+mod observe;
 mod schedule;
 mod status;
 mod target;

@@ -1,6 +1,7 @@
 //! One run's loop: start targets as [`decide::next_step`] allows, flush status on a timer,
 //! then finish; and the TTL expiries of finished targets.
-use super::decide::{self, Expiry, Latest, Next, Stop};
+use super::decide::{self, Expiry, Next, Stop};
+use super::observe::Observed;
 use super::status::{self, Basis, RunState, Shared, Written, lock};
 use super::target::run_target;
 use super::{RunKind, action, now};
@@ -17,48 +18,6 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// The object as an agent call about to start sees it: its latest cached copy, whether
-/// this replica leads, whether the input Secret moved on from the run's version.
-pub(super) struct Observed<K> {
-    latest: Option<Arc<K>>,
-    leading: bool,
-    input_changed: bool,
-    started_generation: Option<i64>,
-}
-
-impl<K: RunKind> Observed<K> {
-    /// `run_secret_version`: the input Secret's resourceVersion the run read (None for
-    /// inputs not read from a Secret). A Secret missing from the cache (not synced, or
-    /// not listable) counts as unchanged: only a newer version seen stops the run.
-    pub(super) async fn now(obj: &K, ctx: &Context, run_secret_version: Option<&str>) -> Self {
-        let ns = obj.namespace().unwrap_or_default();
-        let input_changed = obj.input_secret().is_some_and(|s| {
-            ctx.secret_version(&ns, &s.name)
-                .is_some_and(|seen| Some(seen.as_str()) != run_secret_version)
-        });
-        Self {
-            latest: obj.latest(ctx),
-            leading: ctx.leadership.is_leading().await,
-            input_changed,
-            started_generation: obj.meta().generation,
-        }
-    }
-
-    pub(super) fn view(&self) -> Option<Latest<'_>> {
-        self.latest.as_ref().map(|l| Latest {
-            deleting: l.meta().deletion_timestamp.is_some(),
-            spec_changed: l.meta().generation > self.started_generation,
-            input_changed: self.input_changed,
-            leading: self.leading,
-            rollout: l.rollout(),
-        })
-    }
-
-    pub(super) fn halt(&self) -> Option<Stop> {
-        decide::halt(self.view().as_ref())
-    }
-}
 
 /// Drive a run until no target is left to start and none is in flight.
 pub(super) async fn drive<K: RunKind>(

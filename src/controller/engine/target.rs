@@ -1,7 +1,7 @@
 //! One target's attempts: find its node, shim and user, apply, retry transient failures
 //! with jittered exponential backoff until the target's deadline, and record the outcome.
 use super::decide;
-use super::schedule::Observed;
+use super::observe::Observed;
 use super::status::{self, Shared, lock};
 use super::{Outcome, RunKind, now};
 use crate::api::{Reason, TargetState};
