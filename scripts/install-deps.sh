@@ -60,6 +60,12 @@ bash "$(dirname "${BASH_SOURCE[0]}")/install-helm.sh"  # helm + hadolint into .l
 # `ip netns` / veth for the aggregated API's address (lab/src/cluster/real.rs).
 # ---------------------------------------------------------------------------
 need_apt iproute2
+
+# ---------------------------------------------------------------------------
+# Section: kubectl plugin tests (tests/plugin.rs): the zsh and fish completion scripts are
+# checked by the shells themselves.
+# ---------------------------------------------------------------------------
+need_apt zsh fish
 go_bin=$(command -v go || true)
 [[ -z "$go_bin" && -x /usr/local/go/bin/go ]] && go_bin=/usr/local/go/bin/go
 cp_mod="$(dirname "${BASH_SOURCE[0]}")/../lab/controlplane/go.mod"
