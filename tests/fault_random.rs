@@ -29,15 +29,12 @@ use std::time::{Duration, Instant};
 
 const VMS: usize = 6;
 const TTL: u32 = 12;
-const HAND: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOimy32Onc7iJCyVgWcE+d/LHx1OCqkqfeeXY5QKiYXE hand@added";
-const GRANT: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ+B4jIlELcMrHzsE1Ryt7XpT2gUKy/XZ+lbyfbQ9TZh grant@ttl";
-const PERM: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMJKojGo/i5K/TGJ8PutquWzCrCg7RrbK5WgjGBkcoBs perm@key";
-/// Two real sha512crypt hashes (`openssl passwd -6`): the first, then the rotated one.
+/// The TTL grant's and the permanent key (the shared test keys).
+const GRANT: &str = KEY1;
+const PERM: &str = KEY2;
+/// Two real sha512crypt hashes: the first, then the rotated one.
 const OLD: &str = SHA512;
-const NEW: &str = "$6$gcOtherSalt$Dfhoo.Ig5KpAmTILCxhCnH.cnUbciLGe5wzO6JSWH/VywU5AcFbYXOf/krhYB8h4yAwZ.Yyi0FSamGvCY9rWH1";
+const NEW: &str = SHA512_OTHER;
 
 fn seeds() -> Vec<u64> {
     std::env::var("GUESTCRED_FAULT_SEEDS")
@@ -271,10 +268,10 @@ async fn run_seed(seed: u64) {
                 "seed {seed}: {name} lost the hand-added key: {keys:?}"
             );
             assert!(
-                keys.contains(&"perm@key".to_string()),
+                keys.contains(&"key2@test".to_string()),
                 "seed {seed}: {name} lacks the permanent key: {keys:?}"
             );
-            all_expired &= !keys.contains(&"grant@ttl".to_string());
+            all_expired &= !keys.contains(&"key1@test".to_string());
         }
         if all_expired {
             break;

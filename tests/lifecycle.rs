@@ -1,14 +1,11 @@
 //! Credential lifecycle (issue 17): keys a person had before a grant named them stay
 //! theirs; each run of a generated password gets a Secret of its own that no other object
 //! or run shares. (To move beside their kinds' suites once the shared builders land.)
-use guestcred::api::keypair::{KeyMode, KeyStrategy, PublicKeySource};
-use guestcred::api::password::{GeneratePolicy, PasswordSource};
-use guestcred::api::{
-    GuestPasswordReset, GuestPasswordResetSpec, KeypairRebuild, KeypairRebuildSpec, Phase,
-    RolloutSpec, TargetSpec,
-};
+use guestcred::api::keypair::{KeyMode, KeyStrategy};
+use guestcred::api::{GuestPasswordReset, KeypairRebuild, Phase};
 use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
 use guestcred_lab::kubevirt::vm;
+use guestcred_lab::testing::{HAND, KEY1, KEY2, KeysTest};
 use guestcred_lab::world::{World, WorldOptions};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
@@ -17,36 +14,14 @@ use std::time::Duration;
 
 const NS: &str = "default";
 const WAIT: Duration = Duration::from_secs(30);
-const KEY1: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ+B4jIlELcMrHzsE1Ryt7XpT2gUKy/XZ+lbyfbQ9TZh key1@test";
-const KEY2: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMJKojGo/i5K/TGJ8PutquWzCrCg7RrbK5WgjGBkcoBs key2@test";
-const HAND: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOimy32Onc7iJCyVgWcE+d/LHx1OCqkqfeeXY5QKiYXE hand@added";
 
 fn rebuild(keys: &[&str]) -> KeypairRebuild {
-    let mut r = KeypairRebuild::new(
-        "k",
-        KeypairRebuildSpec {
-            target: TargetSpec {
-                vm_name: Some("vm-a".into()),
-                selector: None,
-            },
-            user: Some("alice".into()),
-            public_keys: PublicKeySource {
-                secret_ref: None,
-                inline: Some(keys.iter().map(|k| k.to_string()).collect()),
-            },
-            mode: KeyMode::Live,
-            strategy: KeyStrategy::Replace,
-            replace_all: false,
-            ttl_seconds: None,
-            on_delete: Default::default(),
-            rollout: RolloutSpec::default(),
-        },
-    );
-    r.metadata.namespace = Some(NS.into());
-    r
+    KeypairRebuild::test("k")
+        .vm("vm-a")
+        .user("alice")
+        .inline_keys(keys.iter().copied())
+        .mode(KeyMode::Live)
+        .strategy(KeyStrategy::Replace)
 }
 
 fn comments(keys: &[String]) -> Vec<String> {
@@ -126,26 +101,10 @@ async fn replace_keeps_a_key_the_user_had_before_a_grant_named_it() {
 }
 
 fn generated(name: &str, vm: &str, length: u32) -> GuestPasswordReset {
-    let mut r = GuestPasswordReset::new(
-        name,
-        GuestPasswordResetSpec {
-            target: TargetSpec {
-                vm_name: Some(vm.into()),
-                selector: None,
-            },
-            user: Some("root".into()),
-            password: PasswordSource {
-                generate: Some(GeneratePolicy {
-                    length,
-                    charset: Default::default(),
-                }),
-                ..Default::default()
-            },
-            rollout: RolloutSpec::default(),
-        },
-    );
-    r.metadata.namespace = Some(NS.into());
-    r
+    GuestPasswordReset::test(name)
+        .vm(vm)
+        .user("root")
+        .generate(length)
 }
 
 /// The output Secret a finished reset names for its only target, and its password.
@@ -269,9 +228,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Patch, PatchParams};
 use std::sync::Arc;
 
-/// Two real sha512crypt hashes (`openssl passwd -6`), set verbatim.
+/// Two real sha512crypt hashes, set verbatim: the first and the rotated one.
 const V1: &str = guestcred_lab::testing::SHA512;
-const V2: &str = "$6$gcOtherSalt$Dfhoo.Ig5KpAmTILCxhCnH.cnUbciLGe5wzO6JSWH/VywU5AcFbYXOf/krhYB8h4yAwZ.Yyi0FSamGvCY9rWH1";
+const V2: &str = guestcred_lab::testing::SHA512_OTHER;
 
 /// A crypted reset "r" of `vm` from Secret "pw" holding `value`, with a long deadline.
 async fn crypted_reset(w: &World, vm: &str, value: &str) {
@@ -579,7 +538,6 @@ async fn an_update_that_makes_the_spec_unreadable_stops_the_run_with_invalid_spe
 
 #[tokio::test]
 async fn a_ttl_grant_is_removed_on_time_although_a_spec_change_started_a_new_run() {
-    use guestcred_lab::testing::KeysTest;
     let w = World::start(WorldOptions::default()).await.expect("world");
     let qga = w
         .add_vm(

@@ -5,12 +5,14 @@
 //!
 //! `use guestcred_lab::testing::*;` brings all of it in.
 pub mod builders;
+pub mod keys;
 pub mod kubectl;
 pub mod logs;
 pub mod predicates;
 pub mod shim;
 
 pub use builders::{KeysTest, ResetTest, SecretTest, TargetedTest, TestObject, secret};
+pub use keys::{HAND, KEY1, KEY2, KEY3, SHA512_OTHER};
 pub use kubectl::Kubectl;
 pub use logs::{LogCapture, assert_not_leaked, leaks};
 pub use predicates::*;
