@@ -67,6 +67,8 @@ pub enum Refusal {
     ClientNotAllowed,
     /// The request names another node.
     WrongNode,
+    /// The request names no node.
+    MissingNode,
 }
 
 impl Refusal {
@@ -76,6 +78,7 @@ impl Refusal {
             Self::Unauthenticated => "unauthenticated",
             Self::ClientNotAllowed => "client_not_allowed",
             Self::WrongNode => "wrong_node",
+            Self::MissingNode => "missing_node",
         }
     }
 }
@@ -88,6 +91,16 @@ pub struct ShimMetrics {
     agent_call_duration: HistogramFamily<AgentOpLabels>,
     in_flight: Gauge<i64, AtomicI64>,
     refused: Family<RefusedLabels, Counter>,
+    connections: Gauge<i64, AtomicI64>,
+}
+
+/// One open connection of the shim's API port; see [`ShimMetrics::connection_opened`].
+pub struct OpenConnection(Gauge<i64, AtomicI64>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl ShimMetrics {
@@ -98,6 +111,12 @@ impl ShimMetrics {
             Family::new_with_constructor(agent_histogram);
         let in_flight = Gauge::<i64, AtomicI64>::default();
         let refused = Family::<RefusedLabels, Counter>::default();
+        let connections = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "guestcred_shim_open_connections",
+            "Open connections of the API port, TLS handshakes included (capped by --max-connections)",
+            connections.clone(),
+        );
         registry.register(
             "guestcred_shim_agent_calls",
             "Guest agent calls by operation, backend and result (ok or the error reason)",
@@ -124,7 +143,14 @@ impl ShimMetrics {
             agent_call_duration,
             in_flight,
             refused,
+            connections,
         })
+    }
+
+    /// Count one open API connection until the returned guard is dropped.
+    pub fn connection_opened(&self) -> OpenConnection {
+        self.connections.inc();
+        OpenConnection(self.connections.clone())
     }
 
     /// Start timing one agent call; the returned guard counts it as in flight until it is

@@ -11,13 +11,12 @@ use std::time::Duration;
 use guestcred::api::wire::{DomainRef, SetPasswordRequest, ShimErrorReason};
 use guestcred::api::{GuestPasswordReset, Phase};
 use guestcred::controller::shim_client::{ShimApi, ShimCallError, ShimClient};
-use guestcred::shim::auth::Auth;
 use guestcred::shim::qga::QgaSocketAgent;
-use guestcred::shim::server::{ShimApp, serve};
+use guestcred::shim::server::ShimApp;
 use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
 use guestcred_lab::kubevirt::vm;
 use guestcred_lab::testing::{ResetTest, TargetedTest, TestObject, secret};
-use guestcred_lab::world::{World, WorldOptions};
+use guestcred_lab::world::{World, WorldOptions, serve_plain_http};
 use secrecy::SecretString;
 
 const SHA512: &str = "$6$gcMetricSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0";
@@ -33,7 +32,7 @@ async fn serve_on_loopback(router: axum::Router) -> String {
         .await
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(serve(listener, router, std::future::pending()));
+    tokio::spawn(serve_plain_http(listener, router, std::future::pending()));
     url
 }
 
@@ -86,16 +85,14 @@ async fn shim_metrics_count_calls_by_operation_and_result_and_refusals_by_reason
         });
     let template = format!("{}/{{name}}/qga.sock", dir.path().display());
     let agent = Arc::new(QgaSocketAgent::new(template, Duration::from_secs(5)));
-    let app = ShimApp::new(agent, Auth::Disabled)
-        .node("node-1")
-        .backend("qga-socket");
-    let api = serve_on_loopback(app.router()).await;
+    let app = ShimApp::new(agent, "node-1").backend("qga-socket");
+    let api = serve_on_loopback(app.router_without_auth_for_test_worlds()).await;
     let ops = serve_on_loopback(app.ops_router()).await;
     let client = ShimClient::new(&api, None, WAIT).unwrap();
 
     assert!(
         client
-            .probe(&DomainRef::new("lab", VM))
+            .probe(&DomainRef::new("lab", VM).with_node("node-1"))
             .await
             .unwrap()
             .agent_connected
@@ -104,7 +101,7 @@ async fn shim_metrics_count_calls_by_operation_and_result_and_refusals_by_reason
         .set_password(&password(USER, Some("node-1")))
         .await
         .unwrap();
-    let mut unknown_user = password("bob", None);
+    let mut unknown_user = password("bob", Some("node-1"));
     unknown_user.password = SecretString::from(PLAIN);
     unknown_user.crypted = false;
     match client.set_password(&unknown_user).await {
@@ -112,6 +109,10 @@ async fn shim_metrics_count_calls_by_operation_and_result_and_refusals_by_reason
         other => panic!("expected UserNotFound, got {other:?}"),
     }
     match client.set_password(&password(USER, Some("node-2"))).await {
+        Err(ShimCallError::Shim(e)) => assert_eq!(e.reason, ShimErrorReason::Forbidden),
+        other => panic!("expected Forbidden, got {other:?}"),
+    }
+    match client.set_password(&password(USER, None)).await {
         Err(ShimCallError::Shim(e)) => assert_eq!(e.reason, ShimErrorReason::Forbidden),
         other => panic!("expected Forbidden, got {other:?}"),
     }
@@ -156,6 +157,14 @@ async fn shim_metrics_count_calls_by_operation_and_result_and_refusals_by_reason
         sample(
             &text,
             r#"guestcred_shim_requests_refused_total{reason="wrong_node"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"guestcred_shim_requests_refused_total{reason="missing_node"}"#
         ),
         Some(1.0),
         "{text}"
@@ -268,8 +277,20 @@ async fn controller_binary_serves_metrics_and_readiness_on_its_ports() {
     .expect("the served emulator starts");
     let (metrics_port, health_port) = (free_port(), free_port());
 
+    // The controller calls shims over mutual TLS only: it needs its files to start.
+    let tls_dir = tempfile::tempdir().expect("tempdir");
+    let tls = guestcred_lab::cluster::tls::LabTls::new(tls_dir.path());
+    tls.mint().expect("mint the lab certificates");
+    let files = tls.controller();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestcred"))
         .arg("controller")
+        .args(["--shim-namespace", guestcred_lab::world::SHIM_NAMESPACE])
+        .arg("--shim-ca-file")
+        .arg(&files.ca)
+        .arg("--shim-client-cert-file")
+        .arg(&files.cert)
+        .arg("--shim-client-key-file")
+        .arg(&files.key)
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .args(["--health-listen", &format!("127.0.0.1:{health_port}")])
         .env("KUBECONFIG", w.kubeconfig())

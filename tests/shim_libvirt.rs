@@ -4,6 +4,7 @@
 //! Needs root and scripts/install-deps.sh; the lab fails these tests with the reason when it
 //! cannot run, never skips. The shared lab's guests are shared by the tests of this file,
 //! so each test changes a (VM, user) pair no other test here touches.
+#![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,16 +12,16 @@ use std::time::{Duration, Instant};
 
 use guestcred::api::wire::{DomainRef, KeyOp, SetPasswordRequest, ShimErrorReason};
 use guestcred::controller::shim_client::{ShimApi, ShimClient};
-use guestcred::shim::auth::Auth;
 use guestcred::shim::libvirt::{
     DEFAULT_DOMAIN_TEMPLATE, KUBEVIRT_SOCKET_SUBPATH, LibvirtAgent, Locator,
 };
-use guestcred::shim::server;
+use guestcred::shim::server::ShimApp;
 use guestcred_lab::guest::{
     self, GuestSpec, Libvirtd, TestLab, VM_A, VM_B, VM_HUNG, VM_NOAGENT, VM_OLDAGENT, shadow_entry,
     shared_test_lab,
 };
 use guestcred_lab::testing::{assert_same_keys, password_request, shim_reason};
+use guestcred_lab::world::serve_plain_http;
 
 const KEY1: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOglZHLWMUiFZKISTA02CLUEt1OFBDFgL3fufFHEpdbt user1@lab";
@@ -53,11 +54,11 @@ async fn shim_with_timeout(locator: Locator, agent_timeout: Duration) -> ShimCli
         .await
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(server::serve(
-        listener,
-        server::router(agent, Auth::Disabled),
-        std::future::pending(),
-    ));
+    // Plain HTTP from lab code (mutual TLS is tests/shim_tls.rs); the node check is on.
+    let router = ShimApp::new(agent, LAB_NODE)
+        .backend("libvirt")
+        .router_without_auth_for_test_worlds();
+    tokio::spawn(serve_plain_http(listener, router, std::future::pending()));
     ShimClient::new(url, None, CLIENT_TIMEOUT).expect("client")
 }
 
@@ -79,8 +80,11 @@ fn domain(libvirt_name: &str) -> DomainRef {
     let (ns, name) = libvirt_name
         .split_once('_')
         .expect("lab domain names are ns_name");
-    DomainRef::new(ns, name)
+    DomainRef::new(ns, name).with_node(LAB_NODE)
 }
+
+/// The node the in-process shims serve (every request names it).
+const LAB_NODE: &str = "lab-node";
 
 fn password(vm: &str, user: &str, secret: &str, crypted: bool) -> SetPasswordRequest {
     password_request(domain(vm), user, secret, crypted)
@@ -241,7 +245,10 @@ async fn paused_domain_is_not_running() {
 async fn unknown_domain_is_domain_not_found() {
     let (_lab, c) = lab_shim().await;
     assert_eq!(
-        shim_reason(c.probe(&DomainRef::new("default", "no-such-vm")).await),
+        shim_reason(
+            c.probe(&DomainRef::new("default", "no-such-vm").with_node(LAB_NODE))
+                .await
+        ),
         ShimErrorReason::DomainNotFound
     );
 }

@@ -1,9 +1,11 @@
-//! The shim over plain HTTP without authentication (`--insecure-no-auth`, tests only; mutual
-//! TLS is in tests/shim_tls.rs) with the `qga-socket` backend against real qemu-ga instances
+//! The shim's API over plain HTTP without authentication, served from lab code
+//! (`guestcred_lab::world::serve_plain_http`; the shim binary serves mutual TLS only, see
+//! tests/shim_tls.rs) with the `qga-socket` backend against real qemu-ga instances
 //! (`guestcred_lab::hostqga`): the host's qemu-ga in private namespaces, no VM.
 //!
 //! Needs root, `unshare`, overlayfs and qemu-ga (scripts/install-deps.sh). Without them
 //! these tests fail with the reason; they never skip.
+#![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use guestcred::api::wire::{DomainRef, KeyOp, SetPasswordRequest, ShimErrorReason, paths};
 use guestcred::controller::shim_client::{ShimApi, ShimCallError, ShimClient};
-use guestcred::shim::auth::Auth;
 use guestcred::shim::qga::QgaSocketAgent;
-use guestcred::shim::server;
+use guestcred::shim::server::ShimApp;
 use guestcred_lab::hostqga::{HostQga, HostQgaOptions, SSH_COMMANDS};
 use guestcred_lab::testing::{alice, assert_same_keys, password_request, shim_reason};
+use guestcred_lab::world::serve_plain_http;
 use tempfile::TempDir;
 use tokio::net::UnixListener;
 
@@ -36,7 +38,7 @@ struct Shim {
 }
 
 impl Shim {
-    async fn start(agent_timeout: Duration, auth: Auth) -> Self {
+    async fn start(agent_timeout: Duration) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("gcq")
             .tempdir()
@@ -47,13 +49,15 @@ impl Shim {
             .await
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let app = server::router(agent, auth);
-        tokio::spawn(server::serve(listener, app, std::future::pending()));
+        let app = ShimApp::new(agent, NODE)
+            .backend("qga-socket")
+            .router_without_auth_for_test_worlds();
+        tokio::spawn(serve_plain_http(listener, app, std::future::pending()));
         Self { dir, url }
     }
 
     async fn open() -> Self {
-        Self::start(Duration::from_secs(5), Auth::Disabled).await
+        Self::start(Duration::from_secs(5)).await
     }
 
     fn client(&self) -> ShimClient {
@@ -73,8 +77,11 @@ impl Shim {
     }
 }
 
+/// The node the in-process shim serves (every request names it).
+const NODE: &str = "node-a";
+
 fn domain(name: &str) -> DomainRef {
-    DomainRef::new("lab", name)
+    DomainRef::new("lab", name).with_node(NODE)
 }
 
 fn password(vm: &str, user: &str, secret: &str, crypted: bool) -> SetPasswordRequest {
@@ -258,8 +265,7 @@ async fn invalid_input_is_rejected_before_any_agent_connection() {
         ),
         (
             "path in vm name",
-            c.get_ssh_keys(&DomainRef::new("lab", "../vm-guarded"), "alice")
-                .await,
+            c.get_ssh_keys(&domain("../vm-guarded"), "alice").await,
         ),
     ];
     for (what, result) in cases {
@@ -306,7 +312,7 @@ async fn missing_agent_socket_is_domain_not_found() {
 #[tokio::test]
 async fn hung_agent_times_out_while_another_vm_answers() {
     let timeout = Duration::from_secs(3);
-    let shim = Shim::start(timeout, Auth::Disabled).await;
+    let shim = Shim::start(timeout).await;
     let vm = shim.vm("vm-ok", alice());
     silent_socket(&shim.socket_dir("vm-hung").join("qga.sock"));
     let c = shim.client();
@@ -385,12 +391,14 @@ async fn agent_without_ssh_commands_is_unsupported() {
     );
 }
 
+/// Health and metrics are served on the ops port only (`ShimApp::ops_router`), never on
+/// the API port.
 #[tokio::test]
-async fn health_endpoints_answer_without_authentication() {
+async fn health_endpoints_are_not_on_the_api_port() {
     let shim = Shim::open().await;
-    for path in [paths::HEALTHZ, paths::READYZ] {
+    for path in [paths::HEALTHZ, paths::READYZ, "/metrics"] {
         let health = reqwest::get(format!("{}{path}", shim.url)).await.unwrap();
-        assert!(health.status().is_success(), "{path}: {}", health.status());
+        assert_eq!(health.status(), reqwest::StatusCode::NOT_FOUND, "{path}");
     }
 }
 
@@ -477,11 +485,15 @@ fn shim_process(args: &[&str]) -> std::process::Command {
 #[test]
 fn shim_binary_refuses_to_start_without_authentication() {
     let out = shim_process(&["--listen", "127.0.0.1:0", "--backend", "qga-socket"])
+        .args(["--node-name", NODE])
         .output()
         .expect("run guestcred shim");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("the shim serves HTTPS only"), "{stderr}");
+    assert!(
+        stderr.contains("the shim serves HTTPS with mutual TLS only"),
+        "{stderr}"
+    );
 }
 
 /// The old token-over-plain-HTTP mode is gone: a token file without the TLS flags is a
@@ -495,7 +507,7 @@ fn shim_binary_refuses_a_token_file_without_tls() {
     let listen = listener.local_addr().unwrap().to_string();
     drop(listener);
     let out = shim_process(&["--listen", &listen, "--backend", "qga-socket"])
-        .args(["--metrics-listen", ""])
+        .args(["--metrics-listen", "", "--node-name", NODE])
         .env("GUESTCRED_SHIM_AUTH_TOKEN_FILE", &token_file)
         .output()
         .expect("run guestcred shim");
@@ -503,7 +515,7 @@ fn shim_binary_refuses_a_token_file_without_tls() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(
-            "the shim serves HTTPS only: give --tls-cert-file/--tls-key-file/--client-ca-file, or --insecure-no-auth for a test lab"
+            "--auth-token-file is only accepted on top of mutual TLS; the shim serves HTTPS with mutual TLS only: give --tls-cert-file, --tls-key-file and --client-ca-file"
         ),
         "{stderr}"
     );

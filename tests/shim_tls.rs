@@ -4,6 +4,7 @@
 //!
 //! Needs root, `unshare`, overlayfs and qemu-ga (scripts/install-deps.sh). Without them
 //! these tests fail with the reason; they never skip.
+#![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -136,20 +137,19 @@ impl TlsShim {
             vec![CONTROLLER_NAME.into()],
             token.map(|t| SecretString::from(t.to_owned())),
         );
-        let app = ShimApp::new(agent, auth).node(NODE).backend("qga-socket");
+        let app = ShimApp::new(agent, NODE).backend("qga-socket");
         let metrics = app.metrics();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let url = format!("https://{}", listener.local_addr().expect("addr"));
         let opts = ServeOptions {
-            tls: Some(Arc::new(tls)),
             metrics: Some(metrics.clone()),
-            grace: None,
+            ..ServeOptions::new(Arc::new(tls))
         };
         tokio::spawn(serve_with(
             listener,
-            app.router(),
+            app.router(auth),
             opts,
             std::future::pending(),
         ));
@@ -295,28 +295,31 @@ async fn bearer_token_on_top_of_mutual_tls_is_required_in_addition_to_the_certif
     for (who, client) in [
         ("certificate, no token", call(&with_cert, None)),
         ("certificate, wrong token", call(&with_cert, Some("nope"))),
-        (
-            "token, no certificate",
-            call(&anonymous, Some("extra-t0ken")),
-        ),
     ] {
         let r = client
-            .set_password(&password("vm-token-guarded", None))
+            .set_password(&password("vm-token-guarded", Some(NODE)))
             .await;
         assert_eq!(shim_reason(r), ShimErrorReason::Unauthenticated, "{who}");
     }
+    // A token without a certificate does not get past the handshake.
+    let r = call(&anonymous, Some("extra-t0ken"))
+        .set_password(&password("vm-token-guarded", Some(NODE)))
+        .await;
+    assert!(matches!(r, Err(ShimCallError::Unreachable(_))), "{r:?}");
     assert_eq!(agent_connections.load(Ordering::SeqCst), 0);
 
     let both = call(&with_cert, Some("extra-t0ken"));
     let probe = both
-        .probe(&DomainRef::new("lab", "vm-token"))
+        .probe(&DomainRef::new("lab", "vm-token").with_node(NODE))
         .await
         .expect("certificate and token together get in");
     assert!(probe.agent_connected);
 }
 
+/// Issue 18: the client certificate is required in the TLS handshake itself, not only by
+/// the HTTP layer on /v1/*: a client without one never gets an HTTP exchange at all.
 #[tokio::test]
-async fn request_without_client_certificate_is_unauthenticated_and_never_reaches_the_agent() {
+async fn handshake_without_client_certificate_fails_and_never_reaches_the_agent() {
     let ca = Ca::new("cluster CA");
     let shim = TlsShim::start(&ca).await;
     let agent_connections = shim.counting_vm("vm-guarded");
@@ -324,15 +327,392 @@ async fn request_without_client_certificate_is_unauthenticated_and_never_reaches
 
     let r = anonymous
         .client(&shim.url)
-        .set_password(&password("vm-guarded", None))
+        .set_password(&password("vm-guarded", Some(NODE)))
         .await;
 
-    assert_eq!(shim_reason(r), ShimErrorReason::Unauthenticated);
+    assert!(matches!(r, Err(ShimCallError::Unreachable(_))), "{r:?}");
     assert_eq!(agent_connections.load(Ordering::SeqCst), 0);
     assert!(
         shim.metrics_text()
-            .contains(r#"guestcred_shim_requests_refused_total{reason="unauthenticated"} 1"#)
+            .contains(r#"guestcred_shim_requests_refused_total{reason="tls_handshake"} 1"#),
+        "{}",
+        shim.metrics_text()
     );
+    // Not even the health routes answer without a certificate.
+    let http = anonymous.reloading().http().expect("HTTPS client");
+    let health = http.get(format!("{}/healthz", shim.url)).send().await;
+    assert!(health.is_err(), "{health:?}");
+}
+
+/// Issue 18: health and metrics live on the plain metrics port only; the API port serves
+/// nothing but /v1/*, even to the controller.
+#[tokio::test]
+async fn api_port_serves_no_health_or_metrics_routes() {
+    let ca = Ca::new("cluster CA");
+    let shim = TlsShim::start(&ca).await;
+    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let http = controller.reloading().http().expect("HTTPS client");
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = http
+            .get(format!("{}{path}", shim.url))
+            .send()
+            .await
+            .expect("the controller gets an answer");
+        assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND, "{path}");
+    }
+}
+
+/// Issue 18: a request that names no node is refused like one naming another node; the
+/// controller always names the node it believes the VM runs on.
+#[tokio::test]
+async fn request_naming_no_node_is_forbidden() {
+    let ca = Ca::new("cluster CA");
+    let shim = TlsShim::start(&ca).await;
+    let agent_connections = shim.counting_vm("vm-nowhere");
+    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+
+    let r = controller
+        .client(&shim.url)
+        .set_password(&password("vm-nowhere", None))
+        .await;
+
+    assert_eq!(shim_reason(r), ShimErrorReason::Forbidden);
+    assert_eq!(agent_connections.load(Ordering::SeqCst), 0);
+    assert!(
+        shim.metrics_text()
+            .contains(r#"guestcred_shim_requests_refused_total{reason="missing_node"} 1"#),
+        "{}",
+        shim.metrics_text()
+    );
+}
+
+/// A valid ed25519 key line padded with a comment to exactly `len` bytes; quotes in the
+/// comment double in JSON, so this is the worst case for the body size.
+fn padded_key(i: usize, len: usize) -> String {
+    let base = format!(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOglZHLWMUiFZKISTA02CLUEt1OFBDFgL3fufFHEpdbt k{i}"
+    );
+    let mut line = base;
+    while line.len() < len {
+        line.push('"');
+    }
+    line
+}
+
+/// Issue 18: the body limit is set for the largest valid request (MAX_KEYS keys of
+/// MAX_KEY_BYTES each, worst-case JSON escaping): it gets through to the backend.
+#[tokio::test]
+async fn largest_valid_request_passes_the_body_limit() {
+    use guestcred::api::validate::{MAX_KEY_BYTES, MAX_KEYS};
+    use guestcred::api::wire::KeyOp;
+    let ca = Ca::new("cluster CA");
+    let shim = TlsShim::start(&ca).await;
+    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let keys: Vec<String> = (0..MAX_KEYS)
+        .map(|i| padded_key(i, MAX_KEY_BYTES))
+        .collect();
+    guestcred::api::validate::public_keys(&keys).expect("the keys are valid");
+
+    let r = controller
+        .client(&shim.url)
+        .ssh_keys(
+            &DomainRef::new("lab", "vm-absent").with_node(NODE),
+            "alice",
+            KeyOp::Add,
+            keys,
+        )
+        .await;
+
+    // Validated, then the backend finds no such VM: the body was read in full.
+    assert_eq!(shim_reason(r), ShimErrorReason::DomainNotFound);
+}
+
+/// Issue 18: a body above the limit is refused with 413 before it is buffered, and the
+/// shim keeps serving the same client.
+#[tokio::test]
+async fn oversize_body_gets_413_and_the_shim_keeps_serving() {
+    let ca = Ca::new("cluster CA");
+    let shim = TlsShim::start(&ca).await;
+    let _vm = shim.vm("vm-after");
+    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let reloading = controller.reloading();
+    let http = reloading.http().expect("HTTPS client");
+    // Above the limit (about 4.1 MiB), below what the shim drains to keep the connection.
+    let body = vec![b' '; 5 * 1024 * 1024];
+
+    let r = http
+        .post(format!("{}/v1/ssh-keys", shim.url))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("an answer, not a reset");
+    assert_eq!(r.status(), reqwest::StatusCode::PAYLOAD_TOO_LARGE);
+    let e: guestcred::api::wire::ShimError = r.json().await.expect("a typed error");
+    assert_eq!(e.reason, ShimErrorReason::InvalidArgument);
+
+    let probe = shim_client(&shim.url, &reloading)
+        .probe(&DomainRef::new("lab", "vm-after").with_node(NODE))
+        .await
+        .expect("the shim still serves");
+    assert!(probe.agent_connected);
+}
+
+/// A file replaced by a FIFO nobody writes: reading it blocks. Dropping it releases every
+/// reader stuck on it and puts `content` back.
+struct BlockingFile {
+    path: PathBuf,
+    handle: PathBuf,
+    content: String,
+}
+
+impl BlockingFile {
+    fn new(path: &Path) -> Self {
+        let content = std::fs::read_to_string(path).expect("read the file to block");
+        std::fs::remove_file(path).expect("remove the file");
+        let status = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .expect("mkfifo");
+        assert!(status.success());
+        let handle = path.with_extension("fifo");
+        std::fs::hard_link(path, &handle).expect("link the FIFO");
+        Self {
+            path: path.to_owned(),
+            handle,
+            content,
+        }
+    }
+}
+
+impl Drop for BlockingFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        write_atomically(&self.path, &self.content);
+        for _ in 0..20 {
+            // Opening the write side (there is a reader) and closing it gives readers EOF.
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.handle);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Issue 18: the shim's certificate files are read by a reload thread, never on the
+/// handshake path: a file whose read blocks (a FIFO with no writer) does not stall a new
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_certificate_file_that_blocks_on_read_never_stalls_shim_handshakes() {
+    let ca = Ca::new("cluster CA");
+    let shim = TlsShim::start(&ca).await;
+    let _vm = shim.vm("vm-fifo");
+    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let reloading = controller.reloading();
+    let _blocked = BlockingFile::new(&shim.server_files.client_ca);
+
+    for _ in 0..2 {
+        let client = shim_client(&shim.url, &reloading);
+        let domain = DomainRef::new("lab", "vm-fifo").with_node(NODE);
+        let probe = tokio::time::timeout(Duration::from_secs(10), client.probe(&domain))
+            .await
+            .expect("the handshake must not wait for the certificate files")
+            .expect("the loaded certificate still serves");
+        assert!(probe.agent_connected);
+    }
+}
+
+/// Issue 18, the controller's side: getting the HTTPS client for a shim call reads no
+/// file (a reload thread does), so a blocking file does not stall the call.
+#[test]
+fn a_certificate_file_that_blocks_on_read_never_stalls_the_controller_client() {
+    let ca = Ca::new("cluster CA");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let controller = Controller::new(dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let reloading = Arc::new(controller.reloading());
+    let _blocked = BlockingFile::new(&controller.files.ca);
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let r = reloading.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(r.http().is_ok());
+    });
+    let got = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("http() must not wait for the certificate files");
+    assert!(got, "the loaded client is handed out");
+}
+
+/// A raw TLS connection to the shim with `client`'s certificate (for what reqwest cannot
+/// do: send half a request, or nothing at all).
+async fn raw_tls(
+    url: &str,
+    ca: &Ca,
+    client: &Issued,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca.pem().as_bytes()) {
+        roots.add(c.expect("CA PEM")).expect("add CA");
+    }
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(client.cert.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("client cert PEM");
+    let key = PrivateKeyDer::from_pem_slice(client.key.as_bytes()).expect("client key PEM");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .expect("client auth");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let addr = url.trim_start_matches("https://");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(SHIM_NAME).expect("name"), tcp)
+        .await
+        .expect("TLS handshake with a valid certificate")
+}
+
+/// Waits until the server closes `stream` (EOF or error), writing `drip` every 2 s
+/// meanwhile (empty: write nothing); the time it took, or `None` if still open at `limit`.
+async fn closed_within<S>(stream: &mut S, drip: &[u8], limit: Duration) -> Option<Duration>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = Instant::now();
+    let mut buf = [0u8; 512];
+    while start.elapsed() < limit {
+        match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                if !drip.is_empty()
+                    && (stream.write_all(drip).await.is_err() || stream.flush().await.is_err())
+                {
+                    return Some(start.elapsed());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Issue 18, slowloris: many connections that dribble a TLS record one byte every 2 s are
+/// dropped at the handshake deadline (5 s), and the controller gets in meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_handshakes_are_dropped_at_the_deadline_while_the_controller_gets_in() {
+    use tokio::io::AsyncWriteExt;
+    let ca = Ca::new("cluster CA");
+    let shim = TlsShim::start(&ca).await;
+    let _vm = shim.vm("vm-slow");
+    let addr = shim.url.trim_start_matches("https://").to_string();
+    let mut lorises = Vec::new();
+    for _ in 0..64 {
+        let mut tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        // A TLS handshake record header announcing 512 bytes that never all come.
+        tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+            .await
+            .expect("write");
+        lorises.push(tokio::spawn(async move {
+            closed_within(&mut tcp, &[0x01], Duration::from_secs(9)).await
+        }));
+    }
+    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let probe = tokio::time::timeout(
+        Duration::from_secs(5),
+        controller
+            .client(&shim.url)
+            .probe(&DomainRef::new("lab", "vm-slow").with_node(NODE)),
+    )
+    .await
+    .expect("the controller is not locked out")
+    .expect("probe over mutual TLS");
+    assert!(probe.agent_connected);
+    for l in lorises {
+        let closed = l.await.expect("loris task");
+        assert!(
+            closed.is_some(),
+            "a stalled handshake outlived the deadline"
+        );
+    }
+}
+
+/// Issue 18: an authenticated client that sends its request headers one byte every 2 s
+/// is cut off by the header-read timeout (10 s).
+#[tokio::test]
+async fn slow_request_headers_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let ca = Ca::new("cluster CA");
+    let shim = TlsShim::start(&ca).await;
+    let mut tls = raw_tls(&shim.url, &ca, &ca.client_cert(CONTROLLER_NAME)).await;
+    tls.write_all(b"POST /v1/probe HTTP/1.1\r\nhost: shim\r\n")
+        .await
+        .expect("write");
+    let closed = closed_within(&mut tls, b"x", Duration::from_secs(20)).await;
+    assert!(closed.is_some(), "slow headers kept the connection open");
+}
+
+/// Issue 18: an authenticated connection that sends nothing is closed by the idle
+/// timeout (15 s).
+#[tokio::test]
+async fn idle_connection_is_closed() {
+    let ca = Ca::new("cluster CA");
+    let shim = TlsShim::start(&ca).await;
+    let mut tls = raw_tls(&shim.url, &ca, &ca.client_cert(CONTROLLER_NAME)).await;
+    let closed = closed_within(&mut tls, b"", Duration::from_secs(25)).await;
+    assert!(closed.is_some(), "an idle connection stayed open");
+}
+
+/// Issue 18: connections are capped (512 by default; counted in
+/// guestcred_shim_open_connections), stalled handshakes cannot hold a slot past their
+/// deadline, and the controller gets in while 600 idle sockets are open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_connections_are_capped_and_the_controller_still_gets_in() {
+    let ca = Ca::new("cluster CA");
+    let shim = TlsShim::start(&ca).await;
+    let _vm = shim.vm("vm-crowd");
+    let addr = shim.url.trim_start_matches("https://").to_string();
+    let mut crowd = Vec::new();
+    for _ in 0..600 {
+        crowd.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let text = shim.metrics_text();
+    let open: i64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("guestcred_shim_open_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no open-connections gauge in:\n{text}"));
+    assert!((1..=512).contains(&open), "{open} connections open at once");
+
+    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let client = controller.client(&shim.url);
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let probe = loop {
+        match client
+            .probe(&DomainRef::new("lab", "vm-crowd").with_node(NODE))
+            .await
+        {
+            Err(ShimCallError::Unreachable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => break other,
+        }
+    };
+    assert!(probe.expect("the controller gets in").agent_connected);
+    drop(crowd);
 }
 
 #[tokio::test]
@@ -408,7 +788,7 @@ async fn shim_that_does_not_present_the_shim_name_is_not_trusted() {
 
     let r = controller
         .client(&shim.url)
-        .probe(&DomainRef::new("lab", "vm"))
+        .probe(&DomainRef::new("lab", "vm").with_node(NODE))
         .await;
 
     assert!(matches!(r, Err(ShimCallError::Unreachable(_))), "{r:?}");
@@ -426,7 +806,7 @@ async fn rotated_certificates_and_cas_are_used_by_new_connections_without_restar
     );
     let reloading = controller.reloading();
     shim_client(&shim.url, &reloading)
-        .probe(&DomainRef::new("lab", "vm-rotate"))
+        .probe(&DomainRef::new("lab", "vm-rotate").with_node(NODE))
         .await
         .expect("works before the rotation");
     let stale = Controller::new(
@@ -439,8 +819,25 @@ async fn rotated_certificates_and_cas_are_used_by_new_connections_without_restar
     shim.install_server_cert(&new_ca);
     controller.install(&new_ca, Some(&new_ca.client_cert(CONTROLLER_NAME)));
 
-    // The same reloading client picks up the new files and the same shim process the new
-    // certificate and CA.
+    // The same shim process takes the new certificate and CA from its reload thread
+    // (every 2 s): a fresh client that knows only the new CA gets in.
+    let fresh = Controller::new(
+        shim.dir.path(),
+        &new_ca,
+        Some(&new_ca.client_cert(CONTROLLER_NAME)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Err(e) = fresh
+        .client(&shim.url)
+        .probe(&DomainRef::new("lab", "vm-rotate").with_node(NODE))
+        .await
+    {
+        assert!(Instant::now() < deadline, "the shim never rotated: {e:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The same reloading client has rebuilt itself by two reload periods after the files
+    // changed: its (new) connection pool makes new connections with the new files.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     shim_client(&shim.url, &reloading)
         .set_password(&password("vm-rotate", Some(NODE)))
         .await
@@ -452,7 +849,7 @@ async fn rotated_certificates_and_cas_are_used_by_new_connections_without_restar
     // A client still on the old CA and old certificate is refused on a new connection.
     let r = stale
         .client(&shim.url)
-        .probe(&DomainRef::new("lab", "vm-rotate"))
+        .probe(&DomainRef::new("lab", "vm-rotate").with_node(NODE))
         .await;
     assert!(matches!(r, Err(ShimCallError::Unreachable(_))), "{r:?}");
 }
@@ -471,7 +868,7 @@ async fn half_written_certificate_keeps_the_last_good_one() {
 
     let probe = controller
         .client(&shim.url)
-        .probe(&DomainRef::new("lab", "vm-half"))
+        .probe(&DomainRef::new("lab", "vm-half").with_node(NODE))
         .await
         .expect("the loaded certificate still serves");
     assert!(probe.agent_connected);
@@ -502,7 +899,7 @@ async fn shim_binary_serves_mutual_tls_and_drains_in_flight_calls_on_sigterm() {
     let dir = tempfile::Builder::new().prefix("gctb").tempdir().unwrap();
     let [cert, key, client_ca] = write_server_files(dir.path(), &ca);
     let (port, metrics_port) = (free_port(), free_port());
-    let template = format!("{}/{{name}}/qga.sock", dir.path().display());
+    let template = format!("{}/{{namespace}}_{{name}}/qga.sock", dir.path().display());
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_guestcred"));
     for (k, _) in std::env::vars() {
         if k.starts_with("GUESTCRED_SHIM_") {
@@ -532,10 +929,10 @@ async fn shim_binary_serves_mutual_tls_and_drains_in_flight_calls_on_sigterm() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn guestcred shim");
-    let _vm = HostQga::start_with(dir.path(), "vm-bin", &HostQgaOptions::default())
+    let _vm = HostQga::start_with(dir.path(), "lab_vm-bin", &HostQgaOptions::default())
         .expect("lab qemu-ga must start");
     // A hung agent: the call on it stays in flight until the agent timeout.
-    let hung_dir = dir.path().join("vm-hung");
+    let hung_dir = dir.path().join("lab_vm-hung");
     std::fs::create_dir_all(&hung_dir).unwrap();
     let hung = UnixListener::bind(hung_dir.join("qga.sock")).unwrap();
     tokio::spawn(async move {
@@ -549,7 +946,10 @@ async fn shim_binary_serves_mutual_tls_and_drains_in_flight_calls_on_sigterm() {
     let client = controller.client(&format!("https://127.0.0.1:{port}"));
     let deadline = Instant::now() + TIMEOUT;
     let probe = loop {
-        match client.probe(&DomainRef::new("lab", "vm-bin")).await {
+        match client
+            .probe(&DomainRef::new("lab", "vm-bin").with_node(NODE))
+            .await
+        {
             Err(ShimCallError::Unreachable(_)) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -563,7 +963,11 @@ async fn shim_binary_serves_mutual_tls_and_drains_in_flight_calls_on_sigterm() {
 
     let in_flight = tokio::spawn({
         let client = client.clone();
-        async move { client.probe(&DomainRef::new("lab", "vm-hung")).await }
+        async move {
+            client
+                .probe(&DomainRef::new("lab", "vm-hung").with_node(NODE))
+                .await
+        }
     });
     let deadline = Instant::now() + TIMEOUT;
     loop {
@@ -654,5 +1058,61 @@ async fn controller_resets_a_password_through_mutual_tls_shims() {
     assert_eq!(
         qga.shadow_hash("alice").unwrap().as_deref(),
         Some(SHA512_HASH)
+    );
+}
+
+/// Issue 18: the controller calls only pods of the shim DaemonSet in the shim namespace.
+/// A pod there that carries the shim labels but no DaemonSet owner (say, someone's debug
+/// pod) is never dialled, and the target waits with ShimUnavailable.
+#[tokio::test]
+async fn controller_never_dials_a_labelled_pod_the_shim_daemonset_does_not_own() {
+    use guestcred_lab::world::SHIM_NAMESPACE;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let w = World::start(WorldOptions::default())
+        .await
+        .expect("test world");
+    // Nothing listens there: dialling it would fail with "shim unreachable".
+    let rogue_ip = "127.0.99.1";
+    let mut pod = guestcred_lab::kubevirt::shim_pod(SHIM_NAMESPACE, "node-rogue", rogue_ip);
+    pod.metadata.name = Some("debug-pod".into());
+    pod.metadata.owner_references = None;
+    let pods: Api<Pod> = Api::namespaced(w.client.clone(), SHIM_NAMESPACE);
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("rogue pod");
+    let status = serde_json::json!({"status": pod.status});
+    pods.patch_status("debug-pod", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("rogue pod status");
+    w.add_vm(&vm("default", "vm-rogue", "node-rogue"), None)
+        .await
+        .expect("vm");
+    w.apply(&secret("pw", "password", SHA512_HASH))
+        .await
+        .expect("secret");
+    let reset = GuestPasswordReset::test("reset")
+        .vm("vm-rogue")
+        .user("alice")
+        .from_secret("pw")
+        .crypted();
+    w.apply(&reset).await.expect("reset");
+
+    let r: GuestPasswordReset = w
+        .wait_for("default", "reset", TIMEOUT, |r: &GuestPasswordReset| {
+            r.status.as_ref().is_some_and(|s| {
+                s.run
+                    .targets
+                    .iter()
+                    .any(|t| t.reason.as_deref() == Some("ShimUnavailable"))
+            })
+        })
+        .await
+        .expect("the target waits for a shim");
+    let status = r.status.expect("status");
+    let message = status.run.targets[0].message.clone().unwrap_or_default();
+    assert!(
+        message.contains("no running guestcred shim pod on node node-rogue"),
+        "the labelled pod was taken for a shim: {message}"
     );
 }

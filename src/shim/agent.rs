@@ -56,6 +56,35 @@ pub fn expand_template(template: &str, domain: &ValidDomain) -> String {
         .replace("{name}", domain.name())
 }
 
+/// Characters of the names a template's `{namespace}` and `{name}` expand to (see
+/// `api::validate::domain`): lowercase letters, digits, '-' and '.'.
+fn name_char(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'
+}
+
+/// Refuse a template under which two VMs of the same name in different namespaces could
+/// meet: it must contain both `{namespace}` and `{name}`, separated by at least one
+/// character no name can contain (such as `/` or `_`), so that `ns-a/db` and `ns-b/db`
+/// (or `a-b`/`c` and `a`/`b-c`) always expand to different paths.
+pub fn check_template(flag: &str, template: &str) -> Result<(), String> {
+    let (Some(ns), Some(name)) = (template.find("{namespace}"), template.find("{name}")) else {
+        return Err(format!(
+            "{flag} {template:?} must contain both {{namespace}} and {{name}}: VMs of the same name in different namespaces must never reach the same guest"
+        ));
+    };
+    let between = if ns < name {
+        &template[ns + "{namespace}".len()..name]
+    } else {
+        &template[name + "{name}".len()..ns]
+    };
+    if !between.chars().any(|c| !name_char(c)) {
+        return Err(format!(
+            "{flag} {template:?}: separate {{namespace}} and {{name}} with a character no Kubernetes name contains, such as '/' or '_' (e.g. {{namespace}}/{{name}}.qga); otherwise different VMs can expand to the same path"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,8 +6,9 @@
 //! SAN (403 otherwise). A bearer token can be required on top, never instead: a token
 //! alone would travel over plain HTTP, so there is no token-only mode.
 //!
-//! `Disabled` exists only for tests and needs an explicit `--insecure-no-auth`. Health
-//! endpoints stay open for kubelet probes.
+//! There is no way to turn authentication off in the product: a test world that wants a
+//! plain-HTTP shim serves `ShimApp::router_without_auth_for_test_worlds` from its own code
+//! (guestcred-lab). Health endpoints are on the ops port, not here.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -25,7 +26,8 @@ use crate::api::wire::{ShimError, ShimErrorReason};
 use crate::metrics::{Refusal, ShimMetrics};
 
 /// The client certificate of the connection a request came on (set by the TLS server
-/// loop; absent on plain HTTP). Only certificates chained to the client CA get here.
+/// loop, which requires one in the handshake). Only certificates chained to the client CA
+/// get here.
 #[derive(Clone, Debug)]
 pub struct PeerCertificate(pub Option<CertificateDer<'static>>);
 
@@ -37,8 +39,6 @@ pub enum Auth {
         allowed: Arc<[String]>,
         token: Option<Arc<SecretString>>,
     },
-    /// No authentication (tests only).
-    Disabled,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,39 +61,33 @@ impl Auth {
         }
     }
 
-    /// Whether this scheme needs the TLS listener.
-    pub fn needs_tls(&self) -> bool {
-        matches!(self, Self::ClientCert { .. })
-    }
-
     fn check(&self, header: Option<&str>, peer: Option<&PeerCertificate>) -> Result<(), Refused> {
-        match self {
-            Self::Disabled => Ok(()),
-            Self::ClientCert { allowed, token } => {
-                let Some(cert) = peer.and_then(|p| p.0.as_ref()) else {
-                    return Err(Refused::new(
-                        Refusal::Unauthenticated,
-                        ShimErrorReason::Unauthenticated,
-                        "no client certificate",
-                    ));
-                };
-                if !crate::tls::server::client_identity_allowed(cert, allowed) {
-                    return Err(Refused::new(
-                        Refusal::ClientNotAllowed,
-                        ShimErrorReason::Forbidden,
-                        "the client certificate does not name an allowed client",
-                    ));
-                }
-                match token {
-                    Some(t) => check_token(header, t),
-                    None => Ok(()),
-                }
-            }
+        let Self::ClientCert { allowed, token } = self;
+        // The handshake already required a certificate; this guards any other path.
+        let Some(cert) = peer.and_then(|p| p.0.as_ref()) else {
+            return Err(Refused::new(
+                Refusal::Unauthenticated,
+                ShimErrorReason::Unauthenticated,
+                "no client certificate",
+            ));
+        };
+        if !crate::tls::server::client_identity_allowed(cert, allowed) {
+            return Err(Refused::new(
+                Refusal::ClientNotAllowed,
+                ShimErrorReason::Forbidden,
+                "the client certificate does not name an allowed client",
+            ));
+        }
+        match token {
+            Some(t) => check_token(header, t),
+            None => Ok(()),
         }
     }
 }
 
 /// Read a bearer token from a file (a mounted Secret), trimmed; empty is an error.
+/// Blocking: call it from a blocking context (the shim does, at start).
+#[allow(clippy::disallowed_methods)] // the blocking helper that reads the token file
 pub fn read_token_file(path: &Path) -> Result<SecretString, AuthConfigError> {
     let raw = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
         AuthConfigError::Read {
@@ -194,6 +188,7 @@ pub async fn require_auth(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // test files
 mod tests {
     use super::*;
 
@@ -225,11 +220,6 @@ mod tests {
         let e = auth.check(Some("Bearer t0ken"), None).unwrap_err();
         assert_eq!(e.error.reason, ShimErrorReason::Unauthenticated);
         assert_eq!(e.why, Refusal::Unauthenticated);
-    }
-
-    #[test]
-    fn disabled_auth_lets_everything_through() {
-        assert!(Auth::Disabled.check(None, None).is_ok());
     }
 
     fn mtls() -> Auth {

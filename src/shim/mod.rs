@@ -1,10 +1,10 @@
 //! Node shim: a small authenticated HTTPS API on each node that turns one request into
 //! guest agent calls on one domain of that node.
 //!
-//! - [`server`]: routes (`/v1/password`, `/v1/ssh-keys`, `/v1/ssh-keys/get`, `/v1/probe`,
-//!   `/healthz`, `/readyz`), node check, metrics, graceful shutdown; [`auth`]: client
-//!   certificate identity (or bearer token) check; [`crate::tls::server`]: the reloading
-//!   rustls config.
+//! - [`server`]: routes (`/v1/password`, `/v1/ssh-keys`, `/v1/ssh-keys/get`, `/v1/probe`;
+//!   health and metrics only on the ops port), node check, connection limits, metrics,
+//!   graceful shutdown; [`auth`]: client certificate identity (and optional bearer token)
+//!   check; [`crate::tls::server`]: the reloading rustls config.
 //! - [`agent::GuestAgent`]: the backend trait; [`libvirt`] and [`qga`] implement it.
 //! - [`crate::api::validate`]: the single input gate (shared with the controller);
 //!   [`errors`]: agent/libvirt error → wire reason, and its HTTP answer.
@@ -28,7 +28,7 @@ use clap::{Parser, ValueEnum};
 pub use agent::GuestAgent;
 
 /// What the shim says when it is asked to serve without mutual TLS.
-const HTTPS_ONLY: &str = "the shim serves HTTPS only: give --tls-cert-file/--tls-key-file/--client-ca-file, or --insecure-no-auth for a test lab";
+const HTTPS_ONLY: &str = "the shim serves HTTPS with mutual TLS only: give --tls-cert-file, --tls-key-file and --client-ca-file";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
@@ -57,8 +57,9 @@ pub struct ShimArgs {
     /// Address to listen on.
     #[arg(long, env = "GUESTCRED_SHIM_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: String,
-    /// Name of this node; requests naming another node are refused (Forbidden).
-    #[arg(long, env = "GUESTCRED_SHIM_NODE_NAME", default_value = "")]
+    /// Name of this node (the chart passes spec.nodeName); requests naming no node or
+    /// another node are refused (Forbidden).
+    #[arg(long, env = "GUESTCRED_SHIM_NODE_NAME", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub node_name: String,
     #[arg(
         long,
@@ -99,7 +100,8 @@ pub struct ShimArgs {
         default_value = "/run/guestcred-shim"
     )]
     pub socket_link_dir: PathBuf,
-    /// QGA socket path template for the `qga-socket` backend.
+    /// QGA socket path template for the `qga-socket` backend; must contain `{namespace}`
+    /// and `{name}` apart (e.g. `/var/run/qemu-server/{namespace}/{name}.qga`).
     #[arg(long, env = "GUESTCRED_SHIM_QGA_SOCKET_TEMPLATE", default_value = qga::DEFAULT_SOCKET_TEMPLATE)]
     pub qga_socket_template: String,
     /// Bound on every guest agent call, in seconds.
@@ -132,9 +134,10 @@ pub struct ShimArgs {
     /// HTTPS only, and a token alone would cross the network in clear text.
     #[arg(long, env = "GUESTCRED_SHIM_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
-    /// Serve plain HTTP without authentication (tests only).
-    #[arg(long, env = "GUESTCRED_SHIM_INSECURE_NO_AUTH")]
-    pub insecure_no_auth: bool,
+    /// Open connections to the API port at most (TLS handshakes included); further
+    /// connections wait until one closes.
+    #[arg(long, env = "GUESTCRED_SHIM_MAX_CONNECTIONS", default_value_t = server::DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..), usize::from))]
+    pub max_connections: usize,
     /// Plain-HTTP address for `/metrics`, `/healthz` and `/readyz` (kubelet probes and
     /// Prometheus present no client certificate); empty to disable.
     #[arg(
@@ -171,61 +174,47 @@ impl ShimArgs {
         Duration::from_secs(self.agent_timeout_seconds.max(1))
     }
 
-    /// The TLS files, when all three are given; an error when only some are.
-    pub fn tls_files(&self) -> anyhow::Result<Option<crate::tls::server::ServerTlsFiles>> {
+    /// The TLS files; all three are required (the shim serves mutual TLS only).
+    pub fn tls_files(&self) -> anyhow::Result<crate::tls::server::ServerTlsFiles> {
         match (
             &self.tls_cert_file,
             &self.tls_key_file,
             &self.client_ca_file,
         ) {
-            (Some(cert), Some(key), Some(ca)) => Ok(Some(crate::tls::server::ServerTlsFiles {
+            (Some(cert), Some(key), Some(ca)) => Ok(crate::tls::server::ServerTlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: ca.clone(),
-            })),
-            (None, None, None) => Ok(None),
+            }),
+            (None, None, None) if self.auth_token_file.is_some() => anyhow::bail!(
+                "--auth-token-file is only accepted on top of mutual TLS; {HTTPS_ONLY}"
+            ),
+            (None, None, None) => anyhow::bail!("no TLS files; refusing to serve. {HTTPS_ONLY}"),
             _ => anyhow::bail!(
                 "mutual TLS needs all of --tls-cert-file, --tls-key-file and --client-ca-file"
             ),
         }
     }
 
-    /// The authentication the flags ask for; refuses to run open unless told to, and
-    /// refuses a bearer token without mutual TLS (it would travel over plain HTTP).
+    /// The authentication the flags ask for: mutual TLS, plus a bearer token when
+    /// `--auth-token-file` is given. Blocking (reads the token file): call it from a
+    /// blocking context.
     pub fn auth(&self) -> anyhow::Result<auth::Auth> {
-        let tls = self.tls_files()?;
-        match (
-            tls.is_some(),
-            self.auth_token_file.is_some(),
-            self.insecure_no_auth,
-        ) {
-            (true, _, true) => {
-                anyhow::bail!("--insecure-no-auth contradicts the TLS flags; drop one of them")
-            }
-            (false, true, _) => anyhow::bail!(
-                "--auth-token-file is only accepted on top of mutual TLS; {HTTPS_ONLY}"
-            ),
-            (false, false, false) => {
-                anyhow::bail!("no authentication configured; refusing to serve. {HTTPS_ONLY}")
-            }
-            (false, false, true) => Ok(auth::Auth::Disabled),
-            (true, _, false) => {
-                let token = match &self.auth_token_file {
-                    Some(path) => Some(auth::read_token_file(path)?),
-                    None => None,
-                };
-                let allowed: Vec<String> = self
-                    .allowed_client
-                    .iter()
-                    .map(|s| s.trim().to_owned())
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                if allowed.is_empty() {
-                    anyhow::bail!("--allowed-client must name at least one client");
-                }
-                Ok(auth::Auth::client_cert(allowed, token))
-            }
+        self.tls_files()?;
+        let token = match &self.auth_token_file {
+            Some(path) => Some(auth::read_token_file(path)?),
+            None => None,
+        };
+        let allowed: Vec<String> = self
+            .allowed_client
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if allowed.is_empty() {
+            anyhow::bail!("--allowed-client must name at least one client");
         }
+        Ok(auth::Auth::client_cert(allowed, token))
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -242,16 +231,24 @@ impl ShimArgs {
     /// The backend the flags ask for.
     pub fn agent(&self) -> anyhow::Result<Arc<dyn GuestAgent>> {
         let timeout = self.agent_timeout();
+        let refuse = |e: String| anyhow::anyhow!(e);
         Ok(match self.backend {
             BackendKind::QgaSocket => {
+                agent::check_template("--qga-socket-template", &self.qga_socket_template)
+                    .map_err(refuse)?;
                 Arc::new(qga::QgaSocketAgent::new(&self.qga_socket_template, timeout))
             }
             BackendKind::Libvirt => {
                 let locator = match self.locator {
-                    LocatorKind::LibvirtUri => libvirt::Locator::LibvirtUri {
-                        uri: self.libvirt_uri.clone(),
-                        domain_template: self.domain_template.clone(),
-                    },
+                    LocatorKind::LibvirtUri => {
+                        // One libvirtd for the node: names must not collide across namespaces.
+                        agent::check_template("--domain-template", &self.domain_template)
+                            .map_err(refuse)?;
+                        libvirt::Locator::LibvirtUri {
+                            uri: self.libvirt_uri.clone(),
+                            domain_template: self.domain_template.clone(),
+                        }
+                    }
                     LocatorKind::Kubevirt => libvirt::Locator::Kubevirt {
                         kubelet_pods_dir: self.kubelet_pods_dir.clone(),
                         domain_template: self.domain_template.clone(),
@@ -280,27 +277,21 @@ pub fn main(args: ShimArgs) -> anyhow::Result<()> {
 /// Run the shim until SIGTERM or ctrl-c.
 pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
     crate::runtime::logging::init(args.log_format);
-    let auth = args.auth()?;
-    let tls = match args.tls_files()? {
-        Some(files) => Some(Arc::new(
-            crate::tls::server::ReloadingServerConfig::new(files)
-                .context("loading the TLS files")?,
-        )),
-        None => None,
+    let files = args.tls_files()?;
+    // Token and certificate files are read off the async workers.
+    let auth = {
+        let args = args.clone();
+        tokio::task::spawn_blocking(move || args.auth())
+            .await
+            .context("reading the token file")??
     };
-    match &auth {
-        auth::Auth::Disabled => {
-            tracing::warn!("serving plain HTTP WITHOUT authentication (--insecure-no-auth)")
-        }
-        auth::Auth::ClientCert { .. } => {}
-    }
-    if args.node_name.is_empty() {
-        tracing::warn!("no --node-name: requests naming a node are not checked against it");
-    }
+    let tls = Arc::new(
+        crate::tls::server::ReloadingServerConfig::load(files)
+            .await
+            .context("loading the TLS files")?,
+    );
     let agent = args.agent()?;
-    let app = server::ShimApp::new(agent, auth)
-        .node(&args.node_name)
-        .backend(args.backend_label());
+    let app = server::ShimApp::new(agent, &args.node_name).backend(args.backend_label());
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -316,21 +307,25 @@ pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
     .await;
     tracing::info!(
         listen = %listener.local_addr()?,
-        tls = tls.is_some(),
         metrics = %args.metrics_listen,
         node = %args.node_name,
         backend = ?args.backend,
         locator = ?args.locator,
-        "guestcred shim serving"
+        max_connections = args.max_connections,
+        "guestcred shim serving (mutual TLS)"
     );
     let opts = server::ServeOptions {
         tls,
         metrics: Some(app.metrics()),
         grace: Some(args.shutdown_grace()),
+        limits: server::ConnectionLimits {
+            max_connections: args.max_connections,
+            ..Default::default()
+        },
     };
     server::serve_with(
         listener,
-        app.router(),
+        app.router(auth),
         opts,
         crate::runtime::signals::shutdown_signal(),
     )
@@ -343,11 +338,12 @@ pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // test files
 mod tests {
     use super::*;
 
     fn parse(extra: &[&str]) -> ShimArgs {
-        let mut argv = vec!["shim"];
+        let mut argv = vec!["shim", "--node-name", "node-a"];
         argv.extend_from_slice(extra);
         ShimArgs::try_parse_from(argv).unwrap()
     }
@@ -363,8 +359,11 @@ mod tests {
     fn runtime_is_two_workers_whatever_the_core_count_and_refuses_zero() {
         let args = parse(&[]);
         assert_eq!((args.worker_threads, args.max_blocking_threads), (2, 64));
-        assert!(ShimArgs::try_parse_from(["shim", "--worker-threads", "0"]).is_err());
-        assert!(ShimArgs::try_parse_from(["shim", "--max-blocking-threads", "0"]).is_err());
+        let zero = |flag| ShimArgs::try_parse_from(["shim", "--node-name", "n", flag, "0"]);
+        assert!(zero("--worker-threads").is_err());
+        assert!(zero("--max-blocking-threads").is_err());
+        assert!(zero("--max-connections").is_err());
+        assert_eq!(args.max_connections, server::DEFAULT_MAX_CONNECTIONS);
     }
 
     #[test]
@@ -375,14 +374,11 @@ mod tests {
     #[test]
     fn a_token_file_without_tls_is_refused_as_plain_http() {
         let message = refusal(&["--auth-token-file", "/t"]);
-        assert!(message.contains("the shim serves HTTPS only"), "{message}");
-        assert!(message.contains("--insecure-no-auth"), "{message}");
-    }
-
-    #[test]
-    fn a_token_file_with_insecure_no_auth_is_still_refused() {
-        let message = refusal(&["--auth-token-file", "/t", "--insecure-no-auth"]);
-        assert!(message.contains("the shim serves HTTPS only"), "{message}");
+        assert!(message.contains("the shim serves HTTPS"), "{message}");
+        assert!(
+            message.contains("--auth-token-file is only accepted"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -393,10 +389,8 @@ mod tests {
         let mut argv: Vec<&str> = tls_flags();
         let token_arg = token.to_str().unwrap();
         argv.extend(["--auth-token-file", token_arg]);
-        match parse(&argv).auth().unwrap() {
-            auth::Auth::ClientCert { token, .. } => assert!(token.is_some()),
-            _ => panic!("expected client certificate auth"),
-        }
+        let auth::Auth::ClientCert { token, .. } = parse(&argv).auth().unwrap();
+        assert!(token.is_some());
     }
 
     fn tls_flags() -> Vec<&'static str> {
@@ -412,28 +406,20 @@ mod tests {
 
     #[test]
     fn tls_flags_select_client_certificate_auth_for_the_controller() {
-        match parse(&tls_flags()).auth().unwrap() {
-            auth::Auth::ClientCert { allowed, token } => {
-                assert_eq!(&*allowed, ["guestcred-controller".to_string()]);
-                assert!(token.is_none());
-            }
-            _ => panic!("expected client certificate auth"),
-        }
+        let auth::Auth::ClientCert { allowed, token } = parse(&tls_flags()).auth().unwrap();
+        assert_eq!(&*allowed, ["guestcred-controller".to_string()]);
+        assert!(token.is_none());
     }
 
     #[test]
     fn allowed_clients_can_be_comma_separated() {
         let mut argv = tls_flags();
         argv.extend(["--allowed-client", "a.example,b.example"]);
-        match parse(&argv).auth().unwrap() {
-            auth::Auth::ClientCert { allowed, .. } => {
-                assert_eq!(
-                    &*allowed,
-                    ["a.example".to_string(), "b.example".to_string()]
-                )
-            }
-            _ => panic!("expected client certificate auth"),
-        }
+        let auth::Auth::ClientCert { allowed, .. } = parse(&argv).auth().unwrap();
+        assert_eq!(
+            &*allowed,
+            ["a.example".to_string(), "b.example".to_string()]
+        );
     }
 
     #[test]
@@ -442,25 +428,10 @@ mod tests {
     }
 
     #[test]
-    fn tls_and_insecure_together_are_refused() {
-        let mut argv = tls_flags();
-        argv.push("--insecure-no-auth");
-        assert!(parse(&argv).auth().is_err());
-    }
-
-    #[test]
     fn metrics_port_and_grace_have_defaults() {
         let a = parse(&[]);
         assert_eq!(a.metrics_listen, "0.0.0.0:9090");
         assert_eq!(a.shutdown_grace(), Duration::from_secs(10));
-    }
-
-    #[test]
-    fn insecure_flag_disables_auth() {
-        assert!(matches!(
-            parse(&["--insecure-no-auth"]).auth().unwrap(),
-            auth::Auth::Disabled
-        ));
     }
 
     #[test]
@@ -476,5 +447,65 @@ mod tests {
         assert_eq!(a.backend, BackendKind::QgaSocket);
         assert_eq!(a.locator, LocatorKind::Kubevirt);
         assert_eq!(a.agent_timeout(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn insecure_no_auth_is_not_a_flag_of_the_product() {
+        let e = ShimArgs::try_parse_from(["shim", "--node-name", "n", "--insecure-no-auth"]);
+        assert!(
+            e.is_err(),
+            "plain HTTP lives in the lab, not in the shim binary"
+        );
+    }
+
+    #[test]
+    fn node_name_is_required() {
+        let Err(e) = ShimArgs::try_parse_from(["shim"]) else {
+            panic!("a shim without --node-name must not start");
+        };
+        assert!(e.to_string().contains("--node-name"), "{e}");
+    }
+
+    #[test]
+    fn qga_socket_template_must_separate_namespace_and_name() {
+        for template in [
+            "/var/run/qemu-server/{name}.qga",
+            "/run/{namespace}-{name}.qga",
+            "/run/{namespace}.{name}.qga",
+            "/run/{name}{namespace}",
+            "/run/vm.qga",
+        ] {
+            let args = ShimArgs::try_parse_from([
+                "shim",
+                "--node-name",
+                "n",
+                "--backend",
+                "qga-socket",
+                "--qga-socket-template",
+                template,
+            ])
+            .unwrap();
+            let Err(e) = args.agent() else {
+                panic!("{template} must be refused");
+            };
+            assert!(e.to_string().contains("{namespace}"), "{template}: {e}");
+        }
+        for template in [
+            "/run/{namespace}/{name}.qga",
+            "/run/{namespace}_{name}.qga",
+            "/run/{name}/{namespace}.sock",
+        ] {
+            let args = ShimArgs::try_parse_from([
+                "shim",
+                "--node-name",
+                "n",
+                "--backend",
+                "qga-socket",
+                "--qga-socket-template",
+                template,
+            ])
+            .unwrap();
+            assert!(args.agent().is_ok(), "{template}");
+        }
     }
 }

@@ -34,8 +34,9 @@ use super::errors::{self, UserCheck};
 use crate::api::validate::{Password, PublicKeys, UserName, ValidDomain};
 use crate::api::wire::{GuestOsInfo, ProbeResponse, ShimError, ShimErrorReason};
 
-/// Default socket path template (Proxmox layout).
-pub const DEFAULT_SOCKET_TEMPLATE: &str = "/var/run/qemu-server/{name}.qga";
+/// Default socket path template: one directory per namespace, so VMs of the same name in
+/// different namespaces never share a socket (a template without `{namespace}` is refused).
+pub const DEFAULT_SOCKET_TEMPLATE: &str = "/var/run/qemu-server/{namespace}/{name}.qga";
 
 /// Cap on one agent response; a guest must not make the shim buffer without bound.
 const MAX_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
@@ -47,7 +48,8 @@ pub struct QgaSocketAgent {
 }
 
 impl QgaSocketAgent {
-    /// `template` may use `{namespace}` and `{name}`.
+    /// `template` must use `{namespace}` and `{name}` apart (see
+    /// [`super::agent::check_template`]; the shim's flags are checked with it at start).
     pub fn new(template: impl Into<String>, timeout: Duration) -> Self {
         Self {
             template: template.into(),

@@ -1,25 +1,30 @@
 //! The shim's HTTP API (axum) and its server loop.
 //!
-//! [`ShimApp`] builds the API router (auth layer, node check, metered agent) and the ops
-//! router (`/metrics`, `/healthz`, `/readyz` for the plain-HTTP metrics port). [`serve_with`]
-//! runs either router over plain TCP or TLS ([`crate::tls::server::ReloadingServerConfig`]), hands
-//! the client certificate to the auth layer, and drains in-flight requests on shutdown
-//! within a grace period.
+//! [`ShimApp`] builds the API router (auth layer, node check, metered agent; `/v1/*` and
+//! nothing else) and the ops router (`/metrics`, `/healthz`, `/readyz`, only for the
+//! plain-HTTP metrics port). [`serve_with`] serves the API over mutual TLS only
+//! ([`crate::tls::server::ReloadingServerConfig`]): it hands the client certificate to the
+//! auth layer, bounds every connection ([`ConnectionLimits`]: handshake deadline,
+//! header-read and idle timeouts, a cap on open connections), and drains in-flight
+//! requests on shutdown within a grace period. Request bodies are capped at
+//! [`MAX_REQUEST_BODY_BYTES`], the largest valid request.
 //!
 //! Request bodies are never logged: they carry passwords and keys.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{ConnectInfo, FromRequest, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Request, State};
+use axum::response::{IntoResponse, Response};
 
-use axum::routing::{get, post};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use axum::routing::post;
+use futures::StreamExt;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
@@ -30,7 +35,9 @@ use tokio::net::TcpListener;
 use super::agent::GuestAgent;
 use super::auth::{Auth, AuthState, PeerCertificate, require_auth};
 pub use super::errors::ApiError;
-use crate::api::validate::{self, Password, PublicKeys, UserName, ValidDomain};
+use crate::api::validate::{
+    self, MAX_KEY_BYTES, MAX_KEYS, MAX_PASSWORD_BYTES, Password, PublicKeys, UserName, ValidDomain,
+};
 use crate::api::wire::{
     DomainRef, GetSshKeysRequest, KeyOp, ProbeRequest, ProbeResponse, SetPasswordRequest,
     SetPasswordResponse, ShimError, ShimErrorReason, SshKeysRequest, SshKeysResponse, paths,
@@ -40,20 +47,136 @@ use crate::tls::server::ReloadingServerConfig;
 
 /// How long shutdown waits for in-flight requests (and their agent calls) by default.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// A client that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Room for everything of a request but the keys: the domain (namespace, name, node: 253
+/// bytes each; the launcher pod UID), the user, field names and JSON syntax, with every
+/// string escaped at worst. Generous on purpose: it only has to be small.
+const ENVELOPE_BYTES: usize = 64 * 1024;
+
+/// The largest valid request body: `MAX_KEYS` keys of `MAX_KEY_BYTES` each, every byte
+/// escaped at worst (a `"` or `\` in a key comment doubles in JSON; serde_json does not
+/// escape non-ASCII), plus quotes and a comma each, a password escaped at worst, plus the
+/// envelope. Anything larger cannot pass `api::validate`, so it is refused (413).
+pub const MAX_REQUEST_BODY_BYTES: usize =
+    MAX_KEYS * (2 * MAX_KEY_BYTES + 3) + 2 * MAX_PASSWORD_BYTES + ENVELOPE_BYTES;
+
+/// A body above the limit but below this is read and discarded, so the client can read
+/// the 413 and keep its connection; a larger one (by Content-Length or as it arrives)
+/// closes the connection.
+const DRAIN_LIMIT_BYTES: usize = 2 * MAX_REQUEST_BODY_BYTES;
+
+/// Bound on reading one request body (a client that trickles its body is cut off).
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bounds on the connections of the API port.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// A client that has not finished its TLS handshake by then is dropped; the handshake
+    /// runs inside its connection slot, so stalled handshakes free their slots by then.
+    pub handshake_timeout: Duration,
+    /// An HTTP/1 request whose headers have not all arrived by then is cut off.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (above the
+    /// controller's pool idle timeout, `crate::tls::client::POOL_IDLE_TIMEOUT`).
+    pub idle_timeout: Duration,
+    /// Open connections at most, handshakes included; further connections wait in the
+    /// listen backlog until a slot frees.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(15),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Default of [`ConnectionLimits::max_connections`] (`--max-connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
 /// JSON body extractor whose rejections are typed `InvalidArgument` errors that never
-/// quote the body (serde's "invalid type" messages can contain the offending value).
+/// quote the body (serde's "invalid type" messages can contain the offending value). A
+/// body above [`MAX_REQUEST_BODY_BYTES`] gets 413, one that trickles in 408.
 pub struct WireJson<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for WireJson<T> {
-    type Rejection = ApiError;
+/// Why [`WireJson`] refused a body.
+pub enum WireRejection {
+    Invalid(ApiError),
+    /// 413, with a typed `InvalidArgument` body.
+    TooLarge(ShimError),
+    /// 408: the body did not arrive within [`BODY_READ_TIMEOUT`].
+    TooSlow(ShimError),
+}
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ShimError::invalid(format!("reading request body: {e}")))?;
+impl IntoResponse for WireRejection {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Invalid(e) => e.into_response(),
+            Self::TooLarge(e) => {
+                (http::StatusCode::PAYLOAD_TOO_LARGE, axum::Json(e)).into_response()
+            }
+            Self::TooSlow(e) => (http::StatusCode::REQUEST_TIMEOUT, axum::Json(e)).into_response(),
+        }
+    }
+}
+
+fn too_large() -> WireRejection {
+    WireRejection::TooLarge(ShimError::invalid(format!(
+        "request body larger than {MAX_REQUEST_BODY_BYTES} bytes (the largest valid request)"
+    )))
+}
+
+/// The body, at most [`MAX_REQUEST_BODY_BYTES`]; a larger one up to [`DRAIN_LIMIT_BYTES`] is
+/// read to its end and dropped, so the 413 reaches the client on a connection that stays
+/// usable.
+async fn read_body(req: Request) -> Result<Vec<u8>, WireRejection> {
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > DRAIN_LIMIT_BYTES) {
+        return Err(too_large());
+    }
+    let mut body = Vec::with_capacity(declared.unwrap_or(0).min(MAX_REQUEST_BODY_BYTES));
+    let mut seen = 0usize;
+    let mut stream = req.into_body().into_data_stream();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                WireRejection::Invalid(ApiError(ShimError::invalid(format!(
+                    "reading request body: {e}"
+                ))))
+            })?;
+            seen = seen.saturating_add(chunk.len());
+            if seen > DRAIN_LIMIT_BYTES {
+                return Err(too_large());
+            }
+            if seen <= MAX_REQUEST_BODY_BYTES {
+                body.extend_from_slice(&chunk);
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Ok(Ok(())) if seen > MAX_REQUEST_BODY_BYTES => Err(too_large()),
+        Ok(Ok(())) => Ok(body),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(WireRejection::TooSlow(ShimError::invalid(format!(
+            "request body not received within {BODY_READ_TIMEOUT:?}"
+        )))),
+    }
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for WireJson<T> {
+    type Rejection = WireRejection;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = zeroize::Zeroizing::new(read_body(req).await?);
         serde_json::from_slice(&bytes).map(WireJson).map_err(|e| {
             let text = e.to_string();
             let detail = if text.starts_with("missing field") {
@@ -66,9 +189,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for WireJson<T> {
                     e.column()
                 )
             };
-            ApiError(ShimError::invalid(format!(
+            WireRejection::Invalid(ApiError(ShimError::invalid(format!(
                 "request body does not match the v1 schema: {detail}"
-            )))
+            ))))
         })
     }
 }
@@ -76,36 +199,30 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for WireJson<T> {
 #[derive(Clone)]
 struct AppState {
     agent: Arc<dyn GuestAgent>,
-    /// This shim's node; requests naming another node are refused.
-    node: Option<Arc<str>>,
+    /// This shim's node; requests naming no node or another node are refused.
+    node: Arc<str>,
     metrics: Arc<ShimMetrics>,
 }
 
-/// The shim's routers, from its agent backend, auth scheme, node and metrics.
+/// The shim's routers, from its agent backend, node and metrics.
 #[derive(Clone)]
 pub struct ShimApp {
     agent: Arc<dyn GuestAgent>,
-    auth: Auth,
-    node: Option<Arc<str>>,
+    node: Arc<str>,
     backend: &'static str,
     metrics: Arc<ShimMetrics>,
 }
 
 impl ShimApp {
-    pub fn new(agent: Arc<dyn GuestAgent>, auth: Auth) -> Self {
+    /// The API for the VMs of `node`: requests that name no node or another one are
+    /// refused (`Forbidden`), so an empty `node` refuses every request.
+    pub fn new(agent: Arc<dyn GuestAgent>, node: &str) -> Self {
         Self {
             agent,
-            auth,
-            node: None,
+            node: Arc::from(node),
             backend: "unknown",
             metrics: ShimMetrics::new(),
         }
-    }
-
-    /// The node this shim serves; empty means unknown (no node check).
-    pub fn node(mut self, node: &str) -> Self {
-        self.node = (!node.is_empty()).then(|| Arc::from(node));
-        self
     }
 
     /// The `backend` label of the agent metrics (`libvirt`, `qga-socket`).
@@ -130,22 +247,33 @@ impl ShimApp {
         }
     }
 
-    /// The API: `/v1/*` behind the auth layer; `/healthz` and `/readyz` open.
-    pub fn router(&self) -> Router {
+    /// The API for [`serve_with`]: `/v1/*` behind `auth`, and nothing else (health and
+    /// metrics are on the ops port only).
+    pub fn router(&self, auth: Auth) -> Router {
         let auth = AuthState {
-            auth: self.auth.clone(),
+            auth,
             metrics: self.metrics.clone(),
         };
-        let api = Router::new()
+        self.routes()
+            .route_layer(axum::middleware::from_fn_with_state(auth, require_auth))
+    }
+
+    /// `/v1/*` without the authentication layer, for in-process test worlds that serve
+    /// plain HTTP from their own code (`guestcred-lab`). The shim binary never serves it:
+    /// it has no flag for it, and [`serve_with`] speaks mutual TLS only.
+    pub fn router_without_auth_for_test_worlds(&self) -> Router {
+        self.routes()
+    }
+
+    fn routes(&self) -> Router {
+        Router::new()
             .route(paths::PASSWORD, post(set_password))
             .route(paths::SSH_KEYS, post(change_ssh_keys))
             .route(paths::SSH_KEYS_GET, post(get_ssh_keys))
             .route(paths::PROBE, post(probe))
-            .route_layer(axum::middleware::from_fn_with_state(auth, require_auth));
-        Router::new()
-            .merge(api)
-            .route(paths::HEALTHZ, get(|| async { "ok" }))
-            .route(paths::READYZ, get(ready))
+            // WireJson enforces the same limit itself (and drains); this covers any other
+            // body extractor a route may get.
+            .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
             .with_state(self.state())
     }
 
@@ -164,33 +292,36 @@ impl ShimApp {
     }
 }
 
-/// The full shim API with `auth` and no node check (tests, the lab world).
-pub fn router(agent: Arc<dyn GuestAgent>, auth: Auth) -> Router {
-    ShimApp::new(agent, auth).router()
-}
-
 /// How [`serve_with`] serves.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ServeOptions {
-    /// Serve HTTPS with this (reloading) config; plain HTTP when `None`.
-    pub tls: Option<Arc<ReloadingServerConfig>>,
-    /// Where failed TLS handshakes are counted.
+    /// The (reloading) mutual-TLS config: the API is served over HTTPS only.
+    pub tls: Arc<ReloadingServerConfig>,
+    /// Where refused handshakes and open connections are counted.
     pub metrics: Option<Arc<ShimMetrics>>,
     /// Bound on draining in-flight requests after `shutdown` ([`DEFAULT_SHUTDOWN_GRACE`]).
     pub grace: Option<Duration>,
+    pub limits: ConnectionLimits,
 }
 
-/// Serve `app` over plain HTTP until `shutdown` resolves, then drain in-flight requests.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    serve_with(listener, app, ServeOptions::default(), shutdown).await
+impl ServeOptions {
+    pub fn new(tls: Arc<ReloadingServerConfig>) -> Self {
+        Self {
+            tls,
+            metrics: None,
+            grace: None,
+            limits: ConnectionLimits::default(),
+        }
+    }
 }
 
-/// Serve `app` on `listener` (TLS when `opts.tls` is set) until `shutdown` resolves; then
-/// stop accepting and wait up to the grace period for in-flight requests to finish.
+/// Serve `app` on `listener` over mutual TLS until `shutdown` resolves; then stop
+/// accepting and wait up to the grace period for in-flight requests to finish.
+///
+/// Each connection takes one of `limits.max_connections` slots before it is accepted
+/// (further ones wait in the listen backlog), does its handshake inside that slot within
+/// `limits.handshake_timeout`, and then holds the slot until it closes: after
+/// `limits.idle_timeout` without a request in flight at the latest.
 pub async fn serve_with(
     listener: TcpListener,
     app: Router,
@@ -198,9 +329,25 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(64);
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        opts.limits.max_connections.max(1),
+    ));
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot,
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slot else { break };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
@@ -217,12 +364,11 @@ pub async fn serve_with(
         let watcher = graceful.watcher();
         let (app, builder, opts) = (app.clone(), builder.clone(), opts.clone());
         tokio::spawn(async move {
-            let Some(tls) = opts.tls else {
-                serve_connection(&builder, watcher, stream, app, peer, None).await;
-                return;
-            };
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            let _slot = slot;
+            let _open = opts.metrics.as_ref().map(|m| m.connection_opened());
+            let acceptor = tokio_rustls::TlsAcceptor::from(opts.tls.current());
+            let handshake = acceptor.accept(stream);
+            match tokio::time::timeout(opts.limits.handshake_timeout, handshake).await {
                 Ok(Ok(stream)) => {
                     let cert = stream
                         .get_ref()
@@ -230,8 +376,12 @@ pub async fn serve_with(
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .map(|c| c.clone().into_owned());
-                    let cert = PeerCertificate(cert);
-                    serve_connection(&builder, watcher, stream, app, peer, Some(cert)).await;
+                    let conn = Connection {
+                        peer,
+                        cert: PeerCertificate(cert),
+                        idle_timeout: opts.limits.idle_timeout,
+                    };
+                    serve_connection(&builder, watcher, stream, app, conn).await;
                 }
                 Ok(Err(e)) => {
                     if let Some(m) = &opts.metrics {
@@ -268,50 +418,138 @@ pub async fn serve_with(
     Ok(())
 }
 
+/// One accepted, authenticated connection.
+struct Connection {
+    peer: SocketAddr,
+    cert: PeerCertificate,
+    idle_timeout: Duration,
+}
+
+/// Requests in flight on one connection and when the last one ended.
+struct Activity {
+    started: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `started` at which the connection last had a request in flight.
+    last_busy_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            started: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_busy_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_busy_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn begin(self: &Arc<Self>) -> BusyGuard {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.touch();
+        BusyGuard(self.clone())
+    }
+
+    /// How long the connection has had no request in flight (zero while one is).
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last_busy_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+struct BusyGuard(Arc<Activity>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn serve_connection<I>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
     io: I,
     app: Router,
-    peer: SocketAddr,
-    cert: Option<PeerCertificate>,
+    conn: Connection,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = tower::ServiceExt::map_request(app, move |mut req: Request<_>| {
+    let Connection {
+        peer,
+        cert,
+        idle_timeout,
+    } = conn;
+    let activity = Activity::new();
+    let busy = activity.clone();
+    let service = tower::service_fn(move |mut req: Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
-        if let Some(c) = &cert {
-            req.extensions_mut().insert(c.clone());
+        req.extensions_mut().insert(cert.clone());
+        let guard = busy.begin();
+        let app = app.clone();
+        async move {
+            let response = tower::ServiceExt::oneshot(app, req.map(axum::body::Body::new)).await;
+            drop(guard);
+            response
         }
-        req
     });
-    let conn =
+    let served =
         builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    let served = watcher.watch(served);
+    tokio::pin!(served);
+    let check = (idle_timeout / 4).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            ended = &mut served => {
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep(check) => {
+                if activity.idle_for() >= idle_timeout {
+                    tracing::debug!(%peer, ?idle_timeout, "closing an idle connection");
+                    return;
+                }
+            }
+        }
     }
 }
 
-/// Refuse a request that names another node than this shim's (Forbidden, logged without
-/// the body). Requests without a node, or a shim without one, pass: the backend then
-/// only finds domains of its own node anyway.
+/// Refuse a request that names no node, or another node than this shim's (Forbidden,
+/// counted, logged without the body): every request says where the controller believes
+/// the VM runs, so a misrouted or replayed request never reaches a guest here.
 fn check_node(state: &AppState, domain: &DomainRef) -> Result<(), ApiError> {
-    match (&state.node, &domain.node) {
-        (Some(mine), Some(asked)) if **mine != **asked => {
-            state.metrics.refused(Refusal::WrongNode);
-            tracing::warn!(
-                node = %mine,
-                requested_node = ?asked,
-                domain = %domain,
-                "refused request for a VM on another node"
-            );
-            Err(ApiError(ShimError::new(
-                ShimErrorReason::Forbidden,
-                format!("this shim serves node {mine}, not {asked:?}"),
-            )))
-        }
-        _ => Ok(()),
-    }
+    let mine = &*state.node;
+    let (why, message) = match domain.node.as_deref() {
+        Some(asked) if !mine.is_empty() && asked == mine => return Ok(()),
+        None | Some("") => (
+            Refusal::MissingNode,
+            "the request names no node; this shim serves only requests for its own node"
+                .to_string(),
+        ),
+        Some(asked) => (
+            Refusal::WrongNode,
+            format!("this shim serves node {mine:?}, not {asked:?}"),
+        ),
+    };
+    state.metrics.refused(why);
+    tracing::warn!(
+        node = %mine,
+        requested_node = ?domain.node,
+        domain = %domain,
+        "refused request for a VM not on this node"
+    );
+    Err(ApiError(ShimError::new(
+        ShimErrorReason::Forbidden,
+        message,
+    )))
 }
 
 /// The backend with every call counted and timed.
@@ -406,11 +644,6 @@ fn log_outcome<T>(op: &'static str, domain: &dyn std::fmt::Display, result: &Res
             tracing::warn!(op, %domain, reason = %e.reason, message = %e.message, "agent call failed")
         }
     }
-}
-
-async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    state.agent.ready().await?;
-    Ok("ok")
 }
 
 async fn set_password(

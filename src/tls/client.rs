@@ -1,7 +1,7 @@
 //! The controller's half of mutual TLS: the CA that issued the shims' certificates, its
 //! own client certificate, and the reqwest client built from them.
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::WebPkiServerVerifier;
@@ -9,7 +9,10 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
-use super::{Loaded, Snapshot, TlsError, certs, invalid, key, provider, roots, snapshot};
+use super::{
+    DEFAULT_RELOAD_INTERVAL, Reloadable, Snapshot, TlsError, certs, invalid, key, provider, roots,
+    snapshot, spawn_reloader,
+};
 
 /// Checks the shim's chain against the CA, and its name against a fixed DNS name instead
 /// of the pod IP the controller dialled.
@@ -117,11 +120,16 @@ impl ClientTlsFiles {
     }
 }
 
-/// The controller's HTTPS client for shims, rebuilt when the CA or client cert changes.
+/// How long the controller keeps an idle connection to a shim: below the shim's idle and
+/// header-read timeouts (15 s, 10 s), so the shim never closes a connection the client is
+/// about to reuse.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The controller's HTTPS client for shims, rebuilt by a reload thread when the CA or the
+/// client certificate changes; a call only clones the current client.
 pub struct ReloadingHttpClient {
     files: ClientTlsFiles,
-    timeout: Duration,
-    loaded: Mutex<Option<Loaded<reqwest::Client>>>,
+    client: Arc<Reloadable<reqwest::Client>>,
 }
 
 impl std::fmt::Debug for ReloadingHttpClient {
@@ -132,66 +140,61 @@ impl std::fmt::Debug for ReloadingHttpClient {
     }
 }
 
+fn http_client(
+    files: &ClientTlsFiles,
+    snap: &Snapshot,
+    timeout: Duration,
+) -> Result<reqwest::Client, TlsError> {
+    let config = files.build(snap)?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .https_only(true)
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build()
+        .map_err(|e| TlsError::Client(e.to_string()))
+}
+
 impl ReloadingHttpClient {
-    /// Load the files once (an error here is a configuration error worth failing on).
+    /// Load the files once (an error here is a configuration error worth failing on) and
+    /// start the reload thread. Blocking: call it from a blocking context, or use
+    /// [`ReloadingHttpClient::load`].
     pub fn new(files: ClientTlsFiles, timeout: Duration) -> Result<Self, TlsError> {
-        let c = Self {
-            files,
-            timeout,
-            loaded: Mutex::new(None),
-        };
-        c.http()?;
-        Ok(c)
+        Self::with_interval(files, timeout, DEFAULT_RELOAD_INTERVAL)
     }
 
-    /// The client for the files' current content (the last good one when they are
-    /// momentarily unusable).
+    /// [`ReloadingHttpClient::new`] off the async workers.
+    pub async fn load(files: ClientTlsFiles, timeout: Duration) -> Result<Self, TlsError> {
+        tokio::task::spawn_blocking(move || Self::new(files, timeout))
+            .await
+            .map_err(|e| TlsError::Client(e.to_string()))?
+    }
+
+    /// Like [`ReloadingHttpClient::new`], looking at the files every `interval`.
+    pub fn with_interval(
+        files: ClientTlsFiles,
+        timeout: Duration,
+        interval: Duration,
+    ) -> Result<Self, TlsError> {
+        let paths: Vec<PathBuf> = files.paths().into_iter().map(Path::to_path_buf).collect();
+        let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        let snap = snapshot(&refs)?;
+        let client = Reloadable::new(http_client(&files, &snap, timeout)?);
+        let for_reload = files.clone();
+        spawn_reloader(
+            "shim-client-tls",
+            paths,
+            snap.digest,
+            Arc::downgrade(&client),
+            interval,
+            move |snap| http_client(&for_reload, snap, timeout),
+        );
+        Ok(Self { files, client })
+    }
+
+    /// The client for the files' latest usable content (no file is read here).
     pub fn http(&self) -> Result<reqwest::Client, TlsError> {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        let snap = match snapshot(&self.files.paths()) {
-            Ok(s) => s,
-            Err(e) => {
-                return match loaded.as_ref() {
-                    Some(l) => {
-                        tracing::warn!(error = %e, "cannot re-read shim TLS files; keeping the loaded client certificate");
-                        Ok(l.value.clone())
-                    }
-                    None => Err(e),
-                };
-            }
-        };
-        if let Some(l) = loaded.as_ref()
-            && l.digest == snap.digest
-        {
-            return Ok(l.value.clone());
-        }
-        let built = self.files.build(&snap).and_then(|config| {
-            reqwest::Client::builder()
-                .use_preconfigured_tls(config)
-                .https_only(true)
-                .timeout(self.timeout)
-                .connect_timeout(self.timeout.min(Duration::from_secs(5)))
-                .build()
-                .map_err(|e| TlsError::Client(e.to_string()))
-        });
-        match (built, loaded.as_ref()) {
-            (Ok(client), _) => {
-                if loaded.is_some() {
-                    tracing::info!(
-                        "shim CA or client certificate changed; rebuilt the shim client"
-                    );
-                }
-                *loaded = Some(Loaded {
-                    digest: snap.digest,
-                    value: client.clone(),
-                });
-                Ok(client)
-            }
-            (Err(e), Some(l)) => {
-                tracing::warn!(error = %e, "changed shim TLS files are not usable (yet); keeping the loaded client");
-                Ok(l.value.clone())
-            }
-            (Err(e), None) => Err(e),
-        }
+        Ok(reqwest::Client::clone(&self.client.load()))
     }
 }

@@ -1,13 +1,17 @@
 //! The shim's half of mutual TLS: its certificate and the CA that issues client
 //! certificates, reloaded when the files change.
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 
-use super::{Loaded, Snapshot, TlsError, certs, invalid, key, provider, roots, snapshot};
+use super::{
+    DEFAULT_RELOAD_INTERVAL, Reloadable, Snapshot, TlsError, certs, invalid, key, provider, roots,
+    snapshot, spawn_reloader,
+};
 
 /// The shim's certificate, key and the CA that issues client certificates.
 #[derive(Clone, Debug)]
@@ -23,10 +27,9 @@ impl ServerTlsFiles {
         let key = key(&self.key, &snap.contents[1])?;
         let roots = roots(&self.client_ca, &snap.contents[2])?;
         let provider = provider();
-        // Connections without a certificate complete the handshake and get a typed 401
-        // from the auth layer; certificates from another CA fail the handshake.
+        // A client certificate chained to the client CA is required in the handshake
+        // itself: a client without one never gets to send an HTTP request.
         let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-            .allow_unauthenticated()
             .build()
             .map_err(|e| TlsError::Invalid {
                 what: self.client_ca.display().to_string(),
@@ -43,58 +46,55 @@ impl ServerTlsFiles {
     }
 }
 
-/// The shim's rustls config, rebuilt when its files change (checked on each handshake).
+/// The shim's rustls config, rebuilt by a reload thread when its files change.
 pub struct ReloadingServerConfig {
-    files: ServerTlsFiles,
-    loaded: Mutex<Loaded<Arc<ServerConfig>>>,
+    config: Arc<Reloadable<Arc<ServerConfig>>>,
 }
 
 impl ReloadingServerConfig {
-    /// Load the files once; an error here is fatal (the shim must not start without TLS).
+    /// Load the files once (an error here is fatal: the shim must not start without TLS)
+    /// and start the reload thread. Blocking: call it from a blocking context, or use
+    /// [`ReloadingServerConfig::load`].
     pub fn new(files: ServerTlsFiles) -> Result<Self, TlsError> {
-        let snap = snapshot(&files.paths())?;
-        let config = files.build(&snap)?;
-        Ok(Self {
-            files,
-            loaded: Mutex::new(Loaded {
-                digest: snap.digest,
-                value: config,
-            }),
-        })
+        Self::with_interval(files, DEFAULT_RELOAD_INTERVAL)
     }
 
-    /// The config for a new handshake: the files' current content if it is valid, else
-    /// the last good one.
+    /// [`ReloadingServerConfig::new`] off the async workers.
+    pub async fn load(files: ServerTlsFiles) -> Result<Self, TlsError> {
+        tokio::task::spawn_blocking(move || Self::new(files))
+            .await
+            .map_err(|e| TlsError::Invalid {
+                what: "loading the TLS files".into(),
+                message: e.to_string(),
+            })?
+    }
+
+    /// Like [`ReloadingServerConfig::new`], looking at the files every `interval`.
+    pub fn with_interval(files: ServerTlsFiles, interval: Duration) -> Result<Self, TlsError> {
+        let paths = files.paths();
+        let refs: Vec<&std::path::Path> = paths.iter().map(PathBuf::as_path).collect();
+        let snap = snapshot(&refs)?;
+        let config = Reloadable::new(files.build(&snap)?);
+        spawn_reloader(
+            "shim-tls",
+            paths,
+            snap.digest,
+            Arc::downgrade(&config),
+            interval,
+            move |snap| files.build(snap),
+        );
+        Ok(Self { config })
+    }
+
+    /// The config for a new handshake: a snapshot in memory, never a file read.
     pub fn current(&self) -> Arc<ServerConfig> {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        let snap = match snapshot(&self.files.paths()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot re-read TLS files; keeping the loaded certificate");
-                return loaded.value.clone();
-            }
-        };
-        if snap.digest != loaded.digest {
-            match self.files.build(&snap) {
-                Ok(config) => {
-                    tracing::info!(cert = %self.files.cert.display(), "TLS certificate or client CA changed; reloaded");
-                    *loaded = Loaded {
-                        digest: snap.digest,
-                        value: config,
-                    };
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "changed TLS files are not usable (yet); keeping the loaded certificate");
-                }
-            }
-        }
-        loaded.value.clone()
+        Arc::clone(&self.config.load())
     }
 }
 
 impl ServerTlsFiles {
-    fn paths(&self) -> [&Path; 3] {
-        [&self.cert, &self.key, &self.client_ca]
+    fn paths(&self) -> Vec<PathBuf> {
+        vec![self.cert.clone(), self.key.clone(), self.client_ca.clone()]
     }
 }
 

@@ -66,6 +66,9 @@ pub struct Target {
 }
 
 impl Locator {
+    /// Where `domain` lives. Blocking (the kubevirt locator looks at the launcher socket
+    /// and makes a short link): `LibvirtAgent::run` calls it on the blocking pool.
+    #[allow(clippy::disallowed_methods)] // blocking helper, run in spawn_blocking
     pub fn locate(&self, domain: &ValidDomain) -> Result<Target, ShimError> {
         match self {
             Self::LibvirtUri {
@@ -122,6 +125,8 @@ const MAX_SOCKET_PATH: usize = 100;
 /// (`/var/lib/kubelet/pods/<uid>/volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock`,
 /// 121 bytes) do not fit in a unix socket address, so longer paths get a short symlink in
 /// `link_dir` (0700, ours); the kernel follows it on connect without the length limit.
+/// Blocking: called from [`Locator::locate`] on the blocking pool.
+#[allow(clippy::disallowed_methods)] // blocking helper, run in spawn_blocking
 pub fn short_socket_path(link_dir: &Path, socket: &Path) -> Result<PathBuf, ShimError> {
     use sha2::{Digest, Sha256};
     use std::os::unix::fs::{DirBuilderExt, symlink};
@@ -216,8 +221,78 @@ pub struct LibvirtAgent {
     /// One agent call per domain inside libvirt at a time. libvirt queues calls to one
     /// domain anyway, and each queued call holds one of the connection's few request slots
     /// (libvirtd's max_client_requests, default 5): without this gate a handful of calls to
-    /// one hung guest would stall every other domain on the same connection.
-    gates: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// one hung guest would stall every other domain on the same connection. Entries go
+    /// away when idle ([`Gates`]), so the map does not grow with every domain ever called.
+    gates: Gates,
+}
+
+/// One single-permit semaphore per domain, kept only while some call holds or waits for it.
+#[derive(Default)]
+struct Gates {
+    map: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
+}
+
+/// A call's turn on its domain; dropping it frees the turn and, if nobody else holds or
+/// waits for the domain's gate, removes the gate.
+struct GatePermit {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    key: String,
+    map: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
+}
+
+impl Gates {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Semaphore>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait (at most `timeout`) for the turn on `key`.
+    async fn acquire(&self, key: &str, timeout: Duration) -> Option<GatePermit> {
+        let gate = {
+            let mut map = self.lock();
+            // Gates only the map holds are idle; also catches any a dropped waiter left.
+            map.retain(|_, g| Arc::strong_count(g) > 1);
+            map.entry(key.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
+                .clone()
+        };
+        let permit = tokio::time::timeout(timeout, gate.acquire_owned()).await;
+        let permit = match permit {
+            Ok(Ok(p)) => p,
+            _ => {
+                self.forget_if_idle(key);
+                return None;
+            }
+        };
+        Some(GatePermit {
+            permit: Some(permit),
+            key: key.to_owned(),
+            map: self.map.clone(),
+        })
+    }
+
+    fn forget_if_idle(&self, key: &str) {
+        forget_if_idle(&self.map, key);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+fn forget_if_idle(map: &Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>, key: &str) {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if map.get(key).is_some_and(|g| Arc::strong_count(g) == 1) {
+        map.remove(key);
+    }
+}
+
+impl Drop for GatePermit {
+    fn drop(&mut self) {
+        // The permit holds the gate too: release it before looking.
+        drop(self.permit.take());
+        forget_if_idle(&self.map, &self.key);
+    }
 }
 
 impl LibvirtAgent {
@@ -243,29 +318,26 @@ impl LibvirtAgent {
         T: Send + 'static,
         F: Fn(&Domain, i32) -> Result<T, virt::error::Error> + Send + 'static,
     {
-        let target = self.locator.locate(domain)?;
         let conns = self.conns.clone();
         let secs = self.timeout_secs();
-        let gate = {
-            let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
-            gates
-                .entry(domain.to_string())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
-                .clone()
+        let Some(permit) = self
+            .gates
+            .acquire(&domain.to_string(), self.timeout + CALL_MARGIN)
+            .await
+        else {
+            return Err(ShimError::new(
+                ShimErrorReason::AgentTimeout,
+                format!("an earlier agent call on {domain} is still running (agent hung?)"),
+            ));
         };
-        let permit =
-            match tokio::time::timeout(self.timeout + CALL_MARGIN, gate.acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                _ => {
-                    return Err(ShimError::new(
-                        ShimErrorReason::AgentTimeout,
-                        format!("an earlier agent call on {domain} is still running (agent hung?)"),
-                    ));
-                }
-            };
-        // The permit lives as long as the blocking call, even if we stop waiting for it.
+        // Locating may touch the file system (the kubevirt locator's socket links): on the
+        // blocking pool too. The permit lives as long as the blocking call, even if we
+        // stop waiting for it.
+        let locator = self.locator.clone();
+        let domain_ref = domain.clone();
         let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            let target = locator.locate(&domain_ref)?;
             call_blocking(&conns, &target, secs, &op)
         });
         match tokio::time::timeout(self.timeout + CALL_MARGIN, task).await {
@@ -468,6 +540,7 @@ impl GuestAgent for LibvirtAgent {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // test files
 mod tests {
     use super::*;
     use crate::api::validate;
@@ -549,5 +622,27 @@ mod tests {
         let b = short_socket_path(&dir.path().join("l"), &long).unwrap();
         assert_eq!(a, b);
         assert_eq!(std::fs::read_link(&a).unwrap(), long);
+    }
+
+    /// Issue 18: the per-domain gates do not grow with every domain ever called.
+    #[tokio::test]
+    async fn per_domain_gates_are_removed_when_idle() {
+        let agent = LibvirtAgent::new(
+            Locator::LibvirtUri {
+                uri: "test:///default".into(),
+                domain_template: DEFAULT_DOMAIN_TEMPLATE.into(),
+            },
+            Duration::from_secs(2),
+        );
+        for i in 0..300 {
+            let d = crate::api::validate::domain(&crate::api::wire::DomainRef::new(
+                "ns",
+                format!("vm-{i}"),
+            ))
+            .unwrap();
+            let _ = agent.probe(&d).await;
+        }
+        let left = agent.gates.len();
+        assert_eq!(left, 0, "{left} idle gates left behind");
     }
 }
