@@ -10,6 +10,7 @@
 //! A control plane that cannot be built or started FAILS every test (never skips).
 //!
 //! Needs root (libvirtd, network namespaces) and scripts/install-deps.sh (helm, Go).
+#![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -1323,6 +1324,13 @@ async fn a_verb_removed_from_the_cluster_role_is_reported_as_forbidden() {
             "--shim-namespace",
             &lab.state.shim_namespace,
         ])
+        // Issue 18: the controller starts only with its shim TLS files.
+        .arg("--shim-ca-file")
+        .arg(lab.state.tls().controller().ca)
+        .arg("--shim-client-cert-file")
+        .arg(lab.state.tls().controller().cert)
+        .arg("--shim-client-key-file")
+        .arg(lab.state.tls().controller().key)
         .env("KUBECONFIG", &kc)
         .env("POD_NAME", "forbid-test")
         .stdout(log_file.try_clone().expect("log"))

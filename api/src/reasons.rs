@@ -31,6 +31,9 @@ pub enum Reason {
     UnsupportedByAgent,
     ShimUnavailable,
     ShimError,
+    /// The Kubernetes API server refused the controller (403): its RBAC lacks a verb on a
+    /// resource. Retried: an RBAC fix takes effect without a spec edit.
+    Forbidden,
     DeadlineExceeded,
     VerificationFailed,
     ConflictWithAccessCredentials,
@@ -68,6 +71,7 @@ impl Reason {
             Self::UnsupportedByAgent => "UnsupportedByAgent",
             Self::ShimUnavailable => "ShimUnavailable",
             Self::ShimError => "ShimError",
+            Self::Forbidden => "Forbidden",
             Self::DeadlineExceeded => "DeadlineExceeded",
             Self::VerificationFailed => "VerificationFailed",
             Self::ConflictWithAccessCredentials => "ConflictWithAccessCredentials",
@@ -91,6 +95,7 @@ impl Reason {
                 | Self::AgentTimeout
                 | Self::ShimUnavailable
                 | Self::ShimError
+                | Self::Forbidden
         )
     }
 }

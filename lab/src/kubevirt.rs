@@ -4,9 +4,10 @@
 use guestcred::api::kubevirt::{
     GuestOsInfo, VirtualMachine, VirtualMachineInstance, VmiCondition, VmiStatus,
 };
-use guestcred::controller::shims::SHIM_POD_SELECTOR;
+use guestcred::controller::shims::{DEFAULT_SHIM_DAEMONSET, SHIM_POD_SELECTOR};
 use k8s_openapi::api::core::v1::{Node, Pod, PodSpec, PodStatus};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -124,8 +125,23 @@ pub fn shim_pod(ns: &str, node: &str, pod_ip: &str) -> Pod {
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    running_pod(ns, &format!("guestcred-shim-{node}"), node, pod_ip, labels)
+    let mut pod = running_pod(ns, &format!("guestcred-shim-{node}"), node, pod_ip, labels);
+    // Owned by the chart's DaemonSet, as kube-controller-manager makes them: the controller
+    // calls only pods of the shim DaemonSet. (No DaemonSet object is needed: the emulator
+    // collects dependents only when an owner is deleted.)
+    pod.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "DaemonSet".into(),
+        name: DEFAULT_SHIM_DAEMONSET.into(),
+        uid: LAB_SHIM_DAEMONSET_UID.into(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }]);
+    pod
 }
+
+/// The uid the lab's shim pods name for their (absent) DaemonSet.
+pub const LAB_SHIM_DAEMONSET_UID: &str = "00000000-0000-4000-8000-00000000d5e7";
 
 /// Description of a lab VM as KubeVirt would show it.
 #[derive(Clone, Debug)]

@@ -39,8 +39,52 @@ pub enum Error {
     OutputSecretConflict(String),
     #[error("deadline of {seconds}s exceeded; last error: {last}")]
     DeadlineExceeded { seconds: u32, last: String },
-    #[error("Kubernetes API error: {0}")]
+    #[error("{}", kube_message(.0))]
     Kube(#[from] kube::Error),
+}
+
+/// The API server's 403, if `e` is one.
+fn forbidden(e: &kube::Error) -> Option<&kube::core::Status> {
+    match e {
+        kube::Error::Api(status) if status.code == 403 => Some(status),
+        _ => None,
+    }
+}
+
+/// The word after `prefix` in `text`, without quotes (`cannot get resource "secrets"`).
+fn word_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let rest = &text[text.find(prefix)? + prefix.len()..];
+    let word = rest.split_whitespace().next()?.trim_matches('"');
+    (!word.is_empty()).then_some(word)
+}
+
+/// "forbidden: cannot <verb> <resource> in namespace <ns> (<the server's message>)" for a
+/// 403, built from what the error carries: kube-apiserver says `<resource> "<name>" is
+/// forbidden: User "…" cannot <verb> resource "<resource>" in API group "…" in the
+/// namespace "…"`, and its details name the resource (kind) and group.
+fn kube_message(e: &kube::Error) -> String {
+    let Some(status) = forbidden(e) else {
+        return format!("Kubernetes API error: {e}");
+    };
+    let m = &status.message;
+    let verb = word_after(m, " cannot ").unwrap_or("access");
+    let resource = word_after(m, " resource ")
+        .map(str::to_owned)
+        .or_else(|| {
+            status.details.as_ref().map(|d| match d.group.as_str() {
+                "" => d.kind.clone(),
+                g => format!("{}.{g}", d.kind),
+            })
+        })
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| "a resource".into());
+    let scope = match word_after(m, " in the namespace ") {
+        Some(ns) => format!(" in namespace {ns}"),
+        None => " at cluster scope".into(),
+    };
+    format!(
+        "forbidden: cannot {verb} {resource}{scope}; grant it to the controller's ServiceAccount (API server: {m})"
+    )
 }
 
 impl Error {
@@ -77,6 +121,8 @@ impl Error {
             Self::VerificationFailed(_) => Reason::VerificationFailed,
             Self::OutputSecretConflict(_) => Reason::OutputSecretConflict,
             Self::DeadlineExceeded { .. } => Reason::DeadlineExceeded,
+            // RBAC refusals are named as such (and retried: a fix needs no spec edit).
+            Self::Kube(e) if forbidden(e).is_some() => Reason::Forbidden,
             // API hiccups are retried; they surface only when they outlast the deadline.
             Self::Kube(_) => Reason::ShimError,
         }
@@ -151,5 +197,23 @@ mod tests {
         let e: Error = ShimCallError::Unreachable("connection refused".into()).into();
         assert_eq!(e.reason(), Reason::ShimUnavailable);
         assert!(e.is_transient());
+    }
+
+    #[test]
+    fn forbidden_from_the_api_server_is_its_own_transient_reason_naming_verb_and_resource() {
+        let status = kube::core::Status {
+            code: 403,
+            reason: "Forbidden".into(),
+            message: r#"secrets "db-pw" is forbidden: User "system:serviceaccount:guestcred-system:guestcred-controller" cannot get resource "secrets" in API group "" in the namespace "prod""#.into(),
+            ..Default::default()
+        };
+        let e = Error::Kube(kube::Error::Api(Box::new(status)));
+        assert_eq!(e.reason().as_str(), "Forbidden");
+        assert!(e.is_transient(), "RBAC fixes apply without a spec edit");
+        let message = e.to_string();
+        assert!(
+            message.starts_with("forbidden: cannot get secrets in namespace prod"),
+            "{message}"
+        );
     }
 }

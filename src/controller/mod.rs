@@ -36,7 +36,6 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use leader::Leadership;
-use secrecy::SecretString;
 use shims::{ShimAccess, ShimDirectory};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -47,29 +46,35 @@ use tracing::{info, warn};
 /// Flags of `guestcred controller` (each also from a GUESTCRED_* environment variable).
 #[derive(clap::Args, Clone, Debug)]
 pub struct ControllerArgs {
-    /// Namespace of the shim pods (empty: look in all namespaces).
-    #[arg(long, env = "GUESTCRED_SHIM_NAMESPACE", default_value = "")]
+    /// Namespace of the shim pods (the chart's release namespace). Required: shims are
+    /// looked up in this one namespace only.
+    #[arg(long, env = "GUESTCRED_SHIM_NAMESPACE", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub shim_namespace: String,
+    /// Name of the shim DaemonSet; only pods it owns (ownerReferences) are called.
+    #[arg(
+        long,
+        env = "GUESTCRED_SHIM_DAEMONSET_NAME",
+        default_value = shims::DEFAULT_SHIM_DAEMONSET,
+        value_parser = clap::builder::NonEmptyStringValueParser::new()
+    )]
+    pub shim_daemonset_name: String,
     /// Port the shims listen on.
     #[arg(long, env = "GUESTCRED_SHIM_PORT", default_value_t = 8443)]
     pub shim_port: u16,
-    /// URL scheme for shims without TLS settings: only for test labs whose shims run with
-    /// --insecure-no-auth. With --shim-ca-file the scheme is always https.
-    #[arg(long, env = "GUESTCRED_SHIM_SCHEME", default_value = "http")]
-    pub shim_scheme: String,
-    /// File with the bearer token the shims expect.
+    /// File with the bearer token the shims expect (on top of mutual TLS).
     #[arg(long, env = "GUESTCRED_SHIM_TOKEN_FILE")]
     pub shim_token_file: Option<PathBuf>,
-    /// CA (PEM) that issued the shims' certificates; when set, shims are called over
-    /// https with mutual TLS (files are re-read when they change).
+    /// CA (PEM) that issued the shims' certificates. Required: shims are called over https
+    /// with mutual TLS only (files are re-read when they change).
     #[arg(long, env = "GUESTCRED_SHIM_CA_FILE")]
-    pub shim_ca_file: Option<PathBuf>,
-    /// The controller's client certificate (PEM, SAN `guestcred-controller`).
+    pub shim_ca_file: PathBuf,
+    /// The controller's client certificate (PEM, SAN `guestcred-controller`); required,
+    /// shims refuse handshakes without one.
     #[arg(long, env = "GUESTCRED_SHIM_CLIENT_CERT_FILE")]
-    pub shim_client_cert_file: Option<PathBuf>,
+    pub shim_client_cert_file: PathBuf,
     /// The controller's client key (PEM).
     #[arg(long, env = "GUESTCRED_SHIM_CLIENT_KEY_FILE")]
-    pub shim_client_key_file: Option<PathBuf>,
+    pub shim_client_key_file: PathBuf,
     /// DNS name the shims' certificates carry (checked instead of the pod IP).
     #[arg(long, env = "GUESTCRED_SHIM_SERVER_NAME", default_value = crate::tls::DEFAULT_SHIM_SERVER_NAME)]
     pub shim_server_name: String,
@@ -137,25 +142,23 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     crate::runtime::logging::init(args.log_format);
     let metrics = Arc::new(ControllerMetrics::new());
     let client = Client::try_default().await?;
-    let token = match &args.shim_token_file {
-        Some(p) => Some(SecretString::from(
-            std::fs::read_to_string(p)?.trim().to_string(),
-        )),
+    // Files are read off the async workers (the token here, certificates by the reload
+    // thread of the TLS client).
+    let token = match args.shim_token_file.clone() {
+        Some(p) => Some(
+            tokio::task::spawn_blocking(move || crate::shim::auth::read_token_file(&p)).await??,
+        ),
         None => None,
     };
-    let tls = args
-        .shim_ca_file
-        .clone()
-        .map(|ca| crate::tls::client::ClientTlsFiles {
-            ca,
-            cert: args.shim_client_cert_file.clone(),
-            key: args.shim_client_key_file.clone(),
-            server_name: args.shim_server_name.clone(),
-        });
-    if let Some(files) = &tls {
-        // Fail at start on unusable files, not on the first target.
-        crate::tls::client::ReloadingHttpClient::new(files.clone(), Duration::from_secs(5))?;
-    }
+    let tls = crate::tls::client::ClientTlsFiles {
+        ca: args.shim_ca_file.clone(),
+        cert: Some(args.shim_client_cert_file.clone()),
+        key: Some(args.shim_client_key_file.clone()),
+        server_name: args.shim_server_name.clone(),
+    };
+    let request_timeout = Duration::from_secs(args.shim_request_timeout_seconds);
+    // Fail at start on unusable files, not on the first target.
+    let http = crate::tls::client::ReloadingHttpClient::load(tls, request_timeout).await?;
     crate::runtime::admin::serve_controller_ops(
         &metrics,
         &args.metrics_listen,
@@ -163,16 +166,12 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     )
     .await;
     let access = ShimAccess {
-        namespace: (!args.shim_namespace.is_empty()).then(|| args.shim_namespace.clone()),
+        namespace: args.shim_namespace.clone(),
+        daemonset: args.shim_daemonset_name.clone(),
         port: args.shim_port,
-        scheme: if tls.is_some() {
-            "https".into()
-        } else {
-            args.shim_scheme.clone()
-        },
         token,
-        tls,
-        request_timeout: Duration::from_secs(args.shim_request_timeout_seconds),
+        transport: shims::ShimTransport::MutualTls(Arc::new(http)),
+        request_timeout,
     };
     let setup = |client: Client, leadership| Setup {
         client,
@@ -559,5 +558,54 @@ mod tests {
         assert!(!waits_for(&target, Some(&done), "a", &db));
         // A VM that matches later does not join a run already under way.
         assert!(!waits_for(&target, Some(&pending), "b", &db));
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ControllerArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<ControllerArgs, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("controller").chain(argv.iter().copied()))
+            .map(|c| c.args)
+    }
+
+    const TLS: [&str; 6] = [
+        "--shim-ca-file",
+        "/ca.crt",
+        "--shim-client-cert-file",
+        "/tls.crt",
+        "--shim-client-key-file",
+        "/tls.key",
+    ];
+
+    #[test]
+    fn starting_without_a_shim_ca_names_the_flag() {
+        let Err(e) = parse(&["--shim-namespace", "guestcred-system"]) else {
+            panic!("a controller without a CA for the shims must not start");
+        };
+        assert!(e.to_string().contains("--shim-ca-file"), "{e}");
+    }
+
+    #[test]
+    fn the_shim_namespace_is_required() {
+        let Err(e) = parse(&TLS) else {
+            panic!("shims are looked up in one namespace, never all of them");
+        };
+        assert!(e.to_string().contains("--shim-namespace"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_to_shims_is_not_an_option() {
+        let mut argv = vec![
+            "--shim-namespace",
+            "guestcred-system",
+            "--shim-scheme",
+            "http",
+        ];
+        argv.extend(TLS);
+        assert!(parse(&argv).is_err());
     }
 }

@@ -1,9 +1,11 @@
-//! Finds the shim serving a node: a Pod with the shim labels, scheduled on that node,
-//! Running with a pod IP. A small reflector keeps the (few) shim pods in memory, so a
-//! bulk run does not list pods once per target.
+//! Finds the shim serving a node: a Pod in the shim namespace, owned by the shim DaemonSet,
+//! with the shim labels, scheduled on that node, Running with a pod IP. A small reflector
+//! keeps the (few) shim pods in memory, so a bulk run does not list pods once per target.
+//! Shims are called over https with mutual TLS ([`ShimTransport::MutualTls`]); the only
+//! other transport is plain HTTP for in-process test worlds, which no flag selects.
 use super::error::Error;
 use super::shim_client::{ShimApi, ShimClient};
-use crate::tls::client::{ClientTlsFiles, ReloadingHttpClient};
+use crate::tls::client::ReloadingHttpClient;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -18,27 +20,51 @@ use std::time::Duration;
 pub const SHIM_POD_SELECTOR: &str =
     "app.kubernetes.io/name=guestcred,app.kubernetes.io/component=shim";
 
+/// Name of the chart's shim DaemonSet for a release named `guestcred`
+/// (`--shim-daemonset-name`; the chart passes its own name).
+pub const DEFAULT_SHIM_DAEMONSET: &str = "guestcred-shim";
+
+/// How the controller talks to shims.
+#[derive(Clone, Debug)]
+pub enum ShimTransport {
+    /// https with mutual TLS: the reloading client (CA, client certificate, expected shim
+    /// name). The only transport of the product.
+    MutualTls(Arc<ReloadingHttpClient>),
+    /// Plain HTTP without authentication, for in-process test worlds (guestcred-lab) whose
+    /// shims serve `router_without_auth_for_test_worlds`. No flag of the controller selects it.
+    PlainHttpForTestWorlds,
+}
+
 /// How to reach shims.
 #[derive(Clone, Debug)]
 pub struct ShimAccess {
-    /// Namespace of the shim pods; None = all namespaces.
-    pub namespace: Option<String>,
+    /// Namespace of the shim pods; pods elsewhere are never called.
+    pub namespace: String,
+    /// Name of the shim DaemonSet; only pods it owns are called.
+    pub daemonset: String,
     pub port: u16,
-    /// "http" or "https"; `tls` set means https.
-    pub scheme: String,
     pub token: Option<SecretString>,
-    /// Mutual TLS to the shims (CA, client certificate, expected shim name); reloaded
-    /// when the files change.
-    pub tls: Option<ClientTlsFiles>,
+    pub transport: ShimTransport,
     /// Bound for one shim request (above the shim's agent timeout).
     pub request_timeout: Duration,
+}
+
+/// Whether `pod` belongs to the shim DaemonSet `daemonset`: a controller ownerReference of
+/// kind DaemonSet (apps) with that name. Another pod with the shim labels in the namespace
+/// (a debug pod, a copy) is never taken for a shim.
+pub fn owned_by_shim_daemonset(pod: &Pod, daemonset: &str) -> bool {
+    pod.metadata.owner_references.iter().flatten().any(|o| {
+        o.kind == "DaemonSet"
+            && o.api_version.starts_with("apps/")
+            && o.name == daemonset
+            && o.controller == Some(true)
+    })
 }
 
 pub struct ShimDirectory {
     store: reflector::Store<Pod>,
     access: ShimAccess,
     clients: Mutex<HashMap<String, ShimClient>>,
-    tls: Option<ReloadingHttpClient>,
 }
 
 impl ShimDirectory {
@@ -47,10 +73,7 @@ impl ShimDirectory {
         client: Client,
         access: ShimAccess,
     ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
-        let api: Api<Pod> = match &access.namespace {
-            Some(ns) => Api::namespaced(client, ns),
-            None => Api::all(client),
-        };
+        let api: Api<Pod> = Api::namespaced(client, &access.namespace);
         let (store, writer) = reflector::store();
         let stream = reflector(
             writer,
@@ -59,17 +82,10 @@ impl ShimDirectory {
         .default_backoff()
         .applied_objects()
         .for_each(|_| futures::future::ready(()));
-        // Unreadable TLS files are reported per call (ShimUnavailable) until they appear.
-        let tls = access.tls.clone().and_then(|files| {
-            ReloadingHttpClient::new(files, access.request_timeout)
-                .inspect_err(|e| tracing::error!(error = %e, "cannot load the shim TLS files"))
-                .ok()
-        });
         let dir = Self {
             store,
             access,
             clients: Mutex::new(HashMap::new()),
-            tls,
         };
         (dir, stream)
     }
@@ -87,6 +103,7 @@ impl ShimDirectory {
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+            .filter(|p| owned_by_shim_daemonset(p, &self.access.daemonset))
             .filter_map(|p| {
                 let status = p.status.as_ref()?;
                 (status.phase.as_deref() == Some("Running"))
@@ -95,45 +112,84 @@ impl ShimDirectory {
             })
             .next()
             .ok_or_else(|| {
-                Error::ShimUnavailable(format!("no running guestcred shim pod on node {node}"))
+                Error::ShimUnavailable(format!(
+                    "no running guestcred shim pod on node {node} (pods of DaemonSet {}/{})",
+                    self.access.namespace, self.access.daemonset
+                ))
             })?;
-        if let Some(files) = &self.access.tls {
-            return Ok(Arc::new(self.tls_client(files, &ip)?));
-        }
-        let base = format!("{}://{}:{}", self.access.scheme, ip, self.access.port);
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(&base) {
-            return Ok(Arc::new(c.clone()));
-        }
-        let c = ShimClient::new(
-            base.clone(),
-            self.access.token.clone(),
-            self.access.request_timeout,
-        )?;
-        clients.insert(base, c.clone());
-        Ok(Arc::new(c))
-    }
-
-    /// An HTTPS client for the shim at `ip`: the reloading client hands out a new
-    /// connection pool whenever the certificate files changed.
-    fn tls_client(&self, files: &ClientTlsFiles, ip: &str) -> Result<ShimClient, Error> {
         // IPv6 pod IPs need brackets in a URL.
         let host = if ip.contains(':') {
             format!("[{ip}]")
         } else {
-            ip.to_string()
+            ip
         };
-        let base = format!("https://{host}:{}", self.access.port);
-        let http = match &self.tls {
-            Some(t) => t.http(),
-            None => ReloadingHttpClient::new(files.clone(), self.access.request_timeout)
-                .and_then(|t| t.http()),
+        match &self.access.transport {
+            ShimTransport::MutualTls(tls) => {
+                // The reloading client hands out a new connection pool whenever the
+                // certificate files changed.
+                let http = tls
+                    .http()
+                    .map_err(|e| Error::ShimUnavailable(format!("shim TLS client: {e}")))?;
+                let base = format!("https://{host}:{}", self.access.port);
+                Ok(Arc::new(ShimClient::with_http_client(
+                    base,
+                    self.access.token.clone(),
+                    http,
+                )))
+            }
+            ShimTransport::PlainHttpForTestWorlds => {
+                let base = format!("http://{host}:{}", self.access.port);
+                let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(c) = clients.get(&base) {
+                    return Ok(Arc::new(c.clone()));
+                }
+                let c = ShimClient::new(
+                    base.clone(),
+                    self.access.token.clone(),
+                    self.access.request_timeout,
+                )?;
+                clients.insert(base, c.clone());
+                Ok(Arc::new(c))
+            }
         }
-        .map_err(|e| Error::ShimUnavailable(format!("shim TLS client: {e}")))?;
-        Ok(ShimClient::with_http_client(
-            base,
-            self.access.token.clone(),
-            http,
-        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    fn pod(owner: Option<(&str, &str, &str, bool)>) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.owner_references = owner.map(|(api_version, kind, name, controller)| {
+            vec![OwnerReference {
+                api_version: api_version.into(),
+                kind: kind.into(),
+                name: name.into(),
+                uid: "u".into(),
+                controller: Some(controller),
+                ..Default::default()
+            }]
+        });
+        p
+    }
+
+    #[test]
+    fn only_pods_the_shim_daemonset_controls_are_shims() {
+        let ds = DEFAULT_SHIM_DAEMONSET;
+        assert!(owned_by_shim_daemonset(
+            &pod(Some(("apps/v1", "DaemonSet", ds, true))),
+            ds
+        ));
+        for other in [
+            None,
+            Some(("apps/v1", "DaemonSet", "someone-else", true)),
+            Some(("apps/v1", "ReplicaSet", ds, true)),
+            Some(("example.com/v1", "DaemonSet", ds, true)),
+            Some(("apps/v1", "DaemonSet", ds, false)),
+        ] {
+            assert!(!owned_by_shim_daemonset(&pod(other), ds), "{other:?}");
+        }
     }
 }
