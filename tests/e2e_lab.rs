@@ -1,6 +1,7 @@
 //! End to end on the lab, as a user works: the emulated API server, real libvirtds with
 //! real QEMU guests running qemu-ga, the real shim and controller binaries as separate
 //! processes, and objects applied with kubectl. Verification happens inside the guests.
+#![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
 use guestcred::api::keypair::{KeyMode, KeyStrategy, PublicKeySource};
 use guestcred::api::password::PasswordSource;
 use guestcred::api::{

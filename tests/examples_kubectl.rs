@@ -1,6 +1,7 @@
 //! A user's first minutes, with the real kubectl against the served emulator and the
 //! controller running: the CRDs and every example apply, `kubectl get` shows the printer
 //! columns, and a reset for a VM that does not exist says VMNotFound.
+#![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
 use guestcred::controller::context::EngineSettings;
 use guestcred_lab::repo_dir;
 use guestcred_lab::world::{World, WorldOptions};
