@@ -2,6 +2,7 @@
 pub mod apiserver;
 pub mod cluster;
 pub mod guest;
+pub mod hostkubevirt;
 pub mod hostqga;
 pub mod kubevirt;
 pub mod simagent;

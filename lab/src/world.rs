@@ -9,6 +9,7 @@
 //! over TCP for kubectl, log capture for the secret scan, shims killed and restarted on
 //! their address, leader-elected replicas, a world on its own runtime for `#[test]`s).
 use super::apiserver::{ApiServer, write_kubeconfig};
+use super::hostkubevirt::HostKubevirt;
 use super::hostqga::{HostQga, HostQgaError, HostQgaOptions};
 use super::kubevirt::{VmDescription, create_node_with_shim, install_crds, kubevirt_crds};
 use super::simagent::{SimAgent, SimAgentOptions};
@@ -208,6 +209,8 @@ pub struct World {
     controller_name: String,
     logs: Option<LogCapture>,
     runtime: tokio::runtime::Handle,
+    /// KubeVirt's restart subresource for the world's VMs (see `hostkubevirt`).
+    kubevirt: Arc<HostKubevirt>,
 }
 
 struct LabNode {
@@ -251,6 +254,13 @@ impl World {
         let logs = opts.capture_logs.then(LogCapture::get);
         let (control_plane, client, url) =
             ControlPlane::start(opts.control_plane, opts.serve).await?;
+        // KubeVirt's restart subresource (Rebuild mode) beside the emulated API.
+        let kubevirt = Arc::new(HostKubevirt::default());
+        let client = match control_plane.emulator() {
+            Some(api) => Client::new(kubevirt.router().merge(api.router()), "default"),
+            None => client,
+        };
+        kubevirt.set_client(client.clone());
         let dir = tempfile::Builder::new().prefix("gcw").tempdir()?;
         let kubeconfig = match url {
             Some(url) => {
@@ -309,12 +319,14 @@ impl World {
             controller_name: opts.controller_name,
             logs,
             runtime: tokio::runtime::Handle::current(),
+            kubevirt,
         };
         for i in 0..opts.nodes {
             let name = format!("node-{}", i + 1);
             let ip = next_node_ip();
             let sockets = world.dir.path().join(&name);
             std::fs::create_dir_all(&sockets)?;
+            world.kubevirt.add_node(&name, &sockets);
             let listener = tokio::net::TcpListener::bind((ip.as_str(), port)).await?;
             port = listener.local_addr()?.port();
             let template = format!("{}/{{namespace}}_{{name}}/qga.sock", sockets.display());
@@ -496,6 +508,12 @@ impl World {
             };
             guestcred::controller::start(setup, stop).await;
         }));
+    }
+
+    /// KubeVirt's restart subresource of this world: restarts counted, answers held,
+    /// requests refused.
+    pub fn kubevirt(&self) -> &HostKubevirt {
+        &self.kubevirt
     }
 
     /// Kill the controller at once (in-flight calls are dropped, like a crash).
