@@ -1,4 +1,5 @@
 //! KeypairRebuild live mode through the controller, real shims and real qemu-ga agents.
+#![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
 use guestcred::api::keypair::{KeyMode, KeyStrategy, OnDelete};
 use guestcred::api::kubevirt::VirtualMachine;
 use guestcred::api::{KeypairRebuild, Phase, TargetState};
@@ -641,4 +642,235 @@ async fn an_unreachable_vm_holds_deletion_only_for_the_bounded_wait_then_names_t
         left[0].starts_with("Warning: ") && left[0].contains("vm-a") && left[0].contains(&fp),
         "{left:?}"
     );
+}
+
+/// The VMI's uid once `pred` holds for VMI `name`.
+async fn rebuilt(w: &World, name: &str) -> KeypairRebuild {
+    w.wait_for(NS, name, Duration::from_secs(60), finished)
+        .await
+        .expect("finishes")
+}
+
+fn rebuild_marker(vm: &VirtualMachine) -> Option<String> {
+    vm.annotations()
+        .get(guestcred::controller::rebuild::REBUILD_ANNOTATION)
+        .cloned()
+}
+
+#[tokio::test]
+async fn a_crash_after_kubevirt_accepted_the_restart_does_not_restart_the_vm_twice() {
+    let mut w = world().await;
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let old = vmi_uid(&w, "vm-a").await;
+    // KubeVirt accepts the restart but its answer never reaches the controller: it dies.
+    w.kubevirt().hold_answers(true);
+    w.apply(
+        &KeypairRebuild::test("k")
+            .vm("vm-a")
+            .user("alice")
+            .inline_keys([KEY1])
+            .mode(KeyMode::Rebuild),
+    )
+    .await
+    .expect("apply");
+    let start = std::time::Instant::now();
+    while w.kubevirt().restarts_requested(NS, "vm-a") == 0 {
+        assert!(start.elapsed() < WAIT, "no restart requested");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    w.kill_controller();
+    w.kubevirt().hold_answers(false);
+    w.start_controller();
+    let r = rebuilt(&w, "k").await;
+    let t = &r.status.expect("status").run.targets[0];
+    assert_eq!(
+        (t.state, t.reason.as_deref(), t.mode.as_deref()),
+        (TargetState::Succeeded, Some("Verified"), Some("Rebuild")),
+        "{t:#?}"
+    );
+    let new = vmi_uid(&w, "vm-a").await;
+    assert_ne!(new, old, "a new VMI");
+    assert!(
+        t.message.as_deref().unwrap_or_default().contains(&new),
+        "verified on the new VMI: {t:#?}"
+    );
+    assert_eq!(
+        w.kubevirt().restarts_requested(NS, "vm-a"),
+        1,
+        "one restart"
+    );
+    assert_eq!(w.kubevirt().restarts_done(NS, "vm-a"), 1);
+    assert_eq!(
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
+        ["key1@test"]
+    );
+}
+
+#[tokio::test]
+async fn a_controller_restarted_while_the_vm_restarts_verifies_on_the_new_vmi() {
+    let mut w = world().await;
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let old = vmi_uid(&w, "vm-a").await;
+    w.apply(
+        &KeypairRebuild::test("k")
+            .vm("vm-a")
+            .user("alice")
+            .inline_keys([KEY1])
+            .mode(KeyMode::Rebuild),
+    )
+    .await
+    .expect("apply");
+    // The controller dies right after it marked the VM (the old VMI still runs).
+    w.wait_for::<VirtualMachine>(NS, "vm-a", WAIT, |vm| rebuild_marker(vm).is_some())
+        .await
+        .expect("marked");
+    w.kill_controller();
+    w.start_controller();
+    let r = rebuilt(&w, "k").await;
+    let t = &r.status.expect("status").run.targets[0];
+    assert_eq!(
+        (t.state, t.reason.as_deref()),
+        (TargetState::Succeeded, Some("Verified")),
+        "{t:#?}"
+    );
+    let new = vmi_uid(&w, "vm-a").await;
+    assert_ne!(new, old);
+    assert!(
+        t.message.as_deref().unwrap_or_default().contains(&new),
+        "{t:#?}"
+    );
+    assert_eq!(w.kubevirt().restarts_requested(NS, "vm-a"), 1);
+    assert_eq!(
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
+        ["key1@test"]
+    );
+}
+
+#[tokio::test]
+async fn a_restart_request_that_failed_after_the_marker_is_sent_again_once() {
+    let w = world().await;
+    let _qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let old = vmi_uid(&w, "vm-a").await;
+    w.kubevirt().refuse_next_restarts(1);
+    w.apply(
+        &KeypairRebuild::test("k")
+            .vm("vm-a")
+            .user("alice")
+            .inline_keys([KEY1])
+            .mode(KeyMode::Rebuild),
+    )
+    .await
+    .expect("apply");
+    let r = rebuilt(&w, "k").await;
+    let t = &r.status.expect("status").run.targets[0];
+    assert_eq!(t.reason.as_deref(), Some("Verified"), "{t:#?}");
+    assert_ne!(vmi_uid(&w, "vm-a").await, old);
+    assert_eq!(
+        w.kubevirt().restarts_requested(NS, "vm-a"),
+        2,
+        "one refused, one sent again"
+    );
+    assert_eq!(w.kubevirt().restarts_done(NS, "vm-a"), 1);
+}
+
+const USER_DATA: &str = "#cloud-config
+# Platform baseline: keep this header.
+hostname: vm-a  # short name
+users:
+  - default
+  # the deploy user
+  - name: alice
+    ssh_authorized_keys:
+      - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOimy32Onc7iJCyVgWcE+d/LHx1OCqkqfeeXY5QKiYXE hand@added
+write_files:
+  - path: /etc/motd  # greeting
+    content: hello
+";
+
+#[tokio::test]
+async fn rebuild_of_a_vm_with_user_data_from_a_secret_writes_guestcred_s_own_copy() {
+    let w = world().await;
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let user_secret = Secret::test("vm-a-userdata").data("userdata", USER_DATA);
+    w.apply(&user_secret).await.expect("user data secret");
+    let before: Secret = w.get(NS, "vm-a-userdata").await;
+    let vms: Api<VirtualMachine> = Api::namespaced(w.client.clone(), NS);
+    let volumes = serde_json::json!({"spec": {"template": {"spec": {"volumes": [
+        {"name": "rootdisk", "containerDisk": {"image": "debian"}},
+        {"name": "cloudinitdisk", "cloudInitNoCloud": {"userDataSecretRef": {"name": "vm-a-userdata"}}}
+    ]}}}});
+    vms.patch(
+        "vm-a",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&volumes),
+    )
+    .await
+    .expect("volumes");
+    let old = vmi_uid(&w, "vm-a").await;
+    w.apply(
+        &KeypairRebuild::test("k")
+            .vm("vm-a")
+            .user("alice")
+            .inline_keys([KEY2])
+            .mode(KeyMode::Rebuild),
+    )
+    .await
+    .expect("apply");
+    let r = rebuilt(&w, "k").await;
+    let t = &r.status.expect("status").run.targets[0];
+    assert_eq!(
+        (t.state, t.reason.as_deref()),
+        (TargetState::Succeeded, Some("Verified")),
+        "{t:#?}"
+    );
+    assert_ne!(vmi_uid(&w, "vm-a").await, old, "restarted");
+    assert!(
+        key_comments(&qga.authorized_keys("alice").expect("keys")).contains(&"key2@test".into())
+    );
+    // The user's Secret is untouched.
+    let after: Secret = w.get(NS, "vm-a-userdata").await;
+    assert_eq!(after.data, before.data);
+    assert_eq!(after.resource_version(), before.resource_version());
+    // The VM now reads guestcred's copy, owned by the VM, with the key and every comment.
+    let vm_obj: VirtualMachine = w.get(NS, "vm-a").await;
+    let volume = vm_obj.spec.rest["template"]["spec"]["volumes"][1].clone();
+    let copy_name = volume["cloudInitNoCloud"]["userDataSecretRef"]["name"]
+        .as_str()
+        .expect("a secret ref")
+        .to_string();
+    assert_ne!(copy_name, "vm-a-userdata");
+    assert_eq!(
+        vm_obj.spec.rest["template"]["spec"]["volumes"][0],
+        serde_json::json!({"name": "rootdisk", "containerDisk": {"image": "debian"}})
+    );
+    let copy: Secret = w.get(NS, &copy_name).await;
+    assert_eq!(
+        copy.owner_references()
+            .iter()
+            .map(|o| (o.kind.as_str(), o.name.as_str()))
+            .collect::<Vec<_>>(),
+        [("VirtualMachine", "vm-a")]
+    );
+    assert_eq!(
+        copy.annotations()
+            .get("guestcred.io/user-data-from")
+            .map(String::as_str),
+        Some("userDataSecretRef/vm-a-userdata")
+    );
+    let text = String::from_utf8(copy.data.expect("data")["userdata"].0.clone()).expect("utf-8");
+    for kept in [
+        "# Platform baseline: keep this header.",
+        "hostname: vm-a  # short name",
+        "  # the deploy user",
+        "hand@added",
+        "  - path: /etc/motd  # greeting",
+    ] {
+        assert!(text.contains(kept), "{kept:?} lost:\n{text}");
+    }
+    assert!(text.contains(KEY2), "{text}");
+    // The copy outlives the KeypairRebuild: the VM boots from it.
+    delete_rebuild(&w, "k").await;
+    gone(&w, "k", WAIT).await;
+    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), NS);
+    assert!(secrets.get_opt(&copy_name).await.expect("get").is_some());
 }

@@ -8,6 +8,38 @@
 //! Cloud-init applies `users[].ssh_authorized_keys` once per instance-id; KubeVirt's
 //! NoCloud instance-id is stable per VM, so guests need the users module to run on every
 //! boot (or a ConfigDrive with a new instance id). The lab's cloud-init stand-in does.
+//!
+//! # Order, and a crash at any point
+//! 1. The edited user data is written: inline in the VM, or — when the VM takes it from a
+//!    Secret — into a Secret guestcred creates (below).
+//! 2. One VM patch points the VM at it *and* sets the marker annotation
+//!    `guestcred.io/rebuild-for: <keyed hash of keys and user>/<uid of the VMI to replace>`.
+//! 3. The restart is requested.
+//! 4. Wait for a VMI whose uid is not the marker's, Running with its agent, and read the
+//!    keys back there: verification never reads the VMI that was restarted.
+//!
+//! A run that finds its own marker (a controller restart, a retried attempt) does not
+//! edit or restart again when the restart was delivered: the VMI's uid changed, it is
+//! being deleted, or the VM still has `status.stateChangeRequests` (KubeVirt records the
+//! restart there before it answers). Only a marker whose VMI still runs unchanged with no
+//! request pending — a crash between 2 and 3, or a refused request — sends the restart
+//! again. So a crash anywhere restarts the VM once.
+//!
+//! # User data from a Secret
+//! A VM whose cloudInitNoCloud / cloudInitConfigDrive volume names `userDataSecretRef` or
+//! `secretRef` keeps that Secret untouched: guestcred copies it (every key) into a Secret
+//! of its own, `<vm>-gc-userdata-<digest of the content>`, with the edited user data,
+//! owned by the VM (so it lives as long as the VM may boot from it, outlives the
+//! KeypairRebuild, and goes with the VM), labelled `guestcred.io/vm` and annotated
+//! `guestcred.io/user-data-from: <field>/<the user's Secret>`, and points the VM's volume
+//! at it. A later rebuild edits guestcred's copy into a new one (content-addressed:
+//! create-only, never an update). Undo: point the volume back at the Secret named in that
+//! annotation (`kubectl edit vm`), then delete guestcred's copies.
+//!
+//! The user data is edited as text (`user_data`), so everything else in it, comments
+//! included, stays.
+mod user_data;
+
 use super::context::Context;
 use super::engine::Outcome;
 use super::error::Error;
@@ -17,17 +49,46 @@ use super::targets::{self, TargetCall};
 use crate::api::keypair::KeyStrategy;
 use crate::api::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::api::{KeypairRebuild, Reason};
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
-use serde_yaml::{Mapping, Value as Yaml};
-use std::collections::BTreeSet;
+use sha2::Digest;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-/// Annotation on the VM: the keyed hash of the keys the last restart was requested for,
-/// so a controller restart mid-rebuild waits for that restart instead of starting another.
+pub use user_data::set_user_keys;
+
+/// Annotation on the VM: `<keyed hash of the keys and user>/<uid of the VMI it replaces>`,
+/// written with the edited user data before the restart (see the module docs).
 pub const REBUILD_ANNOTATION: &str = "guestcred.io/rebuild-for";
+/// Annotation on guestcred's copy of a user-data Secret: `<field>/<the user's Secret>`.
+pub const USER_DATA_FROM_ANNOTATION: &str = "guestcred.io/user-data-from";
 const CLOUD_INIT_VOLUME: &str = "cloudinitdisk";
+
+/// A marker found on the VM.
+struct Marker<'a> {
+    hash: &'a str,
+    /// The VMI the restart replaces ("" for markers written before it was recorded).
+    from_uid: &'a str,
+}
+
+fn marker_of(vm: &VirtualMachine) -> Option<Marker<'_>> {
+    let v = vm.annotations().get(REBUILD_ANNOTATION)?;
+    let (hash, from_uid) = v.split_once('/').unwrap_or((v.as_str(), ""));
+    Some(Marker { hash, from_uid })
+}
+
+/// KubeVirt recorded a restart (or stop/start) it has not finished.
+fn restart_pending(vm: &VirtualMachine) -> bool {
+    vm.status
+        .as_ref()
+        .and_then(|s| s.rest.get("stateChangeRequests"))
+        .and_then(Value::as_array)
+        .is_some_and(|r| !r.is_empty())
+}
 
 pub async fn rebuild(
     ctx: &Context,
@@ -47,30 +108,53 @@ pub async fn rebuild(
     let fps: Vec<&[u8]> = wanted.iter().map(|k| k.fingerprint.as_bytes()).collect();
     let mut parts = fps;
     parts.push(call.user.as_bytes());
-    let marker = keyed_hash(&kr.uid().unwrap_or_default(), &parts);
-    let already = vm.annotations().get(REBUILD_ANNOTATION) == Some(&marker);
-    let old_uid = call.vmi.uid();
-    if !already {
-        let volumes = with_cloud_init_keys(vm, &call.user, |existing| {
-            merge_keys(
-                existing,
-                wanted,
-                kr.spec.strategy,
-                kr.spec.replace_all,
-                previously_added,
-            )
-        })?;
-        let patch = json!({"spec": {"template": {"spec": {"volumes": volumes}}}});
-        vms.patch(&call.vm, &PatchParams::default(), &Patch::Merge(&patch))
+    let hash = keyed_hash(&kr.uid().unwrap_or_default(), &parts);
+    let current_uid = call.vmi.uid().unwrap_or_default();
+    let from_uid = match marker_of(vm) {
+        Some(m) if m.hash == hash => {
+            let delivered = m.from_uid != current_uid
+                || call.vmi.metadata.deletion_timestamp.is_some()
+                || restart_pending(vm);
+            if !delivered {
+                restart(ctx, &ns, &call.vm).await?;
+            }
+            m.from_uid.to_string()
+        }
+        _ => {
+            let volumes = with_cloud_init_keys(ctx, vm, &call.user, |existing| {
+                merge_keys(
+                    existing,
+                    wanted,
+                    kr.spec.strategy,
+                    kr.spec.replace_all,
+                    previously_added,
+                )
+            })
             .await?;
-        restart(ctx, &ns, &call.vm).await?;
-        let mark = json!({"metadata": {"annotations": {REBUILD_ANNOTATION: marker}}});
-        vms.patch(&call.vm, &PatchParams::default(), &Patch::Merge(&mark))
-            .await?;
-    }
-    let fresh = wait_for_new_vmi(ctx, &ns, &call.vm, if already { None } else { old_uid }).await?;
-    // The VM may have come back on another node: find its shim again.
+            // User data and marker in one write, with the VM's resourceVersion: the
+            // restart below is for exactly this edit.
+            let patch = json!({
+                "metadata": {
+                    "resourceVersion": vm.resource_version(),
+                    "annotations": {REBUILD_ANNOTATION: format!("{hash}/{current_uid}")},
+                },
+                "spec": {"template": {"spec": {"volumes": volumes}}},
+            });
+            vms.patch(&call.vm, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            restart(ctx, &ns, &call.vm).await?;
+            current_uid
+        }
+    };
+    let fresh = wait_for_new_vmi(ctx, &ns, &call.vm, &from_uid).await?;
+    // The VM may have come back on another node: find its shim again, on the new VMI.
     let call = targets::prepare_call(ctx, &ns, &call.vm, Some(&call.user), None).await?;
+    if call.vmi.uid() == Some(from_uid.clone()) && !from_uid.is_empty() {
+        return Err(Error::VmNotRunning(format!(
+            "VirtualMachineInstance {ns}/{} is still the one being restarted",
+            call.vm
+        )));
+    }
     let fps: Vec<String> = wanted.iter().map(|k| k.fingerprint.clone()).collect();
     let probe = call.shim.probe(&call.domain).await?;
     let verified = if probe.supports_ssh_keys() {
@@ -140,12 +224,16 @@ fn merge_keys(
 }
 
 /// The VM's volumes with the user's `ssh_authorized_keys` in the cloud-init user data
-/// replaced by `keys(existing)`; a NoCloud volume is added when there is none.
-fn with_cloud_init_keys(
+/// replaced by `keys(existing)`; a NoCloud volume is added when there is none. User data
+/// from a Secret goes into a copy guestcred owns (see the module docs).
+async fn with_cloud_init_keys(
+    ctx: &Context,
     vm: &VirtualMachine,
     user: &str,
     keys: impl FnOnce(Vec<String>) -> Vec<String>,
 ) -> Result<Vec<Value>, Error> {
+    let name = vm.name_any();
+    let invalid = |what: String| Error::InvalidSpec(format!("VM {name}: {what}"));
     let mut volumes: Vec<Value> = vm
         .spec
         .rest
@@ -169,17 +257,28 @@ fn with_cloud_init_keys(
     } else {
         "cloudInitConfigDrive"
     };
-    let source = volumes[idx][source_key].as_object_mut().ok_or_else(|| {
-        Error::InvalidSpec(format!(
-            "VM {}: {source_key} is not an object",
-            vm.name_any()
-        ))
-    })?;
-    if source.contains_key("secretRef") || source.contains_key("userDataSecretRef") {
-        return Err(Error::InvalidSpec(format!(
-            "VM {}: its cloud-init user data comes from a Secret, which Rebuild mode does not edit; put the keys there or use mode Live",
-            vm.name_any()
-        )));
+    let source = volumes[idx][source_key]
+        .as_object_mut()
+        .ok_or_else(|| invalid(format!("{source_key} is not an object")))?;
+    let edit = |text: &str| {
+        set_user_keys(text, user, keys).map_err(|e| {
+            invalid(format!(
+                "cloud-init user data is not editable cloud-config: {e}"
+            ))
+        })
+    };
+    let secret_field = ["userDataSecretRef", "secretRef"]
+        .into_iter()
+        .find(|f| source.contains_key(*f));
+    if let Some(field) = secret_field {
+        let from = source[field]
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid(format!("{source_key}.{field} has no name")))?
+            .to_string();
+        let copy = user_data_copy(ctx, vm, field, &from, edit).await?;
+        source.insert(field.into(), json!({"name": copy}));
+        return Ok(volumes);
     }
     let text = match (
         source.get("userData").and_then(Value::as_str),
@@ -190,79 +289,117 @@ fn with_cloud_init_keys(
             use base64::Engine;
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(b64)
-                .map_err(|_| {
-                    Error::InvalidSpec(format!(
-                        "VM {}: userDataBase64 is not valid base64",
-                        vm.name_any()
-                    ))
-                })?;
+                .map_err(|_| invalid("userDataBase64 is not valid base64".into()))?;
             String::from_utf8_lossy(&bytes).to_string()
         }
         _ => "#cloud-config\n".to_string(),
     };
-    let updated = set_user_keys(&text, user, keys).map_err(|e| {
-        Error::InvalidSpec(format!(
-            "VM {}: cloud-init user data is not editable cloud-config: {e}",
-            vm.name_any()
-        ))
-    })?;
+    let updated = edit(&text)?;
     source.remove("userDataBase64");
     source.insert("userData".into(), Value::String(updated));
     Ok(volumes)
 }
 
-/// Set `users[name == user].ssh_authorized_keys` in cloud-config text.
-pub fn set_user_keys(
-    text: &str,
-    user: &str,
-    keys: impl FnOnce(Vec<String>) -> Vec<String>,
-) -> Result<String, String> {
-    let body = text.trim_start();
-    if !body.is_empty() && !body.starts_with("#cloud-config") {
-        return Err(
-            "it does not start with #cloud-config (scripts and MIME parts are not edited)".into(),
-        );
+/// Keys a user-data Secret may hold its user data under (KubeVirt reads either).
+const USER_DATA_KEYS: [&str; 2] = ["userdata", "userData"];
+
+/// Write the edited copy of user-data Secret `from` (every key kept, the user data
+/// edited) as a Secret guestcred owns through the VM; returns its name. `from` may be an
+/// earlier copy: the new one records the user's Secret that copy came from.
+async fn user_data_copy(
+    ctx: &Context,
+    vm: &VirtualMachine,
+    field: &str,
+    from: &str,
+    edit: impl FnOnce(&str) -> Result<String, Error>,
+) -> Result<String, Error> {
+    let ns = vm.namespace().unwrap_or_default();
+    let vm_name = vm.name_any();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let source = secrets
+        .get_opt(from)
+        .await?
+        .ok_or_else(|| Error::SecretNotFound(format!("{from} (the user data of VM {vm_name})")))?;
+    let mut data: BTreeMap<String, ByteString> = source.data.clone().unwrap_or_default();
+    let key = USER_DATA_KEYS
+        .into_iter()
+        .find(|k| data.contains_key(*k))
+        .ok_or_else(|| Error::SecretKeyMissing {
+            secret: from.to_string(),
+            key: "userdata".into(),
+        })?;
+    let text = String::from_utf8(data[key].0.clone()).map_err(|_| {
+        Error::InvalidSpec(format!(
+            "VM {vm_name}: the user data in Secret {from} is not UTF-8"
+        ))
+    })?;
+    let updated = edit(&text)?;
+    data.insert(key.to_string(), ByteString(updated.into_bytes()));
+    // The user's Secret this chain of copies started from.
+    let original = source
+        .annotations()
+        .get(USER_DATA_FROM_ANNOTATION)
+        .cloned()
+        .unwrap_or_else(|| format!("{field}/{from}"));
+    let mut digest = sha2::Sha256::new();
+    for (k, v) in &data {
+        digest.update(k.as_bytes());
+        digest.update([0]);
+        digest.update(&v.0);
+        digest.update([0]);
     }
-    let mut doc: Yaml = serde_yaml::from_str(body).map_err(|e| e.to_string())?;
-    if doc.is_null() {
-        doc = Yaml::Mapping(Mapping::new());
-    }
-    let root = doc
-        .as_mapping_mut()
-        .ok_or("the document is not a mapping")?;
-    let users = root
-        .entry(Yaml::from("users"))
-        .or_insert_with(|| Yaml::Sequence(vec![Yaml::from("default")]));
-    let list = users.as_sequence_mut().ok_or("users is not a list")?;
-    let pos = list
-        .iter()
-        .position(|u| u.get("name").and_then(Yaml::as_str) == Some(user));
-    let entry = match pos {
-        Some(p) => &mut list[p],
-        None => {
-            let mut m = Mapping::new();
-            m.insert(Yaml::from("name"), Yaml::from(user));
-            list.push(Yaml::Mapping(m));
-            list.last_mut().ok_or("users list is empty")?
-        }
+    let digest = hex::encode(digest.finalize());
+    let prefix: String = vm_name.chars().take(200).collect();
+    let name = format!("{prefix}-gc-userdata-{}", &digest[..10]);
+    let owner = OwnerReference {
+        api_version: "kubevirt.io/v1".into(),
+        kind: "VirtualMachine".into(),
+        name: vm_name.clone(),
+        uid: vm.uid().unwrap_or_default(),
+        ..OwnerReference::default()
     };
-    let m = entry
-        .as_mapping_mut()
-        .ok_or("a users entry is not a mapping")?;
-    let existing: Vec<String> = m
-        .get("ssh_authorized_keys")
-        .and_then(Yaml::as_sequence)
-        .map(|s| {
-            s.iter()
-                .filter_map(Yaml::as_str)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    let new: Vec<Yaml> = keys(existing).into_iter().map(Yaml::from).collect();
-    m.insert(Yaml::from("ssh_authorized_keys"), Yaml::Sequence(new));
-    let yaml = serde_yaml::to_string(&doc).map_err(|e| e.to_string())?;
-    Ok(format!("#cloud-config\n{yaml}"))
+    let copy = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(ns.clone()),
+            labels: Some(BTreeMap::from([
+                ("guestcred.io/vm".to_string(), vm_name.clone()),
+                (
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "guestcred".to_string(),
+                ),
+            ])),
+            annotations: Some(BTreeMap::from([(
+                USER_DATA_FROM_ANNOTATION.to_string(),
+                original,
+            )])),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        type_: source.type_.clone(),
+        data: Some(data.clone()),
+        ..Secret::default()
+    };
+    match secrets.create(&PostParams::default(), &copy).await {
+        Ok(_) => Ok(name),
+        // Same name, same content (a retry, or the same edit again): reuse it only if it
+        // is ours and holds exactly this.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let existing = secrets.get(&name).await?;
+            let ours = existing
+                .owner_references()
+                .iter()
+                .any(|o| o.uid == vm.uid().unwrap_or_default());
+            if ours && existing.data.as_ref() == Some(&data) {
+                Ok(name)
+            } else {
+                Err(Error::OutputSecretConflict(format!(
+                    "Secret {name} exists and is not guestcred's copy of the user data of VM {vm_name}; delete or rename it"
+                )))
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `PUT .../virtualmachines/NAME/restart` on KubeVirt's subresource API.
@@ -283,61 +420,16 @@ async fn wait_for_new_vmi(
     ctx: &Context,
     ns: &str,
     vm: &str,
-    old_uid: Option<String>,
+    old_uid: &str,
 ) -> Result<VirtualMachineInstance, Error> {
     let vmis: Api<VirtualMachineInstance> = Api::namespaced(ctx.client.clone(), ns);
     loop {
         if let Some(vmi) = vmis.get_opt(vm).await? {
-            let new = old_uid.is_none() || vmi.uid() != old_uid;
+            let new = vmi.uid().as_deref() != Some(old_uid);
             if new && vmi.is_running() && vmi.agent_connected() {
                 return Ok(vmi);
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_are_set_for_a_new_user_entry() {
-        let out = set_user_keys("#cloud-config\npackage_update: true\n", "root", |_| {
-            vec!["ssh-ed25519 AAAA k".into()]
-        })
-        .expect("edit");
-        let doc: Yaml = serde_yaml::from_str(&out).expect("yaml");
-        assert_eq!(doc["package_update"], Yaml::from(true));
-        let users = doc["users"].as_sequence().expect("users");
-        let root = users
-            .iter()
-            .find(|u| u.get("name").and_then(Yaml::as_str) == Some("root"))
-            .expect("root");
-        assert_eq!(
-            root["ssh_authorized_keys"][0],
-            Yaml::from("ssh-ed25519 AAAA k")
-        );
-        assert!(out.starts_with("#cloud-config\n"));
-    }
-
-    #[test]
-    fn existing_keys_are_handed_to_the_merge() {
-        let text = "#cloud-config\nusers:\n- name: alice\n  ssh_authorized_keys: [old]\n";
-        let out = set_user_keys(text, "alice", |mut e| {
-            e.push("new".into());
-            e
-        })
-        .expect("edit");
-        let doc: Yaml = serde_yaml::from_str(&out).expect("yaml");
-        assert_eq!(
-            doc["users"][0]["ssh_authorized_keys"],
-            serde_yaml::from_str::<Yaml>("[old, new]").expect("yaml")
-        );
-    }
-
-    #[test]
-    fn shell_script_user_data_is_not_edited() {
-        assert!(set_user_keys("#!/bin/sh\necho hi\n", "root", |k| k).is_err());
     }
 }
