@@ -40,7 +40,7 @@ async fn both_vm_name_and_selector_is_invalid_spec() {
     let mut r = GuestPasswordReset::test("r")
         .selector("tier", "db")
         .from_secret("pw");
-    r.spec.target.vm_name = Some("db-0".into());
+    r.spec.common.target.vm_name = Some("db-0".into());
     w.apply(&r).await.expect("reset");
     let r: GuestPasswordReset = w
         .wait_for(NS, "r", WAIT, stalled_with("InvalidSpec"))

@@ -2,13 +2,10 @@
 //! real QEMU guests running qemu-ga, the real shim and controller binaries as separate
 //! processes, and objects applied with kubectl. Verification happens inside the guests.
 #![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
-use guestcred::api::keypair::{KeyMode, KeyStrategy, PublicKeySource};
-use guestcred::api::password::PasswordSource;
-use guestcred::api::{
-    GuestPasswordReset, GuestPasswordResetSpec, KeypairRebuild, KeypairRebuildSpec, RolloutSpec,
-    SecretKeyRef, TargetSpec,
-};
+use guestcred::api::keypair::{KeyMode, KeyStrategy};
+use guestcred::api::{GuestPasswordReset, KeypairRebuild, TargetSpec};
 use guestcred_lab::cluster::LabState;
+use guestcred_lab::testing::{KeysTest, ResetTest, TargetedTest, TestObject};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::ObjectMeta;
@@ -199,47 +196,20 @@ fn reset(
     secret: &str,
     crypted: bool,
 ) -> GuestPasswordReset {
-    let mut r = GuestPasswordReset::new(
-        name,
-        GuestPasswordResetSpec {
-            target,
-            user: Some(user.into()),
-            password: PasswordSource {
-                secret_ref: Some(SecretKeyRef {
-                    name: secret.into(),
-                    key: "password".into(),
-                    namespace: None,
-                }),
-                crypted,
-                generate: None,
-            },
-            rollout: RolloutSpec::default(),
-        },
-    );
-    r.metadata.namespace = Some(NS.into());
-    r
+    let r = GuestPasswordReset::test(name)
+        .target(target)
+        .user(user)
+        .from_secret(secret);
+    if crypted { r.crypted() } else { r }
 }
 
 fn keys(name: &str, vm: &str, user: &str, mode: KeyMode, lines: &[&str]) -> KeypairRebuild {
-    let mut k = KeypairRebuild::new(
-        name,
-        KeypairRebuildSpec {
-            target: vm_target(vm),
-            user: Some(user.into()),
-            public_keys: PublicKeySource {
-                secret_ref: None,
-                inline: Some(lines.iter().map(|l| l.to_string()).collect()),
-            },
-            mode,
-            strategy: KeyStrategy::Replace,
-            replace_all: false,
-            ttl_seconds: None,
-            on_delete: Default::default(),
-            rollout: RolloutSpec::default(),
-        },
-    );
-    k.metadata.namespace = Some(NS.into());
-    k
+    KeypairRebuild::test(name)
+        .vm(vm)
+        .user(user)
+        .inline_keys(lines.iter().copied())
+        .mode(mode)
+        .strategy(KeyStrategy::Replace)
 }
 
 #[test]
@@ -315,7 +285,7 @@ fn bulk_reset_by_selector_reaches_every_db_vm_on_both_nodes_one_at_a_time() {
         "e2e-bulk",
         true,
     );
-    r.spec.rollout.max_concurrency = 1;
+    r.spec.common.rollout.max_concurrency = 1;
     apply(&r);
     kubectl(
         &[

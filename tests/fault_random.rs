@@ -57,7 +57,11 @@ fn vm_name(i: usize) -> String {
 }
 
 fn node_of(i: usize) -> &'static str {
-    if i % 2 == 0 { "node-1" } else { "node-2" }
+    if i.is_multiple_of(2) {
+        "node-1"
+    } else {
+        "node-2"
+    }
 }
 
 /// Every value each VM's alice had, in order, as seen by a sampler.

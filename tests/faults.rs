@@ -46,8 +46,8 @@ async fn a_shim_killed_mid_call_and_restarted_finishes_every_target() {
         .selector("bulk", "shim")
         .user("alice")
         .from_secret("pw");
-    r.spec.rollout.max_concurrency = 1;
-    r.spec.rollout.deadline_seconds = 60;
+    r.spec.common.rollout.max_concurrency = 1;
+    r.spec.common.rollout.deadline_seconds = 60;
     lab.apply(&r).await.expect("apply");
     lab.wait_for::<GuestPasswordReset>(NS, "bulk", WAIT, |r| {
         r.status
@@ -130,7 +130,7 @@ async fn a_shim_gone_for_longer_than_the_deadline_fails_with_deadline_exceeded()
         .vm("vm-a")
         .user("alice")
         .from_secret("pw");
-    r.spec.rollout.deadline_seconds = 10;
+    r.spec.common.rollout.deadline_seconds = 10;
     lab.apply(&r).await.expect("apply");
     let done = lab
         .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
@@ -164,7 +164,7 @@ async fn a_controller_killed_mid_bulk_applies_each_generated_password_once() {
         .selector("bulk", "gen")
         .user("alice")
         .generate(24);
-    r.spec.rollout.max_concurrency = 1;
+    r.spec.common.rollout.max_concurrency = 1;
     lab.apply(&r).await.expect("apply");
     lab.wait_for::<GuestPasswordReset>(NS, "gen", WAIT, succeeded_at_least(2))
         .await
@@ -243,7 +243,7 @@ async fn a_paused_agent_times_out_and_the_target_finishes_after_resume() {
         .vm("vm-a")
         .user("alice")
         .from_secret("pw");
-    r.spec.rollout.deadline_seconds = 60;
+    r.spec.common.rollout.deadline_seconds = 60;
     lab.apply(&r).await.expect("apply");
     lab.wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("AgentTimeout"))
         .await
@@ -279,7 +279,7 @@ async fn a_vm_paused_mid_operation_is_retried_until_it_resumes() {
         .vm("vm-a")
         .user("alice")
         .from_secret("pw");
-    r.spec.rollout.deadline_seconds = 60;
+    r.spec.common.rollout.deadline_seconds = 60;
     lab.apply(&r).await.expect("apply");
     let r = lab
         .wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("VMNotRunning"))
@@ -311,7 +311,7 @@ async fn a_vm_deleted_mid_operation_fails_with_vm_not_found() {
         .vm("vm-a")
         .user("alice")
         .from_secret("pw");
-    r.spec.rollout.deadline_seconds = 60;
+    r.spec.common.rollout.deadline_seconds = 60;
     lab.apply(&r).await.expect("apply");
     lab.wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("VMNotRunning"))
         .await
@@ -353,7 +353,7 @@ async fn a_vm_restarted_mid_operation_gets_the_password_after_it_is_back() {
         .vm("vm-a")
         .user("alice")
         .from_secret("pw");
-    r.spec.rollout.deadline_seconds = 60;
+    r.spec.common.rollout.deadline_seconds = 60;
     lab.apply(&r).await.expect("apply");
     lab.wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("VMNotRunning"))
         .await

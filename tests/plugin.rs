@@ -341,7 +341,7 @@ async fn stdin_password_is_in_no_argument_log_event_or_output() {
     let name = created_name(&out);
     // The reset was unpaused after its Secret was stored; the Secret is owned by the reset.
     let reset: GuestPasswordReset = w.get(NS, &name).await;
-    assert!(!reset.spec.rollout.paused);
+    assert!(!reset.spec.common.rollout.paused);
     let secret: k8s_openapi::api::core::v1::Secret = w.get(NS, &format!("{name}-input")).await;
     let owner = &secret.owner_references()[0];
     assert_eq!(
@@ -459,7 +459,7 @@ async fn bulk_dry_run_lists_targets_and_a_run_reports_each_vm() {
     );
     assert!(out.stderr.contains("db-c: DeadlineExceeded"), "{out:?}");
     let r: GuestPasswordReset = w.get(NS, &name).await;
-    let spec = r.spec.rollout;
+    let spec = r.spec.common.rollout;
     assert_eq!(
         (
             spec.max_concurrency,
@@ -613,7 +613,7 @@ async fn terminal_shows_live_progress_and_ctrl_c_pauses_the_run() {
     let list: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
     let r = list.list(&ListParams::default()).await.expect("list").items;
     assert_eq!(r.len(), 1);
-    assert!(r[0].spec.rollout.paused, "y paused the run");
+    assert!(r[0].spec.common.rollout.paused, "y paused the run");
     assert_eq!(vms_in_state(&r[0], TargetState::Succeeded), ["fast"]);
 }
 

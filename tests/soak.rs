@@ -44,8 +44,8 @@ async fn bulk_runs_survive_repeated_faults_with_every_password_applied_once() {
             .selector("bulk", "soak")
             .user("alice")
             .generate(24);
-        r.spec.rollout.max_concurrency = 3;
-        r.spec.rollout.deadline_seconds = 120;
+        r.spec.common.rollout.max_concurrency = 3;
+        r.spec.common.rollout.deadline_seconds = 120;
         lab.apply(&r).await.expect("apply");
         lab.wait_for::<GuestPasswordReset>(NS, &name, WAIT, succeeded_at_least(vms / 3))
             .await

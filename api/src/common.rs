@@ -34,6 +34,24 @@ pub struct SecretKeyRef {
 }
 
 /// How many targets run at once, how many failures are tolerated, and how long each may take.
+/// What both kinds' specs share: the VMs a run targets, the guest user, and how the run
+/// rolls out. Flattened into each spec, so the fields stand directly under `spec`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunSpec {
+    /// The VM(s) to act on: exactly one of a VM name or a label selector. Immutable once a
+    /// run started.
+    pub target: TargetSpec,
+    /// Guest user. Default: the VM's `guestcred.io/admin-user` annotation, else Administrator
+    /// for Windows guests and root for all others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    pub user: Option<String>,
+    /// Concurrency, failure budget, per-target deadline and pause.
+    #[serde(flatten)]
+    pub rollout: RolloutSpec,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutSpec {

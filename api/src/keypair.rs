@@ -1,5 +1,5 @@
 //! `KeypairRebuild`: put new SSH public keys into guests, live or by rebuilding the VM.
-use super::common::{RolloutSpec, RunStatus, SecretKeyRef, TargetSpec};
+use super::common::{RunSpec, RunStatus, SecretKeyRef};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -26,13 +26,10 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.ttlSeconds) || !has(self.mode) || self.mode != 'Rebuild'").message("ttlSeconds needs mode Live (or Auto on guests whose agent has guest-ssh-*): keys written by a rebuild into cloud-init user data cannot be removed on time"))]
 pub struct KeypairRebuildSpec {
-    /// The VM(s) that get the keys.
-    pub target: TargetSpec,
-    /// Guest user. Default: the VM's `guestcred.io/admin-user` annotation, else Administrator
-    /// for Windows guests and root for all others.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 32))]
-    pub user: Option<String>,
+    /// The target VMs, the guest user and the rollout settings (shared with
+    /// GuestPasswordReset; flattened: `spec.target`, `spec.user`, `spec.maxConcurrency`, ...).
+    #[serde(flatten)]
+    pub common: RunSpec,
     /// The public keys to install.
     pub public_keys: PublicKeySource,
     /// Live (through the agent), Rebuild (new cloud-init keys and a restart) or Auto (Live
@@ -59,9 +56,6 @@ pub struct KeypairRebuildSpec {
     /// stay in the guests.
     #[serde(default)]
     pub on_delete: OnDelete,
-    /// Concurrency, failure budget, per-target deadline and pause.
-    #[serde(flatten)]
-    pub rollout: RolloutSpec,
 }
 
 /// Exactly one of `secretRef` and `inline`.

@@ -1,5 +1,5 @@
 //! `GuestPasswordReset`: set a guest user's password through the QEMU guest agent.
-use super::common::{RolloutSpec, RunStatus, SecretKeyRef, TargetSpec};
+use super::common::{RunSpec, RunStatus, SecretKeyRef};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -24,18 +24,12 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GuestPasswordResetSpec {
-    /// The VM(s) whose guest password is set.
-    pub target: TargetSpec,
-    /// Guest user. Default: the VM's `guestcred.io/admin-user` annotation, else Administrator
-    /// for Windows guests and root for all others.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 32))]
-    pub user: Option<String>,
+    /// The target VMs, the guest user and the rollout settings (shared with
+    /// KeypairRebuild; flattened: `spec.target`, `spec.user`, `spec.maxConcurrency`, ...).
+    #[serde(flatten)]
+    pub common: RunSpec,
     /// Where the password comes from.
     pub password: PasswordSource,
-    /// Concurrency, failure budget, per-target deadline and pause.
-    #[serde(flatten)]
-    pub rollout: RolloutSpec,
 }
 
 /// Exactly one of `secretRef` and `generate`.

@@ -8,7 +8,8 @@ use axum::response::Response;
 use futures::{StreamExt, TryStreamExt};
 use guestcred::api::password::PasswordSource;
 use guestcred::api::{
-    GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, SecretKeyRef, TargetSpec,
+    GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, RunSpec, SecretKeyRef,
+    TargetSpec,
 };
 use guestcred_lab::apiserver::{ApiServer, write_kubeconfig};
 use guestcred_lab::kubevirt::install_crds;
@@ -141,7 +142,12 @@ pub fn crypt_string(tag: &str) -> String {
             .map(|i| ALPHABET[(digest[(i + skip) % digest.len()] % 64) as usize] as char)
             .collect()
     };
-    format!("$6${}${}", chars(16, 7), chars(86, 0))
+    // The hash's last character carries 2 bits (512 = 85 * 6 + 2): libcrypt only ever
+    // writes one of the alphabet's first four there, and the shim checks it.
+    let mut hash = chars(86, 0);
+    hash.pop();
+    hash.push(ALPHABET[(digest[21] % 4) as usize] as char);
+    format!("$6${}${hash}", chars(16, 7))
 }
 
 pub fn secret(name: &str, value: &str) -> Secret {
@@ -170,8 +176,11 @@ pub fn reset(
     let mut r = GuestPasswordReset::new(
         name,
         GuestPasswordResetSpec {
-            target,
-            user: Some(user.into()),
+            common: RunSpec {
+                target,
+                user: Some(user.into()),
+                rollout,
+            },
             password: PasswordSource {
                 secret_ref: Some(SecretKeyRef {
                     name: secret.into(),
@@ -181,7 +190,6 @@ pub fn reset(
                 crypted: true,
                 generate: None,
             },
-            rollout,
         },
     );
     r.metadata.namespace = Some(NS.into());

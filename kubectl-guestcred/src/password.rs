@@ -5,7 +5,7 @@ use crate::util::{Call, RESETS, SECRETS, VMIS, connect, exit, fail, object_name}
 use guestcred_api::kubevirt::VirtualMachineInstance;
 use guestcred_api::password::{GeneratePolicy, PasswordSource};
 use guestcred_api::{
-    GuestPasswordReset, GuestPasswordResetSpec, RolloutSpec, SecretKeyRef, TargetSpec,
+    GuestPasswordReset, GuestPasswordResetSpec, RolloutSpec, RunSpec, SecretKeyRef, TargetSpec,
 };
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -78,8 +78,11 @@ pub async fn set_password(g: &Global, a: SetPassword) -> anyhow::Result<()> {
     let mut reset = GuestPasswordReset::new(
         &name,
         GuestPasswordResetSpec {
-            target,
-            user: a.user.clone(),
+            common: RunSpec {
+                target,
+                user: a.user.clone(),
+                rollout,
+            },
             password: PasswordSource {
                 secret_ref,
                 crypted: a.crypted,
@@ -88,7 +91,6 @@ pub async fn set_password(g: &Global, a: SetPassword) -> anyhow::Result<()> {
                     charset: Default::default(),
                 }),
             },
-            rollout,
         },
     );
     reset.metadata.namespace = Some(ns.clone());

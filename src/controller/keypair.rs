@@ -11,9 +11,7 @@ use super::targets::TargetCall;
 use crate::api::keypair::{KeyMode, KeyStrategy};
 use crate::api::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::api::wire::KeyOp;
-use crate::api::{
-    KeypairRebuild, Reason, RolloutSpec, RunStatus, SecretKeyRef, TargetSpec, TargetStatus,
-};
+use crate::api::{KeypairRebuild, Reason, RunSpec, RunStatus, SecretKeyRef, TargetStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -39,14 +37,8 @@ fn annotation_key(user: &str) -> String {
 impl RunKind for KeypairRebuild {
     type Input = Vec<WantedKey>;
 
-    fn target(&self) -> &TargetSpec {
-        &self.spec.target
-    }
-    fn rollout(&self) -> &RolloutSpec {
-        &self.spec.rollout
-    }
-    fn spec_user(&self) -> Option<&str> {
-        self.spec.user.as_deref()
+    fn common(&self) -> &RunSpec {
+        &self.spec.common
     }
     fn input_secret(&self) -> Option<&SecretKeyRef> {
         self.spec.public_keys.secret_ref.as_ref()
@@ -64,7 +56,7 @@ impl RunKind for KeypairRebuild {
         if let Some(r) = &self.spec.public_keys.secret_ref {
             secrets::check_same_namespace(r, &ns, "publicKeys.secretRef")?;
         }
-        if let Some(u) = &self.spec.user {
+        if let Some(u) = &self.spec.common.user {
             crate::api::validate::user(u)
                 .map_err(|e| Error::InvalidUser(format!("spec.user: {}", e.message)))?;
         }
@@ -106,7 +98,7 @@ impl RunKind for KeypairRebuild {
             self.spec.mode,
             self.spec.strategy,
             self.spec.replace_all,
-            self.spec.user.clone().unwrap_or_default()
+            self.spec.common.user.clone().unwrap_or_default()
         );
         parts.push(flags.as_bytes());
         let hash = secrets::keyed_hash(&self.uid().unwrap_or_default(), &parts);

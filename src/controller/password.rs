@@ -6,7 +6,7 @@ use super::secrets;
 use super::targets::TargetCall;
 use crate::api::password::Charset;
 use crate::api::wire::SetPasswordRequest;
-use crate::api::{GuestPasswordReset, Reason, RolloutSpec, RunStatus, SecretKeyRef, TargetSpec};
+use crate::api::{GuestPasswordReset, Reason, RunSpec, RunStatus, SecretKeyRef};
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use secrecy::{ExposeSecret, SecretString};
@@ -28,14 +28,8 @@ pub enum PasswordInput {
 impl RunKind for GuestPasswordReset {
     type Input = PasswordInput;
 
-    fn target(&self) -> &TargetSpec {
-        &self.spec.target
-    }
-    fn rollout(&self) -> &RolloutSpec {
-        &self.spec.rollout
-    }
-    fn spec_user(&self) -> Option<&str> {
-        self.spec.user.as_deref()
+    fn common(&self) -> &RunSpec {
+        &self.spec.common
     }
     fn input_secret(&self) -> Option<&SecretKeyRef> {
         self.spec.password.secret_ref.as_ref()
@@ -53,7 +47,7 @@ impl RunKind for GuestPasswordReset {
         if let Some(r) = &self.spec.password.secret_ref {
             secrets::check_same_namespace(r, &ns, "password.secretRef")?;
         }
-        if let Some(u) = &self.spec.user {
+        if let Some(u) = &self.spec.common.user {
             crate::api::validate::user(u)
                 .map_err(|e| Error::InvalidUser(format!("spec.user: {}", e.message)))?;
         }
@@ -71,7 +65,7 @@ impl RunKind for GuestPasswordReset {
 
     async fn prepare(&self, ctx: &Context) -> Result<Prepared<PasswordInput>, Error> {
         let uid = self.uid().unwrap_or_default();
-        let user = self.spec.user.clone().unwrap_or_default();
+        let user = self.spec.common.user.clone().unwrap_or_default();
         let p = &self.spec.password;
         match (&p.secret_ref, &p.generate) {
             (Some(r), None) => {

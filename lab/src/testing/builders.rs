@@ -11,7 +11,7 @@ use super::NS;
 use guestcred::api::keypair::{KeyMode, KeyStrategy, PublicKeySource};
 use guestcred::api::password::{GeneratePolicy, PasswordSource};
 use guestcred::api::{
-    GuestPasswordReset, GuestPasswordResetSpec, KeypairRebuild, KeypairRebuildSpec, RolloutSpec,
+    GuestPasswordReset, GuestPasswordResetSpec, KeypairRebuild, KeypairRebuildSpec, RunSpec,
     SecretKeyRef, TargetSpec,
 };
 use k8s_openapi::ByteString;
@@ -27,18 +27,12 @@ pub trait TestObject: Sized {
 
 /// What both kinds share: target, user, rollout, namespace.
 pub trait TargetedTest: Sized {
-    fn parts(
-        &mut self,
-    ) -> (
-        &mut ObjectMeta,
-        &mut TargetSpec,
-        &mut Option<String>,
-        &mut RolloutSpec,
-    );
+    /// The object's metadata and the spec both kinds share.
+    fn parts(&mut self) -> (&mut ObjectMeta, &mut RunSpec);
 
     /// Target one VM by name (replaces a selector).
     fn vm(mut self, name: &str) -> Self {
-        *self.parts().1 = TargetSpec {
+        self.parts().1.target = TargetSpec {
             vm_name: Some(name.into()),
             selector: None,
         };
@@ -46,7 +40,7 @@ pub trait TargetedTest: Sized {
     }
     /// Target the VMs labelled `key=value` (replaces a VM name).
     fn selector(mut self, key: &str, value: &str) -> Self {
-        *self.parts().1 = TargetSpec {
+        self.parts().1.target = TargetSpec {
             vm_name: None,
             selector: Some(LabelSelector {
                 match_labels: Some(BTreeMap::from([(key.to_string(), value.to_string())])),
@@ -57,27 +51,27 @@ pub trait TargetedTest: Sized {
     }
     /// Set the target as given, e.g. both a VM name and a selector.
     fn target(mut self, target: TargetSpec) -> Self {
-        *self.parts().1 = target;
+        self.parts().1.target = target;
         self
     }
     fn user(mut self, user: &str) -> Self {
-        *self.parts().2 = Some(user.into());
+        self.parts().1.user = Some(user.into());
         self
     }
     fn max_concurrency(mut self, n: u32) -> Self {
-        self.parts().3.max_concurrency = n;
+        self.parts().1.rollout.max_concurrency = n;
         self
     }
     fn max_failures(mut self, n: u32) -> Self {
-        self.parts().3.max_failures = n;
+        self.parts().1.rollout.max_failures = n;
         self
     }
     fn deadline_seconds(mut self, seconds: u32) -> Self {
-        self.parts().3.deadline_seconds = seconds;
+        self.parts().1.rollout.deadline_seconds = seconds;
         self
     }
     fn paused(mut self) -> Self {
-        self.parts().3.paused = true;
+        self.parts().1.rollout.paused = true;
         self
     }
     fn in_namespace(mut self, ns: &str) -> Self {
@@ -100,13 +94,8 @@ impl TestObject for GuestPasswordReset {
         let mut r = GuestPasswordReset::new(
             name,
             GuestPasswordResetSpec {
-                target: TargetSpec {
-                    vm_name: None,
-                    selector: None,
-                },
-                user: None,
+                common: RunSpec::default(),
                 password: PasswordSource::default(),
-                rollout: RolloutSpec::default(),
             },
         );
         r.metadata.namespace = Some(NS.into());
@@ -115,21 +104,8 @@ impl TestObject for GuestPasswordReset {
 }
 
 impl TargetedTest for GuestPasswordReset {
-    fn parts(
-        &mut self,
-    ) -> (
-        &mut ObjectMeta,
-        &mut TargetSpec,
-        &mut Option<String>,
-        &mut RolloutSpec,
-    ) {
-        let spec = &mut self.spec;
-        (
-            &mut self.metadata,
-            &mut spec.target,
-            &mut spec.user,
-            &mut spec.rollout,
-        )
+    fn parts(&mut self) -> (&mut ObjectMeta, &mut RunSpec) {
+        (&mut self.metadata, &mut self.spec.common)
     }
 }
 
@@ -176,18 +152,13 @@ impl TestObject for KeypairRebuild {
         let mut r = KeypairRebuild::new(
             name,
             KeypairRebuildSpec {
-                target: TargetSpec {
-                    vm_name: None,
-                    selector: None,
-                },
-                user: None,
+                common: RunSpec::default(),
                 public_keys: PublicKeySource::default(),
                 mode: KeyMode::Live,
                 strategy: KeyStrategy::Replace,
                 replace_all: false,
                 ttl_seconds: None,
                 on_delete: Default::default(),
-                rollout: RolloutSpec::default(),
             },
         );
         r.metadata.namespace = Some(NS.into());
@@ -196,21 +167,8 @@ impl TestObject for KeypairRebuild {
 }
 
 impl TargetedTest for KeypairRebuild {
-    fn parts(
-        &mut self,
-    ) -> (
-        &mut ObjectMeta,
-        &mut TargetSpec,
-        &mut Option<String>,
-        &mut RolloutSpec,
-    ) {
-        let spec = &mut self.spec;
-        (
-            &mut self.metadata,
-            &mut spec.target,
-            &mut spec.user,
-            &mut spec.rollout,
-        )
+    fn parts(&mut self) -> (&mut ObjectMeta, &mut RunSpec) {
+        (&mut self.metadata, &mut self.spec.common)
     }
 }
 

@@ -45,7 +45,7 @@ mod target;
 use super::context::Context;
 use super::error::Error;
 use super::targets::{self, TargetCall};
-use crate::api::{RolloutSpec, RunStatus, SecretKeyRef, TargetSpec, TargetStatus};
+use crate::api::{RolloutSpec, RunSpec, RunStatus, SecretKeyRef, TargetSpec, TargetStatus};
 use decide::Requeue;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -112,9 +112,17 @@ pub trait RunKind:
     /// Prepared input of a run (secret values live in `secrecy` types).
     type Input: Send + Sync;
 
-    fn target(&self) -> &TargetSpec;
-    fn rollout(&self) -> &RolloutSpec;
-    fn spec_user(&self) -> Option<&str>;
+    /// The spec both kinds share (target, user, rollout).
+    fn common(&self) -> &RunSpec;
+    fn target(&self) -> &TargetSpec {
+        &self.common().target
+    }
+    fn rollout(&self) -> &RolloutSpec {
+        &self.common().rollout
+    }
+    fn spec_user(&self) -> Option<&str> {
+        self.common().user.as_deref()
+    }
     /// The Secret the input comes from, if any (watched: a change starts a new run).
     fn input_secret(&self) -> Option<&SecretKeyRef>;
     fn run_status(&self) -> Option<&RunStatus>;
