@@ -654,15 +654,11 @@ fn controller_role_covers_its_kubevirt_calls() {
     );
     assert_eq!(
         rules_for(role, "kubevirt.io", "virtualmachines"),
-        set(&["get", "list", "patch", "watch"])
+        set(&["get", "patch"])
     );
     assert_eq!(
         rules_for(role, "subresources.kubevirt.io", "virtualmachines/restart"),
         set(&["update"])
-    );
-    assert_eq!(
-        rules_for(role, "guestcred.io", "guestpasswordresets/status"),
-        set(&["get", "list", "patch", "update", "watch"])
     );
     assert_eq!(
         rules_for(role, "events.k8s.io", "events"),
@@ -671,13 +667,52 @@ fn controller_role_covers_its_kubevirt_calls() {
 }
 
 #[test]
+fn controller_role_grants_only_the_calls_the_code_makes() {
+    let objects = render(&[]);
+    let role = named(&objects, "ClusterRole", "gc-guestcred-controller");
+    for status in ["guestpasswordresets/status", "keypairrebuilds/status"] {
+        assert_eq!(rules_for(role, "guestcred.io", status), set(&["patch"]));
+    }
+    assert_eq!(
+        rules_for(role, "guestcred.io", "guestpasswordresets"),
+        set(&["get", "list", "watch"])
+    );
+    // patch: the guestcred.io/keys finalizer.
+    assert_eq!(
+        rules_for(role, "guestcred.io", "keypairrebuilds"),
+        set(&["get", "list", "patch", "watch"])
+    );
+    assert_eq!(
+        rules_for(role, "guestcred.io", "guestpasswordresets/finalizers"),
+        set(&["update"])
+    );
+    assert!(rules_for(role, "guestcred.io", "keypairrebuilds/finalizers").is_empty());
+    assert!(
+        rules_for(role, "", "events").is_empty(),
+        "events.k8s.io only"
+    );
+    assert!(
+        rules_for(role, "", "pods").is_empty(),
+        "pods: a Role in the shim namespace"
+    );
+}
+
+#[test]
+fn the_controller_reads_pods_only_in_the_shim_namespace() {
+    let objects = render(&[]);
+    let role = named(&objects, "Role", "gc-guestcred-controller-shim-pods");
+    assert_eq!(role["metadata"]["namespace"].as_str(), Some(NAMESPACE));
+    assert_eq!(rules_for(role, "", "pods"), set(&["list", "watch"]));
+}
+
+#[test]
 fn leader_election_lease_is_granted_only_in_the_release_namespace() {
     let objects = render(&[]);
-    let role = only(&objects, "Role");
+    let role = named(&objects, "Role", "gc-guestcred-controller-leader-election");
     assert_eq!(role["metadata"]["namespace"].as_str(), Some(NAMESPACE));
     assert_eq!(
         rules_for(role, "coordination.k8s.io", "leases"),
-        set(&["create", "get", "patch", "update"])
+        set(&["create", "get", "patch"])
     );
 }
 

@@ -183,6 +183,21 @@ pub(super) async fn write<K: RunKind>(
             }
             // Deleted while running: nothing left to report on.
             Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Written::Gone),
+            // RBAC refuses the status write: the object cannot carry the reason, an Event
+            // can (the Recorder folds repeats into one series).
+            Err(e @ kube::Error::Api(_)) if matches!(&e, kube::Error::Api(s) if s.code == 403) => {
+                let e = Error::from(e);
+                publish(
+                    ctx,
+                    obj,
+                    EventType::Warning,
+                    e.reason().as_str(),
+                    "WriteStatus",
+                    e.to_string(),
+                )
+                .await;
+                return Err(e);
+            }
             Err(kube::Error::Api(s)) if s.code == 409 => {
                 let Some(fresh) = api.get_opt(&name).await? else {
                     return Ok(Written::Gone);
