@@ -157,7 +157,9 @@ fn unknown_scheme_message(value: &str) -> String {
     } else {
         "it does not start with a scheme prefix such as $6$"
     };
-    format!("crypted password must be a crypt(3) hash ({what}); accepted schemes: {known}")
+    format!(
+        "crypted password must be a crypt(3) hash like $6$salt$hash ({what}); accepted schemes: {known}"
+    )
 }
 
 fn index_in(alphabet: &[u8; 64], c: u8) -> Option<u32> {
@@ -654,6 +656,8 @@ mod tests {
             let e = refused(s);
             assert_eq!(e.scheme, None);
             assert!(e.problem.contains("$6$ $5$ $y$"), "{e}");
+            // tests/bad_input and docs/bad-input.md quote this start.
+            assert!(e.to_string().contains("crypt(3) hash like $6$"), "{e}");
         }
     }
 
