@@ -88,8 +88,7 @@ pub async fn run(ctx: &Ctx, rounds: usize, load_secs: u64) -> anyhow::Result<P1R
         .collect();
     let shim = spawn_shim(ctx, "node-1", addr, &shim_args, &dir).await?;
     let mut footprint = Footprint {
-        idle: vec![shim.rss_mib()?],
-        idle_anon: vec![shim.anon_mib()?],
+        idle: vec![shim.mem()?],
         peaks: Vec::new(),
         hwm: 0.0,
     };
@@ -177,15 +176,15 @@ pub async fn run(ctx: &Ctx, rounds: usize, load_secs: u64) -> anyhow::Result<P1R
     }
 
     // P4, libvirt backend: idle, then 50 concurrent probes (each a blocking libvirt call).
-    footprint.idle.push(shim.rss_mib()?);
-    footprint.idle_anon.push(shim.anon_mib()?);
+    footprint.idle.push(shim.mem()?);
     let client = cluster::shim_client(ctx, addr)?;
     for _ in 0..3 {
         let c = client.clone();
         let peak = sample_rss_under(&shim, 50, Duration::from_secs(load_secs), move |_| {
             let c = c.clone();
             async move {
-                c.probe(&DomainRef::new(NS, VM))
+                // The shim serves requests naming its own node only, as the controller's.
+                c.probe(&DomainRef::new(NS, VM).with_node("node-1"))
                     .await
                     .map(drop)
                     .map_err(|e| anyhow::anyhow!("probe: {e}"))

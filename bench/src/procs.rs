@@ -112,6 +112,11 @@ impl Proc {
         status_kib(self.pid(), "RssAnon:").map(kib_to_mib)
     }
 
+    /// RSS, RssAnon, USS and PSS at once (see [`Mem`]).
+    pub fn mem(&self) -> anyhow::Result<Mem> {
+        Mem::of(self.pid())
+    }
+
     /// Peak RSS since start (VmHWM).
     pub fn hwm_mib(&self) -> anyhow::Result<f64> {
         status_kib(self.pid(), "VmHWM:").map(kib_to_mib)
@@ -126,6 +131,75 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// What a process costs in memory, in MiB, four ways:
+/// - `rss` (VmRSS): every page it has resident, its own and the ones it shares (the
+///   binary's and shared libraries' file pages, which other processes map too);
+/// - `anon` (RssAnon): its anonymous pages (heap, stacks);
+/// - `uss` (Private_Clean + Private_Dirty over /proc/PID/smaps): pages only it maps, what
+///   the node gets back when it exits, **plus the pages of its own executable it shares
+///   with other processes running the same binary** (the bench runs several shims on one
+///   machine; a node runs one), so that it is the one-shim-per-node figure;
+/// - `pss` (Pss): its pages with each shared page divided by the number of processes
+///   mapping it, the fair share (the PSS of all processes sums to the memory in use).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Mem {
+    pub rss: f64,
+    pub anon: f64,
+    pub uss: f64,
+    pub pss: f64,
+}
+
+impl Mem {
+    pub fn of(pid: u32) -> anyhow::Result<Mem> {
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))
+            .with_context(|| format!("reading /proc/{pid}/smaps"))?;
+        let exe = fs::read_link(format!("/proc/{pid}/exe"))
+            .with_context(|| format!("reading /proc/{pid}/exe"))?;
+        Mem::parse(&status, &smaps, &exe.to_string_lossy())
+            .with_context(|| format!("memory figures of pid {pid}"))
+    }
+
+    /// From /proc/PID/status, /proc/PID/smaps and the executable's path.
+    pub fn parse(status: &str, smaps: &str, exe: &str) -> Option<Mem> {
+        let (mut private, mut exe_shared, mut pss) = (0u64, 0u64, 0u64);
+        let mut in_exe = false;
+        for line in smaps.lines() {
+            let mut fields = line.split_whitespace();
+            let Some(key) = fields.next() else { continue };
+            if !key.ends_with(':') {
+                // A mapping's header: "start-end perms offset dev inode [path]".
+                in_exe = line.split_whitespace().nth(5) == Some(exe);
+                continue;
+            }
+            let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            match key {
+                "Private_Clean:" | "Private_Dirty:" => private += kib,
+                "Shared_Clean:" | "Shared_Dirty:" if in_exe => exe_shared += kib,
+                "Pss:" => pss += kib,
+                _ => {}
+            }
+        }
+        Some(Mem {
+            rss: kib_to_mib(parse_status_kib(status, "VmRSS:")?),
+            anon: kib_to_mib(parse_status_kib(status, "RssAnon:")?),
+            uss: kib_to_mib(private + exe_shared),
+            pss: kib_to_mib(pss),
+        })
+    }
+
+    /// Each field the larger of the two.
+    pub fn max(self, o: Mem) -> Mem {
+        Mem {
+            rss: self.rss.max(o.rss),
+            anon: self.anon.max(o.anon),
+            uss: self.uss.max(o.uss),
+            pss: self.pss.max(o.pss),
+        }
     }
 }
 
@@ -219,6 +293,51 @@ mod tests {
         let status = "Name:\tguestcred\nVmHWM:\t  20480 kB\nVmRSS:\t   10240 kB\n";
         assert_eq!(parse_status_kib(status, "VmRSS:"), Some(10240));
         assert_eq!(parse_status_kib(status, "VmHWM:"), Some(20480));
+    }
+
+    #[test]
+    fn uss_is_private_pages_plus_the_executables_shared_pages_and_pss_is_summed() {
+        let status = "VmRSS:\t   20480 kB\nRssAnon:\t    2048 kB\n";
+        let smaps = "\
+5555-5556 r-xp 00000000 08:01 42 /usr/bin/guestcred-shim
+Rss:  4096 kB
+Pss:  1024 kB
+Shared_Clean:  3072 kB
+Shared_Dirty:  0 kB
+Private_Clean:  1024 kB
+Private_Dirty:  0 kB
+7f00-7f01 r-xp 00000000 08:01 43 /usr/lib/libvirt.so.0
+Rss:  10240 kB
+Pss:  5120 kB
+Shared_Clean:  10240 kB
+Shared_Dirty:  0 kB
+Private_Clean:  0 kB
+Private_Dirty:  0 kB
+7f02-7f03 rw-p 00000000 00:00 0
+Rss:  2048 kB
+Pss:  2048 kB
+Shared_Clean:  0 kB
+Shared_Dirty:  0 kB
+Private_Clean:  0 kB
+Private_Dirty:  2048 kB
+";
+        let m = Mem::parse(status, smaps, "/usr/bin/guestcred-shim").expect("parses");
+        // USS: 1 + 2 private, + 3 of the binary shared with other shims; libvirt's not.
+        assert_eq!(
+            m,
+            Mem {
+                rss: 20.0,
+                anon: 2.0,
+                uss: 6.0,
+                pss: 8.0
+            }
+        );
+    }
+
+    #[test]
+    fn own_process_has_uss_below_pss_below_rss() {
+        let m = Mem::of(std::process::id()).expect("mem");
+        assert!(m.uss > 0.0 && m.uss <= m.pss && m.pss <= m.rss, "{m:?}");
     }
 
     #[test]

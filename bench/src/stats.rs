@@ -1,8 +1,8 @@
 //! Figures, their min/median/max over repeated runs, ratios and targets.
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// min / median / max of one figure's samples.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Stat {
     pub n: usize,
     pub min: f64,
@@ -34,7 +34,7 @@ impl Stat {
 }
 
 /// What a figure must stay under.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Target {
     /// Human-readable, e.g. "median ≤ 1.3× direct libvirt".
     pub text: String,
@@ -44,7 +44,7 @@ pub struct Target {
     pub met: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Figure {
     pub id: String,
     pub title: String,
@@ -128,7 +128,7 @@ impl Figure {
 }
 
 /// One benchmark (P1..P5): its figures and what the reader must know about the method.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Section {
     pub id: String,
     pub title: String,
