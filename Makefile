@@ -32,7 +32,7 @@ crds:
 # build takes ~8 min on 2 busy cores, a warm one 0.05 s. tests/real_control_plane.rs runs
 # the operator on it and FAILS (never skips) when it cannot be built or started.
 test: deps fmt-check clippy controlplane
-	$(CARGO) test --workspace --all-targets -- --test-threads=4
+	$(CARGO) test --workspace --all-targets --no-fail-fast -- --test-threads=4
 
 controlplane: deps
 	@t0=$$(date +%s%N) && bash scripts/build-controlplane.sh >/dev/null && \

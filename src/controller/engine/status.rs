@@ -167,6 +167,7 @@ pub(super) async fn write<K: RunKind>(
 ) -> Result<Written, Error> {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let name = obj.name_any();
+    let mut last_conflict = None;
     for _ in 0..5 {
         let mut patch = serde_json::json!({ "status": status });
         if let Some(rv) = &basis.resource_version {
@@ -199,6 +200,7 @@ pub(super) async fn write<K: RunKind>(
                 return Err(e);
             }
             Err(kube::Error::Api(s)) if s.code == 409 => {
+                last_conflict = Some(kube::Error::Api(s));
                 let Some(fresh) = api.get_opt(&name).await? else {
                     return Ok(Written::Gone);
                 };
@@ -211,10 +213,14 @@ pub(super) async fn write<K: RunKind>(
             Err(e) => return Err(e.into()),
         }
     }
-    // The resourceVersion kept moving: drop this write rather than guess; the next
-    // reconcile starts from a fresh read.
-    warn!(object = %name, "status kept conflicting; this write is dropped");
-    Ok(Written::Superseded)
+    // Conflicts kept coming while the status itself stayed ours (the resourceVersion kept
+    // moving, or a server answering 409 for a while): an error, so the write is tried
+    // again later (a running run keeps it dirty; a reconcile is requeued), never dropped.
+    warn!(object = %name, "status kept conflicting; retrying later");
+    Err(last_conflict.map_or_else(
+        || Error::InvalidSpec(format!("status of {name} kept conflicting")),
+        Error::from,
+    ))
 }
 
 /// A per-target Event, within the run's Event budget (see `decide::EventBudget`).
