@@ -39,8 +39,8 @@ fn succeeded(r: &KeypairRebuild) -> bool {
         .is_some_and(|s| s.run.phase == Some(Phase::Succeeded))
 }
 
-#[tokio::test]
-async fn a_key_the_user_had_before_a_ttl_grant_named_it_survives_the_expiry() {
+/// A world with VM vm-a whose user alice already has a key she added by hand.
+async fn world_with_a_hand_added_key() -> (World, HostQga) {
     let w = World::start(WorldOptions::default()).await.expect("world");
     let qga = w
         .add_vm(
@@ -52,6 +52,12 @@ async fn a_key_the_user_had_before_a_ttl_grant_named_it_survives_the_expiry() {
         .expect("agent");
     qga.seed_authorized_keys("alice", &[HAND])
         .expect("hand key");
+    (w, qga)
+}
+
+#[tokio::test]
+async fn a_key_the_user_had_before_a_ttl_grant_named_it_survives_the_expiry() {
+    let (w, qga) = world_with_a_hand_added_key().await;
     let mut r = rebuild(&[HAND, KEY1]);
     r.spec.ttl_seconds = Some(10);
     w.apply(&r).await.expect("apply");
@@ -70,17 +76,7 @@ async fn a_key_the_user_had_before_a_ttl_grant_named_it_survives_the_expiry() {
 
 #[tokio::test]
 async fn replace_keeps_a_key_the_user_had_before_a_grant_named_it() {
-    let w = World::start(WorldOptions::default()).await.expect("world");
-    let qga = w
-        .add_vm(
-            &vm(NS, "vm-a", "node-1"),
-            Some(HostQgaOptions::default().user("alice")),
-        )
-        .await
-        .expect("vm")
-        .expect("agent");
-    qga.seed_authorized_keys("alice", &[HAND])
-        .expect("hand key");
+    let (w, qga) = world_with_a_hand_added_key().await;
     w.apply(&rebuild(&[HAND, KEY1])).await.expect("apply");
     w.wait_for(NS, "k", WAIT, succeeded)
         .await

@@ -146,23 +146,10 @@ pub(super) async fn expire_due<K: RunKind>(
         };
         match result {
             Ok(done) => {
-                ctx.metrics.target(
-                    &K::kind(&()),
-                    TargetResult::Expired,
-                    Reason::Expired.as_str(),
-                );
                 t.reason = Some(Reason::Expired.as_str().into());
                 t.message = Some(done.clone());
                 t.verified = None;
-                status::publish(
-                    ctx,
-                    obj,
-                    EventType::Normal,
-                    Reason::Expired.as_str(),
-                    "Expire",
-                    format!("{}: {done}", t.vm),
-                )
-                .await;
+                expired(ctx, obj, format!("{}: {done}", t.vm)).await;
             }
             Err(e) => {
                 t.message = Some(format!("removing expired keys failed: {e}; retrying"));
@@ -195,20 +182,8 @@ pub(super) async fn expire_due<K: RunKind>(
             };
         match result {
             Ok(done) => {
-                ctx.metrics.target(
-                    &K::kind(&()),
-                    TargetResult::Expired,
-                    Reason::Expired.as_str(),
-                );
-                status::publish(
-                    ctx,
-                    obj,
-                    EventType::Normal,
-                    Reason::Expired.as_str(),
-                    "Expire",
-                    format!("{} (an earlier run's grant): {done}", pending.vm),
-                )
-                .await;
+                let note = format!("{} (an earlier run's grant): {done}", pending.vm);
+                expired(ctx, obj, note).await;
             }
             Err(e) => {
                 tracing::warn!(object = %obj.name_any(), vm = %pending.vm, error = %e, "removing an earlier run's expired keys failed; retrying");
@@ -219,4 +194,22 @@ pub(super) async fn expire_due<K: RunKind>(
     }
     status.pending_expiries = still_pending;
     next
+}
+
+/// A grant's TTL passed and its keys were removed: counted and told in an Event.
+async fn expired<K: RunKind>(ctx: &Context, obj: &K, note: String) {
+    ctx.metrics.target(
+        &K::kind(&()),
+        TargetResult::Expired,
+        Reason::Expired.as_str(),
+    );
+    status::publish(
+        ctx,
+        obj,
+        EventType::Normal,
+        Reason::Expired.as_str(),
+        "Expire",
+        note,
+    )
+    .await;
 }
