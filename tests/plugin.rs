@@ -676,7 +676,7 @@ async fn add_key_is_verified_in_the_guest_and_shown_by_status() {
     let bad = plugin(&w, &["add-key", "vm-a", "--user", "alice", "-f", &kf]).await;
     assert_eq!(bad.code, 2, "{bad:?}");
     assert!(
-        bad.stderr.contains("line 1: not an OpenSSH public key"),
+        bad.stderr.contains("line 1 is not an OpenSSH public key"),
         "{bad:?}"
     );
     // A user the guest does not have: exit 1 with the reason.

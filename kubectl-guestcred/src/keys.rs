@@ -11,28 +11,17 @@ use kube::api::PostParams;
 use std::collections::BTreeMap;
 use std::io::Read;
 
-/// The keys of an authorized_keys-format text (blank lines and # comments skipped), each
-/// checked; an error names the line.
+/// The keys of an authorized_keys-format text, parsed as the controller and the shim parse
+/// them (`guestcred_api::authorized_keys`: options before the key as sshd reads them,
+/// blank lines and comments skipped); each (line, fingerprint). An error names the line,
+/// never its content.
 pub fn parse_keys(text: &str, source: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let mut keys = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let key = ssh_key::PublicKey::from_openssh(line).map_err(|e| {
-            fail(
-                exit::USAGE,
-                format!("{source}, line {}: not an OpenSSH public key ({e})", i + 1),
-            )
-        })?;
-        let fp = key.fingerprint(ssh_key::HashAlg::Sha256).to_string();
-        keys.push((line.to_string(), fp));
-    }
-    if keys.is_empty() {
-        return Err(fail(exit::USAGE, format!("{source}: no public keys")));
-    }
-    Ok(keys)
+    let entries = guestcred_api::authorized_keys::parse(text)
+        .map_err(|e| fail(exit::USAGE, format!("{source}, {e}")))?;
+    Ok(entries
+        .into_iter()
+        .map(|e| (e.line, e.fingerprint))
+        .collect())
 }
 
 pub async fn add_key(g: &Global, a: AddKey) -> anyhow::Result<()> {
@@ -147,5 +136,12 @@ mod tests {
             .to_string();
         assert!(err.contains("f, line 1"), "{err}");
         assert!(parse_keys("# only a comment\n", "f").is_err());
+    }
+
+    #[test]
+    fn keys_with_options_are_taken_as_sshd_reads_them() {
+        let line = "from=\"10.0.0.0/8\",no-agent-forwarding ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHhBi1jBX9Ym7ChMW8hNbdC0Y9eVU1uYpcBrIhWGr2Mh me@x";
+        let keys = parse_keys(line, "f").expect("options accepted");
+        assert_eq!(keys[0].0, line, "options kept in the line");
     }
 }
