@@ -31,7 +31,11 @@ crds:
 # The real control plane (lab/controlplane, Go) is built first, cached by a stamp: a cold
 # build takes ~8 min on 2 busy cores, a warm one 0.05 s. tests/real_control_plane.rs runs
 # the operator on it and FAILS (never skips) when it cannot be built or started.
+# The workspace's binaries are built first: tests run other packages' programs
+# (guestcred-lab, kubectl-guestcred) from target/debug, and `cargo test` builds bin targets
+# only as test harnesses.
 test: deps fmt-check clippy controlplane
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --all-targets --no-fail-fast -- --test-threads=4
 
 controlplane: deps
