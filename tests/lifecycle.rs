@@ -228,6 +228,17 @@ use std::sync::Arc;
 const V1: &str = guestcred_lab::testing::SHA512;
 const V2: &str = guestcred_lab::testing::SHA512_OTHER;
 
+/// A world whose reset "r" keeps retrying: its VM vm-a has no agent.
+async fn world_with_a_retrying_reset() -> World {
+    let w = World::start(WorldOptions::default()).await.expect("world");
+    w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
+    crypted_reset(&w, "vm-a", V1).await;
+    w.wait_for(NS, "r", WAIT, attempts_at_least(2))
+        .await
+        .expect("retrying");
+    w
+}
+
 /// A crypted reset "r" of `vm` from Secret "pw" holding `value`, with a long deadline.
 async fn crypted_reset(w: &World, vm: &str, value: &str) {
     w.apply(&secret("pw", "password", value))
@@ -255,13 +266,7 @@ async fn attempts(w: &World) -> u32 {
 
 #[tokio::test]
 async fn pausing_stops_the_retries_of_a_target_already_in_flight() {
-    let w = World::start(WorldOptions::default()).await.expect("world");
-    // No agent: the target fails transiently and is retried.
-    w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
-    crypted_reset(&w, "vm-a", V1).await;
-    w.wait_for(NS, "r", WAIT, attempts_at_least(2))
-        .await
-        .expect("retrying");
+    let w = world_with_a_retrying_reset().await;
     w.apply(
         &GuestPasswordReset::test("r")
             .vm("vm-a")
@@ -288,12 +293,7 @@ async fn pausing_stops_the_retries_of_a_target_already_in_flight() {
 
 #[tokio::test]
 async fn deleting_stops_the_retries_of_a_target_already_in_flight() {
-    let w = World::start(WorldOptions::default()).await.expect("world");
-    w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
-    crypted_reset(&w, "vm-a", V1).await;
-    w.wait_for(NS, "r", WAIT, attempts_at_least(2))
-        .await
-        .expect("retrying");
+    let w = world_with_a_retrying_reset().await;
     let resets: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
     resets
         .delete("r", &DeleteParams::default())
@@ -456,13 +456,8 @@ async fn a_replica_whose_lease_ran_out_starts_no_agent_call() {
 
 #[tokio::test]
 async fn a_run_never_writes_over_status_someone_else_wrote_meanwhile() {
-    let w = World::start(WorldOptions::default()).await.expect("world");
-    w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
-    crypted_reset(&w, "vm-a", V1).await;
-    let running: GuestPasswordReset = w
-        .wait_for(NS, "r", WAIT, attempts_at_least(2))
-        .await
-        .expect("retrying");
+    let w = world_with_a_retrying_reset().await;
+    let running: GuestPasswordReset = w.get(NS, "r").await;
     // Another writer (a newer leader) finished this same run meanwhile.
     let mut finished = running.status.expect("status").run;
     finished.targets[0].state = guestcred::api::TargetState::Succeeded;
@@ -492,12 +487,7 @@ async fn a_run_never_writes_over_status_someone_else_wrote_meanwhile() {
 
 #[tokio::test]
 async fn an_update_that_makes_the_spec_unreadable_stops_the_run_with_invalid_spec() {
-    let w = World::start(WorldOptions::default()).await.expect("world");
-    w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
-    crypted_reset(&w, "vm-a", V1).await;
-    w.wait_for(NS, "r", WAIT, attempts_at_least(2))
-        .await
-        .expect("retrying");
+    let w = world_with_a_retrying_reset().await;
     // An API server without schema validation (the emulator, an old cluster) lets this in.
     let dynamic = kube::api::ApiResource::erase::<GuestPasswordReset>(&());
     let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(w.client.clone(), NS, &dynamic);
