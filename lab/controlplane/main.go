@@ -24,7 +24,8 @@ const usage = `usage: controlplane COMMAND [flags]
 
 commands:
   up --dir D [--bind 127.0.0.1] [--port N]   run etcd, kube-apiserver and
-                                             kube-controller-manager under D
+     [--owner-pid P] [--remove-dir]          kube-controller-manager under D (stop
+                                             when P is gone; remove D after stopping)
   etcd --dir D [--listen-client URL] [--listen-peer URL]
   kube-apiserver [flags]                     upstream kube-apiserver
   kube-controller-manager [flags]            upstream kube-controller-manager

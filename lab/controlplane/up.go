@@ -74,6 +74,8 @@ func runUp(args []string) error {
 	bind := fs.String("bind", "127.0.0.1", "loopback address every component listens on")
 	port := fs.Int("port", 0, "API server port (0: pick a free one)")
 	timeout := fs.Duration("timeout", 180*time.Second, "how long to wait for the control plane to become ready")
+	owner := fs.Int("owner-pid", 0, "stop (as on SIGTERM) when this process is gone: a test binary that shares one control plane between its tests")
+	removeDir := fs.Bool("remove-dir", false, "remove --dir after stopping (a throw-away control plane of a test binary)")
 	_ = fs.Parse(args)
 	if *dir == "" {
 		return errors.New("up: --dir is required")
@@ -91,6 +93,16 @@ func runUp(args []string) error {
 	// cleans up.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if *owner > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		go watchOwner(*owner, cancel)
+	}
+	if *removeDir {
+		// Runs after every other deferred stop: the children are gone by then.
+		defer func() { _ = os.RemoveAll(abs) }()
+	}
 
 	_ = os.Remove(filepath.Join(c.dir, "ready"))
 	if err := c.prepare(); err != nil {
@@ -176,6 +188,19 @@ func runUp(args []string) error {
 		shutdown()
 		_ = os.Remove(filepath.Join(c.dir, "ready"))
 		return fmt.Errorf("%s exited (%v); stopped the others\n%s", ch.name, ch.err, tails(running))
+	}
+}
+
+// watchOwner calls stop once process pid no longer exists (polled: a process that is
+// not our parent cannot be waited for).
+func watchOwner(pid int, stop func()) {
+	for {
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			fmt.Fprintf(os.Stderr, "owner %d is gone\n", pid)
+			stop()
+			return
+		}
+		time.Sleep(500 * time.Millisecond)
 	}
 }
 
