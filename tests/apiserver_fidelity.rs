@@ -59,15 +59,27 @@ async fn call(
 }
 
 async fn post_json(server: &ApiServer, uri: &str, body: &Value) -> Answer {
-    call(
-        server,
-        "POST",
-        uri,
-        &[("content-type", "application/json")],
-        serde_json::to_vec(body).unwrap(),
-    )
-    .await
+    send_json(server, "POST", uri, "application/json", body).await
 }
+
+/// `method uri` with `body` as JSON of `content_type` (a patch type, say).
+async fn send_json(
+    server: &ApiServer,
+    method: &str,
+    uri: &str,
+    content_type: &str,
+    body: &impl serde::Serialize,
+) -> Answer {
+    let body = serde_json::to_vec(body).unwrap();
+    call(server, method, uri, &[("content-type", content_type)], body).await
+}
+
+/// `GET uri`, accepting `accept`.
+async fn get_as(server: &ApiServer, uri: &str, accept: &str) -> Answer {
+    call(server, "GET", uri, &[("accept", accept)], vec![]).await
+}
+
+const JSON_PATCH: &str = "application/json-patch+json";
 
 const BLOBS: &str = "/apis/example.com/v1/namespaces/default/blobs";
 
@@ -108,17 +120,15 @@ fn status_of(a: &Answer) -> (u16, Option<String>, String) {
     )
 }
 
+/// A 422 Invalid with `message`, as [`status_of`] gives it.
+fn invalid(message: &str) -> (u16, Option<String>, String) {
+    (422, Some("Invalid".into()), message.into())
+}
+
 #[tokio::test]
 async fn openapi_v2_is_served_as_json_and_as_the_protobuf_kubectl_1_27_asks_for() {
     let server = server_with_blobs().await;
-    let a = call(
-        &server,
-        "GET",
-        "/openapi/v2",
-        &[("accept", "application/json")],
-        vec![],
-    )
-    .await;
+    let a = get_as(&server, "/openapi/v2", "application/json").await;
     assert_eq!(a.status, StatusCode::OK);
     let doc = a.json();
     assert_eq!(doc["swagger"], "2.0");
@@ -136,15 +146,10 @@ async fn openapi_v2_is_served_as_json_and_as_the_protobuf_kubectl_1_27_asks_for(
         .collect();
     assert!(params.contains(&"fieldValidation"), "{params:?}");
 
-    let a = call(
+    let a = get_as(
         &server,
-        "GET",
         "/openapi/v2",
-        &[(
-            "accept",
-            "application/com.github.proto-openapi.spec.v2@v1.0+protobuf",
-        )],
-        vec![],
+        "application/com.github.proto-openapi.spec.v2@v1.0+protobuf",
     )
     .await;
     assert_eq!(a.status, StatusCode::OK);
@@ -216,12 +221,12 @@ async fn a_body_over_three_mebibytes_is_413_for_create_and_patch() {
         StatusCode::CREATED
     );
     let patch = json!({"spec": {"z": "c".repeat(3_200_000)}});
-    let a = call(
+    let a = send_json(
         &server,
         "PATCH",
         &format!("{BLOBS}/small"),
-        &[("content-type", "application/merge-patch+json")],
-        serde_json::to_vec(&patch).unwrap(),
+        "application/merge-patch+json",
+        &patch,
     )
     .await;
     assert_eq!(status_of(&a).0, 413);
@@ -254,14 +259,7 @@ async fn objects_over_etcd_limits_are_refused_as_etcd_refuses_them() {
 
     // A JSON patch growing the stored object past 1.5 MiB: etcd's answer, nothing stored.
     let grow = json!([{"op": "add", "path": "/spec/y", "value": "b".repeat(600_000)}]);
-    let a = call(
-        &server,
-        "PATCH",
-        &format!("{BLOBS}/a"),
-        &[("content-type", "application/json-patch+json")],
-        serde_json::to_vec(&grow).unwrap(),
-    )
-    .await;
+    let a = send_json(&server, "PATCH", &format!("{BLOBS}/a"), JSON_PATCH, &grow).await;
     assert_eq!(
         status_of(&a),
         (500, None, "etcdserver: request is too large".into())
@@ -273,21 +271,10 @@ async fn objects_over_etcd_limits_are_refused_as_etcd_refuses_them() {
     let copies: Vec<Value> = (0..4)
         .map(|i| json!({"op": "copy", "from": "/spec/x", "path": format!("/spec/c{i}")}))
         .collect();
-    let a = call(
-        &server,
-        "PATCH",
-        &format!("{BLOBS}/a"),
-        &[("content-type", "application/json-patch+json")],
-        serde_json::to_vec(&copies).unwrap(),
-    )
-    .await;
+    let a = send_json(&server, "PATCH", &format!("{BLOBS}/a"), JSON_PATCH, &copies).await;
     assert_eq!(
         status_of(&a),
-        (
-            422,
-            Some("Invalid".into()),
-            "the server rejected our request due to an error in our request".into()
-        )
+        invalid("the server rejected our request due to an error in our request")
     );
     assert_eq!(a.json()["details"], json!({}));
 }
@@ -302,12 +289,7 @@ async fn secret_and_config_map_data_over_one_mebibyte_is_invalid() {
     let a = post_json(&server, "/api/v1/namespaces/default/secrets", &secret).await;
     assert_eq!(
         status_of(&a),
-        (
-            422,
-            Some("Invalid".into()),
-            "Secret \"bigsec\" is invalid: data: Too long: may not be more than 1048576 bytes"
-                .into()
-        )
+        invalid("Secret \"bigsec\" is invalid: data: Too long: may not be more than 1048576 bytes")
     );
     assert_eq!(a.json()["details"]["causes"][0]["field"], "data");
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "big-b"},
@@ -315,11 +297,6 @@ async fn secret_and_config_map_data_over_one_mebibyte_is_invalid() {
     let a = post_json(&server, "/api/v1/namespaces/default/configmaps", &cm).await;
     assert_eq!(
         status_of(&a),
-        (
-            422,
-            Some("Invalid".into()),
-            "ConfigMap \"big-b\" is invalid: []: Too long: may not be more than 1048576 bytes"
-                .into()
-        )
+        invalid("ConfigMap \"big-b\" is invalid: []: Too long: may not be more than 1048576 bytes")
     );
 }

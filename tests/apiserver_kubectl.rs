@@ -105,10 +105,28 @@ impl Lab {
         self.k.run_async(args).await
     }
 
-    async fn apply_crd(&self) {
-        let crd = self.file("crd.yaml", CRD_YAML);
-        self.kubectl(&["apply", "-f", path_str(&crd)]).await;
+    /// Writes `content` to the temp file `name` and `kubectl apply`s it.
+    async fn apply_file(&self, name: &str, content: &str) {
+        let path = self.file(name, content);
+        self.kubectl(&["apply", "-f", path_str(&path)]).await;
     }
+
+    /// The Gadgets of `default`, read and written through the API rather than kubectl.
+    fn gadgets(&self) -> Api<DynamicObject> {
+        Api::default_namespaced_with(self.server().client(), &gadget_resource())
+    }
+
+    async fn apply_crd(&self) {
+        self.apply_file("crd.yaml", CRD_YAML).await;
+    }
+}
+
+/// A lab with the Gadget CRD and Gadget `g1` (size 1, tier db), applied with kubectl.
+async fn lab_with_gadget_g1() -> Lab {
+    let lab = start_lab().await;
+    lab.apply_crd().await;
+    lab.apply_file("g.yaml", &gadget_yaml("g1", 1, "db")).await;
+    lab
 }
 
 fn path_str(p: &Path) -> &str {
@@ -134,8 +152,7 @@ async fn kubectl_applies_a_crd_and_waits_until_it_is_established() {
 async fn kubectl_applies_and_reads_a_custom_object() {
     let lab = start_lab().await;
     lab.apply_crd().await;
-    let obj = lab.file("g.yaml", &gadget_yaml("g1", 3, "db"));
-    lab.kubectl(&["apply", "-f", path_str(&obj)]).await;
+    lab.apply_file("g.yaml", &gadget_yaml("g1", 3, "db")).await;
 
     let yaml = lab.kubectl(&["get", "gadget", "g1", "-o", "yaml"]).await;
     let parsed: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("kubectl prints YAML");
@@ -146,8 +163,7 @@ async fn kubectl_applies_and_reads_a_custom_object() {
     );
 
     // A second apply with a change goes through kubectl's patch path.
-    let changed = lab.file("g2.yaml", &gadget_yaml("g1", 5, "db"));
-    lab.kubectl(&["apply", "-f", path_str(&changed)]).await;
+    lab.apply_file("g2.yaml", &gadget_yaml("g1", 5, "db")).await;
     let size = lab
         .kubectl(&["get", "gdg", "g1", "-o", "jsonpath={.spec.size}"])
         .await;
@@ -163,10 +179,8 @@ async fn kubectl_get_filters_by_label_and_shows_printer_columns() {
         gadget_yaml("db-0", 1, "db"),
         gadget_yaml("web-0", 2, "web")
     );
-    let file = lab.file("gadgets.yaml", &objs);
-    lab.kubectl(&["apply", "-f", path_str(&file)]).await;
-    let gadgets: Api<DynamicObject> =
-        Api::default_namespaced_with(lab.server().client(), &gadget_resource());
+    lab.apply_file("gadgets.yaml", &objs).await;
+    let gadgets = lab.gadgets();
     gadgets
         .patch_status(
             "db-0",
@@ -188,12 +202,8 @@ async fn kubectl_get_filters_by_label_and_shows_printer_columns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_delete_and_wait_for_delete_follow_finalizers() {
-    let lab = start_lab().await;
-    lab.apply_crd().await;
-    let file = lab.file("g.yaml", &gadget_yaml("g1", 1, "db"));
-    lab.kubectl(&["apply", "-f", path_str(&file)]).await;
-    let gadgets: Api<DynamicObject> =
-        Api::default_namespaced_with(lab.server().client(), &gadget_resource());
+    let lab = lab_with_gadget_g1().await;
+    let gadgets = lab.gadgets();
     let finalizers = |f: serde_json::Value| Patch::Merge(json!({"metadata": {"finalizers": f}}));
     gadgets
         .patch(
@@ -233,12 +243,8 @@ async fn kubectl_describe_lists_events_a_kube_recorder_wrote() {
     use kube::Resource;
     use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
-    let lab = start_lab().await;
-    lab.apply_crd().await;
-    let file = lab.file("g.yaml", &gadget_yaml("g1", 1, "db"));
-    lab.kubectl(&["apply", "-f", path_str(&file)]).await;
-    let gadgets: Api<DynamicObject> =
-        Api::default_namespaced_with(lab.server().client(), &gadget_resource());
+    let lab = lab_with_gadget_g1().await;
+    let gadgets = lab.gadgets();
     let gadget = gadgets.get("g1").await.expect("gadget exists");
     let recorder = Recorder::new(
         lab.server().client(),
@@ -284,8 +290,7 @@ async fn kubectl_get_follows_continue_tokens_across_pages() {
         .iter()
         .map(|name| format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n"))
         .collect();
-    let file = lab.file("maps.yaml", &maps.join("---\n"));
-    lab.kubectl(&["apply", "-f", path_str(&file)]).await;
+    lab.apply_file("maps.yaml", &maps.join("---\n")).await;
     let path = "/api/v1/namespaces/default/configmaps";
     let before = lab.server().requests("GET", path);
 

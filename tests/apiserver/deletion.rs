@@ -1,14 +1,19 @@
 //! Deletion: finalizers, owner references and garbage collection, namespaces.
 use super::*;
 
+/// ConfigMap `a`, created with `finalizer` and then deleted: it waits for the finalizer.
+async fn config_map_a_being_deleted(finalizer: &str) -> (ApiServer, Api<ConfigMap>) {
+    let (server, cms) = config_maps_api();
+    let mut cm = config_map("a", &[]);
+    cm.metadata.finalizers = Some(vec![finalizer.into()]);
+    create(&cms, &cm).await;
+    cms.delete("a", &DeleteParams::default()).await.unwrap();
+    (server, cms)
+}
+
 #[tokio::test]
 async fn deletion_waits_for_finalizers_then_removes_the_object() {
-    let (_server, cms) = config_maps_api();
-    let mut cm = config_map("a", &[]);
-    cm.metadata.finalizers = Some(vec!["test.guestcred.io/cleanup".into()]);
-    cms.create(&PostParams::default(), &cm).await.unwrap();
-
-    cms.delete("a", &DeleteParams::default()).await.unwrap();
+    let (_server, cms) = config_map_a_being_deleted("test.guestcred.io/cleanup").await;
     let pending = cms.get("a").await.unwrap();
     assert!(pending.metadata.deletion_timestamp.is_some());
 
@@ -20,13 +25,9 @@ async fn deletion_waits_for_finalizers_then_removes_the_object() {
         .await
         .unwrap()
         .boxed();
-    cms.patch(
-        "a",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-    )
-    .await
-    .unwrap();
+    merge_patch(&cms, "a", json!({"metadata": {"finalizers": null}}))
+        .await
+        .unwrap();
     match next_event(&mut stream).await.unwrap() {
         WatchEvent::Deleted(obj) => assert_eq!(obj.name_any(), "a"),
         other => panic!("expected DELETED, got {other:?}"),
@@ -35,34 +36,30 @@ async fn deletion_waits_for_finalizers_then_removes_the_object() {
     assert!(is_status(&err, 404, "NotFound"), "{err:?}");
 }
 
+/// ConfigMap "owner" and ConfigMap "child", which it owns; returns the child.
+async fn owner_with_child(cms: &Api<ConfigMap>) -> ConfigMap {
+    let owner = create(cms, &config_map("owner", &[])).await;
+    let mut child = config_map("child", &[]);
+    child.metadata.owner_references = Some(vec![owned_by(&owner)]);
+    create(cms, &child).await
+}
+
 #[tokio::test]
 async fn deleting_an_owner_deletes_its_dependents_in_cascade() {
     let server = ApiServer::new();
     let client = server.client();
     let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
     let secrets: Api<Secret> = Api::default_namespaced(client);
-    let owner = cms
-        .create(&PostParams::default(), &config_map("owner", &[]))
-        .await
-        .unwrap();
-    let mut child = config_map("child", &[]);
-    child.metadata.owner_references = Some(vec![owned_by(&owner)]);
-    let child = cms.create(&PostParams::default(), &child).await.unwrap();
+    let child = owner_with_child(&cms).await;
     let mut grandchild = secret("grandchild", "x");
     grandchild.metadata.owner_references = Some(vec![owned_by(&child)]);
-    secrets
-        .create(&PostParams::default(), &grandchild)
-        .await
-        .unwrap();
-    let bystander = secrets
-        .create(&PostParams::default(), &secret("bystander", "y"))
-        .await
-        .unwrap();
+    create(&secrets, &grandchild).await;
+    let bystander = create(&secrets, &secret("bystander", "y")).await;
 
     cms.delete("owner", &DeleteParams::default()).await.unwrap();
 
-    assert!(cms.get_opt("child").await.unwrap().is_none());
-    assert!(secrets.get_opt("grandchild").await.unwrap().is_none());
+    assert!(gone(&cms, "child").await);
+    assert!(gone(&secrets, "grandchild").await);
     assert_eq!(
         secrets.get("bystander").await.unwrap().uid(),
         bystander.uid()
@@ -72,16 +69,10 @@ async fn deleting_an_owner_deletes_its_dependents_in_cascade() {
 #[tokio::test]
 async fn orphan_propagation_keeps_dependents() {
     let (_server, cms) = config_maps_api();
-    let owner = cms
-        .create(&PostParams::default(), &config_map("owner", &[]))
-        .await
-        .unwrap();
-    let mut child = config_map("child", &[]);
-    child.metadata.owner_references = Some(vec![owned_by(&owner)]);
-    cms.create(&PostParams::default(), &child).await.unwrap();
+    owner_with_child(&cms).await;
 
     cms.delete("owner", &DeleteParams::orphan()).await.unwrap();
-    assert!(cms.get_opt("child").await.unwrap().is_some());
+    assert!(!gone(&cms, "child").await);
 }
 
 #[tokio::test]
@@ -89,23 +80,16 @@ async fn deleting_a_namespace_deletes_its_contents() {
     let server = ApiServer::new();
     let client = server.client();
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let mut ns = Namespace::default();
-    ns.metadata.name = Some("doomed".into());
-    let created = namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
+    let created = create_namespace(&client, "doomed").await;
     assert_eq!(created.status.unwrap().phase.as_deref(), Some("Active"));
     let cms: Api<ConfigMap> = Api::namespaced(client, "doomed");
-    cms.create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap();
+    create(&cms, &config_map("a", &[])).await;
     namespaces
         .delete("doomed", &DeleteParams::default())
         .await
         .unwrap();
-    assert!(namespaces.get_opt("doomed").await.unwrap().is_none());
-    assert!(cms.get_opt("a").await.unwrap().is_none());
+    assert!(gone(&namespaces, "doomed").await);
+    assert!(gone(&cms, "a").await);
 }
 
 #[tokio::test]
@@ -138,23 +122,18 @@ async fn kube_runtime_finalizer_helper_adds_then_releases_its_finalizer() {
     let deleting = cms.get("a").await.unwrap();
     assert!(deleting.metadata.deletion_timestamp.is_some());
     handle(deleting).await.unwrap();
-    assert!(cms.get_opt("a").await.unwrap().is_none());
+    assert!(gone(&cms, "a").await);
 }
 
 #[tokio::test]
 async fn no_finalizer_can_be_added_to_an_object_being_deleted() {
-    let (_server, cms) = config_maps_api();
-    let mut cm = config_map("a", &[]);
-    cm.metadata.finalizers = Some(vec!["first".into()]);
-    cms.create(&PostParams::default(), &cm).await.unwrap();
-    cms.delete("a", &DeleteParams::default()).await.unwrap();
-    let err = cms
-        .patch(
-            "a",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"finalizers": ["first", "second"]}})),
-        )
-        .await
-        .unwrap_err();
+    let (_server, cms) = config_map_a_being_deleted("first").await;
+    let err = merge_patch(
+        &cms,
+        "a",
+        json!({"metadata": {"finalizers": ["first", "second"]}}),
+    )
+    .await
+    .unwrap_err();
     assert!(is_status(&err, 422, "Invalid"), "{err:?}");
 }

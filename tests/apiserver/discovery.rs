@@ -23,10 +23,7 @@ async fn crd_registration_serves_the_kind_in_discovery_and_typed_api() {
     assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
 
     let widgets: Api<Widget> = Api::default_namespaced(client.clone());
-    widgets
-        .create(&PostParams::default(), &widget("w", 4))
-        .await
-        .unwrap();
+    create(&widgets, &widget("w", 4)).await;
     assert_eq!(widgets.get("w").await.unwrap().spec.size, 4);
     let dynamic: Api<DynamicObject> = Api::default_namespaced_with(client, &ar);
     assert_eq!(dynamic.get("w").await.unwrap().data["spec"]["size"], 4);
@@ -34,14 +31,9 @@ async fn crd_registration_serves_the_kind_in_discovery_and_typed_api() {
 
 #[tokio::test]
 async fn deleting_a_crd_removes_its_objects_and_its_api() {
-    let server = ApiServer::new();
+    let (server, widgets) = widgets_api().await;
     let client = server.client();
-    install_widget_crd(&client).await;
-    let widgets: Api<Widget> = Api::default_namespaced(client.clone());
-    widgets
-        .create(&PostParams::default(), &widget("w", 1))
-        .await
-        .unwrap();
+    create(&widgets, &widget("w", 1)).await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     crds.delete(Widget::crd_name(), &DeleteParams::default())
         .await
@@ -63,12 +55,10 @@ async fn deleting_a_crd_removes_its_objects_and_its_api() {
 #[tokio::test]
 async fn discovery_in_unsupported_formats_gets_406() {
     let server = ApiServer::new();
-    let (code, body) = raw(
+    let (code, body) = raw_get(
         &server,
-        get(
-            "/apis",
-            "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList",
-        ),
+        "/apis",
+        "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList",
     )
     .await;
     assert_eq!(code, 406);
@@ -97,11 +87,11 @@ async fn aggregated_discovery_serves_builtin_and_crd_kinds() {
 async fn openapi_v3_documents_registered_crds() {
     let server = ApiServer::new();
     install_widget_crd(&server.client()).await;
-    let (_, index) = raw(&server, get("/openapi/v3", "application/json")).await;
+    let (_, index) = raw_get(&server, "/openapi/v3", "application/json").await;
     let url = index["paths"]["apis/test.guestcred.io/v1"]["serverRelativeURL"]
         .as_str()
         .expect("the CRD's group-version is in the index");
-    let (code, doc) = raw(&server, get(url, "application/json")).await;
+    let (code, doc) = raw_get(&server, url, "application/json").await;
     assert_eq!(code, 200);
     let schema = &doc["components"]["schemas"]["io.guestcred.test.v1.Widget"];
     assert_eq!(
@@ -119,17 +109,16 @@ async fn fields_missing_from_the_crd_schema_are_pruned() {
     let widgets: Api<DynamicObject> = Api::default_namespaced_with(client, &ar);
     let mut obj = DynamicObject::new("w", &ar);
     obj.data = json!({"spec": {"size": 1, "colour": "red"}, "extra": true});
-    let created = widgets.create(&PostParams::default(), &obj).await.unwrap();
+    let created = create(&widgets, &obj).await;
     assert_eq!(created.data["spec"], json!({"size": 1}));
     assert!(created.data.get("extra").is_none());
 
-    let status = widgets
-        .patch_status(
-            "w",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"phase": "Running", "undeclared": 1}})),
-        )
-        .await
-        .unwrap();
+    let status = merge_patch_status(
+        &widgets,
+        "w",
+        json!({"status": {"phase": "Running", "undeclared": 1}}),
+    )
+    .await
+    .unwrap();
     assert_eq!(status.data["status"], json!({"phase": "Running"}));
 }

@@ -10,10 +10,12 @@ async fn events_can_be_selected_by_involved_object() {
         ev.metadata.name = Some(name.into());
         ev.involved_object.name = Some(target.into());
         ev.involved_object.kind = Some("Pod".into());
-        events.create(&PostParams::default(), &ev).await.unwrap();
+        create(&events, &ev).await;
     }
     let list = events
-        .list(&ListParams::default().fields("involvedObject.name=db-0,involvedObject.kind=Pod"))
+        .list(&by_fields(
+            "involvedObject.name=db-0,involvedObject.kind=Pod",
+        ))
         .await
         .unwrap();
     let names: Vec<String> = list.items.iter().map(|e| e.name_any()).collect();
@@ -42,22 +44,33 @@ fn password_reset() -> kube::runtime::events::Event {
     }
 }
 
+/// The "PasswordReset" Warning about `pod`, published `times` times by one recorder.
+async fn publish_password_reset(
+    client: &Client,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    times: usize,
+) {
+    let recorder = recorder(client);
+    for _ in 0..times {
+        recorder
+            .publish(&password_reset(), &pod.object_ref(&()))
+            .await
+            .unwrap();
+    }
+}
+
 async fn create_pod(client: &Client, name: &str) -> k8s_openapi::api::core::v1::Pod {
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::default_namespaced(client.clone());
     let mut pod = k8s_openapi::api::core::v1::Pod::default();
     pod.metadata.name = Some(name.into());
-    pods.create(&PostParams::default(), &pod).await.unwrap()
+    create(&pods, &pod).await
 }
 
 /// The core/v1 Events about `name`, selected as `kubectl describe` selects them.
 async fn core_events_about(client: &Client, name: &str) -> Vec<CoreEvent> {
     let events: Api<CoreEvent> = Api::default_namespaced(client.clone());
     let fields = format!("involvedObject.name={name},involvedObject.namespace=default");
-    events
-        .list(&ListParams::default().fields(&fields))
-        .await
-        .unwrap()
-        .items
+    events.list(&by_fields(&fields)).await.unwrap().items
 }
 
 #[tokio::test]
@@ -66,10 +79,7 @@ async fn recorder_events_are_listed_as_core_events_of_their_object() {
     let client = server.client();
     let pod = create_pod(&client, "vm-0").await;
     create_pod(&client, "vm-1").await;
-    recorder(&client)
-        .publish(&password_reset(), &pod.object_ref(&()))
-        .await
-        .unwrap();
+    publish_password_reset(&client, &pod, 1).await;
 
     let events = core_events_about(&client, "vm-0").await;
     assert_eq!(events.len(), 1, "{events:?}");
@@ -93,11 +103,8 @@ async fn recorder_events_are_listed_as_core_events_of_their_object() {
     // kubectl describe selects by uid too; events.k8s.io still reads it as written.
     let events: Api<CoreEvent> = Api::default_namespaced(client.clone());
     let uid = pod.metadata.uid.clone().unwrap();
-    let by_uid = events
-        .list(&ListParams::default().fields(&format!("involvedObject.uid={uid}")))
-        .await
-        .unwrap();
-    assert_eq!(by_uid.items.len(), 1);
+    let by_uid = format!("involvedObject.uid={uid}");
+    assert_eq!(count_where(&events, &by_uid).await, 1);
     let v1: Api<EventsV1Event> = Api::default_namespaced(client);
     let same = v1.get(&ev.name_any()).await.unwrap();
     assert_eq!(same.note.as_deref(), Some("guest password reset"));
@@ -111,13 +118,7 @@ async fn a_repeated_recorder_event_raises_the_core_count() {
     let server = ApiServer::new();
     let client = server.client();
     let pod = create_pod(&client, "vm-0").await;
-    let recorder = recorder(&client);
-    for _ in 0..3 {
-        recorder
-            .publish(&password_reset(), &pod.object_ref(&()))
-            .await
-            .unwrap();
-    }
+    publish_password_reset(&client, &pod, 3).await;
     let events = core_events_about(&client, "vm-0").await;
     assert_eq!(
         events.len(),
@@ -147,7 +148,7 @@ async fn core_events_are_readable_through_events_k8s_io() {
         "firstTimestamp": "2025-01-02T03:04:05Z", "lastTimestamp": "2025-01-02T03:10:00Z",
     }))
     .unwrap();
-    core.create(&PostParams::default(), &ev).await.unwrap();
+    create(&core, &ev).await;
 
     let v1: Api<EventsV1Event> = Api::default_namespaced(client.clone());
     let got = v1.get("vm-0.1").await.unwrap();
@@ -161,32 +162,21 @@ async fn core_events_are_readable_through_events_k8s_io() {
     assert!(got.event_time.is_some());
     assert_eq!(got.series.map(|s| s.count), Some(4));
 
-    let selected = v1
-        .list(&ListParams::default().fields("regarding.name=vm-0,reason=Started,type=Normal"))
-        .await
-        .unwrap();
-    assert_eq!(selected.items.len(), 1);
-    let none = v1
-        .list(&ListParams::default().fields("regarding.name=vm-1"))
-        .await
-        .unwrap();
-    assert!(none.items.is_empty());
+    let selected = "regarding.name=vm-0,reason=Started,type=Normal";
+    assert_eq!(count_where(&v1, selected).await, 1);
+    assert_eq!(count_where(&v1, "regarding.name=vm-1").await, 0);
 
     // A patch through events.k8s.io lands in the core view; a delete removes both.
-    v1.patch(
-        "vm-0.1",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"note": "Restarted container"})),
-    )
-    .await
-    .unwrap();
+    merge_patch(&v1, "vm-0.1", json!({"note": "Restarted container"}))
+        .await
+        .unwrap();
     let patched = core.get("vm-0.1").await.unwrap();
     assert_eq!(patched.message.as_deref(), Some("Restarted container"));
     assert_eq!(patched.count, Some(4));
     core.delete("vm-0.1", &DeleteParams::default())
         .await
         .unwrap();
-    assert!(v1.get_opt("vm-0.1").await.unwrap().is_none());
+    assert!(gone(&v1, "vm-0.1").await);
 }
 
 #[tokio::test]
@@ -209,13 +199,7 @@ async fn event_watches_see_writes_through_the_other_api_in_their_own_shape() {
         .unwrap()
         .boxed();
     let pod = create_pod(&client, "vm-0").await;
-    let recorder = recorder(&client);
-    for _ in 0..2 {
-        recorder
-            .publish(&password_reset(), &pod.object_ref(&()))
-            .await
-            .unwrap();
-    }
+    publish_password_reset(&client, &pod, 2).await;
     match next_event(&mut core_watch).await.unwrap() {
         WatchEvent::Added(ev) => assert_eq!(ev.reason.as_deref(), Some("PasswordReset")),
         other => panic!("expected ADDED, got {other:?}"),

@@ -9,9 +9,7 @@ async fn label_selectors_filter_lists() {
         ("web", vec![("tier", "web"), ("env", "dev")]),
         ("bare", vec![]),
     ] {
-        cms.create(&PostParams::default(), &config_map(name, &labels))
-            .await
-            .unwrap();
+        create(&cms, &config_map(name, &labels)).await;
     }
     let names = |sel: &'static str| {
         let cms = cms.clone();
@@ -33,35 +31,18 @@ async fn label_selectors_filter_lists() {
 async fn field_selectors_filter_lists_across_namespaces() {
     let server = ApiServer::new();
     let client = server.client();
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let mut ns = Namespace::default();
-    ns.metadata.name = Some("other".into());
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
+    create_namespace(&client, "other").await;
     for ns in ["default", "other"] {
         let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-        cms.create(&PostParams::default(), &config_map("same", &[]))
-            .await
-            .unwrap();
+        create(&cms, &config_map("same", &[])).await;
     }
     let all: Api<ConfigMap> = Api::all(client);
-    let list = all
-        .list(&ListParams::default().fields("metadata.name=same"))
-        .await
-        .unwrap();
+    let list = all.list(&by_fields("metadata.name=same")).await.unwrap();
     assert_eq!(list.items.len(), 2);
     assert!(list.metadata.resource_version.is_some());
-    let other = all
-        .list(&ListParams::default().fields("metadata.namespace=other,metadata.name=same"))
-        .await
-        .unwrap();
-    assert_eq!(other.items.len(), 1);
-    let err = all
-        .list(&ListParams::default().fields("data.x=y"))
-        .await
-        .unwrap_err();
+    let in_other = "metadata.namespace=other,metadata.name=same";
+    assert_eq!(count_where(&all, in_other).await, 1);
+    let err = all.list(&by_fields("data.x=y")).await.unwrap_err();
     assert!(is_status(&err, 400, "BadRequest"), "{err:?}");
 }
 
@@ -69,9 +50,7 @@ async fn field_selectors_filter_lists_across_namespaces() {
 async fn delete_collection_deletes_only_selected_objects() {
     let (_server, cms) = config_maps_api();
     for (name, tier) in [("a", "db"), ("b", "db"), ("c", "web")] {
-        cms.create(&PostParams::default(), &config_map(name, &[("tier", tier)]))
-            .await
-            .unwrap();
+        create(&cms, &config_map(name, &[("tier", tier)])).await;
     }
     cms.delete_collection(
         &DeleteParams::default(),
@@ -79,23 +58,18 @@ async fn delete_collection_deletes_only_selected_objects() {
     )
     .await
     .unwrap();
-    let left: Vec<String> = cms
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|c| c.name_any())
-        .collect();
-    assert_eq!(left, ["c"]);
+    assert_eq!(listed_names(&cms).await, ["c"]);
+}
+
+/// The page of at most `limit` items that `token` continues to.
+fn page(limit: u32, token: &str) -> ListParams {
+    ListParams::default().limit(limit).continue_token(token)
 }
 
 /// Creates ConfigMaps with these names in the default namespace.
 async fn config_maps(cms: &Api<ConfigMap>, names: &[&str]) {
     for name in names {
-        cms.create(&PostParams::default(), &config_map(name, &[]))
-            .await
-            .expect("config map created");
+        create(cms, &config_map(name, &[])).await;
     }
 }
 
@@ -110,10 +84,7 @@ async fn a_list_with_a_limit_comes_in_pages_joined_by_continue_tokens() {
     let mut token = first.metadata.continue_.clone();
     let mut pages = 1;
     while let Some(t) = token.filter(|t| !t.is_empty()) {
-        let page = cms
-            .list(&ListParams::default().limit(2).continue_token(&t))
-            .await
-            .unwrap();
+        let page = cms.list(&page(2, &t)).await.unwrap();
         assert_eq!(
             page.metadata.resource_version,
             first.metadata.resource_version
@@ -132,7 +103,7 @@ async fn a_list_at_resource_version_zero_ignores_the_limit_as_the_watch_cache_do
     config_maps(&cms, &["a", "b", "c"]).await;
     // As client-go's reflectors ask (kube-rs drops resourceVersion=0 when it sets a limit).
     let path = "/api/v1/namespaces/default/configmaps?limit=1&resourceVersion=0";
-    let (code, list) = raw(&server, get(path, "application/json")).await;
+    let (code, list) = raw_get(&server, path, "application/json").await;
     assert_eq!(code, 200);
     assert_eq!(list["items"].as_array().map(Vec::len), Some(3));
     assert_eq!(list["metadata"].get("continue"), None);
@@ -142,9 +113,7 @@ async fn a_list_at_resource_version_zero_ignores_the_limit_as_the_watch_cache_do
 async fn a_filtered_page_holds_matching_objects_only() {
     let (_server, cms) = config_maps_api();
     for (name, tier) in [("a", "db"), ("b", "web"), ("c", "db"), ("d", "web")] {
-        cms.create(&PostParams::default(), &config_map(name, &[("tier", tier)]))
-            .await
-            .unwrap();
+        create(&cms, &config_map(name, &[("tier", tier)])).await;
     }
     let lp = ListParams::default().labels("tier=db").limit(1);
     let first = cms.list(&lp).await.unwrap();
@@ -152,13 +121,7 @@ async fn a_filtered_page_holds_matching_objects_only() {
     // With a selector the server cannot count what is left without reading it.
     assert_eq!(first.metadata.remaining_item_count, None);
     let rest = cms.list(&lp.clone().continue_token(&token)).await.unwrap();
-    let names: Vec<String> = first
-        .items
-        .iter()
-        .chain(&rest.items)
-        .map(|c| c.name_any())
-        .collect();
-    assert_eq!(names, ["a", "c"]);
+    assert_eq!(names(first.items.iter().chain(&rest.items)), ["a", "c"]);
 }
 
 #[tokio::test]
@@ -170,20 +133,14 @@ async fn a_continue_token_older_than_the_watch_history_is_410_expired() {
     config_maps(&cms, &["c"]).await;
     // History now starts after the change that made "c": the token's version is gone.
     server.faults().expire_watches();
-    let err = cms
-        .list(&ListParams::default().limit(1).continue_token(&token))
-        .await
-        .unwrap_err();
+    let err = cms.list(&page(1, &token)).await.unwrap_err();
     assert!(is_status(&err, 410, "Expired"), "{err:?}");
 }
 
 #[tokio::test]
 async fn a_continue_token_the_server_did_not_issue_is_400() {
     let (_server, cms) = config_maps_api();
-    let err = cms
-        .list(&ListParams::default().limit(1).continue_token("forged"))
-        .await
-        .unwrap_err();
+    let err = cms.list(&page(1, "forged")).await.unwrap_err();
     assert!(is_status(&err, 400, "BadRequest"), "{err:?}");
 }
 
@@ -194,16 +151,7 @@ async fn kube_watcher_paging_its_initial_list_sees_every_object() {
     // MostRecent (kube-rs' default): a list without resourceVersion, paged by `limit`.
     let config = watcher::Config::default().page_size(1);
     let mut events = watcher(cms.clone(), config).boxed();
-    let mut seen = Vec::new();
-    loop {
-        match next_event(&mut events).await.unwrap() {
-            watcher::Event::Init => {}
-            watcher::Event::InitApply(cm) => seen.push(cm.name_any()),
-            watcher::Event::InitDone => break,
-            other => panic!("unexpected event during the initial list: {other:?}"),
-        }
-    }
-    assert_eq!(seen, ["a", "b", "c", "d"]);
+    assert_eq!(initial_names(&mut events).await, ["a", "b", "c", "d"]);
     assert_eq!(
         server.requests("GET", "/api/v1/namespaces/default/configmaps"),
         4

@@ -108,8 +108,60 @@ where
         .expect("the stream is still open")
 }
 
+/// The next event of a kube-rs watcher, named: `Init`, `InitApply <name>`, `InitDone`,
+/// `Apply <name>` or `Delete <name>`; fails the test on a watch error.
+async fn next_change<S, K>(events: &mut S) -> String
+where
+    S: Stream<Item = watcher::Result<watcher::Event<K>>> + Unpin,
+    K: Resource,
+{
+    match next_event(events).await.expect("no watch error") {
+        watcher::Event::Init => "Init".into(),
+        watcher::Event::InitApply(o) => format!("InitApply {}", o.name_any()),
+        watcher::Event::InitDone => "InitDone".into(),
+        watcher::Event::Apply(o) => format!("Apply {}", o.name_any()),
+        watcher::Event::Delete(o) => format!("Delete {}", o.name_any()),
+    }
+}
+
+/// The next `n` events of a kube-rs watcher, named as [`next_change`] names them.
+async fn next_changes<S, K>(events: &mut S, n: usize) -> Vec<String>
+where
+    S: Stream<Item = watcher::Result<watcher::Event<K>>> + Unpin,
+    K: Resource,
+{
+    let mut changes = Vec::new();
+    for _ in 0..n {
+        changes.push(next_change(events).await);
+    }
+    changes
+}
+
+/// The names a kube-rs watcher's initial list delivers, up to its `InitDone`.
+async fn initial_names<S, K>(events: &mut S) -> Vec<String>
+where
+    S: Stream<Item = watcher::Result<watcher::Event<K>>> + Unpin,
+    K: Resource + std::fmt::Debug,
+{
+    let mut names = Vec::new();
+    loop {
+        match next_event(events).await.expect("no watch error") {
+            watcher::Event::Init => {}
+            watcher::Event::InitApply(o) => names.push(o.name_any()),
+            watcher::Event::InitDone => return names,
+            other => panic!("unexpected event during the initial list: {other:?}"),
+        }
+    }
+}
+
 /// Sends a raw request to the router (for what kube-rs cannot express).
 async fn raw(server: &ApiServer, req: http::Request<String>) -> (u16, Value) {
+    let (code, bytes) = raw_bytes(server, req).await;
+    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// The router's answer to `req`: status code and body.
+async fn raw_bytes(server: &ApiServer, req: http::Request<String>) -> (u16, axum::body::Bytes) {
     let (parts, body) = req.into_parts();
     let req = http::Request::from_parts(parts, axum::body::Body::from(body));
     let resp = server.router().oneshot(req).await.expect("router answers");
@@ -117,7 +169,12 @@ async fn raw(server: &ApiServer, req: http::Request<String>) -> (u16, Value) {
     let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
         .await
         .expect("body is readable");
-    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (code, bytes)
+}
+
+/// `GET path` with `accept`, straight to the router.
+async fn raw_get(server: &ApiServer, path: &str, accept: &str) -> (u16, Value) {
+    raw(server, get(path, accept)).await
 }
 
 fn get(path: &str, accept: &str) -> http::Request<String> {
@@ -125,6 +182,106 @@ fn get(path: &str, accept: &str) -> http::Request<String> {
         .header("accept", accept)
         .body(String::new())
         .expect("valid request")
+}
+
+/// `obj` created through `api`, as the server answered; fails the test if it is refused.
+async fn create<K>(api: &Api<K>, obj: &K) -> K
+where
+    K: Resource + Clone + std::fmt::Debug + Serialize + serde::de::DeserializeOwned,
+{
+    api.create(&PostParams::default(), obj)
+        .await
+        .expect("the object is created")
+}
+
+/// Why the server refused to create `obj` through `api`; fails the test if it was created.
+async fn create_refused<K>(api: &Api<K>, obj: &K) -> kube::Error
+where
+    K: Resource + Clone + std::fmt::Debug + Serialize + serde::de::DeserializeOwned,
+{
+    api.create(&PostParams::default(), obj)
+        .await
+        .expect_err("the create is refused")
+}
+
+/// List parameters selecting by field, e.g. `by_fields("metadata.name=a")`.
+fn by_fields(selector: &str) -> ListParams {
+    ListParams::default().fields(selector)
+}
+
+/// How many objects `api` lists with the field selector `fields`.
+async fn count_where<K>(api: &Api<K>, fields: &str) -> usize
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    api.list(&by_fields(fields))
+        .await
+        .expect("list")
+        .items
+        .len()
+}
+
+/// Whether `name` no longer exists, as `api` sees it.
+async fn gone<K>(api: &Api<K>, name: &str) -> bool
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    api.get_opt(name).await.expect("get").is_none()
+}
+
+/// A JSON merge patch of `name` through `api`.
+async fn merge_patch<K>(api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+}
+
+/// A JSON merge patch of `name`'s status subresource through `api`.
+async fn merge_patch_status<K>(api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+}
+
+/// The names of `items`, in the order given.
+fn names<'a, K: Resource + 'a>(items: impl IntoIterator<Item = &'a K>) -> Vec<String> {
+    items.into_iter().map(|o| o.name_any()).collect()
+}
+
+/// The names of everything `api` lists, in the server's order.
+async fn listed_names<K>(api: &Api<K>) -> Vec<String>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    names(&api.list(&ListParams::default()).await.expect("list").items)
+}
+
+/// Namespace `name`, created through `client`.
+async fn create_namespace(client: &Client, name: &str) -> Namespace {
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(name.into());
+    create(&Api::all(client.clone()), &ns).await
+}
+
+/// A fresh emulator with the Widget CRD installed, and the Widgets of `default`.
+async fn widgets_api() -> (ApiServer, Api<Widget>) {
+    let server = ApiServer::new();
+    install_widget_crd(&server.client()).await;
+    let widgets = Api::default_namespaced(server.client());
+    (server, widgets)
+}
+
+/// The first event of a watch on the collection at `path` from resourceVersion 0, as the
+/// router answers it in `accept`, as JSON.
+async fn first_watch_event(server: &ApiServer, path: &str, accept: &str) -> Value {
+    let path = format!("{path}?watch=true&resourceVersion=0&timeoutSeconds=1");
+    let (_, bytes) = raw_bytes(server, get(&path, accept)).await;
+    serde_json::from_slice(bytes.split(|b| *b == b'\n').next().unwrap_or(b""))
+        .expect("an event line")
 }
 
 /// A fresh emulator and the ConfigMaps of its `default` namespace.
@@ -137,9 +294,6 @@ fn config_maps_api() -> (ApiServer, Api<ConfigMap>) {
 /// The same, with ConfigMap `a` created (returned as the server answered).
 async fn config_map_a() -> (ApiServer, Api<ConfigMap>, ConfigMap) {
     let (server, cms) = config_maps_api();
-    let a = cms
-        .create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap();
+    let a = create(&cms, &config_map("a", &[])).await;
     (server, cms, a)
 }

@@ -6,10 +6,7 @@ use super::*;
 async fn answered_requests_are_counted_by_method_and_exact_path() {
     let server = ApiServer::new();
     let secrets: Api<Secret> = Api::default_namespaced(server.client());
-    secrets
-        .create(&PostParams::default(), &secret("pw", "x"))
-        .await
-        .expect("create");
+    create(&secrets, &secret("pw", "x")).await;
     secrets.get("pw").await.expect("get");
     let _ = secrets.get_opt("missing").await.expect("get missing");
     secrets.get("pw").await.expect("get again");
@@ -31,10 +28,7 @@ async fn secret_create_get_replace_delete_round_trip() {
     let server = ApiServer::new();
     let secrets: Api<Secret> = Api::default_namespaced(server.client());
 
-    let created = secrets
-        .create(&PostParams::default(), &secret("db", "hunter2"))
-        .await
-        .unwrap();
+    let created = create(&secrets, &secret("db", "hunter2")).await;
     assert!(created.metadata.uid.is_some());
     assert!(created.metadata.creation_timestamp.is_some());
     assert_eq!(created.type_.as_deref(), Some("Opaque"));
@@ -66,13 +60,8 @@ async fn secret_create_get_replace_delete_round_trip() {
 #[tokio::test]
 async fn creating_an_existing_name_is_409_already_exists() {
     let (_server, cms) = config_maps_api();
-    cms.create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap();
-    let err = cms
-        .create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap_err();
+    create(&cms, &config_map("a", &[])).await;
+    let err = create_refused(&cms, &config_map("a", &[])).await;
     assert!(is_status(&err, 409, "AlreadyExists"), "{err:?}");
 }
 
@@ -82,8 +71,8 @@ async fn generate_name_gives_distinct_names_with_the_prefix() {
     let mut cm = config_map("", &[]);
     cm.metadata.name = None;
     cm.metadata.generate_name = Some("job-".into());
-    let a = cms.create(&PostParams::default(), &cm).await.unwrap();
-    let b = cms.create(&PostParams::default(), &cm).await.unwrap();
+    let a = create(&cms, &cm).await;
+    let b = create(&cms, &cm).await;
     assert!(a.name_any().starts_with("job-") && a.name_any().len() == 9);
     assert_ne!(a.name_any(), b.name_any());
 }
@@ -92,10 +81,7 @@ async fn generate_name_gives_distinct_names_with_the_prefix() {
 async fn creating_in_a_missing_namespace_is_404() {
     let server = ApiServer::new();
     let cms: Api<ConfigMap> = Api::namespaced(server.client(), "nowhere");
-    let err = cms
-        .create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap_err();
+    let err = create_refused(&cms, &config_map("a", &[])).await;
     assert!(is_status(&err, 404, "NotFound"), "{err:?}");
 }
 
@@ -119,39 +105,21 @@ async fn update_with_a_stale_resource_version_is_409_conflict() {
 
 #[tokio::test]
 async fn generation_bumps_on_spec_changes_only() {
-    let server = ApiServer::new();
-    let client = server.client();
-    install_widget_crd(&client).await;
-    let widgets: Api<Widget> = Api::default_namespaced(client);
-    let w = widgets
-        .create(&PostParams::default(), &widget("w", 1))
-        .await
-        .unwrap();
+    let (_server, widgets) = widgets_api().await;
+    let w = create(&widgets, &widget("w", 1)).await;
     assert_eq!(w.metadata.generation, Some(1));
-    let pp = PatchParams::default();
 
-    let labelled = widgets
-        .patch(
-            "w",
-            &pp,
-            &Patch::Merge(json!({"metadata": {"labels": {"a": "b"}}})),
-        )
+    let labelled = merge_patch(&widgets, "w", json!({"metadata": {"labels": {"a": "b"}}}))
         .await
         .unwrap();
     assert_eq!(labelled.metadata.generation, Some(1));
 
-    let status = widgets
-        .patch_status(
-            "w",
-            &pp,
-            &Patch::Merge(json!({"status": {"phase": "Running"}})),
-        )
+    let status = merge_patch_status(&widgets, "w", json!({"status": {"phase": "Running"}}))
         .await
         .unwrap();
     assert_eq!(status.metadata.generation, Some(1));
 
-    let spec = widgets
-        .patch("w", &pp, &Patch::Merge(json!({"spec": {"size": 2}})))
+    let spec = merge_patch(&widgets, "w", json!({"spec": {"size": 2}}))
         .await
         .unwrap();
     assert_eq!(spec.metadata.generation, Some(2));
@@ -159,37 +127,23 @@ async fn generation_bumps_on_spec_changes_only() {
 
 #[tokio::test]
 async fn status_subresource_isolates_spec_and_status_writes() {
-    let server = ApiServer::new();
-    let client = server.client();
-    install_widget_crd(&client).await;
-    let widgets: Api<Widget> = Api::default_namespaced(client);
+    let (_server, widgets) = widgets_api().await;
     let mut w = widget("w", 1);
     w.status = Some(WidgetStatus {
         phase: "Ignored".into(),
     });
-    let created = widgets.create(&PostParams::default(), &w).await.unwrap();
+    let created = create(&widgets, &w).await;
     assert_eq!(created.status, None, "create cannot set status");
 
-    let pp = PatchParams::default();
-    let after_status = widgets
-        .patch_status(
-            "w",
-            &pp,
-            &Patch::Merge(json!({"spec": {"size": 9}, "status": {"phase": "Running"}})),
-        )
+    // Each write carries both a spec and a status.
+    let both = |size: i32, phase: &str| json!({"spec": {"size": size}, "status": {"phase": phase}});
+    let after_status = merge_patch_status(&widgets, "w", both(9, "Running"))
         .await
         .unwrap();
     assert_eq!(after_status.spec.size, 1, "status writes ignore spec");
     assert_eq!(after_status.status.unwrap().phase, "Running");
 
-    let after_main = widgets
-        .patch(
-            "w",
-            &pp,
-            &Patch::Merge(json!({"spec": {"size": 3}, "status": {"phase": "Hacked"}})),
-        )
-        .await
-        .unwrap();
+    let after_main = merge_patch(&widgets, "w", both(3, "Hacked")).await.unwrap();
     assert_eq!(after_main.spec.size, 3);
     assert_eq!(
         after_main.status.unwrap().phase,
@@ -200,14 +154,8 @@ async fn status_subresource_isolates_spec_and_status_writes() {
 
 #[tokio::test]
 async fn injected_conflict_fails_the_next_status_write_only() {
-    let server = ApiServer::new();
-    let client = server.client();
-    install_widget_crd(&client).await;
-    let widgets: Api<Widget> = Api::default_namespaced(client);
-    widgets
-        .create(&PostParams::default(), &widget("w", 1))
-        .await
-        .unwrap();
+    let (server, widgets) = widgets_api().await;
+    create(&widgets, &widget("w", 1)).await;
     server.faults().conflict_next_status_writes(1);
     let patch = Patch::Merge(json!({"status": {"phase": "Running"}}));
     let err = widgets
@@ -225,16 +173,8 @@ async fn injected_conflict_fails_the_next_status_write_only() {
 #[tokio::test]
 async fn no_op_updates_keep_the_resource_version() {
     let (_server, cms) = config_maps_api();
-    let created = cms
-        .create(&PostParams::default(), &config_map("a", &[("x", "y")]))
-        .await
-        .unwrap();
-    let same = cms
-        .patch(
-            "a",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
-        )
+    let created = create(&cms, &config_map("a", &[("x", "y")])).await;
+    let same = merge_patch(&cms, "a", json!({"metadata": {"labels": {"x": "y"}}}))
         .await
         .unwrap();
     assert_eq!(same.resource_version(), created.resource_version());
@@ -252,10 +192,7 @@ async fn token_reviews_answer_unauthenticated_and_are_not_stored() {
         },
         ..Default::default()
     };
-    let answer = reviews
-        .create(&PostParams::default(), &review)
-        .await
-        .unwrap();
+    let answer = create(&reviews, &review).await;
     assert_eq!(answer.status.unwrap().authenticated, Some(false));
     let err = reviews.list(&ListParams::default()).await.unwrap_err();
     assert!(is_status(&err, 405, "MethodNotAllowed"), "{err:?}");
@@ -267,6 +204,6 @@ async fn creating_with_a_resource_version_is_refused() {
     let mut copy = fetched.clone();
     copy.metadata.name = Some("b".into());
     copy.metadata.uid = None;
-    let err = cms.create(&PostParams::default(), &copy).await.unwrap_err();
+    let err = create_refused(&cms, &copy).await;
     assert!(is_status(&err, 500, "InternalError"), "{err:?}");
 }

@@ -9,15 +9,10 @@ async fn merge_json_and_strategic_patches_apply() {
         ("keep".into(), "1".into()),
         ("drop".into(), "2".into()),
     ]));
-    cms.create(&PostParams::default(), &cm).await.unwrap();
+    create(&cms, &cm).await;
     let pp = PatchParams::default();
 
-    let merged = cms
-        .patch(
-            "a",
-            &pp,
-            &Patch::Merge(json!({"data": {"drop": null, "new": "3"}})),
-        )
+    let merged = merge_patch(&cms, "a", json!({"data": {"drop": null, "new": "3"}}))
         .await
         .unwrap();
     let keys: Vec<String> = merged.data.unwrap().into_keys().collect();
@@ -88,7 +83,7 @@ async fn apply_patch_without_field_manager_is_rejected() {
 async fn patch_carrying_a_stale_resource_version_is_409() {
     let (_server, cms, first) = config_map_a().await;
     let pp = PatchParams::default();
-    cms.patch("a", &pp, &Patch::Merge(json!({"data": {"k": "1"}})))
+    merge_patch(&cms, "a", json!({"data": {"k": "1"}}))
         .await
         .unwrap();
     let stale = json!({"metadata": {"resourceVersion": first.resource_version()},
@@ -108,13 +103,9 @@ async fn apply_removes_fields_the_same_manager_stops_applying() {
     cms.patch("a", &mine, &Patch::Apply(body(json!({"x": "1", "y": "2"}))))
         .await
         .unwrap();
-    cms.patch(
-        "a",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"data": {"other": "3"}})),
-    )
-    .await
-    .unwrap();
+    merge_patch(&cms, "a", json!({"data": {"other": "3"}}))
+        .await
+        .unwrap();
     let after = cms
         .patch("a", &mine, &Patch::Apply(body(json!({"x": "1"}))))
         .await

@@ -29,12 +29,9 @@ async fn serve_answers_kube_clients_and_extra_routes() {
     assert_eq!(client.default_namespace(), "default");
     assert_eq!(client.apiserver_version().await.unwrap().major, "1");
     let secrets: Api<Secret> = Api::default_namespaced(client.clone());
-    secrets
-        .create(&PostParams::default(), &secret("s", "x"))
-        .await
-        .unwrap();
+    create(&secrets, &secret("s", "x")).await;
     let seen_in_process: Api<Secret> = Api::default_namespaced(server.client());
-    assert!(seen_in_process.get_opt("s").await.unwrap().is_some());
+    assert!(!gone(&seen_in_process, "s").await);
 
     let req = http::Request::put(
         "/apis/subresources.kubevirt.io/v1/namespaces/default/virtualmachines/vm/restart",
@@ -64,14 +61,9 @@ async fn run_serves_on_the_bound_port_and_writes_a_kubeconfig() {
     assert!(written.is_ok(), "run writes the kubeconfig once it listens");
     let client = kube_client_from(&kubeconfig).await;
     let namespaces: Api<Namespace> = Api::all(client);
-    let names: Vec<String> = namespaces
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|n| n.name_any())
-        .collect();
-    assert_eq!(names, ["default", "kube-public", "kube-system"]);
+    assert_eq!(
+        listed_names(&namespaces).await,
+        ["default", "kube-public", "kube-system"]
+    );
     task.abort();
 }

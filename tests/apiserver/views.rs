@@ -17,28 +17,15 @@ async fn protobuf_bodies_get_415_with_a_status() {
 
 #[tokio::test]
 async fn table_requests_render_printer_columns() {
-    let server = ApiServer::new();
-    let client = server.client();
-    install_widget_crd(&client).await;
-    let widgets: Api<Widget> = Api::default_namespaced(client);
-    widgets
-        .create(&PostParams::default(), &widget("w", 1))
+    let (server, widgets) = widgets_api().await;
+    create(&widgets, &widget("w", 1)).await;
+    merge_patch_status(&widgets, "w", json!({"status": {"phase": "Running"}}))
         .await
         .unwrap();
-    widgets
-        .patch_status(
-            "w",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"phase": "Running"}})),
-        )
-        .await
-        .unwrap();
-    let (code, table) = raw(
+    let (code, table) = raw_get(
         &server,
-        get(
-            "/apis/test.guestcred.io/v1/namespaces/default/widgets",
-            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
-        ),
+        "/apis/test.guestcred.io/v1/namespaces/default/widgets",
+        &format!("{TABLE},application/json"),
     )
     .await;
     assert_eq!(code, 200);
@@ -53,6 +40,8 @@ async fn table_requests_render_printer_columns() {
     assert_eq!(table["rows"][0]["cells"], json!(["w", "Running"]));
 }
 
+const TABLE: &str = "application/json;as=Table;v=v1;g=meta.k8s.io";
+
 const METADATA_LIST: &str = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1";
 
 const METADATA: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
@@ -60,22 +49,22 @@ const METADATA: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;
 async fn server_with_secret_pw() -> ApiServer {
     let server = ApiServer::new();
     let secrets: Api<Secret> = Api::default_namespaced(server.client());
-    secrets
-        .create(&PostParams::default(), &secret("pw", "hunter2"))
-        .await
-        .expect("create");
+    create(&secrets, &secret("pw", "hunter2")).await;
     server
+}
+
+/// `GET path` as `accept` from a server holding Secret `pw`; the answer must be 200.
+async fn ok_from_server_with_secret_pw(path: &str, accept: &str) -> Value {
+    let server = server_with_secret_pw().await;
+    let (code, body) = raw_get(&server, path, accept).await;
+    assert_eq!(code, 200, "{body}");
+    body
 }
 
 #[tokio::test]
 async fn metadata_lists_carry_only_metadata() {
-    let server = server_with_secret_pw().await;
-    let (code, list) = raw(
-        &server,
-        get("/api/v1/namespaces/default/secrets", METADATA_LIST),
-    )
-    .await;
-    assert_eq!(code, 200);
+    let list =
+        ok_from_server_with_secret_pw("/api/v1/namespaces/default/secrets", METADATA_LIST).await;
     assert_eq!(list["kind"], "PartialObjectMetadataList");
     assert_eq!(list["apiVersion"], "meta.k8s.io/v1");
     assert_eq!(list["items"][0]["kind"], "PartialObjectMetadata");
@@ -85,13 +74,8 @@ async fn metadata_lists_carry_only_metadata() {
 
 #[tokio::test]
 async fn metadata_get_carries_only_metadata() {
-    let server = server_with_secret_pw().await;
-    let (code, obj) = raw(
-        &server,
-        get("/api/v1/namespaces/default/secrets/pw", METADATA),
-    )
-    .await;
-    assert_eq!(code, 200);
+    let obj =
+        ok_from_server_with_secret_pw("/api/v1/namespaces/default/secrets/pw", METADATA).await;
     assert_eq!(obj["kind"], "PartialObjectMetadata");
     assert!(obj.get("data").is_none(), "{obj}");
 }
@@ -99,18 +83,7 @@ async fn metadata_get_carries_only_metadata() {
 #[tokio::test]
 async fn metadata_watch_events_carry_only_metadata() {
     let server = server_with_secret_pw().await;
-    let req = get(
-        "/api/v1/namespaces/default/secrets?watch=true&resourceVersion=0&timeoutSeconds=1",
-        METADATA,
-    );
-    let (parts, body) = req.into_parts();
-    let req = http::Request::from_parts(parts, axum::body::Body::from(body));
-    let resp = server.router().oneshot(req).await.expect("router answers");
-    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-        .await
-        .expect("body");
-    let first: Value = serde_json::from_slice(bytes.split(|b| *b == b'\n').next().unwrap_or(b""))
-        .expect("an event line");
+    let first = first_watch_event(&server, "/api/v1/namespaces/default/secrets", METADATA).await;
     assert_eq!(first["type"], "ADDED");
     assert_eq!(first["object"]["kind"], "PartialObjectMetadata");
     assert_eq!(first["object"]["metadata"]["name"], "pw");
@@ -122,35 +95,14 @@ async fn kube_metadata_watcher_accepts_the_metadata_shape() {
     let server = server_with_secret_pw().await;
     let api: Api<kube::core::PartialObjectMeta<Secret>> = Api::default_namespaced(server.client());
     let mut events = watcher(api, watcher::Config::default()).boxed();
-    let mut names = Vec::new();
-    loop {
-        match next_event(&mut events).await.expect("no watch error") {
-            watcher::Event::InitApply(m) => names.push(m.name_any()),
-            watcher::Event::InitDone => break,
-            _ => {}
-        }
-    }
-    assert_eq!(names, ["pw"]);
+    assert_eq!(initial_names(&mut events).await, ["pw"]);
 }
 
 #[tokio::test]
 async fn table_watches_send_one_row_tables() {
     let (server, cms) = config_maps_api();
-    cms.create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap();
-    let req = get(
-        "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion=0&timeoutSeconds=1",
-        "application/json;as=Table;v=v1;g=meta.k8s.io",
-    );
-    let (parts, body) = req.into_parts();
-    let req = http::Request::from_parts(parts, axum::body::Body::from(body));
-    let resp = server.router().oneshot(req).await.unwrap();
-    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-        .await
-        .unwrap();
-    let first: Value =
-        serde_json::from_slice(bytes.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    create(&cms, &config_map("a", &[])).await;
+    let first = first_watch_event(&server, "/api/v1/namespaces/default/configmaps", TABLE).await;
     assert_eq!(first["type"], "ADDED");
     assert_eq!(first["object"]["kind"], "Table");
     assert_eq!(first["object"]["rows"][0]["cells"][0], "a");

@@ -2,74 +2,43 @@
 //! bookmarks.
 use super::*;
 
+/// A kube-rs watcher with `config` over ConfigMap "existing" reports its initial list, then
+/// "new" being created; returns the ConfigMaps and the still open watcher.
+async fn watcher_sees_existing_then_new(
+    config: watcher::Config,
+) -> (
+    Api<ConfigMap>,
+    futures::stream::BoxStream<'static, watcher::Result<watcher::Event<ConfigMap>>>,
+) {
+    let (_server, cms) = config_maps_api();
+    create(&cms, &config_map("existing", &[])).await;
+    let mut events = watcher(cms.clone(), config).boxed();
+    assert_eq!(
+        next_changes(&mut events, 3).await,
+        ["Init", "InitApply existing", "InitDone"]
+    );
+    create(&cms, &config_map("new", &[])).await;
+    assert_eq!(next_change(&mut events).await, "Apply new");
+    (cms, events)
+}
+
 #[tokio::test]
 async fn kube_watcher_sees_init_then_apply_and_delete() {
-    let (_server, cms) = config_maps_api();
-    cms.create(&PostParams::default(), &config_map("existing", &[]))
-        .await
-        .unwrap();
-    let mut events = watcher(cms.clone(), watcher::Config::default()).boxed();
-    assert!(matches!(
-        next_event(&mut events).await.unwrap(),
-        watcher::Event::Init
-    ));
-    match next_event(&mut events).await.unwrap() {
-        watcher::Event::InitApply(cm) => assert_eq!(cm.name_any(), "existing"),
-        other => panic!("expected InitApply, got {other:?}"),
-    }
-    assert!(matches!(
-        next_event(&mut events).await.unwrap(),
-        watcher::Event::InitDone
-    ));
-
-    cms.create(&PostParams::default(), &config_map("new", &[]))
-        .await
-        .unwrap();
-    match next_event(&mut events).await.unwrap() {
-        watcher::Event::Apply(cm) => assert_eq!(cm.name_any(), "new"),
-        other => panic!("expected Apply, got {other:?}"),
-    }
+    let (cms, mut events) = watcher_sees_existing_then_new(watcher::Config::default()).await;
     cms.delete("new", &DeleteParams::default()).await.unwrap();
-    match next_event(&mut events).await.unwrap() {
-        watcher::Event::Delete(cm) => assert_eq!(cm.name_any(), "new"),
-        other => panic!("expected Delete, got {other:?}"),
-    }
+    assert_eq!(next_change(&mut events).await, "Delete new");
 }
 
 #[tokio::test]
 async fn streaming_list_watcher_gets_initial_events_then_changes() {
-    let (_server, cms) = config_maps_api();
-    cms.create(&PostParams::default(), &config_map("existing", &[]))
-        .await
-        .unwrap();
-    let mut events = watcher(cms.clone(), watcher::Config::default().streaming_lists()).boxed();
-    assert!(matches!(
-        next_event(&mut events).await.unwrap(),
-        watcher::Event::Init
-    ));
-    assert!(matches!(
-        next_event(&mut events).await.unwrap(),
-        watcher::Event::InitApply(_)
-    ));
-    assert!(matches!(
-        next_event(&mut events).await.unwrap(),
-        watcher::Event::InitDone
-    ));
-    cms.create(&PostParams::default(), &config_map("new", &[]))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next_event(&mut events).await.unwrap(),
-        watcher::Event::Apply(_)
-    ));
+    let _still_open =
+        watcher_sees_existing_then_new(watcher::Config::default().streaming_lists()).await;
 }
 
 #[tokio::test]
 async fn watching_from_an_expired_resource_version_gets_410() {
     let (server, cms, old) = config_map_a().await;
-    cms.create(&PostParams::default(), &config_map("b", &[]))
-        .await
-        .unwrap();
+    create(&cms, &config_map("b", &[])).await;
     server.faults().expire_watches();
     let mut stream = cms
         .watch(&WatchParams::default(), &old.resource_version().unwrap())
@@ -86,21 +55,9 @@ async fn watching_from_an_expired_resource_version_gets_410() {
 async fn kube_watcher_relists_after_its_watch_expires() {
     let (server, cms) = config_maps_api();
     let mut events = watcher(cms.clone(), watcher::Config::default()).boxed();
-    assert!(matches!(
-        next_event(&mut events).await.unwrap(),
-        watcher::Event::Init
-    ));
-    assert!(matches!(
-        next_event(&mut events).await.unwrap(),
-        watcher::Event::InitDone
-    ));
-    cms.create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next_event(&mut events).await.unwrap(),
-        watcher::Event::Apply(_)
-    ));
+    assert_eq!(next_changes(&mut events, 2).await, ["Init", "InitDone"]);
+    create(&cms, &config_map("a", &[])).await;
+    assert_eq!(next_change(&mut events).await, "Apply a");
 
     server.faults().expire_watches();
     let err = next_event(&mut events).await.unwrap_err();
@@ -108,26 +65,16 @@ async fn kube_watcher_relists_after_its_watch_expires() {
         matches!(err, watcher::Error::WatchError(ref s) if s.code == 410),
         "{err:?}"
     );
-    assert!(matches!(
-        next_event(&mut events).await.unwrap(),
-        watcher::Event::Init
-    ));
-    match next_event(&mut events).await.unwrap() {
-        watcher::Event::InitApply(cm) => assert_eq!(cm.name_any(), "a"),
-        other => panic!("expected InitApply after relist, got {other:?}"),
-    }
-    assert!(matches!(
-        next_event(&mut events).await.unwrap(),
-        watcher::Event::InitDone
-    ));
+    assert_eq!(
+        next_changes(&mut events, 3).await,
+        ["Init", "InitApply a", "InitDone"]
+    );
 }
 
 #[tokio::test]
 async fn filtered_watch_sees_objects_leave_their_selector_as_deleted() {
     let (_server, cms) = config_maps_api();
-    cms.create(&PostParams::default(), &config_map("a", &[("tier", "db")]))
-        .await
-        .unwrap();
+    create(&cms, &config_map("a", &[("tier", "db")])).await;
     let mut stream = cms
         .watch(&WatchParams::default().labels("tier=db"), "0")
         .await
@@ -137,13 +84,9 @@ async fn filtered_watch_sees_objects_leave_their_selector_as_deleted() {
         next_event(&mut stream).await.unwrap(),
         WatchEvent::Added(_)
     ));
-    cms.patch(
-        "a",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {"tier": "web"}}})),
-    )
-    .await
-    .unwrap();
+    merge_patch(&cms, "a", json!({"metadata": {"labels": {"tier": "web"}}}))
+        .await
+        .unwrap();
     match next_event(&mut stream).await.unwrap() {
         WatchEvent::Deleted(cm) => assert_eq!(cm.labels()["tier"], "web"),
         other => panic!("expected DELETED, got {other:?}"),
