@@ -13,23 +13,17 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(30);
 const PLAIN: &str = "correct-horse-battery-staple";
 
-async fn world() -> World {
-    World::start(WorldOptions::default())
-        .await
-        .expect("test world starts")
+/// Reset "r" of VM `vm_name` from Secret "pw": what most tests here apply.
+fn reset_of(vm_name: &str) -> GuestPasswordReset {
+    GuestPasswordReset::test("r").vm(vm_name).from_secret("pw")
 }
 
 #[tokio::test]
 async fn missing_vm_is_reported_as_vm_not_found() {
     let w = world().await;
-    w.apply(&secret("pw", "password", PLAIN))
-        .await
-        .expect("secret");
-    w.apply(&GuestPasswordReset::test("r").vm("ghost").from_secret("pw"))
-        .await
-        .expect("reset");
-    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
-    let t = &r.status.expect("status").run.targets[0];
+    w.password_secret("pw", PLAIN).await;
+    let r = w.run_to_end(&reset_of("ghost")).await;
+    let t = target0(&r).expect("a target");
     assert_eq!(t.state, TargetState::Failed);
     assert_eq!(t.reason.as_deref(), Some("VMNotFound"));
 }
@@ -41,11 +35,8 @@ async fn both_vm_name_and_selector_is_invalid_spec() {
         .selector("tier", "db")
         .from_secret("pw");
     r.spec.common.target.vm_name = Some("db-0".into());
-    w.apply(&r).await.expect("reset");
-    let r: GuestPasswordReset = w
-        .wait_for(NS, "r", WAIT, stalled_with("InvalidSpec"))
-        .await
-        .expect("stalled");
+    w.put(&r).await;
+    let r: GuestPasswordReset = w.once("r", stalled_with("InvalidSpec")).await;
     let c = r.status.expect("status").run.conditions;
     let stalled = c.iter().find(|c| c.type_ == "Stalled").expect("Stalled");
     assert!(
@@ -65,68 +56,36 @@ async fn cross_namespace_secret_reference_is_refused() {
         "password",
         Some("kube-system"),
     );
-    w.apply(&r).await.expect("reset");
-    let r: GuestPasswordReset = w
-        .wait_for(NS, "r", WAIT, stalled_with("InvalidSpec"))
-        .await
-        .expect("stalled");
+    w.put(&r).await;
+    let r: GuestPasswordReset = w.once("r", stalled_with("InvalidSpec")).await;
     let msg = &r.status.expect("status").run.conditions[0].message;
     assert!(msg.contains("cross-namespace"), "{msg}");
 }
 
 #[tokio::test]
 async fn missing_secret_stalls_with_secret_not_found_and_recovers_when_created() {
-    let w = world().await;
-    let _qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm");
-    w.apply(&GuestPasswordReset::test("r").vm("vm-a").from_secret("pw"))
-        .await
-        .expect("reset");
-    w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, stalled_with("SecretNotFound"))
-        .await
-        .expect("stalled");
-    w.apply(&secret("pw", "password", PLAIN))
-        .await
-        .expect("secret");
-    let r: GuestPasswordReset = w
-        .wait_for(NS, "r", WAIT, finished)
-        .await
-        .expect("finishes after the Secret appears");
-    assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
+    let (w, _qga) = world_with_guest("vm-a").await;
+    w.apply_until(&reset_of("vm-a"), stalled_with("SecretNotFound"))
+        .await;
+    w.password_secret("pw", PLAIN).await;
+    let r: GuestPasswordReset = w.once("r", finished).await;
+    assert_eq!(phase(&r), Some(Phase::Succeeded));
 }
 
 #[tokio::test]
 async fn missing_key_in_secret_is_secret_key_missing() {
     let w = world().await;
-    w.apply(&secret("pw", "other", PLAIN))
-        .await
-        .expect("secret");
-    w.apply(&GuestPasswordReset::test("r").vm("vm-a").from_secret("pw"))
-        .await
-        .expect("reset");
-    w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, stalled_with("SecretKeyMissing"))
-        .await
-        .expect("stalled");
+    w.put(&secret("pw", "other", PLAIN)).await;
+    w.apply_until(&reset_of("vm-a"), stalled_with("SecretKeyMissing"))
+        .await;
 }
 
 #[tokio::test]
 async fn password_from_secret_is_set_in_the_guest() {
-    let w = world().await;
-    let qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
-    let before = qga.shadow_hash("root").expect("shadow");
-    w.apply(&secret("pw", "password", PLAIN))
-        .await
-        .expect("secret");
-    w.apply(&GuestPasswordReset::test("r").vm("vm-a").from_secret("pw"))
-        .await
-        .expect("reset");
-    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    let (w, qga) = world_with_guest("vm-a").await;
+    let before = hash_of(&qga, "root");
+    w.password_secret("pw", PLAIN).await;
+    let r = w.run_to_end(&reset_of("vm-a")).await;
     let st = r.status.expect("status").run;
     assert_eq!(st.phase, Some(Phase::Succeeded), "{st:#?}");
     let t = &st.targets[0];
@@ -135,10 +94,7 @@ async fn password_from_secret_is_set_in_the_guest() {
         (Some("root"), Some(UserSource::GuestOS))
     );
     assert_eq!(t.node.as_deref(), Some("node-1"));
-    let after = qga
-        .shadow_hash("root")
-        .expect("shadow")
-        .expect("root has a hash");
+    let after = hash_of(&qga, "root").expect("root has a hash");
     assert_ne!(Some(after.clone()), before);
     assert!(after.starts_with('$'), "a crypt hash, got {after}");
     assert!(
@@ -150,84 +106,36 @@ async fn password_from_secret_is_set_in_the_guest() {
 
 #[tokio::test]
 async fn crypted_hash_lands_verbatim() {
-    let w = world().await;
-    let qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
-    w.apply(&secret("pw", "password", SHA512))
-        .await
-        .expect("secret");
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .vm("vm-a")
-            .from_secret("pw")
-            .crypted()
-            .user("alice"),
-    )
-    .await
-    .expect("reset");
-    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
-    assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
-    assert_eq!(
-        qga.shadow_hash("alice").expect("shadow").as_deref(),
-        Some(SHA512)
-    );
+    let (w, qga) = world_with_guest("vm-a").await;
+    w.password_secret("pw", SHA512).await;
+    let r = w
+        .run_to_end(&reset_of("vm-a").crypted().user("alice"))
+        .await;
+    assert_eq!(phase(&r), Some(Phase::Succeeded));
+    assert_eq!(hash_of(&qga, "alice").as_deref(), Some(SHA512));
 }
 
 #[tokio::test]
 async fn admin_user_annotation_picks_the_user() {
     let w = world().await;
     let desc = vm(NS, "vm-a", "node-1").annotation(ADMIN_USER_ANNOTATION, "alice");
-    let qga = w
-        .add_vm(&desc, Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
-    w.apply(&secret("pw", "password", SHA512))
-        .await
-        .expect("secret");
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .vm("vm-a")
-            .from_secret("pw")
-            .crypted(),
-    )
-    .await
-    .expect("reset");
-    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
-    let t = &r.status.expect("status").run.targets[0];
+    let qga = w.add_guest(&desc).await;
+    w.password_secret("pw", SHA512).await;
+    let r = w.run_to_end(&reset_of("vm-a").crypted()).await;
+    let t = target0(&r).expect("a target");
     assert_eq!(
         (t.user.as_deref(), t.user_source),
         (Some("alice"), Some(UserSource::Annotation))
     );
-    assert_eq!(
-        qga.shadow_hash("alice").expect("shadow").as_deref(),
-        Some(SHA512)
-    );
+    assert_eq!(hash_of(&qga, "alice").as_deref(), Some(SHA512));
 }
 
 #[tokio::test]
 async fn crypted_hash_for_a_windows_guest_is_unsupported_for_os() {
     let w = world().await;
-    let _qga = w
-        .add_vm(&vm(NS, "win", "node-1").os("mswindows"), Some(alice()))
-        .await
-        .expect("vm");
-    w.apply(&secret("pw", "password", SHA512))
-        .await
-        .expect("secret");
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .vm("win")
-            .from_secret("pw")
-            .crypted()
-            .user("alice"),
-    )
-    .await
-    .expect("reset");
-    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    let _qga = w.add_guest(&vm(NS, "win", "node-1").os("mswindows")).await;
+    w.password_secret("pw", SHA512).await;
+    let r = w.run_to_end(&reset_of("win").crypted().user("alice")).await;
     assert_eq!(
         r.status.expect("status").run.targets[0].reason.as_deref(),
         Some("UnsupportedForOS")
@@ -236,24 +144,10 @@ async fn crypted_hash_for_a_windows_guest_is_unsupported_for_os() {
 
 #[tokio::test]
 async fn unknown_guest_user_fails_at_once_with_user_not_found() {
-    let w = world().await;
-    let _qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm");
-    w.apply(&secret("pw", "password", PLAIN))
-        .await
-        .expect("secret");
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .vm("vm-a")
-            .from_secret("pw")
-            .user("mallory"),
-    )
-    .await
-    .expect("reset");
-    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
-    let t = &r.status.expect("status").run.targets[0];
+    let (w, _qga) = world_with_guest("vm-a").await;
+    w.password_secret("pw", PLAIN).await;
+    let r = w.run_to_end(&reset_of("vm-a").user("mallory")).await;
+    let t = target0(&r).expect("a target");
     assert_eq!(
         (t.state, t.reason.as_deref(), t.attempts),
         (TargetState::Failed, Some("UserNotFound"), 1)
@@ -262,16 +156,10 @@ async fn unknown_guest_user_fails_at_once_with_user_not_found() {
 
 #[tokio::test]
 async fn generated_password_is_stored_in_an_owned_secret_and_applied() {
-    let w = world().await;
-    let qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
-    w.apply(&GuestPasswordReset::test("r").vm("vm-a").generate(20))
-        .await
-        .expect("reset");
-    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    let (w, qga) = world_with_guest("vm-a").await;
+    let r = w
+        .run_to_end(&GuestPasswordReset::test("r").vm("vm-a").generate(20))
+        .await;
     let st = r.status.expect("status").run;
     let name = st.targets[0]
         .output_secret
@@ -283,7 +171,7 @@ async fn generated_password_is_stored_in_an_owned_secret_and_applied() {
     assert_eq!(owner.kind, "GuestPasswordReset");
     let password = s.data.expect("data")["password"].0.clone();
     assert_eq!(password.len(), 20);
-    assert!(qga.shadow_hash("root").expect("shadow").is_some());
+    assert!(hash_of(&qga, "root").is_some());
 }
 
 #[tokio::test]
@@ -297,36 +185,21 @@ async fn selector_targets_every_matching_running_vm_with_bounded_concurrency() {
     let mut agents = Vec::new();
     for (i, node) in ["node-1", "node-2", "node-1", "node-2"].iter().enumerate() {
         let d = vm(NS, &format!("db-{i}"), node).label("tier", "db");
-        agents.push(
-            w.add_vm(&d, Some(alice()))
-                .await
-                .expect("vm")
-                .expect("agent"),
-        );
+        agents.push(w.add_guest(&d).await);
     }
     let _other = w
-        .add_vm(
-            &vm(NS, "web-0", "node-1").label("tier", "web"),
-            Some(alice()),
-        )
-        .await
-        .expect("vm");
-    w.apply(&secret("pw", "password", SHA512))
-        .await
-        .expect("secret");
-    w.apply(
+        .add_guest(&vm(NS, "web-0", "node-1").label("tier", "web"))
+        .await;
+    w.password_secret("pw", SHA512).await;
+    w.put(
         &GuestPasswordReset::test("bulk")
             .selector("tier", "db")
             .from_secret("pw")
             .crypted()
             .max_concurrency(2),
     )
-    .await
-    .expect("reset");
-    let r: GuestPasswordReset = w
-        .wait_for(NS, "bulk", WAIT, finished)
-        .await
-        .expect("finishes");
+    .await;
+    let r: GuestPasswordReset = w.once("bulk", finished).await;
     let st = r.status.expect("status").run;
     assert_eq!(st.phase, Some(Phase::Succeeded));
     let vms: Vec<&str> = st.targets.iter().map(|t| t.vm.as_str()).collect();
@@ -335,30 +208,23 @@ async fn selector_targets_every_matching_running_vm_with_bounded_concurrency() {
         st.targets.iter().filter_map(|t| t.node.clone()).collect();
     assert_eq!(nodes.len(), 2);
     for a in &agents {
-        assert_eq!(
-            a.shadow_hash("root").expect("shadow").as_deref(),
-            Some(SHA512)
-        );
+        assert_eq!(hash_of(a, "root").as_deref(), Some(SHA512));
     }
     assert_eq!(st.progress.as_deref(), Some("4/4"));
 }
 
 /// A crypted reset "r" selecting `tier=db` in a world with no such VM: it waits with NoTargets.
 async fn reset_waiting_for_db_vms(w: &World) {
-    w.apply(&secret("pw", "password", SHA512))
-        .await
-        .expect("secret");
-    w.apply(
+    w.password_secret("pw", SHA512).await;
+    w.put(
         &GuestPasswordReset::test("r")
             .selector("tier", "db")
             .from_secret("pw")
             .crypted(),
     )
-    .await
-    .expect("reset");
-    w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, stalled_with("NoTargets"))
-        .await
-        .expect("waits with NoTargets");
+    .await;
+    w.once::<GuestPasswordReset>("r", stalled_with("NoTargets"))
+        .await;
 }
 
 #[tokio::test]
@@ -366,18 +232,13 @@ async fn selector_waiting_for_vms_runs_as_soon_as_a_matching_vm_appears() {
     let w = world().await;
     reset_waiting_for_db_vms(&w).await;
     let agent = w
-        .add_vm(&vm(NS, "db-0", "node-1").label("tier", "db"), Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
+        .add_guest(&vm(NS, "db-0", "node-1").label("tier", "db"))
+        .await;
     // The NoTargets retry is a minute away: finishing within WAIT means the VMI watch
     // triggered the run.
-    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
-    assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
-    assert_eq!(
-        agent.shadow_hash("root").expect("shadow").as_deref(),
-        Some(SHA512)
-    );
+    let r: GuestPasswordReset = w.once("r", finished).await;
+    assert_eq!(phase(&r), Some(Phase::Succeeded));
+    assert_eq!(hash_of(&agent, "root").as_deref(), Some(SHA512));
 }
 
 #[tokio::test]
@@ -419,19 +280,16 @@ async fn failure_budget_skips_the_remaining_targets() {
     let mut agents = Vec::new();
     for i in 0..3 {
         let d = vm(NS, &format!("vm-{i}"), "node-1").label("tier", "db");
-        agents.push(w.add_vm(&d, Some(alice())).await.expect("vm"));
+        agents.push(w.add_guest(&d).await);
     }
-    w.apply(&secret("pw", "password", PLAIN))
-        .await
-        .expect("secret");
+    w.password_secret("pw", PLAIN).await;
     let r = GuestPasswordReset::test("r")
         .selector("tier", "db")
         .from_secret("pw")
         .user("mallory")
         .max_concurrency(1)
         .max_failures(0);
-    w.apply(&r).await.expect("reset");
-    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
+    let r = w.run_to_end(&r).await;
     let st = r.status.expect("status").run;
     let states: Vec<TargetState> = st.targets.iter().map(|t| t.state).collect();
     assert_eq!(
@@ -457,36 +315,15 @@ async fn failure_budget_skips_the_remaining_targets() {
 
 #[tokio::test]
 async fn paused_reset_starts_nothing_until_unpaused() {
-    let w = world().await;
-    let qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
-    w.apply(&secret("pw", "password", SHA512))
-        .await
-        .expect("secret");
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .vm("vm-a")
-            .from_secret("pw")
-            .crypted()
-            .paused(),
-    )
-    .await
-    .expect("reset");
-    let paused: GuestPasswordReset = w
-        .wait_for(NS, "r", WAIT, condition_reason("Paused"))
-        .await
-        .expect("paused");
+    let (w, qga) = world_with_guest("vm-a").await;
+    w.password_secret("pw", SHA512).await;
+    w.put(&reset_of("vm-a").crypted().paused()).await;
+    let paused: GuestPasswordReset = w.once("r", condition_reason("Paused")).await;
     assert_eq!(
         paused.status.expect("status").run.targets[0].state,
         TargetState::Pending
     );
-    assert_ne!(
-        qga.shadow_hash("root").expect("shadow").as_deref(),
-        Some(SHA512)
-    );
+    assert_ne!(hash_of(&qga, "root").as_deref(), Some(SHA512));
     let api: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
     api.patch(
         "r",
@@ -495,31 +332,21 @@ async fn paused_reset_starts_nothing_until_unpaused() {
     )
     .await
     .expect("unpause");
-    w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
-        .await
-        .expect("finishes after unpause");
-    assert_eq!(
-        qga.shadow_hash("root").expect("shadow").as_deref(),
-        Some(SHA512)
-    );
+    w.once::<GuestPasswordReset>("r", finished).await;
+    assert_eq!(hash_of(&qga, "root").as_deref(), Some(SHA512));
 }
 
 /// A crypted reset of `vm` from Secret `secret` (both created), run to the end.
 async fn finished_reset_from_secret(w: &World, name: &str, vm_name: &str, secret_name: &str) {
-    w.apply(&secret(secret_name, "password", SHA512))
-        .await
-        .expect("secret");
-    w.apply(
+    w.password_secret(secret_name, SHA512).await;
+    w.put(
         &GuestPasswordReset::test(name)
             .vm(vm_name)
             .from_secret(secret_name)
             .crypted(),
     )
-    .await
-    .expect("reset");
-    w.wait_for::<GuestPasswordReset>(NS, name, WAIT, finished)
-        .await
-        .expect("first run finishes");
+    .await;
+    w.once::<GuestPasswordReset>(name, finished).await;
 }
 
 fn secret_path(name: &str) -> String {
@@ -532,121 +359,70 @@ async fn restarted_controller_resyncs_a_finished_reset_without_reading_its_uncha
     let _a = w.add_vm(&vm(NS, "vm-a", "node-1"), Some(alice())).await;
     let _b = w.add_vm(&vm(NS, "vm-b", "node-1"), Some(alice())).await;
     finished_reset_from_secret(&w, "done", "vm-a", "pw").await;
-    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), NS);
-    let version = secrets
-        .get("pw")
-        .await
-        .expect("secret")
-        .metadata
-        .resource_version;
-    let api: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
-    let status = api.get("done").await.expect("get").status.expect("status");
+    let version = w.get::<Secret>(NS, "pw").await.metadata.resource_version;
+    let done = |r: GuestPasswordReset| r.status.expect("status");
+    let status = done(w.get(NS, "done").await);
     assert_eq!(status.run.input_secret_version, version);
 
     w.kill_controller();
     let reads_before = w.api().requests("GET", &secret_path("pw"));
     // Work for the restarted controller: once it is done, the resync has happened.
-    w.apply(&secret("pw2", "password", SHA512))
-        .await
-        .expect("secret");
-    w.apply(
+    w.password_secret("pw2", SHA512).await;
+    w.put(
         &GuestPasswordReset::test("new")
             .vm("vm-b")
             .from_secret("pw2")
             .crypted(),
     )
-    .await
-    .expect("reset");
+    .await;
     w.start_controller();
-    w.wait_for::<GuestPasswordReset>(NS, "new", WAIT, finished)
-        .await
-        .expect("new reset runs");
+    w.once::<GuestPasswordReset>("new", finished).await;
 
     assert_eq!(w.api().requests("GET", &secret_path("pw")), reads_before);
-    let after = api.get("done").await.expect("get").status.expect("status");
+    let after = done(w.get(NS, "done").await);
     assert_eq!(after.run.input_hash, status.run.input_hash);
     assert_eq!(after.run.targets[0].attempts, 1);
 }
 
 #[tokio::test]
 async fn secret_rotated_while_the_controller_was_down_runs_again_after_restart() {
-    let mut w = world().await;
-    let qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
+    let (mut w, qga) = world_with_guest("vm-a").await;
     finished_reset_from_secret(&w, "r", "vm-a", "pw").await;
-    let api: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
-    let first_hash = api
-        .get("r")
-        .await
-        .expect("get")
-        .status
-        .expect("status")
-        .run
-        .input_hash;
+    let first: GuestPasswordReset = w.get(NS, "r").await;
+    let first_hash = first.status.expect("status").run.input_hash;
 
     w.kill_controller();
     let rotated = SHA512.replace("gcTestSalt", "gcWhileDown");
-    w.apply(&secret("pw", "password", &rotated))
-        .await
-        .expect("rotate");
+    w.password_secret("pw", &rotated).await;
     w.start_controller();
-    w.wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
+    w.once("r", |r: &GuestPasswordReset| {
         finished(r) && r.status.as_ref().map(|s| &s.run.input_hash) != Some(&first_hash)
     })
-    .await
-    .expect("a second run after the restart");
-    assert_eq!(qga.shadow_hash("root").expect("shadow"), Some(rotated));
+    .await;
+    assert_eq!(hash_of(&qga, "root"), Some(rotated));
 }
 
 #[tokio::test]
 async fn rapid_secret_rotations_end_with_the_last_value_in_the_guest() {
-    let w = world().await;
-    let qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
+    let (w, qga) = world_with_guest("vm-a").await;
     finished_reset_from_secret(&w, "r", "vm-a", "pw").await;
     let mut last = String::new();
     for i in 0..5 {
         last = SHA512.replace("gcTestSalt", &format!("gcRapid{i:03}"));
-        w.apply(&secret("pw", "password", &last))
-            .await
-            .expect("rotate");
+        w.password_secret("pw", &last).await;
     }
-    w.wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
+    w.once("r", |r: &GuestPasswordReset| {
         finished(r) && qga.shadow_hash("root").ok().flatten().as_deref() == Some(last.as_str())
     })
-    .await
-    .expect("the last value is applied");
+    .await;
 }
 
 #[tokio::test]
 async fn changed_secret_runs_again_once_and_unchanged_never() {
-    let w = world().await;
-    let qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
-    w.apply(&secret("pw", "password", SHA512))
-        .await
-        .expect("secret");
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .vm("vm-a")
-            .from_secret("pw")
-            .crypted(),
-    )
-    .await
-    .expect("reset");
-    let first: GuestPasswordReset = w
-        .wait_for(NS, "r", WAIT, finished)
-        .await
-        .expect("first run");
+    let (w, qga) = world_with_guest("vm-a").await;
+    w.password_secret("pw", SHA512).await;
+    w.put(&reset_of("vm-a").crypted()).await;
+    let first: GuestPasswordReset = w.once("r", finished).await;
     let first_hash = first.status.expect("status").run.input_hash.expect("hash");
     // Touch the Secret without changing its value: no new run.
     let secrets: Api<Secret> = Api::namespaced(w.client.clone(), NS);
@@ -665,19 +441,16 @@ async fn changed_secret_runs_again_once_and_unchanged_never() {
     assert_eq!(same.targets[0].attempts, 1);
     // Change the value: one new run.
     let rotated = SHA512.replace("gcTestSalt", "gcRotated1");
-    w.apply(&secret("pw", "password", &rotated))
-        .await
-        .expect("rotate");
+    w.password_secret("pw", &rotated).await;
     let second: GuestPasswordReset = w
-        .wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
+        .once("r", |r: &GuestPasswordReset| {
             finished(r)
                 && r.status.as_ref().and_then(|s| s.run.input_hash.as_deref())
                     != Some(first_hash.as_str())
         })
-        .await
-        .expect("second run");
+        .await;
     assert_eq!(second.status.expect("status").run.targets[0].attempts, 1);
-    assert_eq!(qga.shadow_hash("root").expect("shadow"), Some(rotated));
+    assert_eq!(hash_of(&qga, "root"), Some(rotated));
 }
 
 #[tokio::test]
@@ -685,19 +458,9 @@ async fn vm_without_agent_retries_then_fails_with_the_deadline() {
     let w = world().await;
     // The VM exists but its agent socket does not: the shim reports it, we retry.
     let _none = w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
-    w.apply(&secret("pw", "password", PLAIN))
-        .await
-        .expect("secret");
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .vm("vm-a")
-            .from_secret("pw")
-            .deadline_seconds(10),
-    )
-    .await
-    .expect("reset");
-    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
-    let t = &r.status.expect("status").run.targets[0];
+    w.password_secret("pw", PLAIN).await;
+    let r = w.run_to_end(&reset_of("vm-a").deadline_seconds(10)).await;
+    let t = target0(&r).expect("a target");
     assert_eq!(t.reason.as_deref(), Some("DeadlineExceeded"));
     assert!(t.attempts > 1, "retried: {t:?}");
 }
@@ -709,54 +472,28 @@ async fn vm_not_running_is_reported_while_retrying() {
         .add_vm(&vm(NS, "vm-a", "node-1").phase("Scheduling"), None)
         .await
         .expect("vm");
-    w.apply(&secret("pw", "password", PLAIN))
-        .await
-        .expect("secret");
-    w.apply(&GuestPasswordReset::test("r").vm("vm-a").from_secret("pw"))
-        .await
-        .expect("reset");
-    w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, retrying_with("VMNotRunning"))
-        .await
-        .expect("VMNotRunning while retrying");
+    w.password_secret("pw", PLAIN).await;
+    w.apply_until(&reset_of("vm-a"), retrying_with("VMNotRunning"))
+        .await;
 }
 
 #[tokio::test]
 async fn dead_shim_is_reported_as_shim_unavailable() {
-    let w = world().await;
-    let _a = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm");
+    let (w, _a) = world_with_guest("vm-a").await;
     w.kill_shim("node-1");
-    w.apply(&secret("pw", "password", PLAIN))
-        .await
-        .expect("secret");
-    w.apply(&GuestPasswordReset::test("r").vm("vm-a").from_secret("pw"))
-        .await
-        .expect("reset");
-    w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("ShimUnavailable"))
-        .await
-        .expect("ShimUnavailable");
+    w.password_secret("pw", PLAIN).await;
+    w.apply_until(&reset_of("vm-a"), target_reason("ShimUnavailable"))
+        .await;
 }
 
 #[tokio::test]
 async fn kubevirt_access_credentials_for_the_same_user_are_flagged_as_a_conflict() {
     let w = world().await;
     let desc = vm(NS, "vm-a", "node-1").access_credentials_for("root");
-    let _qga = w.add_vm(&desc, Some(alice())).await.expect("vm");
-    w.apply(&secret("pw", "password", SHA512))
-        .await
-        .expect("secret");
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .vm("vm-a")
-            .from_secret("pw")
-            .crypted(),
-    )
-    .await
-    .expect("reset");
-    let r: GuestPasswordReset = w.wait_for(NS, "r", WAIT, finished).await.expect("finishes");
-    let t = &r.status.expect("status").run.targets[0];
+    let _qga = w.add_guest(&desc).await;
+    w.password_secret("pw", SHA512).await;
+    let r = w.run_to_end(&reset_of("vm-a").crypted()).await;
+    let t = target0(&r).expect("a target");
     assert_eq!(t.state, TargetState::Succeeded);
     let msg = t.message.clone().unwrap_or_default();
     assert!(msg.contains("ConflictWithAccessCredentials"), "{msg}");

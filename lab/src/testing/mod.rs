@@ -10,6 +10,7 @@ pub mod kubectl;
 pub mod logs;
 pub mod predicates;
 pub mod shim;
+pub mod steps;
 
 pub use builders::{KeysTest, ResetTest, SecretTest, TargetedTest, TestObject, secret};
 pub use keys::{HAND, KEY1, KEY2, KEY3, SHA512_OTHER};
@@ -17,6 +18,7 @@ pub use kubectl::Kubectl;
 pub use logs::{LogCapture, assert_not_leaked, leaks};
 pub use predicates::*;
 pub use shim::{assert_same_keys, password_request, shim_reason};
+pub use steps::{STEP_WAIT, Steps, hash_of, world, world_with_guest};
 
 /// The namespace test objects live in unless they say otherwise.
 pub const NS: &str = "default";

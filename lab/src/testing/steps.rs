@@ -1,0 +1,116 @@
+//! The steps controller tests take again and again, one call each: the default world, a
+//! guest VM, a password Secret, an object applied, a run waited for. Each fails the test
+//! with what went wrong, so a test reads as its scenario:
+//!
+//! ```ignore
+//! let w = world().await;
+//! let qga = w.guest("vm-a").await;
+//! w.password_secret("pw", SHA512).await;
+//! let r = w.run_to_end(&GuestPasswordReset::test("r").vm("vm-a").from_secret("pw").crypted()).await;
+//! ```
+use std::fmt::Debug;
+use std::time::Duration;
+
+use k8s_openapi::NamespaceResourceScope;
+use kube::Resource;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{HasRun, NS, finished, secret};
+use crate::hostqga::HostQga;
+use crate::kubevirt::vm;
+use crate::world::{World, WorldOptions};
+
+/// How long a step waits for the controller before it fails the test.
+pub const STEP_WAIT: Duration = Duration::from_secs(30);
+
+/// The default world (one node, the controller running); fails the test if it cannot start.
+pub async fn world() -> World {
+    World::start(WorldOptions::default())
+        .await
+        .expect("test world starts")
+}
+
+/// The default world with VM `name` on node-1, whose real agent's guest has user alice.
+pub async fn world_with_guest(name: &str) -> (World, HostQga) {
+    let w = world().await;
+    let qga = w.guest(name).await;
+    (w, qga)
+}
+
+/// `user`'s password hash in the guest of `qga` (`None` when the user has none); fails the
+/// test if the guest's /etc/shadow cannot be read.
+pub fn hash_of(qga: &HostQga, user: &str) -> Option<String> {
+    qga.shadow_hash(user)
+        .expect("the guest's /etc/shadow is readable")
+}
+
+/// What the steps apply and read: any namespaced object (either kind, a Secret, a VM).
+pub trait Object:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + Debug
+    + Serialize
+    + DeserializeOwned
+{
+}
+
+impl<K> Object for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned
+{
+}
+
+/// The steps, on a [`World`].
+// Tests await these on their own runtime: the futures need no `Send` bound.
+#[allow(async_fn_in_trait)]
+pub trait Steps {
+    /// VM `name` on node-1 with a real agent whose guest has user alice.
+    async fn guest(&self, name: &str) -> HostQga;
+    /// Create or update `obj` (server-side apply); fails the test if it is refused.
+    async fn put<K: Object>(&self, obj: &K) -> K;
+    /// Secret `name` holding `value` under the key `password`.
+    async fn password_secret(&self, name: &str, value: &str);
+    /// Object `name` in [`NS`] once `pred` holds; fails the test after [`STEP_WAIT`].
+    async fn once<K: Object>(&self, name: &str, pred: impl Fn(&K) -> bool) -> K;
+    /// `obj` applied, once `pred` holds for it.
+    async fn apply_until<K: Object>(&self, obj: &K, pred: impl Fn(&K) -> bool) -> K;
+    /// `obj` applied and its run finished (Succeeded, Failed or PartiallySucceeded).
+    async fn run_to_end<K: Object + HasRun>(&self, obj: &K) -> K;
+}
+
+impl Steps for World {
+    async fn guest(&self, name: &str) -> HostQga {
+        self.add_guest(&vm(NS, name, "node-1")).await
+    }
+
+    async fn put<K: Object>(&self, obj: &K) -> K {
+        let name = obj.meta().name.clone().unwrap_or_default();
+        self.apply(obj)
+            .await
+            .unwrap_or_else(|e| panic!("apply {} {name}: {e}", K::kind(&())))
+    }
+
+    async fn password_secret(&self, name: &str, value: &str) {
+        self.put(&secret(name, "password", value)).await;
+    }
+
+    async fn once<K: Object>(&self, name: &str, pred: impl Fn(&K) -> bool) -> K {
+        self.wait_for(NS, name, STEP_WAIT, pred)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    async fn apply_until<K: Object>(&self, obj: &K, pred: impl Fn(&K) -> bool) -> K {
+        self.put(obj).await;
+        self.once(&obj.meta().name.clone().unwrap_or_default(), pred)
+            .await
+    }
+
+    async fn run_to_end<K: Object + HasRun>(&self, obj: &K) -> K {
+        self.apply_until(obj, finished).await
+    }
+}
