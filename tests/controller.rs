@@ -176,17 +176,10 @@ async fn generated_password_is_stored_in_an_owned_secret_and_applied() {
 
 #[tokio::test]
 async fn selector_targets_every_matching_running_vm_with_bounded_concurrency() {
-    let w = World::start(WorldOptions {
-        nodes: 2,
-        ..WorldOptions::default()
-    })
-    .await
-    .expect("world");
-    let mut agents = Vec::new();
-    for (i, node) in ["node-1", "node-2", "node-1", "node-2"].iter().enumerate() {
-        let d = vm(NS, &format!("db-{i}"), node).label("tier", "db");
-        agents.push(w.add_guest(&d).await);
-    }
+    let w = world_on_nodes(2).await;
+    let agents = w
+        .guests_in_tier("db", &["node-1", "node-2", "node-1", "node-2"])
+        .await;
     let _other = w
         .add_guest(&vm(NS, "web-0", "node-1").label("tier", "web"))
         .await;

@@ -2,7 +2,7 @@
 #![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
 use guestcred::api::keypair::{KeyMode, KeyStrategy, OnDelete};
 use guestcred::api::kubevirt::VirtualMachine;
-use guestcred::api::{KeypairRebuild, Phase, TargetState};
+use guestcred::api::{KeypairRebuild, Phase, TargetState, TargetStatus};
 use guestcred::controller::keypair::MANAGED_KEYS_ANNOTATION_PREFIX;
 use guestcred_lab::hostqga::SSH_COMMANDS;
 use guestcred_lab::kubevirt::vm;
@@ -14,38 +14,18 @@ use kube::{Api, ResourceExt};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
-const KEY1: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ+B4jIlELcMrHzsE1Ryt7XpT2gUKy/XZ+lbyfbQ9TZh key1@test";
-const KEY2: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMJKojGo/i5K/TGJ8PutquWzCrCg7RrbK5WgjGBkcoBs key2@test";
-const KEY3: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJa3PH3SleLEIeaV6/YdAeg2y6IwCiDdUdQBQKWyLES0 key3@test";
-const HAND: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOimy32Onc7iJCyVgWcE+d/LHx1OCqkqfeeXY5QKiYXE hand@added";
 
-async fn world() -> World {
-    World::start(WorldOptions::default())
-        .await
-        .expect("test world starts")
+/// KeypairRebuild `name` of alice's keys on VM `vm_name`: what most tests here apply.
+fn grant(name: &str, vm_name: &str) -> KeypairRebuild {
+    KeypairRebuild::test(name).vm(vm_name).user("alice")
 }
 
 #[tokio::test]
 async fn live_keys_are_added_verified_and_fingerprinted() {
-    let w = world().await;
-    let qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
-    w.apply(
-        &KeypairRebuild::test("k")
-            .vm("vm-a")
-            .user("alice")
-            .inline_keys([KEY1, KEY2]),
-    )
-    .await
-    .expect("apply");
-    let r: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
+    let (w, qga) = world_with_guest("vm-a").await;
+    let r = w
+        .run_to_end(&grant("k", "vm-a").inline_keys([KEY1, KEY2]))
+        .await;
     let st = r.status.expect("status").run;
     assert_eq!(st.phase, Some(Phase::Succeeded), "{st:#?}");
     let t = &st.targets[0];
@@ -55,51 +35,19 @@ async fn live_keys_are_added_verified_and_fingerprinted() {
     );
     assert_eq!(t.keys.len(), 2);
     assert!(t.keys.iter().all(|k| k.starts_with("SHA256:")));
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["key1@test", "key2@test"]
-    );
+    assert_eq!(keys_of(&qga, "alice"), ["key1@test", "key2@test"]);
 }
 
 #[tokio::test]
 async fn replace_removes_only_keys_guestcred_added_and_keeps_hand_added_ones() {
-    let w = world().await;
-    let qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
+    let (w, qga) = world_with_guest("vm-a").await;
     qga.seed_authorized_keys("alice", &[HAND])
         .expect("hand-added key");
-    w.apply(
-        &KeypairRebuild::test("k1")
-            .vm("vm-a")
-            .user("alice")
-            .inline_keys([KEY1]),
-    )
-    .await
-    .expect("apply");
-    w.wait_for::<KeypairRebuild>(NS, "k1", WAIT, finished)
-        .await
-        .expect("first rotation");
+    w.run_to_end(&grant("k1", "vm-a").inline_keys([KEY1])).await;
     // A second object (e.g. next quarter's rotation) replaces key1 with key2.
-    w.apply(
-        &KeypairRebuild::test("k2")
-            .vm("vm-a")
-            .user("alice")
-            .inline_keys([KEY2]),
-    )
-    .await
-    .expect("apply");
-    let r: KeypairRebuild = w
-        .wait_for(NS, "k2", WAIT, finished)
-        .await
-        .expect("second rotation");
+    let r = w.run_to_end(&grant("k2", "vm-a").inline_keys([KEY2])).await;
     assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["hand@added", "key2@test"]
-    );
+    assert_eq!(keys_of(&qga, "alice"), ["hand@added", "key2@test"]);
     // The VM remembers what guestcred manages, so the next Replace works without k1.
     let vms: Api<VirtualMachine> = Api::namespaced(w.client.clone(), NS);
     let ann = vms
@@ -114,61 +62,23 @@ async fn replace_removes_only_keys_guestcred_added_and_keeps_hand_added_ones() {
 
 #[tokio::test]
 async fn replace_all_makes_the_file_exactly_the_given_keys() {
-    let w = world().await;
-    let qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
+    let (w, qga) = world_with_guest("vm-a").await;
     qga.seed_authorized_keys("alice", &[HAND])
         .expect("hand-added key");
-    let r = KeypairRebuild::test("k")
-        .vm("vm-a")
-        .user("alice")
-        .inline_keys([KEY3])
-        .replace_all();
-    w.apply(&r).await.expect("apply");
-    w.wait_for::<KeypairRebuild>(NS, "k", WAIT, finished)
-        .await
-        .expect("finishes");
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["key3@test"]
-    );
+    let r = grant("k", "vm-a").inline_keys([KEY3]).replace_all();
+    w.run_to_end(&r).await;
+    assert_eq!(keys_of(&qga, "alice"), ["key3@test"]);
 }
 
 #[tokio::test]
 async fn append_keeps_earlier_keys() {
-    let w = world().await;
-    let qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
-    w.apply(
-        &KeypairRebuild::test("k1")
-            .vm("vm-a")
-            .user("alice")
-            .inline_keys([KEY1]),
-    )
-    .await
-    .expect("apply");
-    w.wait_for::<KeypairRebuild>(NS, "k1", WAIT, finished)
-        .await
-        .expect("first");
-    let r = KeypairRebuild::test("k2")
-        .vm("vm-a")
-        .user("alice")
+    let (w, qga) = world_with_guest("vm-a").await;
+    w.run_to_end(&grant("k1", "vm-a").inline_keys([KEY1])).await;
+    let r = grant("k2", "vm-a")
         .inline_keys([KEY2])
         .strategy(KeyStrategy::Append);
-    w.apply(&r).await.expect("apply");
-    w.wait_for::<KeypairRebuild>(NS, "k2", WAIT, finished)
-        .await
-        .expect("second");
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["key1@test", "key2@test"]
-    );
+    w.run_to_end(&r).await;
+    assert_eq!(keys_of(&qga, "alice"), ["key1@test", "key2@test"]);
 }
 
 #[tokio::test]
@@ -179,16 +89,10 @@ async fn agent_without_ssh_commands_is_unsupported_by_agent() {
         .add_vm(&vm(NS, "vm-old", "node-1"), Some(old))
         .await
         .expect("vm");
-    w.apply(
-        &KeypairRebuild::test("k")
-            .vm("vm-old")
-            .user("alice")
-            .inline_keys([KEY1]),
-    )
-    .await
-    .expect("apply");
-    let r: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
-    let t = &r.status.expect("status").run.targets[0];
+    let r = w
+        .run_to_end(&grant("k", "vm-old").inline_keys([KEY1]))
+        .await;
+    let t = target0(&r).expect("a target");
     assert_eq!(
         (t.state, t.reason.as_deref()),
         (TargetState::Failed, Some("UnsupportedByAgent"))
@@ -202,16 +106,11 @@ async fn invalid_key_line_in_a_secret_names_the_line_and_nothing_else() {
         "authorized_keys",
         &format!("# team\n{KEY1}\nssh-ed25519 AAAAnotakey topsecretcomment\n"),
     );
-    w.apply(&secret).await.expect("secret");
-    let r = KeypairRebuild::test("k")
-        .vm("vm-a")
-        .user("alice")
-        .keys_from_secret("keys", "authorized_keys");
-    w.apply(&r).await.expect("apply");
-    let r: KeypairRebuild = w
-        .wait_for(NS, "k", WAIT, condition_reason("InvalidPublicKey"))
-        .await
-        .expect("InvalidPublicKey");
+    w.put(&secret).await;
+    let r = grant("k", "vm-a").keys_from_secret("keys", "authorized_keys");
+    let r = w
+        .apply_until(&r, condition_reason("InvalidPublicKey"))
+        .await;
     let c = &r.status.expect("status").run.conditions[0];
     assert!(c.message.contains("line 3"), "{}", c.message);
     assert!(!c.message.contains("topsecretcomment"), "{}", c.message);
@@ -219,30 +118,17 @@ async fn invalid_key_line_in_a_secret_names_the_line_and_nothing_else() {
 
 #[tokio::test]
 async fn keys_with_a_ttl_are_removed_after_it() {
-    let w = world().await;
-    let qga = w
-        .add_vm(&vm(NS, "vm-a", "node-1"), Some(alice()))
-        .await
-        .expect("vm")
-        .expect("agent");
+    let (w, qga) = world_with_guest("vm-a").await;
     qga.seed_authorized_keys("alice", &[HAND])
         .expect("hand-added key");
-    let r = KeypairRebuild::test("k")
-        .vm("vm-a")
-        .user("alice")
-        .inline_keys([KEY1])
-        .ttl(10);
-    w.apply(&r).await.expect("apply");
-    let done: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
+    let r = grant("k", "vm-a").inline_keys([KEY1]).ttl(10);
+    let done = w.run_to_end(&r).await;
     assert!(
         done.status.expect("status").run.targets[0]
             .expires_at
             .is_some()
     );
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["hand@added", "key1@test"]
-    );
+    assert_eq!(keys_of(&qga, "alice"), ["hand@added", "key1@test"]);
     let expired: KeypairRebuild = w
         .wait_for(NS, "k", Duration::from_secs(40), |r: &KeypairRebuild| {
             r.status
@@ -251,10 +137,7 @@ async fn keys_with_a_ttl_are_removed_after_it() {
         })
         .await
         .expect("expires");
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["hand@added"]
-    );
+    assert_eq!(keys_of(&qga, "alice"), ["hand@added"]);
     assert_eq!(
         expired.status.expect("status").run.targets[0].state,
         TargetState::Succeeded
@@ -331,16 +214,10 @@ async fn verification_fails_when_the_guest_drops_a_key() {
     )
     .await;
     w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
-    w.apply(
-        &KeypairRebuild::test("k")
-            .vm("vm-a")
-            .user("alice")
-            .inline_keys([KEY1, KEY2]),
-    )
-    .await
-    .expect("apply");
-    let r: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
-    let t = &r.status.expect("status").run.targets[0];
+    let r = w
+        .run_to_end(&grant("k", "vm-a").inline_keys([KEY1, KEY2]))
+        .await;
+    let t = target0(&r).expect("a target");
     assert_eq!(
         (t.state, t.reason.as_deref()),
         (TargetState::Failed, Some("VerificationFailed"))
@@ -352,37 +229,21 @@ async fn verification_fails_when_the_guest_drops_a_key() {
 
 #[tokio::test]
 async fn keys_reach_every_vm_of_a_selector_across_two_nodes() {
-    let w = World::start(WorldOptions {
-        nodes: 2,
-        ..WorldOptions::default()
-    })
-    .await
-    .expect("world");
-    let mut agents = Vec::new();
-    for (i, node) in ["node-1", "node-2", "node-2"].iter().enumerate() {
-        let d = vm(NS, &format!("web-{i}"), node).label("tier", "web");
-        agents.push(
-            w.add_vm(&d, Some(alice()))
-                .await
-                .expect("vm")
-                .expect("agent"),
-        );
-    }
+    let w = world_on_nodes(2).await;
+    let agents = w
+        .guests_in_tier("web", &["node-1", "node-2", "node-2"])
+        .await;
     let r = KeypairRebuild::test("k")
         .selector("tier", "web")
         .user("alice")
         .inline_keys([KEY1])
         .max_concurrency(2);
-    w.apply(&r).await.expect("apply");
-    let done: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
+    let done = w.run_to_end(&r).await;
     let st = done.status.expect("status").run;
     assert_eq!(st.phase, Some(Phase::Succeeded));
     assert!(st.targets.iter().all(|t| t.verified == Some(true)));
     for a in &agents {
-        assert_eq!(
-            key_comments(&a.authorized_keys("alice").expect("keys")),
-            ["key1@test"]
-        );
+        assert_eq!(keys_of(&a, "alice"), ["key1@test"]);
     }
 }
 
@@ -396,20 +257,13 @@ async fn vmi_uid(w: &World, name: &str) -> String {
 
 #[tokio::test]
 async fn ttl_with_mode_rebuild_is_refused_with_invalid_spec() {
-    let w = world().await;
-    let _qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let (w, _qga) = world_with_guest("vm-a").await;
     let before = vmi_uid(&w, "vm-a").await;
-    let r = KeypairRebuild::test("k")
-        .vm("vm-a")
-        .user("alice")
+    let r = grant("k", "vm-a")
         .inline_keys([KEY1])
         .mode(KeyMode::Rebuild)
         .ttl(60);
-    w.apply(&r).await.expect("apply");
-    let r: KeypairRebuild = w
-        .wait_for(NS, "k", WAIT, condition_reason("InvalidSpec"))
-        .await
-        .expect("InvalidSpec");
+    let r = w.apply_until(&r, condition_reason("InvalidSpec")).await;
     let st = r.status.expect("status").run;
     let c = st
         .conditions
@@ -436,15 +290,12 @@ async fn ttl_with_auto_that_would_rebuild_fails_the_target_with_invalid_spec() {
         .await
         .expect("vm");
     let before = vmi_uid(&w, "vm-old").await;
-    let r = KeypairRebuild::test("k")
-        .vm("vm-old")
-        .user("alice")
+    let r = grant("k", "vm-old")
         .inline_keys([KEY1])
         .mode(KeyMode::Auto)
         .ttl(60);
-    w.apply(&r).await.expect("apply");
-    let r: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
-    let t = &r.status.expect("status").run.targets[0];
+    let r = w.run_to_end(&r).await;
+    let t = target0(&r).expect("a target");
     assert_eq!(
         (t.state, t.reason.as_deref()),
         (TargetState::Failed, Some("InvalidSpec")),
@@ -493,46 +344,30 @@ fn managed(vm: &VirtualMachine, user: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn deleting_a_keypair_rebuild_removes_the_keys_it_added_and_nothing_else() {
-    let w = world().await;
-    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let (w, qga) = world_with_guest("vm-a").await;
     qga.seed_authorized_keys("alice", &[HAND])
         .expect("hand-added key");
     // Another object's grant on the same VM stays.
-    w.apply(
-        &KeypairRebuild::test("other")
-            .vm("vm-a")
-            .user("alice")
+    w.run_to_end(
+        &grant("other", "vm-a")
             .inline_keys([KEY3])
             .strategy(KeyStrategy::Append),
     )
-    .await
-    .expect("apply");
-    w.wait_for::<KeypairRebuild>(NS, "other", WAIT, finished)
-        .await
-        .expect("other finishes");
+    .await;
     // A TTL grant (KEY1) replaced by a new run (KEY2): KEY1 waits in pendingExpiries.
-    let k = KeypairRebuild::test("k")
-        .vm("vm-a")
-        .user("alice")
+    let k = grant("k", "vm-a")
         .inline_keys([HAND, KEY1])
         .strategy(KeyStrategy::Append)
         .ttl(3600);
-    w.apply(&k).await.expect("apply");
-    w.wait_for::<KeypairRebuild>(NS, "k", WAIT, finished)
-        .await
-        .expect("first run");
-    w.apply(&k.clone().inline_keys([KEY2]))
-        .await
-        .expect("apply");
-    let r: KeypairRebuild = w
-        .wait_for(NS, "k", WAIT, |r: &KeypairRebuild| {
+    w.run_to_end(&k).await;
+    let r = w
+        .apply_until(&k.clone().inline_keys([KEY2]), |r: &KeypairRebuild| {
             finished(r)
                 && r.status
                     .as_ref()
                     .is_some_and(|s| s.run.targets[0].keys.len() == 1)
         })
-        .await
-        .expect("second run");
+        .await;
     let st = r.status.expect("status").run;
     assert_eq!(st.pending_expiries.len(), 1, "{st:#?}");
     assert!(
@@ -542,14 +377,14 @@ async fn deleting_a_keypair_rebuild_removes_the_keys_it_added_and_nothing_else()
             .contains(&"guestcred.io/keys".to_string())
     );
     assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
+        keys_of(&qga, "alice"),
         ["hand@added", "key1@test", "key2@test", "key3@test"]
     );
 
     delete_rebuild(&w, "k").await;
     gone(&w, "k", WAIT).await;
     assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
+        keys_of(&qga, "alice"),
         ["hand@added", "key3@test"],
         "the deleted object's keys are gone; the hand-added key and the other object's stay"
     );
@@ -563,23 +398,13 @@ async fn deleting_a_keypair_rebuild_removes_the_keys_it_added_and_nothing_else()
 
 #[tokio::test]
 async fn on_delete_keep_leaves_the_keys_in_the_guest() {
-    let w = world().await;
-    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
-    let mut k = KeypairRebuild::test("k")
-        .vm("vm-a")
-        .user("alice")
-        .inline_keys([KEY1]);
+    let (w, qga) = world_with_guest("vm-a").await;
+    let mut k = grant("k", "vm-a").inline_keys([KEY1]);
     k.spec.on_delete = OnDelete::Keep;
-    w.apply(&k).await.expect("apply");
-    w.wait_for::<KeypairRebuild>(NS, "k", WAIT, finished)
-        .await
-        .expect("finishes");
+    w.run_to_end(&k).await;
     delete_rebuild(&w, "k").await;
     gone(&w, "k", WAIT).await;
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["key1@test"]
-    );
+    assert_eq!(keys_of(&qga, "alice"), ["key1@test"]);
 }
 
 #[tokio::test]
@@ -593,16 +418,8 @@ async fn an_unreachable_vm_holds_deletion_only_for_the_bounded_wait_then_names_t
     })
     .await
     .expect("world");
-    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
-    w.apply(
-        &KeypairRebuild::test("k")
-            .vm("vm-a")
-            .user("alice")
-            .inline_keys([KEY1]),
-    )
-    .await
-    .expect("apply");
-    let done: KeypairRebuild = w.wait_for(NS, "k", WAIT, finished).await.expect("finishes");
+    let qga = w.guest("vm-a").await;
+    let done = w.run_to_end(&grant("k", "vm-a").inline_keys([KEY1])).await;
     let fp = done.status.expect("status").run.targets[0].keys[0].clone();
     // The guest's agent goes away (the VMI stays Running: only the agent is unreachable).
     drop(qga);
@@ -644,11 +461,25 @@ async fn an_unreachable_vm_holds_deletion_only_for_the_bounded_wait_then_names_t
     );
 }
 
-/// The VMI's uid once `pred` holds for VMI `name`.
-async fn rebuilt(w: &World, name: &str) -> KeypairRebuild {
-    w.wait_for(NS, name, Duration::from_secs(60), finished)
+/// The target of KeypairRebuild "k" once it finished (a rebuild may take a minute); it
+/// must have succeeded, verified, by a rebuild.
+async fn verified_by_rebuild(w: &World) -> TargetStatus {
+    let r: KeypairRebuild = w
+        .wait_for(NS, "k", Duration::from_secs(60), finished)
         .await
-        .expect("finishes")
+        .expect("finishes");
+    let t = target0(&r).expect("a target").clone();
+    assert_eq!(
+        (t.state, t.reason.as_deref(), t.mode.as_deref()),
+        (TargetState::Succeeded, Some("Verified"), Some("Rebuild")),
+        "{t:#?}"
+    );
+    t
+}
+
+/// KeypairRebuild "k": alice's `key` on vm-a, by a rebuild (a restart with new user data).
+fn rebuild_of_vm_a(key: &str) -> KeypairRebuild {
+    grant("k", "vm-a").inline_keys([key]).mode(KeyMode::Rebuild)
 }
 
 fn rebuild_marker(vm: &VirtualMachine) -> Option<String> {
@@ -659,20 +490,11 @@ fn rebuild_marker(vm: &VirtualMachine) -> Option<String> {
 
 #[tokio::test]
 async fn a_crash_after_kubevirt_accepted_the_restart_does_not_restart_the_vm_twice() {
-    let mut w = world().await;
-    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let (mut w, qga) = world_with_guest("vm-a").await;
     let old = vmi_uid(&w, "vm-a").await;
     // KubeVirt accepts the restart but its answer never reaches the controller: it dies.
     w.kubevirt().hold_answers(true);
-    w.apply(
-        &KeypairRebuild::test("k")
-            .vm("vm-a")
-            .user("alice")
-            .inline_keys([KEY1])
-            .mode(KeyMode::Rebuild),
-    )
-    .await
-    .expect("apply");
+    w.put(&rebuild_of_vm_a(KEY1)).await;
     let start = std::time::Instant::now();
     while w.kubevirt().restarts_requested(NS, "vm-a") == 0 {
         assert!(start.elapsed() < WAIT, "no restart requested");
@@ -681,13 +503,7 @@ async fn a_crash_after_kubevirt_accepted_the_restart_does_not_restart_the_vm_twi
     w.kill_controller();
     w.kubevirt().hold_answers(false);
     w.start_controller();
-    let r = rebuilt(&w, "k").await;
-    let t = &r.status.expect("status").run.targets[0];
-    assert_eq!(
-        (t.state, t.reason.as_deref(), t.mode.as_deref()),
-        (TargetState::Succeeded, Some("Verified"), Some("Rebuild")),
-        "{t:#?}"
-    );
+    let t = verified_by_rebuild(&w).await;
     let new = vmi_uid(&w, "vm-a").await;
     assert_ne!(new, old, "a new VMI");
     assert!(
@@ -700,39 +516,20 @@ async fn a_crash_after_kubevirt_accepted_the_restart_does_not_restart_the_vm_twi
         "one restart"
     );
     assert_eq!(w.kubevirt().restarts_done(NS, "vm-a"), 1);
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["key1@test"]
-    );
+    assert_eq!(keys_of(&qga, "alice"), ["key1@test"]);
 }
 
 #[tokio::test]
 async fn a_controller_restarted_while_the_vm_restarts_verifies_on_the_new_vmi() {
-    let mut w = world().await;
-    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let (mut w, qga) = world_with_guest("vm-a").await;
     let old = vmi_uid(&w, "vm-a").await;
-    w.apply(
-        &KeypairRebuild::test("k")
-            .vm("vm-a")
-            .user("alice")
-            .inline_keys([KEY1])
-            .mode(KeyMode::Rebuild),
-    )
-    .await
-    .expect("apply");
+    w.put(&rebuild_of_vm_a(KEY1)).await;
     // The controller dies right after it marked the VM (the old VMI still runs).
-    w.wait_for::<VirtualMachine>(NS, "vm-a", WAIT, |vm| rebuild_marker(vm).is_some())
-        .await
-        .expect("marked");
+    w.once::<VirtualMachine>("vm-a", |vm| rebuild_marker(vm).is_some())
+        .await;
     w.kill_controller();
     w.start_controller();
-    let r = rebuilt(&w, "k").await;
-    let t = &r.status.expect("status").run.targets[0];
-    assert_eq!(
-        (t.state, t.reason.as_deref()),
-        (TargetState::Succeeded, Some("Verified")),
-        "{t:#?}"
-    );
+    let t = verified_by_rebuild(&w).await;
     let new = vmi_uid(&w, "vm-a").await;
     assert_ne!(new, old);
     assert!(
@@ -740,30 +537,16 @@ async fn a_controller_restarted_while_the_vm_restarts_verifies_on_the_new_vmi() 
         "{t:#?}"
     );
     assert_eq!(w.kubevirt().restarts_requested(NS, "vm-a"), 1);
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["key1@test"]
-    );
+    assert_eq!(keys_of(&qga, "alice"), ["key1@test"]);
 }
 
 #[tokio::test]
 async fn a_restart_request_that_failed_after_the_marker_is_sent_again_once() {
-    let w = world().await;
-    let _qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let (w, _qga) = world_with_guest("vm-a").await;
     let old = vmi_uid(&w, "vm-a").await;
     w.kubevirt().refuse_next_restarts(1);
-    w.apply(
-        &KeypairRebuild::test("k")
-            .vm("vm-a")
-            .user("alice")
-            .inline_keys([KEY1])
-            .mode(KeyMode::Rebuild),
-    )
-    .await
-    .expect("apply");
-    let r = rebuilt(&w, "k").await;
-    let t = &r.status.expect("status").run.targets[0];
-    assert_eq!(t.reason.as_deref(), Some("Verified"), "{t:#?}");
+    w.put(&rebuild_of_vm_a(KEY1)).await;
+    verified_by_rebuild(&w).await;
     assert_ne!(vmi_uid(&w, "vm-a").await, old);
     assert_eq!(
         w.kubevirt().restarts_requested(NS, "vm-a"),
@@ -789,10 +572,9 @@ write_files:
 
 #[tokio::test]
 async fn rebuild_of_a_vm_with_user_data_from_a_secret_writes_guestcred_s_own_copy() {
-    let w = world().await;
-    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let (w, qga) = world_with_guest("vm-a").await;
     let user_secret = Secret::test("vm-a-userdata").data("userdata", USER_DATA);
-    w.apply(&user_secret).await.expect("user data secret");
+    w.put(&user_secret).await;
     let before: Secret = w.get(NS, "vm-a-userdata").await;
     let vms: Api<VirtualMachine> = Api::namespaced(w.client.clone(), NS);
     let volumes = serde_json::json!({"spec": {"template": {"spec": {"volumes": [
@@ -807,26 +589,10 @@ async fn rebuild_of_a_vm_with_user_data_from_a_secret_writes_guestcred_s_own_cop
     .await
     .expect("volumes");
     let old = vmi_uid(&w, "vm-a").await;
-    w.apply(
-        &KeypairRebuild::test("k")
-            .vm("vm-a")
-            .user("alice")
-            .inline_keys([KEY2])
-            .mode(KeyMode::Rebuild),
-    )
-    .await
-    .expect("apply");
-    let r = rebuilt(&w, "k").await;
-    let t = &r.status.expect("status").run.targets[0];
-    assert_eq!(
-        (t.state, t.reason.as_deref()),
-        (TargetState::Succeeded, Some("Verified")),
-        "{t:#?}"
-    );
+    w.put(&rebuild_of_vm_a(KEY2)).await;
+    verified_by_rebuild(&w).await;
     assert_ne!(vmi_uid(&w, "vm-a").await, old, "restarted");
-    assert!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")).contains(&"key2@test".into())
-    );
+    assert!(keys_of(&qga, "alice").contains(&"key2@test".into()));
     // The user's Secret is untouched.
     let after: Secret = w.get(NS, "vm-a-userdata").await;
     assert_eq!(after.data, before.data);

@@ -18,7 +18,7 @@ pub use kubectl::Kubectl;
 pub use logs::{LogCapture, assert_not_leaked, leaks};
 pub use predicates::*;
 pub use shim::{assert_same_keys, password_request, shim_reason};
-pub use steps::{STEP_WAIT, Steps, hash_of, world, world_with_guest};
+pub use steps::{STEP_WAIT, Steps, hash_of, keys_of, world, world_on_nodes, world_with_guest};
 
 /// The namespace test objects live in unless they say otherwise.
 pub const NS: &str = "default";

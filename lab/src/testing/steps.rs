@@ -31,6 +31,16 @@ pub async fn world() -> World {
         .expect("test world starts")
 }
 
+/// The default world spread over `nodes` nodes (node-1, node-2, …).
+pub async fn world_on_nodes(nodes: usize) -> World {
+    World::start(WorldOptions {
+        nodes,
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("test world starts")
+}
+
 /// The default world with VM `name` on node-1, whose real agent's guest has user alice.
 pub async fn world_with_guest(name: &str) -> (World, HostQga) {
     let w = world().await;
@@ -43,6 +53,15 @@ pub async fn world_with_guest(name: &str) -> (World, HostQga) {
 pub fn hash_of(qga: &HostQga, user: &str) -> Option<String> {
     qga.shadow_hash(user)
         .expect("the guest's /etc/shadow is readable")
+}
+
+/// The comments of `user`'s authorized keys in the guest of `qga`, sorted: which keys are
+/// there ([`super::key_comments`]); fails the test if the file cannot be read.
+pub fn keys_of(qga: &HostQga, user: &str) -> Vec<String> {
+    super::key_comments(
+        &qga.authorized_keys(user)
+            .expect("the guest's authorized_keys"),
+    )
 }
 
 /// What the steps apply and read: any namespaced object (either kind, a Secret, a VM).
@@ -70,6 +89,9 @@ impl<K> Object for K where
 pub trait Steps {
     /// VM `name` on node-1 with a real agent whose guest has user alice.
     async fn guest(&self, name: &str) -> HostQga;
+    /// VMs `{tier}-0`, `{tier}-1`, … labelled `tier={tier}`, the i-th on `nodes[i]`, each
+    /// with a real agent whose guest has user alice.
+    async fn guests_in_tier(&self, tier: &str, nodes: &[&str]) -> Vec<HostQga>;
     /// Create or update `obj` (server-side apply); fails the test if it is refused.
     async fn put<K: Object>(&self, obj: &K) -> K;
     /// Secret `name` holding `value` under the key `password`.
@@ -85,6 +107,15 @@ pub trait Steps {
 impl Steps for World {
     async fn guest(&self, name: &str) -> HostQga {
         self.add_guest(&vm(NS, name, "node-1")).await
+    }
+
+    async fn guests_in_tier(&self, tier: &str, nodes: &[&str]) -> Vec<HostQga> {
+        let mut guests = Vec::new();
+        for (i, node) in nodes.iter().enumerate() {
+            let desc = vm(NS, &format!("{tier}-{i}"), node).label("tier", tier);
+            guests.push(self.add_guest(&desc).await);
+        }
+        guests
     }
 
     async fn put<K: Object>(&self, obj: &K) -> K {
