@@ -243,7 +243,7 @@ async fn keys_reach_every_vm_of_a_selector_across_two_nodes() {
     assert_eq!(st.phase, Some(Phase::Succeeded));
     assert!(st.targets.iter().all(|t| t.verified == Some(true)));
     for a in &agents {
-        assert_eq!(keys_of(&a, "alice"), ["key1@test"]);
+        assert_eq!(keys_of(a, "alice"), ["key1@test"]);
     }
 }
 
