@@ -352,6 +352,36 @@ async fn hung_agent_times_out_while_another_vm_answers() {
     );
 }
 
+/// A shim killed, or timing out, just as the agent answers hangs up with the answer unread.
+/// A VM's agent sits behind the hypervisor's chardev and never sees that; the lab's agent
+/// must not either (qemu-ga serving a unix socket itself exits on the ECONNRESET).
+#[tokio::test]
+async fn a_client_hanging_up_with_the_agents_answer_unread_leaves_the_agent_serving() {
+    let shim = Shim::open().await;
+    let vm = shim.vm("vm-hangup", alice());
+    let mut raw = tokio::net::UnixStream::connect(vm.socket_path())
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut raw,
+        b"{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":7}}\n",
+    )
+    .await
+    .expect("send sync");
+    tokio::time::timeout(CLIENT_TIMEOUT, raw.readable())
+        .await
+        .expect("the agent answers")
+        .expect("readable");
+    drop(raw);
+
+    let probe = shim.client().probe(&domain("vm-hangup")).await;
+    assert!(probe.as_ref().is_ok_and(|p| p.agent_connected), "{probe:?}");
+    shim.client()
+        .set_password(&password("vm-hangup", "alice", SHA512_HASH, true))
+        .await
+        .expect("the agent still sets passwords");
+}
+
 #[tokio::test]
 async fn probe_reports_agent_version_commands_and_os() {
     let shim = Shim::open().await;

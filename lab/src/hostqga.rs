@@ -9,14 +9,28 @@
 //! Its /etc/passwd, /etc/group and /etc/shadow are small files written here (root plus the
 //! requested users), not copies of the host's: no host hash ever lands in a test dir.
 //!
+//! qemu-ga does not serve the unix socket itself. In a VM the agent reads a virtio-serial
+//! port and the socket belongs to the hypervisor's chardev, which takes one client at a
+//! time and survives any client's hang-up. The lab does the same ([`Chardev`]): qemu-ga
+//! runs in `isa-serial` mode on a pty, and a relay thread serves the socket and copies
+//! bytes between its client and the pty. (qemu-ga in `unix-listen` mode exits when a client
+//! closes with an answer unread — the ECONNRESET makes its read fail — which a shim killed or
+//! timing out just as the agent answers does; a VM's agent never sees that.) As behind a
+//! chardev, the agent's output while no client is connected is dropped, a late answer may
+//! reach the next client, and a frozen agent still has its connections accepted.
+//!
 //! Used for fast tests of the `qga-socket` backend and for scale benchmarks (hundreds).
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{PermissionsExt, chown};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, chown};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Commands no test needs and no lab instance should offer.
@@ -147,6 +161,7 @@ pub struct HostQga {
     pid: u32,
     users: Vec<String>,
     child: Option<Child>,
+    chardev: Option<Chardev>,
 }
 
 fn plain_name(name: &str) -> Result<(), HostQgaError> {
@@ -239,6 +254,7 @@ impl HostQga {
 
         let socket_path = Self::socket_path_for(dir, name);
         let _ = fs::remove_file(&socket_path);
+        let pty = Pty::open()?;
         let mut blocked: Vec<String> = ALWAYS_BLOCKED.iter().map(|s| (*s).to_owned()).collect();
         blocked.extend(opts.block.iter().cloned());
 
@@ -247,7 +263,7 @@ impl HostQga {
 mount -t overlay guestcred-hostqga -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc
 mount --bind "$3" /root
 mount --bind "$4" /home
-exec qemu-ga -m unix-listen -p "$5" -f "$6" -t "$7" -b "$8"
+exec qemu-ga -m isa-serial -p "$5" -f "$6" -t "$7" -b "$8"
 "#;
         let log_path = base.join("qga.log");
         let log = fs::File::create(&log_path).map_err(io("creating qga.log"))?;
@@ -267,7 +283,7 @@ exec qemu-ga -m unix-listen -p "$5" -f "$6" -t "$7" -b "$8"
             .arg(&work)
             .arg(&root_home)
             .arg(&homes)
-            .arg(&socket_path)
+            .arg(&pty.slave_path)
             .arg(base.join("qga.pid"))
             .arg(&state)
             .arg(blocked.join(","))
@@ -284,18 +300,34 @@ exec qemu-ga -m unix-listen -p "$5" -f "$6" -t "$7" -b "$8"
             pid,
             users: opts.users.clone(),
             child: Some(child),
+            chardev: None,
         };
-        // On error `me` drops, which stops the instance.
-        register_for_watchdog(pid, &me.socket_path)?;
-        me.wait_for_socket()?;
+        // On error `me` drops, which stops the instance. The state directory is on
+        // qemu-ga's command line and unique to the instance (a pty path may be reused).
+        register_for_watchdog(pid, &state)?;
+        me.wait_for_agent(&pty)?;
+        me.chardev = Some(Chardev::serve(pty.master, &me.socket_path)?);
         Ok(me)
     }
 
-    fn wait_for_socket(&mut self) -> Result<(), HostQgaError> {
+    /// Until qemu-ga answers a `guest-sync-delimited` on its serial line (it flushes what
+    /// was written before it opened the line, so the sync is sent again until answered).
+    fn wait_for_agent(&mut self, pty: &Pty) -> Result<(), HostQgaError> {
         let deadline = Instant::now() + START_TIMEOUT;
+        let mut master = fs::File::from(pty.master.try_clone().map_err(io("dup pty"))?);
+        let mut seen = Vec::new();
         loop {
-            if std::os::unix::net::UnixStream::connect(&self.socket_path).is_ok() {
-                return Ok(());
+            let _ = master.write_all(
+                b"\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":4242}}\n",
+            );
+            if wait_readable(&master, Duration::from_millis(200)) {
+                let mut buf = [0u8; 512];
+                if let Ok(n) = master.read(&mut buf) {
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                if seen.windows(4).any(|w| w == b"4242") {
+                    return Ok(());
+                }
             }
             let exited = match self.child.as_mut().map(Child::try_wait) {
                 Some(Ok(Some(status))) => Some(status.to_string()),
@@ -308,12 +340,11 @@ exec qemu-ga -m unix-listen -p "$5" -f "$6" -t "$7" -b "$8"
                     name: self.name.clone(),
                     log: format!(
                         "{}; log: {}",
-                        exited.unwrap_or_else(|| "no socket within 10 s".into()),
+                        exited.unwrap_or_else(|| "no answer within 10 s".into()),
                         log.trim()
                     ),
                 });
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -340,6 +371,10 @@ exec qemu-ga -m unix-listen -p "$5" -f "$6" -t "$7" -b "$8"
             // qemu-ga keeps no state worth a graceful stop.
             let _ = child.kill();
             child.wait().map_err(io("waiting for qemu-ga"))?;
+        }
+        // The VM is gone: its socket no longer accepts (the file stays, as qemu-ga's did).
+        if let Some(chardev) = self.chardev.take() {
+            chardev.close();
         }
         Ok(())
     }
@@ -411,6 +446,171 @@ exec qemu-ga -m unix-listen -p "$5" -f "$6" -t "$7" -b "$8"
 impl Drop for HostQga {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+/// Read what is there (retrying interrupted reads); `None` at the end or on an error.
+fn read_some(mut from: impl Read, buf: &mut [u8]) -> Option<usize> {
+    loop {
+        match from.read(buf) {
+            Ok(0) => return None,
+            Ok(n) => return Some(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Is `file` readable within `timeout`?
+fn wait_readable(file: &impl AsRawFd, timeout: Duration) -> bool {
+    let mut fds = libc::pollfd {
+        fd: file.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut fds, 1, ms) };
+    n > 0 && fds.revents & libc::POLLIN != 0
+}
+
+/// A pty pair: qemu-ga's serial line (the slave) and the hypervisor's end (the master).
+struct Pty {
+    master: OwnedFd,
+    /// Held open until qemu-ga has the line open, so the master does not read EIO before.
+    _slave: OwnedFd,
+    slave_path: PathBuf,
+}
+
+impl Pty {
+    fn open() -> Result<Self, HostQgaError> {
+        // posix_openpt and friends rather than a crate: four libc calls.
+        // SAFETY: plain libc calls; every returned fd is checked and owned at once.
+        let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        if master < 0 {
+            return Err(io("posix_openpt")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `master` is a fresh fd that nothing else owns.
+        let master = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(master) };
+        let mut name = [0 as libc::c_char; 128];
+        // SAFETY: valid fd; `name` is a writable buffer of the given length.
+        let ok = unsafe {
+            libc::grantpt(master.as_raw_fd()) == 0
+                && libc::unlockpt(master.as_raw_fd()) == 0
+                && libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) == 0
+        };
+        if !ok {
+            return Err(io("setting up the pty")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: ptsname_r wrote a NUL-terminated string into `name`.
+        let slave_path = PathBuf::from(
+            unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+                .to_string_lossy()
+                .into_owned(),
+        );
+        let slave: OwnedFd = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&slave_path)
+            .map_err(io(format!("opening {}", slave_path.display())))?
+            .into();
+        // Raw until qemu-ga sets the line up itself (it does the same): no echo of what
+        // the relay writes.
+        // SAFETY: valid fd and a termios the calls fill in.
+        unsafe {
+            let mut tio: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(slave.as_raw_fd(), &mut tio) == 0 {
+                libc::cfmakeraw(&mut tio);
+                libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &tio);
+            }
+        }
+        Ok(Self {
+            master,
+            _slave: slave,
+            slave_path,
+        })
+    }
+}
+
+/// The hypervisor's chardev in front of an agent's serial line: it serves the socket, one
+/// client at a time (others wait in the listen backlog), copies the client's bytes to the
+/// line and the line's bytes to the client, drops the line's output while no client is
+/// connected, and closes the socket when the agent is gone (the line reads EIO) or
+/// [`Chardev::close`] is called.
+#[derive(Debug)]
+struct Chardev {
+    closed: Arc<AtomicBool>,
+    socket_path: PathBuf,
+}
+
+impl Chardev {
+    fn serve(master: OwnedFd, socket_path: &Path) -> Result<Self, HostQgaError> {
+        let listener = UnixListener::bind(socket_path)
+            .map_err(io(format!("binding {}", socket_path.display())))?;
+        let line = Arc::new(fs::File::from(master));
+        let client: Arc<Mutex<Option<UnixStream>>> = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        let me = Self {
+            closed: closed.clone(),
+            socket_path: socket_path.to_path_buf(),
+        };
+
+        // The line to the client (or nowhere).
+        let (from_line, to_client, done) = (line.clone(), client.clone(), closed.clone());
+        let wake = socket_path.to_path_buf();
+        std::thread::Builder::new()
+            .name("hostqga-line".into())
+            .spawn(move || {
+                let mut buf = [0u8; 4096];
+                // Ends when the agent closes the line (EIO) or it is closed for good.
+                while let Some(n) = read_some(&*from_line, &mut buf) {
+                    let guard = to_client.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(mut c) = guard.as_ref() {
+                        let _ = c.write_all(&buf[..n]);
+                    }
+                }
+                if !done.swap(true, Ordering::SeqCst) {
+                    let _ = UnixStream::connect(&wake);
+                }
+                if let Some(c) = to_client.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                }
+            })
+            .map_err(io("spawning the chardev line thread"))?;
+
+        // Clients, one at a time, to the line.
+        std::thread::Builder::new()
+            .name("hostqga-socket".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if closed.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let Ok(reader) = stream.try_clone() else {
+                        continue;
+                    };
+                    *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(reader);
+                    let mut buf = [0u8; 4096];
+                    while let Some(n) = read_some(&stream, &mut buf) {
+                        if (&*line).write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    client.lock().unwrap_or_else(|p| p.into_inner()).take();
+                }
+                // The listener drops here: connects are refused from now on.
+            })
+            .map_err(io("spawning the chardev socket thread"))?;
+        Ok(me)
+    }
+
+    fn close(self) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            // Wake the accept so the listener closes.
+            let _ = UnixStream::connect(&self.socket_path);
+        }
     }
 }
 

@@ -157,26 +157,43 @@ async fn exchange(path: &Path, request: &[u8]) -> Result<Value, ShimError> {
     let stream = UnixStream::connect(path)
         .await
         .map_err(|e| connect_error(path, e))?;
-    let (read, mut write) = stream.into_split();
+    let (read, write) = stream.into_split();
+    exchange_on(read, write, request).await
+}
+
+/// The exchange of [`exchange`] on an open channel.
+async fn exchange_on(
+    read: impl tokio::io::AsyncRead + Unpin,
+    mut write: impl tokio::io::AsyncWrite + Unpin,
+    request: &[u8],
+) -> Result<Value, ShimError> {
     let mut read = BufReader::new(read.take(MAX_RESPONSE_BYTES));
 
     let sync_id = rand::random::<u32>() & 0x7fff_ffff;
     let sync = json!({"execute": "guest-sync-delimited", "arguments": {"id": sync_id}});
-    write
-        .write_all(format!("{sync}\n").as_bytes())
-        .await
-        .map_err(io_error)?;
-    // The agent answers with 0xFF, then {"return": id}; anything before it is stale.
-    let mut skipped = Vec::new();
-    read.read_until(0xFF, &mut skipped)
-        .await
-        .map_err(io_error)?;
-    if skipped.last() != Some(&0xFF) {
-        return Err(io_error(ErrorKind::UnexpectedEof.into()));
-    }
+    // A leading 0xFF makes the agent's parser drop whatever a previous client left half
+    // sent (a shim killed mid-request): behind a hypervisor's chardev the agent's parser
+    // outlives connections.
+    let mut opening = vec![0xFF];
+    opening.extend_from_slice(format!("{sync}\n").as_bytes());
+    write.write_all(&opening).await.map_err(io_error)?;
+    // The agent answers with 0xFF, then {"return": id}. Anything else is stale: answers
+    // to calls whose caller gave up, including earlier callers' syncs, each with its own
+    // 0xFF. Skip to the next 0xFF until the answer carries this id.
     loop {
-        let reply = read_message(&mut read).await?;
-        if reply.get("return").and_then(Value::as_u64) == Some(u64::from(sync_id)) {
+        let mut skipped = Vec::new();
+        read.read_until(0xFF, &mut skipped)
+            .await
+            .map_err(io_error)?;
+        if skipped.last() != Some(&0xFF) {
+            return Err(io_error(ErrorKind::UnexpectedEof.into()));
+        }
+        let mut line = Vec::new();
+        read.read_until(b'\n', &mut line).await.map_err(io_error)?;
+        // A line cut short by another sentinel: what follows that sentinel is the answer.
+        let tail = line.rsplit(|b| *b == 0xFF).next().unwrap_or_default();
+        let reply: Option<Value> = serde_json::from_slice(tail.trim_ascii()).ok();
+        if reply.and_then(|r| r.get("return").and_then(Value::as_u64)) == Some(u64::from(sync_id)) {
             break;
         }
     }
@@ -367,6 +384,63 @@ impl GuestAgent for QgaSocketAgent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scripted agent on the far end of a duplex pipe: reads the sync, answers with
+    /// `stale` first and then the sync's own id, then answers the command with `{}`.
+    /// Returns the bytes it read.
+    async fn scripted_agent(
+        far: tokio::io::DuplexStream,
+        stale: &'static [u8],
+    ) -> Result<Vec<u8>, std::io::Error> {
+        let (r, mut w) = tokio::io::split(far);
+        let mut r = BufReader::new(r);
+        let mut sync = Vec::new();
+        r.read_until(b'\n', &mut sync).await?;
+        let start = sync.iter().position(|b| *b == b'{').unwrap_or(0);
+        let parsed: Value = serde_json::from_slice(&sync[start..])?;
+        let id = parsed.pointer("/arguments/id").cloned().unwrap_or_default();
+        w.write_all(stale).await?;
+        w.write_all(&[0xFF]).await?;
+        w.write_all(format!("{{\"return\": {id}}}\n").as_bytes())
+            .await?;
+        let mut command = Vec::new();
+        r.read_until(b'\n', &mut command).await?;
+        w.write_all(b"{\"return\": {}}\n").await?;
+        sync.extend_from_slice(&command);
+        Ok(sync)
+    }
+
+    async fn exchange_with(stale: &'static [u8]) -> (Result<Value, ShimError>, Vec<u8>) {
+        let (near, far) = tokio::io::duplex(4096);
+        let agent = tokio::spawn(scripted_agent(far, stale));
+        let (r, w) = tokio::io::split(near);
+        let result = exchange_on(r, w, br#"{"execute":"guest-ping"}"#).await;
+        let seen = agent.await.expect("agent task").unwrap_or_default();
+        (result, seen)
+    }
+
+    /// A call the agent answers after its caller timed out reaches the next caller first.
+    #[tokio::test]
+    async fn a_stale_answer_before_the_sync_is_skipped() {
+        let (result, _) = exchange_with(b"{\"return\": {}}\n").await;
+        assert_eq!(result.expect("answered"), json!({}));
+    }
+
+    /// A previous caller's guest-sync-delimited answered late carries a sentinel of its own:
+    /// it is skipped up to the sentinel of this caller's id.
+    #[tokio::test]
+    async fn a_stale_sync_answer_with_its_own_sentinel_is_skipped() {
+        let (result, _) = exchange_with(b"\xff{\"return\": 12345}\n").await;
+        assert_eq!(result.expect("answered"), json!({}));
+    }
+
+    /// A previous caller killed mid-request may leave half a command in the agent's parser:
+    /// a 0xFF byte before the sync flushes it (QGA protocol).
+    #[tokio::test]
+    async fn the_sync_starts_with_a_sentinel_that_flushes_the_agents_parser() {
+        let (_, seen) = exchange_with(b"").await;
+        assert_eq!(seen.first(), Some(&0xFF), "{seen:?}");
+    }
 
     #[test]
     fn guest_info_lists_only_enabled_commands() {
