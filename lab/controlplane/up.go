@@ -99,10 +99,6 @@ func runUp(args []string) error {
 		defer cancel()
 		go watchOwner(*owner, cancel)
 	}
-	if *removeDir {
-		// Runs after every other deferred stop: the children are gone by then.
-		defer func() { _ = os.RemoveAll(abs) }()
-	}
 
 	_ = os.Remove(filepath.Join(c.dir, "ready"))
 	if err := c.prepare(); err != nil {
@@ -183,6 +179,10 @@ func runUp(args []string) error {
 		fmt.Fprintln(os.Stderr, "stopping control plane")
 		shutdown()
 		_ = os.Remove(filepath.Join(c.dir, "ready"))
+		if *removeDir {
+			// Only after a clean stop: a failed start keeps its logs for the error.
+			_ = os.RemoveAll(c.dir)
+		}
 		return nil
 	case ch := <-died:
 		shutdown()

@@ -8,6 +8,12 @@
 //! beyond the defaults is a [`WorldOptions`] field or a method here (a kubeconfig served
 //! over TCP for kubectl, log capture for the secret scan, shims killed and restarted on
 //! their address, leader-elected replicas, a world on its own runtime for `#[test]`s).
+//!
+//! `GUESTCRED_CONTROL_PLANE=real` (or [`WorldOptions::control_plane`]) runs a world on a
+//! real kube-apiserver + etcd + kube-controller-manager instead of the emulator: see
+//! [`real`]. Everything else (shims, agents, controller, HostKubevirt) is the same.
+pub mod real;
+pub mod responses;
 use super::apiserver::{ApiServer, write_kubeconfig};
 use super::hostkubevirt::HostKubevirt;
 use super::hostqga::{HostQga, HostQgaError, HostQgaOptions};
@@ -44,8 +50,8 @@ use tokio::sync::watch;
 pub const SHIM_NAMESPACE: &str = "guestcred-system";
 
 /// Which API server a world runs against, from `GUESTCRED_CONTROL_PLANE`: `emulator` (the
-/// default) is the in-process emulator; `real` (a real kube-apiserver, lab/controlplane) is
-/// not wired in yet and fails the world's start with a message saying so.
+/// default) is the in-process emulator; `real` is a real kube-apiserver, etcd and
+/// kube-controller-manager (lab/controlplane) of the world's own ([`real`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ControlPlaneKind {
     #[default]
@@ -68,6 +74,8 @@ impl ControlPlaneKind {
 /// faults) need [`ControlPlane::emulator`].
 pub enum ControlPlane {
     Emulator(ApiServer),
+    // Boxed: it is much larger than the emulator's handle.
+    Real(Box<real::RealControlPlane>),
 }
 
 impl ControlPlane {
@@ -76,6 +84,7 @@ impl ControlPlane {
     async fn start(
         kind: ControlPlaneKind,
         serve: bool,
+        responses: &responses::Responses,
     ) -> anyhow::Result<(Self, Client, Option<String>)> {
         match kind {
             ControlPlaneKind::Emulator => {
@@ -92,15 +101,33 @@ impl ControlPlane {
                 };
                 Ok((ControlPlane::Emulator(api), client, url))
             }
-            ControlPlaneKind::Real => anyhow::bail!(
-                "GUESTCRED_CONTROL_PLANE=real: a real kube-apiserver is not wired into World yet"
-            ),
+            ControlPlaneKind::Real => {
+                // Always served: the kubeconfig is the control plane's admin one.
+                let (cp, client) = real::RealControlPlane::start(responses).await?;
+                Ok((ControlPlane::Real(Box::new(cp)), client, None))
+            }
         }
     }
 
     pub fn emulator(&self) -> Option<&ApiServer> {
         match self {
             ControlPlane::Emulator(api) => Some(api),
+            ControlPlane::Real(_) => None,
+        }
+    }
+
+    /// The real control plane (its kubeconfig, audit log).
+    pub fn real(&self) -> Option<&real::RealControlPlane> {
+        match self {
+            ControlPlane::Real(cp) => Some(cp),
+            ControlPlane::Emulator(_) => None,
+        }
+    }
+
+    pub fn kind(&self) -> ControlPlaneKind {
+        match self {
+            ControlPlane::Emulator(_) => ControlPlaneKind::Emulator,
+            ControlPlane::Real(_) => ControlPlaneKind::Real,
         }
     }
 }
@@ -211,6 +238,8 @@ pub struct World {
     runtime: tokio::runtime::Handle,
     /// KubeVirt's restart subresource for the world's VMs (see `hostkubevirt`).
     kubevirt: Arc<HostKubevirt>,
+    /// What the API server answered `client` (see [`World::responses`]).
+    responses: responses::Responses,
 }
 
 struct LabNode {
@@ -252,23 +281,33 @@ impl World {
     /// controller.
     pub async fn start(opts: WorldOptions) -> anyhow::Result<World> {
         let logs = opts.capture_logs.then(LogCapture::get);
-        let (control_plane, client, url) =
-            ControlPlane::start(opts.control_plane, opts.serve).await?;
-        // KubeVirt's restart subresource (Rebuild mode) beside the emulated API.
+        let responses = responses::Responses::default();
+        let (mut control_plane, client, url) =
+            ControlPlane::start(opts.control_plane, opts.serve, &responses).await?;
+        // KubeVirt's restart subresource (Rebuild mode): beside the emulated API, or an
+        // aggregated API of the real one.
         let kubevirt = Arc::new(HostKubevirt::default());
-        let client = match control_plane.emulator() {
-            Some(api) => Client::new(kubevirt.router().merge(api.router()), "default"),
-            None => client,
+        let client = match &mut control_plane {
+            ControlPlane::Emulator(api) => {
+                kube::client::ClientBuilder::new(kubevirt.router().merge(api.router()), "default")
+                    .with_layer(&responses.layer())
+                    .build()
+            }
+            ControlPlane::Real(cp) => {
+                cp.serve_restart_api(&client, kubevirt.router()).await?;
+                client
+            }
         };
         kubevirt.set_client(client.clone());
         let dir = tempfile::Builder::new().prefix("gcw").tempdir()?;
-        let kubeconfig = match url {
-            Some(url) => {
+        let kubeconfig = match (&control_plane, url) {
+            (ControlPlane::Real(cp), _) => Some(cp.kubeconfig().to_path_buf()),
+            (_, Some(url)) => {
                 let path = dir.path().join("kubeconfig");
                 write_kubeconfig(&path, &url)?;
                 Some(path)
             }
-            None => None,
+            (_, None) => None,
         };
         if opts.guestcred_crds {
             install_crds(&client).await?;
@@ -287,6 +326,13 @@ impl World {
             let ns = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
             ns_api.create(&Default::default(), &ns).await?;
         }
+        let shim_daemonset_uid = match control_plane {
+            ControlPlane::Real(_) => Some(
+                real::create_shim_daemonset(&client, SHIM_NAMESPACE, DEFAULT_SHIM_DAEMONSET)
+                    .await?,
+            ),
+            ControlPlane::Emulator(_) => None,
+        };
         let mut port = 0u16;
         let request_timeout = opts
             .request_timeout
@@ -320,6 +366,7 @@ impl World {
             logs,
             runtime: tokio::runtime::Handle::current(),
             kubevirt,
+            responses,
         };
         for i in 0..opts.nodes {
             let name = format!("node-{}", i + 1);
@@ -350,7 +397,13 @@ impl World {
                 .map(|tls| Auth::client_cert(tls.allowed_clients.clone(), None));
             // The node check is on, as in production: the controller names the node.
             let app = ShimApp::new(agent, &name).backend(backend);
-            create_node_with_shim(&world.client, &name, SHIM_NAMESPACE, &ip).await?;
+            match &shim_daemonset_uid {
+                Some(uid) => {
+                    real::create_node_with_shim(&world.client, &name, SHIM_NAMESPACE, &ip, uid)
+                        .await?
+                }
+                None => create_node_with_shim(&world.client, &name, SHIM_NAMESPACE, &ip).await?,
+            }
             let node = LabNode {
                 name,
                 ip,
@@ -405,6 +458,12 @@ impl World {
     /// The API server behind this world.
     pub fn control_plane(&self) -> &ControlPlane {
         &self.control_plane
+    }
+
+    /// What the API server answered the world's client (the controller's requests
+    /// included), on either control plane: e.g. the 409s to a status write.
+    pub fn responses(&self) -> &responses::Responses {
+        &self.responses
     }
 
     /// The emulator, for its request counters and injected faults.
@@ -590,6 +649,11 @@ impl World {
     /// The address node `node`'s shim listens on (its pod's IP).
     pub fn shim_ip(&self, node: &str) -> &str {
         &self.node(node).ip
+    }
+
+    /// The port every shim of this world listens on (the controller's `--shim-port`).
+    pub fn shim_port(&self) -> u16 {
+        self.port
     }
 
     /// Point node `node`'s shim pod at `ip` (where nothing may listen), as after a network

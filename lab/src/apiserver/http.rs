@@ -605,6 +605,7 @@ async fn resource(
         }
         (Method::POST, None) => {
             let obj = view.to_storage(decode_body(headers, &body)?);
+            strict_fields(params, store_rt, store_version, &obj)?;
             let created = shared
                 .lock()
                 .create(store_rt, store_version, rp.ns.as_deref(), obj)?;
@@ -613,6 +614,7 @@ async fn resource(
         }
         (Method::PUT, Some(name)) => {
             let obj = view.to_storage(decode_body(headers, &body)?);
+            strict_fields(params, store_rt, store_version, &obj)?;
             if status_only {
                 shared.take_status_conflict(rt, name)?;
             }
@@ -635,6 +637,9 @@ async fn resource(
                 ));
             }
             let patch_body = patch::parse_body(kind, &body)?;
+            if matches!(kind, PatchKind::Merge | PatchKind::Strategic) {
+                strict_fields(params, store_rt, store_version, &patch_body)?;
+            }
             if status_only {
                 shared.take_status_conflict(rt, name)?;
             }
@@ -675,6 +680,41 @@ async fn resource(
             "{method} is not supported on this path"
         ))),
     }
+}
+
+/// `fieldValidation=Strict` (kubectl 1.27+ sends it): a custom object with fields its
+/// schema does not declare is refused as the real server refuses it, instead of pruned.
+/// (Other values, or none, prune silently; the real server's `Warn` also sends a Warning
+/// header, which no client here reads.) For a merge patch, the patch's own fields count.
+fn strict_fields(
+    params: &Params,
+    rt: &ResourceType,
+    version: &str,
+    obj: &Value,
+) -> Result<(), ApiError> {
+    if param(params, "fieldValidation") != Some("Strict") {
+        return Ok(());
+    }
+    let Some(schema) = rt
+        .version(version)
+        .filter(|_| rt.from_crd)
+        .and_then(|v| v.schema.as_ref())
+    else {
+        return Ok(());
+    };
+    let unknown = super::prune::unknown_fields(obj, schema);
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let fields: Vec<String> = unknown
+        .iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect();
+    Err(ApiError::bad_request(format!(
+        "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {}",
+        fields.join(", "),
+        kind = rt.kind
+    )))
 }
 
 fn orphan_requested(params: &Params, body: &[u8]) -> bool {

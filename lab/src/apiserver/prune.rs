@@ -26,6 +26,40 @@ pub(crate) fn prune_object(obj: &mut Value, schema: &Value) {
     }
 }
 
+/// The fields [`prune_object`] would drop from `obj`, as the real server names them in a
+/// strict decoding error (`spec.color`, `spec.items[0].x`), in document order.
+pub(crate) fn unknown_fields(obj: &Value, schema: &Value) -> Vec<String> {
+    let mut pruned = obj.clone();
+    prune_object(&mut pruned, schema);
+    let mut out = Vec::new();
+    dropped(obj, &pruned, "", &mut out);
+    out
+}
+
+fn dropped(before: &Value, after: &Value, path: &str, out: &mut Vec<String>) {
+    match (before, after) {
+        (Value::Object(b), Value::Object(a)) => {
+            for (k, v) in b {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match a.get(k) {
+                    Some(kept) => dropped(v, kept, &p, out),
+                    None => out.push(p),
+                }
+            }
+        }
+        (Value::Array(b), Value::Array(a)) => {
+            for (i, (v, kept)) in b.iter().zip(a).enumerate() {
+                dropped(v, kept, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
 fn preserves_unknown(schema: &Value) -> bool {
     schema
         .get("x-kubernetes-preserve-unknown-fields")
