@@ -16,18 +16,21 @@ fn reset(name: &str, vm: &str) -> GuestPasswordReset {
     GuestPasswordReset::test(name).vm(vm).user("alice")
 }
 
-#[tokio::test]
-async fn a_restart_between_storing_and_applying_applies_the_stored_password() {
+/// The default world, with shims that give up on an agent after 2 s.
+async fn world_with_short_agent_timeout() -> World {
     let opts = WorldOptions {
         agent_timeout: Duration::from_secs(2),
         ..WorldOptions::default()
     };
-    let mut w = World::start(opts).await.expect("world");
+    World::start(opts).await.expect("world")
+}
+
+#[tokio::test]
+async fn a_restart_between_storing_and_applying_applies_the_stored_password() {
+    let mut w = world_with_short_agent_timeout().await;
     let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
     signal(&qga, "-STOP");
-    w.apply(&reset("gen", "vm-a").generate(24))
-        .await
-        .expect("reset");
+    w.put(&reset("gen", "vm-a").generate(24)).await;
     // Stored, then the call hangs in the frozen agent and times out: unknown outcome.
     w.wait_for::<GuestPasswordReset>(NS, "gen", WAIT, target_reason("AgentTimeout"))
         .await
@@ -46,7 +49,7 @@ async fn a_restart_between_storing_and_applying_applies_the_stored_password() {
         stored,
         "never a second password"
     );
-    let hash = qga.shadow_hash("alice").expect("shadow").expect("hash");
+    let hash = hash_of(&qga, "alice").expect("hash");
     assert!(
         verifies(&stored, &hash),
         "the guest's hash verifies the stored password"
@@ -55,24 +58,16 @@ async fn a_restart_between_storing_and_applying_applies_the_stored_password() {
 
 #[tokio::test]
 async fn a_hung_agent_times_out_while_other_vms_proceed() {
-    let opts = WorldOptions {
-        agent_timeout: Duration::from_secs(2),
-        ..WorldOptions::default()
-    };
-    let w = World::start(opts).await.expect("world");
+    let w = world_with_short_agent_timeout().await;
     let hung = w.add_guest(&vm(NS, "vm-hung", "node-1")).await;
     let ok = w.add_guest(&vm(NS, "vm-ok", "node-1")).await;
     signal(&hung, "-STOP");
-    w.apply(&secret("pw", "password", "Hung-Agent-Test-Pw-1"))
-        .await
-        .expect("secret");
+    w.password_secret("pw", "Hung-Agent-Test-Pw-1").await;
     let hung_reset = reset("hung", "vm-hung")
         .from_secret("pw")
         .deadline_seconds(10);
-    w.apply(&hung_reset).await.expect("reset");
-    w.apply(&reset("ok", "vm-ok").from_secret("pw"))
-        .await
-        .expect("reset");
+    w.put(&hung_reset).await;
+    w.put(&reset("ok", "vm-ok").from_secret("pw")).await;
     let okr: GuestPasswordReset = w
         .wait_for(NS, "ok", WAIT, finished)
         .await
@@ -95,7 +90,7 @@ async fn a_hung_agent_times_out_while_other_vms_proceed() {
         "{t:?}"
     );
     signal(&hung, "-CONT");
-    assert!(ok.shadow_hash("alice").expect("shadow").is_some());
+    assert!(hash_of(&ok, "alice").is_some());
 }
 
 #[tokio::test]
@@ -109,23 +104,13 @@ async fn no_secret_appears_in_logs_events_or_status() {
     let _a = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
     const PLAIN: &str = "Leak-Canary-Plain-7f3a9";
     const BAD: &str = "Leak-Canary-Bad\nsecond-line";
-    w.apply(&secret("good", "password", PLAIN))
-        .await
-        .expect("secret");
-    w.apply(&secret("bad", "password", BAD))
-        .await
-        .expect("secret");
-    w.apply(&reset("good", "vm-a").from_secret("good"))
-        .await
-        .expect("reset");
-    w.apply(&reset("bad", "vm-a").from_secret("bad"))
-        .await
-        .expect("reset");
-    w.apply(&reset("gen", "vm-a").generate(24))
-        .await
-        .expect("reset");
+    w.password_secret("good", PLAIN).await;
+    w.password_secret("bad", BAD).await;
+    w.put(&reset("good", "vm-a").from_secret("good")).await;
+    w.put(&reset("bad", "vm-a").from_secret("bad")).await;
+    w.put(&reset("gen", "vm-a").generate(24)).await;
     let unknown_user = reset("nouser", "vm-a").from_secret("good").user("mallory");
-    w.apply(&unknown_user).await.expect("reset");
+    w.put(&unknown_user).await;
     for name in ["good", "gen", "nouser"] {
         w.wait_for::<GuestPasswordReset>(NS, name, WAIT, finished)
             .await

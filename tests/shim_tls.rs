@@ -23,7 +23,8 @@ use guestcred::tls::server::{ReloadingServerConfig, ServerTlsFiles};
 use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
 use guestcred_lab::kubevirt::vm;
 use guestcred_lab::testing::{
-    ResetTest, TargetedTest, TestObject, password_request, secret, shim_reason,
+    ResetTest, Steps, TargetedTest, TestObject, hash_of, message, password_request, phase,
+    shim_reason, target_reason,
 };
 use guestcred_lab::world::{World, WorldOptions, WorldTls};
 use rcgen::{
@@ -199,6 +200,71 @@ impl TlsShim {
     fn metrics_text(&self) -> String {
         self.metrics.encode()
     }
+
+    /// The controller, trusting `ca` and holding its own certificate from `ca`.
+    fn controller(&self, ca: &Ca) -> Controller {
+        Controller::new(self.dir.path(), ca, Some(&ca.client_cert(CONTROLLER_NAME)))
+    }
+
+    /// `as_whom` sets alice's password on VM `vm` (naming `node`), whose agent socket only
+    /// counts connections: the answer, and how often the agent was reached (0 when the
+    /// shim refused the request first).
+    async fn set_password_on_guarded_vm(
+        &self,
+        as_whom: &Controller,
+        vm: &str,
+        node: Option<&str>,
+    ) -> (Result<(), ShimCallError>, usize) {
+        let agent_connections = self.counting_vm(vm);
+        let r = as_whom
+            .client(&self.url)
+            .set_password(&password(vm, node))
+            .await;
+        (r, agent_connections.load(Ordering::SeqCst))
+    }
+
+    /// A plain TCP connection to the shim's TLS port (no handshake yet).
+    async fn tcp_connect(&self) -> tokio::net::TcpStream {
+        let addr = self.url.trim_start_matches("https://");
+        tokio::net::TcpStream::connect(addr).await.expect("connect")
+    }
+
+    /// The shim refused one request, counted under `reason`.
+    fn assert_refused_once(&self, reason: &str) {
+        let text = self.metrics_text();
+        let line = format!("guestcred_shim_requests_refused_total{{reason=\"{reason}\"}} 1");
+        assert!(text.contains(&line), "no {line} in:\n{text}");
+    }
+}
+
+/// A CA for the cluster and a shim serving with a certificate from it.
+async fn cluster_shim() -> (Ca, TlsShim) {
+    let ca = Ca::new("cluster CA");
+    let shim = TlsShim::start(&ca).await;
+    (ca, shim)
+}
+
+/// VM `vm` of namespace `lab`, on the shim's node.
+fn on_node(vm: &str) -> DomainRef {
+    DomainRef::new("lab", vm).with_node(NODE)
+}
+
+/// Probes `domain` until the shim answers (a starting shim refuses connections), for at
+/// most `within`; the first answer that is not "unreachable".
+async fn probe_once_reachable(
+    client: &ShimClient,
+    domain: &DomainRef,
+    within: Duration,
+) -> Result<guestcred::api::wire::ProbeResponse, ShimCallError> {
+    let deadline = Instant::now() + within;
+    loop {
+        match client.probe(domain).await {
+            Err(ShimCallError::Unreachable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The controller's side: CA, optional client certificate, written to files under `dir`.
@@ -258,10 +324,9 @@ fn password(vm: &str, domain_node: Option<&str>) -> SetPasswordRequest {
 
 #[tokio::test]
 async fn controller_certificate_reaches_the_guest() {
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
+    let (ca, shim) = cluster_shim().await;
     let vm = shim.vm("vm-ok");
-    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let controller = shim.controller(&ca);
 
     controller
         .client(&shim.url)
@@ -269,10 +334,7 @@ async fn controller_certificate_reaches_the_guest() {
         .await
         .expect("set password over mutual TLS");
 
-    assert_eq!(
-        vm.shadow_hash("alice").unwrap().as_deref(),
-        Some(SHA512_HASH)
-    );
+    assert_eq!(hash_of(&vm, "alice").as_deref(), Some(SHA512_HASH));
 }
 
 #[tokio::test]
@@ -281,7 +343,7 @@ async fn bearer_token_on_top_of_mutual_tls_is_required_in_addition_to_the_certif
     let shim = TlsShim::start_with_token(&ca, Some("extra-t0ken")).await;
     let _vm = shim.vm("vm-token");
     let agent_connections = shim.counting_vm("vm-token-guarded");
-    let with_cert = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let with_cert = shim.controller(&ca);
     let anonymous = Controller::new(shim.dir.path(), &ca, None);
     let call = |c: &Controller, token: Option<&str>| {
         let http = c.reloading().http().expect("HTTPS client");
@@ -310,7 +372,7 @@ async fn bearer_token_on_top_of_mutual_tls_is_required_in_addition_to_the_certif
 
     let both = call(&with_cert, Some("extra-t0ken"));
     let probe = both
-        .probe(&DomainRef::new("lab", "vm-token").with_node(NODE))
+        .probe(&on_node("vm-token"))
         .await
         .expect("certificate and token together get in");
     assert!(probe.agent_connected);
@@ -320,24 +382,14 @@ async fn bearer_token_on_top_of_mutual_tls_is_required_in_addition_to_the_certif
 /// the HTTP layer on /v1/*: a client without one never gets an HTTP exchange at all.
 #[tokio::test]
 async fn handshake_without_client_certificate_fails_and_never_reaches_the_agent() {
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
-    let agent_connections = shim.counting_vm("vm-guarded");
+    let (ca, shim) = cluster_shim().await;
     let anonymous = Controller::new(shim.dir.path(), &ca, None);
-
-    let r = anonymous
-        .client(&shim.url)
-        .set_password(&password("vm-guarded", Some(NODE)))
+    let (r, agent_calls) = shim
+        .set_password_on_guarded_vm(&anonymous, "vm-guarded", Some(NODE))
         .await;
-
     assert!(matches!(r, Err(ShimCallError::Unreachable(_))), "{r:?}");
-    assert_eq!(agent_connections.load(Ordering::SeqCst), 0);
-    assert!(
-        shim.metrics_text()
-            .contains(r#"guestcred_shim_requests_refused_total{reason="tls_handshake"} 1"#),
-        "{}",
-        shim.metrics_text()
-    );
+    assert_eq!(agent_calls, 0);
+    shim.assert_refused_once("tls_handshake");
     // Not even the health routes answer without a certificate.
     let http = anonymous.reloading().http().expect("HTTPS client");
     let health = http.get(format!("{}/healthz", shim.url)).send().await;
@@ -348,9 +400,8 @@ async fn handshake_without_client_certificate_fails_and_never_reaches_the_agent(
 /// nothing but /v1/*, even to the controller.
 #[tokio::test]
 async fn api_port_serves_no_health_or_metrics_routes() {
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
-    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let (ca, shim) = cluster_shim().await;
+    let controller = shim.controller(&ca);
     let http = controller.reloading().http().expect("HTTPS client");
     for path in ["/healthz", "/readyz", "/metrics"] {
         let r = http
@@ -366,24 +417,14 @@ async fn api_port_serves_no_health_or_metrics_routes() {
 /// controller always names the node it believes the VM runs on.
 #[tokio::test]
 async fn request_naming_no_node_is_forbidden() {
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
-    let agent_connections = shim.counting_vm("vm-nowhere");
-    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
-
-    let r = controller
-        .client(&shim.url)
-        .set_password(&password("vm-nowhere", None))
+    let (ca, shim) = cluster_shim().await;
+    let controller = shim.controller(&ca);
+    let (r, agent_calls) = shim
+        .set_password_on_guarded_vm(&controller, "vm-nowhere", None)
         .await;
-
     assert_eq!(shim_reason(r), ShimErrorReason::Forbidden);
-    assert_eq!(agent_connections.load(Ordering::SeqCst), 0);
-    assert!(
-        shim.metrics_text()
-            .contains(r#"guestcred_shim_requests_refused_total{reason="missing_node"} 1"#),
-        "{}",
-        shim.metrics_text()
-    );
+    assert_eq!(agent_calls, 0);
+    shim.assert_refused_once("missing_node");
 }
 
 /// A valid ed25519 key line padded with a comment to exactly `len` bytes; quotes in the
@@ -405,9 +446,8 @@ fn padded_key(i: usize, len: usize) -> String {
 async fn largest_valid_request_passes_the_body_limit() {
     use guestcred::api::validate::{MAX_KEY_BYTES, MAX_KEYS};
     use guestcred::api::wire::KeyOp;
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
-    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let (ca, shim) = cluster_shim().await;
+    let controller = shim.controller(&ca);
     let keys: Vec<String> = (0..MAX_KEYS)
         .map(|i| padded_key(i, MAX_KEY_BYTES))
         .collect();
@@ -415,12 +455,7 @@ async fn largest_valid_request_passes_the_body_limit() {
 
     let r = controller
         .client(&shim.url)
-        .ssh_keys(
-            &DomainRef::new("lab", "vm-absent").with_node(NODE),
-            "alice",
-            KeyOp::Add,
-            keys,
-        )
+        .ssh_keys(&on_node("vm-absent"), "alice", KeyOp::Add, keys)
         .await;
 
     // Validated, then the backend finds no such VM: the body was read in full.
@@ -431,10 +466,9 @@ async fn largest_valid_request_passes_the_body_limit() {
 /// shim keeps serving the same client.
 #[tokio::test]
 async fn oversize_body_gets_413_and_the_shim_keeps_serving() {
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
+    let (ca, shim) = cluster_shim().await;
     let _vm = shim.vm("vm-after");
-    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let controller = shim.controller(&ca);
     let reloading = controller.reloading();
     let http = reloading.http().expect("HTTPS client");
     // Above the limit (about 4.1 MiB), below what the shim drains to keep the connection.
@@ -452,7 +486,7 @@ async fn oversize_body_gets_413_and_the_shim_keeps_serving() {
     assert_eq!(e.reason, ShimErrorReason::InvalidArgument);
 
     let probe = shim_client(&shim.url, &reloading)
-        .probe(&DomainRef::new("lab", "vm-after").with_node(NODE))
+        .probe(&on_node("vm-after"))
         .await
         .expect("the shim still serves");
     assert!(probe.agent_connected);
@@ -505,16 +539,15 @@ impl Drop for BlockingFile {
 /// connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_certificate_file_that_blocks_on_read_never_stalls_shim_handshakes() {
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
+    let (ca, shim) = cluster_shim().await;
     let _vm = shim.vm("vm-fifo");
-    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let controller = shim.controller(&ca);
     let reloading = controller.reloading();
     let _blocked = BlockingFile::new(&shim.server_files.client_ca);
 
     for _ in 0..2 {
         let client = shim_client(&shim.url, &reloading);
-        let domain = DomainRef::new("lab", "vm-fifo").with_node(NODE);
+        let domain = on_node("vm-fifo");
         let probe = tokio::time::timeout(Duration::from_secs(10), client.probe(&domain))
             .await
             .expect("the handshake must not wait for the certificate files")
@@ -603,34 +636,28 @@ where
     None
 }
 
+/// A connection that announces a 512-byte TLS handshake record and dribbles one byte of it
+/// every 2 s; the task ends with how long the shim kept it open (`None`: still open at 9 s).
+async fn slowloris(shim: &TlsShim) -> tokio::task::JoinHandle<Option<Duration>> {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = shim.tcp_connect().await;
+    tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+        .await
+        .expect("write");
+    tokio::spawn(async move { closed_within(&mut tcp, &[0x01], Duration::from_secs(9)).await })
+}
+
 /// Issue 18, slowloris: many connections that dribble a TLS record one byte every 2 s are
 /// dropped at the handshake deadline (5 s), and the controller gets in meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_handshakes_are_dropped_at_the_deadline_while_the_controller_gets_in() {
-    use tokio::io::AsyncWriteExt;
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
+    let (ca, shim) = cluster_shim().await;
     let _vm = shim.vm("vm-slow");
-    let addr = shim.url.trim_start_matches("https://").to_string();
-    let mut lorises = Vec::new();
-    for _ in 0..64 {
-        let mut tcp = tokio::net::TcpStream::connect(&addr)
-            .await
-            .expect("connect");
-        // A TLS handshake record header announcing 512 bytes that never all come.
-        tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
-            .await
-            .expect("write");
-        lorises.push(tokio::spawn(async move {
-            closed_within(&mut tcp, &[0x01], Duration::from_secs(9)).await
-        }));
-    }
-    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let lorises = futures::future::join_all((0..64).map(|_| slowloris(&shim))).await;
+    let controller = shim.controller(&ca);
     let probe = tokio::time::timeout(
         Duration::from_secs(5),
-        controller
-            .client(&shim.url)
-            .probe(&DomainRef::new("lab", "vm-slow").with_node(NODE)),
+        controller.client(&shim.url).probe(&on_node("vm-slow")),
     )
     .await
     .expect("the controller is not locked out")
@@ -650,8 +677,7 @@ async fn slowloris_handshakes_are_dropped_at_the_deadline_while_the_controller_g
 #[tokio::test]
 async fn slow_request_headers_are_cut_off() {
     use tokio::io::AsyncWriteExt;
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
+    let (ca, shim) = cluster_shim().await;
     let mut tls = raw_tls(&shim.url, &ca, &ca.client_cert(CONTROLLER_NAME)).await;
     tls.write_all(b"POST /v1/probe HTTP/1.1\r\nhost: shim\r\n")
         .await
@@ -664,8 +690,7 @@ async fn slow_request_headers_are_cut_off() {
 /// timeout (15 s).
 #[tokio::test]
 async fn idle_connection_is_closed() {
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
+    let (ca, shim) = cluster_shim().await;
     let mut tls = raw_tls(&shim.url, &ca, &ca.client_cert(CONTROLLER_NAME)).await;
     let closed = closed_within(&mut tls, b"", Duration::from_secs(25)).await;
     assert!(closed.is_some(), "an idle connection stayed open");
@@ -676,17 +701,11 @@ async fn idle_connection_is_closed() {
 /// deadline, and the controller gets in while 600 idle sockets are open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_connections_are_capped_and_the_controller_still_gets_in() {
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
+    let (ca, shim) = cluster_shim().await;
     let _vm = shim.vm("vm-crowd");
-    let addr = shim.url.trim_start_matches("https://").to_string();
     let mut crowd = Vec::new();
     for _ in 0..600 {
-        crowd.push(
-            tokio::net::TcpStream::connect(&addr)
-                .await
-                .expect("connect"),
-        );
+        crowd.push(shim.tcp_connect().await);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let text = shim.metrics_text();
@@ -697,29 +716,16 @@ async fn too_many_connections_are_capped_and_the_controller_still_gets_in() {
         .unwrap_or_else(|| panic!("no open-connections gauge in:\n{text}"));
     assert!((1..=512).contains(&open), "{open} connections open at once");
 
-    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let controller = shim.controller(&ca);
     let client = controller.client(&shim.url);
-    let deadline = Instant::now() + Duration::from_secs(25);
-    let probe = loop {
-        match client
-            .probe(&DomainRef::new("lab", "vm-crowd").with_node(NODE))
-            .await
-        {
-            Err(ShimCallError::Unreachable(_)) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            other => break other,
-        }
-    };
+    let probe = probe_once_reachable(&client, &on_node("vm-crowd"), Duration::from_secs(25)).await;
     assert!(probe.expect("the controller gets in").agent_connected);
     drop(crowd);
 }
 
 #[tokio::test]
 async fn certificate_from_another_ca_fails_the_handshake() {
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
-    let agent_connections = shim.counting_vm("vm-guarded");
+    let (ca, shim) = cluster_shim().await;
     let rogue = Ca::new("rogue CA");
     // Trusts the right CA (so it would talk), but presents a certificate from another.
     let intruder = Controller::new(
@@ -727,69 +733,45 @@ async fn certificate_from_another_ca_fails_the_handshake() {
         &ca,
         Some(&rogue.client_cert(CONTROLLER_NAME)),
     );
-
-    let r = intruder
-        .client(&shim.url)
-        .set_password(&password("vm-guarded", None))
+    let (r, agent_calls) = shim
+        .set_password_on_guarded_vm(&intruder, "vm-guarded", None)
         .await;
-
     assert!(matches!(r, Err(ShimCallError::Unreachable(_))), "{r:?}");
-    assert_eq!(agent_connections.load(Ordering::SeqCst), 0);
-    assert!(
-        shim.metrics_text()
-            .contains(r#"guestcred_shim_requests_refused_total{reason="tls_handshake"} 1"#)
-    );
+    assert_eq!(agent_calls, 0);
+    shim.assert_refused_once("tls_handshake");
 }
 
 #[tokio::test]
 async fn certificate_naming_another_client_is_forbidden() {
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
-    let agent_connections = shim.counting_vm("vm-guarded");
+    let (ca, shim) = cluster_shim().await;
     let other = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert("someone-else")));
-
-    let r = other
-        .client(&shim.url)
-        .set_password(&password("vm-guarded", None))
+    let (r, agent_calls) = shim
+        .set_password_on_guarded_vm(&other, "vm-guarded", None)
         .await;
-
     assert_eq!(shim_reason(r), ShimErrorReason::Forbidden);
-    assert_eq!(agent_connections.load(Ordering::SeqCst), 0);
+    assert_eq!(agent_calls, 0);
 }
 
 #[tokio::test]
 async fn request_naming_another_node_is_forbidden() {
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
-    let agent_connections = shim.counting_vm("vm-elsewhere");
-    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
-
-    let r = controller
-        .client(&shim.url)
-        .set_password(&password("vm-elsewhere", Some("node-b")))
+    let (ca, shim) = cluster_shim().await;
+    let controller = shim.controller(&ca);
+    let (r, agent_calls) = shim
+        .set_password_on_guarded_vm(&controller, "vm-elsewhere", Some("node-b"))
         .await;
-
     assert_eq!(shim_reason(r), ShimErrorReason::Forbidden);
-    assert_eq!(agent_connections.load(Ordering::SeqCst), 0);
-    assert!(
-        shim.metrics_text()
-            .contains(r#"guestcred_shim_requests_refused_total{reason="wrong_node"} 1"#)
-    );
+    assert_eq!(agent_calls, 0);
+    shim.assert_refused_once("wrong_node");
 }
 
 #[tokio::test]
 async fn shim_that_does_not_present_the_shim_name_is_not_trusted() {
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
+    let (ca, shim) = cluster_shim().await;
     // The controller trusts the CA but expects another server name.
-    let mut controller =
-        Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let mut controller = shim.controller(&ca);
     controller.files.server_name = "some-other-service".into();
 
-    let r = controller
-        .client(&shim.url)
-        .probe(&DomainRef::new("lab", "vm").with_node(NODE))
-        .await;
+    let r = controller.client(&shim.url).probe(&on_node("vm")).await;
 
     assert!(matches!(r, Err(ShimCallError::Unreachable(_))), "{r:?}");
 }
@@ -799,21 +781,13 @@ async fn rotated_certificates_and_cas_are_used_by_new_connections_without_restar
     let old_ca = Ca::new("old CA");
     let shim = TlsShim::start(&old_ca).await;
     let vm = shim.vm("vm-rotate");
-    let controller = Controller::new(
-        shim.dir.path(),
-        &old_ca,
-        Some(&old_ca.client_cert(CONTROLLER_NAME)),
-    );
+    let controller = shim.controller(&old_ca);
     let reloading = controller.reloading();
     shim_client(&shim.url, &reloading)
-        .probe(&DomainRef::new("lab", "vm-rotate").with_node(NODE))
+        .probe(&on_node("vm-rotate"))
         .await
         .expect("works before the rotation");
-    let stale = Controller::new(
-        shim.dir.path(),
-        &old_ca,
-        Some(&old_ca.client_cert(CONTROLLER_NAME)),
-    );
+    let stale = shim.controller(&old_ca);
 
     let new_ca = Ca::new("new CA");
     shim.install_server_cert(&new_ca);
@@ -821,17 +795,9 @@ async fn rotated_certificates_and_cas_are_used_by_new_connections_without_restar
 
     // The same shim process takes the new certificate and CA from its reload thread
     // (every 2 s): a fresh client that knows only the new CA gets in.
-    let fresh = Controller::new(
-        shim.dir.path(),
-        &new_ca,
-        Some(&new_ca.client_cert(CONTROLLER_NAME)),
-    );
+    let fresh = shim.controller(&new_ca);
     let deadline = Instant::now() + Duration::from_secs(15);
-    while let Err(e) = fresh
-        .client(&shim.url)
-        .probe(&DomainRef::new("lab", "vm-rotate").with_node(NODE))
-        .await
-    {
+    while let Err(e) = fresh.client(&shim.url).probe(&on_node("vm-rotate")).await {
         assert!(Instant::now() < deadline, "the shim never rotated: {e:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -842,24 +808,17 @@ async fn rotated_certificates_and_cas_are_used_by_new_connections_without_restar
         .set_password(&password("vm-rotate", Some(NODE)))
         .await
         .expect("works after rotating both sides");
-    assert_eq!(
-        vm.shadow_hash("alice").unwrap().as_deref(),
-        Some(SHA512_HASH)
-    );
+    assert_eq!(hash_of(&vm, "alice").as_deref(), Some(SHA512_HASH));
     // A client still on the old CA and old certificate is refused on a new connection.
-    let r = stale
-        .client(&shim.url)
-        .probe(&DomainRef::new("lab", "vm-rotate").with_node(NODE))
-        .await;
+    let r = stale.client(&shim.url).probe(&on_node("vm-rotate")).await;
     assert!(matches!(r, Err(ShimCallError::Unreachable(_))), "{r:?}");
 }
 
 #[tokio::test]
 async fn half_written_certificate_keeps_the_last_good_one() {
-    let ca = Ca::new("cluster CA");
-    let shim = TlsShim::start(&ca).await;
+    let (ca, shim) = cluster_shim().await;
     let _vm = shim.vm("vm-half");
-    let controller = Controller::new(shim.dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
+    let controller = shim.controller(&ca);
 
     write_atomically(
         &shim.server_files.cert,
@@ -868,7 +827,7 @@ async fn half_written_certificate_keeps_the_last_good_one() {
 
     let probe = controller
         .client(&shim.url)
-        .probe(&DomainRef::new("lab", "vm-half").with_node(NODE))
+        .probe(&on_node("vm-half"))
         .await
         .expect("the loaded certificate still serves");
     assert!(probe.agent_connected);
@@ -944,18 +903,7 @@ async fn shim_binary_serves_mutual_tls_and_drains_in_flight_calls_on_sigterm() {
 
     let controller = Controller::new(dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
     let client = controller.client(&format!("https://127.0.0.1:{port}"));
-    let deadline = Instant::now() + TIMEOUT;
-    let probe = loop {
-        match client
-            .probe(&DomainRef::new("lab", "vm-bin").with_node(NODE))
-            .await
-        {
-            Err(ShimCallError::Unreachable(_)) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            other => break other,
-        }
-    };
+    let probe = probe_once_reachable(&client, &on_node("vm-bin"), TIMEOUT).await;
     assert!(probe.expect("probe through the binary").agent_connected);
     let ops = format!("http://127.0.0.1:{metrics_port}");
     let ready = reqwest::get(format!("{ops}/readyz")).await.unwrap();
@@ -963,11 +911,7 @@ async fn shim_binary_serves_mutual_tls_and_drains_in_flight_calls_on_sigterm() {
 
     let in_flight = tokio::spawn({
         let client = client.clone();
-        async move {
-            client
-                .probe(&DomainRef::new("lab", "vm-hung").with_node(NODE))
-                .await
-        }
+        async move { client.probe(&on_node("vm-hung")).await }
     });
     let deadline = Instant::now() + TIMEOUT;
     loop {
@@ -1005,6 +949,15 @@ async fn shim_binary_serves_mutual_tls_and_drains_in_flight_calls_on_sigterm() {
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
 }
 
+/// Reset "reset" of alice's password on VM `vm` to the crypted hash in Secret "pw".
+fn crypted_reset_for_alice(vm: &str) -> GuestPasswordReset {
+    GuestPasswordReset::test("reset")
+        .vm(vm)
+        .user("alice")
+        .from_secret("pw")
+        .crypted()
+}
+
 /// The real controller finds the shim pod, dials its IP over https, presents its client
 /// certificate, checks the shim's by name, and the password lands in the guest.
 #[tokio::test]
@@ -1028,37 +981,11 @@ async fn controller_resets_a_password_through_mutual_tls_shims() {
     let w = World::start(opts)
         .await
         .expect("test world with mTLS shims");
-    let qga = w
-        .add_vm(
-            &vm("default", "vm-tls", "node-1"),
-            Some(HostQgaOptions::default().user("alice")),
-        )
-        .await
-        .expect("vm")
-        .expect("agent");
-    w.apply(&secret("pw", "password", SHA512_HASH))
-        .await
-        .expect("secret");
-    let reset = GuestPasswordReset::test("reset")
-        .vm("vm-tls")
-        .user("alice")
-        .from_secret("pw")
-        .crypted();
-    w.apply(&reset).await.expect("reset");
-
-    let r: GuestPasswordReset = w
-        .wait_for("default", "reset", TIMEOUT, |r: &GuestPasswordReset| {
-            r.status
-                .as_ref()
-                .is_some_and(|s| matches!(s.run.phase, Some(Phase::Succeeded | Phase::Failed)))
-        })
-        .await
-        .expect("the reset finishes");
-    assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
-    assert_eq!(
-        qga.shadow_hash("alice").unwrap().as_deref(),
-        Some(SHA512_HASH)
-    );
+    let qga = w.guest("vm-tls").await;
+    w.password_secret("pw", SHA512_HASH).await;
+    let r = w.run_to_end(&crypted_reset_for_alice("vm-tls")).await;
+    assert_eq!(phase(&r), Some(Phase::Succeeded));
+    assert_eq!(hash_of(&qga, "alice").as_deref(), Some(SHA512_HASH));
 }
 
 /// Issue 18: the controller calls only pods of the shim DaemonSet in the shim namespace.
@@ -1088,29 +1015,12 @@ async fn controller_never_dials_a_labelled_pod_the_shim_daemonset_does_not_own()
     w.add_vm(&vm("default", "vm-rogue", "node-rogue"), None)
         .await
         .expect("vm");
-    w.apply(&secret("pw", "password", SHA512_HASH))
-        .await
-        .expect("secret");
-    let reset = GuestPasswordReset::test("reset")
-        .vm("vm-rogue")
-        .user("alice")
-        .from_secret("pw")
-        .crypted();
-    w.apply(&reset).await.expect("reset");
-
-    let r: GuestPasswordReset = w
-        .wait_for("default", "reset", TIMEOUT, |r: &GuestPasswordReset| {
-            r.status.as_ref().is_some_and(|s| {
-                s.run
-                    .targets
-                    .iter()
-                    .any(|t| t.reason.as_deref() == Some("ShimUnavailable"))
-            })
-        })
-        .await
-        .expect("the target waits for a shim");
-    let status = r.status.expect("status");
-    let message = status.run.targets[0].message.clone().unwrap_or_default();
+    w.password_secret("pw", SHA512_HASH).await;
+    let reset = crypted_reset_for_alice("vm-rogue");
+    let r = w
+        .apply_until(&reset, target_reason("ShimUnavailable"))
+        .await;
+    let message = message(&r);
     assert!(
         message.contains("no running guestcred shim pod on node node-rogue"),
         "the labelled pod was taken for a shim: {message}"
