@@ -19,7 +19,7 @@ mod users;
 use guestcred_lab::hostqga::HostQga;
 use guestcred_lab::kubevirt::{VmDescription, vm};
 use guestcred_lab::testing::{self, Kubectl, LogCapture, NS, alice};
-use guestcred_lab::world::{World, WorldOptions};
+use guestcred_lab::world::{ControlPlaneKind, World, WorldOptions};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -92,6 +92,66 @@ fn apply(objects: &[Value]) {
             .kubectl
             .apply(&serde_json::to_string(o).expect("json"));
     }
+}
+
+/// `kubectl apply --validate=false`: unknown fields are dropped instead of refused (what
+/// clients that do not ask for strict field validation get).
+fn apply_without_validation(objects: &[Value]) {
+    for o in objects {
+        let text = serde_json::to_string(o).expect("json");
+        if let Err(e) = lab()
+            .kubectl
+            .try_run(&["apply", "--validate=false", "-f", "-"], Some(&text))
+        {
+            panic!("kubectl apply --validate=false of {text} failed: {e}");
+        }
+    }
+}
+
+/// Applies `objects`; on a real API server the last one must be refused by the server
+/// itself (the CRD's schema or a CEL rule) with `server` in its message, and is not
+/// stored. The emulator has neither: there every object is applied and the case goes on to
+/// the controller's own check, which clusters without CEL rely on. Returns whether the last
+/// object was stored.
+fn applied_unless_the_server_refuses(objects: &[Value], server: &str) -> bool {
+    let Some((last, before)) = objects.split_last() else {
+        return true;
+    };
+    if lab().world.control_plane().kind() != ControlPlaneKind::Real {
+        apply(objects);
+        return true;
+    }
+    apply(before);
+    expect_refused_by_the_server(last, server);
+    false
+}
+
+/// `kubectl apply` of `object` fails with `server` in the API server's message, and
+/// nothing of it is stored: a new object does not exist, a stored one keeps its spec.
+fn expect_refused_by_the_server(object: &Value, server: &str) {
+    let kind = object["kind"].as_str().expect("kind").to_lowercase();
+    let name = object["metadata"]["name"].as_str().expect("name");
+    let spec = || {
+        lab()
+            .kubectl
+            .try_run(
+                &["get", &kind, name, "-n", NS, "-o", "jsonpath={.spec}"],
+                None,
+            )
+            .ok()
+    };
+    let before = spec();
+    let text = serde_json::to_string(object).expect("json");
+    let refused = match lab().kubectl.try_run(&["apply", "-f", "-"], Some(&text)) {
+        Ok(out) => panic!("the API server stored {kind}/{name}: {out}"),
+        Err(e) => e,
+    };
+    assert!(
+        refused.contains(server),
+        "{kind}/{name}: the server's refusal should say {server:?}: {refused}"
+    );
+    assert_eq!(spec(), before, "{kind}/{name}: nothing of it was stored");
+    assert_controller_alive();
 }
 
 fn get(kind: &str, name: &str) -> Value {
