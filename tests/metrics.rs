@@ -14,8 +14,7 @@ use guestcred::controller::shim_client::{ShimApi, ShimCallError, ShimClient};
 use guestcred::shim::qga::QgaSocketAgent;
 use guestcred::shim::server::ShimApp;
 use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
-use guestcred_lab::kubevirt::vm;
-use guestcred_lab::testing::{ResetTest, TargetedTest, TestObject, secret};
+use guestcred_lab::testing::{ResetTest, Steps, TargetedTest, TestObject, phase, world_with_guest};
 use guestcred_lab::world::{World, WorldOptions, serve_plain_http};
 use secrecy::SecretString;
 
@@ -177,34 +176,17 @@ async fn shim_metrics_count_calls_by_operation_and_result_and_refusals_by_reason
 
 #[tokio::test]
 async fn controller_metrics_count_reconciles_and_targets_and_report_ready() {
-    let w = World::start(WorldOptions::default())
-        .await
-        .expect("test world starts");
-    let _qga = w
-        .add_vm(
-            &vm(NS, VM, "node-1"),
-            Some(HostQgaOptions::default().user(USER)),
-        )
-        .await
-        .expect("vm")
-        .expect("agent");
-    w.apply(&secret("pw-metrics", "password", SHA512))
-        .await
-        .expect("secret");
+    // The guest has user alice (USER).
+    let (w, _qga) = world_with_guest(VM).await;
+    w.password_secret("pw-metrics", SHA512).await;
     let reset = GuestPasswordReset::test("reset-metrics")
         .vm(VM)
         .user(USER)
         .from_secret("pw-metrics")
         .crypted();
-    w.apply(&reset).await.expect("reset");
-    let r: GuestPasswordReset = w
-        .wait_for(NS, "reset-metrics", WAIT, |r: &GuestPasswordReset| {
-            r.status
-                .as_ref()
-                .is_some_and(|s| s.run.phase == Some(Phase::Succeeded))
-        })
-        .await
-        .expect("the reset succeeds");
+    let r = w
+        .apply_until(&reset, |r| phase(r) == Some(Phase::Succeeded))
+        .await;
     assert!(r.status.is_some());
 
     let ops = serve_on_loopback(guestcred::runtime::admin::controller_router(
