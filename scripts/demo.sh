@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# guestcred demo (run by `make demo`): bring up the lab (emulated API server with
-# kubevirt-lite, one private libvirtd and two tiny QEMU guests per node, a real shim per
-# node, the real controller), then reset passwords and rotate keys with kubectl and check
-# the result inside the guests. Leaves the lab running; DEMO_DOWN=1 stops it at the end.
+# guestcred demo (run by `make demo`): bring up the lab (a real kube-apiserver + etcd +
+# kube-controller-manager with the Helm chart installed, kubevirt-lite, one private
+# libvirtd and two tiny QEMU guests per node, a real shim per node, the real controller
+# running as the chart's ServiceAccount), then reset passwords and rotate keys with
+# kubectl and check the result inside the guests. Leaves the lab running; DEMO_DOWN=1
+# stops it at the end. Prints how long it took.
 #
 # Environment: GUESTCRED_LAB_STATE (state dir, default .lab/run), DEMO_TIMEOUT (per wait,
-# default 180s), DEMO_DOWN=1.
+# default 180s), DEMO_DOWN=1, DEMO_CONTROL_PLANE=emulator (the in-process API-server
+# emulator instead of the real control plane: faster to start, no RBAC/CEL/GC).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEMO_START=$(date +%s)
+CONTROL_PLANE=${DEMO_CONTROL_PLANE:-real}
 
 TIMEOUT=${DEMO_TIMEOUT:-180s}
 LAB=target/debug/guestcred-lab
@@ -24,9 +29,15 @@ if [ ! -x target/debug/kubectl-guestcred ]; then
 fi
 # kubectl finds plugins on PATH: `kubectl guestcred` runs target/debug/kubectl-guestcred.
 export PATH="$PWD/target/debug:$PATH"
+if [ "$CONTROL_PLANE" = real ]; then
+    step "Build the real control plane (once; cached afterwards)"
+    t0=$(date +%s)
+    bash scripts/build-controlplane.sh >/dev/null
+    echo "control plane build: $(($(date +%s) - t0)) s"
+fi
 
-step "Bring up the lab: 2 nodes x 2 VMs, shims, controller"
-export_line=$("$LAB" up --with-controller)
+step "Bring up the lab ($CONTROL_PLANE control plane): 2 nodes x 2 VMs, shims, controller"
+export_line=$("$LAB" up --with-controller --control-plane "$CONTROL_PLANE")
 eval "$export_line"
 echo "$export_line"
 
@@ -161,7 +172,7 @@ after=$("$LAB" exec vm-1-1 -- grep '^root:' /etc/shadow)
 echo "vm-1-1: $after"
 [ "$before" != "$after" ] || fail "vm-1-1: kubectl guestcred set-password did not change root's password"
 
-step "Done"
+step "Done in $(($(date +%s) - DEMO_START)) s ($CONTROL_PLANE control plane)"
 if [ "${DEMO_DOWN:-0}" = 1 ]; then
     "$LAB" down
 else
