@@ -638,7 +638,25 @@ async fn resource(
             }
             let patch_body = patch::parse_body(kind, &body)?;
             if matches!(kind, PatchKind::Merge | PatchKind::Strategic) {
-                strict_fields(params, store_rt, store_version, &patch_body)?;
+                strict_fields(params, store_rt, store_version, &patch_body).map_err(|e| {
+                    // The real server answers a patch with 422 and the patched object in
+                    // the message; here the patch stands in for it.
+                    ApiError::new(
+                        422,
+                        "Invalid",
+                        format!(
+                            " \"\" is invalid: patch: Invalid value: {:?}: {}",
+                            patch_body.to_string(),
+                            e.message
+                                .rsplit(": strict decoding error: ")
+                                .next()
+                                .map_or_else(
+                                    || e.message.clone(),
+                                    |f| format!("strict decoding error: {f}")
+                                )
+                        ),
+                    )
+                })?;
             }
             if status_only {
                 shared.take_status_conflict(rt, name)?;
@@ -685,7 +703,9 @@ async fn resource(
 /// `fieldValidation=Strict` (kubectl 1.27+ sends it): a custom object with fields its
 /// schema does not declare is refused as the real server refuses it, instead of pruned.
 /// (Other values, or none, prune silently; the real server's `Warn` also sends a Warning
-/// header, which no client here reads.) For a merge patch, the patch's own fields count.
+/// header, which no client here reads.) For a merge patch, the patch's own fields count
+/// (the real server checks the patched object: the same fields, as the stored one has no
+/// unknown ones).
 fn strict_fields(
     params: &Params,
     rt: &ResourceType,
