@@ -5,6 +5,7 @@ pub mod guest;
 pub mod hostkubevirt;
 pub mod hostqga;
 pub mod kubevirt;
+pub mod replicas;
 pub mod simagent;
 pub mod testing;
 pub mod world;

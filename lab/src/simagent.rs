@@ -618,6 +618,12 @@ impl SimAgent {
         lock(&self.log).records.clone()
     }
 
+    /// How many calls have started (finished or not): with [`SimAgent::records`]' length,
+    /// whether a call is in progress.
+    pub fn calls_started(&self) -> usize {
+        usize::try_from(*lock(&self.seq)).unwrap_or(usize::MAX)
+    }
+
     /// How many calls of `op` were made (any outcome).
     pub fn count(&self, op: SimOp) -> usize {
         lock(&self.log)
