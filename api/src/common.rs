@@ -2,6 +2,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Which VirtualMachineInstances a request applies to, in the object's own namespace.
 /// Exactly one of `vmName` and `selector` must be set.
@@ -240,9 +241,25 @@ pub struct RunStatus {
     /// `spec.target` as it was when the first run started; the target may not change after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_spec: Option<TargetSpec>,
-    /// The target list of the current run (frozen when the run starts).
+    /// Per-target results of the current run (its target list is frozen when the run
+    /// starts). A run of at most 100 targets lists every target here. A larger run lists
+    /// only the targets that need attention (running or retrying, failed, skipped; at most
+    /// 20, see `unlistedTargets`) and keeps every target's record in `shards`, so the
+    /// object stays small at any fleet size.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<TargetStatus>,
+    /// Runs of more than 100 targets: how many targets `targets` does not list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlisted_targets: Option<u32>,
+    /// Runs of more than 100 targets: the ConfigMaps, owned by this object, that hold every
+    /// target's record (gzip'd JSON under `targets.json.gz`, 1000 targets each, in the
+    /// order of the frozen target list). `kubectl guestcred status` reads them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardRef>,
+    /// How many targets of the current run ended with each reason (e.g. Applied: 99998,
+    /// AgentNotConnected: 2).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reasons: BTreeMap<String, u32>,
     /// Ready, Progressing and Stalled, with observedGeneration.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -253,6 +270,18 @@ pub struct RunStatus {
     /// `expiresAt` even though a newer run (a spec or input change) replaced the targets.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_expiries: Vec<PendingExpiry>,
+}
+
+/// One ConfigMap holding the records of consecutive targets of a large run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardRef {
+    /// ConfigMap name, in this object's namespace.
+    pub name: String,
+    /// Index (in the frozen target list) of the shard's first target.
+    pub first: u32,
+    /// How many targets the shard holds.
+    pub count: u32,
 }
 
 /// Keys an earlier run added with a TTL, still to be removed from one VM.
@@ -268,13 +297,94 @@ pub struct PendingExpiry {
 }
 
 impl RunStatus {
-    /// Recompute summary, progress and phase from the targets.
+    /// This status without its target records (every other field cloned).
+    pub fn clone_without_targets(&self) -> RunStatus {
+        let RunStatus {
+            observed_generation,
+            phase,
+            summary,
+            input_hash,
+            input_secret_version,
+            target_spec,
+            targets: _,
+            unlisted_targets,
+            shards,
+            reasons,
+            conditions,
+            progress,
+            pending_expiries,
+        } = self;
+        RunStatus {
+            observed_generation: *observed_generation,
+            phase: *phase,
+            summary: summary.clone(),
+            input_hash: input_hash.clone(),
+            input_secret_version: input_secret_version.clone(),
+            target_spec: target_spec.clone(),
+            targets: Vec::new(),
+            unlisted_targets: *unlisted_targets,
+            shards: shards.clone(),
+            reasons: reasons.clone(),
+            conditions: conditions.clone(),
+            progress: progress.clone(),
+            pending_expiries: pending_expiries.clone(),
+        }
+    }
+
+    /// Whether this is the stored form of a large run: `targets` lists only some targets,
+    /// and `summary` and `reasons` (not `targets`) are the counts.
+    pub fn is_sharded(&self) -> bool {
+        !self.shards.is_empty()
+    }
+
+    /// Targets not finished yet (counted from `summary` in the sharded form).
+    pub fn unfinished(&self) -> usize {
+        if self.is_sharded() {
+            (self.summary.pending + self.summary.running) as usize
+        } else {
+            self.targets
+                .iter()
+                .filter(|t| !t.state.is_terminal())
+                .count()
+        }
+    }
+
+    /// Targets finished (succeeded, failed or skipped).
+    pub fn finished_targets(&self) -> usize {
+        if self.is_sharded() {
+            (self.summary.succeeded + self.summary.failed + self.summary.skipped) as usize
+        } else {
+            self.targets
+                .iter()
+                .filter(|t| t.state.is_terminal())
+                .count()
+        }
+    }
+
+    /// Recompute summary, reasons, progress and phase from the targets. The sharded form
+    /// lists only some targets: its counts were computed from all of them and are kept.
     pub fn recount(&mut self) {
+        if self.is_sharded() {
+            return;
+        }
+        let targets = std::mem::take(&mut self.targets);
+        self.recount_from(&targets);
+        self.targets = targets;
+    }
+
+    /// Set summary, reasons, progress and phase from `targets` (every target of the run).
+    pub fn recount_from(&mut self, targets: &[TargetStatus]) {
+        self.reasons = BTreeMap::new();
+        for t in targets {
+            if let Some(r) = &t.reason {
+                *self.reasons.entry(r.clone()).or_default() += 1;
+            }
+        }
         let mut s = Summary {
-            total: self.targets.len() as u32,
+            total: targets.len() as u32,
             ..Summary::default()
         };
-        for t in &self.targets {
+        for t in targets {
             match t.state {
                 TargetState::Pending => s.pending += 1,
                 TargetState::Running => s.running += 1,

@@ -2,7 +2,8 @@
 use crate::cli::{Global, Output, Status};
 use crate::follow::RunObject;
 use crate::util::{Call, REBUILDS, RESETS, connect, exit, fail};
-use guestcred_api::{GuestPasswordReset, KeypairRebuild, RunStatus};
+use guestcred_api::{GuestPasswordReset, KeypairRebuild, RunStatus, shards};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
@@ -94,6 +95,46 @@ fn rows(name: &str, run: Option<&RunStatus>, keys: bool) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// A large run's status with every target's record, read from the ConfigMaps its status
+/// names (`api::shards`); a small run's as it is. Without permission to read them the
+/// listed targets are shown, and a line says so.
+async fn expanded(client: &Client, ns: &str, run: Option<&RunStatus>) -> Option<RunStatus> {
+    let run = run?;
+    if !run.is_sharded() {
+        return Some(run.clone());
+    }
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let mut parts = Vec::with_capacity(run.shards.len());
+    for shard in &run.shards {
+        let read = api.get(&shard.name).await.map_err(|e| {
+            Call {
+                verb: "get",
+                resource: "configmaps",
+                namespace: ns,
+            }
+            .error(e)
+            .to_string()
+        });
+        let decoded = read.and_then(|cm| {
+            let bytes = cm
+                .binary_data
+                .as_ref()
+                .and_then(|d| d.get(shards::SHARD_KEY))
+                .map(|b| b.0.clone())
+                .unwrap_or_default();
+            shards::decode(&bytes, shard).map_err(|e| e.to_string())
+        });
+        match decoded {
+            Ok(p) => parts.push(p),
+            Err(e) => {
+                eprintln!("showing the {} listed targets only: {e}", run.targets.len());
+                return Some(run.clone());
+            }
+        }
+    }
+    Some(shards::expand(run, parts))
+}
+
 async fn objects<K: RunObject + serde::Serialize>(
     client: &Client,
     ns: &str,
@@ -177,7 +218,8 @@ pub async fn status(g: &Global, a: Status) -> anyhow::Result<()> {
                     .to_vec(),
                 ];
                 for r in &resets {
-                    t.extend(rows(&r.name_any(), r.run(), false));
+                    let run = expanded(&client, &ns, r.run()).await;
+                    t.extend(rows(&r.name_any(), run.as_ref(), false));
                 }
                 out.push(table(&t));
             }
@@ -191,7 +233,8 @@ pub async fn status(g: &Global, a: Status) -> anyhow::Result<()> {
                     .to_vec(),
                 ];
                 for r in &rebuilds {
-                    t.extend(rows(&r.name_any(), r.run(), true));
+                    let run = expanded(&client, &ns, r.run()).await;
+                    t.extend(rows(&r.name_any(), run.as_ref(), true));
                 }
                 out.push(table(&t));
             }

@@ -46,6 +46,9 @@ impl RunKind for KeypairRebuild {
     fn run_status(&self) -> Option<&RunStatus> {
         self.status.as_ref().map(|s| &s.run)
     }
+    fn grants_expire(&self) -> bool {
+        self.spec.ttl_seconds.is_some()
+    }
     fn latest(&self, ctx: &Context) -> Option<Arc<Self>> {
         ctx.rebuilds.get(&ObjectRef::from_obj(self))
     }

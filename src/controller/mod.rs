@@ -466,6 +466,8 @@ fn waits_for(
     labels: &BTreeMap<String, String>,
 ) -> bool {
     match status {
+        // A large run lists only some targets: any unfinished one may be this VMI.
+        Some(s) if s.is_sharded() => s.unfinished() > 0,
         Some(s) if !s.targets.is_empty() => s
             .targets
             .iter()

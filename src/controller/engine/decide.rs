@@ -99,6 +99,7 @@ pub fn next_step(
     targets: &[TargetStatus],
     cursor: usize,
     in_flight: usize,
+    failed: usize,
 ) -> Next {
     if let Some(stop) = halt(latest) {
         return Next::Stop(stop);
@@ -106,10 +107,6 @@ pub fn next_step(
     let Some(latest) = latest else {
         return Next::Stop(Stop::Deleted);
     };
-    let failed = targets
-        .iter()
-        .filter(|t| t.state == TargetState::Failed)
-        .count();
     if failed > latest.rollout.max_failures as usize {
         return Next::Stop(Stop::FailureBudgetExhausted);
     }
@@ -126,8 +123,7 @@ pub fn next_step(
 
 /// A run to start (the input changed) or to continue (unfinished targets).
 pub fn has_work(status: &RunStatus, hash: &str) -> bool {
-    status.input_hash.as_deref() != Some(hash)
-        || status.targets.iter().any(|t| !t.state.is_terminal())
+    status.input_hash.as_deref() != Some(hash) || status.unfinished() > 0
 }
 
 /// Whether a finished run's input is known unchanged without reading it: the spec is the
@@ -142,7 +138,7 @@ pub fn input_unchanged_since_run(
         return false;
     };
     status.input_hash.is_some()
-        && status.targets.iter().all(|t| t.state.is_terminal())
+        && status.unfinished() == 0
         && status.observed_generation == generation
         && cached_secret_version == Some(recorded)
 }
@@ -160,8 +156,8 @@ pub fn target_unchanged(status: &RunStatus, current: &TargetSpec) -> Result<(), 
 /// The phase of an object stalled for `reason`, when none of its targets finished yet:
 /// waiting for something that may appear by itself (a Secret, a matching VM) is Pending,
 /// a spec the user must edit is Failed. `None`: keep the phase its targets give.
-pub fn stalled_phase(reason: Reason, targets: &[TargetStatus]) -> Option<Phase> {
-    if targets.iter().any(|t| t.state.is_terminal()) {
+pub fn stalled_phase(reason: Reason, status: &RunStatus) -> Option<Phase> {
+    if status.finished_targets() > 0 {
         return None;
     }
     let waiting = matches!(
@@ -247,6 +243,26 @@ pub fn skip_pending(targets: &mut [TargetStatus], from: usize) -> usize {
         }
     }
     skipped
+}
+
+/// Progress Events of a long run come at most this often.
+pub const PROGRESS_EVENT_EVERY: Duration = Duration::from_secs(30);
+
+/// Whether a running run publishes a progress Event now: only runs with more targets than
+/// the per-target Event cap (a smaller run's per-target Events tell it all), and at most
+/// one per [`PROGRESS_EVENT_EVERY`].
+pub fn progress_event_due(targets: usize, event_cap: u32, since_last: Duration) -> bool {
+    targets > event_cap as usize && since_last >= PROGRESS_EVENT_EVERY
+}
+
+/// A progress Event's note: counts, and the rate since the run started.
+pub fn progress_note(s: &crate::api::Summary, elapsed: Duration) -> String {
+    let done = s.succeeded + s.failed + s.skipped;
+    let rate = f64::from(done) / elapsed.as_secs_f64().max(0.001);
+    format!(
+        "{done}/{} targets finished ({} succeeded, {} failed, {} skipped), {rate:.0} targets/s",
+        s.total, s.succeeded, s.failed, s.skipped
+    )
 }
 
 /// When the engine looks at an object again after a run.
@@ -412,6 +428,17 @@ pub fn next_backoff(backoff: Duration, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn failures(ts: &[TargetStatus]) -> usize {
+        ts.iter().filter(|t| t.state == TargetState::Failed).count()
+    }
+
+    fn of_targets(ts: &[TargetStatus]) -> RunStatus {
+        RunStatus {
+            targets: ts.to_vec(),
+            ..RunStatus::default()
+        }
+    }
     use crate::api::Summary;
 
     fn target(state: TargetState) -> TargetStatus {
@@ -454,41 +481,56 @@ mod tests {
     fn the_first_unfinished_target_at_or_after_the_cursor_starts_next() {
         let r = rollout(10, 0);
         let ts = targets(&[Succeeded, Running, Pending, Pending]);
-        assert_eq!(next_step(Some(&latest(&r)), &ts, 2, 1), Next::Start(2));
+        assert_eq!(
+            next_step(Some(&latest(&r)), &ts, 2, 1, failures(&ts)),
+            Next::Start(2)
+        );
     }
 
     #[test]
     fn a_target_before_the_cursor_is_not_started_again() {
         let r = rollout(10, 0);
         let ts = targets(&[Running, Succeeded]);
-        assert_eq!(next_step(Some(&latest(&r)), &ts, 1, 1), Next::Wait);
+        assert_eq!(
+            next_step(Some(&latest(&r)), &ts, 1, 1, failures(&ts)),
+            Next::Wait
+        );
     }
 
     #[test]
     fn nothing_starts_beyond_max_concurrency() {
         let r = rollout(2, 0);
         let ts = targets(&[Running, Running, Pending]);
-        assert_eq!(next_step(Some(&latest(&r)), &ts, 2, 2), Next::Wait);
+        assert_eq!(
+            next_step(Some(&latest(&r)), &ts, 2, 2, failures(&ts)),
+            Next::Wait
+        );
     }
 
     #[test]
     fn a_zero_concurrency_still_runs_one_target_at_a_time() {
         let r = rollout(0, 0);
         let ts = targets(&[Pending]);
-        assert_eq!(next_step(Some(&latest(&r)), &ts, 0, 0), Next::Start(0));
+        assert_eq!(
+            next_step(Some(&latest(&r)), &ts, 0, 0, failures(&ts)),
+            Next::Start(0)
+        );
     }
 
     #[test]
     fn a_deleted_or_deleting_object_starts_nothing() {
         let r = rollout(10, 0);
         let ts = targets(&[Pending]);
-        assert_eq!(next_step(None, &ts, 0, 0), Next::Stop(Stop::Deleted));
+        assert_eq!(
+            next_step(None, &ts, 0, 0, failures(&ts)),
+            Next::Stop(Stop::Deleted)
+        );
         let deleting = Latest {
             deleting: true,
             ..latest(&r)
         };
         assert_eq!(
-            next_step(Some(&deleting), &ts, 0, 0),
+            next_step(Some(&deleting), &ts, 0, 0, failures(&ts)),
             Next::Stop(Stop::Deleted)
         );
     }
@@ -505,7 +547,7 @@ mod tests {
         };
         let ts = targets(&[Pending]);
         assert_eq!(
-            next_step(Some(&changed), &ts, 0, 0),
+            next_step(Some(&changed), &ts, 0, 0, failures(&ts)),
             Next::Stop(Stop::SpecChanged)
         );
     }
@@ -519,7 +561,7 @@ mod tests {
         };
         let ts = targets(&[Pending]);
         assert_eq!(
-            next_step(Some(&changed), &ts, 0, 0),
+            next_step(Some(&changed), &ts, 0, 0, failures(&ts)),
             Next::Stop(Stop::InputChanged)
         );
     }
@@ -553,7 +595,7 @@ mod tests {
         };
         let ts = targets(&[Pending]);
         assert_eq!(
-            next_step(Some(&latest(&r)), &ts, 0, 0),
+            next_step(Some(&latest(&r)), &ts, 0, 0, failures(&ts)),
             Next::Stop(Stop::Paused)
         );
     }
@@ -562,7 +604,10 @@ mod tests {
     fn failures_up_to_the_budget_keep_the_run_going() {
         let r = rollout(10, 1);
         let ts = targets(&[Failed, Pending]);
-        assert_eq!(next_step(Some(&latest(&r)), &ts, 1, 0), Next::Start(1));
+        assert_eq!(
+            next_step(Some(&latest(&r)), &ts, 1, 0, failures(&ts)),
+            Next::Start(1)
+        );
     }
 
     #[test]
@@ -570,7 +615,7 @@ mod tests {
         let r = rollout(10, 1);
         let ts = targets(&[Failed, Failed, Pending]);
         assert_eq!(
-            next_step(Some(&latest(&r)), &ts, 2, 0),
+            next_step(Some(&latest(&r)), &ts, 2, 0, failures(&ts)),
             Next::Stop(Stop::FailureBudgetExhausted)
         );
     }
@@ -668,15 +713,24 @@ mod tests {
             Reason::SecretKeyMissing,
             Reason::NoTargets,
         ] {
-            assert_eq!(stalled_phase(waiting, &ts), Some(Phase::Pending));
+            assert_eq!(
+                stalled_phase(waiting, &of_targets(&ts)),
+                Some(Phase::Pending)
+            );
         }
-        assert_eq!(stalled_phase(Reason::InvalidSpec, &ts), Some(Phase::Failed));
+        assert_eq!(
+            stalled_phase(Reason::InvalidSpec, &of_targets(&ts)),
+            Some(Phase::Failed)
+        );
     }
 
     #[test]
     fn a_stall_after_some_targets_finished_keeps_their_phase() {
         let ts = targets(&[Succeeded, Pending]);
-        assert_eq!(stalled_phase(Reason::SecretNotFound, &ts), None);
+        assert_eq!(
+            stalled_phase(Reason::SecretNotFound, &of_targets(&ts)),
+            None
+        );
     }
 
     fn condition<'a>(st: &'a RunStatus, type_: &str) -> (&'a str, &'a str) {
@@ -937,5 +991,32 @@ mod tests {
         );
         assert_eq!(next_backoff(Duration::from_secs(20), max), max);
         assert_eq!(next_backoff(Duration::MAX, max), max);
+    }
+
+    #[test]
+    fn a_large_run_publishes_progress_at_most_every_30_seconds() {
+        assert!(!progress_event_due(5_000, 20, Duration::from_secs(29)));
+        assert!(progress_event_due(5_000, 20, Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_run_within_the_per_target_event_cap_publishes_no_progress() {
+        assert!(!progress_event_due(20, 20, Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn a_progress_note_gives_counts_and_rate() {
+        let s = crate::api::Summary {
+            total: 5_000,
+            succeeded: 2_490,
+            failed: 10,
+            skipped: 0,
+            pending: 2_000,
+            running: 500,
+        };
+        assert_eq!(
+            progress_note(&s, Duration::from_secs(10)),
+            "2500/5000 targets finished (2490 succeeded, 10 failed, 0 skipped), 250 targets/s"
+        );
     }
 }

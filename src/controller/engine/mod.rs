@@ -39,6 +39,7 @@ pub mod decide;
 mod finalize;
 mod observe;
 mod schedule;
+mod shards;
 mod status;
 mod target;
 
@@ -54,6 +55,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use shards::ShardSet;
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
@@ -135,6 +137,11 @@ pub trait RunKind:
         &self,
         ctx: &Context,
     ) -> impl Future<Output = Result<Prepared<Self::Input>, Error>> + Send;
+    /// Whether the targets' changes expire (keys with a TTL): a finished large run's
+    /// records are then read back to find the expiries due.
+    fn grants_expire(&self) -> bool {
+        false
+    }
     /// Undo a succeeded target's change once its `expiresAt` passed (keys with a TTL).
     /// Returns what was done, for status and the Event.
     fn expire(
@@ -222,6 +229,7 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
     };
     adopt_legacy(&mut status);
     let mut obj = obj;
+    let mut stored_shards = None;
     if decide::has_work(&status, hash) {
         // The cache may lag behind our own last status write (a reconcile queued during a
         // run sees the object as it was mid-run). Never act on that: read it fresh.
@@ -232,8 +240,11 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
         }
         status = obj.run_status().cloned().unwrap_or_default();
         adopt_legacy(&mut status);
+        // A large run: every target's record comes back from its shards.
+        (status, stored_shards) = expand(obj.as_ref(), &ctx, status).await?;
     }
     let generation = obj.meta().generation;
+    let mut retired = Vec::new();
     if status.input_hash.as_deref() != Some(hash) {
         let ns = obj.namespace().unwrap_or_default();
         let vms = match targets::resolve(&ctx.client, &ns, obj.target()).await {
@@ -257,6 +268,15 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
                 ..TargetStatus::default()
             })
             .collect();
+        // The replaced run's shards, and any a stopped controller left unnamed, go once
+        // the new run's status is written.
+        let was_sharded = stored_shards.take().is_some() || status.is_sharded();
+        status.shards.clear();
+        status.unlisted_targets = None;
+        stored_shards = ShardSet::new_run(obj.as_ref(), status.targets.len());
+        if was_sharded || stored_shards.is_some() {
+            retired = shards::orphans(&ctx, obj.as_ref(), &[]).await?;
+        }
     }
     // The hash matches this version of the Secret (also when only its metadata changed).
     status.input_secret_version = prepared.secret_version;
@@ -264,7 +284,61 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
     if !decide::has_work(&status, hash) {
         return finished(obj.as_ref(), &ctx, status).await;
     }
-    schedule::drive(obj, ctx, Arc::new(prepared.input), status).await
+    schedule::drive(
+        obj,
+        ctx,
+        Arc::new(prepared.input),
+        status,
+        stored_shards,
+        retired,
+    )
+    .await
+}
+
+/// The status with every target's record: a large run's stored status lists only some,
+/// the rest come back from its shards. Shards that are gone or unreadable lose the run's
+/// records: the run starts again (a Warning Event says so; generated passwords are found
+/// again in their Secrets, which are named after the run and the VM).
+async fn expand<K: RunKind>(
+    obj: &K,
+    ctx: &Context,
+    stored: RunStatus,
+) -> Result<(RunStatus, Option<ShardSet>), Error> {
+    if !stored.is_sharded() {
+        return Ok((stored, None));
+    }
+    match shards::load(ctx, obj, &stored).await {
+        Ok((full, set)) => Ok((full, Some(set))),
+        Err(shards::LoadError::Api(e)) => Err(e),
+        Err(shards::LoadError::Lost(why)) => {
+            tracing::warn!(object = %obj.name_any(), %why, "the run's records are lost; it starts again");
+            status::publish(
+                ctx,
+                obj,
+                kube::runtime::events::EventType::Warning,
+                crate::api::Reason::InProgress.as_str(),
+                "Resume",
+                format!("{why}: the run starts again"),
+            )
+            .await;
+            let mut restart = stored;
+            restart.input_hash = None;
+            Ok((restart, None))
+        }
+    }
+}
+
+/// `obj`'s status with every target's record (read from its shards for a large run).
+pub async fn full_status<K: RunKind>(obj: &K, ctx: &Context) -> Result<RunStatus, Error> {
+    let stored = obj.run_status().cloned().unwrap_or_default();
+    if !stored.is_sharded() {
+        return Ok(stored);
+    }
+    match shards::load(ctx, obj, &stored).await {
+        Ok((full, _)) => Ok(full),
+        Err(shards::LoadError::Api(e)) => Err(e),
+        Err(shards::LoadError::Lost(why)) => Err(Error::InvalidSpec(why)),
+    }
 }
 
 /// A finished object: only TTL expiries and a refreshed observedGeneration remain.
@@ -273,11 +347,26 @@ async fn finished<K: RunKind>(
     ctx: &Context,
     mut status: RunStatus,
 ) -> Result<Action, Error> {
+    if status.is_sharded()
+        && obj.grants_expire()
+        && let (full, Some(set)) = expand(obj, ctx, status.clone()).await?
+    {
+        // Expiries are in the targets' records: bring them back, then finish as a run does.
+        let shared: status::Shared = Arc::new(std::sync::Mutex::new(status::RunState::new(
+            full,
+            status::Basis::of(obj),
+            Some(set),
+            Vec::new(),
+            ctx.settings.max_target_events,
+        )));
+        let (_, next_expiry) = schedule::finish_and_write(obj, ctx, &shared, None).await?;
+        return Ok(next_expiry.map_or_else(Action::await_change, Action::requeue));
+    }
     let generation = obj.meta().generation;
     status.observed_generation = generation;
     let before = obj.run_status().cloned().unwrap_or_default();
     decide::finish(&mut status, generation, None, &now());
-    let next_expiry = schedule::expire_due(obj, ctx, &mut status).await;
+    let (next_expiry, _) = schedule::expire_due(obj, ctx, &mut status).await;
     if status != before {
         status::write(ctx, obj, &status, &mut status::Basis::of(obj)).await?;
     }

@@ -2,6 +2,7 @@
 //! then finish; and the TTL expiries of finished targets.
 use super::decide::{self, Expiry, Next, Stop};
 use super::observe::Observed;
+use super::shards::ShardSet;
 use super::status::{self, Basis, RunState, Shared, Written, lock};
 use super::target::run_target;
 use super::{RunKind, action, now};
@@ -17,7 +18,7 @@ use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Drive a run until no target is left to start and none is in flight.
 pub(super) async fn drive<K: RunKind>(
@@ -25,21 +26,26 @@ pub(super) async fn drive<K: RunKind>(
     ctx: Arc<Context>,
     input: Arc<K::Input>,
     status: RunStatus,
+    shards: Option<ShardSet>,
+    retired: Vec<String>,
 ) -> Result<Action, Error> {
     let _run_timer = ctx.metrics.run_started(&K::kind(&()));
     // `obj` was read fresh when this run was decided on: its resourceVersion is the basis.
-    let shared: Shared = Arc::new(Mutex::new(RunState {
+    let shared: Shared = Arc::new(Mutex::new(RunState::new(
         status,
-        dirty: true,
-        basis: Basis::of(obj.as_ref()),
-        superseded: false,
-        events: decide::EventBudget::new(ctx.settings.max_target_events),
-    }));
+        Basis::of(obj.as_ref()),
+        shards,
+        retired,
+        ctx.settings.max_target_events,
+    )));
     let mut in_flight = FuturesUnordered::new();
     let mut cursor = 0usize;
     let mut flush = tokio::time::interval(ctx.settings.status_flush_interval);
     let mut stop: Option<Stop> = None;
     let run_secret_version = lock(&shared).status.input_secret_version.clone();
+    let total = lock(&shared).status.targets.len();
+    let started = Instant::now();
+    let mut last_progress = started;
 
     loop {
         // Start as many targets as the (latest) rollout settings allow.
@@ -51,7 +57,13 @@ pub(super) async fn drive<K: RunKind>(
                 if st.superseded {
                     Next::Stop(Stop::Superseded)
                 } else {
-                    decide::next_step(view.as_ref(), &st.status.targets, cursor, in_flight.len())
+                    decide::next_step(
+                        view.as_ref(),
+                        &st.status.targets,
+                        cursor,
+                        in_flight.len(),
+                        st.failed,
+                    )
                 }
             };
             match next {
@@ -71,7 +83,7 @@ pub(super) async fn drive<K: RunKind>(
                     if why == Stop::FailureBudgetExhausted {
                         let mut st = lock(&shared);
                         let skipped = decide::skip_pending(&mut st.status.targets, cursor);
-                        st.dirty = true;
+                        st.touch_from(cursor);
                         for _ in 0..skipped {
                             ctx.metrics.target(
                                 &K::kind(&()),
@@ -89,35 +101,70 @@ pub(super) async fn drive<K: RunKind>(
         }
         tokio::select! {
             _ = in_flight.next() => {}
-            _ = flush.tick() => { status::flush(&ctx, obj.as_ref(), &shared).await; }
+            _ = flush.tick() => {
+                status::flush(&ctx, obj.as_ref(), &shared).await;
+                let cap = ctx.settings.max_target_events;
+                if decide::progress_event_due(total, cap, last_progress.elapsed()) {
+                    last_progress = Instant::now();
+                    let note = decide::progress_note(&lock(&shared).status.summary, started.elapsed());
+                    status::publish(
+                        &ctx,
+                        obj.as_ref(),
+                        EventType::Normal,
+                        Reason::InProgress.as_str(),
+                        "Progress",
+                        note,
+                    )
+                    .await;
+                }
+            }
         }
     }
 
-    let (mut status, mut basis, superseded, events) = {
+    let (superseded, events) = {
         let st = lock(&shared);
-        (
-            st.status.clone(),
-            st.basis.clone(),
-            st.superseded,
-            st.events.clone(),
-        )
+        (st.superseded, st.events.clone())
     };
     status::publish_held(&ctx, obj.as_ref(), &events).await;
     if superseded || matches!(stop, Some(Stop::LostLeadership | Stop::Superseded)) {
         // A new leader, or newer state, owns the object's status now.
         return Ok(Action::await_change());
     }
-    decide::finish(&mut status, obj.meta().generation, stop, &now());
-    let next_expiry = expire_due(obj.as_ref(), &ctx, &mut status).await;
-    if status::write(&ctx, obj.as_ref(), &status, &mut basis).await? != Written::Done {
+    let (written, next_expiry) = finish_and_write(obj.as_ref(), &ctx, &shared, stop).await?;
+    if written != Written::Done {
         return Ok(Action::await_change());
     }
-    let unfinished = status.targets.iter().any(|t| !t.state.is_terminal());
+    let summary = status::run_summary(&lock(&shared).status);
+    if let Some((type_, reason, note)) = summary {
+        status::publish(&ctx, obj.as_ref(), type_, &reason, "Finish", note).await;
+    }
+    let unfinished = lock(&shared).status.unfinished() > 0;
     Ok(action(decide::requeue_after_run(
         stop,
         unfinished,
         next_expiry,
     )))
+}
+
+/// Finish a run (conditions, phase), undo what expired, and write it all.
+pub(super) async fn finish_and_write<K: RunKind>(
+    obj: &K,
+    ctx: &Context,
+    shared: &Shared,
+    stop: Option<Stop>,
+) -> Result<(Written, Option<Duration>), Error> {
+    let mut status = std::mem::take(&mut lock(shared).status);
+    decide::finish(&mut status, obj.meta().generation, stop, &now());
+    let (next_expiry, changed) = expire_due(obj, ctx, &mut status).await;
+    {
+        let mut st = lock(shared);
+        st.status = status;
+        st.dirty = true;
+        for idx in changed {
+            st.target_mut(idx);
+        }
+    }
+    Ok((status::persist(ctx, obj, shared).await?, next_expiry))
 }
 
 /// Undo the targets whose TTL ran out; returns how long until the next one is due. The
@@ -126,11 +173,12 @@ pub(super) async fn expire_due<K: RunKind>(
     obj: &K,
     ctx: &Context,
     status: &mut RunStatus,
-) -> Option<Duration> {
+) -> (Option<Duration>, Vec<usize>) {
     let ns = obj.namespace().unwrap_or_default();
     let mut next: Option<Duration> = None;
+    let mut changed = Vec::new();
     let mut sooner = |wait: Duration| next = Some(next.map_or(wait, |n: Duration| n.min(wait)));
-    for t in status.targets.iter_mut() {
+    for (idx, t) in status.targets.iter_mut().enumerate() {
         match decide::expiry(t, Timestamp::now()) {
             Expiry::None => continue,
             Expiry::DueIn(left) => {
@@ -144,6 +192,7 @@ pub(super) async fn expire_due<K: RunKind>(
             Ok(call) => obj.expire(ctx, &call, t).await,
             Err(e) => Err(e),
         };
+        changed.push(idx);
         match result {
             Ok(done) => {
                 t.reason = Some(Reason::Expired.as_str().into());
@@ -193,7 +242,7 @@ pub(super) async fn expire_due<K: RunKind>(
         }
     }
     status.pending_expiries = still_pending;
-    next
+    (next, changed)
 }
 
 /// A grant's TTL passed and its keys were removed: counted and told in an Event.

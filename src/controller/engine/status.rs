@@ -1,9 +1,11 @@
 //! Writing what the engine decided: the object's status (batched while a run goes on),
 //! the Stalled condition, and Events.
 use super::decide;
+use super::shards::{self as store, ShardSet, ShardWrite};
 use super::{RunKind, now};
-use crate::api::RunStatus;
 use crate::api::conditions::{self, RunConditions, STALLED};
+use crate::api::shards;
+use crate::api::{RunStatus, TargetState, TargetStatus};
 use crate::controller::context::Context;
 use crate::controller::error::Error;
 use kube::api::{Patch, PatchParams};
@@ -42,6 +44,8 @@ pub(super) enum Written {
 
 /// One run's status, shared between the target tasks and the status flusher.
 pub(super) struct RunState {
+    /// Every target's record (the stored form of a large run lists only some: see
+    /// `api::shards`).
     pub status: RunStatus,
     /// Changed since the last write.
     pub dirty: bool,
@@ -49,6 +53,96 @@ pub(super) struct RunState {
     /// A write found newer status from someone else: start no more agent calls.
     pub superseded: bool,
     pub events: decide::EventBudget,
+    /// Where a large run's records are stored; `None`: in status.
+    pub shards: Option<ShardSet>,
+    /// Targets failed so far (the failure budget is checked before each start).
+    pub failed: usize,
+    /// Shards no status will name once the next write is done (a replaced run's): deleted
+    /// after it.
+    pub retired: Vec<String>,
+}
+
+impl RunState {
+    pub fn new(
+        status: RunStatus,
+        basis: Basis,
+        shards: Option<ShardSet>,
+        retired: Vec<String>,
+        budget: u32,
+    ) -> Self {
+        let failed = status
+            .targets
+            .iter()
+            .filter(|t| t.state == TargetState::Failed)
+            .count();
+        Self {
+            status,
+            dirty: true,
+            basis,
+            superseded: false,
+            events: decide::EventBudget::new(budget),
+            shards,
+            failed,
+            retired,
+        }
+    }
+
+    /// A target's record, to change: marks it (and its shard) for the next write.
+    pub fn target_mut(&mut self, idx: usize) -> &mut TargetStatus {
+        self.dirty = true;
+        if let Some(s) = &mut self.shards {
+            s.touch(idx);
+        }
+        &mut self.status.targets[idx]
+    }
+
+    /// Every record from `idx` on changed.
+    pub fn touch_from(&mut self, idx: usize) {
+        self.dirty = true;
+        if let Some(s) = &mut self.shards {
+            for i in (idx..self.status.targets.len()).step_by(crate::api::shards::SHARD_SIZE) {
+                s.touch(i);
+            }
+            if let Some(last) = self.status.targets.len().checked_sub(1) {
+                s.touch(last);
+            }
+        }
+    }
+
+    /// What to write now: the dirty shards' records and the stored status (see
+    /// `api::shards::compact`). Clears the dirty marks; a failed write sets them again.
+    fn snapshot(&mut self) -> Snapshot {
+        self.dirty = false;
+        let Some(set) = &mut self.shards else {
+            return Snapshot {
+                stored: shards::compact(&self.status, &[]),
+                writes: Vec::new(),
+            };
+        };
+        let writes = std::mem::take(&mut set.dirty)
+            .into_iter()
+            .filter_map(|k| {
+                let r = set.refs.get(k)?;
+                let range = r.first as usize..(r.first + r.count) as usize;
+                Some(ShardWrite {
+                    k,
+                    name: r.name.clone(),
+                    version: set.versions.get(k).cloned().flatten(),
+                    records: self.status.targets.get(range.clone())?.to_vec(),
+                    first: range.start,
+                })
+            })
+            .collect();
+        Snapshot {
+            stored: shards::compact(&self.status, &set.refs),
+            writes,
+        }
+    }
+}
+
+struct Snapshot {
+    stored: RunStatus,
+    writes: Vec<ShardWrite>,
 }
 
 pub(super) type Shared = Arc<Mutex<RunState>>;
@@ -69,7 +163,7 @@ pub(super) async fn stall<K: RunKind>(
     let generation = obj.meta().generation;
     let msg = e.to_string();
     status.observed_generation = generation;
-    if let Some(phase) = decide::stalled_phase(reason, &status.targets) {
+    if let Some(phase) = decide::stalled_phase(reason, status) {
         status.phase = Some(phase);
     }
     conditions::set_run_conditions(
@@ -116,19 +210,17 @@ pub(super) async fn stall<K: RunKind>(
 }
 
 /// Write a running run's status if it changed since the last write (Progressing, with
-/// the count of finished targets).
+/// the count of finished targets). A failed write is tried again at the next tick.
 pub(super) async fn flush<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared) {
-    let (snapshot, mut basis) = {
+    {
         let mut st = lock(shared);
         if !st.dirty {
             return;
         }
-        st.dirty = false;
-        let mut s = st.status.clone();
-        s.recount();
-        let msg = decide::progress_message(&s);
+        st.status.recount();
+        let msg = decide::progress_message(&st.status);
         conditions::set_run_conditions(
-            &mut s.conditions,
+            &mut st.status.conditions,
             RunConditions {
                 ready: false,
                 progressing: true,
@@ -139,20 +231,84 @@ pub(super) async fn flush<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared) {
             obj.meta().generation,
             &now(),
         );
-        st.status.conditions = s.conditions.clone();
-        (s, st.basis.clone())
+    }
+    if let Err(e) = persist(ctx, obj, shared).await {
+        warn!(object = %obj.name_any(), error = %e, "status write failed; will retry");
+    }
+}
+
+/// Write what changed since the last write: first the changed shards of a large run (each
+/// with its resourceVersion), then the status that names them (with the basis's). Newer
+/// state from someone else stops the run (`superseded`); an error leaves everything
+/// marked changed, for the next try.
+pub(super) async fn persist<K: RunKind>(
+    ctx: &Context,
+    obj: &K,
+    shared: &Shared,
+) -> Result<Written, Error> {
+    let snap = {
+        let mut st = lock(shared);
+        if !st.dirty {
+            return Ok(Written::Done);
+        }
+        st.snapshot()
     };
-    let result = write(ctx, obj, &snapshot, &mut basis).await;
-    let mut st = lock(shared);
-    st.basis = basis;
-    match result {
-        Ok(Written::Done) => {}
-        Ok(Written::Superseded | Written::Gone) => st.superseded = true,
-        Err(e) => {
-            warn!(object = %obj.name_any(), error = %e, "status write failed; will retry");
-            st.dirty = true;
+    let mut failed = None;
+    let mut outcome = Written::Done;
+    for w in &snap.writes {
+        if failed.is_some() || outcome != Written::Done {
+            // Not written this time: stays marked for the next.
+            if let Some(s) = &mut lock(shared).shards {
+                s.dirty.insert(w.k);
+            }
+            continue;
+        }
+        match store::write(ctx, obj, w).await {
+            Ok((Written::Done, version)) => {
+                if let Some(s) = &mut lock(shared).shards
+                    && let Some(v) = s.versions.get_mut(w.k)
+                {
+                    *v = version;
+                }
+            }
+            Ok((other, _)) => outcome = other,
+            Err(e) => {
+                if let Some(s) = &mut lock(shared).shards {
+                    s.dirty.insert(w.k);
+                }
+                failed = Some(e);
+            }
         }
     }
+    if outcome != Written::Done {
+        lock(shared).superseded = true;
+        return Ok(outcome);
+    }
+    if let Some(e) = failed {
+        lock(shared).dirty = true;
+        return Err(e);
+    }
+    let mut basis = lock(shared).basis.clone();
+    let result = write(ctx, obj, &snap.stored, &mut basis).await;
+    let retired = {
+        let mut st = lock(shared);
+        st.basis = basis;
+        match &result {
+            Ok(Written::Done) => std::mem::take(&mut st.retired),
+            Ok(Written::Superseded | Written::Gone) => {
+                st.superseded = true;
+                Vec::new()
+            }
+            Err(_) => {
+                st.dirty = true;
+                Vec::new()
+            }
+        }
+    };
+    if !retired.is_empty() {
+        store::delete(ctx, obj, &retired).await;
+    }
+    result
 }
 
 /// Merge-patch the whole status with the basis's resourceVersion as a precondition. On a
@@ -169,7 +325,7 @@ pub(super) async fn write<K: RunKind>(
     let name = obj.name_any();
     let mut last_conflict = None;
     for _ in 0..5 {
-        let mut patch = serde_json::json!({ "status": status });
+        let mut patch = serde_json::json!({ "status": merge_patch(basis.status.as_ref(), status) });
         if let Some(rv) = &basis.resource_version {
             patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
         }
@@ -223,6 +379,32 @@ pub(super) async fn write<K: RunKind>(
     ))
 }
 
+/// The merge patch (RFC 7386) that turns `old` into `new`: `new` itself, plus a `null` for
+/// every field `old` has and `new` leaves out (a field left out of a merge patch is kept:
+/// an emptied list, skipped when serialized, would otherwise stay as it was). Nested
+/// objects (the `reasons` map) are handled alike; lists replace lists whole.
+fn merge_patch(old: Option<&RunStatus>, new: &RunStatus) -> serde_json::Value {
+    let mut patch = serde_json::to_value(new).unwrap_or_default();
+    if let Some(old) = old.and_then(|o| serde_json::to_value(o).ok()) {
+        null_removed(&old, &mut patch);
+    }
+    patch
+}
+
+fn null_removed(old: &serde_json::Value, new: &mut serde_json::Value) {
+    let (Some(old), Some(new)) = (old.as_object(), new.as_object_mut()) else {
+        return;
+    };
+    for (k, v) in old {
+        match new.get_mut(k) {
+            None => {
+                new.insert(k.clone(), serde_json::Value::Null);
+            }
+            Some(n) => null_removed(v, n),
+        }
+    }
+}
+
 /// A per-target Event, within the run's Event budget (see `decide::EventBudget`).
 pub(super) async fn publish_target<K: RunKind>(
     ctx: &Context,
@@ -259,6 +441,22 @@ pub(super) async fn publish_held<K: RunKind>(ctx: &Context, obj: &K, budget: &de
     }
 }
 
+/// The Event that ends a run: its Ready condition's reason and message, once the run is
+/// over (Succeeded, PartiallySucceeded, Failed); `None` while it is not.
+pub(super) fn run_summary(status: &RunStatus) -> Option<(EventType, String, String)> {
+    use crate::api::Phase;
+    let type_ = match status.phase? {
+        Phase::Succeeded => EventType::Normal,
+        Phase::PartiallySucceeded | Phase::Failed => EventType::Warning,
+        Phase::Pending | Phase::Running => return None,
+    };
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::READY)?;
+    Some((type_, ready.reason.clone(), ready.message.clone()))
+}
+
 /// Publish an Event about `obj` (a failure to publish is logged, never fatal).
 pub(super) async fn publish<K: RunKind>(
     ctx: &Context,
@@ -277,5 +475,45 @@ pub(super) async fn publish<K: RunKind>(
     };
     if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
         warn!(object = %obj.name_any(), error = %e, "could not publish event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_patch;
+    use crate::api::{RunStatus, TargetStatus};
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn a_merge_patch_removes_what_the_new_status_leaves_out() {
+        let old = RunStatus {
+            targets: vec![TargetStatus {
+                vm: "a".into(),
+                ..TargetStatus::default()
+            }],
+            unlisted_targets: Some(3),
+            reasons: BTreeMap::from([("Applied".into(), 2), ("AgentTimeout".into(), 1)]),
+            ..RunStatus::default()
+        };
+        let new = RunStatus {
+            reasons: BTreeMap::from([("Applied".into(), 3)]),
+            ..RunStatus::default()
+        };
+        let patch = merge_patch(Some(&old), &new);
+        assert_eq!(patch["targets"], serde_json::Value::Null);
+        assert_eq!(patch["unlistedTargets"], serde_json::Value::Null);
+        assert_eq!(
+            patch["reasons"],
+            serde_json::json!({"Applied": 3, "AgentTimeout": null})
+        );
+    }
+
+    #[test]
+    fn a_first_status_write_is_the_status_itself() {
+        let new = RunStatus::default();
+        assert_eq!(
+            merge_patch(None, &new),
+            serde_json::to_value(&new).expect("json")
+        );
     }
 }

@@ -33,10 +33,9 @@ pub(super) async fn run_target<K: RunKind>(
     let deadline_secs = obj.rollout().deadline_seconds;
     let (vm, started) = {
         let mut st = lock(&shared);
-        let t = &mut st.status.targets[idx];
+        let t = st.target_mut(idx);
         t.state = TargetState::Running;
         let started = t.start_time.get_or_insert_with(now).clone();
-        st.dirty = true;
         (st.status.targets[idx].vm.clone(), started)
     };
     let deadline_at = decide::deadline(started.0, deadline_secs);
@@ -62,14 +61,13 @@ pub(super) async fn run_target<K: RunKind>(
         let superseded = lock(&shared).superseded.then_some(decide::Stop::Superseded);
         if let Some(stop) = superseded.or_else(|| observed.halt()) {
             let mut st = lock(&shared);
-            let t = &mut st.status.targets[idx];
+            let t = st.target_mut(idx);
             t.state = TargetState::Pending;
             t.next_attempt_time = None;
             t.message = Some(format!("not started again: {}", stop.note()));
-            st.dirty = true;
             return;
         }
-        lock(&shared).status.targets[idx].attempts += 1;
+        lock(&shared).target_mut(idx).attempts += 1;
         let attempt = attempt_once(obj.as_ref(), &ctx, &input, &shared, idx, &vm);
         match tokio::time::timeout(remaining, attempt).await {
             Err(_) => {
@@ -89,11 +87,10 @@ pub(super) async fn run_target<K: RunKind>(
                 let wait = decide::retry_wait(backoff, rand::random::<f64>(), remaining);
                 {
                     let mut st = lock(&shared);
-                    let t = &mut st.status.targets[idx];
+                    let t = st.target_mut(idx);
                     t.reason = Some(e.reason().as_str().into());
                     t.message = Some(format!("{e}{RETRYING}"));
                     t.next_attempt_time = Some(Time(Timestamp::now() + wait));
-                    st.dirty = true;
                 }
                 info!(object = %obj.name_any(), vm = %vm, reason = %e.reason(), "transient failure; retrying");
                 tokio::time::sleep(wait).await;
@@ -117,11 +114,10 @@ async fn attempt_once<K: RunKind>(
     let call = targets::prepare_call(ctx, &ns, vm, obj.spec_user(), output_secret).await?;
     {
         let mut st = lock(shared);
-        let t = &mut st.status.targets[idx];
+        let t = st.target_mut(idx);
         t.node = Some(call.node.clone());
         t.user = Some(call.user.clone());
         t.user_source = Some(call.user_source);
-        st.dirty = true;
     }
     let conflict = call.conflicts_with_access_credentials.then(|| {
         format!(
@@ -157,7 +153,7 @@ async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize
         .target(&K::kind(&()), TargetResult::Succeeded, reason.as_str());
     let (vm, note) = {
         let mut st = lock(shared);
-        let t = &mut st.status.targets[idx];
+        let t = st.target_mut(idx);
         t.state = TargetState::Succeeded;
         t.reason = Some(reason.as_str().into());
         t.message = Some(o.message.clone());
@@ -169,7 +165,6 @@ async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize
         t.verified = o.verified;
         t.expires_at = o.expires_at;
         let vm = t.vm.clone();
-        st.dirty = true;
         (vm, o.message)
     };
     info!(object = %obj.name_any(), vm = %vm, %reason, "target succeeded");
@@ -190,14 +185,14 @@ async fn fail<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize, e
         .target(&K::kind(&()), TargetResult::Failed, reason.as_str());
     let vm = {
         let mut st = lock(shared);
-        let t = &mut st.status.targets[idx];
+        let t = st.target_mut(idx);
         t.state = TargetState::Failed;
         t.reason = Some(reason.as_str().into());
         t.message = Some(e.to_string());
         t.completion_time = Some(now());
         t.next_attempt_time = None;
         let vm = t.vm.clone();
-        st.dirty = true;
+        st.failed += 1;
         vm
     };
     warn!(object = %obj.name_any(), vm = %vm, %reason, "target failed");

@@ -16,7 +16,7 @@ use crate::api::keypair::OnDelete;
 use crate::api::wire::KeyOp;
 use crate::api::{KeypairRebuild, RunStatus, TargetState};
 use crate::controller::context::Context;
-use crate::controller::engine::Cleanup;
+use crate::controller::engine::{self, Cleanup};
 use crate::controller::error::Error;
 use crate::controller::key_ownership;
 use crate::controller::keys::fingerprint_of;
@@ -60,7 +60,10 @@ fn grants(status: Option<&RunStatus>) -> BTreeMap<GrantKey, Fingerprints> {
 }
 
 /// What other live KeypairRebuilds of the namespace grant, by VM and user: kept.
-fn granted_by_others(kr: &KeypairRebuild, ctx: &Context) -> BTreeMap<GrantKey, Fingerprints> {
+async fn granted_by_others(
+    kr: &KeypairRebuild,
+    ctx: &Context,
+) -> Result<BTreeMap<GrantKey, Fingerprints>, Error> {
     let ns = kr.namespace();
     let mut out: BTreeMap<GrantKey, Fingerprints> = BTreeMap::new();
     for other in ctx.rebuilds.state() {
@@ -70,11 +73,12 @@ fn granted_by_others(kr: &KeypairRebuild, ctx: &Context) -> BTreeMap<GrantKey, F
         {
             continue;
         }
-        for (key, fps) in grants(other.status.as_ref().map(|s| &s.run)) {
+        let theirs = engine::full_status(other.as_ref(), ctx).await?;
+        for (key, fps) in grants(Some(&theirs)) {
             out.entry(key).or_default().extend(fps);
         }
     }
-    out
+    Ok(out)
 }
 
 /// Remove one grant's keys from its VM; returns how many lines were removed.
@@ -122,10 +126,11 @@ pub(super) async fn remove_granted_keys(
     if kr.spec.on_delete == OnDelete::Keep {
         return Ok(Cleanup::Done);
     }
-    let others = granted_by_others(kr, ctx);
+    let others = granted_by_others(kr, ctx).await?;
+    let mine = engine::full_status(kr, ctx).await?;
     let mut left: Vec<String> = Vec::new();
     let mut may_come_back = false;
-    for (key, keys) in grants(kr.status.as_ref().map(|s| &s.run)) {
+    for (key, keys) in grants(Some(&mine)) {
         let kept = others.get(&key).cloned().unwrap_or_default();
         match remove_grant(kr, ctx, &key, &keys, &kept).await {
             Ok(n) => {

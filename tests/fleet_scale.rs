@@ -1,0 +1,184 @@
+//! SCALE TEST with simulated guest agents (`guestcred_lab::simagent`): the controller, the
+//! shims, the API server emulator (with the real server's size limits) and the HTTP
+//! between them are the real code; no qemu-ga answers. Real agents prove correctness in
+//! the other suites; this one proves that a large run stays small on the API server and
+//! survives a controller restart.
+use guestcred::api::shards::{OWNER_UID_LABEL, SHARD_KEY, decode};
+use guestcred::api::{GuestPasswordReset, Phase, TargetState};
+use guestcred_lab::kubevirt::vm;
+use guestcred_lab::simagent::{SimAgentOptions, SimOp};
+use guestcred_lab::testing::*;
+use guestcred_lab::world::{World, WorldOptions};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+use std::collections::BTreeSet;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const NODES: usize = 10;
+const VMS: usize = 5_000;
+/// What guestcred allows any object it writes to weigh.
+const OBJECT_LIMIT: usize = 256 * 1024;
+
+fn vm_name(i: usize) -> String {
+    format!("fleet-{i:05}")
+}
+
+async fn fleet_world() -> World {
+    let w = World::start(WorldOptions {
+        nodes: NODES,
+        sim_agent: Some(SimAgentOptions {
+            auto_create_domains: false,
+            seed: 5,
+            ..SimAgentOptions::default()
+        }),
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("test world starts");
+    for i in 0..VMS {
+        let node = format!("node-{}", i % NODES + 1);
+        w.add_sim_vm(&vm(NS, &vm_name(i), &node).label("fleet", "all"))
+            .await
+            .expect("vm");
+    }
+    w
+}
+
+/// The reset and its shards as the API server holds them, each with its size as JSON.
+async fn stored_objects(w: &World, reset: &str) -> Vec<(String, usize)> {
+    let r: GuestPasswordReset = w.get(NS, reset).await;
+    let mut out = vec![(
+        format!("GuestPasswordReset {reset}"),
+        serde_json::to_vec(&r).expect("json").len(),
+    )];
+    let cms: Api<ConfigMap> = Api::namespaced(w.client.clone(), NS);
+    let uid = r.uid().unwrap_or_default();
+    let shards = cms
+        .list(&ListParams::default().labels(&format!("{OWNER_UID_LABEL}={uid}")))
+        .await
+        .expect("list shards");
+    for cm in shards {
+        let size = serde_json::to_vec(&cm).expect("json").len();
+        out.push((format!("ConfigMap {}", cm.name_any()), size));
+    }
+    out
+}
+
+/// VMs whose success the stored run records (read back from the shards the status names).
+async fn recorded_successes(w: &World, reset: &str) -> BTreeSet<String> {
+    let r: GuestPasswordReset = w.get(NS, reset).await;
+    let status = r.status.expect("status").run;
+    let cms: Api<ConfigMap> = Api::namespaced(w.client.clone(), NS);
+    let mut done = BTreeSet::new();
+    for shard in &status.shards {
+        let cm = cms.get(&shard.name).await.expect("shard named by status");
+        let bytes = cm
+            .binary_data
+            .as_ref()
+            .and_then(|d| d.get(SHARD_KEY))
+            .expect("shard data");
+        for t in decode(&bytes.0, shard).expect("shard decodes") {
+            if t.state == TargetState::Succeeded {
+                done.insert(t.vm);
+            }
+        }
+    }
+    done
+}
+
+fn assert_small(objects: &[(String, usize)]) {
+    for (what, size) in objects {
+        assert!(
+            *size < OBJECT_LIMIT,
+            "{what} weighs {size} bytes, over {OBJECT_LIMIT}"
+        );
+    }
+}
+
+/// A reset over 5,000 VMs keeps every object under 256 KiB while it runs and when it is
+/// done; a controller killed half-way resumes the run: no VM whose success was recorded is
+/// called again, and every VM ends up holding the value.
+#[tokio::test]
+async fn a_5000_target_reset_stays_small_and_resumes_after_a_restart_without_a_second_call() {
+    let mut w = fleet_world().await;
+    w.apply(&secret("pw", "password", SHA512))
+        .await
+        .expect("secret");
+    w.apply(
+        &GuestPasswordReset::test("fleet")
+            .selector("fleet", "all")
+            .from_secret("pw")
+            .crypted()
+            .max_concurrency(64),
+    )
+    .await
+    .expect("reset");
+
+    let _: GuestPasswordReset = w
+        .wait_for(
+            NS,
+            "fleet",
+            Duration::from_secs(300),
+            succeeded_at_least(VMS / 2),
+        )
+        .await
+        .expect("half the targets finish");
+    w.kill_controller();
+    let killed_at = Instant::now();
+    // Let calls that were in flight end before reading what is recorded.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mid_run = stored_objects(&w, "fleet").await;
+    assert!(
+        mid_run.len() > 1,
+        "a 5,000-target run keeps its records in shards: {mid_run:?}"
+    );
+    assert_small(&mid_run);
+    let recorded = recorded_successes(&w, "fleet").await;
+    assert!(recorded.len() >= VMS / 2, "{} recorded", recorded.len());
+    assert!(recorded.len() < VMS, "the run was over before the kill");
+
+    w.start_controller();
+    let r: GuestPasswordReset = w
+        .wait_for(NS, "fleet", Duration::from_secs(300), finished)
+        .await
+        .expect("the run finishes after the restart");
+    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:#?}", r.status);
+    let run = r.status.as_ref().expect("status").run.clone();
+    assert_eq!(run.summary.succeeded as usize, VMS);
+    assert_eq!(run.reasons.get("Applied").copied(), Some(VMS as u32));
+    assert_eq!(run.unlisted_targets, Some(VMS as u32));
+    assert!(
+        run.targets.is_empty(),
+        "nothing needs attention: {:#?}",
+        run.targets
+    );
+    assert_small(&stored_objects(&w, "fleet").await);
+
+    let mut called_again = Vec::new();
+    for n in 1..=NODES {
+        let sim = w.sim_agent(&format!("node-{n}")).expect("simulated agent");
+        for rec in sim.records() {
+            let vm = rec.domain.trim_start_matches(&format!("{NS}/")).to_string();
+            if rec.op == SimOp::SetPassword && rec.started > killed_at && recorded.contains(&vm) {
+                called_again.push(vm);
+            }
+        }
+    }
+    assert!(
+        called_again.is_empty(),
+        "{} VMs whose success was recorded were called again after the restart, e.g. {:?}",
+        called_again.len(),
+        called_again.iter().take(5).collect::<Vec<_>>()
+    );
+    for i in 0..VMS {
+        let node = format!("node-{}", i % NODES + 1);
+        let sim = w.sim_agent(&node).expect("simulated agent");
+        assert!(
+            sim.holds_password(NS, &vm_name(i), "root", SHA512),
+            "{} does not hold the new password",
+            vm_name(i)
+        );
+    }
+}
