@@ -377,3 +377,21 @@ async fn strict_field_validation_refuses_unknown_fields_and_the_default_prunes_t
         "{message}"
     );
 }
+
+/// A Pod needs at least one container: kube-apiserver v1.37.2 answers 422 (measured),
+/// where the emulator once stored it (the lab's shim pods had none).
+#[tokio::test]
+async fn a_pod_without_containers_is_invalid() {
+    let server = ApiServer::new();
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                     "spec": {"nodeName": "n", "containers": []}});
+    let a = post_json(&server, "/api/v1/namespaces/default/pods", &pod).await;
+    assert_eq!(
+        status_of(&a),
+        invalid("Pod \"p\" is invalid: spec.containers: Required value")
+    );
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                     "spec": {"nodeName": "n", "containers": [{"name": "c", "image": "i"}]}});
+    let a = post_json(&server, "/api/v1/namespaces/default/pods", &pod).await;
+    assert_eq!(a.status, StatusCode::CREATED);
+}

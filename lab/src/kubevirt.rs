@@ -106,7 +106,12 @@ fn running_pod(
         },
         spec: Some(PodSpec {
             node_name: Some(node.into()),
-            containers: vec![],
+            // A Pod needs a container (the API server refuses one without); it never runs.
+            containers: vec![k8s_openapi::api::core::v1::Container {
+                name: "shim".into(),
+                image: Some("guestcred:lab".into()),
+                ..Default::default()
+            }],
             ..Default::default()
         }),
         status: Some(PodStatus {

@@ -606,6 +606,7 @@ async fn resource(
         (Method::POST, None) => {
             let obj = view.to_storage(decode_body(headers, &body)?);
             strict_fields(params, store_rt, store_version, &obj)?;
+            required_fields(store_rt, &obj)?;
             let created = shared
                 .lock()
                 .create(store_rt, store_version, rp.ns.as_deref(), obj)?;
@@ -615,6 +616,9 @@ async fn resource(
         (Method::PUT, Some(name)) => {
             let obj = view.to_storage(decode_body(headers, &body)?);
             strict_fields(params, store_rt, store_version, &obj)?;
+            if !status_only {
+                required_fields(store_rt, &obj)?;
+            }
             if status_only {
                 shared.take_status_conflict(rt, name)?;
             }
@@ -735,6 +739,31 @@ fn strict_fields(
         fields.join(", "),
         kind = rt.kind
     )))
+}
+
+/// The one required field of a core kind the lab could get wrong: a Pod needs a container
+/// (the real server: 422 `Pod "p" is invalid: spec.containers: Required value`).
+fn required_fields(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
+    if rt.from_crd || rt.group.as_str() != "" || rt.plural.as_str() != "pods" {
+        return Ok(());
+    }
+    let has_container = obj
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .is_some_and(|c| !c.is_empty());
+    if has_container {
+        return Ok(());
+    }
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    Err(ApiError::invalid(
+        &rt.plural,
+        &rt.group,
+        name,
+        &format!("Pod \"{name}\" is invalid: spec.containers: Required value"),
+    ))
 }
 
 fn orphan_requested(params: &Params, body: &[u8]) -> bool {

@@ -255,7 +255,7 @@ pub async fn create_shim_daemonset(
 }
 
 /// Node `node` and its shim pod (from [`crate::kubevirt::shim_pod`], owned by the DaemonSet
-/// with `daemonset_uid`, with a container as the real API server requires), Running at
+/// with `daemonset_uid`), Running at
 /// `pod_ip` through the status subresource, as a kubelet would report it.
 pub async fn create_node_with_shim(
     client: &Client,
@@ -273,11 +273,6 @@ pub async fn create_node_with_shim(
         o.uid = daemonset_uid.to_string();
     }
     let status = pod.status.take();
-    if let Some(spec) = pod.spec.as_mut() {
-        spec.containers = vec![serde_json::from_value(
-            json!({"name": "shim", "image": "guestcred:lab"}),
-        )?];
-    }
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let made = pods.create(&PostParams::default(), &pod).await?;
     pods.patch_status(
