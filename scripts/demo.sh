@@ -172,6 +172,27 @@ after=$("$LAB" exec vm-1-1 -- grep '^root:' /etc/shadow)
 echo "vm-1-1: $after"
 [ "$before" != "$after" ] || fail "vm-1-1: kubectl guestcred set-password did not change root's password"
 
+step "Keys without YAML: kubectl guestcred list-keys / remove-key (KeypairRebuilds with mode Inspect / removeFingerprints)"
+# A key root had before guestcred (added by hand in the guest), beside the one vm-2-2-keys put there.
+HAND_KEY="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOimy32Onc7iJCyVgWcE+d/LHx1OCqkqfeeXY5QKiYXE hand@demo"
+# (The file may not end with a newline: start the key on a line of its own.)
+printf '$ guestcred-lab exec vm-2-2 -- sh -c "printf ... >> /root/.ssh/authorized_keys"   # a key added by hand\n'
+"$LAB" exec vm-2-2 -- sh -c "printf '\\n%s\\n' '$HAND_KEY' >> /root/.ssh/authorized_keys"
+listed=$(kubectl guestcred list-keys vm-2-2 --user root --timeout "$TIMEOUT")
+printf '$ kubectl guestcred list-keys vm-2-2 --user root\n%s\n' "$listed"
+hand_fp=$(awk '$3 == "hand@demo" {print $1}' <<<"$listed")
+[ -n "$hand_fp" ] || fail "list-keys does not show the hand-added key"
+awk '$3 == "hand@demo" && $4 == "no" {found=1} END {exit !found}' <<<"$listed" \
+    || fail "list-keys shows the hand-added key as managed"
+awk '$3 == "demo@guestcred" && $4 == "yes" {found=1} END {exit !found}' <<<"$listed" \
+    || fail "list-keys does not show vm-2-2-keys' key as managed"
+run kubectl guestcred remove-key vm-2-2 --user root --fingerprint "$hand_fp" --timeout "$TIMEOUT"
+keys=$("$LAB" exec vm-2-2 -- cat /root/.ssh/authorized_keys)
+echo "vm-2-2: /root/.ssh/authorized_keys:"
+echo "$keys"
+! grep -qF "hand@demo" <<<"$keys" || fail "vm-2-2: remove-key left the named key"
+grep -qF "$NEW_KEY" <<<"$keys" || fail "vm-2-2: remove-key removed a key it was not asked to"
+
 step "Done in $(($(date +%s) - DEMO_START)) s ($CONTROL_PLANE control plane)"
 if [ "${DEMO_DOWN:-0}" = 1 ]; then
     "$LAB" down

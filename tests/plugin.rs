@@ -1,6 +1,7 @@
 //! `kubectl guestcred` (the kubectl-guestcred package) end to end: the plugin binary as a
 //! user runs it, with a kubeconfig, against the served emulator, the real controller, real
-//! shims and real qemu-ga agents. Each command, a failing target (exit 1 with the reason),
+//! shims and real qemu-ga agents. Each command (list-keys and remove-key checked against the
+//! guest's own authorized_keys), a failing target (exit 1 with the reason),
 //! `--stdin` (the value in no process argument, log, Event or output), progress on a
 //! pseudo-terminal (script(1)) and in a pipe, Ctrl-C pausing a run, a 403 naming the missing
 //! permission, completions (static scripts, and kubectl itself calling
@@ -21,8 +22,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const KEY1: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ+B4jIlELcMrHzsE1Ryt7XpT2gUKy/XZ+lbyfbQ9TZh key1@test";
 const WAIT: Duration = Duration::from_secs(60);
 
 /// target/debug (or wherever this test binary was built): the plugin's binaries are there.
@@ -686,10 +685,293 @@ async fn add_key_is_verified_in_the_guest_and_shown_by_status() {
     assert!(fail.stderr.contains("vm-a: UserNotFound"), "{fail:?}");
 }
 
-#[test]
-fn remove_key_and_list_keys_say_they_are_not_supported_yet() {
-    let nowhere = Path::new("/nonexistent/kubeconfig");
-    for args in [
+fn fingerprint(key: &str) -> String {
+    guestcred::api::authorized_keys::fingerprint(key).expect("a valid test key")
+}
+
+/// `list-keys` as a table: (fingerprint, type, comment, managed, expires) per row.
+fn key_rows(out: &Out) -> Vec<[String; 5]> {
+    let mut lines = out.stdout.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["FINGERPRINT", "TYPE", "COMMENT", "MANAGED", "EXPIRES"],
+        "{out:?}"
+    );
+    lines
+        .map(|l| {
+            let c: Vec<String> = l.split_whitespace().map(str::to_string).collect();
+            assert_eq!(c.len(), 5, "one word per column: {l:?}");
+            [
+                c[0].clone(),
+                c[1].clone(),
+                c[2].clone(),
+                c[3].clone(),
+                c[4].clone(),
+            ]
+        })
+        .collect()
+}
+
+/// Every KeypairRebuild in the namespace, by name.
+async fn rebuild_names(w: &World) -> Vec<String> {
+    let api: Api<KeypairRebuild> = Api::namespaced(w.client.clone(), NS);
+    let mut names: Vec<String> = api
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    names.sort();
+    names
+}
+
+/// A served world with VM vm-a whose user alice already has a key she added by hand, and a
+/// key file with KEY1.
+async fn world_with_a_hand_added_key() -> (World, guestcred_lab::hostqga::HostQga, tempfile::TempDir)
+{
+    let w = served(false).await;
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    qga.seed_authorized_keys("alice", &[HAND])
+        .expect("hand key");
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("key1.pub"), format!("{KEY1}\n")).expect("key file");
+    (w, qga, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_keys_shows_hand_added_keys_unmanaged_and_guestcred_keys_managed_with_their_expiry() {
+    let (w, qga, dir) = world_with_a_hand_added_key().await;
+    let kf = dir.path().join("key1.pub").display().to_string();
+    let added = plugin(
+        &w,
+        &[
+            "add-key", "vm-a", "--user", "alice", "-f", &kf, "--ttl", "1h",
+        ],
+    )
+    .await;
+    assert_eq!(added.code, 0, "{added:?}");
+    let grant = created_name(&added);
+    let k: KeypairRebuild = w.get(NS, &grant).await;
+    let expires = k.status.expect("status").run.targets[0]
+        .expires_at
+        .clone()
+        .expect("a TTL grant has expiresAt");
+    let before = qga.authorized_keys("alice").expect("keys");
+
+    let out = plugin(&w, &["list-keys", "vm-a", "--user", "alice"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_plain(&out);
+    let mut rows = key_rows(&out);
+    rows.sort_by(|a, b| a[2].cmp(&b[2]));
+    assert_eq!(
+        rows,
+        [
+            [
+                fingerprint(HAND),
+                "ssh-ed25519".into(),
+                "hand@added".into(),
+                "no".into(),
+                "-".into()
+            ],
+            [
+                fingerprint(KEY1),
+                "ssh-ed25519".into(),
+                "key1@test".into(),
+                "yes".into(),
+                expires.0.to_string()
+            ],
+        ],
+        "{out:?}"
+    );
+    // Read-only: the guest is as it was, and the Inspect object is gone again.
+    assert_eq!(qga.authorized_keys("alice").expect("keys"), before);
+    let start = Instant::now();
+    while rebuild_names(&w).await != [grant.clone()] {
+        assert!(start.elapsed() < WAIT, "{:?}", rebuild_names(&w).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The same as JSON: the report in status, with the VM and user.
+    let json = plugin(&w, &["list-keys", "vm-a", "--user", "alice", "-o", "json"]).await;
+    assert_eq!(json.code, 0, "{json:?}");
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("json");
+    assert_eq!(
+        (v["vm"].as_str(), v["user"].as_str()),
+        (Some("vm-a"), Some("alice"))
+    );
+    assert_eq!(
+        (v["total"].as_u64(), v["notShown"].as_u64()),
+        (Some(2), Some(0))
+    );
+    let key = |fp: String| {
+        v["keys"]
+            .as_array()
+            .and_then(|keys| keys.iter().find(|k| k["fingerprint"] == fp.as_str()))
+            .cloned()
+            .unwrap_or_else(|| panic!("{fp} listed: {v}"))
+    };
+    let (hand, granted) = (key(fingerprint(HAND)), key(fingerprint(KEY1)));
+    assert_eq!(
+        (&hand["managed"], &hand["comment"]),
+        (&false.into(), &"hand@added".into())
+    );
+    assert!(hand.get("expiresAt").is_none(), "{v}");
+    assert_eq!(granted["managed"], true);
+    assert_eq!(granted["expiresAt"], expires.0.to_string().as_str());
+
+    // A user the guest does not have: exit 1 with the reason.
+    let out = plugin(&w, &["list-keys", "vm-a", "--user", "mallory"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("UserNotFound"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_key_removes_exactly_the_named_fingerprint_and_the_read_back_confirms() {
+    let (w, qga, dir) = world_with_a_hand_added_key().await;
+    qga.seed_authorized_keys("alice", &[HAND, KEY2])
+        .expect("two hand keys");
+    let kf = dir.path().join("key1.pub").display().to_string();
+    let added = plugin(&w, &["add-key", "vm-a", "--user", "alice", "-f", &kf]).await;
+    assert_eq!(added.code, 0, "{added:?}");
+    assert_eq!(
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
+        ["hand@added", "key1@test", "key2@test"]
+    );
+
+    // A key added by hand: named explicitly, so it goes; the others stay.
+    let hand = fingerprint(HAND);
+    let out = plugin(
+        &w,
+        &[
+            "remove-key",
+            "vm-a",
+            "--user",
+            "alice",
+            "--fingerprint",
+            &hand,
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_plain(&out);
+    let name = created_name(&out);
+    assert!(name.starts_with("vm-a-rmkey-"), "{name}");
+    assert!(
+        out.stdout.contains(&format!(
+            "vm-a: removed 1 key(s) from user alice and verified they are gone: {hand} (not added by guestcred)"
+        )),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains("vm-a: Succeeded (Removed) on node-1"),
+        "{out:?}"
+    );
+    assert_eq!(
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
+        ["key1@test", "key2@test"]
+    );
+
+    // A key guestcred added: removed too, and guestcred no longer counts it as its own.
+    let key1 = fingerprint(KEY1);
+    let out = plugin(
+        &w,
+        &[
+            "remove-key",
+            "vm-a",
+            "--user",
+            "alice",
+            "--fingerprint",
+            &key1,
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("(added by guestcred)"), "{out:?}");
+    // The add-key object still grants it: the message says its next run puts it back.
+    let grant = created_name(&added);
+    assert!(
+        out.stdout
+            .contains(&format!("warning: KeypairRebuild {grant} still grants it")),
+        "{out:?}"
+    );
+    assert_eq!(
+        key_comments(&qga.authorized_keys("alice").expect("keys")),
+        ["key2@test"]
+    );
+    let vm: guestcred::api::kubevirt::VirtualMachine = w.get(NS, "vm-a").await;
+    let record = vm
+        .annotations()
+        .get("keys.guestcred.io/alice")
+        .cloned()
+        .unwrap_or_default();
+    assert!(!record.contains(&key1), "released: {record:?}");
+
+    // The read-back through the plugin agrees.
+    let out = plugin(&w, &["list-keys", "vm-a", "--user", "alice"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let rows = key_rows(&out);
+    assert_eq!(rows.len(), 1, "{out:?}");
+    assert_eq!(rows[0][0], fingerprint(KEY2));
+    assert_eq!(rows[0][3], "no");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_key_of_an_unknown_fingerprint_fails_with_key_not_found_and_changes_nothing() {
+    let (w, qga, _dir) = world_with_a_hand_added_key().await;
+    let before = qga.authorized_keys("alice").expect("keys");
+    let unknown = fingerprint(KEY3);
+    let out = plugin(
+        &w,
+        &[
+            "remove-key",
+            "vm-a",
+            "--user",
+            "alice",
+            "--fingerprint",
+            &unknown,
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "vm-a: KeyNotFound user alice in vm-a has no key {unknown}"
+        )),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("nothing was removed"), "{out:?}");
+    assert!(out.stdout.contains("vm-a: Failed (KeyNotFound)"), "{out:?}");
+    assert_eq!(qga.authorized_keys("alice").expect("keys"), before);
+    // One known and one unknown: still nothing removed.
+    let hand = fingerprint(HAND);
+    let out = plugin(
+        &w,
+        &[
+            "remove-key",
+            "vm-a",
+            "--user",
+            "alice",
+            "--fingerprint",
+            &hand,
+            "--fingerprint",
+            &unknown,
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("KeyNotFound"), "{out:?}");
+    assert_eq!(qga.authorized_keys("alice").expect("keys"), before);
+    // Not a fingerprint at all: a usage error before anything is created.
+    let rebuilds = rebuild_names(&w).await;
+    let out = plugin(
+        &w,
         &[
             "remove-key",
             "vm-a",
@@ -697,17 +979,15 @@ fn remove_key_and_list_keys_say_they_are_not_supported_yet() {
             "alice",
             "--fingerprint",
             "SHA256:abc",
-        ][..],
-        &["list-keys", "vm-a", "--user", "alice"][..],
-    ] {
-        let out = finish(command(nowhere, args).spawn().expect("spawn"));
-        assert_eq!(out.code, 2, "{out:?}");
-        assert!(
-            out.stderr
-                .contains("not supported by this guestcred version yet"),
-            "{out:?}"
-        );
-    }
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr.contains("is not a SHA256 fingerprint"),
+        "{out:?}"
+    );
+    assert_eq!(rebuild_names(&w).await, rebuilds);
 }
 
 #[test]
@@ -735,6 +1015,7 @@ fn help_reads_like_kubectl() {
             .expect("usage");
         assert!(ex < opts && opts < usage, "{sub}: kubectl's order: {out:?}");
         assert!(out.stdout.contains("Global Options:\n"), "{out:?}");
+        assert!(!out.stdout.contains("not supported"), "{sub}: {out:?}");
     }
 }
 

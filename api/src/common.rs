@@ -216,6 +216,9 @@ pub struct TargetStatus {
     /// Keypair rebuilds with a TTL: when the added keys are removed again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
+    /// Keypair rebuilds with mode Inspect: the keys read from the guest (at most 100 listed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_keys: Option<crate::keypair::GuestKeys>,
 }
 
 /// Observed state common to both kinds.

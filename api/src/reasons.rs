@@ -9,6 +9,10 @@ pub enum Reason {
     Applied,
     Verified,
     Expired,
+    /// `removeFingerprints`: the named keys were removed and read back as gone.
+    Removed,
+    /// Mode Inspect: the guest's keys were read (status.targets[].guestKeys).
+    Inspected,
     // Spec and input problems (permanent).
     InvalidSpec,
     SecretNotFound,
@@ -36,6 +40,8 @@ pub enum Reason {
     Forbidden,
     DeadlineExceeded,
     VerificationFailed,
+    /// `removeFingerprints` names a key the guest user does not have: nothing was removed.
+    KeyNotFound,
     ConflictWithAccessCredentials,
     // Run progress.
     Waiting,
@@ -53,6 +59,8 @@ impl Reason {
             Self::Applied => "Applied",
             Self::Verified => "Verified",
             Self::Expired => "Expired",
+            Self::Removed => "Removed",
+            Self::Inspected => "Inspected",
             Self::InvalidSpec => "InvalidSpec",
             Self::SecretNotFound => "SecretNotFound",
             Self::SecretKeyMissing => "SecretKeyMissing",
@@ -74,6 +82,7 @@ impl Reason {
             Self::Forbidden => "Forbidden",
             Self::DeadlineExceeded => "DeadlineExceeded",
             Self::VerificationFailed => "VerificationFailed",
+            Self::KeyNotFound => "KeyNotFound",
             Self::ConflictWithAccessCredentials => "ConflictWithAccessCredentials",
             Self::Waiting => "Waiting",
             Self::InProgress => "InProgress",

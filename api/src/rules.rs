@@ -101,6 +101,84 @@ mod tests {
         }
     }
 
+    const FP: &str = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU";
+
+    /// The spec as a real API server validates it: defaults applied (mode Auto,
+    /// strategy Replace, replaceAll false), as they are before CEL rules run.
+    fn defaulted(mut spec: serde_json::Value) -> KeypairRebuild {
+        for (k, v) in [
+            ("mode", serde_json::json!("Auto")),
+            ("strategy", serde_json::json!("Replace")),
+            ("replaceAll", serde_json::json!(false)),
+        ] {
+            spec.as_object_mut().expect("object").entry(k).or_insert(v);
+        }
+        KeypairRebuild::new("k", rebuild_spec(spec))
+    }
+
+    #[test]
+    fn removal_and_inspect_rules_refuse_each_bad_combination_and_agree_with_kube() {
+        let keys = serde_json::json!({"inline": ["ssh-ed25519 AAAA x"]});
+        let ok = [
+            serde_json::json!({"target": {"vmName": "a"}, "publicKeys": keys}),
+            serde_json::json!({"target": {"vmName": "a"}, "removeFingerprints": [FP]}),
+            serde_json::json!({"target": {"selector": {"matchLabels": {"t": "w"}}}, "removeFingerprints": [FP], "mode": "Live"}),
+            serde_json::json!({"target": {"vmName": "a"}, "mode": "Inspect"}),
+        ];
+        let bad = [
+            (
+                serde_json::json!({"target": {"vmName": "a"}}),
+                "set exactly one of publicKeys",
+            ),
+            (
+                serde_json::json!({"target": {"vmName": "a"}, "publicKeys": keys, "removeFingerprints": [FP]}),
+                "set exactly one of publicKeys",
+            ),
+            (
+                serde_json::json!({"target": {"vmName": "a"}, "publicKeys": keys, "mode": "Inspect"}),
+                "set exactly one of publicKeys",
+            ),
+            (
+                serde_json::json!({"target": {"selector": {}}, "mode": "Inspect"}),
+                "mode Inspect reads one VM's keys",
+            ),
+            (
+                serde_json::json!({"target": {"vmName": "a"}, "removeFingerprints": [FP], "ttlSeconds": 60}),
+                "ttlSeconds and replaceAll apply to keys being added",
+            ),
+            (
+                serde_json::json!({"target": {"vmName": "a"}, "mode": "Inspect", "replaceAll": true}),
+                "ttlSeconds and replaceAll apply to keys being added",
+            ),
+            (
+                serde_json::json!({"target": {"vmName": "a"}, "removeFingerprints": [FP], "mode": "Rebuild"}),
+                "removeFingerprints needs mode Live or Auto",
+            ),
+            (
+                serde_json::json!({"target": {"vmName": "a"}, "removeFingerprints": ["SHA256:abc"]}),
+                "each entry is a SHA256 fingerprint",
+            ),
+        ];
+        for spec in ok {
+            let obj = defaulted(spec.clone());
+            assert_eq!(
+                check_rebuild(&obj).map_err(|e| e.to_string()),
+                Ok(()),
+                "{spec}"
+            );
+            assert_eq!(obj.spec.action().map(|_| ()), Ok(()), "{spec}");
+        }
+        for (spec, want) in bad {
+            let obj = defaulted(spec.clone());
+            let got = check_rebuild(&obj).map_err(|e| e.to_string());
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains(want)),
+                "{spec}: {got:?}"
+            );
+            assert_eq!(got, obj.validate_cel().map_err(|e| e.to_string()), "{spec}");
+        }
+    }
+
     #[test]
     fn compiled_rules_still_refuse_an_invalid_spec() {
         let obj = GuestPasswordReset::new(

@@ -27,6 +27,12 @@ Examples:
   # Add an SSH key for cloud-user to VM web-0, removed again after one hour
   kubectl guestcred add-key web-0 --user cloud-user -f ~/.ssh/id_ed25519.pub --ttl 1h
 
+  # List cloud-user's keys in VM web-0 as the guest has them, and which guestcred manages
+  kubectl guestcred list-keys web-0 --user cloud-user
+
+  # Remove one of them by fingerprint
+  kubectl guestcred remove-key web-0 --user cloud-user --fingerprint SHA256:uN0vG3+VJqYV1kx5bQ4AqS0N+2GXKwVzhpnBsHk0v3M
+
   # Show every reset and key rebuild in the namespace, one line per VM
   kubectl guestcred status
 ";
@@ -36,8 +42,8 @@ Examples:
     name = "kubectl-guestcred",
     bin_name = "kubectl guestcred",
     version,
-    about = "Reset guest passwords and add SSH keys in running VMs through guestcred.",
-    long_about = "Reset guest passwords and add SSH keys in running VMs through guestcred.
+    about = "Reset guest passwords and manage SSH keys in running VMs through guestcred.",
+    long_about = "Reset guest passwords and manage SSH keys in running VMs through guestcred.
 
  Each command creates a GuestPasswordReset or KeypairRebuild object, exactly as `kubectl \
 apply` of the same YAML would, and follows it until every targeted VM has a result. The \
@@ -346,40 +352,81 @@ pub enum Mode {
     Live,
 }
 
-/// Remove an SSH key by fingerprint (needs an API addition).
+const REMOVE_KEY_EXAMPLES: &str = "\
+Examples:
+  # Remove the key with this fingerprint from cloud-user's authorized_keys in VM web-0
+  kubectl guestcred remove-key web-0 --user cloud-user --fingerprint SHA256:uN0vG3+VJqYV1kx5bQ4AqS0N+2GXKwVzhpnBsHk0v3M
+
+  # Two keys at once; find fingerprints with list-keys, or ssh-keygen -lf KEYFILE
+  kubectl guestcred list-keys web-0 --user cloud-user
+  kubectl guestcred remove-key web-0 --user cloud-user --fingerprint SHA256:... --fingerprint SHA256:...
+";
+
+/// Remove SSH keys by fingerprint.
 #[derive(Debug, Args)]
 #[command(
-    about = "Remove an SSH key from a guest user by fingerprint (not supported yet).",
-    long_about = "Remove an SSH key from a guest user by fingerprint.
+    about = "Remove SSH keys from a guest user's authorized_keys by fingerprint.",
+    long_about = "Remove SSH keys from a guest user's authorized_keys by fingerprint.
 
- Not supported by this guestcred version yet: KeypairRebuild cannot remove a key by \
-fingerprint. The command exits 2 until the API has it.",
+ Creates a KeypairRebuild named <vm>-rmkey-<random> with spec.removeFingerprints and \
+follows it: every line of each named key is removed through the guest agent, and the \
+keys are read back to verify they are gone. Naming a fingerprint is an explicit request: \
+the key is removed whether guestcred added it or a person did. Nothing that is not named \
+is touched. When the guest user has no key with a named fingerprint, nothing is removed \
+and the command exits 1 with reason KeyNotFound.",
     help_template = TEMPLATE,
-    after_help = "Examples:\n  kubectl guestcred remove-key web-0 --user cloud-user --fingerprint SHA256:...\n",
+    after_help = REMOVE_KEY_EXAMPLES,
+    override_usage = "kubectl guestcred remove-key VM --user USER --fingerprint SHA256:... [--fingerprint SHA256:...] [options]",
 )]
 pub struct RemoveKey {
+    /// The VirtualMachineInstance.
     pub vm: String,
+    /// Guest user whose authorized_keys changes.
     #[arg(long, value_name = "USER", required = true)]
     pub user: String,
+    /// SHA256 fingerprint of a key to remove, as ssh-keygen -lf prints it (repeatable).
     #[arg(long, value_name = "SHA256:...", required = true)]
-    pub fingerprint: String,
+    pub fingerprint: Vec<String>,
+    #[command(flatten)]
+    pub follow: Follow,
 }
 
-/// List a guest user's keys (needs an API addition).
+const LIST_KEYS_EXAMPLES: &str = "\
+Examples:
+  # cloud-user's keys in VM web-0, read from the guest
+  kubectl guestcred list-keys web-0 --user cloud-user
+
+  # The same as JSON (fingerprint, type, comment, managed, expiresAt per key)
+  kubectl guestcred list-keys web-0 --user cloud-user -o json
+";
+
+/// List a guest user's keys as the guest has them.
 #[derive(Debug, Args)]
 #[command(
-    about = "List a guest user's SSH keys as read from the guest (not supported yet).",
-    long_about = "List a guest user's SSH keys as read back from the guest, which of them guestcred manages and when each expires.
+    about = "List a guest user's SSH keys as read from the guest.",
+    long_about = "List a guest user's SSH keys as read from the guest.
 
- Not supported by this guestcred version yet: KeypairRebuild has no read-only mode that \
-reports the guest's key fingerprints. The command exits 2 until the API has it.",
+ Creates a KeypairRebuild with mode Inspect, which reads the user's authorized_keys \
+through the guest agent and changes nothing, waits for its report, prints it and deletes \
+the object. One line per key: its SHA256 fingerprint, type and comment, whether guestcred \
+manages it (added it; keys added by hand show no) and when a TTL removes it. At most 100 \
+keys are listed; the rest are counted.",
     help_template = TEMPLATE,
-    after_help = "Examples:\n  kubectl guestcred list-keys web-0 --user cloud-user\n",
+    after_help = LIST_KEYS_EXAMPLES,
+    override_usage = "kubectl guestcred list-keys VM --user USER [-o table|json|yaml] [options]",
 )]
 pub struct ListKeys {
+    /// The VirtualMachineInstance.
     pub vm: String,
+    /// Guest user whose authorized_keys is read.
     #[arg(long, value_name = "USER", required = true)]
     pub user: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Give up waiting for the report after this long (e.g. 90s, 5m).
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 /// Print a shell completion script.

@@ -1,15 +1,16 @@
-//! `add-key`, and `remove-key` / `list-keys`, which need an API this guestcred version does
-//! not have yet.
-use crate::cli::{AddKey, Global, ListKeys, Mode, RemoveKey};
+//! `add-key`, `remove-key` (a KeypairRebuild with `removeFingerprints`) and `list-keys` (a
+//! KeypairRebuild with mode Inspect, whose target reports the guest's keys in status).
+use crate::cli::{AddKey, Global, ListKeys, Mode, Output, RemoveKey};
 use crate::follow::{self, Outcome, conclude};
 use crate::password::CREATED_BY;
 use crate::util::{Call, REBUILDS, connect, exit, fail, object_name};
-use guestcred_api::keypair::{KeyMode, KeyStrategy};
-use guestcred_api::{KeypairRebuild, KeypairRebuildSpec};
-use kube::Api;
-use kube::api::PostParams;
+use guestcred_api::keypair::{GuestKeys, KeyMode, KeyStrategy, display_comment, is_fingerprint};
+use guestcred_api::{KeypairRebuild, KeypairRebuildSpec, TargetState, TargetStatus};
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::time::{Duration, Instant};
 
 /// The keys of an authorized_keys-format text, parsed as the controller and the shim parse
 /// them (`guestcred_api::authorized_keys`: options before the key as sshd reads them,
@@ -44,7 +45,7 @@ pub async fn add_key(g: &Global, a: AddKey) -> anyhow::Result<()> {
     let name = object_name(&a.vm, "key");
     // From JSON rather than a struct literal: fields the API gains later take their
     // defaults here, as they would in `kubectl apply` of the same YAML.
-    let spec: KeypairRebuildSpec = serde_json::from_value(serde_json::json!({
+    let spec = serde_json::json!({
         "target": {"vmName": a.vm},
         "user": a.user,
         "publicKeys": {"inline": keys.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()},
@@ -54,24 +55,8 @@ pub async fn add_key(g: &Global, a: AddKey) -> anyhow::Result<()> {
         },
         "strategy": if a.replace { KeyStrategy::Replace } else { KeyStrategy::Append },
         "ttlSeconds": ttl_seconds,
-    }))?;
-    let mut obj = KeypairRebuild::new(&name, spec);
-    obj.metadata.namespace = Some(ns.clone());
-    obj.metadata.labels = Some(BTreeMap::from([(
-        CREATED_BY.0.to_string(),
-        CREATED_BY.1.to_string(),
-    )]));
-    let api: Api<KeypairRebuild> = Api::namespaced(client, &ns);
-    api.create(&PostParams::default(), &obj)
-        .await
-        .map_err(|e| {
-            Call {
-                verb: "create",
-                resource: REBUILDS,
-                namespace: &ns,
-            }
-            .error(e)
-        })?;
+    });
+    let api = create(&client, &ns, &name, spec).await?;
     println!("keypairrebuild.guestcred.io/{name} created");
     for (_, fp) in &keys {
         println!("  key {fp}");
@@ -97,28 +82,228 @@ pub async fn add_key(g: &Global, a: AddKey) -> anyhow::Result<()> {
     conclude::<KeypairRebuild>(&name, outcome)
 }
 
-const NOT_YET: &str = "not supported by this guestcred version yet";
-
-pub fn remove_key(a: RemoveKey) -> anyhow::Result<()> {
-    Err(fail(
-        exit::USAGE,
-        format!(
-            "remove-key is {NOT_YET}: KeypairRebuild cannot remove a key by fingerprint ({} for {}@{} was not changed). \
-Keys guestcred added are removed by a KeypairRebuild with strategy Replace or by its ttlSeconds.",
-            a.fingerprint, a.user, a.vm
-        ),
-    ))
+/// Create KeypairRebuild `name` with `spec` (JSON, so fields the API gains later take
+/// their defaults, as in `kubectl apply` of the same YAML), labelled as the plugin's.
+async fn create(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> anyhow::Result<Api<KeypairRebuild>> {
+    let spec: KeypairRebuildSpec = serde_json::from_value(spec)?;
+    let mut obj = KeypairRebuild::new(name, spec);
+    obj.metadata.namespace = Some(ns.to_string());
+    obj.metadata.labels = Some(BTreeMap::from([(
+        CREATED_BY.0.to_string(),
+        CREATED_BY.1.to_string(),
+    )]));
+    let api: Api<KeypairRebuild> = Api::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), &obj)
+        .await
+        .map_err(|e| {
+            Call {
+                verb: "create",
+                resource: REBUILDS,
+                namespace: ns,
+            }
+            .error(e)
+        })?;
+    Ok(api)
 }
 
-pub fn list_keys(a: ListKeys) -> anyhow::Result<()> {
-    Err(fail(
-        exit::USAGE,
-        format!(
-            "list-keys is {NOT_YET}: KeypairRebuild has no read-only mode that reports the keys of {}@{}. \
-`kubectl guestcred status` shows the fingerprints of the keys guestcred added.",
-            a.user, a.vm
-        ),
-    ))
+pub async fn remove_key(g: &Global, a: RemoveKey) -> anyhow::Result<()> {
+    for fp in &a.fingerprint {
+        if !is_fingerprint(fp) {
+            return Err(fail(
+                exit::USAGE,
+                format!(
+                    "--fingerprint {fp:?} is not a SHA256 fingerprint: use the SHA256:<43 characters> form that list-keys and ssh-keygen -lf KEYFILE print"
+                ),
+            ));
+        }
+    }
+    let mut fps = a.fingerprint.clone();
+    fps.sort();
+    fps.dedup();
+    if fps.len() > guestcred_api::keypair::MAX_REMOVE_FINGERPRINTS {
+        return Err(fail(
+            exit::USAGE,
+            format!(
+                "at most {} fingerprints per command",
+                guestcred_api::keypair::MAX_REMOVE_FINGERPRINTS
+            ),
+        ));
+    }
+    let (client, ns) = connect(g).await?;
+    let name = object_name(&a.vm, "rmkey");
+    let spec = serde_json::json!({
+        "target": {"vmName": a.vm},
+        "user": a.user,
+        "mode": KeyMode::Live,
+        "removeFingerprints": fps,
+    });
+    let api = create(&client, &ns, &name, spec).await?;
+    println!("keypairrebuild.guestcred.io/{name} created");
+    if !a.follow.enabled() {
+        return Ok(());
+    }
+    let outcome = follow::follow(&api, &ns, &name, a.follow.timeout).await?;
+    if let Outcome::Finished(run) = &outcome {
+        for t in run
+            .targets
+            .iter()
+            .filter(|t| t.state == TargetState::Succeeded)
+        {
+            println!("{}: {}", t.vm, t.message.as_deref().unwrap_or("removed"));
+        }
+    }
+    conclude::<KeypairRebuild>(&name, outcome)
+}
+
+pub async fn list_keys(g: &Global, a: ListKeys) -> anyhow::Result<()> {
+    let (client, ns) = connect(g).await?;
+    let name = object_name(&a.vm, "keys");
+    let spec = serde_json::json!({
+        "target": {"vmName": a.vm},
+        "user": a.user,
+        "mode": KeyMode::Inspect,
+    });
+    let api = create(&client, &ns, &name, spec).await?;
+    let result = wait_for_report(&api, &ns, &name, a.timeout).await;
+    // A read-only question leaves nothing behind, unless it is still going on.
+    if !matches!(&result, Err(e) if e.downcast_ref::<crate::util::Exit>().is_some_and(|x| x.code == exit::TIMEOUT))
+        && let Err(e) = api.delete(&name, &DeleteParams::default()).await
+    {
+        eprintln!(
+            "warning: could not delete kpr/{name}: {}",
+            Call {
+                verb: "delete",
+                resource: REBUILDS,
+                namespace: &ns,
+            }
+            .error(e)
+        );
+    }
+    let (target, report) = result?;
+    print_report(&target, &report, a.output)
+}
+
+/// Wait until the Inspect object's target has its report (or failed, or stalled).
+async fn wait_for_report(
+    api: &Api<KeypairRebuild>,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<(TargetStatus, GuestKeys)> {
+    let call = Call {
+        verb: "get",
+        resource: REBUILDS,
+        namespace: ns,
+    };
+    let start = Instant::now();
+    loop {
+        let obj = api.get(name).await.map_err(|e| call.error(e))?;
+        let generation = obj.metadata.generation;
+        if let Some(run) = obj.status.as_ref().map(|s| &s.run)
+            && run.observed_generation == generation
+        {
+            if let Some(t) = run.targets.first() {
+                match (t.state, &t.guest_keys) {
+                    (TargetState::Succeeded, Some(keys)) => return Ok((t.clone(), keys.clone())),
+                    (TargetState::Failed | TargetState::Skipped, _) => {
+                        return Err(fail(
+                            exit::FAILED,
+                            format!(
+                                "kpr/{name}: cannot read the keys of {}: {} {}",
+                                t.vm,
+                                t.reason.as_deref().unwrap_or("Failed"),
+                                t.message.as_deref().unwrap_or("")
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(c) = run.conditions.iter().find(|c| {
+                c.type_ == guestcred_api::conditions::STALLED
+                    && c.status == "True"
+                    && c.observed_generation == generation
+            }) {
+                return Err(fail(
+                    exit::FAILED,
+                    format!("kpr/{name} is stalled: {}: {}", c.reason, c.message),
+                ));
+            }
+        }
+        if start.elapsed() > timeout {
+            return Err(fail(
+                exit::TIMEOUT,
+                format!(
+                    "timed out waiting for the key report of kpr/{name}; it goes on (see `kubectl guestcred status {name}`, then delete it)"
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The report as a table (stdout; notes on stderr), or as JSON / YAML.
+fn print_report(t: &TargetStatus, r: &GuestKeys, output: Output) -> anyhow::Result<()> {
+    let user = t.user.as_deref().unwrap_or("-");
+    match output {
+        Output::Json | Output::Yaml => {
+            let mut value = serde_json::to_value(r)?;
+            value["vm"] = t.vm.clone().into();
+            value["user"] = user.into();
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{}", serde_yaml::to_string(&value)?);
+            }
+        }
+        Output::Table => {
+            if r.keys.is_empty() {
+                eprintln!("No keys found for user {user} in {}.", t.vm);
+            } else {
+                let mut rows = vec![vec![
+                    "FINGERPRINT".to_string(),
+                    "TYPE".into(),
+                    "COMMENT".into(),
+                    "MANAGED".into(),
+                    "EXPIRES".into(),
+                ]];
+                for k in &r.keys {
+                    rows.push(vec![
+                        k.fingerprint.clone(),
+                        display_comment(&k.key_type),
+                        k.comment
+                            .as_deref()
+                            .map_or_else(|| "-".into(), display_comment),
+                        if k.managed { "yes" } else { "no" }.into(),
+                        k.expires_at
+                            .as_ref()
+                            .map_or_else(|| "-".into(), |e| e.0.to_string()),
+                    ]);
+                }
+                print!("{}", crate::status::table(&rows));
+            }
+            if r.not_shown > 0 {
+                eprintln!(
+                    "{} more key(s) not shown ({} in all; the report lists at most {}).",
+                    r.not_shown,
+                    r.total,
+                    guestcred_api::keypair::MAX_GUEST_KEYS
+                );
+            }
+            if r.unreadable_lines > 0 {
+                eprintln!(
+                    "{} line(s) of the file are not keys (sshd ignores them too).",
+                    r.unreadable_lines
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

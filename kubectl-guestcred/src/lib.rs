@@ -22,8 +22,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(a) => status::status(g, a).await,
         Command::ShowPassword(a) => password::show_password(g, a).await,
         Command::AddKey(a) => keys::add_key(g, a).await,
-        Command::RemoveKey(a) => keys::remove_key(a),
-        Command::ListKeys(a) => keys::list_keys(a),
+        Command::RemoveKey(a) => keys::remove_key(g, a).await,
+        Command::ListKeys(a) => keys::list_keys(g, a).await,
         Command::Completion(a) => {
             let mut script = Vec::new();
             complete::script(a.shell, &mut script);

@@ -5,8 +5,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use std::fmt;
 
-/// Exit codes: 0 every VM succeeded; 1 a VM failed or the API refused; 2 a usage error or a
-/// command this guestcred version does not support; 3 --timeout passed (the run goes on);
+/// Exit codes: 0 every VM succeeded; 1 a VM failed (e.g. KeyNotFound) or the API refused; 2 a
+/// usage error (nothing was created); 3 --timeout passed (the run goes on);
 /// 130 interrupted.
 pub mod exit {
     pub const FAILED: i32 = 1;

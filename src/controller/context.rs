@@ -54,6 +54,9 @@ pub struct Context {
     pub rebuilds: Store<KeypairRebuild>,
     /// Secrets' names and resourceVersions (metadata watch, everything else dropped).
     pub secret_versions: Store<PartialObjectMeta<Secret>>,
+    /// Guest key reports of KeypairRebuilds with mode Inspect, read by a target and not
+    /// yet written to its status (see `keypair::publish_guest_keys`).
+    pub key_reports: super::keypair::KeyReports,
 }
 
 impl Context {

@@ -35,6 +35,9 @@ pub enum Error {
     },
     #[error("{0}")]
     VerificationFailed(String),
+    /// `removeFingerprints` names a key the guest user does not have.
+    #[error("{0}")]
+    KeyNotFound(String),
     #[error("{0}")]
     OutputSecretConflict(String),
     #[error("deadline of {seconds}s exceeded; last error: {last}")]
@@ -119,6 +122,7 @@ impl Error {
                 | ShimErrorReason::Internal => Reason::ShimError,
             },
             Self::VerificationFailed(_) => Reason::VerificationFailed,
+            Self::KeyNotFound(_) => Reason::KeyNotFound,
             Self::OutputSecretConflict(_) => Reason::OutputSecretConflict,
             Self::DeadlineExceeded { .. } => Reason::DeadlineExceeded,
             // RBAC refusals are named as such (and retried: a fix needs no spec edit).

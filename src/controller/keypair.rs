@@ -1,5 +1,7 @@
 //! KeypairRebuild: put SSH public keys into guests live through the agent, touching only
-//! the keys this operator added, and verify them by reading them back.
+//! the keys this operator added, and verify them by reading them back. Also removal of
+//! named keys (`spec.removeFingerprints`, `remove.rs`) and a read-only report of a guest's
+//! keys (`mode: Inspect`, `inspect.rs`).
 use super::context::Context;
 use super::engine::{Cleanup, Outcome, Prepared, RunKind};
 use super::error::Error;
@@ -8,7 +10,7 @@ use super::keys::{WantedKey, fingerprint_of, parse_keys, present_fingerprints};
 use super::password::cel_message;
 use super::secrets;
 use super::targets::TargetCall;
-use crate::api::keypair::{KeyMode, KeyStrategy};
+use crate::api::keypair::{KeyAction, KeyMode, KeyStrategy};
 use crate::api::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::api::wire::KeyOp;
 use crate::api::{KeypairRebuild, Reason, RunSpec, RunStatus, SecretKeyRef, TargetStatus};
@@ -23,8 +25,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod cleanup;
+mod inspect;
+mod remove;
 
 pub use cleanup::{KEYS_FINALIZER, KEYS_LEFT_BEHIND};
+pub use inspect::{KeyReports, publish_guest_keys};
 
 /// Annotation prefix on a VM recording the fingerprints guestcred added for a user, so a
 /// later Replace removes them even when the object that added them is gone.
@@ -34,14 +39,27 @@ fn annotation_key(user: &str) -> String {
     format!("{MANAGED_KEYS_ANNOTATION_PREFIX}{user}")
 }
 
+/// What one run of a KeypairRebuild does, as `prepare` read it.
+pub enum KeyInput {
+    /// `publicKeys`: the keys to put in place.
+    Add(Vec<WantedKey>),
+    /// `removeFingerprints`: the keys to remove (validated, distinct).
+    Remove(BTreeSet<String>),
+    /// `mode: Inspect`: read the keys.
+    Inspect,
+}
+
 impl RunKind for KeypairRebuild {
-    type Input = Vec<WantedKey>;
+    type Input = KeyInput;
 
     fn common(&self) -> &RunSpec {
         &self.spec.common
     }
     fn input_secret(&self) -> Option<&SecretKeyRef> {
-        self.spec.public_keys.secret_ref.as_ref()
+        self.spec
+            .public_keys
+            .as_ref()
+            .and_then(|p| p.secret_ref.as_ref())
     }
     fn run_status(&self) -> Option<&RunStatus> {
         self.status.as_ref().map(|s| &s.run)
@@ -56,9 +74,10 @@ impl RunKind for KeypairRebuild {
     fn validate(&self) -> Result<(), Error> {
         crate::api::rules::check_rebuild(self).map_err(|e| Error::InvalidSpec(cel_message(&e)))?;
         let ns = self.namespace().unwrap_or_default();
-        if let Some(r) = &self.spec.public_keys.secret_ref {
+        if let Some(r) = self.input_secret() {
             secrets::check_same_namespace(r, &ns, "publicKeys.secretRef")?;
         }
+        check_action(&self.spec)?;
         if let Some(u) = &self.spec.common.user {
             crate::api::validate::user(u)
                 .map_err(|e| Error::InvalidUser(format!("spec.user: {}", e.message)))?;
@@ -73,12 +92,32 @@ impl RunKind for KeypairRebuild {
         Ok(())
     }
 
-    async fn prepare(&self, ctx: &Context) -> Result<Prepared<Vec<WantedKey>>, Error> {
+    async fn prepare(&self, ctx: &Context) -> Result<Prepared<KeyInput>, Error> {
+        let uid = self.uid().unwrap_or_default();
+        let flags = format!(
+            "{:?}/{:?}/{}/{}",
+            self.spec.mode,
+            self.spec.strategy,
+            self.spec.replace_all,
+            self.spec.common.user.clone().unwrap_or_default()
+        );
+        let source = match check_action(&self.spec)? {
+            KeyAction::Add => self.spec.public_keys.clone().unwrap_or_default(),
+            KeyAction::Remove => {
+                let fps: BTreeSet<String> = self.spec.remove_fingerprints.iter().cloned().collect();
+                let mut parts: Vec<&[u8]> = vec![b"remove"];
+                parts.extend(fps.iter().map(|f| f.as_bytes()));
+                parts.push(flags.as_bytes());
+                let hash = secrets::keyed_hash(&uid, &parts);
+                return Ok(Prepared::inline(KeyInput::Remove(fps), hash));
+            }
+            KeyAction::Inspect => {
+                let hash = secrets::keyed_hash(&uid, &[b"inspect", flags.as_bytes()]);
+                return Ok(Prepared::inline(KeyInput::Inspect, hash));
+            }
+        };
         let ns = self.namespace().unwrap_or_default();
-        let (text, secret_version) = match (
-            &self.spec.public_keys.secret_ref,
-            &self.spec.public_keys.inline,
-        ) {
+        let (text, secret_version) = match (&source.secret_ref, &source.inline) {
             (Some(r), None) => {
                 let read = secrets::read_key(&ctx.client, &ns, r).await?;
                 (
@@ -96,17 +135,10 @@ impl RunKind for KeypairRebuild {
         let keys = parse_keys(&text)?;
         let fps: Vec<&[u8]> = keys.iter().map(|k| k.fingerprint.as_bytes()).collect();
         let mut parts = fps;
-        let flags = format!(
-            "{:?}/{:?}/{}/{}",
-            self.spec.mode,
-            self.spec.strategy,
-            self.spec.replace_all,
-            self.spec.common.user.clone().unwrap_or_default()
-        );
         parts.push(flags.as_bytes());
-        let hash = secrets::keyed_hash(&self.uid().unwrap_or_default(), &parts);
+        let hash = secrets::keyed_hash(&uid, &parts);
         Ok(Prepared {
-            input: keys,
+            input: KeyInput::Add(keys),
             hash,
             legacy_hash: None,
             secret_version,
@@ -133,12 +165,22 @@ impl RunKind for KeypairRebuild {
     async fn apply(
         &self,
         ctx: &Context,
-        wanted: &Vec<WantedKey>,
+        input: &KeyInput,
         call: &TargetCall,
     ) -> Result<Outcome, Error> {
+        let wanted = match input {
+            KeyInput::Add(wanted) => wanted,
+            KeyInput::Remove(fps) => return remove::remove_keys(self, ctx, call, fps).await,
+            KeyInput::Inspect => return inspect::inspect_keys(self, ctx, call).await,
+        };
         let probe = call.shim.probe(&call.domain).await?;
         let live = match self.spec.mode {
             KeyMode::Rebuild => false,
+            KeyMode::Inspect => {
+                return Err(Error::InvalidSpec(
+                    "mode Inspect takes no publicKeys".into(),
+                ));
+            }
             // Auto: live when the agent can do it, else rebuild. An agent that is not
             // connected (yet) is retried rather than taken as "cannot".
             KeyMode::Auto if probe.agent_connected => probe.supports_ssh_keys(),
@@ -260,6 +302,87 @@ impl RunKind for KeypairRebuild {
     }
 }
 
+/// The action the spec asks for, checked again as the CRD's CEL rules state it (an API
+/// server without them lets anything through), plus what CEL does not check: distinct,
+/// well-formed fingerprints.
+fn check_action(spec: &crate::api::KeypairRebuildSpec) -> Result<KeyAction, Error> {
+    let action = spec.action().map_err(Error::InvalidSpec)?;
+    let adds_only = "ttlSeconds and replaceAll apply to keys being added (publicKeys); removeFingerprints and mode Inspect take neither";
+    match action {
+        KeyAction::Add => {}
+        KeyAction::Inspect => {
+            if spec.common.target.vm_name.is_none() {
+                return Err(Error::InvalidSpec(
+                    "mode Inspect reads one VM's keys: set target.vmName (the keys of every VM a selector matches would not fit in one object's status)".into(),
+                ));
+            }
+            if spec.ttl_seconds.is_some() || spec.replace_all {
+                return Err(Error::InvalidSpec(adds_only.into()));
+            }
+        }
+        KeyAction::Remove => {
+            if spec.mode == KeyMode::Rebuild {
+                return Err(Error::InvalidSpec(
+                    "removeFingerprints needs mode Live or Auto: the guest agent removes the keys (guest-ssh-remove-authorized-keys); a rebuild cannot take a key out".into(),
+                ));
+            }
+            if spec.ttl_seconds.is_some() || spec.replace_all {
+                return Err(Error::InvalidSpec(adds_only.into()));
+            }
+            let fps = &spec.remove_fingerprints;
+            if fps.len() > crate::api::keypair::MAX_REMOVE_FINGERPRINTS {
+                return Err(Error::InvalidSpec(format!(
+                    "removeFingerprints lists {} fingerprints; at most {} per object",
+                    fps.len(),
+                    crate::api::keypair::MAX_REMOVE_FINGERPRINTS
+                )));
+            }
+            let mut seen = BTreeSet::new();
+            for (i, fp) in fps.iter().enumerate() {
+                if !crate::api::keypair::is_fingerprint(fp) {
+                    return Err(Error::InvalidSpec(format!(
+                        "removeFingerprints[{i}]: each entry is a SHA256 fingerprint like SHA256:<43 base64 characters>, as ssh-keygen -lf KEYFILE prints it"
+                    )));
+                }
+                if !seen.insert(fp) {
+                    return Err(Error::InvalidSpec(format!(
+                        "removeFingerprints[{i}] repeats {fp}"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(action)
+}
+
+/// The agent of `call` is connected and has `commands` (else a transient
+/// AgentNotConnected, or UnsupportedByAgent naming what `needs` them).
+async fn require_agent(call: &TargetCall, commands: &[&str], needs: &str) -> Result<(), Error> {
+    let probe = call.shim.probe(&call.domain).await?;
+    if !probe.agent_connected {
+        return Err(Error::Shim {
+            reason: crate::api::wire::ShimErrorReason::AgentNotConnected,
+            message: format!("the guest agent of {} is not connected", call.vm),
+        });
+    }
+    let missing: Vec<&str> = commands
+        .iter()
+        .filter(|c| !probe.supported_commands.iter().any(|s| s == *c))
+        .copied()
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Shim {
+            reason: crate::api::wire::ShimErrorReason::Unsupported,
+            message: format!(
+                "the guest agent of {} lacks {} (qemu-ga 5.2+, not blocked), which {needs} needs",
+                call.vm,
+                missing.join(", ")
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The managed-key bookkeeping of a KeypairRebuild (the type lives in the api package).
 trait ManagedKeys {
     async fn expire_keys(
@@ -326,17 +449,38 @@ async fn update_managed_keys(
     if add.is_empty() && release.is_empty() {
         return Ok(());
     }
+    update_vm_annotation(ctx, call, &annotation_key(&call.user), |old| {
+        let before: BTreeSet<String> = parse_record(old);
+        let after: BTreeSet<String> = before
+            .union(add)
+            .filter(|fp| !release.contains(*fp))
+            .cloned()
+            .collect();
+        (after != before).then(|| after.into_iter().collect::<Vec<_>>().join(","))
+    })
+    .await
+}
+
+/// Change one annotation of the target's VM (else, a VMI without a VM, of the VMI): `f`
+/// gets its current value and returns the new one (None: leave it). Read fresh and
+/// written with the resourceVersion it was read at, retried on conflicts, so concurrent
+/// writers never lose each other's updates.
+async fn update_vm_annotation(
+    ctx: &Context,
+    call: &TargetCall,
+    key: &str,
+    f: impl Fn(Option<&String>) -> Option<String>,
+) -> Result<(), Error> {
     let ns = call.vmi.namespace().unwrap_or_default();
-    let key = annotation_key(&call.user);
     let mut attempt = 0;
     loop {
         attempt += 1;
         let result = if call.vm_object.is_some() {
             let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
-            patch_record(&api, &call.vm, &key, add, release).await
+            patch_annotation(&api, &call.vm, key, &f).await
         } else {
             let api: Api<VirtualMachineInstance> = Api::namespaced(ctx.client.clone(), &ns);
-            patch_record(&api, &call.vm, &key, add, release).await
+            patch_annotation(&api, &call.vm, key, &f).await
         };
         match result {
             Err(kube::Error::Api(s)) if s.code == 409 && attempt < 10 => continue,
@@ -345,27 +489,19 @@ async fn update_managed_keys(
     }
 }
 
-async fn patch_record<K>(
+async fn patch_annotation<K>(
     api: &Api<K>,
     name: &str,
     key: &str,
-    add: &BTreeSet<String>,
-    release: &BTreeSet<String>,
+    f: &impl Fn(Option<&String>) -> Option<String>,
 ) -> Result<(), kube::Error>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let fresh = api.get(name).await?;
-    let before: BTreeSet<String> = parse_record(fresh.annotations().get(key));
-    let after: BTreeSet<String> = before
-        .union(add)
-        .filter(|fp| !release.contains(*fp))
-        .cloned()
-        .collect();
-    if after == before {
+    let Some(value) = f(fresh.annotations().get(key)) else {
         return Ok(());
-    }
-    let value = after.into_iter().collect::<Vec<_>>().join(",");
+    };
     let patch = serde_json::json!({"metadata": {
         "resourceVersion": fresh.resource_version(),
         "annotations": {key: value},

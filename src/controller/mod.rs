@@ -302,6 +302,7 @@ pub async fn start(
         resets: resets.store(),
         rebuilds: rebuilds.store(),
         secret_versions,
+        key_reports: Default::default(),
     });
     // Finished objects whose Secret kept its resourceVersion resync without reading it:
     // give that cache a moment to fill before the first reconciles (a miss only costs a GET).
@@ -320,7 +321,7 @@ pub async fn start(
         .reconcile_on(rebuild_changes)
         .graceful_shutdown_on(shutdown.clone())
         .run(
-            reconcile::<KeypairRebuild>,
+            reconcile_rebuild,
             error_policy::<KeypairRebuild>,
             ctx.clone(),
         )
@@ -486,6 +487,16 @@ async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action,
     let result = engine::reconcile(obj, ctx.clone()).await;
     ctx.metrics.reconcile(&K::kind(&()), result.is_ok());
     result
+}
+
+/// A KeypairRebuild's reconcile, then the key reports of its Inspect targets (written
+/// after the run's own status write; see `keypair::publish_guest_keys`).
+async fn reconcile_rebuild(obj: Arc<KeypairRebuild>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let action = reconcile(obj.clone(), ctx.clone()).await?;
+    Ok(match keypair::publish_guest_keys(&obj, &ctx).await {
+        Some(wait) => Action::requeue(wait),
+        None => action,
+    })
 }
 
 fn error_policy<K: RunKind>(obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {

@@ -9,7 +9,14 @@
 //! schema validation or CEL (as on a cluster with validation off): every rule the CRD
 //! schema states must also be enforced by the controller, which is what these cases check.
 //! The cases are grouped by what is wrong, one module each.
+//!
+//! `make test` runs this binary twice: on the emulator, and with
+//! `GUESTCRED_CONTROL_PLANE=real` on a real kube-apiserver (lab/controlplane), where the
+//! CRD's schema and CEL rules refuse some objects before the controller sees them: those
+//! cases expect the server's message there ([`applied_unless_the_server_refuses`]), and
+//! docs/bad-input.md lists it beside the controller's reason.
 #![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
+mod key_removal;
 mod passwords;
 mod public_keys;
 mod schema;

@@ -153,12 +153,13 @@ impl TestObject for KeypairRebuild {
             name,
             KeypairRebuildSpec {
                 common: RunSpec::default(),
-                public_keys: PublicKeySource::default(),
+                public_keys: None,
                 mode: KeyMode::Live,
                 strategy: KeyStrategy::Replace,
                 replace_all: false,
                 ttl_seconds: None,
                 on_delete: Default::default(),
+                remove_fingerprints: Vec::new(),
             },
         );
         r.metadata.namespace = Some(NS.into());
@@ -184,6 +185,13 @@ pub trait KeysTest: Sized {
     fn strategy(self, strategy: KeyStrategy) -> Self;
     fn replace_all(self) -> Self;
     fn ttl(self, seconds: u32) -> Self;
+    /// Remove the keys with these fingerprints (`removeFingerprints`, no `publicKeys`).
+    fn remove_fingerprints<I, S>(self, fingerprints: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>;
+    /// Mode Inspect: read the keys, change nothing (no `publicKeys`).
+    fn inspect(self) -> Self;
 }
 
 impl KeysTest for KeypairRebuild {
@@ -192,17 +200,17 @@ impl KeysTest for KeypairRebuild {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        self.spec.public_keys = PublicKeySource {
+        self.spec.public_keys = Some(PublicKeySource {
             secret_ref: None,
             inline: Some(keys.into_iter().map(|k| k.as_ref().to_string()).collect()),
-        };
+        });
         self
     }
     fn keys_from_secret(mut self, name: &str, key: &str) -> Self {
-        self.spec.public_keys = PublicKeySource {
+        self.spec.public_keys = Some(PublicKeySource {
             secret_ref: Some(secret_ref(name, key)),
             inline: None,
-        };
+        });
         self
     }
     fn mode(mut self, mode: KeyMode) -> Self {
@@ -219,6 +227,23 @@ impl KeysTest for KeypairRebuild {
     }
     fn ttl(mut self, seconds: u32) -> Self {
         self.spec.ttl_seconds = Some(seconds);
+        self
+    }
+    fn remove_fingerprints<I, S>(mut self, fingerprints: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.spec.public_keys = None;
+        self.spec.remove_fingerprints = fingerprints
+            .into_iter()
+            .map(|f| f.as_ref().to_string())
+            .collect();
+        self
+    }
+    fn inspect(mut self) -> Self {
+        self.spec.public_keys = None;
+        self.spec.mode = KeyMode::Inspect;
         self
     }
 }
