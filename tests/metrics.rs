@@ -14,8 +14,10 @@ use guestcred::controller::shim_client::{ShimApi, ShimCallError, ShimClient};
 use guestcred::shim::qga::QgaSocketAgent;
 use guestcred::shim::server::ShimApp;
 use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
-use guestcred_lab::testing::{ResetTest, Steps, TargetedTest, TestObject, phase, world_with_guest};
-use guestcred_lab::world::{World, WorldOptions, serve_plain_http};
+use guestcred_lab::testing::{
+    ResetTest, Steps, TargetedTest, TestObject, phase, serve_on_loopback, world_with_guest,
+};
+use guestcred_lab::world::{World, WorldOptions};
 use secrecy::SecretString;
 
 const SHA512: &str = "$6$gcMetricSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0";
@@ -24,16 +26,6 @@ const VM: &str = "vm-metrics-zebra";
 const USER: &str = "alice";
 const NS: &str = "default";
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Serve `router` on 127.0.0.1 and return its base URL.
-async fn serve_on_loopback(router: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(serve_plain_http(listener, router, std::future::pending()));
-    url
-}
 
 async fn get(url: &str) -> (u16, String, String) {
     let r = reqwest::get(url).await.expect("GET");

@@ -20,15 +20,11 @@ use guestcred_lab::guest::{
     self, GuestSpec, Libvirtd, TestLab, VM_A, VM_B, VM_HUNG, VM_NOAGENT, VM_OLDAGENT, shadow_entry,
     shared_test_lab,
 };
-use guestcred_lab::testing::{assert_same_keys, password_request, shim_reason};
-use guestcred_lab::world::serve_plain_http;
+use guestcred_lab::testing::{
+    KEY1, KEY2, KEY3, assert_agent_timeout, assert_same_keys, password_request, serve_on_loopback,
+    shim_reason,
+};
 
-const KEY1: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOglZHLWMUiFZKISTA02CLUEt1OFBDFgL3fufFHEpdbt user1@lab";
-const KEY2: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINXFgCFRWfuwTzj2HeO7BmTLkYNkBWnqJFF1z8Ysj2IQ user2@lab";
-const KEY3: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINcnEfdogNe+2gIjM/9tVUUrb4ZwUU5b3vnNoMb4Aywb user3@lab";
 const SHA512_HASH: &str = "$6$gcLabSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0";
 /// The hung-agent test's configured timeout.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -50,15 +46,11 @@ async fn shim(locator: Locator) -> ShimClient {
 
 async fn shim_with_timeout(locator: Locator, agent_timeout: Duration) -> ShimClient {
     let agent = Arc::new(LibvirtAgent::new(locator, agent_timeout));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
     // Plain HTTP from lab code (mutual TLS is tests/shim_tls.rs); the node check is on.
     let router = ShimApp::new(agent, LAB_NODE)
         .backend("libvirt")
         .router_without_auth_for_test_worlds();
-    tokio::spawn(serve_plain_http(listener, router, std::future::pending()));
+    let url = serve_on_loopback(router).await;
     ShimClient::new(url, None, CLIENT_TIMEOUT).expect("client")
 }
 
@@ -136,27 +128,26 @@ async fn plaintext_password_gives_a_new_guest_hash() {
     );
 }
 
+/// alice's authorized keys on `d` after `op` with `keys`; fails the test on an error.
+async fn alice_keys_after(c: &ShimClient, d: &DomainRef, op: KeyOp, keys: &[&str]) -> Vec<String> {
+    let keys = keys.iter().map(|k| k.to_string()).collect();
+    c.ssh_keys(d, "alice", op, keys)
+        .await
+        .expect("ssh-keys call")
+}
+
 #[tokio::test]
 async fn ssh_keys_add_remove_replace_and_get_round_trip() {
     let (_lab, c) = lab_shim().await;
     let d = domain(VM_A);
-    let added = c
-        .ssh_keys(&d, "alice", KeyOp::Add, vec![KEY1.into(), KEY2.into()])
-        .await
-        .unwrap();
+    let added = alice_keys_after(&c, &d, KeyOp::Add, &[KEY1, KEY2]).await;
     assert!(
         added.iter().any(|k| k == KEY1) && added.iter().any(|k| k == KEY2),
         "{added:?}"
     );
-    let removed = c
-        .ssh_keys(&d, "alice", KeyOp::Remove, vec![KEY1.into()])
-        .await
-        .unwrap();
+    let removed = alice_keys_after(&c, &d, KeyOp::Remove, &[KEY1]).await;
     assert!(!removed.iter().any(|k| k == KEY1) && removed.iter().any(|k| k == KEY2));
-    let replaced = c
-        .ssh_keys(&d, "alice", KeyOp::Replace, vec![KEY3.into()])
-        .await
-        .unwrap();
+    let replaced = alice_keys_after(&c, &d, KeyOp::Replace, &[KEY3]).await;
     assert_same_keys(&replaced, &[KEY3]);
     assert_same_keys(&c.get_ssh_keys(&d, "alice").await.unwrap(), &[KEY3]);
 }
@@ -201,16 +192,24 @@ async fn hung_agent_times_out_after_the_configured_timeout_while_another_domain_
         "calls to the hung domain must still be pending while another domain answers"
     );
     for h in hung {
-        let r = tokio::time::timeout(Duration::from_secs(60), h)
-            .await
-            .expect("hung call ends")
-            .expect("join");
-        assert_eq!(shim_reason(r), ShimErrorReason::AgentTimeout);
+        assert_agent_timeout(h, Duration::from_secs(60)).await;
     }
     assert!(
         started.elapsed() >= AGENT_TIMEOUT,
         "timed out before the configured agent timeout"
     );
+}
+
+/// `action` (a blocking libvirt call, e.g. `guest::pause_guest`) on domain `vm` at `uri`.
+async fn on_domain<T: Send + 'static>(
+    uri: &str,
+    vm: &'static str,
+    action: fn(&str, &str) -> T,
+) -> T {
+    let uri = uri.to_owned();
+    tokio::task::spawn_blocking(move || action(&uri, vm))
+        .await
+        .expect("the libvirt call ran")
 }
 
 #[tokio::test]
@@ -225,18 +224,14 @@ async fn paused_domain_is_not_running() {
         VM,
     )
     .await;
-    let u = uri.clone();
-    tokio::task::spawn_blocking(move || guest::pause_guest(&u, VM))
+    on_domain(&uri, VM, guest::pause_guest)
         .await
-        .unwrap()
         .expect("pause");
     let r = c
         .set_password(&password(VM, "root", SHA512_HASH, true))
         .await;
-    let u = uri.clone();
-    tokio::task::spawn_blocking(move || guest::destroy_guest(&u, VM))
+    on_domain(&uri, VM, guest::destroy_guest)
         .await
-        .unwrap()
         .expect("destroy");
     assert_eq!(shim_reason(r), ShimErrorReason::DomainNotRunning);
 }

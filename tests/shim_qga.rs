@@ -7,9 +7,9 @@
 //! these tests fail with the reason; they never skip.
 #![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use guestcred::api::wire::{DomainRef, KeyOp, SetPasswordRequest, ShimErrorReason, paths};
@@ -17,17 +17,12 @@ use guestcred::controller::shim_client::{ShimApi, ShimCallError, ShimClient};
 use guestcred::shim::qga::QgaSocketAgent;
 use guestcred::shim::server::ShimApp;
 use guestcred_lab::hostqga::{HostQga, HostQgaOptions, SSH_COMMANDS};
-use guestcred_lab::testing::{alice, assert_same_keys, password_request, shim_reason};
-use guestcred_lab::world::serve_plain_http;
+use guestcred_lab::testing::{
+    KEY1, KEY2, KEY3, alice, assert_agent_timeout, assert_same_keys, hash_of, password_request,
+    serve_on_loopback, shim_reason, silent_socket,
+};
 use tempfile::TempDir;
-use tokio::net::UnixListener;
 
-const KEY1: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOglZHLWMUiFZKISTA02CLUEt1OFBDFgL3fufFHEpdbt user1@lab";
-const KEY2: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINXFgCFRWfuwTzj2HeO7BmTLkYNkBWnqJFF1z8Ysj2IQ user2@lab";
-const KEY3: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINcnEfdogNe+2gIjM/9tVUUrb4ZwUU5b3vnNoMb4Aywb user3@lab";
 const SHA512_HASH: &str = "$6$gcLabSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0";
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -45,14 +40,10 @@ impl Shim {
             .expect("tempdir");
         let template = format!("{}/{{name}}/qga.sock", dir.path().display());
         let agent = Arc::new(QgaSocketAgent::new(template, agent_timeout));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
         let app = ShimApp::new(agent, NODE)
             .backend("qga-socket")
             .router_without_auth_for_test_worlds();
-        tokio::spawn(serve_plain_http(listener, app, std::future::pending()));
+        let url = serve_on_loopback(app).await;
         Self { dir, url }
     }
 
@@ -68,6 +59,15 @@ impl Shim {
         HostQga::start_with(self.dir.path(), name, &opts).unwrap_or_else(|e| {
             panic!("lab qemu-ga {name} must start (needs root, unshare, overlayfs, qemu-ga): {e}")
         })
+    }
+
+    /// Sets `user`'s password on VM `vm` to `secret` (a crypt(3) hash when `crypted`);
+    /// fails the test if the shim refuses.
+    async fn set_password(&self, vm: &str, user: &str, secret: &str, crypted: bool) {
+        self.client()
+            .set_password(&password(vm, user, secret, crypted))
+            .await
+            .unwrap_or_else(|e| panic!("set {user}'s password on {vm}: {e:?}"));
     }
 
     fn socket_dir(&self, name: &str) -> PathBuf {
@@ -88,45 +88,28 @@ fn password(vm: &str, user: &str, secret: &str, crypted: bool) -> SetPasswordReq
     password_request(domain(vm), user, secret, crypted)
 }
 
-/// A socket that accepts connections and never answers: a hung agent. Counts connections.
-fn silent_socket(path: &Path) -> Arc<AtomicUsize> {
-    let listener = UnixListener::bind(path).expect("bind silent socket");
-    let count = Arc::new(AtomicUsize::new(0));
-    let seen = count.clone();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            seen.fetch_add(1, Ordering::SeqCst);
-            held.push(stream);
-        }
-    });
-    count
+/// A crypted password for `user` on a fresh VM `vm` (its agent as `opts` say) lands in
+/// the guest's shadow as the very hash sent.
+async fn assert_crypted_hash_lands(vm: &str, user: &str, opts: HostQgaOptions) {
+    let shim = Shim::open().await;
+    let guest = shim.vm(vm, opts);
+    shim.set_password(vm, user, SHA512_HASH, true).await;
+    assert_eq!(hash_of(&guest, user).as_deref(), Some(SHA512_HASH));
 }
 
 #[tokio::test]
 async fn crypted_password_lands_verbatim_in_the_guest_shadow() {
-    let shim = Shim::open().await;
-    let vm = shim.vm("vm-crypt", alice());
-    shim.client()
-        .set_password(&password("vm-crypt", "alice", SHA512_HASH, true))
-        .await
-        .expect("set crypted password");
-    assert_eq!(
-        vm.shadow_hash("alice").unwrap().as_deref(),
-        Some(SHA512_HASH)
-    );
+    assert_crypted_hash_lands("vm-crypt", "alice", alice()).await;
 }
 
 #[tokio::test]
 async fn plaintext_password_becomes_a_new_guest_hash() {
     let shim = Shim::open().await;
     let vm = shim.vm("vm-plain", alice());
-    let before = vm.shadow_hash("alice").unwrap();
-    shim.client()
-        .set_password(&password("vm-plain", "alice", "Correct horse 1", false))
-        .await
-        .expect("set plaintext password");
-    let after = vm.shadow_hash("alice").unwrap().expect("alice in shadow");
+    let before = hash_of(&vm, "alice");
+    shim.set_password("vm-plain", "alice", "Correct horse 1", false)
+        .await;
+    let after = hash_of(&vm, "alice").expect("alice in shadow");
     assert_ne!(Some(&after), before.as_ref());
     assert!(
         after.starts_with("$y$") || after.starts_with("$6$"),
@@ -137,16 +120,7 @@ async fn plaintext_password_becomes_a_new_guest_hash() {
 
 #[tokio::test]
 async fn root_password_can_be_set() {
-    let shim = Shim::open().await;
-    let vm = shim.vm("vm-root", HostQgaOptions::default());
-    shim.client()
-        .set_password(&password("vm-root", "root", SHA512_HASH, true))
-        .await
-        .expect("set root password");
-    assert_eq!(
-        vm.shadow_hash("root").unwrap().as_deref(),
-        Some(SHA512_HASH)
-    );
+    assert_crypted_hash_lands("vm-root", "root", HostQgaOptions::default()).await;
 }
 
 #[tokio::test]
@@ -336,16 +310,9 @@ async fn hung_agent_times_out_while_another_vm_answers() {
         !hung.is_finished(),
         "the hung call must still be pending while the other VM answers"
     );
-    assert_eq!(
-        vm.shadow_hash("alice").unwrap().as_deref(),
-        Some(SHA512_HASH)
-    );
+    assert_eq!(hash_of(&vm, "alice").as_deref(), Some(SHA512_HASH));
 
-    let r = tokio::time::timeout(Duration::from_secs(30), hung)
-        .await
-        .expect("hung call ends")
-        .expect("join");
-    assert_eq!(shim_reason(r), ShimErrorReason::AgentTimeout);
+    assert_agent_timeout(hung, Duration::from_secs(30)).await;
     assert!(
         started.elapsed() >= timeout,
         "timed out before the configured agent timeout"
@@ -376,10 +343,8 @@ async fn a_client_hanging_up_with_the_agents_answer_unread_leaves_the_agent_serv
 
     let probe = shim.client().probe(&domain("vm-hangup")).await;
     assert!(probe.as_ref().is_ok_and(|p| p.agent_connected), "{probe:?}");
-    shim.client()
-        .set_password(&password("vm-hangup", "alice", SHA512_HASH, true))
-        .await
-        .expect("the agent still sets passwords");
+    shim.set_password("vm-hangup", "alice", SHA512_HASH, true)
+        .await;
 }
 
 #[tokio::test]
@@ -493,10 +458,7 @@ async fn many_vms_are_served_concurrently_each_with_its_own_result() {
             &result.expect("every VM answers"),
             &[[KEY1, KEY2, KEY3][i % 3]],
         );
-        assert_eq!(
-            vm.shadow_hash("alice").unwrap().as_deref(),
-            Some(SHA512_HASH)
-        );
+        assert_eq!(hash_of(&vm, "alice").as_deref(), Some(SHA512_HASH));
     }
 }
 

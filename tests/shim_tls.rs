@@ -24,7 +24,7 @@ use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
 use guestcred_lab::kubevirt::vm;
 use guestcred_lab::testing::{
     ResetTest, Steps, TargetedTest, TestObject, hash_of, message, password_request, phase,
-    shim_reason, target_reason,
+    shim_reason, silent_socket, target_reason,
 };
 use guestcred_lab::world::{World, WorldOptions, WorldTls};
 use rcgen::{
@@ -33,7 +33,6 @@ use rcgen::{
 };
 use secrecy::SecretString;
 use tempfile::TempDir;
-use tokio::net::UnixListener;
 
 const SHA512_HASH: &str = "$6$gcLabSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0";
 const NODE: &str = "node-a";
@@ -182,19 +181,7 @@ impl TlsShim {
 
     /// An agent socket that counts connections and never answers.
     fn counting_vm(&self, name: &str) -> Arc<AtomicUsize> {
-        let dir = self.dir.path().join(name);
-        std::fs::create_dir_all(&dir).expect("socket dir");
-        let listener = UnixListener::bind(dir.join("qga.sock")).expect("bind agent socket");
-        let count = Arc::new(AtomicUsize::new(0));
-        let seen = count.clone();
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                seen.fetch_add(1, Ordering::SeqCst);
-                held.push(stream);
-            }
-        });
-        count
+        silent_socket(&self.dir.path().join(name).join("qga.sock"))
     }
 
     fn metrics_text(&self) -> String {
@@ -891,15 +878,7 @@ async fn shim_binary_serves_mutual_tls_and_drains_in_flight_calls_on_sigterm() {
     let _vm = HostQga::start_with(dir.path(), "lab_vm-bin", &HostQgaOptions::default())
         .expect("lab qemu-ga must start");
     // A hung agent: the call on it stays in flight until the agent timeout.
-    let hung_dir = dir.path().join("lab_vm-hung");
-    std::fs::create_dir_all(&hung_dir).unwrap();
-    let hung = UnixListener::bind(hung_dir.join("qga.sock")).unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = hung.accept().await {
-            held.push(s);
-        }
-    });
+    silent_socket(&dir.path().join("lab_vm-hung/qga.sock"));
 
     let controller = Controller::new(dir.path(), &ca, Some(&ca.client_cert(CONTROLLER_NAME)));
     let client = controller.client(&format!("https://127.0.0.1:{port}"));

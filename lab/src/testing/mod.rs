@@ -17,7 +17,10 @@ pub use keys::{HAND, KEY1, KEY2, KEY3, SHA512_OTHER};
 pub use kubectl::Kubectl;
 pub use logs::{LogCapture, assert_not_leaked, leaks};
 pub use predicates::*;
-pub use shim::{assert_same_keys, password_request, shim_reason};
+pub use shim::{
+    assert_agent_timeout, assert_same_keys, password_request, serve_on_loopback, shim_reason,
+    silent_socket,
+};
 pub use steps::{STEP_WAIT, Steps, hash_of, keys_of, world, world_on_nodes, world_with_guest};
 
 /// The namespace test objects live in unless they say otherwise.
