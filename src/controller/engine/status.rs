@@ -423,9 +423,15 @@ pub(super) async fn publish_target<K: RunKind>(
 /// One Event per reason for the per-target Events the budget held back.
 pub(super) async fn publish_held<K: RunKind>(ctx: &Context, obj: &K, budget: &decide::EventBudget) {
     for (reason, n) in budget.held() {
-        let fine = [crate::api::Reason::Applied, crate::api::Reason::Verified]
-            .iter()
-            .any(|r| r.as_str() == reason);
+        use crate::api::Reason;
+        let fine = [
+            Reason::Applied,
+            Reason::Verified,
+            Reason::Removed,
+            Reason::Inspected,
+        ]
+        .iter()
+        .any(|r| r.as_str() == reason);
         let type_ = if fine {
             EventType::Normal
         } else {
