@@ -458,7 +458,7 @@ async fn many_vms_are_served_concurrently_each_with_its_own_result() {
             &result.expect("every VM answers"),
             &[[KEY1, KEY2, KEY3][i % 3]],
         );
-        assert_eq!(hash_of(&vm, "alice").as_deref(), Some(SHA512_HASH));
+        assert_eq!(hash_of(vm, "alice").as_deref(), Some(SHA512_HASH));
     }
 }
 
