@@ -249,6 +249,65 @@ fn schema(s: &Value) -> pb::Schema {
 
 /// The subset of gnostic's `openapi.v2` messages this document uses (same names and tags).
 mod pb {
+    /// gnostic's `Named*` messages: a name (tag 1) and a value (tag 2).
+    macro_rules! named {
+        ($name:ident, $value:ty) => {
+            #[derive(Clone, PartialEq, prost::Message)]
+            pub struct $name {
+                #[prost(string, tag = "1")]
+                pub name: String,
+                #[prost(message, optional, tag = "2")]
+                pub value: Option<$value>,
+            }
+        };
+    }
+
+    /// A gnostic message that is a oneof of which this document uses one variant:
+    /// `$name { oneof: $module::Oneof::$variant($inner) }`, tag `$tag` (`$path` is
+    /// `"$module::Oneof"`, spelled out for prost).
+    macro_rules! one_of {
+        ($name:ident, $module:ident, $path:tt, $tag:tt, $variant:ident($inner:ident)) => {
+            #[derive(Clone, PartialEq, prost::Message)]
+            pub struct $name {
+                #[prost(oneof = $path, tags = $tag)]
+                pub oneof: Option<$module::Oneof>,
+            }
+
+            pub mod $module {
+                #[derive(Clone, PartialEq, prost::Oneof)]
+                pub enum Oneof {
+                    #[prost(message, tag = $tag)]
+                    $variant(super::$inner),
+                }
+            }
+        };
+    }
+
+    named!(NamedPathItem, PathItem);
+    named!(NamedSchema, Schema);
+    named!(NamedAny, Any);
+    one_of!(
+        ParametersItem,
+        parameters_item,
+        "parameters_item::Oneof",
+        "1",
+        Parameter(Parameter)
+    );
+    one_of!(
+        Parameter,
+        parameter,
+        "parameter::Oneof",
+        "2",
+        NonBodyParameter(NonBodyParameter)
+    );
+    one_of!(
+        NonBodyParameter,
+        non_body_parameter,
+        "non_body_parameter::Oneof",
+        "3",
+        Query(QueryParameterSubSchema)
+    );
+
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Document {
         #[prost(string, tag = "1")]
@@ -276,14 +335,6 @@ mod pb {
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
-    pub struct NamedPathItem {
-        #[prost(string, tag = "1")]
-        pub name: String,
-        #[prost(message, optional, tag = "2")]
-        pub value: Option<PathItem>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
     pub struct PathItem {
         #[prost(message, optional, tag = "2")]
         pub get: Option<Operation>,
@@ -302,48 +353,6 @@ mod pb {
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ParametersItem {
-        #[prost(oneof = "parameters_item::Oneof", tags = "1")]
-        pub oneof: Option<parameters_item::Oneof>,
-    }
-
-    pub mod parameters_item {
-        #[derive(Clone, PartialEq, prost::Oneof)]
-        pub enum Oneof {
-            #[prost(message, tag = "1")]
-            Parameter(super::Parameter),
-        }
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Parameter {
-        #[prost(oneof = "parameter::Oneof", tags = "2")]
-        pub oneof: Option<parameter::Oneof>,
-    }
-
-    pub mod parameter {
-        #[derive(Clone, PartialEq, prost::Oneof)]
-        pub enum Oneof {
-            #[prost(message, tag = "2")]
-            NonBodyParameter(super::NonBodyParameter),
-        }
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct NonBodyParameter {
-        #[prost(oneof = "non_body_parameter::Oneof", tags = "3")]
-        pub oneof: Option<non_body_parameter::Oneof>,
-    }
-
-    pub mod non_body_parameter {
-        #[derive(Clone, PartialEq, prost::Oneof)]
-        pub enum Oneof {
-            #[prost(message, tag = "3")]
-            Query(super::QueryParameterSubSchema),
-        }
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
     pub struct QueryParameterSubSchema {
         #[prost(string, tag = "2")]
         pub r#in: String,
@@ -359,22 +368,6 @@ mod pb {
     pub struct Definitions {
         #[prost(message, repeated, tag = "1")]
         pub additional_properties: Vec<NamedSchema>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct NamedSchema {
-        #[prost(string, tag = "1")]
-        pub name: String,
-        #[prost(message, optional, tag = "2")]
-        pub value: Option<Schema>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct NamedAny {
-        #[prost(string, tag = "1")]
-        pub name: String,
-        #[prost(message, optional, tag = "2")]
-        pub value: Option<Any>,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -437,11 +430,8 @@ mod pb {
         pub schema: Vec<Schema>,
     }
 
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Properties {
-        #[prost(message, repeated, tag = "1")]
-        pub additional_properties: Vec<NamedSchema>,
-    }
+    /// gnostic's `Properties`: the same field and tag as [`Definitions`].
+    pub type Properties = Definitions;
 }
 
 #[cfg(test)]
