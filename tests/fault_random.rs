@@ -2,8 +2,11 @@
 //! once: a generated-password bulk (root), a crypted-password bulk from a Secret that is
 //! rotated mid-run (alice), a TTL key grant (Append) and a permanent key (Replace), over six
 //! VMs with real qemu-ga agents on two nodes, while it kills and restarts the controller and
-//! shims, injects status conflicts, freezes agents, pauses and resumes an object. Then it
-//! checks, on the guests themselves:
+//! shims, moves the leader Lease, injects status conflicts, freezes agents, pauses and
+//! resumes an object. The controller is two leader-elected replicas on one Lease: killing
+//! the controller crashes the leader and starts a replacement at once; moving the Lease
+//! crashes the leader and waits until the other replica has taken the Lease over (after it
+//! expired) before a replacement joins. Then it checks, on the guests themselves:
 //! - every generated password in its Secret is the one the guest holds;
 //! - no VM was given the superseded crypted value after the newer one (a sampler watches
 //!   each guest's shadow file throughout);
@@ -18,6 +21,7 @@ use guestcred::api::keypair::{KeyMode, KeyStrategy};
 use guestcred::api::{GuestPasswordReset, KeypairRebuild, Phase};
 use guestcred_lab::hostqga::HostQga;
 use guestcred_lab::kubevirt::vm;
+use guestcred_lab::replicas::InProcessReplicas;
 use guestcred_lab::testing::*;
 use guestcred_lab::world::{World, WorldOptions};
 use rand::rngs::StdRng;
@@ -91,14 +95,22 @@ fn gen_reset(max_concurrency: u32, paused: bool) -> GuestPasswordReset {
 
 async fn run_seed(seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut w = World::start(WorldOptions {
+    let w = World::start(WorldOptions {
         nodes: 2,
         agent_timeout: Duration::from_secs(2),
         capture_logs: true,
+        start_controller: false,
         ..WorldOptions::fault_lab()
     })
     .await
     .expect("the fault lab starts");
+    let mut replicas = InProcessReplicas::new(&w);
+    replicas.start();
+    replicas
+        .leader(Duration::from_secs(30))
+        .await
+        .expect("the first replica leads");
+    replicas.start();
     let mut agents = BTreeMap::new();
     for i in 0..VMS {
         let d = vm(NS, &vm_name(i), node_of(i)).label("fleet", "all");
@@ -156,7 +168,8 @@ async fn run_seed(seed: u64) {
 
     // Faults, at seeded moments over the first seconds of the runs.
     let rotated = Arc::new(AtomicBool::new(false));
-    let mut steps: Vec<u8> = vec![0, 1, 2, 3, 4, 5];
+    let mut steps: Vec<u8> = vec![0, 1, 2, 3, 4, 5, 6];
+    let mut lease_moves = 0;
     for i in (1..steps.len()).rev() {
         steps.swap(i, rng.random_range(0..=i));
     }
@@ -165,9 +178,10 @@ async fn run_seed(seed: u64) {
         sample_alice(&agents, &history);
         match step {
             0 => {
-                w.kill_controller();
+                let leader = replicas.leader(Duration::from_secs(30)).await;
+                replicas.kill(&leader.expect("a leader"));
                 tokio::time::sleep(Duration::from_millis(rng.random_range(50..500))).await;
-                w.start_controller();
+                replicas.start();
             }
             1 => {
                 let node = if rng.random_bool(0.5) {
@@ -195,6 +209,20 @@ async fn run_seed(seed: u64) {
                     .expect("rotate");
                 rotated.store(true, Ordering::SeqCst);
             }
+            6 => {
+                let old = replicas
+                    .leader(Duration::from_secs(30))
+                    .await
+                    .expect("a leader");
+                replicas.kill(&old);
+                let new = replicas
+                    .leader(Duration::from_secs(30))
+                    .await
+                    .filter(|new| *new != old);
+                assert!(new.is_some(), "seed {seed}: no replica took the Lease over");
+                lease_moves += 1;
+                replicas.start();
+            }
             _ => {
                 w.apply(&gen_reset(conc, true)).await.expect("pause");
                 tokio::time::sleep(Duration::from_millis(rng.random_range(100..1500))).await;
@@ -203,6 +231,7 @@ async fn run_seed(seed: u64) {
         }
     }
     assert!(rotated.load(Ordering::SeqCst));
+    assert_eq!(lease_moves, 1, "seed {seed}: the Lease moved once");
 
     // Everything settles: all four objects finished on their latest spec.
     let started = Instant::now();

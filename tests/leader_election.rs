@@ -5,45 +5,21 @@
 //! the served emulator and a simulated agent that records every call.
 use guestcred::api::{GuestPasswordReset, Phase};
 use guestcred::controller::context::EngineSettings;
-use guestcred::controller::leader::LeaseSettings;
 use guestcred_lab::kubevirt::vm;
-use guestcred_lab::replicas::{Replica, mtls_files};
+use guestcred_lab::replicas::{Replica, lease_holder, lease_settings, mtls_files};
 use guestcred_lab::simagent::{Latency, OpLatencies, SimAgentOptions, SimOp};
 use guestcred_lab::testing::*;
 use guestcred_lab::world::{World, WorldOptions};
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
 use kube::{Api, Client};
 use std::time::{Duration, Instant};
-
-/// The lease both replicas compete for; `identity` names the replica (and its Events).
-fn lease(identity: &str) -> LeaseSettings {
-    LeaseSettings {
-        name: "guestcred-controller".into(),
-        namespace: "default".into(),
-        identity: identity.into(),
-        duration_seconds: 3,
-        grace_seconds: 1,
-    }
-}
 
 fn reset_for_missing_vm(name: &str) -> GuestPasswordReset {
     GuestPasswordReset::test(name)
         .vm("ghost")
         .user("root")
         .generate(20)
-}
-
-async fn holder(client: &Client) -> Option<String> {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
-    leases
-        .get_opt("guestcred-controller")
-        .await
-        .ok()
-        .flatten()
-        .and_then(|l| l.spec)
-        .and_then(|s| s.holder_identity)
 }
 
 /// Reporters of the Events about `object`, waiting until at least one exists.
@@ -85,10 +61,10 @@ async fn only_the_leader_reconciles_and_a_follower_takes_over_when_it_dies() {
     // The second replica starts once the first holds the lease: the emulator has no
     // server-side-apply conflict detection, which is what keeps two simultaneous first
     // acquisitions apart on a real API server (documented emulator gap).
-    let a = w.spawn_replica(lease("replica-a"));
+    let a = w.spawn_replica(lease_settings("replica-a"));
     let start = Instant::now();
     let first = loop {
-        if let Some(h) = holder(&client).await {
+        if let Some(h) = lease_holder(&client).await {
             break h;
         }
         assert!(
@@ -97,7 +73,7 @@ async fn only_the_leader_reconciles_and_a_follower_takes_over_when_it_dies() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let b = w.spawn_replica(lease("replica-b"));
+    let b = w.spawn_replica(lease_settings("replica-b"));
     w.apply(&reset_for_missing_vm("one")).await.expect("apply");
     let who = reporters(&client, "one").await;
     assert!(
@@ -113,7 +89,7 @@ async fn only_the_leader_reconciles_and_a_follower_takes_over_when_it_dies() {
     };
     dead.abort();
     let start = Instant::now();
-    while holder(&client).await.as_deref() != Some(survivor) {
+    while lease_holder(&client).await.as_deref() != Some(survivor) {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "{survivor} never took over"
@@ -180,7 +156,7 @@ async fn a_leader_frozen_past_its_lease_starts_no_agent_call_once_thawed() {
     let mut a = Replica::start(guestcred, &w, &tls, "replica-a", 3).expect("replica a");
     let client = w.client.clone();
     until("replica-a to lead", Duration::from_secs(30), async || {
-        holder(&client).await.as_deref() == Some("replica-a")
+        lease_holder(&client).await.as_deref() == Some("replica-a")
     })
     .await;
     let b = Replica::start(guestcred, &w, &tls, "replica-b", 3).expect("replica b");
@@ -215,7 +191,7 @@ async fn a_leader_frozen_past_its_lease_starts_no_agent_call_once_thawed() {
     until(
         "replica-b to take over",
         Duration::from_secs(30),
-        async || holder(&client).await.as_deref() == Some("replica-b"),
+        async || lease_holder(&client).await.as_deref() == Some("replica-b"),
     )
     .await;
     let at_takeover = sim.successes(SimOp::SetPassword);

@@ -1,13 +1,18 @@
-//! `guestcred controller` replicas as real processes against a served [`World`] (its
-//! emulator's kubeconfig, its shims over mutual TLS), leader-elected on one Lease, so a
-//! test can freeze (SIGSTOP), thaw (SIGCONT) and kill a replica as a node would.
+//! Controller replicas leader-elected on one Lease: `guestcred controller` processes
+//! against a served [`World`] (its emulator's kubeconfig, its shims over mutual TLS), which
+//! a test can freeze (SIGSTOP), thaw (SIGCONT) and kill as a node would, and in-process
+//! replicas ([`InProcessReplicas`]) a test can crash.
 //!
 //! The world needs `serve: true` and the `mtls` of [`mtls_files`]; the binary is the test's
 //! `env!("CARGO_BIN_EXE_guestcred")`.
 use crate::cluster::tls::LabTls;
 use crate::world::{World, WorldTls};
+use guestcred::controller::leader::LeaseSettings;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The Lease the replicas compete for.
 pub const LEASE_NAME: &str = "guestcred-controller";
@@ -106,5 +111,92 @@ impl Drop for Replica {
         // works either way.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The settings of replica `identity` on [`LEASE_NAME`]: a 3 s lease renewed every 2 s,
+/// so a dead leader is replaced within seconds.
+pub fn lease_settings(identity: &str) -> LeaseSettings {
+    LeaseSettings {
+        name: LEASE_NAME.into(),
+        namespace: LEASE_NAMESPACE.into(),
+        identity: identity.into(),
+        duration_seconds: 3,
+        grace_seconds: 1,
+    }
+}
+
+/// The holder of [`LEASE_NAME`] (`None` when nobody holds it or it cannot be read).
+pub async fn lease_holder(client: &Client) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), LEASE_NAMESPACE);
+    leases
+        .get_opt(LEASE_NAME)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+}
+
+/// In-process replicas of a world's controller ([`World::spawn_replica`]) on
+/// [`LEASE_NAME`], named `replica-1`, `replica-2`, ... in start order. Killing one aborts
+/// it at once, as a crash would (it does not release the Lease). All are aborted on drop.
+pub struct InProcessReplicas<'w> {
+    world: &'w World,
+    started: usize,
+    running: Vec<(String, tokio::task::JoinHandle<()>)>,
+}
+
+impl<'w> InProcessReplicas<'w> {
+    pub fn new(world: &'w World) -> Self {
+        Self {
+            world,
+            started: 0,
+            running: Vec::new(),
+        }
+    }
+
+    /// Starts one more replica; returns its identity.
+    pub fn start(&mut self) -> String {
+        self.started += 1;
+        let identity = format!("replica-{}", self.started);
+        let task = self.world.spawn_replica(lease_settings(&identity));
+        self.running.push((identity.clone(), task));
+        identity
+    }
+
+    /// The replica holding the Lease, once one of the running ones does (`None` after
+    /// `limit`).
+    pub async fn leader(&self, limit: Duration) -> Option<String> {
+        let start = Instant::now();
+        loop {
+            if let Some(h) = lease_holder(&self.world.client).await
+                && self.running.iter().any(|(id, _)| *id == h)
+            {
+                return Some(h);
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Aborts replica `identity` (a crash: the Lease stays its until it expires).
+    pub fn kill(&mut self, identity: &str) {
+        self.running.retain(|(id, task)| {
+            if id == identity {
+                task.abort();
+            }
+            id != identity
+        });
+    }
+}
+
+impl Drop for InProcessReplicas<'_> {
+    fn drop(&mut self) {
+        for (_, task) in &self.running {
+            task.abort();
+        }
     }
 }
