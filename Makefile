@@ -40,9 +40,10 @@ crds:
 # front, its message is the expected outcome), the examples ending Ready, and optimistic
 # concurrency without injected faults. Adds about a minute (bad_input 31 s, examples_ready
 # 11 s, conflicts 9 s measured). The e2e lab, Helm and leader election already run on the
-# real control plane in tests/real_control_plane.rs. Both passes always run; either one
-# failing fails `make test`.
-REAL_SUITES := bad_input examples_ready conflicts
+# real control plane in tests/real_control_plane.rs. fleet_scale: a 5,000-target run
+# against real etcd's request limits (~90 s on the real server). Both passes always run;
+# either one failing fails `make test`.
+REAL_SUITES := bad_input examples_ready conflicts fleet_scale
 test: deps fmt-check clippy controlplane
 	$(CARGO) build --workspace --bins
 	@rc=0; \
