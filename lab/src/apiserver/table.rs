@@ -82,31 +82,28 @@ pub(crate) fn human_duration(secs: i64) -> String {
     if s < 120 {
         format!("{s}s")
     } else if m < 10 {
-        if s % 60 == 0 {
-            format!("{m}m")
-        } else {
-            format!("{m}m{}s", s % 60)
-        }
+        two_units(m, 'm', s % 60, 's')
     } else if m < 180 {
         format!("{m}m")
     } else if h < 8 {
-        if m % 60 == 0 {
-            format!("{h}h")
-        } else {
-            format!("{h}h{}m", m % 60)
-        }
+        two_units(h, 'h', m % 60, 'm')
     } else if h < 48 {
         format!("{h}h")
     } else if h < 24 * 8 {
-        if h % 24 == 0 {
-            format!("{d}d")
-        } else {
-            format!("{d}d{}h", h % 24)
-        }
+        two_units(d, 'd', h % 24, 'h')
     } else if h < 24 * 365 * 2 {
         format!("{d}d")
     } else {
         format!("{}y", d / 365)
+    }
+}
+
+/// "3m12s" from (3, 'm', 12, 's'); "3m" when the rest is 0.
+fn two_units(n: i64, unit: char, rest: i64, rest_unit: char) -> String {
+    if rest == 0 {
+        format!("{n}{unit}")
+    } else {
+        format!("{n}{unit}{rest}{rest_unit}")
     }
 }
 
@@ -221,5 +218,8 @@ mod tests {
         assert_eq!(human_duration(192), "3m12s");
         assert_eq!(human_duration(3 * 3600), "3h");
         assert_eq!(human_duration(3 * 86400 + 3600), "3d1h");
+        assert_eq!(human_duration(180), "3m");
+        assert_eq!(human_duration(3 * 3600 + 60), "3h1m");
+        assert_eq!(human_duration(3 * 86400), "3d");
     }
 }
