@@ -72,6 +72,11 @@ pub(crate) fn decode(body: &[u8]) -> Result<Value, ApiError> {
     Ok(obj)
 }
 
+/// A JSON object holding `metadata`, for the fields that follow.
+fn with_metadata(metadata: Option<meta::ObjectMeta>) -> Map<String, Value> {
+    Map::from_iter([("metadata".to_string(), object_meta(metadata))])
+}
+
 /// Inserts `value` under `key` unless it is empty (as Go's `omitempty` leaves it out).
 fn put(m: &mut Map<String, Value>, key: &str, value: Value) {
     let empty = match &value {
@@ -137,8 +142,7 @@ fn object_meta(m: Option<meta::ObjectMeta>) -> Value {
 }
 
 fn namespace(ns: core::Namespace) -> Value {
-    let mut out = Map::new();
-    out.insert("metadata".into(), object_meta(ns.metadata));
+    let mut out = with_metadata(ns.metadata);
     let finalizers = ns.spec.map(|s| s.finalizers).unwrap_or_default();
     if !finalizers.is_empty() {
         out.insert("spec".into(), json!({"finalizers": finalizers}));
@@ -147,31 +151,24 @@ fn namespace(ns: core::Namespace) -> Value {
 }
 
 fn secret(s: core::Secret) -> Value {
-    let mut out = Map::new();
-    out.insert("metadata".into(), object_meta(s.metadata));
+    let mut out = with_metadata(s.metadata);
     put(&mut out, "data", bytes(s.data));
     put(&mut out, "stringData", strings(s.string_data));
     put(&mut out, "type", json!(s.r#type));
-    if let Some(i) = s.immutable {
-        out.insert("immutable".into(), json!(i));
-    }
+    put(&mut out, "immutable", json!(s.immutable));
     Value::Object(out)
 }
 
 fn config_map(c: core::ConfigMap) -> Value {
-    let mut out = Map::new();
-    out.insert("metadata".into(), object_meta(c.metadata));
+    let mut out = with_metadata(c.metadata);
     put(&mut out, "data", strings(c.data));
     put(&mut out, "binaryData", bytes(c.binary_data));
-    if let Some(i) = c.immutable {
-        out.insert("immutable".into(), json!(i));
-    }
+    put(&mut out, "immutable", json!(c.immutable));
     Value::Object(out)
 }
 
 fn service_account(sa: core::ServiceAccount) -> Value {
-    let mut out = Map::new();
-    out.insert("metadata".into(), object_meta(sa.metadata));
+    let mut out = with_metadata(sa.metadata);
     let pull: Vec<Value> = sa
         .image_pull_secrets
         .into_iter()
