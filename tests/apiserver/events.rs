@@ -61,8 +61,11 @@ async fn publish_password_reset(
 
 async fn create_pod(client: &Client, name: &str) -> k8s_openapi::api::core::v1::Pod {
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::default_namespaced(client.clone());
-    let mut pod = k8s_openapi::api::core::v1::Pod::default();
-    pod.metadata.name = Some(name.into());
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "guest", "image": "virt-launcher"}]},
+    }))
+    .expect("a valid Pod");
     create(&pods, &pod).await
 }
 
