@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 
 use super::GIT_VERSION;
 use super::openapi::schema_for_v2;
-use super::resources::ResourceType;
+use super::resources::{ResourceType, strings_at};
 use super::store::Inner;
 
 /// What kubectl asks for (Accept) and what the real server answers with.
@@ -216,22 +216,12 @@ fn schema(s: &Value) -> pb::Schema {
         .map(|i| pb::ItemsItem {
             schema: vec![schema(i)],
         });
-    let strings = |k: &str| -> Vec<String> {
-        s.get(k)
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     pb::Schema {
         r#ref: text("$ref"),
         format: text("format"),
         title: text("title"),
         description: text("description"),
-        required: strings("required"),
+        required: strings_at(s, &["required"]),
         r#enum: s
             .get("enum")
             .and_then(Value::as_array)

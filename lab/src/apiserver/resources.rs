@@ -187,11 +187,17 @@ pub(crate) fn builtin_types() -> Vec<ResourceType> {
         .collect()
 }
 
+/// The string at `key` of `v`, or `default`.
+fn text(v: &Value, key: &str, default: &str) -> String {
+    str_at(v, &[key]).unwrap_or(default).to_string()
+}
+
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
 }
 
-fn strings_at(v: &Value, path: &[&str]) -> Vec<String> {
+/// The strings of the array at `path` in `v` (empty when there is none).
+pub(crate) fn strings_at(v: &Value, path: &[&str]) -> Vec<String> {
     path.iter()
         .try_fold(v, |v, k| v.get(k))
         .and_then(Value::as_array)
@@ -266,32 +272,12 @@ pub(crate) fn crd_to_type(crd: &Value) -> Result<ResourceType, ApiError> {
             Some(cols) => cols
                 .iter()
                 .map(|c| Column {
-                    name: c
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
-                    type_: c
-                        .get("type")
-                        .and_then(Value::as_str)
-                        .unwrap_or("string")
-                        .to_string(),
-                    format: c
-                        .get("format")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
-                    description: c
-                        .get("description")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
+                    name: text(c, "name", ""),
+                    type_: text(c, "type", "string"),
+                    format: text(c, "format", ""),
+                    description: text(c, "description", ""),
                     priority: c.get("priority").and_then(Value::as_i64).unwrap_or(0),
-                    json_path: c
-                        .get("jsonPath")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
+                    json_path: text(c, "jsonPath", ""),
                 })
                 .collect(),
             None => vec![age_column()],

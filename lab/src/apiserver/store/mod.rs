@@ -24,7 +24,7 @@ use super::paging::ListCursor;
 use super::patch::{self, PatchKind};
 use super::prune;
 use super::resources::{
-    self, CRD_GROUP, CRD_PLURAL, ResKey, ResourceType, builtin_types, crd_to_type,
+    self, CRD_GROUP, CRD_PLURAL, ResKey, ResourceType, builtin_types, crd_to_type, strings_at,
 };
 use super::views::View;
 
@@ -126,14 +126,7 @@ fn has_finalizers(obj: &Value) -> bool {
 }
 
 fn finalizers(obj: &Value) -> Vec<String> {
-    obj.pointer("/metadata/finalizers")
-        .and_then(Value::as_array)
-        .map(|f| {
-            f.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
+    strings_at(obj, &["metadata", "finalizers"])
 }
 
 fn owner_uids(obj: &Value) -> Vec<String> {
