@@ -1,7 +1,8 @@
 //! `kubectl guestcred` (the kubectl-guestcred package) end to end: the plugin binary as a
 //! user runs it, with a kubeconfig, against the served emulator, the real controller, real
 //! shims and real qemu-ga agents. Each command (list-keys and remove-key checked against the
-//! guest's own authorized_keys), a failing target (exit 1 with the reason),
+//! guest's own authorized_keys), the bulk forms (`-l`, `--dry-run`) of set-password, add-key
+//! and remove-key, a failing target (exit 1 with the reason),
 //! `--stdin` (the value in no process argument, log, Event or output), progress on a
 //! pseudo-terminal (script(1)) and in a pipe, Ctrl-C pausing a run, a 403 naming the missing
 //! permission, completions (static scripts, and kubectl itself calling
@@ -990,6 +991,356 @@ async fn remove_key_of_an_unknown_fingerprint_fails_with_key_not_found_and_chang
     assert_eq!(rebuild_names(&w).await, rebuilds);
 }
 
+/// A served world on two nodes with VMs web-a (node-1) and web-b (node-2) labelled
+/// tier=web and db-a (node-1) labelled tier=db, each with a real guest whose user alice has
+/// the key HAND she added herself; and a key file with KEY1.
+async fn web_and_db_guests() -> (
+    World,
+    [guestcred_lab::hostqga::HostQga; 3],
+    tempfile::TempDir,
+) {
+    let w = World::start(WorldOptions {
+        serve: true,
+        nodes: 2,
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("world");
+    let web_a = w
+        .add_guest(&vm(NS, "web-a", "node-1").label("tier", "web"))
+        .await;
+    let web_b = w
+        .add_guest(&vm(NS, "web-b", "node-2").label("tier", "web"))
+        .await;
+    let db_a = w
+        .add_guest(&vm(NS, "db-a", "node-1").label("tier", "db"))
+        .await;
+    for qga in [&web_a, &web_b, &db_a] {
+        qga.seed_authorized_keys("alice", &[HAND])
+            .expect("hand key");
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("key1.pub"), format!("{KEY1}\n")).expect("key file");
+    (w, [web_a, web_b, db_a], dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_key_with_a_selector_adds_the_key_to_every_matching_guest() {
+    let (w, [web_a, web_b, db_a], dir) = web_and_db_guests().await;
+    let kf = dir.path().join("key1.pub").display().to_string();
+    let out = plugin(
+        &w,
+        &[
+            "add-key",
+            "-l",
+            "tier=web",
+            "--user",
+            "alice",
+            "-f",
+            &kf,
+            "--max-concurrency",
+            "1",
+            "--max-failures",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_plain(&out);
+    let name = created_name(&out);
+    assert!(name.starts_with("bulk-key-"), "{name}");
+    for (v, node) in [("web-a", "node-1"), ("web-b", "node-2")] {
+        assert!(
+            out.stdout
+                .contains(&format!("{v}: 1 key(s) verified in the guest (Live)")),
+            "{out:?}"
+        );
+        assert!(
+            out.stdout
+                .contains(&format!("{v}: Succeeded (Verified) on {node}")),
+            "{out:?}"
+        );
+    }
+    assert!(
+        out.stdout
+            .contains(&format!("kpr/{name}: Succeeded (2/2 VMs)")),
+        "{out:?}"
+    );
+    // The guests' own files: the key beside the hand-added one; db-a untouched.
+    for qga in [&web_a, &web_b] {
+        assert_eq!(
+            key_comments(&qga.authorized_keys("alice").expect("keys")),
+            ["hand@added", "key1@test"]
+        );
+    }
+    assert_eq!(
+        key_comments(&db_a.authorized_keys("alice").expect("keys")),
+        ["hand@added"]
+    );
+    // The object is the selector form, with the rollout settings given.
+    let k: KeypairRebuild = w.get(NS, &name).await;
+    let common = &k.spec.common;
+    assert_eq!(common.target.vm_name, None);
+    assert_eq!(
+        common
+            .target
+            .selector
+            .as_ref()
+            .and_then(|s| s.match_labels.as_ref())
+            .map(|l| l["tier"].as_str()),
+        Some("web")
+    );
+    assert_eq!(
+        (common.rollout.max_concurrency, common.rollout.max_failures),
+        (1, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_key_with_a_selector_removes_the_key_from_every_matching_guest() {
+    let (w, [web_a, web_b, db_a], _dir) = web_and_db_guests().await;
+    for qga in [&web_a, &web_b, &db_a] {
+        qga.seed_authorized_keys("alice", &[HAND, KEY2])
+            .expect("two hand keys");
+    }
+    let hand = fingerprint(HAND);
+    let out = plugin(
+        &w,
+        &[
+            "remove-key",
+            "-l",
+            "tier=web",
+            "--user",
+            "alice",
+            "--fingerprint",
+            &hand,
+            "--max-concurrency",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_plain(&out);
+    let name = created_name(&out);
+    assert!(name.starts_with("bulk-rmkey-"), "{name}");
+    for v in ["web-a", "web-b"] {
+        assert!(
+            out.stdout.contains(&format!(
+                "{v}: removed 1 key(s) from user alice and verified they are gone: {hand}"
+            )),
+            "{out:?}"
+        );
+        assert!(
+            out.stdout.contains(&format!("{v}: Succeeded (Removed)")),
+            "{out:?}"
+        );
+    }
+    // Read back from the guests: only the named key went, and only where selected.
+    for qga in [&web_a, &web_b] {
+        assert_eq!(
+            key_comments(&qga.authorized_keys("alice").expect("keys")),
+            ["key2@test"]
+        );
+    }
+    assert_eq!(
+        key_comments(&db_a.authorized_keys("alice").expect("keys")),
+        ["hand@added", "key2@test"]
+    );
+    let k: KeypairRebuild = w.get(NS, &name).await;
+    assert!(k.spec.common.target.selector.is_some(), "{:?}", k.spec);
+    assert_eq!(k.spec.remove_fingerprints, [hand]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_key_dry_run_lists_the_selected_vms_and_their_nodes_and_creates_nothing() {
+    let (w, [web_a, web_b, _db_a], dir) = web_and_db_guests().await;
+    w.add_vm(
+        &vm(NS, "web-off", "node-2")
+            .label("tier", "web")
+            .phase("Succeeded"),
+        None,
+    )
+    .await
+    .expect("vm");
+    let kf = dir.path().join("key1.pub").display().to_string();
+    let dry = plugin(
+        &w,
+        &[
+            "add-key",
+            "-l",
+            "tier=web",
+            "--user",
+            "alice",
+            "-f",
+            &kf,
+            "--dry-run",
+        ],
+    )
+    .await;
+    assert_eq!(dry.code, 0, "{dry:?}");
+    assert_plain(&dry);
+    let rows: Vec<Vec<&str>> = dry
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0][..5],
+        ["VM", "NODE", "PHASE", "AGENT", "TARGETED"],
+        "{dry:?}"
+    );
+    let listed: Vec<(&str, &str, &str)> = rows[1..]
+        .iter()
+        .take_while(|r| r.len() >= 5 && r[1].starts_with("node-"))
+        .map(|r| (r[0], r[1], r[4]))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("web-a", "node-1", "yes"),
+            ("web-b", "node-2", "yes"),
+            ("web-off", "node-2", "no")
+        ],
+        "{dry:?}"
+    );
+    assert!(!dry.stdout.contains("db-a"), "{dry:?}");
+    assert!(dry.stdout.contains("2 VM(s) would be targeted"), "{dry:?}");
+    assert!(
+        rebuild_names(&w).await.is_empty(),
+        "a dry run creates no KeypairRebuild"
+    );
+    for qga in [&web_a, &web_b] {
+        assert_eq!(
+            key_comments(&qga.authorized_keys("alice").expect("keys")),
+            ["hand@added"],
+            "a dry run changes no guest"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_shows_live_progress_of_remove_key_and_a_pipe_gets_plain_lines() {
+    let (w, [web_a, web_b, _db_a], _dir) = web_and_db_guests().await;
+    // No agent: retried until its 10 s deadline, so the run stays at 2/3 until then.
+    w.add_vm(&vm(NS, "web-stuck", "node-2").label("tier", "web"), None)
+        .await
+        .expect("vm");
+    let hand = fingerprint(HAND);
+    let cmdline = format!(
+        "{} --kubeconfig {} remove-key -l tier=web --user alice --fingerprint {hand} --deadline 10s",
+        plugin_path().display(),
+        w.kubeconfig().display()
+    );
+    let (raw, code) = tokio::task::spawn_blocking(move || {
+        let mut pty = Pty::start(&cmdline);
+        pty.wait_for("2/3 VMs");
+        let status = pty.child.wait().expect("script exits");
+        std::thread::sleep(Duration::from_millis(200));
+        (pty.raw(), status.code())
+    })
+    .await
+    .expect("pty steps");
+    let text = strip_ansi(&raw);
+    // The live bar (done/total, failures, ETA), each VM's line above it, in colour.
+    assert!(
+        text.contains("2/3 VMs") && text.contains("0 failed") && text.contains("ETA"),
+        "{text}"
+    );
+    for (v, node) in [("web-a", "node-1"), ("web-b", "node-2")] {
+        assert!(
+            text.contains(&format!("✔ {v} Succeeded Removed on {node}")),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains("✘ web-stuck Failed DeadlineExceeded on node-2"),
+        "{text}"
+    );
+    assert!(
+        raw.contains("\u{1b}[32m") || raw.contains("\u{1b}[38;5;2m"),
+        "green on a terminal: {raw:?}"
+    );
+    assert!(
+        raw.contains("\u{1b}[31m") || raw.contains("\u{1b}[38;5;1m"),
+        "red on a terminal: {raw:?}"
+    );
+    assert!(
+        text.contains("PartiallySucceeded, 1 of 3 VMs failed"),
+        "{text}"
+    );
+    assert_eq!(code, Some(1), "{text}");
+    for qga in [&web_a, &web_b] {
+        assert!(
+            key_comments(&qga.authorized_keys("alice").expect("keys")).is_empty(),
+            "removed in the guest"
+        );
+    }
+
+    // The same command into a pipe: plain progress lines, no escape codes.
+    web_a
+        .seed_authorized_keys("alice", &[HAND])
+        .expect("hand key again");
+    let out = plugin(
+        &w,
+        &[
+            "remove-key",
+            "web-a",
+            "--user",
+            "alice",
+            "--fingerprint",
+            &hand,
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_plain(&out);
+    let name = created_name(&out);
+    assert!(
+        out.stderr
+            .contains(&format!("kpr/{name}: Succeeded, 1/1 done, 0 failed")),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains("web-a: Succeeded (Removed) on node-1"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_completes_vm_names_for_remove_key_and_list_keys() {
+    let w = World::start(WorldOptions {
+        serve: true,
+        namespaces: vec!["team-a".into()],
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("world");
+    for (ns, name) in [(NS, "db-0"), (NS, "web-0"), ("team-a", "other-0")] {
+        w.add_vm(&vm(ns, name, "node-1"), None).await.expect("vm");
+    }
+    let kubeconfig = w.kubeconfig().to_path_buf();
+    let got = tokio::task::spawn_blocking(move || {
+        [
+            kubectl_complete(&kubeconfig, &["remove-key", ""]),
+            kubectl_complete(&kubeconfig, &["list-keys", ""]),
+            kubectl_complete(&kubeconfig, &["remove-key", "w"]),
+            kubectl_complete(&kubeconfig, &["list-keys", "-n", "team-a", ""]),
+            kubectl_complete(&kubeconfig, &["remove-key", "db-0", "--fi"]),
+            kubectl_complete(&kubeconfig, &["remove-key", "--max-"]),
+            kubectl_complete(&kubeconfig, &["list-keys", "db-0", ""]),
+        ]
+    })
+    .await
+    .expect("kubectl");
+    assert_eq!(got[0], ["db-0", "web-0"]);
+    assert_eq!(got[1], ["db-0", "web-0"]);
+    assert_eq!(got[2], ["web-0"]);
+    assert_eq!(got[3], ["other-0"]);
+    assert_eq!(got[4], ["--fingerprint"]);
+    assert_eq!(got[5], ["--max-concurrency", "--max-failures"]);
+    assert!(got[6].is_empty(), "one VM only: {:?}", got[6]);
+}
+
 #[test]
 fn help_reads_like_kubectl() {
     let nowhere = Path::new("/nonexistent/kubeconfig");
@@ -1016,12 +1367,36 @@ fn help_reads_like_kubectl() {
         assert!(ex < opts && opts < usage, "{sub}: kubectl's order: {out:?}");
         assert!(out.stdout.contains("Global Options:\n"), "{out:?}");
         assert!(!out.stdout.contains("not supported"), "{sub}: {out:?}");
+        // The bulk forms, where a run may target many VMs; list-keys says why it cannot.
+        let bulk = [
+            "-l, --selector <SELECTOR>",
+            "--dry-run",
+            "--max-concurrency <N>",
+            "--max-failures <N>",
+        ];
+        if ["set-password", "add-key", "remove-key"].contains(&sub) {
+            for flag in bulk {
+                assert!(out.stdout.contains(flag), "{sub} has {flag}: {out:?}");
+            }
+            assert!(
+                out.stdout.contains(&format!("kubectl guestcred {sub} -l ")),
+                "{sub} has a selector example: {out:?}"
+            );
+        }
+        if sub == "list-keys" {
+            assert!(!out.stdout.contains("--selector"), "{out:?}");
+            assert!(
+                out.stdout
+                    .contains("mode Inspect takes a VM name only (no -l SELECTOR)"),
+                "{out:?}"
+            );
+        }
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forbidden_requests_name_the_missing_permission() {
-    // An API server that refuses everything, as a real one does for a user without RBAC.
+/// An API server that refuses every request with 403, as a real one does for a user
+/// without RBAC, and a kubeconfig for it (in the returned directory).
+async fn forbidding_api_server() -> (tempfile::TempDir, PathBuf) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -1038,33 +1413,115 @@ async fn forbidden_requests_name_the_missing_permission() {
     let dir = tempfile::tempdir().expect("dir");
     let kubeconfig = dir.path().join("kubeconfig");
     guestcred_lab::apiserver::write_kubeconfig(&kubeconfig, &url).expect("kubeconfig");
-    let run = |args: &'static [&'static str]| {
-        let mut c = command(&kubeconfig, args);
-        c.env("KUBECONFIG", "/nonexistent")
-            .arg("--kubeconfig")
-            .arg(&kubeconfig);
-        tokio::task::spawn_blocking(move || finish(c.spawn().expect("spawn")))
-    };
-    let out = run(&["set-password", "vm-a", "--generate", "-n", "team-a"])
+    (dir, kubeconfig)
+}
+
+/// The plugin with `--kubeconfig kubeconfig` (and KUBECONFIG pointing nowhere).
+async fn plugin_with_kubeconfig_flag(kubeconfig: &Path, args: &[&str]) -> Out {
+    let mut c = command(Path::new("/nonexistent"), args);
+    c.arg("--kubeconfig").arg(kubeconfig);
+    tokio::task::spawn_blocking(move || finish(c.spawn().expect("spawn")))
         .await
-        .expect("run");
+        .expect("plugin thread")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_requests_name_the_missing_permission() {
+    let (_dir, kubeconfig) = forbidding_api_server().await;
+    let out = plugin_with_kubeconfig_flag(
+        &kubeconfig,
+        &["set-password", "vm-a", "--generate", "-n", "team-a"],
+    )
+    .await;
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
         out.stderr.contains("permission denied: you need RBAC permission to create guestpasswordresets.guestcred.io in namespace \"team-a\" (the guestcred-editor role grants it"),
         "{out:?}"
     );
-    let out = run(&["status"]).await.expect("run");
+    let out = plugin_with_kubeconfig_flag(&kubeconfig, &["status"]).await;
     assert!(
         out.stderr
             .contains("to list guestpasswordresets.guestcred.io in namespace \"default\""),
         "{out:?}"
     );
-    let out = run(&["set-password", "-l", "tier=db", "--generate", "--dry-run"])
-        .await
-        .expect("run");
+    let out = plugin_with_kubeconfig_flag(
+        &kubeconfig,
+        &["set-password", "-l", "tier=db", "--generate", "--dry-run"],
+    )
+    .await;
     assert!(
         out.stderr
             .contains("to list virtualmachineinstances.kubevirt.io"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_key_commands_name_the_missing_permission() {
+    let (_dir, kubeconfig) = forbidding_api_server().await;
+    let hand = fingerprint(HAND);
+    let editor = "(the guestcred-editor role grants it";
+    for out in [
+        plugin_with_kubeconfig_flag(
+            &kubeconfig,
+            &[
+                "remove-key",
+                "vm-a",
+                "--user",
+                "alice",
+                "--fingerprint",
+                &hand,
+                "-n",
+                "team-a",
+            ],
+        )
+        .await,
+        plugin_with_kubeconfig_flag(
+            &kubeconfig,
+            &[
+                "remove-key",
+                "-l",
+                "tier=web",
+                "--user",
+                "alice",
+                "--fingerprint",
+                &hand,
+                "-n",
+                "team-a",
+            ],
+        )
+        .await,
+        plugin_with_kubeconfig_flag(
+            &kubeconfig,
+            &["list-keys", "vm-a", "--user", "alice", "-n", "team-a"],
+        )
+        .await,
+    ] {
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(
+            out.stderr.contains(&format!("permission denied: you need RBAC permission to create keypairrebuilds.guestcred.io in namespace \"team-a\" {editor}")),
+            "{out:?}"
+        );
+        assert!(out.stderr.contains("forbidden: User \"bob\""), "{out:?}");
+    }
+    // The dry run only reads: it names the list of VMs it was refused.
+    let out = plugin_with_kubeconfig_flag(
+        &kubeconfig,
+        &[
+            "remove-key",
+            "-l",
+            "tier=web",
+            "--user",
+            "alice",
+            "--fingerprint",
+            &hand,
+            "--dry-run",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("permission denied: you need RBAC permission to list virtualmachineinstances.kubevirt.io in namespace \"default\""),
         "{out:?}"
     );
 }
@@ -1116,6 +1573,30 @@ fn completion_scripts_for_each_shell() {
     }
 }
 
+/// What kubectl's hidden __complete command (which every shell's kubectl completion calls)
+/// offers for `kubectl guestcred <words…>`: kubectl runs kubectl_complete-guestcred from PATH.
+fn kubectl_complete(kubeconfig: &Path, words: &[&str]) -> Vec<String> {
+    let path = format!(
+        "{}:{}",
+        bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("kubectl")
+        .arg("__complete")
+        .arg("guestcred")
+        .args(words)
+        .env("PATH", &path)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .expect("kubectl");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with(':'))
+        .map(str::to_string)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_completes_namespaces_vms_and_resets_through_the_helper() {
     let w = World::start(WorldOptions {
@@ -1146,39 +1627,17 @@ async fn kubectl_completes_namespaces_vms_and_resets_through_the_helper() {
     )
     .await
     .expect("rebuild");
-    let path = format!(
-        "{}:{}",
-        bin_dir().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
     let kubeconfig = w.kubeconfig().to_path_buf();
-    // kubectl's hidden __complete command is what every shell's kubectl completion calls.
-    let complete = move |words: &[&str]| -> Vec<String> {
-        let out = Command::new("kubectl")
-            .arg("__complete")
-            .arg("guestcred")
-            .args(words)
-            .env("PATH", &path)
-            .env("KUBECONFIG", &kubeconfig)
-            .output()
-            .expect("kubectl");
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.starts_with(':'))
-            .map(str::to_string)
-            .collect()
-    };
     let got = tokio::task::spawn_blocking(move || {
         [
-            complete(&["set-"]),
-            complete(&["set-password", ""]),
-            complete(&["add-key", "w"]),
-            complete(&["-n", "team-a", "set-password", ""]),
-            complete(&["set-password", "-n", ""]),
-            complete(&["status", ""]),
-            complete(&["show-password", ""]),
-            complete(&["add-key", "db-0", "--t"]),
+            kubectl_complete(&kubeconfig, &["set-"]),
+            kubectl_complete(&kubeconfig, &["set-password", ""]),
+            kubectl_complete(&kubeconfig, &["add-key", "w"]),
+            kubectl_complete(&kubeconfig, &["-n", "team-a", "set-password", ""]),
+            kubectl_complete(&kubeconfig, &["set-password", "-n", ""]),
+            kubectl_complete(&kubeconfig, &["status", ""]),
+            kubectl_complete(&kubeconfig, &["show-password", ""]),
+            kubectl_complete(&kubeconfig, &["add-key", "db-0", "--t"]),
         ]
     })
     .await

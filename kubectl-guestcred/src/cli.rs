@@ -145,6 +145,25 @@ pub struct Rollout {
     pub deadline: std::time::Duration,
 }
 
+/// Which VMs a command changes (one by name, or every running VM a selector matches), how
+/// many at once, and whether only to list them: shared by set-password, add-key and
+/// remove-key.
+#[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("vm_or_selector").required(true).args(["vm", "selector"])))]
+pub struct Targets {
+    /// The VirtualMachineInstance to change.
+    pub vm: Option<String>,
+    /// Change every running VM whose labels match this selector (e.g. tier=db,env!=prod).
+    #[arg(short = 'l', long, value_name = "SELECTOR")]
+    pub selector: Option<String>,
+    /// Show what would be done (the VMs that would be targeted and their nodes) and change
+    /// nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub rollout: Rollout,
+}
+
 const SET_PASSWORD_EXAMPLES: &str = "\
 Examples:
   # Read the new password from a prompt (not echoed) or a pipe; it is stored in a Secret
@@ -183,14 +202,10 @@ unpaused: the value never appears in a process argument, a log or the terminal."
     after_help = SET_PASSWORD_EXAMPLES,
     override_usage = "kubectl guestcred set-password (VM | -l SELECTOR) (--generate [--length N] | --from-secret NAME[/KEY] | --stdin) [--crypted] [options]",
     group(ArgGroup::new("source").required(true).args(["generate", "from_secret", "stdin"])),
-    group(ArgGroup::new("targets").required(true).args(["vm", "selector"])),
 )]
 pub struct SetPassword {
-    /// The VirtualMachineInstance to change.
-    pub vm: Option<String>,
-    /// Change every running VM whose labels match this selector (e.g. tier=db,env!=prod).
-    #[arg(short = 'l', long, value_name = "SELECTOR")]
-    pub selector: Option<String>,
+    #[command(flatten)]
+    pub targets: Targets,
     /// Guest user (default: the VM's guestcred.io/admin-user annotation, else root, or
     /// Administrator on Windows).
     #[arg(long, value_name = "USER")]
@@ -211,12 +226,6 @@ pub struct SetPassword {
     /// The value is a crypt(3) hash (e.g. $6$...), set verbatim.
     #[arg(long, conflicts_with = "generate")]
     pub crypted: bool,
-    /// Show what would be done (the VMs that would be targeted and their nodes) and change
-    /// nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    #[command(flatten)]
-    pub rollout: Rollout,
     #[command(flatten)]
     pub follow: Follow,
 }
@@ -301,25 +310,34 @@ Examples:
 
   # Replace the keys guestcred added before (keys added by hand stay)
   kubectl guestcred add-key web-0 --user cloud-user -f key.pub --replace
+
+  # List the VMs a selector would reach, and their nodes, without changing anything
+  kubectl guestcred add-key -l tier=web --user cloud-user -f key.pub --dry-run
+
+  # Every VM labelled tier=web, 5 at a time, stopping after 2 failures
+  kubectl guestcred add-key -l tier=web --user cloud-user -f key.pub --max-concurrency 5 --max-failures 2
 ";
 
 /// Add SSH public keys to a guest user.
 #[derive(Debug, Args)]
 #[command(
-    about = "Add SSH public keys to a guest user's authorized_keys in a running VM.",
-    long_about = "Add SSH public keys to a guest user's authorized_keys in a running VM.
+    about = "Add SSH public keys to a guest user's authorized_keys in a running VM, or in every VM matching a selector.",
+    long_about = "Add SSH public keys to a guest user's authorized_keys in a running VM, or in every VM matching a selector.
 
- Creates a KeypairRebuild named <vm>-key-<random> with the keys inline and follows it: \
-the keys are added through the guest agent and read back (mode Auto falls back to a \
-rebuild when the agent cannot edit keys). With --replace, the keys guestcred added \
-earlier are removed; keys added by hand are never touched.",
+ Creates a KeypairRebuild named <vm>-key-<random> (bulk-key-<random> with -l) with the \
+keys inline and follows it until every targeted VM has a result: the keys are added \
+through the guest agent and read back (mode Auto falls back to a rebuild when the agent \
+cannot edit keys). With --replace, the keys guestcred added earlier are removed; keys \
+added by hand are never touched. Exits 0 when every VM succeeded; otherwise it prints \
+each failed VM's reason and message and exits 1 (3 when --timeout passes first; the run \
+goes on).",
     help_template = TEMPLATE,
     after_help = ADD_KEY_EXAMPLES,
-    override_usage = "kubectl guestcred add-key VM --user USER -f KEYFILE [--ttl DURATION] [--replace] [options]",
+    override_usage = "kubectl guestcred add-key (VM | -l SELECTOR) --user USER -f KEYFILE [--ttl DURATION] [--replace] [options]",
 )]
 pub struct AddKey {
-    /// The VirtualMachineInstance.
-    pub vm: String,
+    #[command(flatten)]
+    pub targets: Targets,
     /// Guest user whose authorized_keys changes.
     #[arg(long, value_name = "USER", required = true)]
     pub user: String,
@@ -360,27 +378,34 @@ Examples:
   # Two keys at once; find fingerprints with list-keys, or ssh-keygen -lf KEYFILE
   kubectl guestcred list-keys web-0 --user cloud-user
   kubectl guestcred remove-key web-0 --user cloud-user --fingerprint SHA256:... --fingerprint SHA256:...
+
+  # From every VM labelled tier=web, 5 at a time (a VM without the key fails with KeyNotFound)
+  kubectl guestcred remove-key -l tier=web --user cloud-user --fingerprint SHA256:... --max-concurrency 5
+
+  # List the VMs a selector would reach, and their nodes, without changing anything
+  kubectl guestcred remove-key -l tier=web --user cloud-user --fingerprint SHA256:... --dry-run
 ";
 
 /// Remove SSH keys by fingerprint.
 #[derive(Debug, Args)]
 #[command(
-    about = "Remove SSH keys from a guest user's authorized_keys by fingerprint.",
-    long_about = "Remove SSH keys from a guest user's authorized_keys by fingerprint.
+    about = "Remove SSH keys by fingerprint from a guest user's authorized_keys in a running VM, or in every VM matching a selector.",
+    long_about = "Remove SSH keys by fingerprint from a guest user's authorized_keys in a running VM, or in every VM matching a selector.
 
- Creates a KeypairRebuild named <vm>-rmkey-<random> with spec.removeFingerprints and \
-follows it: every line of each named key is removed through the guest agent, and the \
-keys are read back to verify they are gone. Naming a fingerprint is an explicit request: \
-the key is removed whether guestcred added it or a person did. Nothing that is not named \
-is touched. When the guest user has no key with a named fingerprint, nothing is removed \
-and the command exits 1 with reason KeyNotFound.",
+ Creates a KeypairRebuild named <vm>-rmkey-<random> (bulk-rmkey-<random> with -l) with \
+spec.removeFingerprints and follows it until every targeted VM has a result: every line \
+of each named key is removed through the guest agent, and the keys are read back to \
+verify they are gone. Naming a fingerprint is an explicit request: the key is removed \
+whether guestcred added it or a person did. Nothing that is not named is touched. A VM \
+whose guest user has no key with a named fingerprint is not changed at all and fails with \
+reason KeyNotFound; the command then exits 1.",
     help_template = TEMPLATE,
     after_help = REMOVE_KEY_EXAMPLES,
-    override_usage = "kubectl guestcred remove-key VM --user USER --fingerprint SHA256:... [--fingerprint SHA256:...] [options]",
+    override_usage = "kubectl guestcred remove-key (VM | -l SELECTOR) --user USER --fingerprint SHA256:... [--fingerprint SHA256:...] [options]",
 )]
 pub struct RemoveKey {
-    /// The VirtualMachineInstance.
-    pub vm: String,
+    #[command(flatten)]
+    pub targets: Targets,
     /// Guest user whose authorized_keys changes.
     #[arg(long, value_name = "USER", required = true)]
     pub user: String,
@@ -410,13 +435,17 @@ Examples:
 through the guest agent and changes nothing, waits for its report, prints it and deletes \
 the object. One line per key: its SHA256 fingerprint, type and comment, whether guestcred \
 manages it (added it; keys added by hand show no) and when a TTL removes it. At most 100 \
-keys are listed; the rest are counted.",
+keys are listed; the rest are counted.
+
+ One VM per command: mode Inspect takes a VM name only (no -l SELECTOR), because the keys \
+of every VM a selector matches would not fit in one object's status. To look at several \
+VMs, run it once per VM.",
     help_template = TEMPLATE,
     after_help = LIST_KEYS_EXAMPLES,
     override_usage = "kubectl guestcred list-keys VM --user USER [-o table|json|yaml] [options]",
 )]
 pub struct ListKeys {
-    /// The VirtualMachineInstance.
+    /// The VirtualMachineInstance (one; list-keys takes no selector).
     pub vm: String,
     /// Guest user whose authorized_keys is read.
     #[arg(long, value_name = "USER", required = true)]

@@ -1,11 +1,12 @@
 //! `add-key`, `remove-key` (a KeypairRebuild with `removeFingerprints`) and `list-keys` (a
 //! KeypairRebuild with mode Inspect, whose target reports the guest's keys in status).
-use crate::cli::{AddKey, Global, ListKeys, Mode, Output, RemoveKey};
+use crate::cli::{AddKey, Global, ListKeys, Mode, Output, RemoveKey, Targets};
 use crate::follow::{self, Outcome, conclude};
 use crate::password::CREATED_BY;
+use crate::targets;
 use crate::util::{Call, REBUILDS, connect, exit, fail, object_name};
 use guestcred_api::keypair::{GuestKeys, KeyMode, KeyStrategy, display_comment, is_fingerprint};
-use guestcred_api::{KeypairRebuild, KeypairRebuildSpec, TargetState, TargetStatus};
+use guestcred_api::{KeypairRebuild, KeypairRebuildSpec, RunSpec, TargetState, TargetStatus};
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 use std::collections::BTreeMap;
@@ -41,21 +42,24 @@ pub async fn add_key(g: &Global, a: AddKey) -> anyhow::Result<()> {
         Some(d) if (10..=31_536_000).contains(&d.as_secs()) => Some(d.as_secs() as u32),
         Some(_) => return Err(fail(exit::USAGE, "--ttl must be 10s to 365d")),
     };
+    let common = run_spec(&a.targets, &a.user)?;
     let (client, ns) = connect(g).await?;
-    let name = object_name(&a.vm, "key");
-    // From JSON rather than a struct literal: fields the API gains later take their
-    // defaults here, as they would in `kubectl apply` of the same YAML.
-    let spec = serde_json::json!({
-        "target": {"vmName": a.vm},
-        "user": a.user,
-        "publicKeys": {"inline": keys.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()},
-        "mode": match a.mode {
-            Mode::Auto => KeyMode::Auto,
-            Mode::Live => KeyMode::Live,
-        },
-        "strategy": if a.replace { KeyStrategy::Replace } else { KeyStrategy::Append },
-        "ttlSeconds": ttl_seconds,
-    });
+    if a.targets.dry_run {
+        return targets::dry_run(&client, &ns, &a.targets).await;
+    }
+    let name = targets::name(&a.targets, "key");
+    let spec = spec_json(
+        common,
+        serde_json::json!({
+            "publicKeys": {"inline": keys.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()},
+            "mode": match a.mode {
+                Mode::Auto => KeyMode::Auto,
+                Mode::Live => KeyMode::Live,
+            },
+            "strategy": if a.replace { KeyStrategy::Replace } else { KeyStrategy::Append },
+            "ttlSeconds": ttl_seconds,
+        }),
+    )?;
     let api = create(&client, &ns, &name, spec).await?;
     println!("keypairrebuild.guestcred.io/{name} created");
     for (_, fp) in &keys {
@@ -80,6 +84,26 @@ pub async fn add_key(g: &Global, a: AddKey) -> anyhow::Result<()> {
         }
     }
     conclude::<KeypairRebuild>(&name, outcome)
+}
+
+/// The target, user and rollout part of the spec (shared with set-password).
+fn run_spec(t: &Targets, user: &str) -> anyhow::Result<RunSpec> {
+    Ok(RunSpec {
+        target: targets::target_spec(t)?,
+        user: Some(user.to_string()),
+        rollout: t.rollout.spec(false)?,
+    })
+}
+
+/// The spec as JSON: `common` and this command's own fields. JSON rather than a struct
+/// literal: fields the API gains later take their defaults here, as they would in
+/// `kubectl apply` of the same YAML.
+fn spec_json(common: RunSpec, own: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    let mut spec = serde_json::to_value(common)?;
+    if let (Some(spec), serde_json::Value::Object(own)) = (spec.as_object_mut(), own) {
+        spec.extend(own);
+    }
+    Ok(spec)
 }
 
 /// Create KeypairRebuild `name` with `spec` (JSON, so fields the API gains later take
@@ -134,14 +158,19 @@ pub async fn remove_key(g: &Global, a: RemoveKey) -> anyhow::Result<()> {
             ),
         ));
     }
+    let common = run_spec(&a.targets, &a.user)?;
     let (client, ns) = connect(g).await?;
-    let name = object_name(&a.vm, "rmkey");
-    let spec = serde_json::json!({
-        "target": {"vmName": a.vm},
-        "user": a.user,
-        "mode": KeyMode::Live,
-        "removeFingerprints": fps,
-    });
+    if a.targets.dry_run {
+        return targets::dry_run(&client, &ns, &a.targets).await;
+    }
+    let name = targets::name(&a.targets, "rmkey");
+    let spec = spec_json(
+        common,
+        serde_json::json!({
+            "mode": KeyMode::Live,
+            "removeFingerprints": fps,
+        }),
+    )?;
     let api = create(&client, &ns, &name, spec).await?;
     println!("keypairrebuild.guestcred.io/{name} created");
     if !a.follow.enabled() {

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod password;
 pub mod selector;
 pub mod status;
+pub mod targets;
 pub mod util;
 
 pub use cli::Cli;

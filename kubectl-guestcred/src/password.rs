@@ -1,16 +1,14 @@
 //! `set-password` and `show-password`.
 use crate::cli::{Global, SetPassword, ShowPassword};
 use crate::follow::{self, conclude};
-use crate::util::{Call, RESETS, SECRETS, VMIS, connect, exit, fail, object_name};
-use guestcred_api::kubevirt::VirtualMachineInstance;
+use crate::targets;
+use crate::util::{Call, RESETS, SECRETS, connect, exit, fail};
 use guestcred_api::password::{GeneratePolicy, PasswordSource};
-use guestcred_api::{
-    GuestPasswordReset, GuestPasswordResetSpec, RolloutSpec, RunSpec, SecretKeyRef, TargetSpec,
-};
+use guestcred_api::{GuestPasswordReset, GuestPasswordResetSpec, RunSpec, SecretKeyRef};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read};
@@ -18,35 +16,14 @@ use std::io::{IsTerminal, Read};
 pub const CREATED_BY: (&str, &str) = ("app.kubernetes.io/created-by", "kubectl-guestcred");
 
 pub async fn set_password(g: &Global, a: SetPassword) -> anyhow::Result<()> {
-    let rollout = RolloutSpec {
-        max_concurrency: a.rollout.max_concurrency,
-        max_failures: a.rollout.max_failures,
-        deadline_seconds: u32::try_from(a.rollout.deadline.as_secs()).unwrap_or(u32::MAX),
-        paused: a.stdin,
-    };
-    rollout.check().map_err(|e| fail(exit::USAGE, e))?;
+    let rollout = a.targets.rollout.spec(a.stdin)?;
     if a.generate && !(16..=128).contains(&a.length) {
         return Err(fail(exit::USAGE, "--length must be 16-128"));
     }
-    let target = match (&a.vm, &a.selector) {
-        (Some(vm), None) => TargetSpec {
-            vm_name: Some(vm.clone()),
-            selector: None,
-        },
-        (None, Some(sel)) => TargetSpec {
-            vm_name: None,
-            selector: Some(crate::selector::parse(sel).map_err(|e| fail(exit::USAGE, e))?),
-        },
-        _ => {
-            return Err(fail(
-                exit::USAGE,
-                "give either a VM name or -l SELECTOR, not both",
-            ));
-        }
-    };
+    let target = targets::target_spec(&a.targets)?;
     let (client, ns) = connect(g).await?;
-    if a.dry_run {
-        return dry_run(&client, &ns, &a).await;
+    if a.targets.dry_run {
+        return targets::dry_run(&client, &ns, &a.targets).await;
     }
     // Read the value before anything is created: nothing half-made when stdin is empty.
     let value = if a.stdin {
@@ -54,7 +31,7 @@ pub async fn set_password(g: &Global, a: SetPassword) -> anyhow::Result<()> {
     } else {
         None
     };
-    let name = object_name(a.vm.as_deref().unwrap_or("bulk"), "pw");
+    let name = targets::name(&a.targets, "pw");
     let input_secret = format!("{name}-input");
     let secret_ref = match (&a.from_secret, a.stdin) {
         (Some(s), _) => {
@@ -134,7 +111,7 @@ pub async fn set_password(g: &Global, a: SetPassword) -> anyhow::Result<()> {
     let generated = a.generate && matches!(outcome, follow::Outcome::Finished(_));
     let result = conclude::<GuestPasswordReset>(&name, outcome);
     if generated {
-        let hint = if a.vm.is_some() {
+        let hint = if a.targets.vm.is_some() {
             format!("kubectl guestcred show-password {name}")
         } else {
             format!("kubectl guestcred show-password {name} --vm VM")
@@ -197,7 +174,7 @@ fn read_password(a: &SetPassword) -> anyhow::Result<Vec<u8>> {
     let who = format!(
         "{}@{}",
         a.user.as_deref().unwrap_or("<default user>"),
-        a.vm.as_deref().unwrap_or("<selected VMs>")
+        a.targets.vm.as_deref().unwrap_or("<selected VMs>")
     );
     let value = if std::io::stdin().is_terminal() {
         let term = console::Term::stderr();
@@ -230,80 +207,6 @@ fn read_password(a: &SetPassword) -> anyhow::Result<Vec<u8>> {
         ));
     }
     Ok(value)
-}
-
-/// The VMs a run would target (running VMIs only, as the controller picks them) and their
-/// nodes; nothing is created.
-async fn dry_run(client: &Client, ns: &str, a: &SetPassword) -> anyhow::Result<()> {
-    let vmis: Api<VirtualMachineInstance> = Api::namespaced(client.clone(), ns);
-    let call = Call {
-        verb: "list",
-        resource: VMIS,
-        namespace: ns,
-    };
-    let found: Vec<VirtualMachineInstance> = match (&a.vm, &a.selector) {
-        (Some(vm), _) => vmis
-            .get_opt(vm)
-            .await
-            .map_err(|e| {
-                Call {
-                    verb: "get",
-                    ..call
-                }
-                .error(e)
-            })?
-            .into_iter()
-            .collect(),
-        (None, Some(sel)) => {
-            vmis.list(&ListParams::default().labels(sel))
-                .await
-                .map_err(|e| call.error(e))?
-                .items
-        }
-        (None, None) => Vec::new(),
-    };
-    let mut rows = vec![vec![
-        "VM".to_string(),
-        "NODE".into(),
-        "PHASE".into(),
-        "AGENT".into(),
-        "TARGETED".into(),
-    ]];
-    let mut targeted = 0;
-    for v in &found {
-        let running = v.is_running();
-        targeted += usize::from(running);
-        rows.push(vec![
-            v.name_any(),
-            v.node_name().unwrap_or("-").into(),
-            v.status
-                .as_ref()
-                .and_then(|s| s.phase.clone())
-                .unwrap_or_else(|| "-".into()),
-            if v.agent_connected() {
-                "Connected"
-            } else {
-                "NotConnected"
-            }
-            .into(),
-            if running { "yes" } else { "no (not running)" }.into(),
-        ]);
-    }
-    if found.is_empty() {
-        println!("No VirtualMachineInstances match in namespace {ns}.");
-    } else {
-        print!("{}", crate::status::table(&rows));
-    }
-    println!(
-        "{targeted} VM(s) would be targeted in namespace {ns} (dry run: nothing was created)."
-    );
-    if targeted == 0 {
-        return Err(fail(
-            exit::FAILED,
-            "no running VM would be targeted (NoTargets)",
-        ));
-    }
-    Ok(())
 }
 
 pub async fn show_password(g: &Global, a: ShowPassword) -> anyhow::Result<()> {
