@@ -84,15 +84,9 @@ impl ClientTlsFiles {
         let provider = provider();
         let inner = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
             .build()
-            .map_err(|e| TlsError::Invalid {
-                what: self.ca.display().to_string(),
-                message: e.to_string(),
-            })?;
-        let name =
-            ServerName::try_from(self.server_name.clone()).map_err(|e| TlsError::Invalid {
-                what: format!("shim server name {:?}", self.server_name),
-                message: e.to_string(),
-            })?;
+            .map_err(invalid(&self.ca.display().to_string()))?;
+        let name = ServerName::try_from(self.server_name.clone())
+            .map_err(invalid(&format!("shim server name {:?}", self.server_name)))?;
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(invalid("TLS protocol versions"))?

@@ -100,7 +100,7 @@ pub(crate) fn roots(path: &Path, pem: &[u8]) -> Result<Arc<RootCertStore>, TlsEr
     Ok(Arc::new(store))
 }
 
-pub(crate) fn invalid(what: &str) -> impl FnOnce(rustls::Error) -> TlsError + '_ {
+pub(crate) fn invalid<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> TlsError + '_ {
     move |e| TlsError::Invalid {
         what: what.to_owned(),
         message: e.to_string(),

@@ -31,10 +31,7 @@ impl ServerTlsFiles {
         // itself: a client without one never gets to send an HTTP request.
         let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
             .build()
-            .map_err(|e| TlsError::Invalid {
-                what: self.client_ca.display().to_string(),
-                message: e.to_string(),
-            })?;
+            .map_err(invalid(&self.client_ca.display().to_string()))?;
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(invalid("TLS protocol versions"))?
