@@ -78,54 +78,32 @@ pub struct KeyOption {
     pub value: Option<String>,
 }
 
-/// Why an options string is refused. No variant carries any of the line's content.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Why an options string is refused. No variant carries any of the line's content; the
+/// messages count options from 1.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum OptionsError {
     /// The options end inside a quoted value.
+    #[error("a quoted option value has no closing quote")]
     UnterminatedQuote,
     /// An empty option (`a,,b`, a leading or trailing comma).
+    #[error("option {} is empty", .index + 1)]
     Empty { index: usize },
     /// A name sshd does not know (it would refuse the whole line).
+    #[error("option {} is not one sshd knows (sshd would ignore the whole line)", .index + 1)]
     Unknown { index: usize },
     /// A flag option given a value, or a value option without `="…"`.
+    #[error("option {} is malformed (flags take no value; others need =\"value\")", .index + 1)]
     Malformed { index: usize },
     /// Something other than `,` after a quoted value.
+    #[error("option {} has characters after its closing quote", .index + 1)]
     JunkAfterValue { index: usize },
     /// A second `command=` or `principals=`.
+    #[error("option {} repeats an option sshd allows only once", .index + 1)]
     Repeated { index: usize },
     /// A value sshd refuses (`environment` without `NAME=`, a bad `expiry-time` or
     /// `tunnel`).
+    #[error("option {}: {why}", .index + 1)]
     BadValue { index: usize, why: &'static str },
-}
-
-impl std::fmt::Display for OptionsError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::UnterminatedQuote => f.write_str("a quoted option value has no closing quote"),
-            Self::Empty { index } => write!(f, "option {} is empty", index + 1),
-            Self::Unknown { index } => write!(
-                f,
-                "option {} is not one sshd knows (sshd would ignore the whole line)",
-                index + 1
-            ),
-            Self::Malformed { index } => write!(
-                f,
-                "option {} is malformed (flags take no value; others need =\"value\")",
-                index + 1
-            ),
-            Self::JunkAfterValue { index } => write!(
-                f,
-                "option {} has characters after its closing quote",
-                index + 1
-            ),
-            Self::Repeated { index } => write!(
-                f,
-                "option {} repeats an option sshd allows only once",
-                index + 1
-            ),
-            Self::BadValue { index, why } => write!(f, "option {}: {why}", index + 1),
-        }
-    }
 }
 
 /// Where the options end, by sshd's `sshkey_advance_past_options`: at the first space or
@@ -478,8 +456,10 @@ mod tests {
         }
     }
 
-    fn options_error(line: &str) -> OptionsError {
-        match parse_line(line) {
+    /// Why the line `{options} {KEY}` is refused for its options.
+    fn options_error(options: &str) -> OptionsError {
+        let line = format!("{options} {KEY}");
+        match parse_line(&line) {
             Err(LineError::Options(e)) => e,
             other => panic!("{line}: expected an options error, got {other:?}"),
         }
@@ -549,7 +529,7 @@ mod tests {
     #[test]
     fn an_environment_without_a_name_is_refused() {
         for v in ["noequals", "=x", "A-B=c"] {
-            let e = options_error(&format!("environment=\"{v}\" {KEY}"));
+            let e = options_error(&format!("environment=\"{v}\""));
             assert!(
                 matches!(e, OptionsError::BadValue { index: 0, .. }),
                 "{v}: {e:?}"
@@ -568,15 +548,14 @@ mod tests {
     #[test]
     fn restrict_and_cert_authority_cannot_be_negated() {
         for o in ["no-restrict", "no-cert-authority"] {
-            let e = options_error(&format!("{o} {KEY}"));
+            let e = options_error(o);
             assert_eq!(e, OptionsError::Unknown { index: 0 });
         }
     }
 
     #[test]
     fn an_unknown_option_is_refused_by_position_without_its_name() {
-        let line = format!("no-pty,no-secretthing {KEY}");
-        let e = options_error(&line);
+        let e = options_error("no-pty,no-secretthing");
         assert_eq!(e, OptionsError::Unknown { index: 1 });
         let msg = Error::Line {
             line: 3,
@@ -587,19 +566,31 @@ mod tests {
         assert!(!msg.contains("secretthing"), "{msg}");
     }
 
-    #[test]
-    fn a_flag_with_a_value_is_refused() {
-        assert_eq!(
-            options_error(&format!("pty=\"yes\" {KEY}")),
-            OptionsError::Malformed { index: 0 }
-        );
+    /// One named test per refusal: `name: options => the error they are refused with`.
+    macro_rules! refused {
+        ($($name:ident: $options:expr => $error:expr;)*) => {
+            $(
+                #[test]
+                fn $name() {
+                    assert_eq!(options_error($options), $error);
+                }
+            )*
+        };
+    }
+
+    refused! {
+        a_flag_with_a_value_is_refused: "pty=\"yes\"" => OptionsError::Malformed { index: 0 };
+        characters_after_a_closing_quote_are_refused:
+            "command=\"a\"b" => OptionsError::JunkAfterValue { index: 0 };
+        a_second_command_is_refused:
+            "command=\"a\",command=\"b\"" => OptionsError::Repeated { index: 1 };
     }
 
     #[test]
     fn a_value_option_without_quotes_or_value_is_refused() {
         for o in ["command=ls", "command", "from="] {
             assert_eq!(
-                options_error(&format!("{o} {KEY}")),
+                options_error(o),
                 OptionsError::Malformed { index: 0 },
                 "{o}"
             );
@@ -609,29 +600,13 @@ mod tests {
     #[test]
     fn an_unterminated_quote_is_refused() {
         assert_eq!(
-            options_error(&format!("command=\"echo {KEY}")),
+            options_error("command=\"echo"),
             OptionsError::UnterminatedQuote
         );
         // An escaped quote does not close the value.
         assert_eq!(
-            options_error(&format!("command=\"echo\\\" {KEY}")),
+            options_error("command=\"echo\\\""),
             OptionsError::UnterminatedQuote
-        );
-    }
-
-    #[test]
-    fn characters_after_a_closing_quote_are_refused() {
-        assert_eq!(
-            options_error(&format!("command=\"a\"b {KEY}")),
-            OptionsError::JunkAfterValue { index: 0 }
-        );
-    }
-
-    #[test]
-    fn a_second_command_is_refused() {
-        assert_eq!(
-            options_error(&format!("command=\"a\",command=\"b\" {KEY}")),
-            OptionsError::Repeated { index: 1 }
         );
     }
 
@@ -639,10 +614,7 @@ mod tests {
     fn an_empty_option_is_refused() {
         for o in ["no-pty,", ",no-pty", "no-pty,,pty"] {
             assert!(
-                matches!(
-                    options_error(&format!("{o} {KEY}")),
-                    OptionsError::Empty { .. }
-                ),
+                matches!(options_error(o), OptionsError::Empty { .. }),
                 "{o}"
             );
         }
@@ -654,8 +626,8 @@ mod tests {
         entry(&format!(
             "expiry-time=\"203001011200Z\",tunnel=\"any\" {KEY}"
         ));
-        options_error(&format!("expiry-time=\"tomorrow\" {KEY}"));
-        options_error(&format!("tunnel=\"tun0\" {KEY}"));
+        options_error("expiry-time=\"tomorrow\"");
+        options_error("tunnel=\"tun0\"");
     }
 
     #[test]
