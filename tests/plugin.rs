@@ -1328,6 +1328,7 @@ async fn kubectl_completes_vm_names_for_remove_key_and_list_keys() {
             kubectl_complete(&kubeconfig, &["remove-key", "db-0", "--fi"]),
             kubectl_complete(&kubeconfig, &["remove-key", "--max-"]),
             kubectl_complete(&kubeconfig, &["list-keys", "db-0", ""]),
+            kubectl_complete(&kubeconfig, &["remove-key", "-l", "tier=web", ""]),
         ]
     })
     .await
@@ -1339,6 +1340,7 @@ async fn kubectl_completes_vm_names_for_remove_key_and_list_keys() {
     assert_eq!(got[4], ["--fingerprint"]);
     assert_eq!(got[5], ["--max-concurrency", "--max-failures"]);
     assert!(got[6].is_empty(), "one VM only: {:?}", got[6]);
+    assert!(got[7].is_empty(), "a selector, not a VM: {:?}", got[7]);
 }
 
 #[test]

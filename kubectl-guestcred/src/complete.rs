@@ -40,6 +40,8 @@ pub async fn dynamic(words: &[String]) -> (Vec<String>, u8) {
     let mut global = Global::default();
     let mut sub: Option<String> = None;
     let mut positionals = 0usize;
+    // `-l SELECTOR` takes the place of the name (a VM, or for status an object).
+    let mut selector = false;
     let mut i = 0;
     let takes_value = |sub: Option<&str>, flag: &str| -> bool {
         let cmd = sub.and_then(|s| root.find_subcommand(s)).unwrap_or(&root);
@@ -59,6 +61,7 @@ pub async fn dynamic(words: &[String]) -> (Vec<String>, u8) {
                 "-n" | "--namespace" => global.namespace = value,
                 "--context" => global.context = value,
                 "--kubeconfig" => global.kubeconfig = value.map(Into::into),
+                "-l" | "--selector" => selector = true,
                 _ => {}
             }
             i += 2;
@@ -69,6 +72,7 @@ pub async fn dynamic(words: &[String]) -> (Vec<String>, u8) {
                 "-n" | "--namespace" => global.namespace = Some(v.into()),
                 "--context" => global.context = Some(v.into()),
                 "--kubeconfig" => global.kubeconfig = Some(v.into()),
+                "-l" | "--selector" => selector = true,
                 _ => {}
             }
         } else if !w.starts_with('-') {
@@ -118,7 +122,7 @@ pub async fn dynamic(words: &[String]) -> (Vec<String>, u8) {
         all.extend(flags(&root));
         return (filter(all), NO_FILES);
     }
-    if positionals > 0 {
+    if positionals > 0 || selector {
         return (Vec::new(), NO_FILES);
     }
     let names = match sub.as_str() {
