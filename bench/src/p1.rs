@@ -144,18 +144,11 @@ pub async fn run(ctx: &Ctx, rounds: usize, load_secs: u64) -> anyhow::Result<P1R
                 }
                 Method::Virsh => {
                     let t0 = Instant::now();
-                    let out = tokio::process::Command::new("virsh")
+                    let mut virsh = tokio::process::Command::new("virsh");
+                    virsh
                         .args(["-q", "-c", &uri, "set-user-password", DOMAIN, USER, &hash])
-                        .arg("--encrypted")
-                        .output()
-                        .await
-                        .context("running virsh")?;
-                    if !out.status.success() {
-                        bail!(
-                            "virsh set-user-password failed: {}",
-                            String::from_utf8_lossy(&out.stderr)
-                        );
-                    }
+                        .arg("--encrypted");
+                    succeeds(&mut virsh, "virsh set-user-password").await?;
                     t0.elapsed()
                 }
             };
@@ -257,6 +250,18 @@ pub async fn run(ctx: &Ctx, rounds: usize, load_secs: u64) -> anyhow::Result<P1R
     })
 }
 
+/// Runs `cmd` to the end; an error naming `what`, with its stderr, unless it succeeds.
+async fn succeeds(cmd: &mut tokio::process::Command, what: &str) -> anyhow::Result<()> {
+    let out = cmd
+        .output()
+        .await
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 /// `kubectl apply -f` then `kubectl wait --for=condition=Ready`, as users do.
 async fn kubectl_apply_and_wait(
     ctx: &Ctx,
@@ -274,36 +279,16 @@ async fn kubectl_apply_and_wait(
         c
     };
     let t0 = Instant::now();
-    let apply = run(vec![
-        "apply".into(),
-        "-f".into(),
-        file.display().to_string(),
-    ])
-    .output()
-    .await
-    .context("running kubectl apply")?;
-    if !apply.status.success() {
-        bail!(
-            "kubectl apply failed: {}",
-            String::from_utf8_lossy(&apply.stderr)
-        );
-    }
-    let wait = run(vec![
+    let apply = vec!["apply".into(), "-f".into(), file.display().to_string()];
+    succeeds(&mut run(apply), "kubectl apply").await?;
+    let mut wait = run(vec![
         "wait".into(),
         "--for=condition=Ready".into(),
         format!("guestpasswordreset/{name}"),
         "-n".into(),
         NS.into(),
         "--timeout=60s".into(),
-    ])
-    .output()
-    .await
-    .context("running kubectl wait")?;
-    if !wait.status.success() {
-        bail!(
-            "kubectl wait failed: {}",
-            String::from_utf8_lossy(&wait.stderr)
-        );
-    }
+    ]);
+    succeeds(&mut wait, "kubectl wait").await?;
     Ok(t0.elapsed())
 }

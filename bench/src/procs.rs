@@ -57,21 +57,11 @@ impl Proc {
 
     /// Wait until the log contains `needle` (the process's own readiness line).
     pub async fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if fs::read_to_string(&self.log).is_ok_and(|t| t.contains(needle)) {
-                return Ok(());
-            }
-            self.check_alive()?;
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not log {needle:?} within {timeout:?}; log tail:\n{}",
-                    self.name,
-                    self.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let failure = format!("did not log {needle:?}");
+        self.poll(timeout, &failure, |p| {
+            fs::read_to_string(&p.log).is_ok_and(|t| t.contains(needle))
+        })
+        .await
     }
 
     /// Wait until `addr` accepts TCP connections.
@@ -80,21 +70,33 @@ impl Proc {
         addr: SocketAddr,
         timeout: Duration,
     ) -> anyhow::Result<()> {
+        self.poll(timeout, &format!("did not listen on {addr}"), |_| {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })
+        .await
+    }
+
+    /// Checks `ready` every 20 ms until it holds; an error saying the process `failure`
+    /// (with its log tail) if it exits first or `timeout` passes.
+    async fn poll(
+        &mut self,
+        timeout: Duration,
+        failure: &str,
+        ready: impl Fn(&Self) -> bool,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
-        loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(());
-            }
+        while !ready(self) {
             self.check_alive()?;
             if Instant::now() > deadline {
                 bail!(
-                    "{} does not listen on {addr} after {timeout:?}; log tail:\n{}",
+                    "{} {failure} within {timeout:?}; log tail:\n{}",
                     self.name,
                     self.log_tail()
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(())
     }
 
     /// User + system CPU time so far.
