@@ -7,7 +7,6 @@ use guestcred_lab::testing::*;
 use guestcred_lab::world::{World, WorldOptions};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -317,14 +316,8 @@ async fn paused_reset_starts_nothing_until_unpaused() {
         TargetState::Pending
     );
     assert_ne!(hash_of(&qga, "root").as_deref(), Some(SHA512));
-    let api: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
-    api.patch(
-        "r",
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"spec": {"paused": false}})),
-    )
-    .await
-    .expect("unpause");
+    let unpause = serde_json::json!({"spec": {"paused": false}});
+    w.merge_patch::<GuestPasswordReset>("r", unpause).await;
     w.once::<GuestPasswordReset>("r", finished).await;
     assert_eq!(hash_of(&qga, "root").as_deref(), Some(SHA512));
 }
@@ -418,15 +411,8 @@ async fn changed_secret_runs_again_once_and_unchanged_never() {
     let first: GuestPasswordReset = w.once("r", finished).await;
     let first_hash = first.status.expect("status").run.input_hash.expect("hash");
     // Touch the Secret without changing its value: no new run.
-    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), NS);
-    secrets
-        .patch(
-            "pw",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"touched": "yes"}}})),
-        )
-        .await
-        .expect("touch");
+    let touch = serde_json::json!({"metadata": {"labels": {"touched": "yes"}}});
+    w.merge_patch::<Secret>("pw", touch).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let api: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
     let same = api.get("r").await.expect("get").status.expect("status").run;
@@ -490,13 +476,9 @@ async fn kubevirt_access_credentials_for_the_same_user_are_flagged_as_a_conflict
     assert_eq!(t.state, TargetState::Succeeded);
     let msg = t.message.clone().unwrap_or_default();
     assert!(msg.contains("ConflictWithAccessCredentials"), "{msg}");
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(w.client.clone(), NS);
-    let list = events.list(&Default::default()).await.expect("events");
+    let conflicts = w.events_with_reason("ConflictWithAccessCredentials").await;
     assert!(
-        list.items.iter().any(
-            |e| e.reason.as_deref() == Some("ConflictWithAccessCredentials")
-                && e.type_.as_deref() == Some("Warning")
-        ),
-        "a Warning event names the conflict"
+        conflicts.iter().any(|e| e.starts_with("Warning: ")),
+        "a Warning event names the conflict: {conflicts:?}"
     );
 }

@@ -438,22 +438,7 @@ async fn an_unreachable_vm_holds_deletion_only_for_the_bounded_wait_then_names_t
         "{:?}",
         start.elapsed()
     );
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(w.client.clone(), NS);
-    let left: Vec<String> = events
-        .list(&Default::default())
-        .await
-        .expect("events")
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("KeysLeftBehind"))
-        .map(|e| {
-            format!(
-                "{}: {}",
-                e.type_.unwrap_or_default(),
-                e.note.unwrap_or_default()
-            )
-        })
-        .collect();
+    let left = w.events_with_reason("KeysLeftBehind").await;
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(
         left[0].starts_with("Warning: ") && left[0].contains("vm-a") && left[0].contains(&fp),
@@ -576,18 +561,11 @@ async fn rebuild_of_a_vm_with_user_data_from_a_secret_writes_guestcred_s_own_cop
     let user_secret = Secret::test("vm-a-userdata").data("userdata", USER_DATA);
     w.put(&user_secret).await;
     let before: Secret = w.get(NS, "vm-a-userdata").await;
-    let vms: Api<VirtualMachine> = Api::namespaced(w.client.clone(), NS);
     let volumes = serde_json::json!({"spec": {"template": {"spec": {"volumes": [
         {"name": "rootdisk", "containerDisk": {"image": "debian"}},
         {"name": "cloudinitdisk", "cloudInitNoCloud": {"userDataSecretRef": {"name": "vm-a-userdata"}}}
     ]}}}});
-    vms.patch(
-        "vm-a",
-        &kube::api::PatchParams::default(),
-        &kube::api::Patch::Merge(&volumes),
-    )
-    .await
-    .expect("volumes");
+    w.merge_patch::<VirtualMachine>("vm-a", volumes).await;
     let old = vmi_uid(&w, "vm-a").await;
     w.put(&rebuild_of_vm_a(KEY2)).await;
     verified_by_rebuild(&w).await;

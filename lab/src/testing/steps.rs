@@ -98,6 +98,10 @@ pub trait Steps {
     async fn password_secret(&self, name: &str, value: &str);
     /// Object `name` in [`NS`] once `pred` holds; fails the test after [`STEP_WAIT`].
     async fn once<K: Object>(&self, name: &str, pred: impl Fn(&K) -> bool) -> K;
+    /// A JSON merge patch of object `name` in [`NS`]; fails the test if it is refused.
+    async fn merge_patch<K: Object>(&self, name: &str, patch: serde_json::Value) -> K;
+    /// The Events (events.k8s.io/v1) in [`NS`] with `reason`, each as `"{type}: {note}"`.
+    async fn events_with_reason(&self, reason: &str) -> Vec<String>;
     /// `obj` applied, once `pred` holds for it.
     async fn apply_until<K: Object>(&self, obj: &K, pred: impl Fn(&K) -> bool) -> K;
     /// `obj` applied and its run finished (Succeeded, Failed or PartiallySucceeded).
@@ -133,6 +137,28 @@ impl Steps for World {
         self.wait_for(NS, name, STEP_WAIT, pred)
             .await
             .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    async fn merge_patch<K: Object>(&self, name: &str, patch: serde_json::Value) -> K {
+        let api: kube::Api<K> = kube::Api::namespaced(self.client.clone(), NS);
+        let params = kube::api::PatchParams::default();
+        api.patch(name, &params, &kube::api::Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("merge patch of {} {name}: {e}", K::kind(&())))
+    }
+
+    async fn events_with_reason(&self, reason: &str) -> Vec<String> {
+        let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+            kube::Api::namespaced(self.client.clone(), NS);
+        let list = events.list(&Default::default()).await.expect("events");
+        list.items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .map(|e| {
+                let (type_, note) = (e.type_.unwrap_or_default(), e.note.unwrap_or_default());
+                format!("{type_}: {note}")
+            })
+            .collect()
     }
 
     async fn apply_until<K: Object>(&self, obj: &K, pred: impl Fn(&K) -> bool) -> K {
