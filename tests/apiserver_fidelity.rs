@@ -84,15 +84,22 @@ const JSON_PATCH: &str = "application/json-patch+json";
 const BLOBS: &str = "/apis/example.com/v1/namespaces/default/blobs";
 
 async fn server_with_blobs() -> ApiServer {
+    let schema = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    server_with_crd("blob", "Blob", schema).await
+}
+
+/// A fresh emulator with the namespaced CRD `{singular}s.example.com` (kind `kind`,
+/// version v1) whose objects have the OpenAPI v3 `schema`.
+async fn server_with_crd(singular: &str, kind: &str, schema: Value) -> ApiServer {
     let server = ApiServer::new();
+    let plural = format!("{singular}s");
     let crd = json!({
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": {"name": "blobs.example.com"},
+        "metadata": {"name": format!("{plural}.example.com")},
         "spec": {"group": "example.com", "scope": "Namespaced",
-                 "names": {"plural": "blobs", "singular": "blob", "kind": "Blob"},
+                 "names": {"plural": plural, "singular": singular, "kind": kind},
                  "versions": [{"name": "v1", "served": true, "storage": true,
-                     "schema": {"openAPIV3Schema": {"type": "object",
-                         "x-kubernetes-preserve-unknown-fields": true}}}]},
+                     "schema": {"openAPIV3Schema": schema}}]},
     });
     let a = post_json(
         &server,
@@ -303,25 +310,9 @@ async fn secret_and_config_map_data_over_one_mebibyte_is_invalid() {
 
 /// A CRD with a structural schema: `spec.size` is declared, nothing else.
 async fn server_with_gadgets() -> ApiServer {
-    let server = ApiServer::new();
-    let crd = json!({
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": {"name": "gadgets.example.com"},
-        "spec": {"group": "example.com", "scope": "Namespaced",
-                 "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
-                 "versions": [{"name": "v1", "served": true, "storage": true,
-                     "schema": {"openAPIV3Schema": {"type": "object", "properties": {
-                         "spec": {"type": "object", "properties": {
-                             "size": {"type": "integer"}}}}}}}]},
-    });
-    let a = post_json(
-        &server,
-        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-        &crd,
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::CREATED);
-    server
+    let schema = json!({"type": "object", "properties": {
+        "spec": {"type": "object", "properties": {"size": {"type": "integer"}}}}});
+    server_with_crd("gadget", "Gadget", schema).await
 }
 
 const GADGETS: &str = "/apis/example.com/v1/namespaces/default/gadgets";
