@@ -245,14 +245,12 @@ async fn a_waiting_object_retriggered_without_news_writes_no_status() {
         w.api().requests("GET", &vmi_lists),
     );
     // A matching VMI that is not running: the object is reconciled, and still has no targets.
-    w.add_vm(
+    w.vm_without_agent(
         &vm(NS, "db-0", "node-1")
             .label("tier", "db")
             .phase("Scheduling"),
-        None,
     )
-    .await
-    .expect("vm");
+    .await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while w.api().requests("GET", &vmi_lists) == lists {
         assert!(
@@ -342,8 +340,8 @@ fn secret_path(name: &str) -> String {
 #[tokio::test]
 async fn restarted_controller_resyncs_a_finished_reset_without_reading_its_unchanged_secret() {
     let mut w = world().await;
-    let _a = w.add_vm(&vm(NS, "vm-a", "node-1"), Some(alice())).await;
-    let _b = w.add_vm(&vm(NS, "vm-b", "node-1"), Some(alice())).await;
+    let _a = w.guest("vm-a").await;
+    let _b = w.guest("vm-b").await;
     finished_reset_from_secret(&w, "done", "vm-a", "pw").await;
     let version = w.get::<Secret>(NS, "pw").await.metadata.resource_version;
     let done = |r: GuestPasswordReset| r.status.expect("status");
@@ -436,7 +434,7 @@ async fn changed_secret_runs_again_once_and_unchanged_never() {
 async fn vm_without_agent_retries_then_fails_with_the_deadline() {
     let w = world().await;
     // The VM exists but its agent socket does not: the shim reports it, we retry.
-    let _none = w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
+    w.vm_without_agent(&vm(NS, "vm-a", "node-1")).await;
     w.password_secret("pw", PLAIN).await;
     let r = w.run_to_end(&reset_of("vm-a").deadline_seconds(10)).await;
     let t = target0(&r).expect("a target");
@@ -447,10 +445,8 @@ async fn vm_without_agent_retries_then_fails_with_the_deadline() {
 #[tokio::test]
 async fn vm_not_running_is_reported_while_retrying() {
     let w = world().await;
-    let _a = w
-        .add_vm(&vm(NS, "vm-a", "node-1").phase("Scheduling"), None)
-        .await
-        .expect("vm");
+    w.vm_without_agent(&vm(NS, "vm-a", "node-1").phase("Scheduling"))
+        .await;
     w.password_secret("pw", PLAIN).await;
     w.apply_until(&reset_of("vm-a"), retrying_with("VMNotRunning"))
         .await;

@@ -213,7 +213,7 @@ async fn verification_fails_when_the_guest_drops_a_key() {
         "key2@test",
     )
     .await;
-    w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
+    w.vm_without_agent(&vm(NS, "vm-a", "node-1")).await;
     let r = w
         .run_to_end(&grant("k", "vm-a").inline_keys([KEY1, KEY2]))
         .await;

@@ -991,9 +991,8 @@ async fn controller_never_dials_a_labelled_pod_the_shim_daemonset_does_not_own()
     pods.patch_status("debug-pod", &PatchParams::default(), &Patch::Merge(&status))
         .await
         .expect("rogue pod status");
-    w.add_vm(&vm("default", "vm-rogue", "node-rogue"), None)
-        .await
-        .expect("vm");
+    w.vm_without_agent(&vm("default", "vm-rogue", "node-rogue"))
+        .await;
     w.password_secret("pw", SHA512_HASH).await;
     let reset = crypted_reset_for_alice("vm-rogue");
     let r = w

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 
 use super::{HasRun, NS, finished, secret};
 use crate::hostqga::HostQga;
-use crate::kubevirt::vm;
+use crate::kubevirt::{VmDescription, vm};
 use crate::world::{World, WorldOptions};
 
 /// How long a step waits for the controller before it fails the test.
@@ -89,6 +89,8 @@ impl<K> Object for K where
 pub trait Steps {
     /// VM `name` on node-1 with a real agent whose guest has user alice.
     async fn guest(&self, name: &str) -> HostQga;
+    /// The VM (VM and VMI objects) `desc` describes, with no agent behind it.
+    async fn vm_without_agent(&self, desc: &VmDescription);
     /// VMs `{tier}-0`, `{tier}-1`, … labelled `tier={tier}`, the i-th on `nodes[i]`, each
     /// with a real agent whose guest has user alice.
     async fn guests_in_tier(&self, tier: &str, nodes: &[&str]) -> Vec<HostQga>;
@@ -111,6 +113,12 @@ pub trait Steps {
 impl Steps for World {
     async fn guest(&self, name: &str) -> HostQga {
         self.add_guest(&vm(NS, name, "node-1")).await
+    }
+
+    async fn vm_without_agent(&self, desc: &VmDescription) {
+        self.add_vm(desc, None)
+            .await
+            .unwrap_or_else(|e| panic!("VM {}: {e:#}", desc.name));
     }
 
     async fn guests_in_tier(&self, tier: &str, nodes: &[&str]) -> Vec<HostQga> {
