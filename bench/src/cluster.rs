@@ -28,15 +28,69 @@ use std::time::{Duration, Instant};
 
 pub const NS: &str = "default";
 
-/// Non-watch requests the emulator answered: (start, end).
+/// Non-watch requests the emulator answered: (start, end), and per class of request
+/// ([`classify`]) how many, how many failed, and the largest bodies.
 #[derive(Default)]
 pub struct RequestLog {
     spans: Mutex<Vec<(Instant, Instant)>>,
+    classes: Mutex<BTreeMap<String, ClassStats>>,
+}
+
+/// Requests of one class since the last [`RequestLog::clear`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClassStats {
+    pub count: u64,
+    /// Answered with a status of 400 or more (a GET's 404 excepted).
+    pub errors: u64,
+    /// Largest request body (bytes).
+    pub max_request: u64,
+    /// Largest response body (bytes): for a write, the object as the server stored it.
+    pub max_response: u64,
+}
+
+/// A request's class: verb and resource, with the subresource, e.g. `PATCH
+/// guestpasswordresets/status`, `POST events`, `GET virtualmachineinstances` (one object)
+/// or `LIST pods` (a GET without a name).
+pub fn classify(method: &str, path: &str) -> String {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // /api/v1/... or /apis/<group>/<version>/...
+    let rest: &[&str] = match parts.as_slice() {
+        ["api", _v, rest @ ..] => rest,
+        ["apis", _g, _v, rest @ ..] => rest,
+        _ => return format!("{method} {path}"),
+    };
+    let rest = match rest {
+        ["namespaces", _ns, r @ ..] if !r.is_empty() => r,
+        r => r,
+    };
+    match rest {
+        [] => format!("{method} {path}"),
+        [res] if method == "GET" => format!("LIST {res}"),
+        [res] | [res, _] => format!("{method} {res}"),
+        [res, _, sub, ..] => format!("{method} {res}/{sub}"),
+    }
 }
 
 impl RequestLog {
     fn push(&self, start: Instant, end: Instant) {
         self.lock().push((start, end));
+    }
+
+    fn count(&self, class: String, failed: bool, request: u64, response: u64) {
+        let mut classes = self.classes.lock().unwrap_or_else(|p| p.into_inner());
+        let c = classes.entry(class).or_default();
+        c.count += 1;
+        c.errors += u64::from(failed);
+        c.max_request = c.max_request.max(request);
+        c.max_response = c.max_response.max(response);
+    }
+
+    /// Requests per class since the last `clear`.
+    pub fn classes(&self) -> BTreeMap<String, ClassStats> {
+        self.classes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Instant, Instant)>> {
@@ -45,6 +99,10 @@ impl RequestLog {
 
     pub fn clear(&self) {
         self.lock().clear();
+        self.classes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// (number of requests, end of the last one) since the last `clear`.
@@ -65,11 +123,44 @@ async fn record(State(log): State<Arc<RequestLog>>, req: Request, next: Next) ->
         .query()
         .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
     let start = Instant::now();
-    let resp = next.run(req).await;
-    if !watch {
-        log.push(start, Instant::now());
+    if watch {
+        return next.run(req).await;
     }
+    let class = classify(req.method().as_str(), req.uri().path());
+    let write = req.method() != axum::http::Method::GET;
+    let request_len = body_len(req.headers());
+    let resp = next.run(req).await;
+    // A GET answered 404 is an answer (`get_opt` of an absent VirtualMachine), not a failure.
+    let code = resp.status().as_u16();
+    let failed = code >= 400 && (write || code != 404);
+    // A write's answer is the object as stored: its size is what the write made.
+    let (resp, response_len) = if write {
+        let (parts, body) = resp.into_parts();
+        match axum::body::to_bytes(body, usize::MAX).await {
+            Ok(bytes) => {
+                let len = bytes.len() as u64;
+                (
+                    Response::from_parts(parts, axum::body::Body::from(bytes)),
+                    len,
+                )
+            }
+            Err(_) => (Response::from_parts(parts, axum::body::Body::empty()), 0),
+        }
+    } else {
+        let len = body_len(resp.headers());
+        (resp, len)
+    };
+    log.count(class, failed, request_len, response_len);
+    log.push(start, Instant::now());
     resp
+}
+
+fn body_len(headers: &axum::http::HeaderMap) -> u64 {
+    headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 pub struct BenchApi {
@@ -413,6 +504,38 @@ mod tests {
     fn crypt_strings_pass_the_shims_crypted_password_check() {
         let value = secrecy::SecretString::from(crypt_string("round-1"));
         guestcred::api::validate::password(&value, true).expect("looks like crypt(3)");
+    }
+
+    #[test]
+    fn requests_are_classed_by_verb_resource_and_subresource() {
+        let cases = [
+            (
+                "PATCH",
+                "/apis/guestcred.io/v1alpha1/namespaces/default/guestpasswordresets/r/status",
+                "PATCH guestpasswordresets/status",
+            ),
+            (
+                "POST",
+                "/apis/events.k8s.io/v1/namespaces/default/events",
+                "POST events",
+            ),
+            (
+                "GET",
+                "/apis/kubevirt.io/v1/namespaces/default/virtualmachineinstances/vm-1",
+                "GET virtualmachineinstances",
+            ),
+            (
+                "GET",
+                "/apis/kubevirt.io/v1/virtualmachineinstances",
+                "LIST virtualmachineinstances",
+            ),
+            ("PUT", "/api/v1/namespaces/default/secrets/s", "PUT secrets"),
+            ("GET", "/api/v1/nodes/node-1", "GET nodes"),
+            ("GET", "/version", "GET /version"),
+        ];
+        for (method, path, class) in cases {
+            assert_eq!(classify(method, path), class, "{method} {path}");
+        }
     }
 
     #[test]

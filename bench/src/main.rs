@@ -2,13 +2,15 @@
 //!
 //! P1 single reset latency on a real guest, P2 bulk throughput over a fleet of host qemu-ga
 //! agents, P3 controller scale (10k VMIs, 1k finished resets, restart), P4 shim footprint,
-//! P5 hung agent isolation. The controller and the shims run as separate release processes
+//! P5 hung agent isolation, P6 fleet scale over simulated agents (1,000 nodes, up to
+//! 100,000 targets, controller restart). The controller and the shims run as separate release processes
 //! (CPU and RSS from /proc); the API server is the lab emulator served over loopback HTTP
 //! from this process. Writes `<out>/results.json` and `<out>/results.md`.
 mod cluster;
 mod fleet;
 mod p1;
 mod p3;
+mod p6;
 mod procs;
 mod report;
 mod stats;
@@ -26,13 +28,13 @@ use std::time::{Duration, Instant};
 #[derive(Parser, Debug)]
 #[command(
     name = "guestcred-bench",
-    about = "guestcred benchmarks (P1-P5); needs root and scripts/install-deps.sh"
+    about = "guestcred benchmarks (P1-P6); needs root and scripts/install-deps.sh"
 )]
 struct Args {
     /// Where results.json and results.md go.
     #[arg(long, default_value = "bench")]
     out: PathBuf,
-    /// Run only these benchmarks (comma-separated: p1,p2,p3,p4,p5). The other sections of
+    /// Run only these benchmarks (comma-separated: p1,p2,p3,p4,p5,p6). The other sections of
     /// an existing `<out>/results.json` are kept, each noted as from its earlier run.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -56,6 +58,21 @@ struct Args {
     p3_resets: usize,
     #[arg(long, default_value_t = 3)]
     p3_rounds: usize,
+    /// P6 sizes: targets (VMIs selected by one reset), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000, 10_000, 100_000])]
+    p6_sizes: Vec<usize>,
+    /// P6 nodes (one simulated shim each, on its own loopback address).
+    #[arg(long, default_value_t = 1_000)]
+    p6_nodes: usize,
+    #[arg(long, default_value_t = 512)]
+    p6_max_concurrency: u32,
+    /// P6: the simulated agent's crypted set-password latency.
+    #[arg(long, default_value_t = 70)]
+    p6_latency_ms: u64,
+    /// P6: bound on one run (reset created → finished) per size; past it the size is
+    /// reported as "did not finish".
+    #[arg(long, default_value_t = 600)]
+    p6_timeout_secs: u64,
     /// P5 rounds (each: 20 resets without and with a hung agent).
     #[arg(long, default_value_t = 5)]
     p5_rounds: usize,
@@ -208,6 +225,20 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    if wants("p6") {
+        tracing::info!(sizes = ?args.p6_sizes, "P6: fleet scale (simulated agents)");
+        let opts = p6::Opts {
+            sizes: args.p6_sizes.clone(),
+            nodes: args.p6_nodes,
+            max_concurrency: args.p6_max_concurrency,
+            set_password_ms: args.p6_latency_ms,
+            timeout: Duration::from_secs(args.p6_timeout_secs),
+        };
+        match p6::run(&ctx, &opts).await {
+            Ok(s) => sections.push(s),
+            Err(e) => fail("P6", e, &mut sections),
+        }
+    }
     if wants("p4") {
         p4.notes.push(format!(
             "RSS, RssAnon (/proc/PID/status), USS (Private_Clean + Private_Dirty, plus the pages of the shim's own binary it shares with the other shims of the bench: a node runs one) and PSS (/proc/PID/smaps) sampled every 10 ms while 50 workers each keep one request in flight for {} s (3 samples per backend; each figure's own peak); idle is read before any load (libvirt: also after its first calls). Targets: RSS idle ≤ {P4_IDLE_RSS} MiB, under load ≤ {P4_LOAD_RSS} MiB; USS idle ≤ {P4_IDLE_USS} MiB, under load ≤ {P4_LOAD_USS} MiB.",
@@ -236,6 +267,9 @@ async fn main() -> anyhow::Result<()> {
             "nodes": args.nodes, "p3_vmis": args.p3_vmis, "p3_nodes": args.p3_nodes,
             "p3_resets": args.p3_resets, "p3_rounds": args.p3_rounds,
             "p5_rounds": args.p5_rounds, "load_secs": args.load_secs,
+            "p6_sizes": args.p6_sizes, "p6_nodes": args.p6_nodes,
+            "p6_max_concurrency": args.p6_max_concurrency, "p6_latency_ms": args.p6_latency_ms,
+            "p6_timeout_secs": args.p6_timeout_secs,
             "controller_env": args.controller_env,
         }),
         only,

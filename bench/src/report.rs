@@ -89,7 +89,7 @@ pub fn kept_sections(out: &Path, measured: &[String]) -> anyhow::Result<Vec<Sect
         .collect())
 }
 
-fn num(v: f64) -> String {
+pub fn num(v: f64) -> String {
     if v.abs() >= 100.0 {
         format!("{v:.0}")
     } else if v.abs() >= 10.0 {
@@ -184,6 +184,9 @@ impl Report {
             let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
             for f in &s.figures {
                 let _ = writeln!(md, "{}", row(f));
+            }
+            for t in &s.tables {
+                let _ = writeln!(md, "\n{}", t.trim_end());
             }
             if !s.notes.is_empty() {
                 md.push('\n');

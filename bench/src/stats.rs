@@ -125,6 +125,17 @@ impl Figure {
         });
         self
     }
+
+    /// Target on the worst (lowest) sample, for figures where more is better.
+    pub fn min_at_least(mut self, limit: f64, text: &str) -> Figure {
+        self.target = self.stat.as_ref().map(|s| Target {
+            text: text.into(),
+            value: s.min,
+            limit,
+            met: s.min >= limit,
+        });
+        self
+    }
 }
 
 /// One benchmark (P1..P5): its figures and what the reader must know about the method.
@@ -134,6 +145,9 @@ pub struct Section {
     pub title: String,
     pub figures: Vec<Figure>,
     pub notes: Vec<String>,
+    /// Markdown tables shown after the figures (e.g. how figures grow with scale).
+    #[serde(default)]
+    pub tables: Vec<String>,
 }
 
 impl Section {
@@ -143,6 +157,7 @@ impl Section {
             title: title.into(),
             figures: Vec::new(),
             notes: Vec::new(),
+            tables: Vec::new(),
         }
     }
 }
@@ -175,6 +190,14 @@ mod tests {
             .against(&base)
             .ratio_at_most(1.3, "median ≤ 1.3× base");
         assert_eq!(f.ratio, Some(1.2));
+        assert!(f.target.expect("target").met);
+    }
+
+    #[test]
+    fn a_floor_is_met_only_when_the_lowest_sample_reaches_it() {
+        let f = Figure::new("r", "rate", "/s", vec![1200.0, 900.0]).min_at_least(1000.0, "x");
+        assert!(!f.target.expect("target").met);
+        let f = Figure::new("r", "rate", "/s", vec![1200.0, 1000.0]).min_at_least(1000.0, "x");
         assert!(f.target.expect("target").met);
     }
 

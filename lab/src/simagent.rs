@@ -633,6 +633,16 @@ impl SimAgent {
             .count()
     }
 
+    /// How many calls of `op` were answered `Ok` (cheap enough to poll: no records are
+    /// copied).
+    pub fn successes(&self, op: SimOp) -> usize {
+        lock(&self.log)
+            .records
+            .iter()
+            .filter(|r| r.op == op && r.outcome == SimOutcome::Ok)
+            .count()
+    }
+
     /// The password record of `user` on VM `namespace/name`.
     pub fn password(&self, namespace: &str, name: &str, user: &str) -> Option<PasswordRecord> {
         let vm = lock(&self.vms).get(&format!("{namespace}/{name}"))?.clone();
@@ -1203,5 +1213,21 @@ mod tests {
         assert_eq!(second.len(), 1);
         assert_eq!(second[0].user.as_deref(), Some("root"));
         assert_eq!(a.count(SimOp::SetPassword), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn successes_count_only_calls_answered_ok_of_that_op() {
+        let a = agent(SimAgentOptions::default());
+        let (d, root) = (dom("vm-0"), user("root"));
+        a.set_behavior("default", "vm-0", Behavior::Fail(ShimErrorReason::Internal));
+        a.set_password(&d, &root, &crypted(HASH))
+            .await
+            .expect_err("fails");
+        a.set_behavior("default", "vm-0", Behavior::Normal);
+        a.set_password(&d, &root, &crypted(HASH)).await.expect("ok");
+        a.get_ssh_keys(&d, &root).await.expect("get");
+        assert_eq!(a.successes(SimOp::SetPassword), 1);
+        assert_eq!(a.successes(SimOp::GetKeys), 1);
+        assert_eq!(a.successes(SimOp::AddKeys), 0);
     }
 }
