@@ -4,9 +4,10 @@
 //! VMs with real qemu-ga agents on two nodes, while it kills and restarts the controller and
 //! shims, moves the leader Lease, injects status conflicts, freezes agents, pauses and
 //! resumes an object. The controller is two leader-elected replicas on one Lease: killing
-//! the controller crashes the leader and starts a replacement at once; moving the Lease
-//! crashes the leader and waits until the other replica has taken the Lease over (after it
-//! expired) before a replacement joins. Then it checks, on the guests themselves:
+//! the controller crashes the leader and restarts it under its name (it still holds the
+//! Lease, so it leads again at once); moving the Lease crashes the leader and waits until
+//! the other replica has taken the Lease over (after it expired) before a replacement
+//! joins. Then it checks, on the guests themselves:
 //! - every generated password in its Secret is the one the guest holds;
 //! - no VM was given the superseded crypted value after the newer one (a sampler watches
 //!   each guest's shadow file throughout);
@@ -173,15 +174,19 @@ async fn run_seed(seed: u64) {
     for i in (1..steps.len()).rev() {
         steps.swap(i, rng.random_range(0..=i));
     }
+    println!("fault_random: seed {seed} faults in order {steps:?}");
     for step in steps {
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..900))).await;
         sample_alice(&agents, &history);
         match step {
             0 => {
-                let leader = replicas.leader(Duration::from_secs(30)).await;
-                replicas.kill(&leader.expect("a leader"));
+                let leader = replicas
+                    .leader(Duration::from_secs(30))
+                    .await
+                    .expect("a leader");
+                replicas.kill(&leader);
                 tokio::time::sleep(Duration::from_millis(rng.random_range(50..500))).await;
-                replicas.start();
+                replicas.restart(&leader);
             }
             1 => {
                 let node = if rng.random_bool(0.5) {

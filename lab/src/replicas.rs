@@ -165,6 +165,13 @@ impl<'w> InProcessReplicas<'w> {
         identity
     }
 
+    /// Starts replica `identity` again (killed before), as a pod restarted under its
+    /// name: holding the Lease still, it leads again at once.
+    pub fn restart(&mut self, identity: &str) {
+        let task = self.world.spawn_replica(lease_settings(identity));
+        self.running.push((identity.to_string(), task));
+    }
+
     /// The replica holding the Lease, once one of the running ones does (`None` after
     /// `limit`).
     pub async fn leader(&self, limit: Duration) -> Option<String> {
