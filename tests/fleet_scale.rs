@@ -4,7 +4,7 @@
 //! the other suites; this one proves that a large run stays small on the API server and
 //! survives a controller restart.
 use guestcred::api::shards::{OWNER_UID_LABEL, SHARD_KEY, decode};
-use guestcred::api::{GuestPasswordReset, Phase, TargetState};
+use guestcred::api::{GuestPasswordReset, KeypairRebuild, Phase, TargetState};
 use guestcred_lab::kubevirt::vm;
 use guestcred_lab::simagent::{SimAgentOptions, SimOp};
 use guestcred_lab::testing::*;
@@ -25,7 +25,7 @@ fn vm_name(i: usize) -> String {
     format!("fleet-{i:05}")
 }
 
-async fn fleet_world() -> World {
+async fn fleet_world(vms: usize) -> World {
     let w = World::start(WorldOptions {
         nodes: NODES,
         sim_agent: Some(SimAgentOptions {
@@ -37,7 +37,7 @@ async fn fleet_world() -> World {
     })
     .await
     .expect("test world starts");
-    for i in 0..VMS {
+    for i in 0..vms {
         let node = format!("node-{}", i % NODES + 1);
         w.add_sim_vm(&vm(NS, &vm_name(i), &node).label("fleet", "all"))
             .await
@@ -102,7 +102,7 @@ fn assert_small(objects: &[(String, usize)]) {
 /// called again, and every VM ends up holding the value.
 #[tokio::test]
 async fn a_5000_target_reset_stays_small_and_resumes_after_a_restart_without_a_second_call() {
-    let mut w = fleet_world().await;
+    let mut w = fleet_world(VMS).await;
     w.apply(&secret("pw", "password", SHA512))
         .await
         .expect("secret");
@@ -181,4 +181,90 @@ async fn a_5000_target_reset_stays_small_and_resumes_after_a_restart_without_a_s
             vm_name(i)
         );
     }
+}
+
+/// Key grants with a TTL of a run over more than 100 VMs outlive the run when a spec change
+/// replaces it: they are kept in shards (not in status, which stays small), and the keys
+/// are removed from every VM when the TTL passes.
+#[tokio::test]
+async fn ttl_grants_of_a_replaced_run_over_150_vms_are_kept_in_shards_and_removed_on_time() {
+    const FLEET: usize = 150;
+    let w = fleet_world(FLEET).await;
+    let grant = |key: &str| {
+        KeypairRebuild::test("keys")
+            .selector("fleet", "all")
+            .user("root")
+            .inline_keys([key])
+            .max_concurrency(64)
+    };
+    w.apply(&grant(KEY1).ttl(20)).await.expect("grant");
+    let _: KeypairRebuild = w
+        .wait_for(NS, "keys", Duration::from_secs(120), finished)
+        .await
+        .expect("the TTL grant is in place");
+    // A new run replaces the first: KEY2 for good, KEY1's grants still to expire.
+    w.apply(&grant(KEY2)).await.expect("new spec");
+    let replaced = |k: &KeypairRebuild| {
+        k.status.as_ref().is_some_and(|s| {
+            s.run.observed_generation == k.metadata.generation
+                && finished(k)
+                && !s.run.pending_expiry_shards.is_empty()
+        })
+    };
+    let k: KeypairRebuild = w
+        .wait_for(NS, "keys", Duration::from_secs(120), replaced)
+        .await
+        .expect("the new run finishes with the old grants in expiry shards");
+    let run = &k.status.as_ref().expect("status").run;
+    assert!(
+        run.pending_expiries.is_empty(),
+        "{:?}",
+        run.pending_expiries
+    );
+    assert_eq!(
+        run.pending_expiry_shards
+            .iter()
+            .map(|r| r.count as usize)
+            .sum::<usize>(),
+        FLEET
+    );
+    assert!(serde_json::to_vec(&k).expect("json").len() < 64 * 1024);
+
+    let expired = |k: &KeypairRebuild| {
+        k.status
+            .as_ref()
+            .is_some_and(|s| s.run.pending_expiry_shards.is_empty())
+    };
+    let _: KeypairRebuild = w
+        .wait_for(NS, "keys", Duration::from_secs(120), expired)
+        .await
+        .expect("the old grants expire");
+    let body = |key: &str| {
+        key.split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    };
+    for i in 0..FLEET {
+        let node = format!("node-{}", i % NODES + 1);
+        let sim = w.sim_agent(&node).expect("simulated agent");
+        let keys = sim.authorized_keys(NS, &vm_name(i), "root").join("\n");
+        assert!(
+            !keys.contains(&body(KEY1)),
+            "{}: KEY1 outlived its TTL",
+            vm_name(i)
+        );
+        assert!(keys.contains(&body(KEY2)), "{}: KEY2 is gone", vm_name(i));
+    }
+    let cms: Api<ConfigMap> = Api::namespaced(w.client.clone(), NS);
+    let left = cms
+        .list(&ListParams::default().labels(OWNER_UID_LABEL))
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .map(|c| c.name_any())
+        .filter(|n| n.contains("-expiries-"))
+        .collect::<Vec<_>>();
+    assert!(left.is_empty(), "expiry shards left: {left:?}");
 }

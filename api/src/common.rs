@@ -273,6 +273,22 @@ pub struct RunStatus {
     /// `expiresAt` even though a newer run (a spec or input change) replaced the targets.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_expiries: Vec<PendingExpiry>,
+    /// The same for a replaced run of more than 100 targets: its grants are kept in
+    /// ConfigMaps owned by this object (1000 each), so status stays small.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_expiry_shards: Vec<ExpiryShardRef>,
+}
+
+/// A ConfigMap holding grants of a replaced large run that are still to expire.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpiryShardRef {
+    /// ConfigMap name, in this object's namespace.
+    pub name: String,
+    /// How many grants (one per VM and user) it holds.
+    pub count: u32,
+    /// When the first of them is due.
+    pub expires_at: Time,
 }
 
 /// One ConfigMap holding the records of consecutive targets of a large run.
@@ -316,6 +332,7 @@ impl RunStatus {
             conditions,
             progress,
             pending_expiries,
+            pending_expiry_shards,
         } = self;
         RunStatus {
             observed_generation: *observed_generation,
@@ -331,6 +348,7 @@ impl RunStatus {
             conditions: conditions.clone(),
             progress: progress.clone(),
             pending_expiries: pending_expiries.clone(),
+            pending_expiry_shards: pending_expiry_shards.clone(),
         }
     }
 

@@ -12,10 +12,14 @@
 //! shard whose encoding would still pass [`MAX_SHARD_BYTES`] has its records' messages cut
 //! ([`encode`]), so every shard stays well under the 1 MiB ConfigMap limit and the 256 KiB
 //! guestcred aims for; the status of a sharded run is a few KiB at any size.
-use crate::common::{RunStatus, ShardRef, TargetState, TargetStatus};
+use crate::common::{
+    ExpiryShardRef, PendingExpiry, RunStatus, ShardRef, TargetState, TargetStatus,
+};
 use flate2::Compression;
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use std::io::{Read, Write};
 use std::ops::Range;
 
@@ -107,7 +111,7 @@ pub fn encode(records: &[TargetStatus], first: usize) -> Result<Vec<u8>, ShardEr
     }
 }
 
-fn gzip_json(records: &[TargetStatus]) -> Vec<u8> {
+fn gzip_json<T: Serialize>(records: &[T]) -> Vec<u8> {
     let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
     // Writing to a Vec and serializing plain structs cannot fail.
     let _ = serde_json::to_writer(&mut gz, records);
@@ -124,8 +128,55 @@ fn cut(s: &str, max: usize) -> String {
 
 /// The records of a shard read back; `shard` is the reference status holds for it.
 pub fn decode(bytes: &[u8], shard: &ShardRef) -> Result<Vec<TargetStatus>, ShardError> {
+    decode_json(bytes, &shard.name, shard.count)
+}
+
+/// Grants to expire (one per VM and user), as kept for a replaced large run.
+pub fn encode_expiries(grants: &[PendingExpiry]) -> Vec<u8> {
+    gzip_json(grants)
+}
+
+/// The grants of an expiry shard read back.
+pub fn decode_expiries(
+    bytes: &[u8],
+    shard: &ExpiryShardRef,
+) -> Result<Vec<PendingExpiry>, ShardError> {
+    decode_json(bytes, &shard.name, shard.count)
+}
+
+/// A replaced large run's grants still to expire, in shards of [`SHARD_SIZE`], each with
+/// the time its first grant is due; named `name(k)`.
+pub fn expiry_shards(
+    grants: Vec<PendingExpiry>,
+    name: impl Fn(usize) -> String,
+) -> Vec<(ExpiryShardRef, Vec<PendingExpiry>)> {
+    grants
+        .chunks(SHARD_SIZE)
+        .enumerate()
+        .filter_map(|(k, chunk)| {
+            let first_due = chunk
+                .iter()
+                .map(|g| g.expires_at.clone())
+                .min_by_key(|t| t.0)?;
+            Some((
+                ExpiryShardRef {
+                    name: name(k),
+                    count: chunk.len() as u32,
+                    expires_at: first_due,
+                },
+                chunk.to_vec(),
+            ))
+        })
+        .collect()
+}
+
+fn decode_json<T: DeserializeOwned>(
+    bytes: &[u8],
+    name: &str,
+    count: u32,
+) -> Result<Vec<T>, ShardError> {
     let corrupt = |detail: String| ShardError::Corrupt {
-        name: shard.name.clone(),
+        name: name.to_string(),
         detail,
     };
     let mut json = Vec::new();
@@ -133,12 +184,11 @@ pub fn decode(bytes: &[u8], shard: &ShardRef) -> Result<Vec<TargetStatus>, Shard
         .take(MAX_DECODED_BYTES)
         .read_to_end(&mut json)
         .map_err(|e| corrupt(e.to_string()))?;
-    let records: Vec<TargetStatus> =
-        serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))?;
-    if records.len() != shard.count as usize {
+    let records: Vec<T> = serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))?;
+    if records.len() != count as usize {
         return Err(ShardError::WrongCount {
-            name: shard.name.clone(),
-            expected: shard.count,
+            name: name.to_string(),
+            expected: count,
             found: records.len(),
         });
     }
@@ -393,5 +443,30 @@ mod tests {
         let mut back = expand(&stored, shards);
         back.recount();
         assert_eq!(back, full);
+    }
+
+    #[test]
+    fn grants_to_expire_are_kept_in_shards_with_their_first_due_time() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use k8s_openapi::jiff::Timestamp;
+        let at = |s: i64| Time(Timestamp::from_second(1_800_000_000 + s).expect("time"));
+        let grants: Vec<PendingExpiry> = (0..2_500)
+            .map(|i| PendingExpiry {
+                vm: format!("vm-{i:05}"),
+                user: None,
+                keys: vec!["SHA256:abc".into()],
+                expires_at: at(3_000 - i as i64),
+            })
+            .collect();
+        let shards = expiry_shards(grants, |k| format!("r-expiries-x-{k}"));
+        assert_eq!(shards.len(), 3);
+        assert_eq!(shards[0].0.count, 1000);
+        assert_eq!(shards[0].0.expires_at, at(3_000 - 999));
+        assert_eq!(shards[2].0.count, 500);
+        let bytes = encode_expiries(&shards[2].1);
+        assert_eq!(
+            decode_expiries(&bytes, &shards[2].0).expect("decodes"),
+            shards[2].1
+        );
     }
 }

@@ -256,9 +256,8 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
             }
         };
         info!(object = %obj.name_any(), targets = vms.len(), "starting a run");
-        // TTL grants of the run being replaced keep their expiry.
+        // TTL grants of the run being replaced keep their expiry (stored below).
         let carried = decide::carry_expiries(&status.targets);
-        status.pending_expiries.extend(carried);
         status.input_hash = Some(hash.to_string());
         status.target_spec = Some(obj.target().clone());
         status.targets = vms
@@ -275,7 +274,18 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
         status.unlisted_targets = None;
         stored_shards = ShardSet::new_run(obj.as_ref(), status.targets.len());
         if was_sharded || stored_shards.is_some() {
-            retired = shards::orphans(&ctx, obj.as_ref(), &[]).await?;
+            let keep: Vec<String> = status
+                .pending_expiry_shards
+                .iter()
+                .map(|r| r.name.clone())
+                .collect();
+            retired = shards::orphans(&ctx, obj.as_ref(), &keep).await?;
+        }
+        if crate::api::shards::sharded(carried.len()) {
+            let stored = shards::store_expiries(&ctx, obj.as_ref(), carried).await?;
+            status.pending_expiry_shards.extend(stored);
+        } else {
+            status.pending_expiries.extend(carried);
         }
     }
     // The hash matches this version of the Secret (also when only its metadata changed).
@@ -329,16 +339,23 @@ async fn expand<K: RunKind>(
 }
 
 /// `obj`'s status with every target's record (read from its shards for a large run).
+/// (Grants kept in expiry shards are put back in `pendingExpiries`.)
 pub async fn full_status<K: RunKind>(obj: &K, ctx: &Context) -> Result<RunStatus, Error> {
+    let lost = |e| match e {
+        shards::LoadError::Api(e) => e,
+        shards::LoadError::Lost(why) => Error::InvalidSpec(why),
+    };
     let stored = obj.run_status().cloned().unwrap_or_default();
-    if !stored.is_sharded() {
-        return Ok(stored);
+    let mut full = if stored.is_sharded() {
+        shards::load(ctx, obj, &stored).await.map_err(lost)?.0
+    } else {
+        stored
+    };
+    for r in std::mem::take(&mut full.pending_expiry_shards) {
+        let (grants, _) = shards::load_expiries(ctx, obj, &r).await.map_err(lost)?;
+        full.pending_expiries.extend(grants);
     }
-    match shards::load(ctx, obj, &stored).await {
-        Ok((full, _)) => Ok(full),
-        Err(shards::LoadError::Api(e)) => Err(e),
-        Err(shards::LoadError::Lost(why)) => Err(Error::InvalidSpec(why)),
-    }
+    Ok(full)
 }
 
 /// A finished object: only TTL expiries and a refreshed observedGeneration remain.

@@ -2,11 +2,11 @@
 //! then finish; and the TTL expiries of finished targets.
 use super::decide::{self, Expiry, Next, Stop};
 use super::observe::Observed;
-use super::shards::ShardSet;
+use super::shards::{self, ShardSet};
 use super::status::{self, Basis, RunState, Shared, Written, lock};
 use super::target::run_target;
 use super::{RunKind, action, now};
-use crate::api::{Reason, RunStatus, TargetStatus};
+use crate::api::{PendingExpiry, Reason, RunStatus, TargetStatus};
 use crate::controller::context::Context;
 use crate::controller::error::Error;
 use crate::controller::targets;
@@ -207,8 +207,69 @@ pub(super) async fn expire_due<K: RunKind>(
         }
     }
     // Grants of replaced runs: removed when due, then forgotten.
+    let pending = std::mem::take(&mut status.pending_expiries);
+    status.pending_expiries =
+        expire_pending(obj, ctx, &ns, pending, &status.targets, &mut sooner).await;
+    // Those of replaced large runs, kept in shards: only a shard with a grant due is read.
+    let mut kept = Vec::new();
+    for r in std::mem::take(&mut status.pending_expiry_shards) {
+        let left = decide::remaining(r.expires_at.0, Timestamp::now());
+        if !left.is_zero() {
+            sooner(left);
+            kept.push(r);
+            continue;
+        }
+        let (grants, version) = match shards::load_expiries(ctx, obj, &r).await {
+            Ok(v) => v,
+            Err(shards::LoadError::Api(e)) => {
+                tracing::warn!(object = %obj.name_any(), shard = %r.name, error = %e, "reading grants to expire failed; retrying");
+                sooner(Duration::from_secs(10));
+                kept.push(r);
+                continue;
+            }
+            Err(shards::LoadError::Lost(why)) => {
+                status::publish(
+                    ctx,
+                    obj,
+                    EventType::Warning,
+                    Reason::Expired.as_str(),
+                    "Expire",
+                    format!("{why}: the grants it held could not be removed on time"),
+                )
+                .await;
+                continue;
+            }
+        };
+        let left = expire_pending(obj, ctx, &ns, grants, &status.targets, &mut sooner).await;
+        match shards::rewrite_expiries(ctx, obj, &r, version, left).await {
+            Ok(Some(next)) => {
+                sooner(decide::remaining(next.expires_at.0, Timestamp::now()));
+                kept.push(next);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(object = %obj.name_any(), shard = %r.name, error = %e, "writing the grants left to expire failed; retrying");
+                sooner(Duration::from_secs(10));
+                kept.push(r);
+            }
+        }
+    }
+    status.pending_expiry_shards = kept;
+    (next, changed)
+}
+
+/// Remove the keys of the grants in `pending` that are due (minus those the current run
+/// grants for longer); returns the grants still to remove.
+async fn expire_pending<K: RunKind>(
+    obj: &K,
+    ctx: &Context,
+    ns: &str,
+    pending: Vec<PendingExpiry>,
+    current: &[TargetStatus],
+    sooner: &mut impl FnMut(Duration),
+) -> Vec<PendingExpiry> {
     let mut still_pending = Vec::new();
-    for pending in std::mem::take(&mut status.pending_expiries) {
+    for pending in pending {
         let left = decide::remaining(pending.expires_at.0, Timestamp::now());
         if !left.is_zero() {
             sooner(left);
@@ -218,17 +279,23 @@ pub(super) async fn expire_due<K: RunKind>(
         let granted = TargetStatus {
             vm: pending.vm.clone(),
             user: pending.user.clone(),
-            keys: decide::keys_to_expire(&pending, &status.targets),
+            keys: decide::keys_to_expire(&pending, current),
             ..TargetStatus::default()
         };
-        let result =
-            match targets::prepare_call(ctx, &ns, &pending.vm, pending.user.as_deref(), None).await
-            {
-                Ok(call) => obj.expire(ctx, &call, &granted).await,
-                // The VM is gone: so are the keys in it.
-                Err(Error::VmNotFound(_)) => Ok("the VM is gone".to_string()),
-                Err(e) => Err(e),
-            };
+        let result = match targets::prepare_call(
+            ctx,
+            ns,
+            &pending.vm,
+            pending.user.as_deref(),
+            None,
+        )
+        .await
+        {
+            Ok(call) => obj.expire(ctx, &call, &granted).await,
+            // The VM is gone: so are the keys in it.
+            Err(Error::VmNotFound(_)) => Ok("the VM is gone".to_string()),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(done) => {
                 let note = format!("{} (an earlier run's grant): {done}", pending.vm);
@@ -241,8 +308,7 @@ pub(super) async fn expire_due<K: RunKind>(
             }
         }
     }
-    status.pending_expiries = still_pending;
-    (next, changed)
+    still_pending
 }
 
 /// A grant's TTL passed and its keys were removed: counted and told in an Event.

@@ -4,7 +4,7 @@
 use super::RunKind;
 use super::status::Written;
 use crate::api::shards::{self, OWNER_UID_LABEL, SHARD_KEY};
-use crate::api::{RunStatus, ShardRef, TargetStatus};
+use crate::api::{ExpiryShardRef, PendingExpiry, RunStatus, ShardRef, TargetStatus};
 use crate::controller::context::Context;
 use crate::controller::error::Error;
 use k8s_openapi::ByteString;
@@ -30,8 +30,8 @@ impl ShardSet {
         if !shards::sharded(total) {
             return None;
         }
-        let nonce = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-        let refs = shards::refs(total, |k| shard_name(&obj.name_any(), &nonce, k));
+        let nonce = nonce();
+        let refs = shards::refs(total, |k| shard_name(&obj.name_any(), "targets", &nonce, k));
         Some(Self {
             versions: vec![None; refs.len()],
             dirty: (0..refs.len()).collect(),
@@ -44,9 +44,13 @@ impl ShardSet {
     }
 }
 
-/// `<object>-targets-<nonce>-<k>`, the object's name cut so the whole stays a valid name.
-fn shard_name(object: &str, nonce: &str, k: usize) -> String {
-    let suffix = format!("-targets-{nonce}-{k}");
+fn nonce() -> String {
+    format!("{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+/// `<object>-<what>-<nonce>-<k>`, the object's name cut so the whole stays a valid name.
+fn shard_name(object: &str, what: &str, nonce: &str, k: usize) -> String {
+    let suffix = format!("-{what}-{nonce}-{k}");
     let keep = 253 - suffix.len();
     let base: String = object.chars().take(keep).collect();
     format!("{}{suffix}", base.trim_end_matches(['-', '.']))
@@ -119,11 +123,22 @@ pub(super) async fn write<K: RunKind>(
 ) -> Result<(Written, Option<String>), Error> {
     let bytes = shards::encode(&w.records, w.first)
         .map_err(|e| Error::InvalidSpec(format!("cannot store the run's records: {e}")))?;
+    put(ctx, obj, &w.name, w.version.clone(), bytes).await
+}
+
+/// Create (`version` None) or replace a shard ConfigMap holding `bytes`.
+async fn put<K: RunKind>(
+    ctx: &Context,
+    obj: &K,
+    name: &str,
+    version: Option<String>,
+    bytes: Vec<u8>,
+) -> Result<(Written, Option<String>), Error> {
     let cm = ConfigMap {
         metadata: ObjectMeta {
-            name: Some(w.name.clone()),
+            name: Some(name.to_string()),
             namespace: obj.namespace(),
-            resource_version: w.version.clone(),
+            resource_version: version.clone(),
             labels: Some(BTreeMap::from([
                 (OWNER_UID_LABEL.to_string(), obj.uid().unwrap_or_default()),
                 (
@@ -138,14 +153,14 @@ pub(super) async fn write<K: RunKind>(
         ..ConfigMap::default()
     };
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace(obj));
-    let result = match &w.version {
+    let result = match &version {
         None => api.create(&PostParams::default(), &cm).await,
-        Some(_) => api.replace(&w.name, &PostParams::default(), &cm).await,
+        Some(_) => api.replace(name, &PostParams::default(), &cm).await,
     };
     match result {
         Ok(written) => Ok((Written::Done, written.resource_version())),
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            warn!(object = %obj.name_any(), shard = %w.name, "shard changed by someone else meanwhile; this run stops here");
+            warn!(object = %obj.name_any(), shard = %name, "shard changed by someone else meanwhile; this run stops here");
             Ok((Written::Superseded, None))
         }
         Err(kube::Error::Api(s)) if s.code == 404 => Ok((Written::Gone, None)),
@@ -172,7 +187,7 @@ pub(super) async fn delete<K: RunKind>(ctx: &Context, obj: &K, names: &[String])
 pub(super) async fn orphans<K: RunKind>(
     ctx: &Context,
     obj: &K,
-    keep: &[ShardRef],
+    keep: &[String],
 ) -> Result<Vec<String>, Error> {
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace(obj));
     let uid = obj.uid().unwrap_or_default();
@@ -183,8 +198,80 @@ pub(super) async fn orphans<K: RunKind>(
         .items
         .into_iter()
         .map(|m| m.name_any())
-        .filter(|n| !keep.iter().any(|r| &r.name == n))
+        .filter(|n| !keep.contains(n))
         .collect())
+}
+
+/// Keep a replaced large run's grants still to expire in new shards; their references.
+pub(super) async fn store_expiries<K: RunKind>(
+    ctx: &Context,
+    obj: &K,
+    grants: Vec<PendingExpiry>,
+) -> Result<Vec<ExpiryShardRef>, Error> {
+    let nonce = nonce();
+    let mut refs = Vec::new();
+    for (r, chunk) in shards::expiry_shards(grants, |k| {
+        shard_name(&obj.name_any(), "expiries", &nonce, k)
+    }) {
+        match put(ctx, obj, &r.name, None, shards::encode_expiries(&chunk)).await? {
+            (Written::Done, _) => refs.push(r),
+            (other, _) => {
+                return Err(Error::InvalidSpec(format!(
+                    "could not store the grants to expire in {}: {other:?}",
+                    r.name
+                )));
+            }
+        }
+    }
+    Ok(refs)
+}
+
+/// The grants of an expiry shard, with the shard's resourceVersion.
+pub(super) async fn load_expiries<K: RunKind>(
+    ctx: &Context,
+    obj: &K,
+    r: &ExpiryShardRef,
+) -> Result<(Vec<PendingExpiry>, Option<String>), LoadError> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace(obj));
+    let cm = match api.get_opt(&r.name).await {
+        Ok(Some(cm)) => cm,
+        Ok(None) => return Err(LoadError::Lost(format!("shard {} is gone", r.name))),
+        Err(e) => return Err(LoadError::Api(e.into())),
+    };
+    let bytes = cm
+        .binary_data
+        .as_ref()
+        .and_then(|d| d.get(SHARD_KEY))
+        .map(|b| b.0.as_slice())
+        .unwrap_or_default();
+    let grants = shards::decode_expiries(bytes, r).map_err(|e| LoadError::Lost(e.to_string()))?;
+    Ok((grants, cm.resource_version()))
+}
+
+/// Write what is left of an expiry shard (carrying its resourceVersion), or delete it
+/// when nothing is; the new reference, if any.
+pub(super) async fn rewrite_expiries<K: RunKind>(
+    ctx: &Context,
+    obj: &K,
+    r: &ExpiryShardRef,
+    version: Option<String>,
+    left: Vec<PendingExpiry>,
+) -> Result<Option<ExpiryShardRef>, Error> {
+    let Some(first_due) = left
+        .iter()
+        .map(|g| g.expires_at.clone())
+        .min_by_key(|t| t.0)
+    else {
+        delete(ctx, obj, std::slice::from_ref(&r.name)).await;
+        return Ok(None);
+    };
+    let next = ExpiryShardRef {
+        name: r.name.clone(),
+        count: left.len() as u32,
+        expires_at: first_due,
+    };
+    put(ctx, obj, &r.name, version, shards::encode_expiries(&left)).await?;
+    Ok(Some(next))
 }
 
 fn namespace<K: RunKind>(obj: &K) -> String {
@@ -199,7 +286,7 @@ mod tests {
     fn a_shard_name_stays_a_valid_name_for_the_longest_object_names() {
         // Cut at 235 characters, right after a dash.
         let long = format!("{}-{}", "a".repeat(234), "b".repeat(18));
-        let n = shard_name(&long, "abcdef", 99);
+        let n = shard_name(&long, "targets", "abcdef", 99);
         assert!(n.len() <= 253, "{}", n.len());
         assert!(n.ends_with("-targets-abcdef-99"));
         assert!(!n.contains("--"), "{n}");
