@@ -337,7 +337,12 @@ pub(super) async fn write<K: RunKind>(
                 basis.resource_version = written.meta().resource_version.clone();
                 // The status as the server stored it, not as sent: a later conflict compares
                 // the object's status with this, and the two may be written differently.
-                basis.status = Some(written.run_status().cloned().unwrap_or_else(|| status.clone()));
+                basis.status = Some(
+                    written
+                        .run_status()
+                        .cloned()
+                        .unwrap_or_else(|| status.clone()),
+                );
                 return Ok(Written::Done);
             }
             // Deleted while running: nothing left to report on.
