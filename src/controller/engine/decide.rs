@@ -274,7 +274,9 @@ pub enum Requeue {
 }
 
 /// After a run: a changed spec or input is picked up at once; a paused object waits for
-/// its spec; a replica that lost the lease leaves the object to the new leader;
+/// its spec; a replica that lost the lease leaves the object to the new leader; a run that
+/// found newer state than its own (a status or shard written by someone else) looks again
+/// from a fresh read in a few seconds (a shard's change does not trigger a reconcile);
 /// unfinished targets (e.g. the object was gone mid-run) are looked at again in a few
 /// seconds; otherwise the next TTL expiry, if any.
 pub fn requeue_after_run(
@@ -284,7 +286,8 @@ pub fn requeue_after_run(
 ) -> Requeue {
     match stop {
         Some(Stop::SpecChanged | Stop::InputChanged) => Requeue::After(Duration::from_millis(100)),
-        Some(Stop::Paused | Stop::LostLeadership | Stop::Superseded) => Requeue::OnChange,
+        Some(Stop::Paused | Stop::LostLeadership) => Requeue::OnChange,
+        Some(Stop::Superseded) => Requeue::After(Duration::from_secs(2)),
         _ if unfinished => Requeue::After(Duration::from_secs(5)),
         _ => next_expiry.map_or(Requeue::OnChange, Requeue::After),
     }
@@ -820,10 +823,19 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_that_lost_the_lease_or_was_superseded_leaves_the_object_alone() {
-        for stop in [Stop::LostLeadership, Stop::Superseded] {
-            assert_eq!(requeue_after_run(Some(stop), true, None), Requeue::OnChange);
-        }
+    fn a_replica_that_lost_the_lease_leaves_the_object_alone() {
+        assert_eq!(
+            requeue_after_run(Some(Stop::LostLeadership), true, None),
+            Requeue::OnChange
+        );
+    }
+
+    #[test]
+    fn a_superseded_run_looks_again_from_a_fresh_read_soon() {
+        assert_eq!(
+            requeue_after_run(Some(Stop::Superseded), true, None),
+            Requeue::After(Duration::from_secs(2))
+        );
     }
 
     #[test]

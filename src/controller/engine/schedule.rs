@@ -127,8 +127,13 @@ pub(super) async fn drive<K: RunKind>(
     };
     status::publish_held(&ctx, obj.as_ref(), &events).await;
     if superseded || matches!(stop, Some(Stop::LostLeadership | Stop::Superseded)) {
-        // A new leader, or newer state, owns the object's status now.
-        return Ok(Action::await_change());
+        // A new leader, or newer state, owns the object's status now: write nothing.
+        let stop = if superseded {
+            Some(Stop::Superseded)
+        } else {
+            stop
+        };
+        return Ok(action(decide::requeue_after_run(stop, true, None)));
     }
     let (written, next_expiry) = finish_and_write(obj.as_ref(), &ctx, &shared, stop).await?;
     if written != Written::Done {
