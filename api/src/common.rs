@@ -273,6 +273,12 @@ pub struct RunStatus {
     /// `expiresAt` even though a newer run (a spec or input change) replaced the targets.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_expiries: Vec<PendingExpiry>,
+    /// GuestPasswordResets with `rotation`: when the current rotation's interval began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation: Option<Time>,
+    /// ... and when the next one is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation: Option<Time>,
     /// The same for a replaced run of more than 100 targets: its grants are kept in
     /// ConfigMaps owned by this object (1000 each), so status stays small.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -332,6 +338,8 @@ impl RunStatus {
             conditions,
             progress,
             pending_expiries,
+            last_rotation,
+            next_rotation,
             pending_expiry_shards,
         } = self;
         RunStatus {
@@ -348,6 +356,8 @@ impl RunStatus {
             conditions: conditions.clone(),
             progress: progress.clone(),
             pending_expiries: pending_expiries.clone(),
+            last_rotation: last_rotation.clone(),
+            next_rotation: next_rotation.clone(),
             pending_expiry_shards: pending_expiry_shards.clone(),
         }
     }

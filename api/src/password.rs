@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Targets","type":"string","jsonPath":".status.progress"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    validation = Rule::new("self.spec.target == oldSelf.spec.target").message("spec.target is immutable; create a new object for other VMs")
+    validation = Rule::new("self.spec.target == oldSelf.spec.target").message("spec.target is immutable; create a new object for other VMs"),
+    validation = Rule::new("!has(self.spec.rotation) || has(self.spec.password.generate)").message("rotation applies to generated passwords only (password.generate)")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GuestPasswordResetSpec {
@@ -30,6 +31,32 @@ pub struct GuestPasswordResetSpec {
     pub common: RunSpec,
     /// Where the password comes from.
     pub password: PasswordSource,
+    /// Generated passwords only: set a new one on every VM at this interval (each rotation
+    /// is a run with the guarantees of any run: stored before applied, bounded
+    /// concurrency, failure budget). Rotations missed while the controller was down run
+    /// once, not once per missed interval; `paused` stops them too. The annotation
+    /// `guestcred.io/rotate-now` (any new value) starts one at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationPolicy>,
+}
+
+/// How often generated passwords are rotated, and how many earlier ones are kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.every) >= duration('10s')").message("rotation.every must be a duration of at least 10s, e.g. 720h"))]
+pub struct RotationPolicy {
+    /// Interval, counted from the object's creation, as a Go duration: `720h`, `30m`, `10s`
+    /// (at least 10s).
+    pub every: String,
+    /// Generated Secrets of earlier rotations kept per VM (0-10, default 1); older ones
+    /// are deleted once the VM holds the newer password.
+    #[serde(default = "default_keep_previous")]
+    #[schemars(range(min = 0, max = 10))]
+    pub keep_previous: u32,
+}
+
+fn default_keep_previous() -> u32 {
+    1
 }
 
 /// Exactly one of `secretRef` and `generate`.

@@ -84,6 +84,42 @@ mod tests {
         }
     }
 
+    fn reset_refusal(spec: serde_json::Value) -> Option<String> {
+        check_reset(&GuestPasswordReset::new("r", reset_spec(spec)))
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    #[test]
+    fn rotation_applies_to_generated_passwords_only() {
+        let refused = reset_refusal(serde_json::json!({"target": {"vmName": "a"},
+            "password": {"secretRef": {"name": "s", "key": "k"}}, "rotation": {"every": "720h"}}));
+        assert!(
+            refused.is_some_and(|e| e.contains("generated passwords only")),
+            "a Secret's password cannot rotate by itself"
+        );
+        let generated = reset_refusal(serde_json::json!({"target": {"vmName": "a"},
+            "password": {"generate": {"length": 20}}, "rotation": {"every": "720h"}}));
+        assert_eq!(generated, None);
+    }
+
+    #[test]
+    fn rotation_intervals_under_10_seconds_or_unreadable_are_refused() {
+        for every in ["5s", "1ms"] {
+            let refused = reset_refusal(serde_json::json!({"target": {"vmName": "a"},
+                "password": {"generate": {"length": 20}}, "rotation": {"every": every}}));
+            assert!(
+                refused.is_some_and(|e| e.contains("at least 10s")),
+                "{every}"
+            );
+        }
+        for every in ["10s", "1h30m", "2160h"] {
+            let ok = reset_refusal(serde_json::json!({"target": {"vmName": "a"},
+                "password": {"generate": {"length": 20}}, "rotation": {"every": every}}));
+            assert_eq!(ok, None, "{every}");
+        }
+    }
+
     #[test]
     fn compiled_rebuild_rules_agree_with_kube_validate_cel() {
         let specs = [

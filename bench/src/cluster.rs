@@ -281,6 +281,7 @@ pub fn reset(
                 crypted: true,
                 generate: None,
             },
+            rotation: None,
         },
     );
     r.metadata.namespace = Some(NS.into());

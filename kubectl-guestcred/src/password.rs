@@ -68,6 +68,7 @@ pub async fn set_password(g: &Global, a: SetPassword) -> anyhow::Result<()> {
                     charset: Default::default(),
                 }),
             },
+            rotation: None,
         },
     );
     reset.metadata.namespace = Some(ns.clone());

@@ -142,6 +142,7 @@ impl RunKind for KeypairRebuild {
             hash,
             legacy_hash: None,
             secret_version,
+            rotation: None,
         })
     }
 

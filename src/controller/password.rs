@@ -2,15 +2,19 @@
 use super::context::Context;
 use super::engine::{Outcome, Prepared, RunKind};
 use super::error::Error;
+use super::rotation;
 use super::secrets;
 use super::targets::TargetCall;
 use crate::api::password::Charset;
 use crate::api::wire::SetPasswordRequest;
 use crate::api::{GuestPasswordReset, Reason, RunSpec, RunStatus, SecretKeyRef};
-use kube::ResourceExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Where the password of a run comes from.
 pub enum PasswordInput {
@@ -23,6 +27,36 @@ pub enum PasswordInput {
         /// The run's keyed input hash: each run stores its passwords in Secrets of its own.
         run: String,
     },
+}
+
+/// Annotation: a new value starts a rotation of the generated passwords at once.
+pub const ROTATE_NOW: &str = "guestcred.io/rotate-now";
+
+/// The rotation interval the present falls in, for objects with `spec.rotation`.
+fn rotation_slot(reset: &GuestPasswordReset) -> Result<Option<rotation::Slot>, Error> {
+    let Some(r) = &reset.spec.rotation else {
+        return Ok(None);
+    };
+    let every = rotation::parse_every(&r.every).map_err(Error::InvalidSpec)?;
+    if every < Duration::from_secs(10) {
+        return Err(Error::InvalidSpec(format!(
+            "rotation.every must be at least 10s, got {:?}",
+            r.every
+        )));
+    }
+    if r.keep_previous > 10 {
+        return Err(Error::InvalidSpec(format!(
+            "rotation.keepPrevious must be 0-10, got {}",
+            r.keep_previous
+        )));
+    }
+    let now = Timestamp::now();
+    let created = reset
+        .meta()
+        .creation_timestamp
+        .as_ref()
+        .map_or(now, |t| t.0);
+    Ok(Some(rotation::slot(created, every, now)))
 }
 
 impl RunKind for GuestPasswordReset {
@@ -51,6 +85,7 @@ impl RunKind for GuestPasswordReset {
             crate::api::validate::user(u)
                 .map_err(|e| Error::InvalidUser(format!("spec.user: {}", e.message)))?;
         }
+        rotation_slot(self)?;
         // The schema's range, checked again (API servers without schema validation).
         if let Some(g) = &self.spec.password.generate
             && !(16..=128).contains(&g.length)
@@ -61,6 +96,17 @@ impl RunKind for GuestPasswordReset {
             )));
         }
         Ok(())
+    }
+
+    /// Scheduled rotation: once a VM holds the new password, the generated Secrets of its
+    /// earlier rotations beyond `keepPrevious` are deleted.
+    async fn after_run(&self, ctx: &Context, status: &RunStatus) {
+        let Some(r) = &self.spec.rotation else {
+            return;
+        };
+        if let Err(e) = secrets::prune_generated(&ctx.client, self, status, r.keep_previous).await {
+            tracing::warn!(object = %self.name_any(), error = %e, "pruning earlier generated Secrets failed; tried again after the next run");
+        }
     }
 
     async fn prepare(&self, ctx: &Context) -> Result<Prepared<PasswordInput>, Error> {
@@ -96,27 +142,41 @@ impl RunKind for GuestPasswordReset {
                     hash,
                     legacy_hash,
                     secret_version: resource_version,
+                    rotation: None,
                 })
             }
             (None, Some(g)) => {
                 let symbols = g.charset == Charset::AlphanumericSymbols;
-                let hash = secrets::keyed_hash(
-                    &uid,
-                    &[
-                        b"generate",
-                        &g.length.to_be_bytes(),
-                        &[symbols as u8],
-                        user.as_bytes(),
-                    ],
-                );
-                Ok(Prepared::inline(
-                    PasswordInput::Generate {
-                        length: g.length,
-                        symbols,
-                        run: hash.clone(),
-                    },
-                    hash,
-                ))
+                let mut parts: Vec<Vec<u8>> = vec![
+                    b"generate".to_vec(),
+                    g.length.to_be_bytes().to_vec(),
+                    vec![symbols as u8],
+                    user.as_bytes().to_vec(),
+                ];
+                // A new rotation interval, or a new rotate-now value, is a new input: a new
+                // run with new passwords. (Without either, the hash is what it always was.)
+                let slot = rotation_slot(self)?;
+                if let Some(slot) = &slot {
+                    parts.push(b"rotation".to_vec());
+                    parts.push(slot.index.to_be_bytes().to_vec());
+                }
+                if let Some(token) = self.annotations().get(ROTATE_NOW) {
+                    parts.push(b"rotate-now".to_vec());
+                    parts.push(token.as_bytes().to_vec());
+                }
+                let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+                let hash = secrets::keyed_hash(&uid, &parts);
+                Ok(Prepared {
+                    rotation: slot.map(|s| (Time(s.last), Time(s.next))),
+                    ..Prepared::inline(
+                        PasswordInput::Generate {
+                            length: g.length,
+                            symbols,
+                            run: hash.clone(),
+                        },
+                        hash,
+                    )
+                })
             }
             _ => Err(Error::InvalidSpec(
                 "set exactly one of password.secretRef and password.generate".into(),

@@ -1,10 +1,10 @@
 //! Reading input Secrets, hashing inputs without revealing them, and storing generated
 //! passwords before they are applied.
 use super::error::Error;
-use crate::api::SecretKeyRef;
+use crate::api::{RunStatus, SecretKeyRef, TargetState};
 use hmac::{Hmac, Mac};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::PostParams;
+use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -265,6 +265,86 @@ pub async fn ensure_generated<K: Resource<DynamicType = ()>>(
     }
 }
 
+/// Scheduled rotation: delete this object's generated Secrets that are older than the
+/// `keep` kept before each VM's current one. Only VMs whose target succeeded in `status`
+/// (the guest holds the current password) are pruned; a Secret not owned by this object is
+/// never touched.
+pub async fn prune_generated<K: Resource<DynamicType = ()>>(
+    client: &Client,
+    owner: &K,
+    status: &RunStatus,
+    keep: u32,
+) -> Result<usize, Error> {
+    let ns = owner.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let uid = owner.uid().unwrap_or_default();
+    let listed = api
+        .list_metadata(
+            &ListParams::default().labels(&format!("{RESET_LABEL}={}", owner.name_any())),
+        )
+        .await?;
+    let stored: Vec<StoredPassword> = listed
+        .items
+        .iter()
+        .filter(|m| {
+            m.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.controller == Some(true) && o.uid == uid)
+        })
+        .filter_map(|m| {
+            Some(StoredPassword {
+                name: m.metadata.name.clone()?,
+                vm: m.metadata.labels.as_ref()?.get(VM_LABEL)?.clone(),
+                created: m.metadata.creation_timestamp.as_ref()?.0,
+            })
+        })
+        .collect();
+    let current: BTreeMap<&str, &str> = status
+        .targets
+        .iter()
+        .filter(|t| t.state == TargetState::Succeeded)
+        .filter_map(|t| Some((t.vm.as_str(), t.output_secret.as_deref()?)))
+        .collect();
+    let doomed = to_prune(&stored, &current, keep as usize);
+    for name in &doomed {
+        match api.delete(name, &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(doomed.len())
+}
+
+/// A generated Secret as listed: its name, VM and creation time.
+#[derive(Clone, Debug)]
+struct StoredPassword {
+    name: String,
+    vm: String,
+    created: k8s_openapi::jiff::Timestamp,
+}
+
+/// The Secrets to delete: per VM whose current Secret is known, those created before it
+/// beyond the `keep` newest of them. Never the current one, never a newer one (a run that
+/// has not finished may be applying it), never a VM without a current one.
+fn to_prune(stored: &[StoredPassword], current: &BTreeMap<&str, &str>, keep: usize) -> Vec<String> {
+    let mut doomed = Vec::new();
+    for (vm, now) in current {
+        let Some(now_created) = stored.iter().find(|s| s.name == *now).map(|s| s.created) else {
+            continue;
+        };
+        let mut older: Vec<&StoredPassword> = stored
+            .iter()
+            .filter(|s| s.vm == *vm && s.name != *now && s.created <= now_created)
+            .collect();
+        older.sort_by_key(|s| std::cmp::Reverse(s.created));
+        doomed.extend(older.into_iter().skip(keep).map(|s| s.name.clone()));
+    }
+    doomed
+}
+
 /// An output Secret is this object's only if its controller owner reference has our UID.
 fn check_owned(secret: &Secret, uid: &str) -> Result<(), Error> {
     let owned = secret
@@ -384,5 +464,46 @@ mod tests {
             ..r
         };
         assert!(check_same_namespace(&same, "mine", "password.secretRef").is_ok());
+    }
+
+    fn stored(name: &str, vm: &str, at: i64) -> StoredPassword {
+        StoredPassword {
+            name: name.into(),
+            vm: vm.into(),
+            created: k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + at).expect("time"),
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_the_current_secret_and_the_newest_earlier_ones() {
+        let all = [
+            stored("a-1", "a", 1),
+            stored("a-2", "a", 2),
+            stored("a-3", "a", 3),
+            stored("a-4", "a", 4),
+            stored("b-1", "b", 1),
+        ];
+        let current = BTreeMap::from([("a", "a-4")]);
+        let mut doomed = to_prune(&all, &current, 1);
+        doomed.sort();
+        assert_eq!(doomed, ["a-1", "a-2"]);
+    }
+
+    #[test]
+    fn a_vm_without_a_current_secret_keeps_all_of_its_own() {
+        let all = [stored("b-1", "b", 1), stored("b-2", "b", 2)];
+        assert!(to_prune(&all, &BTreeMap::new(), 0).is_empty());
+    }
+
+    #[test]
+    fn a_secret_newer_than_the_current_one_is_kept() {
+        // A rotation that has not reached this VM yet stored its next password already.
+        let all = [
+            stored("a-1", "a", 1),
+            stored("a-2", "a", 2),
+            stored("a-3", "a", 3),
+        ];
+        let current = BTreeMap::from([("a", "a-2")]);
+        assert_eq!(to_prune(&all, &current, 0), ["a-1"]);
     }
 }

@@ -96,6 +96,7 @@ impl TestObject for GuestPasswordReset {
             GuestPasswordResetSpec {
                 common: RunSpec::default(),
                 password: PasswordSource::default(),
+                rotation: None,
             },
         );
         r.metadata.namespace = Some(NS.into());
@@ -121,6 +122,8 @@ pub trait ResetTest: Sized {
     fn generate(self, length: u32) -> Self;
     /// The Secret's value is a crypt(3) hash, set verbatim.
     fn crypted(self) -> Self;
+    /// Generated passwords rotate every `every` (a Go duration), keeping `keep` earlier.
+    fn rotate_every(self, every: &str, keep: u32) -> Self;
 }
 
 impl ResetTest for GuestPasswordReset {
@@ -142,6 +145,13 @@ impl ResetTest for GuestPasswordReset {
     }
     fn crypted(mut self) -> Self {
         self.spec.password.crypted = true;
+        self
+    }
+    fn rotate_every(mut self, every: &str, keep: u32) -> Self {
+        self.spec.rotation = Some(guestcred::api::password::RotationPolicy {
+            every: every.into(),
+            keep_previous: keep,
+        });
         self
     }
 }

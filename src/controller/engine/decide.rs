@@ -245,6 +245,21 @@ pub fn skip_pending(targets: &mut [TargetStatus], from: usize) -> usize {
     skipped
 }
 
+/// The sooner of two optional waits.
+pub fn sooner(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// How long until the next scheduled rotation, if the object rotates.
+pub fn rotation_due_in(status: &RunStatus, now: Timestamp) -> Option<Duration> {
+    let next = status.next_rotation.as_ref()?;
+    // A moment after the interval begins, so the new interval is the one computed.
+    Some(remaining(next.0, now) + Duration::from_millis(200))
+}
+
 /// Progress Events of a long run come at most this often.
 pub const PROGRESS_EVENT_EVERY: Duration = Duration::from_secs(30);
 
@@ -1029,6 +1044,24 @@ mod tests {
         assert_eq!(
             progress_note(&s, Duration::from_secs(10)),
             "2500/5000 targets finished (2490 succeeded, 10 failed, 0 skipped), 250 targets/s"
+        );
+    }
+
+    #[test]
+    fn an_object_rotating_is_looked_at_again_when_the_next_interval_begins() {
+        let now = Timestamp::from_second(1_800_000_000).expect("time");
+        let status = RunStatus {
+            next_rotation: Some(Time(now + Duration::from_secs(30))),
+            ..RunStatus::default()
+        };
+        assert_eq!(
+            rotation_due_in(&status, now),
+            Some(Duration::from_millis(30_200))
+        );
+        assert_eq!(rotation_due_in(&RunStatus::default(), now), None);
+        assert_eq!(
+            sooner(Some(Duration::from_secs(5)), rotation_due_in(&status, now)),
+            Some(Duration::from_secs(5))
         );
     }
 }

@@ -86,6 +86,8 @@ pub struct Prepared<I> {
     pub legacy_hash: Option<String>,
     /// resourceVersion of the Secret the input was read from, if any.
     pub secret_version: Option<String>,
+    /// Scheduled rotation: when the present interval began and the next one begins.
+    pub rotation: Option<(Time, Time)>,
 }
 
 impl<I> Prepared<I> {
@@ -96,6 +98,7 @@ impl<I> Prepared<I> {
             hash,
             legacy_hash: None,
             secret_version: None,
+            rotation: None,
         }
     }
 }
@@ -137,6 +140,11 @@ pub trait RunKind:
         &self,
         ctx: &Context,
     ) -> impl Future<Output = Result<Prepared<Self::Input>, Error>> + Send;
+    /// After a run ended with every target finished and its status written: tidy up what
+    /// earlier runs left (scheduled rotation prunes old generated Secrets).
+    fn after_run(&self, _ctx: &Context, _status: &RunStatus) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// Whether the targets' changes expire (keys with a TTL): a finished large run's
     /// records are then read back to find the expiries due.
     fn grants_expire(&self) -> bool {
@@ -290,6 +298,10 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
     }
     // The hash matches this version of the Secret (also when only its metadata changed).
     status.input_secret_version = prepared.secret_version;
+    if let Some((last, next)) = prepared.rotation {
+        status.last_rotation = Some(last);
+        status.next_rotation = Some(next);
+    }
     status.observed_generation = generation;
     if !decide::has_work(&status, hash) {
         return finished(obj.as_ref(), &ctx, status).await;
@@ -377,7 +389,11 @@ async fn finished<K: RunKind>(
             ctx.settings.max_target_events,
         )));
         let (_, next_expiry) = schedule::finish_and_write(obj, ctx, &shared, None).await?;
-        return Ok(next_expiry.map_or_else(Action::await_change, Action::requeue));
+        let next = decide::sooner(
+            next_expiry,
+            decide::rotation_due_in(&status, Timestamp::now()),
+        );
+        return Ok(next.map_or_else(Action::await_change, Action::requeue));
     }
     let generation = obj.meta().generation;
     status.observed_generation = generation;
@@ -387,5 +403,9 @@ async fn finished<K: RunKind>(
     if status != before {
         status::write(ctx, obj, &status, &mut status::Basis::of(obj)).await?;
     }
-    Ok(next_expiry.map_or_else(Action::await_change, Action::requeue))
+    let next = decide::sooner(
+        next_expiry,
+        decide::rotation_due_in(&status, Timestamp::now()),
+    );
+    Ok(next.map_or_else(Action::await_change, Action::requeue))
 }

@@ -143,11 +143,21 @@ pub(super) async fn drive<K: RunKind>(
     if let Some((type_, reason, note)) = summary {
         status::publish(&ctx, obj.as_ref(), type_, &reason, "Finish", note).await;
     }
-    let unfinished = lock(&shared).status.unfinished() > 0;
+    let (unfinished, rotation) = {
+        let st = lock(&shared);
+        (
+            st.status.unfinished() > 0,
+            decide::rotation_due_in(&st.status, Timestamp::now()),
+        )
+    };
+    if !unfinished && stop.is_none() {
+        let status = lock(&shared).status.clone();
+        obj.after_run(&ctx, &status).await;
+    }
     Ok(action(decide::requeue_after_run(
         stop,
         unfinished,
-        next_expiry,
+        decide::sooner(next_expiry, rotation),
     )))
 }
 
