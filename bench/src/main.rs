@@ -106,7 +106,10 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // P6's in-process simulated shims would log every agent call here.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,guestcred::shim=warn")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -176,6 +176,10 @@ impl Run {
     fn cpu_ms_first(&self) -> Option<f64> {
         (self.done_at_kill > 0).then(|| self.cpu_first * 1000.0 / self.done_at_kill as f64)
     }
+    /// Peak RSS during the run above the empty baseline, per target.
+    fn peak_per_target_kib(&self) -> f64 {
+        (self.hwm - self.rss_empty) * 1024.0 / self.n as f64
+    }
     fn cpu_bench_ms(&self) -> Option<f64> {
         (self.targets_done() > 0).then(|| self.cpu_bench * 1000.0 / self.targets_done() as f64)
     }
@@ -251,6 +255,7 @@ async fn one(ctx: &Ctx, opts: &Opts, n: usize) -> anyhow::Result<Run> {
     };
 
     // Baseline: the controller synced against the nodes and shims only.
+    api.requests.clear();
     let c0 = spawn_controller(ctx, &api, farm.port, &dir.join("controller-empty.log")).await?;
     wait_quiet(&api, Duration::from_secs(60)).await?;
     run.rss_empty = c0.rss_mib()?;
@@ -260,6 +265,7 @@ async fn one(ctx: &Ctx, opts: &Opts, n: usize) -> anyhow::Result<Run> {
     load_vmis(&api.local, &farm, n).await?;
     run.load_s = t.elapsed().as_secs_f64();
 
+    api.requests.clear();
     let mut c1 = spawn_controller(ctx, &api, farm.port, &dir.join("controller-1.log")).await?;
     wait_quiet(&api, Duration::from_secs(300)).await?;
     run.rss_loaded = c1.rss_mib()?;
@@ -428,7 +434,8 @@ async fn load_vmis(client: &Client, farm: &SimFarm, n: usize) -> anyhow::Result<
     Ok(())
 }
 
-/// Wait until the controller made no API request for [`QUIET`] (after at least one).
+/// Wait until the controller made no API request for [`QUIET`] (after at least one since
+/// the request log was cleared: its start-up lists, the VMI list's pages included).
 async fn wait_quiet(api: &BenchApi, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -543,6 +550,15 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
             )
             .against(&base),
         );
+        push(
+            Figure::new(
+                &k("peak_rss"),
+                &format!("N={n}: controller peak RSS (VmHWM) during the run, either process"),
+                "MiB",
+                vec![r.hwm],
+            )
+            .against(&base),
+        );
         push(base);
         push(
             Figure::new(
@@ -599,13 +615,13 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| N | outcome | load VMIs (s) | rate to N/2 (/s) | rate whole run (/s) | CPU/target (ms) | CPU/target, 1st process (ms) | bench process CPU/target (ms) | RSS empty → loaded (MiB) | RSS/VMI (KiB) | peak RSS (MiB) | largest object (KiB) | reset read back (KiB) | status writes/target | Event writes/target | other writes/target | reads/target | API errors | resume (s) | first call after restart (s) | recorded at kill | set again after recorded | set again after an Ok answer | guests holding the value |"
+        "| N | outcome | load VMIs (s) | rate to N/2 (/s) | rate whole run (/s) | CPU/target (ms) | CPU/target, 1st process (ms) | bench process CPU/target (ms) | RSS empty → loaded (MiB) | RSS/VMI (KiB) | peak RSS during the run (MiB) | peak RSS above baseline per target (KiB) | largest object (KiB) | reset read back (KiB) | status writes/target | Event writes/target | other writes/target | reads/target | API errors | resume (s) | first call after restart (s) | recorded at kill | set again after recorded | set again after an Ok answer | guests holding the value |"
     );
-    let _ = writeln!(t, "|{}", "---|".repeat(24));
+    let _ = writeln!(t, "|{}", "---|".repeat(25));
     for r in runs {
         let _ = writeln!(
             t,
-            "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} → {} | {} | {} | {} | {} | {:.4} | {:.4} | {:.4} | {:.3} | {} | {} | {} | {} | {} | {} | {} of {} |",
+            "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} → {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {:.4} | {:.3} | {} | {} | {} | {} | {} | {} | {} of {} |",
             r.n,
             r.outcome,
             r.load_s,
@@ -618,6 +634,7 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
             crate::report::num(r.rss_loaded),
             crate::report::num(r.rss_per_vmi_kib()),
             crate::report::num(r.hwm),
+            crate::report::num(r.peak_per_target_kib()),
             crate::report::num(r.largest_written() as f64 / 1024.0),
             crate::report::num(r.reset_bytes as f64 / 1024.0),
             r.per_target(r.status_writes()),
@@ -662,6 +679,7 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
         "SIMULATED AGENTS: every guest call in P6 is answered by `guestcred_lab::simagent` (crypted set-password {} ms, probe 1–3 ms), behind one real shim server per node (`ShimApp`: mutual TLS, node check) on its own loopback address 127.0.x.y inside the bench process; the controller is the release binary in its own process, talking HTTP to the emulator served by the bench. Nothing here proves guest behaviour; P1/P2 and the tests with real qemu-ga do.",
         opts.set_password_ms
     ));
+    s.notes.push("Reading the figures: the controller's VMI watch is metadata-only and keeps nothing per VMI (a reconcile GETs the VMIs it needs), so RSS per cached VMI is close to 0 at any N; what a run costs in memory is the peak RSS during it (its frozen target list and per-target records), shown per target in the table. At N=1000 the rate to N/2 is one wave of 512 calls plus the run's start (listing the targets, creating the shards), not a steady state. Per target the controller makes about one GET of the VMI and one of the VirtualMachine (404 here: VMIs only) besides the two shim calls (probe, set-password); the restart adds the new process's VMI list.".into());
     s.notes.push(format!(
         "Method per N: a fresh emulator with {} Nodes and shim pods; the controller started, synced (no API request for 1.5 s) and its RSS read: the baseline; then N VMIs loaded (bench-p6=yes, VMI objects only, no VirtualMachines), a new controller synced and its RSS read (RSS/VMI = difference / N). Then one GuestPasswordReset selecting the N VMIs; when the simulated agents have answered N/2 set-password calls Ok the controller is SIGKILLed and a new one started; the run ends when every guest answered Ok and the reset is finished, or after {} s (\"did not finish\"). Rate to N/2 is N/2 over reset creation → N/2 answers; CPU per target is /proc/PID/stat utime+stime of both controller processes over the run (the second one's includes its start and resync) divided by the guests set (the bench process, which serves the emulator and all shims and agents on the same 2 cores, is shown beside it: what competes with the controller for CPU); API requests are counted from reset creation to the end (both controllers), by class below; writes that a target needs by nature (Secrets, VM annotations) are in \"other writes\". Largest object: the largest request body or write answer (the stored object) of any kind, and the reset as read back at the end. \"Set again after recorded\": targets the reset's stored records (status, and the shard ConfigMaps it names) showed as Succeeded right after the kill and that got another set-password call after it (goal 0); \"after an Ok answer\": set-password calls that started after an earlier one to the same guest was answered Ok (includes answers the killed controller got but had not written yet).",
         opts.nodes,
