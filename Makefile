@@ -81,11 +81,11 @@ soak: deps
 # Fuzzing (fuzz/README.md): each cargo-fuzz target for FUZZ_SECONDS (default 60), on the
 # nightly toolchain cargo-fuzz needs. New corpus entries go to fuzz/target-corpus/, not
 # the committed seeds; crashes stop the run and land in fuzz/artifacts/. `make test` only
-# replays the committed corpus (api/tests/fuzz_corpus.rs).
+# replays the committed corpus (api/tests/fuzz_corpus.rs, lab/tests/fuzz_corpus.rs).
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := shim_request authorized_keys crypt
+FUZZ_TARGETS := shim_request authorized_keys crypt selectors
 .PHONY: fuzz
-fuzz:
+fuzz: deps
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 	cd fuzz && for t in $(FUZZ_TARGETS); do \

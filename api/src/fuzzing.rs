@@ -120,3 +120,25 @@ pub fn crypt(data: &[u8]) {
         assert!(checked.is_ok());
     }
 }
+
+/// Runs `run` over every file of the committed corpus `fuzz/corpus/<target>/`, failing
+/// with the file's name when one panics: how `cargo test` replays each fuzz target's seeds
+/// and regressions without any timed fuzzing (api/tests/fuzz_corpus.rs for the targets
+/// here, lab/tests/fuzz_corpus.rs for the emulator's selector parser).
+pub fn replay_corpus(target: &str, run: fn(&[u8])) {
+    let dir =
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus")).join(target);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("corpus entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} has no corpus", dir.display());
+    for path in &files {
+        let data = std::fs::read(path).expect("corpus file");
+        let outcome = std::panic::catch_unwind(|| run(&data));
+        assert!(outcome.is_ok(), "{target} crashes on {}", path.display());
+    }
+    eprintln!("{target}: {} corpus files replayed", files.len());
+}

@@ -92,6 +92,8 @@ pub(crate) const GIT_VERSION: &str = "v1.33.0";
 
 use error::ApiError;
 use resources::ResourceType;
+/// The `selectors` fuzz target's body (fuzz/, and its corpus replay in lab/tests/).
+pub use selector::fuzz_selectors;
 use store::{BUS_CAPACITY, Inner};
 
 /// State shared by all requests.
@@ -231,6 +233,13 @@ impl ApiServer {
             .get(&format!("{method} {path}"))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Every request answered so far: "METHOD /path" (no query string) and how many.
+    pub fn all_requests(&self) -> std::collections::BTreeMap<String, u64> {
+        let counts = self.state.shared.requests.lock();
+        let counts = counts.unwrap_or_else(|e| e.into_inner());
+        counts.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 }
 

@@ -216,6 +216,76 @@ impl FieldSelector {
     }
 }
 
+/// The body of the `selectors` fuzz target (fuzz/fuzz_targets/selectors.rs), replayed over
+/// its committed corpus by `cargo test` (lab/tests/fuzz_corpus.rs). Input: the first byte
+/// picks a kind's extra field paths (none, core Events, events.k8s.io Events, Secrets);
+/// the rest is text, one item per line: a label selector, a field selector, the object's
+/// labels (`k=v,k=v`), then values for the field paths in order (common ones first).
+/// Properties, besides never panicking:
+/// - a selector is the conjunction of its top-level parts: it parses exactly when every
+///   part parses alone, and matches exactly when every part matches alone;
+/// - `exact_name` (which lets a list skip every other object) is sound: an object that
+///   matches has that name;
+/// - renaming fields to themselves changes nothing.
+pub fn fuzz_selectors(data: &[u8]) {
+    let Some((&kind, rest)) = data.split_first() else {
+        return;
+    };
+    let extra = match kind % 4 {
+        0 => &[][..],
+        1 => kind_fields("", "events"),
+        2 => kind_fields("events.k8s.io", "events"),
+        _ => kind_fields("", "secrets"),
+    };
+    let text = String::from_utf8_lossy(rest);
+    let mut lines = text.split('\n');
+    let (labels, fields) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+    let mut obj = serde_json::json!({"metadata": {
+        "labels": lines.next().unwrap_or("").split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), Value::from(v)))
+            .collect::<serde_json::Map<_, _>>(),
+    }});
+    for (path, value) in COMMON_FIELDS.iter().chain(extra).zip(lines) {
+        let mut at = &mut obj;
+        for key in path.split('.') {
+            at = &mut at[key];
+        }
+        *at = Value::from(value);
+    }
+    let obj = obj;
+
+    let label_sel = LabelSelector::parse(labels);
+    let label_parts: Vec<_> = split_top_level(labels)
+        .into_iter()
+        .map(LabelSelector::parse)
+        .collect();
+    assert_eq!(label_sel.is_ok(), label_parts.iter().all(Result::is_ok));
+    if let Ok(sel) = &label_sel {
+        let each = label_parts.iter().flatten().all(|p| p.matches(&obj));
+        assert_eq!(sel.matches(&obj), each, "{labels:?} on {obj}");
+    }
+
+    let field_sel = FieldSelector::parse(fields, extra);
+    let field_parts: Vec<_> = split_top_level(fields)
+        .into_iter()
+        .map(|p| FieldSelector::parse(p, extra))
+        .collect();
+    assert_eq!(field_sel.is_ok(), field_parts.iter().all(Result::is_ok));
+    let Ok(sel) = field_sel else {
+        return;
+    };
+    let matches = sel.matches(&obj);
+    let each = field_parts.iter().flatten().all(|p| p.matches(&obj));
+    assert_eq!(matches, each, "{fields:?} on {obj}");
+    if let (true, Some(name)) = (matches, sel.exact_name()) {
+        let actual = obj.pointer("/metadata/name").and_then(Value::as_str);
+        assert_eq!(actual.unwrap_or(""), name, "{fields:?} on {obj}");
+    }
+    assert_eq!(sel.clone().renamed(|_| None), sel);
+    assert_eq!(sel.clone().renamed(|f| Some(f.to_string())), sel);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
