@@ -478,3 +478,101 @@ async fn kubevirt_access_credentials_for_the_same_user_are_flagged_as_a_conflict
         "a Warning event names the conflict: {conflicts:?}"
     );
 }
+
+/// Namespaced mode (`--watch-namespaces team-a`, the chart's `watchNamespaces`): a reset in
+/// team-a is reconciled and applied; one in team-b is never seen (no status at all), and
+/// no request went to a cluster-wide collection of the kinds the controller watches, nor
+/// any list, watch or write to team-b. On a real API server with the chart's namespaced
+/// Roles: tests/real_control_plane_namespaced.rs.
+#[tokio::test]
+async fn namespaced_mode_reconciles_only_the_watched_namespaces() {
+    let w = World::start(WorldOptions {
+        namespaces: vec!["team-a".into(), "team-b".into()],
+        watch_namespaces: vec!["team-a".into()],
+        ..WorldOptions::default()
+    })
+    .await
+    .expect("world");
+    let qga = w
+        .add_vm(&vm("team-a", "vm-a", "node-1"), Some(alice()))
+        .await
+        .expect("vm")
+        .expect("agent");
+    let _other = w
+        .add_vm(&vm("team-b", "vm-b", "node-1"), Some(alice()))
+        .await
+        .expect("vm");
+    for ns in ["team-a", "team-b"] {
+        let mut s = secret("pw", "password", PLAIN);
+        s.metadata.namespace = Some(ns.into());
+        w.apply(&s).await.expect("secret");
+    }
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .in_namespace("team-b")
+            .vm("vm-b")
+            .from_secret("pw"),
+    )
+    .await
+    .expect("reset in team-b");
+    w.apply(
+        &GuestPasswordReset::test("r")
+            .in_namespace("team-a")
+            .vm("vm-a")
+            .from_secret("pw"),
+    )
+    .await
+    .expect("reset in team-a");
+    let r: GuestPasswordReset = w
+        .wait_for("team-a", "r", WAIT, finished)
+        .await
+        .expect("team-a's reset finishes");
+    assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
+    assert!(qga.shadow_hash("root").expect("shadow").is_some());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outside: GuestPasswordReset = w.get("team-b", "r").await;
+    assert!(
+        outside.status.is_none(),
+        "the reset outside the watched namespaces was reconciled: {:?}",
+        outside.status
+    );
+    let requests = w.api().all_requests();
+    let cluster_wide = [
+        "GET /api/v1/secrets",
+        "GET /apis/guestcred.io/v1alpha1/guestpasswordresets",
+        "GET /apis/guestcred.io/v1alpha1/keypairrebuilds",
+        "GET /apis/kubevirt.io/v1/virtualmachineinstances",
+    ];
+    for path in cluster_wide {
+        assert!(!requests.contains_key(path), "{path}: {requests:#?}");
+    }
+    for path in [
+        "GET /api/v1/namespaces/team-a/secrets",
+        "GET /apis/guestcred.io/v1alpha1/namespaces/team-a/guestpasswordresets",
+        "GET /apis/guestcred.io/v1alpha1/namespaces/team-a/keypairrebuilds",
+        "GET /apis/kubevirt.io/v1/namespaces/team-a/virtualmachineinstances",
+    ] {
+        assert!(
+            requests.contains_key(path),
+            "no watch {path}: {requests:#?}"
+        );
+    }
+    // In team-b, only what this test (apply, get) and the world (the VM) asked for: the
+    // controller listed, watched, read and wrote nothing there.
+    let in_team_b: Vec<&str> = requests
+        .keys()
+        .filter(|k| k.contains("/namespaces/team-b/"))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        in_team_b,
+        [
+            "GET /apis/guestcred.io/v1alpha1/namespaces/team-b/guestpasswordresets/r",
+            "PATCH /api/v1/namespaces/team-b/secrets/pw",
+            "PATCH /apis/guestcred.io/v1alpha1/namespaces/team-b/guestpasswordresets/r",
+            "PATCH /apis/kubevirt.io/v1/namespaces/team-b/virtualmachineinstances/vm-b/status",
+            "POST /apis/kubevirt.io/v1/namespaces/team-b/virtualmachineinstances",
+            "POST /apis/kubevirt.io/v1/namespaces/team-b/virtualmachines",
+        ]
+    );
+}

@@ -634,86 +634,308 @@ fn shim_gets_no_kubernetes_api_access() {
     assert!(!bound, "no role is bound to the shim's service account");
 }
 
-#[test]
-fn controller_may_read_and_create_secrets_but_never_change_or_delete_them() {
-    let objects = render(&[]);
-    let role = named(&objects, "ClusterRole", "gc-guestcred-controller");
-    assert_eq!(
-        rules_for(role, "", "secrets"),
-        set(&["create", "get", "list", "watch"])
-    );
+/// Where a call of the controller goes.
+#[derive(Clone, Copy, Debug)]
+enum Scope {
+    /// The namespace of the object being reconciled (or a watch over all of them): every
+    /// namespace in cluster-wide mode, each of `watchNamespaces` in namespaced mode.
+    Watched,
+    /// The release namespace: the shim pods, the Lease, the input-hash key.
+    Release,
 }
 
-#[test]
-fn controller_role_covers_its_kubevirt_calls() {
-    let objects = render(&[]);
-    let role = named(&objects, "ClusterRole", "gc-guestcred-controller");
-    assert_eq!(
-        rules_for(role, "kubevirt.io", "virtualmachineinstances"),
-        set(&["get", "list", "patch", "watch"])
-    );
-    assert_eq!(
-        rules_for(role, "kubevirt.io", "virtualmachines"),
-        set(&["get", "patch"])
-    );
-    assert_eq!(
-        rules_for(role, "subresources.kubevirt.io", "virtualmachines/restart"),
-        set(&["update"])
-    );
-    assert_eq!(
-        rules_for(role, "events.k8s.io", "events"),
-        set(&["create", "patch"])
-    );
+/// One API call of the controller: (group, resource[/subresource], verbs, resourceNames,
+/// scope, where the code makes it).
+type Call = (
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    &'static [&'static str],
+    Scope,
+    &'static str,
+);
+
+/// Every Kubernetes API call the controller makes, and nothing else. The chart's rules in
+/// both modes must be exactly these (the tests below). That this list is the code's:
+/// tests/real_control_plane.rs runs every guest flow as the chart's ServiceAccount and
+/// reads the audit log (no request denied, every cluster-wide rule used or listed in its
+/// UNEXERCISED with why), and tests/real_control_plane_namespaced.rs does the same for the
+/// namespaced Roles (no request denied).
+const CONTROLLER_CALLS: &[Call] = &[
+    (
+        "guestcred.io",
+        "guestpasswordresets",
+        &["get", "list", "watch"],
+        &[],
+        Scope::Watched,
+        "lenient::watch; engine re-reads an object before acting on it",
+    ),
+    (
+        "guestcred.io",
+        "keypairrebuilds",
+        &["get", "list", "watch", "patch"],
+        &[],
+        Scope::Watched,
+        "as above; patch: the guestcred.io/keys finalizer (engine/finalize.rs)",
+    ),
+    (
+        "guestcred.io",
+        "guestpasswordresets/status",
+        &["patch"],
+        &[],
+        Scope::Watched,
+        "engine/status.rs merge patches",
+    ),
+    (
+        "guestcred.io",
+        "keypairrebuilds/status",
+        &["patch"],
+        &[],
+        Scope::Watched,
+        "engine/status.rs merge patches",
+    ),
+    (
+        "guestcred.io",
+        "guestpasswordresets/finalizers",
+        &["update"],
+        &[],
+        Scope::Watched,
+        "secrets::ensure_generated: blockOwnerDeletion owner reference (admission check)",
+    ),
+    (
+        "kubevirt.io",
+        "virtualmachineinstances",
+        &["get", "list", "watch", "patch"],
+        &[],
+        Scope::Watched,
+        "mod.rs vmi_changes (metadata watch); targets.rs; key record on a VM-less VMI",
+    ),
+    (
+        "kubevirt.io",
+        "virtualmachines",
+        &["get", "patch"],
+        &[],
+        Scope::Watched,
+        "rebuild.rs (cloud-init keys), key_ownership.rs (the record of added keys)",
+    ),
+    (
+        "subresources.kubevirt.io",
+        "virtualmachines/restart",
+        &["update"],
+        &[],
+        Scope::Watched,
+        "rebuild.rs restart",
+    ),
+    (
+        "",
+        "secrets",
+        &["get", "list", "watch", "create"],
+        &[],
+        Scope::Watched,
+        "secrets.rs read_key / ensure_generated; mod.rs secret_versions (metadata watch)",
+    ),
+    (
+        "events.k8s.io",
+        "events",
+        &["create", "patch"],
+        &[],
+        Scope::Watched,
+        "kube-rs Recorder",
+    ),
+    (
+        "",
+        "configmaps",
+        &["get", "list", "create", "update", "delete"],
+        &[],
+        Scope::Watched,
+        "engine/shards.rs: the target records of runs over 100 targets",
+    ),
+    (
+        "",
+        "pods",
+        &["list", "watch"],
+        &[],
+        Scope::Release,
+        "shims.rs ShimDirectory",
+    ),
+    (
+        "",
+        "secrets",
+        &["create"],
+        &[],
+        Scope::Release,
+        "secrets.rs InputKey::ensure",
+    ),
+    (
+        "",
+        "secrets",
+        &["get"],
+        &[guestcred::controller::INPUT_KEY_SECRET],
+        Scope::Release,
+        "secrets.rs InputKey::ensure",
+    ),
+    (
+        "coordination.k8s.io",
+        "leases",
+        &["create"],
+        &[],
+        Scope::Release,
+        "leader.rs",
+    ),
+    (
+        "coordination.k8s.io",
+        "leases",
+        &["get", "patch"],
+        &["guestcred-controller"],
+        Scope::Release,
+        "leader.rs (the chart's controller.leaderElection.leaseName)",
+    ),
+];
+
+/// One permission: (namespace, or "*" for every namespace; group; resource; verb;
+/// resourceNames joined with ",", empty for any name).
+type Grant = (String, String, String, String, String);
+
+/// What a grant is worth: drops grants that another one in the set already gives (the
+/// same verb on the same resource cluster-wide, or in the same namespace for any name).
+fn normalised(grants: BTreeSet<Grant>) -> BTreeSet<Grant> {
+    let covered = |(ns, g, r, v, names): &Grant| {
+        grants.iter().any(|(ons, og, or, ov, onames)| {
+            (og, or, ov) == (g, r, v)
+                && onames.is_empty()
+                && (ons == "*" && ns != "*" || ons == ns && !names.is_empty())
+        })
+    };
+    grants.iter().filter(|g| !covered(g)).cloned().collect()
 }
 
-#[test]
-fn controller_role_grants_only_the_calls_the_code_makes() {
-    let objects = render(&[]);
-    let role = named(&objects, "ClusterRole", "gc-guestcred-controller");
-    for status in ["guestpasswordresets/status", "keypairrebuilds/status"] {
-        assert_eq!(rules_for(role, "guestcred.io", status), set(&["patch"]));
+/// The grants of the rendered chart to the controller's ServiceAccount, through every
+/// (Cluster)RoleBinding naming it.
+fn controller_grants(objects: &[Value]) -> BTreeSet<Grant> {
+    let sa = "gc-guestcred-controller";
+    let mut out = BTreeSet::new();
+    for binding in objects
+        .iter()
+        .filter(|o| matches!(kind_of(o), "RoleBinding" | "ClusterRoleBinding"))
+    {
+        let bound = binding["subjects"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .any(|s| s["name"].as_str() == Some(sa) && s["namespace"].as_str() == Some(NAMESPACE));
+        if !bound {
+            continue;
+        }
+        let ns = match kind_of(binding) {
+            "ClusterRoleBinding" => "*".to_string(),
+            _ => binding["metadata"]["namespace"]
+                .as_str()
+                .expect("a RoleBinding's namespace")
+                .to_string(),
+        };
+        let role_kind = binding["roleRef"]["kind"].as_str().expect("roleRef kind");
+        let role_name = binding["roleRef"]["name"].as_str().expect("roleRef name");
+        let role = objects
+            .iter()
+            .find(|o| {
+                kind_of(o) == role_kind
+                    && o["metadata"]["name"].as_str() == Some(role_name)
+                    && (role_kind == "ClusterRole"
+                        || o["metadata"]["namespace"].as_str() == Some(ns.as_str()))
+            })
+            .unwrap_or_else(|| panic!("{role_kind} {role_name} bound in {ns} is not rendered"));
+        for rule in role["rules"].as_sequence().expect("rules") {
+            let names = strings(&rule["resourceNames"]).join(",");
+            for g in strings(&rule["apiGroups"]) {
+                for r in strings(&rule["resources"]) {
+                    for v in strings(&rule["verbs"]) {
+                        out.insert((ns.clone(), g.clone(), r.clone(), v, names.clone()));
+                    }
+                }
+            }
+        }
     }
-    assert_eq!(
-        rules_for(role, "guestcred.io", "guestpasswordresets"),
-        set(&["get", "list", "watch"])
-    );
-    // patch: the guestcred.io/keys finalizer.
-    assert_eq!(
-        rules_for(role, "guestcred.io", "keypairrebuilds"),
-        set(&["get", "list", "patch", "watch"])
-    );
-    assert_eq!(
-        rules_for(role, "guestcred.io", "guestpasswordresets/finalizers"),
-        set(&["update"])
-    );
-    assert!(rules_for(role, "guestcred.io", "keypairrebuilds/finalizers").is_empty());
+    normalised(out)
+}
+
+/// The grants CONTROLLER_CALLS need when the controller watches `watched` ("*": every
+/// namespace), with or without leader election.
+fn needed_grants(watched: &[&str], leader_election: bool) -> BTreeSet<Grant> {
+    let mut out = BTreeSet::new();
+    for (group, resource, verbs, names, scope, _) in CONTROLLER_CALLS {
+        if *group == "coordination.k8s.io" && !leader_election {
+            continue;
+        }
+        let namespaces: &[&str] = match scope {
+            Scope::Watched => watched,
+            Scope::Release => &[NAMESPACE],
+        };
+        for ns in namespaces {
+            for verb in *verbs {
+                out.insert((
+                    ns.to_string(),
+                    group.to_string(),
+                    resource.to_string(),
+                    verb.to_string(),
+                    names.join(","),
+                ));
+            }
+        }
+    }
+    normalised(out)
+}
+
+fn assert_grants_are_the_calls(objects: &[Value], watched: &[&str], leader_election: bool) {
+    let granted = controller_grants(objects);
+    let needed = needed_grants(watched, leader_election);
+    let missing: Vec<_> = needed.difference(&granted).collect();
+    let extra: Vec<_> = granted.difference(&needed).collect();
     assert!(
-        rules_for(role, "", "events").is_empty(),
-        "events.k8s.io only"
-    );
-    assert!(
-        rules_for(role, "", "pods").is_empty(),
-        "pods: a Role in the shim namespace"
+        missing.is_empty() && extra.is_empty(),
+        "the chart's RBAC differs from CONTROLLER_CALLS\nmissing: {missing:#?}\nextra: {extra:#?}"
     );
 }
 
 #[test]
-fn the_controller_reads_pods_only_in_the_shim_namespace() {
+fn cluster_wide_rbac_is_exactly_the_calls_of_the_code() {
     let objects = render(&[]);
-    let role = named(&objects, "Role", "gc-guestcred-controller-shim-pods");
-    assert_eq!(role["metadata"]["namespace"].as_str(), Some(NAMESPACE));
-    assert_eq!(rules_for(role, "", "pods"), set(&["list", "watch"]));
+    assert_grants_are_the_calls(&objects, &["*"], true);
+    let args = parsed_controller_args(only(&objects, "Deployment"));
+    assert!(
+        args.watch_namespaces.is_empty(),
+        "{:?}",
+        args.watch_namespaces
+    );
+    // Without leader election, no Lease rule at all.
+    let objects = render(&[
+        "controller.replicas=1",
+        "controller.leaderElection.enabled=false",
+    ]);
+    assert_grants_are_the_calls(&objects, &["*"], false);
+}
+
+/// Namespaced mode: the same calls, granted by one Role per watched namespace; nothing
+/// cluster-wide (no ClusterRoleBinding names the controller), so it can read no Secret
+/// outside them. The controller gets the same namespaces.
+#[test]
+fn namespaced_rbac_is_exactly_the_calls_of_the_code_in_the_watched_namespaces() {
+    let objects = render(&["watchNamespaces={team-a,team-b}"]);
+    assert_grants_are_the_calls(&objects, &["team-a", "team-b"], true);
+    assert!(
+        !controller_grants(&objects).iter().any(|g| g.0 == "*"),
+        "nothing cluster-wide in namespaced mode"
+    );
+    let args = parsed_controller_args(only(&objects, "Deployment"));
+    assert_eq!(args.watch_namespaces, ["team-a", "team-b"]);
+    // The release namespace among the watched ones: its Role covers the input-hash key.
+    let objects = render(&[&format!("watchNamespaces={{{NAMESPACE}}}")]);
+    assert_grants_are_the_calls(&objects, &[NAMESPACE], true);
 }
 
 #[test]
-fn leader_election_lease_is_granted_only_in_the_release_namespace() {
-    let objects = render(&[]);
-    let role = named(&objects, "Role", "gc-guestcred-controller-leader-election");
-    assert_eq!(role["metadata"]["namespace"].as_str(), Some(NAMESPACE));
-    assert_eq!(
-        rules_for(role, "coordination.k8s.io", "leases"),
-        set(&["create", "get", "patch"])
-    );
+fn watched_namespaces_must_be_namespace_names() {
+    assert_render_fails(&["watchNamespaces={Team_A}"], "does not match pattern");
+    assert_render_fails(&["watchNamespaces={a,a}"], "are equal");
 }
 
 #[test]

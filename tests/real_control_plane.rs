@@ -10,286 +10,28 @@
 //! A control plane that cannot be built or started FAILS every test (never skips).
 //!
 //! Needs root (libvirtd, network namespaces) and scripts/install-deps.sh (helm, Go).
+//! Namespaced mode (the chart's `watchNamespaces`) has a lab of its own:
+//! tests/real_control_plane_namespaced.rs.
 #![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
+mod real_cp;
+use real_cp::*;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use guestcred_lab::cluster::{self, ControlPlane, LabState, UpOptions, real};
-use guestcred_lab::guest::default_cache_dir;
+use guestcred_lab::cluster::{self, LabState, real};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
-use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::GroupVersionKind;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
-const NODES: usize = 1;
-const REPLICAS: usize = 2;
-/// A guest flow: shim + agent + a 128 MiB TCG guest, with a leader change in between.
-const FLOW_TIMEOUT: Duration = Duration::from_secs(240);
-
-struct Lab {
-    state: LabState,
-    admin: PathBuf,
-}
-
-static LAB: tokio::sync::OnceCell<Result<Lab, String>> = tokio::sync::OnceCell::const_new();
-
-/// The shared lab; every test fails with the reason when it could not start.
+/// This binary's lab: cluster-wide mode, the chart's default.
 async fn lab() -> &'static Lab {
-    let lab = LAB
-        .get_or_init(|| async {
-            let t0 = Instant::now();
-            let dir =
-                std::env::temp_dir().join(format!("guestcred-real-cp-{}", std::process::id()));
-            let opts = UpOptions {
-                nodes: NODES,
-                vms_per_node: 2,
-                state_dir: dir.clone(),
-                cache_dir: default_cache_dir(),
-                with_controller: true,
-                controller_replicas: REPLICAS,
-                shim_port: 0,
-                guestcred_bin: Some(env!("CARGO_BIN_EXE_guestcred").into()),
-                lab_bin: Some(lab_bin()),
-                owner_pid: Some(std::process::id()),
-                control_plane: ControlPlane::Real,
-                ..UpOptions::default()
-            };
-            let state = cluster::up(&opts)
-                .await
-                .map_err(|e| format!("the real control plane lab did not come up: {e}"))?
-                .into_state();
-            eprintln!(
-                "real control plane lab up in {:.1}s ({})",
-                t0.elapsed().as_secs_f64(),
-                dir.display()
-            );
-            Ok(Lab {
-                admin: state.kubeconfig.clone(),
-                state,
-            })
-        })
-        .await;
-    match lab {
-        Ok(lab) => lab,
-        Err(e) => panic!("{e}"),
-    }
-}
-
-/// guestcred-lab is a binary of another package: next to the test's target dir.
-fn lab_bin() -> PathBuf {
-    let guestcred = PathBuf::from(env!("CARGO_BIN_EXE_guestcred"));
-    let bin = guestcred.with_file_name("guestcred-lab");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `cargo build -p guestcred-lab` (make test does)",
-        bin.display()
-    );
-    bin
-}
-
-async fn admin() -> Client {
-    real::client_from(&lab().await.admin)
-        .await
-        .expect("admin client")
-}
-
-fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}", N.fetch_add(1, Ordering::Relaxed))
-}
-
-async fn namespace(client: &Client, name: &str) {
-    let api: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-    api.create(&PostParams::default(), &ns)
-        .await
-        .expect("create namespace");
-}
-
-fn gvk(kind: &str) -> ApiResource {
-    let plural = match kind {
-        "GuestPasswordReset" => "guestpasswordresets",
-        "KeypairRebuild" => "keypairrebuilds",
-        other => panic!("{other}"),
-    };
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("guestcred.io", "v1alpha1", kind),
-        plural,
-    )
-}
-
-fn objects(client: &Client, ns: &str, kind: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(client.clone(), ns, &gvk(kind))
-}
-
-fn object(kind: &str, ns: &str, name: &str, spec: Value) -> DynamicObject {
-    serde_json::from_value(json!({
-        "apiVersion": "guestcred.io/v1alpha1", "kind": kind,
-        "metadata": {"name": name, "namespace": ns}, "spec": spec,
-    }))
-    .expect("object")
-}
-
-async fn create(client: &Client, ns: &str, kind: &str, name: &str, spec: Value) -> DynamicObject {
-    objects(client, ns, kind)
-        .create(&PostParams::default(), &object(kind, ns, name, spec))
-        .await
-        .unwrap_or_else(|e| panic!("create {kind} {ns}/{name}: {e}"))
-}
-
-async fn secret(client: &Client, ns: &str, name: &str, data: &[(&str, &str)]) {
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let string_data: BTreeMap<&str, &str> = data.iter().copied().collect();
-    let s: Secret = serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": ns}, "stringData": string_data,
-    }))
-    .unwrap();
-    api.create(&PostParams::default(), &s)
-        .await
-        .expect("create secret");
-}
-
-/// Polls `f` until it returns Some, or panics naming `what` and the last value seen.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
-}
-
-fn ready(obj: &DynamicObject) -> Option<&Value> {
-    obj.data
-        .pointer("/status/conditions")
-        .and_then(Value::as_array)?
-        .iter()
-        .find(|c| c["type"] == "Ready")
-}
-
-/// Waits until the object's Ready condition is True; returns it.
-async fn wait_ready(client: &Client, ns: &str, kind: &str, name: &str) -> DynamicObject {
-    let api = objects(client, ns, kind);
-    eventually(&format!("{kind} {ns}/{name} Ready"), FLOW_TIMEOUT, || {
-        let api = api.clone();
-        async move {
-            let obj = api.get(name).await.map_err(|e| e.to_string())?;
-            match ready(&obj) {
-                Some(c) if c["status"] == "True" => Ok(obj),
-                _ => Err(obj.data["status"].to_string()),
-            }
-        }
-    })
-    .await
-}
-
-/// What a guest shows, read through its agent (guest-exec).
-async fn guest_file(vm: &str, path: &str) -> String {
-    let out = cluster::exec(
-        &lab().await.state.state_dir,
-        vm,
-        &["cat".to_string(), path.to_string()],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("read {path} in {vm}: {e}"));
-    assert_eq!(out.exit_code, 0, "cat {path} in {vm}: {}", out.stderr);
-    out.stdout
-}
-
-async fn root_hash(vm: &str) -> String {
-    let shadow = guest_file(vm, "/etc/shadow").await;
-    shadow
-        .lines()
-        .find_map(|l| l.strip_prefix("root:"))
-        .and_then(|rest| rest.split(':').next())
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// Does `hash` verify `password`? (The system's crypt(3), through python3.)
-fn verifies(password: &str, hash: &str) -> bool {
-    guestcred_lab::testing::verifies(password, hash)
-}
-
-// ---- the audit log --------------------------------------------------------------------
-
-/// One request as the API server's audit log shows it (last stage per auditID).
-#[derive(Clone, Debug)]
-struct Audited {
-    user: String,
-    verb: String,
-    group: String,
-    resource: String,
-    subresource: String,
-    name: String,
-    namespace: String,
-    code: u16,
-    /// responseStatus.message: tells an RBAC denial ("cannot <verb> resource") from an
-    /// admission refusal with the same 403 (e.g. a terminating namespace).
-    message: String,
-}
-
-impl Audited {
-    fn rbac_denied(&self) -> bool {
-        self.code == 403 && self.message.contains(" cannot ")
-    }
-}
-
-fn audit() -> Vec<Audited> {
-    let path = real::audit_log(
-        &LAB.get()
-            .and_then(|l| l.as_ref().ok())
-            .expect("lab")
-            .state
-            .state_dir,
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut by_id: BTreeMap<String, Audited> = BTreeMap::new();
-    for line in text.lines() {
-        let Ok(e) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        let s = |p: &str| {
-            e.pointer(p)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
-        let a = Audited {
-            user: s("/user/username"),
-            verb: s("/verb"),
-            group: s("/objectRef/apiGroup"),
-            resource: s("/objectRef/resource"),
-            subresource: s("/objectRef/subresource"),
-            name: s("/objectRef/name"),
-            namespace: s("/objectRef/namespace"),
-            code: e
-                .pointer("/responseStatus/code")
-                .and_then(Value::as_u64)
-                .unwrap_or(0) as u16,
-            message: s("/responseStatus/message"),
-        };
-        by_id.insert(s("/auditID"), a);
-    }
-    by_id.into_values().collect()
-}
-
-fn sa_user(ns: &str, sa: &str) -> String {
-    format!("system:serviceaccount:{ns}:{sa}")
+    real_cp::lab(&[]).await
 }
 
 /// (group, resource[/subresource], verb) triples the rules grant (no wildcards in the chart).
@@ -334,6 +76,36 @@ const UNEXERCISED: &[(&str, &str, &str, &str)] = &[
         "events",
         "patch",
         "not exercised: the Recorder patches an Event only when the same one repeats (series); no flow here repeats one",
+    ),
+    (
+        "",
+        "configmaps",
+        "get",
+        "not exercised: the shards of runs over 100 targets (engine/shards.rs); tests/fleet_scale.rs runs one on the real control plane",
+    ),
+    (
+        "",
+        "configmaps",
+        "list",
+        "not exercised: the shards of runs over 100 targets (engine/shards.rs); tests/fleet_scale.rs runs one on the real control plane",
+    ),
+    (
+        "",
+        "configmaps",
+        "create",
+        "not exercised: the shards of runs over 100 targets (engine/shards.rs); tests/fleet_scale.rs runs one on the real control plane",
+    ),
+    (
+        "",
+        "configmaps",
+        "update",
+        "not exercised: the shards of runs over 100 targets (engine/shards.rs); tests/fleet_scale.rs runs one on the real control plane",
+    ),
+    (
+        "",
+        "configmaps",
+        "delete",
+        "not exercised: the shards of runs over 100 targets (engine/shards.rs); tests/fleet_scale.rs runs one on the real control plane",
     ),
 ];
 
@@ -459,14 +231,6 @@ fn helm_manifest(release: &str, ns: &str) -> String {
         &["get", "manifest", release, "--namespace", ns],
     )
     .expect("helm get manifest")
-}
-
-fn lab_admin_path() -> PathBuf {
-    LAB.get()
-        .and_then(|l| l.as_ref().ok())
-        .expect("lab")
-        .admin
-        .clone()
 }
 
 /// `kubectl get -f -` of a manifest: (kind/name, labels, annotations) of each object found.
@@ -1352,4 +1116,166 @@ impl Drop for KillOnDrop<'_> {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The pod of a rendered workload (`helm template` with `sets`): its template, named.
+fn rendered_pod(kind: &str, sets: &[&str]) -> k8s_openapi::api::core::v1::Pod {
+    let chart = guestcred_lab::repo_dir().join("charts/guestcred");
+    let mut args = vec![
+        "template",
+        "gc",
+        chart.to_str().expect("UTF-8"),
+        "--namespace",
+        "psa",
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let text = real::helm(&lab_admin_path(), &args).expect("helm template");
+    use serde::Deserialize as _;
+    let workload: Value = serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|d| serde_yaml::Value::deserialize(d).ok())
+        .find(|v| v["kind"].as_str() == Some(kind))
+        .map(|v| serde_json::to_value(v).expect("JSON"))
+        .unwrap_or_else(|| panic!("no {kind} rendered"));
+    let mut template = workload["spec"]["template"].clone();
+    template["metadata"]["name"] = json!(format!("{}-pod", kind.to_lowercase()));
+    serde_json::from_value(template).expect("a pod")
+}
+
+/// A namespace enforcing Pod Security `level`, with the chart's ServiceAccounts in it
+/// (the ServiceAccount admission plugin refuses pods naming one that does not exist).
+async fn pod_security_namespace(client: &Client, level: &str) -> String {
+    let ns = unique(&format!("psa-{level}"));
+    let api: Api<Namespace> = Api::all(client.clone());
+    let labelled: Namespace = serde_json::from_value(json!({"metadata": {"name": ns, "labels": {
+        "pod-security.kubernetes.io/enforce": level,
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }}}))
+    .unwrap();
+    api.create(&PostParams::default(), &labelled)
+        .await
+        .expect("create namespace");
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    for sa in ["gc-guestcred-controller", "gc-guestcred-shim"] {
+        sas.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap(),
+        )
+        .await
+        .expect("ServiceAccount");
+    }
+    ns
+}
+
+/// A server-side dry-run create of `pod` in `ns`: the admission chain (PodSecurity
+/// included) decides, nothing is stored. Err: the refusal's message.
+async fn admitted(
+    client: &Client,
+    ns: &str,
+    pod: &k8s_openapi::api::core::v1::Pod,
+) -> Result<(), String> {
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    match api.create(&dry, pod).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 403 => Err(s.message),
+        Err(e) => panic!("dry-run create in {ns}: {e}"),
+    }
+}
+
+/// Pod Security on the real API server (its PodSecurity admission plugin): the chart's
+/// controller pod (the rendered Deployment's template) is admitted where `restricted` is
+/// enforced. The shim pod (the rendered DaemonSet's template, every locator) is refused
+/// under `restricted` and under `baseline` (its hostPath volume: no level below
+/// privileged allows one) and admitted under `privileged`, the level the chart asks for
+/// its namespace; `helm install` into a namespace enforcing `baseline` fails with the
+/// chart's message naming that label, instead of a DaemonSet without pods.
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_security_admits_the_controller_under_restricted_and_the_shim_only_under_privileged() {
+    let _ = lab().await;
+    let client = admin().await;
+    let restricted = pod_security_namespace(&client, "restricted").await;
+    let baseline = pod_security_namespace(&client, "baseline").await;
+    let privileged = pod_security_namespace(&client, "privileged").await;
+
+    let controller = rendered_pod("Deployment", &[]);
+    admitted(&client, &restricted, &controller)
+        .await
+        .unwrap_or_else(|e| panic!("the controller pod is refused under restricted: {e}"));
+
+    for locator in ["kubevirt", "libvirt-uri", "qga-socket"] {
+        let shim = rendered_pod("DaemonSet", &[&format!("shim.locator={locator}")]);
+        let refused = admitted(&client, &restricted, &shim)
+            .await
+            .expect_err("the shim pod under restricted");
+        eprintln!("{locator} shim under restricted: {refused}");
+        assert!(
+            refused.contains("violates PodSecurity \"restricted:latest\"")
+                && refused.contains("hostPath"),
+            "{refused}"
+        );
+        let refused = admitted(&client, &baseline, &shim)
+            .await
+            .expect_err("the shim pod under baseline");
+        eprintln!("{locator} shim under baseline: {refused}");
+        assert!(
+            refused.contains("violates PodSecurity \"baseline:latest\"")
+                && refused.contains("hostPath volumes"),
+            "{refused}"
+        );
+        admitted(&client, &privileged, &shim)
+            .await
+            .unwrap_or_else(|e| panic!("the {locator} shim pod is refused under privileged: {e}"));
+    }
+    // The non-root shim (libvirt-uri with the libvirt group, no capabilities) still needs
+    // privileged: the hostPath alone is enough to refuse it under baseline.
+    let non_root = rendered_pod(
+        "DaemonSet",
+        &[
+            "shim.locator=libvirt-uri",
+            "shim.runAsUser=10001",
+            "shim.supplementalGroups={64055}",
+        ],
+    );
+    let refused = admitted(&client, &baseline, &non_root)
+        .await
+        .expect_err("the non-root shim pod under baseline");
+    assert!(refused.contains("hostPath volumes"), "{refused}");
+
+    let chart = guestcred_lab::repo_dir().join("charts/guestcred");
+    let err = real::helm(
+        &lab_admin_path(),
+        &[
+            "install",
+            "psa",
+            chart.to_str().expect("UTF-8"),
+            "--namespace",
+            &baseline,
+            "--skip-crds",
+            "--dry-run=server",
+        ],
+    )
+    .expect_err("the chart refuses a namespace enforcing baseline");
+    assert!(
+        err.to_string()
+            .contains("pod-security.kubernetes.io/enforce=privileged"),
+        "{err}"
+    );
+    real::helm(
+        &lab_admin_path(),
+        &[
+            "install",
+            "psa",
+            chart.to_str().expect("UTF-8"),
+            "--namespace",
+            &privileged,
+            "--skip-crds",
+            "--dry-run=server",
+        ],
+    )
+    .expect("the chart installs into a namespace enforcing privileged");
 }

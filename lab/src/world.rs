@@ -24,6 +24,7 @@ use guestcred::api::kubevirt::VirtualMachineInstance;
 use guestcred::api::{GuestPasswordReset, KeypairRebuild};
 use guestcred::controller::context::EngineSettings;
 use guestcred::controller::leader::{LeaseSettings, acquire};
+use guestcred::controller::namespaces::WatchScope;
 use guestcred::controller::shims::{DEFAULT_SHIM_DAEMONSET, ShimAccess, ShimTransport};
 use guestcred::metrics::ControllerMetrics;
 use guestcred::shim::agent::GuestAgent;
@@ -163,6 +164,9 @@ pub struct WorldOptions {
     /// of correctness). Its `timeout` is replaced by `agent_timeout`, and its `seed` is
     /// offset by the node's index. Add VMs with [`World::add_sim_vm`].
     pub sim_agent: Option<SimAgentOptions>,
+    /// The controller's `--watch-namespaces` (the chart's `watchNamespaces`); empty:
+    /// every namespace.
+    pub watch_namespaces: Vec<String>,
 }
 
 /// Certificate files for [`WorldOptions::mtls`].
@@ -201,6 +205,7 @@ impl Default for WorldOptions {
             capture_logs: false,
             control_plane: ControlPlaneKind::from_env().unwrap_or_default(),
             sim_agent: None,
+            watch_namespaces: Vec::new(),
         }
     }
 }
@@ -234,6 +239,7 @@ pub struct World {
     access: ShimAccess,
     settings: EngineSettings,
     controller_name: String,
+    watch: WatchScope,
     logs: Option<LogCapture>,
     runtime: tokio::runtime::Handle,
     /// KubeVirt's restart subresource for the world's VMs (see `hostkubevirt`).
@@ -363,6 +369,7 @@ impl World {
             },
             settings: opts.settings,
             controller_name: opts.controller_name,
+            watch: WatchScope::new(&opts.watch_namespaces),
             logs,
             runtime: tokio::runtime::Handle::current(),
             kubevirt,
@@ -552,6 +559,7 @@ impl World {
         let settings = self.settings.clone();
         let metrics = self.metrics.clone();
         let name = self.controller_name.clone();
+        let watch = self.watch.clone();
         self.controller = Some(self.runtime.spawn(async move {
             let setup = guestcred::controller::Setup {
                 client,
@@ -564,6 +572,7 @@ impl World {
                     "default".into(),
                     guestcred::controller::INPUT_KEY_SECRET.into(),
                 ),
+                watch,
             };
             guestcred::controller::start(setup, stop).await;
         }));
@@ -594,6 +603,7 @@ impl World {
         let access = self.access.clone();
         let settings = self.settings.clone();
         let metrics = self.metrics.clone();
+        let watch = self.watch.clone();
         self.runtime.spawn(async move {
             let Ok((lost, _elector, leadership)) = acquire(client.clone(), &lease).await else {
                 return;
@@ -609,6 +619,7 @@ impl World {
                     "default".into(),
                     guestcred::controller::INPUT_KEY_SECRET.into(),
                 ),
+                watch,
             };
             guestcred::controller::start(setup, lost).await;
         })

@@ -17,11 +17,15 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tracing::warn;
 
+use super::namespaces::{WatchScope, watch_scope};
+
 /// A reflector store of `K` and the stream of applied `K` objects for
-/// `Controller::for_stream`. Objects that do not deserialize are reported and left out.
+/// `Controller::for_stream`, in the namespaces of `scope`. Objects that do not deserialize
+/// are reported and left out.
 pub fn watch<K>(
     client: Client,
     recorder: Recorder,
+    scope: &WatchScope,
 ) -> (
     Store<K>,
     impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -30,23 +34,25 @@ where
     K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Send + Sync + 'static,
 {
     let ar = ApiResource::erase::<K>(&());
-    let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+    let apis = scope.apis(
+        || Api::<DynamicObject>::all_with(client.clone(), &ar),
+        |ns| Api::namespaced_with(client.clone(), ns, &ar),
+    );
     let (reader, writer) = reflector::store::<K>();
     let known = reader.clone();
-    let typed = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .filter_map(move |event| {
-            let (client, recorder, ar) = (client.clone(), recorder.clone(), ar.clone());
-            let known = known.clone();
-            async move {
-                match event {
-                    Ok(e) => typed_event::<K>(e, &client, &recorder, &ar, &known)
-                        .await
-                        .map(Ok),
-                    Err(e) => Some(Err(e)),
-                }
+    let watch = |api| watcher(api, watcher::Config::default()).default_backoff();
+    let typed = watch_scope(apis, watch, name_only).filter_map(move |event| {
+        let (client, recorder, ar) = (client.clone(), recorder.clone(), ar.clone());
+        let known = known.clone();
+        async move {
+            match event {
+                Ok(e) => typed_event::<K>(e, &client, &recorder, &ar, &known)
+                    .await
+                    .map(Ok),
+                Err(e) => Some(Err(e)),
             }
-        });
+        }
+    });
     let stream = reflector::reflector(writer, typed).applied_objects();
     (reader, stream)
 }
@@ -74,8 +80,27 @@ async fn typed_event<K: Resource<DynamicType = ()> + DeserializeOwned + Clone>(
                 None => known.get(&key).map(|old| E::Delete(old.as_ref().clone())),
             }
         }
-        // An unreadable object that is deleted was never in the store: nothing to forget.
-        E::Delete(o) => parse::<K>(&o).ok().map(E::Delete),
+        // Looked up by key: a namespaced watch's re-list reports what it no longer has with
+        // the name only (see `namespaces`). An unreadable object that is deleted was never
+        // in the store: nothing to forget.
+        E::Delete(o) => {
+            let key = reflector::ObjectRef::<K>::new(&o.name_any())
+                .within(&o.namespace().unwrap_or_default());
+            known.get(&key).map(|old| E::Delete(old.as_ref().clone()))
+        }
+    }
+}
+
+/// What a merged namespaced watch keeps of an object once listed: its name and namespace.
+fn name_only(o: &DynamicObject) -> DynamicObject {
+    DynamicObject {
+        types: o.types.clone(),
+        metadata: kube::api::ObjectMeta {
+            name: o.metadata.name.clone(),
+            namespace: o.metadata.namespace.clone(),
+            ..Default::default()
+        },
+        data: serde_json::Value::Null,
     }
 }
 

@@ -1,8 +1,9 @@
 //! The controller: reconciles GuestPasswordReset and KeypairRebuild objects.
 //!
 //! Watches both kinds, VirtualMachineInstances (a target becoming Running or appearing)
-//! and Secrets (metadata only: a changed input Secret starts a new run), and drives each
-//! object's targets through the node shims (see `engine`).
+//! and Secrets (metadata only: a changed input Secret starts a new run), in every namespace
+//! or only those of `--watch-namespaces` (see `namespaces`), and drives each object's
+//! targets through the node shims (see `engine`).
 pub mod context;
 pub mod engine;
 pub mod error;
@@ -38,6 +39,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use leader::Leadership;
+use namespaces::{WatchScope, watch_scope};
 use shims::{ShimAccess, ShimDirectory};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -119,6 +121,16 @@ pub struct ControllerArgs {
     /// Seconds a lease stays valid without renewal (a dead leader is replaced after this).
     #[arg(long, env = "GUESTCRED_LEASE_DURATION_SECONDS", default_value_t = 15)]
     pub lease_duration_seconds: u64,
+    /// Watch only these namespaces (comma-separated; the chart's `watchNamespaces`, which
+    /// then grants Roles there instead of cluster-wide rules). Objects in any other
+    /// namespace are never seen, so never reconciled. None: every namespace.
+    #[arg(
+        long,
+        env = "GUESTCRED_WATCH_NAMESPACES",
+        value_delimiter = ',',
+        value_parser = namespaces::parse_namespace
+    )]
+    pub watch_namespaces: Vec<String>,
 }
 
 impl ControllerArgs {
@@ -183,6 +195,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         leadership,
         input_key_secret: (own_namespace(), INPUT_KEY_SECRET.to_string()),
+        watch: WatchScope::new(&args.watch_namespaces),
     };
     let Some(lease) = args.lease() else {
         start(
@@ -242,6 +255,8 @@ pub struct Setup {
     /// Where the key that password hashes in status are keyed with lives (namespace,
     /// name): created once by the controller, readable by it alone.
     pub input_key_secret: (String, String),
+    /// Where objects, Secrets and VMIs are watched.
+    pub watch: WatchScope,
 }
 
 /// The default name of the input-key Secret, in the controller's namespace.
@@ -261,6 +276,7 @@ pub async fn start(
         metrics,
         leadership,
         input_key_secret,
+        watch,
     } = setup;
     let input_key = loop {
         match secrets::InputKey::ensure(&client, &input_key_secret.0, &input_key_secret.1).await {
@@ -280,9 +296,12 @@ pub async fn start(
     };
     let recorder = Recorder::new(client.clone(), reporter);
     // Untyped watches: one object that does not match the types must not stop the kind.
-    let (store, stream) = lenient::watch::<GuestPasswordReset>(client.clone(), recorder.clone());
+    info!(scope = %watch, "watching");
+    let (store, stream) =
+        lenient::watch::<GuestPasswordReset>(client.clone(), recorder.clone(), &watch);
     let resets = Controller::for_stream(stream, store).with_config(reconcile_limit());
-    let (store, stream) = lenient::watch::<KeypairRebuild>(client.clone(), recorder.clone());
+    let (store, stream) =
+        lenient::watch::<KeypairRebuild>(client.clone(), recorder.clone(), &watch);
     let rebuilds = Controller::for_stream(stream, store).with_config(reconcile_limit());
     let (reset_triggers, reset_changes) = futures::channel::mpsc::unbounded();
     let (rebuild_triggers, rebuild_changes) = futures::channel::mpsc::unbounded();
@@ -290,9 +309,9 @@ pub async fn start(
         resets: (resets.store(), reset_triggers),
         rebuilds: (rebuilds.store(), rebuild_triggers),
     };
-    let (secret_versions, secret_watch) = secret_versions(client.clone(), triggers.clone());
+    let (secret_versions, secret_watch) = secret_versions(client.clone(), &watch, triggers.clone());
     let secret_task = tokio::spawn(secret_watch);
-    let vmi_task = tokio::spawn(vmi_changes(client.clone(), triggers));
+    let vmi_task = tokio::spawn(vmi_changes(client.clone(), &watch, triggers));
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder,
@@ -415,23 +434,23 @@ fn send_matching<K: RunKind>(
 /// hold the Secret's data).
 fn secret_versions(
     client: Client,
+    scope: &WatchScope,
     triggers: Triggers,
 ) -> (
     Store<PartialObjectMeta<Secret>>,
     impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let (store, writer) = reflector::store();
-    let api = Api::<PartialObjectMeta<Secret>>::all(client);
-    let watch = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(|s| {
-            s.metadata = ObjectMeta {
-                name: s.metadata.name.take(),
-                namespace: s.metadata.namespace.take(),
-                resource_version: s.metadata.resource_version.take(),
-                ..ObjectMeta::default()
-            };
-        })
+    let apis = scope.apis(
+        || Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+        |ns| Api::namespaced(client.clone(), ns),
+    );
+    let watch = |api| {
+        watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(|s: &mut PartialObjectMeta<Secret>| s.metadata = name_and_version(s))
+    };
+    let watch = watch_scope(apis, watch, name_and_version_only)
         .reflect(writer)
         .touched_objects()
         .for_each(move |secret| {
@@ -444,12 +463,38 @@ fn secret_versions(
     (store, watch)
 }
 
+/// What is kept of an object's metadata: name, namespace, resourceVersion.
+fn name_and_version<K>(o: &PartialObjectMeta<K>) -> ObjectMeta {
+    ObjectMeta {
+        name: o.metadata.name.clone(),
+        namespace: o.metadata.namespace.clone(),
+        resource_version: o.metadata.resource_version.clone(),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The object with only that metadata (what a merged namespaced watch keeps of it).
+fn name_and_version_only<K>(o: &PartialObjectMeta<K>) -> PartialObjectMeta<K> {
+    PartialObjectMeta {
+        types: o.types.clone(),
+        metadata: name_and_version(o),
+        _phantom: std::marker::PhantomData,
+    }
+}
+
 /// One metadata-only VMI watch for both kinds (nothing of it is cached: a reconcile reads
 /// the VMIs it needs), triggering the objects that wait for a changed VMI.
-fn vmi_changes(client: Client, triggers: Triggers) -> impl std::future::Future<Output = ()> {
-    let api = Api::<PartialObjectMeta<VirtualMachineInstance>>::all(client);
-    watcher(api, watcher::Config::default())
-        .default_backoff()
+fn vmi_changes(
+    client: Client,
+    scope: &WatchScope,
+    triggers: Triggers,
+) -> impl std::future::Future<Output = ()> + use<> {
+    let apis = scope.apis(
+        || Api::<PartialObjectMeta<VirtualMachineInstance>>::all(client.clone()),
+        |ns| Api::namespaced(client.clone(), ns),
+    );
+    let watch = |api| watcher(api, watcher::Config::default()).default_backoff();
+    watch_scope(apis, watch, name_and_version_only)
         .touched_objects()
         .for_each(move |vmi| {
             match vmi {

@@ -139,7 +139,76 @@ not update subPath mounts, so a renewal would never reach the pod). */}}
 {{- if and (gt (int .Values.controller.replicas) 1) (not .Values.controller.leaderElection.enabled) }}
 {{- fail "controller.replicas > 1 needs controller.leaderElection.enabled (two active controllers would race)" }}
 {{- end }}
+{{- /* Pod Security: the shim mounts a hostPath, which both the baseline and the restricted
+level refuse (docs/security.md "Pod Security"). A release namespace that enforces either
+would leave the DaemonSet without pods, with the reason only in its Events: refuse the
+install instead. (lookup sees nothing under helm template; a cluster-wide default level
+set in the API server's AdmissionConfiguration is not visible here either.) */}}
+{{- $enforce := dig "metadata" "labels" "pod-security.kubernetes.io/enforce" "" (lookup "v1" "Namespace" "" .Release.Namespace) }}
+{{- if has $enforce (list "baseline" "restricted") }}
+{{- fail (printf "namespace %s enforces the Pod Security level %q, which refuses the shim's pods (hostPath volume): label it pod-security.kubernetes.io/enforce=privileged (docs/security.md \"Pod Security\")" .Release.Namespace $enforce) }}
+{{- end }}
 {{- if and (eq .Values.shim.locator "qga-socket") (not (hasPrefix (printf "%s/" (trimSuffix "/" .Values.shim.qgaSocket.socketDir)) .Values.shim.qgaSocket.socketTemplate)) }}
 {{- fail "shim.qgaSocket.socketTemplate must lie inside shim.qgaSocket.socketDir (only that directory is mounted)" }}
 {{- end }}
+{{- end }}
+
+{{/*
+The controller's rules on the objects it reconciles and what they name: a ClusterRole in
+cluster-wide mode, one Role per watched namespace in namespaced mode (watchNamespaces).
+Each rule is what the code calls, no more: tests/helm_chart.rs checks both modes against
+the list of the controller's calls, and tests/real_control_plane.rs reads the API
+server's audit log and lists any rule no flow used.
+*/}}
+{{- define "guestcred.controller.rules" -}}
+# Our own objects: read and watch them.
+- apiGroups: [guestcred.io]
+  resources: [guestpasswordresets]
+  verbs: [get, list, watch]
+# patch: the finalizer guestcred.io/keys (deleting a KeypairRebuild removes its keys).
+- apiGroups: [guestcred.io]
+  resources: [keypairrebuilds]
+  verbs: [get, list, watch, patch]
+# Status is written by merge patch only (carrying the resourceVersion it came from).
+- apiGroups: [guestcred.io]
+  resources: [guestpasswordresets/status, keypairrebuilds/status]
+  verbs: [patch]
+# Generated-password Secrets carry a blockOwnerDeletion owner reference to their
+# GuestPasswordReset; OwnerReferencesPermissionEnforcement asks for this.
+- apiGroups: [guestcred.io]
+  resources: [guestpasswordresets/finalizers]
+  verbs: [update]
+# Where a VM runs (status.nodeName, activePods), whether its agent is connected.
+# patch: a VMI that has no VM carries the record of the SSH keys guestcred added
+# (annotation keys.guestcred.io/<user>), as a VM does otherwise.
+- apiGroups: [kubevirt.io]
+  resources: [virtualmachineinstances]
+  verbs: [get, list, watch, patch]
+# Rebuild mode writes new cloud-init keys into the VM spec; the VM (or VMI) records
+# the keys guestcred added (read with get, never listed).
+- apiGroups: [kubevirt.io]
+  resources: [virtualmachines]
+  verbs: [get, patch]
+# ... and restarts the VM so they take effect.
+- apiGroups: [subresources.kubevirt.io]
+  resources: [virtualmachines/restart]
+  verbs: [update]
+# get: the input Secret a spec names (same namespace only). create: one output Secret
+# per target for generated passwords. list/watch: the controller watches Secret
+# METADATA only (PartialObjectMeta), so a changed input Secret re-runs its objects;
+# RBAC cannot narrow a list/watch grant to metadata, see docs/install.md.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, watch, create]
+# Runs of more than 100 targets keep every target's record in ConfigMaps the object owns
+# (api/src/shards.rs), so no object grows with the fleet: get (a run resumes), create
+# and update (as the run goes, with resourceVersion), list by the owner's label (shards
+# a stopped controller left unnamed), delete (a new run replaces them).
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, create, update, delete]
+# Events on the objects it reconciles (kube-rs's Recorder writes events.k8s.io only).
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
 {{- end }}

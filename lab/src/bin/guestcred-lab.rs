@@ -83,6 +83,10 @@ struct UpArgs {
     /// with the Helm chart installed and the controller running as its ServiceAccount.
     #[arg(long, value_enum, default_value_t = cluster::ControlPlane::Emulator)]
     control_plane: cluster::ControlPlane,
+    /// Namespaced mode: the controller watches only these namespaces (comma-separated), and
+    /// on a real control plane the chart is installed with them as `watchNamespaces`.
+    #[arg(long, value_delimiter = ',')]
+    watch_namespaces: Vec<String>,
     /// Port every shim listens on (0: pick a free one, for labs side by side).
     #[arg(long, default_value_t = 8443)]
     shim_port: u16,
@@ -218,6 +222,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         owner_pid: args.owner_pid,
         control_plane: args.control_plane,
         controller_replicas: args.controller_replicas,
+        watch_namespaces: args.watch_namespaces,
     };
     let state = match cluster::up(&opts).await? {
         UpOutcome::AlreadyUp(state) => {

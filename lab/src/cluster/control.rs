@@ -119,6 +119,10 @@ pub struct UpOptions {
     /// Controller replicas (with `with_controller`); more than one, or a real control
     /// plane, runs them with leader election on the chart's Lease.
     pub controller_replicas: usize,
+    /// Namespaced mode: the controller watches only these (`--watch-namespaces`), and on a
+    /// real control plane the chart is installed with them as `watchNamespaces`. Empty:
+    /// every namespace.
+    pub watch_namespaces: Vec<String>,
 }
 
 impl Default for UpOptions {
@@ -137,6 +141,7 @@ impl Default for UpOptions {
             owner_pid: None,
             control_plane: ControlPlane::Emulator,
             controller_replicas: 1,
+            watch_namespaces: Vec::new(),
         }
     }
 }
@@ -323,6 +328,7 @@ pub async fn up(opts: &UpOptions) -> Result<UpOutcome, ClusterError> {
         vms,
         error: None,
         owner_pid: opts.owner_pid,
+        watch_namespaces: opts.watch_namespaces.clone(),
     };
     state.save()?;
     let replicas = if opts.with_controller {
@@ -377,7 +383,11 @@ async fn start_real_control_plane(state: &mut LabState) -> Result<(), ClusterErr
     let client = real::client_from(&admin).await?;
     real::install_crds(&client).await?;
     let (kc, ns) = (admin.clone(), state.shim_namespace.clone());
-    blocking(move || real::install_release(&kc, &ns)).await?;
+    let watched = state.watch_namespaces.clone();
+    for ns in &watched {
+        real::ensure_namespace(&client, ns).await?;
+    }
+    blocking(move || real::install_release(&kc, &ns, &watched)).await?;
     real::write_component_kubeconfigs(&state.state_dir, &admin, &state.shim_namespace).await?;
     state.save()
 }
@@ -426,6 +436,12 @@ fn spawn_controller(
         .arg("--shim-server-name")
         .arg(DEFAULT_SHIM_SERVER_NAME)
         .env("KUBECONFIG", &kubeconfig);
+    if !state.watch_namespaces.is_empty() {
+        cmd.arg(format!(
+            "--watch-namespaces={}",
+            state.watch_namespaces.join(",")
+        ));
+    }
     if leader_election || state.control_plane == ControlPlane::Real {
         // As the chart's Deployment sets them: Event instance and Lease identity.
         cmd.env("POD_NAME", &identity)

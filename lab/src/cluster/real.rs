@@ -197,8 +197,14 @@ pub fn helm(kubeconfig: &Path, args: &[&str]) -> Result<String, ClusterError> {
 pub const LAB_RELEASE_SETS: &[&str] = &["shim.locator=libvirt-uri"];
 
 /// `helm install guestcred charts/guestcred -n <ns> --create-namespace` with the lab's
-/// values. The CRDs are installed from crds/ before (`--skip-crds`). Blocking.
-pub fn install_release(kubeconfig: &Path, namespace: &str) -> Result<(), ClusterError> {
+/// values, in namespaced mode (`watchNamespaces`) when `watched` names namespaces (which
+/// must exist: the chart's Roles go into them). The CRDs are installed from crds/ before
+/// (`--skip-crds`). Blocking.
+pub fn install_release(
+    kubeconfig: &Path,
+    namespace: &str,
+    watched: &[String],
+) -> Result<(), ClusterError> {
     let chart = crate::repo_dir().join("charts/guestcred");
     let chart = chart.to_string_lossy();
     let mut args = vec![
@@ -213,7 +219,23 @@ pub fn install_release(kubeconfig: &Path, namespace: &str) -> Result<(), Cluster
     for s in LAB_RELEASE_SETS {
         args.extend(["--set", s]);
     }
+    let watch = format!("watchNamespaces={{{}}}", watched.join(","));
+    if !watched.is_empty() {
+        args.extend(["--set", &watch]);
+    }
     helm(kubeconfig, &args).map(|_| ())
+}
+
+/// Creates namespace `name` unless it exists.
+pub async fn ensure_namespace(client: &Client, name: &str) -> Result<(), ClusterError> {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let ns = serde_json::from_value(json!({"metadata": {"name": name}}))
+        .map_err(|e| ClusterError::Failed(format!("namespace {name}: {e}")))?;
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A kube client from a kubeconfig file.

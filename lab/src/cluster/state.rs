@@ -166,6 +166,10 @@ pub struct LabState {
     /// directory (tests tie a lab to their own process this way).
     #[serde(default)]
     pub owner_pid: Option<u32>,
+    /// The controller's `--watch-namespaces` (and on a real control plane the release's
+    /// `watchNamespaces`: Roles there instead of the ClusterRole); empty: every namespace.
+    #[serde(default)]
+    pub watch_namespaces: Vec<String>,
 }
 
 fn default_shim_metrics_port() -> u16 {
@@ -301,6 +305,7 @@ mod tests {
                 .collect(),
             error: None,
             owner_pid: None,
+            watch_namespaces: Vec::new(),
         }
     }
 
