@@ -729,10 +729,10 @@ const CONTROLLER_CALLS: &[Call] = &[
     (
         "",
         "secrets",
-        &["get", "list", "watch", "create"],
+        &["get", "list", "watch", "create", "delete"],
         &[],
         Scope::Watched,
-        "secrets.rs read_key / ensure_generated; mod.rs secret_versions (metadata watch)",
+        "secrets.rs read_key / ensure_generated / prune_generated; mod.rs secret_versions (metadata watch)",
     ),
     (
         "events.k8s.io",

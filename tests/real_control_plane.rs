@@ -79,6 +79,12 @@ const UNEXERCISED: &[(&str, &str, &str, &str)] = &[
     ),
     (
         "",
+        "secrets",
+        "delete",
+        "not exercised: scheduled rotation's pruning of earlier generated Secrets (tests/rotation.rs)",
+    ),
+    (
+        "",
         "configmaps",
         "get",
         "not exercised: the shards of runs over 100 targets (engine/shards.rs); tests/fleet_scale.rs runs one on the real control plane",

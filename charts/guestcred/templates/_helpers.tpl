@@ -197,9 +197,11 @@ server's audit log and lists any rule no flow used.
 # per target for generated passwords. list/watch: the controller watches Secret
 # METADATA only (PartialObjectMeta), so a changed input Secret re-runs its objects;
 # RBAC cannot narrow a list/watch grant to metadata, see docs/install.md.
+# delete: scheduled rotation (spec.rotation) prunes its own earlier generated Secrets
+# beyond keepPrevious (owned by the reset; checked before deleting).
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, create]
+  verbs: [get, list, watch, create, delete]
 # Runs of more than 100 targets keep every target's record in ConfigMaps the object owns
 # (api/src/shards.rs), so no object grows with the fleet: get (a run resumes), create
 # and update (as the run goes, with resourceVersion), list by the owner's label (shards
