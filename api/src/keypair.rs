@@ -1,6 +1,5 @@
 //! `KeypairRebuild`: put new SSH public keys into guests, live or by rebuilding the VM.
 use super::common::{RunSpec, RunStatus, SecretKeyRef};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -183,48 +182,7 @@ pub struct KeypairRebuildStatus {
     pub run: RunStatus,
 }
 
-/// The keys read from one guest user's authorized_keys (mode Inspect), one entry per
-/// distinct key, in file order.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct GuestKeys {
-    /// When the guest was read (a later change in the guest is not seen: create a new
-    /// object, or run `kubectl guestcred list-keys` again).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub read_at: Option<Time>,
-    /// How many distinct keys the file holds.
-    pub total: u32,
-    /// Keys not listed in `keys` (it stops at 100).
-    #[serde(default)]
-    pub not_shown: u32,
-    /// Lines that are neither keys, comments nor blank (sshd ignores them too).
-    #[serde(default)]
-    pub unreadable_lines: u32,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub keys: Vec<GuestKey>,
-}
-
-/// One key in a guest.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct GuestKey {
-    /// SHA256 fingerprint of the key (options and comment play no part).
-    pub fingerprint: String,
-    /// Key type, e.g. ssh-ed25519.
-    #[serde(rename = "type")]
-    pub key_type: String,
-    /// The key's comment as the guest has it (at most 100 characters; control and
-    /// formatting characters shown as '?').
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub comment: Option<String>,
-    /// True: guestcred added this key (recorded on the VM), so Replace, a TTL or deleting
-    /// the object that added it may remove it. False: someone else put it there; only an
-    /// explicit removeFingerprints removes it.
-    pub managed: bool,
-    /// When a KeypairRebuild's ttlSeconds removes this key (the earliest such grant).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<Time>,
-}
+pub use super::common::{GuestKey, GuestKeys};
 
 /// A key comment as status may repeat it: at most [`MAX_GUEST_KEY_COMMENT`] characters,
 /// control and formatting characters (escape sequences, bidirectional overrides) as '?'.

@@ -1,5 +1,6 @@
 //! State shared by every reconcile.
 use super::shims::ShimDirectory;
+use crate::api::keypair::GuestKeys;
 use crate::api::{GuestPasswordReset, KeypairRebuild};
 use crate::metrics::ControllerMetrics;
 use k8s_openapi::api::core::v1::Secret;
@@ -7,7 +8,8 @@ use kube::Client;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Tunables of the run engine.
@@ -56,7 +58,7 @@ pub struct Context {
     pub secret_versions: Store<PartialObjectMeta<Secret>>,
     /// Guest key reports of KeypairRebuilds with mode Inspect, read by a target and not
     /// yet written to its status (see `keypair::publish_guest_keys`).
-    pub key_reports: super::keypair::KeyReports,
+    pub key_reports: KeyReports,
 }
 
 impl Context {
@@ -66,5 +68,37 @@ impl Context {
         self.secret_versions
             .get(&key)
             .and_then(|s| s.metadata.resource_version.clone())
+    }
+}
+
+/// Reports held at most (normally each is written within its own reconcile).
+const REPORTS_HELD: usize = 256;
+
+/// Reports read by `apply` and not yet written to status, by (object UID, VM): the user
+/// they were read for and the keys.
+#[derive(Default)]
+pub struct KeyReports(Mutex<HashMap<(String, String), (String, GuestKeys)>>);
+
+impl KeyReports {
+    pub(crate) fn put(&self, uid: &str, vm: &str, user: &str, keys: GuestKeys) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= REPORTS_HELD {
+            // Only reports whose write never came (objects deleted meanwhile): a target
+            // that still needs one reads its guest again.
+            m.clear();
+        }
+        m.insert((uid.into(), vm.into()), (user.into(), keys));
+    }
+
+    pub(crate) fn get(&self, uid: &str, vm: &str, user: &str) -> Option<GuestKeys> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&(uid.into(), vm.into()))
+            .filter(|(u, _)| u == user)
+            .map(|(_, k)| k.clone())
+    }
+
+    pub(crate) fn forget(&self, uid: &str, vm: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&(uid.into(), vm.into()));
     }
 }

@@ -29,7 +29,7 @@ mod inspect;
 mod remove;
 
 pub use cleanup::{KEYS_FINALIZER, KEYS_LEFT_BEHIND};
-pub use inspect::{KeyReports, publish_guest_keys};
+pub use inspect::publish_guest_keys;
 
 /// Annotation prefix on a VM recording the fingerprints guestcred added for a user, so a
 /// later Replace removes them even when the object that added them is gone.

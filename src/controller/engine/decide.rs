@@ -280,6 +280,16 @@ pub fn progress_note(s: &crate::api::Summary, elapsed: Duration) -> String {
     )
 }
 
+/// How a status write ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    Done,
+    /// Someone else wrote the status since our basis: nothing was written.
+    Superseded,
+    /// The object is gone.
+    Gone,
+}
+
 /// When the engine looks at an object again after a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Requeue {

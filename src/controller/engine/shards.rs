@@ -2,7 +2,7 @@
 //! object, read back when a run resumes, written (with their resourceVersion) before the
 //! status that names them, and deleted once no status names them.
 use super::RunKind;
-use super::status::Written;
+use super::decide::Written;
 use crate::api::shards::{self, OWNER_UID_LABEL, SHARD_KEY};
 use crate::api::{ExpiryShardRef, PendingExpiry, RunStatus, ShardRef, TargetStatus};
 use crate::controller::context::Context;

@@ -32,15 +32,7 @@ impl Basis {
     }
 }
 
-/// How a status write ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Written {
-    Done,
-    /// Someone else wrote the status since our basis: nothing was written.
-    Superseded,
-    /// The object is gone.
-    Gone,
-}
+pub(super) use super::decide::Written;
 
 /// One run's status, shared between the target tasks and the status flusher.
 pub(super) struct RunState {

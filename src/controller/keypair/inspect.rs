@@ -6,7 +6,7 @@
 //! The engine records a target's outcome with the fields every kind shares; the key list
 //! is written right after the run's own status write, by [`publish_guest_keys`] (called
 //! when the reconcile of the object returns): `apply` leaves the report in
-//! [`KeyReports`], and the follow-up write puts it into the target, with the
+//! [`KeyReports`](crate::controller::context::KeyReports), and the follow-up write puts it into the target, with the
 //! resourceVersion it read, so it never lands over newer status. A report lost on the way
 //! (a controller restart in between, a new leader) is read from the guest again.
 use super::{ManagedKeys, require_agent};
@@ -20,45 +20,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use tracing::{info, warn};
 
 const GET_KEYS: &str = "guest-ssh-get-authorized-keys";
-/// Reports held at most (normally each is written within its own reconcile).
-const REPORTS_HELD: usize = 256;
 /// How soon a target whose report could not be written or read is looked at again.
 const RETRY: Duration = Duration::from_secs(5);
-
-/// Reports read by `apply` and not yet written to status, by (object UID, VM): the user
-/// they were read for and the keys.
-#[derive(Default)]
-pub struct KeyReports(Mutex<HashMap<(String, String), (String, GuestKeys)>>);
-
-impl KeyReports {
-    fn put(&self, uid: &str, vm: &str, user: &str, keys: GuestKeys) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() >= REPORTS_HELD {
-            // Only reports whose write never came (objects deleted meanwhile): a target
-            // that still needs one reads its guest again.
-            m.clear();
-        }
-        m.insert((uid.into(), vm.into()), (user.into(), keys));
-    }
-
-    fn get(&self, uid: &str, vm: &str, user: &str) -> Option<GuestKeys> {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(&(uid.into(), vm.into()))
-            .filter(|(u, _)| u == user)
-            .map(|(_, k)| k.clone())
-    }
-
-    fn forget(&self, uid: &str, vm: &str) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.remove(&(uid.into(), vm.into()));
-    }
-}
 
 /// `RunKind::apply` of a KeypairRebuild with mode Inspect.
 pub(super) async fn inspect_keys(
