@@ -5,30 +5,15 @@
 use guestcred::api::GuestPasswordReset;
 use guestcred_lab::testing::*;
 use guestcred_lab::world::World;
-use k8s_openapi::api::core::v1::Secret;
-use kube::ResourceExt;
-use kube::api::{Api, ListParams};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// Every generated Secret of reset `reset`: name → password.
 async fn stored(w: &World, reset: &str) -> BTreeMap<String, String> {
-    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), NS);
-    secrets
-        .list(&ListParams::default().labels(&format!("guestcred.io/reset={reset}")))
+    w.output_secrets(NS, &format!("guestcred.io/reset={reset}"))
         .await
-        .expect("output secrets")
-        .items
         .into_iter()
-        .map(|s| {
-            let pw = s
-                .data
-                .as_ref()
-                .and_then(|d| d.get("password"))
-                .map(|b| String::from_utf8_lossy(&b.0).to_string())
-                .unwrap_or_default();
-            (s.name_any(), pw)
-        })
+        .map(|s| (s.name, s.password))
         .collect()
 }
 

@@ -806,6 +806,16 @@ impl World {
         ns: &str,
         selector: &str,
     ) -> BTreeMap<String, (String, String)> {
+        self.output_secrets(ns, selector)
+            .await
+            .into_iter()
+            .map(|s| (s.vm, (s.resource_version, s.password)))
+            .collect()
+    }
+
+    /// Every generated-password Secret in namespace `ns` that matches the label selector
+    /// `selector`, with its VM, resourceVersion and password.
+    pub async fn output_secrets(&self, ns: &str, selector: &str) -> Vec<OutputSecret> {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
         let list = secrets
             .list(&ListParams::default().labels(selector))
@@ -813,20 +823,20 @@ impl World {
             .expect("output secrets");
         list.items
             .into_iter()
-            .map(|s| {
-                let vm = s
+            .map(|s| OutputSecret {
+                name: s.name_any(),
+                vm: s
                     .labels()
                     .get("guestcred.io/vm")
                     .cloned()
-                    .unwrap_or_default();
-                let rv = s.resource_version().unwrap_or_default();
-                let pw = s
+                    .unwrap_or_default(),
+                resource_version: s.resource_version().unwrap_or_default(),
+                password: s
                     .data
                     .as_ref()
                     .and_then(|d| d.get("password"))
                     .map(|b| String::from_utf8_lossy(&b.0).to_string())
-                    .unwrap_or_default();
-                (vm, (rv, pw))
+                    .unwrap_or_default(),
             })
             .collect()
     }
@@ -959,4 +969,13 @@ impl Drop for World {
             }
         }
     }
+}
+
+/// A generated password's Secret, as [`World::output_secrets`] reads it.
+#[derive(Clone, Debug)]
+pub struct OutputSecret {
+    pub name: String,
+    pub vm: String,
+    pub resource_version: String,
+    pub password: String,
 }

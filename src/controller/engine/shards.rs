@@ -84,26 +84,10 @@ pub(super) async fn load<K: RunKind>(
     let mut records = Vec::with_capacity(stored.summary.total as usize);
     let mut versions = Vec::with_capacity(stored.shards.len());
     for shard in &stored.shards {
-        let cm = match api.get_opt(&shard.name).await {
-            Ok(Some(cm)) => cm,
-            Ok(None) => return Err(LoadError::Lost(format!("shard {} is gone", shard.name))),
-            Err(e) => return Err(LoadError::Api(e.into())),
-        };
-        if cm.labels().get(OWNER_UID_LABEL) != Some(&uid) {
-            return Err(LoadError::Lost(format!(
-                "ConfigMap {} does not belong to this object",
-                shard.name
-            )));
-        }
-        let bytes = cm
-            .binary_data
-            .as_ref()
-            .and_then(|d| d.get(SHARD_KEY))
-            .map(|b| b.0.as_slice())
-            .unwrap_or_default();
-        let part = shards::decode(bytes, shard).map_err(|e| LoadError::Lost(e.to_string()))?;
+        let (bytes, version) = fetch(&api, &shard.name, &uid).await?;
+        let part = shards::decode(&bytes, shard).map_err(|e| LoadError::Lost(e.to_string()))?;
         records.push(part);
-        versions.push(cm.resource_version());
+        versions.push(version);
     }
     let full = shards::expand(stored, records);
     let set = ShardSet {
@@ -233,19 +217,35 @@ pub(super) async fn load_expiries<K: RunKind>(
     r: &ExpiryShardRef,
 ) -> Result<(Vec<PendingExpiry>, Option<String>), LoadError> {
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace(obj));
-    let cm = match api.get_opt(&r.name).await {
+    let (bytes, version) = fetch(&api, &r.name, &obj.uid().unwrap_or_default()).await?;
+    let grants = shards::decode_expiries(&bytes, r).map_err(|e| LoadError::Lost(e.to_string()))?;
+    Ok((grants, version))
+}
+
+/// A shard's stored bytes and resourceVersion; gone, or not labelled as this object's
+/// (`uid`), it is lost.
+async fn fetch(
+    api: &Api<ConfigMap>,
+    name: &str,
+    uid: &str,
+) -> Result<(Vec<u8>, Option<String>), LoadError> {
+    let cm = match api.get_opt(name).await {
         Ok(Some(cm)) => cm,
-        Ok(None) => return Err(LoadError::Lost(format!("shard {} is gone", r.name))),
+        Ok(None) => return Err(LoadError::Lost(format!("shard {name} is gone"))),
         Err(e) => return Err(LoadError::Api(e.into())),
     };
+    if cm.labels().get(OWNER_UID_LABEL).map(String::as_str) != Some(uid) {
+        return Err(LoadError::Lost(format!(
+            "ConfigMap {name} does not belong to this object"
+        )));
+    }
+    let version = cm.resource_version();
     let bytes = cm
         .binary_data
-        .as_ref()
-        .and_then(|d| d.get(SHARD_KEY))
-        .map(|b| b.0.as_slice())
+        .and_then(|mut d| d.remove(SHARD_KEY))
+        .map(|b| b.0)
         .unwrap_or_default();
-    let grants = shards::decode_expiries(bytes, r).map_err(|e| LoadError::Lost(e.to_string()))?;
-    Ok((grants, cm.resource_version()))
+    Ok((bytes, version))
 }
 
 /// Write what is left of an expiry shard (carrying its resourceVersion), or delete it
