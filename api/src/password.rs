@@ -31,7 +31,7 @@ pub struct GuestPasswordResetSpec {
     pub common: RunSpec,
     /// Where the password comes from.
     pub password: PasswordSource,
-    /// Generated passwords only: set a new one on every VM at this interval (each rotation
+    /// Generated passwords only: set a new one on every VM at this interval or schedule (each rotation
     /// is a run with the guarantees of any run: stored before applied, bounded
     /// concurrency, failure budget). Rotations missed while the controller was down run
     /// once, not once per missed interval; `paused` stops them too. The annotation
@@ -43,11 +43,25 @@ pub struct GuestPasswordResetSpec {
 /// How often generated passwords are rotated, and how many earlier ones are kept.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("duration(self.every) >= duration('10s')").message("rotation.every must be a duration of at least 10s, e.g. 720h"))]
+#[x_kube(validation = Rule::new("has(self.every) != has(self.schedule)").message("set exactly one of rotation.every and rotation.schedule"))]
+#[x_kube(validation = Rule::new("!has(self.every) || duration(self.every) >= duration('10s')").message("rotation.every must be a duration of at least 10s, e.g. 720h"))]
+#[x_kube(validation = Rule::new("!has(self.timeZone) || has(self.schedule)").message("rotation.timeZone applies only to rotation.schedule"))]
 pub struct RotationPolicy {
     /// Interval, counted from the object's creation, as a Go duration: `720h`, `30m`, `10s`
-    /// (at least 10s).
-    pub every: String,
+    /// (at least 10s). Exactly one of `every` and `schedule`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<String>,
+    /// A cron schedule of five fields (minute hour day-of-month month day-of-week, as a
+    /// CronJob's `schedule`: `0 3 * * 0` is Sundays at 03:00), or a macro such as
+    /// `@daily` or `@weekly`. The first password is set at creation; a new one at each
+    /// time the schedule names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub schedule: Option<String>,
+    /// IANA time zone of `schedule` (`Europe/Berlin`); UTC when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub time_zone: Option<String>,
     /// Generated Secrets of earlier rotations kept per VM (0-10, default 1); older ones
     /// are deleted once the VM holds the newer password.
     #[serde(default = "default_keep_previous")]

@@ -121,6 +121,35 @@ mod tests {
     }
 
     #[test]
+    fn rotation_has_exactly_one_of_every_and_schedule() {
+        for rotation in [
+            serde_json::json!({}),
+            serde_json::json!({"every": "720h", "schedule": "0 3 * * 0"}),
+        ] {
+            let refused = reset_refusal(serde_json::json!({"target": {"vmName": "a"},
+                "password": {"generate": {"length": 20}}, "rotation": rotation}));
+            assert!(
+                refused.is_some_and(
+                    |e| e.contains("exactly one of rotation.every and rotation.schedule")
+                ),
+                "{rotation}"
+            );
+        }
+        let scheduled = reset_refusal(serde_json::json!({"target": {"vmName": "a"},
+            "password": {"generate": {"length": 20}},
+            "rotation": {"schedule": "0 3 * * 0", "timeZone": "Europe/Berlin"}}));
+        assert_eq!(scheduled, None);
+    }
+
+    #[test]
+    fn a_time_zone_without_a_schedule_is_refused() {
+        let refused = reset_refusal(serde_json::json!({"target": {"vmName": "a"},
+            "password": {"generate": {"length": 20}},
+            "rotation": {"every": "720h", "timeZone": "Europe/Berlin"}}));
+        assert!(refused.is_some_and(|e| e.contains("timeZone applies only to rotation.schedule")));
+    }
+
+    #[test]
     fn compiled_rebuild_rules_agree_with_kube_validate_cel() {
         let specs = [
             serde_json::json!({"target": {"vmName": "vm-a"}, "publicKeys": {"inline": ["ssh-ed25519 AAAA x"]}}),

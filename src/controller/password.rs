@@ -14,7 +14,6 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Where the password of a run comes from.
 pub enum PasswordInput {
@@ -37,13 +36,7 @@ fn rotation_slot(reset: &GuestPasswordReset) -> Result<Option<rotation::Slot>, E
     let Some(r) = &reset.spec.rotation else {
         return Ok(None);
     };
-    let every = rotation::parse_every(&r.every).map_err(Error::InvalidSpec)?;
-    if every < Duration::from_secs(10) {
-        return Err(Error::InvalidSpec(format!(
-            "rotation.every must be at least 10s, got {:?}",
-            r.every
-        )));
-    }
+    let schedule = rotation::Schedule::parse(r).map_err(Error::InvalidSpec)?;
     if r.keep_previous > 10 {
         return Err(Error::InvalidSpec(format!(
             "rotation.keepPrevious must be 0-10, got {}",
@@ -56,7 +49,7 @@ fn rotation_slot(reset: &GuestPasswordReset) -> Result<Option<rotation::Slot>, E
         .creation_timestamp
         .as_ref()
         .map_or(now, |t| t.0);
-    Ok(Some(rotation::slot(created, every, now)))
+    Ok(Some(schedule.slot(created, now)))
 }
 
 impl RunKind for GuestPasswordReset {
@@ -211,7 +204,8 @@ impl RunKind for GuestPasswordReset {
                 call.vm
             )));
         }
-        call.shim
+        let sent = call
+            .shim
             .set_password(&SetPasswordRequest {
                 domain: call.domain.clone(),
                 user: call.user.clone(),

@@ -19,6 +19,7 @@
 mod key_removal;
 mod passwords;
 mod public_keys;
+mod rotation;
 mod schema;
 mod targets;
 mod users;

@@ -149,7 +149,9 @@ impl ResetTest for GuestPasswordReset {
     }
     fn rotate_every(mut self, every: &str, keep: u32) -> Self {
         self.spec.rotation = Some(guestcred::api::password::RotationPolicy {
-            every: every.into(),
+            every: Some(every.into()),
+            schedule: None,
+            time_zone: None,
             keep_previous: keep,
         });
         self
