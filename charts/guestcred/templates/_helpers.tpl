@@ -48,6 +48,19 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- printf "%s-shim" (include "guestcred.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/*
+Namespace of the shim DaemonSet (values shim.namespace; default "<release namespace>-shim"),
+apart from the controller's so that the release namespace can enforce the `restricted`
+Pod Security level while the shim's allows `privileged` (docs/security.md "Pod Security").
+*/}}
+{{- define "guestcred.shim.namespace" -}}
+{{- $ns := default (printf "%s-shim" .Release.Namespace) .Values.shim.namespace }}
+{{- if gt (len $ns) 63 }}
+{{- fail (printf "shim namespace %q is longer than 63 characters: set shim.namespace" $ns) }}
+{{- end }}
+{{- $ns }}
+{{- end }}
+
 {{- define "guestcred.image" -}}
 {{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
 {{- end }}
@@ -140,13 +153,27 @@ not update subPath mounts, so a renewal would never reach the pod). */}}
 {{- fail "controller.replicas > 1 needs controller.leaderElection.enabled (two active controllers would race)" }}
 {{- end }}
 {{- /* Pod Security: the shim mounts a hostPath, which both the baseline and the restricted
-level refuse (docs/security.md "Pod Security"). A release namespace that enforces either
-would leave the DaemonSet without pods, with the reason only in its Events: refuse the
-install instead. (lookup sees nothing under helm template; a cluster-wide default level
-set in the API server's AdmissionConfiguration is not visible here either.) */}}
-{{- $enforce := dig "metadata" "labels" "pod-security.kubernetes.io/enforce" "" (lookup "v1" "Namespace" "" .Release.Namespace) }}
+level refuse (docs/security.md "Pod Security"). It runs in its own namespace: created by the
+chart with the privileged labels, or (shim.createNamespace=false) one that exists. An
+existing namespace that enforces baseline or restricted would leave the DaemonSet without
+pods, with the reason only in its Events: refuse the install instead. (lookup sees nothing
+under helm template; a cluster-wide default level set in the API server's
+AdmissionConfiguration is not visible here either.) The release namespace holds only the
+controller, whose pod meets restricted: nothing is asked of it. */}}
+{{- $shimNs := include "guestcred.shim.namespace" . }}
+{{- if and .Values.shim.createNamespace (eq $shimNs .Release.Namespace) }}
+{{- fail (printf "shim.namespace is the release namespace %s, which helm does not create as part of the release: set shim.createNamespace=false and label it pod-security.kubernetes.io/enforce=privileged (docs/security.md \"Pod Security\")" .Release.Namespace) }}
+{{- end }}
+{{- if not .Values.shim.createNamespace }}
+{{- $enforce := dig "metadata" "labels" "pod-security.kubernetes.io/enforce" "" (lookup "v1" "Namespace" "" $shimNs) }}
 {{- if has $enforce (list "baseline" "restricted") }}
-{{- fail (printf "namespace %s enforces the Pod Security level %q, which refuses the shim's pods (hostPath volume): label it pod-security.kubernetes.io/enforce=privileged (docs/security.md \"Pod Security\")" .Release.Namespace $enforce) }}
+{{- fail (printf "namespace %s (shim.namespace) enforces the Pod Security level %q, which refuses the shim's pods (hostPath volume): label it pod-security.kubernetes.io/enforce=privileged, or let the chart create the shim namespace (shim.createNamespace=true) (docs/security.md \"Pod Security\")" $shimNs $enforce) }}
+{{- end }}
+{{- end }}
+{{- /* cert-manager: a namespaced Issuer signs Certificates of its own namespace only; the
+shim's Certificate lives in the shim namespace, the controller's in the release namespace. */}}
+{{- if and (eq .Values.tls.source "cert-manager") (ne $shimNs .Release.Namespace) (ne (dig "kind" "" .Values.tls.certManager.issuerRef) "ClusterIssuer") }}
+{{- fail (printf "tls.source=cert-manager with the shim in its own namespace (%s) needs tls.certManager.issuerRef of kind ClusterIssuer: a namespaced Issuer signs only in its own namespace. Or keep the shim in the release namespace: shim.namespace=%s, shim.createNamespace=false" $shimNs .Release.Namespace) }}
 {{- end }}
 {{- if and (eq .Values.shim.locator "qga-socket") (not (hasPrefix (printf "%s/" (trimSuffix "/" .Values.shim.qgaSocket.socketDir)) .Values.shim.qgaSocket.socketTemplate)) }}
 {{- fail "shim.qgaSocket.socketTemplate must lie inside shim.qgaSocket.socketDir (only that directory is mounted)" }}
