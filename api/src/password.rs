@@ -103,6 +103,22 @@ pub struct GeneratePolicy {
     /// Characters to draw from.
     #[serde(default)]
     pub charset: Charset,
+    /// Seal each generated password to this public key: its output Secret holds only the
+    /// armored age ciphertext (key `password.age`), never the password, so no reader of
+    /// Secrets can learn it; decrypt with the matching identity
+    /// (`kubectl guestcred show-password NAME --identity key.txt`, or `age -d -i key.txt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal_to: Option<SealTo>,
+}
+
+/// The public key generated passwords are sealed to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.age.matches('^age1[qpzry9x8gf2tvdw0s3jn54khce6mua7l]{58}$')").message("password.generate.sealTo.age must be an age X25519 recipient: age1 and 58 lower-case bech32 characters, as age-keygen prints it"))]
+pub struct SealTo {
+    /// An age X25519 recipient (`age1…`, 62 characters), as `age-keygen` prints it.
+    #[schemars(length(max = 100))]
+    pub age: String,
 }
 
 fn default_length() -> u32 {

@@ -216,6 +216,10 @@ pub struct SetPassword {
     /// Length of generated passwords (16-128).
     #[arg(long, value_name = "N", default_value_t = 24, requires = "generate")]
     pub length: u32,
+    /// Seal generated passwords to this age recipient (`age1…`, as age-keygen prints it):
+    /// their Secrets hold only the ciphertext; show-password --identity decrypts it.
+    #[arg(long, value_name = "AGE_RECIPIENT", requires = "generate")]
+    pub seal_to: Option<String>,
     /// Use a password already in a Secret of this namespace: NAME or NAME/KEY (key
     /// default: password).
     #[arg(long, value_name = "NAME[/KEY]")]
@@ -276,6 +280,9 @@ Examples:
 
   # Into a file (not a terminal): --force is required
   kubectl guestcred show-password db-0-pw-x7k2q --force > pw.txt
+
+  # A sealed password (generate.sealTo.age): decrypted here with your age identity
+  kubectl guestcred show-password db-0-pw-x7k2q --identity ~/.config/age/key.txt
 ";
 
 /// Print a generated password.
@@ -285,7 +292,10 @@ Examples:
     long_about = "Print a password that a reset generated.
 
  Reads the Secret named in the target's status.outputSecret. The password is printed once, \
-to a terminal; to print it into a pipe or a file, add --force.",
+to a terminal; to print it into a pipe or a file, add --force. A sealed password \
+(spec.password.generate.sealTo.age) is stored only as an age ciphertext: it is decrypted \
+here, locally, with the identity file given by --identity (as age-keygen writes it); the \
+identity never leaves this machine.",
     help_template = TEMPLATE,
     after_help = SHOW_PASSWORD_EXAMPLES,
 )]
@@ -298,6 +308,9 @@ pub struct ShowPassword {
     /// Print even when standard output is not a terminal.
     #[arg(long)]
     pub force: bool,
+    /// age identity file (as age-keygen writes it) to decrypt a sealed password with.
+    #[arg(short = 'i', long, value_name = "FILE")]
+    pub identity: Option<std::path::PathBuf>,
 }
 
 const ADD_KEY_EXAMPLES: &str = "\

@@ -3,7 +3,7 @@ use crate::cli::{Global, SetPassword, ShowPassword};
 use crate::follow::{self, conclude};
 use crate::targets;
 use crate::util::{Call, RESETS, SECRETS, connect, exit, fail};
-use guestcred_api::password::{GeneratePolicy, PasswordSource};
+use guestcred_api::password::{GeneratePolicy, PasswordSource, SealTo};
 use guestcred_api::{GuestPasswordReset, GuestPasswordResetSpec, RunSpec, SecretKeyRef};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -66,6 +66,7 @@ pub async fn set_password(g: &Global, a: SetPassword) -> anyhow::Result<()> {
                 generate: a.generate.then_some(GeneratePolicy {
                     length: a.length,
                     charset: Default::default(),
+                    seal_to: a.seal_to.clone().map(|age| SealTo { age }),
                 }),
             },
             rotation: None,
@@ -286,17 +287,7 @@ pub async fn show_password(g: &Global, a: ShowPassword) -> anyhow::Result<()> {
         }
         .error(e)
     })?;
-    let value = secret
-        .data
-        .and_then(|mut d| d.remove("password"))
-        .ok_or_else(|| {
-            fail(
-                exit::FAILED,
-                format!("Secret {secret_name} has no password"),
-            )
-        })?;
-    let value = String::from_utf8(value.0)
-        .map_err(|_| fail(exit::FAILED, "the stored password is not UTF-8"))?;
+    let value = stored_password(secret_name, secret.data.unwrap_or_default(), &a)?;
     if target.state != guestcred_api::TargetState::Succeeded {
         eprintln!(
             "warning: VM {} is {:?}: the guest may not have this password yet",
@@ -305,4 +296,106 @@ pub async fn show_password(g: &Global, a: ShowPassword) -> anyhow::Result<()> {
     }
     println!("{value}");
     Ok(())
+}
+
+/// Key of a sealed password's armored age ciphertext in its output Secret.
+const SEALED_KEY: &str = "password.age";
+
+/// The password an output Secret stores: its `password`, or its sealed `password.age`
+/// decrypted with the identity file of `--identity` (never sent anywhere).
+fn stored_password(
+    secret_name: &str,
+    mut data: BTreeMap<String, ByteString>,
+    a: &ShowPassword,
+) -> anyhow::Result<String> {
+    let plain = match (
+        data.remove("password"),
+        data.remove(SEALED_KEY),
+        &a.identity,
+    ) {
+        (Some(v), _, _) => v.0,
+        (None, Some(_), None) => {
+            return Err(fail(
+                exit::FAILED,
+                format!(
+                    "the password of {} is sealed: Secret {secret_name} holds only an age ciphertext, \
+                     which only the matching identity decrypts; run again with --identity FILE \
+                     (your age identity, as age-keygen wrote it)",
+                    a.reset
+                ),
+            ));
+        }
+        (None, Some(sealed), Some(path)) => {
+            let ids =
+                age::IdentityFile::from_file(path.to_string_lossy().into_owned()).map_err(|e| {
+                    fail(
+                        exit::FAILED,
+                        format!("--identity {}: cannot read it: {e}", path.display()),
+                    )
+                })?;
+            unseal(&sealed.0, ids)
+                .map_err(|e| fail(exit::FAILED, format!("--identity {}: {e}", path.display())))?
+        }
+        (None, None, _) => {
+            return Err(fail(
+                exit::FAILED,
+                format!("Secret {secret_name} has no password"),
+            ));
+        }
+    };
+    String::from_utf8(plain).map_err(|_| fail(exit::FAILED, "the stored password is not UTF-8"))
+}
+
+/// Decrypt an armored age ciphertext with the identities of an identity file.
+fn unseal(armored: &[u8], ids: age::IdentityFile<age::NoCallbacks>) -> Result<Vec<u8>, String> {
+    let ids = ids
+        .into_identities()
+        .map_err(|e| format!("not an age identity file: {e}"))?;
+    if ids.is_empty() {
+        return Err("holds no age identity (AGE-SECRET-KEY-1…)".into());
+    }
+    let decryptor = age::Decryptor::new_buffered(age::armor::ArmoredReader::new(armored))
+        .map_err(|e| format!("the stored value is not an age ciphertext: {e}"))?;
+    let mut reader = decryptor
+        .decrypt(ids.iter().map(|i| i.as_ref() as &dyn age::Identity))
+        .map_err(|e| match e {
+            age::DecryptError::NoMatchingKeys => {
+                "this identity does not match the recipient the password is sealed to".to_string()
+            }
+            e => format!("cannot decrypt: {e}"),
+        })?;
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(&mut reader, &mut plain)
+        .map_err(|e| format!("cannot decrypt: {e}"))?;
+    Ok(plain)
+}
+
+#[cfg(test)]
+mod sealed_tests {
+    use super::*;
+
+    fn ids_of(id: &age::x25519::Identity) -> age::IdentityFile<age::NoCallbacks> {
+        use age::secrecy::ExposeSecret;
+        let text = format!("# created: test\n{}\n", id.to_string().expose_secret());
+        age::IdentityFile::from_buffer(text.as_bytes()).expect("identity file")
+    }
+
+    #[test]
+    fn a_sealed_password_decrypts_with_the_matching_identity_file() {
+        let id = age::x25519::Identity::generate();
+        let sealed = age::encrypt_and_armor(&id.to_public(), b"Plugin-Sealed-1").expect("seal");
+        assert_eq!(
+            unseal(sealed.as_bytes(), ids_of(&id)).expect("unseal"),
+            b"Plugin-Sealed-1"
+        );
+    }
+
+    #[test]
+    fn another_identity_is_told_it_does_not_match() {
+        let id = age::x25519::Identity::generate();
+        let other = age::x25519::Identity::generate();
+        let sealed = age::encrypt_and_armor(&id.to_public(), b"Plugin-Sealed-2").expect("seal");
+        let e = unseal(sealed.as_bytes(), ids_of(&other)).expect_err("other identity");
+        assert!(e.contains("does not match"), "{e}");
+    }
 }

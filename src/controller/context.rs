@@ -59,6 +59,9 @@ pub struct Context {
     /// Guest key reports of KeypairRebuilds with mode Inspect, read by a target and not
     /// yet written to its status (see `keypair::publish_guest_keys`).
     pub key_reports: KeyReports,
+    /// Plaintexts of sealed generated passwords until their target is finished (retries
+    /// re-send the same value; see `sealed`).
+    pub sealed: super::sealed::SealedValues,
 }
 
 impl Context {

@@ -16,6 +16,7 @@ pub mod namespaces;
 pub mod password;
 pub mod rebuild;
 pub mod rotation;
+pub mod sealed;
 pub mod secrets;
 pub mod shim_client;
 pub mod shims;
@@ -324,6 +325,7 @@ pub async fn start(
         rebuilds: rebuilds.store(),
         secret_versions,
         key_reports: Default::default(),
+        sealed: Default::default(),
     });
     // Finished objects whose Secret kept its resourceVersion resync without reading it:
     // give that cache a moment to fill before the first reconciles (a miss only costs a GET).

@@ -25,6 +25,8 @@ pub enum PasswordInput {
         symbols: bool,
         /// The run's keyed input hash: each run stores its passwords in Secrets of its own.
         run: String,
+        /// `sealTo.age`: each password is stored only as a ciphertext to this recipient.
+        seal_to: Option<age::x25519::Recipient>,
     },
 }
 
@@ -79,6 +81,15 @@ impl RunKind for GuestPasswordReset {
                 .map_err(|e| Error::InvalidUser(format!("spec.user: {}", e.message)))?;
         }
         rotation_slot(self)?;
+        if let Some(to) = self
+            .spec
+            .password
+            .generate
+            .as_ref()
+            .and_then(|g| g.seal_to.as_ref())
+        {
+            super::sealed::recipient(&to.age)?;
+        }
         // The schema's range, checked again (API servers without schema validation).
         if let Some(g) = &self.spec.password.generate
             && !(16..=128).contains(&g.length)
@@ -94,6 +105,8 @@ impl RunKind for GuestPasswordReset {
     /// Scheduled rotation: once a VM holds the new password, the generated Secrets of its
     /// earlier rotations beyond `keepPrevious` are deleted.
     async fn after_run(&self, ctx: &Context, status: &RunStatus) {
+        // Every target of the run is finished: no sealed value is sent again.
+        ctx.sealed.forget_object(&self.uid().unwrap_or_default());
         let Some(r) = &self.spec.rotation else {
             return;
         };
@@ -157,6 +170,15 @@ impl RunKind for GuestPasswordReset {
                     parts.push(b"rotate-now".to_vec());
                     parts.push(token.as_bytes().to_vec());
                 }
+                // Sealed to another key: a new run, sealed to the new key.
+                let seal_to = match &g.seal_to {
+                    Some(to) => {
+                        parts.push(b"seal-to-age".to_vec());
+                        parts.push(to.age.trim().as_bytes().to_vec());
+                        Some(super::sealed::recipient(&to.age)?)
+                    }
+                    None => None,
+                };
                 let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
                 let hash = secrets::keyed_hash(&uid, &parts);
                 Ok(Prepared {
@@ -166,6 +188,7 @@ impl RunKind for GuestPasswordReset {
                             length: g.length,
                             symbols,
                             run: hash.clone(),
+                            seal_to,
                         },
                         hash,
                     )
@@ -189,6 +212,7 @@ impl RunKind for GuestPasswordReset {
                 length,
                 symbols,
                 run,
+                seal_to: None,
             } => {
                 let (name, value) =
                     secrets::ensure_generated(&ctx.client, self, &call.vm, run, || {
@@ -197,7 +221,35 @@ impl RunKind for GuestPasswordReset {
                     .await?;
                 (value, false, Some(name))
             }
+            PasswordInput::Generate {
+                length,
+                symbols,
+                run,
+                seal_to: Some(to),
+            } => {
+                // Held no longer than the target may run (its deadline, plus its last call).
+                let hold_for = std::time::Duration::from_secs(
+                    u64::from(self.spec.common.rollout.deadline_seconds) + 60,
+                );
+                let (name, value) = super::sealed::ensure_sealed(
+                    &ctx.client,
+                    &ctx.sealed,
+                    self,
+                    (&call.vm, run),
+                    super::sealed::Sealing { to, hold_for },
+                    || secrets::generate_password(*length, *symbols),
+                )
+                .await?;
+                (value, false, Some(name))
+            }
         };
+        let sealed = matches!(
+            input,
+            PasswordInput::Generate {
+                seal_to: Some(_),
+                ..
+            }
+        );
         if crypted && call.windows {
             return Err(Error::UnsupportedForOs(format!(
                 "{} is a Windows guest: Windows cannot take a crypt(3) hash; use a plaintext or generated password",
@@ -212,7 +264,16 @@ impl RunKind for GuestPasswordReset {
                 password,
                 crypted,
             })
-            .await?;
+            .await
+            .map_err(Error::from);
+        if sealed {
+            // Finished (set, or failed for good): erase the value. A transient failure is
+            // retried with the same value, so it is kept until then.
+            if sent.as_ref().is_ok() || sent.as_ref().is_err_and(|e| !e.is_transient()) {
+                ctx.sealed.forget(&self.uid().unwrap_or_default(), &call.vm);
+            }
+        }
+        sent?;
         let how = if crypted { "crypted hash" } else { "password" };
         Ok(Outcome {
             reason: Some(Reason::Applied),

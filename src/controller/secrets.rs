@@ -16,6 +16,9 @@ use std::collections::BTreeMap;
 pub const OUTPUT_PASSWORD_KEY: &str = "password";
 pub const RESET_LABEL: &str = "guestcred.io/reset";
 pub const VM_LABEL: &str = "guestcred.io/vm";
+/// Label of a sealed output Secret (value `age`): it holds a ciphertext the controller
+/// cannot read back (see `controller::sealed`).
+pub const SEALED_LABEL: &str = "guestcred.io/sealed";
 
 /// Refuse references to another namespace (a namespaced object must not read others' Secrets).
 pub fn check_same_namespace(r: &SecretKeyRef, own_ns: &str, field: &str) -> Result<(), Error> {
@@ -201,6 +204,15 @@ pub fn output_secret_name(owner: &str, vm: &str, run: &str) -> String {
 /// Label on an output Secret naming the run it was generated for (the digest in its name).
 pub const RUN_LABEL: &str = "guestcred.io/run";
 
+/// The [`RUN_LABEL`] value of a target's run: the digest in the name of its (first) Secret.
+pub fn run_label_of(output_secret_name: &str) -> String {
+    output_secret_name
+        .rsplit('-')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// The stored generated password of a target in this run, creating (and storing) it first
 /// if there is none yet. Returns the Secret's name and the password. Storing comes first so
 /// that a restart between "stored" and "applied" re-applies the same password. A Secret of
@@ -228,7 +240,7 @@ pub async fn ensure_generated<K: Resource<DynamicType = ()>>(
         return Ok((name, read_key(client, &ns, &r).await?.value));
     }
     let password = make();
-    let run_label = name.rsplit('-').next().unwrap_or_default().to_string();
+    let run_label = run_label_of(&name);
     let secret = Secret {
         metadata: kube::api::ObjectMeta {
             name: Some(name.clone()),
@@ -286,18 +298,14 @@ pub async fn prune_generated<K: Resource<DynamicType = ()>>(
     let stored: Vec<StoredPassword> = listed
         .items
         .iter()
-        .filter(|m| {
-            m.metadata
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|o| o.controller == Some(true) && o.uid == uid)
-        })
+        .filter(|m| owned_by(&m.metadata, &uid))
         .filter_map(|m| {
+            let labels = m.metadata.labels.as_ref()?;
             Some(StoredPassword {
                 name: m.metadata.name.clone()?,
-                vm: m.metadata.labels.as_ref()?.get(VM_LABEL)?.clone(),
+                vm: labels.get(VM_LABEL)?.clone(),
                 created: m.metadata.creation_timestamp.as_ref()?.0,
+                sealed: labels.contains_key(SEALED_LABEL),
             })
         })
         .collect();
@@ -318,26 +326,38 @@ pub async fn prune_generated<K: Resource<DynamicType = ()>>(
     Ok(doomed.len())
 }
 
-/// A generated Secret as listed: its name, VM and creation time.
+/// A generated Secret as listed: its name, VM and creation time, and whether it is sealed.
 #[derive(Clone, Debug)]
 struct StoredPassword {
     name: String,
     vm: String,
     created: k8s_openapi::jiff::Timestamp,
+    sealed: bool,
 }
 
-/// The Secrets to delete: per VM whose current Secret is known, those created before it
-/// beyond the `keep` newest of them. Never the current one, never a newer one (a run that
-/// has not finished may be applying it), never a VM without a current one.
+/// The Secrets to delete: per VM whose current Secret is known (its target succeeded: the
+/// guest holds that value), those created before it beyond the `keep` newest of them.
+/// Never the current one, never a newer one (a run that has not finished may be applying
+/// it), never a VM without a current one. A sealed Secret's value may be in the guest
+/// (its call may have been sent) and cannot be read back, so it goes only when it is known
+/// to be older than the verified one: created in an earlier second (creation times have
+/// whole seconds; a tie may be a newer value, which is kept).
 fn to_prune(stored: &[StoredPassword], current: &BTreeMap<&str, &str>, keep: usize) -> Vec<String> {
     let mut doomed = Vec::new();
     for (vm, now) in current {
         let Some(now_created) = stored.iter().find(|s| s.name == *now).map(|s| s.created) else {
             continue;
         };
+        let older_than_now = |s: &StoredPassword| {
+            if s.sealed {
+                s.created < now_created
+            } else {
+                s.created <= now_created
+            }
+        };
         let mut older: Vec<&StoredPassword> = stored
             .iter()
-            .filter(|s| s.vm == *vm && s.name != *now && s.created <= now_created)
+            .filter(|s| s.vm == *vm && s.name != *now && older_than_now(s))
             .collect();
         older.sort_by_key(|s| std::cmp::Reverse(s.created));
         doomed.extend(older.into_iter().skip(keep).map(|s| s.name.clone()));
@@ -345,15 +365,17 @@ fn to_prune(stored: &[StoredPassword], current: &BTreeMap<&str, &str>, keep: usi
     doomed
 }
 
-/// An output Secret is this object's only if its controller owner reference has our UID.
-fn check_owned(secret: &Secret, uid: &str) -> Result<(), Error> {
-    let owned = secret
-        .metadata
-        .owner_references
+/// Is an object with `meta` this object's: its controller owner reference has our UID?
+pub fn owned_by(meta: &kube::api::ObjectMeta, uid: &str) -> bool {
+    meta.owner_references
         .iter()
         .flatten()
-        .any(|o| o.controller == Some(true) && o.uid == uid);
-    if owned {
+        .any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
+/// An output Secret is this object's only if its controller owner reference has our UID.
+pub fn check_owned(secret: &Secret, uid: &str) -> Result<(), Error> {
+    if owned_by(&secret.metadata, uid) {
         Ok(())
     } else {
         Err(Error::OutputSecretConflict(format!(
@@ -471,7 +493,46 @@ mod tests {
             name: name.into(),
             vm: vm.into(),
             created: k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + at).expect("time"),
+            sealed: false,
         }
+    }
+
+    fn sealed(name: &str, vm: &str, at: i64) -> StoredPassword {
+        StoredPassword {
+            sealed: true,
+            ..stored(name, vm, at)
+        }
+    }
+
+    #[test]
+    fn a_sealed_secret_that_may_be_in_the_guest_stays_until_a_newer_value_is_verified() {
+        // Run 2 sealed a-2a, its call was sent (maybe applied), the controller restarted
+        // and sealed a-2b. Until a-2b is verified the VM's current one is still a-1.
+        let all = [
+            sealed("a-1", "a", 1),
+            sealed("a-2a", "a", 5),
+            sealed("a-2b", "a", 9),
+        ];
+        assert!(to_prune(&all, &BTreeMap::from([("a", "a-1")]), 0).is_empty());
+        // A VM whose run failed (no current one) keeps all of them.
+        assert!(to_prune(&all, &BTreeMap::new(), 0).is_empty());
+        // a-2b verified in the guest: the older ones may go.
+        let mut doomed = to_prune(&all, &BTreeMap::from([("a", "a-2b")]), 0);
+        doomed.sort();
+        assert_eq!(doomed, ["a-1", "a-2a"]);
+    }
+
+    #[test]
+    fn a_sealed_secret_created_in_the_same_second_as_the_verified_one_is_kept() {
+        // Creation times have whole seconds: it may be the newer value.
+        let all = [sealed("a-2a", "a", 5), sealed("a-2b", "a", 5)];
+        assert!(to_prune(&all, &BTreeMap::from([("a", "a-2b")]), 0).is_empty());
+        // Unsealed ones can be read back (and are never replaced), as before.
+        let plain = [stored("p-1", "p", 5), stored("p-2", "p", 5)];
+        assert_eq!(
+            to_prune(&plain, &BTreeMap::from([("p", "p-2")]), 0),
+            ["p-1"]
+        );
     }
 
     #[test]

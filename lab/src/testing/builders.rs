@@ -120,6 +120,8 @@ pub trait ResetTest: Sized {
     fn from_secret_key(self, name: &str, key: &str, namespace: Option<&str>) -> Self;
     /// A generated password of `length` characters per target.
     fn generate(self, length: u32) -> Self;
+    /// Seal the generated password to age recipient `recipient` (after [`Self::generate`]).
+    fn sealed_to(self, recipient: &str) -> Self;
     /// The Secret's value is a crypt(3) hash, set verbatim.
     fn crypted(self) -> Self;
     /// Generated passwords rotate every `every` (a Go duration), keeping `keep` earlier.
@@ -140,7 +142,16 @@ impl ResetTest for GuestPasswordReset {
         self.spec.password.generate = Some(GeneratePolicy {
             length,
             charset: Default::default(),
+            seal_to: None,
         });
+        self
+    }
+    fn sealed_to(mut self, recipient: &str) -> Self {
+        if let Some(g) = self.spec.password.generate.as_mut() {
+            g.seal_to = Some(guestcred::api::password::SealTo {
+                age: recipient.into(),
+            });
+        }
         self
     }
     fn crypted(mut self) -> Self {
