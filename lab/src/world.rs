@@ -837,6 +837,12 @@ impl World {
                     .and_then(|d| d.get("password"))
                     .map(|b| String::from_utf8_lossy(&b.0).to_string())
                     .unwrap_or_default(),
+                sealed: s
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get("password.age"))
+                    .map(|b| String::from_utf8_lossy(&b.0).to_string()),
+                stored: serde_json::to_string(&s).expect("json"),
             })
             .collect()
     }
@@ -977,5 +983,10 @@ pub struct OutputSecret {
     pub name: String,
     pub vm: String,
     pub resource_version: String,
+    /// Key `password` ("" for a sealed Secret).
     pub password: String,
+    /// Key `password.age` of a sealed Secret: the armored age ciphertext.
+    pub sealed: Option<String>,
+    /// The whole Secret as the API server returns it (JSON), for scans.
+    pub stored: String,
 }

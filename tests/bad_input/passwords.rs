@@ -153,6 +153,57 @@ fn generated_password_longer_than_128_is_invalid_spec() {
 }
 
 #[test]
+fn seal_to_that_is_not_an_age_recipient_is_invalid_spec() {
+    // An SSH public key where an age recipient belongs: refused before anything is sealed.
+    if applied_unless_the_server_refuses(
+        &[reset("seal-ssh")
+            .set(
+                "spec.password",
+                json!({"generate": {"sealTo": {"age": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJF3X2of"}}}),
+            )
+            .v()],
+        "password.generate.sealTo.age must be an age X25519 recipient",
+    ) {
+        expect_stalled(
+            "gpr",
+            "seal-ssh",
+            "InvalidSpec",
+            "password.generate.sealTo.age must be an age X25519 recipient",
+        );
+    }
+}
+
+#[test]
+fn seal_to_with_a_bad_checksum_is_invalid_spec() {
+    // The right shape (the CEL rule lets it through) with one character changed: the
+    // controller parses it and refuses it before any password is generated.
+    const TYPO: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8q";
+    apply(&[reset("seal-typo")
+        .set(
+            "spec.password",
+            json!({"generate": {"sealTo": {"age": TYPO}}}),
+        )
+        .v()]);
+    expect_stalled(
+        "gpr",
+        "seal-typo",
+        "InvalidSpec",
+        "password.generate.sealTo.age is not an age X25519 recipient",
+    );
+    let secrets = lab().kubectl.run(&[
+        "get",
+        "secrets",
+        "-n",
+        NS,
+        "-l",
+        "guestcred.io/reset=seal-typo",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(secrets.trim(), "", "no Secret was written");
+}
+
+#[test]
 fn both_secret_ref_and_generate_is_invalid_spec() {
     let mut objs = reset_with_password("two-sources", GOOD_PASSWORD.as_bytes());
     objs[1]["spec"]["password"]["generate"] = json!({"length": 20});

@@ -1,0 +1,172 @@
+//! Sealed generated passwords (`spec.password.generate.sealTo.age`), on a real guest (host
+//! qemu-ga): the output Secret holds only an age ciphertext that decrypts, with the matching
+//! identity, to exactly the password the guest's /etc/shadow verifies; the plaintext is in
+//! no log (every level), Event, status or metric. And the crash path: a controller killed
+//! after sealing, while the call hangs in a frozen agent, cannot read its ciphertext back,
+//! so after the restart it seals a new value into a new Secret and applies that; the first
+//! Secret stays untouched until the newer value is verified in the guest, and only then is
+//! it pruned.
+use guestcred::api::{GuestPasswordReset, Phase};
+use guestcred_lab::kubevirt::vm;
+use guestcred_lab::testing::*;
+use guestcred_lab::world::{OutputSecret, World, WorldOptions};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// A world whose shims give up on an agent after 2 s, with logs captured for the scan.
+async fn world() -> World {
+    World::start(WorldOptions::fault_lab())
+        .await
+        .expect("test world starts")
+}
+
+/// alice's generated password on `vm`, sealed to `id`'s recipient.
+fn sealed_reset(name: &str, vm: &str, id: &age::x25519::Identity) -> GuestPasswordReset {
+    GuestPasswordReset::test(name)
+        .vm(vm)
+        .user("alice")
+        .generate(24)
+        .sealed_to(&id.to_public().to_string())
+}
+
+/// The plaintext of an armored ciphertext, decrypted with `id`.
+fn unseal(id: &age::x25519::Identity, armored: &str) -> String {
+    let plain = age::decrypt(id, armored.as_bytes()).expect("decrypts with the identity");
+    String::from_utf8(plain).expect("utf-8")
+}
+
+/// The output Secrets of reset `reset`, each checked to hold a ciphertext only, in the
+/// order they were written (by resourceVersion; none is ever rewritten).
+async fn sealed_secrets(w: &World, reset: &str) -> Vec<OutputSecret> {
+    let mut all = w
+        .output_secrets(NS, &format!("guestcred.io/reset={reset}"))
+        .await;
+    for s in &all {
+        assert!(
+            s.sealed.is_some() && s.password.is_empty(),
+            "Secret {} holds a ciphertext only: {}",
+            s.name,
+            s.stored
+        );
+    }
+    all.sort_by_key(|s| s.resource_version.parse::<u64>().unwrap_or(u64::MAX));
+    all
+}
+
+#[tokio::test]
+async fn a_sealed_password_decrypts_to_what_the_guest_holds_and_is_nowhere_in_the_clear() {
+    let w = world().await;
+    let qga = w.guest("vm-a").await;
+    let id = age::x25519::Identity::generate();
+    w.put(&sealed_reset("sealed", "vm-a", &id)).await;
+    let r: GuestPasswordReset = w
+        .wait_for(NS, "sealed", WAIT, finished)
+        .await
+        .expect("the run ends");
+    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:?}", r.status);
+    let name = target0(&r)
+        .and_then(|t| t.output_secret.clone())
+        .expect("status names the output Secret");
+    let stored = sealed_secrets(&w, "sealed").await;
+    assert_eq!(stored.len(), 1, "one Secret");
+    let secret = &stored[0];
+    assert_eq!(secret.name, name);
+    let armored = secret.sealed.as_deref().expect("ciphertext");
+    assert!(armored.starts_with("-----BEGIN AGE ENCRYPTED FILE-----"));
+    let password = unseal(&id, armored);
+    assert_eq!(password.len(), 24);
+    let hash = hash_of(&qga, "alice").expect("alice has a password");
+    assert!(
+        verifies(&password, &hash),
+        "the guest's shadow hash verifies exactly the decrypted password"
+    );
+    assert!(
+        age::decrypt(&age::x25519::Identity::generate(), armored.as_bytes()).is_err(),
+        "another identity does not decrypt it"
+    );
+    assert_not_leaked(&secret.stored, "the sealed Secret", &[&password]);
+    w.assert_not_leaked(&[&password]).await;
+}
+
+#[tokio::test]
+async fn a_restart_after_sealing_keeps_the_first_ciphertext_applies_a_new_one_and_prunes_only_then()
+{
+    let mut w = world().await;
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let id = age::x25519::Identity::generate();
+    // keepPrevious 0: once a newer value is verified, every earlier Secret may go.
+    let reset = sealed_reset("crash", "vm-a", &id).rotate_every("720h", 0);
+    signal(&qga, "-STOP");
+    w.put(&reset).await;
+    // Sealed and stored, then the call hangs in the frozen agent: unknown outcome, the
+    // value may reach the guest when it thaws.
+    w.wait_for::<GuestPasswordReset>(NS, "crash", WAIT, target_reason("AgentTimeout"))
+        .await
+        .expect("AgentTimeout while the agent is frozen");
+    let first = sealed_secrets(&w, "crash").await;
+    assert_eq!(first.len(), 1, "one sealed Secret before the crash");
+    let first = first.into_iter().next().expect("one");
+
+    w.kill_controller();
+    w.start_controller();
+    // The new process cannot read the first value back: a second Secret, a new value.
+    let mut both = Vec::new();
+    for _ in 0..600 {
+        both = sealed_secrets(&w, "crash").await;
+        if both.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(both.len(), 2, "a new Secret after the restart");
+    let kept = both
+        .iter()
+        .find(|s| s.name == first.name)
+        .expect("the first Secret is kept while the new value is not verified");
+    assert_eq!(
+        (&kept.resource_version, &kept.sealed),
+        (&first.resource_version, &first.sealed),
+        "the first ciphertext is never overwritten"
+    );
+    let second = both
+        .iter()
+        .find(|s| s.name != first.name)
+        .expect("new")
+        .clone();
+    let (a, b) = (
+        unseal(&id, first.sealed.as_deref().expect("a")),
+        unseal(&id, second.sealed.as_deref().expect("b")),
+    );
+    assert_ne!(a, b, "a new value, not a guess at the old one");
+
+    signal(&qga, "-CONT");
+    let r: GuestPasswordReset = w
+        .wait_for(NS, "crash", WAIT, finished)
+        .await
+        .expect("finishes once the agent thaws");
+    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:?}", r.status);
+    assert_eq!(
+        target0(&r).and_then(|t| t.output_secret.clone()),
+        Some(second.name.clone()),
+        "status names the newer Secret"
+    );
+    let hash = hash_of(&qga, "alice").expect("alice has a password");
+    assert!(verifies(&b, &hash), "the guest holds the newer value");
+    // Verified in the guest: now (after the run's status is written) the first may go.
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = sealed_secrets(&w, "crash").await;
+        if left.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let names: Vec<&str> = left.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [second.name.as_str()],
+        "the first is pruned after the newer value was verified"
+    );
+    w.assert_not_leaked(&[&a, &b]).await;
+}
