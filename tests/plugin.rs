@@ -228,6 +228,91 @@ async fn generated_password_then_status_and_show_password() {
     assert!(text.contains(&password), "printed to a terminal: {text}");
 }
 
+/// An age identity file as `age-keygen -o FILE` writes it, in the world's directory.
+fn identity_file(w: &World, name: &str, id: &age::x25519::Identity) -> PathBuf {
+    use age::secrecy::ExposeSecret;
+    let path = w.temp_dir().join(name);
+    let text = format!(
+        "# created: 2026-12-01T00:00:00Z\n# public key: {}\n{}\n",
+        id.to_public(),
+        id.to_string().expose_secret()
+    );
+    std::fs::write(&path, text).expect("identity file");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_password_is_shown_only_with_the_matching_identity() {
+    let w = served(false).await;
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let id = age::x25519::Identity::generate();
+    let recipient = id.to_public().to_string();
+    let out = plugin(
+        &w,
+        &[
+            "set-password",
+            "vm-a",
+            "--user",
+            "alice",
+            "--generate",
+            "--seal-to",
+            &recipient,
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let name = created_name(&out);
+    // Without an identity: told why and how, nothing printed.
+    let refused = plugin(&w, &["show-password", &name, "--force"]).await;
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("is sealed") && refused.stderr.contains("--identity FILE"),
+        "{refused:?}"
+    );
+    assert!(refused.stdout.is_empty(), "{refused:?}");
+    // Another identity: it does not match.
+    let other = identity_file(&w, "other.txt", &age::x25519::Identity::generate());
+    let wrong = plugin(
+        &w,
+        &[
+            "show-password",
+            &name,
+            "--force",
+            "--identity",
+            &other.to_string_lossy(),
+        ],
+    )
+    .await;
+    assert_eq!(wrong.code, 1, "{wrong:?}");
+    assert!(wrong.stderr.contains("does not match"), "{wrong:?}");
+    assert!(wrong.stdout.is_empty(), "{wrong:?}");
+    // The matching identity: decrypted here, exactly what the guest holds.
+    let mine = identity_file(&w, "key.txt", &id);
+    let shown = plugin(
+        &w,
+        &[
+            "show-password",
+            &name,
+            "--force",
+            "-i",
+            &mine.to_string_lossy(),
+        ],
+    )
+    .await;
+    assert_eq!(shown.code, 0, "{shown:?}");
+    let password = shown.stdout.trim_end().to_string();
+    assert_eq!(password.len(), 24, "{shown:?}");
+    assert!(
+        qga.password_matches("alice", &password).expect("shadow"),
+        "the guest has the decrypted password"
+    );
+    let stored = w
+        .output_secrets(NS, &format!("guestcred.io/reset={name}"))
+        .await;
+    assert_eq!(stored.len(), 1);
+    assert_not_leaked(&stored[0].stored, "the sealed Secret", &[&password]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_targets_exit_nonzero_with_their_reason() {
     let w = served(false).await;

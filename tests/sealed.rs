@@ -170,3 +170,30 @@ async fn a_restart_after_sealing_keeps_the_first_ciphertext_applies_a_new_one_an
     );
     w.assert_not_leaked(&[&a, &b]).await;
 }
+
+#[tokio::test]
+async fn retries_in_the_same_process_resend_the_same_sealed_value() {
+    let w = world().await;
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let id = age::x25519::Identity::generate();
+    signal(&qga, "-STOP");
+    w.put(&sealed_reset("retry", "vm-a", &id)).await;
+    // Three calls sent and timed out in the frozen agent.
+    w.wait_for::<GuestPasswordReset>(NS, "retry", WAIT, |r: &GuestPasswordReset| {
+        target0(r).is_some_and(|t| t.attempts >= 3)
+    })
+    .await
+    .expect("three attempts while the agent is frozen");
+    signal(&qga, "-CONT");
+    let r: GuestPasswordReset = w
+        .wait_for(NS, "retry", WAIT, finished)
+        .await
+        .expect("finishes once the agent thaws");
+    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:?}", r.status);
+    let stored = sealed_secrets(&w, "retry").await;
+    assert_eq!(stored.len(), 1, "every retry re-sent the one sealed value");
+    let password = unseal(&id, stored[0].sealed.as_deref().expect("ciphertext"));
+    let hash = hash_of(&qga, "alice").expect("alice has a password");
+    assert!(verifies(&password, &hash), "the guest holds it");
+    w.assert_not_leaked(&[&password]).await;
+}
