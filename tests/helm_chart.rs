@@ -21,7 +21,10 @@ use guestcred_lab::apiserver::{ApiServer, write_kubeconfig};
 use serde::Deserialize;
 use serde_yaml::Value;
 
+/// The release namespace: the controller's (it can enforce Pod Security `restricted`).
 const NAMESPACE: &str = "guestcred-system";
+/// The shim's own namespace by default (values shim.namespace: `<release namespace>-shim`).
+const SHIM_NAMESPACE: &str = "guestcred-system-shim";
 const RELEASE: &str = "gc";
 
 fn repo() -> PathBuf {
@@ -181,6 +184,7 @@ fn default_values_render_every_component() {
             "ClusterRoleBinding",
             "DaemonSet",
             "Deployment",
+            "Namespace",
             "NetworkPolicy",
             "Role",
             "RoleBinding",
@@ -514,7 +518,12 @@ fn parsed_controller_args(deployment: &Value) -> ControllerArgs {
 fn controller_args_point_at_the_shims_of_the_release() {
     let objects = render(&[]);
     let args = parsed_controller_args(only(&objects, "Deployment"));
-    assert_eq!(args.shim_namespace, NAMESPACE);
+    assert_eq!(args.shim_namespace, SHIM_NAMESPACE);
+    assert_eq!(
+        only(&objects, "DaemonSet")["metadata"]["namespace"].as_str(),
+        Some(args.shim_namespace.as_str()),
+        "the controller looks for shims where the DaemonSet runs"
+    );
     assert_eq!(
         Some(args.shim_daemonset_name.as_str()),
         only(&objects, "DaemonSet")["metadata"]["name"].as_str(),
@@ -634,14 +643,159 @@ fn shim_gets_no_kubernetes_api_access() {
     assert!(!bound, "no role is bound to the shim's service account");
 }
 
+fn namespace_of(object: &Value) -> &str {
+    object["metadata"]["namespace"].as_str().unwrap_or_default()
+}
+
+/// Pod Security (issue 18): the shim runs in a namespace of its own
+/// (`<release namespace>-shim` by default), which the chart creates labelled for the
+/// `privileged` level; every object of the shim is there, with the controller's Role to
+/// find the shim pods.
+#[test]
+fn the_shim_runs_in_its_own_namespace_created_with_the_privileged_pod_security_labels() {
+    let objects = render(&[]);
+    let ns = only(&objects, "Namespace");
+    assert_eq!(ns["metadata"]["name"].as_str(), Some(SHIM_NAMESPACE));
+    for mode in ["enforce", "audit", "warn"] {
+        let key = format!("pod-security.kubernetes.io/{mode}");
+        assert_eq!(
+            ns["metadata"]["labels"][key.as_str()].as_str(),
+            Some("privileged"),
+            "{key}"
+        );
+    }
+    for (kind, name) in [
+        ("DaemonSet", "gc-guestcred-shim"),
+        ("ServiceAccount", "gc-guestcred-shim"),
+        ("Secret", "gc-guestcred-shim-tls"),
+        ("NetworkPolicy", "gc-guestcred-shim"),
+        ("Role", "gc-guestcred-controller-shim-pods"),
+        ("RoleBinding", "gc-guestcred-controller-shim-pods"),
+    ] {
+        assert_eq!(
+            namespace_of(named(&objects, kind, name)),
+            SHIM_NAMESPACE,
+            "{kind} {name}"
+        );
+    }
+}
+
+/// The release namespace asks for nothing above `restricted`: its one workload is the
+/// controller's Deployment, no shim object is there, and the chart puts no Pod Security
+/// label on it (it renders no Namespace for it).
+#[test]
+fn the_release_namespace_holds_only_the_controller() {
+    let objects = render(&["shim.auth.extraBearerToken=true"]);
+    let in_release: Vec<&Value> = objects
+        .iter()
+        .filter(|o| namespace_of(o) == NAMESPACE)
+        .collect();
+    let workloads: Vec<(&str, &str)> = in_release
+        .iter()
+        .filter(|o| {
+            matches!(
+                kind_of(o),
+                "Deployment" | "DaemonSet" | "StatefulSet" | "Pod" | "Job" | "CronJob"
+            )
+        })
+        .map(|o| {
+            (
+                kind_of(o),
+                o["metadata"]["name"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(workloads, [("Deployment", "gc-guestcred-controller")]);
+    let shim: Vec<&str> = in_release
+        .iter()
+        .filter(|o| o["metadata"]["labels"]["app.kubernetes.io/component"].as_str() == Some("shim"))
+        .map(|o| o["metadata"]["name"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        shim.is_empty(),
+        "shim objects in the release namespace: {shim:?}"
+    );
+    assert!(
+        !objects
+            .iter()
+            .any(|o| kind_of(o) == "Namespace" && o["metadata"]["name"].as_str() == Some(NAMESPACE))
+    );
+}
+
+/// `shim.createNamespace=false`: the chart uses the named namespace without creating it,
+/// and the controller's Role for shim pods goes there, in both RBAC modes.
+#[test]
+fn an_existing_shim_namespace_is_used_without_creating_it() {
+    let sets = ["shim.namespace=node-agents", "shim.createNamespace=false"];
+    let objects = render(&sets);
+    assert!(!objects.iter().any(|o| kind_of(o) == "Namespace"));
+    assert_eq!(namespace_of(only(&objects, "DaemonSet")), "node-agents");
+    assert_eq!(
+        parsed_controller_args(only(&objects, "Deployment")).shim_namespace,
+        "node-agents"
+    );
+    assert_grants_are_the_calls_with_shims_in(&objects, &["*"], true, "node-agents");
+    let objects = render(&[sets[0], sets[1], "watchNamespaces={team-a}"]);
+    assert_grants_are_the_calls_with_shims_in(&objects, &["team-a"], true, "node-agents");
+}
+
+/// The old layout (shim and controller in one namespace, which must then allow
+/// privileged pods) stays possible, but helm cannot create the release namespace as part
+/// of the release: the chart says which value to set.
+#[test]
+fn the_shim_shares_the_release_namespace_only_without_creating_it() {
+    assert_render_fails(
+        &[&format!("shim.namespace={NAMESPACE}")],
+        "set shim.createNamespace=false",
+    );
+    let objects = render(&[
+        &format!("shim.namespace={NAMESPACE}"),
+        "shim.createNamespace=false",
+        "shim.auth.extraBearerToken=true",
+    ]);
+    assert!(!objects.iter().any(|o| kind_of(o) == "Namespace"));
+    assert_eq!(namespace_of(only(&objects, "DaemonSet")), NAMESPACE);
+    assert_grants_are_the_calls_with_shims_in(&objects, &["*"], true, NAMESPACE);
+    let tokens = objects
+        .iter()
+        .filter(|o| o["metadata"]["name"].as_str() == Some("gc-guestcred-shim-token"))
+        .count();
+    assert_eq!(tokens, 1, "one token Secret in the one namespace");
+}
+
+#[test]
+fn the_shim_namespace_must_be_a_namespace_name() {
+    assert_render_fails(&["shim.namespace=Node_Agents"], "does not match pattern");
+}
+
+/// With the extra bearer token, each side mounts it from its own namespace: one token,
+/// a Secret in each.
+#[test]
+fn the_extra_bearer_token_is_one_token_in_both_namespaces() {
+    let objects = render(&["shim.auth.extraBearerToken=true"]);
+    let copies: Vec<(&str, &Value)> = objects
+        .iter()
+        .filter(|o| o["metadata"]["name"].as_str() == Some("gc-guestcred-shim-token"))
+        .map(|o| (namespace_of(o), &o["data"]["token"]))
+        .collect();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    assert_eq!(
+        copies.iter().map(|c| c.0).collect::<BTreeSet<_>>(),
+        BTreeSet::from([NAMESPACE, SHIM_NAMESPACE])
+    );
+    assert_eq!(copies[0].1, copies[1].1, "the same token");
+}
+
 /// Where a call of the controller goes.
 #[derive(Clone, Copy, Debug)]
 enum Scope {
     /// The namespace of the object being reconciled (or a watch over all of them): every
     /// namespace in cluster-wide mode, each of `watchNamespaces` in namespaced mode.
     Watched,
-    /// The release namespace: the shim pods, the Lease, the input-hash key.
+    /// The release namespace (the controller's own): the Lease, the input-hash key.
     Release,
+    /// The shim namespace (values shim.namespace): the shim pods.
+    Shim,
 }
 
 /// One API call of the controller: (group, resource[/subresource], verbs, resourceNames,
@@ -755,7 +909,7 @@ const CONTROLLER_CALLS: &[Call] = &[
         "pods",
         &["list", "watch"],
         &[],
-        Scope::Release,
+        Scope::Shim,
         "shims.rs ShimDirectory",
     ),
     (
@@ -859,8 +1013,8 @@ fn controller_grants(objects: &[Value]) -> BTreeSet<Grant> {
 }
 
 /// The grants CONTROLLER_CALLS need when the controller watches `watched` ("*": every
-/// namespace), with or without leader election.
-fn needed_grants(watched: &[&str], leader_election: bool) -> BTreeSet<Grant> {
+/// namespace), with or without leader election, with the shims in `shim_namespace`.
+fn needed_grants(watched: &[&str], leader_election: bool, shim_namespace: &str) -> BTreeSet<Grant> {
     let mut out = BTreeSet::new();
     for (group, resource, verbs, names, scope, _) in CONTROLLER_CALLS {
         if *group == "coordination.k8s.io" && !leader_election {
@@ -869,6 +1023,7 @@ fn needed_grants(watched: &[&str], leader_election: bool) -> BTreeSet<Grant> {
         let namespaces: &[&str] = match scope {
             Scope::Watched => watched,
             Scope::Release => &[NAMESPACE],
+            Scope::Shim => &[shim_namespace],
         };
         for ns in namespaces {
             for verb in *verbs {
@@ -886,8 +1041,17 @@ fn needed_grants(watched: &[&str], leader_election: bool) -> BTreeSet<Grant> {
 }
 
 fn assert_grants_are_the_calls(objects: &[Value], watched: &[&str], leader_election: bool) {
+    assert_grants_are_the_calls_with_shims_in(objects, watched, leader_election, SHIM_NAMESPACE)
+}
+
+fn assert_grants_are_the_calls_with_shims_in(
+    objects: &[Value],
+    watched: &[&str],
+    leader_election: bool,
+    shim_namespace: &str,
+) {
     let granted = controller_grants(objects);
-    let needed = needed_grants(watched, leader_election);
+    let needed = needed_grants(watched, leader_election, shim_namespace);
     let missing: Vec<_> = needed.difference(&granted).collect();
     let extra: Vec<_> = granted.difference(&needed).collect();
     assert!(
@@ -959,9 +1123,14 @@ fn editor_and_viewer_roles_aggregate_into_edit_and_view() {
 }
 
 #[test]
-fn network_policy_admits_only_controller_pods_on_the_shim_port() {
+fn network_policy_admits_only_controller_pods_of_the_release_namespace_on_the_shim_port() {
     let objects = render(&[]);
     let policy = only(&objects, "NetworkPolicy");
+    assert_eq!(
+        policy["metadata"]["namespace"].as_str(),
+        Some(SHIM_NAMESPACE),
+        "with the shim pods it selects"
+    );
     let spec = &policy["spec"];
     assert_eq!(
         spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"].as_str(),
@@ -980,9 +1149,10 @@ fn network_policy_admits_only_controller_pods_on_the_shim_port() {
         let key = k.as_str().expect("label key");
         assert_eq!(controller_labels[key], *v, "controller pods carry {key}");
     }
-    assert!(
-        from[0]["namespaceSelector"].is_null(),
-        "same namespace only"
+    assert_eq!(
+        from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].as_str(),
+        Some(NAMESPACE),
+        "controller pods of the release namespace only (one peer: both selectors hold)"
     );
     assert_eq!(rules[0]["ports"][0]["port"].as_i64(), Some(8443));
 }
@@ -995,14 +1165,11 @@ fn network_policy_lets_only_the_release_namespace_scrape_shim_metrics_by_default
     let from = rule["from"].as_sequence().expect("from");
     assert_eq!(from.len(), 1);
     assert_eq!(
-        from[0]["podSelector"].as_mapping().map(|m| m.len()),
-        Some(0),
-        "every pod of the namespace"
+        from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].as_str(),
+        Some(NAMESPACE),
+        "every pod of the release namespace"
     );
-    assert!(
-        from[0]["namespaceSelector"].is_null(),
-        "this namespace only"
-    );
+    assert!(from[0]["podSelector"].is_null(), "{:?}", from[0]);
 }
 
 #[test]
@@ -1200,9 +1367,13 @@ async fn serve_emulator() -> Served {
     let kubeconfig = dir.path().join("kubeconfig");
     write_kubeconfig(&kubeconfig, &url).expect("kubeconfig written");
     let served = Served { dir, kubeconfig };
+    // The release namespace, and the shim namespace as an earlier install left it (owned
+    // by the release: helm refuses to adopt a namespace it did not create).
     let namespace = served.file(
         "namespace.yaml",
-        &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n"),
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {SHIM_NAMESPACE}\n  labels:\n    app.kubernetes.io/managed-by: Helm\n  annotations:\n    meta.helm.sh/release-name: {RELEASE}\n    meta.helm.sh/release-namespace: {NAMESPACE}\n"
+        ),
     );
     served.kubectl(&["apply", "-f", &namespace]).await;
     served
@@ -1265,26 +1436,30 @@ async fn rendered_manifests_apply_to_the_api_server_with_kubectl() {
         "{applied}"
     );
 
+    const KINDS: &str = "deployments,daemonsets,networkpolicies,services,serviceaccounts,secrets,roles,rolebindings";
     let got = lab
-        .kubectl(&[
-            "get",
-            "-n",
-            NAMESPACE,
-            "deployments,daemonsets,networkpolicies,services,serviceaccounts,secrets,roles,rolebindings",
-            "-o",
-            "name",
-        ])
+        .kubectl(&["get", "-n", NAMESPACE, KINDS, "-o", "name"])
         .await;
     for name in [
         "deployment.apps/gc-guestcred-controller",
-        "daemonset.apps/gc-guestcred-shim",
-        "networkpolicy.networking.k8s.io/gc-guestcred-shim",
         "service/gc-guestcred-controller-metrics",
-        "serviceaccount/gc-guestcred-shim",
+        "serviceaccount/gc-guestcred-controller",
         "secret/gc-guestcred-ca",
-        "secret/gc-guestcred-shim-tls",
         "secret/gc-guestcred-controller-tls",
         "role.rbac.authorization.k8s.io/gc-guestcred-controller-leader-election",
+    ] {
+        assert!(got.lines().any(|l| l == name), "{name} missing in:\n{got}");
+    }
+    let got = lab
+        .kubectl(&["get", "-n", SHIM_NAMESPACE, KINDS, "-o", "name"])
+        .await;
+    for name in [
+        "daemonset.apps/gc-guestcred-shim",
+        "networkpolicy.networking.k8s.io/gc-guestcred-shim",
+        "serviceaccount/gc-guestcred-shim",
+        "secret/gc-guestcred-shim-tls",
+        "role.rbac.authorization.k8s.io/gc-guestcred-controller-shim-pods",
+        "rolebinding.rbac.authorization.k8s.io/gc-guestcred-controller-shim-pods",
     ] {
         assert!(got.lines().any(|l| l == name), "{name} missing in:\n{got}");
     }
@@ -1409,9 +1584,29 @@ async fn a_half_installed_certificate_pair_is_replaced_as_a_whole() {
     );
 }
 
+/// The chart's own cert-manager CA is a namespaced Issuer, which signs Certificates of its
+/// own namespace only: with the shim in a namespace of its own (the default) the chart
+/// asks for a ClusterIssuer, or for the shim in the release namespace.
+#[test]
+fn cert_manager_with_the_charts_own_ca_needs_the_shim_in_the_release_namespace() {
+    assert_render_fails(&["tls.source=cert-manager"], "of kind ClusterIssuer");
+    assert_render_fails(
+        &[
+            "tls.source=cert-manager",
+            "tls.certManager.issuerRef.name=team-ca",
+            "tls.certManager.issuerRef.kind=Issuer",
+        ],
+        "of kind ClusterIssuer",
+    );
+}
+
 #[test]
 fn cert_manager_source_renders_a_ca_issuer_chain_and_two_certificates() {
-    let objects = render(&["tls.source=cert-manager"]);
+    let objects = render(&[
+        "tls.source=cert-manager",
+        &format!("shim.namespace={NAMESPACE}"),
+        "shim.createNamespace=false",
+    ]);
     assert!(
         !objects.iter().any(|o| kind_of(o) == "Secret"),
         "cert-manager writes the Secrets"
@@ -1480,6 +1675,19 @@ fn cert_manager_with_an_issuer_ref_renders_only_the_two_certificates() {
         .filter(|o| kind_of(o) == "Certificate")
         .collect();
     assert_eq!(certs.len(), 2);
+    // Each Certificate (so its Secret) in the namespace of the pod that mounts it.
+    assert_eq!(
+        namespace_of(named(&objects, "Certificate", "gc-guestcred-shim-tls")),
+        SHIM_NAMESPACE
+    );
+    assert_eq!(
+        namespace_of(named(
+            &objects,
+            "Certificate",
+            "gc-guestcred-controller-tls"
+        )),
+        NAMESPACE
+    );
     for c in certs {
         assert_eq!(c["spec"]["issuerRef"]["name"].as_str(), Some("corp-ca"));
         assert_eq!(

@@ -51,8 +51,10 @@ use tracing::{info, warn};
 /// Flags of `guestcred controller` (each also from a GUESTCRED_* environment variable).
 #[derive(clap::Args, Clone, Debug)]
 pub struct ControllerArgs {
-    /// Namespace of the shim pods (the chart's release namespace). Required: shims are
-    /// looked up in this one namespace only.
+    /// Namespace of the shim DaemonSet's pods (the chart's `shim.namespace`, by default
+    /// `<release namespace>-shim`): apart from the controller's own namespace, which can
+    /// then enforce Pod Security `restricted` while this one allows the shim's hostPath.
+    /// Required: shims are looked up (list/watch pods) in this one namespace only.
     #[arg(long, env = "GUESTCRED_SHIM_NAMESPACE", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub shim_namespace: String,
     /// Name of the shim DaemonSet; only pods it owns (ownerReferences) are called.
