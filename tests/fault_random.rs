@@ -11,6 +11,10 @@
 //! - every generated password in its Secret is the one the guest holds;
 //! - no VM was given the superseded crypted value after the newer one (a sampler watches
 //!   each guest's shadow file throughout);
+//! - a VM whose agent came up only after the rotation never holds the superseded value:
+//!   `vm-late` has no agent until a second after the Secret changed, so every run is still
+//!   retrying it then; a retry that went on with the old value would set it (a fast
+//!   sampler watches that guest);
 //! - the key a person added by hand is still there;
 //! - no key of the expired grant remains, and the permanent one does;
 //! - no password appears in logs, Events, status or metrics (plaintext or base64).
@@ -72,6 +76,29 @@ fn node_of(i: usize) -> &'static str {
 /// Every value each VM's alice had, in order, as seen by a sampler.
 type History = Arc<Mutex<BTreeMap<String, Vec<String>>>>;
 
+/// The VM whose agent starts only after the rotation (on node-1, with the others).
+const LATE: &str = "vm-late";
+
+/// Samples `late`'s alice every 10 ms until `stop`, into the returned history.
+fn sample_late(late: Arc<Mutex<Option<HostQga>>>, stop: Arc<AtomicBool>) -> History {
+    let history: History = Arc::default();
+    let h = history.clone();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            if let Some(qga) = late.lock().expect("late").as_ref() {
+                let now = alice_hash(qga);
+                let mut h = h.lock().expect("history");
+                let seen = h.entry(LATE.to_string()).or_default();
+                if seen.last() != Some(&now) {
+                    seen.push(now);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    history
+}
+
 fn sample_alice(agents: &BTreeMap<String, HostQga>, history: &History) {
     let mut h = history.lock().expect("history");
     for (name, qga) in agents {
@@ -120,6 +147,12 @@ async fn run_seed(seed: u64) {
             .expect("hand key");
         agents.insert(vm_name(i), qga);
     }
+    // vm-late: a VM of the fleet with no agent yet (every run retries it).
+    let late_vm = vm(NS, LATE, "node-1").label("fleet", "all");
+    w.add_vm(&late_vm, None).await.expect("vm-late");
+    let late: Arc<Mutex<Option<HostQga>>> = Arc::default();
+    let stop_sampling = Arc::new(AtomicBool::new(false));
+    let late_history = sample_late(late.clone(), stop_sampling.clone());
     let history: History = Arc::default();
     sample_alice(&agents, &history);
 
@@ -213,6 +246,11 @@ async fn run_seed(seed: u64) {
                     .await
                     .expect("rotate");
                 rotated.store(true, Ordering::SeqCst);
+                // The controller sees the new version within this second; only then does
+                // vm-late answer.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let qga = w.start_agent(&late_vm, &alice()).expect("vm-late's agent");
+                *late.lock().expect("late") = Some(qga);
             }
             6 => {
                 let old = replicas
@@ -251,7 +289,14 @@ async fn run_seed(seed: u64) {
             && phase(&fixed) == Some(Phase::Succeeded)
             && phase(&grant) == Some(Phase::Succeeded)
             && phase(&perm) == Some(Phase::Succeeded)
-            && agents.values().all(|a| alice_hash(a) == NEW);
+            && agents.values().all(|a| alice_hash(a) == NEW)
+            && late
+                .lock()
+                .expect("late")
+                .as_ref()
+                .map(alice_hash)
+                .as_deref()
+                == Some(NEW);
         if settled {
             break;
         }
@@ -273,7 +318,12 @@ async fn run_seed(seed: u64) {
         let name = t.output_secret.clone().expect("output secret in status");
         let s: k8s_openapi::api::core::v1::Secret = w.get(NS, &name).await;
         let pw = String::from_utf8(s.data.expect("data")["password"].0.clone()).expect("utf-8");
-        let hash = agents[&t.vm]
+        let guard = late.lock().expect("late");
+        let agent = agents
+            .get(&t.vm)
+            .or(guard.as_ref())
+            .expect("the VM's agent");
+        let hash = agent
             .shadow_hash("root")
             .expect("shadow")
             .unwrap_or_default();
@@ -284,6 +334,14 @@ async fn run_seed(seed: u64) {
         );
         generated.push(pw);
     }
+
+    // vm-late came up after the rotation: it never held the superseded value.
+    stop_sampling.store(true, Ordering::SeqCst);
+    let late_seen = late_history.lock().expect("history")[LATE].clone();
+    assert!(
+        !late_seen.iter().any(|h| h == OLD),
+        "seed {seed}: vm-late was given the superseded value after the rotation: {late_seen:?}"
+    );
 
     // The crypted value: never the superseded one after the newer one.
     for (vm, seen) in history.lock().expect("history").iter() {
@@ -308,6 +366,15 @@ async fn run_seed(seed: u64) {
             assert!(
                 keys.contains(&"key2@test".to_string()),
                 "seed {seed}: {name} lacks the permanent key: {keys:?}"
+            );
+            all_expired &= !keys.contains(&"key1@test".to_string());
+        }
+        // vm-late had no hand-added key; the grant and the permanent key as everywhere.
+        if let Some(qga) = late.lock().expect("late").as_ref() {
+            let keys = key_comments(&qga.authorized_keys("alice").expect("keys"));
+            assert!(
+                keys.contains(&"key2@test".to_string()),
+                "seed {seed}: vm-late lacks the permanent key: {keys:?}"
             );
             all_expired &= !keys.contains(&"key1@test".to_string());
         }
