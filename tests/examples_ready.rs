@@ -14,13 +14,14 @@ use guestcred_lab::testing::{NS, verifies};
 use guestcred_lab::world::{World, WorldOptions};
 
 /// What examples/*.yaml create (kind/name), and the keys and passwords they carry.
-const OBJECTS: [&str; 6] = [
+const OBJECTS: [&str; 7] = [
     "guestpasswordreset/db-0-root",
     "guestpasswordreset/web-0-admin",
     "guestpasswordreset/db-1-generated",
     "guestpasswordreset/db-fleet-root",
     "keypairrebuild/web-0-keys",
     "keypairrebuild/db-0-rebuild-key",
+    "guestpasswordreset/db-1-alice-weekly",
 ];
 const EXAMPLE_KEY: &str = "AAAAC3NzaC1lZDI1NTE5AAAAIJF3X2of517d5Kg00cGhwfj7PqWgUgbbxnZyL96Twgi5";
 const FLEET_PASSWORD: &str = "rotate-me-quarterly-2026";
@@ -78,6 +79,20 @@ fn every_example_applied_with_kubectl_ends_ready_and_the_guests_show_it() {
         verifies(FLEET_PASSWORD, &root(db0)) || verifies("change-me-0n-first-login", &root(db0)),
         "db-0: root has neither the fleet's nor example 01's password"
     );
+    let weekly = world.block_on(world.output_password(NS, "db-1-alice-weekly", "db-1"));
+    assert!(
+        db1.password_matches("alice", &weekly).expect("shadow"),
+        "db-1: alice has the password of the scheduled rotation's Secret"
+    );
+    let next = kubectl.run(&[
+        "get",
+        "gpr/db-1-alice-weekly",
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.status.nextRotation}",
+    ]);
+    assert!(!next.is_empty(), "the next rotation is shown");
     assert_eq!(
         web0.shadow_hash("alice").expect("shadow").as_deref(),
         Some(WEB_ADMIN_HASH),
