@@ -253,11 +253,16 @@ pub fn sooner(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
     }
 }
 
-/// How long until the next scheduled rotation, if the object rotates.
+/// The longest wait for a rotation: a schedule's next time may be years away (`0 0 29 2 *`),
+/// further than the runtime's timers reach; the object is looked at again meanwhile.
+pub const ROTATION_RECHECK: Duration = Duration::from_secs(3600);
+
+/// How long until the next scheduled rotation, if the object rotates (at most
+/// [`ROTATION_RECHECK`]).
 pub fn rotation_due_in(status: &RunStatus, now: Timestamp) -> Option<Duration> {
     let next = status.next_rotation.as_ref()?;
     // A moment after the interval begins, so the new interval is the one computed.
-    Some(remaining(next.0, now) + Duration::from_millis(200))
+    Some((remaining(next.0, now) + Duration::from_millis(200)).min(ROTATION_RECHECK))
 }
 
 /// Progress Events of a long run come at most this often.
@@ -1073,5 +1078,15 @@ mod tests {
             sooner(Some(Duration::from_secs(5)), rotation_due_in(&status, now)),
             Some(Duration::from_secs(5))
         );
+    }
+
+    #[test]
+    fn a_rotation_years_away_is_looked_at_again_within_the_hour() {
+        let now = Timestamp::from_second(1_800_000_000).expect("time");
+        let status = RunStatus {
+            next_rotation: Some(Time(Timestamp::MAX)),
+            ..RunStatus::default()
+        };
+        assert_eq!(rotation_due_in(&status, now), Some(ROTATION_RECHECK));
     }
 }
