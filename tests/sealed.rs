@@ -14,8 +14,10 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// A world whose shims give up on an agent after 2 s, with logs captured for the scan.
+/// A world whose shims give up on an agent after 2 s, with logs captured for the scan at
+/// every level (trace included: this binary's first capture).
 async fn world() -> World {
+    let _ = LogCapture::every_level();
     World::start(WorldOptions::fault_lab())
         .await
         .expect("test world starts")
@@ -86,6 +88,10 @@ async fn a_sealed_password_decrypts_to_what_the_guest_holds_and_is_nowhere_in_th
         "another identity does not decrypt it"
     );
     assert_not_leaked(&secret.stored, "the sealed Secret", &[&password]);
+    assert!(
+        LogCapture::get().logs().contains(" TRACE "),
+        "the scan covers trace-level logs"
+    );
     w.assert_not_leaked(&[&password]).await;
 }
 

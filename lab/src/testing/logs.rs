@@ -16,13 +16,24 @@ impl LogCapture {
     /// Installs the capture on first use (the global tracing subscriber and a panic hook
     /// that records every panic, with its thread's name, then reports it as before).
     pub fn get() -> LogCapture {
+        Self::with_filter("debug")
+    }
+
+    /// The capture at every level, trace included, for a test binary whose secret scan
+    /// must cover everything any crate could log. The process's first call decides the
+    /// level: call this before anything else starts the capture (e.g. a `World`).
+    pub fn every_level() -> LogCapture {
+        Self::with_filter("trace")
+    }
+
+    fn with_filter(filter: &str) -> LogCapture {
         static CAPTURE: OnceLock<LogCapture> = OnceLock::new();
         CAPTURE
             .get_or_init(|| {
                 let logs = Arc::new(Mutex::new(Vec::new()));
                 let sink = logs.clone();
                 let _ = tracing_subscriber::fmt()
-                    .with_env_filter("debug")
+                    .with_env_filter(filter)
                     .with_writer(move || Sink(sink.clone()))
                     .with_ansi(false)
                     .try_init();
