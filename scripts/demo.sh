@@ -45,7 +45,7 @@ step "What the cluster looks like"
 run kubectl get nodes
 run kubectl get vm --show-labels
 run kubectl get vmi
-run kubectl get pods -n guestcred-system -o wide
+run kubectl get pods -n guestcred-system-shim -o wide
 
 step "guestcred's CRDs (up installs crds/ with KubeVirt's; in a real cluster: kubectl apply -f crds/)"
 run kubectl get crd

@@ -243,7 +243,7 @@ async fn the_api_shows_two_nodes_a_shim_pod_on_each_and_running_vmis_with_agents
     names.sort();
     assert_eq!(names, ["node-1", "node-2"]);
 
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "guestcred-system");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), guestcred_lab::cluster::SHIM_NAMESPACE);
     let shim_pods = pods.list(&ListParams::default()).await.expect("list pods");
     let mut placement: Vec<(String, String)> = shim_pods
         .items

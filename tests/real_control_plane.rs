@@ -222,7 +222,7 @@ async fn the_api_server_enforces_the_crds_cel_rules() {
             .iter()
             .all(|a| !a.user.starts_with("system:serviceaccount:"))
     );
-    let controller = sa_user(&lab().await.state.shim_namespace, real::CONTROLLER_SA);
+    let controller = sa_user(&lab().await.state.controller_namespace, real::CONTROLLER_SA);
     assert!(
         !log.iter().any(|a| a.namespace == ns
             && a.user == controller
@@ -370,7 +370,9 @@ async fn helm_install_upgrade_and_uninstall_for_real() {
     )
     .expect("helm upgrade");
     let client = admin().await;
-    let ds: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(client.clone(), &ns);
+    // The chart's shim namespace (`<release namespace>-shim`).
+    let shim_ns = format!("{ns}-shim");
+    let ds: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(client.clone(), &shim_ns);
     let ds = ds
         .get(&format!("{release}-guestcred-shim"))
         .await
@@ -394,7 +396,7 @@ async fn helm_install_upgrade_and_uninstall_for_real() {
     let history: Value = serde_json::from_str(&history).expect("JSON");
     assert_eq!(history.as_array().map(Vec::len), Some(2), "{history}");
     // The TLS Secrets survive the upgrade (the chart keeps them with `lookup`).
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &shim_ns);
     let before = found
         .iter()
         .find(|o| {
@@ -582,8 +584,7 @@ async fn guest_flows_as_the_chart_service_account_and_what_the_audit_log_shows()
     );
 
     // ---- the audit log ----
-    let sa_ns = lab.state.shim_namespace.clone();
-    let controller = sa_user(&sa_ns, real::CONTROLLER_SA);
+    let controller = sa_user(&lab.state.controller_namespace, real::CONTROLLER_SA);
     let log = audit();
     let mine: Vec<&Audited> = log.iter().filter(|a| a.user == controller).collect();
     assert!(!mine.is_empty());
@@ -611,7 +612,7 @@ async fn guest_flows_as_the_chart_service_account_and_what_the_audit_log_shows()
         "no restart by the controller in the audit log"
     );
     // The shim never calls the API (the chart mounts no token for it).
-    let shim = sa_user(&sa_ns, real::SHIM_SA);
+    let shim = sa_user(&lab.state.shim_namespace, real::SHIM_SA);
     assert!(
         !log.iter().any(|a| a.user == shim),
         "the shim's ServiceAccount made requests"
@@ -642,21 +643,39 @@ async fn guest_flows_as_the_chart_service_account_and_what_the_audit_log_shows()
         .expect("controller kubeconfig");
     assert!(kc.contains("token:") && !kc.contains("client-key"), "{kc}");
 
-    // Every rule of the chart's controller ClusterRole and leader-election Role.
+    // Every rule of the chart's controller ClusterRole, leader-election Role and the Role
+    // for shim pods in the shim namespace (the controller's pod requests went only there).
     let roles: Api<ClusterRole> = Api::all(client.clone());
     let cr = roles
         .get(real::CONTROLLER_SA)
         .await
         .expect("controller ClusterRole");
-    let le: Api<k8s_openapi::api::rbac::v1::Role> = Api::namespaced(client.clone(), &sa_ns);
+    let le: Api<k8s_openapi::api::rbac::v1::Role> =
+        Api::namespaced(client.clone(), &lab.state.controller_namespace);
     let le = le
         .get(&format!("{}-leader-election", real::CONTROLLER_SA))
         .await
         .expect("leader-election Role");
+    let sp: Api<k8s_openapi::api::rbac::v1::Role> =
+        Api::namespaced(client.clone(), &lab.state.shim_namespace);
+    let sp = sp
+        .get(&format!("{}-shim-pods", real::CONTROLLER_SA))
+        .await
+        .expect("shim-pods Role in the shim namespace");
+    let pod_places: BTreeSet<&str> = mine
+        .iter()
+        .filter(|a| a.resource == "pods")
+        .map(|a| a.namespace.as_str())
+        .collect();
+    assert_eq!(
+        pod_places,
+        BTreeSet::from([lab.state.shim_namespace.as_str()])
+    );
     let mut unused = Vec::new();
     for (group, res, verb, names) in grants(&cr.rules.unwrap_or_default())
         .into_iter()
         .chain(grants(&le.rules.unwrap_or_default()))
+        .chain(grants(&sp.rules.unwrap_or_default()))
     {
         let (resource, sub) = res.split_once('/').unwrap_or((res.as_str(), ""));
         let used = mine.iter().any(|a| {
@@ -778,8 +797,7 @@ fn pid_of_identity(state: &LabState, identity: &str) -> Option<u32> {
 async fn leader_election_on_a_real_lease_with_two_replicas() {
     let lab = lab().await;
     let client = admin().await;
-    let sa_ns = lab.state.shim_namespace.clone();
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &sa_ns);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &lab.state.controller_namespace);
     let first = eventually("a lease holder", Duration::from_secs(60), || {
         let leases = leases.clone();
         async move {
@@ -892,7 +910,7 @@ async fn leader_election_on_a_real_lease_with_two_replicas() {
     assert!(!text.contains("became leader"), "{text}");
     let l = leases.get(real::LEASE_NAME).await.expect("lease");
     assert_eq!(lease_holder(&l).as_deref(), Some(second.as_str()));
-    let controller = sa_user(&sa_ns, real::CONTROLLER_SA);
+    let controller = sa_user(&lab.state.controller_namespace, real::CONTROLLER_SA);
     let lease_codes: BTreeMap<String, usize> = audit()
         .iter()
         .filter(|a| a.user == controller && a.resource == "leases")
@@ -1197,9 +1215,11 @@ async fn admitted(
 /// controller pod (the rendered Deployment's template) is admitted where `restricted` is
 /// enforced. The shim pod (the rendered DaemonSet's template, every locator) is refused
 /// under `restricted` and under `baseline` (its hostPath volume: no level below
-/// privileged allows one) and admitted under `privileged`, the level the chart asks for
-/// its namespace; `helm install` into a namespace enforcing `baseline` fails with the
-/// chart's message naming that label, instead of a DaemonSet without pods.
+/// privileged allows one) and admitted under `privileged`, the level of the shim namespace
+/// the chart creates. `helm install` into a release namespace enforcing `restricted`
+/// succeeds (the shim goes to its own namespace); with an existing shim namespace
+/// (`shim.createNamespace=false`) enforcing `baseline` it fails with the chart's message
+/// naming the label, instead of a DaemonSet without pods.
 #[tokio::test(flavor = "multi_thread")]
 async fn pod_security_admits_the_controller_under_restricted_and_the_shim_only_under_privileged() {
     let _ = lab().await;
@@ -1253,35 +1273,111 @@ async fn pod_security_admits_the_controller_under_restricted_and_the_shim_only_u
     assert!(refused.contains("hostPath volumes"), "{refused}");
 
     let chart = guestcred_lab::repo_dir().join("charts/guestcred");
-    let err = real::helm(
-        &lab_admin_path(),
-        &[
+    let install = |extra: &[&str]| {
+        let mut args = vec![
             "install",
             "psa",
             chart.to_str().expect("UTF-8"),
             "--namespace",
-            &baseline,
+            &restricted,
             "--skip-crds",
             "--dry-run=server",
-        ],
-    )
-    .expect_err("the chart refuses a namespace enforcing baseline");
+        ];
+        args.extend(extra);
+        real::helm(&lab_admin_path(), &args)
+    };
+    install(&[]).expect("the chart installs into a release namespace enforcing restricted");
+    let in_baseline = format!("shim.namespace={baseline}");
+    let err = install(&["--set", "shim.createNamespace=false", "--set", &in_baseline])
+        .expect_err("the chart refuses a shim namespace enforcing baseline");
     assert!(
         err.to_string()
             .contains("pod-security.kubernetes.io/enforce=privileged"),
         "{err}"
     );
-    real::helm(
-        &lab_admin_path(),
-        &[
-            "install",
-            "psa",
-            chart.to_str().expect("UTF-8"),
-            "--namespace",
-            &privileged,
-            "--skip-crds",
-            "--dry-run=server",
-        ],
-    )
-    .expect("the chart installs into a namespace enforcing privileged");
+    let in_privileged = format!("shim.namespace={privileged}");
+    install(&[
+        "--set",
+        "shim.createNamespace=false",
+        "--set",
+        &in_privileged,
+    ])
+    .expect("the chart installs with an existing shim namespace enforcing privileged");
+}
+
+/// The lab's own install (issue 18): the controller's namespace enforces `restricted` and
+/// admits the chart's controller pod (the installed Deployment's template, as its
+/// ServiceAccount); the shim pods were created from the installed DaemonSet's template in
+/// the shim namespace the chart created, labelled `privileged`, which admitted them (the
+/// same pod is refused in the controller's namespace). The guest flows above run on this
+/// layout with the chart's RBAC.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_controllers_namespace_enforces_restricted_and_the_shims_run_in_their_own() {
+    let lab = lab().await;
+    let client = admin().await;
+    let (controller_ns, shim_ns) = (&lab.state.controller_namespace, &lab.state.shim_namespace);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let enforce = |ns: &Namespace| {
+        ns.labels()
+            .get("pod-security.kubernetes.io/enforce")
+            .cloned()
+    };
+    let cns = namespaces
+        .get(controller_ns)
+        .await
+        .expect("controller namespace");
+    assert_eq!(enforce(&cns).as_deref(), Some("restricted"));
+    let sns = namespaces.get(shim_ns).await.expect("shim namespace");
+    assert_eq!(enforce(&sns).as_deref(), Some("privileged"));
+    assert_eq!(
+        sns.labels()
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("Helm"),
+        "the chart created the shim namespace"
+    );
+
+    let manifest = helm_manifest(real::RELEASE, controller_ns);
+    let template = |kind: &str| -> k8s_openapi::api::core::v1::Pod {
+        use serde::Deserialize as _;
+        let workload: Value = serde_yaml::Deserializer::from_str(&manifest)
+            .filter_map(|d| serde_yaml::Value::deserialize(d).ok())
+            .find(|v| v["kind"].as_str() == Some(kind))
+            .map(|v| serde_json::to_value(v).expect("JSON"))
+            .unwrap_or_else(|| panic!("no {kind} installed"));
+        let mut t = workload["spec"]["template"].clone();
+        t["metadata"]["name"] = json!(unique(&format!("{}-pod", kind.to_lowercase())));
+        serde_json::from_value(t).expect("a pod")
+    };
+    admitted(&client, controller_ns, &template("Deployment"))
+        .await
+        .unwrap_or_else(|e| panic!("the controller pod is refused in {controller_ns}: {e}"));
+
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), shim_ns);
+    let shims = pods
+        .list(&Default::default())
+        .await
+        .expect("shim pods")
+        .items;
+    assert_eq!(shims.len(), NODES, "one shim pod per node in {shim_ns}");
+    for p in &shims {
+        let owner = p.owner_references().first().cloned().expect("owned");
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("DaemonSet", real::SHIM_DAEMONSET)
+        );
+    }
+    // (As the controller's ServiceAccount: the shim's lives in the shim namespace only, and
+    // the ServiceAccount admission plugin would refuse the pod before PodSecurity.)
+    let mut shim = template("DaemonSet");
+    if let Some(spec) = shim.spec.as_mut() {
+        spec.service_account_name = Some(real::CONTROLLER_SA.into());
+    }
+    let refused = admitted(&client, controller_ns, &shim)
+        .await
+        .expect_err("the shim pod in the controller's namespace");
+    assert!(
+        refused.contains("violates PodSecurity \"restricted:latest\""),
+        "{refused}"
+    );
 }

@@ -16,8 +16,8 @@ use super::procs::{
 use super::real::{self, ControlPlane};
 use super::serve::SERVE_LOG;
 use super::state::{
-    AGENT_LABEL, AgentKind, LabState, NODE_LABEL, NodeState, Phase, ProcessInfo, SHIM_NAMESPACE,
-    VmState, default_state_dir,
+    AGENT_LABEL, AgentKind, CONTROLLER_NAMESPACE, LabState, NODE_LABEL, NodeState, Phase,
+    ProcessInfo, SHIM_NAMESPACE, VmState, default_state_dir,
 };
 use super::tls::LabTls;
 use crate::guest::{
@@ -317,6 +317,7 @@ pub async fn up(opts: &UpOptions) -> Result<UpOutcome, ClusterError> {
         shim_port,
         shim_metrics_port,
         shim_namespace: SHIM_NAMESPACE.into(),
+        controller_namespace: CONTROLLER_NAMESPACE.into(),
         apiserver_url: None,
         serve: None,
         controller: None,
@@ -382,13 +383,26 @@ async fn start_real_control_plane(state: &mut LabState) -> Result<(), ClusterErr
         .map(|s| s.trim().to_string());
     let client = real::client_from(&admin).await?;
     real::install_crds(&client).await?;
-    let (kc, ns) = (admin.clone(), state.shim_namespace.clone());
+    // The controller's namespace enforces Pod Security `restricted` (issue 18); the chart
+    // creates the shim's, labelled `privileged`.
+    real::ensure_namespace_enforcing(&client, &state.controller_namespace, "restricted").await?;
     let watched = state.watch_namespaces.clone();
     for ns in &watched {
         real::ensure_namespace(&client, ns).await?;
     }
-    blocking(move || real::install_release(&kc, &ns, &watched)).await?;
-    real::write_component_kubeconfigs(&state.state_dir, &admin, &state.shim_namespace).await?;
+    let (kc, ns, shim_ns) = (
+        admin.clone(),
+        state.controller_namespace.clone(),
+        state.shim_namespace.clone(),
+    );
+    blocking(move || real::install_release(&kc, &ns, &shim_ns, &watched)).await?;
+    real::write_component_kubeconfigs(
+        &state.state_dir,
+        &admin,
+        &state.controller_namespace,
+        &state.shim_namespace,
+    )
+    .await?;
     state.save()
 }
 
@@ -445,7 +459,7 @@ fn spawn_controller(
     if leader_election || state.control_plane == ControlPlane::Real {
         // As the chart's Deployment sets them: Event instance and Lease identity.
         cmd.env("POD_NAME", &identity)
-            .env("POD_NAMESPACE", &state.shim_namespace);
+            .env("POD_NAMESPACE", &state.controller_namespace);
     }
     if index > 1 {
         // The first replica keeps the default metrics address; others would collide.
@@ -456,7 +470,7 @@ fn spawn_controller(
             .arg("--lease-name")
             .arg(real::LEASE_NAME)
             .arg("--lease-namespace")
-            .arg(&state.shim_namespace);
+            .arg(&state.controller_namespace);
     }
     let log = if index == 1 {
         state.state_dir.join("controller.log")

@@ -36,8 +36,8 @@ pub use control::{
 };
 pub use real::ControlPlane;
 pub use state::{
-    AGENT_LABEL, AgentKind, LabState, NODE_LABEL, NodeState, Phase, ProcessInfo, SHIM_NAMESPACE,
-    STATE_ENV, STATE_FILE, VmState, default_state_dir,
+    AGENT_LABEL, AgentKind, CONTROLLER_NAMESPACE, LabState, NODE_LABEL, NodeState, Phase,
+    ProcessInfo, SHIM_NAMESPACE, STATE_ENV, STATE_FILE, VmState, default_state_dir,
 };
 
 use crate::guest::LabError;

@@ -56,7 +56,8 @@ impl ControlPlane {
     }
 }
 
-/// The Helm release the lab installs on a real control plane (in the shim namespace).
+/// The Helm release the lab installs on a real control plane (in the controller's
+/// namespace; the chart puts the shim in a namespace of its own).
 pub const RELEASE: &str = "guestcred";
 /// The chart's controller ServiceAccount for [`RELEASE`].
 pub const CONTROLLER_SA: &str = "guestcred-controller";
@@ -197,12 +198,15 @@ pub fn helm(kubeconfig: &Path, args: &[&str]) -> Result<String, ClusterError> {
 pub const LAB_RELEASE_SETS: &[&str] = &["shim.locator=libvirt-uri"];
 
 /// `helm install guestcred charts/guestcred -n <ns> --create-namespace` with the lab's
-/// values, in namespaced mode (`watchNamespaces`) when `watched` names namespaces (which
-/// must exist: the chart's Roles go into them). The CRDs are installed from crds/ before
-/// (`--skip-crds`). Blocking.
+/// values and `shim.namespace=<shim_namespace>` (the chart creates that namespace,
+/// labelled for the privileged Pod Security level), in namespaced mode
+/// (`watchNamespaces`) when `watched` names namespaces (which must exist: the chart's
+/// Roles go into them). The CRDs are installed from crds/ before (`--skip-crds`).
+/// Blocking.
 pub fn install_release(
     kubeconfig: &Path,
     namespace: &str,
+    shim_namespace: &str,
     watched: &[String],
 ) -> Result<(), ClusterError> {
     let chart = crate::repo_dir().join("charts/guestcred");
@@ -219,6 +223,8 @@ pub fn install_release(
     for s in LAB_RELEASE_SETS {
         args.extend(["--set", s]);
     }
+    let shim = format!("shim.namespace={shim_namespace}");
+    args.extend(["--set", &shim]);
     let watch = format!("watchNamespaces={{{}}}", watched.join(","));
     if !watched.is_empty() {
         args.extend(["--set", &watch]);
@@ -236,6 +242,27 @@ pub async fn ensure_namespace(client: &Client, name: &str) -> Result<(), Cluster
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Creates namespace `name` enforcing the Pod Security `level` (latest version), or
+/// labels it so if it exists (server-side apply of the labels only).
+pub async fn ensure_namespace_enforcing(
+    client: &Client,
+    name: &str,
+    level: &str,
+) -> Result<(), ClusterError> {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {
+        "pod-security.kubernetes.io/enforce": level,
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }}});
+    api.patch(
+        name,
+        &PatchParams::apply("guestcred-lab").force(),
+        &Patch::Apply(&ns),
+    )
+    .await?;
+    Ok(())
 }
 
 /// A kube client from a kubeconfig file.
@@ -304,17 +331,22 @@ pub fn write_token_kubeconfig(
         .map_err(|e| ClusterError::io(format!("chmod {}", out.display()), e))
 }
 
-/// Mints tokens for the chart's controller and shim ServiceAccounts and writes
+/// Mints tokens for the chart's controller ServiceAccount (in the controller's namespace)
+/// and shim ServiceAccount (in the shim namespace) and writes
 /// `<state>/sa/{controller,shim}.kubeconfig`. The shim never calls the API (the chart
 /// mounts no token for it), so its kubeconfig only proves that: the audit log shows no
 /// request from it.
 pub async fn write_component_kubeconfigs(
     state_dir: &Path,
     admin: &Path,
-    namespace: &str,
+    controller_namespace: &str,
+    shim_namespace: &str,
 ) -> Result<(), ClusterError> {
     let client = client_from(admin).await?;
-    for (component, sa) in [("controller", CONTROLLER_SA), ("shim", SHIM_SA)] {
+    for (component, sa, namespace) in [
+        ("controller", CONTROLLER_SA, controller_namespace),
+        ("shim", SHIM_SA, shim_namespace),
+    ] {
         let token = mint_token(&client, namespace, sa).await?;
         let user = format!("system:serviceaccount:{namespace}:{sa}");
         write_token_kubeconfig(admin, &sa_kubeconfig(state_dir, component), &user, &token)?;
@@ -371,8 +403,10 @@ pub async fn install_crds(client: &Client) -> Result<(), ClusterError> {
 }
 
 /// Creates the Node and, as the DaemonSet controller would, the shim Pod on it from the
-/// chart's DaemonSet template (owned by the DaemonSet), then marks it Running with
-/// `pod_ip` through the status subresource, as a kubelet would.
+/// chart's DaemonSet template (owned by the DaemonSet) in `namespace`, the chart's shim
+/// namespace (so the API server's PodSecurity admission judges it by that namespace's
+/// level), then marks it Running with `pod_ip` through the status subresource, as a
+/// kubelet would.
 pub async fn create_node_with_shim(
     client: &Client,
     node_name: &str,

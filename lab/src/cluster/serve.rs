@@ -10,7 +10,7 @@ use kube::api::PostParams;
 
 use super::kubevirt_lite::{CONSOLE_READY, Lite, LiteNode, guest_spec, initial_keys};
 use super::real::{self, ControlPlane, LabNet};
-use super::state::{AgentKind, LabState, Phase, ProcessInfo, SHIM_NAMESPACE};
+use super::state::{AgentKind, LabState, Phase, ProcessInfo};
 use super::{ClusterError, procs};
 use crate::apiserver::{ApiServer, write_kubeconfig};
 use crate::guest::{
@@ -127,14 +127,16 @@ async fn start(
         ControlPlane::Real => (Server::Real, real::client_from(&state.kubeconfig).await?),
     };
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": SHIM_NAMESPACE}}))
+    for name in [&state.controller_namespace, &state.shim_namespace] {
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))
             .map_err(|e| ClusterError::Failed(format!("namespace object: {e}")))?;
-    match namespaces.create(&PostParams::default(), &ns).await {
-        Ok(_) => {}
-        // helm install --create-namespace made it (real control plane).
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(e.into()),
+        match namespaces.create(&PostParams::default(), &ns).await {
+            Ok(_) => {}
+            // The lab (controller's, labelled restricted) and helm (the shim's) made them
+            // (real control plane).
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 
     let cache = state.cache_dir.clone();
@@ -185,10 +187,11 @@ async fn start(
     for node in &state.nodes {
         match state.control_plane {
             ControlPlane::Emulator => {
-                create_node_with_shim(&client, &node.name, SHIM_NAMESPACE, &node.ip).await?
+                create_node_with_shim(&client, &node.name, &state.shim_namespace, &node.ip).await?
             }
             ControlPlane::Real => {
-                real::create_node_with_shim(&client, &node.name, SHIM_NAMESPACE, &node.ip).await?
+                real::create_node_with_shim(&client, &node.name, &state.shim_namespace, &node.ip)
+                    .await?
             }
         }
     }

@@ -15,8 +15,14 @@ use super::ClusterError;
 pub const STATE_FILE: &str = "lab.json";
 /// Environment variable naming the state directory (default `<repo>/.lab/run`).
 pub const STATE_ENV: &str = "GUESTCRED_LAB_STATE";
-/// Namespace of the shim pods.
-pub const SHIM_NAMESPACE: &str = "guestcred-system";
+/// Namespace of the shim pods: apart from the controller's, as the chart puts them (its
+/// default `shim.namespace`, `<release namespace>-shim`), so that only it needs the
+/// `privileged` Pod Security level.
+pub const SHIM_NAMESPACE: &str = "guestcred-system-shim";
+/// The controller's namespace (the chart's release namespace on a real control plane:
+/// its Lease, its input-hash key, its ServiceAccount), labelled Pod Security `restricted`
+/// there.
+pub const CONTROLLER_NAMESPACE: &str = "guestcred-system";
 /// Label on every lab VM naming its node.
 pub const NODE_LABEL: &str = "guestcred.io/lab-node";
 /// Label on every lab VM saying what its agent does (`on`, `off`, `hung`, `old`).
@@ -141,6 +147,9 @@ pub struct LabState {
     #[serde(default = "default_shim_metrics_port")]
     pub shim_metrics_port: u16,
     pub shim_namespace: String,
+    /// The controller's namespace (see [`CONTROLLER_NAMESPACE`]).
+    #[serde(default = "default_controller_namespace")]
+    pub controller_namespace: String,
     /// `http://127.0.0.1:<port>`, filled in by `serve`.
     pub apiserver_url: Option<String>,
     /// The API server + kubevirt-lite process (it also owns the libvirtds).
@@ -174,6 +183,10 @@ pub struct LabState {
 
 fn default_shim_metrics_port() -> u16 {
     9090
+}
+
+fn default_controller_namespace() -> String {
+    CONTROLLER_NAMESPACE.into()
 }
 
 impl LabState {
@@ -284,6 +297,7 @@ mod tests {
             shim_port: 8443,
             shim_metrics_port: 9090,
             shim_namespace: SHIM_NAMESPACE.into(),
+            controller_namespace: CONTROLLER_NAMESPACE.into(),
             apiserver_url: None,
             serve: None,
             controller: None,
