@@ -43,8 +43,13 @@ async fn replace_removes_only_keys_guestcred_added_and_keeps_hand_added_ones() {
     let (w, qga) = world_with_guest("vm-a").await;
     qga.seed_authorized_keys("alice", &[HAND])
         .expect("hand-added key");
-    w.run_to_end(&grant("k1", "vm-a").inline_keys([KEY1])).await;
-    // A second object (e.g. next quarter's rotation) replaces key1 with key2.
+    let mut k1 = grant("k1", "vm-a").inline_keys([KEY1]);
+    k1.spec.on_delete = OnDelete::Keep;
+    w.run_to_end(&k1).await;
+    delete_rebuild(&w, "k1").await;
+    gone(&w, "k1", WAIT).await;
+    // A second object (e.g. next quarter's rotation) replaces key1, which no live object
+    // holds any more, with key2.
     let r = w.run_to_end(&grant("k2", "vm-a").inline_keys([KEY2])).await;
     assert_eq!(r.status.expect("status").run.phase, Some(Phase::Succeeded));
     assert_eq!(keys_of(&qga, "alice"), ["hand@added", "key2@test"]);
@@ -58,6 +63,32 @@ async fn replace_removes_only_keys_guestcred_added_and_keeps_hand_added_ones() {
         .get(&format!("{MANAGED_KEYS_ANNOTATION_PREFIX}alice"))
         .cloned();
     assert_eq!(ann.map(|a| a.split(',').count()), Some(1));
+}
+
+/// Issue 17: two Replace objects on one VM and user (e.g. both resumed at the same instant
+/// by a new leader) each remove only what they added: B's run keeps A's key, and A's next
+/// run keeps B's, so neither ends VerificationFailed and neither key goes missing.
+#[tokio::test]
+async fn two_replace_objects_on_one_vm_and_user_never_remove_each_other_s_keys() {
+    let (w, qga) = world_with_guest("vm-a").await;
+    w.run_to_end(&grant("a", "vm-a").inline_keys([KEY1])).await;
+    let b = w.run_to_end(&grant("b", "vm-a").inline_keys([KEY2])).await;
+    assert_eq!(phase(&b), Some(Phase::Succeeded), "{b:#?}");
+    assert_eq!(sorted(keys_of(&qga, "alice")), ["key1@test", "key2@test"]);
+    // A runs again (a new spec): it replaces only its own keys.
+    let a = w
+        .apply_until(
+            &grant("a", "vm-a").inline_keys([KEY3]),
+            finished_with_key(KEY3),
+        )
+        .await;
+    assert_eq!(phase(&a), Some(Phase::Succeeded), "{a:#?}");
+    assert_eq!(sorted(keys_of(&qga, "alice")), ["key2@test", "key3@test"]);
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
 }
 
 #[tokio::test]
@@ -617,4 +648,13 @@ async fn rebuild_of_a_vm_with_user_data_from_a_secret_writes_guestcred_s_own_cop
     gone(&w, "k", WAIT).await;
     let secrets: Api<Secret> = Api::namespaced(w.client.clone(), NS);
     assert!(secrets.get_opt(&copy_name).await.expect("get").is_some());
+}
+
+fn fingerprint(key: &str) -> String {
+    guestcred::api::authorized_keys::fingerprint(key).expect("a valid test key")
+}
+
+/// The first target of `k` once its run for `key` finished.
+fn finished_with_key(key: &'static str) -> impl Fn(&KeypairRebuild) -> bool {
+    move |k| finished(k) && target0(k).is_some_and(|t| t.keys == [fingerprint(key)])
 }

@@ -5,12 +5,12 @@
 use super::context::Context;
 use super::engine::{Cleanup, Outcome, Prepared, RunKind};
 use super::error::Error;
-use super::key_ownership;
+use super::key_ownership::{self, HolderIds, Record, holder_id};
 use super::keys::{WantedKey, fingerprint_of, parse_keys, present_fingerprints};
 use super::password::cel_message;
 use super::secrets;
 use super::targets::TargetCall;
-use crate::api::keypair::{KeyAction, KeyMode, KeyStrategy};
+use crate::api::keypair::{KeyAction, KeyMode};
 use crate::api::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use crate::api::wire::KeyOp;
 use crate::api::{KeypairRebuild, Reason, RunSpec, RunStatus, SecretKeyRef, TargetStatus};
@@ -31,8 +31,9 @@ mod remove;
 pub use cleanup::{KEYS_FINALIZER, KEYS_LEFT_BEHIND};
 pub use inspect::publish_guest_keys;
 
-/// Annotation prefix on a VM recording the fingerprints guestcred added for a user, so a
-/// later Replace removes them even when the object that added them is gone.
+/// Annotation prefix on a VM recording the fingerprints guestcred added for a user and the
+/// objects holding each (see `key_ownership`), so a later Replace removes them even when
+/// the object that added them is gone, and never removes another live object's key.
 pub const MANAGED_KEYS_ANNOTATION_PREFIX: &str = "keys.guestcred.io/";
 
 fn annotation_key(user: &str) -> String {
@@ -214,15 +215,30 @@ impl RunKind for KeypairRebuild {
                     call.vm
                 )));
             }
-            let previously_added = self.previously_added(call);
-            let outcome =
-                super::rebuild::rebuild(ctx, self, call, wanted, &previously_added).await?;
+            // The user data is rewritten without looking into the guest: what guestcred
+            // recorded stands for what the guest has.
+            let wanted_fps: BTreeSet<String> =
+                wanted.iter().map(|k| k.fingerprint.clone()).collect();
+            let (me, live, record) = self.ownership(ctx, call);
+            let plan = key_ownership::plan_live(
+                &me,
+                &wanted_fps,
+                &record.owned(),
+                &record,
+                &live,
+                self.spec.strategy,
+                self.spec.replace_all,
+            );
+            let others = self.granted_by_others(ctx, call);
+            let dropped = key_ownership::removable(&record, &me, &plan.let_go, &live, &others);
+            let outcome = super::rebuild::rebuild(ctx, self, call, wanted, &dropped).await?;
             let added: BTreeSet<String> = outcome.keys.iter().cloned().collect();
-            let released: BTreeSet<String> = match self.spec.strategy {
-                KeyStrategy::Append => BTreeSet::new(),
-                KeyStrategy::Replace => previously_added.difference(&added).cloned().collect(),
-            };
-            update_managed_keys(ctx, call, &added, &released).await?;
+            update_record(ctx, call, |r| {
+                r.hold(&me, &added, &live);
+                r.release(&me, &plan.let_go, &live, &others);
+                r.forget(&dropped, &live);
+            })
+            .await?;
             return Ok(outcome);
         }
         let wanted_fps: BTreeSet<String> = wanted.iter().map(|k| k.fingerprint.clone()).collect();
@@ -230,24 +246,35 @@ impl RunKind for KeypairRebuild {
         let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
         let present_before: BTreeSet<String> =
             current.iter().filter_map(|l| fingerprint_of(l)).collect();
-        let owned_before = self.previously_added(call);
+        let (me, live, record) = self.ownership(ctx, call);
         let plan = key_ownership::plan_live(
+            &me,
             &wanted_fps,
             &present_before,
-            &owned_before,
+            &record,
+            &live,
             self.spec.strategy,
             self.spec.replace_all,
         );
-        // Record first what may become ours, so a crash after the change loses nothing.
-        update_managed_keys(ctx, call, &plan.to_add, &BTreeSet::new()).await?;
+        // Record first what this object holds, so a crash after the change loses nothing.
+        update_record(ctx, call, |r| r.hold(&me, &plan.to_hold, &live)).await?;
+        let mut removed = BTreeSet::new();
         if self.spec.replace_all {
             call.shim
                 .ssh_keys(&call.domain, &call.user, KeyOp::Replace, lines.clone())
                 .await?;
         } else {
+            if !plan.let_go.is_empty() {
+                // Let go first, on a fresh read of the record: a key leaves the guest
+                // only when no other live object holds or grants it.
+                let others = self.granted_by_others(ctx, call);
+                removed =
+                    update_record(ctx, call, |r| r.release(&me, &plan.let_go, &live, &others))
+                        .await?;
+            }
             let stale: Vec<String> = current
                 .into_iter()
-                .filter(|l| fingerprint_of(l).is_some_and(|fp| plan.stale.contains(&fp)))
+                .filter(|l| fingerprint_of(l).is_some_and(|fp| removed.contains(&fp)))
                 .collect();
             if !stale.is_empty() {
                 call.shim
@@ -258,7 +285,6 @@ impl RunKind for KeypairRebuild {
                 .ssh_keys(&call.domain, &call.user, KeyOp::Add, lines)
                 .await?;
         }
-        let removed = &plan.stale;
         // Verify by reading back.
         let present = present_fingerprints(call).await?;
         let missing: Vec<&String> = wanted_fps.difference(&present).collect();
@@ -269,14 +295,17 @@ impl RunKind for KeypairRebuild {
                 call.vm, missing, lingering
             )));
         }
-        // Release what left the guest (Replace), or, with replaceAll, everything of ours
-        // the file no longer has.
-        let released: BTreeSet<String> = if self.spec.replace_all {
-            owned_before.difference(&wanted_fps).cloned().collect()
-        } else {
-            plan.stale.clone()
-        };
-        update_managed_keys(ctx, call, &BTreeSet::new(), &released).await?;
+        // Forget what left the guest (Replace), or, with replaceAll, everything of
+        // guestcred's the file no longer has.
+        if self.spec.replace_all {
+            update_record(ctx, call, |r| {
+                let gone = r.owned().difference(&wanted_fps).cloned().collect();
+                r.drop_keys(&gone);
+            })
+            .await?;
+        } else if !removed.is_empty() {
+            update_record(ctx, call, |r| r.forget(&removed, &live)).await?;
+        }
         let expires_at = self
             .spec
             .ttl_seconds
@@ -392,32 +421,50 @@ trait ManagedKeys {
         call: &TargetCall,
         target: &TargetStatus,
     ) -> Result<String, Error>;
-    fn previously_added(&self, call: &TargetCall) -> BTreeSet<String>;
+    /// This object's holder id, the live objects' (see `key_ownership`), and the target
+    /// VM's record for its user, as the call read it.
+    fn ownership(&self, ctx: &Context, call: &TargetCall) -> (String, HolderIds, Record);
+    /// Keys the other live KeypairRebuilds of the namespace grant on the call's VM and
+    /// user (their listed targets and pending expiries).
+    fn granted_by_others(&self, ctx: &Context, call: &TargetCall) -> BTreeSet<String>;
 }
 
 impl ManagedKeys for KeypairRebuild {
-    /// Remove the keys a TTL'd run added (by fingerprint) and forget them on the VM.
+    /// Let go of the keys a TTL'd run granted and remove those no other live object holds
+    /// or grants (by fingerprint), then forget them on the VM.
     async fn expire_keys(
         &self,
         ctx: &Context,
         call: &TargetCall,
         target: &TargetStatus,
     ) -> Result<String, Error> {
-        let owned = self.previously_added(call);
-        let granted: BTreeSet<String> = target.keys.iter().cloned().collect();
+        let (me, live, record) = self.ownership(ctx, call);
         // Only the granted keys guestcred itself added: a key the person had before stays.
-        let added = key_ownership::expiring(&granted, &owned);
+        let granted: BTreeSet<String> = target
+            .keys
+            .iter()
+            .filter(|k| record.owned().contains(*k))
+            .cloned()
+            .collect();
+        let others = self.granted_by_others(ctx, call);
+        let gone = if granted.is_empty() {
+            BTreeSet::new()
+        } else {
+            update_record(ctx, call, |r| r.release(&me, &granted, &live, &others)).await?
+        };
         let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
         let expired: Vec<String> = current
             .into_iter()
-            .filter(|l| fingerprint_of(l).is_some_and(|fp| added.contains(&fp)))
+            .filter(|l| fingerprint_of(l).is_some_and(|fp| gone.contains(&fp)))
             .collect();
         if !expired.is_empty() {
             call.shim
                 .ssh_keys(&call.domain, &call.user, KeyOp::Remove, expired.clone())
                 .await?;
         }
-        update_managed_keys(ctx, call, &BTreeSet::new(), &added).await?;
+        if !gone.is_empty() {
+            update_record(ctx, call, |r| r.forget(&gone, &live)).await?;
+        }
         Ok(format!(
             "TTL passed: removed {} key(s) from user {}",
             expired.len(),
@@ -425,41 +472,85 @@ impl ManagedKeys for KeypairRebuild {
         ))
     }
 
-    /// Fingerprints guestcred itself added to this VM for this user (the VM annotation:
-    /// survives deleted objects; see `key_ownership`).
-    fn previously_added(&self, call: &TargetCall) -> BTreeSet<String> {
+    fn ownership(&self, ctx: &Context, call: &TargetCall) -> (String, HolderIds, Record) {
         let annotations = match &call.vm_object {
             Some(vm) => vm.annotations(),
             None => call.vmi.annotations(),
         };
-        parse_record(annotations.get(&annotation_key(&call.user)))
+        let record = Record::parse(
+            annotations
+                .get(&annotation_key(&call.user))
+                .map(String::as_str),
+        );
+        let ns = self.namespace();
+        let live: HolderIds = ctx
+            .rebuilds
+            .state()
+            .iter()
+            .filter(|o| o.namespace() == ns && o.metadata.deletion_timestamp.is_none())
+            .filter_map(|o| o.uid())
+            .map(|uid| holder_id(&uid))
+            .collect();
+        (holder_id(&self.uid().unwrap_or_default()), live, record)
+    }
+
+    fn granted_by_others(&self, ctx: &Context, call: &TargetCall) -> BTreeSet<String> {
+        let same = |vm: &str, user: Option<&str>| vm == call.vm && user == Some(call.user.as_str());
+        let mut out = BTreeSet::new();
+        for o in ctx.rebuilds.state() {
+            if o.namespace() != self.namespace()
+                || o.uid() == self.uid()
+                || o.metadata.deletion_timestamp.is_some()
+            {
+                continue;
+            }
+            let Some(st) = o.status.as_ref().map(|s| &s.run) else {
+                continue;
+            };
+            for t in &st.targets {
+                if t.state == crate::api::TargetState::Succeeded
+                    && t.reason.as_deref() != Some(Reason::Expired.as_str())
+                    && same(&t.vm, t.user.as_deref())
+                {
+                    out.extend(t.keys.iter().cloned());
+                }
+            }
+            for p in &st.pending_expiries {
+                if same(&p.vm, p.user.as_deref()) {
+                    out.extend(p.keys.iter().cloned());
+                }
+            }
+        }
+        out
     }
 }
 
-/// Change the record of keys guestcred added to a VM (see `key_ownership`) by a delta:
-/// `add` joins it, `release` leaves it. Read fresh and written with the resourceVersion it
-/// was read at, retried on conflicts: several objects (and runs) record keys on the same
-/// VM and user at once, and none may lose another's update (a lost record would leave a
-/// key no TTL or deletion ever removes). On the VM, else (a VMI without a VM) on the VMI.
-async fn update_managed_keys(
+/// Change the record of keys guestcred added to a VM and who holds them (see
+/// `key_ownership`) with `f`, which returns what it decided. Read fresh and written with
+/// the resourceVersion it was read at, retried on conflicts: several objects (and runs)
+/// record keys on the same VM and user at once, and none may lose another's update (a lost
+/// record would leave a key no TTL or deletion ever removes), and what `f` decides is
+/// decided on the record the write replaced. On the VM, else (a VMI without a VM) on the
+/// VMI. A record in the format before holders is rewritten in the current one.
+async fn update_record<T: Default>(
     ctx: &Context,
     call: &TargetCall,
-    add: &BTreeSet<String>,
-    release: &BTreeSet<String>,
-) -> Result<(), Error> {
-    if add.is_empty() && release.is_empty() {
-        return Ok(());
-    }
+    f: impl Fn(&mut Record) -> T,
+) -> Result<T, Error> {
+    let decided = std::sync::Mutex::new(None);
     update_vm_annotation(ctx, call, &annotation_key(&call.user), |old| {
-        let before: BTreeSet<String> = parse_record(old);
-        let after: BTreeSet<String> = before
-            .union(add)
-            .filter(|fp| !release.contains(*fp))
-            .cloned()
-            .collect();
-        (after != before).then(|| after.into_iter().collect::<Vec<_>>().join(","))
+        let old = old.map(String::as_str);
+        let mut record = Record::parse(old);
+        let out = f(&mut record);
+        if let Ok(mut d) = decided.lock() {
+            *d = Some(out);
+        }
+        let value = record.to_value();
+        (old.unwrap_or_default() != value).then_some(value)
     })
-    .await
+    .await?;
+    // `f` ran on every attempt (the one that landed is the last).
+    Ok(decided.into_inner().ok().flatten().unwrap_or_default())
 }
 
 /// Change one annotation of the target's VM (else, a VMI without a VM, of the VMI): `f`
@@ -510,17 +601,6 @@ where
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(drop)
-}
-
-fn parse_record(value: Option<&String>) -> BTreeSet<String> {
-    value
-        .map(|v| {
-            v.split(',')
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

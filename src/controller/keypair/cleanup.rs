@@ -11,14 +11,13 @@
 //! guest whose agent cannot remove keys (no guest-ssh-*, e.g. keys delivered by Rebuild)
 //! is reported at once: removing them would take another VM restart, which a deletion
 //! does not do.
-use super::{ManagedKeys, update_managed_keys};
+use super::{ManagedKeys, update_record};
 use crate::api::keypair::OnDelete;
 use crate::api::wire::KeyOp;
 use crate::api::{KeypairRebuild, RunStatus, TargetState};
 use crate::controller::context::Context;
 use crate::controller::engine::{self, Cleanup};
 use crate::controller::error::Error;
-use crate::controller::key_ownership;
 use crate::controller::keys::fingerprint_of;
 use crate::controller::targets;
 use k8s_openapi::jiff::Timestamp;
@@ -91,12 +90,14 @@ async fn remove_grant(
 ) -> Result<usize, Error> {
     let ns = kr.namespace().unwrap_or_default();
     let call = targets::prepare_call(ctx, &ns, vm, user.as_deref(), None).await?;
-    let owned = kr.previously_added(&call);
-    let ours: Fingerprints = key_ownership::expiring(keys, &owned)
-        .difference(kept)
+    let (me, live, record) = kr.ownership(ctx, &call);
+    // What it granted or holds there and guestcred added (a key the person had stays).
+    let candidates: Fingerprints = keys
+        .union(&record.held_by(&me))
+        .filter(|k| record.owned().contains(*k))
         .cloned()
         .collect();
-    if ours.is_empty() {
+    if candidates.is_empty() {
         return Ok(0);
     }
     if !ctx.leadership.is_leading().await {
@@ -104,6 +105,8 @@ async fn remove_grant(
             "this replica is not the leader; the leader removes the keys".into(),
         ));
     }
+    // Let go on a fresh read: what another live object holds or grants stays.
+    let ours = update_record(ctx, &call, |r| r.release(&me, &candidates, &live, kept)).await?;
     let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
     let lines: Vec<String> = current
         .into_iter()
@@ -114,7 +117,9 @@ async fn remove_grant(
             .ssh_keys(&call.domain, &call.user, KeyOp::Remove, lines.clone())
             .await?;
     }
-    update_managed_keys(ctx, &call, &Fingerprints::new(), &ours).await?;
+    if !ours.is_empty() {
+        update_record(ctx, &call, |r| r.forget(&ours, &live)).await?;
+    }
     Ok(lines.len())
 }
 

@@ -8,7 +8,7 @@
 //! fingerprints which object (by UID) is removing (the `removed-keys.guestcred.io/<user>`
 //! annotation, the last few objects only), so a retry after an unknown outcome (an agent
 //! timeout, a controller restart) finds the key gone and succeeds instead of failing.
-use super::{ManagedKeys, require_agent, update_managed_keys, update_vm_annotation};
+use super::{ManagedKeys, require_agent, update_record, update_vm_annotation};
 use crate::api::wire::KeyOp;
 use crate::api::{KeypairRebuild, Reason, TargetState};
 use crate::controller::context::Context;
@@ -171,7 +171,7 @@ pub(super) async fn remove_keys(
             call.user
         )));
     }
-    let owned = kr.previously_added(call);
+    let owned = kr.ownership(ctx, call).2.owned();
     if !lines.is_empty() {
         // Recorded before the guest changes: a retry that finds the key gone knows why.
         update_vm_annotation(
@@ -194,7 +194,7 @@ pub(super) async fn remove_keys(
         )));
     }
     // Gone from the guest: no longer guestcred's to track, expire or remove.
-    update_managed_keys(ctx, call, &Fingerprints::new(), fps).await?;
+    update_record(ctx, call, |r| r.drop_keys(fps)).await?;
     let described: Vec<String> = fps
         .iter()
         .map(|fp| {
