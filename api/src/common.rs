@@ -219,6 +219,14 @@ pub struct TargetStatus {
     /// Keypair rebuilds with mode Inspect: the keys read from the guest (at most 100 listed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_keys: Option<GuestKeys>,
+    /// Keypair rebuilds with `overlapSeconds`: SHA256 fingerprints of the keys `keys`
+    /// replace, still in the guest until `replacedKeysRemoveAt` (the new keys were read
+    /// back first). Empty once they are removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaced_keys: Vec<String>,
+    /// ... when they are removed (the end of the overlap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_keys_remove_at: Option<Time>,
 }
 
 /// Observed state common to both kinds.

@@ -36,6 +36,10 @@ pub const MAX_GUEST_KEY_COMMENT: usize = 100;
 #[x_kube(validation = Rule::new("(has(self.publicKeys) ? 1 : 0) + (has(self.removeFingerprints) ? 1 : 0) + (has(self.mode) && self.mode == 'Inspect' ? 1 : 0) == 1").message("set exactly one of publicKeys (keys to add), removeFingerprints (keys to remove) and mode: Inspect (read the keys, change nothing)"))]
 #[x_kube(validation = Rule::new("!has(self.mode) || self.mode != 'Inspect' || has(self.target.vmName)").message("mode Inspect reads one VM's keys: set target.vmName (the keys of every VM a selector matches would not fit in one object's status)"))]
 #[x_kube(validation = Rule::new("!(has(self.removeFingerprints) || (has(self.mode) && self.mode == 'Inspect')) || (!has(self.ttlSeconds) && !(has(self.replaceAll) && self.replaceAll))").message("ttlSeconds and replaceAll apply to keys being added (publicKeys); removeFingerprints and mode Inspect take neither"))]
+#[x_kube(validation = Rule::new("!has(self.overlapSeconds) || has(self.publicKeys)").message("overlapSeconds applies to keys being added (publicKeys): removeFingerprints and mode Inspect replace nothing"))]
+#[x_kube(validation = Rule::new("!has(self.overlapSeconds) || !has(self.strategy) || self.strategy == 'Replace'").message("overlapSeconds needs strategy Replace: with Append no key is replaced"))]
+#[x_kube(validation = Rule::new("!has(self.overlapSeconds) || !has(self.replaceAll) || !self.replaceAll").message("overlapSeconds cannot be combined with replaceAll, which makes authorized_keys exactly the given keys at once"))]
+#[x_kube(validation = Rule::new("!has(self.overlapSeconds) || !has(self.mode) || self.mode != 'Rebuild'").message("overlapSeconds needs mode Live (or Auto on guests whose agent has guest-ssh-*): keys written by a rebuild into cloud-init user data cannot be removed after the overlap"))]
 #[x_kube(validation = Rule::new("!has(self.removeFingerprints) || !has(self.mode) || self.mode != 'Rebuild'").message("removeFingerprints needs mode Live or Auto: the guest agent removes the keys (guest-ssh-remove-authorized-keys); a rebuild cannot take a key out"))]
 pub struct KeypairRebuildSpec {
     /// The target VMs, the guest user and the rollout settings (shared with
@@ -67,6 +71,16 @@ pub struct KeypairRebuildSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 10, max = 31536000))]
     pub ttl_seconds: Option<u32>,
+    /// Replace with overlap: the new keys are added and read back first; the keys they
+    /// replace stay in the guest this many seconds more (10-604800), then are removed
+    /// (status.targets[].replacedKeys and replacedKeysRemoveAt say which and when; the
+    /// time is kept in status, so a controller restart keeps it). If the new keys cannot
+    /// be added or read back, the old ones stay. Strategy Replace and live delivery only:
+    /// refused with strategy Append, replaceAll, mode Rebuild, removeFingerprints and mode
+    /// Inspect; a target that Auto delivers by rebuilding fails with InvalidSpec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 604800))]
+    pub overlap_seconds: Option<u32>,
     /// What deleting this object does to the keys it added. Remove (the default): the
     /// controller removes them from every VM where they were put in place (only keys
     /// guestcred added itself; a VM that is gone or unreachable is given up after a

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 mod cleanup;
 mod inspect;
+mod overlap;
 mod remove;
 
 pub use cleanup::{KEYS_FINALIZER, KEYS_LEFT_BEHIND};
@@ -66,7 +67,7 @@ impl RunKind for KeypairRebuild {
         self.status.as_ref().map(|s| &s.run)
     }
     fn grants_expire(&self) -> bool {
-        self.spec.ttl_seconds.is_some()
+        self.spec.ttl_seconds.is_some() || self.spec.overlap_seconds.is_some()
     }
     fn latest(&self, ctx: &Context) -> Option<Arc<Self>> {
         ctx.rebuilds.get(&ObjectRef::from_obj(self))
@@ -90,6 +91,7 @@ impl RunKind for KeypairRebuild {
                 "ttlSeconds must be 10-31536000, got {ttl}"
             )));
         }
+        overlap::check(&self.spec)?;
         Ok(())
     }
 
@@ -164,6 +166,19 @@ impl RunKind for KeypairRebuild {
         self.expire_keys(ctx, call, target).await
     }
 
+    fn overlap_ends_at(&self, target: &TargetStatus) -> Option<Timestamp> {
+        overlap::removal_at(target)
+    }
+
+    async fn end_overlap(
+        &self,
+        ctx: &Context,
+        call: &TargetCall,
+        target: &TargetStatus,
+    ) -> Result<String, Error> {
+        overlap::end(self, ctx, call, target).await
+    }
+
     async fn apply(
         &self,
         ctx: &Context,
@@ -215,6 +230,12 @@ impl RunKind for KeypairRebuild {
                     call.vm
                 )));
             }
+            if let Some(overlap) = self.spec.overlap_seconds {
+                return Err(Error::InvalidSpec(format!(
+                    "overlapSeconds ({overlap}) needs live delivery, but the guest agent of {} lacks the guest-ssh-* commands, so mode Auto would rebuild the VM and the replaced keys could not be removed after the overlap; drop overlapSeconds or update the agent (qemu-ga 5.2+)",
+                    call.vm
+                )));
+            }
             // The user data is rewritten without looking into the guest: what guestcred
             // recorded stands for what the guest has.
             let wanted_fps: BTreeSet<String> =
@@ -258,13 +279,19 @@ impl RunKind for KeypairRebuild {
         );
         // Record first what this object holds, so a crash after the change loses nothing.
         update_record(ctx, call, |r| r.hold(&me, &plan.to_hold, &live)).await?;
+        // With an overlap, the keys let go of stay until the new ones are verified and the
+        // overlap has passed (`overlap::end`); nothing is removed now.
+        let overlap = self
+            .spec
+            .overlap_seconds
+            .filter(|_| !plan.let_go.is_empty());
         let mut removed = BTreeSet::new();
         if self.spec.replace_all {
             call.shim
                 .ssh_keys(&call.domain, &call.user, KeyOp::Replace, lines.clone())
                 .await?;
         } else {
-            if !plan.let_go.is_empty() {
+            if overlap.is_none() && !plan.let_go.is_empty() {
                 // Let go first, on a fresh read of the record: a key leaves the guest
                 // only when no other live object holds or grants it.
                 let others = self.granted_by_others(ctx, call);
@@ -311,22 +338,33 @@ impl RunKind for KeypairRebuild {
             .ttl_seconds
             .map(|s| Time(Timestamp::now() + Duration::from_secs(s.into())));
         let fps: Vec<String> = wanted.iter().map(|k| k.fingerprint.clone()).collect();
+        let remove_at = overlap.map(|s| Time(Timestamp::now() + Duration::from_secs(s.into())));
+        let replaced = match &remove_at {
+            Some(at) => format!(
+                "; the {} key(s) they replace stay until {} (overlapSeconds)",
+                plan.let_go.len(),
+                at.0
+            ),
+            None if removed.is_empty() => String::new(),
+            None => format!("; removed {} key(s) guestcred added before", removed.len()),
+        };
         Ok(Outcome {
             reason: Some(Reason::Verified),
             message: format!(
-                "{} key(s) in place for user {} and verified{}",
+                "{} key(s) in place for user {} and verified{replaced}",
                 fps.len(),
                 call.user,
-                if removed.is_empty() {
-                    String::new()
-                } else {
-                    format!("; removed {} key(s) guestcred added before", removed.len())
-                }
             ),
             mode: Some("Live".into()),
             keys: fps,
             verified: Some(true),
             expires_at,
+            replaced_keys: if remove_at.is_some() {
+                plan.let_go.iter().cloned().collect()
+            } else {
+                Vec::new()
+            },
+            replaced_keys_remove_at: remove_at,
             ..Outcome::default()
         })
     }

@@ -181,6 +181,7 @@ impl TestObject for KeypairRebuild {
                 strategy: KeyStrategy::Replace,
                 replace_all: false,
                 ttl_seconds: None,
+                overlap_seconds: None,
                 on_delete: Default::default(),
                 remove_fingerprints: Vec::new(),
             },
@@ -208,6 +209,8 @@ pub trait KeysTest: Sized {
     fn strategy(self, strategy: KeyStrategy) -> Self;
     fn replace_all(self) -> Self;
     fn ttl(self, seconds: u32) -> Self;
+    /// Replace with overlap: the replaced keys stay `seconds` after the new ones verified.
+    fn overlap(self, seconds: u32) -> Self;
     /// Remove the keys with these fingerprints (`removeFingerprints`, no `publicKeys`).
     fn remove_fingerprints<I, S>(self, fingerprints: I) -> Self
     where
@@ -250,6 +253,10 @@ impl KeysTest for KeypairRebuild {
     }
     fn ttl(mut self, seconds: u32) -> Self {
         self.spec.ttl_seconds = Some(seconds);
+        self
+    }
+    fn overlap(mut self, seconds: u32) -> Self {
+        self.spec.overlap_seconds = Some(seconds);
         self
     }
     fn remove_fingerprints<I, S>(mut self, fingerprints: I) -> Self

@@ -74,6 +74,9 @@ pub struct Outcome {
     pub keys: Vec<String>,
     pub verified: Option<bool>,
     pub expires_at: Option<Time>,
+    /// Keys with an overlap: the keys replaced, still in place until `replaced_keys_remove_at`.
+    pub replaced_keys: Vec<String>,
+    pub replaced_keys_remove_at: Option<Time>,
 }
 
 /// A run's input as `RunKind::prepare` read it.
@@ -145,14 +148,30 @@ pub trait RunKind:
     fn after_run(&self, _ctx: &Context, _status: &RunStatus) -> impl Future<Output = ()> + Send {
         async {}
     }
-    /// Whether the targets' changes expire (keys with a TTL): a finished large run's
-    /// records are then read back to find the expiries due.
+    /// Whether the targets' changes expire (keys with a TTL, or replaced keys kept for an
+    /// overlap): a finished large run's records are then read back to find the ones due.
     fn grants_expire(&self) -> bool {
         false
     }
     /// Undo a succeeded target's change once its `expiresAt` passed (keys with a TTL).
     /// Returns what was done, for status and the Event.
     fn expire(
+        &self,
+        _ctx: &Context,
+        _call: &TargetCall,
+        _target: &TargetStatus,
+    ) -> impl Future<Output = Result<String, Error>> + Send {
+        async { Ok(String::new()) }
+    }
+    /// When a succeeded target's overlap ends (keys with `overlapSeconds`: the keys it
+    /// replaced are removed then); None: no overlap pending. Kept in the target's record
+    /// (`replacedKeysRemoveAt`), so a controller restart keeps it.
+    fn overlap_ends_at(&self, _target: &TargetStatus) -> Option<Timestamp> {
+        None
+    }
+    /// End a target's overlap: remove the keys it replaced. Returns what was done; the
+    /// engine then clears the target's `replacedKeys` and `replacedKeysRemoveAt`.
+    fn end_overlap(
         &self,
         _ctx: &Context,
         _call: &TargetCall,

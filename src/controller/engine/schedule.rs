@@ -194,6 +194,34 @@ pub(super) async fn expire_due<K: RunKind>(
     let mut changed = Vec::new();
     let mut sooner = |wait: Duration| next = Some(next.map_or(wait, |n: Duration| n.min(wait)));
     for (idx, t) in status.targets.iter_mut().enumerate() {
+        // An overlap that ended: the keys the target replaced go now.
+        if let Some(at) = obj.overlap_ends_at(t) {
+            let left = decide::remaining(at, Timestamp::now());
+            if left.is_zero() {
+                changed.push(idx);
+                let user = t.user.clone();
+                let result =
+                    match targets::prepare_call(ctx, &ns, &t.vm, user.as_deref(), None).await {
+                        Ok(call) => obj.end_overlap(ctx, &call, t).await,
+                        Err(e) => Err(e),
+                    };
+                match result {
+                    Ok(done) => {
+                        t.replaced_keys.clear();
+                        t.replaced_keys_remove_at = None;
+                        t.message = Some(done);
+                    }
+                    Err(e) => {
+                        t.message = Some(format!(
+                            "removing the replaced keys after the overlap failed: {e}; retrying"
+                        ));
+                        sooner(Duration::from_secs(10));
+                    }
+                }
+            } else {
+                sooner(left);
+            }
+        }
         match decide::expiry(t, Timestamp::now()) {
             Expiry::None => continue,
             Expiry::DueIn(left) => {

@@ -164,6 +164,8 @@ async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize
         t.keys = o.keys;
         t.verified = o.verified;
         t.expires_at = o.expires_at;
+        t.replaced_keys = o.replaced_keys;
+        t.replaced_keys_remove_at = o.replaced_keys_remove_at;
         let vm = t.vm.clone();
         (vm, o.message)
     };
