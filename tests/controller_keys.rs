@@ -658,3 +658,125 @@ fn fingerprint(key: &str) -> String {
 fn finished_with_key(key: &'static str) -> impl Fn(&KeypairRebuild) -> bool {
     move |k| finished(k) && target0(k).is_some_and(|t| t.keys == [fingerprint(key)])
 }
+
+/// Issue 21 item 2: with `overlapSeconds`, the new key is added and read back first; the
+/// key it replaces stays (both read back through the agent by a mode Inspect object) until
+/// the overlap passes, then only the new one is left. The hand-added key is never touched.
+#[tokio::test]
+async fn replace_with_an_overlap_keeps_the_old_key_until_the_overlap_passes() {
+    let (w, qga) = world_with_guest("vm-a").await;
+    qga.seed_authorized_keys("alice", &[HAND])
+        .expect("hand-added key");
+    w.run_to_end(&grant("k", "vm-a").inline_keys([KEY1])).await;
+    let k = w
+        .apply_until(
+            &grant("k", "vm-a").inline_keys([KEY2]).overlap(30),
+            finished_with_key(KEY2),
+        )
+        .await;
+    assert_eq!(phase(&k), Some(Phase::Succeeded), "{k:#?}");
+    let t = target0(&k).expect("a target").clone();
+    assert_eq!(t.verified, Some(true));
+    assert_eq!(
+        t.replaced_keys,
+        [fingerprint(KEY1)],
+        "status shows the old set"
+    );
+    let remove_at = t
+        .replaced_keys_remove_at
+        .clone()
+        .expect("when the old key goes");
+    // During the overlap both keys are in the guest, read back through the agent.
+    w.put(
+        &KeypairRebuild::test("look")
+            .vm("vm-a")
+            .user("alice")
+            .inspect(),
+    )
+    .await;
+    let look = w
+        .wait_for(NS, "look", WAIT, |k: &KeypairRebuild| {
+            target0(k).is_some_and(|t| t.guest_keys.is_some())
+        })
+        .await
+        .expect("the Inspect report");
+    let report = target0(&look)
+        .and_then(|t| t.guest_keys.clone())
+        .expect("report");
+    let read_at = report.read_at.clone().expect("readAt");
+    assert!(read_at.0 < remove_at.0, "read during the overlap");
+    let mut guestcred_s: Vec<&str> = report
+        .keys
+        .iter()
+        .filter(|k| k.managed)
+        .map(|k| k.fingerprint.as_str())
+        .collect();
+    guestcred_s.sort();
+    let mut both = [fingerprint(KEY1), fingerprint(KEY2)];
+    both.sort();
+    assert_eq!(guestcred_s, both, "{report:#?}");
+    // After the overlap only the new key (and the person's) is left.
+    let after = w
+        .wait_for(NS, "k", Duration::from_secs(90), |k: &KeypairRebuild| {
+            target0(k).is_some_and(|t| t.replaced_keys.is_empty())
+        })
+        .await
+        .expect("the overlap ends");
+    let t = target0(&after).expect("a target");
+    assert_eq!(t.replaced_keys_remove_at, None);
+    assert_eq!(t.state, TargetState::Succeeded);
+    assert!(
+        t.message
+            .as_deref()
+            .is_some_and(|m| m.contains("removed the 1 key(s) they replaced")),
+        "{t:#?}"
+    );
+    assert_eq!(keys_of(&qga, "alice"), ["hand@added", "key2@test"]);
+    let vm_obj: VirtualMachine = w.get(NS, "vm-a").await;
+    assert_eq!(
+        managed(&vm_obj, "alice").len(),
+        1,
+        "only key2 stays recorded"
+    );
+}
+
+/// Issue 21 item 2: a new key that cannot be added (here: the guest drops it, so it never
+/// reads back) fails the target, and the key it would have replaced stays in place.
+#[tokio::test]
+async fn a_failed_add_with_an_overlap_leaves_the_old_key_in_place() {
+    let w = world().await;
+    let dir = w.agent_socket_dir("node-1").expect("node-1").to_path_buf();
+    let real =
+        guestcred_lab::hostqga::HostQga::start_with(&dir, "real-agent", &alice()).expect("qemu-ga");
+    key_dropping_proxy(
+        dir.join("default_vm-a/qga.sock"),
+        real.socket_path().to_path_buf(),
+        "key2@test",
+    )
+    .await;
+    w.vm_without_agent(&vm(NS, "vm-a", "node-1")).await;
+    w.run_to_end(&grant("k", "vm-a").inline_keys([KEY1])).await;
+    let k = w
+        .apply_until(&grant("k", "vm-a").inline_keys([KEY2]).overlap(10), |k| {
+            finished(k) && target0(k).is_some_and(|t| t.state == TargetState::Failed)
+        })
+        .await;
+    let t = target0(&k).expect("a target");
+    assert_eq!(t.reason.as_deref(), Some("VerificationFailed"), "{t:#?}");
+    assert!(
+        t.replaced_keys.is_empty(),
+        "no removal is scheduled: {t:#?}"
+    );
+    let keys = guestcred_lab::testing::key_comments(&real.authorized_keys("alice").expect("keys"));
+    assert!(
+        keys.contains(&"key1@test".to_string()),
+        "the old key stays: {keys:?}"
+    );
+    let vm_obj: VirtualMachine = w.get(NS, "vm-a").await;
+    assert!(
+        managed(&vm_obj, "alice")
+            .iter()
+            .any(|e| e.starts_with(&fingerprint(KEY1))),
+        "still guestcred's"
+    );
+}

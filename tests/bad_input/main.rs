@@ -16,6 +16,7 @@
 //! cases expect the server's message there ([`applied_unless_the_server_refuses`]), and
 //! docs/bad-input.md lists it beside the controller's reason.
 #![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
+mod key_overlap;
 mod key_removal;
 mod passwords;
 mod public_keys;
