@@ -14,7 +14,7 @@ use guestcred_lab::testing::{NS, verifies};
 use guestcred_lab::world::{World, WorldOptions};
 
 /// What examples/*.yaml create (kind/name), and the keys and passwords they carry.
-const OBJECTS: [&str; 7] = [
+const OBJECTS: [&str; 8] = [
     "guestpasswordreset/db-0-root",
     "guestpasswordreset/web-0-admin",
     "guestpasswordreset/db-1-generated",
@@ -22,7 +22,11 @@ const OBJECTS: [&str; 7] = [
     "keypairrebuild/web-0-keys",
     "keypairrebuild/db-0-rebuild-key",
     "guestpasswordreset/db-1-alice-weekly",
+    "guestpasswordreset/db-0-alice-sealed",
 ];
+/// The identity of example 08's recipient: published, for this test only.
+const EXAMPLE_AGE_IDENTITY: &str =
+    "AGE-SECRET-KEY-1NY6YW98QYA4MA9AHQJQ3KN93R7RNEX2NLH4AH0EU2083UK2KE6MQZHMEV3";
 const EXAMPLE_KEY: &str = "AAAAC3NzaC1lZDI1NTE5AAAAIJF3X2of517d5Kg00cGhwfj7PqWgUgbbxnZyL96Twgi5";
 const FLEET_PASSWORD: &str = "rotate-me-quarterly-2026";
 const WEB_ADMIN_HASH: &str = "$6$exampleSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0";
@@ -83,6 +87,20 @@ fn every_example_applied_with_kubectl_ends_ready_and_the_guests_show_it() {
     assert!(
         db1.password_matches("alice", &weekly).expect("shadow"),
         "db-1: alice has the password of the scheduled rotation's Secret"
+    );
+    let identity: age::x25519::Identity = EXAMPLE_AGE_IDENTITY.parse().expect("identity");
+    let sealed = world.block_on(world.output_secrets(NS, "guestcred.io/reset=db-0-alice-sealed"));
+    assert_eq!(sealed.len(), 1, "one sealed Secret");
+    assert!(
+        sealed[0].password.is_empty(),
+        "no plaintext in the sealed Secret"
+    );
+    let armored = sealed[0].sealed.as_deref().expect("a ciphertext");
+    let plain = age::decrypt(&identity, armored.as_bytes()).expect("decrypts with the identity");
+    let plain = String::from_utf8(plain).expect("utf-8");
+    assert!(
+        db0.password_matches("alice", &plain).expect("shadow"),
+        "db-0: alice has the sealed password"
     );
     let next = kubectl.run(&[
         "get",
