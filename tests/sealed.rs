@@ -203,3 +203,60 @@ async fn retries_in_the_same_process_resend_the_same_sealed_value() {
     assert!(verifies(&password, &hash), "the guest holds it");
     w.assert_not_leaked(&[&password]).await;
 }
+
+#[tokio::test]
+async fn a_restart_before_any_call_got_through_applies_a_new_sealed_value_from_a_new_secret() {
+    let mut w = world().await;
+    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let id = age::x25519::Identity::generate();
+    // The node's shim is down: the value is sealed and stored, its calls go nowhere.
+    w.kill_shim("node-1");
+    w.put(&sealed_reset("early", "vm-a", &id).rotate_every("720h", 0))
+        .await;
+    w.wait_for::<GuestPasswordReset>(NS, "early", WAIT, target_reason("ShimUnavailable"))
+        .await
+        .expect("ShimUnavailable while the shim is down");
+    let first = sealed_secrets(&w, "early").await;
+    assert_eq!(first.len(), 1, "sealed and stored before the call");
+    let first = first.into_iter().next().expect("one");
+
+    w.kill_controller();
+    w.restart_shim("node-1").await;
+    w.start_controller();
+    let r: GuestPasswordReset = w
+        .wait_for(NS, "early", WAIT, finished)
+        .await
+        .expect("finishes after the restart");
+    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:?}", r.status);
+    let now = target0(&r)
+        .and_then(|t| t.output_secret.clone())
+        .expect("output Secret");
+    assert_ne!(
+        now, first.name,
+        "a new Secret, not the unreadable first one"
+    );
+    let stored = sealed_secrets(&w, "early").await;
+    let current = stored
+        .iter()
+        .find(|s| s.name == now)
+        .expect("the applied value is stored");
+    let b = unseal(&id, current.sealed.as_deref().expect("ciphertext"));
+    let a = unseal(&id, first.sealed.as_deref().expect("ciphertext"));
+    let hash = hash_of(&qga, "alice").expect("alice has a password");
+    assert!(verifies(&b, &hash), "the guest holds the new value");
+    let mut left = stored;
+    for _ in 0..100 {
+        if left.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = sealed_secrets(&w, "early").await;
+    }
+    let names: Vec<&str> = left.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [now.as_str()],
+        "the first is pruned once the new one is verified"
+    );
+    w.assert_not_leaked(&[&a, &b]).await;
+}

@@ -12,6 +12,7 @@
 //!   a **new** Secret (the next sequence number of that target's run) and applies that
 //!   ([`next_step`]).
 use super::error::Error;
+pub use super::secrets::SEAL_SEQ_ANNOTATION;
 use super::secrets::{self, RESET_LABEL, RUN_LABEL, SEALED_LABEL, VM_LABEL};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ListParams, PostParams};
@@ -24,8 +25,6 @@ use std::time::{Duration, Instant};
 
 /// Key of the armored ciphertext inside a sealed output Secret.
 pub const SEALED_PASSWORD_KEY: &str = "password.age";
-/// Annotation: the sequence number of a sealed Secret within its target's run (0, 1, …).
-pub const SEAL_SEQ_ANNOTATION: &str = "guestcred.io/seal-seq";
 /// Annotation: the age recipient the value is sealed to (public).
 pub const SEALED_TO_ANNOTATION: &str = "guestcred.io/sealed-to";
 

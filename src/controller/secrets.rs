@@ -19,6 +19,8 @@ pub const VM_LABEL: &str = "guestcred.io/vm";
 /// Label of a sealed output Secret (value `age`): it holds a ciphertext the controller
 /// cannot read back (see `controller::sealed`).
 pub const SEALED_LABEL: &str = "guestcred.io/sealed";
+/// Annotation: the sequence number of a sealed Secret within its target's run (0, 1, …).
+pub const SEAL_SEQ_ANNOTATION: &str = "guestcred.io/seal-seq";
 
 /// Refuse references to another namespace (a namespaced object must not read others' Secrets).
 pub fn check_same_namespace(r: &SecretKeyRef, own_ns: &str, field: &str) -> Result<(), Error> {
@@ -305,7 +307,16 @@ pub async fn prune_generated<K: Resource<DynamicType = ()>>(
                 name: m.metadata.name.clone()?,
                 vm: labels.get(VM_LABEL)?.clone(),
                 created: m.metadata.creation_timestamp.as_ref()?.0,
-                sealed: labels.contains_key(SEALED_LABEL),
+                sealed: labels.contains_key(SEALED_LABEL).then(|| SealedOrder {
+                    run: labels.get(RUN_LABEL).cloned().unwrap_or_default(),
+                    seq: m
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(SEAL_SEQ_ANNOTATION))
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0),
+                }),
             })
         })
         .collect();
@@ -326,13 +337,22 @@ pub async fn prune_generated<K: Resource<DynamicType = ()>>(
     Ok(doomed.len())
 }
 
-/// A generated Secret as listed: its name, VM and creation time, and whether it is sealed.
+/// A generated Secret as listed: its name, VM and creation time, and for a sealed one its
+/// place among the sealed Secrets of its target's run.
 #[derive(Clone, Debug)]
 struct StoredPassword {
     name: String,
     vm: String,
     created: k8s_openapi::jiff::Timestamp,
-    sealed: bool,
+    sealed: Option<SealedOrder>,
+}
+
+/// A sealed Secret's run ([`RUN_LABEL`]) and number in it ([`SEAL_SEQ_ANNOTATION`]): within
+/// one run and VM, a higher number was sealed later.
+#[derive(Clone, Debug, PartialEq)]
+struct SealedOrder {
+    run: String,
+    seq: u32,
 }
 
 /// The Secrets to delete: per VM whose current Secret is known (its target succeeded: the
@@ -340,20 +360,21 @@ struct StoredPassword {
 /// Never the current one, never a newer one (a run that has not finished may be applying
 /// it), never a VM without a current one. A sealed Secret's value may be in the guest
 /// (its call may have been sent) and cannot be read back, so it goes only when it is known
-/// to be older than the verified one: created in an earlier second (creation times have
-/// whole seconds; a tie may be a newer value, which is kept).
+/// to be older than the verified one: a lower number of the same run, or created in an
+/// earlier second (creation times have whole seconds; a tie may be a newer value, which
+/// is kept).
 fn to_prune(stored: &[StoredPassword], current: &BTreeMap<&str, &str>, keep: usize) -> Vec<String> {
     let mut doomed = Vec::new();
     for (vm, now) in current {
-        let Some(now_created) = stored.iter().find(|s| s.name == *now).map(|s| s.created) else {
+        let Some(current) = stored.iter().find(|s| s.name == *now) else {
             continue;
         };
-        let older_than_now = |s: &StoredPassword| {
-            if s.sealed {
-                s.created < now_created
-            } else {
-                s.created <= now_created
-            }
+        let now_created = current.created;
+        let older_than_now = |s: &StoredPassword| match (&s.sealed, &current.sealed) {
+            // Sealed Secrets of one run and VM are numbered in the order they were sealed.
+            (Some(a), Some(b)) if a.run == b.run => a.seq < b.seq,
+            (Some(_), _) => s.created < now_created,
+            (None, _) => s.created <= now_created,
         };
         let mut older: Vec<&StoredPassword> = stored
             .iter()
@@ -493,15 +514,36 @@ mod tests {
             name: name.into(),
             vm: vm.into(),
             created: k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + at).expect("time"),
-            sealed: false,
+            sealed: None,
         }
     }
 
     fn sealed(name: &str, vm: &str, at: i64) -> StoredPassword {
+        sealed_in_run(name, vm, at, name, 0)
+    }
+
+    fn sealed_in_run(name: &str, vm: &str, at: i64, run: &str, seq: u32) -> StoredPassword {
         StoredPassword {
-            sealed: true,
+            sealed: Some(SealedOrder {
+                run: run.into(),
+                seq,
+            }),
             ..stored(name, vm, at)
         }
+    }
+
+    #[test]
+    fn a_lower_numbered_sealed_secret_of_the_same_run_is_older_even_in_the_same_second() {
+        // A restart right after sealing: number 0 and number 1 of one run, same second.
+        // Number 1 verified: number 0 is known to be older, and may go.
+        let all = [
+            sealed_in_run("a-0", "a", 5, "r2", 0),
+            sealed_in_run("a-1", "a", 5, "r2", 1),
+            sealed_in_run("x-0", "a", 5, "r3", 0),
+        ];
+        assert_eq!(to_prune(&all, &BTreeMap::from([("a", "a-1")]), 0), ["a-0"]);
+        // The other way round (number 0 verified) number 1 is newer: kept.
+        assert!(to_prune(&all, &BTreeMap::from([("a", "a-0")]), 0).is_empty());
     }
 
     #[test]
