@@ -36,7 +36,7 @@
 use async_trait::async_trait;
 use guestcred::api::validate::{Password, PublicKeys, UserName, ValidDomain};
 use guestcred::api::wire::{GuestOsInfo, ProbeResponse, ShimError, ShimErrorReason};
-use guestcred::shim::agent::GuestAgent;
+use guestcred::shim::agent::{AgentCall, AgentReply, GuestAgent};
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -711,9 +711,8 @@ impl SimAgent {
     }
 }
 
-#[async_trait]
-impl GuestAgent for SimAgent {
-    async fn probe(&self, domain: &ValidDomain) -> Result<ProbeResponse, ShimError> {
+impl SimAgent {
+    async fn guest_info(&self, domain: &ValidDomain) -> Result<ProbeResponse, ShimError> {
         let version = self.opts.agent_version.clone();
         let os = self.opts.os.clone();
         self.call(
@@ -740,7 +739,7 @@ impl GuestAgent for SimAgent {
         })
     }
 
-    async fn set_password(
+    async fn set_user_password(
         &self,
         domain: &ValidDomain,
         user: &UserName,
@@ -779,96 +778,96 @@ impl GuestAgent for SimAgent {
         .await
     }
 
-    async fn get_ssh_keys(
+    /// A call on `user`'s authorized_keys file (in file order), refused for an unknown
+    /// user as qemu-ga's user lookup does.
+    async fn keys_call<T: Send + 'static>(
         &self,
         domain: &ValidDomain,
+        op: SimOp,
         user: &UserName,
-    ) -> Result<Vec<String>, ShimError> {
+        keys: Option<&PublicKeys>,
+        apply: impl FnOnce(&mut BTreeMap<String, Vec<String>>, String) -> T + Send + 'static,
+    ) -> Result<T, ShimError> {
         let known = self.user_check(user);
         let name = user.as_str().to_string();
-        self.call(
-            domain,
-            SimOp::GetKeys,
-            Some(user),
-            None,
-            None,
-            &self.opts.latency.keys,
-            move |g| {
-                known?;
-                // qemu-ga answers in reverse file order.
-                Ok(g.keys
-                    .get(&name)
-                    .map(|k| k.iter().rev().cloned().collect())
-                    .unwrap_or_default())
-            },
-        )
-        .await
-    }
-
-    async fn add_ssh_keys(
-        &self,
-        domain: &ValidDomain,
-        user: &UserName,
-        keys: &PublicKeys,
-        reset: bool,
-    ) -> Result<(), ShimError> {
-        let known = self.user_check(user);
-        let name = user.as_str().to_string();
-        let new: Vec<String> = keys.as_slice().to_vec();
-        let op = if reset {
-            SimOp::ReplaceKeys
-        } else {
-            SimOp::AddKeys
-        };
         self.call(
             domain,
             op,
             Some(user),
-            Some(self.keys_digest(keys)),
+            keys.map(|k| self.keys_digest(k)),
             None,
             &self.opts.latency.keys,
             move |g| {
                 known?;
-                let file = g.keys.entry(name).or_default();
-                if reset {
-                    file.clear();
-                }
-                for k in new {
-                    if !file.contains(&k) {
-                        file.push(k);
-                    }
-                }
-                Ok(())
+                Ok(apply(&mut g.keys, name))
             },
         )
         .await
     }
+}
 
-    async fn remove_ssh_keys(
+#[async_trait]
+impl GuestAgent for SimAgent {
+    async fn execute(
         &self,
         domain: &ValidDomain,
-        user: &UserName,
-        keys: &PublicKeys,
-    ) -> Result<(), ShimError> {
-        let known = self.user_check(user);
-        let name = user.as_str().to_string();
-        let gone: Vec<String> = keys.as_slice().to_vec();
-        self.call(
-            domain,
-            SimOp::RemoveKeys,
-            Some(user),
-            Some(self.keys_digest(keys)),
-            None,
-            &self.opts.latency.keys,
-            move |g| {
-                known?;
-                if let Some(file) = g.keys.get_mut(&name) {
-                    file.retain(|k| !gone.contains(k));
-                }
-                Ok(())
-            },
-        )
-        .await
+        call: AgentCall<'_>,
+    ) -> Result<AgentReply, ShimError> {
+        let done = |()| AgentReply::Done;
+        match call {
+            AgentCall::Probe => self.guest_info(domain).await.map(AgentReply::Probe),
+            AgentCall::SetPassword { user, password } => self
+                .set_user_password(domain, user, password)
+                .await
+                .map(done),
+            AgentCall::GetSshKeys { user } => self
+                .keys_call(domain, SimOp::GetKeys, user, None, |files, name| {
+                    // qemu-ga answers in reverse file order.
+                    files
+                        .get(&name)
+                        .map(|k| k.iter().rev().cloned().collect())
+                        .unwrap_or_default()
+                })
+                .await
+                .map(AgentReply::Keys),
+            AgentCall::AddSshKeys { user, keys, reset } => {
+                let op = if reset {
+                    SimOp::ReplaceKeys
+                } else {
+                    SimOp::AddKeys
+                };
+                let new = keys.as_slice().to_vec();
+                self.keys_call(domain, op, user, Some(keys), move |files, name| {
+                    let file = files.entry(name).or_default();
+                    if reset {
+                        file.clear();
+                    }
+                    for k in new {
+                        if !file.contains(&k) {
+                            file.push(k);
+                        }
+                    }
+                })
+                .await
+                .map(done)
+            }
+            AgentCall::RemoveSshKeys { user, keys } => {
+                let gone = keys.as_slice().to_vec();
+                self.keys_call(
+                    domain,
+                    SimOp::RemoveKeys,
+                    user,
+                    Some(keys),
+                    move |files, name| {
+                        if let Some(file) = files.get_mut(&name) {
+                            file.retain(|k| !gone.contains(k));
+                        }
+                    },
+                )
+                .await
+                .map(done)
+            }
+        }
     }
 }
 
@@ -1190,9 +1189,8 @@ mod tests {
         assert_eq!(a.domains(), ["default/vm-0"]);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_second_call_after_a_success_is_reported_and_retries_after_failures_are_not() {
-        let a = agent(SimAgentOptions::default());
+    /// root's password on vm-0: one call that fails (Internal), then one that succeeds.
+    async fn set_root_password_after_a_failure(a: &SimAgent) {
         let (d, root) = (dom("vm-0"), user("root"));
         a.set_behavior("default", "vm-0", Behavior::Fail(ShimErrorReason::Internal));
         a.set_password(&d, &root, &crypted(HASH))
@@ -1200,6 +1198,13 @@ mod tests {
             .expect_err("fails");
         a.set_behavior("default", "vm-0", Behavior::Normal);
         a.set_password(&d, &root, &crypted(HASH)).await.expect("ok");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_call_after_a_success_is_reported_and_retries_after_failures_are_not() {
+        let a = agent(SimAgentOptions::default());
+        let (d, root) = (dom("vm-0"), user("root"));
+        set_root_password_after_a_failure(&a).await;
         // Another user and another op are other targets.
         a.set_password(&d, &user("alice"), &crypted(HASH))
             .await
@@ -1219,12 +1224,7 @@ mod tests {
     async fn successes_count_only_calls_answered_ok_of_that_op() {
         let a = agent(SimAgentOptions::default());
         let (d, root) = (dom("vm-0"), user("root"));
-        a.set_behavior("default", "vm-0", Behavior::Fail(ShimErrorReason::Internal));
-        a.set_password(&d, &root, &crypted(HASH))
-            .await
-            .expect_err("fails");
-        a.set_behavior("default", "vm-0", Behavior::Normal);
-        a.set_password(&d, &root, &crypted(HASH)).await.expect("ok");
+        set_root_password_after_a_failure(&a).await;
         a.get_ssh_keys(&d, &root).await.expect("get");
         assert_eq!(a.successes(SimOp::SetPassword), 1);
         assert_eq!(a.successes(SimOp::GetKeys), 1);

@@ -29,9 +29,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use zeroize::Zeroizing;
 
-use super::agent::{GuestAgent, expand_template};
-use super::errors::{self, UserCheck};
-use crate::api::validate::{Password, PublicKeys, UserName, ValidDomain};
+use super::agent::{AgentCall, AgentReply, GuestAgent, expand_template, settle};
+use super::errors;
+use crate::api::validate::{Password, UserName, ValidDomain};
 use crate::api::wire::{GuestOsInfo, ProbeResponse, ShimError, ShimErrorReason};
 
 /// Default socket path template: one directory per namespace, so VMs of the same name in
@@ -277,16 +277,31 @@ pub(crate) fn parse_os_info(os: &Value) -> GuestOsInfo {
     }
 }
 
-#[async_trait]
-impl GuestAgent for QgaSocketAgent {
-    async fn probe(&self, domain: &ValidDomain) -> Result<ProbeResponse, ShimError> {
-        let info = match self.command(domain, "guest-info", json!({})).await {
-            Ok(info) => info,
-            Err(e) if e.reason == ShimErrorReason::AgentNotConnected => {
-                return Ok(ProbeResponse::default());
-            }
-            Err(e) => return Err(e),
-        };
+/// The `guest-set-user-password` request for `user`, in a buffer zeroed on drop (qemu-ga
+/// takes the password base64-encoded).
+fn set_password_request(
+    user: &UserName,
+    password: &Password,
+) -> Result<Zeroizing<Vec<u8>>, ShimError> {
+    let encoded = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD.encode(password.secret().expose_secret()),
+    );
+    let command = SetPasswordCommand {
+        execute: "guest-set-user-password",
+        arguments: SetPasswordArguments {
+            username: user.as_str(),
+            password: &encoded,
+            crypted: password.crypted(),
+        },
+    };
+    serde_json::to_vec(&command)
+        .map(Zeroizing::new)
+        .map_err(|e| ShimError::internal(format!("encoding request: {e}")))
+}
+
+impl QgaSocketAgent {
+    async fn guest_info(&self, domain: &ValidDomain) -> Result<ProbeResponse, ShimError> {
+        let info = self.command(domain, "guest-info", json!({})).await?;
         let mut probe = parse_guest_info(&info);
         if probe
             .supported_commands
@@ -301,83 +316,46 @@ impl GuestAgent for QgaSocketAgent {
         }
         Ok(probe)
     }
+}
 
-    async fn set_password(
+#[async_trait]
+impl GuestAgent for QgaSocketAgent {
+    async fn execute(
         &self,
         domain: &ValidDomain,
-        user: &UserName,
-        password: &Password,
-    ) -> Result<(), ShimError> {
-        let encoded = Zeroizing::new(
-            base64::engine::general_purpose::STANDARD.encode(password.secret().expose_secret()),
-        );
-        let command = SetPasswordCommand {
-            execute: "guest-set-user-password",
-            arguments: SetPasswordArguments {
-                username: user.as_str(),
-                password: &encoded,
-                crypted: password.crypted(),
-            },
-        };
-        let request = Zeroizing::new(
-            serde_json::to_vec(&command)
-                .map_err(|e| ShimError::internal(format!("encoding request: {e}")))?,
-        );
-        match self.call(domain, request).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.reason == ShimErrorReason::UserNotFound => {
-                let check = UserCheck::from_get_keys(&self.get_ssh_keys(domain, user).await);
-                Err(errors::password_failure(e, check))
+        call: AgentCall<'_>,
+    ) -> Result<AgentReply, ShimError> {
+        let done = |_| AgentReply::Done;
+        let result = match call {
+            AgentCall::Probe => self.guest_info(domain).await.map(AgentReply::Probe),
+            AgentCall::SetPassword { user, password } => {
+                match set_password_request(user, password) {
+                    Ok(request) => self.call(domain, request).await.map(done),
+                    Err(e) => Err(e),
+                }
             }
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn get_ssh_keys(
-        &self,
-        domain: &ValidDomain,
-        user: &UserName,
-    ) -> Result<Vec<String>, ShimError> {
-        let args = json!({ "username": user.as_str() });
-        match self
-            .command(domain, "guest-ssh-get-authorized-keys", args)
-            .await
-        {
-            Ok(v) => string_list(&v, "keys"),
-            Err(e) if errors::is_missing_authorized_keys(&e.message) => Ok(Vec::new()),
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn add_ssh_keys(
-        &self,
-        domain: &ValidDomain,
-        user: &UserName,
-        keys: &PublicKeys,
-        reset: bool,
-    ) -> Result<(), ShimError> {
-        let args = json!({ "username": user.as_str(), "keys": keys.as_slice(), "reset": reset });
-        self.command(domain, "guest-ssh-add-authorized-keys", args)
-            .await
-            .map(drop)
-    }
-
-    async fn remove_ssh_keys(
-        &self,
-        domain: &ValidDomain,
-        user: &UserName,
-        keys: &PublicKeys,
-    ) -> Result<(), ShimError> {
-        let args = json!({ "username": user.as_str(), "keys": keys.as_slice() });
-        match self
-            .command(domain, "guest-ssh-remove-authorized-keys", args)
-            .await
-        {
-            Ok(_) => Ok(()),
-            // Nothing to remove from a file that does not exist.
-            Err(e) if errors::is_missing_authorized_keys(&e.message) => Ok(()),
-            Err(e) => Err(e),
-        }
+            AgentCall::GetSshKeys { user } => {
+                let args = json!({ "username": user.as_str() });
+                self.command(domain, "guest-ssh-get-authorized-keys", args)
+                    .await
+                    .and_then(|v| string_list(&v, "keys"))
+                    .map(AgentReply::Keys)
+            }
+            AgentCall::AddSshKeys { user, keys, reset } => {
+                let args =
+                    json!({ "username": user.as_str(), "keys": keys.as_slice(), "reset": reset });
+                self.command(domain, "guest-ssh-add-authorized-keys", args)
+                    .await
+                    .map(done)
+            }
+            AgentCall::RemoveSshKeys { user, keys } => {
+                let args = json!({ "username": user.as_str(), "keys": keys.as_slice() });
+                self.command(domain, "guest-ssh-remove-authorized-keys", args)
+                    .await
+                    .map(done)
+            }
+        };
+        settle(self, domain, call, result).await
     }
 }
 
@@ -462,5 +440,19 @@ mod tests {
         assert_eq!(os.pretty_name.as_deref(), Some("Debian 12"));
         assert_eq!(os.version_id.as_deref(), Some("12"));
         assert_eq!(os.kernel_release.as_deref(), Some("6.1"));
+    }
+
+    #[test]
+    fn the_password_request_carries_the_password_base64_encoded_and_the_crypted_flag() {
+        let user = crate::api::validate::user("alice").expect("user");
+        let password = crate::api::validate::password(&"s3cret pass".to_string().into(), false)
+            .expect("password");
+        let request = set_password_request(&user, &password).expect("encodes");
+        let v: Value = serde_json::from_slice(&request).expect("JSON");
+        assert_eq!(
+            v,
+            json!({"execute": "guest-set-user-password", "arguments": {
+                "username": "alice", "password": "czNjcmV0IHBhc3M=", "crypted": false}})
+        );
     }
 }

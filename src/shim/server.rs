@@ -32,12 +32,10 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
-use super::agent::GuestAgent;
+use super::agent::{AgentCall, AgentReply, GuestAgent};
 use super::auth::{Auth, AuthState, PeerCertificate, require_auth};
 pub use super::errors::ApiError;
-use crate::api::validate::{
-    self, MAX_KEY_BYTES, MAX_KEYS, MAX_PASSWORD_BYTES, Password, PublicKeys, UserName, ValidDomain,
-};
+use crate::api::validate::{self, MAX_KEY_BYTES, MAX_KEYS, MAX_PASSWORD_BYTES, ValidDomain};
 use crate::api::wire::{
     DomainRef, GetSshKeysRequest, KeyOp, ProbeRequest, ProbeResponse, SetPasswordRequest,
     SetPasswordResponse, ShimError, ShimErrorReason, SshKeysRequest, SshKeysResponse, paths,
@@ -559,77 +557,20 @@ struct MeteredAgent {
     backend: &'static str,
 }
 
-impl MeteredAgent {
-    async fn metered<T>(
+#[async_trait]
+impl GuestAgent for MeteredAgent {
+    async fn execute(
         &self,
-        operation: &'static str,
-        call: impl Future<Output = Result<T, ShimError>>,
-    ) -> Result<T, ShimError> {
-        let guard = self.metrics.start_call(operation, self.backend);
-        let result = call.await;
+        domain: &ValidDomain,
+        call: AgentCall<'_>,
+    ) -> Result<AgentReply, ShimError> {
+        let guard = self.metrics.start_call(call.operation(), self.backend);
+        let result = self.inner.execute(domain, call).await;
         guard.finish(match &result {
             Ok(_) => "ok",
             Err(e) => e.reason.as_str(),
         });
         result
-    }
-}
-
-#[async_trait]
-impl GuestAgent for MeteredAgent {
-    async fn probe(&self, domain: &ValidDomain) -> Result<ProbeResponse, ShimError> {
-        self.metered("probe", self.inner.probe(domain)).await
-    }
-
-    async fn set_password(
-        &self,
-        domain: &ValidDomain,
-        user: &UserName,
-        password: &Password,
-    ) -> Result<(), ShimError> {
-        self.metered(
-            "set-password",
-            self.inner.set_password(domain, user, password),
-        )
-        .await
-    }
-
-    async fn get_ssh_keys(
-        &self,
-        domain: &ValidDomain,
-        user: &UserName,
-    ) -> Result<Vec<String>, ShimError> {
-        self.metered("get-ssh-keys", self.inner.get_ssh_keys(domain, user))
-            .await
-    }
-
-    async fn add_ssh_keys(
-        &self,
-        domain: &ValidDomain,
-        user: &UserName,
-        keys: &PublicKeys,
-        reset: bool,
-    ) -> Result<(), ShimError> {
-        let op = if reset {
-            "replace-ssh-keys"
-        } else {
-            "add-ssh-keys"
-        };
-        self.metered(op, self.inner.add_ssh_keys(domain, user, keys, reset))
-            .await
-    }
-
-    async fn remove_ssh_keys(
-        &self,
-        domain: &ValidDomain,
-        user: &UserName,
-        keys: &PublicKeys,
-    ) -> Result<(), ShimError> {
-        self.metered(
-            "remove-ssh-keys",
-            self.inner.remove_ssh_keys(domain, user, keys),
-        )
-        .await
     }
 
     async fn ready(&self) -> Result<(), ShimError> {

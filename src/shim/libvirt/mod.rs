@@ -22,10 +22,10 @@ use serde_json::Value;
 use virt::connect::Connect;
 use virt::domain::Domain;
 
-use super::agent::{GuestAgent, expand_template};
-use super::errors::{self, UserCheck};
+use super::agent::{AgentCall, AgentReply, GuestAgent, expand_template, settle};
+use super::errors;
 use super::qga::{parse_guest_info, parse_os_info};
-use crate::api::validate::{Password, PublicKeys, UserName, ValidDomain};
+use crate::api::validate::{PublicKeys, UserName, ValidDomain};
 use crate::api::wire::{ProbeResponse, ShimError, ShimErrorReason};
 
 /// Default domain name: KubeVirt's `<namespace>_<name>`.
@@ -398,10 +398,9 @@ fn agent_return(raw: &str) -> Result<Value, ShimError> {
     Ok(v.get("return").cloned().unwrap_or(Value::Null))
 }
 
-#[async_trait]
-impl GuestAgent for LibvirtAgent {
-    async fn probe(&self, domain: &ValidDomain) -> Result<ProbeResponse, ShimError> {
-        let result = self
+impl LibvirtAgent {
+    async fn guest_info(&self, domain: &ValidDomain) -> Result<ProbeResponse, ShimError> {
+        let (info, os) = self
             .run(domain, |dom, secs| {
                 let info = dom.qemu_agent_command(r#"{"execute":"guest-info"}"#, secs, 0)?;
                 // OS info is a nicety: its failure must not fail the probe.
@@ -410,14 +409,7 @@ impl GuestAgent for LibvirtAgent {
                     .ok();
                 Ok((info, os))
             })
-            .await;
-        let (info, os) = match result {
-            Ok(v) => v,
-            Err(e) if e.reason == ShimErrorReason::AgentNotConnected => {
-                return Ok(ProbeResponse::default());
-            }
-            Err(e) => return Err(e),
-        };
+            .await?;
         let mut probe = parse_guest_info(&agent_return(&info)?);
         if let Some(os) = os {
             probe.os = agent_return(&os).ok().map(|v| parse_os_info(&v));
@@ -425,90 +417,71 @@ impl GuestAgent for LibvirtAgent {
         Ok(probe)
     }
 
-    async fn set_password(
-        &self,
-        domain: &ValidDomain,
-        user: &UserName,
-        password: &Password,
-    ) -> Result<(), ShimError> {
-        let secret = password.secret().clone();
-        let name = user.as_str().to_owned();
-        // VIR_DOMAIN_PASSWORD_ENCRYPTED
-        let flags = u32::from(password.crypted());
-        let result = self
-            .run(domain, move |dom, _| {
-                dom.set_user_password(&name, secret.expose_secret(), flags)
-            })
-            .await;
-        match result {
-            Err(e) if e.reason == ShimErrorReason::UserNotFound => {
-                let check = UserCheck::from_get_keys(&self.get_ssh_keys(domain, user).await);
-                Err(errors::password_failure(e, check))
-            }
-            other => other,
-        }
-    }
-
-    async fn get_ssh_keys(
-        &self,
-        domain: &ValidDomain,
-        user: &UserName,
-    ) -> Result<Vec<String>, ShimError> {
-        let name = user.as_str().to_owned();
-        match self
-            .run(domain, move |dom, _| {
-                ffi::authorized_ssh_keys_get(dom, &name)
-            })
-            .await
-        {
-            Err(e) if errors::is_missing_authorized_keys(&e.message) => Ok(Vec::new()),
-            other => other,
-        }
-    }
-
-    async fn add_ssh_keys(
+    /// `flags`: one of the `ffi::SSH_KEYS_*` constants. No keys to append or remove is
+    /// nothing to do.
+    async fn set_keys(
         &self,
         domain: &ValidDomain,
         user: &UserName,
         keys: &PublicKeys,
-        reset: bool,
+        flags: u32,
     ) -> Result<(), ShimError> {
-        if keys.is_empty() && !reset {
+        if keys.is_empty() && flags != ffi::SSH_KEYS_REPLACE {
             return Ok(());
         }
         let name = user.as_str().to_owned();
         let keys = keys.as_slice().to_vec();
-        let flags = if reset {
-            ffi::SSH_KEYS_REPLACE
-        } else {
-            ffi::SSH_KEYS_APPEND
-        };
         self.run(domain, move |dom, _| {
             ffi::authorized_ssh_keys_set(dom, &name, &keys, flags)
         })
         .await
     }
+}
 
-    async fn remove_ssh_keys(
+#[async_trait]
+impl GuestAgent for LibvirtAgent {
+    async fn execute(
         &self,
         domain: &ValidDomain,
-        user: &UserName,
-        keys: &PublicKeys,
-    ) -> Result<(), ShimError> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let name = user.as_str().to_owned();
-        let keys = keys.as_slice().to_vec();
-        match self
-            .run(domain, move |dom, _| {
-                ffi::authorized_ssh_keys_set(dom, &name, &keys, ffi::SSH_KEYS_REMOVE)
-            })
-            .await
-        {
-            Err(e) if errors::is_missing_authorized_keys(&e.message) => Ok(()),
-            other => other,
-        }
+        call: AgentCall<'_>,
+    ) -> Result<AgentReply, ShimError> {
+        let result = match call {
+            AgentCall::Probe => self.guest_info(domain).await.map(AgentReply::Probe),
+            AgentCall::SetPassword { user, password } => {
+                let secret = password.secret().clone();
+                let name = user.as_str().to_owned();
+                // VIR_DOMAIN_PASSWORD_ENCRYPTED
+                let flags = u32::from(password.crypted());
+                self.run(domain, move |dom, _| {
+                    dom.set_user_password(&name, secret.expose_secret(), flags)
+                })
+                .await
+                .map(|()| AgentReply::Done)
+            }
+            AgentCall::GetSshKeys { user } => {
+                let name = user.as_str().to_owned();
+                self.run(domain, move |dom, _| {
+                    ffi::authorized_ssh_keys_get(dom, &name)
+                })
+                .await
+                .map(AgentReply::Keys)
+            }
+            AgentCall::AddSshKeys { user, keys, reset } => {
+                let flags = if reset {
+                    ffi::SSH_KEYS_REPLACE
+                } else {
+                    ffi::SSH_KEYS_APPEND
+                };
+                self.set_keys(domain, user, keys, flags)
+                    .await
+                    .map(|()| AgentReply::Done)
+            }
+            AgentCall::RemoveSshKeys { user, keys } => self
+                .set_keys(domain, user, keys, ffi::SSH_KEYS_REMOVE)
+                .await
+                .map(|()| AgentReply::Done),
+        };
+        settle(self, domain, call, result).await
     }
 
     async fn ready(&self) -> Result<(), ShimError> {
