@@ -849,14 +849,6 @@ const CONTROLLER_CALLS: &[Call] = &[
         "engine/status.rs merge patches",
     ),
     (
-        "guestcred.io",
-        "guestpasswordresets/finalizers",
-        &["update"],
-        &[],
-        Scope::Watched,
-        "secrets::ensure_generated: blockOwnerDeletion owner reference (admission check)",
-    ),
-    (
         "kubevirt.io",
         "virtualmachineinstances",
         &["get", "list", "watch", "patch"],

@@ -284,6 +284,12 @@ impl VmDescription {
         let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), &self.namespace);
         vms.create(&PostParams::default(), &self.vm_object())
             .await?;
+        self.create_without_vm(client).await
+    }
+
+    /// Create only the VMI (with status): a VMI started without a VirtualMachine, as
+    /// `kubectl create -f vmi.yaml` does in KubeVirt.
+    pub async fn create_without_vm(&self, client: &Client) -> kube::Result<()> {
         let vmis: Api<VirtualMachineInstance> = Api::namespaced(client.clone(), &self.namespace);
         vmis.create(&PostParams::default(), &self.vmi_object())
             .await?;

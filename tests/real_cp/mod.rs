@@ -295,3 +295,109 @@ pub fn sa_user(ns: &str, sa: &str) -> String {
 pub fn lab_admin_path() -> PathBuf {
     started().admin.clone()
 }
+
+// ---- a node of simulated guests -------------------------------------------------------
+
+/// The node of simulated guests: a real [`ShimApp`](guestcred::shim::server::ShimApp)
+/// with the lab's mutual TLS on the lab's shim port, its Pod owned by the chart's shim
+/// DaemonSet (so the controller finds it as it finds every shim), answered by a
+/// [`SimAgent`](guestcred_lab::simagent::SimAgent) instead of qemu-ga. For runs whose size
+/// is what is tested (over 100 targets); the real guests stay the proof that a guest
+/// really changes.
+pub struct SimNode {
+    pub name: String,
+    pub agent: std::sync::Arc<guestcred_lab::simagent::SimAgent>,
+}
+
+pub const SIM_NODE: &str = "node-sim";
+/// Its shim's address: loopback, apart from the lab nodes' 127.0.0.<10+i>.
+const SIM_NODE_IP: &str = "127.0.0.200";
+
+static SIM: tokio::sync::OnceCell<SimNode> = tokio::sync::OnceCell::const_new();
+
+/// This binary's node of simulated guests, started by the first test that asks (its
+/// shim runs on a runtime of its own, so it outlives that test).
+pub async fn sim_node() -> &'static SimNode {
+    SIM.get_or_init(|| async {
+        use guestcred::shim::{auth::Auth, server};
+        use guestcred::tls::server::ReloadingServerConfig;
+        use guestcred_lab::simagent::{OpLatencies, SimAgent, SimAgentOptions};
+        let state = &started().state;
+        let agent = std::sync::Arc::new(SimAgent::new(SimAgentOptions {
+            // A host qemu-ga's latencies: plaintext passwords in ~30 ms.
+            latency: OpLatencies::host_qemu_ga(),
+            ..SimAgentOptions::default()
+        }));
+        let app = server::ShimApp::new(agent.clone(), SIM_NODE).backend("simulated");
+        let tls = ReloadingServerConfig::new(state.tls().shim_server_files())
+            .expect("the lab's shim TLS files");
+        let auth = Auth::client_cert(vec![guestcred::tls::DEFAULT_ALLOWED_CLIENT.into()], None);
+        let addr = (SIM_NODE_IP, state.shim_port);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("sim-node-shim".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::bind(addr).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = tx.send(Err(format!("bind {addr:?}: {e}")));
+                            return;
+                        }
+                    };
+                    let _ = tx.send(Ok(()));
+                    let opts = server::ServeOptions::new(std::sync::Arc::new(tls));
+                    let _ = server::serve_with(
+                        listener,
+                        app.router(auth),
+                        opts,
+                        std::future::pending(),
+                    )
+                    .await;
+                });
+            })
+            .expect("shim thread");
+        rx.recv()
+            .expect("the simulated node's shim thread")
+            .unwrap_or_else(|e| panic!("the simulated node's shim: {e}"));
+        real::create_node_with_shim(&admin().await, SIM_NODE, &state.shim_namespace, SIM_NODE_IP)
+            .await
+            .expect("the simulated node and its shim Pod");
+        SimNode {
+            name: SIM_NODE.into(),
+            agent,
+        }
+    })
+    .await
+}
+
+/// Creates VMs `<prefix>-<i>` (VM + VMI, Running, agent connected) on the simulated node
+/// in `ns`, labelled `labels`; returns their names.
+pub async fn sim_vms(
+    client: &Client,
+    ns: &str,
+    prefix: &str,
+    count: usize,
+    labels: &[(&str, &str)],
+) -> Vec<String> {
+    let node = sim_node().await;
+    let mut names = Vec::with_capacity(count);
+    for i in 0..count {
+        let name = format!("{prefix}-{i:03}");
+        let mut vm = guestcred_lab::kubevirt::vm(ns, &name, &node.name);
+        for (k, v) in labels {
+            vm = vm.label(k, v);
+        }
+        vm.create(client)
+            .await
+            .unwrap_or_else(|e| panic!("create VM {ns}/{name}: {e}"));
+        node.agent.add_domain(ns, &name);
+        names.push(name);
+    }
+    names
+}

@@ -200,11 +200,6 @@ server's audit log and lists any rule no flow used.
 - apiGroups: [guestcred.io]
   resources: [guestpasswordresets/status, keypairrebuilds/status]
   verbs: [patch]
-# Generated-password Secrets carry a blockOwnerDeletion owner reference to their
-# GuestPasswordReset; OwnerReferencesPermissionEnforcement asks for this.
-- apiGroups: [guestcred.io]
-  resources: [guestpasswordresets/finalizers]
-  verbs: [update]
 # Where a VM runs (status.nodeName, activePods), whether its agent is connected.
 # patch: a VMI that has no VM carries the record of the SSH keys guestcred added
 # (annotation keys.guestcred.io/<user>), as a VM does otherwise.
