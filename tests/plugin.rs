@@ -228,6 +228,83 @@ async fn generated_password_then_status_and_show_password() {
     assert!(text.contains(&password), "printed to a terminal: {text}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_sets_a_new_generated_password_and_waits_for_it() {
+    let w = served(false).await;
+    let qga = w.add_guest(&vm(NS, "vm-r", "node-1")).await;
+    let out = plugin(
+        &w,
+        &["set-password", "vm-r", "--user", "alice", "--generate"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let name = created_name(&out);
+    let first = w.output_password(NS, &name, "vm-r").await;
+
+    let rotated = plugin(&w, &["rotate", &name]).await;
+    assert_eq!(rotated.code, 0, "{rotated:?}");
+    assert_plain(&rotated);
+    assert!(
+        rotated
+            .stderr
+            .contains("rotation requested (guestcred.io/rotate-now="),
+        "{rotated:?}"
+    );
+    assert!(
+        rotated
+            .stdout
+            .contains(&format!("gpr/{name}: Succeeded (1/1 VMs)")),
+        "the new run is followed to its end: {rotated:?}"
+    );
+    // The target's outputSecret names the new run's Secret; the first one is kept too.
+    let r: GuestPasswordReset = w.get(NS, &name).await;
+    let current = r.status.expect("status").run.targets[0]
+        .output_secret
+        .clone()
+        .expect("outputSecret");
+    let secrets = w
+        .output_secrets(NS, &format!("guestcred.io/reset={name}"))
+        .await;
+    assert_eq!(secrets.len(), 2, "the first Secret and the rotation's");
+    let second = secrets
+        .iter()
+        .find(|s| s.name == current)
+        .map(|s| s.password.clone())
+        .expect("the current Secret");
+    assert_ne!(second, first, "a new password");
+    assert!(
+        qga.password_matches("alice", &second).expect("shadow"),
+        "the guest holds the new password"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_refuses_a_reset_whose_password_comes_from_a_secret() {
+    let w = served(false).await;
+    w.apply(&secret("fixed-pw", "password", b"Fixed-Password-123"))
+        .await
+        .expect("secret");
+    w.apply(
+        &GuestPasswordReset::test("fixed")
+            .vm("vm-x")
+            .from_secret("fixed-pw"),
+    )
+    .await
+    .expect("reset");
+    let out = plugin(&w, &["rotate", "fixed", "--no-wait"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("fixed does not generate passwords (its password comes from a Secret"),
+        "{out:?}"
+    );
+    let r: GuestPasswordReset = w.get(NS, "fixed").await;
+    assert!(
+        !r.annotations().contains_key("guestcred.io/rotate-now"),
+        "nothing was changed"
+    );
+}
+
 /// An age identity file as `age-keygen -o FILE` writes it, in the world's directory.
 fn identity_file(w: &World, name: &str, id: &age::x25519::Identity) -> PathBuf {
     use age::secrecy::ExposeSecret;

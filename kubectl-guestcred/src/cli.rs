@@ -96,6 +96,7 @@ pub enum Command {
     SetPassword(SetPassword),
     Status(Status),
     ShowPassword(ShowPassword),
+    Rotate(Rotate),
     AddKey(AddKey),
     RemoveKey(RemoveKey),
     ListKeys(ListKeys),
@@ -311,6 +312,36 @@ pub struct ShowPassword {
     /// age identity file (as age-keygen writes it) to decrypt a sealed password with.
     #[arg(short = 'i', long, value_name = "FILE")]
     pub identity: Option<std::path::PathBuf>,
+}
+
+const ROTATE_EXAMPLES: &str = "\
+Examples:
+  # Give every VM of reset db-fleet a new generated password now, and wait for it
+  kubectl guestcred rotate db-fleet
+
+  # Ask for it and return at once
+  kubectl guestcred rotate db-fleet --no-wait
+";
+
+/// Rotate a reset's generated passwords now.
+#[derive(Debug, Args)]
+#[command(
+    about = "Rotate a reset's generated passwords now.",
+    long_about = "Rotate a reset's generated passwords now.
+
+ Sets the annotation guestcred.io/rotate-now on the GuestPasswordReset to a new value: the \
+controller starts a new run that generates a new password for every VM, stores each in a \
+Secret of its own before it sets it, and (with spec.rotation) prunes the older Secrets \
+beyond keepPrevious. Works with or without spec.rotation, for generated passwords only. \
+Follows the new run until every VM has a result, unless --no-wait.",
+    help_template = TEMPLATE,
+    after_help = ROTATE_EXAMPLES,
+)]
+pub struct Rotate {
+    /// The GuestPasswordReset.
+    pub reset: String,
+    #[command(flatten)]
+    pub follow: Follow,
 }
 
 const ADD_KEY_EXAMPLES: &str = "\

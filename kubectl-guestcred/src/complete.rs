@@ -11,6 +11,7 @@ use guestcred_api::{GuestPasswordReset, KeypairRebuild};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
+use serde::de::DeserializeOwned;
 use std::time::Duration;
 
 pub fn script(shell: Shell, out: &mut dyn std::io::Write) {
@@ -179,56 +180,27 @@ async fn cluster(g: &Global, what: Names) -> Vec<String> {
 }
 
 async fn names(client: Client, ns: &str, what: Names) -> kube::Result<Vec<String>> {
-    let lp = ListParams::default();
-    let of = |l: Vec<String>| -> kube::Result<Vec<String>> { Ok(l) };
     match what {
-        Names::Namespaces => of(Api::<Namespace>::all(client)
-            .list_metadata(&lp)
-            .await?
-            .items
-            .iter()
-            .map(ResourceExt::name_any)
-            .collect()),
-        Names::Vms => of(Api::<VirtualMachineInstance>::namespaced(client, ns)
-            .list_metadata(&lp)
-            .await?
-            .items
-            .iter()
-            .map(ResourceExt::name_any)
-            .collect()),
-        Names::Secrets => of(Api::<Secret>::namespaced(client, ns)
-            .list_metadata(&lp)
-            .await?
-            .items
-            .iter()
-            .map(ResourceExt::name_any)
-            .collect()),
-        Names::Resets => of(Api::<GuestPasswordReset>::namespaced(client, ns)
-            .list_metadata(&lp)
-            .await?
-            .items
-            .iter()
-            .map(ResourceExt::name_any)
-            .collect()),
+        Names::Namespaces => names_in(Api::<Namespace>::all(client)).await,
+        Names::Vms => names_in(Api::<VirtualMachineInstance>::namespaced(client, ns)).await,
+        Names::Secrets => names_in(Api::<Secret>::namespaced(client, ns)).await,
+        Names::Resets => names_in(Api::<GuestPasswordReset>::namespaced(client, ns)).await,
         Names::Runs => {
-            let mut all: Vec<String> = Api::<GuestPasswordReset>::namespaced(client.clone(), ns)
-                .list_metadata(&lp)
-                .await?
-                .items
-                .iter()
-                .map(ResourceExt::name_any)
-                .collect();
-            all.extend(
-                Api::<KeypairRebuild>::namespaced(client, ns)
-                    .list_metadata(&lp)
-                    .await?
-                    .items
-                    .iter()
-                    .map(ResourceExt::name_any),
-            );
+            let mut all =
+                names_in(Api::<GuestPasswordReset>::namespaced(client.clone(), ns)).await?;
+            all.extend(names_in(Api::<KeypairRebuild>::namespaced(client, ns)).await?);
             Ok(all)
         }
     }
+}
+
+/// The names of the objects `api` lists (metadata only).
+async fn names_in<K>(api: Api<K>) -> kube::Result<Vec<String>>
+where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let list = api.list_metadata(&ListParams::default()).await?;
+    Ok(list.items.iter().map(ResourceExt::name_any).collect())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod complete;
 pub mod follow;
 pub mod keys;
 pub mod password;
+pub mod rotate;
 pub mod selector;
 pub mod status;
 pub mod targets;
@@ -22,6 +23,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::SetPassword(a) => password::set_password(g, a).await,
         Command::Status(a) => status::status(g, a).await,
         Command::ShowPassword(a) => password::show_password(g, a).await,
+        Command::Rotate(a) => rotate::rotate(g, a).await,
         Command::AddKey(a) => keys::add_key(g, a).await,
         Command::RemoveKey(a) => keys::remove_key(g, a).await,
         Command::ListKeys(a) => keys::list_keys(g, a).await,
