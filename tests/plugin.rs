@@ -339,6 +339,12 @@ async fn a_sealed_password_is_shown_only_with_the_matching_identity() {
     .await;
     assert_eq!(out.code, 0, "{out:?}");
     let name = created_name(&out);
+    assert!(
+        out.stderr.contains(&format!(
+            "kubectl guestcred show-password {name} --identity KEYFILE"
+        )),
+        "{out:?}"
+    );
     // Without an identity: told why and how, nothing printed.
     let refused = plugin(&w, &["show-password", &name, "--force"]).await;
     assert_eq!(refused.code, 1, "{refused:?}");

@@ -113,11 +113,15 @@ pub async fn set_password(g: &Global, a: SetPassword) -> anyhow::Result<()> {
     let generated = a.generate && matches!(outcome, follow::Outcome::Finished(_));
     let result = conclude::<GuestPasswordReset>(&name, outcome);
     if generated {
-        let hint = if a.targets.vm.is_some() {
+        let mut hint = if a.targets.vm.is_some() {
             format!("kubectl guestcred show-password {name}")
         } else {
             format!("kubectl guestcred show-password {name} --vm VM")
         };
+        if a.seal_to.is_some() {
+            // Sealed: only the matching identity decrypts it, here, locally.
+            hint.push_str(" --identity KEYFILE");
+        }
         eprintln!("To see the generated password: {hint}");
     }
     result
