@@ -131,7 +131,7 @@ pub async fn dynamic(words: &[String]) -> (Vec<String>, u8) {
             cluster(&global, Names::Vms).await
         }
         "status" => cluster(&global, Names::Runs).await,
-        "show-password" => cluster(&global, Names::Resets).await,
+        "show-password" | "rotate" => cluster(&global, Names::Resets).await,
         "completion" => vec!["bash".into(), "zsh".into(), "fish".into()],
         _ => Vec::new(),
     };
