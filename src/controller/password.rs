@@ -181,6 +181,8 @@ impl RunKind for GuestPasswordReset {
                 };
                 let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
                 let hash = secrets::keyed_hash(&uid, &parts);
+                // Values held for an earlier run of this object are never sent again.
+                ctx.sealed.forget_other_runs(&uid, &hash);
                 Ok(Prepared {
                     rotation: slot.map(|s| (Time(s.last), Time(s.next))),
                     ..Prepared::inline(

@@ -98,6 +98,12 @@ impl SealedValues {
         self.lock().retain(|(u, v, _), _| !(u == uid && v == vm));
     }
 
+    /// A run of the object began or goes on: values held for its other (superseded) runs
+    /// are never sent again, so they are erased.
+    pub fn forget_other_runs(&self, uid: &str, run: &str) {
+        self.lock().retain(|(u, _, r), _| !(u == uid && r != run));
+    }
+
     /// The object's run ended (or the object is gone): every value it held is erased.
     pub fn forget_object(&self, uid: &str) {
         self.lock().retain(|(u, _, _), _| u != uid);
@@ -386,6 +392,24 @@ mod tests {
         v.forget("u1", "a");
         assert!(v.get("u1", "a", "run").is_none());
         assert_eq!(v.len(), 2);
+        v.put(
+            "u1",
+            "b",
+            "run-2",
+            "s-e",
+            SecretString::from("v".to_string()),
+            long,
+        );
+        v.forget_other_runs("u1", "run-2");
+        assert!(
+            v.get("u1", "b", "run").is_none(),
+            "a superseded run's value is erased"
+        );
+        assert!(v.get("u1", "b", "run-2").is_some());
+        assert!(
+            v.get("u2", "a", "run").is_some(),
+            "other objects keep theirs"
+        );
         v.forget_object("u1");
         assert_eq!(v.len(), 1);
         v.put(
