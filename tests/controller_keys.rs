@@ -86,6 +86,35 @@ async fn two_replace_objects_on_one_vm_and_user_never_remove_each_other_s_keys()
     assert_eq!(sorted(keys_of(&qga, "alice")), ["key2@test", "key3@test"]);
 }
 
+/// The scenario of issue 17's report: both Replace objects changed while the controller
+/// was down, so the restarted controller runs them at the same instant. Each lets go of
+/// only its own old key; both end Verified and the guest holds exactly both new keys.
+/// (The test above reproduces the defect deterministically; this one the timing.)
+#[tokio::test]
+async fn two_replace_objects_resumed_at_the_same_instant_both_verify_and_keep_each_other_s_keys() {
+    let (mut w, qga) = world_with_guest("vm-a").await;
+    w.run_to_end(&grant("a", "vm-a").inline_keys([KEY1])).await;
+    // HAND serves as a fourth key here: b adds it (the guest did not have it).
+    w.run_to_end(&grant("b", "vm-a").inline_keys([HAND])).await;
+    w.kill_controller();
+    w.put(&grant("a", "vm-a").inline_keys([KEY3])).await;
+    w.put(&grant("b", "vm-a").inline_keys([KEY2])).await;
+    w.start_controller();
+    for (name, key) in [("a", KEY3), ("b", KEY2)] {
+        let k: KeypairRebuild = w
+            .wait_for(NS, name, WAIT, finished_with_key(key))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let t = target0(&k).expect("a target");
+        assert_eq!(
+            (t.state, t.reason.as_deref()),
+            (TargetState::Succeeded, Some("Verified")),
+            "{name}: {t:#?}"
+        );
+    }
+    assert_eq!(sorted(keys_of(&qga, "alice")), ["key2@test", "key3@test"]);
+}
+
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
     v
