@@ -14,7 +14,7 @@ use guestcred_lab::testing::{NS, verifies};
 use guestcred_lab::world::{World, WorldOptions};
 
 /// What examples/*.yaml create (kind/name), and the keys and passwords they carry.
-const OBJECTS: [&str; 8] = [
+const OBJECTS: [&str; 9] = [
     "guestpasswordreset/db-0-root",
     "guestpasswordreset/web-0-admin",
     "guestpasswordreset/db-1-generated",
@@ -23,6 +23,7 @@ const OBJECTS: [&str; 8] = [
     "keypairrebuild/db-0-rebuild-key",
     "guestpasswordreset/db-1-alice-weekly",
     "guestpasswordreset/db-0-alice-sealed",
+    "keypairrebuild/web-0-alice-overlap",
 ];
 /// The identity of example 08's recipient: published, for this test only.
 const EXAMPLE_AGE_IDENTITY: &str =
@@ -115,6 +116,13 @@ fn every_example_applied_with_kubectl_ends_ready_and_the_guests_show_it() {
         web0.shadow_hash("alice").expect("shadow").as_deref(),
         Some(WEB_ADMIN_HASH),
         "web-0: alice has the example's crypt(3) hash verbatim"
+    );
+    let alice_keys = web0.authorized_keys("alice").expect("keys");
+    assert!(
+        alice_keys
+            .iter()
+            .any(|k| k.contains(EXAMPLE_KEY) && k.contains("alice@2027q1")),
+        "web-0: example 09's key is in alice's authorized_keys: {alice_keys:?}"
     );
     for (name, g) in [("web-0", web0), ("db-0", db0)] {
         let keys = g.authorized_keys("root").expect("keys");
