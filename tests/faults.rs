@@ -23,31 +23,74 @@ use std::time::Duration;
 const NODE: &str = "node-1";
 const WAIT: Duration = Duration::from_secs(90);
 
+/// A fault lab whose Secret "pw" holds `password`.
+async fn fault_lab_with_password(password: &str) -> World {
+    let lab = World::start(WorldOptions::fault_lab())
+        .await
+        .expect("the fault lab starts");
+    lab.apply(&secret("pw", "password", password))
+        .await
+        .expect("apply");
+    lab
+}
+
+/// Reset `name`: alice's password on VM `vm` from the Secret "pw".
+fn alice_from_pw(name: &str, vm: &str) -> GuestPasswordReset {
+    GuestPasswordReset::test(name)
+        .vm(vm)
+        .user("alice")
+        .from_secret("pw")
+}
+
+/// Reset "r" (alice on vm-a from "pw", deadline 60 s) applied, once its target is being
+/// retried with `reason`.
+async fn retrying_reset(lab: &World, reason: &'static str) -> GuestPasswordReset {
+    lab.apply(&alice_from_pw("r", "vm-a").deadline_seconds(60))
+        .await
+        .expect("apply");
+    lab.wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason(reason))
+        .await
+        .expect(reason)
+}
+
+/// Reset `name` once it reached a terminal phase.
+async fn finished_reset(lab: &World, name: &str) -> GuestPasswordReset {
+    lab.wait_for::<GuestPasswordReset>(NS, name, WAIT, finished)
+        .await
+        .expect("a terminal phase")
+}
+
+/// Reset `name` reaches a terminal phase, and it is Succeeded.
+async fn assert_succeeds(lab: &World, name: &str) {
+    let done = finished_reset(lab, name).await;
+    assert_eq!(
+        phase(&done),
+        Some(Phase::Succeeded),
+        "{name}: {:#?}",
+        done.status
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // The shim.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shim_killed_mid_call_and_restarted_finishes_every_target() {
-    let lab = World::start(WorldOptions::fault_lab())
-        .await
-        .expect("the fault lab starts");
+    const PW: &str = "Shim-Restart-Canary-31f0";
+    let lab = fault_lab_with_password(PW).await;
     let mut agents = Vec::new();
     for i in 0..3 {
         let d = vm(NS, &format!("vm-{i}"), NODE).label("bulk", "shim");
         agents.push(lab.add_guest(&d).await);
     }
-    const PW: &str = "Shim-Restart-Canary-31f0";
-    lab.apply(&secret("pw", "password", PW))
-        .await
-        .expect("apply");
     // The first agent hangs, so the kill lands while its call is in the shim.
     signal(&agents[0], "-STOP");
-    let mut r = GuestPasswordReset::test("bulk")
+    let r = GuestPasswordReset::test("bulk")
         .selector("bulk", "shim")
         .user("alice")
-        .from_secret("pw");
-    r.spec.common.rollout.max_concurrency = 1;
-    r.spec.common.rollout.deadline_seconds = 60;
+        .from_secret("pw")
+        .max_concurrency(1)
+        .deadline_seconds(60);
     lab.apply(&r).await.expect("apply");
     lab.wait_for::<GuestPasswordReset>(NS, "bulk", WAIT, |r| {
         r.status
@@ -66,11 +109,7 @@ async fn a_shim_killed_mid_call_and_restarted_finishes_every_target() {
     .await
     .expect("ShimUnavailable while the shim is down");
     lab.restart_shim(NODE).await;
-    let done = lab
-        .wait_for::<GuestPasswordReset>(NS, "bulk", WAIT, finished)
-        .await
-        .expect("a terminal phase");
-    assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
+    assert_succeeds(&lab, "bulk").await;
     for a in &agents {
         assert!(
             verifies(PW, &alice_hash(a)),
@@ -84,58 +123,31 @@ async fn a_shim_killed_mid_call_and_restarted_finishes_every_target() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_shim_is_retried_until_it_is_back() {
-    let lab = World::start(WorldOptions::fault_lab())
-        .await
-        .expect("the fault lab starts");
-    let a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
     const PW: &str = "Unreachable-Shim-Canary-9c4e";
-    lab.apply(&secret("pw", "password", PW))
-        .await
-        .expect("apply");
+    let lab = fault_lab_with_password(PW).await;
+    let a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
     lab.set_shim_pod_ip(NODE, "127.0.3.250").await;
-    lab.apply(
-        &GuestPasswordReset::test("r")
-            .vm("vm-a")
-            .user("alice")
-            .from_secret("pw"),
-    )
-    .await
-    .expect("apply");
+    lab.apply(&alice_from_pw("r", "vm-a")).await.expect("apply");
     let r = lab
         .wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("ShimUnavailable"))
         .await
         .expect("ShimUnavailable; retrying");
     assert!(message(&r).ends_with("; retrying"), "{}", message(&r));
     lab.set_shim_pod_ip(NODE, lab.shim_ip(NODE)).await;
-    let done = lab
-        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
-        .await
-        .expect("a terminal phase");
-    assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
+    assert_succeeds(&lab, "r").await;
     assert!(verifies(PW, &alice_hash(&a)));
     lab.assert_not_leaked(&[PW]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shim_gone_for_longer_than_the_deadline_fails_with_deadline_exceeded() {
-    let lab = World::start(WorldOptions::fault_lab())
-        .await
-        .expect("the fault lab starts");
+    let lab = fault_lab_with_password("Gone-Shim-Canary-0b8d").await;
     let _a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
-    lab.apply(&secret("pw", "password", "Gone-Shim-Canary-0b8d"))
+    lab.kill_shim(NODE);
+    lab.apply(&alice_from_pw("r", "vm-a").deadline_seconds(10))
         .await
         .expect("apply");
-    lab.kill_shim(NODE);
-    let mut r = GuestPasswordReset::test("r")
-        .vm("vm-a")
-        .user("alice")
-        .from_secret("pw");
-    r.spec.common.rollout.deadline_seconds = 10;
-    lab.apply(&r).await.expect("apply");
-    let done = lab
-        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
-        .await
-        .expect("a terminal phase");
+    let done = finished_reset(&lab, "r").await;
     assert_eq!(phase(&done), Some(Phase::Failed));
     assert_eq!(reason(&done).as_deref(), Some("DeadlineExceeded"));
     assert!(
@@ -160,11 +172,11 @@ async fn a_controller_killed_mid_bulk_applies_each_generated_password_once() {
         let d = vm(NS, &name, NODE).label("bulk", "gen");
         agents.insert(name, lab.add_guest(&d).await);
     }
-    let mut r = GuestPasswordReset::test("gen")
+    let r = GuestPasswordReset::test("gen")
         .selector("bulk", "gen")
         .user("alice")
-        .generate(24);
-    r.spec.common.rollout.max_concurrency = 1;
+        .generate(24)
+        .max_concurrency(1);
     lab.apply(&r).await.expect("apply");
     lab.wait_for::<GuestPasswordReset>(NS, "gen", WAIT, succeeded_at_least(2))
         .await
@@ -187,11 +199,7 @@ async fn a_controller_killed_mid_bulk_applies_each_generated_password_once() {
         .map(|vm| (vm.clone(), alice_hash(&agents[vm])))
         .collect();
     lab.start_controller();
-    let done = lab
-        .wait_for::<GuestPasswordReset>(NS, "gen", WAIT, finished)
-        .await
-        .expect("a terminal phase");
-    assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
+    assert_succeeds(&lab, "gen").await;
 
     let after = lab.output_passwords(NS, "guestcred.io/reset").await;
     assert_eq!(
@@ -230,100 +238,49 @@ async fn a_controller_killed_mid_bulk_applies_each_generated_password_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_agent_times_out_and_the_target_finishes_after_resume() {
-    let lab = World::start(WorldOptions::fault_lab())
-        .await
-        .expect("the fault lab starts");
-    let a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
     const PW: &str = "Paused-Agent-Canary-e51a";
-    lab.apply(&secret("pw", "password", PW))
-        .await
-        .expect("apply");
+    let lab = fault_lab_with_password(PW).await;
+    let a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
     signal(&a, "-STOP");
-    let mut r = GuestPasswordReset::test("r")
-        .vm("vm-a")
-        .user("alice")
-        .from_secret("pw");
-    r.spec.common.rollout.deadline_seconds = 60;
-    lab.apply(&r).await.expect("apply");
-    lab.wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("AgentTimeout"))
-        .await
-        .expect("AgentTimeout; retrying");
+    retrying_reset(&lab, "AgentTimeout").await;
     signal(&a, "-CONT");
-    let done = lab
-        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
-        .await
-        .expect("a terminal phase");
-    assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
+    assert_succeeds(&lab, "r").await;
     assert!(verifies(PW, &alice_hash(&a)));
     lab.assert_not_leaked(&[PW]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_paused_mid_operation_is_retried_until_it_resumes() {
-    let lab = World::start(WorldOptions::fault_lab())
-        .await
-        .expect("the fault lab starts");
+    const PW: &str = "Paused-Vm-Canary-44d2";
+    let lab = fault_lab_with_password(PW).await;
     let d = vm(NS, "vm-a", NODE);
     let a = lab.add_guest(&d).await;
-    const PW: &str = "Paused-Vm-Canary-44d2";
-    lab.apply(&secret("pw", "password", PW))
-        .await
-        .expect("apply");
     let paused = json!({"conditions": [
         {"type": "AgentConnected", "status": "True"},
         {"type": "Paused", "status": "True", "reason": "PausedByUser"}
     ]});
     lab.set_vmi_status(NS, "vm-a", paused).await;
     signal(&a, "-STOP");
-    let mut r = GuestPasswordReset::test("r")
-        .vm("vm-a")
-        .user("alice")
-        .from_secret("pw");
-    r.spec.common.rollout.deadline_seconds = 60;
-    lab.apply(&r).await.expect("apply");
-    let r = lab
-        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("VMNotRunning"))
-        .await
-        .expect("VMNotRunning (paused)");
+    let r = retrying_reset(&lab, "VMNotRunning").await;
     assert!(message(&r).contains("is paused"), "{}", message(&r));
     signal(&a, "-CONT");
     lab.set_vmi_status(NS, "vm-a", json!({"conditions": d.vmi_status().conditions}))
         .await;
-    let done = lab
-        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
-        .await
-        .expect("a terminal phase");
-    assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
+    assert_succeeds(&lab, "r").await;
     assert!(verifies(PW, &alice_hash(&a)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_deleted_mid_operation_fails_with_vm_not_found() {
-    let lab = World::start(WorldOptions::fault_lab())
-        .await
-        .expect("the fault lab starts");
+    let lab = fault_lab_with_password("Deleted-Vm-Canary-7a10").await;
     let d = vm(NS, "vm-a", NODE).phase("Scheduling");
     d.create(&lab.client).await.expect("vm");
-    lab.apply(&secret("pw", "password", "Deleted-Vm-Canary-7a10"))
-        .await
-        .expect("apply");
-    let mut r = GuestPasswordReset::test("r")
-        .vm("vm-a")
-        .user("alice")
-        .from_secret("pw");
-    r.spec.common.rollout.deadline_seconds = 60;
-    lab.apply(&r).await.expect("apply");
-    lab.wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("VMNotRunning"))
-        .await
-        .expect("VMNotRunning while it starts");
+    retrying_reset(&lab, "VMNotRunning").await;
     let vmis: Api<VirtualMachineInstance> = Api::namespaced(lab.client.clone(), NS);
     vmis.delete("vm-a", &DeleteParams::default())
         .await
         .expect("delete vmi");
-    let done = lab
-        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
-        .await
-        .expect("a terminal phase");
+    let done = finished_reset(&lab, "r").await;
     assert_eq!(phase(&done), Some(Phase::Failed));
     assert_eq!(reason(&done).as_deref(), Some("VMNotFound"));
     assert!(lab.controller_alive());
@@ -331,15 +288,10 @@ async fn a_vm_deleted_mid_operation_fails_with_vm_not_found() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_restarted_mid_operation_gets_the_password_after_it_is_back() {
-    let lab = World::start(WorldOptions::fault_lab())
-        .await
-        .expect("the fault lab starts");
+    const PW: &str = "Restarted-Vm-Canary-c3b9";
+    let lab = fault_lab_with_password(PW).await;
     let d = vm(NS, "vm-a", NODE);
     let mut old = lab.add_guest(&d).await;
-    const PW: &str = "Restarted-Vm-Canary-c3b9";
-    lab.apply(&secret("pw", "password", PW))
-        .await
-        .expect("apply");
     // The VM goes down: agent gone, VMI Scheduling again.
     old.stop().expect("stop the old agent");
     lab.set_vmi_status(
@@ -349,15 +301,7 @@ async fn a_vm_restarted_mid_operation_gets_the_password_after_it_is_back() {
             {"type": "AgentConnected", "status": "False"}]}),
     )
     .await;
-    let mut r = GuestPasswordReset::test("r")
-        .vm("vm-a")
-        .user("alice")
-        .from_secret("pw");
-    r.spec.common.rollout.deadline_seconds = 60;
-    lab.apply(&r).await.expect("apply");
-    lab.wait_for::<GuestPasswordReset>(NS, "r", WAIT, target_reason("VMNotRunning"))
-        .await
-        .expect("VMNotRunning while it restarts");
+    retrying_reset(&lab, "VMNotRunning").await;
     // Back: a fresh agent and a Running VMI.
     let fresh = lab.start_agent(&d, &alice()).expect("a fresh agent");
     lab.set_vmi_status(
@@ -366,11 +310,7 @@ async fn a_vm_restarted_mid_operation_gets_the_password_after_it_is_back() {
         serde_json::to_value(d.vmi_status()).expect("status"),
     )
     .await;
-    let done = lab
-        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
-        .await
-        .expect("a terminal phase");
-    assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
+    assert_succeeds(&lab, "r").await;
     assert!(verifies(PW, &alice_hash(&fresh)));
 }
 
@@ -379,28 +319,12 @@ async fn a_vm_restarted_mid_operation_gets_the_password_after_it_is_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_write_conflicts_are_retried() {
-    let lab = World::start(WorldOptions::fault_lab())
-        .await
-        .expect("the fault lab starts");
-    let a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
     const PW: &str = "Conflict-Canary-2dd7";
-    lab.apply(&secret("pw", "password", PW))
-        .await
-        .expect("apply");
+    let lab = fault_lab_with_password(PW).await;
+    let a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
     lab.api().faults().conflict_next_status_writes(3);
-    lab.apply(
-        &GuestPasswordReset::test("r")
-            .vm("vm-a")
-            .user("alice")
-            .from_secret("pw"),
-    )
-    .await
-    .expect("apply");
-    let done = lab
-        .wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
-        .await
-        .expect("a terminal phase");
-    assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
+    lab.apply(&alice_from_pw("r", "vm-a")).await.expect("apply");
+    assert_succeeds(&lab, "r").await;
     assert!(verifies(PW, &alice_hash(&a)));
 }
 
@@ -420,11 +344,7 @@ async fn many_status_conflicts_never_apply_a_second_generated_password() {
     )
     .await
     .expect("apply");
-    let done = lab
-        .wait_for::<GuestPasswordReset>(NS, "gen", WAIT, finished)
-        .await
-        .expect("a terminal phase");
-    assert_eq!(phase(&done), Some(Phase::Succeeded), "{:#?}", done.status);
+    assert_succeeds(&lab, "gen").await;
     let stored = lab.output_passwords(NS, "guestcred.io/reset").await;
     assert_eq!(stored.len(), 1);
     let (_, pw) = &stored["vm-a"];
@@ -437,44 +357,20 @@ async fn many_status_conflicts_never_apply_a_second_generated_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_watches_are_relisted_and_work_continues() {
-    let lab = World::start(WorldOptions::fault_lab())
-        .await
-        .expect("the fault lab starts");
+    const PW: &str = "Expired-Watch-Canary-5e6f";
+    let lab = fault_lab_with_password(PW).await;
     let a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
     let b = lab.add_guest(&vm(NS, "vm-b", NODE)).await;
-    const PW: &str = "Expired-Watch-Canary-5e6f";
-    lab.apply(&secret("pw", "password", PW))
+    lab.apply(&alice_from_pw("first", "vm-a"))
         .await
         .expect("apply");
-    lab.apply(
-        &GuestPasswordReset::test("first")
-            .vm("vm-a")
-            .user("alice")
-            .from_secret("pw"),
-    )
-    .await
-    .expect("apply");
     lab.api().faults().expire_watches();
-    lab.apply(
-        &GuestPasswordReset::test("second")
-            .vm("vm-b")
-            .user("alice")
-            .from_secret("pw"),
-    )
-    .await
-    .expect("apply");
+    lab.apply(&alice_from_pw("second", "vm-b"))
+        .await
+        .expect("apply");
     lab.api().faults().expire_watches();
     for name in ["first", "second"] {
-        let done = lab
-            .wait_for::<GuestPasswordReset>(NS, name, WAIT, finished)
-            .await
-            .expect("a terminal phase");
-        assert_eq!(
-            phase(&done),
-            Some(Phase::Succeeded),
-            "{name}: {:#?}",
-            done.status
-        );
+        assert_succeeds(&lab, name).await;
     }
     assert!(verifies(PW, &alice_hash(&a)));
     assert!(verifies(PW, &alice_hash(&b)));
@@ -484,24 +380,10 @@ async fn expired_watches_are_relisted_and_work_continues() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_panic_was_seen_in_this_binary_so_far() {
     // Runs alongside the others; every panic message is also scanned for secrets.
-    let lab = World::start(WorldOptions::fault_lab())
-        .await
-        .expect("the fault lab starts");
+    let lab = fault_lab_with_password("Panic-Scan-Canary-18ab").await;
     let _a = lab.add_guest(&vm(NS, "vm-a", NODE)).await;
-    lab.apply(&secret("pw", "password", "Panic-Scan-Canary-18ab"))
-        .await
-        .expect("apply");
-    lab.apply(
-        &GuestPasswordReset::test("r")
-            .vm("vm-a")
-            .user("alice")
-            .from_secret("pw"),
-    )
-    .await
-    .expect("apply");
-    lab.wait_for::<GuestPasswordReset>(NS, "r", WAIT, finished)
-        .await
-        .expect("a terminal phase");
+    lab.apply(&alice_from_pw("r", "vm-a")).await.expect("apply");
+    finished_reset(&lab, "r").await;
     let panics = LogCapture::get().panics();
     let ours: Vec<&String> = panics
         .iter()
