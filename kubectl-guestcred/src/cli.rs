@@ -352,7 +352,7 @@ Examples:
   # Add it for one hour only
   kubectl guestcred add-key web-0 --user cloud-user -f key.pub --ttl 1h
 
-  # Replace the keys guestcred added before (keys added by hand stay)
+  # Replace the keys guestcred added for objects since deleted (keys added by hand stay)
   kubectl guestcred add-key web-0 --user cloud-user -f key.pub --replace
 
   # List the VMs a selector would reach, and their nodes, without changing anything
@@ -371,8 +371,9 @@ Examples:
  Creates a KeypairRebuild named <vm>-key-<random> (bulk-key-<random> with -l) with the \
 keys inline and follows it until every targeted VM has a result: the keys are added \
 through the guest agent and read back (mode Auto falls back to a rebuild when the agent \
-cannot edit keys). With --replace, the keys guestcred added earlier are removed; keys \
-added by hand are never touched. Exits 0 when every VM succeeded; otherwise it prints \
+cannot edit keys). With --replace, keys guestcred added for KeypairRebuilds that no \
+longer exist are removed; keys another KeypairRebuild still holds or grants stay (delete \
+that object to remove them), and keys added by hand are never touched. Exits 0 when every VM succeeded; otherwise it prints \
 each failed VM's reason and message and exits 1 (3 when --timeout passes first; the run \
 goes on).",
     help_template = TEMPLATE,
@@ -396,7 +397,8 @@ pub struct AddKey {
     /// Remove the keys again after this long (e.g. 30m, 1h; 10s to 365d).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub ttl: Option<std::time::Duration>,
-    /// Remove keys guestcred added before (Replace); default: only add (Append).
+    /// Remove keys guestcred added for objects that no longer exist (Replace); default:
+    /// only add (Append).
     #[arg(long)]
     pub replace: bool,
     /// How the keys reach the guest.
