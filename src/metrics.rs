@@ -293,6 +293,7 @@ pub struct ControllerMetrics {
     targets: Family<TargetLabels, Counter>,
     targets_in_flight: Family<KindLabels, Gauge<i64, AtomicI64>>,
     run_duration: HistogramFamily<KindLabels>,
+    sealed_held: Gauge<i64, AtomicI64>,
     ready: AtomicBool,
 }
 
@@ -309,6 +310,12 @@ impl ControllerMetrics {
         let targets = Family::<TargetLabels, Counter>::default();
         let targets_in_flight = Family::<KindLabels, Gauge<i64, AtomicI64>>::default();
         let run_duration: HistogramFamily<KindLabels> = Family::new_with_constructor(run_histogram);
+        let sealed_held = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "guestcred_sealed_values_held",
+            "Plaintexts of sealed generated passwords held in memory for retries (each erased when its target finishes)",
+            sealed_held.clone(),
+        );
         registry.register(
             "guestcred_reconciles",
             "Reconciles by kind and result (ok or error)",
@@ -342,8 +349,14 @@ impl ControllerMetrics {
             targets,
             targets_in_flight,
             run_duration,
+            sealed_held,
             ready: AtomicBool::new(false),
         }
+    }
+
+    /// How many sealed plaintexts the controller holds now (`controller::sealed`).
+    pub fn set_sealed_values_held(&self, n: usize) {
+        self.sealed_held.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Count one reconcile of `kind` (`GuestPasswordReset`, `KeypairRebuild`).

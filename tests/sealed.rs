@@ -6,7 +6,7 @@
 //! so after the restart it seals a new value into a new Secret and applies that; the first
 //! Secret stays untouched until the newer value is verified in the guest, and only then is
 //! it pruned.
-use guestcred::api::{GuestPasswordReset, Phase};
+use guestcred::api::{GuestPasswordReset, Phase, TargetState};
 use guestcred_lab::kubevirt::vm;
 use guestcred_lab::testing::*;
 use guestcred_lab::world::{OutputSecret, World, WorldOptions};
@@ -30,6 +30,16 @@ fn sealed_reset(name: &str, vm: &str, id: &age::x25519::Identity) -> GuestPasswo
         .user("alice")
         .generate(24)
         .sealed_to(&id.to_public().to_string())
+}
+
+/// How many sealed plaintexts the controller holds in memory, from its metrics.
+fn held_in_memory(w: &World) -> i64 {
+    w.metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix("guestcred_sealed_values_held "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("guestcred_sealed_values_held in the controller's metrics")
 }
 
 /// The plaintext of an armored ciphertext, decrypted with `id`.
@@ -67,6 +77,7 @@ async fn a_sealed_password_decrypts_to_what_the_guest_holds_and_is_nowhere_in_th
         .await
         .expect("the run ends");
     assert_eq!(phase(&r), Some(Phase::Succeeded), "{:?}", r.status);
+    assert_eq!(held_in_memory(&w), 0, "erased once the target finished");
     let name = target0(&r)
         .and_then(|t| t.output_secret.clone())
         .expect("status names the output Secret");
@@ -190,12 +201,14 @@ async fn retries_in_the_same_process_resend_the_same_sealed_value() {
     })
     .await
     .expect("three attempts while the agent is frozen");
+    assert_eq!(held_in_memory(&w), 1, "held for the retries");
     signal(&qga, "-CONT");
     let r: GuestPasswordReset = w
         .wait_for(NS, "retry", WAIT, finished)
         .await
         .expect("finishes once the agent thaws");
     assert_eq!(phase(&r), Some(Phase::Succeeded), "{:?}", r.status);
+    assert_eq!(held_in_memory(&w), 0, "erased once the target finished");
     let stored = sealed_secrets(&w, "retry").await;
     assert_eq!(stored.len(), 1, "every retry re-sent the one sealed value");
     let password = unseal(&id, stored[0].sealed.as_deref().expect("ciphertext"));
@@ -259,4 +272,61 @@ async fn a_restart_before_any_call_got_through_applies_a_new_sealed_value_from_a
         "the first is pruned once the new one is verified"
     );
     w.assert_not_leaked(&[&a, &b]).await;
+}
+
+#[tokio::test]
+async fn a_finished_targets_value_is_erased_while_another_target_still_retries() {
+    let w = world().await;
+    let guests = w.guests_in_tier("seal", &["node-1", "node-1"]).await;
+    let id = age::x25519::Identity::generate();
+    signal(&guests[1], "-STOP");
+    w.put(
+        &GuestPasswordReset::test("bulk")
+            .selector("tier", "seal")
+            .user("alice")
+            .generate(24)
+            .sealed_to(&id.to_public().to_string()),
+    )
+    .await;
+    // seal-0 is done; seal-1 retries in its frozen agent.
+    w.wait_for::<GuestPasswordReset>(NS, "bulk", WAIT, |r: &GuestPasswordReset| {
+        let targets = r
+            .status
+            .as_ref()
+            .map(|s| s.run.targets.clone())
+            .unwrap_or_default();
+        let done = vms_in_state(r, TargetState::Succeeded) == ["seal-0"];
+        done && targets.iter().any(|t| t.vm == "seal-1" && t.attempts >= 2)
+    })
+    .await
+    .expect("seal-0 succeeded while seal-1 retries");
+    assert_eq!(
+        held_in_memory(&w),
+        1,
+        "only the value of the target still retrying is held"
+    );
+    signal(&guests[1], "-CONT");
+    let r: GuestPasswordReset = w
+        .wait_for(NS, "bulk", WAIT, finished)
+        .await
+        .expect("the run ends");
+    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:?}", r.status);
+    assert_eq!(
+        held_in_memory(&w),
+        0,
+        "nothing held once every target finished"
+    );
+    let stored = sealed_secrets(&w, "bulk").await;
+    assert_eq!(stored.len(), 2, "one Secret per VM");
+    let mut plain = Vec::new();
+    for (i, qga) in guests.iter().enumerate() {
+        let vm = format!("seal-{i}");
+        let s = stored.iter().find(|s| s.vm == vm).expect("a Secret per VM");
+        let password = unseal(&id, s.sealed.as_deref().expect("ciphertext"));
+        let hash = hash_of(qga, "alice").expect("alice has a password");
+        assert!(verifies(&password, &hash), "{vm} holds its own value");
+        plain.push(password);
+    }
+    let plain: Vec<&str> = plain.iter().map(String::as_str).collect();
+    w.assert_not_leaked(&plain).await;
 }

@@ -107,6 +107,7 @@ impl RunKind for GuestPasswordReset {
     async fn after_run(&self, ctx: &Context, status: &RunStatus) {
         // Every target of the run is finished: no sealed value is sent again.
         ctx.sealed.forget_object(&self.uid().unwrap_or_default());
+        ctx.metrics.set_sealed_values_held(ctx.sealed.len());
         let Some(r) = &self.spec.rotation else {
             return;
         };
@@ -183,6 +184,7 @@ impl RunKind for GuestPasswordReset {
                 let hash = secrets::keyed_hash(&uid, &parts);
                 // Values held for an earlier run of this object are never sent again.
                 ctx.sealed.forget_other_runs(&uid, &hash);
+                ctx.metrics.set_sealed_values_held(ctx.sealed.len());
                 Ok(Prepared {
                     rotation: slot.map(|s| (Time(s.last), Time(s.next))),
                     ..Prepared::inline(
@@ -274,6 +276,7 @@ impl RunKind for GuestPasswordReset {
             if sent.as_ref().is_ok() || sent.as_ref().is_err_and(|e| !e.is_transient()) {
                 ctx.sealed.forget(&self.uid().unwrap_or_default(), &call.vm);
             }
+            ctx.metrics.set_sealed_values_held(ctx.sealed.len());
         }
         sent?;
         let how = if crypted { "crypted hash" } else { "password" };
