@@ -4,7 +4,7 @@
 use guestcred::api::keypair::{KeyMode, KeyStrategy};
 use guestcred::api::{GuestPasswordReset, KeypairRebuild, Phase};
 use guestcred_lab::hostqga::{HostQga, HostQgaOptions};
-use guestcred_lab::kubevirt::vm;
+use guestcred_lab::kubevirt::{VmDescription, vm};
 use guestcred_lab::testing::{HAND, KEY1, KEY2, KeysTest};
 use guestcred_lab::world::{World, WorldOptions};
 use k8s_openapi::api::core::v1::Secret;
@@ -15,13 +15,14 @@ use std::time::Duration;
 const NS: &str = "default";
 const WAIT: Duration = Duration::from_secs(30);
 
-fn rebuild(keys: &[&str]) -> KeypairRebuild {
+/// KeypairRebuild "k": `keys` for alice on vm-a, live, with `strategy`.
+fn rebuild(keys: &[&str], strategy: KeyStrategy) -> KeypairRebuild {
     KeypairRebuild::test("k")
         .vm("vm-a")
         .user("alice")
         .inline_keys(keys.iter().copied())
         .mode(KeyMode::Live)
-        .strategy(KeyStrategy::Replace)
+        .strategy(strategy)
 }
 
 fn comments(keys: &[String]) -> Vec<String> {
@@ -33,14 +34,21 @@ fn comments(keys: &[String]) -> Vec<String> {
     c
 }
 
-fn succeeded(r: &KeypairRebuild) -> bool {
-    r.status
-        .as_ref()
-        .is_some_and(|s| s.run.phase == Some(Phase::Succeeded))
+/// Apply `r` (a new spec of "k") and wait until the run of that spec succeeded.
+async fn run_to_success(w: &World, r: &KeypairRebuild) {
+    w.apply(r).await.expect("apply");
+    w.wait_for(NS, "k", WAIT, |r: &KeypairRebuild| {
+        r.status.as_ref().is_some_and(|s| {
+            s.run.phase == Some(Phase::Succeeded)
+                && s.run.observed_generation == r.metadata.generation
+        })
+    })
+    .await
+    .expect("the run of this spec succeeds");
 }
 
-/// A world with VM vm-a whose user alice already has a key she added by hand.
-async fn world_with_a_hand_added_key() -> (World, HostQga) {
+/// A world with VM vm-a whose guest has a user alice.
+async fn world_with_alice() -> (World, HostQga) {
     let w = World::start(WorldOptions::default()).await.expect("world");
     let qga = w
         .add_vm(
@@ -50,6 +58,12 @@ async fn world_with_a_hand_added_key() -> (World, HostQga) {
         .await
         .expect("vm")
         .expect("agent");
+    (w, qga)
+}
+
+/// A world with VM vm-a whose user alice already has a key she added by hand.
+async fn world_with_a_hand_added_key() -> (World, HostQga) {
+    let (w, qga) = world_with_alice().await;
     qga.seed_authorized_keys("alice", &[HAND])
         .expect("hand key");
     (w, qga)
@@ -58,7 +72,7 @@ async fn world_with_a_hand_added_key() -> (World, HostQga) {
 #[tokio::test]
 async fn a_key_the_user_had_before_a_ttl_grant_named_it_survives_the_expiry() {
     let (w, qga) = world_with_a_hand_added_key().await;
-    let mut r = rebuild(&[HAND, KEY1]);
+    let mut r = rebuild(&[HAND, KEY1], KeyStrategy::Replace);
     r.spec.ttl_seconds = Some(10);
     w.apply(&r).await.expect("apply");
     w.wait_for(NS, "k", Duration::from_secs(40), |r: &KeypairRebuild| {
@@ -77,19 +91,8 @@ async fn a_key_the_user_had_before_a_ttl_grant_named_it_survives_the_expiry() {
 #[tokio::test]
 async fn replace_keeps_a_key_the_user_had_before_a_grant_named_it() {
     let (w, qga) = world_with_a_hand_added_key().await;
-    w.apply(&rebuild(&[HAND, KEY1])).await.expect("apply");
-    w.wait_for(NS, "k", WAIT, succeeded)
-        .await
-        .expect("first run");
-    w.apply(&rebuild(&[KEY2])).await.expect("apply");
-    w.wait_for(NS, "k", WAIT, |r: &KeypairRebuild| {
-        succeeded(r)
-            && r.status
-                .as_ref()
-                .is_some_and(|s| s.run.targets[0].keys.len() == 1)
-    })
-    .await
-    .expect("second run");
+    run_to_success(&w, &rebuild(&[HAND, KEY1], KeyStrategy::Replace)).await;
+    run_to_success(&w, &rebuild(&[KEY2], KeyStrategy::Replace)).await;
     assert_eq!(
         comments(&qga.authorized_keys("alice").expect("keys")),
         ["hand@added", "key2@test"]
@@ -114,8 +117,9 @@ async fn stored_password(w: &World, r: &GuestPasswordReset) -> (String, String) 
     (name, String::from_utf8(bytes).expect("utf-8"))
 }
 
-async fn guest(w: &World, name: &str) -> HostQga {
-    w.add_vm(&vm(NS, name, "node-1"), Some(HostQgaOptions::default()))
+/// VM `d` with a real agent whose guest has the default users.
+async fn guest(w: &World, d: VmDescription) -> HostQga {
+    w.add_vm(&d, Some(HostQgaOptions::default()))
         .await
         .expect("vm")
         .expect("agent")
@@ -131,24 +135,38 @@ fn reset_succeeded_with_length(length: usize) -> impl Fn(&GuestPasswordReset) ->
     }
 }
 
+/// Once reset `name`'s run of generated passwords of `length` succeeded: the reset, and
+/// the output Secret and password of its only target.
+async fn stored_after_success(
+    w: &World,
+    name: &str,
+    length: usize,
+) -> (GuestPasswordReset, String, String) {
+    let r = w
+        .wait_for(NS, name, WAIT, reset_succeeded_with_length(length))
+        .await
+        .unwrap_or_else(|e| panic!("{name} succeeds with length {length}: {e:?}"));
+    let (secret, password) = stored_password(w, &r).await;
+    (r, secret, password)
+}
+
+/// A world whose VM vm-a got a generated password (20 characters) from reset "r": the
+/// world, vm-a's agent, the reset, and its output Secret and password.
+async fn world_with_a_generated_password() -> (World, HostQga, GuestPasswordReset, String, String) {
+    let w = World::start(WorldOptions::default()).await.expect("world");
+    let qga = guest(&w, vm(NS, "vm-a", "node-1")).await;
+    w.apply(&generated("r", "vm-a", 20)).await.expect("apply");
+    let (r, secret, password) = stored_after_success(&w, "r", 20).await;
+    (w, qga, r, secret, password)
+}
+
 #[tokio::test]
 async fn a_new_run_after_a_spec_change_generates_stores_and_applies_a_new_password() {
-    let w = World::start(WorldOptions::default()).await.expect("world");
-    let qga = guest(&w, "vm-a").await;
-    w.apply(&generated("r", "vm-a", 20)).await.expect("apply");
-    let first: GuestPasswordReset = w
-        .wait_for(NS, "r", WAIT, reset_succeeded_with_length(20))
-        .await
-        .expect("first run");
-    let (first_secret, first_pw) = stored_password(&w, &first).await;
+    let (w, qga, _, first_secret, first_pw) = world_with_a_generated_password().await;
     assert!(qga.password_matches("root", &first_pw).expect("crypt"));
 
     w.apply(&generated("r", "vm-a", 24)).await.expect("apply");
-    let second: GuestPasswordReset = w
-        .wait_for(NS, "r", WAIT, reset_succeeded_with_length(24))
-        .await
-        .expect("second run");
-    let (second_secret, second_pw) = stored_password(&w, &second).await;
+    let (_, second_secret, second_pw) = stored_after_success(&w, "r", 24).await;
     assert_ne!(
         first_secret, second_secret,
         "a new run stores in a new Secret"
@@ -163,20 +181,12 @@ async fn a_new_run_after_a_spec_change_generates_stores_and_applies_a_new_passwo
 #[tokio::test]
 async fn objects_and_vms_whose_names_join_alike_never_share_a_generated_password() {
     let w = World::start(WorldOptions::default()).await.expect("world");
-    let c = guest(&w, "c").await;
-    let b_c = guest(&w, "b-c").await;
+    let c = guest(&w, vm(NS, "c", "node-1")).await;
+    let b_c = guest(&w, vm(NS, "b-c", "node-1")).await;
     w.apply(&generated("a-b", "c", 20)).await.expect("apply");
     w.apply(&generated("a", "b-c", 20)).await.expect("apply");
-    let one: GuestPasswordReset = w
-        .wait_for(NS, "a-b", WAIT, reset_succeeded_with_length(20))
-        .await
-        .expect("a-b finishes");
-    let two: GuestPasswordReset = w
-        .wait_for(NS, "a", WAIT, reset_succeeded_with_length(20))
-        .await
-        .expect("a finishes");
-    let (s1, p1) = stored_password(&w, &one).await;
-    let (s2, p2) = stored_password(&w, &two).await;
+    let (_, s1, p1) = stored_after_success(&w, "a-b", 20).await;
+    let (_, s2, p2) = stored_after_success(&w, "a", 20).await;
     assert_ne!(s1, s2);
     assert_ne!(p1, p2);
     assert!(c.password_matches("root", &p1).expect("crypt"));
@@ -185,14 +195,7 @@ async fn objects_and_vms_whose_names_join_alike_never_share_a_generated_password
 
 #[tokio::test]
 async fn a_recreated_reset_stores_its_password_in_a_secret_of_its_own() {
-    let w = World::start(WorldOptions::default()).await.expect("world");
-    let qga = guest(&w, "vm-a").await;
-    w.apply(&generated("r", "vm-a", 20)).await.expect("apply");
-    let first: GuestPasswordReset = w
-        .wait_for(NS, "r", WAIT, reset_succeeded_with_length(20))
-        .await
-        .expect("first");
-    let (first_secret, _) = stored_password(&w, &first).await;
+    let (w, qga, first, first_secret, _) = world_with_a_generated_password().await;
     let resets: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
     resets
         .delete("r", &DeleteParams::default())
@@ -232,31 +235,39 @@ const V2: &str = guestcred_lab::testing::SHA512_OTHER;
 async fn world_with_a_retrying_reset() -> World {
     let w = World::start(WorldOptions::default()).await.expect("world");
     w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
-    crypted_reset(&w, "vm-a", V1).await;
+    apply_with_secret(&w, V1, &crypted_reset_of_vm_a()).await;
     w.wait_for(NS, "r", WAIT, attempts_at_least(2))
         .await
         .expect("retrying");
     w
 }
 
-/// A crypted reset "r" of `vm` from Secret "pw" holding `value`, with a long deadline.
-async fn crypted_reset(w: &World, vm: &str, value: &str) {
+/// Reset "r" of vm-a from Secret "pw" (a crypt hash, set verbatim), with a long deadline.
+fn crypted_reset_of_vm_a() -> GuestPasswordReset {
+    GuestPasswordReset::test("r")
+        .vm("vm-a")
+        .from_secret("pw")
+        .crypted()
+        .deadline_seconds(300)
+}
+
+/// Secret "pw" holding `value`, then the reset `r`.
+async fn apply_with_secret(w: &World, value: &str, r: &GuestPasswordReset) {
     w.apply(&secret("pw", "password", value))
         .await
         .expect("secret");
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .vm(vm)
-            .from_secret("pw")
-            .crypted()
-            .deadline_seconds(300),
-    )
-    .await
-    .expect("reset");
+    w.apply(r).await.expect("reset");
 }
 
 fn attempts_at_least(n: u32) -> impl Fn(&GuestPasswordReset) -> bool {
     move |r: &GuestPasswordReset| target0(r).is_some_and(|t| t.attempts >= n)
+}
+
+/// No set-password agent call starts within the next `seconds` seconds.
+async fn assert_no_set_password_call_for(w: &World, seconds: u64, what: &str) {
+    let calls = w.agent_calls("set-password");
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    assert_eq!(w.agent_calls("set-password"), calls, "{what}");
 }
 
 async fn attempts(w: &World) -> u32 {
@@ -267,28 +278,15 @@ async fn attempts(w: &World) -> u32 {
 #[tokio::test]
 async fn pausing_stops_the_retries_of_a_target_already_in_flight() {
     let w = world_with_a_retrying_reset().await;
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .vm("vm-a")
-            .from_secret("pw")
-            .crypted()
-            .deadline_seconds(300)
-            .paused(),
-    )
-    .await
-    .expect("pause");
+    w.apply(&crypted_reset_of_vm_a().paused())
+        .await
+        .expect("pause");
     w.wait_for::<GuestPasswordReset>(NS, "r", WAIT, condition_reason("Paused"))
         .await
         .expect("the run stopped for the pause");
-    let calls = w.agent_calls("set-password");
     let seen = attempts(&w).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_no_set_password_call_for(&w, 3, "no agent call after the pause").await;
     assert_eq!(attempts(&w).await, seen, "no attempt after the pause");
-    assert_eq!(
-        w.agent_calls("set-password"),
-        calls,
-        "no agent call after the pause"
-    );
 }
 
 #[tokio::test]
@@ -301,13 +299,7 @@ async fn deleting_stops_the_retries_of_a_target_already_in_flight() {
         .expect("delete");
     // A call already sent may still finish; none starts after it.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let calls = w.agent_calls("set-password");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        w.agent_calls("set-password"),
-        calls,
-        "no agent call after deletion"
-    );
+    assert_no_set_password_call_for(&w, 3, "no agent call after deletion").await;
 }
 
 #[tokio::test]
@@ -318,39 +310,19 @@ async fn a_secret_rotated_mid_run_is_the_only_value_later_targets_get() {
     })
     .await
     .expect("world");
-    let a = w
-        .add_vm(
-            &vm(NS, "vm-a", "node-1").label("tier", "db"),
-            Some(HostQgaOptions::default()),
-        )
-        .await
-        .expect("vm")
-        .expect("agent");
+    let a = guest(&w, vm(NS, "vm-a", "node-1").label("tier", "db")).await;
     // vm-b has no agent yet: the run waits on it (retrying) with vm-c not started.
     w.add_vm(&vm(NS, "vm-b", "node-1").label("tier", "db"), None)
         .await
         .expect("vm");
-    let c = w
-        .add_vm(
-            &vm(NS, "vm-c", "node-2").label("tier", "db"),
-            Some(HostQgaOptions::default()),
-        )
-        .await
-        .expect("vm")
-        .expect("agent");
-    w.apply(&secret("pw", "password", V1))
-        .await
-        .expect("secret");
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .selector("tier", "db")
-            .from_secret("pw")
-            .crypted()
-            .max_concurrency(1)
-            .deadline_seconds(300),
-    )
-    .await
-    .expect("reset");
+    let c = guest(&w, vm(NS, "vm-c", "node-2").label("tier", "db")).await;
+    let r = GuestPasswordReset::test("r")
+        .selector("tier", "db")
+        .from_secret("pw")
+        .crypted()
+        .max_concurrency(1)
+        .deadline_seconds(300);
+    apply_with_secret(&w, V1, &r).await;
     w.wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
         r.status.as_ref().is_some_and(|s| {
             s.run
@@ -435,7 +407,7 @@ async fn a_replica_whose_lease_ran_out_starts_no_agent_call() {
         &settings,
     ))));
     w.add_vm(&vm(NS, "vm-a", "node-1"), None).await.expect("vm");
-    crypted_reset(&w, "vm-a", V1).await;
+    apply_with_secret(&w, V1, &crypted_reset_of_vm_a()).await;
     w.wait_for(NS, "r", WAIT, attempts_at_least(1))
         .await
         .expect("calls while leading");
@@ -445,13 +417,12 @@ async fn a_replica_whose_lease_ran_out_starts_no_agent_call() {
         .patch("gc-lease", &pp, &Patch::Apply(hold("new")))
         .await
         .expect("takeover");
-    let calls = w.agent_calls("set-password");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        w.agent_calls("set-password"),
-        calls,
-        "the old leader called an agent after the new one took over"
-    );
+    assert_no_set_password_call_for(
+        &w,
+        3,
+        "the old leader called an agent after the new one took over",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -470,19 +441,13 @@ async fn a_run_never_writes_over_status_someone_else_wrote_meanwhile() {
         .await
         .expect("newer status");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let calls = w.agent_calls("set-password");
     let r: GuestPasswordReset = w.get(NS, "r").await;
     assert_eq!(
         target0(&r).map(|t| t.state),
         Some(guestcred::api::TargetState::Succeeded),
         "the stale run put a finished target back: {r:#?}"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        w.agent_calls("set-password"),
-        calls,
-        "the superseded run stopped"
-    );
+    assert_no_set_password_call_for(&w, 2, "the superseded run stopped").await;
 }
 
 #[tokio::test]
@@ -513,50 +478,15 @@ async fn an_update_that_makes_the_spec_unreadable_stops_the_run_with_invalid_spe
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let calls = w.agent_calls("set-password");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        w.agent_calls("set-password"),
-        calls,
-        "the old spec is still driven"
-    );
+    assert_no_set_password_call_for(&w, 3, "the old spec is still driven").await;
 }
 
 #[tokio::test]
 async fn a_ttl_grant_is_removed_on_time_although_a_spec_change_started_a_new_run() {
-    let w = World::start(WorldOptions::default()).await.expect("world");
-    let qga = w
-        .add_vm(
-            &vm(NS, "vm-a", "node-1"),
-            Some(HostQgaOptions::default().user("alice")),
-        )
-        .await
-        .expect("vm")
-        .expect("agent");
-    let grant = |keys: &[&str], ttl: Option<u32>| {
-        let k = KeypairRebuild::test("k")
-            .vm("vm-a")
-            .user("alice")
-            .inline_keys(keys.iter().copied())
-            .mode(KeyMode::Live)
-            .strategy(KeyStrategy::Append);
-        match ttl {
-            Some(s) => k.ttl(s),
-            None => k,
-        }
-    };
-    w.apply(&grant(&[KEY1], Some(10))).await.expect("ttl grant");
-    w.wait_for(NS, "k", WAIT, succeeded).await.expect("granted");
+    let (w, qga) = world_with_alice().await;
+    run_to_success(&w, &rebuild(&[KEY1], KeyStrategy::Append).ttl(10)).await;
     // A new run for another key, without a TTL, before KEY1's TTL passed.
-    w.apply(&grant(&[KEY2], None)).await.expect("spec change");
-    w.wait_for(NS, "k", WAIT, |r: &KeypairRebuild| {
-        succeeded(r)
-            && r.status
-                .as_ref()
-                .is_some_and(|s| s.run.observed_generation == r.metadata.generation)
-    })
-    .await
-    .expect("second run");
+    run_to_success(&w, &rebuild(&[KEY2], KeyStrategy::Append)).await;
     assert_eq!(
         comments(&qga.authorized_keys("alice").expect("keys")),
         ["key1@test", "key2@test"]
@@ -585,15 +515,22 @@ fn uid_keyed(r: &GuestPasswordReset, value: &str) -> String {
     )
 }
 
-#[tokio::test]
-async fn a_guessed_password_cannot_be_checked_against_the_status_hash() {
+/// A world whose reset "r" of vm-a (V1 from Secret "pw") has finished: the world, vm-a's
+/// agent and the reset.
+async fn world_with_a_finished_crypted_reset() -> (World, HostQga, GuestPasswordReset) {
     let w = World::start(WorldOptions::default()).await.expect("world");
-    let _a = guest(&w, "vm-a").await;
-    crypted_reset(&w, "vm-a", V1).await;
-    let r: GuestPasswordReset = w
+    let a = guest(&w, vm(NS, "vm-a", "node-1")).await;
+    apply_with_secret(&w, V1, &crypted_reset_of_vm_a()).await;
+    let r = w
         .wait_for(NS, "r", WAIT, guestcred_lab::testing::finished)
         .await
         .expect("finishes");
+    (w, a, r)
+}
+
+#[tokio::test]
+async fn a_guessed_password_cannot_be_checked_against_the_status_hash() {
+    let (w, _a, r) = world_with_a_finished_crypted_reset().await;
     let recorded = r
         .status
         .as_ref()
@@ -611,13 +548,7 @@ async fn a_guessed_password_cannot_be_checked_against_the_status_hash() {
 
 #[tokio::test]
 async fn a_status_hash_from_before_the_key_is_taken_as_the_same_input() {
-    let mut w = World::start(WorldOptions::default()).await.expect("world");
-    let _a = guest(&w, "vm-a").await;
-    crypted_reset(&w, "vm-a", V1).await;
-    let r: GuestPasswordReset = w
-        .wait_for(NS, "r", WAIT, guestcred_lab::testing::finished)
-        .await
-        .expect("finishes");
+    let (mut w, _a, r) = world_with_a_finished_crypted_reset().await;
     w.kill_controller();
     // As an older controller left it.
     let resets: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
@@ -665,19 +596,13 @@ async fn per_target_events_are_capped_per_run_and_the_rest_summed_per_reason() {
         let d = vm(NS, &format!("bulk-{i}"), "node-1").label("tier", "bulk");
         agents.push(w.add_guest(&d).await);
     }
-    w.apply(&secret("pw", "password", V1))
-        .await
-        .expect("secret");
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .selector("tier", "bulk")
-            .user("alice")
-            .from_secret("pw")
-            .crypted()
-            .max_concurrency(2),
-    )
-    .await
-    .expect("reset");
+    let r = GuestPasswordReset::test("r")
+        .selector("tier", "bulk")
+        .user("alice")
+        .from_secret("pw")
+        .crypted()
+        .max_concurrency(2);
+    apply_with_secret(&w, V1, &r).await;
     let done: GuestPasswordReset = w
         .wait_for(NS, "r", WAIT, guestcred_lab::testing::finished)
         .await
