@@ -809,3 +809,35 @@ async fn a_failed_add_with_an_overlap_leaves_the_old_key_in_place() {
         "still guestcred's"
     );
 }
+
+/// The end of an overlap is kept in status: a controller that restarts during the overlap
+/// still removes the replaced key when it passes, and not before.
+#[tokio::test]
+async fn a_controller_restarted_during_an_overlap_removes_the_replaced_key_when_it_passes() {
+    let (mut w, qga) = world_with_guest("vm-a").await;
+    w.run_to_end(&grant("k", "vm-a").inline_keys([KEY1])).await;
+    let k = w
+        .apply_until(
+            &grant("k", "vm-a").inline_keys([KEY2]).overlap(15),
+            finished_with_key(KEY2),
+        )
+        .await;
+    let remove_at = target0(&k)
+        .and_then(|t| t.replaced_keys_remove_at.clone())
+        .expect("when the old key goes");
+    w.kill_controller();
+    w.start_controller();
+    let after = w
+        .wait_for(NS, "k", Duration::from_secs(90), |k: &KeypairRebuild| {
+            target0(k).is_some_and(|t| t.replaced_keys.is_empty())
+        })
+        .await
+        .expect("the overlap ends after the restart");
+    assert!(
+        k8s_openapi::jiff::Timestamp::now() >= remove_at.0,
+        "not removed before its time"
+    );
+    let t = target0(&after).expect("a target");
+    assert_eq!(t.state, TargetState::Succeeded, "{t:#?}");
+    assert_eq!(keys_of(&qga, "alice"), ["key2@test"]);
+}
