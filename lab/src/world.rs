@@ -133,6 +133,23 @@ impl ControlPlane {
     }
 }
 
+/// The kinds a test reads and writes through a [`World`]: namespaced, typed objects.
+pub trait Namespaced:
+    Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+    + Clone
+    + Debug
+    + DeserializeOwned
+{
+}
+
+impl<K> Namespaced for K where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned
+{
+}
+
 #[derive(Clone, Debug)]
 pub struct WorldOptions {
     pub nodes: usize,
@@ -554,28 +571,33 @@ impl World {
         let stop = async move {
             let _ = rx.wait_for(|v| *v).await;
         };
-        let client = self.client.clone();
-        let access = self.access.clone();
-        let settings = self.settings.clone();
-        let metrics = self.metrics.clone();
-        let name = self.controller_name.clone();
-        let watch = self.watch.clone();
-        self.controller = Some(self.runtime.spawn(async move {
-            let setup = guestcred::controller::Setup {
-                client,
-                access,
-                name,
-                settings,
-                metrics,
-                leadership,
-                input_key_secret: (
-                    "default".into(),
-                    guestcred::controller::INPUT_KEY_SECRET.into(),
-                ),
-                watch,
-            };
-            guestcred::controller::start(setup, stop).await;
-        }));
+        let setup = self.controller_setup(self.controller_name.clone(), leadership);
+        self.controller = Some(
+            self.runtime
+                .spawn(guestcred::controller::start(setup, stop)),
+        );
+    }
+
+    /// What a controller of this world starts with: this world's client, access, settings,
+    /// metrics and watch, the input-key Secret in "default", and `name` and `leadership`.
+    fn controller_setup(
+        &self,
+        name: String,
+        leadership: guestcred::controller::leader::Leadership,
+    ) -> guestcred::controller::Setup {
+        guestcred::controller::Setup {
+            client: self.client.clone(),
+            access: self.access.clone(),
+            name,
+            settings: self.settings.clone(),
+            metrics: self.metrics.clone(),
+            leadership,
+            input_key_secret: (
+                "default".into(),
+                guestcred::controller::INPUT_KEY_SECRET.into(),
+            ),
+            watch: self.watch.clone(),
+        }
     }
 
     /// KubeVirt's restart subresource of this world: restarts counted, answers held,
@@ -600,26 +622,15 @@ impl World {
     /// identity is its name), then runs until it loses the lease or is aborted.
     pub fn spawn_replica(&self, lease: LeaseSettings) -> tokio::task::JoinHandle<()> {
         let client = self.client.clone();
-        let access = self.access.clone();
-        let settings = self.settings.clone();
-        let metrics = self.metrics.clone();
-        let watch = self.watch.clone();
+        // The leadership is known once the lease is taken: the rest of the setup now.
+        let setup = self.controller_setup(lease.identity.clone(), Default::default());
         self.runtime.spawn(async move {
-            let Ok((lost, _elector, leadership)) = acquire(client.clone(), &lease).await else {
+            let Ok((lost, _elector, leadership)) = acquire(client, &lease).await else {
                 return;
             };
             let setup = guestcred::controller::Setup {
-                client,
-                access,
-                name: lease.identity.clone(),
-                settings,
-                metrics,
                 leadership,
-                input_key_secret: (
-                    "default".into(),
-                    guestcred::controller::INPUT_KEY_SECRET.into(),
-                ),
-                watch,
+                ..setup
             };
             guestcred::controller::start(setup, lost).await;
         })
@@ -732,11 +743,7 @@ impl World {
     /// Create or update any object with server-side apply, as `kubectl apply` would.
     pub async fn apply<K>(&self, obj: &K) -> kube::Result<K>
     where
-        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-            + Clone
-            + Debug
-            + Serialize
-            + DeserializeOwned,
+        K: Namespaced + Serialize,
     {
         let ns = obj
             .meta()
@@ -756,10 +763,7 @@ impl World {
     /// The object `ns/name`; fails the test if it cannot be read.
     pub async fn get<K>(&self, ns: &str, name: &str) -> K
     where
-        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-            + Clone
-            + Debug
-            + DeserializeOwned,
+        K: Namespaced,
     {
         let api: Api<K> = Api::namespaced(self.client.clone(), ns);
         api.get(name)
@@ -776,10 +780,7 @@ impl World {
         pred: impl Fn(&K) -> bool,
     ) -> anyhow::Result<K>
     where
-        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-            + Clone
-            + Debug
-            + DeserializeOwned,
+        K: Namespaced,
     {
         let api: Api<K> = Api::namespaced(self.client.clone(), ns);
         let start = Instant::now();

@@ -18,6 +18,17 @@ impl KubectlOutput {
     pub fn success(&self) -> bool {
         self.status.success()
     }
+
+    /// stdout; fails the test with the command `args`, stderr and stdout if kubectl failed.
+    fn stdout_of_success(self, args: &[&str]) -> String {
+        assert!(
+            self.success(),
+            "kubectl {args:?} failed: {}\n{}",
+            self.stderr,
+            self.stdout
+        );
+        self.stdout
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -135,14 +146,7 @@ impl Kubectl {
     }
 
     pub fn run_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.output(args, stdin);
-        assert!(
-            out.success(),
-            "kubectl {args:?} failed: {}\n{}",
-            out.stderr,
-            out.stdout
-        );
-        out.stdout
+        self.output(args, stdin).stdout_of_success(args)
     }
 
     /// `kubectl apply -f -` of `text` (YAML or JSON).
@@ -168,13 +172,6 @@ impl Kubectl {
 
     /// [`Kubectl::run`] on a blocking thread.
     pub async fn run_async(&self, args: &[&str]) -> String {
-        let out = self.output_async(args).await;
-        assert!(
-            out.success(),
-            "kubectl {args:?} failed: {}\n{}",
-            out.stderr,
-            out.stdout
-        );
-        out.stdout
+        self.output_async(args).await.stdout_of_success(args)
     }
 }
