@@ -108,7 +108,7 @@ impl HostKubevirt {
     pub fn router(self: &Arc<Self>) -> axum::Router {
         axum::Router::new()
             .route(
-                "/apis/subresources.kubevirt.io/v1/namespaces/{ns}/virtualmachines/{name}/restart",
+                crate::cluster::kubevirt_lite::RESTART_PATH,
                 put(restart_route),
             )
             .with_state(self.clone())
@@ -294,27 +294,8 @@ async fn cloud_init_keys(
     let Some(text) = user_data(client, vm).await? else {
         return Ok(BTreeMap::new());
     };
-    let doc: serde_yaml::Value = serde_yaml::from_str(&text)?;
-    let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for user in doc
-        .get("users")
-        .and_then(serde_yaml::Value::as_sequence)
-        .into_iter()
-        .flatten()
-    {
-        let Some(name) = user.get("name").and_then(serde_yaml::Value::as_str) else {
-            continue;
-        };
-        let lines = user
-            .get("ssh_authorized_keys")
-            .and_then(serde_yaml::Value::as_sequence)
-            .into_iter()
-            .flatten()
-            .filter_map(serde_yaml::Value::as_str)
-            .map(|k| k.trim().to_string());
-        keys.entry(name.to_string()).or_default().extend(lines);
-    }
-    Ok(keys)
+    // The same reading of cloud-config as kubevirt-lite's.
+    crate::cluster::kubevirt_lite::parse_cloud_config_keys(&text).map_err(anyhow::Error::msg)
 }
 
 /// Append the lines `user`'s authorized_keys (under a host agent's `base`) lacks.

@@ -137,7 +137,12 @@ pub fn cloud_init_keys(vm: &VirtualMachine) -> Result<BTreeMap<String, Vec<Strin
     parse_cloud_config_keys(&user_data)
 }
 
-fn parse_cloud_config_keys(user_data: &str) -> Result<BTreeMap<String, Vec<String>>, String> {
+/// KubeVirt's `restart` subresource of a VM, as an axum route path.
+pub const RESTART_PATH: &str =
+    "/apis/subresources.kubevirt.io/v1/namespaces/{ns}/virtualmachines/{name}/restart";
+
+/// `users[].ssh_authorized_keys` of cloud-config `user_data`, by user (blank keys left out).
+pub fn parse_cloud_config_keys(user_data: &str) -> Result<BTreeMap<String, Vec<String>>, String> {
     let doc: serde_yaml::Value = serde_yaml::from_str(user_data)
         .map_err(|e| format!("cloud-init userData is not YAML: {e}"))?;
     let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -549,10 +554,7 @@ impl Lite {
     /// The extra routes merged into the API server.
     pub fn router(self: &Arc<Self>) -> axum::Router {
         axum::Router::new()
-            .route(
-                "/apis/subresources.kubevirt.io/v1/namespaces/{ns}/virtualmachines/{name}/restart",
-                put(restart_route),
-            )
+            .route(RESTART_PATH, put(restart_route))
             .with_state(self.clone())
     }
 }

@@ -79,19 +79,9 @@ pub fn stop(pid: u32, grace: Duration) -> bool {
     wait_gone(pid, Duration::from_secs(5))
 }
 
-/// Pids of QEMU processes a node's libvirtd started (its pid files; driver.pid is
-/// libvirtd's own lock file).
+/// Pids of QEMU processes a node's libvirtd started (a node's directory is its libvirtd's).
 pub fn qemu_pids(node_dir: &Path) -> Vec<u32> {
-    let Ok(entries) = fs::read_dir(node_dir.join("run/libvirt/qemu")) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
-        .filter(|e| e.file_name() != "driver.pid")
-        .filter_map(|e| fs::read_to_string(e.path()).ok())
-        .filter_map(|s| s.trim().parse().ok())
-        .collect()
+    crate::guest::Libvirtd::qemu_pids_in(node_dir)
 }
 
 /// Mounts whose source lies under `dir`, in any process's mount namespace (a private

@@ -178,7 +178,13 @@ impl Libvirtd {
 
     /// Pids of the QEMU processes this libvirtd runs (from its pid files).
     pub fn qemu_pids(&self) -> Vec<u32> {
-        let Ok(entries) = fs::read_dir(self.dir.join("run/libvirt/qemu")) else {
+        Self::qemu_pids_in(&self.dir)
+    }
+
+    /// Pids of the QEMU processes the libvirtd whose directory is `dir` started (from its
+    /// pid files).
+    pub fn qemu_pids_in(dir: &Path) -> Vec<u32> {
+        let Ok(entries) = fs::read_dir(dir.join("run/libvirt/qemu")) else {
             return Vec::new();
         };
         entries
