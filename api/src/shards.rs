@@ -112,10 +112,14 @@ pub fn encode(records: &[TargetStatus], first: usize) -> Result<Vec<u8>, ShardEr
 }
 
 fn gzip_json<T: Serialize>(records: &[T]) -> Vec<u8> {
-    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
-    // Writing to a Vec and serializing plain structs cannot fail.
-    let _ = serde_json::to_writer(&mut gz, records);
-    let _ = gz.flush();
+    // Serialized whole first, then compressed in one write: serde_json writes each token
+    // separately, and every write to a GzEncoder zero-fills its 32 KiB output buffer, so
+    // serializing straight into it cost ~50 ms of CPU per 1,000-record shard (perf, bench
+    // P6: 14% of the controller's CPU). Serializing plain structs cannot fail, nor can
+    // writing to a Vec.
+    let json = serde_json::to_vec(records).unwrap_or_default();
+    let mut gz = GzEncoder::new(Vec::with_capacity(json.len() / 4), Compression::fast());
+    let _ = gz.write_all(&json);
     gz.finish().unwrap_or_default()
 }
 
