@@ -63,31 +63,16 @@ pub struct Cli {
 
 /// How to reach the cluster: the same flags and environment as kubectl.
 #[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Global Options")]
 pub struct Global {
     /// Path to the kubeconfig file to use (default: $KUBECONFIG, else ~/.kube/config).
-    #[arg(
-        long,
-        global = true,
-        value_name = "PATH",
-        help_heading = "Global Options"
-    )]
+    #[arg(long, global = true, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
     /// The name of the kubeconfig context to use.
-    #[arg(
-        long,
-        global = true,
-        value_name = "NAME",
-        help_heading = "Global Options"
-    )]
+    #[arg(long, global = true, value_name = "NAME")]
     pub context: Option<String>,
     /// The namespace scope for this request (default: the context's namespace).
-    #[arg(
-        short = 'n',
-        long,
-        global = true,
-        value_name = "NAMESPACE",
-        help_heading = "Global Options"
-    )]
+    #[arg(short = 'n', long, global = true, value_name = "NAMESPACE")]
     pub namespace: Option<String>,
 }
 
