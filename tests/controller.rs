@@ -479,6 +479,38 @@ async fn kubevirt_access_credentials_for_the_same_user_are_flagged_as_a_conflict
     );
 }
 
+/// A reset that names its user needs nothing from the VirtualMachine: the user is the
+/// spec's and KubeVirt propagates accessCredentials from the running VMI's spec (read fresh
+/// anyway), so no GET of the VM is made (one per target saved at fleet scale, bench P6).
+#[tokio::test]
+async fn a_reset_naming_its_user_reads_no_virtual_machine() {
+    let (w, qga) = world_with_guest("vm-a").await;
+    w.password_secret("pw", SHA512).await;
+    let r = w
+        .run_to_end(&reset_of("vm-a").crypted().user("alice"))
+        .await;
+    assert_eq!(phase(&r), Some(Phase::Succeeded));
+    assert_eq!(hash_of(&qga, "alice").as_deref(), Some(SHA512));
+    let vm_path = format!("/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/vm-a");
+    assert_eq!(w.api().requests("GET", &vm_path), 0, "GETs of {vm_path}");
+}
+
+/// The conflict is still flagged when the user is named: from the running VMI's spec.
+#[tokio::test]
+async fn kubevirt_access_credentials_of_the_running_vmi_are_flagged_for_a_named_user() {
+    let w = world().await;
+    let desc = vm(NS, "vm-a", "node-1").access_credentials_for("alice");
+    let _qga = w.add_guest(&desc).await;
+    w.password_secret("pw", SHA512).await;
+    let r = w
+        .run_to_end(&reset_of("vm-a").crypted().user("alice"))
+        .await;
+    let t = target0(&r).expect("a target");
+    assert_eq!(t.state, TargetState::Succeeded);
+    let msg = t.message.clone().unwrap_or_default();
+    assert!(msg.contains("ConflictWithAccessCredentials"), "{msg}");
+}
+
 /// Namespaced mode (`--watch-namespaces team-a`, the chart's `watchNamespaces`): a reset in
 /// team-a is reconciled and applied; one in team-b is never seen (no status at all), and
 /// no request went to a cluster-wide collection of the kinds the controller watches, nor

@@ -138,34 +138,80 @@ impl VirtualMachine {
     /// (`spec.template.spec.accessCredentials[].*.propagationMethod.qemuGuestAgent.users`).
     /// KubeVirt re-syncs these periodically and would overwrite our change.
     pub fn access_credential_agent_users(&self) -> Vec<String> {
-        let creds = self
-            .spec
-            .rest
-            .get("template")
-            .and_then(|t| t.pointer("/spec/accessCredentials"))
-            .and_then(Value::as_array);
-        let mut users = Vec::new();
-        for cred in creds.into_iter().flatten() {
-            for kind in ["userPassword", "sshPublicKey"] {
-                if let Some(list) = cred
+        agent_users(
+            self.spec
+                .rest
+                .get("template")
+                .and_then(|t| t.pointer("/spec/accessCredentials")),
+        )
+    }
+}
+
+impl VirtualMachineInstance {
+    /// The same for a running VMI (`spec.accessCredentials`, copied from the VM's template
+    /// when the VMI was created): what KubeVirt propagates into this guest now.
+    pub fn access_credential_agent_users(&self) -> Vec<String> {
+        agent_users(self.spec.rest.get("accessCredentials"))
+    }
+}
+
+/// The users of an `accessCredentials` list with qemuGuestAgent propagation ("*": all).
+fn agent_users(creds: Option<&Value>) -> Vec<String> {
+    let mut users = Vec::new();
+    for cred in creds.and_then(Value::as_array).into_iter().flatten() {
+        for kind in ["userPassword", "sshPublicKey"] {
+            if let Some(list) = cred
+                .get(kind)
+                .and_then(|c| c.pointer("/propagationMethod/qemuGuestAgent/users"))
+                .and_then(Value::as_array)
+            {
+                users.extend(list.iter().filter_map(Value::as_str).map(str::to_string));
+            }
+            // userPassword with qemuGuestAgent propagation has no users list: it applies
+            // to the users named in the Secret's keys, which we cannot read here.
+            if kind == "userPassword"
+                && cred
                     .get(kind)
-                    .and_then(|c| c.pointer("/propagationMethod/qemuGuestAgent/users"))
-                    .and_then(Value::as_array)
-                {
-                    users.extend(list.iter().filter_map(Value::as_str).map(str::to_string));
-                }
-                // userPassword with qemuGuestAgent propagation has no users list: it applies
-                // to the users named in the Secret's keys, which we cannot read here.
-                if kind == "userPassword"
-                    && cred
-                        .get(kind)
-                        .and_then(|c| c.pointer("/propagationMethod/qemuGuestAgent"))
-                        .is_some()
-                {
-                    users.push("*".to_string());
-                }
+                    .and_then(|c| c.pointer("/propagationMethod/qemuGuestAgent"))
+                    .is_some()
+            {
+                users.push("*".to_string());
             }
         }
-        users
+    }
+    users
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn creds() -> Value {
+        json!([
+            {"sshPublicKey": {"propagationMethod": {"qemuGuestAgent": {"users": ["alice"]}}}},
+            {"userPassword": {"propagationMethod": {"qemuGuestAgent": {}}}},
+            {"sshPublicKey": {"propagationMethod": {"noCloud": {}}}}
+        ])
+    }
+
+    #[test]
+    fn a_vm_and_its_vmi_name_the_same_agent_users() {
+        let mut vm = VirtualMachine::new("vm", VmSpec::default());
+        vm.spec.rest.insert(
+            "template".into(),
+            json!({"spec": {"accessCredentials": creds()}}),
+        );
+        let mut vmi = VirtualMachineInstance::new("vm", VmiSpec::default());
+        vmi.spec.rest.insert("accessCredentials".into(), creds());
+        let want = vec!["alice".to_string(), "*".to_string()];
+        assert_eq!(vm.access_credential_agent_users(), want);
+        assert_eq!(vmi.access_credential_agent_users(), want);
+    }
+
+    #[test]
+    fn no_access_credentials_name_no_user() {
+        let vmi = VirtualMachineInstance::new("vm", VmiSpec::default());
+        assert!(vmi.access_credential_agent_users().is_empty());
     }
 }

@@ -220,13 +220,8 @@ impl VmDescription {
     pub fn vm_object(&self) -> VirtualMachine {
         let mut spec = BTreeMap::new();
         let mut template_spec = json!({"domain": {"devices": {}}});
-        if !self.access_credential_users.is_empty() {
-            template_spec["accessCredentials"] = json!([{
-                "sshPublicKey": {
-                    "source": {"secret": {"secretName": "kubevirt-managed-keys"}},
-                    "propagationMethod": {"qemuGuestAgent": {"users": self.access_credential_users}}
-                }
-            }]);
+        if let Some(creds) = self.access_credentials() {
+            template_spec["accessCredentials"] = creds;
         }
         spec.insert("running".to_string(), json!(true));
         spec.insert(
@@ -241,8 +236,24 @@ impl VmDescription {
         vm
     }
 
+    /// `accessCredentials` as the VM's template declares them, and as KubeVirt copies them
+    /// into the spec of the VMI it starts.
+    fn access_credentials(&self) -> Option<serde_json::Value> {
+        (!self.access_credential_users.is_empty()).then(|| {
+            json!([{
+                "sshPublicKey": {
+                    "source": {"secret": {"secretName": "kubevirt-managed-keys"}},
+                    "propagationMethod": {"qemuGuestAgent": {"users": self.access_credential_users}}
+                }
+            }])
+        })
+    }
+
     pub fn vmi_object(&self) -> VirtualMachineInstance {
         let mut vmi = VirtualMachineInstance::new(&self.name, Default::default());
+        if let Some(creds) = self.access_credentials() {
+            vmi.spec.rest.insert("accessCredentials".into(), creds);
+        }
         vmi.metadata.namespace = Some(self.namespace.clone());
         vmi.metadata.labels = Some(self.labels.clone());
         vmi.status = Some(self.vmi_status());

@@ -4,7 +4,7 @@ use super::engine::{Outcome, Prepared, RunKind};
 use super::error::Error;
 use super::rotation;
 use super::secrets;
-use super::targets::TargetCall;
+use super::targets::{TargetCall, VmRead};
 use crate::api::password::Charset;
 use crate::api::wire::SetPasswordRequest;
 use crate::api::{GuestPasswordReset, Reason, RunSpec, RunStatus, SecretKeyRef};
@@ -68,6 +68,10 @@ impl RunKind for GuestPasswordReset {
     }
     fn latest(&self, ctx: &Context) -> Option<Arc<Self>> {
         ctx.resets.get(&ObjectRef::from_obj(self))
+    }
+    /// A password needs the VM only for its admin-user annotation (see `VmRead`).
+    fn vm_read(&self) -> VmRead {
+        VmRead::ForUserOnly
     }
 
     fn validate(&self) -> Result<(), Error> {

@@ -25,7 +25,27 @@ pub struct TargetCall {
     /// Generated passwords: the output Secret already recorded for this target.
     pub output_secret: Option<String>,
     pub vmi: VirtualMachineInstance,
+    /// The VirtualMachine; None for a VMI without one, and when the call did not read it
+    /// ([`VmRead::ForUserOnly`] with a named user).
     pub vm_object: Option<VirtualMachine>,
+}
+
+/// Whether a call reads the target's VirtualMachine (always fresh: no VM is cached).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmRead {
+    /// The kind needs the VM itself: its annotations record which keys guestcred added
+    /// (they must be current, see `key_ownership`), Rebuild edits and restarts it.
+    Always,
+    /// Only to find the user when the spec names none (the VM's admin-user annotation,
+    /// read fresh: a stale one would change the wrong user). With a named user nothing is
+    /// needed from the VM: KubeVirt propagates accessCredentials from the running VMI's
+    /// spec, which the call reads fresh anyway. Saves one GET per target (bench P6).
+    ForUserOnly,
+}
+
+/// Whether a call with `spec_user` reads the VM (pure; see [`VmRead`]).
+pub fn reads_vm(vm_read: VmRead, spec_user: Option<&str>) -> bool {
+    vm_read == VmRead::Always || spec_user.is_none()
 }
 
 /// The VM names of a run: the named VMI, or every running VMI matching the selector.
@@ -99,6 +119,21 @@ pub async fn prepare_call(
     spec_user: Option<&str>,
     output_secret: Option<String>,
 ) -> Result<TargetCall, Error> {
+    prepare_call_reading(ctx, ns, vm, spec_user, output_secret, VmRead::Always).await
+}
+
+/// [`prepare_call`], reading the VM only as `vm_read` says. The VMI is always read fresh,
+/// right before the agent call: its node must be current (a migrated VM is called on its
+/// new node, never through a stale one's shim), its phase Running and not paused, and
+/// after a Rebuild's restart it must be the new VMI.
+pub async fn prepare_call_reading(
+    ctx: &Context,
+    ns: &str,
+    vm: &str,
+    spec_user: Option<&str>,
+    output_secret: Option<String>,
+    vm_read: VmRead,
+) -> Result<TargetCall, Error> {
     let vmis: Api<VirtualMachineInstance> = Api::namespaced(ctx.client.clone(), ns);
     let vmi = vmis
         .get_opt(vm)
@@ -125,17 +160,27 @@ pub async fn prepare_call(
             Error::VmNotRunning(format!("VirtualMachineInstance {ns}/{vm} has no node yet"))
         })?
         .to_string();
-    let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), ns);
-    let vm_object = vms.get_opt(vm).await?;
+    let vm_object = if reads_vm(vm_read, spec_user) {
+        let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), ns);
+        vms.get_opt(vm).await?
+    } else {
+        None
+    };
     let windows = vmi.is_windows();
     let (user, user_source) = choose_user(spec_user, vm_object.as_ref(), &vmi, windows);
     crate::api::validate::user(&user)
         .map_err(|e| Error::InvalidUser(format!("user {user:?}: {}", e.message)))?;
-    let conflicts_with_access_credentials = vm_object.as_ref().is_some_and(|v| {
-        v.access_credential_agent_users()
-            .iter()
-            .any(|u| u == &user || u == "*")
-    });
+    // The running VMI's accessCredentials are what KubeVirt propagates now; the VM's
+    // template (when read) also counts: its next VMI propagates them.
+    let conflicts_with_access_credentials = vmi
+        .access_credential_agent_users()
+        .into_iter()
+        .chain(
+            vm_object
+                .iter()
+                .flat_map(VirtualMachine::access_credential_agent_users),
+        )
+        .any(|u| u == user || u == "*");
     let shim = ctx.shims.for_node(&node)?;
     let mut domain = DomainRef::new(ns, vm).with_node(&node);
     if let Some(uid) = vmi.launcher_pod_uid() {
@@ -245,6 +290,18 @@ mod tests {
         let vmi = vmi_with_os("debian");
         let (u, _) = choose_user(None, None, &vmi, vmi.is_windows());
         assert_eq!(u, "root");
+    }
+
+    #[test]
+    fn the_vm_is_read_for_the_user_only_when_the_spec_names_none() {
+        assert!(reads_vm(VmRead::ForUserOnly, None));
+        assert!(!reads_vm(VmRead::ForUserOnly, Some("root")));
+    }
+
+    #[test]
+    fn kinds_that_need_the_vm_always_read_it() {
+        assert!(reads_vm(VmRead::Always, Some("root")));
+        assert!(reads_vm(VmRead::Always, None));
     }
 
     #[test]

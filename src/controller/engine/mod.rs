@@ -131,6 +131,10 @@ pub trait RunKind:
     fn spec_user(&self) -> Option<&str> {
         self.common().user.as_deref()
     }
+    /// What an agent call of this kind needs from the target's VirtualMachine.
+    fn vm_read(&self) -> targets::VmRead {
+        targets::VmRead::Always
+    }
     /// The Secret the input comes from, if any (watched: a change starts a new run).
     fn input_secret(&self) -> Option<&SecretKeyRef>;
     fn run_status(&self) -> Option<&RunStatus>;

@@ -111,7 +111,9 @@ async fn attempt_once<K: RunKind>(
 ) -> Result<Outcome, Error> {
     let ns = obj.namespace().unwrap_or_default();
     let output_secret = lock(shared).status.targets[idx].output_secret.clone();
-    let call = targets::prepare_call(ctx, &ns, vm, obj.spec_user(), output_secret).await?;
+    let call =
+        targets::prepare_call_reading(ctx, &ns, vm, obj.spec_user(), output_secret, obj.vm_read())
+            .await?;
     {
         let mut st = lock(shared);
         let t = st.target_mut(idx);
