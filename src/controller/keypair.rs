@@ -240,7 +240,7 @@ impl RunKind for KeypairRebuild {
             // recorded stands for what the guest has.
             let wanted_fps: BTreeSet<String> =
                 wanted.iter().map(|k| k.fingerprint.clone()).collect();
-            let (me, live, record) = self.ownership(ctx, call);
+            let (me, live, record) = self.ownership(ctx, call).await;
             let plan = key_ownership::plan_live(
                 &me,
                 &wanted_fps,
@@ -254,10 +254,10 @@ impl RunKind for KeypairRebuild {
             let dropped = key_ownership::removable(&record, &me, &plan.let_go, &live, &others);
             let outcome = super::rebuild::rebuild(ctx, self, call, wanted, &dropped).await?;
             let added: BTreeSet<String> = outcome.keys.iter().cloned().collect();
-            update_record(ctx, call, |r| {
-                r.hold(&me, &added, &live);
-                r.release(&me, &plan.let_go, &live, &others);
-                r.forget(&dropped, &live);
+            update_record(ctx, call, |r, live| {
+                r.hold(&me, &added, live);
+                r.release(&me, &plan.let_go, live, &others);
+                r.forget(&dropped, live);
             })
             .await?;
             return Ok(outcome);
@@ -267,7 +267,7 @@ impl RunKind for KeypairRebuild {
         let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
         let present_before: BTreeSet<String> =
             current.iter().filter_map(|l| fingerprint_of(l)).collect();
-        let (me, live, record) = self.ownership(ctx, call);
+        let (me, live, record) = self.ownership(ctx, call).await;
         let plan = key_ownership::plan_live(
             &me,
             &wanted_fps,
@@ -278,7 +278,7 @@ impl RunKind for KeypairRebuild {
             self.spec.replace_all,
         );
         // Record first what this object holds, so a crash after the change loses nothing.
-        update_record(ctx, call, |r| r.hold(&me, &plan.to_hold, &live)).await?;
+        update_record(ctx, call, |r, live| r.hold(&me, &plan.to_hold, live)).await?;
         // With an overlap, the keys let go of stay until the new ones are verified and the
         // overlap has passed (`overlap::end`); nothing is removed now.
         let overlap = self
@@ -295,9 +295,10 @@ impl RunKind for KeypairRebuild {
                 // Let go first, on a fresh read of the record: a key leaves the guest
                 // only when no other live object holds or grants it.
                 let others = self.granted_by_others(ctx, call);
-                removed =
-                    update_record(ctx, call, |r| r.release(&me, &plan.let_go, &live, &others))
-                        .await?;
+                removed = update_record(ctx, call, |r, live| {
+                    r.release(&me, &plan.let_go, live, &others)
+                })
+                .await?;
             }
             let stale: Vec<String> = current
                 .into_iter()
@@ -325,13 +326,13 @@ impl RunKind for KeypairRebuild {
         // Forget what left the guest (Replace), or, with replaceAll, everything of
         // guestcred's the file no longer has.
         if self.spec.replace_all {
-            update_record(ctx, call, |r| {
+            update_record(ctx, call, |r, _| {
                 let gone = r.owned().difference(&wanted_fps).cloned().collect();
                 r.drop_keys(&gone);
             })
             .await?;
         } else if !removed.is_empty() {
-            update_record(ctx, call, |r| r.forget(&removed, &live)).await?;
+            update_record(ctx, call, |r, live| r.forget(&removed, live)).await?;
         }
         let expires_at = self
             .spec
@@ -460,8 +461,10 @@ trait ManagedKeys {
         target: &TargetStatus,
     ) -> Result<String, Error>;
     /// This object's holder id, the live objects' (see `key_ownership`), and the target
-    /// VM's record for its user, as the call read it.
-    fn ownership(&self, ctx: &Context, call: &TargetCall) -> (String, HolderIds, Record);
+    /// VM's record for its user, as the call read it. Waits until the cache of
+    /// KeypairRebuilds has been listed once (right after a start, a reconcile may come
+    /// first), so no live object is missing from it.
+    async fn ownership(&self, ctx: &Context, call: &TargetCall) -> (String, HolderIds, Record);
     /// Keys the other live KeypairRebuilds of the namespace grant on the call's VM and
     /// user (their listed targets and pending expiries).
     fn granted_by_others(&self, ctx: &Context, call: &TargetCall) -> BTreeSet<String>;
@@ -476,7 +479,7 @@ impl ManagedKeys for KeypairRebuild {
         call: &TargetCall,
         target: &TargetStatus,
     ) -> Result<String, Error> {
-        let (me, live, record) = self.ownership(ctx, call);
+        let (me, _, record) = self.ownership(ctx, call).await;
         // Only the granted keys guestcred itself added: a key the person had before stays.
         let granted: BTreeSet<String> = target
             .keys
@@ -488,7 +491,7 @@ impl ManagedKeys for KeypairRebuild {
         let gone = if granted.is_empty() {
             BTreeSet::new()
         } else {
-            update_record(ctx, call, |r| r.release(&me, &granted, &live, &others)).await?
+            update_record(ctx, call, |r, live| r.release(&me, &granted, live, &others)).await?
         };
         let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
         let expired: Vec<String> = current
@@ -501,7 +504,7 @@ impl ManagedKeys for KeypairRebuild {
                 .await?;
         }
         if !gone.is_empty() {
-            update_record(ctx, call, |r| r.forget(&gone, &live)).await?;
+            update_record(ctx, call, |r, live| r.forget(&gone, live)).await?;
         }
         Ok(format!(
             "TTL passed: removed {} key(s) from user {}",
@@ -510,7 +513,9 @@ impl ManagedKeys for KeypairRebuild {
         ))
     }
 
-    fn ownership(&self, ctx: &Context, call: &TargetCall) -> (String, HolderIds, Record) {
+    async fn ownership(&self, ctx: &Context, call: &TargetCall) -> (String, HolderIds, Record) {
+        // Err only when the cache's writer is gone (the controller stops).
+        let _ = ctx.rebuilds.wait_until_ready().await;
         let annotations = match &call.vm_object {
             Some(vm) => vm.annotations(),
             None => call.vmi.annotations(),
@@ -520,15 +525,7 @@ impl ManagedKeys for KeypairRebuild {
                 .get(&annotation_key(&call.user))
                 .map(String::as_str),
         );
-        let ns = self.namespace();
-        let live: HolderIds = ctx
-            .rebuilds
-            .state()
-            .iter()
-            .filter(|o| o.namespace() == ns && o.metadata.deletion_timestamp.is_none())
-            .filter_map(|o| o.uid())
-            .map(|uid| holder_id(&uid))
-            .collect();
+        let live = live_holders(ctx, self.namespace().as_deref());
         (holder_id(&self.uid().unwrap_or_default()), live, record)
     }
 
@@ -563,23 +560,39 @@ impl ManagedKeys for KeypairRebuild {
     }
 }
 
+/// Holder ids of the KeypairRebuilds of namespace `ns` that are not being deleted.
+fn live_holders(ctx: &Context, ns: Option<&str>) -> HolderIds {
+    ctx.rebuilds
+        .state()
+        .iter()
+        .filter(|o| o.namespace().as_deref() == ns && o.metadata.deletion_timestamp.is_none())
+        .filter_map(|o| o.uid())
+        .map(|uid| holder_id(&uid))
+        .collect()
+}
+
 /// Change the record of keys guestcred added to a VM and who holds them (see
 /// `key_ownership`) with `f`, which returns what it decided. Read fresh and written with
 /// the resourceVersion it was read at, retried on conflicts: several objects (and runs)
 /// record keys on the same VM and user at once, and none may lose another's update (a lost
 /// record would leave a key no TTL or deletion ever removes), and what `f` decides is
-/// decided on the record the write replaced. On the VM, else (a VMI without a VM) on the
-/// VMI. A record in the format before holders is rewritten in the current one.
+/// decided on the record the write replaced. `f` also gets the live objects' holder ids,
+/// read after the record: an object whose hold the record shows is live there (it was in
+/// this controller's cache before its run recorded the hold), so no hold of an object
+/// created meanwhile is taken for a deleted object's. On the VM, else (a VMI without a
+/// VM) on the VMI. A record in the format before holders is rewritten in the current one.
 async fn update_record<T: Default>(
     ctx: &Context,
     call: &TargetCall,
-    f: impl Fn(&mut Record) -> T,
+    f: impl Fn(&mut Record, &HolderIds) -> T,
 ) -> Result<T, Error> {
     let decided = std::sync::Mutex::new(None);
+    let ns = call.vmi.namespace();
     update_vm_annotation(ctx, call, &annotation_key(&call.user), |old| {
         let old = old.map(String::as_str);
         let mut record = Record::parse(old);
-        let out = f(&mut record);
+        let live = live_holders(ctx, ns.as_deref());
+        let out = f(&mut record, &live);
         if let Ok(mut d) = decided.lock() {
             *d = Some(out);
         }

@@ -90,7 +90,7 @@ async fn remove_grant(
 ) -> Result<usize, Error> {
     let ns = kr.namespace().unwrap_or_default();
     let call = targets::prepare_call(ctx, &ns, vm, user.as_deref(), None).await?;
-    let (me, live, record) = kr.ownership(ctx, &call);
+    let (me, _, record) = kr.ownership(ctx, &call).await;
     // What it granted or holds there and guestcred added (a key the person had stays).
     let candidates: Fingerprints = keys
         .union(&record.held_by(&me))
@@ -106,7 +106,10 @@ async fn remove_grant(
         ));
     }
     // Let go on a fresh read: what another live object holds or grants stays.
-    let ours = update_record(ctx, &call, |r| r.release(&me, &candidates, &live, kept)).await?;
+    let ours = update_record(ctx, &call, |r, live| {
+        r.release(&me, &candidates, live, kept)
+    })
+    .await?;
     let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
     let lines: Vec<String> = current
         .into_iter()
@@ -118,7 +121,7 @@ async fn remove_grant(
             .await?;
     }
     if !ours.is_empty() {
-        update_record(ctx, &call, |r| r.forget(&ours, &live)).await?;
+        update_record(ctx, &call, |r, live| r.forget(&ours, live)).await?;
     }
     Ok(lines.len())
 }
@@ -131,6 +134,9 @@ pub(super) async fn remove_granted_keys(
     if kr.spec.on_delete == OnDelete::Keep {
         return Ok(Cleanup::Done);
     }
+    // What the others grant needs every live object listed (right after a start the
+    // cache may still be filling). Err only when the cache's writer is gone.
+    let _ = ctx.rebuilds.wait_until_ready().await;
     let others = granted_by_others(kr, ctx).await?;
     let mine = engine::full_status(kr, ctx).await?;
     let mut left: Vec<String> = Vec::new();

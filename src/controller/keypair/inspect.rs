@@ -72,7 +72,7 @@ async fn read_report(
     call: &TargetCall,
 ) -> Result<GuestKeys, Error> {
     let lines = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
-    let owned = kr.ownership(ctx, call).2.owned();
+    let owned = kr.ownership(ctx, call).await.2.owned();
     let expiries = ttl_expiries(ctx, &kr.namespace().unwrap_or_default(), call);
     Ok(describe(&lines, &owned, &expiries, Time(Timestamp::now())))
 }

@@ -89,10 +89,10 @@ pub(super) async fn end(
     call: &TargetCall,
     target: &TargetStatus,
 ) -> Result<String, Error> {
-    let (me, live, _) = kr.ownership(ctx, call);
+    let (me, _, _) = kr.ownership(ctx, call).await;
     let let_go = letting_go(target);
     let others = kr.granted_by_others(ctx, call);
-    let gone = update_record(ctx, call, |r| r.release(&me, &let_go, &live, &others)).await?;
+    let gone = update_record(ctx, call, |r, live| r.release(&me, &let_go, live, &others)).await?;
     if !gone.is_empty() {
         let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
         let lines: Vec<String> = current
@@ -112,7 +112,7 @@ pub(super) async fn end(
                 call.vm
             )));
         }
-        update_record(ctx, call, |r| r.forget(&gone, &live)).await?;
+        update_record(ctx, call, |r, live| r.forget(&gone, live)).await?;
     }
     let kept = let_go.len() - gone.len();
     Ok(format!(

@@ -171,7 +171,7 @@ pub(super) async fn remove_keys(
             call.user
         )));
     }
-    let owned = kr.ownership(ctx, call).2.owned();
+    let owned = kr.ownership(ctx, call).await.2.owned();
     if !lines.is_empty() {
         // Recorded before the guest changes: a retry that finds the key gone knows why.
         update_vm_annotation(
@@ -194,7 +194,7 @@ pub(super) async fn remove_keys(
         )));
     }
     // Gone from the guest: no longer guestcred's to track, expire or remove.
-    update_record(ctx, call, |r| r.drop_keys(fps)).await?;
+    update_record(ctx, call, |r, _| r.drop_keys(fps)).await?;
     let described: Vec<String> = fps
         .iter()
         .map(|fp| {
