@@ -266,17 +266,17 @@ pub async fn run(
             fleet.nodes.len()
         ),
     );
-    p2.figures.push(
+    p2.versus(
         Figure::new(
             "P2.controller",
             "create → Ready=True for all targets",
             "s",
             wall,
-        )
-        .against(&direct)
-        .ratio_at_most(1.5, "median ≤ 1.5× direct"),
+        ),
+        direct,
+        1.5,
+        "median ≤ 1.5× direct",
     );
-    p2.figures.push(direct);
     p2.figures.push(
         Figure::new(
             "P2.controller_cpu",
@@ -286,18 +286,18 @@ pub async fn run(
         )
         .median_at_most(2.0, "median ≤ 2 ms"),
     );
-    p2.figures.push(Figure::new(
+    p2.plain(
         "P2.shim_cpu",
         "shim CPU per call (all shims)",
         "ms",
         shim_cpu,
-    ));
-    p2.figures.push(Figure::new(
+    );
+    p2.plain(
         "P2.api_requests",
         "API requests (non-watch) per target during a run",
         "req",
         reqs,
-    ));
+    );
     p2.notes.push(format!(
         "{rounds} rounds after a warm-up; each round is a controller run then a direct run with another value. Agents are host qemu-ga instances (one per VM, private /etc) on unix sockets; the direct baseline drives the same sockets with the shim's own QGA client (QgaSocketAgent) from the bench process. After each controller run every agent's /etc/shadow is checked."
     ));
@@ -563,17 +563,17 @@ async fn p5(
         "P5",
         "Hung agent isolation: 20 one-VM resets on one node, one agent frozen (SIGSTOP)",
     );
-    s.figures.push(
+    s.versus(
         Figure::new(
             "P5.with_hung",
             "latency of each of the 19 healthy resets while one agent is hung",
             "ms",
             with,
-        )
-        .against(&base)
-        .ratio_at_most(1.1, "median ≤ 1.1× without"),
+        ),
+        base,
+        1.1,
+        "median ≤ 1.1× without",
     );
-    s.figures.push(base);
     s.figures.push(
         Figure::new(
             "P5.hung_timeout",

@@ -233,12 +233,12 @@ pub async fn run(ctx: &Ctx, rounds: usize, load_secs: u64) -> anyhow::Result<P1R
         .against(&direct),
     );
     p1.figures.push(direct);
-    p1.figures.push(Figure::new(
+    p1.plain(
         "P1.controller_cpu",
         "controller CPU per reset (kube-client path)",
         "ms",
         controller_cpu,
-    ));
+    );
     p1.notes.push(format!(
         "{rounds} rounds after one warm-up round; the four methods alternate and their order rotates every round. Every call sets a distinct SHA-512 crypt string for user {USER}; the last one is read back from the guest's /etc/shadow."
     ));

@@ -201,12 +201,7 @@ pub async fn run(
             .against(&base)
             .max_at_most(64.0, "≤ 64 MiB"),
     );
-    s.figures.push(Figure::new(
-        "P3.rss_anon",
-        "  of which anonymous (RssAnon)",
-        "MiB",
-        anon,
-    ));
+    s.plain("P3.rss_anon", "  of which anonymous (RssAnon)", "MiB", anon);
     s.figures.push(
         Figure::new(
             "P3.hwm",
@@ -226,19 +221,19 @@ pub async fn run(
         )
         .max_at_most(5.0, "≤ 5 s"),
     );
-    s.figures.push(Figure::new(
+    s.plain(
         "P3.resync_requests",
         "API requests (non-watch) made during one resync",
         "req",
         reqs,
-    ));
-    s.figures.push(Figure::new(
+    );
+    s.plain(
         "P3.resync_reconciles",
         "reconciles of GuestPasswordResets during one resync (controller metric)",
         "n",
         reconciled,
-    ));
-    s.figures.push(Figure::new(
+    );
+    s.plain(
         "P3.first_run",
         &format!(
             "first run: {} one-VM resets → all Ready ({} real agents)",
@@ -247,13 +242,13 @@ pub async fn run(
         ),
         "s",
         vec![first_run.as_secs_f64()],
-    ));
-    s.figures.push(Figure::new(
+    );
+    s.plain(
         "P3.load",
         "loading the emulator (in-process client)",
         "s",
         vec![load_time.as_secs_f64()],
-    ));
+    );
     s.notes.push(format!(
         "{rounds} restarts (SIGKILL, then a new process). The resync ends with the later of the new controller's last non-watch API request and its last reconcile (its own guestcred_reconciles_total, scraped every 50 ms; at least one per reset), after which neither happens for 1.5 s; the bench makes no API requests meanwhile, and checks afterwards that all {} resets are still Ready. RSS is read right then.",
         scale.resets

@@ -94,45 +94,42 @@ impl Figure {
     }
 
     /// Target on the ratio to the baseline.
-    pub fn ratio_at_most(mut self, limit: f64, text: &str) -> Figure {
-        self.target = self.ratio.map(|r| Target {
-            text: text.into(),
-            value: r,
-            limit,
-            met: r <= limit,
-        });
-        self
+    pub fn ratio_at_most(self, limit: f64, text: &str) -> Figure {
+        let ratio = self.ratio;
+        self.target_on(ratio, limit, text, |v, limit| v <= limit)
     }
 
     /// Target on the median.
-    pub fn median_at_most(mut self, limit: f64, text: &str) -> Figure {
-        self.target = self.median().map(|v| Target {
-            text: text.into(),
-            value: v,
-            limit,
-            met: v <= limit,
-        });
-        self
+    pub fn median_at_most(self, limit: f64, text: &str) -> Figure {
+        let median = self.median();
+        self.target_on(median, limit, text, |v, limit| v <= limit)
     }
 
     /// Target on the worst sample.
-    pub fn max_at_most(mut self, limit: f64, text: &str) -> Figure {
-        self.target = self.max().map(|v| Target {
-            text: text.into(),
-            value: v,
-            limit,
-            met: v <= limit,
-        });
-        self
+    pub fn max_at_most(self, limit: f64, text: &str) -> Figure {
+        let max = self.max();
+        self.target_on(max, limit, text, |v, limit| v <= limit)
     }
 
     /// Target on the worst (lowest) sample, for figures where more is better.
-    pub fn min_at_least(mut self, limit: f64, text: &str) -> Figure {
-        self.target = self.stat.as_ref().map(|s| Target {
+    pub fn min_at_least(self, limit: f64, text: &str) -> Figure {
+        let min = self.stat.as_ref().map(|s| s.min);
+        self.target_on(min, limit, text, |v, limit| v >= limit)
+    }
+
+    /// The target checked on `value` (none without a value: no samples, no baseline).
+    fn target_on(
+        mut self,
+        value: Option<f64>,
+        limit: f64,
+        text: &str,
+        met: fn(f64, f64) -> bool,
+    ) -> Figure {
+        self.target = value.map(|v| Target {
             text: text.into(),
-            value: s.min,
+            value: v,
             limit,
-            met: s.min >= limit,
+            met: met(v, limit),
         });
         self
     }
@@ -159,6 +156,19 @@ impl Section {
             notes: Vec::new(),
             tables: Vec::new(),
         }
+    }
+
+    /// Add `figure` compared with its same-run baseline `base` (target on the ratio of the
+    /// medians), then the baseline.
+    pub fn versus(&mut self, figure: Figure, base: Figure, limit: f64, text: &str) {
+        self.figures
+            .push(figure.against(&base).ratio_at_most(limit, text));
+        self.figures.push(base);
+    }
+
+    /// Add a figure without baseline or target.
+    pub fn plain(&mut self, id: &str, title: &str, unit: &str, samples: Vec<f64>) {
+        self.figures.push(Figure::new(id, title, unit, samples));
     }
 }
 
@@ -199,6 +209,26 @@ mod tests {
         assert!(!f.target.expect("target").met);
         let f = Figure::new("r", "rate", "/s", vec![1200.0, 1000.0]).min_at_least(1000.0, "x");
         assert!(f.target.expect("target").met);
+    }
+
+    #[test]
+    fn a_figure_versus_its_baseline_comes_first_with_the_ratio_checked() {
+        let mut s = Section::new("S", "section");
+        let base = Figure::new("b", "base", "ms", vec![10.0]);
+        s.versus(Figure::new("f", "fig", "ms", vec![12.0]), base, 1.1, "x");
+        let ids: Vec<&str> = s.figures.iter().map(|f| f.id.as_str()).collect();
+        assert_eq!(ids, ["f", "b"]);
+        assert_eq!(s.figures[0].baseline.as_deref(), Some("b"));
+        assert!(!s.figures[0].target.as_ref().expect("target").met);
+    }
+
+    #[test]
+    fn a_median_target_ignores_the_worst_sample_and_a_max_target_does_not() {
+        let samples = vec![1.0, 1.0, 9.0];
+        let f = Figure::new("m", "median", "ms", samples.clone()).median_at_most(2.0, "x");
+        assert!(f.target.expect("target").met);
+        let f = Figure::new("m", "max", "ms", samples).max_at_most(2.0, "x");
+        assert!(!f.target.expect("target").met);
     }
 
     #[test]
