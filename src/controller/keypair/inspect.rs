@@ -121,17 +121,11 @@ fn describe(
     report
 }
 
-/// When a TTL removes each key granted on this VM and user: the earliest `expiresAt` of
-/// the live KeypairRebuilds of the namespace (their current targets and the earlier runs'
-/// grants in `pendingExpiries`).
+/// When a TTL removes each key granted on this VM and user, from the grants of the live
+/// KeypairRebuilds of the namespace (their current targets and the earlier runs' grants in
+/// `pendingExpiries`): see [`effective_expiries`].
 fn ttl_expiries(ctx: &Context, ns: &str, call: &TargetCall) -> BTreeMap<String, Time> {
-    let mut out: BTreeMap<String, Time> = BTreeMap::new();
-    let mut note = |fp: &String, at: &Time| {
-        let sooner = out.get(fp).is_none_or(|t| at.0 < t.0);
-        if sooner {
-            out.insert(fp.clone(), at.clone());
-        }
-    };
+    let mut grants: Vec<(String, Option<Time>)> = Vec::new();
     let same = |vm: &str, user: Option<&str>| vm == call.vm && user == Some(call.user.as_str());
     for o in ctx.rebuilds.state() {
         if o.namespace().as_deref() != Some(ns) || o.metadata.deletion_timestamp.is_some() {
@@ -143,17 +137,41 @@ fn ttl_expiries(ctx: &Context, ns: &str, call: &TargetCall) -> BTreeMap<String, 
         for t in &st.targets {
             let live = t.state == TargetState::Succeeded
                 && t.reason.as_deref() != Some(Reason::Expired.as_str());
-            if let (true, true, Some(at)) = (live, same(&t.vm, t.user.as_deref()), &t.expires_at) {
-                t.keys.iter().for_each(|fp| note(fp, at));
+            if live && same(&t.vm, t.user.as_deref()) {
+                grants.extend(t.keys.iter().map(|fp| (fp.clone(), t.expires_at.clone())));
             }
         }
         for p in &st.pending_expiries {
             if same(&p.vm, p.user.as_deref()) {
-                p.keys.iter().for_each(|fp| note(fp, &p.expires_at));
+                grants.extend(
+                    p.keys
+                        .iter()
+                        .map(|fp| (fp.clone(), Some(p.expires_at.clone()))),
+                );
             }
         }
     }
-    out
+    effective_expiries(grants)
+}
+
+/// When each key goes, from its live grants (fingerprint, TTL end; None: no TTL): a TTL
+/// removes a key only once no other live object still grants it (see `key_ownership`),
+/// so at the latest TTL end of its grants, and never while one grants it without a TTL.
+fn effective_expiries(
+    grants: impl IntoIterator<Item = (String, Option<Time>)>,
+) -> BTreeMap<String, Time> {
+    let mut latest: BTreeMap<String, Option<Time>> = BTreeMap::new();
+    for (fp, at) in grants {
+        let entry = latest.entry(fp).or_insert_with(|| at.clone());
+        *entry = match (entry.take(), at) {
+            (Some(a), Some(b)) => Some(if b.0 > a.0 { b } else { a }),
+            _ => None,
+        };
+    }
+    latest
+        .into_iter()
+        .filter_map(|(fp, at)| Some((fp, at?)))
+        .collect()
 }
 
 /// After a reconcile of `kr`: put the key reports of its finished Inspect targets into
@@ -273,6 +291,25 @@ mod tests {
 
     fn fp(line: &str) -> String {
         crate::api::authorized_keys::fingerprint(line).expect("a key")
+    }
+
+    #[test]
+    fn a_key_expires_at_its_latest_grant_s_ttl_and_never_while_one_grants_it_for_good() {
+        let t = |s: i64| Time(Timestamp::from_second(1_800_000_000 + s).expect("time"));
+        let got = effective_expiries([
+            ("a".to_string(), Some(t(10))),
+            ("a".to_string(), Some(t(30))),
+            ("a".to_string(), Some(t(20))),
+            ("b".to_string(), Some(t(10))),
+            ("b".to_string(), None),
+            ("c".to_string(), None),
+            ("c".to_string(), Some(t(5))),
+            ("d".to_string(), Some(t(7))),
+        ]);
+        assert_eq!(
+            got,
+            [("a".to_string(), t(30)), ("d".to_string(), t(7))].into()
+        );
     }
 
     #[test]
