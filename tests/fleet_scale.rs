@@ -268,3 +268,71 @@ async fn ttl_grants_of_a_replaced_run_over_150_vms_are_kept_in_shards_and_remove
         .collect::<Vec<_>>();
     assert!(left.is_empty(), "expiry shards left: {left:?}");
 }
+
+/// Replace with an overlap over more than 100 VMs: the replaced keys and when they go are
+/// kept in each target's record (shards, not status, which stays small); every VM holds
+/// both keys during the overlap and only the new one after it.
+#[tokio::test]
+async fn an_overlap_over_150_vms_keeps_both_keys_then_removes_the_old_one_from_every_vm() {
+    const FLEET: usize = 150;
+    let w = fleet_world(FLEET).await;
+    let keys = |key: &str| {
+        KeypairRebuild::test("rotate")
+            .selector("fleet", "all")
+            .user("root")
+            .inline_keys([key])
+            .max_concurrency(64)
+    };
+    w.apply(&keys(KEY1)).await.expect("first keys");
+    let _: KeypairRebuild = w
+        .wait_for(NS, "rotate", Duration::from_secs(120), finished)
+        .await
+        .expect("KEY1 in place");
+    w.apply(&keys(KEY2).overlap(60)).await.expect("new spec");
+    let rotated = |k: &KeypairRebuild| {
+        k.status
+            .as_ref()
+            .is_some_and(|s| s.run.observed_generation == k.metadata.generation && finished(k))
+    };
+    let k: KeypairRebuild = w
+        .wait_for(NS, "rotate", Duration::from_secs(120), rotated)
+        .await
+        .expect("the new run finishes");
+    let run = &k.status.as_ref().expect("status").run;
+    assert_eq!(run.phase, Some(Phase::Succeeded), "{:?}", run.summary);
+    assert!(!run.shards.is_empty(), "the records are in shards");
+    assert!(serde_json::to_vec(&k).expect("json").len() < 64 * 1024);
+    let body = |key: &str| {
+        key.split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let holds = |i: usize, key: &str| {
+        let node = format!("node-{}", i % NODES + 1);
+        let sim = w.sim_agent(&node).expect("simulated agent");
+        sim.authorized_keys(NS, &vm_name(i), "root")
+            .join("\n")
+            .contains(&body(key))
+    };
+    for i in 0..FLEET {
+        assert!(
+            holds(i, KEY1) && holds(i, KEY2),
+            "{}: both keys during the overlap",
+            vm_name(i)
+        );
+    }
+    let start = Instant::now();
+    while (0..FLEET).any(|i| holds(i, KEY1)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "KEY1 outlived the overlap on {:?}",
+            (0..FLEET)
+                .filter(|i| holds(*i, KEY1))
+                .map(vm_name)
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!((0..FLEET).all(|i| holds(i, KEY2)), "KEY2 stays everywhere");
+}
