@@ -582,7 +582,15 @@ async fn restart_route(
     State(lite): State<Arc<Lite>>,
     UrlPath((ns, name)): UrlPath<(String, String)>,
 ) -> Response {
-    match lite.restart(&ns, &name).await {
+    // The restart runs in a task of its own: a caller that gives up (a client timeout, the
+    // aggregator's proxy) must not cancel it half-way, with the domain destroyed and the
+    // VMI deleted but no new one (KubeVirt's own restart is carried out by its controllers,
+    // whatever becomes of the request).
+    let (task_ns, task_name) = (ns.clone(), name.clone());
+    let outcome = tokio::spawn(async move { lite.restart(&task_ns, &task_name).await })
+        .await
+        .unwrap_or_else(|e| Err(RestartError::Internal(format!("restart task failed: {e}"))));
+    match outcome {
         Ok(()) => (StatusCode::ACCEPTED, axum::Json(json!({}))).into_response(),
         Err(RestartError::NotFound) => status_error(
             StatusCode::NOT_FOUND,
