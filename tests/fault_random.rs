@@ -1,6 +1,7 @@
 //! A seeded, randomized fault run over both kinds (issue 17's proof). Each seed drives, at
 //! once: a generated-password bulk (root), a crypted-password bulk from a Secret that is
-//! rotated mid-run (alice), a TTL key grant (Append) and a permanent key (Replace), over six
+//! rotated mid-run (alice), a generated-password bulk sealed to an age key (bob), a TTL key
+//! grant (Append) and a permanent key (Replace), over six
 //! VMs with real qemu-ga agents on two nodes, while it kills and restarts the controller and
 //! shims, moves the leader Lease, injects status conflicts, freezes agents, pauses and
 //! resumes an object. The controller is two leader-elected replicas on one Lease: killing
@@ -8,7 +9,8 @@
 //! Lease, so it leads again at once); moving the Lease crashes the leader and waits until
 //! the other replica has taken the Lease over (after it expired) before a replacement
 //! joins. Then it checks, on the guests themselves:
-//! - every generated password in its Secret is the one the guest holds;
+//! - every generated password in its Secret is the one the guest holds, and every sealed
+//!   one decrypts (with the test's identity) to the one the guest holds;
 //! - no VM was given the superseded crypted value after the newer one (a sampler watches
 //!   each guest's shadow file throughout);
 //! - a VM whose agent came up only after the rotation never holds the superseded value:
@@ -85,8 +87,10 @@ fn sample_late(late: Arc<Mutex<Option<HostQga>>>, stop: Arc<AtomicBool>) -> Hist
     let h = history.clone();
     std::thread::spawn(move || {
         while !stop.load(Ordering::SeqCst) {
-            if let Some(qga) = late.lock().expect("late").as_ref() {
-                let now = alice_hash(qga);
+            let guard = late.lock().unwrap_or_else(|e| e.into_inner());
+            // The guest's files go with the world: a read after it ended is no sample.
+            if let Some(now) = guard.as_ref().and_then(|q| q.shadow_hash("alice").ok()) {
+                let now = now.unwrap_or_default();
                 let mut h = h.lock().expect("history");
                 let seen = h.entry(LATE.to_string()).or_default();
                 if seen.last() != Some(&now) {
@@ -121,6 +125,11 @@ fn gen_reset(max_concurrency: u32, paused: bool) -> GuestPasswordReset {
     if paused { r.paused() } else { r }
 }
 
+/// The guest users: alice (crypted Secret, keys), root (generated), bob (sealed).
+fn guest_users() -> guestcred_lab::hostqga::HostQgaOptions {
+    alice().user("bob")
+}
+
 async fn run_seed(seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let w = World::start(WorldOptions {
@@ -142,7 +151,11 @@ async fn run_seed(seed: u64) {
     let mut agents = BTreeMap::new();
     for i in 0..VMS {
         let d = vm(NS, &vm_name(i), node_of(i)).label("fleet", "all");
-        let qga = w.add_guest(&d).await;
+        let qga = w
+            .add_vm(&d, Some(guest_users()))
+            .await
+            .expect("vm")
+            .expect("agent");
         qga.seed_authorized_keys("alice", &[HAND])
             .expect("hand key");
         agents.insert(vm_name(i), qga);
@@ -173,6 +186,19 @@ async fn run_seed(seed: u64) {
     )
     .await
     .expect("fixed");
+    let identity = age::x25519::Identity::generate();
+    w.apply(
+        &GuestPasswordReset::test("sealed")
+            .selector("fleet", "all")
+            .user("bob")
+            .generate(24)
+            .sealed_to(&identity.to_public().to_string())
+            .max_concurrency(rng.random_range(1..=3))
+            .max_failures(VMS as u32)
+            .deadline_seconds(120),
+    )
+    .await
+    .expect("sealed");
     w.apply(
         &KeypairRebuild::test("grant")
             .selector("fleet", "all")
@@ -249,7 +275,9 @@ async fn run_seed(seed: u64) {
                 // The controller sees the new version within this second; only then does
                 // vm-late answer.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let qga = w.start_agent(&late_vm, &alice()).expect("vm-late's agent");
+                let qga = w
+                    .start_agent(&late_vm, &guest_users())
+                    .expect("vm-late's agent");
                 *late.lock().expect("late") = Some(qga);
             }
             6 => {
@@ -285,7 +313,9 @@ async fn run_seed(seed: u64) {
         let fixed: GuestPasswordReset = w.get(NS, "fixed").await;
         let grant: KeypairRebuild = w.get(NS, "grant").await;
         let perm: KeypairRebuild = w.get(NS, "perm").await;
+        let sealed: GuestPasswordReset = w.get(NS, "sealed").await;
         let settled = phase(&generated_reset) == Some(Phase::Succeeded)
+            && phase(&sealed) == Some(Phase::Succeeded)
             && phase(&fixed) == Some(Phase::Succeeded)
             && phase(&grant) == Some(Phase::Succeeded)
             && phase(&perm) == Some(Phase::Succeeded)
@@ -302,8 +332,9 @@ async fn run_seed(seed: u64) {
         }
         assert!(
             Instant::now() < deadline,
-            "seed {seed}: not settled: gen {:?} fixed {:?} grant {:?} perm {:?}",
+            "seed {seed}: not settled: gen {:?} sealed {:?} fixed {:?} grant {:?} perm {:?}",
             generated_reset.status,
+            sealed.status,
             fixed.status,
             grant.status,
             perm.status
@@ -330,6 +361,32 @@ async fn run_seed(seed: u64) {
         assert!(
             verifies(&pw, &hash),
             "seed {seed}: {}'s root password is not the one in Secret {name}",
+            t.vm
+        );
+        generated.push(pw);
+    }
+
+    // Sealed passwords: each target's Secret decrypts to the one bob has in the guest.
+    let sealed_reset: GuestPasswordReset = w.get(NS, "sealed").await;
+    for t in &sealed_reset.status.as_ref().expect("status").run.targets {
+        let name = t.output_secret.clone().expect("output secret in status");
+        let s: k8s_openapi::api::core::v1::Secret = w.get(NS, &name).await;
+        let data = s.data.expect("data");
+        assert!(
+            !data.contains_key("password"),
+            "seed {seed}: sealed Secret {name} holds a plaintext"
+        );
+        let armored = &data["password.age"].0;
+        let pw =
+            String::from_utf8(age::decrypt(&identity, armored).expect("decrypts")).expect("utf-8");
+        let guard = late.lock().expect("late");
+        let agent = agents
+            .get(&t.vm)
+            .or(guard.as_ref())
+            .expect("the VM's agent");
+        assert!(
+            agent.password_matches("bob", &pw).expect("shadow"),
+            "seed {seed}: {}'s bob password is not the one sealed in Secret {name}",
             t.vm
         );
         generated.push(pw);
