@@ -130,7 +130,33 @@ fn guest_users() -> guestcred_lab::hostqga::HostQgaOptions {
     alice().user("bob")
 }
 
+/// On a failed seed, keeps what the controller, shims and lab logged: written to a file in
+/// the temp directory, its last lines printed with the failure (CI shows only the output).
+struct KeepLogsOnFailure(u64);
+
+impl Drop for KeepLogsOnFailure {
+    #[allow(clippy::disallowed_methods)] // a failing test may block to keep its evidence
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let logs = LogCapture::get().logs();
+        let path = std::env::temp_dir().join(format!("fault_random-seed-{}.log", self.0));
+        let _ = std::fs::write(&path, &logs);
+        let lines: Vec<&str> = logs.lines().collect();
+        eprintln!(
+            "fault_random: seed {} failed; its logs are in {} (last 200 lines follow)",
+            self.0,
+            path.display()
+        );
+        for line in &lines[lines.len().saturating_sub(200)..] {
+            eprintln!("{line}");
+        }
+    }
+}
+
 async fn run_seed(seed: u64) {
+    let _keep_logs = KeepLogsOnFailure(seed);
     let mut rng = StdRng::seed_from_u64(seed);
     let w = World::start(WorldOptions {
         nodes: 2,
