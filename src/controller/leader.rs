@@ -50,8 +50,12 @@ impl Leadership {
 /// on the monotonic clock, which keeps running while the process is stopped: a replica
 /// resumed after its lease ran out reads the Lease again before any call, and another
 /// replica can take the lease only after it expired, when this one already stopped
-/// trusting it. Once lost, leadership is not regained (the process exits and restarts as
-/// a follower).
+/// trusting it. Once another replica (or nobody) holds the Lease, leadership is not
+/// regained (the process exits and restarts as a follower). A Lease that still names this
+/// replica but whose renewal is too close to running out is "not now": no call starts, and
+/// the next check may confirm it again once the elector has renewed it (a latch there
+/// would leave a replica that keeps renewing its Lease unable to act, and no other able
+/// to take over).
 #[derive(Debug)]
 pub struct LeaseGuard {
     api: Api<Lease>,
@@ -105,20 +109,55 @@ impl LeaseGuard {
             let seconds = s.lease_duration_seconds.unwrap_or_default();
             Some(renewed + Duration::from_secs(u64::try_from(seconds).unwrap_or_default()))
         });
-        let margin_left = valid_until
+        let left = valid_until
             .map(|until| crate::controller::engine::decide::remaining(until, Timestamp::now()));
-        if holder == Some(self.identity.as_str())
-            && let Some(left) = margin_left.filter(|left| *left > LEASE_MARGIN)
-        {
-            let trust = (self.duration / 3).min(left - LEASE_MARGIN);
-            *self.trusted_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(Instant::now() + trust);
-            true
-        } else {
-            warn!(lease = %self.name, identity = %self.identity, holder = ?holder, "no longer the leader; starting no agent call");
-            self.lost.store(true, Ordering::SeqCst);
-            false
+        match verdict(holder, &self.identity, left, self.duration) {
+            Verdict::Leading { trust } => {
+                *self.trusted_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Instant::now() + trust);
+                true
+            }
+            Verdict::NotNow => {
+                warn!(lease = %self.name, identity = %self.identity, "the leader Lease's renewal is about to run out; starting no agent call until it is renewed");
+                false
+            }
+            Verdict::Lost => {
+                warn!(lease = %self.name, identity = %self.identity, holder = ?holder, "no longer the leader; starting no agent call");
+                self.lost.store(true, Ordering::SeqCst);
+                false
+            }
         }
+    }
+}
+
+/// What a read of the Lease says about this replica's leadership.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// It names this replica and is valid for more than the margin: trusted this long.
+    Leading { trust: Duration },
+    /// It names this replica, but its renewal is valid for the margin or less (or its
+    /// times are missing): not now, perhaps again after the next renewal.
+    NotNow,
+    /// Another replica, or nobody, holds it.
+    Lost,
+}
+
+/// The verdict on a Lease held by `holder` whose last renewal is valid for `left` more,
+/// for replica `me` with lease duration `duration`.
+pub fn verdict(
+    holder: Option<&str>,
+    me: &str,
+    left: Option<Duration>,
+    duration: Duration,
+) -> Verdict {
+    if holder != Some(me) {
+        return Verdict::Lost;
+    }
+    match left.filter(|left| *left > LEASE_MARGIN) {
+        Some(left) => Verdict::Leading {
+            trust: (duration / 3).min(left - LEASE_MARGIN),
+        },
+        None => Verdict::NotNow,
     }
 }
 
@@ -154,4 +193,42 @@ pub async fn acquire(
 async fn lost(mut rx: watch::Receiver<bool>) {
     // A closed channel (the elector died) counts as lost: never reconcile unguarded.
     let _ = rx.wait_for(|leader| !*leader).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(15);
+
+    #[test]
+    fn a_lease_naming_this_replica_with_time_left_is_trusted_for_a_third_at_most() {
+        assert_eq!(
+            verdict(Some("me"), "me", Some(Duration::from_secs(14)), LEASE),
+            Verdict::Leading {
+                trust: Duration::from_secs(5)
+            }
+        );
+        assert_eq!(
+            verdict(Some("me"), "me", Some(Duration::from_secs(3)), LEASE),
+            Verdict::Leading {
+                trust: Duration::from_secs(2)
+            },
+            "never past the renewal's validity less the margin"
+        );
+    }
+
+    #[test]
+    fn a_lease_of_this_replica_about_to_run_out_is_not_now_not_lost() {
+        for left in [None, Some(Duration::ZERO), Some(LEASE_MARGIN)] {
+            assert_eq!(verdict(Some("me"), "me", left, LEASE), Verdict::NotNow);
+        }
+    }
+
+    #[test]
+    fn a_lease_held_by_another_replica_or_nobody_is_lost() {
+        let left = Some(Duration::from_secs(10));
+        assert_eq!(verdict(Some("other"), "me", left, LEASE), Verdict::Lost);
+        assert_eq!(verdict(None, "me", left, LEASE), Verdict::Lost);
+    }
 }

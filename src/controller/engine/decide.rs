@@ -304,7 +304,8 @@ pub enum Requeue {
 }
 
 /// After a run: a changed spec or input is picked up at once; a paused object waits for
-/// its spec; a replica that lost the lease leaves the object to the new leader; a run that
+/// its spec; a replica whose leadership was not confirmed looks again in a few seconds (a
+/// replica that really lost the lease stops its controllers anyway); a run that
 /// found newer state than its own (a status or shard written by someone else) looks again
 /// from a fresh read in a few seconds (a shard's change does not trigger a reconcile);
 /// unfinished targets (e.g. the object was gone mid-run) are looked at again in a few
@@ -316,7 +317,11 @@ pub fn requeue_after_run(
 ) -> Requeue {
     match stop {
         Some(Stop::SpecChanged | Stop::InputChanged) => Requeue::After(Duration::from_millis(100)),
-        Some(Stop::Paused | Stop::LostLeadership) => Requeue::OnChange,
+        Some(Stop::Paused) => Requeue::OnChange,
+        // Leadership not confirmed at a call: if the Lease is really gone this replica's
+        // controllers stop anyway; if it was only about to be renewed, this replica must
+        // come back to the object (no other replica can take it over meanwhile).
+        Some(Stop::LostLeadership) => Requeue::After(Duration::from_secs(2)),
         Some(Stop::Superseded) => Requeue::After(Duration::from_secs(2)),
         _ if unfinished => Requeue::After(Duration::from_secs(5)),
         _ => next_expiry.map_or(Requeue::OnChange, Requeue::After),
@@ -853,10 +858,12 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_that_lost_the_lease_leaves_the_object_alone() {
+    fn a_run_stopped_for_unconfirmed_leadership_is_looked_at_again_soon() {
+        // The replica may still hold the Lease (its renewal was only about to run out):
+        // waiting for a change would leave the object unfinished with nobody to drive it.
         assert_eq!(
             requeue_after_run(Some(Stop::LostLeadership), true, None),
-            Requeue::OnChange
+            Requeue::After(Duration::from_secs(2))
         );
     }
 
