@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -223,34 +223,22 @@ pub async fn ensure_sealed<K: Resource<DynamicType = ()>>(
     let ciphertext = seal(to, &password)?;
     for _ in 0..CREATE_TRIES {
         let name = sealed_secret_name(&owner.name_any(), vm, run, seq);
-        let secret = Secret {
-            metadata: kube::api::ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(ns.clone()),
-                labels: Some(BTreeMap::from([
-                    (RESET_LABEL.to_string(), owner.name_any()),
-                    (VM_LABEL.to_string(), vm.to_string()),
-                    (RUN_LABEL.to_string(), run_label.clone()),
-                    (SEALED_LABEL.to_string(), "age".to_string()),
-                    (
-                        "app.kubernetes.io/managed-by".to_string(),
-                        "guestcred".to_string(),
-                    ),
-                ])),
-                annotations: Some(BTreeMap::from([
-                    (SEAL_SEQ_ANNOTATION.to_string(), seq.to_string()),
-                    (SEALED_TO_ANNOTATION.to_string(), to.to_string()),
-                ])),
-                owner_references: owner.controller_owner_ref(&()).map(|o| vec![o]),
-                ..Default::default()
+        let mut secret = secrets::output_secret(
+            owner,
+            secrets::OutputSecret {
+                name: &name,
+                vm,
+                run_label: &run_label,
             },
-            type_: Some("Opaque".into()),
-            data: Some(BTreeMap::from([(
-                SEALED_PASSWORD_KEY.to_string(),
-                k8s_openapi::ByteString(ciphertext.clone().into_bytes()),
-            )])),
-            ..Default::default()
-        };
+            (SEALED_PASSWORD_KEY, ciphertext.clone().into_bytes()),
+        );
+        secret
+            .labels_mut()
+            .insert(SEALED_LABEL.to_string(), "age".to_string());
+        secret.annotations_mut().extend([
+            (SEAL_SEQ_ANNOTATION.to_string(), seq.to_string()),
+            (SEALED_TO_ANNOTATION.to_string(), to.to_string()),
+        ]);
         match api.create(&PostParams::default(), &secret).await {
             Ok(_) => {
                 held.put(&uid, vm, run, &name, password.clone(), hold_for);

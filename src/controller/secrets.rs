@@ -215,6 +215,45 @@ pub fn run_label_of(output_secret_name: &str) -> String {
         .to_string()
 }
 
+/// Where an output Secret goes: its name, the VM it is for and its run's label value.
+pub struct OutputSecret<'a> {
+    pub name: &'a str,
+    pub vm: &'a str,
+    pub run_label: &'a str,
+}
+
+/// An output Secret of `owner` (plain or sealed): owned by it (deleted with it), labelled
+/// with the object, the VM and the run, holding one key.
+pub fn output_secret<K: Resource<DynamicType = ()>>(
+    owner: &K,
+    at: OutputSecret<'_>,
+    (key, value): (&str, Vec<u8>),
+) -> Secret {
+    Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(at.name.to_string()),
+            namespace: owner.namespace(),
+            labels: Some(BTreeMap::from([
+                (RESET_LABEL.to_string(), owner.name_any()),
+                (VM_LABEL.to_string(), at.vm.to_string()),
+                (RUN_LABEL.to_string(), at.run_label.to_string()),
+                (
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "guestcred".to_string(),
+                ),
+            ])),
+            owner_references: owner.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            key.to_string(),
+            k8s_openapi::ByteString(value),
+        )])),
+        ..Default::default()
+    }
+}
+
 /// The stored generated password of a target in this run, creating (and storing) it first
 /// if there is none yet. Returns the Secret's name and the password. Storing comes first so
 /// that a restart between "stored" and "applied" re-applies the same password. A Secret of
@@ -243,29 +282,18 @@ pub async fn ensure_generated<K: Resource<DynamicType = ()>>(
     }
     let password = make();
     let run_label = run_label_of(&name);
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.clone()),
-            namespace: Some(ns.clone()),
-            labels: Some(BTreeMap::from([
-                (RESET_LABEL.to_string(), owner.name_any()),
-                (VM_LABEL.to_string(), vm.to_string()),
-                (RUN_LABEL.to_string(), run_label),
-                (
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "guestcred".to_string(),
-                ),
-            ])),
-            owner_references: owner.controller_owner_ref(&()).map(|o| vec![o]),
-            ..Default::default()
+    let secret = output_secret(
+        owner,
+        OutputSecret {
+            name: &name,
+            vm,
+            run_label: &run_label,
         },
-        type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([(
-            OUTPUT_PASSWORD_KEY.to_string(),
-            k8s_openapi::ByteString(password.expose_secret().as_bytes().to_vec()),
-        )])),
-        ..Default::default()
-    };
+        (
+            OUTPUT_PASSWORD_KEY,
+            password.expose_secret().as_bytes().to_vec(),
+        ),
+    );
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok((name, password)),
         // Someone (an earlier attempt) stored one first: use theirs, never a second one.
