@@ -56,61 +56,34 @@ step "Apply the demo objects"
 NEW_KEY="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJF3X2of517d5Kg00cGhwfj7PqWgUgbbxnZyL96Twgi5 demo@guestcred"
 CRYPTED='$6$exampleSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0'
 FLEET_PASSWORD="rotate-me-quarterly-2026"
-objects=$(cat <<EOF
-# 1. root on vm-1-2 from a Secret
-apiVersion: v1
-kind: Secret
-metadata: {name: web-root-password, namespace: default}
-stringData: {password: "change-me-0n-first-login"}
----
-apiVersion: guestcred.io/v1alpha1
-kind: GuestPasswordReset
-metadata: {name: vm-1-2-root, namespace: default}
-spec:
-  target: {vmName: vm-1-2}
-  user: root
-  password: {secretRef: {name: web-root-password, key: password}}
----
-# 2. alice on vm-2-2 from a crypt(3) hash: the plaintext never reaches the cluster
-apiVersion: v1
-kind: Secret
-metadata: {name: web-alice-hash, namespace: default}
-stringData: {hash: '$CRYPTED'}
----
-apiVersion: guestcred.io/v1alpha1
-kind: GuestPasswordReset
-metadata: {name: vm-2-2-alice, namespace: default}
-spec:
-  target: {vmName: vm-2-2}
-  user: alice
-  password: {secretRef: {name: web-alice-hash, key: hash}, crypted: true}
----
-# 3. a generated password for alice on vm-2-1, kept in an owned Secret
-apiVersion: guestcred.io/v1alpha1
-kind: GuestPasswordReset
-metadata: {name: vm-2-1-generated, namespace: default}
-spec:
-  target: {vmName: vm-2-1}
-  user: alice
-  password: {generate: {length: 24}}
----
-# 4. root on every VM labelled tier=db, two at a time
-apiVersion: v1
-kind: Secret
-metadata: {name: fleet-root-password, namespace: default}
-stringData: {password: "$FLEET_PASSWORD"}
----
-apiVersion: guestcred.io/v1alpha1
-kind: GuestPasswordReset
-metadata: {name: db-fleet-root, namespace: default}
-spec:
-  target: {selector: {matchLabels: {tier: db}}}
-  user: root
-  password: {secretRef: {name: fleet-root-password, key: password}}
-  maxConcurrency: 2
-  maxFailures: 0
-  deadlineSeconds: 120
----
+# The demo objects as YAML (printed, then applied): a Secret and a GuestPasswordReset each
+# print one document and the separator after it.
+secret() { # name, key, value (a YAML scalar)
+    printf 'apiVersion: v1\nkind: Secret\nmetadata: {name: %s, namespace: default}\nstringData: {%s: %s}\n---\n' \
+        "$1" "$2" "$3"
+}
+reset() { # name, target, user, password, then any further spec lines
+    printf 'apiVersion: guestcred.io/v1alpha1\nkind: GuestPasswordReset\nmetadata: {name: %s, namespace: default}\n' "$1"
+    printf 'spec:\n  target: %s\n  user: %s\n  password: %s\n' "$2" "$3" "$4"
+    shift 4
+    for line in "$@"; do printf '  %s\n' "$line"; done
+    printf -- '---\n'
+}
+objects=$(
+    echo "# 1. root on vm-1-2 from a Secret"
+    secret web-root-password password '"change-me-0n-first-login"'
+    reset vm-1-2-root '{vmName: vm-1-2}' root '{secretRef: {name: web-root-password, key: password}}'
+    echo "# 2. alice on vm-2-2 from a crypt(3) hash: the plaintext never reaches the cluster"
+    secret web-alice-hash hash "'$CRYPTED'"
+    reset vm-2-2-alice '{vmName: vm-2-2}' alice '{secretRef: {name: web-alice-hash, key: hash}, crypted: true}'
+    echo "# 3. a generated password for alice on vm-2-1, kept in an owned Secret"
+    reset vm-2-1-generated '{vmName: vm-2-1}' alice '{generate: {length: 24}}'
+    echo "# 4. root on every VM labelled tier=db, two at a time"
+    secret fleet-root-password password "\"$FLEET_PASSWORD\""
+    reset db-fleet-root '{selector: {matchLabels: {tier: db}}}' root \
+        '{secretRef: {name: fleet-root-password, key: password}}' \
+        'maxConcurrency: 2' 'maxFailures: 0' 'deadlineSeconds: 120'
+    cat <<EOF
 # 5. live SSH key rotation for root on vm-2-2, verified by reading the keys back
 apiVersion: v1
 kind: Secret
