@@ -465,65 +465,43 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_plain_key_has_no_options() {
-        let e = entry(&format!("{KEY} alice@laptop"));
-        assert!(e.options.is_empty());
-        assert_eq!(e.key.comment(), "alice@laptop");
+    /// One named test per accepted line: `name: line => its options, its key's comment;`.
+    macro_rules! parsed {
+        ($($name:ident: $line:expr => [$($option:expr),*], $comment:expr;)*) => {
+            $(
+                #[test]
+                fn $name() {
+                    let e = entry(&$line);
+                    let options: &[KeyOption] = &[$($option),*];
+                    assert_eq!(e.options, options);
+                    assert_eq!(e.key.comment(), $comment);
+                }
+            )*
+        };
     }
 
-    #[test]
-    fn from_and_no_agent_forwarding_are_two_options() {
-        let e = entry(&format!("from=\"10.0.0.0/8\",no-agent-forwarding {KEY}"));
-        assert_eq!(
-            e.options,
-            [
-                opt("from", Some("10.0.0.0/8")),
-                opt("no-agent-forwarding", None)
-            ]
-        );
-    }
-
-    #[test]
-    fn a_comma_inside_quotes_does_not_split_options() {
-        let e = entry(&format!("from=\"10.0.0.0/8,192.168.0.0/16\",no-pty {KEY}"));
-        assert_eq!(
-            e.options[0].value.as_deref(),
-            Some("10.0.0.0/8,192.168.0.0/16")
-        );
-        assert_eq!(e.options.len(), 2);
-    }
-
-    #[test]
-    fn a_command_with_escaped_quotes_and_spaces_is_one_option() {
-        let e = entry(&format!("command=\"echo \\\"a b\\\"\" {KEY} c"));
-        assert_eq!(e.options, [opt("command", Some("echo \"a b\""))]);
-        assert_eq!(e.key.comment(), "c");
-    }
-
-    #[test]
-    fn a_backslash_not_before_a_quote_is_kept() {
-        let e = entry(&format!("command=\"printf a\\\\nb\" {KEY}"));
-        assert_eq!(e.options[0].value.as_deref(), Some("printf a\\\\nb"));
-    }
-
-    #[test]
-    fn restrict_without_a_comment_is_accepted() {
-        let e = entry(&format!("restrict {KEY}"));
-        assert_eq!(e.options, [opt("restrict", None)]);
-        assert_eq!(e.key.comment(), "");
-    }
-
-    #[test]
-    fn cert_authority_is_accepted() {
-        let e = entry(&format!("cert-authority,principals=\"alice,bob\" {KEY} ca"));
-        assert_eq!(e.options[0], opt("cert-authority", None));
-    }
-
-    #[test]
-    fn an_environment_value_may_contain_spaces() {
-        let e = entry(&format!("environment=\"A=b c\" {KEY}"));
-        assert_eq!(e.options, [opt("environment", Some("A=b c"))]);
+    parsed! {
+        a_plain_key_has_no_options: format!("{KEY} alice@laptop") => [], "alice@laptop";
+        from_and_no_agent_forwarding_are_two_options:
+            format!("from=\"10.0.0.0/8\",no-agent-forwarding {KEY}")
+            => [opt("from", Some("10.0.0.0/8")), opt("no-agent-forwarding", None)], "";
+        a_comma_inside_quotes_does_not_split_options:
+            format!("from=\"10.0.0.0/8,192.168.0.0/16\",no-pty {KEY}")
+            => [opt("from", Some("10.0.0.0/8,192.168.0.0/16")), opt("no-pty", None)], "";
+        a_command_with_escaped_quotes_and_spaces_is_one_option:
+            format!("command=\"echo \\\"a b\\\"\" {KEY} c") => [opt("command", Some("echo \"a b\""))], "c";
+        a_backslash_not_before_a_quote_is_kept:
+            format!("command=\"printf a\\\\nb\" {KEY}") => [opt("command", Some("printf a\\\\nb"))], "";
+        restrict_without_a_comment_is_accepted: format!("restrict {KEY}") => [opt("restrict", None)], "";
+        cert_authority_is_accepted:
+            format!("cert-authority,principals=\"alice,bob\" {KEY} ca")
+            => [opt("cert-authority", None), opt("principals", Some("alice,bob"))], "ca";
+        an_environment_value_may_contain_spaces:
+            format!("environment=\"A=b c\" {KEY}") => [opt("environment", Some("A=b c"))], "";
+        a_hash_inside_a_quoted_option_does_not_start_a_comment:
+            format!("command=\"echo #1\" {KEY}") => [opt("command", Some("echo #1"))], "";
+        a_trailing_comment_after_the_key_is_kept_whole:
+            format!("{KEY} alice@laptop # work key, \"2024\"") => [], "alice@laptop # work key, \"2024\"";
     }
 
     #[test]
@@ -634,18 +612,6 @@ mod tests {
     fn options_without_a_key_are_refused() {
         assert_eq!(parse_line("no-pty"), Err(LineError::MissingKey));
         assert_eq!(parse_line("no-pty   "), Err(LineError::MissingKey));
-    }
-
-    #[test]
-    fn a_hash_inside_a_quoted_option_does_not_start_a_comment() {
-        let e = entry(&format!("command=\"echo #1\" {KEY}"));
-        assert_eq!(e.options[0].value.as_deref(), Some("echo #1"));
-    }
-
-    #[test]
-    fn a_trailing_comment_after_the_key_is_kept_whole() {
-        let e = entry(&format!("{KEY} alice@laptop # work key, \"2024\""));
-        assert_eq!(e.key.comment(), "alice@laptop # work key, \"2024\"");
     }
 
     #[test]

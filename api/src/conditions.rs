@@ -90,20 +90,25 @@ mod tests {
         Time(Timestamp::from_second(secs).expect("valid time"))
     }
 
+    /// Ready set at 100 s, then again at 200 s, each time to (status, reason, message).
+    fn ready_set_twice(first: (bool, &str, &str), then: (bool, &str, &str)) -> Vec<Condition> {
+        let mut c = Vec::new();
+        for ((status, reason, message), secs) in [(first, 100), (then, 200)] {
+            set_condition(&mut c, READY, status, reason, message, Some(1), &at(secs));
+        }
+        c
+    }
+
     #[test]
     fn transition_time_is_kept_while_status_is_unchanged() {
-        let mut c = Vec::new();
-        set_condition(&mut c, READY, false, "InProgress", "1/2", Some(1), &at(100));
-        set_condition(&mut c, READY, false, "InProgress", "2/2", Some(1), &at(200));
+        let c = ready_set_twice((false, "InProgress", "1/2"), (false, "InProgress", "2/2"));
         assert_eq!(c[0].last_transition_time, at(100));
         assert_eq!(c[0].message, "2/2");
     }
 
     #[test]
     fn transition_time_moves_when_status_flips() {
-        let mut c = Vec::new();
-        set_condition(&mut c, READY, false, "InProgress", "", Some(1), &at(100));
-        set_condition(&mut c, READY, true, "Succeeded", "", Some(1), &at(200));
+        let c = ready_set_twice((false, "InProgress", ""), (true, "Succeeded", ""));
         assert_eq!(c[0].last_transition_time, at(200));
         assert!(is_true(&c, READY));
     }

@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
+/// `status.guestOSInfo`: what the guest agent reports (`guest-get-osinfo`), the same
+/// fields the shim's probe returns.
+pub use super::wire::GuestOsInfo;
+
 /// Annotation on a VM naming the guest admin user (the analog of Nova's `os_admin_user`).
 pub const ADMIN_USER_ANNOTATION: &str = "guestcred.io/admin-user";
 
@@ -59,21 +63,6 @@ pub struct VmiCondition {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct GuestOsInfo {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pretty_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel_release: Option<String>,
 }
 
 impl VirtualMachineInstance {

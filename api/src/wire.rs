@@ -160,8 +160,9 @@ impl ProbeResponse {
     }
 }
 
-/// Subset of QGA `guest-get-osinfo`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Subset of QGA `guest-get-osinfo`: the shim's probe returns it, and KubeVirt reports it
+/// in a VMI's `status.guestOSInfo` (hence `JsonSchema`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GuestOsInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
