@@ -4,24 +4,16 @@
 use super::*;
 use serde_json::json;
 
-/// The fingerprint of a key vm-a's alice does not have.
-const ABSENT: &str = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU";
-
-/// `obj` is refused by a real API server with `server`, else stalls with `InvalidSpec`
-/// and `controller` in its message.
-fn refused(obj: Obj, server: &str, controller: &str) {
-    let name = obj.0["metadata"]["name"]
-        .as_str()
-        .expect("name")
-        .to_string();
-    if applied_unless_the_server_refuses(&[obj.v()], server) {
-        expect_stalled("kpr", &name, "InvalidSpec", controller);
-    }
+/// [`rebuild`] with a 60 s overlap and `field` set to `value`.
+fn overlap_with(name: &str, field: &str, value: Value) -> Obj {
+    rebuild(name)
+        .set("spec.overlapSeconds", json!(60))
+        .set(field, value)
 }
 
 #[test]
 fn overlap_shorter_than_10_seconds_is_invalid_spec() {
-    refused(
+    invalid_spec(
         rebuild("k-overlap-short").set("spec.overlapSeconds", json!(5)),
         "spec.overlapSeconds in body should be greater than or equal to 10",
         "overlapSeconds must be 10-604800, got 5",
@@ -30,7 +22,7 @@ fn overlap_shorter_than_10_seconds_is_invalid_spec() {
 
 #[test]
 fn overlap_longer_than_a_week_is_invalid_spec() {
-    refused(
+    invalid_spec(
         rebuild("k-overlap-long").set("spec.overlapSeconds", json!(700_000)),
         "spec.overlapSeconds in body should be less than or equal to 604800",
         "overlapSeconds must be 10-604800, got 700000",
@@ -39,10 +31,8 @@ fn overlap_longer_than_a_week_is_invalid_spec() {
 
 #[test]
 fn overlap_with_strategy_append_is_invalid_spec() {
-    refused(
-        rebuild("k-overlap-append")
-            .set("spec.overlapSeconds", json!(60))
-            .set("spec.strategy", json!("Append")),
+    invalid_spec(
+        overlap_with("k-overlap-append", "spec.strategy", json!("Append")),
         "spec: Invalid value: overlapSeconds needs strategy Replace",
         "overlapSeconds needs strategy Replace: with Append no key is replaced",
     );
@@ -50,10 +40,8 @@ fn overlap_with_strategy_append_is_invalid_spec() {
 
 #[test]
 fn overlap_with_replace_all_is_invalid_spec() {
-    refused(
-        rebuild("k-overlap-all")
-            .set("spec.overlapSeconds", json!(60))
-            .set("spec.replaceAll", json!(true)),
+    invalid_spec(
+        overlap_with("k-overlap-all", "spec.replaceAll", json!(true)),
         "spec: Invalid value: overlapSeconds cannot be combined with replaceAll",
         "overlapSeconds cannot be combined with replaceAll",
     );
@@ -61,10 +49,8 @@ fn overlap_with_replace_all_is_invalid_spec() {
 
 #[test]
 fn overlap_with_mode_rebuild_is_invalid_spec() {
-    refused(
-        rebuild("k-overlap-rebuild")
-            .set("spec.overlapSeconds", json!(60))
-            .set("spec.mode", json!("Rebuild")),
+    invalid_spec(
+        overlap_with("k-overlap-rebuild", "spec.mode", json!("Rebuild")),
         "spec: Invalid value: overlapSeconds needs mode Live",
         "overlapSeconds needs mode Live (or Auto on guests whose agent has guest-ssh-*)",
     );
@@ -72,7 +58,7 @@ fn overlap_with_mode_rebuild_is_invalid_spec() {
 
 #[test]
 fn overlap_with_remove_fingerprints_is_invalid_spec() {
-    refused(
+    invalid_spec(
         rebuild("k-overlap-remove")
             .remove("spec.publicKeys")
             .set("spec.removeFingerprints", json!([ABSENT]))

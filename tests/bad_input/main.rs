@@ -37,6 +37,8 @@ use std::time::{Duration, Instant};
 const WAIT: Duration = Duration::from_secs(60);
 const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJF3X2of517d5Kg00cGhwfj7PqWgUgbbxnZyL96Twgi5 bad-input@test";
 const GOOD_PASSWORD: &str = "Bad-Input-Suite-Good-Pw-4d1c";
+/// The fingerprint of a key vm-a's alice does not have.
+const ABSENT: &str = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU";
 
 // ---------------------------------------------------------------------------------------
 // The lab.
@@ -138,13 +140,12 @@ fn applied_unless_the_server_refuses(objects: &[Value], server: &str) -> bool {
 /// `kubectl apply` of `object` fails with `server` in the API server's message, and
 /// nothing of it is stored: a new object does not exist, a stored one keeps its spec.
 fn expect_refused_by_the_server(object: &Value, server: &str) {
-    let kind = object["kind"].as_str().expect("kind").to_lowercase();
-    let name = object["metadata"]["name"].as_str().expect("name");
+    let (kind, name) = kind_and_name(object);
     let spec = || {
         lab()
             .kubectl
             .try_run(
-                &["get", &kind, name, "-n", NS, "-o", "jsonpath={.spec}"],
+                &["get", &kind, &name, "-n", NS, "-o", "jsonpath={.spec}"],
                 None,
             )
             .ok()
@@ -161,6 +162,13 @@ fn expect_refused_by_the_server(object: &Value, server: &str) {
     );
     assert_eq!(spec(), before, "{kind}/{name}: nothing of it was stored");
     assert_controller_alive();
+}
+
+/// The kind (lower case, as kubectl takes it) and name of `object`.
+fn kind_and_name(object: &Value) -> (String, String) {
+    let kind = object["kind"].as_str().expect("kind").to_lowercase();
+    let name = object["metadata"]["name"].as_str().expect("name");
+    (kind, name.to_string())
 }
 
 fn get(kind: &str, name: &str) -> Value {
@@ -207,33 +215,44 @@ impl Obj {
     }
 }
 
+/// A guestcred object of `kind` named `name` in the lab's namespace for alice on vm-a;
+/// `spec` adds to that.
+fn alice_on_vm_a(kind: &str, name: &str, spec: Value) -> Obj {
+    let mut o = Obj(json!({
+        "apiVersion": "guestcred.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"target": {"vmName": "vm-a"}, "user": "alice"}
+    }));
+    for (field, value) in spec.as_object().expect("spec fields") {
+        o = o.set(&format!("spec.{field}"), value.clone());
+    }
+    o
+}
+
 /// A valid reset of alice's password on vm-a from Secret `<name>-pw`, as a user writes it.
 fn reset(name: &str) -> Obj {
-    Obj(json!({
-        "apiVersion": "guestcred.io/v1alpha1",
-        "kind": "GuestPasswordReset",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "target": {"vmName": "vm-a"},
-            "user": "alice",
-            "password": {"secretRef": {"name": format!("{name}-pw"), "key": "password"}},
-        }
-    }))
+    let secret_ref = json!({"name": format!("{name}-pw"), "key": "password"});
+    alice_on_vm_a(
+        "GuestPasswordReset",
+        name,
+        json!({"password": {"secretRef": secret_ref}}),
+    )
 }
 
 /// A valid live key rotation for alice on vm-a with one inline key, as a user writes it.
 fn rebuild(name: &str) -> Obj {
-    Obj(json!({
-        "apiVersion": "guestcred.io/v1alpha1",
-        "kind": "KeypairRebuild",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "target": {"vmName": "vm-a"},
-            "user": "alice",
-            "mode": "Live",
-            "publicKeys": {"inline": [ED25519]},
-        }
-    }))
+    alice_on_vm_a(
+        "KeypairRebuild",
+        name,
+        json!({"mode": "Live", "publicKeys": {"inline": [ED25519]}}),
+    )
+}
+
+/// [`rebuild`] with its keys from Secret `<name>-keys`, key `authorized_keys`.
+fn rebuild_from_secret(name: &str) -> Obj {
+    let secret_ref = json!({"name": format!("{name}-keys"), "key": "authorized_keys"});
+    rebuild(name).set("spec.publicKeys", json!({ "secretRef": secret_ref }))
 }
 
 /// A Secret with one key holding exactly `value` (any bytes).
@@ -245,10 +264,22 @@ fn secret(name: &str, key: &str, value: &[u8]) -> Value {
 
 /// The reset `name` and its Secret `<name>-pw` holding `password`.
 fn reset_with_password(name: &str, password: &[u8]) -> Vec<Value> {
+    with_password(reset(name), password)
+}
+
+/// The reset `reset` (a variation of [`reset`]) and its Secret `<name>-pw` holding
+/// `password`.
+fn with_password(reset: Obj, password: &[u8]) -> Vec<Value> {
+    let (_, name) = kind_and_name(&reset.0);
     vec![
         secret(&format!("{name}-pw"), "password", password),
-        reset(name).v(),
+        reset.v(),
     ]
+}
+
+/// The reset `reset` and its Secret holding a good password: what is wrong is in `reset`.
+fn with_good_password(reset: Obj) -> Vec<Value> {
+    with_password(reset, GOOD_PASSWORD.as_bytes())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -315,6 +346,44 @@ fn expect_target_failed(kind: &str, name: &str, reason: &str, hint: &str) -> Val
     assert_eq!(o["status"]["phase"], "Failed", "{kind}/{name}");
     assert_controller_alive();
     o
+}
+
+/// Applies `objects`; the last one ends Stalled with `reason` and `hint` in its message
+/// ([`expect_stalled`]).
+fn apply_and_expect_stalled(objects: &[Value], reason: &str, hint: &str) -> Value {
+    apply(objects);
+    let (kind, name) = kind_and_name(objects.last().expect("an object"));
+    expect_stalled(&kind, &name, reason, hint)
+}
+
+/// Applies `objects`; the first target of the last one fails with `reason` and `hint` in
+/// its message ([`expect_target_failed`]).
+fn apply_and_expect_target_failed(objects: &[Value], reason: &str, hint: &str) -> Value {
+    apply(objects);
+    let (kind, name) = kind_and_name(objects.last().expect("an object"));
+    expect_target_failed(&kind, &name, reason, hint)
+}
+
+/// On a real API server the last of `objects` is refused with `server` in the message
+/// ([`applied_unless_the_server_refuses`]); where it is stored (the emulator) it ends
+/// Stalled with `reason` and `hint` in its message.
+fn expect_refused_or_stalled(objects: &[Value], server: &str, reason: &str, hint: &str) {
+    let (kind, name) = kind_and_name(objects.last().expect("an object"));
+    if applied_unless_the_server_refuses(objects, server) {
+        expect_stalled(&kind, &name, reason, hint);
+    }
+}
+
+/// `obj` is refused by a real API server with `server`, else stalls with `InvalidSpec`
+/// and `controller` in its message; a reset whose password comes from a Secret comes with
+/// that Secret.
+fn invalid_spec(obj: Obj, server: &str, controller: &str) {
+    let objects = if obj.0["spec"]["password"]["secretRef"].is_object() {
+        with_good_password(obj)
+    } else {
+        vec![obj.v()]
+    };
+    expect_refused_or_stalled(&objects, server, "InvalidSpec", controller);
 }
 
 /// The controller task runs, and nothing on the lab's own threads (controller, shim,

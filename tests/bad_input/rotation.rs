@@ -5,19 +5,16 @@ use super::*;
 use serde_json::json;
 
 /// A reset of generated passwords with `rotation` as given.
-fn rotating(name: &str, rotation: Value) -> Value {
+fn rotating(name: &str, rotation: Value) -> Obj {
     reset(name)
         .set("spec.password", json!({"generate": {"length": 20}}))
         .set("spec.rotation", rotation)
-        .v()
 }
 
 #[test]
 fn a_schedule_that_is_not_five_cron_fields_is_invalid_spec() {
-    apply(&[rotating("cron-seconds", json!({"schedule": "0 0 3 * * 0"}))]);
-    expect_stalled(
-        "gpr",
-        "cron-seconds",
+    apply_and_expect_stalled(
+        &[rotating("cron-seconds", json!({"schedule": "0 0 3 * * 0"})).v()],
         "InvalidSpec",
         "is not a cron schedule of five fields",
     );
@@ -25,10 +22,8 @@ fn a_schedule_that_is_not_five_cron_fields_is_invalid_spec() {
 
 #[test]
 fn a_schedule_that_never_comes_is_invalid_spec() {
-    apply(&[rotating("cron-feb31", json!({"schedule": "0 0 31 2 *"}))]);
-    expect_stalled(
-        "gpr",
-        "cron-feb31",
+    apply_and_expect_stalled(
+        &[rotating("cron-feb31", json!({"schedule": "0 0 31 2 *"})).v()],
         "InvalidSpec",
         "names no time that ever comes",
     );
@@ -36,28 +31,25 @@ fn a_schedule_that_never_comes_is_invalid_spec() {
 
 #[test]
 fn an_unknown_time_zone_is_invalid_spec_naming_it() {
-    apply(&[rotating(
-        "cron-mars",
-        json!({"schedule": "@daily", "timeZone": "Mars/Olympus"}),
-    )]);
-    expect_stalled("gpr", "cron-mars", "InvalidSpec", "\"Mars/Olympus\"");
+    apply_and_expect_stalled(
+        &[rotating(
+            "cron-mars",
+            json!({"schedule": "@daily", "timeZone": "Mars/Olympus"}),
+        )
+        .v()],
+        "InvalidSpec",
+        "\"Mars/Olympus\"",
+    );
 }
 
 #[test]
 fn both_every_and_schedule_is_invalid_spec() {
-    let both = rotating(
-        "cron-both",
-        json!({"every": "720h", "schedule": "0 3 * * 0"}),
-    );
-    if applied_unless_the_server_refuses(
-        &[both],
-        "set exactly one of rotation.every and rotation.schedule",
-    ) {
-        expect_stalled(
-            "gpr",
+    invalid_spec(
+        rotating(
             "cron-both",
-            "InvalidSpec",
-            "set exactly one of rotation.every and rotation.schedule",
-        );
-    }
+            json!({"every": "720h", "schedule": "0 3 * * 0"}),
+        ),
+        "set exactly one of rotation.every and rotation.schedule",
+        "set exactly one of rotation.every and rotation.schedule",
+    );
 }

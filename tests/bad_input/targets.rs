@@ -3,14 +3,19 @@
 use super::*;
 use serde_json::json;
 
+/// What the CRD's CEL rule and the controller both say of a target that names neither or
+/// both of vmName and selector.
+const ONE_TARGET: &str = "set exactly one of target.vmName and target.selector";
+
+/// A selector of no VM in the lab.
+fn no_match() -> Value {
+    json!({"selector": {"matchLabels": {"suite": "nothing"}}})
+}
+
 #[test]
 fn reset_of_a_missing_vm_fails_with_vm_not_found() {
-    let mut objs = reset_with_password("missing-vm", GOOD_PASSWORD.as_bytes());
-    objs[1]["spec"]["target"]["vmName"] = json!("no-such-vm");
-    apply(&objs);
-    expect_target_failed(
-        "gpr",
-        "missing-vm",
+    apply_and_expect_target_failed(
+        &with_good_password(reset("missing-vm").set("spec.target.vmName", json!("no-such-vm"))),
         "VMNotFound",
         "no-such-vm not found; check spec.target",
     );
@@ -18,18 +23,22 @@ fn reset_of_a_missing_vm_fails_with_vm_not_found() {
 
 #[test]
 fn keys_for_a_missing_vm_fail_with_vm_not_found() {
-    apply(&[rebuild("k-missing-vm")
-        .set("spec.target.vmName", json!("no-such-vm"))
-        .v()]);
-    expect_target_failed("kpr", "k-missing-vm", "VMNotFound", "check spec.target");
+    apply_and_expect_target_failed(
+        &[rebuild("k-missing-vm")
+            .set("spec.target.vmName", json!("no-such-vm"))
+            .v()],
+        "VMNotFound",
+        "check spec.target",
+    );
 }
 
 #[test]
 fn reset_of_a_stopped_vm_retries_as_vm_not_running_until_its_deadline() {
-    let mut objs = reset_with_password("stopped-vm", GOOD_PASSWORD.as_bytes());
-    objs[1]["spec"]["target"]["vmName"] = json!("vm-stopped");
-    objs[1]["spec"]["deadlineSeconds"] = json!(10);
-    apply(&objs);
+    apply(&with_good_password(
+        reset("stopped-vm")
+            .set("spec.target.vmName", json!("vm-stopped"))
+            .set("spec.deadlineSeconds", json!(10)),
+    ));
     poll("gpr", "stopped-vm", "VMNotRunning while retrying", |o| {
         let t = target0(o);
         t["reason"] == "VMNotRunning"
@@ -47,59 +56,44 @@ fn reset_of_a_stopped_vm_retries_as_vm_not_running_until_its_deadline() {
 
 #[test]
 fn both_vm_name_and_selector_is_invalid_spec() {
-    let mut objs = reset_with_password("both-targets", GOOD_PASSWORD.as_bytes());
-    objs[1]["spec"]["target"]["selector"] = json!({"matchLabels": {"suite": "bad-input"}});
-    if applied_unless_the_server_refuses(
-        &objs,
-        "spec.target: Invalid value: set exactly one of target.vmName and target.selector",
-    ) {
-        expect_stalled(
-            "gpr",
-            "both-targets",
-            "InvalidSpec",
-            "set exactly one of target.vmName and target.selector",
-        );
-    }
+    expect_refused_or_stalled(
+        &with_good_password(reset("both-targets").set(
+            "spec.target.selector",
+            json!({"matchLabels": {"suite": "bad-input"}}),
+        )),
+        &format!("spec.target: Invalid value: {ONE_TARGET}"),
+        "InvalidSpec",
+        ONE_TARGET,
+    );
 }
 
 #[test]
 fn keys_with_neither_vm_name_nor_selector_is_invalid_spec() {
-    if applied_unless_the_server_refuses(
+    expect_refused_or_stalled(
         &[rebuild("k-no-target").set("spec.target", json!({})).v()],
-        "spec.target: Invalid value: set exactly one of target.vmName and target.selector",
-    ) {
-        expect_stalled(
-            "kpr",
-            "k-no-target",
-            "InvalidSpec",
-            "set exactly one of target.vmName and target.selector",
-        );
-    }
+        &format!("spec.target: Invalid value: {ONE_TARGET}"),
+        "InvalidSpec",
+        ONE_TARGET,
+    );
 }
 
 #[test]
 fn reset_with_neither_vm_name_nor_selector_is_invalid_spec() {
-    let mut objs = reset_with_password("no-target", GOOD_PASSWORD.as_bytes());
-    objs[1]["spec"]["target"] = json!({});
-    if applied_unless_the_server_refuses(
-        &objs,
-        "spec.target: Invalid value: set exactly one of target.vmName and target.selector",
-    ) {
-        expect_stalled(
-            "gpr",
-            "no-target",
-            "InvalidSpec",
-            "set exactly one of target.vmName and target.selector",
-        );
-    }
+    expect_refused_or_stalled(
+        &with_good_password(reset("no-target").set("spec.target", json!({}))),
+        &format!("spec.target: Invalid value: {ONE_TARGET}"),
+        "InvalidSpec",
+        ONE_TARGET,
+    );
 }
 
 #[test]
 fn selector_matching_nothing_waits_with_no_targets() {
-    let mut objs = reset_with_password("no-match", GOOD_PASSWORD.as_bytes());
-    objs[1]["spec"]["target"] = json!({"selector": {"matchLabels": {"suite": "nothing"}}});
-    apply(&objs);
-    let o = expect_stalled("gpr", "no-match", "NoTargets", "matches selector");
+    let o = apply_and_expect_stalled(
+        &with_good_password(reset("no-match").set("spec.target", no_match())),
+        "NoTargets",
+        "matches selector",
+    );
     assert_eq!(
         o["status"]["phase"], "Pending",
         "a matching VM may still come"
@@ -108,48 +102,37 @@ fn selector_matching_nothing_waits_with_no_targets() {
 
 #[test]
 fn keys_selector_matching_nothing_waits_with_no_targets() {
-    apply(&[rebuild("k-no-match")
-        .set(
-            "spec.target",
-            json!({"selector": {"matchLabels": {"suite": "nothing"}}}),
-        )
-        .v()]);
-    expect_stalled("kpr", "k-no-match", "NoTargets", "matches selector");
+    apply_and_expect_stalled(
+        &[rebuild("k-no-match").set("spec.target", no_match()).v()],
+        "NoTargets",
+        "matches selector",
+    );
+}
+
+/// Applies `started` and waits until its run has started on vm-a; then `started` moved to
+/// vm-b is refused by a real API server, or ends Stalled with InvalidSpec.
+fn expect_the_target_immutable(started: impl Fn() -> Obj) {
+    let first = started().v();
+    let (kind, name) = kind_and_name(&first);
+    apply(&[first]);
+    poll(&kind, &name, "a started run", |o| {
+        o["status"]["targetSpec"]["vmName"] == "vm-a"
+    });
+    expect_refused_or_stalled(
+        &[started().set("spec.target.vmName", json!("vm-b")).v()],
+        "spec.target is immutable; create a new object for other VMs",
+        "InvalidSpec",
+        "spec.target is immutable",
+    );
 }
 
 #[test]
 fn changing_the_target_of_a_started_reset_is_invalid_spec() {
-    apply(&reset_with_password("retarget", GOOD_PASSWORD.as_bytes()));
-    poll("gpr", "retarget", "a started run", |o| {
-        o["status"]["targetSpec"]["vmName"] == "vm-a"
-    });
-    if applied_unless_the_server_refuses(
-        &[reset("retarget")
-            .set("spec.target.vmName", json!("vm-b"))
-            .v()],
-        "spec.target is immutable; create a new object for other VMs",
-    ) {
-        expect_stalled("gpr", "retarget", "InvalidSpec", "spec.target is immutable");
-    }
+    apply(&[secret("retarget-pw", "password", GOOD_PASSWORD.as_bytes())]);
+    expect_the_target_immutable(|| reset("retarget"));
 }
 
 #[test]
 fn changing_the_target_of_started_keys_is_invalid_spec() {
-    apply(&[rebuild("k-retarget").v()]);
-    poll("kpr", "k-retarget", "a started run", |o| {
-        o["status"]["targetSpec"]["vmName"] == "vm-a"
-    });
-    if applied_unless_the_server_refuses(
-        &[rebuild("k-retarget")
-            .set("spec.target.vmName", json!("vm-b"))
-            .v()],
-        "spec.target is immutable; create a new object for other VMs",
-    ) {
-        expect_stalled(
-            "kpr",
-            "k-retarget",
-            "InvalidSpec",
-            "spec.target is immutable",
-        );
-    }
+    expect_the_target_immutable(|| rebuild("k-retarget"));
 }

@@ -5,53 +5,52 @@ use serde_json::json;
 
 #[test]
 fn user_with_a_colon_is_invalid_user() {
-    let mut objs = reset_with_password("colon-user", GOOD_PASSWORD.as_bytes());
-    objs[1]["spec"]["user"] = json!("root:x");
-    apply(&objs);
-    expect_stalled("gpr", "colon-user", "InvalidUser", "must not contain ':'");
+    apply_and_expect_stalled(
+        &with_good_password(reset("colon-user").set("spec.user", json!("root:x"))),
+        "InvalidUser",
+        "must not contain ':'",
+    );
 }
 
 #[test]
 fn user_with_a_control_character_is_invalid_user() {
-    let mut objs = reset_with_password("ctrl-user", GOOD_PASSWORD.as_bytes());
-    objs[1]["spec"]["user"] = json!("ali\u{7}ce");
-    apply(&objs);
-    expect_stalled("gpr", "ctrl-user", "InvalidUser", "control characters");
+    apply_and_expect_stalled(
+        &with_good_password(reset("ctrl-user").set("spec.user", json!("ali\u{7}ce"))),
+        "InvalidUser",
+        "control characters",
+    );
 }
 
 #[test]
 fn over_long_user_is_invalid_user() {
-    let mut objs = reset_with_password("long-user", GOOD_PASSWORD.as_bytes());
-    objs[1]["spec"]["user"] = json!("u".repeat(40));
-    if applied_unless_the_server_refuses(
-        &objs,
+    expect_refused_or_stalled(
+        &with_good_password(reset("long-user").set("spec.user", json!("u".repeat(40)))),
         "spec.user: Too long: may not be more than 32 bytes",
-    ) {
-        expect_stalled("gpr", "long-user", "InvalidUser", "at most 32 characters");
-    }
+        "InvalidUser",
+        "at most 32 characters",
+    );
 }
 
 #[test]
 fn keys_for_a_user_with_a_newline_is_invalid_user() {
-    apply(&[rebuild("k-newline-user")
-        .set("spec.user", json!("alice\nroot"))
-        .v()]);
-    expect_stalled("kpr", "k-newline-user", "InvalidUser", "control characters");
+    apply_and_expect_stalled(
+        &[rebuild("k-newline-user")
+            .set("spec.user", json!("alice\nroot"))
+            .v()],
+        "InvalidUser",
+        "control characters",
+    );
 }
 
 #[test]
 fn admin_user_annotation_with_a_colon_is_invalid_user() {
     // Without spec.user the user comes from the VM's guestcred.io/admin-user annotation.
-    let mut objs = reset_with_password("annotated-user", GOOD_PASSWORD.as_bytes());
-    objs[1]["spec"]["target"]["vmName"] = json!("vm-annotated");
-    objs[1]["spec"]
-        .as_object_mut()
-        .expect("spec")
-        .remove("user");
-    apply(&objs);
-    expect_target_failed(
-        "gpr",
-        "annotated-user",
+    apply_and_expect_target_failed(
+        &with_good_password(
+            reset("annotated-user")
+                .set("spec.target.vmName", json!("vm-annotated"))
+                .remove("spec.user"),
+        ),
         "InvalidUser",
         "must not contain ':'",
     );
@@ -59,15 +58,19 @@ fn admin_user_annotation_with_a_colon_is_invalid_user() {
 
 #[test]
 fn user_unknown_in_the_guest_fails_with_user_not_found() {
-    let mut objs = reset_with_password("ghost-user", GOOD_PASSWORD.as_bytes());
-    objs[1]["spec"]["user"] = json!("ghost");
-    apply(&objs);
-    expect_target_failed("gpr", "ghost-user", "UserNotFound", "ghost");
+    apply_and_expect_target_failed(
+        &with_good_password(reset("ghost-user").set("spec.user", json!("ghost"))),
+        "UserNotFound",
+        "ghost",
+    );
     assert_not_leaked(GOOD_PASSWORD);
 }
 
 #[test]
 fn keys_for_a_user_unknown_in_the_guest_fail_with_user_not_found() {
-    apply(&[rebuild("k-ghost-user").set("spec.user", json!("ghost")).v()]);
-    expect_target_failed("kpr", "k-ghost-user", "UserNotFound", "ghost");
+    apply_and_expect_target_failed(
+        &[rebuild("k-ghost-user").set("spec.user", json!("ghost")).v()],
+        "UserNotFound",
+        "ghost",
+    );
 }
