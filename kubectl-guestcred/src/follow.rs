@@ -1,13 +1,12 @@
 //! Following a run until every target has a result: a live progress bar on a terminal
 //! (done/total, failures, rate, ETA; Ctrl-C asks whether to pause the run), plain lines
 //! without escape codes anywhere else.
-use crate::util::{Call, exit, fail};
+use crate::util::{Call, exit, fail, merge_patch};
 use console::style;
 use guestcred_api::{
     GuestPasswordReset, KeypairRebuild, Phase, RunStatus, TargetState, TargetStatus,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kube::api::{Patch, PatchParams};
 use kube::core::NamespaceResourceScope;
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
@@ -227,9 +226,8 @@ pub async fn follow<K: RunObject>(
                     pb.disable_steady_tick();
                 }
                 if ask_pause::<K>(name).await? {
-                    let pp = PatchParams::default();
-                    let patch = Patch::Merge(serde_json::json!({"spec": {"paused": true}}));
-                    api.patch(name, &pp, &patch).await.map_err(|e| Call { verb: "patch", ..call }.error(e))?;
+                    let pause = serde_json::json!({"spec": {"paused": true}});
+                    merge_patch(api, name, pause, call).await?;
                     finish(&view);
                     return Ok(Outcome::Paused);
                 }

@@ -42,26 +42,18 @@ pub async fn add_key(g: &Global, a: AddKey) -> anyhow::Result<()> {
         Some(d) if (10..=31_536_000).contains(&d.as_secs()) => Some(d.as_secs() as u32),
         Some(_) => return Err(fail(exit::USAGE, "--ttl must be 10s to 365d")),
     };
-    let common = run_spec(&a.targets, &a.user)?;
-    let (client, ns) = connect(g).await?;
-    if a.targets.dry_run {
-        return targets::dry_run(&client, &ns, &a.targets).await;
-    }
-    let name = targets::name(&a.targets, "key");
-    let spec = spec_json(
-        common,
-        serde_json::json!({
-            "publicKeys": {"inline": keys.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()},
-            "mode": match a.mode {
-                Mode::Auto => KeyMode::Auto,
-                Mode::Live => KeyMode::Live,
-            },
-            "strategy": if a.replace { KeyStrategy::Replace } else { KeyStrategy::Append },
-            "ttlSeconds": ttl_seconds,
-        }),
-    )?;
-    let api = create(&client, &ns, &name, spec).await?;
-    println!("keypairrebuild.guestcred.io/{name} created");
+    let own = serde_json::json!({
+        "publicKeys": {"inline": keys.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()},
+        "mode": match a.mode {
+            Mode::Auto => KeyMode::Auto,
+            Mode::Live => KeyMode::Live,
+        },
+        "strategy": if a.replace { KeyStrategy::Replace } else { KeyStrategy::Append },
+        "ttlSeconds": ttl_seconds,
+    });
+    let Some((api, ns, name)) = create_run(g, &a.targets, &a.user, "key", own).await? else {
+        return Ok(());
+    };
     for (_, fp) in &keys {
         println!("  key {fp}");
     }
@@ -84,6 +76,29 @@ pub async fn add_key(g: &Global, a: AddKey) -> anyhow::Result<()> {
         }
     }
     conclude::<KeypairRebuild>(&name, outcome)
+}
+
+/// What add-key and remove-key share: the spec from the target, user and rollout flags and
+/// the command's `own` fields; with `--dry-run` the VMs are printed and nothing is created
+/// (`None`); else KeypairRebuild `<vm>-<kind>-<random>` is created and announced.
+async fn create_run(
+    g: &Global,
+    t: &Targets,
+    user: &str,
+    kind: &str,
+    own: serde_json::Value,
+) -> anyhow::Result<Option<(Api<KeypairRebuild>, String, String)>> {
+    let common = run_spec(t, user)?;
+    let (client, ns) = connect(g).await?;
+    if t.dry_run {
+        targets::dry_run(&client, &ns, t).await?;
+        return Ok(None);
+    }
+    let name = targets::name(t, kind);
+    let spec = spec_json(common, own)?;
+    let api = create(&client, &ns, &name, spec).await?;
+    println!("keypairrebuild.guestcred.io/{name} created");
+    Ok(Some((api, ns, name)))
 }
 
 /// The target, user and rollout part of the spec (shared with set-password).
@@ -158,21 +173,13 @@ pub async fn remove_key(g: &Global, a: RemoveKey) -> anyhow::Result<()> {
             ),
         ));
     }
-    let common = run_spec(&a.targets, &a.user)?;
-    let (client, ns) = connect(g).await?;
-    if a.targets.dry_run {
-        return targets::dry_run(&client, &ns, &a.targets).await;
-    }
-    let name = targets::name(&a.targets, "rmkey");
-    let spec = spec_json(
-        common,
-        serde_json::json!({
-            "mode": KeyMode::Live,
-            "removeFingerprints": fps,
-        }),
-    )?;
-    let api = create(&client, &ns, &name, spec).await?;
-    println!("keypairrebuild.guestcred.io/{name} created");
+    let own = serde_json::json!({
+        "mode": KeyMode::Live,
+        "removeFingerprints": fps,
+    });
+    let Some((api, ns, name)) = create_run(g, &a.targets, &a.user, "rmkey", own).await? else {
+        return Ok(());
+    };
     if !a.follow.enabled() {
         return Ok(());
     }

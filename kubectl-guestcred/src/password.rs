@@ -2,13 +2,13 @@
 use crate::cli::{Global, SetPassword, ShowPassword};
 use crate::follow::{self, conclude};
 use crate::targets;
-use crate::util::{Call, RESETS, SECRETS, connect, exit, fail};
+use crate::util::{Call, RESETS, SECRETS, connect, exit, fail, merge_patch};
 use guestcred_api::password::{GeneratePolicy, PasswordSource, SealTo};
 use guestcred_api::{GuestPasswordReset, GuestPasswordResetSpec, RunSpec, SecretKeyRef};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use kube::{Api, Client, ResourceExt};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read};
@@ -94,17 +94,8 @@ pub async fn set_password(g: &Global, a: SetPassword) -> anyhow::Result<()> {
             let _ = resets.delete(&name, &DeleteParams::default()).await;
             return Err(e);
         }
-        let unpause = Patch::Merge(serde_json::json!({"spec": {"paused": false}}));
-        resets
-            .patch(&name, &PatchParams::default(), &unpause)
-            .await
-            .map_err(|e| {
-                Call {
-                    verb: "patch",
-                    ..call
-                }
-                .error(e)
-            })?;
+        let unpause = serde_json::json!({"spec": {"paused": false}});
+        merge_patch(&resets, &name, unpause, call).await?;
     }
     if !a.follow.enabled() {
         return Ok(());

@@ -1,10 +1,9 @@
 //! `kubectl guestcred rotate`: a new generated password for every VM of a reset, now.
 use crate::cli::{Global, Rotate};
 use crate::follow::{self, conclude};
-use crate::util::{Call, RESETS, connect, exit, fail};
+use crate::util::{Call, RESETS, connect, exit, fail, merge_patch};
 use guestcred_api::GuestPasswordReset;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
 use serde_json::json;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -42,16 +41,7 @@ pub async fn rotate(g: &Global, a: Rotate) -> anyhow::Result<()> {
     let before = reset.status.as_ref().and_then(|s| s.run.input_hash.clone());
     let token = token();
     let patch = json!({"metadata": {"annotations": {ROTATE_NOW: token}}});
-    resets
-        .patch(&a.reset, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| {
-            Call {
-                verb: "patch",
-                ..call
-            }
-            .error(e)
-        })?;
+    merge_patch(&resets, &a.reset, patch, call).await?;
     eprintln!(
         "guestpasswordreset/{} rotation requested ({ROTATE_NOW}={token})",
         a.reset

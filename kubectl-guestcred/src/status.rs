@@ -95,6 +95,28 @@ fn rows(name: &str, run: Option<&RunStatus>, keys: bool) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// One kind's table: the header (`kind`'s column first; with `keys`, as for rebuilds, MODE,
+/// KEYS and EXPIRES too) and the [`rows`] of each object.
+async fn section<K: RunObject>(
+    client: &Client,
+    ns: &str,
+    kind: &str,
+    objects: &[K],
+    keys: bool,
+) -> String {
+    let mut header = vec![kind, "VM", "NODE", "STATE", "REASON", "ATTEMPTS"];
+    if keys {
+        header.extend(["MODE", "KEYS", "EXPIRES"]);
+    }
+    header.push("MESSAGE");
+    let mut t = vec![header.into_iter().map(String::from).collect()];
+    for r in objects {
+        let run = expanded(client, ns, r.run()).await;
+        t.extend(rows(&r.name_any(), run.as_ref(), keys));
+    }
+    table(&t)
+}
+
 /// A large run's status with every target's record, read from the ConfigMaps its status
 /// names (`api::shards`); a small run's as it is. Without permission to read them the
 /// listed targets are shown, and a line says so.
@@ -210,33 +232,10 @@ pub async fn status(g: &Global, a: Status) -> anyhow::Result<()> {
             }
             let mut out = Vec::new();
             if !resets.is_empty() {
-                let mut t = vec![
-                    [
-                        "RESET", "VM", "NODE", "STATE", "REASON", "ATTEMPTS", "MESSAGE",
-                    ]
-                    .map(String::from)
-                    .to_vec(),
-                ];
-                for r in &resets {
-                    let run = expanded(&client, &ns, r.run()).await;
-                    t.extend(rows(&r.name_any(), run.as_ref(), false));
-                }
-                out.push(table(&t));
+                out.push(section(&client, &ns, "RESET", &resets, false).await);
             }
             if !rebuilds.is_empty() {
-                let mut t = vec![
-                    [
-                        "REBUILD", "VM", "NODE", "STATE", "REASON", "ATTEMPTS", "MODE", "KEYS",
-                        "EXPIRES", "MESSAGE",
-                    ]
-                    .map(String::from)
-                    .to_vec(),
-                ];
-                for r in &rebuilds {
-                    let run = expanded(&client, &ns, r.run()).await;
-                    t.extend(rows(&r.name_any(), run.as_ref(), true));
-                }
-                out.push(table(&t));
+                out.push(section(&client, &ns, "REBUILD", &rebuilds, true).await);
             }
             print!("{}", out.join("\n"));
         }

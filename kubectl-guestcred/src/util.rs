@@ -1,8 +1,10 @@
 //! Small shared pieces: durations, generated names, the cluster connection, and API errors
 //! that say which permission is missing.
 use crate::cli::Global;
+use kube::api::{Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+use kube::{Api, Client, Config};
+use serde::de::DeserializeOwned;
 use std::fmt;
 
 /// Exit codes: 0 every VM succeeded; 1 a VM failed (e.g. KeyNotFound) or the API refused; 2 a
@@ -97,6 +99,30 @@ pub struct Call<'a> {
     pub verb: &'a str,
     pub resource: &'a str,
     pub namespace: &'a str,
+}
+
+impl<'a> Call<'a> {
+    /// The same resource and namespace, another verb.
+    pub fn with_verb(self, verb: &'a str) -> Self {
+        Call { verb, ..self }
+    }
+}
+
+/// A JSON merge patch of object `name` (as `kubectl patch --type merge`); a refusal names
+/// the permission to patch `call`'s resource.
+pub async fn merge_patch<K>(
+    api: &Api<K>,
+    name: &str,
+    patch: serde_json::Value,
+    call: Call<'_>,
+) -> anyhow::Result<()>
+where
+    K: Clone + DeserializeOwned + fmt::Debug,
+{
+    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map(drop)
+        .map_err(|e| call.with_verb("patch").error(e))
 }
 
 pub const RESETS: &str = "guestpasswordresets.guestcred.io";
