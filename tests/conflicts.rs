@@ -55,6 +55,21 @@ fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409 && s.reason == "Conflict")
 }
 
+/// A merge patch of VM `two-writers`' status.printableStatus to `value`, conditioned on
+/// `resource_version` when one is given.
+async fn write_printable_status(
+    vms: &Api<VirtualMachine>,
+    resource_version: Option<&str>,
+    value: &str,
+) -> kube::Result<VirtualMachine> {
+    let mut patch = json!({"status": {"printableStatus": value}});
+    if let Some(rv) = resource_version {
+        patch["metadata"] = json!({"resourceVersion": rv});
+    }
+    vms.patch_status("two-writers", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+}
+
 /// Two writers of one object's status: the one that read it before the other wrote is
 /// refused with 409 (merge patch and update alike, each carrying the resourceVersion it
 /// read); a write without a resourceVersion is not conditioned and lands; a fresh read
@@ -66,23 +81,11 @@ fn a_status_write_on_a_stale_resource_version_is_refused_with_409() {
         let vms: Api<VirtualMachine> = Api::namespaced(w.client.clone(), NS);
         let read_by_a = vms.get("two-writers").await.expect("writer A reads");
         let stale = read_by_a.metadata.resource_version.clone().expect("rv");
-        vms.patch_status(
-            "two-writers",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"printableStatus": "Written-by-B"}})),
-        )
-        .await
-        .expect("writer B writes without a precondition");
+        write_printable_status(&vms, None, "Written-by-B")
+            .await
+            .expect("writer B writes without a precondition");
 
-        let err = vms
-            .patch_status(
-                "two-writers",
-                &PatchParams::default(),
-                &Patch::Merge(json!({
-                    "metadata": {"resourceVersion": stale},
-                    "status": {"printableStatus": "Written-by-A"},
-                })),
-            )
+        let err = write_printable_status(&vms, Some(&stale), "Written-by-A")
             .await
             .expect_err("A's patch on the stale resourceVersion is refused");
         assert!(is_conflict(&err), "{err}");
@@ -105,22 +108,31 @@ fn a_status_write_on_a_stale_resource_version_is_refused_with_409() {
         );
 
         let fresh = now.metadata.resource_version.clone().expect("rv");
-        vms.patch_status(
-            "two-writers",
-            &PatchParams::default(),
-            &Patch::Merge(json!({
-                "metadata": {"resourceVersion": fresh},
-                "status": {"printableStatus": "Written-by-A"},
-            })),
-        )
-        .await
-        .expect("A's patch on a fresh read lands");
+        write_printable_status(&vms, Some(&fresh), "Written-by-A")
+            .await
+            .expect("A's patch on a fresh read lands");
     });
 }
 
 /// A generated-password reset of alice on VM `vm` (also its name) run while someone keeps
 /// editing the reset's labels: every edit moves the resourceVersion the controller's next
-/// status write is conditioned on. Returns the finished object and how many of its status
+/// status write is conditioned on. Checks that the run succeeded and that the API server
+/// refused some of its status writes with 409 (else nothing was tested).
+fn succeeded_despite_label_edits(vm: &str) {
+    let (finished, conflicts) = run_with_label_edits(vm);
+    assert_eq!(
+        phase(&finished),
+        Some(Phase::Succeeded),
+        "{:#?}",
+        finished.status
+    );
+    assert!(
+        conflicts > 0,
+        "no status write conflicted: nothing was tested"
+    );
+}
+
+/// [`succeeded_despite_label_edits`]' run: the finished object and how many of its status
 /// writes the API server refused with 409.
 fn run_with_label_edits(vm: &str) -> (GuestPasswordReset, u64) {
     let w = &lab().world;
@@ -175,17 +187,7 @@ fn run_with_label_edits(vm: &str) -> (GuestPasswordReset, u64) {
 /// Succeeded with one generated password, stored once and set in the guest.
 #[test]
 fn labels_edited_while_a_reset_runs_make_its_status_writes_conflict_and_it_still_succeeds() {
-    let (finished, conflicts) = run_with_label_edits("race");
-    assert_eq!(
-        phase(&finished),
-        Some(Phase::Succeeded),
-        "{:#?}",
-        finished.status
-    );
-    assert!(
-        conflicts > 0,
-        "no status write conflicted: nothing was tested"
-    );
+    succeeded_despite_label_edits("race");
     let w = &lab().world;
     // Exactly one output Secret (output_password asserts it): one generated password.
     let password = w.block_on(w.output_password(NS, "race", "race"));
@@ -205,17 +207,7 @@ fn labels_edited_while_a_reset_runs_make_its_status_writes_conflict_and_it_still
 /// for someone else's write, dropped the run as superseded and set the password again.)
 #[test]
 fn a_status_conflict_caused_by_a_label_edit_does_not_set_the_password_twice() {
-    let (finished, conflicts) = run_with_label_edits("race-twice");
-    assert_eq!(
-        phase(&finished),
-        Some(Phase::Succeeded),
-        "{:#?}",
-        finished.status
-    );
-    assert!(
-        conflicts > 0,
-        "no status write conflicted: nothing was tested"
-    );
+    succeeded_despite_label_edits("race-twice");
     assert_eq!(
         lab().world.agent_calls_on("node-2", "set-password"),
         1,

@@ -17,6 +17,20 @@ fn reset_of(vm_name: &str) -> GuestPasswordReset {
     GuestPasswordReset::test("r").vm(vm_name).from_secret("pw")
 }
 
+/// Secret "pw" holding [`SHA512`] and reset "r" of alice on VM `vm_name` from it (crypted),
+/// run to the end.
+async fn crypted_reset_of_alice(w: &World, vm_name: &str) -> GuestPasswordReset {
+    w.password_secret("pw", SHA512).await;
+    w.run_to_end(&reset_of(vm_name).crypted().user("alice"))
+        .await
+}
+
+/// `r` succeeded and alice's hash in the guest of `qga` is [`SHA512`], verbatim.
+fn assert_sha512_landed_for_alice(r: &GuestPasswordReset, qga: &guestcred_lab::hostqga::HostQga) {
+    assert_eq!(phase(r), Some(Phase::Succeeded), "{:#?}", r.status);
+    assert_eq!(hash_of(qga, "alice").as_deref(), Some(SHA512));
+}
+
 #[tokio::test]
 async fn missing_vm_is_reported_as_vm_not_found() {
     let w = world().await;
@@ -106,12 +120,8 @@ async fn password_from_secret_is_set_in_the_guest() {
 #[tokio::test]
 async fn crypted_hash_lands_verbatim() {
     let (w, qga) = world_with_guest("vm-a").await;
-    w.password_secret("pw", SHA512).await;
-    let r = w
-        .run_to_end(&reset_of("vm-a").crypted().user("alice"))
-        .await;
-    assert_eq!(phase(&r), Some(Phase::Succeeded));
-    assert_eq!(hash_of(&qga, "alice").as_deref(), Some(SHA512));
+    let r = crypted_reset_of_alice(&w, "vm-a").await;
+    assert_sha512_landed_for_alice(&r, &qga);
 }
 
 #[tokio::test]
@@ -133,8 +143,7 @@ async fn admin_user_annotation_picks_the_user() {
 async fn crypted_hash_for_a_windows_guest_is_unsupported_for_os() {
     let w = world().await;
     let _qga = w.add_guest(&vm(NS, "win", "node-1").os("mswindows")).await;
-    w.password_secret("pw", SHA512).await;
-    let r = w.run_to_end(&reset_of("win").crypted().user("alice")).await;
+    let r = crypted_reset_of_alice(&w, "win").await;
     assert_eq!(
         r.status.expect("status").run.targets[0].reason.as_deref(),
         Some("UnsupportedForOS")
@@ -320,16 +329,18 @@ async fn paused_reset_starts_nothing_until_unpaused() {
     assert_eq!(hash_of(&qga, "root").as_deref(), Some(SHA512));
 }
 
+/// Reset `name` of VM `vm_name` whose Secret `secret_name` holds a crypt(3) hash.
+fn crypted_reset(name: &str, vm_name: &str, secret_name: &str) -> GuestPasswordReset {
+    GuestPasswordReset::test(name)
+        .vm(vm_name)
+        .from_secret(secret_name)
+        .crypted()
+}
+
 /// A crypted reset of `vm` from Secret `secret` (both created), run to the end.
 async fn finished_reset_from_secret(w: &World, name: &str, vm_name: &str, secret_name: &str) {
     w.password_secret(secret_name, SHA512).await;
-    w.put(
-        &GuestPasswordReset::test(name)
-            .vm(vm_name)
-            .from_secret(secret_name)
-            .crypted(),
-    )
-    .await;
+    w.put(&crypted_reset(name, vm_name, secret_name)).await;
     w.once::<GuestPasswordReset>(name, finished).await;
 }
 
@@ -352,13 +363,7 @@ async fn restarted_controller_resyncs_a_finished_reset_without_reading_its_uncha
     let reads_before = w.api().requests("GET", &secret_path("pw"));
     // Work for the restarted controller: once it is done, the resync has happened.
     w.password_secret("pw2", SHA512).await;
-    w.put(
-        &GuestPasswordReset::test("new")
-            .vm("vm-b")
-            .from_secret("pw2")
-            .crypted(),
-    )
-    .await;
+    w.put(&crypted_reset("new", "vm-b", "pw2")).await;
     w.start_controller();
     w.once::<GuestPasswordReset>("new", finished).await;
 
@@ -485,12 +490,8 @@ async fn kubevirt_access_credentials_for_the_same_user_are_flagged_as_a_conflict
 #[tokio::test]
 async fn a_reset_naming_its_user_reads_no_virtual_machine() {
     let (w, qga) = world_with_guest("vm-a").await;
-    w.password_secret("pw", SHA512).await;
-    let r = w
-        .run_to_end(&reset_of("vm-a").crypted().user("alice"))
-        .await;
-    assert_eq!(phase(&r), Some(Phase::Succeeded));
-    assert_eq!(hash_of(&qga, "alice").as_deref(), Some(SHA512));
+    let r = crypted_reset_of_alice(&w, "vm-a").await;
+    assert_sha512_landed_for_alice(&r, &qga);
     let vm_path = format!("/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/vm-a");
     assert_eq!(w.api().requests("GET", &vm_path), 0, "GETs of {vm_path}");
 }
@@ -501,10 +502,7 @@ async fn kubevirt_access_credentials_of_the_running_vmi_are_flagged_for_a_named_
     let w = world().await;
     let desc = vm(NS, "vm-a", "node-1").access_credentials_for("alice");
     let _qga = w.add_guest(&desc).await;
-    w.password_secret("pw", SHA512).await;
-    let r = w
-        .run_to_end(&reset_of("vm-a").crypted().user("alice"))
-        .await;
+    let r = crypted_reset_of_alice(&w, "vm-a").await;
     let t = target0(&r).expect("a target");
     assert_eq!(t.state, TargetState::Succeeded);
     let msg = t.message.clone().unwrap_or_default();
@@ -539,22 +537,11 @@ async fn namespaced_mode_reconciles_only_the_watched_namespaces() {
         s.metadata.namespace = Some(ns.into());
         w.apply(&s).await.expect("secret");
     }
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .in_namespace("team-b")
-            .vm("vm-b")
-            .from_secret("pw"),
-    )
-    .await
-    .expect("reset in team-b");
-    w.apply(
-        &GuestPasswordReset::test("r")
-            .in_namespace("team-a")
-            .vm("vm-a")
-            .from_secret("pw"),
-    )
-    .await
-    .expect("reset in team-a");
+    for (ns, vm_name) in [("team-b", "vm-b"), ("team-a", "vm-a")] {
+        w.apply(&reset_of(vm_name).in_namespace(ns))
+            .await
+            .unwrap_or_else(|e| panic!("reset in {ns}: {e}"));
+    }
     let r: GuestPasswordReset = w
         .wait_for("team-a", "r", WAIT, finished)
         .await

@@ -9,7 +9,6 @@ use guestcred_lab::kubevirt::vm;
 use guestcred_lab::testing::*;
 use guestcred_lab::world::{World, WorldOptions};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
 use std::time::Duration;
 
@@ -46,8 +45,8 @@ async fn replace_removes_only_keys_guestcred_added_and_keeps_hand_added_ones() {
     let mut k1 = grant("k1", "vm-a").inline_keys([KEY1]);
     k1.spec.on_delete = OnDelete::Keep;
     w.run_to_end(&k1).await;
-    delete_rebuild(&w, "k1").await;
-    gone(&w, "k1", WAIT).await;
+    w.delete::<KeypairRebuild>("k1").await;
+    w.gone::<KeypairRebuild>("k1", WAIT).await;
     // A second object (e.g. next quarter's rotation) replaces key1, which no live object
     // holds any more, with key2.
     let r = w.run_to_end(&grant("k2", "vm-a").inline_keys([KEY2])).await;
@@ -260,8 +259,9 @@ async fn key_dropping_proxy(
     });
 }
 
-#[tokio::test]
-async fn verification_fails_when_the_guest_drops_a_key() {
+/// The default world with VM `vm-a` on node-1, whose agent (a real qemu-ga, guest user
+/// alice, returned too) is behind a [`key_dropping_proxy`] that drops `key2@test`.
+async fn world_with_key2_dropping_guest() -> (World, guestcred_lab::hostqga::HostQga) {
     let w = world().await;
     let dir = w.agent_socket_dir("node-1").expect("node-1").to_path_buf();
     // The real agent runs under another name; the VM's socket is the proxy.
@@ -274,6 +274,12 @@ async fn verification_fails_when_the_guest_drops_a_key() {
     )
     .await;
     w.vm_without_agent(&vm(NS, "vm-a", "node-1")).await;
+    (w, real)
+}
+
+#[tokio::test]
+async fn verification_fails_when_the_guest_drops_a_key() {
+    let (w, _real) = world_with_key2_dropping_guest().await;
     let r = w
         .run_to_end(&grant("k", "vm-a").inline_keys([KEY1, KEY2]))
         .await;
@@ -373,24 +379,10 @@ async fn ttl_with_auto_that_would_rebuild_fails_the_target_with_invalid_spec() {
     );
 }
 
-async fn delete_rebuild(w: &World, name: &str) {
-    let api: Api<KeypairRebuild> = Api::namespaced(w.client.clone(), NS);
-    api.delete(name, &DeleteParams::default())
-        .await
-        .expect("delete");
-}
-
-/// Waits until KeypairRebuild `name` is gone; fails with what it still looks like.
-async fn gone(w: &World, name: &str, within: Duration) {
-    let api: Api<KeypairRebuild> = Api::namespaced(w.client.clone(), NS);
-    let start = std::time::Instant::now();
-    while let Some(o) = api.get_opt(name).await.expect("get") {
-        assert!(start.elapsed() < within, "{name} still there: {o:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn managed(vm: &VirtualMachine, user: &str) -> Vec<String> {
+/// What VM `vm` (in [`NS`]) records as guestcred's keys of `user` (its managed-keys
+/// annotation, one entry a key).
+async fn managed(w: &World, vm: &str, user: &str) -> Vec<String> {
+    let vm: VirtualMachine = w.get(NS, vm).await;
     vm.annotations()
         .get(&format!("{MANAGED_KEYS_ANNOTATION_PREFIX}{user}"))
         .map(|v| {
@@ -441,16 +433,15 @@ async fn deleting_a_keypair_rebuild_removes_the_keys_it_added_and_nothing_else()
         ["hand@added", "key1@test", "key2@test", "key3@test"]
     );
 
-    delete_rebuild(&w, "k").await;
-    gone(&w, "k", WAIT).await;
+    w.delete::<KeypairRebuild>("k").await;
+    w.gone::<KeypairRebuild>("k", WAIT).await;
     assert_eq!(
         keys_of(&qga, "alice"),
         ["hand@added", "key3@test"],
         "the deleted object's keys are gone; the hand-added key and the other object's stay"
     );
-    let vm_obj: VirtualMachine = w.get(NS, "vm-a").await;
     assert_eq!(
-        managed(&vm_obj, "alice").len(),
+        managed(&w, "vm-a", "alice").await.len(),
         1,
         "only the other object's key stays recorded"
     );
@@ -462,8 +453,8 @@ async fn on_delete_keep_leaves_the_keys_in_the_guest() {
     let mut k = grant("k", "vm-a").inline_keys([KEY1]);
     k.spec.on_delete = OnDelete::Keep;
     w.run_to_end(&k).await;
-    delete_rebuild(&w, "k").await;
-    gone(&w, "k", WAIT).await;
+    w.delete::<KeypairRebuild>("k").await;
+    w.gone::<KeypairRebuild>("k", WAIT).await;
     assert_eq!(keys_of(&qga, "alice"), ["key1@test"]);
 }
 
@@ -484,14 +475,14 @@ async fn an_unreachable_vm_holds_deletion_only_for_the_bounded_wait_then_names_t
     // The guest's agent goes away (the VMI stays Running: only the agent is unreachable).
     drop(qga);
     let start = std::time::Instant::now();
-    delete_rebuild(&w, "k").await;
+    w.delete::<KeypairRebuild>("k").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let api: Api<KeypairRebuild> = Api::namespaced(w.client.clone(), NS);
     assert!(
         api.get_opt("k").await.expect("get").is_some(),
         "still waiting for the VM"
     );
-    gone(&w, "k", Duration::from_secs(20)).await;
+    w.gone::<KeypairRebuild>("k", Duration::from_secs(20)).await;
     // The bound counts from the deletionTimestamp (whole seconds).
     assert!(
         start.elapsed() >= Duration::from_secs(3),
@@ -673,8 +664,8 @@ async fn rebuild_of_a_vm_with_user_data_from_a_secret_writes_guestcred_s_own_cop
     }
     assert!(text.contains(KEY2), "{text}");
     // The copy outlives the KeypairRebuild: the VM boots from it.
-    delete_rebuild(&w, "k").await;
-    gone(&w, "k", WAIT).await;
+    w.delete::<KeypairRebuild>("k").await;
+    w.gone::<KeypairRebuild>("k", WAIT).await;
     let secrets: Api<Secret> = Api::namespaced(w.client.clone(), NS);
     assert!(secrets.get_opt(&copy_name).await.expect("get").is_some());
 }
@@ -683,9 +674,32 @@ fn fingerprint(key: &str) -> String {
     guestcred::api::authorized_keys::fingerprint(key).expect("a valid test key")
 }
 
+/// KeypairRebuild `name` once its first target has no replaced keys left: the overlap
+/// passed and they were removed (within 90 s).
+async fn overlap_ended(w: &World, name: &str) -> KeypairRebuild {
+    w.wait_for(NS, name, Duration::from_secs(90), |k: &KeypairRebuild| {
+        target0(k).is_some_and(|t| t.replaced_keys.is_empty())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the overlap of {name} ends: {e:#}"))
+}
+
 /// The first target of `k` once its run for `key` finished.
 fn finished_with_key(key: &'static str) -> impl Fn(&KeypairRebuild) -> bool {
     move |k| finished(k) && target0(k).is_some_and(|t| t.keys == [fingerprint(key)])
+}
+
+/// KeypairRebuild `k` of alice's keys on vm-a run with KEY1, then again with KEY2 and an
+/// overlap of `overlap_seconds`: the object once its second run finished.
+async fn key1_replaced_by_key2(w: &World, overlap_seconds: u32) -> KeypairRebuild {
+    w.run_to_end(&grant("k", "vm-a").inline_keys([KEY1])).await;
+    w.apply_until(
+        &grant("k", "vm-a")
+            .inline_keys([KEY2])
+            .overlap(overlap_seconds),
+        finished_with_key(KEY2),
+    )
+    .await
 }
 
 /// Issue 21 item 2: with `overlapSeconds`, the new key is added and read back first; the
@@ -696,13 +710,7 @@ async fn replace_with_an_overlap_keeps_the_old_key_until_the_overlap_passes() {
     let (w, qga) = world_with_guest("vm-a").await;
     qga.seed_authorized_keys("alice", &[HAND])
         .expect("hand-added key");
-    w.run_to_end(&grant("k", "vm-a").inline_keys([KEY1])).await;
-    let k = w
-        .apply_until(
-            &grant("k", "vm-a").inline_keys([KEY2]).overlap(30),
-            finished_with_key(KEY2),
-        )
-        .await;
+    let k = key1_replaced_by_key2(&w, 30).await;
     assert_eq!(phase(&k), Some(Phase::Succeeded), "{k:#?}");
     let t = target0(&k).expect("a target").clone();
     assert_eq!(t.verified, Some(true));
@@ -716,13 +724,7 @@ async fn replace_with_an_overlap_keeps_the_old_key_until_the_overlap_passes() {
         .clone()
         .expect("when the old key goes");
     // During the overlap both keys are in the guest, read back through the agent.
-    w.put(
-        &KeypairRebuild::test("look")
-            .vm("vm-a")
-            .user("alice")
-            .inspect(),
-    )
-    .await;
+    w.put(&grant("look", "vm-a").inspect()).await;
     let look = w
         .wait_for(NS, "look", WAIT, |k: &KeypairRebuild| {
             target0(k).is_some_and(|t| t.guest_keys.is_some())
@@ -745,12 +747,7 @@ async fn replace_with_an_overlap_keeps_the_old_key_until_the_overlap_passes() {
     both.sort();
     assert_eq!(guestcred_s, both, "{report:#?}");
     // After the overlap only the new key (and the person's) is left.
-    let after = w
-        .wait_for(NS, "k", Duration::from_secs(90), |k: &KeypairRebuild| {
-            target0(k).is_some_and(|t| t.replaced_keys.is_empty())
-        })
-        .await
-        .expect("the overlap ends");
+    let after = overlap_ended(&w, "k").await;
     let t = target0(&after).expect("a target");
     assert_eq!(t.replaced_keys_remove_at, None);
     assert_eq!(t.state, TargetState::Succeeded);
@@ -761,9 +758,8 @@ async fn replace_with_an_overlap_keeps_the_old_key_until_the_overlap_passes() {
         "{t:#?}"
     );
     assert_eq!(keys_of(&qga, "alice"), ["hand@added", "key2@test"]);
-    let vm_obj: VirtualMachine = w.get(NS, "vm-a").await;
     assert_eq!(
-        managed(&vm_obj, "alice").len(),
+        managed(&w, "vm-a", "alice").await.len(),
         1,
         "only key2 stays recorded"
     );
@@ -773,17 +769,7 @@ async fn replace_with_an_overlap_keeps_the_old_key_until_the_overlap_passes() {
 /// reads back) fails the target, and the key it would have replaced stays in place.
 #[tokio::test]
 async fn a_failed_add_with_an_overlap_leaves_the_old_key_in_place() {
-    let w = world().await;
-    let dir = w.agent_socket_dir("node-1").expect("node-1").to_path_buf();
-    let real =
-        guestcred_lab::hostqga::HostQga::start_with(&dir, "real-agent", &alice()).expect("qemu-ga");
-    key_dropping_proxy(
-        dir.join("default_vm-a/qga.sock"),
-        real.socket_path().to_path_buf(),
-        "key2@test",
-    )
-    .await;
-    w.vm_without_agent(&vm(NS, "vm-a", "node-1")).await;
+    let (w, real) = world_with_key2_dropping_guest().await;
     w.run_to_end(&grant("k", "vm-a").inline_keys([KEY1])).await;
     let k = w
         .apply_until(&grant("k", "vm-a").inline_keys([KEY2]).overlap(10), |k| {
@@ -796,14 +782,14 @@ async fn a_failed_add_with_an_overlap_leaves_the_old_key_in_place() {
         t.replaced_keys.is_empty(),
         "no removal is scheduled: {t:#?}"
     );
-    let keys = guestcred_lab::testing::key_comments(&real.authorized_keys("alice").expect("keys"));
+    let keys = keys_of(&real, "alice");
     assert!(
         keys.contains(&"key1@test".to_string()),
         "the old key stays: {keys:?}"
     );
-    let vm_obj: VirtualMachine = w.get(NS, "vm-a").await;
     assert!(
-        managed(&vm_obj, "alice")
+        managed(&w, "vm-a", "alice")
+            .await
             .iter()
             .any(|e| e.starts_with(&fingerprint(KEY1))),
         "still guestcred's"
@@ -815,24 +801,13 @@ async fn a_failed_add_with_an_overlap_leaves_the_old_key_in_place() {
 #[tokio::test]
 async fn a_controller_restarted_during_an_overlap_removes_the_replaced_key_when_it_passes() {
     let (mut w, qga) = world_with_guest("vm-a").await;
-    w.run_to_end(&grant("k", "vm-a").inline_keys([KEY1])).await;
-    let k = w
-        .apply_until(
-            &grant("k", "vm-a").inline_keys([KEY2]).overlap(15),
-            finished_with_key(KEY2),
-        )
-        .await;
+    let k = key1_replaced_by_key2(&w, 15).await;
     let remove_at = target0(&k)
         .and_then(|t| t.replaced_keys_remove_at.clone())
         .expect("when the old key goes");
     w.kill_controller();
     w.start_controller();
-    let after = w
-        .wait_for(NS, "k", Duration::from_secs(90), |k: &KeypairRebuild| {
-            target0(k).is_some_and(|t| t.replaced_keys.is_empty())
-        })
-        .await
-        .expect("the overlap ends after the restart");
+    let after = overlap_ended(&w, "k").await;
     assert!(
         k8s_openapi::jiff::Timestamp::now() >= remove_at.0,
         "not removed before its time"

@@ -6,70 +6,63 @@
 //! revokes a key on every VM that has it; deleting an Inspect object changes nothing.
 use guestcred::api::kubevirt::VirtualMachine;
 use guestcred::api::{KeypairRebuild, Phase, TargetState};
-use guestcred_lab::kubevirt::vm;
 use guestcred_lab::testing::*;
-use guestcred_lab::world::{World, WorldOptions};
-use kube::api::{DeleteParams, Patch, PatchParams};
+use guestcred_lab::world::World;
+use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
-use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 fn fingerprint(key: &str) -> String {
     guestcred::api::authorized_keys::fingerprint(key).expect("a valid test key")
 }
 
-fn finished_with(phase: Phase) -> impl Fn(&KeypairRebuild) -> bool {
-    move |k| {
+/// KeypairRebuild `name` removing the hand-added key from alice's keys on vm-a.
+fn remove_hand(name: &str) -> KeypairRebuild {
+    of_alice(name)
+        .vm("vm-a")
+        .remove_fingerprints([fingerprint(HAND)])
+}
+
+/// KeypairRebuild `name` of alice's keys (no target yet).
+fn of_alice(name: &str) -> KeypairRebuild {
+    KeypairRebuild::test(name).user("alice")
+}
+
+/// KeypairRebuild `name` once its current spec's run ended in `phase`.
+async fn ended_in(w: &World, name: &str, phase: Phase) -> KeypairRebuild {
+    w.once(name, move |k: &KeypairRebuild| {
         k.status.as_ref().is_some_and(|s| {
             s.run.phase == Some(phase) && s.run.observed_generation == k.metadata.generation
         })
-    }
+    })
+    .await
+}
+
+/// The first target's Inspect report is in status.
+fn has_report(k: &KeypairRebuild) -> bool {
+    target0(k).is_some_and(|t| t.guest_keys.is_some())
 }
 
 #[tokio::test]
 async fn a_retry_that_finds_its_key_already_gone_succeeds() {
-    let w = World::start(WorldOptions::default()).await.expect("world");
-    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let (w, qga) = world_with_guest("vm-a").await;
     qga.seed_authorized_keys("alice", &[HAND, KEY2])
         .expect("keys");
     // Created paused: its UID is known before anything runs.
-    let k = w
-        .apply(
-            &KeypairRebuild::test("rm")
-                .vm("vm-a")
-                .user("alice")
-                .remove_fingerprints([fingerprint(HAND)])
-                .paused(),
-        )
-        .await
-        .expect("apply");
+    let k = w.put(&remove_hand("rm").paused()).await;
     // As after an agent call whose answer never came: the key is gone and the VM records
     // that this object was removing it.
     qga.seed_authorized_keys("alice", &[KEY2]).expect("keys");
-    let vms: Api<VirtualMachine> = Api::namespaced(w.client.clone(), NS);
     let marker = format!("{}={}", k.uid().expect("uid"), fingerprint(HAND));
-    vms.patch(
+    w.merge_patch::<VirtualMachine>(
         "vm-a",
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+        serde_json::json!({"metadata": {"annotations": {
             "removed-keys.guestcred.io/alice": marker,
-        }}})),
+        }}}),
     )
-    .await
-    .expect("marker");
-    let api: Api<KeypairRebuild> = Api::namespaced(w.client.clone(), NS);
-    api.patch(
-        "rm",
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"spec": {"paused": false}})),
-    )
-    .await
-    .expect("unpause");
-    let done = w
-        .wait_for(NS, "rm", WAIT, finished_with(Phase::Succeeded))
-        .await
-        .expect("succeeds");
+    .await;
+    w.merge_patch::<KeypairRebuild>("rm", serde_json::json!({"spec": {"paused": false}}))
+        .await;
+    let done = ended_in(&w, "rm", Phase::Succeeded).await;
     let t = &done.status.expect("status").run.targets[0];
     assert_eq!(t.reason.as_deref(), Some("Removed"));
     assert!(
@@ -78,23 +71,10 @@ async fn a_retry_that_finds_its_key_already_gone_succeeds() {
             .is_some_and(|m| m.contains("by an earlier attempt")),
         "{t:?}"
     );
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["key2@test"]
-    );
+    assert_eq!(keys_of(&qga, "alice"), ["key2@test"]);
     // Another object naming the same absent key was not the one removing it.
-    w.apply(
-        &KeypairRebuild::test("rm-other")
-            .vm("vm-a")
-            .user("alice")
-            .remove_fingerprints([fingerprint(HAND)]),
-    )
-    .await
-    .expect("apply");
-    let other = w
-        .wait_for(NS, "rm-other", WAIT, finished_with(Phase::Failed))
-        .await
-        .expect("fails");
+    w.put(&remove_hand("rm-other")).await;
+    let other = ended_in(&w, "rm-other", Phase::Failed).await;
     assert_eq!(
         other.status.expect("status").run.targets[0]
             .reason
@@ -105,27 +85,11 @@ async fn a_retry_that_finds_its_key_already_gone_succeeds() {
 
 #[tokio::test]
 async fn a_key_report_lost_before_its_write_is_read_from_the_guest_again() {
-    let w = World::start(WorldOptions::default()).await.expect("world");
-    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let (w, qga) = world_with_guest("vm-a").await;
     qga.seed_authorized_keys("alice", &[HAND]).expect("keys");
-    w.apply(
-        &KeypairRebuild::test("look")
-            .vm("vm-a")
-            .user("alice")
-            .inspect(),
-    )
-    .await
-    .expect("apply");
-    let has_report = |k: &KeypairRebuild| {
-        k.status
-            .as_ref()
-            .and_then(|s| s.run.targets.first())
-            .is_some_and(|t| t.guest_keys.is_some())
-    };
     let k = w
-        .wait_for(NS, "look", WAIT, has_report)
-        .await
-        .expect("report");
+        .apply_until(&of_alice("look").vm("vm-a").inspect(), has_report)
+        .await;
     let first = k.status.expect("status").run.targets[0].clone();
     assert_eq!(first.state, TargetState::Succeeded);
     assert_eq!(first.reason.as_deref(), Some("Inspected"));
@@ -148,68 +112,42 @@ async fn a_key_report_lost_before_its_write_is_read_from_the_guest_again() {
     )
     .await
     .expect("drop the report");
-    let k = w
-        .wait_for(NS, "look", WAIT, has_report)
-        .await
-        .expect("report again");
+    let k: KeypairRebuild = w.once("look", has_report).await;
     let again = k.status.expect("status").run.targets[0]
         .guest_keys
         .clone()
         .expect("report");
     assert_eq!(again.total, 2, "{again:?}");
     // Deleting an Inspect object removes nothing (it granted nothing).
-    api.delete("look", &DeleteParams::default())
-        .await
-        .expect("delete");
-    let start = std::time::Instant::now();
-    while api.get_opt("look").await.expect("get").is_some() {
-        assert!(start.elapsed() < WAIT, "the Inspect object is deleted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["hand@added", "key2@test"]
-    );
+    w.delete::<KeypairRebuild>("look").await;
+    w.gone::<KeypairRebuild>("look", STEP_WAIT).await;
+    assert_eq!(keys_of(&qga, "alice"), ["hand@added", "key2@test"]);
 }
 
 #[tokio::test]
 async fn a_removal_by_selector_revokes_the_key_on_every_vm_that_has_it() {
-    let w = World::start(WorldOptions::default()).await.expect("world");
-    let a = w
-        .add_guest(&vm(NS, "web-a", "node-1").label("tier", "web"))
+    let w = world().await;
+    let web = w
+        .guests_in_tier("web", &["node-1", "node-1", "node-1"])
         .await;
-    let b = w
-        .add_guest(&vm(NS, "web-b", "node-1").label("tier", "web"))
-        .await;
-    let c = w
-        .add_guest(&vm(NS, "web-c", "node-1").label("tier", "web"))
-        .await;
-    a.seed_authorized_keys("alice", &[KEY1, KEY2])
-        .expect("keys");
-    b.seed_authorized_keys("alice", &[KEY1]).expect("keys");
-    c.seed_authorized_keys("alice", &[KEY2]).expect("keys");
-    w.apply(
-        &KeypairRebuild::test("revoke")
+    let seeded: [&[&str]; 3] = [&[KEY1, KEY2], &[KEY1], &[KEY2]];
+    for (qga, keys) in web.iter().zip(seeded) {
+        qga.seed_authorized_keys("alice", keys).expect("keys");
+    }
+    w.put(
+        &of_alice("revoke")
             .selector("tier", "web")
-            .user("alice")
             .max_failures(1)
             .remove_fingerprints([fingerprint(KEY1)]),
     )
-    .await
-    .expect("apply");
-    let k = w
-        .wait_for(NS, "revoke", WAIT, finished_with(Phase::PartiallySucceeded))
-        .await
-        .expect("finishes");
-    assert_eq!(vms_in_state(&k, TargetState::Succeeded), ["web-a", "web-b"]);
-    assert_eq!(vms_in_state(&k, TargetState::Failed), ["web-c"]);
+    .await;
+    let k = ended_in(&w, "revoke", Phase::PartiallySucceeded).await;
+    assert_eq!(vms_in_state(&k, TargetState::Succeeded), ["web-0", "web-1"]);
+    assert_eq!(vms_in_state(&k, TargetState::Failed), ["web-2"]);
+    assert_eq!(keys_of(&web[0], "alice"), ["key2@test"]);
+    assert!(web[1].authorized_keys("alice").expect("keys").is_empty());
     assert_eq!(
-        key_comments(&a.authorized_keys("alice").expect("keys")),
-        ["key2@test"]
-    );
-    assert!(b.authorized_keys("alice").expect("keys").is_empty());
-    assert_eq!(
-        key_comments(&c.authorized_keys("alice").expect("keys")),
+        keys_of(&web[2], "alice"),
         ["key2@test"],
         "a VM without the key is left as it was"
     );

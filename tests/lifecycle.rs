@@ -610,11 +610,8 @@ async fn per_target_events_are_capped_per_run_and_the_rest_summed_per_reason() {
     assert_eq!(done.status.expect("status").run.summary.succeeded, 8);
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(w.client.clone(), NS);
     // The summary Event is published before the final status write.
-    let about_r: Vec<_> = events
-        .list(&Default::default())
+    let about_r: Vec<_> = guestcred_lab::testing::list_all(&events)
         .await
-        .expect("events")
-        .items
         .into_iter()
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("r"))
         .collect();

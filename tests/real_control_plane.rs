@@ -1466,11 +1466,8 @@ async fn a_verb_removed_from_the_cluster_role_is_reported_as_forbidden() {
     // What it published about it: Events on the objects it reconciled (in any namespace:
     // it drives the other tests' objects too), by its instance name.
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
-    let published: Vec<String> = events
-        .list(&Default::default())
+    let published: Vec<String> = guestcred_lab::testing::list_all(&events)
         .await
-        .expect("events")
-        .items
         .iter()
         .filter(|e| e.reporting_instance.as_deref() == Some("forbid-test"))
         .map(|e| format!("{:?}: {:?}", e.reason, e.note))

@@ -116,11 +116,8 @@ async fn namespaced_mode_reconciles_the_watched_namespace_and_cannot_read_secret
 
     // The chart bound no ClusterRole to the controller.
     let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
-    let cluster_wide: Vec<String> = bindings
-        .list(&Default::default())
+    let cluster_wide: Vec<String> = guestcred_lab::testing::list_all(&bindings)
         .await
-        .expect("ClusterRoleBindings")
-        .items
         .into_iter()
         .filter(|b| {
             b.subjects

@@ -88,25 +88,36 @@ fn secret_ref(name: &str, key: &str) -> SecretKeyRef {
     }
 }
 
+/// `obj`, moved to the namespace test objects live in ([`NS`]).
+fn in_test_namespace<K: kube::Resource>(mut obj: K) -> K {
+    obj.meta_mut().namespace = Some(NS.into());
+    obj
+}
+
+/// Both kinds keep the shared spec in `spec.common`.
+macro_rules! targeted_test {
+    ($($kind:ty),+) => {$(
+        impl TargetedTest for $kind {
+            fn parts(&mut self) -> (&mut ObjectMeta, &mut RunSpec) {
+                (&mut self.metadata, &mut self.spec.common)
+            }
+        }
+    )+};
+}
+
+targeted_test!(GuestPasswordReset, KeypairRebuild);
+
 impl TestObject for GuestPasswordReset {
     /// No target and no password source yet; user from the VM (annotation or guest OS).
     fn test(name: &str) -> Self {
-        let mut r = GuestPasswordReset::new(
+        in_test_namespace(GuestPasswordReset::new(
             name,
             GuestPasswordResetSpec {
                 common: RunSpec::default(),
                 password: PasswordSource::default(),
                 rotation: None,
             },
-        );
-        r.metadata.namespace = Some(NS.into());
-        r
-    }
-}
-
-impl TargetedTest for GuestPasswordReset {
-    fn parts(&mut self) -> (&mut ObjectMeta, &mut RunSpec) {
-        (&mut self.metadata, &mut self.spec.common)
+        ))
     }
 }
 
@@ -172,7 +183,7 @@ impl ResetTest for GuestPasswordReset {
 impl TestObject for KeypairRebuild {
     /// Live mode, Replace strategy, no keys and no target yet.
     fn test(name: &str) -> Self {
-        let mut r = KeypairRebuild::new(
+        in_test_namespace(KeypairRebuild::new(
             name,
             KeypairRebuildSpec {
                 common: RunSpec::default(),
@@ -185,15 +196,7 @@ impl TestObject for KeypairRebuild {
                 on_delete: Default::default(),
                 remove_fingerprints: Vec::new(),
             },
-        );
-        r.metadata.namespace = Some(NS.into());
-        r
-    }
-}
-
-impl TargetedTest for KeypairRebuild {
-    fn parts(&mut self) -> (&mut ObjectMeta, &mut RunSpec) {
-        (&mut self.metadata, &mut self.spec.common)
+        ))
     }
 }
 
@@ -281,14 +284,13 @@ impl KeysTest for KeypairRebuild {
 impl TestObject for Secret {
     /// An empty Secret in `default` (no type: the API server defaults it to Opaque).
     fn test(name: &str) -> Self {
-        Secret {
+        in_test_namespace(Secret {
             metadata: ObjectMeta {
                 name: Some(name.into()),
-                namespace: Some(NS.into()),
                 ..Default::default()
             },
             ..Default::default()
-        }
+        })
     }
 }
 

@@ -21,7 +21,20 @@ pub use shim::{
     assert_agent_timeout, assert_same_keys, password_request, serve_on_loopback, shim_reason,
     silent_socket,
 };
-pub use steps::{STEP_WAIT, Steps, hash_of, keys_of, world, world_on_nodes, world_with_guest};
+pub use steps::{
+    STEP_WAIT, Steps, hash_of, keys_of, list_all, node_of, world, world_on_nodes, world_with_guest,
+};
+
+/// The guestcred-lab binary, for tests that drive a lab as a user does. It is another
+/// workspace package's: `make test` builds every binary first; fails the test if it is not
+/// built.
+pub fn lab_binary() -> &'static std::path::Path {
+    static LAB: std::sync::LazyLock<std::path::PathBuf> = std::sync::LazyLock::new(|| {
+        crate::cluster::lab_binary(None)
+            .expect("the guestcred-lab binary (cargo build --workspace --bins)")
+    });
+    &LAB
+}
 
 /// The namespace test objects live in unless they say otherwise.
 pub const NS: &str = "default";
@@ -54,6 +67,40 @@ pub fn alice_hash(qga: &crate::hostqga::HostQga) -> String {
     qga.shadow_hash("alice")
         .expect("shadow")
         .unwrap_or_default()
+}
+
+/// Generated passwords by VM, as [`crate::world::World::output_passwords`] reads them:
+/// (resourceVersion, value).
+pub type StoredPasswords = std::collections::BTreeMap<String, (String, String)>;
+
+/// Every stored password of `before` is still there, unchanged (same resourceVersion,
+/// same value) in `after`; `context` starts each failure message.
+pub fn assert_never_rewritten(before: &StoredPasswords, after: &StoredPasswords, context: &str) {
+    for (vm, stored) in before {
+        assert_eq!(
+            after.get(vm),
+            Some(stored),
+            "{context}{vm}'s stored password was never rewritten"
+        );
+    }
+}
+
+/// alice in the guest of each agent of `agents` (by VM name) has the password `stored`
+/// holds for that VM; `context` starts each failure message.
+pub fn assert_alice_has_stored_passwords(
+    agents: &std::collections::BTreeMap<String, crate::hostqga::HostQga>,
+    stored: &StoredPasswords,
+    context: &str,
+) {
+    for (vm, qga) in agents {
+        let (_, pw) = stored
+            .get(vm)
+            .unwrap_or_else(|| panic!("{context}{vm} has no stored password"));
+        assert!(
+            verifies(pw, &alice_hash(qga)),
+            "{context}{vm}'s guest has its stored password"
+        );
+    }
 }
 
 /// The comments (third field) of authorized_keys lines, sorted: which keys are there.
