@@ -13,21 +13,32 @@ pub use super::wire::GuestOsInfo;
 /// Annotation on a VM naming the guest admin user (the analog of Nova's `os_admin_user`).
 pub const ADMIN_USER_ANNOTATION: &str = "guestcred.io/admin-user";
 
-/// VirtualMachineInstance: a running VM.
-#[derive(CustomResource, Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
-#[kube(
-    group = "kubevirt.io",
-    version = "v1",
-    kind = "VirtualMachineInstance",
-    plural = "virtualmachineinstances",
-    shortname = "vmi",
-    namespaced,
-    status = "VmiStatus",
-    schema = "disabled"
-)]
-pub struct VmiSpec {
-    #[serde(flatten)]
-    pub rest: BTreeMap<String, Value>,
+/// A `kubevirt.io/v1` kind guestcred reads only in part: its spec keeps every field
+/// (`rest`), so a read-modify-write never drops one. No schema: KubeVirt installs the CRD.
+macro_rules! kubevirt_kind {
+    ($(#[$doc:meta])* $spec:ident: $kind:tt, $plural:tt, $short:tt, status $status:tt) => {
+        $(#[$doc])*
+        #[derive(CustomResource, Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
+        #[kube(
+            group = "kubevirt.io",
+            version = "v1",
+            kind = $kind,
+            plural = $plural,
+            shortname = $short,
+            namespaced,
+            status = $status,
+            schema = "disabled"
+        )]
+        pub struct $spec {
+            #[serde(flatten)]
+            pub rest: BTreeMap<String, Value>,
+        }
+    };
+}
+
+kubevirt_kind! {
+    /// VirtualMachineInstance: a running VM.
+    VmiSpec: "VirtualMachineInstance", "virtualmachineinstances", "vmi", status "VmiStatus"
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
@@ -99,21 +110,9 @@ impl VirtualMachineInstance {
     }
 }
 
-/// VirtualMachine: the VM definition (cloud-init, accessCredentials, annotations).
-#[derive(CustomResource, Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
-#[kube(
-    group = "kubevirt.io",
-    version = "v1",
-    kind = "VirtualMachine",
-    plural = "virtualmachines",
-    shortname = "vm",
-    namespaced,
-    status = "VmStatus",
-    schema = "disabled"
-)]
-pub struct VmSpec {
-    #[serde(flatten)]
-    pub rest: BTreeMap<String, Value>,
+kubevirt_kind! {
+    /// VirtualMachine: the VM definition (cloud-init, accessCredentials, annotations).
+    VmSpec: "VirtualMachine", "virtualmachines", "vm", status "VmStatus"
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
