@@ -9,6 +9,7 @@ pub mod kubevirt;
 pub mod password;
 pub mod reasons;
 pub mod rules;
+pub mod selector;
 pub mod shards;
 pub mod validate;
 pub mod wire;

@@ -8,10 +8,12 @@ pub mod follow;
 pub mod keys;
 pub mod password;
 pub mod rotate;
-pub mod selector;
 pub mod status;
 pub mod targets;
 pub mod util;
+
+/// kubectl's label selector syntax, shared with the lab's API server.
+pub use guestcred_api::selector;
 
 pub use cli::Cli;
 use cli::Command;

@@ -18,24 +18,10 @@ enum LabelReq {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct LabelSelector(Vec<LabelReq>);
 
-/// Splits on commas outside parentheses (`a in (x,y),b` is two requirements).
+/// Splits on commas outside parentheses (`a in (x,y),b` is two requirements), as the
+/// plugin's `-l` does; blank parts dropped.
 fn split_top_level(s: &str) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let mut depth = 0i32;
-    let mut start = 0;
-    for (i, c) in s.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' if depth == 0 => {
-                parts.push(&s[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    parts.push(&s[start..]);
-    parts
+    guestcred_api::selector::split_terms(s)
         .into_iter()
         .map(str::trim)
         .filter(|p| !p.is_empty())

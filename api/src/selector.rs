@@ -1,12 +1,16 @@
 //! kubectl's label selector syntax (`a=b,c!=d,e in (x,y),f notin (z),g,!h`) as a
-//! `LabelSelector` for `spec.target.selector`.
+//! `LabelSelector` for `spec.target.selector` (`kubectl guestcred ... -l`); the lab's API
+//! server splits its `labelSelector` queries into terms with [`split_terms`] too.
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use std::collections::BTreeMap;
 
 pub fn parse(s: &str) -> Result<LabelSelector, String> {
+    if !balanced(s) {
+        return Err(format!("invalid selector {s:?}: unbalanced parentheses"));
+    }
     let mut labels = BTreeMap::new();
     let mut exprs = Vec::new();
-    for term in split_terms(s)? {
+    for term in split_terms(s) {
         let term = term.trim();
         if term.is_empty() {
             return Err(format!("invalid selector {s:?}: empty term"));
@@ -58,8 +62,25 @@ fn values(rest: &str, s: &str) -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// Terms split on commas outside parentheses.
-fn split_terms(s: &str) -> Result<Vec<&str>, String> {
+/// Whether every ')' closes an earlier '(' and every '(' is closed.
+fn balanced(s: &str) -> bool {
+    let mut depth = 0i32;
+    for c in s.chars() {
+        depth += match c {
+            '(' => 1,
+            ')' => -1,
+            _ => 0,
+        };
+        if depth < 0 {
+            return false;
+        }
+    }
+    depth == 0
+}
+
+/// Terms split on commas outside parentheses (`a in (x,y),b` is two terms), untrimmed,
+/// empty ones kept. Parentheses are not checked here ([`parse`] refuses unbalanced ones).
+pub fn split_terms(s: &str) -> Vec<&str> {
     let mut terms = Vec::new();
     let (mut depth, mut start) = (0i32, 0usize);
     for (i, c) in s.char_indices() {
@@ -72,15 +93,9 @@ fn split_terms(s: &str) -> Result<Vec<&str>, String> {
             }
             _ => {}
         }
-        if depth < 0 {
-            return Err(format!("invalid selector {s:?}: unbalanced parentheses"));
-        }
-    }
-    if depth != 0 {
-        return Err(format!("invalid selector {s:?}: unbalanced parentheses"));
     }
     terms.push(&s[start..]);
-    Ok(terms)
+    terms
 }
 
 #[cfg(test)]
@@ -112,5 +127,14 @@ mod tests {
         );
         assert!(parse("a in (b").is_err());
         assert!(parse("a,,b").is_err());
+    }
+
+    #[test]
+    fn terms_split_on_commas_outside_parentheses_only() {
+        assert_eq!(
+            split_terms("a in (x,y), b,,c"),
+            ["a in (x,y)", " b", "", "c"]
+        );
+        assert!(parse("a in )x,y(").is_err(), "a ')' before its '('");
     }
 }
