@@ -415,15 +415,9 @@ pub async fn spawn_shim(
     backend_args: &[String],
     dir: &Path,
 ) -> anyhow::Result<crate::procs::Proc> {
-    let files = ctx.tls.shim_server_files();
     let mut cmd = std::process::Command::new(&ctx.shim);
     cmd.args(["--listen", &addr.to_string(), "--node-name", node])
-        .arg("--tls-cert-file")
-        .arg(&files.cert)
-        .arg("--tls-key-file")
-        .arg(&files.key)
-        .arg("--client-ca-file")
-        .arg(&files.client_ca)
+        .args(ctx.tls.shim().shim_flags())
         .args(["--agent-timeout-seconds", "3"])
         // Metrics on the shim's own address (the default 0.0.0.0:9090 is shared by all).
         .args(["--metrics-listen", &format!("{}:0", addr.ip())])
@@ -445,18 +439,12 @@ pub fn controller_command(
     shim_port: u16,
     metrics_listen: &str,
 ) -> std::process::Command {
-    let files = ctx.tls.controller();
     let mut cmd = std::process::Command::new(&ctx.guestcred);
     cmd.arg("controller")
         .args(["--shim-namespace", SHIM_NAMESPACE])
         .args(["--shim-port", &shim_port.to_string()])
         .args(["--shim-request-timeout-seconds", "10"])
-        .arg("--shim-ca-file")
-        .arg(&files.ca)
-        .arg("--shim-client-cert-file")
-        .arg(&files.cert)
-        .arg("--shim-client-key-file")
-        .arg(&files.key)
+        .args(ctx.tls.controller().controller_flags())
         .args(["--metrics-listen", metrics_listen])
         .env("KUBECONFIG", &api.kubeconfig)
         .env("RUST_LOG", "info")

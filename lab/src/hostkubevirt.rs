@@ -18,7 +18,6 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
-use base64::Engine as _;
 use guestcred::api::kubevirt::{VirtualMachine, VirtualMachineInstance};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -30,6 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use crate::cluster::kubevirt_lite::{inline_user_data, parse_cloud_config_keys, vm_volumes};
 
 /// How long the old VMI keeps running after a restart was accepted, and how long the new
 /// one is `Scheduled` before its agent connects.
@@ -247,26 +248,14 @@ async fn restart_route(
 /// a Secret reference.
 pub async fn user_data(client: &Client, vm: &VirtualMachine) -> anyhow::Result<Option<String>> {
     let ns = vm.namespace().unwrap_or_default();
-    let volumes = vm
-        .spec
-        .rest
-        .get("template")
-        .and_then(|t| t.pointer("/spec/volumes"))
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let Some(source) = volumes.iter().find_map(|v| {
+    let Some(source) = vm_volumes(vm).iter().find_map(|v| {
         v.get("cloudInitNoCloud")
             .or_else(|| v.get("cloudInitConfigDrive"))
     }) else {
         return Ok(None);
     };
-    if let Some(text) = source.get("userData").and_then(Value::as_str) {
-        return Ok(Some(text.to_string()));
-    }
-    if let Some(b64) = source.get("userDataBase64").and_then(Value::as_str) {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(b64.trim())?;
-        return Ok(Some(String::from_utf8(bytes)?));
+    if let Some(text) = inline_user_data(source).map_err(anyhow::Error::msg)? {
+        return Ok(Some(text));
     }
     let secret = source
         .get("userDataSecretRef")
@@ -295,7 +284,7 @@ async fn cloud_init_keys(
         return Ok(BTreeMap::new());
     };
     // The same reading of cloud-config as kubevirt-lite's.
-    crate::cluster::kubevirt_lite::parse_cloud_config_keys(&text).map_err(anyhow::Error::msg)
+    parse_cloud_config_keys(&text).map_err(anyhow::Error::msg)
 }
 
 /// Append the lines `user`'s authorized_keys (under a host agent's `base`) lacks.

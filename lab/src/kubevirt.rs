@@ -50,28 +50,45 @@ pub fn kubevirt_crds() -> Vec<CustomResourceDefinition> {
 
 /// Apply CRDs (guestcred's and KubeVirt's) and wait until each is Established.
 pub async fn install_crds(client: &Client) -> kube::Result<()> {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let mut all: Vec<CustomResourceDefinition> =
         guestcred::api::crds().into_iter().map(|(_, c)| c).collect();
     all.extend(kubevirt_crds());
-    for crd in &all {
-        let pp = PatchParams::apply("guestcred-lab").force();
+    // The emulator establishes a CRD as it stores it: nothing to report after 2 s.
+    apply_crds(client, &all, Duration::from_secs(2)).await?;
+    Ok(())
+}
+
+/// Applies `crds` (server-side apply, as `kubectl apply --server-side`), then waits until
+/// each is Established: `None` when all are, else the name of the first that was not
+/// within `timeout`.
+pub(crate) async fn apply_crds(
+    client: &Client,
+    crds: &[CustomResourceDefinition],
+    timeout: Duration,
+) -> kube::Result<Option<String>> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let pp = PatchParams::apply("guestcred-lab").force();
+    for crd in crds {
         api.patch(&crd.name_any(), &pp, &Patch::Apply(crd)).await?;
     }
-    for crd in &all {
-        for _ in 0..100 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    for crd in crds {
+        loop {
             let c = api.get(&crd.name_any()).await?;
-            let ok = c.status.and_then(|s| s.conditions).is_some_and(|cs| {
+            let established = c.status.and_then(|s| s.conditions).is_some_and(|cs| {
                 cs.iter()
                     .any(|c| c.type_ == "Established" && c.status == "True")
             });
-            if ok {
+            if established {
                 break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(Some(crd.name_any()));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// A Node object.
@@ -178,6 +195,19 @@ pub fn vm(ns: &str, name: &str, node: &str) -> VmDescription {
     }
 }
 
+/// 16 bytes in the `8-4-4-4-12` lowercase-hex form of Kubernetes UIDs.
+pub(crate) fn uid_string(bytes: [u8; 16]) -> String {
+    let h = hex::encode(bytes);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
 impl VmDescription {
     pub fn label(mut self, k: &str, v: &str) -> Self {
         self.labels.insert(k.into(), v.into());
@@ -203,18 +233,10 @@ impl VmDescription {
     /// The launcher pod UID KubeVirt would record in `status.activePods`.
     pub fn launcher_uid(&self) -> String {
         use sha2::Digest;
-        let h = hex::encode(sha2::Sha256::digest(format!(
-            "{}/{}",
-            self.namespace, self.name
-        )));
-        format!(
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        )
+        let digest = sha2::Sha256::digest(format!("{}/{}", self.namespace, self.name));
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        uid_string(bytes)
     }
 
     pub fn vm_object(&self) -> VirtualMachine {
@@ -330,4 +352,23 @@ pub async fn create_node_with_shim(
     pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_string_is_lowercase_hex_in_8_4_4_4_12_groups() {
+        let bytes: [u8; 16] = std::array::from_fn(|i| i as u8 * 17);
+        assert_eq!(uid_string(bytes), "00112233-4455-6677-8899-aabbccddeeff");
+    }
+
+    #[test]
+    fn launcher_uid_is_the_vms_namespaced_name_hashed() {
+        // The first 16 bytes of SHA-256("default/vm-1-1").
+        let uid = vm("default", "vm-1-1", "node-1").launcher_uid();
+        assert_eq!(uid, "ca69e3e9-2d23-2fe7-277c-587ea46662ed");
+        assert_ne!(uid, vm("default", "vm-1-2", "node-1").launcher_uid());
+    }
 }

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::ClusterError;
 use super::kubevirt_lite::{DomainObs, observe_domain, probe_agent};
 use super::procs::{
-    guestcred_binary, log_tail, mounts_under, qemu_pids, signal, spawn_detached, stop, wait_gone,
+    Startup, built_binary_candidates, guestcred_binary, log_tail, mounts_under, qemu_pids, signal,
+    spawn_detached, stop, wait_gone,
 };
 use super::real::{self, ControlPlane};
 use super::serve::SERVE_LOG;
@@ -20,6 +20,7 @@ use super::state::{
     ProcessInfo, SHIM_NAMESPACE, VmState, default_state_dir,
 };
 use super::tls::LabTls;
+use super::{ClusterError, blocking};
 use crate::guest::{
     ExecOutput, GuestImage, LabError, default_cache_dir, destroy_guest, guest_exec, pause_guest,
     process_alive, resume_guest,
@@ -441,12 +442,7 @@ fn spawn_controller(
         .arg(&state.shim_namespace)
         .arg("--shim-port")
         .arg(state.shim_port.to_string())
-        .arg("--shim-ca-file")
-        .arg(&controller_tls.ca)
-        .arg("--shim-client-cert-file")
-        .arg(&controller_tls.cert)
-        .arg("--shim-client-key-file")
-        .arg(&controller_tls.key)
+        .args(controller_tls.controller_flags())
         .arg("--shim-server-name")
         .arg(DEFAULT_SHIM_SERVER_NAME)
         .env("KUBECONFIG", &kubeconfig);
@@ -495,7 +491,7 @@ async fn finish_up(
     // serve records itself; keep our view in case it could not.
     state.serve.get_or_insert(serve);
 
-    let shim_tls = state.tls().shim_server_files();
+    let shim_tls = state.tls().shim();
     for i in 0..state.nodes.len() {
         let node = &state.nodes[i];
         let uri = node.libvirt_uri.clone().ok_or_else(|| {
@@ -512,12 +508,7 @@ async fn finish_up(
             .arg(&node.name)
             .arg("--metrics-listen")
             .arg(format!("{}:{}", node.ip, state.shim_metrics_port))
-            .arg("--tls-cert-file")
-            .arg(&shim_tls.cert)
-            .arg("--tls-key-file")
-            .arg(&shim_tls.key)
-            .arg("--client-ca-file")
-            .arg(&shim_tls.client_ca)
+            .args(shim_tls.shim_flags())
             .arg("--allowed-client")
             .arg(DEFAULT_ALLOWED_CLIENT);
         if state.control_plane == ControlPlane::Real {
@@ -547,11 +538,7 @@ async fn finish_up(
         // It has nothing to report readiness on; make sure it did not die on start.
         tokio::time::sleep(Duration::from_millis(500)).await;
         if !process_alive(controller.pid) {
-            return Err(ClusterError::Failed(format!(
-                "the controller exited at once; {}:\n{}",
-                controller.log.display(),
-                log_tail(&controller.log, 20)
-            )));
+            return Err(controller.exited("the controller exited at once"));
         }
     }
     state.phase = Phase::Ready;
@@ -560,7 +547,7 @@ async fn finish_up(
 }
 
 async fn wait_for_serve(dir: &Path, serve: &ProcessInfo) -> Result<LabState, ClusterError> {
-    let deadline = Instant::now() + SERVE_READY_TIMEOUT;
+    let startup = Startup::new(serve, SERVE_READY_TIMEOUT);
     loop {
         let state = LabState::load(dir)?;
         match state.phase {
@@ -575,19 +562,9 @@ async fn wait_for_serve(dir: &Path, serve: &ProcessInfo) -> Result<LabState, Clu
             }
             _ => {}
         }
-        if !process_alive(serve.pid) {
-            return Err(ClusterError::Failed(format!(
-                "guestcred-lab serve exited during start; {}:\n{}",
-                serve.log.display(),
-                log_tail(&serve.log, 30)
-            )));
-        }
-        if Instant::now() >= deadline {
-            return Err(ClusterError::Timeout {
-                what: format!("the lab's guests (see {})", serve.log.display()),
-                after: SERVE_READY_TIMEOUT,
-            });
-        }
+        startup.check("guestcred-lab serve exited during start", || {
+            format!("the lab's guests (see {})", serve.log.display())
+        })?;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -607,21 +584,11 @@ async fn healthz(address: &str) -> bool {
 }
 
 async fn wait_healthy(address: &str, shim: &ProcessInfo) -> Result<(), ClusterError> {
-    let deadline = Instant::now() + SHIM_READY_TIMEOUT;
+    let startup = Startup::new(shim, SHIM_READY_TIMEOUT);
     while !healthz(address).await {
-        if !process_alive(shim.pid) {
-            return Err(ClusterError::Failed(format!(
-                "the shim on {address} exited; {}:\n{}",
-                shim.log.display(),
-                log_tail(&shim.log, 20)
-            )));
-        }
-        if Instant::now() >= deadline {
-            return Err(ClusterError::Timeout {
-                what: format!("the shim on {address} to answer /healthz"),
-                after: SHIM_READY_TIMEOUT,
-            });
-        }
+        startup.check(&format!("the shim on {address} exited"), || {
+            format!("the shim on {address} to answer /healthz")
+        })?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
@@ -662,15 +629,7 @@ pub fn lab_binary(explicit: Option<&Path>) -> Result<PathBuf, ClusterError> {
     if exe.file_name().is_some_and(|n| n == "guestcred-lab") {
         return Ok(exe);
     }
-    let mut candidates = Vec::new();
-    if let Some(dir) = exe.parent() {
-        candidates.push(dir.join("guestcred-lab"));
-        if let Some(parent) = dir.parent() {
-            candidates.push(parent.join("guestcred-lab"));
-        }
-    }
-    candidates.push(crate::repo_dir().join("target/debug/guestcred-lab"));
-    candidates
+    built_binary_candidates("guestcred-lab", Some(&exe))
         .into_iter()
         .find(|p| p.is_file())
         .ok_or_else(|| ClusterError::Missing {
@@ -735,7 +694,8 @@ pub async fn down(state_dir: &Path, remove_all: bool) -> Result<DownReport, Clus
         Err(e) => return Err(e),
     };
     let state_for_stop = state.clone();
-    let (stopped, leftovers) = blocking(move || Ok(stop_everything(&state_for_stop))).await?;
+    let (stopped, leftovers) =
+        blocking(move || Ok::<_, ClusterError>(stop_everything(&state_for_stop))).await?;
     if !leftovers.is_empty() {
         return Err(ClusterError::Leftovers(leftovers));
     }
@@ -1029,14 +989,6 @@ async fn domain_op(
     let uri = state.uri_of(vm)?;
     let domain = vm.domain.clone();
     blocking(move || op(&uri, &domain).map_err(ClusterError::from)).await
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ClusterError> + Send + 'static,
-) -> Result<T, ClusterError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ClusterError::Failed(format!("lab worker panicked: {e}")))?
 }
 
 #[cfg(test)]

@@ -17,13 +17,13 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use super::ClusterError;
 use super::state::{AgentKind, VmState};
+use super::{ClusterError, WorkerPanicked, blocking};
 use crate::guest::{
     AgentMode, GuestImage, GuestSpec, LAB_SEED_KEY_ALICE, LAB_SEED_KEY_ROOT, LabError, Libvirtd,
     OLD_AGENT_BLOCKED, codes, console_log_path, destroy_guest, start_guest,
 };
-use crate::kubevirt::{VmDescription, vm as vm_description};
+use crate::kubevirt::{VmDescription, uid_string, vm as vm_description};
 use guestcred::api::kubevirt::{
     GuestOsInfo, VirtualMachine, VirtualMachineInstance, VmiCondition, VmiStatus,
 };
@@ -44,6 +44,18 @@ pub struct LiteNode {
     pub vm_dir: PathBuf,
     /// Taken out at shutdown to stop it.
     pub libvirtd: Mutex<Option<Libvirtd>>,
+}
+
+impl LiteNode {
+    /// Boots a guest on this node's libvirtd; fails once the libvirtd has been taken out
+    /// to be stopped.
+    pub fn start_guest(&self, image: &GuestImage, spec: &GuestSpec) -> Result<(), LabError> {
+        let guard = self.libvirtd.lock().unwrap_or_else(|e| e.into_inner());
+        let libvirtd = guard.as_ref().ok_or_else(|| {
+            LabError::Invalid("libvirtd already stopped: the lab is shutting down".into())
+        })?;
+        start_guest(libvirtd, image, spec, &self.vm_dir)
+    }
 }
 
 /// The libvirt domain as last seen.
@@ -107,34 +119,38 @@ pub fn cloud_config(keys: &BTreeMap<String, Vec<String>>) -> String {
 /// `spec.template.spec.volumes[*].cloudInitNoCloud` (`userData` or `userDataBase64`).
 /// No cloud-init volume, or no `users`, means no keys.
 pub fn cloud_init_keys(vm: &VirtualMachine) -> Result<BTreeMap<String, Vec<String>>, String> {
-    let volumes = vm
-        .spec
-        .rest
-        .get("template")
-        .and_then(|t| t.pointer("/spec/volumes"))
-        .and_then(Value::as_array);
-    let Some(source) = volumes
-        .into_iter()
-        .flatten()
-        .find_map(|v| v.get("cloudInitNoCloud"))
-    else {
-        return Ok(BTreeMap::new());
+    let source = vm_volumes(vm)
+        .iter()
+        .find_map(|v| v.get("cloudInitNoCloud"));
+    match source.map(inline_user_data).transpose()?.flatten() {
+        Some(user_data) => parse_cloud_config_keys(&user_data),
+        None => Ok(BTreeMap::new()),
+    }
+}
+
+/// The VM's `spec.template.spec.volumes` (none when it has no template).
+pub fn vm_volumes(vm: &VirtualMachine) -> &[Value] {
+    let template = vm.spec.rest.get("template");
+    let volumes = template.and_then(|t| t.pointer("/spec/volumes"));
+    volumes.and_then(Value::as_array).map_or(&[], Vec::as_slice)
+}
+
+/// The user data written into a cloud-init volume source (`cloudInitNoCloud` or
+/// `cloudInitConfigDrive`): `userData`, else `userDataBase64` decoded; `None` when it has
+/// neither (e.g. it names a Secret).
+pub fn inline_user_data(source: &Value) -> Result<Option<String>, String> {
+    if let Some(text) = source.get("userData").and_then(Value::as_str) {
+        return Ok(Some(text.to_string()));
+    }
+    let Some(b64) = source.get("userDataBase64").and_then(Value::as_str) else {
+        return Ok(None);
     };
-    let user_data = match (
-        source.get("userData").and_then(Value::as_str),
-        source.get("userDataBase64").and_then(Value::as_str),
-    ) {
-        (Some(text), _) => text.to_string(),
-        (None, Some(b64)) => {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .map_err(|e| format!("cloudInitNoCloud.userDataBase64 is not base64: {e}"))?;
-            String::from_utf8(bytes)
-                .map_err(|_| "cloudInitNoCloud.userDataBase64 is not UTF-8".to_string())?
-        }
-        (None, None) => return Ok(BTreeMap::new()),
-    };
-    parse_cloud_config_keys(&user_data)
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| format!("cloud-init userDataBase64 is not base64: {e}"))?;
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| "cloud-init userDataBase64 is not UTF-8".to_string())
 }
 
 /// KubeVirt's `restart` subresource of a VM, as an axum route path.
@@ -213,16 +229,7 @@ pub fn vm_object(vm: &VmState, keys: &BTreeMap<String, Vec<String>>) -> VirtualM
 
 /// A fresh launcher pod UID (a restart gets a new launcher pod).
 fn new_launcher_uid() -> String {
-    let b: [u8; 16] = rand::random();
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    uid_string(rand::random())
 }
 
 fn condition(type_: &str, ok: bool, reason: Option<&str>) -> VmiCondition {
@@ -505,7 +512,7 @@ impl Lite {
         let (uri, domain) = (entry.node.uri.clone(), entry.vm.domain.clone());
         blocking(move || match destroy_guest(&uri, &domain) {
             Err(e) if e.libvirt_code() == Some(codes::NO_DOMAIN) => Ok(()),
-            other => other,
+            other => other.map_err(RestartError::from),
         })
         .await?;
         let vmis: Api<VirtualMachineInstance> = Api::namespaced(self.client.clone(), ns);
@@ -528,14 +535,7 @@ impl Lite {
         let users = keys.keys().cloned().collect::<Vec<_>>().join(",");
         let spec = guest_spec(&entry.vm, keys);
         let (node, image) = (entry.node.clone(), self.image.clone());
-        blocking(move || {
-            let guard = node.libvirtd.lock().unwrap_or_else(|e| e.into_inner());
-            let libvirtd = guard
-                .as_ref()
-                .ok_or_else(|| LabError::Invalid("the lab is shutting down".into()))?;
-            start_guest(libvirtd, &image, &spec, &node.vm_dir)
-        })
-        .await?;
+        blocking(move || node.start_guest(&image, &spec).map_err(RestartError::from)).await?;
         // Scheduled until the agent answers: the pollers take it from here.
         let status = serde_json::to_value(vmi_status(&entry.node.name, &rt, &DomainObs::Running))
             .map_err(|e| RestartError::Internal(e.to_string()))?;
@@ -559,15 +559,6 @@ impl Lite {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, LabError> + Send + 'static,
-) -> Result<T, RestartError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| RestartError::Internal(format!("worker panicked: {e}")))?
-        .map_err(|e| RestartError::Internal(e.to_string()))
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum RestartError {
     #[error("not found")]
@@ -576,6 +567,18 @@ pub enum RestartError {
     Invalid(String),
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<LabError> for RestartError {
+    fn from(e: LabError) -> RestartError {
+        RestartError::Internal(e.to_string())
+    }
+}
+
+impl From<WorkerPanicked> for RestartError {
+    fn from(e: WorkerPanicked) -> RestartError {
+        RestartError::Internal(format!("worker panicked: {}", e.0))
+    }
 }
 
 async fn restart_route(

@@ -71,6 +71,30 @@ pub enum ClusterError {
     Failed(String),
 }
 
+impl From<WorkerPanicked> for ClusterError {
+    fn from(e: WorkerPanicked) -> ClusterError {
+        ClusterError::Failed(format!("lab worker panicked: {}", e.0))
+    }
+}
+
+/// Blocking lab work (libvirt, child processes, files) that panicked instead of answering.
+#[derive(Debug)]
+pub(crate) struct WorkerPanicked(tokio::task::JoinError);
+
+/// Runs blocking lab work on tokio's blocking pool, so that the async tasks (API server,
+/// pollers, waits) go on meanwhile; a panic in `f` becomes an `E` too.
+pub(crate) async fn blocking<T, E>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<WorkerPanicked> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| E::from(WorkerPanicked(e)))?
+}
+
 impl ClusterError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> ClusterError {
         ClusterError::Io {

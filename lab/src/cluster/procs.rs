@@ -16,6 +16,57 @@ pub struct ProcessInfo {
     pub log: std::path::PathBuf,
 }
 
+/// How much of a dead process's log its error shows.
+const EXITED_LOG_LINES: usize = 40;
+
+impl ProcessInfo {
+    /// The error for this process having exited when it should run: `what` happened, with
+    /// the tail of its log.
+    pub(crate) fn exited(&self, what: &str) -> ClusterError {
+        ClusterError::Failed(format!(
+            "{what}; {}:\n{}",
+            self.log.display(),
+            log_tail(&self.log, EXITED_LOG_LINES)
+        ))
+    }
+}
+
+/// A bounded wait for a detached process to become ready (polled by the caller).
+pub(crate) struct Startup<'a> {
+    process: &'a ProcessInfo,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl<'a> Startup<'a> {
+    pub(crate) fn new(process: &'a ProcessInfo, timeout: Duration) -> Startup<'a> {
+        Startup {
+            process,
+            timeout,
+            deadline: Instant::now() + timeout,
+        }
+    }
+
+    /// Between two polls: fails once the process has exited ([`ProcessInfo::exited`] with
+    /// `exited`) or the time is up (a timeout waiting for `waiting_for()`).
+    pub(crate) fn check(
+        &self,
+        exited: &str,
+        waiting_for: impl FnOnce() -> String,
+    ) -> Result<(), ClusterError> {
+        if !process_alive(self.process.pid) {
+            return Err(self.process.exited(exited));
+        }
+        if Instant::now() >= self.deadline {
+            return Err(ClusterError::Timeout {
+                what: waiting_for(),
+                after: self.timeout,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Starts `cmd` in its own process group (a Ctrl-C aimed at `up` must not reach it), with
 /// stdin closed and stdout + stderr appended to `log`. It outlives the caller.
 pub fn spawn_detached(mut cmd: Command, log: &Path) -> Result<ProcessInfo, ClusterError> {
@@ -125,6 +176,20 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     }
 }
 
+/// Where cargo may have put the workspace binary `name`: next to `exe` (this executable),
+/// one directory up (test binaries live in target/debug/deps), the repo's target/debug.
+pub(crate) fn built_binary_candidates(name: &str, exe: Option<&Path>) -> Vec<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(dir) = exe.and_then(Path::parent) {
+        candidates.push(dir.join(name));
+        if let Some(parent) = dir.parent() {
+            candidates.push(parent.join(name));
+        }
+    }
+    candidates.push(crate::repo_dir().join("target/debug").join(name));
+    candidates
+}
+
 /// The `guestcred` binary: `$GUESTCRED_BIN`, else next to this executable, else the repo's
 /// target/debug.
 pub fn guestcred_binary(explicit: Option<&Path>) -> Result<PathBuf, ClusterError> {
@@ -132,16 +197,8 @@ pub fn guestcred_binary(explicit: Option<&Path>) -> Result<PathBuf, ClusterError
     if let Some(p) = explicit {
         candidates.push(p.to_path_buf());
     }
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(dir) = exe.parent()
-    {
-        candidates.push(dir.join("guestcred"));
-        // Test binaries live in target/debug/deps.
-        if let Some(parent) = dir.parent() {
-            candidates.push(parent.join("guestcred"));
-        }
-    }
-    candidates.push(crate::repo_dir().join("target/debug/guestcred"));
+    let exe = std::env::current_exe().ok();
+    candidates.extend(built_binary_candidates("guestcred", exe.as_deref()));
     candidates
         .iter()
         .find(|p| p.is_file())

@@ -32,8 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::ClusterError;
-use super::procs::{ProcessInfo, log_tail, spawn_detached};
-use crate::guest::process_alive;
+use super::procs::{ProcessInfo, Startup, spawn_detached};
 
 /// Which API server the lab runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -130,21 +129,11 @@ pub fn start(bin: &Path, dir: &Path) -> Result<ProcessInfo, ClusterError> {
     cmd.arg("up").arg("--dir").arg(dir);
     let log = dir.join("up.log");
     let info = spawn_detached(cmd, &log)?;
-    let deadline = Instant::now() + READY_TIMEOUT;
+    let startup = Startup::new(&info, READY_TIMEOUT);
     while !ready.is_file() {
-        if !process_alive(info.pid) {
-            return Err(ClusterError::Failed(format!(
-                "controlplane up exited before it was ready; {}:\n{}",
-                log.display(),
-                log_tail(&log, 40)
-            )));
-        }
-        if Instant::now() >= deadline {
-            return Err(ClusterError::Timeout {
-                what: format!("the real control plane ({})", log.display()),
-                after: READY_TIMEOUT,
-            });
-        }
+        startup.check("controlplane up exited before it was ready", || {
+            format!("the real control plane ({})", log.display())
+        })?;
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(info)
@@ -374,32 +363,14 @@ pub async fn install_crds(client: &Client) -> Result<(), ClusterError> {
         crds.push(crd);
     }
     crds.extend(crate::kubevirt::kubevirt_crds());
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let pp = PatchParams::apply("guestcred-lab").force();
-    for crd in &crds {
-        api.patch(&crd.name_any(), &pp, &Patch::Apply(crd)).await?;
+    let timeout = Duration::from_secs(60);
+    match crate::kubevirt::apply_crds(client, &crds, timeout).await? {
+        None => Ok(()),
+        Some(name) => Err(ClusterError::Timeout {
+            what: format!("CRD {name} to be Established"),
+            after: timeout,
+        }),
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for crd in &crds {
-        loop {
-            let c = api.get(&crd.name_any()).await?;
-            let established = c.status.and_then(|s| s.conditions).is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-            });
-            if established {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(ClusterError::Timeout {
-                    what: format!("CRD {} to be Established", crd.name_any()),
-                    after: Duration::from_secs(60),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    Ok(())
 }
 
 /// Creates the Node and, as the DaemonSet controller would, the shim Pod on it from the
@@ -499,68 +470,7 @@ impl LabNet {
     /// Creates the namespace and the veth pair (removing leftovers first). Blocking.
     pub fn create(&self) -> Result<(), ClusterError> {
         self.remove();
-        let peer = "eth0";
-        let tmp_peer = format!("{}p", self.host_if);
-        let steps: Vec<Vec<String>> = vec![
-            vec!["netns".into(), "add".into(), self.netns.clone()],
-            vec![
-                "link".into(),
-                "add".into(),
-                self.host_if.clone(),
-                "type".into(),
-                "veth".into(),
-                "peer".into(),
-                "name".into(),
-                tmp_peer.clone(),
-            ],
-            vec![
-                "link".into(),
-                "set".into(),
-                tmp_peer.clone(),
-                "netns".into(),
-                self.netns.clone(),
-            ],
-            vec![
-                "-n".into(),
-                self.netns.clone(),
-                "link".into(),
-                "set".into(),
-                tmp_peer,
-                "name".into(),
-                peer.into(),
-            ],
-            vec![
-                "addr".into(),
-                "add".into(),
-                format!("{}/30", self.host_ip),
-                "dev".into(),
-                self.host_if.clone(),
-            ],
-            vec![
-                "-n".into(),
-                self.netns.clone(),
-                "addr".into(),
-                "add".into(),
-                format!("{}/30", self.peer_ip),
-                "dev".into(),
-                peer.into(),
-            ],
-            vec![
-                "-n".into(),
-                self.netns.clone(),
-                "link".into(),
-                "set".into(),
-                peer.into(),
-                "up".into(),
-            ],
-            vec![
-                "link".into(),
-                "set".into(),
-                self.host_if.clone(),
-                "up".into(),
-            ],
-        ];
-        for args in steps {
+        for args in self.setup_commands() {
             let out = Command::new("ip")
                 .args(&args)
                 .output()
@@ -574,6 +484,27 @@ impl LabNet {
             }
         }
         Ok(())
+    }
+
+    /// The `ip` commands (arguments) that make the namespace and the veth pair: the peer
+    /// end goes into the namespace as `eth0`, each end gets its address in the /30.
+    fn setup_commands(&self) -> Vec<Vec<String>> {
+        let (ns, host_if, peer) = (&self.netns, &self.host_if, "eth0");
+        let tmp_peer = format!("{host_if}p");
+        [
+            format!("netns add {ns}"),
+            format!("link add {host_if} type veth peer name {tmp_peer}"),
+            format!("link set {tmp_peer} netns {ns}"),
+            format!("-n {ns} link set {tmp_peer} name {peer}"),
+            format!("addr add {}/30 dev {host_if}", self.host_ip),
+            format!("-n {ns} addr add {}/30 dev {peer}", self.peer_ip),
+            format!("-n {ns} link set {peer} up"),
+            format!("link set {host_if} up"),
+        ]
+        .iter()
+        // Names and addresses have no blanks (see `for_state_dir`).
+        .map(|command| command.split_whitespace().map(String::from).collect())
+        .collect()
     }
 
     /// Removes the veth pair and the namespace (idempotent). Blocking.
@@ -710,23 +641,20 @@ fn dynamic(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource 
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
-async fn apply(
-    client: &Client,
-    ar: &ApiResource,
-    namespace: Option<&str>,
-    object: Value,
-) -> Result<(), ClusterError> {
-    let api: Api<DynamicObject> = match namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
-        None => Api::all_with(client.clone(), ar),
+/// Server-side applies `object` (its apiVersion, kind and metadata say where), a
+/// resource whose plural is `plural`.
+async fn apply(client: &Client, plural: &str, object: &Value) -> Result<(), ClusterError> {
+    let field = |pointer: &str| object.pointer(pointer).and_then(Value::as_str);
+    let api_version = field("/apiVersion").unwrap_or_default();
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let ar = dynamic(group, version, field("/kind").unwrap_or_default(), plural);
+    let api: Api<DynamicObject> = match field("/metadata/namespace") {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
     };
-    let name = object
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
+    let name = field("/metadata/name").unwrap_or_default();
     let pp = PatchParams::apply("guestcred-lab").force();
-    api.patch(&name, &pp, &Patch::Apply(&object)).await?;
+    api.patch(name, &pp, &Patch::Apply(object)).await?;
     Ok(())
 }
 
@@ -740,48 +668,41 @@ async fn register_restart_api(
 ) -> Result<(), ClusterError> {
     use base64::Engine as _;
     let ns = KUBEVIRT_NAMESPACE;
-    apply(
-        client,
-        &dynamic("", "v1", "Namespace", "namespaces"),
-        None,
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-    )
-    .await?;
-    apply(
-        client,
-        &dynamic("", "v1", "Service", "services"),
-        Some(ns),
-        json!({"apiVersion": "v1", "kind": "Service",
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let objects = [
+        (
+            "namespaces",
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        ),
+        (
+            "services",
+            json!({"apiVersion": "v1", "kind": "Service",
                "metadata": {"name": RESTART_SERVICE, "namespace": ns},
                "spec": {"ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]}}),
-    )
-    .await?;
-    apply(
-        client,
-        &dynamic("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
-        Some(ns),
-        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        ),
+        (
+            "endpointslices",
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                "metadata": {"name": format!("{RESTART_SERVICE}-lab"), "namespace": ns,
                             "labels": {"kubernetes.io/service-name": RESTART_SERVICE,
                                        "endpointslice.kubernetes.io/managed-by": "guestcred-lab"}},
                "addressType": "IPv4",
                "endpoints": [{"addresses": [net.host_ip], "conditions": {"ready": true}}],
                "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}),
-    )
-    .await?;
-    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
-    apply(
-        client,
-        &dynamic("apiregistration.k8s.io", "v1", "APIService", "apiservices"),
-        None,
-        json!({"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+        ),
+        (
+            "apiservices",
+            json!({"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
                "metadata": {"name": RESTART_APISERVICE},
                "spec": {"group": "subresources.kubevirt.io", "version": "v1",
                         "groupPriorityMinimum": 1000, "versionPriority": 15,
                         "caBundle": ca,
                         "service": {"namespace": ns, "name": RESTART_SERVICE, "port": 443}}}),
-    )
-    .await?;
+        ),
+    ];
+    for (plural, object) in &objects {
+        apply(client, plural, object).await?;
+    }
     let api: Api<DynamicObject> = Api::all_with(
         client.clone(),
         &dynamic("apiregistration.k8s.io", "v1", "APIService", "apiservices"),
@@ -819,6 +740,40 @@ async fn register_restart_api(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lab_net_is_made_by_eight_ip_commands_in_order() {
+        let net = LabNet {
+            netns: "gclab-abc".into(),
+            host_if: "gchabc".into(),
+            host_ip: "10.250.1.5".into(),
+            peer_ip: "10.250.1.6".into(),
+        };
+        let argv = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            net.setup_commands(),
+            vec![
+                argv(&["netns", "add", "gclab-abc"]),
+                argv(&[
+                    "link", "add", "gchabc", "type", "veth", "peer", "name", "gchabcp"
+                ]),
+                argv(&["link", "set", "gchabcp", "netns", "gclab-abc"]),
+                argv(&["-n", "gclab-abc", "link", "set", "gchabcp", "name", "eth0"]),
+                argv(&["addr", "add", "10.250.1.5/30", "dev", "gchabc"]),
+                argv(&[
+                    "-n",
+                    "gclab-abc",
+                    "addr",
+                    "add",
+                    "10.250.1.6/30",
+                    "dev",
+                    "eth0"
+                ]),
+                argv(&["-n", "gclab-abc", "link", "set", "eth0", "up"]),
+                argv(&["link", "set", "gchabc", "up"]),
+            ]
+        );
+    }
 
     #[test]
     fn the_lab_net_is_a_private_slash_30_with_short_interface_names() {

@@ -11,11 +11,9 @@ use kube::api::PostParams;
 use super::kubevirt_lite::{CONSOLE_READY, Lite, LiteNode, guest_spec, initial_keys};
 use super::real::{self, ControlPlane, LabNet};
 use super::state::{AgentKind, LabState, Phase, ProcessInfo};
-use super::{ClusterError, procs};
+use super::{ClusterError, blocking, procs};
 use crate::apiserver::{ApiServer, write_kubeconfig};
-use crate::guest::{
-    GuestImage, LabError, Libvirtd, process_alive, start_guest, wait_for_agent, wait_for_console,
-};
+use crate::guest::{GuestImage, Libvirtd, process_alive, wait_for_agent, wait_for_console};
 use crate::kubevirt::{create_node_with_shim, install_crds};
 
 /// Agents of a handful of guests booting at once under TCG on two cores: ~10-40 s.
@@ -140,7 +138,7 @@ async fn start(
     }
 
     let cache = state.cache_dir.clone();
-    let image = blocking(move || GuestImage::ensure(&cache)).await?;
+    let image = blocking(move || GuestImage::ensure(&cache).map_err(ClusterError::from)).await?;
 
     // The libvirtds start side by side (each probes QEMU's capabilities once).
     let starts: Vec<_> = state
@@ -148,7 +146,7 @@ async fn start(
         .iter()
         .map(|n| {
             let (dir, cache) = (n.dir.clone(), state.cache_dir.clone());
-            blocking(move || Libvirtd::start(&dir, &cache))
+            blocking(move || Libvirtd::start(&dir, &cache).map_err(ClusterError::from))
         })
         .collect();
     let mut first_error = None;
@@ -241,24 +239,20 @@ async fn boot_guests(
         let node = node_of(&vm.node)?;
         let spec = guest_spec(vm, initial_keys());
         let image = image.clone();
-        blocking(move || {
-            let guard = node.libvirtd.lock().unwrap_or_else(|e| e.into_inner());
-            let libvirtd = guard
-                .as_ref()
-                .ok_or_else(|| LabError::Invalid("libvirtd already stopped".into()))?;
-            start_guest(libvirtd, &image, &spec, &node.vm_dir)
-        })
-        .await?;
+        blocking(move || node.start_guest(&image, &spec).map_err(ClusterError::from)).await?;
     }
     let mut waits = Vec::new();
     for vm in &state.vms {
         let node = node_of(&vm.node)?;
         let (domain, agent) = (vm.domain.clone(), vm.agent);
-        waits.push(blocking(move || match agent {
-            AgentKind::On | AgentKind::Old => wait_for_agent(&node.uri, &domain, BOOT_TIMEOUT),
-            AgentKind::Off | AgentKind::Hung => {
-                wait_for_console(&node.vm_dir, &domain, CONSOLE_READY, BOOT_TIMEOUT)
+        waits.push(blocking(move || {
+            match agent {
+                AgentKind::On | AgentKind::Old => wait_for_agent(&node.uri, &domain, BOOT_TIMEOUT),
+                AgentKind::Off | AgentKind::Hung => {
+                    wait_for_console(&node.vm_dir, &domain, CONSOLE_READY, BOOT_TIMEOUT)
+                }
             }
+            .map_err(ClusterError::from)
         }));
     }
     for result in futures::future::join_all(waits).await {
@@ -303,13 +297,4 @@ async fn wait_for_stop_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, LabError> + Send + 'static,
-) -> Result<T, ClusterError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ClusterError::Failed(format!("lab worker panicked: {e}")))?
-        .map_err(ClusterError::from)
 }

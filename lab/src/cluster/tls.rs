@@ -9,6 +9,7 @@
 //! <state>/tls/shim/{tls.crt,tls.key,ca.crt}         (the `…-shim-tls` Secret)
 //! <state>/tls/controller/{tls.crt,tls.key,ca.crt}   (the `…-controller-tls` Secret)
 //! ```
+use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,35 @@ impl TlsDir {
             key: dir.join("tls.key"),
             ca: dir.join("ca.crt"),
         }
+    }
+
+    /// The flags that give `guestcred controller` these files as its client side of the
+    /// shims' mutual TLS (the controller's [`LabTls::controller`] directory).
+    pub fn controller_flags(&self) -> [OsString; 6] {
+        self.flags([
+            "--shim-client-cert-file",
+            "--shim-client-key-file",
+            "--shim-ca-file",
+        ])
+    }
+
+    /// The flags that give `guestcred shim` these files to serve its mutual TLS with (the
+    /// shim's [`LabTls::shim`] directory: its certificate, key and the clients' CA).
+    pub fn shim_flags(&self) -> [OsString; 6] {
+        self.flags(["--tls-cert-file", "--tls-key-file", "--client-ca-file"])
+    }
+
+    /// Each file after its option: `[cert, key, ca]` name the options.
+    fn flags(&self, [cert, key, ca]: [&str; 3]) -> [OsString; 6] {
+        let file = |path: &PathBuf| OsString::from(path);
+        [
+            cert.into(),
+            file(&self.cert),
+            key.into(),
+            file(&self.key),
+            ca.into(),
+            file(&self.ca),
+        ]
     }
 }
 
@@ -201,6 +231,40 @@ mod tests {
             assert_eq!(mode(side.key.parent().expect("dir")), 0o700);
         }
         assert_eq!(mode(&tls.dir), 0o700);
+    }
+
+    #[test]
+    fn flags_pair_each_option_with_its_sides_file() {
+        let tls = LabTls::new("/lab/tls");
+        let pairs = |flags: [OsString; 6]| -> Vec<(String, String)> {
+            let flags: Vec<String> = flags.iter().map(|f| f.to_string_lossy().into()).collect();
+            flags
+                .chunks(2)
+                .map(|p| (p[0].clone(), p[1].clone()))
+                .collect()
+        };
+        let own = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(f, v)| (f.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            pairs(tls.shim().shim_flags()),
+            own(&[
+                ("--tls-cert-file", "/lab/tls/shim/tls.crt"),
+                ("--tls-key-file", "/lab/tls/shim/tls.key"),
+                ("--client-ca-file", "/lab/tls/shim/ca.crt"),
+            ])
+        );
+        assert_eq!(
+            pairs(tls.controller().controller_flags()),
+            own(&[
+                ("--shim-client-cert-file", "/lab/tls/controller/tls.crt"),
+                ("--shim-client-key-file", "/lab/tls/controller/tls.key"),
+                ("--shim-ca-file", "/lab/tls/controller/ca.crt"),
+            ])
+        );
     }
 
     #[test]
