@@ -3,10 +3,12 @@
 //! named keys (`spec.removeFingerprints`, `remove.rs`) and a read-only report of a guest's
 //! keys (`mode: Inspect`, `inspect.rs`).
 use super::context::Context;
-use super::engine::{Cleanup, Outcome, Prepared, RunKind};
+use super::engine::{Cleanup, Outcome, Prepared, RunKind, Undo};
 use super::error::Error;
 use super::key_ownership::{self, HolderIds, Record, holder_id};
-use super::keys::{WantedKey, fingerprint_of, parse_keys, present_fingerprints};
+use super::keys::{
+    WantedKey, fingerprint_of, parse_keys, present_fingerprints, remove_keys, remove_lines_with,
+};
 use super::password::cel_message;
 use super::secrets;
 use super::targets::TargetCall;
@@ -157,26 +159,21 @@ impl RunKind for KeypairRebuild {
         cleanup::remove_granted_keys(self, ctx).await
     }
 
-    async fn expire(
-        &self,
-        ctx: &Context,
-        call: &TargetCall,
-        target: &TargetStatus,
-    ) -> Result<String, Error> {
-        self.expire_keys(ctx, call, target).await
-    }
-
     fn overlap_ends_at(&self, target: &TargetStatus) -> Option<Timestamp> {
         overlap::removal_at(target)
     }
 
-    async fn end_overlap(
+    async fn undo(
         &self,
         ctx: &Context,
         call: &TargetCall,
         target: &TargetStatus,
+        due: Undo,
     ) -> Result<String, Error> {
-        overlap::end(self, ctx, call, target).await
+        match due {
+            Undo::Expired => self.expire_keys(ctx, call, target).await,
+            Undo::OverlapEnded => overlap::end(self, ctx, call, target).await,
+        }
     }
 
     async fn apply(
@@ -300,15 +297,7 @@ impl RunKind for KeypairRebuild {
                 })
                 .await?;
             }
-            let stale: Vec<String> = current
-                .into_iter()
-                .filter(|l| fingerprint_of(l).is_some_and(|fp| removed.contains(&fp)))
-                .collect();
-            if !stale.is_empty() {
-                call.shim
-                    .ssh_keys(&call.domain, &call.user, KeyOp::Remove, stale)
-                    .await?;
-            }
+            remove_lines_with(call, current, &removed).await?;
             call.shim
                 .ssh_keys(&call.domain, &call.user, KeyOp::Add, lines)
                 .await?;
@@ -493,22 +482,12 @@ impl ManagedKeys for KeypairRebuild {
         } else {
             update_record(ctx, call, |r, live| r.release(&me, &granted, live, &others)).await?
         };
-        let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
-        let expired: Vec<String> = current
-            .into_iter()
-            .filter(|l| fingerprint_of(l).is_some_and(|fp| gone.contains(&fp)))
-            .collect();
-        if !expired.is_empty() {
-            call.shim
-                .ssh_keys(&call.domain, &call.user, KeyOp::Remove, expired.clone())
-                .await?;
-        }
+        let expired = remove_keys(call, &gone).await?;
         if !gone.is_empty() {
             update_record(ctx, call, |r, live| r.forget(&gone, live)).await?;
         }
         Ok(format!(
-            "TTL passed: removed {} key(s) from user {}",
-            expired.len(),
+            "TTL passed: removed {expired} key(s) from user {}",
             call.user
         ))
     }

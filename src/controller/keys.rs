@@ -3,6 +3,7 @@
 use super::error::Error;
 use super::targets::TargetCall;
 use crate::api::authorized_keys;
+use crate::api::wire::KeyOp;
 use std::collections::BTreeSet;
 
 /// One parsed public key.
@@ -40,6 +41,47 @@ pub(crate) async fn present_fingerprints(call: &TargetCall) -> Result<BTreeSet<S
 /// The fingerprint of a guest line's key, whatever its options and comment.
 pub(crate) fn fingerprint_of(line: &str) -> Option<String> {
     authorized_keys::fingerprint(line)
+}
+
+/// Takes out of the guest, for the call's user, the lines of `current` (what the guest
+/// has) whose key is one of `fps`; returns how many lines it took out.
+pub(crate) async fn remove_lines_with(
+    call: &TargetCall,
+    current: Vec<String>,
+    fps: &BTreeSet<String>,
+) -> Result<usize, Error> {
+    let lines: Vec<String> = current
+        .into_iter()
+        .filter(|l| fingerprint_of(l).is_some_and(|fp| fps.contains(&fp)))
+        .collect();
+    let count = lines.len();
+    if count > 0 {
+        call.shim
+            .ssh_keys(&call.domain, &call.user, KeyOp::Remove, lines)
+            .await?;
+    }
+    Ok(count)
+}
+
+/// Reads the guest's keys for the call's user and takes out those whose key is one of
+/// `fps` ([`remove_lines_with`]); returns how many lines it took out.
+pub(crate) async fn remove_keys(call: &TargetCall, fps: &BTreeSet<String>) -> Result<usize, Error> {
+    let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
+    remove_lines_with(call, current, fps).await
+}
+
+/// Reads back that none of `fps` is left in the guest for the call's user.
+pub(crate) async fn verify_gone(call: &TargetCall, fps: &BTreeSet<String>) -> Result<(), Error> {
+    let after = present_fingerprints(call).await?;
+    let lingering: Vec<&String> = fps.intersection(&after).collect();
+    if lingering.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::VerificationFailed(format!(
+            "read back from {}: still present {lingering:?}",
+            call.vm
+        )))
+    }
 }
 
 #[cfg(test)]

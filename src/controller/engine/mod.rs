@@ -79,6 +79,16 @@ pub struct Outcome {
     pub replaced_keys_remove_at: Option<Time>,
 }
 
+/// What of a succeeded target's change [`RunKind::undo`] undoes, now that it is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Undo {
+    /// The change itself, once its `expiresAt` passed (keys with a TTL).
+    Expired,
+    /// What the change replaced and kept for an overlap, once the overlap ended: the
+    /// engine then clears the target's `replacedKeys` and `replacedKeysRemoveAt`.
+    OverlapEnded,
+}
+
 /// A run's input as `RunKind::prepare` read it.
 pub struct Prepared<I> {
     pub input: I,
@@ -157,29 +167,20 @@ pub trait RunKind:
     fn grants_expire(&self) -> bool {
         false
     }
-    /// Undo a succeeded target's change once its `expiresAt` passed (keys with a TTL).
-    /// Returns what was done, for status and the Event.
-    fn expire(
-        &self,
-        _ctx: &Context,
-        _call: &TargetCall,
-        _target: &TargetStatus,
-    ) -> impl Future<Output = Result<String, Error>> + Send {
-        async { Ok(String::new()) }
-    }
     /// When a succeeded target's overlap ends (keys with `overlapSeconds`: the keys it
     /// replaced are removed then); None: no overlap pending. Kept in the target's record
     /// (`replacedKeysRemoveAt`), so a controller restart keeps it.
     fn overlap_ends_at(&self, _target: &TargetStatus) -> Option<Timestamp> {
         None
     }
-    /// End a target's overlap: remove the keys it replaced. Returns what was done; the
-    /// engine then clears the target's `replacedKeys` and `replacedKeysRemoveAt`.
-    fn end_overlap(
+    /// Undo what of a succeeded target's change is due ([`Undo`]). Returns what was done,
+    /// for status and the Event.
+    fn undo(
         &self,
         _ctx: &Context,
         _call: &TargetCall,
         _target: &TargetStatus,
+        _due: Undo,
     ) -> impl Future<Output = Result<String, Error>> + Send {
         async { Ok(String::new()) }
     }

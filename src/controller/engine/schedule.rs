@@ -5,7 +5,7 @@ use super::observe::Observed;
 use super::shards::{self, ShardSet};
 use super::status::{self, Basis, RunState, Shared, Written, lock};
 use super::target::run_target;
-use super::{RunKind, action, now};
+use super::{RunKind, Undo, action, now};
 use crate::api::{PendingExpiry, Reason, RunStatus, TargetStatus};
 use crate::controller::context::Context;
 use crate::controller::error::Error;
@@ -182,6 +182,18 @@ pub(super) async fn finish_and_write<K: RunKind>(
     Ok((status::persist(ctx, obj, shared).await?, next_expiry))
 }
 
+/// Undo what of target `t` is `due`, on its VM and user.
+async fn undo_on<K: RunKind>(
+    obj: &K,
+    ctx: &Context,
+    ns: &str,
+    t: &TargetStatus,
+    due: Undo,
+) -> Result<String, Error> {
+    let call = targets::prepare_call(ctx, ns, &t.vm, t.user.as_deref(), None).await?;
+    obj.undo(ctx, &call, t, due).await
+}
+
 /// Undo the targets whose TTL ran out; returns how long until the next one is due. The
 /// deadline lives in status (`expiresAt`), so a controller restart does not lose it.
 pub(super) async fn expire_due<K: RunKind>(
@@ -199,12 +211,7 @@ pub(super) async fn expire_due<K: RunKind>(
             let left = decide::remaining(at, Timestamp::now());
             if left.is_zero() {
                 changed.push(idx);
-                let user = t.user.clone();
-                let result =
-                    match targets::prepare_call(ctx, &ns, &t.vm, user.as_deref(), None).await {
-                        Ok(call) => obj.end_overlap(ctx, &call, t).await,
-                        Err(e) => Err(e),
-                    };
+                let result = undo_on(obj, ctx, &ns, t, Undo::OverlapEnded).await;
                 match result {
                     Ok(done) => {
                         t.replaced_keys.clear();
@@ -230,11 +237,7 @@ pub(super) async fn expire_due<K: RunKind>(
             }
             Expiry::Due => {}
         }
-        let user = t.user.clone();
-        let result = match targets::prepare_call(ctx, &ns, &t.vm, user.as_deref(), None).await {
-            Ok(call) => obj.expire(ctx, &call, t).await,
-            Err(e) => Err(e),
-        };
+        let result = undo_on(obj, ctx, &ns, t, Undo::Expired).await;
         changed.push(idx);
         match result {
             Ok(done) => {
@@ -334,7 +337,7 @@ async fn expire_pending<K: RunKind>(
         )
         .await
         {
-            Ok(call) => obj.expire(ctx, &call, &granted).await,
+            Ok(call) => obj.undo(ctx, &call, &granted, Undo::Expired).await,
             // The VM is gone: so are the keys in it.
             Err(Error::VmNotFound(_)) => Ok("the VM is gone".to_string()),
             Err(e) => Err(e),

@@ -13,12 +13,11 @@
 //! does not do.
 use super::{ManagedKeys, update_record};
 use crate::api::keypair::OnDelete;
-use crate::api::wire::KeyOp;
 use crate::api::{KeypairRebuild, RunStatus, TargetState};
 use crate::controller::context::Context;
 use crate::controller::engine::{self, Cleanup};
 use crate::controller::error::Error;
-use crate::controller::keys::fingerprint_of;
+use crate::controller::keys::remove_keys;
 use crate::controller::targets;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Event, EventType};
@@ -110,20 +109,11 @@ async fn remove_grant(
         r.release(&me, &candidates, live, kept)
     })
     .await?;
-    let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
-    let lines: Vec<String> = current
-        .into_iter()
-        .filter(|l| fingerprint_of(l).is_some_and(|fp| ours.contains(&fp)))
-        .collect();
-    if !lines.is_empty() {
-        call.shim
-            .ssh_keys(&call.domain, &call.user, KeyOp::Remove, lines.clone())
-            .await?;
-    }
+    let removed = remove_keys(&call, &ours).await?;
     if !ours.is_empty() {
         update_record(ctx, &call, |r, live| r.forget(&ours, live)).await?;
     }
-    Ok(lines.len())
+    Ok(removed)
 }
 
 /// `RunKind::cleanup` of KeypairRebuild.

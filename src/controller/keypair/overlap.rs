@@ -11,11 +11,10 @@
 //! nothing was let go of. A new run before the overlap ends (a spec change) lets go of the
 //! same keys again by itself: the object still holds them in the VM's record.
 use super::{ManagedKeys, update_record};
-use crate::api::wire::KeyOp;
 use crate::api::{KeypairRebuild, KeypairRebuildSpec, TargetState, TargetStatus};
 use crate::controller::context::Context;
 use crate::controller::error::Error;
-use crate::controller::keys::{fingerprint_of, present_fingerprints};
+use crate::controller::keys::{remove_keys, verify_gone};
 use crate::controller::targets::TargetCall;
 use k8s_openapi::jiff::Timestamp;
 use std::collections::BTreeSet;
@@ -81,7 +80,7 @@ fn letting_go(target: &TargetStatus) -> Fingerprints {
         .collect()
 }
 
-/// `RunKind::end_overlap` of a KeypairRebuild: let go of the replaced keys, remove those
+/// `RunKind::undo` of a KeypairRebuild once its overlap ended: let go of the replaced keys, remove those
 /// no other live object holds or grants, and read back that they are gone.
 pub(super) async fn end(
     kr: &KeypairRebuild,
@@ -94,24 +93,8 @@ pub(super) async fn end(
     let others = kr.granted_by_others(ctx, call);
     let gone = update_record(ctx, call, |r, live| r.release(&me, &let_go, live, &others)).await?;
     if !gone.is_empty() {
-        let current = call.shim.get_ssh_keys(&call.domain, &call.user).await?;
-        let lines: Vec<String> = current
-            .into_iter()
-            .filter(|l| fingerprint_of(l).is_some_and(|fp| gone.contains(&fp)))
-            .collect();
-        if !lines.is_empty() {
-            call.shim
-                .ssh_keys(&call.domain, &call.user, KeyOp::Remove, lines)
-                .await?;
-        }
-        let after = present_fingerprints(call).await?;
-        let lingering: Vec<&String> = gone.intersection(&after).collect();
-        if !lingering.is_empty() {
-            return Err(Error::VerificationFailed(format!(
-                "read back from {}: still present {lingering:?}",
-                call.vm
-            )));
-        }
+        remove_keys(call, &gone).await?;
+        verify_gone(call, &gone).await?;
         update_record(ctx, call, |r, live| r.forget(&gone, live)).await?;
     }
     let kept = let_go.len() - gone.len();

@@ -14,7 +14,7 @@ use crate::api::{KeypairRebuild, Reason, TargetState};
 use crate::controller::context::Context;
 use crate::controller::engine::Outcome;
 use crate::controller::error::Error;
-use crate::controller::keys::{fingerprint_of, present_fingerprints};
+use crate::controller::keys::{fingerprint_of, verify_gone};
 use crate::controller::targets::TargetCall;
 use kube::ResourceExt;
 use std::collections::BTreeSet;
@@ -185,14 +185,7 @@ pub(super) async fn remove_keys(
             .ssh_keys(&call.domain, &call.user, KeyOp::Remove, lines)
             .await?;
     }
-    let after = present_fingerprints(call).await?;
-    let lingering: Vec<&String> = fps.intersection(&after).collect();
-    if !lingering.is_empty() {
-        return Err(Error::VerificationFailed(format!(
-            "read back from {}: still present {lingering:?}",
-            call.vm
-        )));
-    }
+    verify_gone(call, fps).await?;
     // Gone from the guest: no longer guestcred's to track, expire or remove.
     update_record(ctx, call, |r, _| r.drop_keys(fps)).await?;
     let described: Vec<String> = fps
