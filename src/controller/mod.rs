@@ -457,14 +457,25 @@ fn secret_versions(
     let watch = watch_scope(apis, watch, name_and_version_only)
         .reflect(writer)
         .touched_objects()
-        .for_each(move |secret| {
-            match secret {
-                Ok(secret) => triggers.secret_changed(&secret),
-                Err(e) => warn!(error = %e, "Secret metadata watch failed; retrying"),
-            }
-            futures::future::ready(())
-        });
+        .for_each(on_each_touched("Secret", move |secret| {
+            triggers.secret_changed(secret)
+        }));
     (store, watch)
+}
+
+/// For a metadata watch's `for_each`: `changed` with each object the watch touched; a
+/// failed watch is logged, and retries by itself.
+fn on_each_touched<K, E: std::fmt::Display>(
+    kind: &'static str,
+    changed: impl Fn(&K),
+) -> impl FnMut(Result<K, E>) -> futures::future::Ready<()> {
+    move |touched| {
+        match touched {
+            Ok(object) => changed(&object),
+            Err(e) => warn!(error = %e, "{kind} metadata watch failed; retrying"),
+        }
+        futures::future::ready(())
+    }
 }
 
 /// What is kept of an object's metadata: name, namespace, resourceVersion.
@@ -500,13 +511,7 @@ fn vmi_changes(
     let watch = |api| watcher(api, watcher::Config::default()).default_backoff();
     watch_scope(apis, watch, name_and_version_only)
         .touched_objects()
-        .for_each(move |vmi| {
-            match vmi {
-                Ok(vmi) => triggers.vmi_changed(&vmi),
-                Err(e) => warn!(error = %e, "VMI metadata watch failed; retrying"),
-            }
-            futures::future::ready(())
-        })
+        .for_each(on_each_touched("VMI", move |vmi| triggers.vmi_changed(vmi)))
 }
 
 /// Whether an object has unfinished business with this VMI: one of its run's targets is
