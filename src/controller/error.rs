@@ -176,31 +176,35 @@ impl From<ShimCallError> for Error {
 mod tests {
     use super::*;
 
+    /// `e` maps to `reason`, and is retried exactly when `transient`.
+    fn assert_maps(e: Error, reason: Reason, transient: bool) {
+        assert_eq!(e.reason(), reason, "{e}");
+        assert_eq!(e.is_transient(), transient, "{e}");
+    }
+
+    fn shim_error(reason: ShimErrorReason, message: &str) -> Error {
+        Error::Shim {
+            reason,
+            message: message.into(),
+        }
+    }
+
     #[test]
     fn agent_timeout_is_transient_and_keeps_its_name() {
-        let e = Error::Shim {
-            reason: ShimErrorReason::AgentTimeout,
-            message: "no answer".into(),
-        };
-        assert_eq!(e.reason(), Reason::AgentTimeout);
-        assert!(e.is_transient());
+        let e = shim_error(ShimErrorReason::AgentTimeout, "no answer");
+        assert_maps(e, Reason::AgentTimeout, true);
     }
 
     #[test]
     fn unknown_user_is_permanent() {
-        let e = Error::Shim {
-            reason: ShimErrorReason::UserNotFound,
-            message: "no user bob".into(),
-        };
-        assert_eq!(e.reason(), Reason::UserNotFound);
-        assert!(!e.is_transient());
+        let e = shim_error(ShimErrorReason::UserNotFound, "no user bob");
+        assert_maps(e, Reason::UserNotFound, false);
     }
 
     #[test]
     fn unreachable_shim_maps_to_shim_unavailable() {
         let e: Error = ShimCallError::Unreachable("connection refused".into()).into();
-        assert_eq!(e.reason(), Reason::ShimUnavailable);
-        assert!(e.is_transient());
+        assert_maps(e, Reason::ShimUnavailable, true);
     }
 
     #[test]

@@ -279,264 +279,148 @@ mod tests {
         fps.iter().map(|s| s.to_string()).collect()
     }
 
-    /// Object `me` runs `wanted` against the guest's keys and the record, as `apply` does:
-    /// hold, let go, remove, add, forget. Returns what it removed.
-    fn run(
-        me: &str,
-        wanted: &[&str],
-        guest: &mut Fingerprints,
-        record: &mut Record,
-        live: &HolderIds,
-        strategy: KeyStrategy,
-    ) -> Fingerprints {
-        let wanted = set(wanted);
-        let plan = plan_live(me, &wanted, guest, record, live, strategy, false);
-        record.hold(me, &plan.to_hold, live);
-        let removed = record.release(me, &plan.let_go, live, &Fingerprints::new());
-        guest.retain(|k| !removed.contains(k));
-        guest.extend(wanted.iter().cloned());
-        record.forget(&removed, live);
-        removed
+    /// A VM and user: the guest's keys, the record, and the live objects.
+    struct Vm {
+        guest: Fingerprints,
+        record: Record,
+        live: HolderIds,
+    }
+
+    impl Vm {
+        /// A guest with the keys `guest`, an empty record and the live objects `live`.
+        fn new(guest: &[&str], live: &[&str]) -> Self {
+            Vm {
+                guest: set(guest),
+                record: Record::default(),
+                live: set(live),
+            }
+        }
+
+        /// Object `me` runs `wanted` against the guest's keys and the record, as `apply`
+        /// does: hold, let go, remove, add, forget. Returns what it removed.
+        fn run(&mut self, me: &str, wanted: &[&str], strategy: KeyStrategy) -> Fingerprints {
+            let wanted = set(wanted);
+            let plan = self.plan(me, &wanted, strategy);
+            self.record.hold(me, &plan.to_hold, &self.live);
+            let removed = self
+                .record
+                .release(me, &plan.let_go, &self.live, &Fingerprints::new());
+            self.guest.retain(|k| !removed.contains(k));
+            self.guest.extend(wanted.iter().cloned());
+            self.record.forget(&removed, &self.live);
+            removed
+        }
+
+        fn replace(&mut self, me: &str, wanted: &[&str]) -> Fingerprints {
+            self.run(me, wanted, KeyStrategy::Replace)
+        }
+
+        fn append(&mut self, me: &str, wanted: &[&str]) -> Fingerprints {
+            self.run(me, wanted, KeyStrategy::Append)
+        }
+
+        /// What `me` plans for `wanted` on this guest and record (not replacing all).
+        fn plan(&self, me: &str, wanted: &Fingerprints, strategy: KeyStrategy) -> KeyPlan {
+            plan_live(
+                me,
+                wanted,
+                &self.guest,
+                &self.record,
+                &self.live,
+                strategy,
+                false,
+            )
+        }
     }
 
     #[test]
     fn a_wanted_key_the_guest_already_has_is_not_taken_over() {
-        let plan = plan_live(
-            "A",
-            &set(&["hand", "new"]),
-            &set(&["hand"]),
-            &Record::default(),
-            &set(&["A"]),
-            KeyStrategy::Append,
-            false,
-        );
+        let plan =
+            Vm::new(&["hand"], &["A"]).plan("A", &set(&["hand", "new"]), KeyStrategy::Append);
         assert_eq!(plan.to_add, set(&["new"]));
         assert_eq!(plan.to_hold, set(&["new"]));
     }
 
     #[test]
     fn replace_removes_only_its_own_keys_that_are_no_longer_wanted() {
-        let live = set(&["A"]);
-        let (mut guest, mut record) = (set(&["hand"]), Record::default());
-        run(
-            "A",
-            &["a"],
-            &mut guest,
-            &mut record,
-            &live,
-            KeyStrategy::Replace,
-        );
-        let removed = run(
-            "A",
-            &["b"],
-            &mut guest,
-            &mut record,
-            &live,
-            KeyStrategy::Replace,
-        );
+        let mut vm = Vm::new(&["hand"], &["A"]);
+        vm.replace("A", &["a"]);
+        let removed = vm.replace("A", &["b"]);
         assert_eq!(removed, set(&["a"]));
-        assert_eq!(guest, set(&["hand", "b"]));
-        assert_eq!(record.owned(), set(&["b"]));
+        assert_eq!(vm.guest, set(&["hand", "b"]));
+        assert_eq!(vm.record.owned(), set(&["b"]));
     }
 
     #[test]
     fn replace_never_removes_a_person_s_key_a_previous_grant_also_named() {
-        let live = set(&["A"]);
-        let (mut guest, mut record) = (set(&["hand"]), Record::default());
-        run(
-            "A",
-            &["hand", "a"],
-            &mut guest,
-            &mut record,
-            &live,
-            KeyStrategy::Replace,
-        );
-        let removed = run(
-            "A",
-            &["b"],
-            &mut guest,
-            &mut record,
-            &live,
-            KeyStrategy::Replace,
-        );
+        let mut vm = Vm::new(&["hand"], &["A"]);
+        vm.replace("A", &["hand", "a"]);
+        let removed = vm.replace("A", &["b"]);
         assert_eq!(removed, set(&["a"]));
-        assert!(guest.contains("hand"));
-        assert!(!record.owned().contains("hand"));
+        assert!(vm.guest.contains("hand"));
+        assert!(!vm.record.owned().contains("hand"));
     }
 
     #[test]
     fn two_replace_objects_on_one_vm_and_user_never_remove_each_other_s_keys() {
         // Object A adds "a", then object B adds "b" (both Replace, same VM and user);
         // then A runs again (e.g. resumed by a new leader at the same instant as B).
-        let live = set(&["A", "B"]);
-        let (mut guest, mut record) = (Fingerprints::new(), Record::default());
-        run(
-            "A",
-            &["a"],
-            &mut guest,
-            &mut record,
-            &live,
-            KeyStrategy::Replace,
-        );
-        let by_b = run(
-            "B",
-            &["b"],
-            &mut guest,
-            &mut record,
-            &live,
-            KeyStrategy::Replace,
-        );
+        let mut vm = Vm::new(&[], &["A", "B"]);
+        vm.replace("A", &["a"]);
+        let by_b = vm.replace("B", &["b"]);
         assert!(by_b.is_empty(), "B removes A's key: {by_b:?}");
-        let by_a = run(
-            "A",
-            &["a"],
-            &mut guest,
-            &mut record,
-            &live,
-            KeyStrategy::Replace,
-        );
+        let by_a = vm.replace("A", &["a"]);
         assert!(by_a.is_empty(), "A removes B's key: {by_a:?}");
-        assert_eq!(guest, set(&["a", "b"]));
+        assert_eq!(vm.guest, set(&["a", "b"]));
     }
 
     #[test]
     fn interleaved_replace_runs_of_two_objects_keep_both_keys() {
         // A and B both plan from the same snapshot (neither sees the other's key yet),
         // then both write their holds and let go: nothing of the other's is removed.
-        let live = set(&["A", "B"]);
-        let mut record = Record::default();
-        let guest = Fingerprints::new();
-        let plan_a = plan_live(
-            "A",
-            &set(&["a"]),
-            &guest,
-            &record,
-            &live,
-            KeyStrategy::Replace,
-            false,
-        );
-        let plan_b = plan_live(
-            "B",
-            &set(&["b"]),
-            &guest,
-            &record,
-            &live,
-            KeyStrategy::Replace,
-            false,
-        );
-        record.hold("A", &plan_a.to_hold, &live);
-        record.hold("B", &plan_b.to_hold, &live);
+        let mut vm = Vm::new(&[], &["A", "B"]);
+        let plan_a = vm.plan("A", &set(&["a"]), KeyStrategy::Replace);
+        let plan_b = vm.plan("B", &set(&["b"]), KeyStrategy::Replace);
+        vm.record.hold("A", &plan_a.to_hold, &vm.live);
+        vm.record.hold("B", &plan_b.to_hold, &vm.live);
         // A's next attempt sees both keys in the guest.
-        let again = plan_live(
-            "A",
-            &set(&["a"]),
-            &set(&["a", "b"]),
-            &record,
-            &live,
-            KeyStrategy::Replace,
-            false,
-        );
+        vm.guest = set(&["a", "b"]);
+        let again = vm.plan("A", &set(&["a"]), KeyStrategy::Replace);
         assert!(again.let_go.is_empty(), "{again:?}");
         assert!(
-            record
-                .release("A", &plan_a.let_go, &live, &Fingerprints::new())
+            vm.record
+                .release("A", &plan_a.let_go, &vm.live, &Fingerprints::new())
                 .is_empty()
         );
     }
 
     #[test]
     fn a_key_two_objects_hold_stays_until_the_last_lets_go() {
-        let live = set(&["A", "B"]);
-        let (mut guest, mut record) = (Fingerprints::new(), Record::default());
-        run(
-            "A",
-            &["k"],
-            &mut guest,
-            &mut record,
-            &live,
-            KeyStrategy::Replace,
-        );
-        run(
-            "B",
-            &["k"],
-            &mut guest,
-            &mut record,
-            &live,
-            KeyStrategy::Replace,
-        );
-        assert!(
-            run(
-                "A",
-                &["a"],
-                &mut guest,
-                &mut record,
-                &live,
-                KeyStrategy::Replace
-            )
-            .is_empty()
-        );
-        assert!(guest.contains("k"));
-        assert_eq!(
-            run(
-                "B",
-                &["b"],
-                &mut guest,
-                &mut record,
-                &live,
-                KeyStrategy::Replace
-            ),
-            set(&["k"])
-        );
-        assert_eq!(guest, set(&["a", "b"]));
+        let mut vm = Vm::new(&[], &["A", "B"]);
+        vm.replace("A", &["k"]);
+        vm.replace("B", &["k"]);
+        assert!(vm.replace("A", &["a"]).is_empty());
+        assert!(vm.guest.contains("k"));
+        assert_eq!(vm.replace("B", &["b"]), set(&["k"]));
+        assert_eq!(vm.guest, set(&["a", "b"]));
     }
 
     #[test]
     fn a_key_of_a_deleted_object_is_replaced_by_the_next_replace() {
-        let (mut guest, mut record) = (Fingerprints::new(), Record::default());
-        run(
-            "OLD",
-            &["old"],
-            &mut guest,
-            &mut record,
-            &set(&["OLD"]),
-            KeyStrategy::Replace,
-        );
+        let mut vm = Vm::new(&[], &["OLD"]);
+        vm.replace("OLD", &["old"]);
         // OLD is gone (deleted with onDelete: Keep); NEW's Replace takes its key out.
-        let removed = run(
-            "NEW",
-            &["new"],
-            &mut guest,
-            &mut record,
-            &set(&["NEW"]),
-            KeyStrategy::Replace,
-        );
+        vm.live = set(&["NEW"]);
+        let removed = vm.replace("NEW", &["new"]);
         assert_eq!(removed, set(&["old"]));
     }
 
     #[test]
     fn append_keeps_holding_what_it_added_before() {
-        let live = set(&["A"]);
-        let (mut guest, mut record) = (Fingerprints::new(), Record::default());
-        run(
-            "A",
-            &["a"],
-            &mut guest,
-            &mut record,
-            &live,
-            KeyStrategy::Append,
-        );
-        assert!(
-            run(
-                "A",
-                &["b"],
-                &mut guest,
-                &mut record,
-                &live,
-                KeyStrategy::Append
-            )
-            .is_empty()
-        );
-        assert_eq!(record.held_by("A"), set(&["a", "b"]));
+        let mut vm = Vm::new(&[], &["A"]);
+        vm.append("A", &["a"]);
+        assert!(vm.append("A", &["b"]).is_empty());
+        assert_eq!(vm.record.held_by("A"), set(&["a", "b"]));
     }
 
     #[test]

@@ -546,8 +546,20 @@ mod tests {
         }
     }
 
-    fn sealed(name: &str, vm: &str, at: i64) -> StoredPassword {
-        sealed_in_run(name, vm, at, name, 0)
+    /// VM `vm`'s stored secrets, each a name and when it was created.
+    fn stored_of(vm: &str, secrets: &[(&str, i64)]) -> Vec<StoredPassword> {
+        secrets
+            .iter()
+            .map(|&(name, at)| stored(name, vm, at))
+            .collect()
+    }
+
+    /// VM `vm`'s sealed secrets, each a name and when it was created, each its own run.
+    fn sealed_of(vm: &str, secrets: &[(&str, i64)]) -> Vec<StoredPassword> {
+        secrets
+            .iter()
+            .map(|&(name, at)| sealed_in_run(name, vm, at, name, 0))
+            .collect()
     }
 
     fn sealed_in_run(name: &str, vm: &str, at: i64, run: &str, seq: u32) -> StoredPassword {
@@ -560,6 +572,13 @@ mod tests {
         }
     }
 
+    /// What `to_prune` lets go of, given each VM's current secret, sorted.
+    fn pruned(all: &[StoredPassword], current: &[(&str, &str)], keep: usize) -> Vec<String> {
+        let mut doomed = to_prune(all, &current.iter().copied().collect(), keep);
+        doomed.sort();
+        doomed
+    }
+
     #[test]
     fn a_lower_numbered_sealed_secret_of_the_same_run_is_older_even_in_the_same_second() {
         // A restart right after sealing: number 0 and number 1 of one run, same second.
@@ -569,72 +588,53 @@ mod tests {
             sealed_in_run("a-1", "a", 5, "r2", 1),
             sealed_in_run("x-0", "a", 5, "r3", 0),
         ];
-        assert_eq!(to_prune(&all, &BTreeMap::from([("a", "a-1")]), 0), ["a-0"]);
+        assert_eq!(pruned(&all, &[("a", "a-1")], 0), ["a-0"]);
         // The other way round (number 0 verified) number 1 is newer: kept.
-        assert!(to_prune(&all, &BTreeMap::from([("a", "a-0")]), 0).is_empty());
+        assert!(pruned(&all, &[("a", "a-0")], 0).is_empty());
     }
 
     #[test]
     fn a_sealed_secret_that_may_be_in_the_guest_stays_until_a_newer_value_is_verified() {
         // Run 2 sealed a-2a, its call was sent (maybe applied), the controller restarted
         // and sealed a-2b. Until a-2b is verified the VM's current one is still a-1.
-        let all = [
-            sealed("a-1", "a", 1),
-            sealed("a-2a", "a", 5),
-            sealed("a-2b", "a", 9),
-        ];
-        assert!(to_prune(&all, &BTreeMap::from([("a", "a-1")]), 0).is_empty());
+        let all = sealed_of("a", &[("a-1", 1), ("a-2a", 5), ("a-2b", 9)]);
+        assert!(pruned(&all, &[("a", "a-1")], 0).is_empty());
         // A VM whose run failed (no current one) keeps all of them.
-        assert!(to_prune(&all, &BTreeMap::new(), 0).is_empty());
+        assert!(pruned(&all, &[], 0).is_empty());
         // a-2b verified in the guest: the older ones may go.
-        let mut doomed = to_prune(&all, &BTreeMap::from([("a", "a-2b")]), 0);
-        doomed.sort();
-        assert_eq!(doomed, ["a-1", "a-2a"]);
+        assert_eq!(pruned(&all, &[("a", "a-2b")], 0), ["a-1", "a-2a"]);
     }
 
     #[test]
     fn a_sealed_secret_created_in_the_same_second_as_the_verified_one_is_kept() {
         // Creation times have whole seconds: it may be the newer value.
-        let all = [sealed("a-2a", "a", 5), sealed("a-2b", "a", 5)];
-        assert!(to_prune(&all, &BTreeMap::from([("a", "a-2b")]), 0).is_empty());
+        let all = sealed_of("a", &[("a-2a", 5), ("a-2b", 5)]);
+        assert!(pruned(&all, &[("a", "a-2b")], 0).is_empty());
         // Unsealed ones can be read back (and are never replaced), as before.
-        let plain = [stored("p-1", "p", 5), stored("p-2", "p", 5)];
-        assert_eq!(
-            to_prune(&plain, &BTreeMap::from([("p", "p-2")]), 0),
-            ["p-1"]
-        );
+        let plain = stored_of("p", &[("p-1", 5), ("p-2", 5)]);
+        assert_eq!(pruned(&plain, &[("p", "p-2")], 0), ["p-1"]);
     }
 
     #[test]
     fn rotation_keeps_the_current_secret_and_the_newest_earlier_ones() {
         let all = [
-            stored("a-1", "a", 1),
-            stored("a-2", "a", 2),
-            stored("a-3", "a", 3),
-            stored("a-4", "a", 4),
-            stored("b-1", "b", 1),
-        ];
-        let current = BTreeMap::from([("a", "a-4")]);
-        let mut doomed = to_prune(&all, &current, 1);
-        doomed.sort();
-        assert_eq!(doomed, ["a-1", "a-2"]);
+            stored_of("a", &[("a-1", 1), ("a-2", 2), ("a-3", 3), ("a-4", 4)]),
+            stored_of("b", &[("b-1", 1)]),
+        ]
+        .concat();
+        assert_eq!(pruned(&all, &[("a", "a-4")], 1), ["a-1", "a-2"]);
     }
 
     #[test]
     fn a_vm_without_a_current_secret_keeps_all_of_its_own() {
-        let all = [stored("b-1", "b", 1), stored("b-2", "b", 2)];
-        assert!(to_prune(&all, &BTreeMap::new(), 0).is_empty());
+        let all = stored_of("b", &[("b-1", 1), ("b-2", 2)]);
+        assert!(pruned(&all, &[], 0).is_empty());
     }
 
     #[test]
     fn a_secret_newer_than_the_current_one_is_kept() {
         // A rotation that has not reached this VM yet stored its next password already.
-        let all = [
-            stored("a-1", "a", 1),
-            stored("a-2", "a", 2),
-            stored("a-3", "a", 3),
-        ];
-        let current = BTreeMap::from([("a", "a-2")]);
-        assert_eq!(to_prune(&all, &current, 0), ["a-1"]);
+        let all = stored_of("a", &[("a-1", 1), ("a-2", 2), ("a-3", 3)]);
+        assert_eq!(pruned(&all, &[("a", "a-2")], 0), ["a-1"]);
     }
 }

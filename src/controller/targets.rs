@@ -256,40 +256,34 @@ mod tests {
         vm
     }
 
+    /// The user chosen for a VM annotated with `annotation` (if any) whose guest OS is `os`.
+    fn user_for(spec: Option<&str>, annotation: Option<&str>, os: &str) -> (String, UserSource) {
+        let vm = annotation.map(vm_annotated);
+        let vmi = vmi_with_os(os);
+        choose_user(spec, vm.as_ref(), &vmi, vmi.is_windows())
+    }
+
     #[test]
     fn spec_user_wins_over_annotation() {
-        let (u, s) = choose_user(
-            Some("alice"),
-            Some(&vm_annotated("bob")),
-            &vmi_with_os("debian"),
-            false,
-        );
-        assert_eq!((u.as_str(), s), ("alice", UserSource::Spec));
+        let chosen = user_for(Some("alice"), Some("bob"), "debian");
+        assert_eq!(chosen, ("alice".into(), UserSource::Spec));
     }
 
     #[test]
     fn annotation_wins_over_guest_os() {
-        let (u, s) = choose_user(
-            None,
-            Some(&vm_annotated("cloud-user")),
-            &vmi_with_os("mswindows"),
-            true,
-        );
-        assert_eq!((u.as_str(), s), ("cloud-user", UserSource::Annotation));
+        let chosen = user_for(None, Some("cloud-user"), "mswindows");
+        assert_eq!(chosen, ("cloud-user".into(), UserSource::Annotation));
     }
 
     #[test]
     fn windows_guests_default_to_administrator() {
-        let vmi = vmi_with_os("mswindows");
-        let (u, s) = choose_user(None, None, &vmi, vmi.is_windows());
-        assert_eq!((u.as_str(), s), ("Administrator", UserSource::GuestOS));
+        let chosen = user_for(None, None, "mswindows");
+        assert_eq!(chosen, ("Administrator".into(), UserSource::GuestOS));
     }
 
     #[test]
     fn other_guests_default_to_root() {
-        let vmi = vmi_with_os("debian");
-        let (u, _) = choose_user(None, None, &vmi, vmi.is_windows());
-        assert_eq!(u, "root");
+        assert_eq!(user_for(None, None, "debian").0, "root");
     }
 
     #[test]

@@ -515,101 +515,87 @@ mod tests {
 
     use TargetState::{Failed, Pending, Running, Skipped, Succeeded};
 
+    /// The next step for an object as `latest` says, of a run of targets in `states`,
+    /// with the cursor at `cursor` and `in_flight` targets running.
+    fn step(
+        latest: Option<&Latest>,
+        states: &[TargetState],
+        cursor: usize,
+        in_flight: usize,
+    ) -> Next {
+        let ts = targets(states);
+        next_step(latest, &ts, cursor, in_flight, failures(&ts))
+    }
+
+    /// [`step`] for a leading object with `rollout` and no change.
+    fn step_of(
+        rollout: &RolloutSpec,
+        states: &[TargetState],
+        cursor: usize,
+        in_flight: usize,
+    ) -> Next {
+        step(Some(&latest(rollout)), states, cursor, in_flight)
+    }
+
+    /// [`step`] for one pending target of an object with `rollout`, changed as `change` says.
+    fn step_when(rollout: &RolloutSpec, change: impl FnOnce(&mut Latest)) -> Next {
+        let mut changed = latest(rollout);
+        change(&mut changed);
+        step(Some(&changed), &[Pending], 0, 0)
+    }
+
+    fn paused() -> RolloutSpec {
+        RolloutSpec {
+            paused: true,
+            ..rollout(10, 0)
+        }
+    }
+
     #[test]
     fn the_first_unfinished_target_at_or_after_the_cursor_starts_next() {
-        let r = rollout(10, 0);
-        let ts = targets(&[Succeeded, Running, Pending, Pending]);
-        assert_eq!(
-            next_step(Some(&latest(&r)), &ts, 2, 1, failures(&ts)),
-            Next::Start(2)
-        );
+        let ts = [Succeeded, Running, Pending, Pending];
+        assert_eq!(step_of(&rollout(10, 0), &ts, 2, 1), Next::Start(2));
     }
 
     #[test]
     fn a_target_before_the_cursor_is_not_started_again() {
-        let r = rollout(10, 0);
-        let ts = targets(&[Running, Succeeded]);
-        assert_eq!(
-            next_step(Some(&latest(&r)), &ts, 1, 1, failures(&ts)),
-            Next::Wait
-        );
+        let ts = [Running, Succeeded];
+        assert_eq!(step_of(&rollout(10, 0), &ts, 1, 1), Next::Wait);
     }
 
     #[test]
     fn nothing_starts_beyond_max_concurrency() {
-        let r = rollout(2, 0);
-        let ts = targets(&[Running, Running, Pending]);
-        assert_eq!(
-            next_step(Some(&latest(&r)), &ts, 2, 2, failures(&ts)),
-            Next::Wait
-        );
+        let ts = [Running, Running, Pending];
+        assert_eq!(step_of(&rollout(2, 0), &ts, 2, 2), Next::Wait);
     }
 
     #[test]
     fn a_zero_concurrency_still_runs_one_target_at_a_time() {
-        let r = rollout(0, 0);
-        let ts = targets(&[Pending]);
-        assert_eq!(
-            next_step(Some(&latest(&r)), &ts, 0, 0, failures(&ts)),
-            Next::Start(0)
-        );
+        assert_eq!(step_of(&rollout(0, 0), &[Pending], 0, 0), Next::Start(0));
     }
 
     #[test]
     fn a_deleted_or_deleting_object_starts_nothing() {
-        let r = rollout(10, 0);
-        let ts = targets(&[Pending]);
-        assert_eq!(
-            next_step(None, &ts, 0, 0, failures(&ts)),
-            Next::Stop(Stop::Deleted)
-        );
-        let deleting = Latest {
-            deleting: true,
-            ..latest(&r)
-        };
-        assert_eq!(
-            next_step(Some(&deleting), &ts, 0, 0, failures(&ts)),
-            Next::Stop(Stop::Deleted)
-        );
+        assert_eq!(step(None, &[Pending], 0, 0), Next::Stop(Stop::Deleted));
+        let deleting = step_when(&rollout(10, 0), |l| l.deleting = true);
+        assert_eq!(deleting, Next::Stop(Stop::Deleted));
     }
 
     #[test]
     fn a_changed_spec_stops_the_run_before_pause_is_considered() {
-        let r = RolloutSpec {
-            paused: true,
-            ..rollout(10, 0)
-        };
-        let changed = Latest {
-            spec_changed: true,
-            ..latest(&r)
-        };
-        let ts = targets(&[Pending]);
-        assert_eq!(
-            next_step(Some(&changed), &ts, 0, 0, failures(&ts)),
-            Next::Stop(Stop::SpecChanged)
-        );
+        let changed = step_when(&paused(), |l| l.spec_changed = true);
+        assert_eq!(changed, Next::Stop(Stop::SpecChanged));
     }
 
     #[test]
     fn a_changed_input_secret_stops_the_run() {
-        let r = rollout(10, 0);
-        let changed = Latest {
-            input_changed: true,
-            ..latest(&r)
-        };
-        let ts = targets(&[Pending]);
-        assert_eq!(
-            next_step(Some(&changed), &ts, 0, 0, failures(&ts)),
-            Next::Stop(Stop::InputChanged)
-        );
+        let changed = step_when(&rollout(10, 0), |l| l.input_changed = true);
+        assert_eq!(changed, Next::Stop(Stop::InputChanged));
     }
 
     #[test]
     fn a_replica_without_the_lease_starts_nothing_whatever_else_holds() {
-        let r = RolloutSpec {
-            paused: true,
-            ..rollout(10, 0)
-        };
+        let r = paused();
         let follower = Latest {
             leading: false,
             spec_changed: true,
@@ -627,33 +613,23 @@ mod tests {
 
     #[test]
     fn a_paused_object_starts_nothing() {
-        let r = RolloutSpec {
-            paused: true,
-            ..rollout(10, 0)
-        };
-        let ts = targets(&[Pending]);
         assert_eq!(
-            next_step(Some(&latest(&r)), &ts, 0, 0, failures(&ts)),
+            step_of(&paused(), &[Pending], 0, 0),
             Next::Stop(Stop::Paused)
         );
     }
 
     #[test]
     fn failures_up_to_the_budget_keep_the_run_going() {
-        let r = rollout(10, 1);
-        let ts = targets(&[Failed, Pending]);
-        assert_eq!(
-            next_step(Some(&latest(&r)), &ts, 1, 0, failures(&ts)),
-            Next::Start(1)
-        );
+        let ts = [Failed, Pending];
+        assert_eq!(step_of(&rollout(10, 1), &ts, 1, 0), Next::Start(1));
     }
 
     #[test]
     fn one_failure_past_the_budget_stops_the_run() {
-        let r = rollout(10, 1);
-        let ts = targets(&[Failed, Failed, Pending]);
+        let ts = [Failed, Failed, Pending];
         assert_eq!(
-            next_step(Some(&latest(&r)), &ts, 2, 0, failures(&ts)),
+            step_of(&rollout(10, 1), &ts, 2, 0),
             Next::Stop(Stop::FailureBudgetExhausted)
         );
     }
@@ -780,6 +756,13 @@ mod tests {
         (c.status.as_str(), c.reason.as_str())
     }
 
+    /// The status of a run of targets in `states` once [`finish`] ran, stopped for `stop`.
+    fn finished(states: &[TargetState], stop: Option<Stop>) -> RunStatus {
+        let mut st = status(Some("h"), states);
+        finish(&mut st, None, stop, &Time(at(0)));
+        st
+    }
+
     #[test]
     fn an_all_succeeded_run_finishes_ready() {
         let mut st = status(Some("h"), &[Succeeded, Succeeded]);
@@ -801,13 +784,7 @@ mod tests {
 
     #[test]
     fn a_run_with_no_success_finishes_failed_and_stalled() {
-        let mut st = status(Some("h"), &[Failed, Skipped]);
-        finish(
-            &mut st,
-            None,
-            Some(Stop::FailureBudgetExhausted),
-            &Time(at(0)),
-        );
+        let st = finished(&[Failed, Skipped], Some(Stop::FailureBudgetExhausted));
         assert_eq!(st.phase, Some(Phase::Failed));
         assert_eq!(condition(&st, "Ready"), ("False", "Failed"));
         assert_eq!(condition(&st, "Stalled"), ("True", "Failed"));
@@ -815,8 +792,7 @@ mod tests {
 
     #[test]
     fn a_mixed_run_finishes_partially_succeeded_and_not_stalled() {
-        let mut st = status(Some("h"), &[Succeeded, Failed]);
-        finish(&mut st, None, None, &Time(at(0)));
+        let st = finished(&[Succeeded, Failed], None);
         assert_eq!(st.phase, Some(Phase::PartiallySucceeded));
         assert_eq!(condition(&st, "Ready"), ("False", "PartiallySucceeded"));
         assert_eq!(condition(&st, "Stalled"), ("False", "PartiallySucceeded"));
@@ -824,16 +800,14 @@ mod tests {
 
     #[test]
     fn a_paused_run_is_neither_ready_nor_progressing() {
-        let mut st = status(Some("h"), &[Succeeded, Pending]);
-        finish(&mut st, None, Some(Stop::Paused), &Time(at(0)));
+        let st = finished(&[Succeeded, Pending], Some(Stop::Paused));
         assert_eq!(condition(&st, "Ready"), ("False", "Paused"));
         assert_eq!(condition(&st, "Progressing"), ("False", "Paused"));
     }
 
     #[test]
     fn an_unfinished_run_is_progressing_with_its_count() {
-        let mut st = status(Some("h"), &[Succeeded, Running, Pending]);
-        finish(&mut st, None, None, &Time(at(0)));
+        let st = finished(&[Succeeded, Running, Pending], None);
         assert_eq!(condition(&st, "Progressing"), ("True", "InProgress"));
         let msg = &st.conditions[1].message;
         assert_eq!(msg, "1/3 targets finished");
@@ -847,11 +821,21 @@ mod tests {
         assert_eq!(st.conditions[0].last_transition_time, Time(at(0)));
     }
 
+    /// When an object whose run stopped for `stop`, with work left and no expiry due, is
+    /// looked at again.
+    fn requeue_after(stop: Stop) -> Requeue {
+        requeue_after_run(Some(stop), true, None)
+    }
+
+    fn after_seconds(seconds: u64) -> Requeue {
+        Requeue::After(Duration::from_secs(seconds))
+    }
+
     #[test]
     fn a_changed_spec_or_input_is_picked_up_at_once() {
         for stop in [Stop::SpecChanged, Stop::InputChanged] {
             assert_eq!(
-                requeue_after_run(Some(stop), true, None),
+                requeue_after(stop),
                 Requeue::After(Duration::from_millis(100))
             );
         }
@@ -861,18 +845,12 @@ mod tests {
     fn a_run_stopped_for_unconfirmed_leadership_is_looked_at_again_soon() {
         // The replica may still hold the Lease (its renewal was only about to run out):
         // waiting for a change would leave the object unfinished with nobody to drive it.
-        assert_eq!(
-            requeue_after_run(Some(Stop::LostLeadership), true, None),
-            Requeue::After(Duration::from_secs(2))
-        );
+        assert_eq!(requeue_after(Stop::LostLeadership), after_seconds(2));
     }
 
     #[test]
     fn a_superseded_run_looks_again_from_a_fresh_read_soon() {
-        assert_eq!(
-            requeue_after_run(Some(Stop::Superseded), true, None),
-            Requeue::After(Duration::from_secs(2))
-        );
+        assert_eq!(requeue_after(Stop::Superseded), after_seconds(2));
     }
 
     #[test]
@@ -885,10 +863,7 @@ mod tests {
 
     #[test]
     fn unfinished_targets_are_looked_at_again_soon() {
-        assert_eq!(
-            requeue_after_run(Some(Stop::Deleted), true, None),
-            Requeue::After(Duration::from_secs(5))
-        );
+        assert_eq!(requeue_after(Stop::Deleted), after_seconds(5));
     }
 
     #[test]
