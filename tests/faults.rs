@@ -166,12 +166,9 @@ async fn a_controller_killed_mid_bulk_applies_each_generated_password_once() {
     let mut lab = World::start(WorldOptions::fault_lab())
         .await
         .expect("the fault lab starts");
-    let mut agents = BTreeMap::new();
-    for i in 0..6 {
-        let name = format!("vm-{i}");
-        let d = vm(NS, &name, NODE).label("bulk", "gen");
-        agents.insert(name, lab.add_guest(&d).await);
-    }
+    let agents = lab
+        .bulk_guests((0..6).map(|i| format!("vm-{i}")), NODE, ("bulk", "gen"))
+        .await;
     let r = GuestPasswordReset::test("gen")
         .selector("bulk", "gen")
         .user("alice")
@@ -207,14 +204,7 @@ async fn a_controller_killed_mid_bulk_applies_each_generated_password_once() {
         agents.len(),
         "one output Secret per VM, none skipped"
     );
-    for (vm, (rv, pw)) in &before {
-        assert_eq!(
-            after.get(vm).map(|(rv, _)| rv),
-            Some(rv),
-            "{vm}: the stored password was never rewritten"
-        );
-        assert_eq!(after.get(vm).map(|(_, p)| p), Some(pw));
-    }
+    assert_never_rewritten(&before, &after, "");
     for (vm, hash) in &hashes_before {
         assert_eq!(
             &alice_hash(&agents[vm]),
@@ -222,13 +212,7 @@ async fn a_controller_killed_mid_bulk_applies_each_generated_password_once() {
             "{vm}: finished before the crash, not applied again"
         );
     }
-    for (vm, qga) in &agents {
-        let (_, pw) = &after[vm];
-        assert!(
-            verifies(pw, &alice_hash(qga)),
-            "{vm}: guest has its stored password"
-        );
-    }
+    assert_alice_has_stored_passwords(&agents, &after, "");
     let pws: Vec<&str> = after.values().map(|(_, p)| p.as_str()).collect();
     lab.assert_not_leaked(&pws).await;
 }

@@ -5,7 +5,6 @@
 //! survives a controller restart.
 use guestcred::api::shards::{OWNER_UID_LABEL, SHARD_KEY, decode};
 use guestcred::api::{GuestPasswordReset, KeypairRebuild, Phase, TargetState};
-use guestcred_lab::kubevirt::vm;
 use guestcred_lab::simagent::{SimAgentOptions, SimOp};
 use guestcred_lab::testing::*;
 use guestcred_lab::world::{World, WorldOptions};
@@ -18,6 +17,8 @@ use tokio::time::Instant;
 
 const NODES: usize = 10;
 const VMS: usize = 5_000;
+/// How long a run over the whole fleet may take (each half of the 5,000-VM run).
+const FLEET_WAIT: Duration = Duration::from_secs(300);
 /// What guestcred allows any object it writes to weigh.
 const OBJECT_LIMIT: usize = 256 * 1024;
 
@@ -37,12 +38,8 @@ async fn fleet_world(vms: usize) -> World {
     })
     .await
     .expect("test world starts");
-    for i in 0..vms {
-        let node = format!("node-{}", i % NODES + 1);
-        w.add_sim_vm(&vm(NS, &vm_name(i), &node).label("fleet", "all"))
-            .await
-            .expect("vm");
-    }
+    let names: Vec<String> = (0..vms).map(vm_name).collect();
+    w.sim_fleet("all", &names, NODES).await;
     w
 }
 
@@ -88,6 +85,39 @@ async fn recorded_successes(w: &World, reset: &str) -> BTreeSet<String> {
     done
 }
 
+/// KeypairRebuild `name` of root's key `key` on every VM of the fleet, 64 VMs at a time.
+fn root_key_on_the_fleet(name: &str, key: &str) -> KeypairRebuild {
+    KeypairRebuild::test(name)
+        .selector("fleet", "all")
+        .user("root")
+        .inline_keys([key])
+        .max_concurrency(64)
+}
+
+/// `k` applied, once `pred` holds for it (within 120 s; `what` is that moment).
+async fn keys_applied_until(
+    w: &World,
+    k: &KeypairRebuild,
+    pred: impl Fn(&KeypairRebuild) -> bool,
+    what: &str,
+) -> KeypairRebuild {
+    w.apply(k).await.expect("apply");
+    let name = k.metadata.name.as_deref().unwrap_or_default();
+    w.wait_for(NS, name, Duration::from_secs(120), pred)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+/// Does the fleet's `i`-th (simulated) VM hold `key` (its base64 body) in root's
+/// authorized_keys?
+fn holds_key(w: &World, i: usize, key: &str) -> bool {
+    let body = key.split_whitespace().nth(1).unwrap_or_default();
+    let sim = w.sim_agent(&node_of(i, NODES)).expect("simulated agent");
+    sim.authorized_keys(NS, &vm_name(i), "root")
+        .join("\n")
+        .contains(body)
+}
+
 fn assert_small(objects: &[(String, usize)]) {
     for (what, size) in objects {
         assert!(
@@ -103,26 +133,10 @@ fn assert_small(objects: &[(String, usize)]) {
 #[tokio::test]
 async fn a_5000_target_reset_stays_small_and_resumes_after_a_restart_without_a_second_call() {
     let mut w = fleet_world(VMS).await;
-    w.apply(&secret("pw", "password", SHA512))
-        .await
-        .expect("secret");
-    w.apply(
-        &GuestPasswordReset::test("fleet")
-            .selector("fleet", "all")
-            .from_secret("pw")
-            .crypted()
-            .max_concurrency(64),
-    )
-    .await
-    .expect("reset");
+    w.crypted_fleet_reset("all").await;
 
     let _: GuestPasswordReset = w
-        .wait_for(
-            NS,
-            "fleet",
-            Duration::from_secs(300),
-            succeeded_at_least(VMS / 2),
-        )
+        .wait_for(NS, "fleet", FLEET_WAIT, succeeded_at_least(VMS / 2))
         .await
         .expect("half the targets finish");
     w.kill_controller();
@@ -140,11 +154,7 @@ async fn a_5000_target_reset_stays_small_and_resumes_after_a_restart_without_a_s
     assert!(recorded.len() < VMS, "the run was over before the kill");
 
     w.start_controller();
-    let r: GuestPasswordReset = w
-        .wait_for(NS, "fleet", Duration::from_secs(300), finished)
-        .await
-        .expect("the run finishes after the restart");
-    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:#?}", r.status);
+    let r: GuestPasswordReset = w.succeeded_within("fleet", FLEET_WAIT).await;
     let run = r.status.as_ref().expect("status").run.clone();
     assert_eq!(run.summary.succeeded as usize, VMS);
     assert_eq!(run.reasons.get("Applied").copied(), Some(VMS as u32));
@@ -173,8 +183,7 @@ async fn a_5000_target_reset_stays_small_and_resumes_after_a_restart_without_a_s
         called_again.iter().take(5).collect::<Vec<_>>()
     );
     for i in 0..VMS {
-        let node = format!("node-{}", i % NODES + 1);
-        let sim = w.sim_agent(&node).expect("simulated agent");
+        let sim = w.sim_agent(&node_of(i, NODES)).expect("simulated agent");
         assert!(
             sim.holds_password(NS, &vm_name(i), "root", SHA512),
             "{} does not hold the new password",
@@ -190,20 +199,15 @@ async fn a_5000_target_reset_stays_small_and_resumes_after_a_restart_without_a_s
 async fn ttl_grants_of_a_replaced_run_over_150_vms_are_kept_in_shards_and_removed_on_time() {
     const FLEET: usize = 150;
     let w = fleet_world(FLEET).await;
-    let grant = |key: &str| {
-        KeypairRebuild::test("keys")
-            .selector("fleet", "all")
-            .user("root")
-            .inline_keys([key])
-            .max_concurrency(64)
-    };
-    w.apply(&grant(KEY1).ttl(20)).await.expect("grant");
-    let _: KeypairRebuild = w
-        .wait_for(NS, "keys", Duration::from_secs(120), finished)
-        .await
-        .expect("the TTL grant is in place");
+    let grant = |key: &str| root_key_on_the_fleet("keys", key);
+    keys_applied_until(
+        &w,
+        &grant(KEY1).ttl(20),
+        finished,
+        "the TTL grant is in place",
+    )
+    .await;
     // A new run replaces the first: KEY2 for good, KEY1's grants still to expire.
-    w.apply(&grant(KEY2)).await.expect("new spec");
     let replaced = |k: &KeypairRebuild| {
         k.status.as_ref().is_some_and(|s| {
             s.run.observed_generation == k.metadata.generation
@@ -211,10 +215,13 @@ async fn ttl_grants_of_a_replaced_run_over_150_vms_are_kept_in_shards_and_remove
                 && !s.run.pending_expiry_shards.is_empty()
         })
     };
-    let k: KeypairRebuild = w
-        .wait_for(NS, "keys", Duration::from_secs(120), replaced)
-        .await
-        .expect("the new run finishes with the old grants in expiry shards");
+    let k = keys_applied_until(
+        &w,
+        &grant(KEY2),
+        replaced,
+        "the new run finishes with the old grants in expiry shards",
+    )
+    .await;
     let run = &k.status.as_ref().expect("status").run;
     assert!(
         run.pending_expiries.is_empty(),
@@ -239,22 +246,13 @@ async fn ttl_grants_of_a_replaced_run_over_150_vms_are_kept_in_shards_and_remove
         .wait_for(NS, "keys", Duration::from_secs(120), expired)
         .await
         .expect("the old grants expire");
-    let body = |key: &str| {
-        key.split_whitespace()
-            .nth(1)
-            .unwrap_or_default()
-            .to_string()
-    };
     for i in 0..FLEET {
-        let node = format!("node-{}", i % NODES + 1);
-        let sim = w.sim_agent(&node).expect("simulated agent");
-        let keys = sim.authorized_keys(NS, &vm_name(i), "root").join("\n");
         assert!(
-            !keys.contains(&body(KEY1)),
+            !holds_key(&w, i, KEY1),
             "{}: KEY1 outlived its TTL",
             vm_name(i)
         );
-        assert!(keys.contains(&body(KEY2)), "{}: KEY2 is gone", vm_name(i));
+        assert!(holds_key(&w, i, KEY2), "{}: KEY2 is gone", vm_name(i));
     }
     let cms: Api<ConfigMap> = Api::namespaced(w.client.clone(), NS);
     let left = cms
@@ -276,45 +274,19 @@ async fn ttl_grants_of_a_replaced_run_over_150_vms_are_kept_in_shards_and_remove
 async fn an_overlap_over_150_vms_keeps_both_keys_then_removes_the_old_one_from_every_vm() {
     const FLEET: usize = 150;
     let w = fleet_world(FLEET).await;
-    let keys = |key: &str| {
-        KeypairRebuild::test("rotate")
-            .selector("fleet", "all")
-            .user("root")
-            .inline_keys([key])
-            .max_concurrency(64)
-    };
-    w.apply(&keys(KEY1)).await.expect("first keys");
-    let _: KeypairRebuild = w
-        .wait_for(NS, "rotate", Duration::from_secs(120), finished)
-        .await
-        .expect("KEY1 in place");
-    w.apply(&keys(KEY2).overlap(60)).await.expect("new spec");
+    let keys = |key: &str| root_key_on_the_fleet("rotate", key);
+    keys_applied_until(&w, &keys(KEY1), finished, "KEY1 in place").await;
     let rotated = |k: &KeypairRebuild| {
         k.status
             .as_ref()
             .is_some_and(|s| s.run.observed_generation == k.metadata.generation && finished(k))
     };
-    let k: KeypairRebuild = w
-        .wait_for(NS, "rotate", Duration::from_secs(120), rotated)
-        .await
-        .expect("the new run finishes");
+    let k = keys_applied_until(&w, &keys(KEY2).overlap(60), rotated, "the new run finishes").await;
     let run = &k.status.as_ref().expect("status").run;
     assert_eq!(run.phase, Some(Phase::Succeeded), "{:?}", run.summary);
     assert!(!run.shards.is_empty(), "the records are in shards");
     assert!(serde_json::to_vec(&k).expect("json").len() < 64 * 1024);
-    let body = |key: &str| {
-        key.split_whitespace()
-            .nth(1)
-            .unwrap_or_default()
-            .to_string()
-    };
-    let holds = |i: usize, key: &str| {
-        let node = format!("node-{}", i % NODES + 1);
-        let sim = w.sim_agent(&node).expect("simulated agent");
-        sim.authorized_keys(NS, &vm_name(i), "root")
-            .join("\n")
-            .contains(&body(key))
-    };
+    let holds = |i: usize, key: &str| holds_key(&w, i, key);
     for i in 0..FLEET {
         assert!(
             holds(i, KEY1) && holds(i, KEY2),

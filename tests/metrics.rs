@@ -255,16 +255,10 @@ async fn controller_binary_serves_metrics_and_readiness_on_its_ports() {
     let tls_dir = tempfile::tempdir().expect("tempdir");
     let tls = guestcred_lab::cluster::tls::LabTls::new(tls_dir.path());
     tls.mint().expect("mint the lab certificates");
-    let files = tls.controller();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_guestcred"))
         .arg("controller")
         .args(["--shim-namespace", guestcred_lab::world::SHIM_NAMESPACE])
-        .arg("--shim-ca-file")
-        .arg(&files.ca)
-        .arg("--shim-client-cert-file")
-        .arg(&files.cert)
-        .arg("--shim-client-key-file")
-        .arg(&files.key)
+        .args(tls.controller().controller_flags())
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .args(["--health-listen", &format!("127.0.0.1:{health_port}")])
         .env("KUBECONFIG", w.kubeconfig())

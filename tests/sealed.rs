@@ -23,10 +23,9 @@ async fn world() -> World {
         .expect("test world starts")
 }
 
-/// alice's generated password on `vm`, sealed to `id`'s recipient.
-fn sealed_reset(name: &str, vm: &str, id: &age::x25519::Identity) -> GuestPasswordReset {
+/// alice's generated password (no target yet), sealed to `id`'s recipient.
+fn sealed_reset(name: &str, id: &age::x25519::Identity) -> GuestPasswordReset {
     GuestPasswordReset::test(name)
-        .vm(vm)
         .user("alice")
         .generate(24)
         .sealed_to(&id.to_public().to_string())
@@ -46,6 +45,56 @@ fn held_in_memory(w: &World) -> i64 {
 fn unseal(id: &age::x25519::Identity, armored: &str) -> String {
     let plain = age::decrypt(id, armored.as_bytes()).expect("decrypts with the identity");
     String::from_utf8(plain).expect("utf-8")
+}
+
+/// Reset `name` once its run ended (`when` says when that is expected), checked to have
+/// succeeded.
+async fn succeeded(w: &World, name: &str, when: &str) -> GuestPasswordReset {
+    let r: GuestPasswordReset = w
+        .wait_for(NS, name, WAIT, finished)
+        .await
+        .unwrap_or_else(|e| panic!("{name} {when}: {e:#}"));
+    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:?}", r.status);
+    r
+}
+
+/// The plaintext sealed in `secret`, checked to be alice's password in the guest of
+/// `qga` (`what` says which value that is).
+fn unseal_as_alice_s(
+    id: &age::x25519::Identity,
+    secret: &OutputSecret,
+    qga: &guestcred_lab::hostqga::HostQga,
+    what: &str,
+) -> String {
+    let password = unseal(id, secret.sealed.as_deref().expect("ciphertext"));
+    let hash = hash_of(qga, "alice").expect("alice has a password");
+    assert!(verifies(&password, &hash), "the guest holds {what}");
+    password
+}
+
+/// The one output Secret of reset `reset` once its target is retrying with `reason` (the
+/// value was sealed and stored before the call that could not get through).
+async fn sealed_before_the_call(w: &World, reset: &str, reason: &'static str) -> OutputSecret {
+    w.wait_for::<GuestPasswordReset>(NS, reset, WAIT, target_reason(reason))
+        .await
+        .unwrap_or_else(|e| panic!("{reason} before the crash: {e:#}"));
+    let first = sealed_secrets(w, reset).await;
+    assert_eq!(first.len(), 1, "one sealed Secret before the crash");
+    first.into_iter().next().expect("one")
+}
+
+/// The output Secrets of reset `reset` once there are `n` (waiting up to 60 s), as
+/// [`sealed_secrets`] gives them; what there is then, if never `n`.
+async fn sealed_secrets_once(w: &World, reset: &str, n: usize) -> Vec<OutputSecret> {
+    let mut all = sealed_secrets(w, reset).await;
+    for _ in 0..600 {
+        if all.len() == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        all = sealed_secrets(w, reset).await;
+    }
+    all
 }
 
 /// The output Secrets of reset `reset`, each checked to hold a ciphertext only, in the
@@ -71,12 +120,8 @@ async fn a_sealed_password_decrypts_to_what_the_guest_holds_and_is_nowhere_in_th
     let w = world().await;
     let qga = w.guest("vm-a").await;
     let id = age::x25519::Identity::generate();
-    w.put(&sealed_reset("sealed", "vm-a", &id)).await;
-    let r: GuestPasswordReset = w
-        .wait_for(NS, "sealed", WAIT, finished)
-        .await
-        .expect("the run ends");
-    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:?}", r.status);
+    w.put(&sealed_reset("sealed", &id).vm("vm-a")).await;
+    let r = succeeded(&w, "sealed", "the run ends").await;
     assert_eq!(held_in_memory(&w), 0, "erased once the target finished");
     let name = target0(&r)
         .and_then(|t| t.output_secret.clone())
@@ -113,29 +158,19 @@ async fn a_restart_after_sealing_keeps_the_first_ciphertext_applies_a_new_one_an
     let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
     let id = age::x25519::Identity::generate();
     // keepPrevious 0: once a newer value is verified, every earlier Secret may go.
-    let reset = sealed_reset("crash", "vm-a", &id).rotate_every("720h", 0);
+    let reset = sealed_reset("crash", &id)
+        .vm("vm-a")
+        .rotate_every("720h", 0);
     signal(&qga, "-STOP");
     w.put(&reset).await;
     // Sealed and stored, then the call hangs in the frozen agent: unknown outcome, the
     // value may reach the guest when it thaws.
-    w.wait_for::<GuestPasswordReset>(NS, "crash", WAIT, target_reason("AgentTimeout"))
-        .await
-        .expect("AgentTimeout while the agent is frozen");
-    let first = sealed_secrets(&w, "crash").await;
-    assert_eq!(first.len(), 1, "one sealed Secret before the crash");
-    let first = first.into_iter().next().expect("one");
+    let first = sealed_before_the_call(&w, "crash", "AgentTimeout").await;
 
     w.kill_controller();
     w.start_controller();
     // The new process cannot read the first value back: a second Secret, a new value.
-    let mut both = Vec::new();
-    for _ in 0..600 {
-        both = sealed_secrets(&w, "crash").await;
-        if both.len() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let both = sealed_secrets_once(&w, "crash", 2).await;
     assert_eq!(both.len(), 2, "a new Secret after the restart");
     let kept = both
         .iter()
@@ -158,27 +193,15 @@ async fn a_restart_after_sealing_keeps_the_first_ciphertext_applies_a_new_one_an
     assert_ne!(a, b, "a new value, not a guess at the old one");
 
     signal(&qga, "-CONT");
-    let r: GuestPasswordReset = w
-        .wait_for(NS, "crash", WAIT, finished)
-        .await
-        .expect("finishes once the agent thaws");
-    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:?}", r.status);
+    let r = succeeded(&w, "crash", "finishes once the agent thaws").await;
     assert_eq!(
         target0(&r).and_then(|t| t.output_secret.clone()),
         Some(second.name.clone()),
         "status names the newer Secret"
     );
-    let hash = hash_of(&qga, "alice").expect("alice has a password");
-    assert!(verifies(&b, &hash), "the guest holds the newer value");
+    assert_eq!(unseal_as_alice_s(&id, &second, &qga, "the newer value"), b);
     // Verified in the guest: now (after the run's status is written) the first may go.
-    let mut left = Vec::new();
-    for _ in 0..100 {
-        left = sealed_secrets(&w, "crash").await;
-        if left.len() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let left = sealed_secrets_once(&w, "crash", 1).await;
     let names: Vec<&str> = left.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
@@ -194,7 +217,7 @@ async fn retries_in_the_same_process_resend_the_same_sealed_value() {
     let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
     let id = age::x25519::Identity::generate();
     signal(&qga, "-STOP");
-    w.put(&sealed_reset("retry", "vm-a", &id)).await;
+    w.put(&sealed_reset("retry", &id).vm("vm-a")).await;
     // Three calls sent and timed out in the frozen agent.
     w.wait_for::<GuestPasswordReset>(NS, "retry", WAIT, |r: &GuestPasswordReset| {
         target0(r).is_some_and(|t| t.attempts >= 3)
@@ -203,17 +226,11 @@ async fn retries_in_the_same_process_resend_the_same_sealed_value() {
     .expect("three attempts while the agent is frozen");
     assert_eq!(held_in_memory(&w), 1, "held for the retries");
     signal(&qga, "-CONT");
-    let r: GuestPasswordReset = w
-        .wait_for(NS, "retry", WAIT, finished)
-        .await
-        .expect("finishes once the agent thaws");
-    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:?}", r.status);
+    succeeded(&w, "retry", "finishes once the agent thaws").await;
     assert_eq!(held_in_memory(&w), 0, "erased once the target finished");
     let stored = sealed_secrets(&w, "retry").await;
     assert_eq!(stored.len(), 1, "every retry re-sent the one sealed value");
-    let password = unseal(&id, stored[0].sealed.as_deref().expect("ciphertext"));
-    let hash = hash_of(&qga, "alice").expect("alice has a password");
-    assert!(verifies(&password, &hash), "the guest holds it");
+    let password = unseal_as_alice_s(&id, &stored[0], &qga, "it");
     w.assert_not_leaked(&[&password]).await;
 }
 
@@ -224,23 +241,18 @@ async fn a_restart_before_any_call_got_through_applies_a_new_sealed_value_from_a
     let id = age::x25519::Identity::generate();
     // The node's shim is down: the value is sealed and stored, its calls go nowhere.
     w.kill_shim("node-1");
-    w.put(&sealed_reset("early", "vm-a", &id).rotate_every("720h", 0))
-        .await;
-    w.wait_for::<GuestPasswordReset>(NS, "early", WAIT, target_reason("ShimUnavailable"))
-        .await
-        .expect("ShimUnavailable while the shim is down");
-    let first = sealed_secrets(&w, "early").await;
-    assert_eq!(first.len(), 1, "sealed and stored before the call");
-    let first = first.into_iter().next().expect("one");
+    w.put(
+        &sealed_reset("early", &id)
+            .vm("vm-a")
+            .rotate_every("720h", 0),
+    )
+    .await;
+    let first = sealed_before_the_call(&w, "early", "ShimUnavailable").await;
 
     w.kill_controller();
     w.restart_shim("node-1").await;
     w.start_controller();
-    let r: GuestPasswordReset = w
-        .wait_for(NS, "early", WAIT, finished)
-        .await
-        .expect("finishes after the restart");
-    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:?}", r.status);
+    let r = succeeded(&w, "early", "finishes after the restart").await;
     let now = target0(&r)
         .and_then(|t| t.output_secret.clone())
         .expect("output Secret");
@@ -253,18 +265,9 @@ async fn a_restart_before_any_call_got_through_applies_a_new_sealed_value_from_a
         .iter()
         .find(|s| s.name == now)
         .expect("the applied value is stored");
-    let b = unseal(&id, current.sealed.as_deref().expect("ciphertext"));
+    let b = unseal_as_alice_s(&id, current, &qga, "the new value");
     let a = unseal(&id, first.sealed.as_deref().expect("ciphertext"));
-    let hash = hash_of(&qga, "alice").expect("alice has a password");
-    assert!(verifies(&b, &hash), "the guest holds the new value");
-    let mut left = stored;
-    for _ in 0..100 {
-        if left.len() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = sealed_secrets(&w, "early").await;
-    }
+    let left = sealed_secrets_once(&w, "early", 1).await;
     let names: Vec<&str> = left.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
@@ -280,14 +283,8 @@ async fn a_finished_targets_value_is_erased_while_another_target_still_retries()
     let guests = w.guests_in_tier("seal", &["node-1", "node-1"]).await;
     let id = age::x25519::Identity::generate();
     signal(&guests[1], "-STOP");
-    w.put(
-        &GuestPasswordReset::test("bulk")
-            .selector("tier", "seal")
-            .user("alice")
-            .generate(24)
-            .sealed_to(&id.to_public().to_string()),
-    )
-    .await;
+    w.put(&sealed_reset("bulk", &id).selector("tier", "seal"))
+        .await;
     // seal-0 is done; seal-1 retries in its frozen agent.
     w.wait_for::<GuestPasswordReset>(NS, "bulk", WAIT, |r: &GuestPasswordReset| {
         let targets = r
@@ -306,11 +303,7 @@ async fn a_finished_targets_value_is_erased_while_another_target_still_retries()
         "only the value of the target still retrying is held"
     );
     signal(&guests[1], "-CONT");
-    let r: GuestPasswordReset = w
-        .wait_for(NS, "bulk", WAIT, finished)
-        .await
-        .expect("the run ends");
-    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:?}", r.status);
+    succeeded(&w, "bulk", "the run ends").await;
     assert_eq!(
         held_in_memory(&w),
         0,
@@ -322,9 +315,7 @@ async fn a_finished_targets_value_is_erased_while_another_target_still_retries()
     for (i, qga) in guests.iter().enumerate() {
         let vm = format!("seal-{i}");
         let s = stored.iter().find(|s| s.vm == vm).expect("a Secret per VM");
-        let password = unseal(&id, s.sealed.as_deref().expect("ciphertext"));
-        let hash = hash_of(qga, "alice").expect("alice has a password");
-        assert!(verifies(&password, &hash), "{vm} holds its own value");
+        let password = unseal_as_alice_s(&id, s, qga, &format!("{vm}'s own value"));
         plain.push(password);
     }
     let plain: Vec<&str> = plain.iter().map(String::as_str).collect();

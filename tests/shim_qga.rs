@@ -51,6 +51,18 @@ impl Shim {
         Self::start(Duration::from_secs(5)).await
     }
 
+    /// A shim ([`Self::open`]) and VM `name` behind it, its agent as `opts` say.
+    async fn with_vm(name: &str, opts: HostQgaOptions) -> (Self, HostQga) {
+        let shim = Self::open().await;
+        let vm = shim.vm(name, opts);
+        (shim, vm)
+    }
+
+    /// A client of this shim and VM `name`'s domain, as each call names it.
+    fn on(&self, name: &str) -> (ShimClient, DomainRef) {
+        (self.client(), domain(name))
+    }
+
     fn client(&self) -> ShimClient {
         ShimClient::new(&self.url, None, CLIENT_TIMEOUT).expect("client")
     }
@@ -91,8 +103,7 @@ fn password(vm: &str, user: &str, secret: &str, crypted: bool) -> SetPasswordReq
 /// A crypted password for `user` on a fresh VM `vm` (its agent as `opts` say) lands in
 /// the guest's shadow as the very hash sent.
 async fn assert_crypted_hash_lands(vm: &str, user: &str, opts: HostQgaOptions) {
-    let shim = Shim::open().await;
-    let guest = shim.vm(vm, opts);
+    let (shim, guest) = Shim::with_vm(vm, opts).await;
     shim.set_password(vm, user, SHA512_HASH, true).await;
     assert_eq!(hash_of(&guest, user).as_deref(), Some(SHA512_HASH));
 }
@@ -104,8 +115,7 @@ async fn crypted_password_lands_verbatim_in_the_guest_shadow() {
 
 #[tokio::test]
 async fn plaintext_password_becomes_a_new_guest_hash() {
-    let shim = Shim::open().await;
-    let vm = shim.vm("vm-plain", alice());
+    let (shim, vm) = Shim::with_vm("vm-plain", alice()).await;
     let before = hash_of(&vm, "alice");
     shim.set_password("vm-plain", "alice", "Correct horse 1", false)
         .await;
@@ -125,48 +135,41 @@ async fn root_password_can_be_set() {
 
 #[tokio::test]
 async fn ssh_keys_add_remove_replace_and_get_round_trip() {
-    let shim = Shim::open().await;
-    let vm = shim.vm("vm-keys", alice());
-    let c = shim.client();
-    let d = domain("vm-keys");
+    let (shim, vm) = Shim::with_vm("vm-keys", alice()).await;
+    let (c, d) = shim.on("vm-keys");
 
     assert!(
         c.get_ssh_keys(&d, "alice").await.unwrap().is_empty(),
         "no file yet = no keys"
     );
 
-    let after_add = c
-        .ssh_keys(&d, "alice", KeyOp::Add, vec![KEY1.into(), KEY2.into()])
-        .await
-        .unwrap();
-    assert_same_keys(&after_add, &[KEY1, KEY2]);
-    assert_same_keys(&vm.authorized_keys("alice").unwrap(), &[KEY1, KEY2]);
-
-    let again = c
-        .ssh_keys(&d, "alice", KeyOp::Add, vec![KEY1.into()])
-        .await
-        .unwrap();
-    assert_same_keys(&again, &[KEY1, KEY2]);
-
-    let after_remove = c
-        .ssh_keys(&d, "alice", KeyOp::Remove, vec![KEY1.into()])
-        .await
-        .unwrap();
-    assert_same_keys(&after_remove, &[KEY2]);
-
-    let after_replace = c
-        .ssh_keys(&d, "alice", KeyOp::Replace, vec![KEY3.into()])
-        .await
-        .unwrap();
-    assert_same_keys(&after_replace, &[KEY3]);
+    // Each call's keys, and the keys the call answers with and the guest's file holds after it.
+    let steps: [(KeyOp, &[&str], &[&str]); 4] = [
+        (KeyOp::Add, &[KEY1, KEY2], &[KEY1, KEY2]),
+        // Adding a key that is there already changes nothing.
+        (KeyOp::Add, &[KEY1], &[KEY1, KEY2]),
+        (KeyOp::Remove, &[KEY1], &[KEY2]),
+        (KeyOp::Replace, &[KEY3], &[KEY3]),
+    ];
+    for (op, keys, want) in steps {
+        let answer = c
+            .ssh_keys(
+                &d,
+                "alice",
+                op,
+                keys.iter().map(|k| k.to_string()).collect(),
+            )
+            .await
+            .unwrap();
+        assert_same_keys(&answer, want);
+        assert_same_keys(&vm.authorized_keys("alice").unwrap(), want);
+    }
     assert_same_keys(&c.get_ssh_keys(&d, "alice").await.unwrap(), &[KEY3]);
-    assert_same_keys(&vm.authorized_keys("alice").unwrap(), &[KEY3]);
 }
 
 #[tokio::test]
 async fn adding_keys_keeps_keys_the_operator_never_added() {
-    let shim = Shim::open().await;
-    let vm = shim.vm("vm-seeded", alice());
+    let (shim, vm) = Shim::with_vm("vm-seeded", alice()).await;
     vm.seed_authorized_keys("alice", &[KEY1]).unwrap();
     let keys = shim
         .client()
@@ -178,10 +181,8 @@ async fn adding_keys_keeps_keys_the_operator_never_added() {
 
 #[tokio::test]
 async fn unknown_user_is_user_not_found_for_passwords_and_keys() {
-    let shim = Shim::open().await;
-    let _vm = shim.vm("vm-nouser", alice());
-    let c = shim.client();
-    let d = domain("vm-nouser");
+    let (shim, _vm) = Shim::with_vm("vm-nouser", alice()).await;
+    let (c, d) = shim.on("vm-nouser");
     assert_eq!(
         shim_reason(
             c.set_password(&password("vm-nouser", "bob", "pw-123456", false))
@@ -203,8 +204,7 @@ async fn unknown_user_is_user_not_found_for_passwords_and_keys() {
 async fn invalid_input_is_rejected_before_any_agent_connection() {
     let shim = Shim::open().await;
     let connections = silent_socket(&shim.socket_dir("vm-guarded").join("qga.sock"));
-    let c = shim.client();
-    let d = domain("vm-guarded");
+    let (c, d) = shim.on("vm-guarded");
     let private = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----";
 
     let cases: Vec<(&str, Result<Vec<String>, ShimCallError>)> = vec![
@@ -324,8 +324,7 @@ async fn hung_agent_times_out_while_another_vm_answers() {
 /// must not either (qemu-ga serving a unix socket itself exits on the ECONNRESET).
 #[tokio::test]
 async fn a_client_hanging_up_with_the_agents_answer_unread_leaves_the_agent_serving() {
-    let shim = Shim::open().await;
-    let vm = shim.vm("vm-hangup", alice());
+    let (shim, vm) = Shim::with_vm("vm-hangup", alice()).await;
     let mut raw = tokio::net::UnixStream::connect(vm.socket_path())
         .await
         .expect("connect");
@@ -349,8 +348,7 @@ async fn a_client_hanging_up_with_the_agents_answer_unread_leaves_the_agent_serv
 
 #[tokio::test]
 async fn probe_reports_agent_version_commands_and_os() {
-    let shim = Shim::open().await;
-    let _vm = shim.vm("vm-probe", HostQgaOptions::default());
+    let (shim, _vm) = Shim::with_vm("vm-probe", HostQgaOptions::default()).await;
     let p = shim
         .client()
         .probe(&domain("vm-probe"))
@@ -371,10 +369,8 @@ async fn probe_reports_agent_version_commands_and_os() {
 
 #[tokio::test]
 async fn agent_without_ssh_commands_is_unsupported() {
-    let shim = Shim::open().await;
-    let _vm = shim.vm("vm-old", alice().block(SSH_COMMANDS));
-    let c = shim.client();
-    let d = domain("vm-old");
+    let (shim, _vm) = Shim::with_vm("vm-old", alice().block(SSH_COMMANDS)).await;
+    let (c, d) = shim.on("vm-old");
     assert!(!c.probe(&d).await.unwrap().supports_ssh_keys());
     assert_eq!(
         shim_reason(c.ssh_keys(&d, "alice", KeyOp::Add, vec![KEY1.into()]).await),
@@ -474,14 +470,26 @@ fn shim_process(args: &[&str]) -> std::process::Command {
     cmd
 }
 
+/// What `cmd` (a [`shim_process`]) says on stderr when it refuses to start; fails the test
+/// if it started.
+fn refusal(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().expect("run guestcred shim");
+    assert!(!out.status.success(), "the shim must refuse to start");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A loopback address nothing listens on (it was free a moment ago).
+fn free_loopback_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
 #[test]
 fn shim_binary_refuses_to_start_without_authentication() {
-    let out = shim_process(&["--listen", "127.0.0.1:0", "--backend", "qga-socket"])
-        .args(["--node-name", NODE])
-        .output()
-        .expect("run guestcred shim");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refusal(
+        shim_process(&["--listen", "127.0.0.1:0", "--backend", "qga-socket"])
+            .args(["--node-name", NODE]),
+    );
     assert!(
         stderr.contains("the shim serves HTTPS with mutual TLS only"),
         "{stderr}"
@@ -492,19 +500,15 @@ fn shim_binary_refuses_to_start_without_authentication() {
 /// start-up error that says what to give instead, and nothing listens.
 #[test]
 fn shim_binary_refuses_a_token_file_without_tls() {
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "lab-shim-token\n").unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let listen = listener.local_addr().unwrap().to_string();
-    drop(listener);
-    let out = shim_process(&["--listen", &listen, "--backend", "qga-socket"])
-        .args(["--metrics-listen", "", "--node-name", NODE])
-        .env("GUESTCRED_SHIM_AUTH_TOKEN_FILE", &token_file)
-        .output()
-        .expect("run guestcred shim");
-    assert!(!out.status.success(), "a token alone must not start a shim");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let listen = free_loopback_address();
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token_file.path(), "lab-shim-token\n").unwrap();
+    // A token alone must not start a shim.
+    let stderr = refusal(
+        shim_process(&["--listen", &listen, "--backend", "qga-socket"])
+            .args(["--metrics-listen", "", "--node-name", NODE])
+            .env("GUESTCRED_SHIM_AUTH_TOKEN_FILE", token_file.path()),
+    );
     assert!(
         stderr.contains(
             "--auth-token-file is only accepted on top of mutual TLS; the shim serves HTTPS with mutual TLS only: give --tls-cert-file, --tls-key-file and --client-ca-file"

@@ -4,8 +4,7 @@
 //! a machine cannot run real agents for; correctness against a real guest agent is proven
 //! by the tests that use host qemu-ga and the TCG guests (tests/controller.rs,
 //! tests/e2e_lab.rs, ...), never by this one.
-use guestcred::api::{GuestPasswordReset, Phase};
-use guestcred_lab::kubevirt::vm;
+use guestcred::api::GuestPasswordReset;
 use guestcred_lab::simagent::{SimAgentOptions, SimOp, SimOutcome};
 use guestcred_lab::testing::*;
 use guestcred_lab::world::{World, WorldOptions};
@@ -34,29 +33,9 @@ async fn simulated_fleet_reset_of_200_vms_on_4_nodes_sets_every_guest_once() {
     .await
     .expect("test world starts");
     let names: Vec<String> = (0..VMS).map(|i| format!("sim-{i:03}")).collect();
-    for (i, name) in names.iter().enumerate() {
-        let node = format!("node-{}", i % NODES + 1);
-        w.add_sim_vm(&vm(NS, name, &node).label("fleet", "sim"))
-            .await
-            .expect("vm");
-    }
-    w.apply(&secret("pw", "password", SHA512))
-        .await
-        .expect("secret");
-    w.apply(
-        &GuestPasswordReset::test("fleet")
-            .selector("fleet", "sim")
-            .from_secret("pw")
-            .crypted()
-            .max_concurrency(64),
-    )
-    .await
-    .expect("reset");
-    let r: GuestPasswordReset = w
-        .wait_for(NS, "fleet", Duration::from_secs(120), finished)
-        .await
-        .expect("the run finishes");
-    assert_eq!(phase(&r), Some(Phase::Succeeded), "{:#?}", r.status);
+    w.sim_fleet("sim", &names, NODES).await;
+    w.crypted_fleet_reset("sim").await;
+    let _: GuestPasswordReset = w.succeeded_within("fleet", Duration::from_secs(120)).await;
 
     let mut failures_retried = 0;
     for n in 1..=NODES {
