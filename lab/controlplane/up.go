@@ -251,8 +251,21 @@ func (c *upConfig) etcdArgs() []string {
 	}
 }
 
-func (c *upConfig) apiserverArgs() []string {
+// servingFlags are a component's HTTPS port: its serving certificate pki/<cert>.crt (and
+// .key), the CA its clients' certificates chain to and the front proxy's CA (requests
+// the aggregator passes on carry the user in headers, trusted from that proxy only).
+func (c *upConfig) servingFlags(port int, cert string) []string {
 	return []string{
+		"--secure-port=" + strconv.Itoa(port),
+		"--tls-cert-file=" + c.pki(cert+".crt"),
+		"--tls-private-key-file=" + c.pki(cert+".key"),
+		"--client-ca-file=" + c.pki("ca.crt"),
+		"--requestheader-client-ca-file=" + c.pki("front-proxy-ca.crt"),
+	}
+}
+
+func (c *upConfig) apiserverArgs() []string {
+	return append([]string{
 		"--bind-address=" + c.bind,
 		"--advertise-address=" + c.bind,
 		// The default (lease) reconciler writes the advertise address into the Endpoints
@@ -260,12 +273,8 @@ func (c *upConfig) apiserverArgs() []string {
 		// public IP 127.0.0.1 with endpoint reconciler: ... may not be in the loopback
 		// range". "none" leaves that Service without endpoints, which nothing here uses.
 		"--endpoint-reconciler-type=none",
-		"--secure-port=" + strconv.Itoa(c.apiPort),
 		"--etcd-servers=" + c.etcdURL(),
 		"--cert-dir=" + c.path("pki"),
-		"--tls-cert-file=" + c.pki("apiserver.crt"),
-		"--tls-private-key-file=" + c.pki("apiserver.key"),
-		"--client-ca-file=" + c.pki("ca.crt"),
 		"--authorization-mode=Node,RBAC",
 		"--enable-admission-plugins=" + strings.Join(admissionPlugins, ","),
 		"--allow-privileged=true",
@@ -273,7 +282,6 @@ func (c *upConfig) apiserverArgs() []string {
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file=" + c.pki("sa.pub"),
 		"--service-account-signing-key-file=" + c.pki("sa.key"),
-		"--requestheader-client-ca-file=" + c.pki("front-proxy-ca.crt"),
 		"--requestheader-allowed-names=front-proxy-client",
 		"--requestheader-username-headers=X-Remote-User",
 		"--requestheader-group-headers=X-Remote-Group",
@@ -286,21 +294,16 @@ func (c *upConfig) apiserverArgs() []string {
 		"--audit-log-maxsize=100",
 		"--audit-log-maxbackup=1",
 		"--profiling=false",
-	}
+	}, c.servingFlags(c.apiPort, "apiserver")...)
 }
 
 func (c *upConfig) kcmArgs() []string {
 	kc := c.path("controller-manager.kubeconfig")
-	return []string{
+	return append([]string{
 		"--kubeconfig=" + kc,
 		"--authentication-kubeconfig=" + kc,
 		"--authorization-kubeconfig=" + kc,
 		"--bind-address=" + c.bind,
-		"--secure-port=" + strconv.Itoa(c.kcm),
-		"--tls-cert-file=" + c.pki("controller-manager-serving.crt"),
-		"--tls-private-key-file=" + c.pki("controller-manager-serving.key"),
-		"--client-ca-file=" + c.pki("ca.crt"),
-		"--requestheader-client-ca-file=" + c.pki("front-proxy-ca.crt"),
 		"--root-ca-file=" + c.pki("ca.crt"),
 		"--service-account-private-key-file=" + c.pki("sa.key"),
 		// As kubeadm: each controller acts as its own service account, so RBAC sees
@@ -311,7 +314,7 @@ func (c *upConfig) kcmArgs() []string {
 		// One instance: no lease to wait for after a restart on the same --dir.
 		"--leader-elect=false",
 		"--profiling=false",
-	}
+	}, c.servingFlags(c.kcm, "controller-manager-serving")...)
 }
 
 func (c *upConfig) writeKubeconfig(file, user string) error {
