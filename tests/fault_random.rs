@@ -114,14 +114,19 @@ fn sample_alice(agents: &BTreeMap<String, HostQga>, history: &History) {
     }
 }
 
-fn gen_reset(max_concurrency: u32, paused: bool) -> GuestPasswordReset {
-    let r = GuestPasswordReset::test("gen")
-        .selector("fleet", "all")
-        .user("root")
-        .generate(24)
-        .max_concurrency(max_concurrency)
+/// `obj` for `user` on every VM of the fleet (`fleet=all`), as each object of a seed runs:
+/// it may fail on every VM (the faults decide) and has 120 s.
+fn over_the_fleet<K: TargetedTest>(obj: K, user: &str) -> K {
+    obj.selector("fleet", "all")
+        .user(user)
         .max_failures(VMS as u32)
-        .deadline_seconds(120);
+        .deadline_seconds(120)
+}
+
+fn gen_reset(max_concurrency: u32, paused: bool) -> GuestPasswordReset {
+    let r = over_the_fleet(GuestPasswordReset::test("gen"), "root")
+        .generate(24)
+        .max_concurrency(max_concurrency);
     if paused { r.paused() } else { r }
 }
 
@@ -153,6 +158,16 @@ impl Drop for KeepLogsOnFailure {
             eprintln!("{line}");
         }
     }
+}
+
+/// Crashes the replica that leads now (waiting up to 30 s for one); returns its identity.
+async fn kill_the_leader(replicas: &mut InProcessReplicas<'_>) -> String {
+    let leader = replicas
+        .leader(Duration::from_secs(30))
+        .await
+        .expect("a leader");
+    replicas.kill(&leader);
+    leader
 }
 
 async fn run_seed(seed: u64) {
@@ -200,57 +215,29 @@ async fn run_seed(seed: u64) {
         .await
         .expect("secret");
     w.apply(&gen_reset(conc, false)).await.expect("gen");
-    w.apply(
-        &GuestPasswordReset::test("fixed")
-            .selector("fleet", "all")
-            .user("alice")
-            .from_secret("pw")
-            .crypted()
-            .max_concurrency(rng.random_range(1..=3))
-            .max_failures(VMS as u32)
-            .deadline_seconds(120),
-    )
-    .await
-    .expect("fixed");
+    let fixed = over_the_fleet(GuestPasswordReset::test("fixed"), "alice")
+        .from_secret("pw")
+        .crypted()
+        .max_concurrency(rng.random_range(1..=3));
+    w.apply(&fixed).await.expect("fixed");
     let identity = age::x25519::Identity::generate();
-    w.apply(
-        &GuestPasswordReset::test("sealed")
-            .selector("fleet", "all")
-            .user("bob")
-            .generate(24)
-            .sealed_to(&identity.to_public().to_string())
-            .max_concurrency(rng.random_range(1..=3))
-            .max_failures(VMS as u32)
-            .deadline_seconds(120),
-    )
-    .await
-    .expect("sealed");
-    w.apply(
-        &KeypairRebuild::test("grant")
-            .selector("fleet", "all")
-            .user("alice")
-            // The grant names the hand-added key too: it must stay the person's.
-            .inline_keys([GRANT, HAND])
-            .mode(KeyMode::Live)
-            .strategy(KeyStrategy::Append)
-            .ttl(TTL)
-            .max_failures(VMS as u32)
-            .deadline_seconds(120),
-    )
-    .await
-    .expect("grant");
-    w.apply(
-        &KeypairRebuild::test("perm")
-            .selector("fleet", "all")
-            .user("alice")
-            .inline_keys([PERM])
-            .mode(KeyMode::Live)
-            .strategy(KeyStrategy::Replace)
-            .max_failures(VMS as u32)
-            .deadline_seconds(120),
-    )
-    .await
-    .expect("perm");
+    let sealed = over_the_fleet(GuestPasswordReset::test("sealed"), "bob")
+        .generate(24)
+        .sealed_to(&identity.to_public().to_string())
+        .max_concurrency(rng.random_range(1..=3));
+    w.apply(&sealed).await.expect("sealed");
+    // The grant names the hand-added key too: it must stay the person's.
+    let grant = over_the_fleet(KeypairRebuild::test("grant"), "alice")
+        .inline_keys([GRANT, HAND])
+        .mode(KeyMode::Live)
+        .strategy(KeyStrategy::Append)
+        .ttl(TTL);
+    w.apply(&grant).await.expect("grant");
+    let perm = over_the_fleet(KeypairRebuild::test("perm"), "alice")
+        .inline_keys([PERM])
+        .mode(KeyMode::Live)
+        .strategy(KeyStrategy::Replace);
+    w.apply(&perm).await.expect("perm");
 
     // Faults, at seeded moments over the first seconds of the runs.
     let rotated = Arc::new(AtomicBool::new(false));
@@ -265,11 +252,7 @@ async fn run_seed(seed: u64) {
         sample_alice(&agents, &history);
         match step {
             0 => {
-                let leader = replicas
-                    .leader(Duration::from_secs(30))
-                    .await
-                    .expect("a leader");
-                replicas.kill(&leader);
+                let leader = kill_the_leader(&mut replicas).await;
                 tokio::time::sleep(Duration::from_millis(rng.random_range(50..500))).await;
                 replicas.restart(&leader);
             }
@@ -307,11 +290,7 @@ async fn run_seed(seed: u64) {
                 *late.lock().expect("late") = Some(qga);
             }
             6 => {
-                let old = replicas
-                    .leader(Duration::from_secs(30))
-                    .await
-                    .expect("a leader");
-                replicas.kill(&old);
+                let old = kill_the_leader(&mut replicas).await;
                 let new = replicas
                     .leader(Duration::from_secs(30))
                     .await

@@ -7,10 +7,8 @@
 //! Ignored by default (minutes, not seconds): `make soak` runs it with `--ignored`.
 //! `GUESTCRED_SOAK_ROUNDS` and `GUESTCRED_SOAK_VMS` scale it (defaults 5 and 12).
 use guestcred::api::{GuestPasswordReset, Phase};
-use guestcred_lab::kubevirt::vm;
 use guestcred_lab::testing::*;
 use guestcred_lab::world::{World, WorldOptions};
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 const NODE: &str = "node-1";
@@ -31,21 +29,22 @@ async fn bulk_runs_survive_repeated_faults_with_every_password_applied_once() {
     let mut lab = World::start(WorldOptions::fault_lab())
         .await
         .expect("the fault lab starts");
-    let mut agents = BTreeMap::new();
-    for i in 0..vms {
-        let name = format!("vm-{i:03}");
-        let d = vm(NS, &name, NODE).label("bulk", "soak");
-        agents.insert(name, lab.add_guest(&d).await);
-    }
+    let agents = lab
+        .bulk_guests(
+            (0..vms).map(|i| format!("vm-{i:03}")),
+            NODE,
+            ("bulk", "soak"),
+        )
+        .await;
     let mut all_passwords: Vec<String> = Vec::new();
     for round in 0..rounds {
         let name = format!("soak-{round}");
-        let mut r = GuestPasswordReset::test(&name)
+        let r = GuestPasswordReset::test(&name)
             .selector("bulk", "soak")
             .user("alice")
-            .generate(24);
-        r.spec.common.rollout.max_concurrency = 3;
-        r.spec.common.rollout.deadline_seconds = 120;
+            .generate(24)
+            .max_concurrency(3)
+            .deadline_seconds(120);
         lab.apply(&r).await.expect("apply");
         lab.wait_for::<GuestPasswordReset>(NS, &name, WAIT, succeeded_at_least(vms / 3))
             .await
@@ -94,20 +93,9 @@ async fn bulk_runs_survive_repeated_faults_with_every_password_applied_once() {
             vms,
             "round {round}: one stored password per VM"
         );
-        for (vm, stored) in &before {
-            assert_eq!(
-                after.get(vm),
-                Some(stored),
-                "round {round}: {vm}'s stored password was never rewritten"
-            );
-        }
-        for (vm, qga) in &agents {
-            let (_, pw) = &after[vm];
-            assert!(
-                verifies(pw, &alice_hash(qga)),
-                "round {round}: {vm} has its stored password"
-            );
-        }
+        let context = format!("round {round}: ");
+        assert_never_rewritten(&before, &after, &context);
+        assert_alice_has_stored_passwords(&agents, &after, &context);
         all_passwords.extend(after.into_values().map(|(_, p)| p));
         assert!(lab.controller_alive(), "round {round}: controller running");
     }
