@@ -4,7 +4,9 @@
 //! against is [`crate::world::World`].
 //!
 //! `use guestcred_lab::testing::*;` brings all of it in.
+pub mod api_calls;
 pub mod builders;
+pub mod guests;
 pub mod keys;
 pub mod kubectl;
 pub mod logs;
@@ -12,7 +14,9 @@ pub mod predicates;
 pub mod shim;
 pub mod steps;
 
+pub use api_calls::{merge_patch, merge_patch_status, sorted_names};
 pub use builders::{KeysTest, ResetTest, SecretTest, TargetedTest, TestObject, secret};
+pub use guests::labelled_guests;
 pub use keys::{HAND, KEY1, KEY2, KEY3, SHA512_OTHER};
 pub use kubectl::Kubectl;
 pub use logs::{LogCapture, assert_not_leaked, leaks};
