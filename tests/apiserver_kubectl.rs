@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use guestcred_lab::apiserver::ApiServer;
-use guestcred_lab::testing::Kubectl;
+use guestcred_lab::testing::{Kubectl, merge_patch, merge_patch_status};
 use guestcred_lab::world::{World, WorldOptions};
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
 
@@ -181,12 +181,7 @@ async fn kubectl_get_filters_by_label_and_shows_printer_columns() {
     );
     lab.apply_file("gadgets.yaml", &objs).await;
     let gadgets = lab.gadgets();
-    gadgets
-        .patch_status(
-            "db-0",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"phase": "Running"}})),
-        )
+    merge_patch_status(&gadgets, "db-0", json!({"status": {"phase": "Running"}}))
         .await
         .expect("status written");
 
@@ -204,13 +199,8 @@ async fn kubectl_get_filters_by_label_and_shows_printer_columns() {
 async fn kubectl_delete_and_wait_for_delete_follow_finalizers() {
     let lab = lab_with_gadget_g1().await;
     let gadgets = lab.gadgets();
-    let finalizers = |f: serde_json::Value| Patch::Merge(json!({"metadata": {"finalizers": f}}));
-    gadgets
-        .patch(
-            "g1",
-            &PatchParams::default(),
-            &finalizers(json!(["test/hold"])),
-        )
+    let finalizers = |f: serde_json::Value| json!({"metadata": {"finalizers": f}});
+    merge_patch(&gadgets, "g1", finalizers(json!(["test/hold"])))
         .await
         .expect("finalizer added");
 
@@ -224,8 +214,7 @@ async fn kubectl_delete_and_wait_for_delete_follow_finalizers() {
         let pending = gadgets.get("g1").await.expect("still there");
         assert!(pending.metadata.deletion_timestamp.is_some());
         tokio::time::sleep(Duration::from_millis(300)).await;
-        gadgets
-            .patch("g1", &PatchParams::default(), &finalizers(json!(null)))
+        merge_patch(&gadgets, "g1", finalizers(json!(null)))
             .await
             .expect("finalizer removed");
     };

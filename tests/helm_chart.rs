@@ -67,9 +67,9 @@ fn stdout_of(out: &Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `helm template` with `--set` overrides; the raw output.
-fn helm_template(sets: &[&str]) -> Output {
-    let chart = chart_dir();
+/// The arguments of `helm template` of the chart as release [`RELEASE`] in [`NAMESPACE`]
+/// with `flags`, then a `--set` for each of `sets`.
+fn template_args<'a>(chart: &'a Path, flags: &[&'a str], sets: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "template",
         RELEASE,
@@ -77,18 +77,76 @@ fn helm_template(sets: &[&str]) -> Output {
         "--namespace",
         NAMESPACE,
     ];
+    args.extend(flags);
     for s in sets {
         args.extend(["--set", s]);
     }
-    run(&tool("helm"), &args)
+    args
+}
+
+/// `helm template` with `--set` overrides; the raw output.
+fn helm_template(sets: &[&str]) -> Output {
+    let chart = chart_dir();
+    run(&tool("helm"), &template_args(&chart, &[], sets))
 }
 
 /// Rendered objects (CRDs excluded: helm renders crds/ only on install).
 fn render(sets: &[&str]) -> Vec<Value> {
-    let text = stdout_of(&helm_template(sets), "helm template");
-    serde_yaml::Deserializer::from_str(&text)
+    objects_of(&stdout_of(&helm_template(sets), "helm template"))
+}
+
+/// The objects of a multi-document YAML stream (empty documents left out).
+fn objects_of(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
         .map(|doc| Value::deserialize(doc).expect("helm renders valid YAML"))
         .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Rendered objects with `tls.source=source` and `more` values.
+fn render_tls(source: &str, more: &[&str]) -> Vec<Value> {
+    let source = format!("tls.source={source}");
+    render(&[&[source.as_str()], more].concat())
+}
+
+/// [`render_tls`], checked to render no object of `kind`: `why` the release needs none.
+fn render_tls_without(source: &str, more: &[&str], kind: &str, why: &str) -> Vec<Value> {
+    let objects = render_tls(source, more);
+    assert!(!has_kind(&objects, kind), "no {kind}: {why}");
+    objects
+}
+
+/// The one object of `kind` the chart renders with its default values.
+fn default_workload(kind: &str) -> Value {
+    only(&render(&[]), kind).clone()
+}
+
+/// Whether `objects` has one of `kind`.
+fn has_kind(objects: &[Value], kind: &str) -> bool {
+    objects.iter().any(|o| kind_of(o) == kind)
+}
+
+/// The entry of list `list` (containers' ports, env, volumes, …) whose name is `name`.
+fn entry_named(list: &Value, name: &str) -> Value {
+    list.as_sequence()
+        .unwrap_or_else(|| panic!("a list holding {name}: {list:?}"))
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))
+        .cloned()
+        .unwrap_or_else(|| panic!("no entry named {name} in {list:?}"))
+}
+
+/// `path` of each entry of list `list` that has it, as a string.
+fn each_str(list: &Value, path: &[&str]) -> Vec<String> {
+    list.as_sequence()
+        .expect("a list")
+        .iter()
+        .filter_map(|e| {
+            path.iter()
+                .fold(e, |v, k| &v[*k])
+                .as_str()
+                .map(str::to_string)
+        })
         .collect()
 }
 
@@ -96,8 +154,13 @@ fn kind_of(v: &Value) -> &str {
     v["kind"].as_str().unwrap_or_default()
 }
 
+/// Every object of `kind`.
+fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objects.iter().filter(|o| kind_of(o) == kind).collect()
+}
+
 fn only<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
-    let found: Vec<&Value> = objects.iter().filter(|o| kind_of(o) == kind).collect();
+    let found = of_kind(objects, kind);
     assert_eq!(found.len(), 1, "expected exactly one {kind}");
     found[0]
 }
@@ -124,12 +187,11 @@ fn container(workload: &Value) -> &Value {
 }
 
 fn host_paths(daemonset: &Value) -> Vec<String> {
-    daemonset["spec"]["template"]["spec"]["volumes"]
-        .as_sequence()
-        .expect("volumes")
-        .iter()
-        .filter_map(|v| v["hostPath"]["path"].as_str().map(str::to_string))
-        .collect()
+    each_str(volumes(daemonset), &["hostPath", "path"])
+}
+
+fn volumes(workload: &Value) -> &Value {
+    &workload["spec"]["template"]["spec"]["volumes"]
 }
 
 fn shim_for_locator(locator: &str) -> Value {
@@ -233,35 +295,25 @@ fn chart_crds_are_identical_to_the_generated_crds() {
     }
 }
 
+/// kubevirt: the kubelet's pods dir; libvirt-uri: the libvirt socket dir; qga-socket: the
+/// qga socket dir.
 #[test]
-fn kubevirt_locator_mounts_only_the_kubelet_pods_dir() {
-    let ds = shim_for_locator("kubevirt");
-    assert_eq!(host_paths(&ds), ["/var/lib/kubelet/pods"]);
-}
-
-#[test]
-fn libvirt_uri_locator_mounts_only_the_libvirt_socket_dir() {
-    let ds = shim_for_locator("libvirt-uri");
-    assert_eq!(host_paths(&ds), ["/run/libvirt"]);
-}
-
-#[test]
-fn qga_socket_locator_mounts_only_the_qga_socket_dir() {
-    let ds = shim_for_locator("qga-socket");
-    assert_eq!(host_paths(&ds), ["/var/run/qemu-server"]);
+fn each_locator_mounts_only_its_host_dir() {
+    for (locator, dir) in [
+        ("kubevirt", "/var/lib/kubelet/pods"),
+        ("libvirt-uri", "/run/libvirt"),
+        ("qga-socket", "/var/run/qemu-server"),
+    ] {
+        let ds = shim_for_locator(locator);
+        assert_eq!(host_paths(&ds), [dir], "{locator}");
+    }
 }
 
 #[test]
 fn host_directories_are_mounted_read_only() {
     for locator in ["kubevirt", "libvirt-uri", "qga-socket"] {
         let ds = shim_for_locator(locator);
-        let mount = container(&ds)["volumeMounts"]
-            .as_sequence()
-            .expect("mounts")
-            .iter()
-            .find(|m| m["name"].as_str() == Some("host-sockets"))
-            .cloned()
-            .expect("host-sockets mount");
+        let mount = entry_named(&container(&ds)["volumeMounts"], "host-sockets");
         assert_eq!(mount["readOnly"].as_bool(), Some(true), "{locator}");
     }
 }
@@ -309,7 +361,7 @@ fn secret_mount<'a>(workload: &'a Value, dir: &str) -> (&'a Value, &'a Value) {
         .iter()
         .find(|m| m["mountPath"].as_str() == Some(dir))
         .unwrap_or_else(|| panic!("nothing mounted at {dir}"));
-    let volume = workload["spec"]["template"]["spec"]["volumes"]
+    let volume = volumes(workload)
         .as_sequence()
         .expect("volumes")
         .iter()
@@ -345,8 +397,7 @@ fn assert_from_whole_secret(workload: &Value, path: &Path, key: &str) -> String 
 
 #[test]
 fn shim_args_select_mutual_tls_from_the_mounted_shim_secret() {
-    let objects = render(&[]);
-    let ds = only(&objects, "DaemonSet");
+    let ds = &default_workload("DaemonSet");
     let shim = parsed_shim_args(ds);
     assert!(shim.auth_token_file.is_none(), "no token by default");
     let files = shim.tls_files().expect("TLS flags");
@@ -365,8 +416,7 @@ fn shim_args_select_mutual_tls_from_the_mounted_shim_secret() {
 
 #[test]
 fn controller_args_call_shims_over_https_with_the_mounted_controller_secret() {
-    let objects = render(&[]);
-    let deployment = only(&objects, "Deployment");
+    let deployment = &default_workload("Deployment");
     let controller = parsed_controller_args(deployment);
     assert!(controller.shim_token_file.is_none(), "no token by default");
     assert_eq!(controller.shim_server_name, "guestcred-shim");
@@ -390,14 +440,8 @@ fn controller_args_call_shims_over_https_with_the_mounted_controller_secret() {
 #[test]
 fn the_controllers_key_is_mounted_only_into_the_controller() {
     let objects = render(&[]);
-    let secret_names = |w: &Value| -> Vec<String> {
-        w["spec"]["template"]["spec"]["volumes"]
-            .as_sequence()
-            .expect("volumes")
-            .iter()
-            .filter_map(|v| v["secret"]["secretName"].as_str().map(str::to_string))
-            .collect()
-    };
+    let secret_names =
+        |w: &Value| -> Vec<String> { each_str(volumes(w), &["secret", "secretName"]) };
     assert_eq!(
         secret_names(only(&objects, "DaemonSet")),
         ["gc-guestcred-shim-tls"]
@@ -457,13 +501,7 @@ fn shim_probes_use_the_plain_metrics_port() {
     let ds = shim_for_locator("kubevirt");
     let c = container(&ds);
     assert_eq!(parsed_shim_args(&ds).metrics_listen, "0.0.0.0:9090");
-    let metrics = c["ports"]
-        .as_sequence()
-        .expect("ports")
-        .iter()
-        .find(|p| p["name"].as_str() == Some("metrics"))
-        .cloned()
-        .expect("metrics port");
+    let metrics = entry_named(&c["ports"], "metrics");
     assert_eq!(metrics["containerPort"].as_i64(), Some(9090));
     for probe in ["livenessProbe", "readinessProbe"] {
         assert_eq!(
@@ -578,21 +616,10 @@ fn controller_has_two_replicas_and_health_probes() {
     let deployment = only(&objects, "Deployment");
     assert_eq!(deployment["spec"]["replicas"].as_i64(), Some(2));
     let c = container(deployment);
-    assert_eq!(
-        c["livenessProbe"]["httpGet"]["path"].as_str(),
-        Some("/healthz")
-    );
-    assert_eq!(
-        c["readinessProbe"]["httpGet"]["path"].as_str(),
-        Some("/readyz")
-    );
-    let pod_name = c["env"]
-        .as_sequence()
-        .expect("env")
-        .iter()
-        .find(|e| e["name"].as_str() == Some("POD_NAME"))
-        .cloned()
-        .expect("POD_NAME env");
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(c[probe]["httpGet"]["path"].as_str(), Some(path), "{probe}");
+    }
+    let pod_name = entry_named(&c["env"], "POD_NAME");
     assert_eq!(
         pod_name["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
         Some("metadata.name")
@@ -728,7 +755,7 @@ fn the_release_namespace_holds_only_the_controller() {
 fn an_existing_shim_namespace_is_used_without_creating_it() {
     let sets = ["shim.namespace=node-agents", "shim.createNamespace=false"];
     let objects = render(&sets);
-    assert!(!objects.iter().any(|o| kind_of(o) == "Namespace"));
+    assert!(!has_kind(&objects, "Namespace"));
     assert_eq!(namespace_of(only(&objects, "DaemonSet")), "node-agents");
     assert_eq!(
         parsed_controller_args(only(&objects, "Deployment")).shim_namespace,
@@ -753,7 +780,7 @@ fn the_shim_shares_the_release_namespace_only_without_creating_it() {
         "shim.createNamespace=false",
         "shim.auth.extraBearerToken=true",
     ]);
-    assert!(!objects.iter().any(|o| kind_of(o) == "Namespace"));
+    assert!(!has_kind(&objects, "Namespace"));
     assert_eq!(namespace_of(only(&objects, "DaemonSet")), NAMESPACE);
     assert_grants_are_the_calls_with_shims_in(&objects, &["*"], true, NAMESPACE);
     let tokens = objects
@@ -1099,14 +1126,10 @@ fn editor_and_viewer_roles_aggregate_into_edit_and_view() {
     let objects = render(&[]);
     let editor = named(&objects, "ClusterRole", "gc-guestcred-editor");
     let viewer = named(&objects, "ClusterRole", "gc-guestcred-viewer");
-    assert_eq!(
-        editor["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"].as_str(),
-        Some("true")
-    );
-    assert_eq!(
-        viewer["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"].as_str(),
-        Some("true")
-    );
+    for (role, into) in [(editor, "edit"), (viewer, "view")] {
+        let label = format!("rbac.authorization.k8s.io/aggregate-to-{into}");
+        assert_eq!(role["metadata"]["labels"][&label].as_str(), Some("true"));
+    }
     assert_eq!(
         rules_for(viewer, "guestcred.io", "keypairrebuilds"),
         set(&["get", "list", "watch"])
@@ -1183,17 +1206,16 @@ fn network_policy_lets_the_configured_namespaces_scrape_shim_metrics() {
 
 #[test]
 fn network_policy_can_be_turned_off() {
-    let kinds: Vec<String> = render(&["networkPolicy.enabled=false"])
-        .iter()
-        .map(|o| kind_of(o).to_string())
-        .collect();
-    assert!(!kinds.iter().any(|k| k == "NetworkPolicy"));
+    assert!(!has_kind(
+        &render(&["networkPolicy.enabled=false"]),
+        "NetworkPolicy"
+    ));
 }
 
 #[test]
 fn service_monitor_renders_only_when_enabled() {
     let off = render(&[]);
-    assert!(!off.iter().any(|o| kind_of(o) == "ServiceMonitor"));
+    assert!(!has_kind(&off, "ServiceMonitor"));
     let on = render(&["serviceMonitor.enabled=true"]);
     let monitor = only(&on, "ServiceMonitor");
     assert_eq!(
@@ -1214,13 +1236,7 @@ fn existing_token_secret_replaces_the_generated_one() {
             .any(|o| o["metadata"]["name"].as_str() == Some("gc-guestcred-shim-token"))
     );
     let ds = only(&objects, "DaemonSet");
-    let volume = ds["spec"]["template"]["spec"]["volumes"]
-        .as_sequence()
-        .expect("volumes")
-        .iter()
-        .find(|v| v["name"].as_str() == Some("shim-token"))
-        .cloned()
-        .expect("token volume");
+    let volume = entry_named(volumes(ds), "shim-token");
     assert_eq!(
         volume["secret"]["secretName"].as_str(),
         Some("shim-token-from-vault")
@@ -1228,38 +1244,46 @@ fn existing_token_secret_replaces_the_generated_one() {
 }
 
 fn assert_render_fails(sets: &[&str], expected: &str) {
-    let out = helm_template(sets);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{sets:?} must be rejected");
-    assert!(
-        stderr.contains(expected),
-        "{sets:?}: expected {expected:?} in: {stderr}"
-    );
+    assert_each_render_fails(&[("", sets, expected)]);
+}
+
+/// Each case: what it is, the `--set` values, what the refusal names.
+type Refusal<'a> = (&'a str, &'a [&'a str], &'a str);
+
+/// `helm template` refuses each case, naming what it says.
+fn assert_each_render_fails(cases: &[Refusal]) {
+    for (case, sets, expected) in cases {
+        let out = helm_template(sets);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{case}: {sets:?} must be rejected");
+        assert!(
+            stderr.contains(expected),
+            "{case}: {sets:?}: expected {expected:?} in: {stderr}"
+        );
+    }
 }
 
 #[test]
-fn schema_rejects_negative_replicas() {
-    assert_render_fails(&["controller.replicas=-1"], "replicas");
-}
-
-#[test]
-fn schema_rejects_an_unknown_locator() {
-    assert_render_fails(&["shim.locator=ssh"], "locator");
-}
-
-#[test]
-fn schema_rejects_an_unknown_value_key() {
-    assert_render_fails(&["shim.lokator=kubevirt"], "lokator");
-}
-
-#[test]
-fn schema_rejects_an_unknown_auth_mode() {
-    assert_render_fails(&["shim.auth.mode=token"], "/shim/auth/mode");
-}
-
-#[test]
-fn schema_rejects_an_unknown_tls_source() {
-    assert_render_fails(&["tls.source=vault"], "/tls/source");
+fn the_values_schema_rejects_values_it_does_not_know() {
+    assert_each_render_fails(&[
+        ("negative replicas", &["controller.replicas=-1"], "replicas"),
+        ("an unknown locator", &["shim.locator=ssh"], "locator"),
+        (
+            "an unknown value key",
+            &["shim.lokator=kubevirt"],
+            "lokator",
+        ),
+        (
+            "an unknown auth mode",
+            &["shim.auth.mode=token"],
+            "/shim/auth/mode",
+        ),
+        (
+            "an unknown TLS source",
+            &["tls.source=vault"],
+            "/tls/source",
+        ),
+    ]);
 }
 
 #[test]
@@ -1272,12 +1296,11 @@ fn existing_tls_source_needs_both_secret_names() {
 
 #[test]
 fn existing_tls_secrets_are_mounted_and_nothing_is_generated() {
-    let objects = render(&[
-        "tls.source=existing",
+    let existing = [
         "tls.existing.shimSecret=my-shim-tls",
         "tls.existing.controllerSecret=my-controller-tls",
-    ]);
-    assert!(!objects.iter().any(|o| kind_of(o) == "Secret"));
+    ];
+    let objects = render_tls_without("existing", &existing, "Secret", "the Secrets exist");
     let shim = parsed_shim_args(only(&objects, "DaemonSet"));
     let files = shim.tls_files().expect("TLS flags");
     assert_eq!(
@@ -1295,40 +1318,36 @@ fn existing_tls_secrets_are_mounted_and_nothing_is_generated() {
     );
 }
 
+/// The shim's timeouts nest (agent call < shutdown grace < termination grace, agent call <
+/// the controller's request timeout), and two controller replicas need leader election.
 #[test]
-fn shutdown_grace_must_exceed_the_agent_timeout() {
-    assert_render_fails(
-        &["shim.shutdownGraceSeconds=5"],
-        "shim.shutdownGraceSeconds must be greater than shim.agentTimeoutSeconds",
-    );
-}
-
-#[test]
-fn termination_grace_must_exceed_the_shutdown_grace() {
-    assert_render_fails(
-        &["shim.terminationGracePeriodSeconds=10"],
-        "shim.terminationGracePeriodSeconds must be greater than shim.shutdownGraceSeconds",
-    );
-}
-
-#[test]
-fn request_timeout_must_exceed_the_agent_timeout() {
-    assert_render_fails(
-        &[
-            "shim.agentTimeoutSeconds=20",
-            "shim.shutdownGraceSeconds=25",
-            "shim.terminationGracePeriodSeconds=40",
-        ],
-        "shimRequestTimeoutSeconds must be greater",
-    );
-}
-
-#[test]
-fn two_replicas_without_leader_election_are_refused() {
-    assert_render_fails(
-        &["controller.leaderElection.enabled=false"],
-        "needs controller.leaderElection.enabled",
-    );
+fn values_that_contradict_each_other_are_refused() {
+    assert_each_render_fails(&[
+        (
+            "the shutdown grace must exceed the agent timeout",
+            &["shim.shutdownGraceSeconds=5"],
+            "shim.shutdownGraceSeconds must be greater than shim.agentTimeoutSeconds",
+        ),
+        (
+            "the termination grace must exceed the shutdown grace",
+            &["shim.terminationGracePeriodSeconds=10"],
+            "shim.terminationGracePeriodSeconds must be greater than shim.shutdownGraceSeconds",
+        ),
+        (
+            "the request timeout must exceed the agent timeout",
+            &[
+                "shim.agentTimeoutSeconds=20",
+                "shim.shutdownGraceSeconds=25",
+                "shim.terminationGracePeriodSeconds=40",
+            ],
+            "shimRequestTimeoutSeconds must be greater",
+        ),
+        (
+            "two replicas without leader election",
+            &["controller.leaderElection.enabled=false"],
+            "needs controller.leaderElection.enabled",
+        ),
+    ]);
 }
 
 /// The rendered manifests, minus kinds the emulator does not serve.
@@ -1429,41 +1448,40 @@ async fn rendered_manifests_apply_to_the_api_server_with_kubectl() {
     );
 
     const KINDS: &str = "deployments,daemonsets,networkpolicies,services,serviceaccounts,secrets,roles,rolebindings";
-    let got = lab
-        .kubectl(&["get", "-n", NAMESPACE, KINDS, "-o", "name"])
-        .await;
-    for name in [
+    let release: &[&str] = &[
         "deployment.apps/gc-guestcred-controller",
         "service/gc-guestcred-controller-metrics",
         "serviceaccount/gc-guestcred-controller",
         "secret/gc-guestcred-ca",
         "secret/gc-guestcred-controller-tls",
         "role.rbac.authorization.k8s.io/gc-guestcred-controller-leader-election",
-    ] {
-        assert!(got.lines().any(|l| l == name), "{name} missing in:\n{got}");
-    }
-    let got = lab
-        .kubectl(&["get", "-n", SHIM_NAMESPACE, KINDS, "-o", "name"])
-        .await;
-    for name in [
+    ];
+    let shim: &[&str] = &[
         "daemonset.apps/gc-guestcred-shim",
         "networkpolicy.networking.k8s.io/gc-guestcred-shim",
         "serviceaccount/gc-guestcred-shim",
         "secret/gc-guestcred-shim-tls",
         "role.rbac.authorization.k8s.io/gc-guestcred-controller-shim-pods",
         "rolebinding.rbac.authorization.k8s.io/gc-guestcred-controller-shim-pods",
-    ] {
-        assert!(got.lines().any(|l| l == name), "{name} missing in:\n{got}");
+    ];
+    for (ns, names) in [(NAMESPACE, release), (SHIM_NAMESPACE, shim)] {
+        let got = lab.kubectl(&["get", "-n", ns, KINDS, "-o", "name"]).await;
+        assert_listed(&got, names);
     }
     let cluster = lab
         .kubectl(&["get", "clusterroles,clusterrolebindings", "-o", "name"])
         .await;
-    assert!(
-        cluster
-            .lines()
-            .any(|l| l == "clusterrole.rbac.authorization.k8s.io/gc-guestcred-editor"),
-        "{cluster}"
+    assert_listed(
+        &cluster,
+        &["clusterrole.rbac.authorization.k8s.io/gc-guestcred-editor"],
     );
+}
+
+/// `kubectl get … -o name` output `got` lists each of `names`.
+fn assert_listed(got: &str, names: &[&str]) {
+    for name in names {
+        assert!(got.lines().any(|l| l == *name), "{name} missing in:\n{got}");
+    }
 }
 
 /// What an earlier `helm install` left: the token Secret, owned by the release.
@@ -1478,23 +1496,9 @@ impl Served {
     /// upgrade does.
     async fn render_against_cluster(&self, sets: &[&str]) -> Vec<Value> {
         let chart = chart_dir();
-        let mut args = vec![
-            "template",
-            RELEASE,
-            chart.to_str().expect("UTF-8 path"),
-            "--namespace",
-            NAMESPACE,
-            "--dry-run=server",
-        ];
-        for s in sets {
-            args.extend(["--set", s]);
-        }
+        let args = template_args(&chart, &["--dry-run=server"], sets);
         let out = self.run(&tool("helm"), &args).await;
-        let text = stdout_of(&out, "helm template --dry-run=server");
-        serde_yaml::Deserializer::from_str(&text)
-            .map(|doc| Value::deserialize(doc).expect("helm renders valid YAML"))
-            .filter(|v| !v.is_null())
-            .collect()
+        objects_of(&stdout_of(&out, "helm template --dry-run=server"))
     }
 }
 
@@ -1594,18 +1598,19 @@ fn cert_manager_with_the_charts_own_ca_needs_the_shim_in_the_release_namespace()
 
 #[test]
 fn cert_manager_source_renders_a_ca_issuer_chain_and_two_certificates() {
-    let objects = render(&[
-        "tls.source=cert-manager",
-        &format!("shim.namespace={NAMESPACE}"),
-        "shim.createNamespace=false",
-    ]);
+    let objects = render_tls(
+        "cert-manager",
+        &[
+            &format!("shim.namespace={NAMESPACE}"),
+            "shim.createNamespace=false",
+        ],
+    );
     assert!(
-        !objects.iter().any(|o| kind_of(o) == "Secret"),
+        !has_kind(&objects, "Secret"),
         "cert-manager writes the Secrets"
     );
-    let issuers: BTreeSet<String> = objects
+    let issuers: BTreeSet<String> = of_kind(&objects, "Issuer")
         .iter()
-        .filter(|o| kind_of(o) == "Issuer")
         .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
         .collect();
     assert_eq!(
@@ -1640,12 +1645,7 @@ fn cert_manager_source_renders_a_ca_issuer_chain_and_two_certificates() {
             cert["spec"]["issuerRef"]["name"].as_str(),
             Some("gc-guestcred-ca")
         );
-        let mounted: Vec<String> = only(&objects, workload)["spec"]["template"]["spec"]["volumes"]
-            .as_sequence()
-            .expect("volumes")
-            .iter()
-            .filter_map(|v| v["secret"]["secretName"].as_str().map(str::to_string))
-            .collect();
+        let mounted = each_str(volumes(only(&objects, workload)), &["secret", "secretName"]);
         assert_eq!(
             mounted,
             [name],
@@ -1656,16 +1656,12 @@ fn cert_manager_source_renders_a_ca_issuer_chain_and_two_certificates() {
 
 #[test]
 fn cert_manager_with_an_issuer_ref_renders_only_the_two_certificates() {
-    let objects = render(&[
-        "tls.source=cert-manager",
+    let issuer = [
         "tls.certManager.issuerRef.name=corp-ca",
         "tls.certManager.issuerRef.kind=ClusterIssuer",
-    ]);
-    assert!(!objects.iter().any(|o| kind_of(o) == "Issuer"));
-    let certs: Vec<&Value> = objects
-        .iter()
-        .filter(|o| kind_of(o) == "Certificate")
-        .collect();
+    ];
+    let objects = render_tls_without("cert-manager", &issuer, "Issuer", "the issuer is given");
+    let certs = of_kind(&objects, "Certificate");
     assert_eq!(certs.len(), 2);
     // Each Certificate (so its Secret) in the namespace of the pod that mounts it.
     assert_eq!(
@@ -1692,9 +1688,7 @@ fn cert_manager_with_an_issuer_ref_renders_only_the_two_certificates() {
 /// Writes every Secret volume a workload mounts (from the rendered Secrets) under `root`,
 /// at its mount path, as kubelet would.
 fn materialise_secret_volumes(objects: &[Value], workload: &Value, root: &Path) {
-    let volumes = workload["spec"]["template"]["spec"]["volumes"]
-        .as_sequence()
-        .expect("volumes");
+    let volumes = volumes(workload).as_sequence().expect("volumes");
     for mount in container(workload)["volumeMounts"]
         .as_sequence()
         .expect("mounts")

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use guestcred_lab::apiserver::ApiServer;
-use guestcred_lab::testing::{SecretTest, TestObject};
+use guestcred_lab::testing::{SecretTest, TestObject, merge_patch, merge_patch_status};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -227,24 +227,6 @@ where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
 {
     api.get_opt(name).await.expect("get").is_none()
-}
-
-/// A JSON merge patch of `name` through `api`.
-async fn merge_patch<K>(api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
-{
-    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-}
-
-/// A JSON merge patch of `name`'s status subresource through `api`.
-async fn merge_patch_status<K>(api: &Api<K>, name: &str, patch: Value) -> kube::Result<K>
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
-{
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
 }
 
 /// The names of `items`, in the order given.

@@ -46,25 +46,18 @@ async fn failing_json_patch_test_op_is_422_and_changes_nothing() {
         .await
         .unwrap_err();
     assert!(is_status(&err, 422, "Invalid"), "{err:?}");
-    assert_eq!(
-        cms.get("a").await.unwrap().resource_version(),
-        created.resource_version()
-    );
+    assert_a_unchanged(&cms, &created).await;
 }
 
 #[tokio::test]
 async fn apply_patch_creates_then_merges_another_managers_fields() {
     let (_server, cms) = config_maps_api();
     let first = PatchParams::apply("first").force();
-    let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
-                      "metadata": {"name": "a"}, "data": {"one": "1"}});
-    let created = cms.patch("a", &first, &Patch::Apply(&body)).await.unwrap();
+    let created = apply_a(&cms, &first, json!({"one": "1"})).await;
     assert_eq!(created.data.unwrap()["one"], "1");
 
     let second = PatchParams::apply("second").force();
-    let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
-                      "metadata": {"name": "a"}, "data": {"two": "2"}});
-    let merged = cms.patch("a", &second, &Patch::Apply(&body)).await.unwrap();
+    let merged = apply_a(&cms, &second, json!({"two": "2"})).await;
     assert_eq!(merged.data.unwrap().len(), 2);
 }
 
@@ -96,24 +89,32 @@ async fn patch_carrying_a_stale_resource_version_is_409() {
 async fn apply_removes_fields_the_same_manager_stops_applying() {
     let (_server, cms) = config_maps_api();
     let mine = PatchParams::apply("mine");
-    let body = |data: Value| {
-        json!({"apiVersion": "v1", "kind": "ConfigMap",
-                                     "metadata": {"name": "a"}, "data": data})
-    };
-    cms.patch("a", &mine, &Patch::Apply(body(json!({"x": "1", "y": "2"}))))
-        .await
-        .unwrap();
+    apply_a(&cms, &mine, json!({"x": "1", "y": "2"})).await;
     merge_patch(&cms, "a", json!({"data": {"other": "3"}}))
         .await
         .unwrap();
-    let after = cms
-        .patch("a", &mine, &Patch::Apply(body(json!({"x": "1"}))))
-        .await
-        .unwrap();
+    let after = apply_a(&cms, &mine, json!({"x": "1"})).await;
     let keys: Vec<String> = after.data.unwrap().into_keys().collect();
     assert_eq!(
         keys,
         ["other", "x"],
         "y dropped, the other writer's key kept"
+    );
+}
+
+/// Server-side apply of ConfigMap `a` holding `data`, by the field manager of `pp`.
+async fn apply_a(cms: &Api<ConfigMap>, pp: &PatchParams, data: Value) -> ConfigMap {
+    let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": "a"}, "data": data});
+    cms.patch("a", pp, &Patch::Apply(&body)).await.unwrap()
+}
+
+/// ConfigMap `a` is still `before` (the same resourceVersion): nothing changed it.
+async fn assert_a_unchanged(cms: &Api<ConfigMap>, before: &ConfigMap) {
+    let now = cms.get("a").await.unwrap();
+    assert_eq!(
+        now.resource_version(),
+        before.resource_version(),
+        "ConfigMap a changed"
     );
 }
