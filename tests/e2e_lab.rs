@@ -3,27 +3,17 @@
 //! processes, and objects applied with kubectl. Verification happens inside the guests.
 #![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
 use guestcred::api::keypair::{KeyMode, KeyStrategy};
-use guestcred::api::{GuestPasswordReset, KeypairRebuild, TargetSpec};
+use guestcred::api::{GuestPasswordReset, KeypairRebuild};
 use guestcred_lab::cluster::LabState;
-use guestcred_lab::testing::{KeysTest, ResetTest, TargetedTest, TestObject};
-use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::ObjectMeta;
+use guestcred_lab::testing::{KeysTest, ResetTest, TargetedTest, TestObject, lab_binary, secret};
 use serde::Serialize;
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The lab binary is another workspace package's: `make test` builds every binary first.
-static LAB: std::sync::LazyLock<std::path::PathBuf> = std::sync::LazyLock::new(|| {
-    guestcred_lab::cluster::lab_binary(None)
-        .expect("the guestcred-lab binary (cargo build --workspace --bins)")
-});
 const GUESTCRED: &str = env!("CARGO_BIN_EXE_guestcred");
-const NS: &str = "default";
 const WAIT: Duration = Duration::from_secs(180);
 const PLAIN: &str = "E2e-Canary-Password-4711";
 const SHA512: &str = "$6$e2eSalt$3CPr/vQb45sQFdvBm/TEkSym19vMe3VQweVAyOduj31BA4Mp6vxpjoDjssqBvU55c8jQk5a25w4TVseP2qvxD0";
@@ -49,7 +39,7 @@ fn lab() -> &'static Lab {
             .keep();
         let owner = std::process::id().to_string();
         let d = dir.display().to_string();
-        let out = Command::new(&*LAB)
+        let out = Command::new(lab_binary())
             .args([
                 "up",
                 "--state-dir",
@@ -75,7 +65,7 @@ fn lab() -> &'static Lab {
                 "vm-paused:node-2",
             ])
             .output()
-            .map_err(|e| format!("cannot run {}: {e}", LAB.display()))?;
+            .map_err(|e| format!("cannot run {}: {e}", lab_binary().display()))?;
         if !out.status.success() {
             return Err(format!(
                 "the lab must come up (root, scripts/install-deps.sh):\n{}{}",
@@ -149,7 +139,7 @@ fn wait_until(kind: &str, name: &str, path: &str, want: &str) {
 
 fn guest(vm: &str, argv: &[&str]) -> String {
     let d = lab().dir.display().to_string();
-    let out = Command::new(&*LAB)
+    let out = Command::new(lab_binary())
         .args(["exec", "--state-dir", &d, vm, "--"])
         .args(argv)
         .output()
@@ -170,37 +160,20 @@ fn shadow_hash(vm: &str, user: &str) -> String {
         .to_string()
 }
 
-fn secret(name: &str, key: &str, value: &str) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(NS.into()),
-            ..Default::default()
-        },
-        string_data: Some(BTreeMap::from([(key.to_string(), value.to_string())])),
-        ..Default::default()
-    }
-}
-
-fn vm_target(vm: &str) -> TargetSpec {
-    TargetSpec {
-        vm_name: Some(vm.into()),
-        selector: None,
-    }
-}
-
-fn reset(
-    name: &str,
-    target: TargetSpec,
-    user: &str,
-    secret: &str,
-    crypted: bool,
-) -> GuestPasswordReset {
-    let r = GuestPasswordReset::test(name)
-        .target(target)
-        .user(user)
-        .from_secret(secret);
+/// Secret `name` holding `value` (a crypt(3) hash when `crypted`) under `password`,
+/// applied; and reset `name` of `user` from it, to be given its target.
+fn reset_from_new_secret(name: &str, user: &str, value: &str, crypted: bool) -> GuestPasswordReset {
+    apply(&secret(name, "password", value));
+    let r = GuestPasswordReset::test(name).user(user).from_secret(name);
     if crypted { r.crypted() } else { r }
+}
+
+/// Waits (up to 180 s) until `object` (`kind/name`) is Ready; fails the test if not.
+fn wait_ready(object: &str) {
+    kubectl(
+        &["wait", "--for=condition=Ready", object, "--timeout=180s"],
+        None,
+    );
 }
 
 fn keys(name: &str, vm: &str, user: &str, mode: KeyMode, lines: &[&str]) -> KeypairRebuild {
@@ -216,23 +189,8 @@ fn keys(name: &str, vm: &str, user: &str, mode: KeyMode, lines: &[&str]) -> Keyp
 fn plaintext_password_from_a_secret_changes_the_guests_shadow_hash() {
     lab();
     let before = shadow_hash("vm-1-1", "lab1");
-    apply(&secret("e2e-plain", "password", PLAIN));
-    apply(&reset(
-        "e2e-plain",
-        vm_target("vm-1-1"),
-        "lab1",
-        "e2e-plain",
-        false,
-    ));
-    kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "gpr/e2e-plain",
-            "--timeout=180s",
-        ],
-        None,
-    );
+    apply(&reset_from_new_secret("e2e-plain", "lab1", PLAIN, false).vm("vm-1-1"));
+    wait_ready("gpr/e2e-plain");
     let after = shadow_hash("vm-1-1", "lab1");
     assert_ne!(after, before);
     assert!(
@@ -248,54 +206,20 @@ fn plaintext_password_from_a_secret_changes_the_guests_shadow_hash() {
 #[test]
 fn crypted_hash_lands_verbatim_in_the_guest() {
     lab();
-    apply(&secret("e2e-hash", "password", SHA512));
-    apply(&reset(
-        "e2e-hash",
-        vm_target("vm-2-1"),
-        "lab2",
-        "e2e-hash",
-        true,
-    ));
-    kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "gpr/e2e-hash",
-            "--timeout=180s",
-        ],
-        None,
-    );
+    apply(&reset_from_new_secret("e2e-hash", "lab2", SHA512, true).vm("vm-2-1"));
+    wait_ready("gpr/e2e-hash");
     assert_eq!(shadow_hash("vm-2-1", "lab2"), SHA512);
 }
 
 #[test]
 fn bulk_reset_by_selector_reaches_every_db_vm_on_both_nodes_one_at_a_time() {
     lab();
-    apply(&secret("e2e-bulk", "password", SHA512));
-    let mut r = reset(
-        "e2e-bulk",
-        TargetSpec {
-            vm_name: None,
-            selector: Some(LabelSelector {
-                match_labels: Some(BTreeMap::from([("tier".to_string(), "db".to_string())])),
-                match_expressions: None,
-            }),
-        },
-        "lab3",
-        "e2e-bulk",
-        true,
+    apply(
+        &reset_from_new_secret("e2e-bulk", "lab3", SHA512, true)
+            .selector("tier", "db")
+            .max_concurrency(1),
     );
-    r.spec.common.rollout.max_concurrency = 1;
-    apply(&r);
-    kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "gpr/e2e-bulk",
-            "--timeout=180s",
-        ],
-        None,
-    );
+    wait_ready("gpr/e2e-bulk");
     let vms = jsonpath("gpr", "e2e-bulk", ".status.targets[*].vm");
     assert_eq!(vms, "vm-1-1 vm-2-1");
     assert_eq!(
@@ -311,15 +235,7 @@ fn bulk_reset_by_selector_reaches_every_db_vm_on_both_nodes_one_at_a_time() {
 fn live_key_rotation_is_verified_in_the_guest() {
     lab();
     apply(&keys("e2e-live", "vm-1-2", "lab4", KeyMode::Live, &[KEY1]));
-    kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "kpr/e2e-live",
-            "--timeout=180s",
-        ],
-        None,
-    );
+    wait_ready("kpr/e2e-live");
     assert_eq!(
         jsonpath("kpr", "e2e-live", ".status.targets[0].verified"),
         "true"
@@ -340,15 +256,7 @@ fn auto_mode_rebuilds_a_vm_whose_agent_lacks_ssh_commands() {
         KeyMode::Auto,
         &[KEY2],
     ));
-    kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "kpr/e2e-rebuild",
-            "--timeout=180s",
-        ],
-        None,
-    );
+    wait_ready("kpr/e2e-rebuild");
     assert_eq!(
         jsonpath("kpr", "e2e-rebuild", ".status.targets[0].mode"),
         "Rebuild"
@@ -365,14 +273,7 @@ fn auto_mode_rebuilds_a_vm_whose_agent_lacks_ssh_commands() {
 #[test]
 fn a_vm_without_an_agent_reports_agent_not_connected_while_retrying() {
     lab();
-    apply(&secret("e2e-noagent", "password", PLAIN));
-    apply(&reset(
-        "e2e-noagent",
-        vm_target("vm-noagent"),
-        "root",
-        "e2e-noagent",
-        false,
-    ));
+    apply(&reset_from_new_secret("e2e-noagent", "root", PLAIN, false).vm("vm-noagent"));
     wait_until(
         "gpr",
         "e2e-noagent",
@@ -384,14 +285,7 @@ fn a_vm_without_an_agent_reports_agent_not_connected_while_retrying() {
 #[test]
 fn a_hung_agent_reports_agent_timeout() {
     lab();
-    apply(&secret("e2e-hung", "password", PLAIN));
-    apply(&reset(
-        "e2e-hung",
-        vm_target("vm-hung"),
-        "root",
-        "e2e-hung",
-        false,
-    ));
+    apply(&reset_from_new_secret("e2e-hung", "root", PLAIN, false).vm("vm-hung"));
     wait_until(
         "gpr",
         "e2e-hung",
@@ -404,7 +298,7 @@ fn a_hung_agent_reports_agent_timeout() {
 fn a_paused_vm_reports_vm_not_running_and_finishes_after_resume() {
     lab();
     let d = lab().dir.display().to_string();
-    let paused = Command::new(&*LAB)
+    let paused = Command::new(lab_binary())
         .args(["pause", "--state-dir", &d, "vm-paused"])
         .status()
         .expect("pause");
@@ -416,48 +310,26 @@ fn a_paused_vm_reports_vm_not_running_and_finishes_after_resume() {
         r#".status.conditions[?(@.type=="Paused")].status"#,
         "True",
     );
-    apply(&secret("e2e-paused", "password", SHA512));
-    apply(&reset(
-        "e2e-paused",
-        vm_target("vm-paused"),
-        "lab5",
-        "e2e-paused",
-        true,
-    ));
+    apply(&reset_from_new_secret("e2e-paused", "lab5", SHA512, true).vm("vm-paused"));
     wait_until(
         "gpr",
         "e2e-paused",
         ".status.targets[0].reason",
         "VMNotRunning",
     );
-    let resumed = Command::new(&*LAB)
+    let resumed = Command::new(lab_binary())
         .args(["resume", "--state-dir", &d, "vm-paused"])
         .status()
         .expect("resume");
     assert!(resumed.success());
-    kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "gpr/e2e-paused",
-            "--timeout=180s",
-        ],
-        None,
-    );
+    wait_ready("gpr/e2e-paused");
     assert_eq!(shadow_hash("vm-paused", "lab5"), SHA512);
 }
 
 #[test]
 fn unknown_guest_user_fails_with_user_not_found() {
     lab();
-    apply(&secret("e2e-nouser", "password", PLAIN));
-    apply(&reset(
-        "e2e-nouser",
-        vm_target("vm-2-2"),
-        "mallory",
-        "e2e-nouser",
-        false,
-    ));
+    apply(&reset_from_new_secret("e2e-nouser", "mallory", PLAIN, false).vm("vm-2-2"));
     wait_until(
         "gpr",
         "e2e-nouser",
@@ -471,23 +343,8 @@ fn unknown_guest_user_fails_with_user_not_found() {
 fn controller_and_shim_logs_events_and_status_never_contain_the_password() {
     lab();
     const CANARY: &str = "Log-Scan-Canary-9c1e";
-    apply(&secret("e2e-canary", "password", CANARY));
-    apply(&reset(
-        "e2e-canary",
-        vm_target("vm-2-2"),
-        "lab6",
-        "e2e-canary",
-        false,
-    ));
-    kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "gpr/e2e-canary",
-            "--timeout=180s",
-        ],
-        None,
-    );
+    apply(&reset_from_new_secret("e2e-canary", "lab6", CANARY, false).vm("vm-2-2"));
+    wait_ready("gpr/e2e-canary");
     let mut haystack = String::new();
     for entry in std::fs::read_dir(&lab().dir).expect("state dir").flatten() {
         let path = entry.path();
