@@ -12,6 +12,7 @@
 //! alone, run `cargo build -p kubectl-guestcred` before `cargo test --test plugin`.
 #![allow(clippy::disallowed_methods)] // tests may block: clippy.toml's file-system rule is for src/
 use guestcred::api::{GuestPasswordReset, KeypairRebuild, Phase, TargetState};
+use guestcred_lab::hostqga::HostQga;
 use guestcred_lab::kubevirt::vm;
 use guestcred_lab::repo_dir;
 use guestcred_lab::testing::*;
@@ -56,6 +57,31 @@ struct Out {
 impl Out {
     fn all(&self) -> String {
         format!("{}{}", self.stdout, self.stderr)
+    }
+    /// Fails the test unless the plugin exited with `code`.
+    fn exits(&self, code: i32) -> &Self {
+        assert_eq!(self.code, code, "{self:?}");
+        self
+    }
+    /// Fails the test unless standard output has `text`.
+    fn prints(&self, text: &str) -> &Self {
+        assert!(self.stdout.contains(text), "stdout has {text:?}: {self:?}");
+        self
+    }
+    /// Fails the test unless standard error has `text`.
+    fn warns(&self, text: &str) -> &Self {
+        assert!(self.stderr.contains(text), "stderr has {text:?}: {self:?}");
+        self
+    }
+    /// Fails the test unless the plugin exited with `code` and wrote no escape codes (its
+    /// output goes to a pipe), and created an object whose name starts with `prefix`;
+    /// returns that name.
+    fn created(&self, code: i32, prefix: &str) -> String {
+        self.exits(code);
+        assert_plain(self);
+        let name = created_name(self);
+        assert!(name.starts_with(prefix), "{name}");
+        name
     }
 }
 
@@ -114,51 +140,94 @@ fn assert_plain(out: &Out) {
 }
 
 async fn served(capture_logs: bool) -> World {
-    World::start(WorldOptions {
-        serve: true,
+    served_with(WorldOptions {
         capture_logs,
         ..WorldOptions::default()
+    })
+    .await
+}
+
+/// A world of `options`, served over HTTP for the plugin.
+async fn served_with(options: WorldOptions) -> World {
+    World::start(WorldOptions {
+        serve: true,
+        ..options
     })
     .await
     .expect("served world starts")
 }
 
+/// A served world (logs captured if `capture_logs`) with VM `name` on node-1 whose real
+/// agent's guest has user alice.
+async fn served_with_guest(capture_logs: bool, name: &str) -> (World, HostQga) {
+    let w = served(capture_logs).await;
+    let qga = w.guest(name).await;
+    (w, qga)
+}
+
+/// `set-password TARGET… --user USER --generate`, then `more`.
+fn generate<'a>(target: &[&'a str], user: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    [
+        &["set-password"],
+        target,
+        &["--user", user, "--generate"],
+        more,
+    ]
+    .concat()
+}
+
+/// `add-key TARGET… --user alice -f KEYFILE`, then `more`.
+fn add_key<'a>(target: &[&'a str], keyfile: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    [
+        &["add-key"],
+        target,
+        &["--user", "alice", "-f", keyfile],
+        more,
+    ]
+    .concat()
+}
+
+/// `remove-key TARGET… --user alice --fingerprint FP` for each of `fingerprints`, then
+/// `more`.
+fn remove_key<'a>(target: &[&'a str], fingerprints: &[&'a str], more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = [&["remove-key"], target, &["--user", "alice"]].concat();
+    for fp in fingerprints {
+        args.extend(["--fingerprint", fp]);
+    }
+    args.extend(more);
+    args
+}
+
+/// The rows of a `--dry-run` table (VM, NODE, PHASE, AGENT, TARGETED, …), header checked
+/// and left out.
+fn dry_run_rows(dry: &Out) -> Vec<Vec<&str>> {
+    let rows: Vec<Vec<&str>> = dry
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0][..5],
+        ["VM", "NODE", "PHASE", "AGENT", "TARGETED"],
+        "{dry:?}"
+    );
+    rows[1..].to_vec()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_password_then_status_and_show_password() {
-    let w = served(false).await;
-    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
-    let out = plugin(
-        &w,
-        &["set-password", "vm-a", "--user", "alice", "--generate"],
-    )
-    .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    assert_plain(&out);
-    let name = created_name(&out);
-    assert!(name.starts_with("vm-a-pw-") && name.len() == 13, "{name}");
-    assert!(
-        out.stdout
-            .contains("vm-a: Succeeded (Applied) on node-1 after 1 attempt"),
-        "{out:?}"
-    );
-    assert!(
-        out.stdout
-            .contains(&format!("gpr/{name}: Succeeded (1/1 VMs)")),
-        "{out:?}"
-    );
+    let (w, qga) = served_with_guest(false, "vm-a").await;
+    let out = plugin(&w, &generate(&["vm-a"], "alice", &[])).await;
+    let name = out.created(0, "vm-a-pw-");
+    assert_eq!(name.len(), 13, "{name}");
+    out.prints("vm-a: Succeeded (Applied) on node-1 after 1 attempt")
+        .prints(&format!("gpr/{name}: Succeeded (1/1 VMs)"));
     // Progress in a pipe: plain lines on stderr, one per change.
-    assert!(
-        out.stderr
-            .contains(&format!("gpr/{name}: Succeeded, 1/1 done, 0 failed")),
-        "{out:?}"
-    );
-    assert!(
-        out.stderr.contains("kubectl guestcred show-password"),
-        "{out:?}"
-    );
+    out.warns(&format!("gpr/{name}: Succeeded, 1/1 done, 0 failed"))
+        .warns("kubectl guestcred show-password");
 
     let status = plugin(&w, &["status", &name]).await;
-    assert_eq!(status.code, 0, "{status:?}");
+    status.exits(0);
     let header = status.stdout.lines().next().unwrap_or_default().to_string();
     for col in ["RESET", "VM", "NODE", "STATE", "REASON", "ATTEMPTS"] {
         assert!(header.contains(col), "{status:?}");
@@ -189,16 +258,12 @@ async fn generated_password_then_status_and_show_password() {
 
     // Into a pipe: refused without --force, printed with it.
     let refused = plugin(&w, &["show-password", &name]).await;
-    assert_eq!(refused.code, 1, "{refused:?}");
-    assert!(
-        refused
-            .stderr
-            .contains("refusing to print a password to a non-terminal"),
-        "{refused:?}"
-    );
+    refused
+        .exits(1)
+        .warns("refusing to print a password to a non-terminal");
     assert!(refused.stdout.is_empty(), "{refused:?}");
     let shown = plugin(&w, &["show-password", &name, "--force"]).await;
-    assert_eq!(shown.code, 0, "{shown:?}");
+    shown.exits(0);
     let password = shown.stdout.trim_end().to_string();
     assert_eq!(password.len(), 24);
     assert_eq!(password, w.output_password(NS, &name, "vm-a").await);
@@ -230,32 +295,18 @@ async fn generated_password_then_status_and_show_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotate_sets_a_new_generated_password_and_waits_for_it() {
-    let w = served(false).await;
-    let qga = w.add_guest(&vm(NS, "vm-r", "node-1")).await;
-    let out = plugin(
-        &w,
-        &["set-password", "vm-r", "--user", "alice", "--generate"],
-    )
-    .await;
-    assert_eq!(out.code, 0, "{out:?}");
+    let (w, qga) = served_with_guest(false, "vm-r").await;
+    let out = plugin(&w, &generate(&["vm-r"], "alice", &[])).await;
+    out.exits(0);
     let name = created_name(&out);
     let first = w.output_password(NS, &name, "vm-r").await;
 
     let rotated = plugin(&w, &["rotate", &name]).await;
-    assert_eq!(rotated.code, 0, "{rotated:?}");
+    rotated.exits(0);
     assert_plain(&rotated);
-    assert!(
-        rotated
-            .stderr
-            .contains("rotation requested (guestcred.io/rotate-now="),
-        "{rotated:?}"
-    );
-    assert!(
-        rotated
-            .stdout
-            .contains(&format!("gpr/{name}: Succeeded (1/1 VMs)")),
-        "the new run is followed to its end: {rotated:?}"
-    );
+    rotated.warns("rotation requested (guestcred.io/rotate-now=");
+    // The new run is followed to its end.
+    rotated.prints(&format!("gpr/{name}: Succeeded (1/1 VMs)"));
     // The target's outputSecret names the new run's Secret; the first one is kept too.
     let r: GuestPasswordReset = w.get(NS, &name).await;
     let current = r.status.expect("status").run.targets[0]
@@ -292,12 +343,8 @@ async fn rotate_refuses_a_reset_whose_password_comes_from_a_secret() {
     .await
     .expect("reset");
     let out = plugin(&w, &["rotate", "fixed", "--no-wait"]).await;
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(
-        out.stderr
-            .contains("fixed does not generate passwords (its password comes from a Secret"),
-        "{out:?}"
-    );
+    out.exits(1)
+        .warns("fixed does not generate passwords (its password comes from a Secret");
     let r: GuestPasswordReset = w.get(NS, "fixed").await;
     assert!(
         !r.annotations().contains_key("guestcred.io/rotate-now"),
@@ -320,54 +367,32 @@ fn identity_file(w: &World, name: &str, id: &age::x25519::Identity) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sealed_password_is_shown_only_with_the_matching_identity() {
-    let w = served(false).await;
-    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let (w, qga) = served_with_guest(false, "vm-a").await;
     let id = age::x25519::Identity::generate();
     let recipient = id.to_public().to_string();
     let out = plugin(
         &w,
-        &[
-            "set-password",
-            "vm-a",
-            "--user",
-            "alice",
-            "--generate",
-            "--seal-to",
-            &recipient,
-        ],
+        &generate(&["vm-a"], "alice", &["--seal-to", &recipient]),
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
+    out.exits(0);
     let name = created_name(&out);
-    assert!(
-        out.stderr.contains(&format!(
-            "kubectl guestcred show-password {name} --identity KEYFILE"
-        )),
-        "{out:?}"
-    );
+    out.warns(&format!(
+        "kubectl guestcred show-password {name} --identity KEYFILE"
+    ));
     // Without an identity: told why and how, nothing printed.
     let refused = plugin(&w, &["show-password", &name, "--force"]).await;
-    assert_eq!(refused.code, 1, "{refused:?}");
-    assert!(
-        refused.stderr.contains("is sealed") && refused.stderr.contains("--identity FILE"),
-        "{refused:?}"
-    );
+    refused.exits(1).warns("is sealed").warns("--identity FILE");
     assert!(refused.stdout.is_empty(), "{refused:?}");
     // Another identity: it does not match.
     let other = identity_file(&w, "other.txt", &age::x25519::Identity::generate());
+    let other = other.to_string_lossy();
     let wrong = plugin(
         &w,
-        &[
-            "show-password",
-            &name,
-            "--force",
-            "--identity",
-            &other.to_string_lossy(),
-        ],
+        &["show-password", &name, "--force", "--identity", &other],
     )
     .await;
-    assert_eq!(wrong.code, 1, "{wrong:?}");
-    assert!(wrong.stderr.contains("does not match"), "{wrong:?}");
+    wrong.exits(1).warns("does not match");
     assert!(wrong.stdout.is_empty(), "{wrong:?}");
     // The matching identity: decrypted here, exactly what the guest holds.
     let mine = identity_file(&w, "key.txt", &id);
@@ -382,7 +407,7 @@ async fn a_sealed_password_is_shown_only_with_the_matching_identity() {
         ],
     )
     .await;
-    assert_eq!(shown.code, 0, "{shown:?}");
+    shown.exits(0);
     let password = shown.stdout.trim_end().to_string();
     assert_eq!(password.len(), 24, "{shown:?}");
     assert!(
@@ -398,61 +423,38 @@ async fn a_sealed_password_is_shown_only_with_the_matching_identity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_targets_exit_nonzero_with_their_reason() {
-    let w = served(false).await;
-    let _qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let (w, _qga) = served_with_guest(false, "vm-a").await;
     // A user the guest does not have: the real agent refuses, the plugin exits 1.
-    let out = plugin(
-        &w,
-        &["set-password", "vm-a", "--user", "mallory", "--generate"],
-    )
-    .await;
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("vm-a: UserNotFound"), "{out:?}");
-    assert!(
-        out.stdout.contains("vm-a: Failed (UserNotFound)"),
-        "{out:?}"
-    );
+    let out = plugin(&w, &generate(&["vm-a"], "mallory", &[])).await;
+    out.exits(1)
+        .warns("vm-a: UserNotFound")
+        .prints("vm-a: Failed (UserNotFound)");
     // A VM that does not exist.
     let out = plugin(&w, &["set-password", "ghost", "--generate"]).await;
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("ghost: VMNotFound"), "{out:?}");
+    out.exits(1).warns("ghost: VMNotFound");
     // A Secret that does not exist: the run stalls, the plugin says why and exits 1.
-    let out = plugin(
-        &w,
-        &[
-            "set-password",
-            "vm-a",
-            "--from-secret",
-            "nope/pw",
-            "--timeout",
-            "30s",
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("is stalled: SecretNotFound"), "{out:?}");
+    let from_nope = ["set-password", "vm-a", "--from-secret", "nope/pw"];
+    let out = plugin(&w, &[&from_nope[..], &["--timeout", "30s"]].concat()).await;
+    out.exits(1).warns("is stalled: SecretNotFound");
     // --timeout passes first: exit 3, the run goes on.
-    let qga_less = vm(NS, "vm-b", "node-1");
-    w.add_vm(&qga_less, None).await.expect("vm without agent");
+    w.vm_without_agent(&vm(NS, "vm-b", "node-1")).await;
     let out = plugin(
         &w,
         &["set-password", "vm-b", "--generate", "--timeout", "2s"],
     )
     .await;
-    assert_eq!(out.code, 3, "{out:?}");
-    assert!(out.stderr.contains("timed out following"), "{out:?}");
+    out.exits(3).warns("timed out following");
     // Usage errors exit 2 before anything is created.
     let out = plugin(&w, &["set-password", "vm-a", "--generate", "--length", "8"]).await;
-    assert_eq!(out.code, 2, "{out:?}");
+    out.exits(2);
     let out = plugin(&w, &["set-password", "vm-a"]).await;
-    assert_eq!(out.code, 2, "{out:?}");
+    out.exits(2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdin_password_is_in_no_argument_log_event_or_output() {
     const PW: &str = "Plugin-Stdin-Secret-4711";
-    let w = served(true).await;
-    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let (w, qga) = served_with_guest(true, "vm-a").await;
     let mut c = command(
         w.kubeconfig(),
         &["set-password", "vm-a", "--user", "alice", "--stdin"],
@@ -496,7 +498,7 @@ async fn stdin_password_is_in_no_argument_log_event_or_output() {
     })
     .await
     .expect("thread");
-    assert_eq!(out.code, 0, "{out:?}");
+    out.exits(0);
     assert!(
         seen.is_empty(),
         "the password was in the argv of processes {seen:?}"
@@ -522,51 +524,27 @@ async fn stdin_password_is_in_no_argument_log_event_or_output() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_dry_run_lists_targets_and_a_run_reports_each_vm() {
-    let w = World::start(WorldOptions {
-        serve: true,
+    let w = served_with(WorldOptions {
         nodes: 2,
         ..WorldOptions::default()
     })
-    .await
-    .expect("world");
-    let _a = w
-        .add_guest(&vm(NS, "db-a", "node-1").label("tier", "db"))
-        .await;
-    let _b = w
-        .add_guest(&vm(NS, "db-b", "node-2").label("tier", "db"))
-        .await;
+    .await;
+    let _db = labelled_guests(&w, ("tier", "db"), [("db-a", "node-1"), ("db-b", "node-2")]).await;
     // Labelled, but no agent answers: retried until its 10 s deadline.
-    w.add_vm(&vm(NS, "db-c", "node-2").label("tier", "db"), None)
-        .await
-        .expect("vm");
-    w.add_guest(&vm(NS, "web-a", "node-1").label("tier", "web"))
+    w.vm_without_agent(&vm(NS, "db-c", "node-2").label("tier", "db"))
         .await;
-    w.add_vm(
-        &vm(NS, "db-off", "node-1")
-            .label("tier", "db")
-            .phase("Succeeded"),
-        None,
-    )
-    .await
-    .expect("vm");
+    let _web = labelled_guests(&w, ("tier", "web"), [("web-a", "node-1")]).await;
+    let off = vm(NS, "db-off", "node-1").label("tier", "db");
+    w.vm_without_agent(&off.phase("Succeeded")).await;
 
     let dry = plugin(
         &w,
         &["set-password", "-l", "tier=db", "--generate", "--dry-run"],
     )
     .await;
-    assert_eq!(dry.code, 0, "{dry:?}");
-    let rows: Vec<Vec<&str>> = dry
-        .stdout
-        .lines()
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    assert_eq!(
-        rows[0][..5],
-        ["VM", "NODE", "PHASE", "AGENT", "TARGETED"],
-        "{dry:?}"
-    );
-    let targeted: Vec<(&str, &str)> = rows[1..]
+    dry.exits(0);
+    let rows = dry_run_rows(&dry);
+    let targeted: Vec<(&str, &str)> = rows
         .iter()
         .filter(|r| r.get(4) == Some(&"yes"))
         .map(|r| (r[0], r[1]))
@@ -576,12 +554,10 @@ async fn bulk_dry_run_lists_targets_and_a_run_reports_each_vm() {
         [("db-a", "node-1"), ("db-b", "node-2"), ("db-c", "node-2")],
         "{dry:?}"
     );
-    assert!(
-        dry.stdout.contains("db-off") && dry.stdout.contains("no (not running)"),
-        "{dry:?}"
-    );
+    dry.prints("db-off")
+        .prints("no (not running)")
+        .prints("3 VM(s) would be targeted");
     assert!(!dry.stdout.contains("web-a"), "{dry:?}");
-    assert!(dry.stdout.contains("3 VM(s) would be targeted"), "{dry:?}");
     let resets: Api<GuestPasswordReset> = Api::namespaced(w.client.clone(), NS);
     assert!(
         resets
@@ -593,39 +569,21 @@ async fn bulk_dry_run_lists_targets_and_a_run_reports_each_vm() {
         "dry run created nothing"
     );
 
-    let out = plugin(
-        &w,
-        &[
-            "set-password",
-            "-l",
-            "tier=db",
-            "--user",
-            "alice",
-            "--generate",
-            "--max-concurrency",
-            "2",
-            "--max-failures",
-            "1",
-            "--deadline",
-            "10s",
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 1, "{out:?}");
-    assert_plain(&out);
-    let name = created_name(&out);
-    assert!(name.starts_with("bulk-pw-"), "{name}");
+    let rollout = [
+        "--max-concurrency",
+        "2",
+        "--max-failures",
+        "1",
+        "--deadline",
+        "10s",
+    ];
+    let out = plugin(&w, &generate(&["-l", "tier=db"], "alice", &rollout)).await;
+    let name = out.created(1, "bulk-pw-");
     for v in ["db-a", "db-b"] {
-        assert!(
-            out.stdout.contains(&format!("{v}: Succeeded (Applied)")),
-            "{out:?}"
-        );
+        out.prints(&format!("{v}: Succeeded (Applied)"));
     }
-    assert!(
-        out.stderr.contains("PartiallySucceeded, 1 of 3 VMs failed"),
-        "{out:?}"
-    );
-    assert!(out.stderr.contains("db-c: DeadlineExceeded"), "{out:?}");
+    out.warns("PartiallySucceeded, 1 of 3 VMs failed")
+        .warns("db-c: DeadlineExceeded");
     let r: GuestPasswordReset = w.get(NS, &name).await;
     let spec = r.spec.common.rollout;
     assert_eq!(
@@ -638,12 +596,8 @@ async fn bulk_dry_run_lists_targets_and_a_run_reports_each_vm() {
     );
     // show-password of a bulk reset needs --vm.
     let many = plugin(&w, &["show-password", &name, "--force"]).await;
-    assert_eq!(many.code, 2, "{many:?}");
-    assert!(
-        many.stderr
-            .contains("choose one with --vm (db-a, db-b, db-c)"),
-        "{many:?}"
-    );
+    many.exits(2)
+        .warns("choose one with --vm (db-a, db-b, db-c)");
     let one = plugin(&w, &["show-password", &name, "--vm", "db-b", "--force"]).await;
     assert_eq!(
         one.stdout.trim_end(),
@@ -731,48 +685,74 @@ impl Pty {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn terminal_shows_live_progress_and_ctrl_c_pauses_the_run() {
-    let w = served(false).await;
-    let _a = w
-        .add_guest(&vm(NS, "fast", "node-1").label("tier", "t"))
-        .await;
-    // No agent: retried until the 5 min deadline, so the run stays at 1/2.
-    w.add_vm(&vm(NS, "stuck", "node-1").label("tier", "t"), None)
-        .await
-        .expect("vm");
+/// The plugin with `args` (and the world's kubeconfig) on a pseudo-terminal, driven by
+/// `drive` and then left to exit: what the terminal showed (with its escape codes) and the
+/// exit code.
+async fn on_a_terminal(
+    w: &World,
+    args: &str,
+    drive: impl FnOnce(&mut Pty) + Send + 'static,
+) -> (String, Option<i32>) {
     let cmdline = format!(
-        "{} --kubeconfig {} set-password -l tier=t --user alice --generate",
+        "{} --kubeconfig {} {args}",
         plugin_path().display(),
         w.kubeconfig().display()
     );
-    let (raw, code) = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let mut pty = Pty::start(&cmdline);
-        pty.wait_for("1/2 VMs");
-        pty.wait_for("/s");
-        pty.type_keys(b"\x03");
-        pty.wait_for("Pause gpr/");
-        pty.type_keys(b"y\n");
+        drive(&mut pty);
         let status = pty.child.wait().expect("script exits");
         std::thread::sleep(Duration::from_millis(200));
         (pty.raw(), status.code())
     })
     .await
-    .expect("pty steps");
-    let text = strip_ansi(&raw);
-    // The live bar: done/total, failures, rate, ETA; the finished VM's line above it.
+    .expect("pty steps")
+}
+
+/// A terminal's text (escape codes stripped) shows the live bar at `done` ("1/2 VMs"):
+/// done/total, failures and the ETA.
+fn assert_live_bar(text: &str, done: &str) {
     assert!(
-        text.contains("1/2 VMs") && text.contains("0 failed") && text.contains("ETA"),
+        text.contains(done) && text.contains("0 failed") && text.contains("ETA"),
         "{text}"
     );
+}
+
+/// A terminal's raw output has text in ANSI colour `colour` (1 red, 2 green), as a basic
+/// or a 256-colour escape.
+fn assert_coloured(raw: &str, colour: u8) {
+    assert!(
+        raw.contains(&format!("\u{1b}[3{colour}m"))
+            || raw.contains(&format!("\u{1b}[38;5;{colour}m")),
+        "colour {colour} on a terminal: {raw:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_shows_live_progress_and_ctrl_c_pauses_the_run() {
+    let w = served(false).await;
+    let _a = labelled_guests(&w, ("tier", "t"), [("fast", "node-1")]).await;
+    // No agent: retried until the 5 min deadline, so the run stays at 1/2.
+    w.vm_without_agent(&vm(NS, "stuck", "node-1").label("tier", "t"))
+        .await;
+    let args = "set-password -l tier=t --user alice --generate";
+    let (raw, code) = on_a_terminal(&w, args, |pty| {
+        pty.wait_for("1/2 VMs");
+        // The rate.
+        pty.wait_for("/s");
+        pty.type_keys(b"\x03");
+        pty.wait_for("Pause gpr/");
+        pty.type_keys(b"y\n");
+    })
+    .await;
+    let text = strip_ansi(&raw);
+    // The live bar: done/total, failures, rate, ETA; the finished VM's line above it.
+    assert_live_bar(&text, "1/2 VMs");
     assert!(
         text.contains("✔ fast Succeeded Applied on node-1"),
         "{text}"
     );
-    assert!(
-        raw.contains("\u{1b}[32m") || raw.contains("\u{1b}[38;5;2m"),
-        "green on a terminal: {raw:?}"
-    );
+    assert_coloured(&raw, 2);
     assert!(
         text.contains("paused; resume with: kubectl patch gpr"),
         "{text}"
@@ -787,36 +767,19 @@ async fn terminal_shows_live_progress_and_ctrl_c_pauses_the_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_key_is_verified_in_the_guest_and_shown_by_status() {
-    let w = served(false).await;
-    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+    let (w, qga) = served_with_guest(false, "vm-a").await;
     let dir = tempfile::tempdir().expect("dir");
     let keyfile = dir.path().join("key.pub");
     std::fs::write(&keyfile, format!("# my laptop\n{KEY1}\n")).expect("key file");
     let kf = keyfile.display().to_string();
-    let out = plugin(
-        &w,
-        &[
-            "add-key", "vm-a", "--user", "alice", "-f", &kf, "--ttl", "1h",
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    assert_plain(&out);
-    let name = created_name(&out);
-    assert!(name.starts_with("vm-a-key-"), "{name}");
-    assert!(
-        out.stdout
-            .contains("vm-a: 1 key(s) verified in the guest (Live), removed again at"),
-        "{out:?}"
-    );
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["key1@test"]
-    );
+    let out = plugin(&w, &add_key(&["vm-a"], &kf, &["--ttl", "1h"])).await;
+    let name = out.created(0, "vm-a-key-");
+    out.prints("vm-a: 1 key(s) verified in the guest (Live), removed again at");
+    assert_eq!(keys_of(&qga, "alice"), ["key1@test"]);
     let k: KeypairRebuild = w.get(NS, &name).await;
     assert_eq!(k.spec.ttl_seconds, Some(3600));
     let fp = &k.status.expect("status").run.targets[0].keys[0];
-    assert!(out.stdout.contains(&format!("key {fp}")), "{out:?}");
+    out.prints(&format!("key {fp}"));
     let status = plugin(&w, &["status"]).await;
     let header = status
         .stdout
@@ -841,17 +804,12 @@ async fn add_key_is_verified_in_the_guest_and_shown_by_status() {
     );
     // A bad key file is refused before anything is created, naming the line.
     std::fs::write(&keyfile, "ssh-ed25519 AAAA broken\n").expect("bad key");
-    let bad = plugin(&w, &["add-key", "vm-a", "--user", "alice", "-f", &kf]).await;
-    assert_eq!(bad.code, 2, "{bad:?}");
-    assert!(
-        bad.stderr.contains("line 1 is not an OpenSSH public key"),
-        "{bad:?}"
-    );
+    let bad = plugin(&w, &add_key(&["vm-a"], &kf, &[])).await;
+    bad.exits(2).warns("line 1 is not an OpenSSH public key");
     // A user the guest does not have: exit 1 with the reason.
     std::fs::write(&keyfile, KEY1).expect("key");
     let fail = plugin(&w, &["add-key", "vm-a", "--user", "mallory", "-f", &kf]).await;
-    assert_eq!(fail.code, 1, "{fail:?}");
-    assert!(fail.stderr.contains("vm-a: UserNotFound"), "{fail:?}");
+    fail.exits(1).warns("vm-a: UserNotFound");
 }
 
 fn fingerprint(key: &str) -> String {
@@ -889,43 +847,41 @@ fn key_rows(out: &Out) -> Vec<[String; 5]> {
 /// Every KeypairRebuild in the namespace, by name.
 async fn rebuild_names(w: &World) -> Vec<String> {
     let api: Api<KeypairRebuild> = Api::namespaced(w.client.clone(), NS);
-    let mut names: Vec<String> = api
-        .list(&ListParams::default())
-        .await
-        .expect("list")
-        .items
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
-    names.sort();
-    names
+    sorted_names(&api, &ListParams::default()).await
 }
 
 /// A served world with VM vm-a whose user alice already has a key she added by hand, and a
 /// key file with KEY1.
-async fn world_with_a_hand_added_key() -> (World, guestcred_lab::hostqga::HostQga, tempfile::TempDir)
-{
-    let w = served(false).await;
-    let qga = w.add_guest(&vm(NS, "vm-a", "node-1")).await;
+async fn world_with_a_hand_added_key() -> (World, HostQga, KeyFile) {
+    let (w, qga) = served_with_guest(false, "vm-a").await;
     qga.seed_authorized_keys("alice", &[HAND])
         .expect("hand key");
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::write(dir.path().join("key1.pub"), format!("{KEY1}\n")).expect("key file");
-    (w, qga, dir)
+    (w, qga, KeyFile::key1())
+}
+
+/// A key file with KEY1 (in a directory of its own, gone with it).
+struct KeyFile {
+    _dir: tempfile::TempDir,
+    path: String,
+}
+
+impl KeyFile {
+    fn key1() -> KeyFile {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("key1.pub");
+        std::fs::write(&path, format!("{KEY1}\n")).expect("key file");
+        KeyFile {
+            path: path.display().to_string(),
+            _dir: dir,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_keys_shows_hand_added_keys_unmanaged_and_guestcred_keys_managed_with_their_expiry() {
-    let (w, qga, dir) = world_with_a_hand_added_key().await;
-    let kf = dir.path().join("key1.pub").display().to_string();
-    let added = plugin(
-        &w,
-        &[
-            "add-key", "vm-a", "--user", "alice", "-f", &kf, "--ttl", "1h",
-        ],
-    )
-    .await;
-    assert_eq!(added.code, 0, "{added:?}");
+    let (w, qga, kf) = world_with_a_hand_added_key().await;
+    let added = plugin(&w, &add_key(&["vm-a"], &kf.path, &["--ttl", "1h"])).await;
+    added.exits(0);
     let grant = created_name(&added);
     let k: KeypairRebuild = w.get(NS, &grant).await;
     let expires = k.status.expect("status").run.targets[0]
@@ -935,7 +891,7 @@ async fn list_keys_shows_hand_added_keys_unmanaged_and_guestcred_keys_managed_wi
     let before = qga.authorized_keys("alice").expect("keys");
 
     let out = plugin(&w, &["list-keys", "vm-a", "--user", "alice"]).await;
-    assert_eq!(out.code, 0, "{out:?}");
+    out.exits(0);
     assert_plain(&out);
     let mut rows = key_rows(&out);
     rows.sort_by(|a, b| a[2].cmp(&b[2]));
@@ -969,7 +925,7 @@ async fn list_keys_shows_hand_added_keys_unmanaged_and_guestcred_keys_managed_wi
 
     // The same as JSON: the report in status, with the VM and user.
     let json = plugin(&w, &["list-keys", "vm-a", "--user", "alice", "-o", "json"]).await;
-    assert_eq!(json.code, 0, "{json:?}");
+    json.exits(0);
     let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("json");
     assert_eq!(
         (v["vm"].as_str(), v["user"].as_str()),
@@ -997,83 +953,39 @@ async fn list_keys_shows_hand_added_keys_unmanaged_and_guestcred_keys_managed_wi
 
     // A user the guest does not have: exit 1 with the reason.
     let out = plugin(&w, &["list-keys", "vm-a", "--user", "mallory"]).await;
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("UserNotFound"), "{out:?}");
+    out.exits(1).warns("UserNotFound");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_key_removes_exactly_the_named_fingerprint_and_the_read_back_confirms() {
-    let (w, qga, dir) = world_with_a_hand_added_key().await;
+    let (w, qga, kf) = world_with_a_hand_added_key().await;
     qga.seed_authorized_keys("alice", &[HAND, KEY2])
         .expect("two hand keys");
-    let kf = dir.path().join("key1.pub").display().to_string();
-    let added = plugin(&w, &["add-key", "vm-a", "--user", "alice", "-f", &kf]).await;
-    assert_eq!(added.code, 0, "{added:?}");
+    let added = plugin(&w, &add_key(&["vm-a"], &kf.path, &[])).await;
+    added.exits(0);
     assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
+        keys_of(&qga, "alice"),
         ["hand@added", "key1@test", "key2@test"]
     );
 
     // A key added by hand: named explicitly, so it goes; the others stay.
     let hand = fingerprint(HAND);
-    let out = plugin(
-        &w,
-        &[
-            "remove-key",
-            "vm-a",
-            "--user",
-            "alice",
-            "--fingerprint",
-            &hand,
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    assert_plain(&out);
-    let name = created_name(&out);
-    assert!(name.starts_with("vm-a-rmkey-"), "{name}");
-    assert!(
-        out.stdout.contains(&format!(
-            "vm-a: removed 1 key(s) from user alice and verified they are gone: {hand} (not added by guestcred)"
-        )),
-        "{out:?}"
-    );
-    assert!(
-        out.stdout.contains("vm-a: Succeeded (Removed) on node-1"),
-        "{out:?}"
-    );
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["key1@test", "key2@test"]
-    );
+    let out = plugin(&w, &remove_key(&["vm-a"], &[&hand], &[])).await;
+    out.created(0, "vm-a-rmkey-");
+    out.prints(&format!(
+        "vm-a: removed 1 key(s) from user alice and verified they are gone: {hand} (not added by guestcred)"
+    ))
+    .prints("vm-a: Succeeded (Removed) on node-1");
+    assert_eq!(keys_of(&qga, "alice"), ["key1@test", "key2@test"]);
 
     // A key guestcred added: removed too, and guestcred no longer counts it as its own.
     let key1 = fingerprint(KEY1);
-    let out = plugin(
-        &w,
-        &[
-            "remove-key",
-            "vm-a",
-            "--user",
-            "alice",
-            "--fingerprint",
-            &key1,
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    assert!(out.stdout.contains("(added by guestcred)"), "{out:?}");
+    let out = plugin(&w, &remove_key(&["vm-a"], &[&key1], &[])).await;
+    out.exits(0).prints("(added by guestcred)");
     // The add-key object still grants it: the message says its next run puts it back.
     let grant = created_name(&added);
-    assert!(
-        out.stdout
-            .contains(&format!("warning: KeypairRebuild {grant} still grants it")),
-        "{out:?}"
-    );
-    assert_eq!(
-        key_comments(&qga.authorized_keys("alice").expect("keys")),
-        ["key2@test"]
-    );
+    out.prints(&format!("warning: KeypairRebuild {grant} still grants it"));
+    assert_eq!(keys_of(&qga, "alice"), ["key2@test"]);
     let vm: guestcred::api::kubevirt::VirtualMachine = w.get(NS, "vm-a").await;
     let record = vm
         .annotations()
@@ -1084,7 +996,7 @@ async fn remove_key_removes_exactly_the_named_fingerprint_and_the_read_back_conf
 
     // The read-back through the plugin agrees.
     let out = plugin(&w, &["list-keys", "vm-a", "--user", "alice"]).await;
-    assert_eq!(out.code, 0, "{out:?}");
+    out.exits(0);
     let rows = key_rows(&out);
     assert_eq!(rows.len(), 1, "{out:?}");
     assert_eq!(rows[0][0], fingerprint(KEY2));
@@ -1093,158 +1005,68 @@ async fn remove_key_removes_exactly_the_named_fingerprint_and_the_read_back_conf
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_key_of_an_unknown_fingerprint_fails_with_key_not_found_and_changes_nothing() {
-    let (w, qga, _dir) = world_with_a_hand_added_key().await;
+    let (w, qga, _kf) = world_with_a_hand_added_key().await;
     let before = qga.authorized_keys("alice").expect("keys");
     let unknown = fingerprint(KEY3);
-    let out = plugin(
-        &w,
-        &[
-            "remove-key",
-            "vm-a",
-            "--user",
-            "alice",
-            "--fingerprint",
-            &unknown,
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(
-        out.stderr.contains(&format!(
+    let out = plugin(&w, &remove_key(&["vm-a"], &[&unknown], &[])).await;
+    out.exits(1)
+        .warns(&format!(
             "vm-a: KeyNotFound user alice in vm-a has no key {unknown}"
-        )),
-        "{out:?}"
-    );
-    assert!(out.stderr.contains("nothing was removed"), "{out:?}");
-    assert!(out.stdout.contains("vm-a: Failed (KeyNotFound)"), "{out:?}");
+        ))
+        .warns("nothing was removed")
+        .prints("vm-a: Failed (KeyNotFound)");
     assert_eq!(qga.authorized_keys("alice").expect("keys"), before);
     // One known and one unknown: still nothing removed.
     let hand = fingerprint(HAND);
-    let out = plugin(
-        &w,
-        &[
-            "remove-key",
-            "vm-a",
-            "--user",
-            "alice",
-            "--fingerprint",
-            &hand,
-            "--fingerprint",
-            &unknown,
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("KeyNotFound"), "{out:?}");
+    let out = plugin(&w, &remove_key(&["vm-a"], &[&hand, &unknown], &[])).await;
+    out.exits(1).warns("KeyNotFound");
     assert_eq!(qga.authorized_keys("alice").expect("keys"), before);
     // Not a fingerprint at all: a usage error before anything is created.
     let rebuilds = rebuild_names(&w).await;
-    let out = plugin(
-        &w,
-        &[
-            "remove-key",
-            "vm-a",
-            "--user",
-            "alice",
-            "--fingerprint",
-            "SHA256:abc",
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 2, "{out:?}");
-    assert!(
-        out.stderr.contains("is not a SHA256 fingerprint"),
-        "{out:?}"
-    );
+    let out = plugin(&w, &remove_key(&["vm-a"], &["SHA256:abc"], &[])).await;
+    out.exits(2).warns("is not a SHA256 fingerprint");
     assert_eq!(rebuild_names(&w).await, rebuilds);
 }
 
 /// A served world on two nodes with VMs web-a (node-1) and web-b (node-2) labelled
 /// tier=web and db-a (node-1) labelled tier=db, each with a real guest whose user alice has
 /// the key HAND she added herself; and a key file with KEY1.
-async fn web_and_db_guests() -> (
-    World,
-    [guestcred_lab::hostqga::HostQga; 3],
-    tempfile::TempDir,
-) {
-    let w = World::start(WorldOptions {
-        serve: true,
+async fn web_and_db_guests() -> (World, [HostQga; 3], KeyFile) {
+    let w = served_with(WorldOptions {
         nodes: 2,
         ..WorldOptions::default()
     })
-    .await
-    .expect("world");
-    let web_a = w
-        .add_guest(&vm(NS, "web-a", "node-1").label("tier", "web"))
-        .await;
-    let web_b = w
-        .add_guest(&vm(NS, "web-b", "node-2").label("tier", "web"))
-        .await;
-    let db_a = w
-        .add_guest(&vm(NS, "db-a", "node-1").label("tier", "db"))
-        .await;
+    .await;
+    let [web_a, web_b] = labelled_guests(
+        &w,
+        ("tier", "web"),
+        [("web-a", "node-1"), ("web-b", "node-2")],
+    )
+    .await;
+    let [db_a] = labelled_guests(&w, ("tier", "db"), [("db-a", "node-1")]).await;
     for qga in [&web_a, &web_b, &db_a] {
         qga.seed_authorized_keys("alice", &[HAND])
             .expect("hand key");
     }
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::write(dir.path().join("key1.pub"), format!("{KEY1}\n")).expect("key file");
-    (w, [web_a, web_b, db_a], dir)
+    (w, [web_a, web_b, db_a], KeyFile::key1())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_key_with_a_selector_adds_the_key_to_every_matching_guest() {
-    let (w, [web_a, web_b, db_a], dir) = web_and_db_guests().await;
-    let kf = dir.path().join("key1.pub").display().to_string();
-    let out = plugin(
-        &w,
-        &[
-            "add-key",
-            "-l",
-            "tier=web",
-            "--user",
-            "alice",
-            "-f",
-            &kf,
-            "--max-concurrency",
-            "1",
-            "--max-failures",
-            "1",
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    assert_plain(&out);
-    let name = created_name(&out);
-    assert!(name.starts_with("bulk-key-"), "{name}");
+    let (w, [web_a, web_b, db_a], kf) = web_and_db_guests().await;
+    let rollout = ["--max-concurrency", "1", "--max-failures", "1"];
+    let out = plugin(&w, &add_key(&["-l", "tier=web"], &kf.path, &rollout)).await;
+    let name = out.created(0, "bulk-key-");
     for (v, node) in [("web-a", "node-1"), ("web-b", "node-2")] {
-        assert!(
-            out.stdout
-                .contains(&format!("{v}: 1 key(s) verified in the guest (Live)")),
-            "{out:?}"
-        );
-        assert!(
-            out.stdout
-                .contains(&format!("{v}: Succeeded (Verified) on {node}")),
-            "{out:?}"
-        );
+        out.prints(&format!("{v}: 1 key(s) verified in the guest (Live)"))
+            .prints(&format!("{v}: Succeeded (Verified) on {node}"));
     }
-    assert!(
-        out.stdout
-            .contains(&format!("kpr/{name}: Succeeded (2/2 VMs)")),
-        "{out:?}"
-    );
+    out.prints(&format!("kpr/{name}: Succeeded (2/2 VMs)"));
     // The guests' own files: the key beside the hand-added one; db-a untouched.
     for qga in [&web_a, &web_b] {
-        assert_eq!(
-            key_comments(&qga.authorized_keys("alice").expect("keys")),
-            ["hand@added", "key1@test"]
-        );
+        assert_eq!(keys_of(qga, "alice"), ["hand@added", "key1@test"]);
     }
-    assert_eq!(
-        key_comments(&db_a.authorized_keys("alice").expect("keys")),
-        ["hand@added"]
-    );
+    assert_eq!(keys_of(&db_a, "alice"), ["hand@added"]);
     // The object is the selector form, with the rollout settings given.
     let k: KeypairRebuild = w.get(NS, &name).await;
     let common = &k.spec.common;
@@ -1272,48 +1094,24 @@ async fn remove_key_with_a_selector_removes_the_key_from_every_matching_guest() 
             .expect("two hand keys");
     }
     let hand = fingerprint(HAND);
+    let by_tier = ["-l", "tier=web"];
     let out = plugin(
         &w,
-        &[
-            "remove-key",
-            "-l",
-            "tier=web",
-            "--user",
-            "alice",
-            "--fingerprint",
-            &hand,
-            "--max-concurrency",
-            "1",
-        ],
+        &remove_key(&by_tier, &[&hand], &["--max-concurrency", "1"]),
     )
     .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    assert_plain(&out);
-    let name = created_name(&out);
-    assert!(name.starts_with("bulk-rmkey-"), "{name}");
+    let name = out.created(0, "bulk-rmkey-");
     for v in ["web-a", "web-b"] {
-        assert!(
-            out.stdout.contains(&format!(
-                "{v}: removed 1 key(s) from user alice and verified they are gone: {hand}"
-            )),
-            "{out:?}"
-        );
-        assert!(
-            out.stdout.contains(&format!("{v}: Succeeded (Removed)")),
-            "{out:?}"
-        );
+        out.prints(&format!(
+            "{v}: removed 1 key(s) from user alice and verified they are gone: {hand}"
+        ))
+        .prints(&format!("{v}: Succeeded (Removed)"));
     }
     // Read back from the guests: only the named key went, and only where selected.
     for qga in [&web_a, &web_b] {
-        assert_eq!(
-            key_comments(&qga.authorized_keys("alice").expect("keys")),
-            ["key2@test"]
-        );
+        assert_eq!(keys_of(qga, "alice"), ["key2@test"]);
     }
-    assert_eq!(
-        key_comments(&db_a.authorized_keys("alice").expect("keys")),
-        ["hand@added", "key2@test"]
-    );
+    assert_eq!(keys_of(&db_a, "alice"), ["hand@added", "key2@test"]);
     let k: KeypairRebuild = w.get(NS, &name).await;
     assert!(k.spec.common.target.selector.is_some(), "{:?}", k.spec);
     assert_eq!(k.spec.remove_fingerprints, [hand]);
@@ -1321,43 +1119,14 @@ async fn remove_key_with_a_selector_removes_the_key_from_every_matching_guest() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_key_dry_run_lists_the_selected_vms_and_their_nodes_and_creates_nothing() {
-    let (w, [web_a, web_b, _db_a], dir) = web_and_db_guests().await;
-    w.add_vm(
-        &vm(NS, "web-off", "node-2")
-            .label("tier", "web")
-            .phase("Succeeded"),
-        None,
-    )
-    .await
-    .expect("vm");
-    let kf = dir.path().join("key1.pub").display().to_string();
-    let dry = plugin(
-        &w,
-        &[
-            "add-key",
-            "-l",
-            "tier=web",
-            "--user",
-            "alice",
-            "-f",
-            &kf,
-            "--dry-run",
-        ],
-    )
-    .await;
-    assert_eq!(dry.code, 0, "{dry:?}");
+    let (w, [web_a, web_b, _db_a], kf) = web_and_db_guests().await;
+    let off = vm(NS, "web-off", "node-2").label("tier", "web");
+    w.vm_without_agent(&off.phase("Succeeded")).await;
+    let dry = plugin(&w, &add_key(&["-l", "tier=web"], &kf.path, &["--dry-run"])).await;
+    dry.exits(0);
     assert_plain(&dry);
-    let rows: Vec<Vec<&str>> = dry
-        .stdout
-        .lines()
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    assert_eq!(
-        rows[0][..5],
-        ["VM", "NODE", "PHASE", "AGENT", "TARGETED"],
-        "{dry:?}"
-    );
-    let listed: Vec<(&str, &str, &str)> = rows[1..]
+    let rows = dry_run_rows(&dry);
+    let listed: Vec<(&str, &str, &str)> = rows
         .iter()
         .take_while(|r| r.len() >= 5 && r[1].starts_with("node-"))
         .map(|r| (r[0], r[1], r[4]))
@@ -1372,14 +1141,14 @@ async fn add_key_dry_run_lists_the_selected_vms_and_their_nodes_and_creates_noth
         "{dry:?}"
     );
     assert!(!dry.stdout.contains("db-a"), "{dry:?}");
-    assert!(dry.stdout.contains("2 VM(s) would be targeted"), "{dry:?}");
+    dry.prints("2 VM(s) would be targeted");
     assert!(
         rebuild_names(&w).await.is_empty(),
         "a dry run creates no KeypairRebuild"
     );
     for qga in [&web_a, &web_b] {
         assert_eq!(
-            key_comments(&qga.authorized_keys("alice").expect("keys")),
+            keys_of(qga, "alice"),
             ["hand@added"],
             "a dry run changes no guest"
         );
@@ -1388,32 +1157,16 @@ async fn add_key_dry_run_lists_the_selected_vms_and_their_nodes_and_creates_noth
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminal_shows_live_progress_of_remove_key_and_a_pipe_gets_plain_lines() {
-    let (w, [web_a, web_b, _db_a], _dir) = web_and_db_guests().await;
+    let (w, [web_a, web_b, _db_a], _kf) = web_and_db_guests().await;
     // No agent: retried until its 10 s deadline, so the run stays at 2/3 until then.
-    w.add_vm(&vm(NS, "web-stuck", "node-2").label("tier", "web"), None)
-        .await
-        .expect("vm");
+    w.vm_without_agent(&vm(NS, "web-stuck", "node-2").label("tier", "web"))
+        .await;
     let hand = fingerprint(HAND);
-    let cmdline = format!(
-        "{} --kubeconfig {} remove-key -l tier=web --user alice --fingerprint {hand} --deadline 10s",
-        plugin_path().display(),
-        w.kubeconfig().display()
-    );
-    let (raw, code) = tokio::task::spawn_blocking(move || {
-        let mut pty = Pty::start(&cmdline);
-        pty.wait_for("2/3 VMs");
-        let status = pty.child.wait().expect("script exits");
-        std::thread::sleep(Duration::from_millis(200));
-        (pty.raw(), status.code())
-    })
-    .await
-    .expect("pty steps");
+    let args = format!("remove-key -l tier=web --user alice --fingerprint {hand} --deadline 10s");
+    let (raw, code) = on_a_terminal(&w, &args, |pty| pty.wait_for("2/3 VMs")).await;
     let text = strip_ansi(&raw);
     // The live bar (done/total, failures, ETA), each VM's line above it, in colour.
-    assert!(
-        text.contains("2/3 VMs") && text.contains("0 failed") && text.contains("ETA"),
-        "{text}"
-    );
+    assert_live_bar(&text, "2/3 VMs");
     for (v, node) in [("web-a", "node-1"), ("web-b", "node-2")] {
         assert!(
             text.contains(&format!("✔ {v} Succeeded Removed on {node}")),
@@ -1424,83 +1177,44 @@ async fn terminal_shows_live_progress_of_remove_key_and_a_pipe_gets_plain_lines(
         text.contains("✘ web-stuck Failed DeadlineExceeded on node-2"),
         "{text}"
     );
-    assert!(
-        raw.contains("\u{1b}[32m") || raw.contains("\u{1b}[38;5;2m"),
-        "green on a terminal: {raw:?}"
-    );
-    assert!(
-        raw.contains("\u{1b}[31m") || raw.contains("\u{1b}[38;5;1m"),
-        "red on a terminal: {raw:?}"
-    );
+    assert_coloured(&raw, 2);
+    assert_coloured(&raw, 1);
     assert!(
         text.contains("PartiallySucceeded, 1 of 3 VMs failed"),
         "{text}"
     );
     assert_eq!(code, Some(1), "{text}");
     for qga in [&web_a, &web_b] {
-        assert!(
-            key_comments(&qga.authorized_keys("alice").expect("keys")).is_empty(),
-            "removed in the guest"
-        );
+        assert!(keys_of(qga, "alice").is_empty(), "removed in the guest");
     }
 
     // The same command into a pipe: plain progress lines, no escape codes.
     web_a
         .seed_authorized_keys("alice", &[HAND])
         .expect("hand key again");
-    let out = plugin(
-        &w,
-        &[
-            "remove-key",
-            "web-a",
-            "--user",
-            "alice",
-            "--fingerprint",
-            &hand,
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 0, "{out:?}");
-    assert_plain(&out);
-    let name = created_name(&out);
-    assert!(
-        out.stderr
-            .contains(&format!("kpr/{name}: Succeeded, 1/1 done, 0 failed")),
-        "{out:?}"
-    );
-    assert!(
-        out.stdout.contains("web-a: Succeeded (Removed) on node-1"),
-        "{out:?}"
-    );
+    let out = plugin(&w, &remove_key(&["web-a"], &[&hand], &[])).await;
+    let name = out.created(0, "");
+    out.warns(&format!("kpr/{name}: Succeeded, 1/1 done, 0 failed"))
+        .prints("web-a: Succeeded (Removed) on node-1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_completes_vm_names_for_remove_key_and_list_keys() {
-    let w = World::start(WorldOptions {
-        serve: true,
-        namespaces: vec!["team-a".into()],
-        ..WorldOptions::default()
-    })
-    .await
-    .expect("world");
-    for (ns, name) in [(NS, "db-0"), (NS, "web-0"), ("team-a", "other-0")] {
-        w.add_vm(&vm(ns, name, "node-1"), None).await.expect("vm");
-    }
-    let kubeconfig = w.kubeconfig().to_path_buf();
-    let got = tokio::task::spawn_blocking(move || {
-        [
-            kubectl_complete(&kubeconfig, &["remove-key", ""]),
-            kubectl_complete(&kubeconfig, &["list-keys", ""]),
-            kubectl_complete(&kubeconfig, &["remove-key", "w"]),
-            kubectl_complete(&kubeconfig, &["list-keys", "-n", "team-a", ""]),
-            kubectl_complete(&kubeconfig, &["remove-key", "db-0", "--fi"]),
-            kubectl_complete(&kubeconfig, &["remove-key", "--max-"]),
-            kubectl_complete(&kubeconfig, &["list-keys", "db-0", ""]),
-            kubectl_complete(&kubeconfig, &["remove-key", "-l", "tier=web", ""]),
-        ]
-    })
-    .await
-    .expect("kubectl");
+    let w = vms_in_two_namespaces().await;
+    let got = completions(
+        &w,
+        &[
+            &["remove-key", ""],
+            &["list-keys", ""],
+            &["remove-key", "w"],
+            &["list-keys", "-n", "team-a", ""],
+            &["remove-key", "db-0", "--fi"],
+            &["remove-key", "--max-"],
+            &["list-keys", "db-0", ""],
+            &["remove-key", "-l", "tier=web", ""],
+        ],
+    )
+    .await;
     assert_eq!(got[0], ["db-0", "web-0"]);
     assert_eq!(got[1], ["db-0", "web-0"]);
     assert_eq!(got[2], ["web-0"]);
@@ -1524,7 +1238,7 @@ fn help_reads_like_kubectl() {
         "completion",
     ] {
         let out = finish(command(nowhere, &[sub, "--help"]).spawn().expect("spawn"));
-        assert_eq!(out.code, 0, "{out:?}");
+        out.exits(0);
         let ex = out
             .stdout
             .find("\nExamples:\n  ")
@@ -1603,27 +1317,15 @@ async fn forbidden_requests_name_the_missing_permission() {
         &["set-password", "vm-a", "--generate", "-n", "team-a"],
     )
     .await;
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(
-        out.stderr.contains("permission denied: you need RBAC permission to create guestpasswordresets.guestcred.io in namespace \"team-a\" (the guestcred-editor role grants it"),
-        "{out:?}"
-    );
+    out.exits(1).warns("permission denied: you need RBAC permission to create guestpasswordresets.guestcred.io in namespace \"team-a\" (the guestcred-editor role grants it");
     let out = plugin_with_kubeconfig_flag(&kubeconfig, &["status"]).await;
-    assert!(
-        out.stderr
-            .contains("to list guestpasswordresets.guestcred.io in namespace \"default\""),
-        "{out:?}"
-    );
+    out.warns("to list guestpasswordresets.guestcred.io in namespace \"default\"");
     let out = plugin_with_kubeconfig_flag(
         &kubeconfig,
         &["set-password", "-l", "tier=db", "--generate", "--dry-run"],
     )
     .await;
-    assert!(
-        out.stderr
-            .contains("to list virtualmachineinstances.kubevirt.io"),
-        "{out:?}"
-    );
+    out.warns("to list virtualmachineinstances.kubevirt.io");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1631,69 +1333,21 @@ async fn forbidden_key_commands_name_the_missing_permission() {
     let (_dir, kubeconfig) = forbidding_api_server().await;
     let hand = fingerprint(HAND);
     let editor = "(the guestcred-editor role grants it";
-    for out in [
-        plugin_with_kubeconfig_flag(
-            &kubeconfig,
-            &[
-                "remove-key",
-                "vm-a",
-                "--user",
-                "alice",
-                "--fingerprint",
-                &hand,
-                "-n",
-                "team-a",
-            ],
-        )
-        .await,
-        plugin_with_kubeconfig_flag(
-            &kubeconfig,
-            &[
-                "remove-key",
-                "-l",
-                "tier=web",
-                "--user",
-                "alice",
-                "--fingerprint",
-                &hand,
-                "-n",
-                "team-a",
-            ],
-        )
-        .await,
-        plugin_with_kubeconfig_flag(
-            &kubeconfig,
-            &["list-keys", "vm-a", "--user", "alice", "-n", "team-a"],
-        )
-        .await,
+    let team_a = ["-n", "team-a"];
+    for args in [
+        remove_key(&["vm-a"], &[&hand], &team_a),
+        remove_key(&["-l", "tier=web"], &[&hand], &team_a),
+        vec!["list-keys", "vm-a", "--user", "alice", "-n", "team-a"],
     ] {
-        assert_eq!(out.code, 1, "{out:?}");
-        assert!(
-            out.stderr.contains(&format!("permission denied: you need RBAC permission to create keypairrebuilds.guestcred.io in namespace \"team-a\" {editor}")),
-            "{out:?}"
-        );
-        assert!(out.stderr.contains("forbidden: User \"bob\""), "{out:?}");
+        let out = plugin_with_kubeconfig_flag(&kubeconfig, &args).await;
+        out.exits(1)
+            .warns(&format!("permission denied: you need RBAC permission to create keypairrebuilds.guestcred.io in namespace \"team-a\" {editor}"))
+            .warns("forbidden: User \"bob\"");
     }
     // The dry run only reads: it names the list of VMs it was refused.
-    let out = plugin_with_kubeconfig_flag(
-        &kubeconfig,
-        &[
-            "remove-key",
-            "-l",
-            "tier=web",
-            "--user",
-            "alice",
-            "--fingerprint",
-            &hand,
-            "--dry-run",
-        ],
-    )
-    .await;
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(
-        out.stderr.contains("permission denied: you need RBAC permission to list virtualmachineinstances.kubevirt.io in namespace \"default\""),
-        "{out:?}"
-    );
+    let dry = remove_key(&["-l", "tier=web"], &[&hand], &["--dry-run"]);
+    let out = plugin_with_kubeconfig_flag(&kubeconfig, &dry).await;
+    out.exits(1).warns("permission denied: you need RBAC permission to list virtualmachineinstances.kubevirt.io in namespace \"default\"");
 }
 
 #[test]
@@ -1709,7 +1363,7 @@ fn completion_scripts_for_each_shell() {
                 .spawn()
                 .expect("spawn"),
         );
-        assert_eq!(out.code, 0, "{out:?}");
+        out.exits(0);
         assert!(out.stdout.contains(marker), "{shell}: {}", out.stdout);
         for sub in ["set-password", "show-password", "add-key"] {
             assert!(out.stdout.contains(sub), "{shell} completes {sub}");
@@ -1743,6 +1397,41 @@ fn completion_scripts_for_each_shell() {
     }
 }
 
+/// A served world with namespace team-a besides the default one, and VMs without agents:
+/// db-0 and web-0 in the default namespace, other-0 in team-a.
+async fn vms_in_two_namespaces() -> World {
+    let w = served_with(WorldOptions {
+        namespaces: vec!["team-a".into()],
+        ..WorldOptions::default()
+    })
+    .await;
+    for (ns, name) in [(NS, "db-0"), (NS, "web-0"), ("team-a", "other-0")] {
+        w.vm_without_agent(&vm(ns, name, "node-1")).await;
+    }
+    w
+}
+
+/// What kubectl offers for each of `cases` ([`kubectl_complete`] with the world's
+/// kubeconfig), in order.
+async fn completions(w: &World, cases: &[&[&str]]) -> Vec<Vec<String>> {
+    let kubeconfig = w.kubeconfig().to_path_buf();
+    let cases: Vec<Vec<String>> = cases
+        .iter()
+        .map(|words| words.iter().map(|s| s.to_string()).collect())
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        cases
+            .iter()
+            .map(|words| {
+                let words: Vec<&str> = words.iter().map(String::as_str).collect();
+                kubectl_complete(&kubeconfig, &words)
+            })
+            .collect()
+    })
+    .await
+    .expect("kubectl")
+}
+
 /// What kubectl's hidden __complete command (which every shell's kubectl completion calls)
 /// offers for `kubectl guestcred <words…>`: kubectl runs kubectl_complete-guestcred from PATH.
 fn kubectl_complete(kubeconfig: &Path, words: &[&str]) -> Vec<String> {
@@ -1769,20 +1458,7 @@ fn kubectl_complete(kubeconfig: &Path, words: &[&str]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_completes_namespaces_vms_and_resets_through_the_helper() {
-    let w = World::start(WorldOptions {
-        serve: true,
-        namespaces: vec!["team-a".into()],
-        ..WorldOptions::default()
-    })
-    .await
-    .expect("world");
-    w.add_vm(&vm(NS, "db-0", "node-1"), None).await.expect("vm");
-    w.add_vm(&vm(NS, "web-0", "node-1"), None)
-        .await
-        .expect("vm");
-    w.add_vm(&vm("team-a", "other-0", "node-1"), None)
-        .await
-        .expect("vm");
+    let w = vms_in_two_namespaces().await;
     w.apply(
         &GuestPasswordReset::test("db-0-pw-abcde")
             .vm("db-0")
@@ -1797,21 +1473,20 @@ async fn kubectl_completes_namespaces_vms_and_resets_through_the_helper() {
     )
     .await
     .expect("rebuild");
-    let kubeconfig = w.kubeconfig().to_path_buf();
-    let got = tokio::task::spawn_blocking(move || {
-        [
-            kubectl_complete(&kubeconfig, &["set-"]),
-            kubectl_complete(&kubeconfig, &["set-password", ""]),
-            kubectl_complete(&kubeconfig, &["add-key", "w"]),
-            kubectl_complete(&kubeconfig, &["-n", "team-a", "set-password", ""]),
-            kubectl_complete(&kubeconfig, &["set-password", "-n", ""]),
-            kubectl_complete(&kubeconfig, &["status", ""]),
-            kubectl_complete(&kubeconfig, &["show-password", ""]),
-            kubectl_complete(&kubeconfig, &["add-key", "db-0", "--t"]),
-        ]
-    })
-    .await
-    .expect("kubectl");
+    let got = completions(
+        &w,
+        &[
+            &["set-"],
+            &["set-password", ""],
+            &["add-key", "w"],
+            &["-n", "team-a", "set-password", ""],
+            &["set-password", "-n", ""],
+            &["status", ""],
+            &["show-password", ""],
+            &["add-key", "db-0", "--t"],
+        ],
+    )
+    .await;
     assert_eq!(got[0], ["set-password"]);
     assert_eq!(got[1], ["db-0", "web-0"]);
     assert_eq!(got[2], ["web-0"]);
