@@ -22,10 +22,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use guestcred_lab::cluster::{self, LabState, real};
+use guestcred_lab::testing::merge_patch;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
@@ -39,6 +40,12 @@ async fn lab() -> &'static Lab {
 async fn admin() -> Client {
     let _ = lab().await;
     real_cp::admin().await
+}
+
+/// The spec of a reset of a generated password for a VM that does not exist: the
+/// controller reconciles it (and reports VMNotFound) without any guest.
+fn generated_for_no_vm() -> Value {
+    json!({"target": {"vmName": "no-such-vm"}, "password": {"generate": {"length": 20}}})
 }
 
 /// (group, resource[/subresource], verb) triples the rules grant (no wildcards in the chart).
@@ -81,16 +88,22 @@ const UNEXERCISED: &[(&str, &str, &str, &str)] = &[];
 /// Targets of the large runs: one over the 100 a status keeps inline (api/src/shards.rs).
 const FLEET: usize = 101;
 
-/// A namespace of its own holding FLEET simulated VMs labelled `fleet=all` (each flow has
-/// its own: a simulated guest answers one call at a time, and shows its state only
-/// between calls).
-async fn sim_fleet(prefix: &str) -> String {
+/// What a flow over simulated guests works in: a namespace of its own holding FLEET
+/// simulated VMs labelled `fleet=all` (each flow has its own: a simulated guest answers
+/// one call at a time, and shows its state only between calls); with the admin client and
+/// the simulated guests' agent.
+async fn sim_fleet(
+    prefix: &str,
+) -> (
+    String,
+    Client,
+    &'static std::sync::Arc<guestcred_lab::simagent::SimAgent>,
+) {
     let _ = lab().await;
     let client = admin().await;
-    let ns = unique(prefix);
-    namespace(&client, &ns).await;
+    let ns = new_namespace(&client, prefix).await;
     sim_vms(&client, &ns, "fleet", FLEET, &[("fleet", "all")]).await;
-    ns
+    (ns, client, &sim_node().await.agent)
 }
 
 /// ConfigMaps labelled as `uid`'s shards, by name.
@@ -133,9 +146,8 @@ struct ShardedReset {
 async fn sharded_reset() -> &'static ShardedReset {
     static DONE: tokio::sync::OnceCell<ShardedReset> = tokio::sync::OnceCell::const_new();
     DONE.get_or_init(|| async {
-        let ns = &sim_fleet("fleet-pw").await;
-        let client = admin().await;
-        let sim = &sim_node().await.agent;
+        let (ns, client, sim) = sim_fleet("fleet-pw").await;
+        let ns = &ns;
         secret(&client, ns, "fleet-pw", &[("password", "Sharded-run-1")]).await;
         create(
             &client,
@@ -174,12 +186,8 @@ async fn sharded_reset() -> &'static ShardedReset {
 
         // A new input: a second run replaces the first one's shards.
         let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-        secrets
-            .patch(
-                "fleet-pw",
-                &PatchParams::default(),
-                &Patch::Merge(json!({"stringData": {"password": "Sharded-run-2"}})),
-            )
+        let new_input = json!({"stringData": {"password": "Sharded-run-2"}});
+        merge_patch(&secrets, "fleet-pw", new_input)
             .await
             .expect("change the Secret");
         let api = objects(&client, ns, "GuestPasswordReset");
@@ -250,9 +258,8 @@ const FLEET_KEY: &str =
 async fn sharded_keys() -> &'static ShardedKeys {
     static DONE: tokio::sync::OnceCell<ShardedKeys> = tokio::sync::OnceCell::const_new();
     DONE.get_or_init(|| async {
-        let ns = &sim_fleet("fleet-keys").await;
-        let client = admin().await;
-        let sim = &sim_node().await.agent;
+        let (ns, client, sim) = sim_fleet("fleet-keys").await;
+        let ns = &ns;
         create(
             &client,
             ns,
@@ -286,8 +293,7 @@ async fn keys_on_a_bare_vmi() -> &'static Option<String> {
     DONE.get_or_init(|| async {
         let _ = lab().await;
         let client = admin().await;
-        let ns = &unique("bare-vmi");
-        namespace(&client, ns).await;
+        let ns = &new_namespace(&client, "bare-vmi").await;
         let node = sim_node().await;
         guestcred_lab::kubevirt::vm(ns, "bare-0", &node.name)
             .create_without_vm(&client)
@@ -327,8 +333,7 @@ async fn rotation_with_pruning() -> &'static Rotated {
     DONE.get_or_init(|| async {
         let _ = lab().await;
         let client = admin().await;
-        let ns = unique("rotation");
-        namespace(&client, &ns).await;
+        let ns = new_namespace(&client, "rotation").await;
         sim_vms(&client, &ns, "rot", 1, &[]).await;
         create(
             &client,
@@ -482,8 +487,7 @@ async fn scheduled_rotation_prunes_generated_secrets_beyond_keep_previous() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_server_enforces_the_crds_cel_rules() {
     let client = admin().await;
-    let ns = unique("cel");
-    namespace(&client, &ns).await;
+    let ns = new_namespace(&client, "cel").await;
     let api = objects(&client, &ns, "GuestPasswordReset");
     let both = object(
         "GuestPasswordReset",
@@ -532,15 +536,11 @@ async fn the_api_server_enforces_the_crds_cel_rules() {
         &ns,
         "GuestPasswordReset",
         "fixed-target",
-        json!({"target": {"vmName": "no-such-vm"}, "password": {"generate": {"length": 20}}}),
+        generated_for_no_vm(),
     )
     .await;
-    let err = api
-        .patch(
-            "fixed-target",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"target": {"vmName": "other-vm"}}})),
-        )
+    let retarget = json!({"spec": {"target": {"vmName": "other-vm"}}});
+    let err = merge_patch(&api, "fixed-target", retarget)
         .await
         .expect_err("spec.target is immutable");
     assert!(
@@ -586,6 +586,34 @@ async fn the_api_server_enforces_the_crds_cel_rules() {
             && a.user == controller
             && ["both-targets", "both-passwords", "no-keys"].contains(&a.name.as_str())),
         "the controller saw a refused object"
+    );
+}
+
+/// KeypairRebuild `name` in `ns` of root's keys on lab VM `vm` in `mode`, adding `key`:
+/// waits until it is Ready and checks that the guest's /root/.ssh/authorized_keys has the
+/// key (by its comment).
+async fn keys_reach_root(
+    client: &Client,
+    (ns, name): (&str, &str),
+    (vm, mode): (&str, &str),
+    key: &str,
+) {
+    create(
+        client,
+        ns,
+        "KeypairRebuild",
+        name,
+        json!({"target": {"vmName": vm}, "user": "root", "mode": mode,
+               "publicKeys": {"inline": [key]}}),
+    )
+    .await;
+    wait_ready(client, ns, "KeypairRebuild", name).await;
+    let comment = key.split_whitespace().nth(2).expect("a key comment");
+    assert!(
+        guest_file(vm, "/root/.ssh/authorized_keys")
+            .await
+            .contains(comment),
+        "key not in {vm} ({mode})"
     );
 }
 
@@ -809,22 +837,8 @@ async fn guest_flows_as_the_chart_service_account_and_what_the_audit_log_shows()
     // 1. From a Secret.
     let pw = "Real-control-plane-1";
     let sname = unique("real-pw");
-    secret(&client, ns, &sname, &[("password", pw)]).await;
     let r1 = unique("real-from-secret");
-    create(
-        &client,
-        ns,
-        "GuestPasswordReset",
-        &r1,
-        json!({"target": {"vmName": "vm-1-1"}, "user": "root",
-               "password": {"secretRef": {"name": sname, "key": "password"}}}),
-    )
-    .await;
-    wait_ready(&client, ns, "GuestPasswordReset", &r1).await;
-    assert!(
-        verifies(pw, &root_hash("vm-1-1").await),
-        "vm-1-1 root password not set"
-    );
+    reset_root_from_secret(&client, ns, &r1, ("vm-1-1", &sname, pw)).await;
     eprintln!(
         "reset from a Secret: Ready and applied at {:.1}s",
         t0.elapsed().as_secs_f64()
@@ -904,53 +918,21 @@ async fn guest_flows_as_the_chart_service_account_and_what_the_audit_log_shows()
         "{gc:?}"
     );
 
-    // 3. Keys, live.
+    // 3. Keys, live. 4. Keys by Rebuild: VM spec patched, restart through the aggregated
+    // API.
     let k1 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJF3X2of517d5Kg00cGhwfj7PqWgUgbbxnZyL96Twgi5 real-live@gc";
-    let r3 = unique("real-keys-live");
-    create(
-        &client,
-        ns,
-        "KeypairRebuild",
-        &r3,
-        json!({"target": {"vmName": "vm-1-1"}, "user": "root", "mode": "Live",
-               "publicKeys": {"inline": [k1]}}),
-    )
-    .await;
-    wait_ready(&client, ns, "KeypairRebuild", &r3).await;
-    assert!(
-        guest_file("vm-1-1", "/root/.ssh/authorized_keys")
-            .await
-            .contains("real-live@gc"),
-        "key not in vm-1-1"
-    );
-    eprintln!(
-        "live keys: Ready and verified at {:.1}s",
-        t0.elapsed().as_secs_f64()
-    );
-
-    // 4. Keys by Rebuild: VM spec patched, restart through the aggregated API.
     let k2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBFIFW0uj2nPVbs2ROGbGkL4LAYWyunmSb0x+QcX5x7N real-rebuild@gc";
-    let r4 = unique("real-keys-rebuild");
-    create(
-        &client,
-        ns,
-        "KeypairRebuild",
-        &r4,
-        json!({"target": {"vmName": "vm-1-2"}, "user": "root", "mode": "Rebuild",
-               "publicKeys": {"inline": [k2]}}),
-    )
-    .await;
-    wait_ready(&client, ns, "KeypairRebuild", &r4).await;
-    assert!(
-        guest_file("vm-1-2", "/root/.ssh/authorized_keys")
-            .await
-            .contains("real-rebuild@gc"),
-        "key not in vm-1-2 after the rebuild"
-    );
-    eprintln!(
-        "rebuild: Ready and verified at {:.1}s",
-        t0.elapsed().as_secs_f64()
-    );
+    for (vm, mode, key, what) in [
+        ("vm-1-1", "Live", k1, "live keys"),
+        ("vm-1-2", "Rebuild", k2, "rebuild"),
+    ] {
+        let name = unique(&format!("real-keys-{}", mode.to_lowercase()));
+        keys_reach_root(&client, (ns, &name), (vm, mode), key).await;
+        eprintln!(
+            "{what}: Ready and verified at {:.1}s",
+            t0.elapsed().as_secs_f64()
+        );
+    }
 
     // The flows over simulated guests run beside these (started here, unless a test of
     // their own started them first; each runs once): the audit log is read once they are
@@ -1031,18 +1013,8 @@ async fn guest_flows_as_the_chart_service_account_and_what_the_audit_log_shows()
         .get(real::CONTROLLER_SA)
         .await
         .expect("controller ClusterRole");
-    let le: Api<k8s_openapi::api::rbac::v1::Role> =
-        Api::namespaced(client.clone(), &lab.state.controller_namespace);
-    let le = le
-        .get(&format!("{}-leader-election", real::CONTROLLER_SA))
-        .await
-        .expect("leader-election Role");
-    let sp: Api<k8s_openapi::api::rbac::v1::Role> =
-        Api::namespaced(client.clone(), &lab.state.shim_namespace);
-    let sp = sp
-        .get(&format!("{}-shim-pods", real::CONTROLLER_SA))
-        .await
-        .expect("shim-pods Role in the shim namespace");
+    let le = controller_role(&client, &lab.state.controller_namespace, "leader-election").await;
+    let sp = controller_role(&client, &lab.state.shim_namespace, "shim-pods").await;
     let pod_places: BTreeSet<&str> = mine
         .iter()
         .filter(|a| a.resource == "pods")
@@ -1099,8 +1071,7 @@ async fn guest_flows_as_the_chart_service_account_and_what_the_audit_log_shows()
 #[tokio::test(flavor = "multi_thread")]
 async fn the_namespace_controller_deletes_a_namespace_with_resets() {
     let client = admin().await;
-    let ns = unique("nsdel");
-    namespace(&client, &ns).await;
+    let ns = new_namespace(&client, "nsdel").await;
     secret(&client, &ns, "pw", &[("password", "Whatever-123")]).await;
     create(
         &client,
@@ -1157,8 +1128,64 @@ async fn the_namespace_controller_deletes_a_namespace_with_resets() {
     );
 }
 
+/// The chart's Role `<controller>-{suffix}` in `ns`.
+async fn controller_role(
+    client: &Client,
+    ns: &str,
+    suffix: &str,
+) -> k8s_openapi::api::rbac::v1::Role {
+    let roles: Api<k8s_openapi::api::rbac::v1::Role> = Api::namespaced(client.clone(), ns);
+    let name = format!("{}-{suffix}", real::CONTROLLER_SA);
+    roles
+        .get(&name)
+        .await
+        .unwrap_or_else(|e| panic!("Role {ns}/{name}: {e}"))
+}
+
+/// Waits up to `timeout` until a replica other than `not_by` (any, if `None`) holds the
+/// chart's Lease; its identity.
+async fn lease_taken(leases: &Api<Lease>, not_by: Option<&str>, timeout: Duration) -> String {
+    let what = match not_by {
+        Some(first) => format!("another replica than {first} to take the lease"),
+        None => "a lease holder".to_string(),
+    };
+    eventually(&what, timeout, || async move {
+        match current_holder(leases).await? {
+            Some(h) if not_by != Some(h.as_str()) => Ok(h),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
+/// Creates through `api` the binding (ClusterRoleBinding or RoleBinding) `name` of the
+/// role `(kind, name)` to ServiceAccount `(name, namespace)`.
+async fn bind<K>(api: &Api<K>, name: &str, (kind, role): (&str, &str), (sa, ns): (&str, &str))
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let binding: K = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}],
+    }))
+    .expect("a binding");
+    api.create(&PostParams::default(), &binding)
+        .await
+        .unwrap_or_else(|e| panic!("{kind} binding {name}: {e}"));
+}
+
 fn lease_holder(lease: &Lease) -> Option<String> {
     lease.spec.as_ref()?.holder_identity.clone()
+}
+
+/// Who holds the chart's Lease now (`None`: nobody); `Err` if it cannot be read.
+async fn current_holder(leases: &Api<Lease>) -> Result<Option<String>, String> {
+    let l = leases
+        .get(real::LEASE_NAME)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(lease_holder(&l))
 }
 
 fn pid_of_identity(state: &LabState, identity: &str) -> Option<u32> {
@@ -1179,17 +1206,7 @@ async fn leader_election_on_a_real_lease_with_two_replicas() {
     let lab = lab().await;
     let client = admin().await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &lab.state.controller_namespace);
-    let first = eventually("a lease holder", Duration::from_secs(60), || {
-        let leases = leases.clone();
-        async move {
-            let l = leases
-                .get(real::LEASE_NAME)
-                .await
-                .map_err(|e| e.to_string())?;
-            lease_holder(&l).ok_or_else(|| "no holder".to_string())
-        }
-    })
-    .await;
+    let first = lease_taken(&leases, None, Duration::from_secs(60)).await;
     let state = LabState::load(&lab.state.state_dir).expect("state");
     let leader_pid = pid_of_identity(&state, &first).expect("leader is a lab replica");
     let follower = state
@@ -1209,25 +1226,7 @@ async fn leader_election_on_a_real_lease_with_two_replicas() {
     // The leader dies without releasing the Lease.
     let t0 = Instant::now();
     cluster::procs::signal(leader_pid, "KILL");
-    let second = eventually(
-        "another replica to take the lease",
-        Duration::from_secs(90),
-        || {
-            let leases = leases.clone();
-            let first = first.clone();
-            async move {
-                let l = leases
-                    .get(real::LEASE_NAME)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                match lease_holder(&l) {
-                    Some(h) if h != first => Ok(h),
-                    other => Err(format!("{other:?}")),
-                }
-            }
-        },
-    )
-    .await;
+    let second = lease_taken(&leases, Some(&first), Duration::from_secs(90)).await;
     eprintln!(
         "lease taken over by {second} {:.1}s after {first} was killed",
         t0.elapsed().as_secs_f64()
@@ -1235,14 +1234,13 @@ async fn leader_election_on_a_real_lease_with_two_replicas() {
     assert_eq!(pid_of_identity(&state, &second), Some(follower.pid));
 
     // The new leader reconciles.
-    let ns = unique("leader");
-    namespace(&client, &ns).await;
+    let ns = new_namespace(&client, "leader").await;
     create(
         &client,
         &ns,
         "GuestPasswordReset",
         "r",
-        json!({"target": {"vmName": "no-such-vm"}, "password": {"generate": {"length": 20}}}),
+        generated_for_no_vm(),
     )
     .await;
     let api = objects(&client, &ns, "GuestPasswordReset");
@@ -1315,8 +1313,7 @@ async fn leader_election_on_a_real_lease_with_two_replicas() {
 async fn a_verb_removed_from_the_cluster_role_is_reported_as_forbidden() {
     let lab = lab().await;
     let client = admin().await;
-    let ns = unique("forbid");
-    namespace(&client, &ns).await;
+    let ns = new_namespace(&client, "forbid").await;
     let sa_name = "forbid-controller";
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
     sas.create(
@@ -1371,31 +1368,14 @@ async fn a_verb_removed_from_the_cluster_role_is_reported_as_forbidden() {
         .create(&PostParams::default(), &role)
         .await
         .expect("ClusterRole");
+    let subject = (sa_name, ns.as_str());
     let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
-    let binding: ClusterRoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": role_name},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name},
-        "subjects": [{"kind": "ServiceAccount", "name": sa_name, "namespace": ns}],
-    }))
-    .unwrap();
-    bindings
-        .create(&PostParams::default(), &binding)
-        .await
-        .expect("binding");
+    bind(&bindings, &role_name, ("ClusterRole", &role_name), subject).await;
     // The chart grants shim pods through a Role in the shim namespace: bind that too.
     let pod_bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
         Api::namespaced(client.clone(), &lab.state.shim_namespace);
-    let pod_binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": role_name},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                    "name": format!("{}-shim-pods", real::CONTROLLER_SA)},
-        "subjects": [{"kind": "ServiceAccount", "name": sa_name, "namespace": ns}],
-    }))
-    .unwrap();
-    pod_bindings
-        .create(&PostParams::default(), &pod_binding)
-        .await
-        .expect("pod role binding");
+    let shim_pods = format!("{}-shim-pods", real::CONTROLLER_SA);
+    bind(&pod_bindings, &role_name, ("Role", &shim_pods), subject).await;
     let token = real::mint_token(&client, &ns, sa_name)
         .await
         .expect("token");
@@ -1446,7 +1426,7 @@ async fn a_verb_removed_from_the_cluster_role_is_reported_as_forbidden() {
                     &ns,
                     "GuestPasswordReset",
                     &format!("r-{i}"),
-                    json!({"target": {"vmName": "no-such-vm"}, "password": {"generate": {"length": 20}}}),
+                    generated_for_no_vm(),
                 )
                 .await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1534,14 +1514,20 @@ fn rendered_pod(kind: &str, sets: &[&str]) -> k8s_openapi::api::core::v1::Pod {
         args.extend(["--set", s]);
     }
     let text = real::helm(&lab_admin_path(), &args).expect("helm template");
+    pod_of(&text, kind, &format!("{}-pod", kind.to_lowercase()))
+}
+
+/// The pod template of the `kind` workload in manifest `manifest` (YAML documents), as a
+/// pod named `name`.
+fn pod_of(manifest: &str, kind: &str, name: &str) -> k8s_openapi::api::core::v1::Pod {
     use serde::Deserialize as _;
-    let workload: Value = serde_yaml::Deserializer::from_str(&text)
+    let workload: Value = serde_yaml::Deserializer::from_str(manifest)
         .filter_map(|d| serde_yaml::Value::deserialize(d).ok())
         .find(|v| v["kind"].as_str() == Some(kind))
         .map(|v| serde_json::to_value(v).expect("JSON"))
-        .unwrap_or_else(|| panic!("no {kind} rendered"));
+        .unwrap_or_else(|| panic!("no {kind} in the manifest"));
     let mut template = workload["spec"]["template"].clone();
-    template["metadata"]["name"] = json!(format!("{}-pod", kind.to_lowercase()));
+    template["metadata"]["name"] = json!(name);
     serde_json::from_value(template).expect("a pod")
 }
 
@@ -1613,24 +1599,20 @@ async fn pod_security_admits_the_controller_under_restricted_and_the_shim_only_u
 
     for locator in ["kubevirt", "libvirt-uri", "qga-socket"] {
         let shim = rendered_pod("DaemonSet", &[&format!("shim.locator={locator}")]);
-        let refused = admitted(&client, &restricted, &shim)
-            .await
-            .expect_err("the shim pod under restricted");
-        eprintln!("{locator} shim under restricted: {refused}");
-        assert!(
-            refused.contains("violates PodSecurity \"restricted:latest\"")
-                && refused.contains("hostPath"),
-            "{refused}"
-        );
-        let refused = admitted(&client, &baseline, &shim)
-            .await
-            .expect_err("the shim pod under baseline");
-        eprintln!("{locator} shim under baseline: {refused}");
-        assert!(
-            refused.contains("violates PodSecurity \"baseline:latest\"")
-                && refused.contains("hostPath volumes"),
-            "{refused}"
-        );
+        for (ns, level, names) in [
+            (&restricted, "restricted", "hostPath"),
+            (&baseline, "baseline", "hostPath volumes"),
+        ] {
+            let refused = admitted(&client, ns, &shim)
+                .await
+                .expect_err("the shim pod under a level below privileged");
+            eprintln!("{locator} shim under {level}: {refused}");
+            assert!(
+                refused.contains(&format!("violates PodSecurity \"{level}:latest\""))
+                    && refused.contains(names),
+                "{refused}"
+            );
+        }
         admitted(&client, &privileged, &shim)
             .await
             .unwrap_or_else(|e| panic!("the {locator} shim pod is refused under privileged: {e}"));
@@ -1716,16 +1698,12 @@ async fn the_controllers_namespace_enforces_restricted_and_the_shims_run_in_thei
     );
 
     let manifest = helm_manifest(real::RELEASE, controller_ns);
-    let template = |kind: &str| -> k8s_openapi::api::core::v1::Pod {
-        use serde::Deserialize as _;
-        let workload: Value = serde_yaml::Deserializer::from_str(&manifest)
-            .filter_map(|d| serde_yaml::Value::deserialize(d).ok())
-            .find(|v| v["kind"].as_str() == Some(kind))
-            .map(|v| serde_json::to_value(v).expect("JSON"))
-            .unwrap_or_else(|| panic!("no {kind} installed"));
-        let mut t = workload["spec"]["template"].clone();
-        t["metadata"]["name"] = json!(unique(&format!("{}-pod", kind.to_lowercase())));
-        serde_json::from_value(t).expect("a pod")
+    let template = |kind: &str| {
+        pod_of(
+            &manifest,
+            kind,
+            &unique(&format!("{}-pod", kind.to_lowercase())),
+        )
     };
     admitted(&client, controller_ns, &template("Deployment"))
         .await

@@ -22,7 +22,7 @@ use guestcred_lab::cluster::real;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::Api;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const WATCHED: &str = "default";
 
@@ -37,8 +37,7 @@ async fn namespaced_mode_reconciles_the_watched_namespace_and_cannot_read_secret
     let client = admin().await;
     let t0 = Instant::now();
 
-    let outside = unique("outside");
-    namespace(&client, &outside).await;
+    let outside = new_namespace(&client, "outside").await;
     secret(
         &client,
         &outside,
@@ -46,28 +45,12 @@ async fn namespaced_mode_reconciles_the_watched_namespace_and_cannot_read_secret
         &[("password", "Outside-namespace-1")],
     )
     .await;
-    let reset = |secret: &str| {
-        json!({"target": {"vmName": "vm-1-1"}, "user": "root",
-               "password": {"secretRef": {"name": secret, "key": "password"}}})
-    };
-    create(&client, &outside, "GuestPasswordReset", "r", reset("pw")).await;
+    let r = root_reset_from("vm-1-1", "pw");
+    create(&client, &outside, "GuestPasswordReset", "r", r).await;
 
     let pw = "Namespaced-mode-1";
-    secret(&client, WATCHED, "ns-pw", &[("password", pw)]).await;
     let name = unique("ns-reset");
-    create(
-        &client,
-        WATCHED,
-        "GuestPasswordReset",
-        &name,
-        reset("ns-pw"),
-    )
-    .await;
-    wait_ready(&client, WATCHED, "GuestPasswordReset", &name).await;
-    assert!(
-        verifies(pw, &root_hash("vm-1-1").await),
-        "vm-1-1 root password not set"
-    );
+    reset_root_from_secret(&client, WATCHED, &name, ("vm-1-1", "ns-pw", pw)).await;
     eprintln!(
         "reset in the watched namespace: Ready and applied at {:.1}s",
         t0.elapsed().as_secs_f64()

@@ -161,6 +161,38 @@ pub async fn secret(client: &Client, ns: &str, name: &str, data: &[(&str, &str)]
         .expect("create secret");
 }
 
+/// A new namespace, named `prefix` and a unique suffix ([`unique`]); its name.
+pub async fn new_namespace(client: &Client, prefix: &str) -> String {
+    let ns = unique(prefix);
+    namespace(client, &ns).await;
+    ns
+}
+
+/// The spec of a reset of root's password on `vm` from Secret `secret` (key `password`).
+pub fn root_reset_from(vm: &str, secret: &str) -> Value {
+    json!({"target": {"vmName": vm}, "user": "root",
+           "password": {"secretRef": {"name": secret, "key": "password"}}})
+}
+
+/// Secret `secret_name` holding `password`, and reset `name` of root's password on lab
+/// VM `vm` from it, both in `ns`: waits until the reset is Ready and checks that the
+/// guest's root has the password.
+pub async fn reset_root_from_secret(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    (vm, secret_name, password): (&str, &str, &str),
+) {
+    secret(client, ns, secret_name, &[("password", password)]).await;
+    let spec = root_reset_from(vm, secret_name);
+    create(client, ns, "GuestPasswordReset", name, spec).await;
+    wait_ready(client, ns, "GuestPasswordReset", name).await;
+    assert!(
+        verifies(password, &root_hash(vm).await),
+        "{vm} root password not set"
+    );
+}
+
 /// Polls `f` until it returns Some, or panics naming `what` and the last value seen.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
