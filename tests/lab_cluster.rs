@@ -18,6 +18,7 @@ use guestcred::controller::shim_client::{ShimApi as _, ShimCallError, ShimClient
 use guestcred::tls::client::{ClientTlsFiles, ReloadingHttpClient};
 use guestcred_lab::cluster::{LabState, LabStatus, procs};
 use guestcred_lab::guest::process_alive;
+use guestcred_lab::testing::sorted_names;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
@@ -232,16 +233,10 @@ async fn the_api_shows_two_nodes_a_shim_pod_on_each_and_running_vmis_with_agents
     let lab = shared_lab();
     let client = client(lab).await;
     let nodes: Api<Node> = Api::all(client.clone());
-    let mut names: Vec<String> = nodes
-        .list(&ListParams::default())
-        .await
-        .expect("list nodes")
-        .items
-        .into_iter()
-        .filter_map(|n| n.metadata.name)
-        .collect();
-    names.sort();
-    assert_eq!(names, ["node-1", "node-2"]);
+    assert_eq!(
+        sorted_names(&nodes, &ListParams::default()).await,
+        ["node-1", "node-2"]
+    );
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), guestcred_lab::cluster::SHIM_NAMESPACE);
     let shim_pods = pods.list(&ListParams::default()).await.expect("list pods");
@@ -283,17 +278,8 @@ async fn vms_carry_tier_and_node_labels_for_selectors() {
     let lab = shared_lab();
     let client = client(lab).await;
     let vms: Api<VirtualMachine> = Api::namespaced(client, "default");
-    let db = vms
-        .list(&ListParams::default().labels("tier=db"))
-        .await
-        .expect("list VMs");
-    let mut names: Vec<String> = db
-        .items
-        .into_iter()
-        .filter_map(|v| v.metadata.name)
-        .collect();
-    names.sort();
-    assert_eq!(names, ["vm-1-1", "vm-2-1"]);
+    let db = ListParams::default().labels("tier=db");
+    assert_eq!(sorted_names(&vms, &db).await, ["vm-1-1", "vm-2-1"]);
 }
 
 #[tokio::test]
