@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::client::Resumption;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -110,9 +111,22 @@ impl ClientTlsFiles {
         };
         // reqwest is built without HTTP/2 here: offer only HTTP/1.1.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.resumption = Resumption::in_memory_sessions(RESUMABLE_SHIMS);
         Ok(config)
     }
 }
+
+/// Shims (server names: one pod IP per node) whose TLS sessions the controller keeps for
+/// resumption. A connection idle for [`POOL_IDLE_TIMEOUT`] is closed; the next call to that
+/// node then resumes the session (no certificate chain to verify, no signatures: about a
+/// fifth of a full mutual-TLS handshake's CPU) instead of a full handshake, if the session
+/// is still held. rustls keeps 256 by default, fewer than the nodes of a large cluster, so
+/// a bulk run going round 1,000 nodes would find none. Each session holds the shim's
+/// certificate chain and two tickets, about 1 KiB: a few MiB at most. A resumed session
+/// keeps what the full handshake verified (the shim's chain and name; on the shim's side,
+/// the controller's certificate); the store belongs to one client config, so new CA or
+/// client certificate files start a new one and no session outlives a reload.
+pub const RESUMABLE_SHIMS: usize = 4096;
 
 /// How long the controller keeps an idle connection to a shim: below the shim's idle and
 /// header-read timeouts (15 s, 10 s), so the shim never closes a connection the client is
@@ -190,5 +204,119 @@ impl ReloadingHttpClient {
     /// The client for the files' latest usable content (no file is read here).
     pub fn http(&self) -> Result<reqwest::Client, TlsError> {
         Ok(reqwest::Client::clone(&self.client.load()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::server::{ReloadingServerConfig, ServerTlsFiles};
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair,
+    };
+    use rustls::{ClientConnection, HandshakeKind, ServerConnection};
+
+    const SHIM: &str = "shim.guestcred.test";
+
+    /// CA, shim and controller certificates as files, and the two configs built from them.
+    #[allow(clippy::disallowed_methods)] // a plain #[test]: no async runtime to block
+    fn configs(dir: &Path) -> (Arc<ClientConfig>, Arc<rustls::ServerConfig>) {
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("CA");
+        let write = |name: &str, content: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, content).expect("write");
+            path
+        };
+        let issue = |name: &str, usage: ExtendedKeyUsagePurpose| {
+            let mut params = CertificateParams::new(vec![name.to_string()]).expect("params");
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().expect("key");
+            let cert = params.signed_by(&key, &ca).expect("sign");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (shim_cert, shim_key) = issue(SHIM, ExtendedKeyUsagePurpose::ServerAuth);
+        let (ctl_cert, ctl_key) = issue("controller", ExtendedKeyUsagePurpose::ClientAuth);
+        let client = ClientTlsFiles {
+            ca: write("ca.crt", &ca.pem()),
+            cert: Some(write("ctl.crt", &ctl_cert)),
+            key: Some(write("ctl.key", &ctl_key)),
+            server_name: SHIM.into(),
+        };
+        let refs = client.paths();
+        let client = client
+            .build(&snapshot(&refs).expect("snapshot"))
+            .expect("client");
+        let server = ServerTlsFiles {
+            cert: write("shim.crt", &shim_cert),
+            key: write("shim.key", &shim_key),
+            client_ca: write("ca.crt", &ca.pem()),
+        };
+        let server = ReloadingServerConfig::with_interval(server, Duration::from_secs(3600))
+            .expect("server")
+            .current();
+        (Arc::new(client), server)
+    }
+
+    /// One connection to the shim at `ip` (in memory, no sockets), run until the shim's
+    /// session tickets have arrived; how the handshake went.
+    fn connect(
+        client: &Arc<ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+        ip: std::net::Ipv4Addr,
+    ) -> Option<HandshakeKind> {
+        let name = ServerName::IpAddress(std::net::IpAddr::V4(ip).into());
+        let mut c = ClientConnection::new(client.clone(), name).expect("client connection");
+        let mut s = ServerConnection::new(server.clone()).expect("server connection");
+        for _ in 0..4 {
+            let mut bytes = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut bytes).expect("client write");
+            }
+            let mut rd = &bytes[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).expect("server read");
+                s.process_new_packets().expect("server handshake");
+            }
+            let mut bytes = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut bytes).expect("server write");
+            }
+            let mut rd = &bytes[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).expect("client read");
+                c.process_new_packets().expect("client handshake");
+            }
+        }
+        assert!(!c.is_handshaking(), "handshake with {ip} finished");
+        assert!(
+            s.peer_certificates().is_some(),
+            "the shim has the controller's certificate"
+        );
+        c.handshake_kind()
+    }
+
+    #[test]
+    fn a_reconnect_resumes_the_session_after_calls_to_more_shims_than_rustls_keeps_by_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, server) = configs(dir.path());
+        // One server config stands in for every node's shim: let it hold all sessions.
+        let mut server = rustls::ServerConfig::clone(&server);
+        server.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
+        let server = Arc::new(server);
+        let node = |i: u32| std::net::Ipv4Addr::from(0x7f00_0000 + 1 + i);
+        for i in 0..300 {
+            assert_eq!(
+                connect(&client, &server, node(i)),
+                Some(HandshakeKind::Full)
+            );
+        }
+        assert_eq!(
+            connect(&client, &server, node(0)),
+            Some(HandshakeKind::Resumed),
+            "the first of 300 shims is called again after its connection was closed"
+        );
     }
 }
