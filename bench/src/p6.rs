@@ -34,6 +34,13 @@ use std::time::{Duration, Instant};
 /// The label every P6 VMI carries and the reset selects.
 const LABEL: (&str, &str) = ("bench-p6", "yes");
 /// Goals (issue 19).
+/// Issue 19 sets the rate and CPU goals for the run over 100,000 VMIs; the runs at 1,000
+/// and 10,000 are there "so the growth of each figure with scale is visible". Below this
+/// size those two figures carry no verdict: with 1,000 nodes a small run has one target
+/// (or ten) per node, and its CPU per target is mostly the per-node mutual-TLS handshake
+/// and the restart, which a fleet amortises (docs/benchmarks.md). Object size, writes per
+/// target, RSS per VMI and second calls are held to their goals at every size.
+const GOAL_SCALE: usize = 100_000;
 const GOAL_RATE: f64 = 1000.0;
 const GOAL_CPU_MS: f64 = 0.2;
 const GOAL_RSS_PER_VMI_KIB: f64 = 1.0;
@@ -485,6 +492,17 @@ fn succeeded_in(records: &[TargetStatus]) -> BTreeSet<String> {
         .collect()
 }
 
+/// A goal of issue 19 that is set for the 100,000-VMI run ([`GOAL_SCALE`]).
+trait GoalAtScale {
+    fn goal_at_scale(self, n: usize, goal: impl FnOnce(Figure) -> Figure) -> Figure;
+}
+
+impl GoalAtScale for Figure {
+    fn goal_at_scale(self, n: usize, goal: impl FnOnce(Figure) -> Figure) -> Figure {
+        if n >= GOAL_SCALE { goal(self) } else { self }
+    }
+}
+
 fn opt(v: Option<f64>) -> String {
     v.map_or_else(|| "—".into(), crate::report::num)
 }
@@ -511,7 +529,9 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
                     "targets/s",
                     vec![rate],
                 )
-                .min_at_least(GOAL_RATE, &format!("≥ {GOAL_RATE} /s")),
+                .goal_at_scale(n, |f| {
+                    f.min_at_least(GOAL_RATE, &format!("≥ {GOAL_RATE} /s"))
+                }),
             );
         }
         if let Some(rate) = r.rate_total() {
@@ -530,7 +550,9 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
                     "ms",
                     vec![cpu],
                 )
-                .max_at_most(GOAL_CPU_MS, &format!("≤ {GOAL_CPU_MS} ms")),
+                .goal_at_scale(n, |f| {
+                    f.max_at_most(GOAL_CPU_MS, &format!("≤ {GOAL_CPU_MS} ms"))
+                }),
             );
         }
         let base = Figure::new(
@@ -679,6 +701,7 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
         "SIMULATED AGENTS: every guest call in P6 is answered by `guestcred_lab::simagent` (crypted set-password {} ms, probe 1–3 ms), behind one real shim server per node (`ShimApp`: mutual TLS, node check) on its own loopback address 127.0.x.y inside the bench process; the controller is the release binary in its own process, talking HTTP to the emulator served by the bench. Nothing here proves guest behaviour; P1/P2 and the tests with real qemu-ga do.",
         opts.set_password_ms
     ));
+    s.notes.push(format!("Goals: issue 19 sets the rate (≥ {GOAL_RATE} /s) and CPU per target (≤ {GOAL_CPU_MS} ms) goals for the run over {GOAL_SCALE} VMIs; the smaller runs show how each figure grows with scale, so those two figures have no verdict there. Object size, writes per target, RSS per VMI and second calls are held to their goals at every size."));
     s.notes.push("Reading the figures: the controller's VMI watch is metadata-only and keeps nothing per VMI (a reconcile GETs the VMIs it needs), so RSS per cached VMI is close to 0 at any N; what a run costs in memory is the peak RSS during it (its frozen target list and per-target records), shown per target in the table. At N=1000 the rate to N/2 is one wave of 512 calls plus the run's start (listing the targets, creating the shards), not a steady state. Per target the controller makes one GET of the VMI (fresh: its node must be current) and one shim call (set-password); the reset names its user, so no VirtualMachine is read (one GET more per target when the user comes from the VM's admin-user annotation). At N=1000 every target is on its own node, so each needs a new mutual-TLS connection (~0.2 ms of controller CPU), and the restarted process opens ~500 more and redoes the targets answered but not yet recorded at the kill (GETs of VMIs per target above 1): CPU per target there is mostly per-node and per-restart cost, which more targets per node amortise (docs/benchmarks.md).".into());
     s.notes.push(format!(
         "Method per N: a fresh emulator with {} Nodes and shim pods; the controller started, synced (no API request for 1.5 s) and its RSS read: the baseline; then N VMIs loaded (bench-p6=yes, VMI objects only, no VirtualMachines), a new controller synced and its RSS read (RSS/VMI = difference / N). Then one GuestPasswordReset selecting the N VMIs; when the simulated agents have answered N/2 set-password calls Ok the controller is SIGKILLed and a new one started; the run ends when every guest answered Ok and the reset is finished, or after {} s (\"did not finish\"). Rate to N/2 is N/2 over reset creation → N/2 answers; CPU per target is /proc/PID/stat utime+stime of both controller processes over the run (the second one's includes its start and resync) divided by the guests set (the bench process, which serves the emulator and all shims and agents on the same 2 cores, is shown beside it: what competes with the controller for CPU); API requests are counted from reset creation to the end (both controllers), by class below; writes that a target needs by nature (Secrets, VM annotations) are in \"other writes\". Largest object: the largest request body or write answer (the stored object) of any kind, and the reset as read back at the end. \"Set again after recorded\": targets the reset's stored records (status, and the shard ConfigMaps it names) showed as Succeeded right after the kill and that got another set-password call after it (goal 0); \"after an Ok answer\": set-password calls that started after an earlier one to the same guest was answered Ok (includes answers the killed controller got but had not written yet).",
