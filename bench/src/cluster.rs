@@ -11,9 +11,12 @@ use guestcred::api::{
     GuestPasswordReset, GuestPasswordResetSpec, Phase, RolloutSpec, RunSpec, SecretKeyRef,
     TargetSpec,
 };
+use guestcred::controller::shims::DEFAULT_SHIM_DAEMONSET;
 use guestcred_lab::apiserver::{ApiServer, write_kubeconfig};
-use guestcred_lab::kubevirt::install_crds;
+use guestcred_lab::kubevirt::{create_node_with_shim, install_crds};
 use guestcred_lab::world::SHIM_NAMESPACE;
+use guestcred_lab::world::real::RealControlPlane;
+use guestcred_lab::world::responses::Responses;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -117,11 +120,14 @@ impl RequestLog {
     }
 }
 
+/// Whether `uri` asks for a watch (streamed, not counted).
+fn is_watch(uri: &axum::http::Uri) -> bool {
+    uri.query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"))
+}
+
 async fn record(State(log): State<Arc<RequestLog>>, req: Request, next: Next) -> Response {
-    let watch = req
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    let watch = is_watch(req.uri());
     let start = Instant::now();
     if watch {
         return next.run(req).await;
@@ -163,14 +169,88 @@ fn body_len(headers: &axum::http::HeaderMap) -> u64 {
         .unwrap_or(0)
 }
 
+/// Headers that belong to one hop (RFC 9110 7.6.1) or that the proxy sets itself: the
+/// client's `Host`, and `Accept-Encoding` (answers stay uncompressed, so their sizes mean
+/// what the emulator's do).
+const HOP_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "host",
+    "content-length",
+    "accept-encoding",
+    "authorization",
+];
+
+fn copy_headers(from: &axum::http::HeaderMap, to: &mut axum::http::HeaderMap) {
+    for (k, v) in from {
+        if !HOP_HEADERS.contains(&k.as_str()) {
+            to.append(k.clone(), v.clone());
+        }
+    }
+}
+
+/// The loopback proxy in front of a real API server: every request is sent on with
+/// `client`'s identity (the admin's client certificate, over TLS). Watches are streamed;
+/// every other answer is read whole, so it carries a Content-Length that [`record`]
+/// reads (the real server streams large lists chunked, without one).
+async fn forward(State(client): State<Client>, req: Request) -> Response {
+    match forward_to(&client, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::warn!(error = %e, "bench proxy: request to the real API server failed");
+            let mut resp = Response::new(axum::body::Body::from(format!("bench proxy: {e:#}")));
+            *resp.status_mut() = axum::http::StatusCode::BAD_GATEWAY;
+            resp
+        }
+    }
+}
+
+async fn forward_to(client: &Client, req: Request) -> anyhow::Result<Response> {
+    let watch = is_watch(req.uri());
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await?;
+    let uri = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let mut out = axum::http::Request::new(kube::client::Body::from(bytes.to_vec()));
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = uri.parse()?;
+    copy_headers(&parts.headers, out.headers_mut());
+    let (parts, body) = client.send(out).await?.into_parts();
+    let mut resp = Response::new(axum::body::Body::empty());
+    *resp.status_mut() = parts.status;
+    copy_headers(&parts.headers, resp.headers_mut());
+    let body = axum::body::Body::new(body);
+    if watch {
+        *resp.body_mut() = body;
+    } else {
+        let bytes = axum::body::to_bytes(body, usize::MAX).await?;
+        resp.headers_mut()
+            .insert(axum::http::header::CONTENT_LENGTH, bytes.len().into());
+        *resp.body_mut() = axum::body::Body::from(bytes);
+    }
+    Ok(resp)
+}
+
 pub struct BenchApi {
     pub kubeconfig: PathBuf,
-    /// In-process client for setup (no sockets).
+    /// Client for setup that the request log does not count: in-process for the
+    /// emulator, the admin's straight to a real API server.
     pub local: Client,
     /// Client over loopback HTTP: what users, kubectl and the controller go through.
     pub http: Client,
     pub requests: Arc<RequestLog>,
     server: tokio::task::JoinHandle<()>,
+    /// On a real control plane: its process (stopped when dropped) and the uid of the
+    /// shim DaemonSet the shim pods must belong to (its garbage collector deletes pods
+    /// whose owner does not exist).
+    real: Option<(Box<RealControlPlane>, String)>,
 }
 
 impl BenchApi {
@@ -183,6 +263,52 @@ impl BenchApi {
         let app = api
             .router()
             .layer(middleware::from_fn_with_state(requests.clone(), record));
+        let local = api.client();
+        install_crds(&local).await?;
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": SHIM_NAMESPACE}}))?;
+        Api::<Namespace>::all(local.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        BenchApi::serve(dir, app, requests, local, None).await
+    }
+
+    /// A real control plane (lab/controlplane: kube-apiserver, etcd,
+    /// kube-controller-manager; built, cached, by scripts/build-controlplane.sh) with a
+    /// counting loopback proxy in front: the kubeconfig in `dir` names the proxy, which
+    /// counts each request as [`BenchApi::start`]'s emulator does and sends it on as the
+    /// admin. CRDs, the shim namespace and an (inert) shim DaemonSet are installed.
+    pub async fn start_real(dir: &Path) -> anyhow::Result<BenchApi> {
+        std::fs::create_dir_all(dir)?;
+        let t = Instant::now();
+        let (cp, admin) = RealControlPlane::start(&Responses::default())
+            .await
+            .context("starting the real control plane")?;
+        guestcred_lab::cluster::real::install_crds(&admin).await?;
+        guestcred_lab::cluster::real::ensure_namespace(&admin, SHIM_NAMESPACE).await?;
+        let uid = guestcred_lab::world::real::create_shim_daemonset(
+            &admin,
+            SHIM_NAMESPACE,
+            DEFAULT_SHIM_DAEMONSET,
+        )
+        .await?;
+        tracing::info!(elapsed = ?t.elapsed(), "real control plane ready");
+        let requests = Arc::new(RequestLog::default());
+        let app = axum::Router::new()
+            .fallback(forward)
+            .with_state(admin.clone())
+            .layer(middleware::from_fn_with_state(requests.clone(), record));
+        BenchApi::serve(dir, app, requests, admin, Some((Box::new(cp), uid))).await
+    }
+
+    /// Serve `app` on 127.0.0.1 and write its kubeconfig to `dir`.
+    async fn serve(
+        dir: &Path,
+        app: axum::Router,
+        requests: Arc<RequestLog>,
+        local: Client,
+        real: Option<(Box<RealControlPlane>, String)>,
+    ) -> anyhow::Result<BenchApi> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let server = tokio::spawn(async move {
@@ -198,13 +324,6 @@ impl BenchApi {
         )
         .await?;
         let http = Client::try_from(config)?;
-        let local = api.client();
-        install_crds(&local).await?;
-        let ns: Namespace =
-            serde_json::from_value(serde_json::json!({"metadata": {"name": SHIM_NAMESPACE}}))?;
-        Api::<Namespace>::all(local.clone())
-            .create(&PostParams::default(), &ns)
-            .await?;
         tracing::debug!(%url, "bench API server");
         Ok(BenchApi {
             kubeconfig,
@@ -212,7 +331,25 @@ impl BenchApi {
             http,
             requests,
             server,
+            real,
         })
+    }
+
+    /// Node `name` and its shim pod (Running at `ip`), made with the setup client.
+    pub async fn create_node_with_shim(&self, name: &str, ip: &str) -> anyhow::Result<()> {
+        match &self.real {
+            None => Ok(create_node_with_shim(&self.local, name, SHIM_NAMESPACE, ip).await?),
+            Some((_, uid)) => {
+                guestcred_lab::world::real::create_node_with_shim(
+                    &self.local,
+                    name,
+                    SHIM_NAMESPACE,
+                    ip,
+                    uid,
+                )
+                .await
+            }
+        }
     }
 }
 
@@ -525,6 +662,44 @@ mod tests {
         for (method, path, class) in cases {
             assert_eq!(classify(method, path), class, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn the_proxy_passes_end_to_end_headers_and_drops_hop_by_hop_ones() {
+        use axum::http::{HeaderMap, HeaderValue};
+        let mut from = HeaderMap::new();
+        for (k, v) in [
+            ("content-type", "application/merge-patch+json"),
+            (
+                "accept",
+                "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+            ),
+            ("user-agent", "guestcred"),
+            ("host", "127.0.0.1:1234"),
+            ("connection", "keep-alive"),
+            ("content-length", "12"),
+            ("transfer-encoding", "chunked"),
+            ("accept-encoding", "gzip"),
+            ("authorization", "Bearer x"),
+        ] {
+            from.append(k, HeaderValue::from_static(v));
+        }
+        let mut to = HeaderMap::new();
+        copy_headers(&from, &mut to);
+        let mut kept: Vec<&str> = to.keys().map(|k| k.as_str()).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["accept", "content-type", "user-agent"]);
+        assert_eq!(to["accept"], from["accept"]);
+    }
+
+    #[test]
+    fn watches_are_told_from_other_requests_by_their_query() {
+        let watch = |u: &str| is_watch(&u.parse().expect("uri"));
+        assert!(watch("/api/v1/pods?watch=true&resourceVersion=1"));
+        assert!(watch("/api/v1/pods?resourceVersion=1&watch=1"));
+        assert!(!watch("/api/v1/pods?limit=500"));
+        assert!(!watch("/api/v1/pods?allowWatchBookmarks=true"));
+        assert!(!watch("/api/v1/pods"));
     }
 
     #[test]

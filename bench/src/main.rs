@@ -61,6 +61,14 @@ struct Args {
     /// P6 sizes: targets (VMIs selected by one reset), comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [1_000, 10_000, 100_000])]
     p6_sizes: Vec<usize>,
+    /// P6 API servers: the emulator, the real control plane (lab/controlplane) or both.
+    /// Default: both when the real control plane is built (.lab/bin/controlplane, as
+    /// `make test` builds it), else the emulator.
+    #[arg(long, value_enum)]
+    p6_control_plane: Option<p6::Planes>,
+    /// P6 sizes on the real control plane, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000, 10_000])]
+    p6_real_sizes: Vec<usize>,
     /// P6 nodes (one simulated shim each, on its own loopback address).
     #[arg(long, default_value_t = 1_000)]
     p6_nodes: usize,
@@ -117,6 +125,9 @@ async fn main() -> anyhow::Result<()> {
     let wants =
         |p: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(p));
     let started = Instant::now();
+    let p6_planes = args
+        .p6_control_plane
+        .unwrap_or_else(p6::Planes::default_here);
     let machine = report::Machine::probe();
     let tmp = tempfile::Builder::new().prefix("gcb").tempdir_in("/tmp")?;
     let dir = if args.keep {
@@ -232,6 +243,8 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(sizes = ?args.p6_sizes, "P6: fleet scale (simulated agents)");
         let opts = p6::Opts {
             sizes: args.p6_sizes.clone(),
+            planes: p6_planes,
+            real_sizes: args.p6_real_sizes.clone(),
             nodes: args.p6_nodes,
             max_concurrency: args.p6_max_concurrency,
             set_password_ms: args.p6_latency_ms,
@@ -273,6 +286,8 @@ async fn main() -> anyhow::Result<()> {
             "p6_sizes": args.p6_sizes, "p6_nodes": args.p6_nodes,
             "p6_max_concurrency": args.p6_max_concurrency, "p6_latency_ms": args.p6_latency_ms,
             "p6_timeout_secs": args.p6_timeout_secs,
+            "p6_control_plane": format!("{p6_planes:?}").to_lowercase(),
+            "p6_real_sizes": args.p6_real_sizes,
             "controller_env": args.controller_env,
         }),
         only,

@@ -20,9 +20,9 @@ use guestcred::shim::auth::Auth;
 use guestcred::shim::server::{ServeOptions, ShimApp, serve_with};
 use guestcred::tls::server::ReloadingServerConfig;
 use guestcred_api::shards;
-use guestcred_lab::kubevirt::{create_node_with_shim, vm};
+use guestcred_lab::cluster::ControlPlane;
+use guestcred_lab::kubevirt::vm;
 use guestcred_lab::simagent::{Latency, OpLatencies, SimAgent, SimAgentOptions, SimOp, SimOutcome};
-use guestcred_lab::world::SHIM_NAMESPACE;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -49,9 +49,45 @@ const GOAL_WRITES_PER_TARGET: f64 = 0.05;
 /// The controller is quiet (synced) once it made no API request for this long.
 const QUIET: Duration = Duration::from_millis(1500);
 
+/// Which API servers P6 runs on (`--p6-control-plane`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Planes {
+    Emulator,
+    Real,
+    Both,
+}
+
+impl Planes {
+    /// `both` when the real control plane's binary is built (`make test` builds it with
+    /// scripts/build-controlplane.sh; a cold build takes 10-30 min, more than P6 itself),
+    /// else the emulator only.
+    pub fn default_here() -> Planes {
+        let bin = std::env::var_os("GUESTCRED_CONTROLPLANE_BIN").map_or_else(
+            || guestcred_lab::repo_dir().join(".lab/bin/controlplane"),
+            std::path::PathBuf::from,
+        );
+        if bin.is_file() {
+            Planes::Both
+        } else {
+            Planes::Emulator
+        }
+    }
+
+    pub fn has(self, plane: ControlPlane) -> bool {
+        match self {
+            Planes::Both => true,
+            Planes::Emulator => plane == ControlPlane::Emulator,
+            Planes::Real => plane == ControlPlane::Real,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Opts {
     pub sizes: Vec<usize>,
+    pub planes: Planes,
+    /// Sizes on the real control plane (a real etcd on 2 cores is slower to load).
+    pub real_sizes: Vec<usize>,
     pub nodes: usize,
     pub max_concurrency: u32,
     pub set_password_ms: u64,
@@ -140,7 +176,10 @@ fn vmi_name(i: usize) -> String {
 /// What one size measured (`None`: not reached).
 #[derive(Default)]
 struct Run {
+    plane: ControlPlane,
     n: usize,
+    /// Setup: API server started, nodes and shim pods made, VMIs loaded (s).
+    setup_s: f64,
     load_s: f64,
     rss_empty: f64,
     rss_loaded: f64,
@@ -238,25 +277,44 @@ fn is_write(class: &str) -> bool {
 
 pub async fn run(ctx: &Ctx, opts: &Opts) -> anyhow::Result<Section> {
     let mut runs = Vec::new();
-    for &n in &opts.sizes {
-        tracing::info!(n, "P6: run");
-        let r = one(ctx, opts, n)
-            .await
-            .with_context(|| format!("P6 at {n} targets"))?;
-        tracing::info!(n, outcome = %r.outcome, "P6: run ended");
-        runs.push(r);
+    for (plane, sizes) in [
+        (ControlPlane::Emulator, &opts.sizes),
+        (ControlPlane::Real, &opts.real_sizes),
+    ] {
+        if !opts.planes.has(plane) {
+            continue;
+        }
+        for &n in sizes {
+            tracing::info!(n, plane = plane.as_str(), "P6: run");
+            let t = Instant::now();
+            let r = one(ctx, opts, plane, n).await.with_context(|| {
+                format!("P6 at {n} targets on the {} API server", plane.as_str())
+            })?;
+            tracing::info!(n, plane = plane.as_str(), outcome = %r.outcome, elapsed = ?t.elapsed(), "P6: run ended");
+            runs.push(r);
+        }
     }
     Ok(section(opts, &runs))
 }
 
-async fn one(ctx: &Ctx, opts: &Opts, n: usize) -> anyhow::Result<Run> {
-    let dir = ctx.dir.join(format!("p6-{n}"));
-    let api = BenchApi::start(&dir).await?;
+async fn one(ctx: &Ctx, opts: &Opts, plane: ControlPlane, n: usize) -> anyhow::Result<Run> {
+    let dir = ctx.dir.join(format!("p6-{}-{n}", plane.as_str()));
+    let t_setup = Instant::now();
+    let api = match plane {
+        ControlPlane::Emulator => BenchApi::start(&dir).await?,
+        ControlPlane::Real => BenchApi::start_real(&dir).await?,
+    };
     let farm = SimFarm::start(ctx, opts.nodes, opts.set_password_ms).await?;
-    for (name, ip, _) in &farm.nodes {
-        create_node_with_shim(&api.local, name, SHIM_NAMESPACE, ip).await?;
-    }
+    futures::stream::iter(&farm.nodes)
+        .map(|(name, ip, _)| api.create_node_with_shim(name, ip))
+        .buffer_unordered(16)
+        .collect::<Vec<anyhow::Result<()>>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<()>>>()
+        .context("nodes and shim pods")?;
     let mut run = Run {
+        plane,
         n,
         ..Run::default()
     };
@@ -271,6 +329,7 @@ async fn one(ctx: &Ctx, opts: &Opts, n: usize) -> anyhow::Result<Run> {
     let t = Instant::now();
     load_vmis(&api.local, &farm, n).await?;
     run.load_s = t.elapsed().as_secs_f64();
+    run.setup_s = t_setup.elapsed().as_secs_f64();
 
     api.requests.clear();
     let mut c1 = spawn_controller(ctx, &api, farm.port, &dir.join("controller-1.log")).await?;
@@ -516,15 +575,20 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
         ),
     );
     for r in runs {
-        let k = |id: &str| format!("P6.n{}.{id}", r.n);
         let n = r.n;
+        // The emulator's ids stay as they were; the real control plane's are P6.real.*.
+        let (prefix, at) = match r.plane {
+            ControlPlane::Emulator => ("P6".to_string(), format!("N={n}")),
+            ControlPlane::Real => ("P6.real".to_string(), format!("real control plane, N={n}")),
+        };
+        let k = |id: &str| format!("{prefix}.n{n}.{id}");
         let mut push = |f: Figure| s.figures.push(f);
         if let Some(rate) = r.rate_half() {
             push(
                 Figure::new(
                     &k("rate"),
                     &format!(
-                        "N={n}: targets per second, reset created → N/2 guests set (one controller)"
+                        "{at}: targets per second, reset created → N/2 guests set (one controller)"
                     ),
                     "targets/s",
                     vec![rate],
@@ -537,7 +601,7 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
         if let Some(rate) = r.rate_total() {
             push(Figure::new(
                 &k("rate_total"),
-                &format!("N={n}: targets per second over the whole run, restart included"),
+                &format!("{at}: targets per second over the whole run, restart included"),
                 "targets/s",
                 vec![rate],
             ));
@@ -546,7 +610,7 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
             push(
                 Figure::new(
                     &k("cpu"),
-                    &format!("N={n}: controller CPU (utime+stime, both processes) per target set"),
+                    &format!("{at}: controller CPU (utime+stime, both processes) per target set"),
                     "ms",
                     vec![cpu],
                 )
@@ -558,7 +622,7 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
         let base = Figure::new(
             &k("rss_empty"),
             &format!(
-                "N={n}: controller RSS synced against the empty cluster (1,000 nodes and shim pods) — baseline"
+                "{at}: controller RSS synced against the empty cluster (1,000 nodes and shim pods) — baseline"
             ),
             "MiB",
             vec![r.rss_empty],
@@ -566,7 +630,7 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
         push(
             Figure::new(
                 &k("rss_loaded"),
-                &format!("N={n}: controller RSS synced with N VMIs cached, before the reset"),
+                &format!("{at}: controller RSS synced with N VMIs cached, before the reset"),
                 "MiB",
                 vec![r.rss_loaded],
             )
@@ -575,7 +639,7 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
         push(
             Figure::new(
                 &k("peak_rss"),
-                &format!("N={n}: controller peak RSS (VmHWM) during the run, either process"),
+                &format!("{at}: controller peak RSS (VmHWM) during the run, either process"),
                 "MiB",
                 vec![r.hwm],
             )
@@ -585,7 +649,7 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
         push(
             Figure::new(
                 &k("rss_per_vmi"),
-                &format!("N={n}: controller RSS per cached VMI above the baseline"),
+                &format!("{at}: controller RSS per cached VMI above the baseline"),
                 "KiB",
                 vec![r.rss_per_vmi_kib()],
             )
@@ -597,7 +661,7 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
         push(
             Figure::new(
                 &k("largest_object"),
-                &format!("N={n}: largest object written (request or stored answer, any kind)"),
+                &format!("{at}: largest object written (request or stored answer, any kind)"),
                 "KiB",
                 vec![r.largest_written() as f64 / 1024.0],
             )
@@ -606,7 +670,7 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
         push(
             Figure::new(
                 &k("status_event_writes"),
-                &format!("N={n}: status and Event writes per target"),
+                &format!("{at}: status and Event writes per target"),
                 "req",
                 vec![r.per_target(r.status_writes() + r.event_writes())],
             )
@@ -618,16 +682,20 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
         push(
             Figure::new(
                 &k("second_calls"),
-                &format!("N={n}: targets set again after the killed controller had recorded their success"),
+                &format!(
+                    "{at}: targets set again after the killed controller had recorded their success"
+                ),
                 "targets",
-                r.second_after_recorded.map(|v| vec![v as f64]).unwrap_or_default(),
+                r.second_after_recorded
+                    .map(|v| vec![v as f64])
+                    .unwrap_or_default(),
             )
             .max_at_most(0.0, "0"),
         );
         if let Some(t) = r.resume_s {
             push(Figure::new(
                 &k("resume"),
-                &format!("N={n}: restart (new process started) → its first guest set"),
+                &format!("{at}: restart (new process started) → its first guest set"),
                 "s",
                 vec![t],
             ));
@@ -637,15 +705,17 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| N | outcome | load VMIs (s) | rate to N/2 (/s) | rate whole run (/s) | CPU/target (ms) | CPU/target, 1st process (ms) | bench process CPU/target (ms) | RSS empty → loaded (MiB) | RSS/VMI (KiB) | peak RSS during the run (MiB) | peak RSS above baseline per target (KiB) | largest object (KiB) | reset read back (KiB) | status writes/target | Event writes/target | other writes/target | reads/target | API errors | resume (s) | first call after restart (s) | recorded at kill | set again after recorded | set again after an Ok answer | guests holding the value |"
+        "| API server | N | outcome | setup (s) | load VMIs (s) | rate to N/2 (/s) | rate whole run (/s) | CPU/target (ms) | CPU/target, 1st process (ms) | bench process CPU/target (ms) | RSS empty → loaded (MiB) | RSS/VMI (KiB) | peak RSS during the run (MiB) | peak RSS above baseline per target (KiB) | largest object (KiB) | reset read back (KiB) | status writes/target | Event writes/target | other writes/target | reads/target | API errors | resume (s) | first call after restart (s) | recorded at kill | set again after recorded | set again after an Ok answer | guests holding the value |"
     );
-    let _ = writeln!(t, "|{}", "---|".repeat(25));
+    let _ = writeln!(t, "|{}", "---|".repeat(27));
     for r in runs {
         let _ = writeln!(
             t,
-            "| {} | {} | {:.1} | {} | {} | {} | {} | {} | {} → {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {:.4} | {:.3} | {} | {} | {} | {} | {} | {} | {} of {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} → {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {:.4} | {:.3} | {} | {} | {} | {} | {} | {} | {} of {} |",
+            r.plane.as_str(),
             r.n,
             r.outcome,
+            r.setup_s,
             r.load_s,
             opt(r.rate_half()),
             opt(r.rate_total()),
@@ -679,14 +749,15 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| N | request (verb resource[/subresource]) | count | per target | failed | largest request (B) | largest answer (B) |"
+        "| API server | N | request (verb resource[/subresource]) | count | per target | failed | largest request (B) | largest answer (B) |"
     );
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|");
     for r in runs {
         for (class, c) in &r.classes {
             let _ = writeln!(
                 t,
-                "| {} | {class} | {} | {:.4} | {} | {} | {} |",
+                "| {} | {} | {class} | {} | {:.4} | {} | {} | {} |",
+                r.plane.as_str(),
                 r.n,
                 c.count,
                 r.per_target(c.count),
@@ -708,12 +779,23 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
         opts.nodes,
         opts.timeout.as_secs()
     ));
+    if runs.iter().any(|r| r.plane == ControlPlane::Real) {
+        s.notes.push("Real control plane (P6.real.*, API server \"real\"): the same run against kube-apiserver + etcd + kube-controller-manager of lab/controlplane (started per N, gone after it), so writes go through admission, etcd and managed fields. The controller's kubeconfig names a loopback HTTP proxy in the bench process that counts each request exactly as the emulator's request log does and sends it on over TLS as the lab's admin (system:masters; the chart's RBAC is proven by tests/real_control_plane.rs, not here): one more hop per request, served on the same 2 cores. Setup (Nodes, shim Pods owned by an inert shim DaemonSet, VMIs) goes straight to the API server and is not counted. \"setup\" is control plane start, nodes, shim pods and VMI load. The API server, etcd and controller manager are separate processes whose CPU is in neither the controller's nor the bench process's figure. Same goals as the emulator's.".into());
+    }
     s
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_plane_choices_select_the_api_servers_p6_runs_on() {
+        let (emu, real) = (ControlPlane::Emulator, ControlPlane::Real);
+        assert!(Planes::Both.has(emu) && Planes::Both.has(real));
+        assert!(Planes::Emulator.has(emu) && !Planes::Emulator.has(real));
+        assert!(!Planes::Real.has(emu) && Planes::Real.has(real));
+    }
 
     #[test]
     fn recorded_successes_are_the_targets_with_state_succeeded() {
