@@ -240,7 +240,12 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if wants("p6") {
-        tracing::info!(sizes = ?args.p6_sizes, "P6: fleet scale (simulated agents)");
+        tracing::info!(
+            control_plane = ?p6_planes,
+            sizes = ?args.p6_sizes,
+            real_sizes = ?args.p6_real_sizes,
+            "P6: fleet scale (simulated agents)"
+        );
         let opts = p6::Opts {
             sizes: args.p6_sizes.clone(),
             planes: p6_planes,
