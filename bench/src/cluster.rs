@@ -153,7 +153,10 @@ async fn record(State(log): State<Arc<RequestLog>>, req: Request, next: Next) ->
             Err(_) => (Response::from_parts(parts, axum::body::Body::empty()), 0),
         }
     } else {
-        let len = body_len(resp.headers());
+        // The emulator sends no Content-Length; its bodies are whole, so their size is known.
+        let len = axum::body::HttpBody::size_hint(resp.body())
+            .exact()
+            .unwrap_or_else(|| body_len(resp.headers()));
         (resp, len)
     };
     log.count(class, failed, request_len, response_len);
@@ -700,6 +703,35 @@ mod tests {
         assert!(!watch("/api/v1/pods?limit=500"));
         assert!(!watch("/api/v1/pods?allowWatchBookmarks=true"));
         assert!(!watch("/api/v1/pods"));
+    }
+
+    #[tokio::test]
+    async fn the_request_log_records_the_size_of_a_read_answer_sent_without_content_length() {
+        let log = Arc::new(RequestLog::default());
+        let app = axum::Router::new()
+            .route(
+                "/api/v1/namespaces/default/pods/p",
+                axum::routing::get(|| async { "twelve bytes" }),
+            )
+            .layer(middleware::from_fn_with_state(log.clone(), record));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!(
+            "http://{}/api/v1/namespaces/default/pods/p",
+            listener.local_addr().expect("address")
+        );
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let answer = reqwest::get(&url)
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("body");
+        server.abort();
+        assert_eq!(answer, "twelve bytes");
+        let pods = log.classes().remove("GET pods").expect("counted");
+        assert_eq!((pods.count, pods.max_response), (1, 12));
     }
 
     #[test]
