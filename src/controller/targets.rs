@@ -55,13 +55,15 @@ pub async fn resolve(client: &Client, ns: &str, target: &TargetSpec) -> Result<V
         (None, Some(selector)) => {
             let api: Api<VirtualMachineInstance> = Api::namespaced(client.clone(), ns);
             let query = selector_query(selector)?;
-            let list = api.list(&ListParams::default().labels(&query)).await?;
-            let mut names: Vec<String> = list
-                .items
-                .iter()
-                .filter(|vmi| vmi.is_running())
-                .map(|vmi| vmi.name_any())
-                .collect();
+            let mut names = running_names_by_page(|cont| {
+                let mut params = ListParams::default().labels(&query).limit(LIST_PAGE);
+                if let Some(token) = cont {
+                    params = params.continue_token(&token);
+                }
+                let api = api.clone();
+                async move { api.list(&params).await }
+            })
+            .await?;
             names.sort();
             if names.is_empty() {
                 return Err(Error::NoTargets(format!(
@@ -73,6 +75,36 @@ pub async fn resolve(client: &Client, ns: &str, target: &TargetSpec) -> Result<V
         _ => Err(Error::InvalidSpec(
             "set exactly one of target.vmName and target.selector".into(),
         )),
+    }
+}
+
+/// VMIs asked for per LIST page when a selector is resolved: a fleet's whole list in one
+/// answer was 107 MB at 100,000 VMIs on a real API server (bench P6), all of it decoded at
+/// once; kube-rs's watchers page by 500 as well.
+pub const LIST_PAGE: u32 = 500;
+
+/// The names of the running VMIs in every page of a paged LIST: `page(None)` asks for the
+/// first page, `page(Some(token))` for the one after the page whose `continue` was `token`,
+/// until a page has none. Only the names are kept from each page.
+async fn running_names_by_page<F, Fut>(mut page: F) -> Result<Vec<String>, Error>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = kube::Result<kube::core::ObjectList<VirtualMachineInstance>>>,
+{
+    let mut names = Vec::new();
+    let mut cont = None;
+    loop {
+        let list = page(cont.take()).await?;
+        names.extend(
+            list.items
+                .iter()
+                .filter(|vmi| vmi.is_running())
+                .map(|vmi| vmi.name_any()),
+        );
+        match list.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(next) => cont = Some(next),
+            None => return Ok(names),
+        }
     }
 }
 
@@ -234,6 +266,63 @@ mod tests {
     use super::*;
     use crate::api::kubevirt::{GuestOsInfo, VmiStatus};
     use std::collections::BTreeMap;
+
+    fn vmi_in_phase(name: &str, phase: &str) -> VirtualMachineInstance {
+        let mut vmi = VirtualMachineInstance::new(name, Default::default());
+        vmi.status = Some(VmiStatus {
+            phase: Some(phase.into()),
+            ..Default::default()
+        });
+        vmi
+    }
+
+    fn page(
+        items: Vec<VirtualMachineInstance>,
+        cont: Option<&str>,
+    ) -> kube::Result<kube::core::ObjectList<VirtualMachineInstance>> {
+        Ok(kube::core::ObjectList {
+            types: Default::default(),
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ListMeta {
+                continue_: cont.map(String::from),
+                ..Default::default()
+            },
+            items,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_selector_is_resolved_a_page_at_a_time_following_each_continue_token() {
+        let mut asked = Vec::new();
+        let names = running_names_by_page(|cont| {
+            asked.push(cont.clone());
+            let answer = match cont.as_deref() {
+                None => page(
+                    vec![
+                        vmi_in_phase("a", "Running"),
+                        vmi_in_phase("b", "Scheduling"),
+                    ],
+                    Some("after-b"),
+                ),
+                Some("after-b") => page(vec![vmi_in_phase("c", "Running")], Some("after-c")),
+                // kube-apiserver's last page may carry an empty continue.
+                Some("after-c") => page(vec![vmi_in_phase("d", "Running")], Some("")),
+                Some(other) => panic!("unexpected continue token {other:?}"),
+            };
+            async move { answer }
+        })
+        .await
+        .expect("every page read");
+        assert_eq!(
+            names,
+            ["a", "c", "d"],
+            "running VMIs of every page, in order"
+        );
+        assert_eq!(
+            asked,
+            [None, Some("after-b".into()), Some("after-c".into())],
+            "each page asked with the token of the one before, and no page after the last"
+        );
+    }
 
     fn vmi_with_os(id: &str) -> VirtualMachineInstance {
         let mut vmi = VirtualMachineInstance::new("vm", Default::default());
