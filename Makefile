@@ -61,9 +61,10 @@ controlplane: deps
 demo: build
 	bash scripts/demo.sh
 
-# Benchmarks P1-P5 (docs/benchmarks.md): release build, then bench/results.md and
-# bench/results.json. Needs root (private libvirtd, qemu-ga namespaces); ~5 minutes.
-bench: deps
+# Benchmarks P1-P6 (docs/benchmarks.md): release build, then bench/results.md and
+# bench/results.json. Needs root (private libvirtd, qemu-ga namespaces); P6 runs on the
+# emulator and on the real control plane (built by `controlplane`, cached); ~20 minutes.
+bench: deps controlplane
 	$(CARGO) build --release -p guestcred --bins
 	$(CARGO) build --release -p guestcred-bench
 	target/release/guestcred-bench --out bench
