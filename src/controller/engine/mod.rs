@@ -218,6 +218,40 @@ pub async fn reconcile<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Act
     finalize::reconcile(obj, ctx).await
 }
 
+/// The object's input read and checked (`RunKind::prepare`); a missing or bad Secret
+/// stalls the object (status written) and gives the action to return instead.
+async fn prepare_or_stall<K: RunKind>(
+    obj: &K,
+    ctx: &Context,
+    status: &mut RunStatus,
+) -> Result<Result<Prepared<K::Input>, Action>, Error> {
+    match obj.prepare(ctx).await {
+        Ok(v) => Ok(Ok(v)),
+        Err(e @ Error::Kube(_)) => Err(e),
+        Err(e) => {
+            // A missing or bad Secret: wait for the Secret to change (watched).
+            status::stall(ctx, obj, status, &e).await?;
+            Ok(Err(Action::requeue(Duration::from_secs(300))))
+        }
+    }
+}
+
+/// The spec's own checks: the target is the one the run froze, the rollout fields hold
+/// together, the kind's rules pass.
+fn checked<K: RunKind>(obj: &K, status: &RunStatus) -> Result<(), Error> {
+    decide::target_unchanged(status, obj.target())
+        .map_err(Error::InvalidSpec)
+        .and_then(|()| obj.rollout().check().map_err(Error::InvalidSpec))
+        .and_then(|()| obj.validate())
+}
+
+/// A status recorded with the input's legacy hash takes the current hash (same input).
+fn adopt_legacy<I>(prepared: &Prepared<I>, status: &mut RunStatus) {
+    if prepared.legacy_hash.is_some() && status.input_hash == prepared.legacy_hash {
+        status.input_hash = Some(prepared.hash.clone());
+    }
+}
+
 /// One reconcile of an object that is not being cleaned up.
 async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
     if obj.meta().deletion_timestamp.is_some() {
@@ -225,11 +259,7 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
     }
     let mut status = obj.run_status().cloned().unwrap_or_default();
 
-    let checked = decide::target_unchanged(&status, obj.target())
-        .map_err(Error::InvalidSpec)
-        .and_then(|()| obj.rollout().check().map_err(Error::InvalidSpec))
-        .and_then(|()| obj.validate());
-    if let Err(e) = checked {
+    if let Err(e) = checked(obj.as_ref(), &status) {
         status::stall(&ctx, obj.as_ref(), &mut status, &e).await?;
         return Ok(Action::await_change());
     }
@@ -244,37 +274,44 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
         // Finished, same spec, same Secret: nothing to read (a restart resyncs in memory).
         return finished(obj.as_ref(), &ctx, status).await;
     }
-    let prepared = match obj.prepare(&ctx).await {
-        Ok(v) => v,
-        Err(e @ Error::Kube(_)) => return Err(e),
-        Err(e) => {
-            // A missing or bad Secret: wait for the Secret to change (watched).
-            status::stall(&ctx, obj.as_ref(), &mut status, &e).await?;
-            return Ok(Action::requeue(Duration::from_secs(300)));
-        }
+    let mut prepared = match prepare_or_stall(obj.as_ref(), &ctx, &mut status).await? {
+        Ok(p) => p,
+        Err(action) => return Ok(action),
     };
-    let hash = prepared.hash.as_str();
-    let adopt_legacy = |status: &mut RunStatus| {
-        if prepared.legacy_hash.is_some() && status.input_hash == prepared.legacy_hash {
-            status.input_hash = Some(hash.to_string());
-        }
-    };
-    adopt_legacy(&mut status);
+    adopt_legacy(&prepared, &mut status);
     let mut obj = obj;
     let mut stored_shards = None;
-    if decide::has_work(&status, hash) {
+    if decide::has_work(&status, &prepared.hash) {
         // The cache may lag behind our own last status write (a reconcile queued during a
         // run sees the object as it was mid-run). Never act on that: read it fresh.
         let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-        match api.get_opt(&obj.name_any()).await? {
-            Some(fresh) if fresh.meta().deletion_timestamp.is_none() => obj = Arc::new(fresh),
+        let fresh = match api.get_opt(&obj.name_any()).await? {
+            Some(fresh) if fresh.meta().deletion_timestamp.is_none() => Arc::new(fresh),
             _ => return Ok(Action::await_change()),
+        };
+        // The input too comes from the fresh object: a spec read from a lagging cache
+        // (say, the keys of the run before) must never start a run under the newer run's
+        // status. That happened: a cached object from the middle of run 1, reconciled
+        // after run 2 had finished, started a third run with run 1's keys, which let go
+        // of run 2's (fleet_scale's overlap test on the real control plane, under load).
+        if fresh.meta().resource_version != obj.meta().resource_version {
+            status = fresh.run_status().cloned().unwrap_or_default();
+            if let Err(e) = checked(fresh.as_ref(), &status) {
+                status::stall(&ctx, fresh.as_ref(), &mut status, &e).await?;
+                return Ok(Action::await_change());
+            }
+            prepared = match prepare_or_stall(fresh.as_ref(), &ctx, &mut status).await? {
+                Ok(p) => p,
+                Err(action) => return Ok(action),
+            };
         }
+        obj = fresh;
         status = obj.run_status().cloned().unwrap_or_default();
-        adopt_legacy(&mut status);
+        adopt_legacy(&prepared, &mut status);
         // A large run: every target's record comes back from its shards.
         (status, stored_shards) = expand(obj.as_ref(), &ctx, status).await?;
     }
+    let hash = prepared.hash.as_str();
     let generation = obj.meta().generation;
     let mut retired = Vec::new();
     if status.input_hash.as_deref() != Some(hash) {
