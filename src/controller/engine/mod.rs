@@ -291,9 +291,10 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
         };
         // The input too comes from the fresh object: a spec read from a lagging cache
         // (say, the keys of the run before) must never start a run under the newer run's
-        // status. That happened: a cached object from the middle of run 1, reconciled
-        // after run 2 had finished, started a third run with run 1's keys, which let go
-        // of run 2's (fleet_scale's overlap test on the real control plane, under load).
+        // status. Without this, a cached object from the middle of run 1, reconciled after
+        // run 2 had finished, would start a run with run 1's keys that lets go of run 2's:
+        // the likely cause of one failure of fleet_scale's overlap test on the real control
+        // plane under load (a relist may be served from the API server's watch cache).
         if fresh.meta().resource_version != obj.meta().resource_version {
             status = fresh.run_status().cloned().unwrap_or_default();
             if let Err(e) = checked(fresh.as_ref(), &status) {
