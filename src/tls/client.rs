@@ -120,8 +120,9 @@ impl ClientTlsFiles {
 /// resumption. A connection idle for [`POOL_IDLE_TIMEOUT`] is closed; the next call to that
 /// node then resumes the session instead of a full handshake, if the session is still
 /// held: its public-key work is one x25519 exchange instead of that plus two ECDSA P-256
-/// verifications (the shim's chain, its handshake signature) and one ECDSA signature. rustls keeps 256 by default, fewer than the nodes of a large cluster, so
-/// a bulk run going round 1,000 nodes would find none. Each session holds the shim's
+/// verifications (the shim's chain, its handshake signature) and one ECDSA signature.
+/// rustls keeps 256 by default, fewer than the nodes of a large cluster, so a bulk run
+/// going round 1,000 nodes would find none. Each session holds the shim's
 /// certificate chain and two tickets, about 1 KiB: a few MiB at most. A resumed session
 /// keeps what the full handshake verified (the shim's chain and name; on the shim's side,
 /// the controller's certificate); the store belongs to one client config, so new CA or
@@ -215,7 +216,7 @@ mod tests {
         BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
         KeyPair,
     };
-    use rustls::{ClientConnection, HandshakeKind, ServerConnection};
+    use rustls::{ClientConnection, ConnectionCommon, HandshakeKind, ServerConnection};
 
     const SHIM: &str = "shim.guestcred.test";
 
@@ -260,6 +261,22 @@ mod tests {
         (Arc::new(client), server)
     }
 
+    /// Everything `from` has to send, read and processed by `to`.
+    fn transfer<A, B>(from: &mut ConnectionCommon<A>, to: &mut ConnectionCommon<B>)
+    where
+        B: rustls::SideData,
+    {
+        let mut bytes = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut bytes).expect("write");
+        }
+        let mut rd = &bytes[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).expect("read");
+            to.process_new_packets().expect("handshake");
+        }
+    }
+
     /// One connection to the shim at `ip` (in memory, no sockets), run until the shim's
     /// session tickets have arrived; how the handshake went.
     fn connect(
@@ -271,24 +288,8 @@ mod tests {
         let mut c = ClientConnection::new(client.clone(), name).expect("client connection");
         let mut s = ServerConnection::new(server.clone()).expect("server connection");
         for _ in 0..4 {
-            let mut bytes = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut bytes).expect("client write");
-            }
-            let mut rd = &bytes[..];
-            while !rd.is_empty() {
-                s.read_tls(&mut rd).expect("server read");
-                s.process_new_packets().expect("server handshake");
-            }
-            let mut bytes = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut bytes).expect("server write");
-            }
-            let mut rd = &bytes[..];
-            while !rd.is_empty() {
-                c.read_tls(&mut rd).expect("client read");
-                c.process_new_packets().expect("client handshake");
-            }
+            transfer(&mut c, &mut s);
+            transfer(&mut s, &mut c);
         }
         assert!(!c.is_handshaking(), "handshake with {ip} finished");
         assert!(

@@ -295,8 +295,8 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
         // run 2 had finished, would start a run with run 1's keys that lets go of run 2's:
         // the likely cause of one failure of fleet_scale's overlap test on the real control
         // plane under load (a relist may be served from the API server's watch cache).
+        status = fresh.run_status().cloned().unwrap_or_default();
         if fresh.meta().resource_version != obj.meta().resource_version {
-            status = fresh.run_status().cloned().unwrap_or_default();
             if let Err(e) = checked(fresh.as_ref(), &status) {
                 status::stall(&ctx, fresh.as_ref(), &mut status, &e).await?;
                 return Ok(Action::await_change());
@@ -307,7 +307,6 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
             };
         }
         obj = fresh;
-        status = obj.run_status().cloned().unwrap_or_default();
         adopt_legacy(&prepared, &mut status);
         // A large run: every target's record comes back from its shards.
         (status, stored_shards) = expand(obj.as_ref(), &ctx, status).await?;
