@@ -85,6 +85,66 @@ async fn two_replace_objects_on_one_vm_and_user_never_remove_each_other_s_keys()
     assert_eq!(sorted(keys_of(&qga, "alice")), ["key2@test", "key3@test"]);
 }
 
+/// Every key operation the shims finished, on every node.
+fn key_calls(w: &World) -> u64 {
+    [
+        "get-ssh-keys",
+        "add-ssh-keys",
+        "replace-ssh-keys",
+        "remove-ssh-keys",
+    ]
+    .iter()
+    .map(|op| w.agent_calls(op))
+    .sum()
+}
+
+/// Issue 17: a relist served from a lagging watch cache hands the controller the object as
+/// it was before its spec changed. After the newer run has finished, that stale copy starts
+/// nothing: its reconcile reads the object fresh and takes the input from it, so no agent
+/// call is made, the newer key stays and the older one does not come back.
+#[tokio::test]
+async fn a_stale_cached_copy_from_before_a_spec_change_starts_no_run_with_its_old_keys() {
+    let (w, qga) = world_with_guest("vm-a").await;
+    // The copy a lagging cache keeps: the object in the middle of its first run (held
+    // there by a frozen agent).
+    signal(&qga, "-STOP");
+    w.put(&grant("k", "vm-a").inline_keys([KEY1])).await;
+    let mid_run = w
+        .once::<KeypairRebuild>("k", |k| phase(k) == Some(Phase::Running))
+        .await;
+    let stale = serde_json::to_value(&mid_run).expect("the object mid-run");
+    signal(&qga, "-CONT");
+    w.once::<KeypairRebuild>("k", finished_with_key(KEY1)).await;
+    let newer = grant("k", "vm-a").inline_keys([KEY2]);
+    w.apply_until(&newer, finished_with_key(KEY2)).await;
+    assert_eq!(keys_of(&qga, "alice"), ["key2@test"]);
+    let (calls, status) = (key_calls(&w), w.get::<KeypairRebuild>(NS, "k").await.status);
+
+    let path = format!("/apis/guestcred.io/v1alpha1/namespaces/{NS}/keypairrebuilds/k");
+    let reads = w.api().requests("GET", &path);
+    w.api()
+        .faults()
+        .serve_stale_list_once("keypairrebuilds", vec![stale]);
+    w.api().faults().expire_watches();
+    // The relist served the stale copy, and its reconcile read the object fresh.
+    let deadline = std::time::Instant::now() + WAIT;
+    while w.api().faults().stale_list_pending("keypairrebuilds")
+        || w.api().requests("GET", &path) == reads
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reconcile of the stale copy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A run would have started right after that read; give it time to show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(key_calls(&w), calls, "no agent call for the stale copy");
+    assert_eq!(keys_of(&qga, "alice"), ["key2@test"]);
+    let now = w.get::<KeypairRebuild>(NS, "k").await.status;
+    assert_eq!(now, status, "the finished run's status stays as it was");
+}
+
 /// The scenario of issue 17's report: both Replace objects changed while the controller
 /// was down, so the restarted controller runs them at the same instant. Each lets go of
 /// only its own old key; both end Verified and the guest holds exactly both new keys.

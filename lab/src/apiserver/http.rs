@@ -804,8 +804,14 @@ fn list(
         (page, request.list_rv(inner.rv()))
     };
     let list_meta = list_meta(&page, filter, rv);
-    let items = page.items;
     let shape = shape(headers);
+    let items = match shared
+        .take_stale_list(&rt.plural)
+        .filter(|_| shape == Shape::Full)
+    {
+        Some(stale) => with_stale_copies(page.items, stale),
+        None => page.items,
+    };
     if shape == Shape::Table {
         let shown: Vec<_> = items
             .iter()
@@ -847,6 +853,27 @@ fn list(
         buf,
     )
         .into_response())
+}
+
+/// `items` with each object that has a stale copy (same namespace and name) replaced by
+/// it (the `serve_stale_list_once` fault).
+fn with_stale_copies(items: Vec<Arc<Value>>, stale: Vec<Value>) -> Vec<Arc<Value>> {
+    let key = |o: &Value| {
+        (
+            text(o, "/metadata/namespace").unwrap_or_default(),
+            text(o, "/metadata/name").unwrap_or_default(),
+        )
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let k = key(&item);
+            match stale.iter().find(|s| key(s) == k) {
+                Some(old) => Arc::new(old.clone()),
+                None => item,
+            }
+        })
+        .collect()
 }
 
 /// A list's metadata: its resourceVersion and, when keys follow the page, the token that

@@ -40,8 +40,8 @@
 //!   `eventTime`/`series`, `source` from `reportingComponent`/`reportingInstance`, and the
 //!   reverse), so `kubectl describe` lists kube-rs `Recorder` Events with their counts; see
 //!   `views.rs`;
-//! - test faults ([`Faults`]): injected 409s on status writes, expired watches; a count of
-//!   answered requests by method and path ([`ApiServer::requests`]).
+//! - test faults ([`Faults`]): injected 409s on status writes, expired watches, a stale
+//!   relist; a count of answered requests by method and path ([`ApiServer::requests`]).
 //!
 //! - pruning: custom objects lose fields their CRD's structural schema does not declare
 //!   (properties, additionalProperties, items, x-kubernetes-preserve-unknown-fields,
@@ -100,6 +100,9 @@ use store::{BUS_CAPACITY, Inner};
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
     status_conflicts: AtomicU32,
+    /// Stale copies the next full LIST of a resource (by plural) serves in place of the
+    /// stored objects of the same namespace and name ([`Faults::serve_stale_list_once`]).
+    stale_lists: Mutex<HashMap<String, Vec<serde_json::Value>>>,
     /// Requests answered, by "METHOD /path" (no query), for tests that count API traffic.
     requests: Mutex<HashMap<String, u64>>,
 }
@@ -131,6 +134,12 @@ impl Shared {
         }
         Ok(())
     }
+
+    /// The stale copies injected for the next full LIST of `plural`, taken (one shot).
+    pub(crate) fn take_stale_list(&self, plural: &str) -> Option<Vec<serde_json::Value>> {
+        let mut stale = self.stale_lists.lock().unwrap_or_else(|e| e.into_inner());
+        stale.remove(plural)
+    }
 }
 
 /// Fault injection for tests.
@@ -148,6 +157,24 @@ impl Faults {
     /// resuming from any earlier resourceVersion gets 410 too (clients must relist).
     pub fn expire_watches(&self) {
         self.shared.lock().expire_watches();
+    }
+
+    /// The next full LIST of `plural` (any namespace, any page) answers with `objects` in
+    /// place of the stored objects of the same namespace and name, at the current list
+    /// resourceVersion. A client's cache then holds the old copies until the objects change
+    /// again: the state a controller is in when its watch lags far behind the writes (on a
+    /// loaded real server), or a relist is served from a stale cache (`resourceVersion=0`,
+    /// which kube-rs does not send by default). One shot; `expire_watches` makes clients
+    /// relist.
+    pub fn serve_stale_list_once(&self, plural: &str, objects: Vec<serde_json::Value>) {
+        let mut stale = (self.shared.stale_lists.lock()).unwrap_or_else(|e| e.into_inner());
+        stale.insert(plural.to_string(), objects);
+    }
+
+    /// Whether the stale copies of [`Faults::serve_stale_list_once`] are still unserved.
+    pub fn stale_list_pending(&self, plural: &str) -> bool {
+        let stale = (self.shared.stale_lists.lock()).unwrap_or_else(|e| e.into_inner());
+        stale.contains_key(plural)
     }
 }
 
@@ -184,6 +211,7 @@ impl ApiServer {
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
             status_conflicts: AtomicU32::new(0),
+            stale_lists: Mutex::default(),
             requests: Mutex::default(),
         });
         Self {
