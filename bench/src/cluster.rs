@@ -338,6 +338,11 @@ impl BenchApi {
         })
     }
 
+    /// The real control plane's `controlplane up` process (its components are children).
+    pub fn control_plane_pid(&self) -> Option<u32> {
+        self.real.as_ref().map(|(cp, _)| cp.pid())
+    }
+
     /// Node `name` and its shim pod (Running at `ip`), made with the setup client.
     pub async fn create_node_with_shim(&self, name: &str, ip: &str) -> anyhow::Result<()> {
         match &self.real {

@@ -194,6 +194,9 @@ struct Run {
     cpu_total: f64,
     /// The bench process (emulator, shims, simulated agents) over the run.
     cpu_bench: f64,
+    /// The real control plane's processes (etcd, kube-apiserver, kube-controller-manager)
+    /// over the run.
+    cpu_control_plane: Option<f64>,
     resume_s: Option<f64>,
     first_call_s: Option<f64>,
     second_after_ok: usize,
@@ -228,6 +231,10 @@ impl Run {
     }
     fn cpu_bench_ms(&self) -> Option<f64> {
         (self.targets_done() > 0).then(|| self.cpu_bench * 1000.0 / self.targets_done() as f64)
+    }
+    fn cpu_control_plane_ms(&self) -> Option<f64> {
+        let cpu = self.cpu_control_plane?;
+        (self.targets_done() > 0).then(|| cpu * 1000.0 / self.targets_done() as f64)
     }
     fn rss_per_vmi_kib(&self) -> f64 {
         (self.rss_loaded - self.rss_empty) * 1024.0 / self.n as f64
@@ -354,6 +361,8 @@ async fn one(ctx: &Ctx, opts: &Opts, plane: ControlPlane, n: usize) -> anyhow::R
     api.requests.clear();
     let cpu0 = c1.cpu()?;
     let bench0 = crate::procs::cpu_time(std::process::id())?;
+    let cp_pid = api.control_plane_pid();
+    let cp0 = cp_pid.map(crate::procs::tree_cpu_time).transpose()?;
     let t0 = Instant::now();
     let deadline = t0 + opts.timeout;
     resets.create(&PostParams::default(), &obj).await?;
@@ -409,6 +418,13 @@ async fn one(ctx: &Ctx, opts: &Opts, plane: ControlPlane, n: usize) -> anyhow::R
     }
     run.total_s = Some(t0.elapsed().as_secs_f64());
     run.cpu_bench = (crate::procs::cpu_time(std::process::id())? - bench0).as_secs_f64();
+    if let (Some(pid), Some(cp0)) = (cp_pid, cp0) {
+        run.cpu_control_plane = Some(
+            crate::procs::tree_cpu_time(pid)?
+                .saturating_sub(cp0)
+                .as_secs_f64(),
+        );
+    }
     run.done_at_end = farm.successes();
     let cpu2 = match c2.as_ref() {
         Some(c) => {
@@ -619,6 +635,16 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
                 }),
             );
         }
+        if let Some(cpu) = r.cpu_control_plane_ms() {
+            push(Figure::new(
+                &k("cp_cpu"),
+                &format!(
+                    "{at}: etcd + kube-apiserver + kube-controller-manager CPU per target set (beside the controller's)"
+                ),
+                "ms",
+                vec![cpu],
+            ));
+        }
         let base = Figure::new(
             &k("rss_empty"),
             &format!(
@@ -705,13 +731,13 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| API server | N | outcome | setup (s) | load VMIs (s) | rate to N/2 (/s) | rate whole run (/s) | CPU/target (ms) | CPU/target, 1st process (ms) | bench process CPU/target (ms) | RSS empty → loaded (MiB) | RSS/VMI (KiB) | peak RSS during the run (MiB) | peak RSS above baseline per target (KiB) | largest object (KiB) | reset read back (KiB) | status writes/target | Event writes/target | other writes/target | reads/target | API errors | resume (s) | first call after restart (s) | recorded at kill | set again after recorded | set again after an Ok answer | guests holding the value |"
+        "| API server | N | outcome | setup (s) | load VMIs (s) | rate to N/2 (/s) | rate whole run (/s) | CPU/target (ms) | CPU/target, 1st process (ms) | bench process CPU/target (ms) | control plane CPU/target (ms) | RSS empty → loaded (MiB) | RSS/VMI (KiB) | peak RSS during the run (MiB) | peak RSS above baseline per target (KiB) | largest object (KiB) | reset read back (KiB) | status writes/target | Event writes/target | other writes/target | reads/target | API errors | resume (s) | first call after restart (s) | recorded at kill | set again after recorded | set again after an Ok answer | guests holding the value |"
     );
-    let _ = writeln!(t, "|{}", "---|".repeat(27));
+    let _ = writeln!(t, "|{}", "---|".repeat(28));
     for r in runs {
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} → {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {:.4} | {:.3} | {} | {} | {} | {} | {} | {} | {} of {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} → {} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {:.4} | {:.3} | {} | {} | {} | {} | {} | {} | {} of {} |",
             r.plane.as_str(),
             r.n,
             r.outcome,
@@ -722,6 +748,7 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
             opt(r.cpu_ms_per_target()),
             opt(r.cpu_ms_first()),
             opt(r.cpu_bench_ms()),
+            opt(r.cpu_control_plane_ms()),
             crate::report::num(r.rss_empty),
             crate::report::num(r.rss_loaded),
             crate::report::num(r.rss_per_vmi_kib()),
@@ -780,7 +807,7 @@ fn section(opts: &Opts, runs: &[Run]) -> Section {
         opts.timeout.as_secs()
     ));
     if runs.iter().any(|r| r.plane == ControlPlane::Real) {
-        s.notes.push("Real control plane (P6.real.*, API server \"real\"): the same run against kube-apiserver + etcd + kube-controller-manager of lab/controlplane (started per N, gone after it), so writes go through admission, etcd and managed fields. The controller's kubeconfig names a loopback HTTP proxy in the bench process that counts each request exactly as the emulator's request log does and sends it on over TLS as the lab's admin (system:masters; the chart's RBAC is proven by tests/real_control_plane.rs, not here): one more hop per request, served on the same 2 cores. Setup (Nodes, shim Pods owned by an inert shim DaemonSet, VMIs) goes straight to the API server and is not counted. \"setup\" is control plane start, nodes, shim pods and VMI load. The API server, etcd and controller manager are separate processes whose CPU is in neither the controller's nor the bench process's figure. Same goals as the emulator's.".into());
+        s.notes.push("Real control plane (P6.real.*, API server \"real\"): the same run against kube-apiserver + etcd + kube-controller-manager of lab/controlplane (started per N, gone after it), so writes go through admission, etcd and managed fields. The controller's kubeconfig names a loopback HTTP proxy in the bench process that counts each request exactly as the emulator's request log does and sends it on over TLS as the lab's admin (system:masters; the chart's RBAC is proven by tests/real_control_plane.rs, not here): one more hop per request, served on the same 2 cores. Setup (Nodes, shim Pods owned by an inert shim DaemonSet, VMIs) goes straight to the API server and is not counted. \"setup\" is control plane start, nodes, shim pods and VMI load. The API server, etcd and controller manager are separate processes: their CPU over the run (utime+stime of `controlplane up` and its children) is its own figure (cp_cpu) and column, in neither the controller's nor the bench process's. Same goals as the emulator's.".into());
     }
     s
 }

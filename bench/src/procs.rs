@@ -233,6 +233,53 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     ))
 }
 
+/// utime + stime of `pid` and of every process below it (children of children too), as
+/// they are now: a process tree like `controlplane up` and its etcd, kube-apiserver and
+/// kube-controller-manager. Processes that already exited are not counted.
+pub fn tree_cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let mut parents = Vec::new();
+    for entry in fs::read_dir("/proc")? {
+        let Some(p) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit between the listing and the read.
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        if let (Some(ppid), Ok(ticks)) = (parse_stat_ppid(&stat), parse_stat_cpu_ticks(&stat)) {
+            parents.push((p, ppid, ticks));
+        }
+    }
+    Ok(ticks_to_duration(tree_ticks(pid, &parents), clock_ticks()))
+}
+
+/// The ticks of `root` and its descendants in a table of (pid, ppid, ticks).
+fn tree_ticks(root: u32, procs: &[(u32, u32, u64)]) -> u64 {
+    let mut tree = vec![root];
+    let mut total = 0;
+    while let Some(p) = tree.pop() {
+        for &(pid, ppid, ticks) in procs {
+            if pid == p {
+                total += ticks;
+            }
+            if ppid == p && pid != p {
+                tree.push(pid);
+            }
+        }
+    }
+    total
+}
+
+/// Field 4 (ppid) of a stat line.
+fn parse_stat_ppid(stat: &str) -> Option<u32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn ticks_to_duration(ticks: u64, per_second: u64) -> Duration {
     Duration::from_secs_f64(ticks as f64 / per_second as f64)
 }
@@ -288,6 +335,27 @@ mod tests {
     fn cpu_ticks_are_utime_plus_stime_even_with_a_spaced_command_name() {
         let line = "42 (guest cred) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 4 0 100 1000 50";
         assert_eq!(parse_stat_cpu_ticks(line).expect("parses"), 12);
+    }
+
+    #[test]
+    fn a_stat_line_gives_its_parent_pid() {
+        let line = "42 (guest cred) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 4 0 100 1000 50";
+        assert_eq!(parse_stat_ppid(line), Some(1));
+    }
+
+    #[test]
+    fn a_tree_counts_its_root_and_every_descendant_and_nothing_else() {
+        // 10 → 11 → 12, 10 → 13; 20 is a sibling of 10 under 1.
+        let procs = [
+            (1, 0, 1000),
+            (10, 1, 1),
+            (11, 10, 20),
+            (12, 11, 300),
+            (13, 10, 4000),
+            (20, 1, 50000),
+        ];
+        assert_eq!(tree_ticks(10, &procs), 4321);
+        assert_eq!(tree_ticks(12, &procs), 300);
     }
 
     #[test]

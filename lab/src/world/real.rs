@@ -98,6 +98,12 @@ impl RealControlPlane {
         &self.kubeconfig
     }
 
+    /// The pid of `controlplane up`: etcd, kube-apiserver and kube-controller-manager are
+    /// its child processes.
+    pub fn pid(&self) -> u32 {
+        self.process.pid
+    }
+
     /// The API server's audit log (JSON lines).
     pub fn audit_log(&self) -> PathBuf {
         self.dir.join("audit.log")
