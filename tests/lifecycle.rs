@@ -580,8 +580,9 @@ async fn a_status_hash_from_before_the_key_is_taken_as_the_same_input() {
 // Events stay bounded per run.
 // ---------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn per_target_events_are_capped_per_run_and_the_rest_summed_per_reason() {
+/// A world whose runs publish at most 3 per-target Events, with 8 guests labelled
+/// tier=bulk on node-1, and reset `r` of alice's password on them, one at a time.
+async fn capped_events_world() -> (World, GuestPasswordReset, Vec<HostQga>) {
     let w = World::start(WorldOptions {
         settings: guestcred::controller::context::EngineSettings {
             max_target_events: 3,
@@ -601,13 +602,12 @@ async fn per_target_events_are_capped_per_run_and_the_rest_summed_per_reason() {
         .user("alice")
         .from_secret("pw")
         .crypted()
-        .max_concurrency(2);
-    apply_with_secret(&w, V1, &r).await;
-    let done: GuestPasswordReset = w
-        .wait_for(NS, "r", WAIT, guestcred_lab::testing::finished)
-        .await
-        .expect("finishes");
-    assert_eq!(done.status.expect("status").run.summary.succeeded, 8);
+        .max_concurrency(1);
+    (w, r, agents)
+}
+
+/// Reset r's Applied Events published one by one, and the notes of its Summary Events.
+async fn applied_events_and_summaries(w: &World) -> (u32, Vec<String>) {
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(w.client.clone(), NS);
     // The summary Event is published before the final status write.
     let about_r: Vec<_> = guestcred_lab::testing::list_all(&events)
@@ -616,29 +616,63 @@ async fn per_target_events_are_capped_per_run_and_the_rest_summed_per_reason() {
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("r"))
         .collect();
     // The Recorder folds repeats of one reason and action into a series: count publishes.
-    let published = |action: &str| -> u32 {
-        about_r
-            .iter()
-            .filter(|e| {
-                e.reason.as_deref() == Some("Applied") && e.action.as_deref() == Some(action)
-            })
-            .map(|e| e.series.as_ref().map_or(1, |s| s.count.max(1) as u32))
-            .sum()
-    };
-    assert_eq!(
-        published("Apply"),
-        3,
-        "one by one up to the cap: {about_r:#?}"
-    );
-    let summary: Vec<&str> = about_r
+    let one_by_one = about_r
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("Applied") && e.action.as_deref() == Some("Apply"))
+        .map(|e| e.series.as_ref().map_or(1, |s| s.count.max(1) as u32))
+        .sum();
+    let summaries = about_r
         .iter()
         .filter(|e| e.action.as_deref() == Some("Summary"))
-        .filter_map(|e| e.note.as_deref())
+        .filter_map(|e| e.note.clone())
         .collect();
+    (one_by_one, summaries)
+}
+
+const FIVE_MORE_APPLIED: &str = "5 more target(s): Applied (per-target Events are capped at 3 per run; status and metrics count every target)";
+
+#[tokio::test]
+async fn per_target_events_are_capped_per_run_and_the_rest_summed_per_reason() {
+    let (w, r, _agents) = capped_events_world().await;
+    apply_with_secret(&w, V1, &r).await;
+    let done: GuestPasswordReset = w
+        .wait_for(NS, "r", WAIT, guestcred_lab::testing::finished)
+        .await
+        .expect("finishes");
+    assert_eq!(done.status.expect("status").run.summary.succeeded, 8);
+    let (one_by_one, summaries) = applied_events_and_summaries(&w).await;
+    assert_eq!(one_by_one, 3, "one by one up to the cap");
+    assert_eq!(summaries, [FIVE_MORE_APPLIED]);
+}
+
+/// Issue 19: the cap is per run, not per controller process. A controller restarted in
+/// the middle of a run counts the targets the run already ended against the cap (their
+/// Events were published or counted before), so it publishes no second batch of 3.
+#[tokio::test]
+async fn the_per_target_event_cap_holds_across_a_controller_restart() {
+    let (mut w, r, agents) = capped_events_world().await;
+    // One target at a time, in name order: the run stops at bulk-4, whose agent is frozen.
+    guestcred_lab::testing::signal(&agents[4], "-STOP");
+    apply_with_secret(&w, V1, &r).await;
+    w.wait_for(NS, "r", WAIT, |r: &GuestPasswordReset| {
+        r.status
+            .as_ref()
+            .is_some_and(|s| s.run.summary.succeeded == 4)
+    })
+    .await
+    .expect("4 targets recorded as done");
+    w.kill_controller();
+    guestcred_lab::testing::signal(&agents[4], "-CONT");
+    w.start_controller();
+    let done: GuestPasswordReset = w
+        .wait_for(NS, "r", WAIT, guestcred_lab::testing::finished)
+        .await
+        .expect("finishes after the restart");
+    assert_eq!(done.status.expect("status").run.summary.succeeded, 8);
+    let (one_by_one, summaries) = applied_events_and_summaries(&w).await;
     assert_eq!(
-        summary,
-        [
-            "5 more target(s): Applied (per-target Events are capped at 3 per run; status and metrics count every target)"
-        ]
+        one_by_one, 3,
+        "one by one up to the cap, over both processes"
     );
+    assert_eq!(summaries, [FIVE_MORE_APPLIED]);
 }

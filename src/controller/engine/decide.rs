@@ -437,6 +437,19 @@ impl EventBudget {
         }
     }
 
+    /// The budget of a run taken up again (by a restarted controller, or after a
+    /// superseded write) with targets it already ended: each of those used one admission
+    /// when it ended, so the ended targets are admitted again, in target order, before any
+    /// new one, and a restart never publishes a second batch. The totals are exact; how
+    /// the held ones split over reasons follows target order, not the order they ended in.
+    pub fn resumed<'a>(limit: u32, ended: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut budget = Self::new(limit);
+        for reason in ended {
+            budget.admit(reason);
+        }
+        budget
+    }
+
     /// Whether a per-target Event with `reason` is published now (else it is counted).
     pub fn admit(&mut self, reason: &str) -> bool {
         if self.sent < self.limit {
@@ -456,6 +469,24 @@ impl EventBudget {
     pub fn limit(&self) -> u32 {
         self.limit
     }
+}
+
+/// Whether a drive that ends publishes the per-target Events its budget held back: when
+/// the run has ended (no unfinished target, or it stops for good: deleted, out of failure
+/// budget, replaced by a run with the newer input). A run that another drive takes up
+/// again (a new leader, a newer status, a pause, a spec change) leaves them: that drive
+/// counts the ended targets again (`EventBudget::resumed`) and publishes them all once, at
+/// the run's end. (A spec change that also changes the input starts a new run, and the
+/// old run's held counts go unpublished; status and metrics still count every target.)
+pub fn held_events_due(stop: Option<Stop>, superseded: bool, unfinished: usize) -> bool {
+    if superseded {
+        return false;
+    }
+    unfinished == 0
+        || matches!(
+            stop,
+            Some(Stop::Deleted | Stop::FailureBudgetExhausted | Stop::InputChanged)
+        )
 }
 
 /// Exponential backoff: doubles, up to `max`.
@@ -997,6 +1028,46 @@ mod tests {
         assert!(!b.admit("UserNotFound"));
         let held: Vec<(&str, u32)> = b.held().collect();
         assert_eq!(held, [("Applied", 2), ("UserNotFound", 1)]);
+    }
+
+    #[test]
+    fn a_resumed_run_counts_its_ended_targets_against_the_cap() {
+        let mut b = EventBudget::resumed(2, ["Applied", "Applied", "UserNotFound"]);
+        assert!(!b.admit("Applied"), "the cap was used before the restart");
+        let held: Vec<(&str, u32)> = b.held().collect();
+        assert_eq!(held, [("Applied", 1), ("UserNotFound", 1)]);
+        let mut fresh = EventBudget::resumed(2, []);
+        assert!(
+            fresh.admit("Applied"),
+            "a run that ended nothing starts with the cap"
+        );
+    }
+
+    #[test]
+    fn held_events_are_published_once_when_the_run_ends_and_not_when_it_continues_elsewhere() {
+        assert!(held_events_due(None, false, 0), "the run ended");
+        assert!(held_events_due(
+            Some(Stop::FailureBudgetExhausted),
+            false,
+            3
+        ));
+        assert!(held_events_due(Some(Stop::Deleted), false, 3));
+        assert!(
+            held_events_due(Some(Stop::InputChanged), false, 3),
+            "a new run"
+        );
+        for goes_on in [
+            Stop::LostLeadership,
+            Stop::Superseded,
+            Stop::Paused,
+            Stop::SpecChanged,
+        ] {
+            assert!(!held_events_due(Some(goes_on), false, 3), "{goes_on:?}");
+        }
+        assert!(
+            !held_events_due(None, true, 0),
+            "a newer status owns the run"
+        );
     }
 
     #[test]

@@ -121,11 +121,13 @@ pub(super) async fn drive<K: RunKind>(
         }
     }
 
-    let (superseded, events) = {
+    let (superseded, events, unfinished) = {
         let st = lock(&shared);
-        (st.superseded, st.events.clone())
+        (st.superseded, st.events.clone(), st.status.unfinished())
     };
-    status::publish_held(&ctx, obj.as_ref(), &events).await;
+    if decide::held_events_due(stop, superseded, unfinished) {
+        status::publish_held(&ctx, obj.as_ref(), &events).await;
+    }
     if superseded || matches!(stop, Some(Stop::LostLeadership | Stop::Superseded)) {
         // A new leader, or newer state, owns the object's status now: write nothing.
         let stop = if superseded {

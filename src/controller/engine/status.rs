@@ -67,12 +67,18 @@ impl RunState {
             .iter()
             .filter(|t| t.state == TargetState::Failed)
             .count();
+        let ended = status
+            .targets
+            .iter()
+            .filter(|t| t.state.is_terminal())
+            .filter_map(|t| t.reason.as_deref());
+        let events = decide::EventBudget::resumed(budget, ended);
         Self {
             status,
             dirty: true,
             basis,
             superseded: false,
-            events: decide::EventBudget::new(budget),
+            events,
             shards,
             failed,
             retired,
