@@ -626,6 +626,21 @@ fn controller_has_two_replicas_and_health_probes() {
     );
 }
 
+/// The bench and the lab start the controller with what the chart gives it
+/// (`guestcred_lab::DEPLOYED_CONTROLLER_ENV`): the chart must really give it that.
+#[test]
+fn the_controller_gets_the_environment_the_bench_and_the_lab_measure_it_with() {
+    let objects = render(&[]);
+    let c = container(only(&objects, "Deployment"));
+    for (name, value) in guestcred_lab::DEPLOYED_CONTROLLER_ENV {
+        assert_eq!(
+            entry_named(&c["env"], name)["value"].as_str(),
+            Some(*value),
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn shim_drops_every_capability_but_the_kubevirt_socket_override() {
     let kubevirt = shim_for_locator("kubevirt");

@@ -85,7 +85,7 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     p5_rounds: usize,
     /// Extra environment for every controller process (KEY=VALUE, repeatable), for
-    /// experiments such as allocator settings.
+    /// experiments such as allocator settings; added to the chart's (MALLOC_ARENA_MAX=1).
     #[arg(long = "controller-env", value_name = "KEY=VALUE")]
     controller_env: Vec<String>,
     /// Keep the scratch directory (logs of every process) instead of deleting it.
@@ -139,14 +139,17 @@ async fn main() -> anyhow::Result<()> {
     };
     let tls = guestcred_lab::cluster::tls::LabTls::new(dir.join("tls"));
     tls.mint()?;
-    let controller_env = args
-        .controller_env
+    // The deployed controller's environment first; --controller-env adds to it or
+    // overrides it (the controller reads the last value of a variable).
+    let deployed = guestcred_lab::DEPLOYED_CONTROLLER_ENV
         .iter()
-        .map(|kv| {
+        .map(|(k, v)| anyhow::Ok((k.to_string(), v.to_string())));
+    let controller_env = deployed
+        .chain(args.controller_env.iter().map(|kv| {
             kv.split_once('=')
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .with_context(|| format!("--controller-env {kv:?} is not KEY=VALUE"))
-        })
+        }))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let ctx = Ctx {
         controller_env,

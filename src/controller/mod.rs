@@ -497,6 +497,14 @@ fn name_and_version_only<K>(o: &PartialObjectMeta<K>) -> PartialObjectMeta<K> {
     }
 }
 
+/// VMIs per page of the VMI watch's list (kube-rs asks for 500). A real API server's
+/// metadata carries managed fields, decoded into JSON trees, and a page's memory is held
+/// until the page is done: a smaller page keeps that peak (and the RSS the allocator
+/// keeps after the sync) small, for 5 times as many LIST requests at sync. Bench P6 on
+/// the real control plane, N=1,000, RSS per VMI above the baseline: 0.62, 0.94 and -0.34
+/// KiB with 100 against 1.40 and 0.55 KiB with 500 (noisy single runs).
+const VMI_WATCH_PAGE: u32 = 100;
+
 /// One metadata-only VMI watch for both kinds (nothing of it is cached: a reconcile reads
 /// the VMIs it needs), triggering the objects that wait for a changed VMI.
 fn vmi_changes(
@@ -508,7 +516,8 @@ fn vmi_changes(
         || Api::<PartialObjectMeta<VirtualMachineInstance>>::all(client.clone()),
         |ns| Api::namespaced(client.clone(), ns),
     );
-    let watch = |api| watcher(api, watcher::Config::default()).default_backoff();
+    let watch =
+        |api| watcher(api, watcher::Config::default().page_size(VMI_WATCH_PAGE)).default_backoff();
     watch_scope(apis, watch, name_and_version_only)
         .touched_objects()
         .for_each(on_each_touched("VMI", move |vmi| triggers.vmi_changed(vmi)))

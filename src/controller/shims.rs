@@ -62,6 +62,36 @@ pub fn owned_by_shim_daemonset(pod: &Pod, daemonset: &str) -> bool {
     })
 }
 
+/// A shim pod as the directory keeps it: what finding and calling a node's shim reads
+/// (name, namespace, uid, resourceVersion, owners, deletion, node, phase, pod IP), nothing
+/// else. A real API server's pod also carries managed fields, defaulted container specs,
+/// volumes and tolerations, kept for every node's shim otherwise. kube-rs's documented way
+/// to keep a reflector small (`WatchStreamExt::modify`).
+fn slim_pod(p: &mut Pod) {
+    let m = std::mem::take(&mut p.metadata);
+    p.metadata = kube::api::ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        owner_references: m.owner_references,
+        deletion_timestamp: m.deletion_timestamp,
+        ..Default::default()
+    };
+    p.spec = p.spec.take().map(|s| k8s_openapi::api::core::v1::PodSpec {
+        node_name: s.node_name,
+        ..Default::default()
+    });
+    p.status = p
+        .status
+        .take()
+        .map(|s| k8s_openapi::api::core::v1::PodStatus {
+            phase: s.phase,
+            pod_ip: s.pod_ip,
+            ..Default::default()
+        });
+}
+
 /// The pod IP of a Running pod.
 fn running_ip(p: &Pod) -> Option<&str> {
     let status = p.status.as_ref()?;
@@ -89,7 +119,7 @@ impl ShimDirectory {
         let (store, writer) = reflector::store();
         let stream = reflector(
             writer,
-            watcher(api, watcher::Config::default().labels(SHIM_POD_SELECTOR)),
+            watcher(api, watcher::Config::default().labels(SHIM_POD_SELECTOR)).modify(slim_pod),
         )
         .default_backoff()
         .applied_objects()
@@ -236,6 +266,26 @@ mod tests {
 
     fn found_on(dir: &ShimDirectory, node: &str) -> Option<String> {
         dir.shim_pod(node).and_then(|p| p.metadata.name.clone())
+    }
+
+    #[test]
+    fn a_slimmed_shim_pod_is_still_found_and_called_and_keeps_nothing_else() {
+        let mut full = shim_pod("a", "n1", "10.0.0.1", "Running");
+        full.metadata.managed_fields = Some(vec![Default::default()]);
+        full.metadata.labels = Some([("app".to_string(), "shim".to_string())].into());
+        if let Some(spec) = full.spec.as_mut() {
+            spec.containers = vec![Default::default()];
+        }
+        if let Some(status) = full.status.as_mut() {
+            status.conditions = Some(vec![Default::default()]);
+        }
+        let mut slim = full.clone();
+        slim_pod(&mut slim);
+        assert_eq!(slim, shim_pod("a", "n1", "10.0.0.1", "Running"));
+        let (dir, mut pods) = directory();
+        pods.apply_watcher_event(&watcher::Event::Apply(slim));
+        assert_eq!(found_on(&dir, "n1").as_deref(), Some("a"));
+        assert!(dir.for_node("n1").is_ok());
     }
 
     #[test]

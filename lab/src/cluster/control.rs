@@ -457,6 +457,7 @@ fn spawn_controller(
         cmd.env("POD_NAME", &identity)
             .env("POD_NAMESPACE", &state.controller_namespace);
     }
+    cmd.envs(crate::DEPLOYED_CONTROLLER_ENV.iter().copied());
     if index > 1 {
         // The first replica keeps the default metrics address; others would collide.
         cmd.arg("--metrics-listen=");
