@@ -66,8 +66,9 @@ struct Args {
     /// `make test` builds it), else the emulator.
     #[arg(long, value_enum)]
     p6_control_plane: Option<p6::Planes>,
-    /// P6 sizes on the real control plane, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [1_000, 10_000])]
+    /// P6 sizes on the real control plane, comma-separated (100,000 adds about 10 minutes:
+    /// loading the VMIs into etcd and the run).
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000, 10_000, 100_000])]
     p6_real_sizes: Vec<usize>,
     /// P6 nodes (one simulated shim each, on its own loopback address).
     #[arg(long, default_value_t = 1_000)]
