@@ -109,13 +109,25 @@ async fn keys_applied_until(
 }
 
 /// Does the fleet's `i`-th (simulated) VM hold `key` (its base64 body) in root's
-/// authorized_keys?
-fn holds_key(w: &World, i: usize, key: &str) -> bool {
+/// authorized_keys? (Read once no agent call is in progress on the VM.)
+async fn holds_key(w: &World, i: usize, key: &str) -> bool {
     let body = key.split_whitespace().nth(1).unwrap_or_default();
     let sim = w.sim_agent(&node_of(i, NODES)).expect("simulated agent");
     sim.authorized_keys(NS, &vm_name(i), "root")
+        .await
         .join("\n")
         .contains(body)
+}
+
+/// The fleet's VMs (their indexes) that hold `key`, or (`holding` false) that do not.
+async fn vms_with_key(w: &World, fleet: usize, key: &str, holding: bool) -> Vec<usize> {
+    let mut out = Vec::new();
+    for i in 0..fleet {
+        if holds_key(w, i, key).await == holding {
+            out.push(i);
+        }
+    }
+    out
 }
 
 fn assert_small(objects: &[(String, usize)]) {
@@ -246,14 +258,10 @@ async fn ttl_grants_of_a_replaced_run_over_150_vms_are_kept_in_shards_and_remove
         .wait_for(NS, "keys", Duration::from_secs(120), expired)
         .await
         .expect("the old grants expire");
-    for i in 0..FLEET {
-        assert!(
-            !holds_key(&w, i, KEY1),
-            "{}: KEY1 outlived its TTL",
-            vm_name(i)
-        );
-        assert!(holds_key(&w, i, KEY2), "{}: KEY2 is gone", vm_name(i));
-    }
+    let outlived = vms_with_key(&w, FLEET, KEY1, true).await;
+    assert!(outlived.is_empty(), "KEY1 outlived its TTL on {outlived:?}");
+    let lost = vms_with_key(&w, FLEET, KEY2, false).await;
+    assert!(lost.is_empty(), "KEY2 is gone from {lost:?}");
     let cms: Api<ConfigMap> = Api::namespaced(w.client.clone(), NS);
     let left = cms
         .list(&ListParams::default().labels(OWNER_UID_LABEL))
@@ -286,25 +294,46 @@ async fn an_overlap_over_150_vms_keeps_both_keys_then_removes_the_old_one_from_e
     assert_eq!(run.phase, Some(Phase::Succeeded), "{:?}", run.summary);
     assert!(!run.shards.is_empty(), "the records are in shards");
     assert!(serde_json::to_vec(&k).expect("json").len() < 64 * 1024);
-    let holds = |i: usize, key: &str| holds_key(&w, i, key);
-    for i in 0..FLEET {
+    for key in [KEY1, KEY2] {
+        let without = vms_with_key(&w, FLEET, key, false).await;
         assert!(
-            holds(i, KEY1) && holds(i, KEY2),
-            "{}: both keys during the overlap",
-            vm_name(i)
+            without.is_empty(),
+            "both keys during the overlap: {without:?}"
         );
     }
     let start = Instant::now();
-    while (0..FLEET).any(|i| holds(i, KEY1)) {
+    loop {
+        let with_key1 = vms_with_key(&w, FLEET, KEY1, true).await;
+        if with_key1.is_empty() {
+            break;
+        }
         assert!(
             start.elapsed() < Duration::from_secs(180),
             "KEY1 outlived the overlap on {:?}",
-            (0..FLEET)
-                .filter(|i| holds(*i, KEY1))
-                .map(vm_name)
-                .collect::<Vec<_>>()
+            with_key1.into_iter().map(vm_name).collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!((0..FLEET).all(|i| holds(i, KEY2)), "KEY2 stays everywhere");
+    let lost = vms_with_key(&w, FLEET, KEY2, false).await;
+    assert!(
+        lost.is_empty(),
+        "KEY2 stays everywhere; it is gone from {}",
+        lost.iter()
+            .map(|&i| calls_to(&w, i))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// The fleet's `i`-th VM with every agent call it got, in order, for a failure message.
+fn calls_to(w: &World, i: usize) -> String {
+    let sim = w.sim_agent(&node_of(i, NODES)).expect("simulated agent");
+    let domain = format!("{NS}/{}", vm_name(i));
+    let calls: Vec<String> = sim
+        .records()
+        .into_iter()
+        .filter(|r| r.domain == domain)
+        .map(|r| format!("#{} {:?} {:?} {:?}", r.seq, r.op, r.outcome, r.digest))
+        .collect();
+    format!("{domain}: {}", calls.join("; "))
 }

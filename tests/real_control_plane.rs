@@ -270,14 +270,13 @@ async fn sharded_keys() -> &'static ShardedKeys {
         )
         .await;
         let done = wait_ready(&client, ns, "KeypairRebuild", "fleet-keys").await;
-        let without_key = (0..FLEET)
-            .map(|i| format!("fleet-{i:03}"))
-            .filter(|vm| {
-                !sim.authorized_keys(ns, vm, "root")
-                    .iter()
-                    .any(|k| k.contains("fleet@gc"))
-            })
-            .collect();
+        let mut without_key = Vec::new();
+        for vm in (0..FLEET).map(|i| format!("fleet-{i:03}")) {
+            let keys = sim.authorized_keys(ns, &vm, "root").await;
+            if !keys.iter().any(|k| k.contains("fleet@gc")) {
+                without_key.push(vm);
+            }
+        }
         ShardedKeys {
             shards: shard_names(&client, ns, &done.uid().unwrap_or_default()).await,
             without_key,

@@ -657,16 +657,17 @@ impl SimAgent {
             .is_some_and(|p| p.digest == self.digest(value))
     }
 
-    /// `user`'s authorized_keys on VM `namespace/name`, in file order.
-    pub fn authorized_keys(&self, namespace: &str, name: &str, user: &str) -> Vec<String> {
+    /// `user`'s authorized_keys on VM `namespace/name`, in file order, read once no call is
+    /// in progress on that VM (a call holds the VM's channel while the guest works on it).
+    /// It waits rather than answer nothing: a check of "the key is still there" that read
+    /// an empty file whenever the controller happened to be reading the VM's keys failed
+    /// fleet_scale's overlap test now and then.
+    pub async fn authorized_keys(&self, namespace: &str, name: &str, user: &str) -> Vec<String> {
         let Some(vm) = lock(&self.vms).get(&format!("{namespace}/{name}")).cloned() else {
             return Vec::new();
         };
-        let guest = vm.channel.try_lock();
-        guest
-            .ok()
-            .and_then(|g| g.keys.get(user).cloned())
-            .unwrap_or_default()
+        let guest = vm.channel.lock().await;
+        guest.keys.get(user).cloned().unwrap_or_default()
     }
 
     /// Calls of `op` that started after a call of `op` to the same VM and user had
@@ -1126,18 +1127,18 @@ mod tests {
             .await
             .expect("add");
         assert_eq!(
-            a.authorized_keys("default", "vm-0", "alice"),
+            a.authorized_keys("default", "vm-0", "alice").await,
             [KEY_A, KEY_B]
         );
         assert_eq!(a.get_ssh_keys(&d, &u).await.expect("get"), [KEY_B, KEY_A]);
         a.remove_ssh_keys(&d, &u, &keys(&[KEY_A]))
             .await
             .expect("remove");
-        assert_eq!(a.authorized_keys("default", "vm-0", "alice"), [KEY_B]);
+        assert_eq!(a.authorized_keys("default", "vm-0", "alice").await, [KEY_B]);
         a.add_ssh_keys(&d, &u, &keys(&[KEY_A]), true)
             .await
             .expect("replace");
-        assert_eq!(a.authorized_keys("default", "vm-0", "alice"), [KEY_A]);
+        assert_eq!(a.authorized_keys("default", "vm-0", "alice").await, [KEY_A]);
         let ops: Vec<SimOp> = a.records().iter().map(|r| r.op).collect();
         assert_eq!(
             ops,
@@ -1151,6 +1152,25 @@ mod tests {
             ]
         );
         assert!(!format!("{:?}", a.records()).contains("AAAAC3"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_file_read_while_a_call_on_the_vm_is_in_progress_is_the_file_not_nothing() {
+        let a = Arc::new(agent(SimAgentOptions::default()));
+        let (d, u) = (dom("vm-0"), user("alice"));
+        a.add_ssh_keys(&d, &u, &keys(&[KEY_A]), false)
+            .await
+            .expect("add");
+        let busy = {
+            let (a, d, u) = (a.clone(), d.clone(), u.clone());
+            tokio::spawn(async move { a.get_ssh_keys(&d, &u).await })
+        };
+        // The read takes 1-10 ms of the guest's time: 100 µs in, it holds the VM's channel.
+        tokio::time::sleep(Duration::from_micros(100)).await;
+        assert_eq!(a.calls_started(), 2);
+        assert_eq!(a.records().len(), 1, "the read is still in progress");
+        assert_eq!(a.authorized_keys("default", "vm-0", "alice").await, [KEY_A]);
+        busy.await.expect("joined").expect("read");
     }
 
     #[tokio::test(start_paused = true)]

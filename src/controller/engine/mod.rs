@@ -292,12 +292,11 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
         // The input too comes from the fresh object: a spec read from a lagging cache
         // (say, the keys of the run before) must never start a run under the newer run's
         // status. Without this, a cached object from the middle of run 1, reconciled after
-        // run 2 had finished, would start a run with run 1's keys that lets go of run 2's:
-        // the likely cause of one failure of fleet_scale's overlap test on the real control
-        // plane under load, where watch events lag behind writes (kube-rs relists with a
-        // quorum read, so a relist is not the cause there). controller_keys'
+        // run 2 had finished, would start a run with run 1's keys that lets go of run 2's
+        // (a watch that lags far behind the writes leaves such a copy in the cache).
+        // controller_keys'
         // `a_stale_cached_copy_from_before_a_spec_change_starts_no_run_with_its_old_keys`
-        // puts such a copy in the cache with the emulator's stale-list fault.
+        // puts one there with the emulator's stale-list fault.
         status = fresh.run_status().cloned().unwrap_or_default();
         if fresh.meta().resource_version != obj.meta().resource_version {
             if let Err(e) = checked(fresh.as_ref(), &status) {
