@@ -17,9 +17,10 @@ use std::path::PathBuf;
 /// bench start as "the deployed controller" get it too.
 ///
 /// `MALLOC_ARENA_MAX=1`: one glibc malloc arena instead of one per thread that allocates.
-/// With several, a freshly started controller's RSS varied by up to 8 MiB from one start
-/// to the next (44-53 MiB synced against 1,000 nodes, bench P6 on the real control plane);
-/// with one it stayed within 0.6 MiB, at the same CPU per target.
+/// With several, a freshly started controller's RSS varied by up to 9 MiB from one start
+/// to the next (45-54 MiB synced against 1,000 nodes, bench P6 on the real control plane,
+/// four starts); with one it stayed within 0.4 MiB (44.2-44.6 MiB, five starts), at the
+/// same CPU per target.
 pub const DEPLOYED_CONTROLLER_ENV: &[(&str, &str)] = &[("MALLOC_ARENA_MAX", "1")];
 
 /// The workspace root (scripts/, crds/, examples/, target/ and .lab/ live there).
