@@ -219,8 +219,12 @@ impl Run {
             .filter(|_| self.finished)
             .map(|t| self.n as f64 / t)
     }
+    /// `cpu_s` seconds of CPU per target set, in ms (none set: no figure).
+    fn ms_per_target(&self, cpu_s: f64) -> Option<f64> {
+        (self.targets_done() > 0).then(|| cpu_s * 1000.0 / self.targets_done() as f64)
+    }
     fn cpu_ms_per_target(&self) -> Option<f64> {
-        (self.targets_done() > 0).then(|| self.cpu_total * 1000.0 / self.targets_done() as f64)
+        self.ms_per_target(self.cpu_total)
     }
     fn cpu_ms_first(&self) -> Option<f64> {
         (self.done_at_kill > 0).then(|| self.cpu_first * 1000.0 / self.done_at_kill as f64)
@@ -230,11 +234,10 @@ impl Run {
         (self.hwm - self.rss_empty) * 1024.0 / self.n as f64
     }
     fn cpu_bench_ms(&self) -> Option<f64> {
-        (self.targets_done() > 0).then(|| self.cpu_bench * 1000.0 / self.targets_done() as f64)
+        self.ms_per_target(self.cpu_bench)
     }
     fn cpu_control_plane_ms(&self) -> Option<f64> {
-        let cpu = self.cpu_control_plane?;
-        (self.targets_done() > 0).then(|| cpu * 1000.0 / self.targets_done() as f64)
+        self.ms_per_target(self.cpu_control_plane?)
     }
     fn rss_per_vmi_kib(&self) -> f64 {
         (self.rss_loaded - self.rss_empty) * 1024.0 / self.n as f64

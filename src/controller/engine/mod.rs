@@ -237,12 +237,24 @@ async fn prepare_or_stall<K: RunKind>(
 }
 
 /// The spec's own checks: the target is the one the run froze, the rollout fields hold
-/// together, the kind's rules pass.
-fn checked<K: RunKind>(obj: &K, status: &RunStatus) -> Result<(), Error> {
-    decide::target_unchanged(status, obj.target())
+/// together, the kind's rules pass. A spec that fails them stalls the object (status
+/// written) and gives the action to return instead.
+async fn check_or_stall<K: RunKind>(
+    obj: &K,
+    ctx: &Context,
+    status: &mut RunStatus,
+) -> Result<Option<Action>, Error> {
+    let checked = decide::target_unchanged(status, obj.target())
         .map_err(Error::InvalidSpec)
         .and_then(|()| obj.rollout().check().map_err(Error::InvalidSpec))
-        .and_then(|()| obj.validate())
+        .and_then(|()| obj.validate());
+    match checked {
+        Ok(()) => Ok(None),
+        Err(e) => {
+            status::stall(ctx, obj, status, &e).await?;
+            Ok(Some(Action::await_change()))
+        }
+    }
 }
 
 /// A status recorded with the input's legacy hash takes the current hash (same input).
@@ -259,9 +271,8 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
     }
     let mut status = obj.run_status().cloned().unwrap_or_default();
 
-    if let Err(e) = checked(obj.as_ref(), &status) {
-        status::stall(&ctx, obj.as_ref(), &mut status, &e).await?;
-        return Ok(Action::await_change());
+    if let Some(action) = check_or_stall(obj.as_ref(), &ctx, &mut status).await? {
+        return Ok(action);
     }
     let cached_secret_version = obj
         .input_secret()
@@ -299,9 +310,8 @@ async fn run<K: RunKind>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error
         // puts one there with the emulator's stale-list fault.
         status = fresh.run_status().cloned().unwrap_or_default();
         if fresh.meta().resource_version != obj.meta().resource_version {
-            if let Err(e) = checked(fresh.as_ref(), &status) {
-                status::stall(&ctx, fresh.as_ref(), &mut status, &e).await?;
-                return Ok(Action::await_change());
+            if let Some(action) = check_or_stall(fresh.as_ref(), &ctx, &mut status).await? {
+                return Ok(action);
             }
             prepared = match prepare_or_stall(fresh.as_ref(), &ctx, &mut status).await? {
                 Ok(p) => p,
