@@ -12,9 +12,7 @@
 //! shard whose encoding would still pass [`MAX_SHARD_BYTES`] has its records' messages cut
 //! ([`encode`]), so every shard stays well under the 1 MiB ConfigMap limit and the 256 KiB
 //! guestcred aims for; the status of a sharded run is a few KiB at any size.
-use crate::common::{
-    ExpiryShardRef, PendingExpiry, RunStatus, ShardRef, TargetState, TargetStatus,
-};
+use crate::common::{ExpiryShardRef, PendingExpiry, RunStatus, ShardRef, Tally, TargetStatus};
 use flate2::Compression;
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
@@ -201,46 +199,33 @@ fn decode_json<T: DeserializeOwned>(
 
 /// The order in which targets are listed in a sharded run's status: those being worked on
 /// first, then failures, then skips; succeeded and not-started targets are only counted.
-fn attention_rank(t: &TargetStatus) -> Option<u8> {
-    match t.state {
-        TargetState::Running => Some(0),
-        TargetState::Failed => Some(1),
-        TargetState::Skipped => Some(2),
-        TargetState::Pending if t.attempts > 0 => Some(0),
-        TargetState::Pending | TargetState::Succeeded => None,
-    }
-}
-
 /// The stored status of a run: `full` itself for a small run; for a large one, `full`'s
 /// counts with at most [`ATTENTION_CAP`] targets listed and `shards` naming the rest.
-/// `full` must hold every target (its counts are recomputed here).
+/// `full` must hold every target (its counts are recomputed here: see [`compact_counted`]
+/// for counts kept up to date).
 pub fn compact(full: &RunStatus, shards: &[ShardRef]) -> RunStatus {
+    compact_counted(full, shards, &Tally::of(&full.targets))
+}
+
+/// [`compact`] with `tally`, the counts of `full.targets` as they are now.
+pub fn compact_counted(full: &RunStatus, shards: &[ShardRef], tally: &Tally) -> RunStatus {
     let mut counted = RunStatus {
         targets: Vec::new(),
         shards: Vec::new(),
         ..full.clone_without_targets()
     };
+    tally.set_counts(&mut counted);
     if shards.is_empty() {
         counted.targets = full.targets.clone();
-        counted.recount();
         return counted;
     }
-    // Counts from every target, without cloning them.
-    let mut listed: Vec<(u8, usize)> = full
-        .targets
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| attention_rank(t).map(|r| (r, i)))
-        .collect();
-    listed.sort_unstable();
-    let unlisted = full.targets.len() - listed.len().min(ATTENTION_CAP);
-    counted.recount_from(&full.targets);
-    counted.targets = listed
-        .iter()
+    counted.targets = tally
+        .needing_attention()
         .take(ATTENTION_CAP)
-        .map(|&(_, i)| full.targets[i].clone())
+        .filter_map(|i| full.targets.get(i).cloned())
         .collect();
-    counted.unlisted_targets = Some(unlisted as u32);
+    let listed = tally.needing_attention_count().min(ATTENTION_CAP);
+    counted.unlisted_targets = Some(full.targets.len().saturating_sub(listed) as u32);
     counted.shards = shards.to_vec();
     counted
 }
@@ -259,6 +244,7 @@ pub fn expand(stored: &RunStatus, shards: Vec<Vec<TargetStatus>>) -> RunStatus {
 mod tests {
     use super::*;
     use crate::common::Summary;
+    use crate::common::TargetState;
 
     fn target(i: usize, state: TargetState, reason: &str) -> TargetStatus {
         TargetStatus {

@@ -175,10 +175,9 @@ pub(super) async fn finish_and_write<K: RunKind>(
     let (next_expiry, changed) = expire_due(obj, ctx, &mut status).await;
     {
         let mut st = lock(shared);
-        st.status = status;
-        st.dirty = true;
+        st.replace_status(status);
         for idx in changed {
-            st.target_mut(idx);
+            st.update(idx, |_| ());
         }
     }
     Ok((status::persist(ctx, obj, shared).await?, next_expiry))

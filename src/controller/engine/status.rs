@@ -5,7 +5,7 @@ use super::shards::{self as store, ShardSet, ShardWrite};
 use super::{RunKind, now};
 use crate::api::conditions::{self, RunConditions, STALLED};
 use crate::api::shards;
-use crate::api::{RunStatus, TargetState, TargetStatus};
+use crate::api::{RunStatus, Tally, TargetState, TargetStatus};
 use crate::controller::context::Context;
 use crate::controller::error::Error;
 use kube::api::{Patch, PatchParams};
@@ -52,6 +52,9 @@ pub(super) struct RunState {
     /// Shards no status will name once the next write is done (a replaced run's): deleted
     /// after it.
     pub retired: Vec<String>,
+    /// `status.targets` counted, kept up to date by [`RunState::update`]: a status write
+    /// takes its counts and listed targets from here instead of walking every record.
+    tally: Tally,
 }
 
 impl RunState {
@@ -74,6 +77,7 @@ impl RunState {
             .filter_map(|t| t.reason.as_deref());
         let events = decide::EventBudget::resumed(budget, ended);
         Self {
+            tally: Tally::of(&status.targets),
             status,
             dirty: true,
             basis,
@@ -85,18 +89,25 @@ impl RunState {
         }
     }
 
-    /// A target's record, to change: marks it (and its shard) for the next write.
-    pub fn target_mut(&mut self, idx: usize) -> &mut TargetStatus {
+    /// Change target `idx`'s record with `f`: marks it (and its shard) for the next write
+    /// and keeps the run's counts.
+    pub fn update<R>(&mut self, idx: usize, f: impl FnOnce(&mut TargetStatus) -> R) -> R {
         self.dirty = true;
         if let Some(s) = &mut self.shards {
             s.touch(idx);
         }
-        &mut self.status.targets[idx]
+        let t = &mut self.status.targets[idx];
+        self.tally.remove(idx, t);
+        let out = f(t);
+        self.tally.add(idx, t);
+        out
     }
 
-    /// Every record from `idx` on changed.
+    /// Every record from `idx` on was changed in `status.targets` directly: marks them
+    /// for the next write and counts the run again.
     pub fn touch_from(&mut self, idx: usize) {
         self.dirty = true;
+        self.tally = Tally::of(&self.status.targets);
         if let Some(s) = &mut self.shards {
             for i in (idx..self.status.targets.len()).step_by(crate::api::shards::SHARD_SIZE) {
                 s.touch(i);
@@ -107,13 +118,26 @@ impl RunState {
         }
     }
 
+    /// The run's status replaced whole (a finished run's): counted again, and marked for
+    /// the next write.
+    pub fn replace_status(&mut self, status: RunStatus) {
+        self.tally = Tally::of(&status.targets);
+        self.status = status;
+        self.dirty = true;
+    }
+
+    /// Set the status's counts (summary, reasons, progress, phase) from the tally.
+    pub fn count(&mut self) {
+        self.tally.set_counts(&mut self.status);
+    }
+
     /// What to write now: the dirty shards' records and the stored status (see
     /// `api::shards::compact`). Clears the dirty marks; a failed write sets them again.
     fn snapshot(&mut self) -> Snapshot {
         self.dirty = false;
         let Some(set) = &mut self.shards else {
             return Snapshot {
-                stored: shards::compact(&self.status, &[]),
+                stored: shards::compact_counted(&self.status, &[], &self.tally),
                 writes: Vec::new(),
             };
         };
@@ -132,7 +156,7 @@ impl RunState {
             })
             .collect();
         Snapshot {
-            stored: shards::compact(&self.status, &set.refs),
+            stored: shards::compact_counted(&self.status, &set.refs, &self.tally),
             writes,
         }
     }
@@ -215,7 +239,7 @@ pub(super) async fn flush<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared) {
         if !st.dirty {
             return;
         }
-        st.status.recount();
+        st.count();
         let msg = decide::progress_message(&st.status);
         conditions::set_run_conditions(
             &mut st.status.conditions,
@@ -491,9 +515,78 @@ pub(super) async fn publish<K: RunKind>(
 
 #[cfg(test)]
 mod tests {
-    use super::merge_patch;
-    use crate::api::{RunStatus, TargetStatus};
+    use super::super::shards::ShardSet;
+    use super::{Basis, RunState, merge_patch};
+    use crate::api::shards::{self, compact};
+    use crate::api::{RunStatus, TargetState, TargetStatus};
     use std::collections::BTreeMap;
+
+    fn large_run(total: usize) -> RunState {
+        let status = RunStatus {
+            targets: (0..total)
+                .map(|i| TargetStatus {
+                    vm: format!("vm-{i}"),
+                    ..TargetStatus::default()
+                })
+                .collect(),
+            ..RunStatus::default()
+        };
+        let refs = shards::refs(total, |k| format!("run-targets-abc-{k}"));
+        let set = ShardSet {
+            versions: vec![None; refs.len()],
+            refs,
+            ..ShardSet::default()
+        };
+        RunState::new(status, Basis::default(), Some(set), Vec::new(), 5)
+    }
+
+    /// Targets 0..2000 of `st` run and end: every 50th fails, every 50th (+1) waits to be
+    /// retried, the rest succeed.
+    fn run_first_2000(st: &mut RunState) {
+        for idx in 0..2000 {
+            st.update(idx, |t| t.state = TargetState::Running);
+            st.update(idx, |t| {
+                (t.state, t.reason) = match idx % 50 {
+                    0 => (TargetState::Failed, Some("AgentTimeout".into())),
+                    1 => (TargetState::Running, Some("ShimUnavailable".into())),
+                    _ => (TargetState::Succeeded, Some("Applied".into())),
+                };
+            });
+        }
+    }
+
+    /// What the run's next write stores, and what a fresh count of every record gives.
+    fn written_and_fresh(st: &mut RunState) -> (RunStatus, RunStatus) {
+        st.count();
+        let written = st.snapshot().stored;
+        let fresh = compact(&st.status, &written.shards);
+        (written, fresh)
+    }
+
+    #[test]
+    fn the_status_written_mid_run_counts_and_lists_what_a_fresh_count_of_every_record_does() {
+        let mut st = large_run(2500);
+        run_first_2000(&mut st);
+        let (written, fresh) = written_and_fresh(&mut st);
+        assert_eq!(written, fresh);
+        assert_eq!(
+            (written.summary.succeeded, written.summary.running),
+            (1920, 40)
+        );
+        assert_eq!(written.progress.as_deref(), Some("1960/2500"));
+    }
+
+    #[test]
+    fn records_changed_in_place_are_counted_again_when_touched() {
+        let mut st = large_run(2500);
+        run_first_2000(&mut st);
+        // The failure budget skips the rest: changed in place, then touched.
+        crate::controller::engine::decide::skip_pending(&mut st.status.targets, 2400);
+        st.touch_from(2400);
+        let (written, fresh) = written_and_fresh(&mut st);
+        assert_eq!(written, fresh);
+        assert_eq!(written.summary.skipped, 100);
+    }
 
     #[test]
     fn a_merge_patch_removes_what_the_new_status_leaves_out() {

@@ -32,11 +32,11 @@ pub(super) async fn run_target<K: RunKind>(
     let _in_flight = ctx.metrics.target_started(&K::kind(&()));
     let deadline_secs = obj.rollout().deadline_seconds;
     let (vm, started) = {
-        let mut st = lock(&shared);
-        let t = st.target_mut(idx);
-        t.state = TargetState::Running;
-        let started = t.start_time.get_or_insert_with(now).clone();
-        (st.status.targets[idx].vm.clone(), started)
+        lock(&shared).update(idx, |t| {
+            t.state = TargetState::Running;
+            let started = t.start_time.get_or_insert_with(now).clone();
+            (t.vm.clone(), started)
+        })
     };
     let deadline_at = decide::deadline(started.0, deadline_secs);
     let mut backoff = ctx.settings.initial_backoff;
@@ -60,14 +60,14 @@ pub(super) async fn run_target<K: RunKind>(
         let observed = Observed::now(obj.as_ref(), &ctx, run_secret_version.as_deref()).await;
         let superseded = lock(&shared).superseded.then_some(decide::Stop::Superseded);
         if let Some(stop) = superseded.or_else(|| observed.halt()) {
-            let mut st = lock(&shared);
-            let t = st.target_mut(idx);
-            t.state = TargetState::Pending;
-            t.next_attempt_time = None;
-            t.message = Some(format!("not started again: {}", stop.note()));
+            lock(&shared).update(idx, |t| {
+                t.state = TargetState::Pending;
+                t.next_attempt_time = None;
+                t.message = Some(format!("not started again: {}", stop.note()));
+            });
             return;
         }
-        lock(&shared).target_mut(idx).attempts += 1;
+        lock(&shared).update(idx, |t| t.attempts += 1);
         let attempt = attempt_once(obj.as_ref(), &ctx, &input, &shared, idx, &vm);
         match tokio::time::timeout(remaining, attempt).await {
             Err(_) => {
@@ -85,13 +85,11 @@ pub(super) async fn run_target<K: RunKind>(
             Ok(Ok(outcome)) => return succeed(&ctx, obj.as_ref(), &shared, idx, outcome).await,
             Ok(Err(e)) if e.is_transient() => {
                 let wait = decide::retry_wait(backoff, rand::random::<f64>(), remaining);
-                {
-                    let mut st = lock(&shared);
-                    let t = st.target_mut(idx);
+                lock(&shared).update(idx, |t| {
                     t.reason = Some(e.reason().as_str().into());
                     t.message = Some(format!("{e}{RETRYING}"));
                     t.next_attempt_time = Some(Time(Timestamp::now() + wait));
-                }
+                });
                 info!(object = %obj.name_any(), vm = %vm, reason = %e.reason(), "transient failure; retrying");
                 tokio::time::sleep(wait).await;
                 backoff = decide::next_backoff(backoff, ctx.settings.max_backoff);
@@ -114,13 +112,11 @@ async fn attempt_once<K: RunKind>(
     let call =
         targets::prepare_call_reading(ctx, &ns, vm, obj.spec_user(), output_secret, obj.vm_read())
             .await?;
-    {
-        let mut st = lock(shared);
-        let t = st.target_mut(idx);
+    lock(shared).update(idx, |t| {
         t.node = Some(call.node.clone());
         t.user = Some(call.user.clone());
         t.user_source = Some(call.user_source);
-    }
+    });
     let conflict = call.conflicts_with_access_credentials.then(|| {
         format!(
             "{}: VM {vm} propagates credentials for user {} through KubeVirt accessCredentials, which will overwrite this change",
@@ -153,12 +149,11 @@ async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize
     let reason = o.reason.unwrap_or(Reason::Applied);
     ctx.metrics
         .target(&K::kind(&()), TargetResult::Succeeded, reason.as_str());
-    let (vm, note) = {
-        let mut st = lock(shared);
-        let t = st.target_mut(idx);
+    let message = o.message.clone();
+    let vm = lock(shared).update(idx, |t| {
         t.state = TargetState::Succeeded;
         t.reason = Some(reason.as_str().into());
-        t.message = Some(o.message.clone());
+        t.message = Some(o.message);
         t.completion_time = Some(now());
         t.next_attempt_time = None;
         t.output_secret = o.output_secret.or(t.output_secret.take());
@@ -168,9 +163,8 @@ async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize
         t.expires_at = o.expires_at;
         t.replaced_keys = o.replaced_keys;
         t.replaced_keys_remove_at = o.replaced_keys_remove_at;
-        let vm = t.vm.clone();
-        (vm, o.message)
-    };
+        t.vm.clone()
+    });
     info!(object = %obj.name_any(), vm = %vm, %reason, "target succeeded");
     status::publish_target(
         ctx,
@@ -178,7 +172,7 @@ async fn succeed<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize
         shared,
         EventType::Normal,
         reason.as_str(),
-        format!("{vm}: {note}"),
+        format!("{vm}: {message}"),
     )
     .await;
 }
@@ -189,15 +183,15 @@ async fn fail<K: RunKind>(ctx: &Context, obj: &K, shared: &Shared, idx: usize, e
         .target(&K::kind(&()), TargetResult::Failed, reason.as_str());
     let vm = {
         let mut st = lock(shared);
-        let t = st.target_mut(idx);
-        t.state = TargetState::Failed;
-        t.reason = Some(reason.as_str().into());
-        t.message = Some(e.to_string());
-        t.completion_time = Some(now());
-        t.next_attempt_time = None;
-        let vm = t.vm.clone();
         st.failed += 1;
-        vm
+        st.update(idx, |t| {
+            t.state = TargetState::Failed;
+            t.reason = Some(reason.as_str().into());
+            t.message = Some(e.to_string());
+            t.completion_time = Some(now());
+            t.next_attempt_time = None;
+            t.vm.clone()
+        })
     };
     warn!(object = %obj.name_any(), vm = %vm, %reason, "target failed");
     status::publish_target(
