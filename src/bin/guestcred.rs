@@ -30,9 +30,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Controller(args) => {
-            tokio::runtime::Runtime::new()?.block_on(controller::run(args))
-        }
+        Command::Controller(args) => controller::main(args),
         Command::Shim(args) => shim::main(args),
         Command::Crdgen { out } => crdgen(out),
     }
