@@ -159,20 +159,16 @@ impl ControllerArgs {
     }
 }
 
-/// `guestcred controller`: connect with the ambient kubeconfig / in-cluster config and run.
 /// Build the controller's runtime (sized by `--worker-threads`) and run the controller on
 /// it until it stops.
 pub fn main(args: ControllerArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(args.worker_threads))
-        .thread_name("guestcred-controller")
-        .enable_all()
-        .build()
+    crate::runtime::start(args.worker_threads, None, "guestcred-controller")
         .context("starting the async runtime")?
         .block_on(run(args))
 }
 
+/// `guestcred controller`: connect with the ambient kubeconfig / in-cluster config and run.
 pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     crate::runtime::logging::init(args.log_format);
     let metrics = Arc::new(ControllerMetrics::new());

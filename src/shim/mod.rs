@@ -264,14 +264,13 @@ impl ShimArgs {
 /// Build the shim's runtime (sized by `--worker-threads`, `--max-blocking-threads`) and
 /// run the shim on it until SIGTERM or ctrl-c.
 pub fn main(args: ShimArgs) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(args.worker_threads))
-        .max_blocking_threads(usize::from(args.max_blocking_threads))
-        .thread_name("guestcred-shim")
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(run(args))
+    crate::runtime::start(
+        args.worker_threads,
+        Some(args.max_blocking_threads),
+        "guestcred-shim",
+    )
+    .context("starting the async runtime")?
+    .block_on(run(args))
 }
 
 /// Run the shim until SIGTERM or ctrl-c.
