@@ -197,8 +197,6 @@ fn decode_json<T: DeserializeOwned>(
     Ok(records)
 }
 
-/// The order in which targets are listed in a sharded run's status: those being worked on
-/// first, then failures, then skips; succeeded and not-started targets are only counted.
 /// The stored status of a run: `full` itself for a small run; for a large one, `full`'s
 /// counts with at most [`ATTENTION_CAP`] targets listed and `shards` naming the rest.
 /// `full` must hold every target (its counts are recomputed here: see [`compact_counted`]
