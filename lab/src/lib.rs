@@ -20,7 +20,8 @@ use std::path::PathBuf;
 /// With several, a freshly started controller's RSS varied by up to 9 MiB from one start
 /// to the next (45-54 MiB synced against 1,000 nodes, bench P6 on the real control plane,
 /// four starts); with one it stayed within 0.4 MiB (44.2-44.6 MiB, five starts), at the
-/// same CPU per target.
+/// same CPU per target. Since then the binary's Rust allocations go to jemalloc
+/// (src/bin/guestcred.rs); the setting still governs glibc's malloc for the C code linked in.
 pub const DEPLOYED_CONTROLLER_ENV: &[(&str, &str)] = &[("MALLOC_ARENA_MAX", "1")];
 
 /// The workspace root (scripts/, crds/, examples/, target/ and .lab/ live there).
