@@ -5,7 +5,7 @@
 //! survives a controller restart.
 use guestcred::api::shards::{OWNER_UID_LABEL, SHARD_KEY, decode};
 use guestcred::api::{GuestPasswordReset, KeypairRebuild, Phase, TargetState};
-use guestcred_lab::simagent::{SimAgentOptions, SimOp};
+use guestcred_lab::simagent::{Latency, OpLatencies, SimAgentOptions, SimOp};
 use guestcred_lab::testing::*;
 use guestcred_lab::world::{World, WorldOptions};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -27,11 +27,17 @@ fn vm_name(i: usize) -> String {
 }
 
 async fn fleet_world(vms: usize) -> World {
+    fleet_world_answering_in(vms, OpLatencies::default()).await
+}
+
+/// [`fleet_world`] with guests that take `latency` to answer.
+async fn fleet_world_answering_in(vms: usize, latency: OpLatencies) -> World {
     let w = World::start(WorldOptions {
         nodes: NODES,
         sim_agent: Some(SimAgentOptions {
             auto_create_domains: false,
             seed: 5,
+            latency,
             ..SimAgentOptions::default()
         }),
         ..WorldOptions::default()
@@ -202,6 +208,57 @@ async fn a_5000_target_reset_stays_small_and_resumes_after_a_restart_without_a_s
             vm_name(i)
         );
     }
+}
+
+/// A run goes on setting targets while its status writes wait on a slow API server: it
+/// does not hold every target until a status write is answered.
+#[tokio::test]
+async fn targets_go_on_being_set_while_the_status_writes_wait() {
+    const FLEET: usize = 40;
+    let slow_guests = OpLatencies {
+        set_password_crypted: Latency::uniform_ms(200, 200),
+        ..OpLatencies::default()
+    };
+    let w = fleet_world_answering_in(FLEET, slow_guests).await;
+    w.password_secret("pw", SHA512).await;
+    w.put(
+        &GuestPasswordReset::test("fleet")
+            .selector("fleet", "all")
+            .from_secret("pw")
+            .crypted()
+            .max_concurrency(4),
+    )
+    .await;
+    let _: GuestPasswordReset = w
+        .wait_for(NS, "fleet", FLEET_WAIT, succeeded_at_least(1))
+        .await
+        .expect("the run starts and records a first success");
+
+    // 40 targets, 4 at a time, 200 ms each: about 2 s of calls, none of whose records can
+    // be written while the hold lasts.
+    let held = w.api().faults().hold_status_writes();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut set = 0;
+        for i in 0..FLEET {
+            let sim = w.sim_agent(&node_of(i, NODES)).expect("simulated agent");
+            if sim.holds_password(NS, &vm_name(i), "root", SHA512) {
+                set += 1;
+            }
+        }
+        if set == FLEET {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {set} of {FLEET} guests were set in 60 s while status writes waited"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(held);
+    let r: GuestPasswordReset = w.succeeded_within("fleet", FLEET_WAIT).await;
+    let run = &r.status.as_ref().expect("status").run;
+    assert_eq!(run.summary.succeeded as usize, FLEET);
 }
 
 /// Key grants with a TTL of a run over more than 100 VMs outlive the run when a spec change

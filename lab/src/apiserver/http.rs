@@ -101,6 +101,9 @@ pub(crate) async fn dispatch(
 ) -> Response {
     let path = uri.path().to_string();
     shared.count_request(method.as_str(), &path);
+    if matches!(method, Method::PUT | Method::PATCH) && path.ends_with("/status") {
+        shared.status_write_released().await;
+    }
     let routed = match limits::check_body(body.len()) {
         Ok(()) => route(&shared, &method, &path, &headers, &params, body).await,
         Err(e) => Err(e),

@@ -100,6 +100,8 @@ use store::{BUS_CAPACITY, Inner};
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
     status_conflicts: AtomicU32,
+    /// While true, status writes wait before they are handled ([`Faults::hold_status_writes`]).
+    status_hold: tokio::sync::watch::Sender<bool>,
     /// Stale copies the next full LIST of a resource (by plural) serves in place of the
     /// stored objects of the same namespace and name ([`Faults::serve_stale_list_once`]).
     stale_lists: Mutex<HashMap<String, Vec<serde_json::Value>>>,
@@ -116,6 +118,13 @@ impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves consistent data (writes are single steps).
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Returns once status writes are not held ([`Faults::hold_status_writes`]).
+    pub(crate) async fn status_write_released(&self) {
+        let mut held = self.status_hold.subscribe();
+        // The sender lives as long as `self`: the wait ends only on a release.
+        let _ = held.wait_for(|held| !held).await;
     }
 
     /// Consumes one injected status-write conflict, if any is pending.
@@ -153,6 +162,16 @@ impl Faults {
         self.shared.status_conflicts.store(n, Ordering::SeqCst);
     }
 
+    /// Status writes (PUT/PATCH on `/status`) wait, unanswered, until the returned guard
+    /// is dropped: a loaded API server (or etcd) slow to commit them. Other requests are
+    /// answered as usual meanwhile.
+    pub fn hold_status_writes(&self) -> StatusWritesHeld {
+        self.shared.status_hold.send_replace(true);
+        StatusWritesHeld {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Ends every open watch with a 410 Gone ERROR event and forgets the event history, so
     /// resuming from any earlier resourceVersion gets 410 too (clients must relist).
     pub fn expire_watches(&self) {
@@ -175,6 +194,17 @@ impl Faults {
     pub fn stale_list_pending(&self, plural: &str) -> bool {
         let stale = (self.shared.stale_lists.lock()).unwrap_or_else(|e| e.into_inner());
         stale.contains_key(plural)
+    }
+}
+
+/// Status writes wait while this lives ([`Faults::hold_status_writes`]).
+pub struct StatusWritesHeld {
+    shared: Arc<Shared>,
+}
+
+impl Drop for StatusWritesHeld {
+    fn drop(&mut self) {
+        self.shared.status_hold.send_replace(false);
     }
 }
 
@@ -211,6 +241,7 @@ impl ApiServer {
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
             status_conflicts: AtomicU32::new(0),
+            status_hold: tokio::sync::watch::Sender::new(false),
             stale_lists: Mutex::default(),
             requests: Mutex::default(),
         });

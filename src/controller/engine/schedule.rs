@@ -12,6 +12,7 @@ use crate::controller::error::Error;
 use crate::controller::targets;
 use crate::metrics::TargetResult;
 use futures::StreamExt;
+use futures::future::{FusedFuture, FutureExt};
 use futures::stream::FuturesUnordered;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -46,6 +47,13 @@ pub(super) async fn drive<K: RunKind>(
     let total = lock(&shared).status.targets.len();
     let started = Instant::now();
     let mut last_progress = started;
+    // A status tick (its writes: changed shards, then the status; maybe a progress Event)
+    // runs beside the targets in flight, which go on being answered and started: on a
+    // loaded API server those writes take long, and a run that waited for them stopped
+    // every target each tick (bench P6 on the real control plane). One tick at a time.
+    let ticking = futures::future::Fuse::terminated();
+    tokio::pin!(ticking);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
         // Start as many targets as the (latest) rollout settings allow.
@@ -97,25 +105,20 @@ pub(super) async fn drive<K: RunKind>(
             }
         }
         if in_flight.is_empty() {
+            // The run's last write comes after the tick's, never beside it.
+            if !ticking.is_terminated() {
+                (&mut ticking).await;
+            }
             break;
         }
         tokio::select! {
             _ = in_flight.next() => {}
-            _ = flush.tick() => {
-                status::flush(&ctx, obj.as_ref(), &shared).await;
-                let cap = ctx.settings.max_target_events;
-                if decide::progress_event_due(total, cap, last_progress.elapsed()) {
-                    last_progress = Instant::now();
-                    let note = decide::progress_note(&lock(&shared).status.summary, started.elapsed());
-                    status::publish(
-                        &ctx,
-                        obj.as_ref(),
-                        EventType::Normal,
-                        Reason::InProgress.as_str(),
-                        "Progress",
-                        note,
-                    )
-                    .await;
+            _ = flush.tick(), if ticking.is_terminated() => {
+                ticking.set(tick(&ctx, obj.as_ref(), &shared, total, last_progress, started).fuse());
+            }
+            progress_shown = &mut ticking, if !ticking.is_terminated() => {
+                if let Some(at) = progress_shown {
+                    last_progress = at;
                 }
             }
         }
@@ -161,6 +164,34 @@ pub(super) async fn drive<K: RunKind>(
         unfinished,
         decide::sooner(next_expiry, rotation),
     )))
+}
+
+/// One status tick of a running run: write what changed, then publish a progress Event
+/// if one is due. Returns when it published one.
+async fn tick<K: RunKind>(
+    ctx: &Context,
+    obj: &K,
+    shared: &Shared,
+    total: usize,
+    last_progress: Instant,
+    started: Instant,
+) -> Option<Instant> {
+    status::flush(ctx, obj, shared).await;
+    let cap = ctx.settings.max_target_events;
+    if !decide::progress_event_due(total, cap, last_progress.elapsed()) {
+        return None;
+    }
+    let note = decide::progress_note(&lock(shared).status.summary, started.elapsed());
+    status::publish(
+        ctx,
+        obj,
+        EventType::Normal,
+        Reason::InProgress.as_str(),
+        "Progress",
+        note,
+    )
+    .await;
+    Some(Instant::now())
 }
 
 /// Finish a run (conditions, phase), undo what expired, and write it all.
