@@ -77,9 +77,12 @@ pub struct VmiCondition {
     pub message: Option<String>,
 }
 
+/// The VMI phase in which a guest agent can answer: the only phase guestcred calls in.
+pub const RUNNING_PHASE: &str = "Running";
+
 impl VirtualMachineInstance {
     pub fn is_running(&self) -> bool {
-        self.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        self.status.as_ref().and_then(|s| s.phase.as_deref()) == Some(RUNNING_PHASE)
     }
     pub fn node_name(&self) -> Option<&str> {
         self.status.as_ref().and_then(|s| s.node_name.as_deref())
@@ -267,7 +270,8 @@ impl VmiNamePage {
     /// The names of the page's Running VMIs (as [`VirtualMachineInstance::is_running`]).
     pub fn running_names(&self) -> impl Iterator<Item = &str> {
         self.items.iter().flatten().filter_map(|vmi| {
-            let running = vmi.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            let running =
+                vmi.status.as_ref().and_then(|s| s.phase.as_deref()) == Some(RUNNING_PHASE);
             vmi.metadata.name.as_deref().filter(|_| running)
         })
     }
@@ -372,24 +376,13 @@ mod tests {
         let full: VirtualMachineInstance = serde_json::from_value(served_vmi()).unwrap();
         let read: VmiForCall = serde_json::from_value(served_vmi()).unwrap();
         let read = read.into_vmi();
-        assert_eq!(read.metadata.name, full.metadata.name);
-        assert_eq!(read.metadata.namespace, full.metadata.namespace);
-        assert_eq!(read.metadata.uid, full.metadata.uid);
-        assert_eq!(
-            read.metadata.resource_version,
-            full.metadata.resource_version
-        );
-        assert_eq!(read.metadata.generation, full.metadata.generation);
-        assert_eq!(read.metadata.labels, full.metadata.labels);
-        assert_eq!(read.metadata.annotations, full.metadata.annotations);
-        assert_eq!(
-            read.metadata.creation_timestamp,
-            full.metadata.creation_timestamp
-        );
-        assert_eq!(
-            read.metadata.deletion_timestamp,
-            full.metadata.deletion_timestamp
-        );
+        // The whole metadata, so that a field added to the read later is compared too;
+        // only what the read leaves out on purpose is cleared from the full object's.
+        let mut expected = full.metadata.clone();
+        expected.managed_fields = None;
+        expected.finalizers = None;
+        expected.owner_references = None;
+        assert_eq!(read.metadata, expected);
         assert_eq!(read.is_running(), full.is_running());
         assert_eq!(read.node_name(), full.node_name());
         assert_eq!(read.agent_connected(), full.agent_connected());
