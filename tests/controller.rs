@@ -595,3 +595,44 @@ async fn namespaced_mode_reconciles_only_the_watched_namespaces() {
         ]
     );
 }
+
+/// The collection paths (LIST and WATCH) of `plural` the emulator was asked for.
+fn collection_requests(w: &World, plural: &str) -> Vec<String> {
+    let suffix = format!("/{plural}");
+    w.api()
+        .all_requests()
+        .into_keys()
+        .filter(|k| k.starts_with("GET ") && k.ends_with(&suffix))
+        .map(|k| k.trim_start_matches("GET ").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_controller_watches_secrets_and_vmis_as_metadata_only() {
+    let w = world().await;
+    // A Secret that is not guestcred's: its data must not reach the controller.
+    w.password_secret("someone-elses", PLAIN).await;
+    let _a = w.guest("vm-a").await;
+    // Both watches listed and are watching (no object selects anything: nothing else
+    // in the world lists Secrets or VMIs).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let calls = |plural: &str| -> u64 {
+        collection_requests(&w, plural)
+            .iter()
+            .map(|p| w.api().requests("GET", p))
+            .sum()
+    };
+    while calls("secrets") < 2 || calls("virtualmachineinstances") < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no watches started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for plural in ["secrets", "virtualmachineinstances"] {
+        for path in collection_requests(&w, plural) {
+            assert_eq!(
+                w.api().metadata_requests("GET", &path),
+                w.api().requests("GET", &path),
+                "GET {path}: every list and watch asks for metadata only"
+            );
+        }
+    }
+}

@@ -107,12 +107,19 @@ pub(crate) struct Shared {
     stale_lists: Mutex<HashMap<String, Vec<serde_json::Value>>>,
     /// Requests answered, by "METHOD /path" (no query), for tests that count API traffic.
     requests: Mutex<HashMap<String, u64>>,
+    /// Of those, the ones that asked to be served metadata only (`as=PartialObjectMetadata`).
+    metadata_requests: Mutex<HashMap<String, u64>>,
 }
 
 impl Shared {
-    pub(crate) fn count_request(&self, method: &str, path: &str) {
+    pub(crate) fn count_request(&self, method: &str, path: &str, metadata_only: bool) {
+        let key = format!("{method} {path}");
+        if metadata_only {
+            let counts = self.metadata_requests.lock();
+            *counts.unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default() += 1;
+        }
         let mut counts = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        *counts.entry(format!("{method} {path}")).or_default() += 1;
+        *counts.entry(key).or_default() += 1;
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -244,6 +251,7 @@ impl ApiServer {
             status_hold: tokio::sync::watch::Sender::new(false),
             stale_lists: Mutex::default(),
             requests: Mutex::default(),
+            metadata_requests: Mutex::default(),
         });
         Self {
             state: Arc::new(State {
@@ -287,6 +295,17 @@ impl ApiServer {
     /// e.g. `requests("GET", "/api/v1/namespaces/default/secrets/pw")`.
     pub fn requests(&self, method: &str, path: &str) -> u64 {
         let counts = self.state.shared.requests.lock();
+        let counts = counts.unwrap_or_else(|e| e.into_inner());
+        counts
+            .get(&format!("{method} {path}"))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// How many of [`Self::requests`] asked for metadata only (`Accept: ...;as=PartialObjectMetadata`
+    /// or `...List`), as kube-rs's `metadata_watcher` and `get_metadata` do.
+    pub fn metadata_requests(&self, method: &str, path: &str) -> u64 {
+        let counts = self.state.shared.metadata_requests.lock();
         let counts = counts.unwrap_or_else(|e| e.into_inner());
         counts
             .get(&format!("{method} {path}"))
