@@ -100,11 +100,7 @@ pub(crate) async fn dispatch(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_string();
-    shared.count_request(
-        method.as_str(),
-        &path,
-        shape(&headers) == Shape::Metadata,
-    );
+    shared.count_request(method.as_str(), &path, shape(&headers) == Shape::Metadata);
     if matches!(method, Method::PUT | Method::PATCH) && path.ends_with("/status") {
         shared.status_write_released().await;
     }

@@ -116,7 +116,10 @@ impl Shared {
         let key = format!("{method} {path}");
         if metadata_only {
             let counts = self.metadata_requests.lock();
-            *counts.unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default() += 1;
+            *counts
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key.clone())
+                .or_default() += 1;
         }
         let mut counts = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         *counts.entry(key).or_default() += 1;
