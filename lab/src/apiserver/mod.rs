@@ -105,24 +105,38 @@ pub(crate) struct Shared {
     /// Stale copies the next full LIST of a resource (by plural) serves in place of the
     /// stored objects of the same namespace and name ([`Faults::serve_stale_list_once`]).
     stale_lists: Mutex<HashMap<String, Vec<serde_json::Value>>>,
-    /// Requests answered, by "METHOD /path" (no query), for tests that count API traffic.
-    requests: Mutex<HashMap<String, u64>>,
+    /// Requests answered, for tests that count API traffic.
+    requests: RequestCounts,
     /// Of those, the ones that asked to be served metadata only (`as=PartialObjectMetadata`).
-    metadata_requests: Mutex<HashMap<String, u64>>,
+    metadata_requests: RequestCounts,
+}
+
+/// Requests answered, by "METHOD /path" (no query string).
+#[derive(Default)]
+struct RequestCounts(Mutex<HashMap<String, u64>>);
+
+impl RequestCounts {
+    fn counts(&self) -> MutexGuard<'_, HashMap<String, u64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, key: &str) {
+        *self.counts().entry(key.to_string()).or_default() += 1;
+    }
+
+    fn get(&self, method: &str, path: &str) -> u64 {
+        let key = format!("{method} {path}");
+        self.counts().get(&key).copied().unwrap_or(0)
+    }
 }
 
 impl Shared {
     pub(crate) fn count_request(&self, method: &str, path: &str, metadata_only: bool) {
         let key = format!("{method} {path}");
         if metadata_only {
-            let counts = self.metadata_requests.lock();
-            *counts
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(key.clone())
-                .or_default() += 1;
+            self.metadata_requests.add(&key);
         }
-        let mut counts = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        *counts.entry(key).or_default() += 1;
+        self.requests.add(&key);
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -253,8 +267,8 @@ impl ApiServer {
             status_conflicts: AtomicU32::new(0),
             status_hold: tokio::sync::watch::Sender::new(false),
             stale_lists: Mutex::default(),
-            requests: Mutex::default(),
-            metadata_requests: Mutex::default(),
+            requests: RequestCounts::default(),
+            metadata_requests: RequestCounts::default(),
         });
         Self {
             state: Arc::new(State {
@@ -297,29 +311,18 @@ impl ApiServer {
     /// How many `method` requests to exactly `path` (no query string) were answered so far,
     /// e.g. `requests("GET", "/api/v1/namespaces/default/secrets/pw")`.
     pub fn requests(&self, method: &str, path: &str) -> u64 {
-        let counts = self.state.shared.requests.lock();
-        let counts = counts.unwrap_or_else(|e| e.into_inner());
-        counts
-            .get(&format!("{method} {path}"))
-            .copied()
-            .unwrap_or(0)
+        self.state.shared.requests.get(method, path)
     }
 
     /// How many of [`Self::requests`] asked for metadata only (`Accept: ...;as=PartialObjectMetadata`
     /// or `...List`), as kube-rs's `metadata_watcher` and `get_metadata` do.
     pub fn metadata_requests(&self, method: &str, path: &str) -> u64 {
-        let counts = self.state.shared.metadata_requests.lock();
-        let counts = counts.unwrap_or_else(|e| e.into_inner());
-        counts
-            .get(&format!("{method} {path}"))
-            .copied()
-            .unwrap_or(0)
+        self.state.shared.metadata_requests.get(method, path)
     }
 
     /// Every request answered so far: "METHOD /path" (no query string) and how many.
     pub fn all_requests(&self) -> std::collections::BTreeMap<String, u64> {
-        let counts = self.state.shared.requests.lock();
-        let counts = counts.unwrap_or_else(|e| e.into_inner());
+        let counts = self.state.shared.requests.counts();
         counts.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 }
