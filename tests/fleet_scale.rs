@@ -267,6 +267,58 @@ async fn targets_go_on_being_set_while_the_status_writes_wait() {
     assert_eq!(run.summary.succeeded as usize, FLEET);
 }
 
+/// A run over hundreds of VMs reads them with one paged list and a watch of its selector,
+/// not with a GET each: a target's first attempt takes its VMI from the run's feed (its
+/// start waits until the list has passed its name). On the emulator: it counts the
+/// requests by path.
+#[tokio::test]
+async fn a_fleet_run_reads_its_vmis_from_one_list_and_a_watch_not_a_get_each() {
+    const FLEET: usize = 600;
+    const AT_ONCE: usize = 16;
+    let on_the_emulator = WorldOptions {
+        control_plane: ControlPlaneKind::Emulator,
+        ..WorldOptions::default()
+    };
+    let w = fleet_world_with(FLEET, on_the_emulator, OpLatencies::default()).await;
+    w.password_secret("pw", SHA512).await;
+    w.put(
+        &GuestPasswordReset::test("fleet")
+            .selector("fleet", "all")
+            .from_secret("pw")
+            .crypted()
+            .max_concurrency(AT_ONCE as u32),
+    )
+    .await;
+    let r: GuestPasswordReset = w.succeeded_within("fleet", FLEET_WAIT).await;
+    assert_eq!(
+        r.status.as_ref().expect("status").run.summary.succeeded as usize,
+        FLEET
+    );
+    for i in 0..FLEET {
+        let sim = w.sim_agent(&node_of(i, NODES)).expect("simulated agent");
+        assert!(
+            sim.holds_password(NS, &vm_name(i), "root", SHA512),
+            "{} does not hold the new password",
+            vm_name(i)
+        );
+    }
+    let item_path = format!("/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/");
+    let gets: u64 = w
+        .api()
+        .all_requests()
+        .iter()
+        .filter(|(k, _)| {
+            k.strip_prefix("GET ")
+                .is_some_and(|p| p.starts_with(&item_path))
+        })
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        gets, 0,
+        "VMI GETs for {FLEET} targets that all read from the feed"
+    );
+}
+
 /// Key grants with a TTL of a run over more than 100 VMs outlive the run when a spec change
 /// replaces it: they are kept in shards (not in status, which stays small), and the keys
 /// are removed from every VM when the TTL passes.

@@ -154,7 +154,7 @@ impl VirtualMachineInstance {
 /// target was the largest part of a target's fresh VMI read in bench P6. Unknown fields
 /// are skipped by the parser without being built. Read-only: what it yields lacks fields,
 /// so it is never written back (guestcred writes no VMI).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct VmiForCall {
     #[serde(default)]
     metadata: MetaForCall,
@@ -164,7 +164,7 @@ pub struct VmiForCall {
     status: Option<VmiStatusForCall>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct MetaForCall {
     name: Option<String>,
@@ -178,13 +178,13 @@ struct MetaForCall {
     deletion_timestamp: Option<Time>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct VmiSpecForCall {
     access_credentials: Option<Value>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct VmiStatusForCall {
     node_name: Option<String>,
@@ -198,6 +198,14 @@ struct VmiStatusForCall {
 }
 
 impl VmiForCall {
+    /// The VMI's name ("" when the server sent none).
+    pub fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or_default()
+    }
+    /// The resourceVersion it was read at.
+    pub fn resource_version(&self) -> Option<&str> {
+        self.metadata.resource_version.as_deref()
+    }
     /// The VMI with what was read: metadata without managed fields, owner references or
     /// finalizers, a spec holding only `accessCredentials`, a status without `rest`.
     /// Every [`VirtualMachineInstance`] method answers on it as on the full object.
@@ -278,6 +286,41 @@ impl VmiNamePage {
     /// The token for the next page; None on the last (kube-apiserver's may be empty).
     pub fn next_page(&self) -> Option<&str> {
         self.metadata.continue_.as_deref().filter(|c| !c.is_empty())
+    }
+}
+
+/// One page of a VMI LIST read as [`VmiForCall`]s (a fleet run's VMI feed): the items, the
+/// page's continue token and the resourceVersion a watch continues from.
+#[derive(Debug, Default, Deserialize)]
+pub struct VmiCallPage {
+    #[serde(default)]
+    metadata: ListMeta,
+    /// `null` on an empty page from some servers.
+    #[serde(default)]
+    items: Option<Vec<VmiForCall>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListMeta {
+    #[serde(default, rename = "continue")]
+    continue_: Option<String>,
+    #[serde(default)]
+    resource_version: Option<String>,
+}
+
+impl VmiCallPage {
+    /// The token for the next page; None on the last (kube-apiserver's may be empty).
+    pub fn next_page(&self) -> Option<&str> {
+        self.metadata.continue_.as_deref().filter(|c| !c.is_empty())
+    }
+    /// The list's resourceVersion: a watch from it sees every change after the list.
+    pub fn resource_version(&self) -> Option<&str> {
+        self.metadata.resource_version.as_deref()
+    }
+    /// The page's VMIs.
+    pub fn into_items(self) -> Vec<VmiForCall> {
+        self.items.unwrap_or_default()
     }
 }
 

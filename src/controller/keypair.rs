@@ -54,6 +54,10 @@ pub enum KeyInput {
 }
 
 impl RunKind for KeypairRebuild {
+    /// Only Live: Rebuild and Auto may restart the VM, deciding by the VMI's uid.
+    fn reads_vmi_from_feed(&self) -> bool {
+        self.spec.mode == KeyMode::Live
+    }
     type Input = KeyInput;
 
     fn common(&self) -> &RunSpec {

@@ -152,13 +152,15 @@ pub async fn prepare_call(
     spec_user: Option<&str>,
     output_secret: Option<String>,
 ) -> Result<TargetCall, Error> {
-    prepare_call_reading(ctx, ns, vm, spec_user, output_secret, VmRead::Always).await
+    prepare_call_reading(ctx, ns, vm, spec_user, output_secret, VmRead::Always, None).await
 }
 
-/// [`prepare_call`], reading the VM only as `vm_read` says. The VMI is always read fresh,
-/// right before the agent call: its node must be current (a migrated VM is called on its
-/// new node, never through a stale one's shim), its phase Running and not paused, and
-/// after a Rebuild's restart it must be the new VMI.
+/// [`prepare_call`], reading the VM only as `vm_read` says. The VMI is `read` (a fleet
+/// run's feed, for a target's first attempt) or read fresh with a GET right before the
+/// agent call: its node must be current (a migrated VM is called on its new node, never
+/// through a stale one's shim: the shim answers DomainNotFound, which is retried with a
+/// fresh read), its phase Running and not paused, and after a Rebuild's restart it must be
+/// the new VMI.
 pub async fn prepare_call_reading(
     ctx: &Context,
     ns: &str,
@@ -166,10 +168,14 @@ pub async fn prepare_call_reading(
     spec_user: Option<&str>,
     output_secret: Option<String>,
     vm_read: VmRead,
+    read: Option<VirtualMachineInstance>,
 ) -> Result<TargetCall, Error> {
-    let vmi = get_vmi_for_call(&ctx.client, ns, vm)
-        .await?
-        .ok_or_else(|| Error::VmNotFound(format!("{ns}/{vm}")))?;
+    let vmi = match read {
+        Some(vmi) => vmi,
+        None => get_vmi_for_call(&ctx.client, ns, vm)
+            .await?
+            .ok_or_else(|| Error::VmNotFound(format!("{ns}/{vm}")))?,
+    };
     let phase = vmi
         .status
         .as_ref()

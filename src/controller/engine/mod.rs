@@ -42,6 +42,7 @@ mod schedule;
 mod shards;
 mod status;
 mod target;
+mod vmi_feed;
 
 use super::context::Context;
 use super::error::Error;
@@ -144,6 +145,12 @@ pub trait RunKind:
     /// What an agent call of this kind needs from the target's VirtualMachine.
     fn vm_read(&self) -> targets::VmRead {
         targets::VmRead::Always
+    }
+    /// Whether a target's first attempt may read its VMI from the run's feed (a watch, see
+    /// `vmi_feed`) rather than a GET. Not where a stale VMI could cost more than a retry:
+    /// a rebuild compares the VMI's uid with its marker to decide on a restart.
+    fn reads_vmi_from_feed(&self) -> bool {
+        true
     }
     /// The Secret the input comes from, if any (watched: a change starts a new run).
     fn input_secret(&self) -> Option<&SecretKeyRef>;

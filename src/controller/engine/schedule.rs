@@ -5,6 +5,7 @@ use super::observe::Observed;
 use super::shards::{self, ShardSet};
 use super::status::{self, Basis, RunState, Shared, Written, lock};
 use super::target::run_target;
+use super::vmi_feed::{self, Feed, RunVmis};
 use super::{RunKind, Undo, action, now};
 use crate::api::{PendingExpiry, Reason, RunStatus, TargetStatus};
 use crate::controller::context::Context;
@@ -54,8 +55,30 @@ pub(super) async fn drive<K: RunKind>(
     let ticking = futures::future::Fuse::terminated();
     tokio::pin!(ticking);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A fleet run's VMI feed (one LIST and a WATCH instead of a GET per target), followed
+    // beside the targets until the run ends or the feed breaks.
+    let feed = feed_for(obj.as_ref(), &lock(&shared).status);
+    let feeding = match &feed {
+        Some((vmis, selector)) => vmi_feed::follow(
+            ctx.client.clone(),
+            obj.namespace().unwrap_or_default(),
+            selector.clone(),
+            vmis.clone(),
+        )
+        .boxed()
+        .fuse(),
+        None => futures::future::Fuse::terminated(),
+    };
+    tokio::pin!(feeding);
+    let feed = feed.map(|(vmis, _)| vmis);
+    let mut feed_progress = feed.as_ref().map(|f| f.progress());
 
     loop {
+        // The next target's start waits for the feed to list its VMI (see `Feed::covers`).
+        let mut waiting_for_feed = false;
+        if let Some(progress) = &mut feed_progress {
+            progress.borrow_and_update();
+        }
         // Start as many targets as the (latest) rollout settings allow.
         while stop.is_none() {
             let observed = Observed::now(obj.as_ref(), &ctx, run_secret_version.as_deref()).await;
@@ -76,6 +99,12 @@ pub(super) async fn drive<K: RunKind>(
             };
             match next {
                 Next::Start(idx) => {
+                    if let Some(f) = &feed
+                        && !f.covers(&lock(&shared).status.targets[idx].vm)
+                    {
+                        waiting_for_feed = true;
+                        break;
+                    }
                     cursor = idx + 1;
                     in_flight.push(run_target(
                         obj.clone(),
@@ -84,6 +113,7 @@ pub(super) async fn drive<K: RunKind>(
                         shared.clone(),
                         idx,
                         run_secret_version.clone(),
+                        feed.clone(),
                     ));
                 }
                 Next::Wait => break,
@@ -104,7 +134,7 @@ pub(super) async fn drive<K: RunKind>(
                 }
             }
         }
-        if in_flight.is_empty() {
+        if in_flight.is_empty() && !waiting_for_feed {
             // The run's last write comes after the tick's, never beside it.
             if !ticking.is_terminated() {
                 (&mut ticking).await;
@@ -112,7 +142,7 @@ pub(super) async fn drive<K: RunKind>(
             break;
         }
         tokio::select! {
-            _ = in_flight.next() => {}
+            _ = in_flight.next(), if !in_flight.is_empty() => {}
             _ = flush.tick(), if ticking.is_terminated() => {
                 ticking.set(tick(&ctx, obj.as_ref(), &shared, total, last_progress, started).fuse());
             }
@@ -121,7 +151,13 @@ pub(super) async fn drive<K: RunKind>(
                     last_progress = at;
                 }
             }
+            () = &mut feeding, if !feeding.is_terminated() => {}
+            _ = listed_further(&mut feed_progress), if waiting_for_feed => {}
         }
+    }
+    if let Some(vmis) = &feed {
+        let (served, missed) = vmis.counts();
+        tracing::info!(object = %obj.name_any(), served, missed, "VMI reads of the run's first attempts: from its feed, and with a GET");
     }
 
     let (superseded, events, unfinished) = {
@@ -164,6 +200,32 @@ pub(super) async fn drive<K: RunKind>(
         unfinished,
         decide::sooner(next_expiry, rotation),
     )))
+}
+
+/// Until the feed's list gets further (never without a feed).
+async fn listed_further(progress: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    let Some(rx) = progress else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        std::future::pending().await
+    }
+}
+
+/// A feed for a selector run that is [`vmi_feed::worth_a_feed`], and
+/// its selector as a list query (the run's frozen one: the targets were resolved with it).
+fn feed_for<K: RunKind>(obj: &K, status: &RunStatus) -> Option<(Arc<RunVmis>, String)> {
+    if !obj.reads_vmi_from_feed() {
+        return None;
+    }
+    let spec = status.target_spec.as_ref().unwrap_or(obj.target());
+    let selector = targets::selector_query(spec.selector.as_ref()?).ok()?;
+    if !vmi_feed::worth_a_feed(status.targets.iter().map(|t| t.state.is_terminal())) {
+        return None;
+    }
+    let to_start = status.targets.iter().filter(|t| !t.state.is_terminal());
+    let feed = Feed::for_targets(to_start.map(|t| t.vm.as_str()));
+    Some((Arc::new(RunVmis::new(feed)), selector))
 }
 
 /// One status tick of a running run: write what changed, then publish a progress Event

@@ -3,7 +3,9 @@
 use super::decide;
 use super::observe::Observed;
 use super::status::{self, Shared, lock};
+use super::vmi_feed::RunVmis;
 use super::{Outcome, RunKind, now};
+use crate::api::kubevirt::VirtualMachineInstance;
 use crate::api::{Reason, TargetState};
 use crate::controller::context::Context;
 use crate::controller::error::Error;
@@ -28,6 +30,7 @@ pub(super) async fn run_target<K: RunKind>(
     shared: Shared,
     idx: usize,
     run_secret_version: Option<String>,
+    feed: Option<Arc<RunVmis>>,
 ) {
     let _in_flight = ctx.metrics.target_started(&K::kind(&()));
     let deadline_secs = obj.rollout().deadline_seconds;
@@ -39,6 +42,8 @@ pub(super) async fn run_target<K: RunKind>(
         })
     };
     let deadline_at = decide::deadline(started.0, deadline_secs);
+    // The first attempt reads the VMI from the run's feed if it has it; retries read fresh.
+    let mut first_read = feed.and_then(|f| f.take(&vm));
     let mut backoff = ctx.settings.initial_backoff;
     loop {
         let remaining = decide::remaining(deadline_at, Timestamp::now());
@@ -68,7 +73,15 @@ pub(super) async fn run_target<K: RunKind>(
             return;
         }
         lock(&shared).update(idx, |t| t.attempts += 1);
-        let attempt = attempt_once(obj.as_ref(), &ctx, &input, &shared, idx, &vm);
+        let attempt = attempt_once(
+            obj.as_ref(),
+            &ctx,
+            &input,
+            &shared,
+            idx,
+            &vm,
+            first_read.take(),
+        );
         match tokio::time::timeout(remaining, attempt).await {
             Err(_) => {
                 let last = if last.is_empty() {
@@ -106,12 +119,20 @@ async fn attempt_once<K: RunKind>(
     shared: &Shared,
     idx: usize,
     vm: &str,
+    read: Option<VirtualMachineInstance>,
 ) -> Result<Outcome, Error> {
     let ns = obj.namespace().unwrap_or_default();
     let output_secret = lock(shared).status.targets[idx].output_secret.clone();
-    let call =
-        targets::prepare_call_reading(ctx, &ns, vm, obj.spec_user(), output_secret, obj.vm_read())
-            .await?;
+    let call = targets::prepare_call_reading(
+        ctx,
+        &ns,
+        vm,
+        obj.spec_user(),
+        output_secret,
+        obj.vm_read(),
+        read,
+    )
+    .await?;
     lock(shared).update(idx, |t| {
         t.node = Some(call.node.clone());
         t.user = Some(call.user.clone());
