@@ -242,16 +242,10 @@ impl VmiForCall {
 #[derive(Debug, Default, Deserialize)]
 pub struct VmiNamePage {
     #[serde(default)]
-    metadata: PageMeta,
+    metadata: ListMeta,
     /// `null` on an empty page from some servers.
     #[serde(default)]
     items: Option<Vec<VmiName>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct PageMeta {
-    #[serde(default, rename = "continue")]
-    continue_: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -285,7 +279,7 @@ impl VmiNamePage {
     }
     /// The token for the next page; None on the last (kube-apiserver's may be empty).
     pub fn next_page(&self) -> Option<&str> {
-        self.metadata.continue_.as_deref().filter(|c| !c.is_empty())
+        self.metadata.next_page()
     }
 }
 
@@ -309,10 +303,17 @@ struct ListMeta {
     resource_version: Option<String>,
 }
 
+impl ListMeta {
+    /// The token for the next page; None on the last (kube-apiserver's may be empty).
+    fn next_page(&self) -> Option<&str> {
+        self.continue_.as_deref().filter(|c| !c.is_empty())
+    }
+}
+
 impl VmiCallPage {
     /// The token for the next page; None on the last (kube-apiserver's may be empty).
     pub fn next_page(&self) -> Option<&str> {
-        self.metadata.continue_.as_deref().filter(|c| !c.is_empty())
+        self.metadata.next_page()
     }
     /// The list's resourceVersion: a watch from it sees every change after the list.
     pub fn resource_version(&self) -> Option<&str> {
