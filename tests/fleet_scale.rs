@@ -49,6 +49,26 @@ async fn fleet_world_with(vms: usize, options: WorldOptions, latency: OpLatencie
     w
 }
 
+/// The world on the API-server emulator (request counts and injected faults need it).
+fn on_the_emulator() -> WorldOptions {
+    WorldOptions {
+        control_plane: ControlPlaneKind::Emulator,
+        ..WorldOptions::default()
+    }
+}
+
+/// Fails the test unless each of the first `fleet` VMs holds the [`SHA512`] password.
+fn assert_every_guest_holds_the_password(w: &World, fleet: usize) {
+    for i in 0..fleet {
+        let sim = w.sim_agent(&node_of(i, NODES)).expect("simulated agent");
+        assert!(
+            sim.holds_password(NS, &vm_name(i), "root", SHA512),
+            "{} does not hold the new password",
+            vm_name(i)
+        );
+    }
+}
+
 /// The reset and its shards as the API server holds them, each with its size as JSON.
 async fn stored_objects(w: &World, reset: &str) -> Vec<(String, usize)> {
     let r: GuestPasswordReset = w.get(NS, reset).await;
@@ -200,14 +220,7 @@ async fn a_5000_target_reset_stays_small_and_resumes_after_a_restart_without_a_s
         called_again.len(),
         called_again.iter().take(5).collect::<Vec<_>>()
     );
-    for i in 0..VMS {
-        let sim = w.sim_agent(&node_of(i, NODES)).expect("simulated agent");
-        assert!(
-            sim.holds_password(NS, &vm_name(i), "root", SHA512),
-            "{} does not hold the new password",
-            vm_name(i)
-        );
-    }
+    assert_every_guest_holds_the_password(&w, VMS);
 }
 
 /// A run goes on setting targets while its status writes wait on a slow API server: it
@@ -221,20 +234,8 @@ async fn targets_go_on_being_set_while_the_status_writes_wait() {
         set_password_crypted: Latency::uniform_ms(200, 200),
         ..OpLatencies::default()
     };
-    let on_the_emulator = WorldOptions {
-        control_plane: ControlPlaneKind::Emulator,
-        ..WorldOptions::default()
-    };
-    let w = fleet_world_with(FLEET, on_the_emulator, slow_guests).await;
-    w.password_secret("pw", SHA512).await;
-    w.put(
-        &GuestPasswordReset::test("fleet")
-            .selector("fleet", "all")
-            .from_secret("pw")
-            .crypted()
-            .max_concurrency(4),
-    )
-    .await;
+    let w = fleet_world_with(FLEET, on_the_emulator(), slow_guests).await;
+    w.crypted_fleet_reset_at("all", 4).await;
     let _: GuestPasswordReset = w
         .wait_for(NS, "fleet", FLEET_WAIT, succeeded_at_least(1))
         .await
@@ -274,34 +275,15 @@ async fn targets_go_on_being_set_while_the_status_writes_wait() {
 #[tokio::test]
 async fn a_fleet_run_reads_its_vmis_from_one_list_and_a_watch_not_a_get_each() {
     const FLEET: usize = 600;
-    const AT_ONCE: usize = 16;
-    let on_the_emulator = WorldOptions {
-        control_plane: ControlPlaneKind::Emulator,
-        ..WorldOptions::default()
-    };
-    let w = fleet_world_with(FLEET, on_the_emulator, OpLatencies::default()).await;
-    w.password_secret("pw", SHA512).await;
-    w.put(
-        &GuestPasswordReset::test("fleet")
-            .selector("fleet", "all")
-            .from_secret("pw")
-            .crypted()
-            .max_concurrency(AT_ONCE as u32),
-    )
-    .await;
+    const AT_ONCE: u32 = 16;
+    let w = fleet_world_with(FLEET, on_the_emulator(), OpLatencies::default()).await;
+    w.crypted_fleet_reset_at("all", AT_ONCE).await;
     let r: GuestPasswordReset = w.succeeded_within("fleet", FLEET_WAIT).await;
     assert_eq!(
         r.status.as_ref().expect("status").run.summary.succeeded as usize,
         FLEET
     );
-    for i in 0..FLEET {
-        let sim = w.sim_agent(&node_of(i, NODES)).expect("simulated agent");
-        assert!(
-            sim.holds_password(NS, &vm_name(i), "root", SHA512),
-            "{} does not hold the new password",
-            vm_name(i)
-        );
-    }
+    assert_every_guest_holds_the_password(&w, FLEET);
     let item_path = format!("/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/");
     let gets: u64 = w
         .api()

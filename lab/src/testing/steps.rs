@@ -119,7 +119,11 @@ pub trait Steps {
     async fn sim_fleet(&self, fleet: &str, names: &[String], nodes: usize);
     /// Secret `pw` holding [`SHA512`] and reset `fleet` of every VM labelled
     /// `fleet={fleet}` to it (crypted, up to 64 VMs at a time), applied.
-    async fn crypted_fleet_reset(&self, fleet: &str);
+    async fn crypted_fleet_reset(&self, fleet: &str) {
+        self.crypted_fleet_reset_at(fleet, 64).await;
+    }
+    /// [`Self::crypted_fleet_reset`], up to `max_concurrency` VMs at a time.
+    async fn crypted_fleet_reset_at(&self, fleet: &str, max_concurrency: u32);
     /// Object `name` in [`NS`] once its run finished (waiting up to `within`), checked to
     /// have Succeeded.
     async fn succeeded_within<K: Object + HasRun>(&self, name: &str, within: Duration) -> K;
@@ -195,14 +199,14 @@ impl Steps for World {
         }
     }
 
-    async fn crypted_fleet_reset(&self, fleet: &str) {
+    async fn crypted_fleet_reset_at(&self, fleet: &str, max_concurrency: u32) {
         self.password_secret("pw", SHA512).await;
         self.put(
             &GuestPasswordReset::test("fleet")
                 .selector("fleet", fleet)
                 .from_secret("pw")
                 .crypted()
-                .max_concurrency(64),
+                .max_concurrency(max_concurrency),
         )
         .await;
     }
